@@ -1,0 +1,255 @@
+//! [`Bus`]: one NATS connection, the streams, and traced, de-duplicated, retried publishing.
+
+use std::{sync::Arc, time::Duration};
+
+use async_nats::{
+    HeaderMap,
+    jetstream::{self, context::PublishAckFuture, stream},
+};
+use bytes::Bytes;
+use prost::Message;
+use tokio::time::Instant;
+use wnodes_proto::v1::Event;
+
+use crate::{
+    config::NatsConfig,
+    connect,
+    error::BusError,
+    event::EventExt,
+    metrics::BusMetrics,
+    propagation, subject,
+};
+
+/// Header naming the event type (also in `ce-type`), so tools can route without decoding.
+pub const EVENT_TYPE_HEADER: &str = "Wnodes-Event-Type";
+
+/// A connection to the event bus; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Bus {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    cfg: NatsConfig,
+    source: String,
+    metrics: BusMetrics,
+}
+
+/// What JetStream answered to a publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Published {
+    /// Stream sequence of the stored message.
+    pub sequence: u64,
+    /// True when the server dropped it as a duplicate of the same `Nats-Msg-Id`.
+    pub duplicate: bool,
+}
+
+impl Bus {
+    /// Connects. `source` identifies this producer in events (`"<service>@<host>"`).
+    pub async fn connect(
+        cfg: &NatsConfig,
+        source: &str,
+        metrics: BusMetrics,
+    ) -> Result<Self, BusError> {
+        let client = connect::connect(cfg, source, Some(metrics.clone())).await?;
+        Ok(Self::from_client(client, cfg, source, metrics))
+    }
+
+    /// Wraps an existing client.
+    pub fn from_client(
+        client: async_nats::Client,
+        cfg: &NatsConfig,
+        source: &str,
+        metrics: BusMetrics,
+    ) -> Self {
+        let js = jetstream::new(client.clone());
+        Self {
+            inner: Arc::new(Inner {
+                client,
+                js,
+                cfg: cfg.clone(),
+                source: source.to_owned(),
+                metrics,
+            }),
+        }
+    }
+
+    pub fn client(&self) -> &async_nats::Client {
+        &self.inner.client
+    }
+
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.inner.js
+    }
+
+    /// `"<service>@<host>"`.
+    pub fn source(&self) -> &str {
+        &self.inner.source
+    }
+
+    pub fn config(&self) -> &NatsConfig {
+        &self.inner.cfg
+    }
+
+    pub fn metrics(&self) -> &BusMetrics {
+        &self.inner.metrics
+    }
+
+    /// True while the connection is up.
+    pub fn is_connected(&self) -> bool {
+        self.inner.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// Creates or updates the events and dead-letter streams (idempotent; run at every start).
+    pub async fn ensure_streams(&self) -> Result<(), BusError> {
+        let cfg = &self.inner.cfg;
+        let events = stream::Config {
+            name: subject::EVENTS_STREAM.into(),
+            description: Some("WNoDeS job and VM lifecycle events".into()),
+            subjects: vec![subject::EVENTS_SUBJECTS.into()],
+            retention: stream::RetentionPolicy::Limits,
+            storage: stream::StorageType::File,
+            num_replicas: cfg.stream_replicas,
+            duplicate_window: cfg.duplicate_window,
+            max_age: cfg.events_max_age,
+            discard: stream::DiscardPolicy::Old,
+            allow_direct: true,
+            ..Default::default()
+        };
+        let dlq = stream::Config {
+            name: subject::DLQ_STREAM.into(),
+            description: Some("WNoDeS dead letters: messages a consumer gave up on".into()),
+            subjects: vec![subject::DLQ_SUBJECTS.into()],
+            retention: stream::RetentionPolicy::Limits,
+            storage: stream::StorageType::File,
+            num_replicas: cfg.stream_replicas,
+            duplicate_window: cfg.duplicate_window,
+            max_age: cfg.dlq_max_age,
+            allow_direct: true,
+            ..Default::default()
+        };
+        for config in [events, dlq] {
+            let name = config.name.clone();
+            self.inner
+                .js
+                .create_or_update_stream(config)
+                .await
+                .map_err(|e| BusError::Stream {
+                    stream: name,
+                    source: Box::new(e),
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Publishes `event` to its subject with `Nats-Msg-Id` = `event.id`, the current span's
+    /// `traceparent`/`tracestate`, and CloudEvents binary-mode attributes, and waits for
+    /// JetStream's ack. Retries (same id, so never stored twice) until `publish_timeout`.
+    pub async fn publish(&self, event: &Event) -> Result<Published, BusError> {
+        let subject = event.subject()?;
+        let ty = event.event_type().ok_or(BusError::EmptyEvent)?;
+        let mut headers = HeaderMap::new();
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, event.id.as_str());
+        headers.insert(EVENT_TYPE_HEADER, ty.name());
+        headers.insert("ce-specversion", "1.0");
+        headers.insert("ce-id", event.id.as_str());
+        headers.insert("ce-source", event.source.as_str());
+        headers.insert("ce-type", ty.cloudevents_type().as_str());
+        headers.insert("ce-subject", event.run_key().as_str());
+        headers.insert("ce-datacontenttype", "application/protobuf");
+        propagation::inject_current(&mut headers);
+        self.publish_raw(&subject, headers, Bytes::from(event.encode_to_vec()), ty.name())
+            .await
+    }
+
+    /// Publishes a pre-built message with retries (same headers, so the same `Nats-Msg-Id`).
+    pub async fn publish_raw(
+        &self,
+        subject: &str,
+        headers: HeaderMap,
+        payload: Bytes,
+        metric_label: &str,
+    ) -> Result<Published, BusError> {
+        let started = Instant::now();
+        let deadline = started + self.inner.cfg.publish_timeout;
+        let mut attempts = 0u32;
+        let mut delay = Duration::from_millis(50);
+        loop {
+            attempts += 1;
+            let res = match self
+                .inner
+                .js
+                .publish_with_headers(subject.to_owned(), headers.clone(), payload.clone())
+                .await
+            {
+                Ok(ack) => ack.await.map_err(|e| -> Box<dyn std::error::Error + Send + Sync> {
+                    Box::new(e)
+                }),
+                Err(e) => Err(Box::new(e) as Box<dyn std::error::Error + Send + Sync>),
+            };
+            match res {
+                Ok(ack) => {
+                    self.inner.metrics.published(metric_label);
+                    return Ok(Published {
+                        sequence: ack.sequence,
+                        duplicate: ack.duplicate,
+                    });
+                }
+                Err(source) if Instant::now() + delay >= deadline => {
+                    return Err(BusError::Publish {
+                        subject: subject.to_owned(),
+                        attempts,
+                        elapsed_ms: started.elapsed().as_millis(),
+                        source,
+                    });
+                }
+                Err(e) => {
+                    self.inner.metrics.publish_retry(metric_label);
+                    tracing::warn!(%subject, attempts, error = %crate::ErrorChain(&*e), "Publish not acknowledged; retrying with the same message id.");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+
+    /// Publishes many events with up to `window` acks outstanding (pipelined). Each is retried
+    /// on its own if its ack fails.
+    pub async fn publish_pipelined(&self, events: &[Event], window: usize) -> Result<(), BusError> {
+        use futures::{StreamExt, TryStreamExt};
+        futures::stream::iter(events.iter().map(|e| self.publish(e)))
+            .buffer_unordered(window.max(1))
+            .try_collect::<Vec<_>>()
+            .await?;
+        Ok(())
+    }
+
+    /// Sends a publish without waiting for the ack (for callers that pipeline themselves).
+    pub async fn publish_nowait(
+        &self,
+        subject: &str,
+        headers: HeaderMap,
+        payload: Bytes,
+    ) -> Result<PublishAckFuture, BusError> {
+        self.inner
+            .js
+            .publish_with_headers(subject.to_owned(), headers, payload)
+            .await
+            .map_err(|e| BusError::Publish {
+                subject: subject.to_owned(),
+                attempts: 1,
+                elapsed_ms: 0,
+                source: Box::new(e),
+            })
+    }
+
+    /// Flushes buffered client writes (acks included) to the server.
+    pub async fn flush(&self) {
+        if let Err(e) = self.inner.client.flush().await {
+            tracing::warn!(error = %e, "Flushing the NATS connection failed.");
+        }
+    }
+}

@@ -1,0 +1,429 @@
+//! Durable consumers: pull, run the handler in a span whose parent is the message's
+//! `traceparent`, skip what was handled, commit the key, publish the outbox, ack; retry with
+//! backoff; dead-letter what cannot succeed. One consumer per (service, host) durable name.
+//!
+//! Delivery rules (ARCHITECTURE.md, "Retries and dead letters"):
+//! - the server's `max_deliver` is `max_attempts + 2`: the handler gets `max_attempts` tries,
+//!   and a delivery past that (the last try crashed or hung past `ack_wait`) is dead-lettered
+//!   without running the handler, so the server never gives up silently;
+//! - a dead letter is stored (acked by JetStream) before the original is terminated.
+
+use std::{
+    collections::HashSet,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
+use futures::StreamExt;
+use prost::Message;
+use tokio::{sync::Semaphore, task::JoinSet, time::Instant};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, field};
+use wnodes_proto::v1::Event;
+
+use crate::{
+    bus::Bus,
+    config::ConsumerTuning,
+    dlq::{self, DeadLetterReason},
+    error::{BusError, ErrorChain},
+    failpoint,
+    handler::{Handler, HandlerCtx, HandlerError},
+    store::KeyStore,
+    subject,
+};
+
+/// What to consume.
+#[derive(Debug, Clone)]
+pub struct ConsumerSpec {
+    /// Durable name ([`subject::durable_name`]).
+    pub durable: String,
+    /// Subjects to receive (see [`subject::event_filter`], [`subject::host_filter`]).
+    pub filter_subjects: Vec<String>,
+    pub tuning: ConsumerTuning,
+}
+
+/// A durable consumer bound to a handler. Create with [`Consumer::create`] (readiness: the
+/// consumer exists on the server), then [`Consumer::run`] until shutdown.
+#[derive(Debug)]
+pub struct Consumer<H> {
+    bus: Bus,
+    store: KeyStore,
+    spec: ConsumerSpec,
+    handler: Arc<H>,
+    consumer: PullConsumer,
+}
+
+struct Shared<H> {
+    bus: Bus,
+    store: KeyStore,
+    spec: ConsumerSpec,
+    handler: Arc<H>,
+    in_progress: Mutex<HashSet<String>>,
+}
+
+enum Verdict {
+    Ack,
+    Nak(Duration),
+    DeadLetter(DeadLetterReason, String),
+    /// Withhold the ack (failpoint only).
+    Nothing,
+}
+
+impl<H: Handler> Consumer<H> {
+    /// Creates or updates the durable consumer on the events stream.
+    pub async fn create(
+        bus: Bus,
+        store: KeyStore,
+        spec: ConsumerSpec,
+        handler: H,
+    ) -> Result<Self, BusError> {
+        spec.tuning.validate()?;
+        subject::validate_token("consumer name", &spec.durable)?;
+        let err = |e: Box<dyn std::error::Error + Send + Sync>| BusError::Consumer {
+            stream: subject::EVENTS_STREAM.into(),
+            consumer: spec.durable.clone(),
+            source: e,
+        };
+        let stream = bus
+            .jetstream()
+            .get_stream(subject::EVENTS_STREAM)
+            .await
+            .map_err(|e| err(Box::new(e)))?;
+        let t = &spec.tuning;
+        let consumer: PullConsumer = stream
+            .create_consumer(jetstream::consumer::pull::Config {
+                durable_name: Some(spec.durable.clone()),
+                description: Some(format!("WNoDeS consumer {}", spec.durable)),
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                ack_wait: t.ack_wait,
+                max_deliver: i64::from(t.max_attempts) + 2,
+                filter_subjects: spec.filter_subjects.clone(),
+                max_ack_pending: (t.max_in_flight * 4).max(256) as i64,
+                deliver_policy: jetstream::consumer::DeliverPolicy::All,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| err(Box::new(e)))?;
+        Ok(Self {
+            bus,
+            store,
+            spec,
+            handler: Arc::new(handler),
+            consumer,
+        })
+    }
+
+    /// Runs until `shutdown` is cancelled: then stops pulling, lets in-flight handlers finish
+    /// (up to `shutdown_grace`, after which they are nacked for immediate redelivery), returns
+    /// buffered messages with a nak, and flushes the acks.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), BusError> {
+        let Self {
+            bus,
+            store,
+            spec,
+            handler,
+            consumer,
+        } = self;
+        let tuning = spec.tuning.clone();
+        let shared = Arc::new(Shared {
+            bus: bus.clone(),
+            store,
+            spec,
+            handler,
+            in_progress: Mutex::new(HashSet::new()),
+        });
+        let durable = shared.spec.durable.clone();
+        let sem = Arc::new(Semaphore::new(tuning.max_in_flight));
+        let abort_handlers = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        let mut messages = None;
+        tracing::info!(consumer = %durable, filters = ?shared.spec.filter_subjects, "Consumer started.");
+        loop {
+            if messages.is_none() {
+                match consumer
+                    .stream()
+                    .max_messages_per_batch(tuning.max_in_flight.clamp(1, 256))
+                    .heartbeat(Duration::from_secs(5))
+                    .expires(Duration::from_secs(30))
+                    .messages()
+                    .await
+                {
+                    Ok(m) => messages = Some(m),
+                    Err(e) => {
+                        tracing::warn!(consumer = %durable, error = %ErrorChain(&e), "Cannot pull; retrying.");
+                        tokio::select! {
+                            _ = shutdown.cancelled() => break,
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                        }
+                    }
+                }
+            }
+            let Some(stream) = messages.as_mut() else { continue };
+            let permit = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                p = sem.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            };
+            let next = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                n = stream.next() => n,
+            };
+            match next {
+                Some(Ok(msg)) => {
+                    let shared = shared.clone();
+                    let abort = abort_handlers.clone();
+                    tasks.spawn(async move {
+                        process(&shared, msg, abort).await;
+                        drop(permit);
+                    });
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(consumer = %durable, error = %ErrorChain(&e), "Pull stream error.");
+                    if matches!(
+                        e.kind(),
+                        jetstream::consumer::pull::MessagesErrorKind::ConsumerDeleted
+                    ) {
+                        messages = None;
+                    }
+                }
+                None => messages = None,
+            }
+            while tasks.try_join_next().is_some() {}
+        }
+        // Stop pulling; hand back what was already buffered, so it is redelivered at once.
+        if let Some(mut stream) = messages.take() {
+            while let Ok(Some(Ok(msg))) =
+                tokio::time::timeout(Duration::from_millis(20), stream.next()).await
+            {
+                let _ = msg.ack_with(AckKind::Nak(None)).await;
+            }
+        }
+        let drained = tokio::time::timeout(tuning.shutdown_grace, async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(consumer = %durable, "Shutdown grace over; nacking in-flight messages.");
+            abort_handlers.cancel();
+            while tasks.join_next().await.is_some() {}
+        }
+        bus.flush().await;
+        tracing::info!(consumer = %durable, "Consumer stopped.");
+        Ok(())
+    }
+}
+
+async fn process<H: Handler>(shared: &Shared<H>, msg: jetstream::Message, abort: CancellationToken) {
+    let started = Instant::now();
+    let durable = shared.spec.durable.as_str();
+    let (stream_seq, delivered) = match msg.info() {
+        Ok(i) => (i.stream_sequence, u32::try_from(i.delivered).unwrap_or(u32::MAX)),
+        Err(_) => (0, 1),
+    };
+    let span = tracing::info_span!(
+        "handle",
+        otel.name = shared.handler.name(),
+        otel.kind = "consumer",
+        messaging.system = "nats",
+        messaging.operation.type = "process",
+        messaging.destination.name = %msg.subject,
+        messaging.consumer.group.name = durable,
+        messaging.message.id = field::Empty,
+        wnodes.run = field::Empty,
+        wnodes.attempt = delivered,
+    );
+    crate::propagation::set_parent_from(&span, msg.headers.as_ref());
+    let (verdict, outcome) = decide(shared, &msg, stream_seq, delivered, abort)
+        .instrument(span.clone())
+        .await;
+    let _enter = span.enter();
+    let res = match verdict {
+        Verdict::Ack => msg.ack().await,
+        Verdict::Nak(d) => msg.ack_with(AckKind::Nak(Some(d))).await,
+        Verdict::Nothing => Ok(()),
+        Verdict::DeadLetter(reason, error) => {
+            match dlq::write(&shared.bus, durable, &msg, stream_seq, delivered, reason, &error)
+                .await
+            {
+                Ok(()) => {
+                    shared.bus.metrics().dead_lettered(durable, reason.as_str());
+                    msg.ack_with(AckKind::Term).await
+                }
+                Err(e) => {
+                    tracing::error!(error = %ErrorChain(&e), "Cannot write the dead letter; the message stays for redelivery.");
+                    msg.ack_with(AckKind::Nak(Some(shared.spec.tuning.backoff_max))).await
+                }
+            }
+        }
+    };
+    if let Err(e) = res {
+        tracing::warn!(error = %e, "Cannot send the ack; the message will be redelivered.");
+    }
+    shared
+        .bus
+        .metrics()
+        .handled(durable, outcome, started.elapsed().as_secs_f64());
+}
+
+struct KeyGuard<'a> {
+    set: &'a Mutex<HashSet<String>>,
+    key: String,
+}
+
+impl Drop for KeyGuard<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut s) = self.set.lock() {
+            s.remove(&self.key);
+        }
+    }
+}
+
+async fn decide<H: Handler>(
+    shared: &Shared<H>,
+    msg: &jetstream::Message,
+    stream_seq: u64,
+    delivered: u32,
+    abort: CancellationToken,
+) -> (Verdict, &'static str) {
+    let span = tracing::Span::current();
+    let tuning = &shared.spec.tuning;
+    let subject = msg.subject.as_str();
+    let event = match Event::decode(msg.payload.clone()) {
+        Ok(e) if e.body.is_some() => e,
+        Ok(_) => {
+            tracing::error!(%subject, stream_seq, "Malformed event: no body; dead-lettering.");
+            return (
+                Verdict::DeadLetter(DeadLetterReason::Malformed, "malformed event: no body".into()),
+                "dead_letter",
+            );
+        }
+        Err(e) => {
+            tracing::error!(%subject, stream_seq, error = %e, "Malformed event payload; dead-lettering.");
+            return (
+                Verdict::DeadLetter(
+                    DeadLetterReason::Malformed,
+                    format!("malformed event payload on {subject}: {e}"),
+                ),
+                "dead_letter",
+            );
+        }
+    };
+    span.record("messaging.message.id", event.id.as_str());
+    span.record("wnodes.run", crate::event::EventExt::run_key(&event).as_str());
+    if delivered > tuning.max_attempts {
+        let error = format!(
+            "no verdict after {} attempts (the handler crashed or hung past ack_wait)",
+            tuning.max_attempts
+        );
+        tracing::error!(%subject, delivered, "{error}; dead-lettering.");
+        return (Verdict::DeadLetter(DeadLetterReason::NoVerdict, error), "dead_letter");
+    }
+    let key = shared.handler.idempotency_key(&event);
+    let _guard = {
+        let Ok(mut set) = shared.in_progress.lock() else {
+            return (Verdict::Nak(tuning.backoff_base), "retry");
+        };
+        if !set.insert(key.clone()) {
+            // The same key is being handled right now (a duplicate): look again shortly.
+            return (Verdict::Nak(tuning.backoff_base), "retry");
+        }
+        KeyGuard {
+            set: &shared.in_progress,
+            key: key.clone(),
+        }
+    };
+    match shared.store.lookup(&shared.spec.durable, &key).await {
+        Ok(Some(outbox)) => {
+            tracing::debug!(%key, "Already handled; republishing its events and acking.");
+            for ev in &outbox {
+                if let Err(e) = shared.bus.publish(ev).await {
+                    tracing::warn!(error = %ErrorChain(&e), "Republishing a handled event failed.");
+                    return (Verdict::Nak(tuning.backoff(delivered)), "retry");
+                }
+            }
+            return (Verdict::Ack, "duplicate");
+        }
+        Ok(None) => {}
+        Err(e) => {
+            tracing::warn!(error = %ErrorChain(&e), "Idempotency store lookup failed.");
+            return (Verdict::Nak(tuning.backoff(delivered)), "retry");
+        }
+    }
+    let mut ctx = HandlerCtx {
+        key: key.clone(),
+        subject: subject.to_owned(),
+        attempt: delivered,
+        outbox: Vec::new(),
+        tx: None,
+        store: shared.store.clone(),
+    };
+    let result = tokio::select! {
+        r = tokio::time::timeout(tuning.handler_timeout, shared.handler.handle(&mut ctx, event)) => r,
+        _ = abort.cancelled() => {
+            tracing::warn!(%key, "Shutdown: nacking the message for immediate redelivery.");
+            return (Verdict::Nak(Duration::ZERO), "retry");
+        }
+    };
+    let failure = match result {
+        Ok(Ok(())) => None,
+        Ok(Err(HandlerError::Reject(e))) => {
+            let error = ErrorChain(&*e).to_string();
+            tracing::error!(%subject, %key, %error, "Handler rejected the message; dead-lettering.");
+            return (Verdict::DeadLetter(DeadLetterReason::Rejected, error), "dead_letter");
+        }
+        Ok(Err(HandlerError::Retry(e))) => Some(ErrorChain(&*e).to_string()),
+        Err(_) => Some(format!(
+            "handler timed out after {:?}",
+            tuning.handler_timeout
+        )),
+    };
+    if let Some(error) = failure {
+        drop(ctx); // rolls back the handler's transaction
+        if delivered >= tuning.max_attempts {
+            tracing::error!(%subject, %key, attempts = delivered, %error, "Handler failed on its last attempt; dead-lettering.");
+            return (Verdict::DeadLetter(DeadLetterReason::Exhausted, error), "dead_letter");
+        }
+        let delay = tuning.backoff(delivered);
+        tracing::warn!(%subject, %key, attempt = delivered, retry_in = ?delay, %error, "Handler failed; will retry.");
+        return (Verdict::Nak(delay), "retry");
+    }
+    // Commit the key (with the handler's transaction, if it opened one) and the outbox.
+    let outbox = std::mem::take(&mut ctx.outbox);
+    let recorded = match ctx.tx.take() {
+        Some(mut tx) => match shared
+            .store
+            .record_in(&mut tx, &shared.spec.durable, &key, &outbox)
+            .await
+        {
+            Ok(true) => tx.commit().await.map(|()| true).map_err(|e| e.to_string()),
+            Ok(false) => Ok(false),
+            Err(e) => Err(ErrorChain(&e).to_string()),
+        },
+        None => shared
+            .store
+            .record(&shared.spec.durable, &key, &outbox)
+            .await
+            .map_err(|e| ErrorChain(&e).to_string()),
+    };
+    match recorded {
+        Ok(true) => {}
+        Ok(false) => return (Verdict::Ack, "duplicate"),
+        Err(error) => {
+            tracing::warn!(%key, %error, "Cannot record the idempotency key; will retry.");
+            return (Verdict::Nak(tuning.backoff(delivered)), "retry");
+        }
+    }
+    failpoint::crash_at("after-commit");
+    for ev in &outbox {
+        if let Err(e) = shared.bus.publish(ev).await {
+            // The key is stored with its outbox: the redelivery republishes it.
+            tracing::warn!(error = %ErrorChain(&e), "Publishing the handler's events failed; will retry.");
+            return (Verdict::Nak(tuning.backoff(delivered)), "retry");
+        }
+    }
+    if failpoint::fires("skip-ack") {
+        tracing::warn!(%key, "Failpoint skip-ack: withholding the ack.");
+        return (Verdict::Nothing, "ok");
+    }
+    (Verdict::Ack, "ok")
+}

@@ -1,0 +1,249 @@
+//! Conventions on top of the generated [`Event`] envelope: event type names, run keys and the
+//! deterministic event ids that become `Nats-Msg-Id`.
+//!
+//! An event id is `<type>:<run key>` (e.g. `vm.requested:INFN-T1/htcondor/1001.0/1`). A run has
+//! exactly one event of each type (one VM per run), so the id is the same every time a producer
+//! derives it again from the same input: a redelivered `JobStarted` yields the same
+//! `VmRequested` id, and JetStream drops the duplicate inside its window. `ResourceReleased`
+//! adds the resource kind (`resource.released.scratch:...`).
+
+use std::time::SystemTime;
+
+use wnodes_proto::v1::{Event, JobRunRef, Lrms, ResourceKind, event::Body};
+
+use crate::{error::BusError, subject};
+
+/// The kind of an event, as named in subjects, ids, `ce-type` and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EventType {
+    JobQueued,
+    JobStarted,
+    JobFinished,
+    JobCancelled,
+    JobHeld,
+    JobReleased,
+    JobEvicted,
+    VmRequested,
+    ImageReady,
+    ImageFailed,
+    ScratchReady,
+    ScratchFailed,
+    NetworkReady,
+    NetworkFailed,
+    StorageReady,
+    StorageFailed,
+    VmRunning,
+    VmStopped,
+    VmFailed,
+    ResourceReleased,
+    UsageRecorded,
+}
+
+impl EventType {
+    /// Every event type.
+    pub const ALL: [EventType; 21] = [
+        Self::JobQueued,
+        Self::JobStarted,
+        Self::JobFinished,
+        Self::JobCancelled,
+        Self::JobHeld,
+        Self::JobReleased,
+        Self::JobEvicted,
+        Self::VmRequested,
+        Self::ImageReady,
+        Self::ImageFailed,
+        Self::ScratchReady,
+        Self::ScratchFailed,
+        Self::NetworkReady,
+        Self::NetworkFailed,
+        Self::StorageReady,
+        Self::StorageFailed,
+        Self::VmRunning,
+        Self::VmStopped,
+        Self::VmFailed,
+        Self::ResourceReleased,
+        Self::UsageRecorded,
+    ];
+
+    /// Dotted name: the last two subject tokens, e.g. `"vm.requested"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::JobQueued => "job.queued",
+            Self::JobStarted => "job.started",
+            Self::JobFinished => "job.finished",
+            Self::JobCancelled => "job.cancelled",
+            Self::JobHeld => "job.held",
+            Self::JobReleased => "job.released",
+            Self::JobEvicted => "job.evicted",
+            Self::VmRequested => "vm.requested",
+            Self::ImageReady => "image.ready",
+            Self::ImageFailed => "image.failed",
+            Self::ScratchReady => "scratch.ready",
+            Self::ScratchFailed => "scratch.failed",
+            Self::NetworkReady => "network.ready",
+            Self::NetworkFailed => "network.failed",
+            Self::StorageReady => "storage.ready",
+            Self::StorageFailed => "storage.failed",
+            Self::VmRunning => "vm.running",
+            Self::VmStopped => "vm.stopped",
+            Self::VmFailed => "vm.failed",
+            Self::ResourceReleased => "resource.released",
+            Self::UsageRecorded => "usage.recorded",
+        }
+    }
+
+    /// CloudEvents `type` attribute, e.g. `it.infn.wnodes.vm.requested.v1`.
+    pub fn cloudevents_type(self) -> String {
+        format!("it.infn.wnodes.{}.v1", self.name())
+    }
+
+    /// The type of a body.
+    pub fn of(body: &Body) -> Self {
+        match body {
+            Body::JobQueued(_) => Self::JobQueued,
+            Body::JobStarted(_) => Self::JobStarted,
+            Body::JobFinished(_) => Self::JobFinished,
+            Body::JobCancelled(_) => Self::JobCancelled,
+            Body::JobHeld(_) => Self::JobHeld,
+            Body::JobReleased(_) => Self::JobReleased,
+            Body::JobEvicted(_) => Self::JobEvicted,
+            Body::VmRequested(_) => Self::VmRequested,
+            Body::ImageReady(_) => Self::ImageReady,
+            Body::ImageFailed(_) => Self::ImageFailed,
+            Body::ScratchReady(_) => Self::ScratchReady,
+            Body::ScratchFailed(_) => Self::ScratchFailed,
+            Body::NetworkReady(_) => Self::NetworkReady,
+            Body::NetworkFailed(_) => Self::NetworkFailed,
+            Body::StorageReady(_) => Self::StorageReady,
+            Body::StorageFailed(_) => Self::StorageFailed,
+            Body::VmRunning(_) => Self::VmRunning,
+            Body::VmStopped(_) => Self::VmStopped,
+            Body::VmFailed(_) => Self::VmFailed,
+            Body::ResourceReleased(_) => Self::ResourceReleased,
+            Body::UsageRecorded(_) => Self::UsageRecorded,
+        }
+    }
+}
+
+impl std::fmt::Display for EventType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Lowercase LRMS name used in run keys.
+pub fn lrms_name(lrms: i32) -> &'static str {
+    match Lrms::try_from(lrms).unwrap_or(Lrms::Unspecified) {
+        Lrms::Unspecified => "unknown",
+        Lrms::Htcondor => "htcondor",
+        Lrms::Slurm => "slurm",
+        Lrms::Pbs => "pbs",
+        Lrms::Lsf => "lsf",
+    }
+}
+
+/// The accounting key of a run: `site/lrms/job_id/attempt`.
+pub fn run_key(run: &JobRunRef) -> String {
+    format!(
+        "{}/{}/{}/{}",
+        run.site,
+        lrms_name(run.lrms),
+        run.job_id,
+        run.run_attempt
+    )
+}
+
+/// Extension methods on the envelope.
+pub trait EventExt {
+    /// Builds an event with its deterministic id. `source` is `"<service>@<host>"`.
+    fn build(run: JobRunRef, host: &str, source: &str, body: Body) -> Event;
+    /// The event's type, or `None` when it has no body (a malformed event).
+    fn event_type(&self) -> Option<EventType>;
+    /// The subject this event is published to.
+    fn subject(&self) -> Result<String, BusError>;
+    /// The run key (`site/lrms/job_id/attempt`), empty when the event has no run.
+    fn run_key(&self) -> String;
+}
+
+impl EventExt for Event {
+    fn build(run: JobRunRef, host: &str, source: &str, body: Body) -> Event {
+        let ty = EventType::of(&body);
+        let mut id = format!("{}:{}", ty.name(), run_key(&run));
+        if let Body::ResourceReleased(r) = &body {
+            let kind = ResourceKind::try_from(r.kind).unwrap_or(ResourceKind::Unspecified);
+            id = format!(
+                "{}.{}:{}",
+                ty.name(),
+                kind.as_str_name().to_ascii_lowercase(),
+                run_key(&run)
+            );
+        }
+        Event {
+            id,
+            time: Some(prost_types::Timestamp::from(SystemTime::now())),
+            source: source.to_owned(),
+            run: Some(run),
+            host: host.to_owned(),
+            body: Some(body),
+        }
+    }
+
+    fn event_type(&self) -> Option<EventType> {
+        self.body.as_ref().map(EventType::of)
+    }
+
+    fn subject(&self) -> Result<String, BusError> {
+        let ty = self.event_type().ok_or(BusError::EmptyEvent)?;
+        subject::event_subject(&self.host, ty.name())
+    }
+
+    fn run_key(&self) -> String {
+        self.run.as_ref().map(run_key).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wnodes_proto::v1::{JobCancelled, ResourceReleased};
+
+    fn run() -> JobRunRef {
+        JobRunRef {
+            site: "INFN-T1".into(),
+            lrms: Lrms::Htcondor as i32,
+            job_id: "1001.0".into(),
+            run_attempt: 2,
+        }
+    }
+
+    #[test]
+    fn ids_are_deterministic_and_distinct_per_type() {
+        let a = Event::build(run(), "hv1", "t@x", Body::JobCancelled(JobCancelled::default()));
+        let b = Event::build(run(), "hv1", "t@y", Body::JobCancelled(JobCancelled::default()));
+        assert_eq!(a.id, b.id);
+        assert_eq!(a.id, "job.cancelled:INFN-T1/htcondor/1001.0/2");
+        let rel = |k: ResourceKind| {
+            Event::build(
+                run(),
+                "hv1",
+                "t",
+                Body::ResourceReleased(ResourceReleased {
+                    kind: k as i32,
+                    ..Default::default()
+                }),
+            )
+            .id
+        };
+        assert_ne!(rel(ResourceKind::Scratch), rel(ResourceKind::Network));
+        assert_eq!(a.subject().unwrap(), "wnodes.evt.hv1.job.cancelled");
+    }
+
+    #[test]
+    fn every_type_has_a_unique_two_token_name() {
+        let mut names: Vec<_> = EventType::ALL.iter().map(|t| t.name()).collect();
+        assert!(names.iter().all(|n| n.split('.').count() == 2));
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), EventType::ALL.len());
+    }
+}

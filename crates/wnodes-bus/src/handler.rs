@@ -1,0 +1,114 @@
+//! The handler API. Idempotency is the easy path: a handler names its key (by default the
+//! event id), the consumer skips keys already handled, effects in the store commit with the key,
+//! and events the handler publishes are recorded with it (and republished on a redelivery).
+//!
+//! ```text
+//! effects in the key store       ctx.tx() ... committed together with the key: exactly once
+//! effects outside (files, taps)  check host state by ctx.key() before making them
+//! events to publish              ctx.publish(ev): sent after the key commits; replayed on redelivery
+//! ```
+
+use std::future::Future;
+
+use sqlx::{Sqlite, SqliteConnection, Transaction};
+use wnodes_proto::v1::Event;
+
+use crate::{error::BusError, store::KeyStore};
+
+/// Why a handler did not finish a message.
+#[derive(Debug, thiserror::Error)]
+pub enum HandlerError {
+    /// Transient: try again later (with backoff); dead-lettered after the last attempt.
+    #[error("{0}")]
+    Retry(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// Permanent: the message can never succeed; dead-lettered at once.
+    #[error("{0}")]
+    Reject(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl HandlerError {
+    /// A transient failure.
+    pub fn retry(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self::Retry(e.into())
+    }
+
+    /// A permanent failure.
+    pub fn reject(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self::Reject(e.into())
+    }
+}
+
+impl From<BusError> for HandlerError {
+    fn from(e: BusError) -> Self {
+        Self::Retry(Box::new(e))
+    }
+}
+
+/// What a handler sees of the delivery, and where it stages its effects.
+#[derive(Debug)]
+pub struct HandlerCtx {
+    pub(crate) key: String,
+    pub(crate) subject: String,
+    pub(crate) attempt: u32,
+    pub(crate) outbox: Vec<Event>,
+    pub(crate) tx: Option<Transaction<'static, Sqlite>>,
+    pub(crate) store: KeyStore,
+}
+
+impl HandlerCtx {
+    /// The idempotency key of this message: name host resources after it.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// The subject the message arrived on.
+    pub fn subject(&self) -> &str {
+        &self.subject
+    }
+
+    /// 1-based delivery attempt.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// Stages an event; it is published after the key commits, never before.
+    pub fn publish(&mut self, event: Event) {
+        self.outbox.push(event);
+    }
+
+    /// The store transaction the key will commit in: write effects that must happen exactly
+    /// once here. Opened on first use (`BEGIN IMMEDIATE`); do slow work before, not after.
+    pub async fn tx(&mut self) -> Result<&mut SqliteConnection, BusError> {
+        if self.tx.is_none() {
+            self.tx = Some(self.store.begin().await?);
+        }
+        match self.tx.as_mut() {
+            Some(tx) => Ok(&mut **tx),
+            None => Err(BusError::Config("transaction vanished".into())),
+        }
+    }
+
+    /// Read access to the store outside the transaction.
+    pub fn store(&self) -> &KeyStore {
+        &self.store
+    }
+}
+
+/// A message handler run by a durable consumer.
+pub trait Handler: Send + Sync + 'static {
+    /// Span name for each message, e.g. `"launcher.job_started"`.
+    fn name(&self) -> &'static str;
+
+    /// The idempotency key. Default: the event id (deterministic, so a republished event with
+    /// another `Nats-Msg-Id` still has the same key).
+    fn idempotency_key(&self, event: &Event) -> String {
+        event.id.clone()
+    }
+
+    /// Handles one event.
+    fn handle(
+        &self,
+        ctx: &mut HandlerCtx,
+        event: Event,
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send;
+}

@@ -1,0 +1,103 @@
+//! Prometheus metrics of the bus (published through the service runtime's `/metrics`).
+//! Label values are bounded: consumer names, event types and fixed outcome names only.
+
+use prometheus_client::{
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+type Labels = Vec<(&'static str, String)>;
+
+/// Handles to the bus's metrics; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct BusMetrics {
+    published: Family<Labels, Counter>,
+    publish_retries: Family<Labels, Counter>,
+    handled: Family<Labels, Counter>,
+    dead_lettered: Family<Labels, Counter>,
+    handle_seconds: Family<Labels, Histogram>,
+    connected: Gauge,
+    disconnects: Counter,
+}
+
+fn histogram() -> Histogram {
+    Histogram::new([0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0])
+}
+
+impl BusMetrics {
+    /// Registers the metrics under `wnodes_bus_*`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self::unregistered();
+        let r = registry.sub_registry_with_prefix("wnodes_bus");
+        r.register("published", "Events published and acknowledged by JetStream", m.published.clone());
+        r.register("publish_retries", "Publish attempts retried (no ack, disconnected)", m.publish_retries.clone());
+        r.register(
+            "handled",
+            "Messages handled, by consumer and outcome (ok, duplicate, retry, dead_letter)",
+            m.handled.clone(),
+        );
+        r.register("dead_lettered", "Messages written to the dead-letter stream, by consumer and reason", m.dead_lettered.clone());
+        r.register("handle_seconds", "Handler time per message", m.handle_seconds.clone());
+        r.register("connected", "1 while the NATS connection is up", m.connected.clone());
+        r.register("disconnects", "NATS disconnections seen", m.disconnects.clone());
+        m
+    }
+
+    /// Metrics that are counted but not exported (tests, benchmarks).
+    pub fn unregistered() -> Self {
+        Self {
+            published: Family::default(),
+            publish_retries: Family::default(),
+            handled: Family::default(),
+            dead_lettered: Family::default(),
+            handle_seconds: Family::new_with_constructor(histogram),
+            connected: Gauge::default(),
+            disconnects: Counter::default(),
+        }
+    }
+
+    pub(crate) fn published(&self, event_type: &str) {
+        self.published
+            .get_or_create(&vec![("event_type", event_type.to_owned())])
+            .inc();
+    }
+
+    pub(crate) fn publish_retry(&self, event_type: &str) {
+        self.publish_retries
+            .get_or_create(&vec![("event_type", event_type.to_owned())])
+            .inc();
+    }
+
+    pub(crate) fn handled(&self, consumer: &str, outcome: &'static str, seconds: f64) {
+        let labels = vec![("consumer", consumer.to_owned()), ("outcome", outcome.to_owned())];
+        self.handled.get_or_create(&labels).inc();
+        self.handle_seconds
+            .get_or_create(&vec![("consumer", consumer.to_owned())])
+            .observe(seconds);
+    }
+
+    pub(crate) fn dead_lettered(&self, consumer: &str, reason: &'static str) {
+        self.dead_lettered
+            .get_or_create(&vec![("consumer", consumer.to_owned()), ("reason", reason.to_owned())])
+            .inc();
+    }
+
+    pub(crate) fn connection_event(&self, ev: &async_nats::Event) {
+        match ev {
+            async_nats::Event::Connected => {
+                self.connected.set(1);
+            }
+            async_nats::Event::Disconnected => {
+                self.connected.set(0);
+                self.disconnects.inc();
+            }
+            _ => {}
+        }
+    }
+
+    /// Count of messages handled by `consumer` with `outcome` (for tests and status output).
+    pub fn handled_count(&self, consumer: &str, outcome: &'static str) -> u64 {
+        let labels = vec![("consumer", consumer.to_owned()), ("outcome", outcome.to_owned())];
+        self.handled.get_or_create(&labels).get()
+    }
+}

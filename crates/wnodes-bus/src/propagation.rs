@@ -1,0 +1,67 @@
+//! W3C trace context (`traceparent`/`tracestate`) in NATS headers, through the global
+//! OpenTelemetry propagator (the service runtime installs `TraceContextPropagator`).
+
+use opentelemetry::propagation::{Extractor, Injector};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+/// Writes propagation fields into a NATS header map.
+#[derive(Debug)]
+pub struct NatsHeaderInjector<'a>(pub &'a mut async_nats::HeaderMap);
+
+impl Injector for NatsHeaderInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        self.0.insert(key, value.as_str());
+    }
+}
+
+/// Reads propagation fields from a NATS header map, case-insensitively (Go writes
+/// `Traceparent`).
+#[derive(Debug)]
+pub struct NatsHeaderExtractor<'a>(pub &'a async_nats::HeaderMap);
+
+impl Extractor for NatsHeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(|v| v.as_str()).or_else(|| {
+            self.0
+                .iter()
+                .find(|(name, _)| AsRef::<str>::as_ref(*name).eq_ignore_ascii_case(key))
+                .and_then(|(_, values)| values.first())
+                .map(|v| v.as_str())
+        })
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.iter().map(|(name, _)| name.as_ref()).collect()
+    }
+}
+
+/// Injects the current span's context into `headers`.
+pub fn inject_current(headers: &mut async_nats::HeaderMap) {
+    let cx = tracing::Span::current().context();
+    opentelemetry::global::get_text_map_propagator(|p| {
+        p.inject_context(&cx, &mut NatsHeaderInjector(headers))
+    });
+}
+
+/// Makes `span` a child of the context carried in `headers` (if any). Call right after creating
+/// the span, before entering it.
+pub fn set_parent_from(span: &tracing::Span, headers: Option<&async_nats::HeaderMap>) {
+    if let Some(h) = headers {
+        let parent =
+            opentelemetry::global::get_text_map_propagator(|p| p.extract(&NatsHeaderExtractor(h)));
+        if let Err(e) = span.set_parent(parent) {
+            tracing::debug!(error = %e, "Could not set the span's parent.");
+        }
+    }
+}
+
+/// The trace id of the current span as 32 hex digits (all zeros when there is none).
+pub fn current_trace_id() -> String {
+    use opentelemetry::trace::TraceContextExt;
+    tracing::Span::current()
+        .context()
+        .span()
+        .span_context()
+        .trace_id()
+        .to_string()
+}

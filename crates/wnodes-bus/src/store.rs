@@ -1,0 +1,285 @@
+//! The durable idempotency store: which (consumer, key) pairs were handled, and the events
+//! their handlers published (the outbox), in a local SQLite database.
+//!
+//! A handler's effects that live in the same database commit in the same transaction as its
+//! key ([`crate::HandlerCtx::tx`]), so they happen exactly once. Keys of handlers that did
+//! not open a transaction are written by a group committer: many in-flight messages share one
+//! transaction (one fsync), which is what keeps the bus close to raw JetStream throughput.
+//!
+//! Services keep their own tables in the same file ([`KeyStore::pool`]).
+
+use std::{path::Path, str::FromStr, time::Duration};
+
+use prost::Message;
+use sqlx::{
+    Sqlite, SqlitePool, Transaction,
+    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
+};
+use tokio::sync::{mpsc, oneshot};
+use wnodes_proto::v1::Event;
+
+use crate::error::BusError;
+
+const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS wnodes_processed (
+    consumer     TEXT    NOT NULL,
+    key          TEXT    NOT NULL,
+    processed_at INTEGER NOT NULL,  -- unix seconds
+    outbox       BLOB,              -- length-delimited wnodes.v1.Event messages
+    PRIMARY KEY (consumer, key)
+) WITHOUT ROWID";
+
+const INSERT: &str =
+    "INSERT OR IGNORE INTO wnodes_processed (consumer, key, processed_at, outbox) VALUES (?, ?, ?, ?)";
+
+struct CommitReq {
+    consumer: String,
+    key: String,
+    outbox: Vec<u8>,
+    done: oneshot::Sender<Result<bool, sqlx::Error>>,
+}
+
+/// Handle to the store; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct KeyStore {
+    read: SqlitePool,
+    write: SqlitePool,
+    committer: mpsc::Sender<CommitReq>,
+    path: String,
+}
+
+impl std::fmt::Debug for CommitReq {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CommitReq").field("key", &self.key).finish()
+    }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or_default()
+}
+
+/// Encodes events as the outbox blob.
+pub(crate) fn encode_outbox(events: &[Event]) -> Vec<u8> {
+    let mut buf = Vec::new();
+    for e in events {
+        // Encoding into a Vec cannot run out of space.
+        let _ = e.encode_length_delimited(&mut buf);
+    }
+    buf
+}
+
+fn decode_outbox(mut blob: &[u8]) -> Vec<Event> {
+    let mut out = Vec::new();
+    while !blob.is_empty() {
+        match Event::decode_length_delimited(&mut blob) {
+            Ok(e) => out.push(e),
+            Err(_) => break,
+        }
+    }
+    out
+}
+
+impl KeyStore {
+    /// Opens (creating if needed) the store at `path`: WAL journal, `synchronous=NORMAL`.
+    pub async fn open(path: &Path) -> Result<Self, BusError> {
+        let display = path.display().to_string();
+        let err = |source| BusError::Store {
+            path: display.clone(),
+            source,
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| err(sqlx::Error::Io(e)))?;
+        }
+        let opts = SqliteConnectOptions::from_str("sqlite:")
+            .map_err(err)?
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(10));
+        let write = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(opts.clone())
+            .await
+            .map_err(err)?;
+        sqlx::query(SCHEMA).execute(&write).await.map_err(err)?;
+        let read = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(opts)
+            .await
+            .map_err(err)?;
+        let (tx, rx) = mpsc::channel(4096);
+        tokio::spawn(group_committer(write.clone(), rx));
+        Ok(Self {
+            read,
+            write,
+            committer: tx,
+            path: display,
+        })
+    }
+
+    /// The database, for a service's own tables (use [`crate::HandlerCtx::tx`] inside handlers).
+    pub fn pool(&self) -> &SqlitePool {
+        &self.write
+    }
+
+    /// A connection pool for reads only.
+    pub fn read_pool(&self) -> &SqlitePool {
+        &self.read
+    }
+
+    fn err(&self, source: sqlx::Error) -> BusError {
+        BusError::Store {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// `Some(outbox)` when `key` was already handled by `consumer`.
+    pub async fn lookup(&self, consumer: &str, key: &str) -> Result<Option<Vec<Event>>, BusError> {
+        let row: Option<(Option<Vec<u8>>,)> =
+            sqlx::query_as("SELECT outbox FROM wnodes_processed WHERE consumer = ? AND key = ?")
+                .bind(consumer)
+                .bind(key)
+                .fetch_optional(&self.read)
+                .await
+                .map_err(|e| self.err(e))?;
+        Ok(row.map(|(blob,)| blob.as_deref().map(decode_outbox).unwrap_or_default()))
+    }
+
+    /// Begins a write transaction (`BEGIN IMMEDIATE`, so it never fails half-way on a lock
+    /// upgrade).
+    pub async fn begin(&self) -> Result<Transaction<'static, Sqlite>, BusError> {
+        self.write
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(|e| self.err(e))
+    }
+
+    /// Records `key` inside `tx` (the handler's own transaction). `false` when it was already
+    /// there (a concurrent duplicate): the caller must roll back.
+    pub async fn record_in(
+        &self,
+        tx: &mut Transaction<'static, Sqlite>,
+        consumer: &str,
+        key: &str,
+        outbox: &[Event],
+    ) -> Result<bool, BusError> {
+        let res = sqlx::query(INSERT)
+            .bind(consumer)
+            .bind(key)
+            .bind(unix_now())
+            .bind(encode_outbox(outbox))
+            .execute(&mut **tx)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(res.rows_affected() == 1)
+    }
+
+    /// Records `key` through the group committer. `false` when it was already there.
+    pub async fn record(
+        &self,
+        consumer: &str,
+        key: &str,
+        outbox: &[Event],
+    ) -> Result<bool, BusError> {
+        let (done, rx) = oneshot::channel();
+        let req = CommitReq {
+            consumer: consumer.to_owned(),
+            key: key.to_owned(),
+            outbox: encode_outbox(outbox),
+            done,
+        };
+        let closed = || self.err(sqlx::Error::PoolClosed);
+        self.committer.send(req).await.map_err(|_| closed())?;
+        rx.await.map_err(|_| closed())?.map_err(|e| self.err(e))
+    }
+
+    /// Forgets keys handled before `older_than` ago. Returns how many were removed.
+    pub async fn prune(&self, older_than: Duration) -> Result<u64, BusError> {
+        let cutoff = unix_now() - older_than.as_secs() as i64;
+        let res = sqlx::query("DELETE FROM wnodes_processed WHERE processed_at < ?")
+            .bind(cutoff)
+            .execute(&self.write)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(res.rows_affected())
+    }
+}
+
+async fn group_committer(pool: SqlitePool, mut rx: mpsc::Receiver<CommitReq>) {
+    let mut batch = Vec::with_capacity(512);
+    while let Some(first) = rx.recv().await {
+        batch.push(first);
+        while batch.len() < 512 {
+            match rx.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        let result: Result<Vec<bool>, sqlx::Error> = async {
+            let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+            let mut inserted = Vec::with_capacity(batch.len());
+            let now = unix_now();
+            for r in &batch {
+                let res = sqlx::query(INSERT)
+                    .bind(&r.consumer)
+                    .bind(&r.key)
+                    .bind(now)
+                    .bind(&r.outbox)
+                    .execute(&mut *tx)
+                    .await?;
+                inserted.push(res.rows_affected() == 1);
+            }
+            tx.commit().await?;
+            Ok(inserted)
+        }
+        .await;
+        match result {
+            Ok(inserted) => {
+                for (r, ins) in batch.drain(..).zip(inserted) {
+                    let _ = r.done.send(Ok(ins));
+                }
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                for r in batch.drain(..) {
+                    let _ = r
+                        .done
+                        .send(Err(sqlx::Error::Protocol(format!("group commit failed: {msg}"))));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn keys_survive_reopen_and_duplicates_are_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.db");
+        let ev = Event {
+            id: "vm.requested:x".into(),
+            ..Default::default()
+        };
+        {
+            let s = KeyStore::open(&path).await.unwrap();
+            assert!(s.lookup("c", "k1").await.unwrap().is_none());
+            assert!(s.record("c", "k1", std::slice::from_ref(&ev)).await.unwrap());
+            assert!(!s.record("c", "k1", &[]).await.unwrap());
+            let mut tx = s.begin().await.unwrap();
+            assert!(s.record_in(&mut tx, "c", "k2", &[]).await.unwrap());
+            drop(tx); // rolled back
+        }
+        let s = KeyStore::open(&path).await.unwrap();
+        assert_eq!(s.lookup("c", "k1").await.unwrap().unwrap(), vec![ev]);
+        assert!(s.lookup("c", "k2").await.unwrap().is_none());
+        assert!(s.lookup("other", "k1").await.unwrap().is_none());
+        assert_eq!(s.prune(Duration::from_secs(3600)).await.unwrap(), 0);
+    }
+}

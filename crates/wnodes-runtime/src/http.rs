@@ -1,0 +1,95 @@
+//! `/healthz` (the process is alive), `/readyz` (connected to NATS and streams/consumers in
+//! place) and `/metrics` (Prometheus text format).
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+use wnodes_bus::Bus;
+
+/// Set by the service once its consumers exist.
+#[derive(Debug, Clone, Default)]
+pub struct Readiness(Arc<AtomicBool>);
+
+impl Readiness {
+    pub fn set_ready(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+    pub fn is_ready(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    registry: Arc<Mutex<Registry>>,
+    ready: Readiness,
+    bus: Bus,
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
+    if !s.bus.is_connected() {
+        (StatusCode::SERVICE_UNAVAILABLE, "not connected to NATS\n")
+    } else if !s.ready.is_ready() {
+        (StatusCode::SERVICE_UNAVAILABLE, "streams or consumers not in place yet\n")
+    } else {
+        (StatusCode::OK, "ready\n")
+    }
+}
+
+async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
+    let mut out = String::new();
+    let encoded = match s.registry.lock() {
+        Ok(reg) => prometheus_client::encoding::text::encode(&mut out, &reg).is_ok(),
+        Err(_) => false,
+    };
+    if !encoded {
+        return (StatusCode::INTERNAL_SERVER_ERROR, [("content-type", "text/plain")], String::new());
+    }
+    (
+        StatusCode::OK,
+        [("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        out,
+    )
+}
+
+/// Binds `addr` and serves until `shutdown`. Returns the bound address.
+pub async fn serve(
+    addr: SocketAddr,
+    registry: Arc<Mutex<Registry>>,
+    ready: Readiness,
+    bus: Bus,
+    shutdown: CancellationToken,
+) -> std::io::Result<SocketAddr> {
+    let app = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(AppState {
+            registry,
+            ready,
+            bus,
+        });
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    tokio::spawn(async move {
+        let res = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await;
+        if let Err(e) = res {
+            tracing::error!(error = %e, "HTTP endpoint failed.");
+        }
+    });
+    Ok(local)
+}

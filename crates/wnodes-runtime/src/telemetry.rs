@@ -1,0 +1,80 @@
+//! Logs and traces: `tracing` with a fmt layer (text or JSON) and an OpenTelemetry layer.
+//! A tracer provider always exists (so spans have ids and `traceparent` propagates); spans are
+//! exported over OTLP/gRPC only when an endpoint is configured.
+
+use opentelemetry::{KeyValue, trace::TracerProvider as _};
+use opentelemetry_sdk::{Resource, propagation::TraceContextPropagator, trace::SdkTracerProvider};
+use tracing_subscriber::{EnvFilter, layer::SubscriberExt, util::SubscriberInitExt};
+
+use crate::config::{CommonConfig, LogFormat};
+
+/// Keeps the tracer provider; [`Telemetry::shutdown`] flushes it.
+#[derive(Debug)]
+pub struct Telemetry {
+    provider: SdkTracerProvider,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    #[error("cannot build the OTLP exporter for {endpoint}")]
+    Exporter {
+        endpoint: String,
+        #[source]
+        source: opentelemetry_otlp::ExporterBuildError,
+    },
+    #[error("a global tracing subscriber is already installed")]
+    AlreadyInstalled,
+}
+
+impl Telemetry {
+    /// Installs the global subscriber and propagator. Needs a Tokio runtime (the exporter).
+    pub fn init(service: &str, common: &CommonConfig) -> Result<Self, TelemetryError> {
+        opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+        let resource = Resource::builder()
+            .with_service_name(format!("wnodes-{service}"))
+            .with_attributes([
+                KeyValue::new("host.name", common.host.clone()),
+                KeyValue::new("wnodes.site", common.site.clone()),
+            ])
+            .build();
+        let mut builder = SdkTracerProvider::builder().with_resource(resource);
+        if let Some(endpoint) = &common.otlp_endpoint {
+            use opentelemetry_otlp::WithExportConfig;
+            let exporter = opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .with_endpoint(endpoint.clone())
+                .build()
+                .map_err(|source| TelemetryError::Exporter {
+                    endpoint: endpoint.clone(),
+                    source,
+                })?;
+            builder = builder.with_batch_exporter(exporter);
+        }
+        let provider = builder.build();
+        opentelemetry::global::set_tracer_provider(provider.clone());
+        let tracer = provider.tracer(format!("wnodes-{service}"));
+        let filter = EnvFilter::try_from_default_env()
+            .or_else(|_| EnvFilter::try_new(&common.log_level))
+            .unwrap_or_else(|_| EnvFilter::new("info"));
+        let otel = tracing_opentelemetry::layer().with_tracer(tracer);
+        let registry = tracing_subscriber::registry().with(filter).with(otel);
+        let res = match common.log_format {
+            LogFormat::Json => registry
+                .with(tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr))
+                .try_init(),
+            LogFormat::Text => registry
+                .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+                .try_init(),
+        };
+        res.map_err(|_| TelemetryError::AlreadyInstalled)?;
+        Ok(Self { provider })
+    }
+
+    /// Flushes and stops the exporter. Blocks: call from a blocking thread (the runtime does).
+    pub fn shutdown(self) {
+        if let Err(e) = self.provider.force_flush() {
+            eprintln!("flushing spans failed: {e}");
+        }
+        let _ = self.provider.shutdown();
+    }
+}

