@@ -135,7 +135,8 @@ fn kernel_host_name() -> Option<String> {
         .map(|s| s.trim().to_ascii_lowercase())
 }
 
-/// The layered sources: defaults, then the TOML file (if any), then `WNODES_*` variables.
+/// The layered sources: defaults, then the TOML file (if any), then `WNODES_*` variables
+/// (except `WNODES_CONFIG`, the file path, and the test-only `WNODES_FAILPOINT*`).
 pub fn figment<S: Serialize + Default>(service: &str, file: Option<&std::path::Path>) -> Figment {
     let mut f = Figment::from(Serialized::defaults(CommonConfig::default()))
         .merge(Serialized::default(service, S::default()));
@@ -145,7 +146,7 @@ pub fn figment<S: Serialize + Default>(service: &str, file: Option<&std::path::P
     f.merge(
         Env::prefixed("WNODES_")
             .split("__")
-            .ignore(&["config"]),
+            .ignore(&["config", "failpoint", "failpoint_marker"]),
     )
 }
 

@@ -39,6 +39,8 @@ struct NodeConfig {
     hang: bool,
     reject: bool,
     work_ms: u64,
+    /// Faults (fail, hang, reject) apply only to runs whose job id contains this ("" = all).
+    fault_match: String,
     /// Job id prefix for published runs.
     job_prefix: String,
 }
@@ -56,6 +58,7 @@ impl Default for NodeConfig {
             hang: false,
             reject: false,
             work_ms: 0,
+            fault_match: String::new(),
             job_prefix: "job".into(),
         }
     }
@@ -129,13 +132,17 @@ impl Handler for Sink {
 
     async fn handle(&self, ctx: &mut HandlerCtx, event: proto::Event) -> Result<(), HandlerError> {
         tracing::info!(key = ctx.key(), attempt = ctx.attempt(), "Handling.");
-        if self.cfg.hang {
+        let faulty = event
+            .run
+            .as_ref()
+            .is_some_and(|r| r.job_id.contains(&self.cfg.fault_match));
+        if faulty && self.cfg.hang {
             tokio::time::sleep(Duration::from_secs(3600)).await;
         }
-        if self.cfg.reject {
+        if faulty && self.cfg.reject {
             return Err(HandlerError::reject("this node rejects everything"));
         }
-        if self.cfg.fail == "always" {
+        if faulty && self.cfg.fail == "always" {
             return Err(HandlerError::retry(format!(
                 "simulated failure on attempt {}",
                 ctx.attempt()

@@ -1,0 +1,369 @@
+//! The event bus against a real nats-server, with services as separate processes
+//! (`bus-node` on the real service runtime).
+
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use prost::Message;
+use wnodes_bus::{Bus, BusMetrics, EventExt, NatsConfig, dlq, proto, proto::event::Body};
+use wnodes_integration_tests::{HOST, Node, NodeOpts, SITE, consumer_state, effect_rows};
+use wnodes_testkit::{NatsServer, OtlpCollector, wait_until};
+
+const BIN: &str = env!("CARGO_BIN_EXE_bus-node");
+const LONG: Duration = Duration::from_secs(30);
+
+fn vm_requested(job: &str) -> proto::Event {
+    let run = proto::JobRunRef {
+        site: SITE.into(),
+        lrms: proto::Lrms::Slurm as i32,
+        job_id: job.into(),
+        run_attempt: 1,
+    };
+    proto::Event::build(
+        run,
+        HOST,
+        "test@local",
+        Body::VmRequested(proto::VmRequested {
+            spec: Some(proto::VmSpec {
+                vm_id: format!("vm-{job}"),
+                ..Default::default()
+            }),
+        }),
+    )
+}
+
+async fn test_bus(url: &str) -> Bus {
+    wnodes_bus::connect::install_crypto_provider();
+    let cfg = NatsConfig {
+        url: url.into(),
+        ..Default::default()
+    };
+    let bus = Bus::connect(&cfg, "test@local", BusMetrics::unregistered())
+        .await
+        .unwrap();
+    bus.ensure_streams().await.unwrap();
+    bus
+}
+
+fn sink(nats: &NatsServer, dir: &std::path::Path, durable: &str) -> NodeOpts {
+    NodeOpts::new(BIN, &nats.url(), dir, "sink")
+        .env("NODE__DURABLE", durable)
+        .env("CONSUMER__ACK_WAIT", "2s")
+        .env("CONSUMER__HANDLER_TIMEOUT", "1s")
+        .env("CONSUMER__BACKOFF_BASE", "100ms")
+}
+
+async fn wait_rows(dir: &std::path::Path, n: i64) -> (i64, i64) {
+    wait_until(LONG, &format!("{n} effect rows"), || async {
+        let r = effect_rows(dir).await.ok()?;
+        (r.0 >= n).then_some(r)
+    })
+    .await
+    .unwrap()
+}
+
+/// Waits until `durable` has seen at least `deliveries` deliveries and has nothing unacked.
+async fn wait_settled(bus: &Bus, durable: &str, deliveries: u64) -> (usize, usize, u64, u64) {
+    wait_until(LONG, &format!("{durable} settled after {deliveries} deliveries"), || async {
+        let s = consumer_state(bus.jetstream(), durable).await.ok()?;
+        (s.0 == 0 && s.2 == 0 && s.3 >= deliveries).then_some(s)
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn trace_context_crosses_three_processes() {
+    let nats = NatsServer::start().await.unwrap();
+    let collector = OtlpCollector::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ep = collector.endpoint();
+    let _b = Node::start(&NodeOpts::new(BIN, &nats.url(), &dir.path().join("b"), "relay").env("OTLP_ENDPOINT", &ep))
+        .await
+        .unwrap();
+    let _c = Node::start(&NodeOpts::new(BIN, &nats.url(), &dir.path().join("c"), "sink").env("OTLP_ENDPOINT", &ep))
+        .await
+        .unwrap();
+    let mut a = Node::spawn(
+        &NodeOpts::new(BIN, &nats.url(), &dir.path().join("a"), "publish")
+            .env("NODE__COUNT", "1")
+            .env("OTLP_ENDPOINT", &ep),
+    )
+    .unwrap();
+    let line = a.wait_line("trace_id=", LONG).await.unwrap();
+    let trace_id = line.trim_start_matches("trace_id=").to_owned();
+    assert_eq!(trace_id.len(), 32);
+    assert_ne!(trace_id, "0".repeat(32));
+    assert!(a.wait_exit(LONG).await.unwrap().success(), "{}", a.stderr());
+    wait_rows(&dir.path().join("c"), 1).await;
+
+    let spans = collector
+        .wait_for(LONG, "publish, relay and sink spans", |s| {
+            ["demo.publish", "node.relay", "node.sink"]
+                .iter()
+                .all(|n| s.iter().any(|x| x.name == *n))
+        })
+        .await
+        .unwrap();
+    let find = |n: &str| spans.iter().find(|x| x.name == n).unwrap().clone();
+    let (p, r, s) = (find("demo.publish"), find("node.relay"), find("node.sink"));
+    for span in [&p, &r, &s] {
+        assert_eq!(span.trace_id, trace_id, "{span:?}");
+    }
+    assert_eq!(p.parent_span_id, "", "the publisher's span is the root");
+    assert_eq!(r.parent_span_id, p.span_id, "relay is a child of the publisher");
+    assert_eq!(s.parent_span_id, r.span_id, "sink is a child of the relay");
+    assert_eq!(
+        s.attributes.get("messaging.destination.name").map(String::as_str),
+        Some("wnodes.evt.hv1_test_example.vm.requested")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn same_event_published_twice_is_handled_once() {
+    let nats = NatsServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let _sink = Node::start(&sink(&nats, dir.path(), "dup")).await.unwrap();
+    let bus = test_bus(&nats.url()).await;
+    let ev = vm_requested("dup-1");
+    let first = bus.publish(&ev).await.unwrap();
+    let second = bus.publish(&ev).await.unwrap();
+    assert!(!first.duplicate);
+    assert!(second.duplicate, "JetStream de-duplicates the same Nats-Msg-Id");
+    wait_rows(dir.path(), 1).await;
+    wait_settled(&bus, "dup", 1).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(effect_rows(dir.path()).await.unwrap(), (1, 1));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ack_withheld_once_then_restart_applies_effect_once() {
+    let nats = NatsServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("failpoint-fired");
+    let bus = test_bus(&nats.url()).await;
+    let opts = sink(&nats, dir.path(), "withheld");
+    let mut node = Node::start(
+        &opts
+            .clone()
+            .raw_env("WNODES_FAILPOINT", "skip-ack")
+            .raw_env("WNODES_FAILPOINT_MARKER", marker.to_str().unwrap()),
+    )
+    .await
+    .unwrap();
+    bus.publish(&vm_requested("withheld-1")).await.unwrap();
+    wait_rows(dir.path(), 1).await;
+    assert!(marker.exists(), "the ack was withheld");
+    let state = consumer_state(bus.jetstream(), "withheld").await.unwrap();
+    assert_eq!(state.0, 1, "one message waits for its ack");
+    assert!(node.terminate(LONG).await.unwrap().success());
+    let _node = Node::start(&opts).await.unwrap();
+    let s = wait_settled(&bus, "withheld", 2).await;
+    assert!(s.3 >= 2, "the message was delivered again");
+    assert_eq!(effect_rows(dir.path()).await.unwrap(), (1, 1));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn consumer_killed_after_effect_before_ack_applies_effect_once() {
+    let nats = NatsServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("failpoint-fired");
+    let bus = test_bus(&nats.url()).await;
+    let opts = sink(&nats, dir.path(), "crashy");
+    let mut node = Node::start(
+        &opts
+            .clone()
+            .raw_env("WNODES_FAILPOINT", "after-commit")
+            .raw_env("WNODES_FAILPOINT_MARKER", marker.to_str().unwrap()),
+    )
+    .await
+    .unwrap();
+    bus.publish(&vm_requested("crashy-1")).await.unwrap();
+    let status = node.wait_exit(LONG).await.unwrap();
+    assert!(!status.success(), "the node crashed at the failpoint");
+    assert_eq!(effect_rows(dir.path()).await.unwrap(), (1, 1), "effect committed");
+    let _node = Node::start(&opts).await.unwrap();
+    wait_settled(&bus, "crashy", 2).await;
+    assert_eq!(effect_rows(dir.path()).await.unwrap(), (1, 1));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn same_event_with_a_new_message_id_after_restart_applies_effect_once() {
+    let nats = NatsServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let bus = test_bus(&nats.url()).await;
+    let opts = sink(&nats, dir.path(), "newid");
+    let mut node = Node::start(&opts).await.unwrap();
+    let ev = vm_requested("newid-1");
+    bus.publish(&ev).await.unwrap();
+    wait_rows(dir.path(), 1).await;
+    wait_settled(&bus, "newid", 1).await;
+    assert!(node.terminate(LONG).await.unwrap().success());
+    let mut headers = HeaderMap::new();
+    headers.insert(async_nats::header::NATS_MESSAGE_ID, "a-different-message-id");
+    let p = bus
+        .publish_raw(&ev.subject().unwrap(), headers, Bytes::from(ev.encode_to_vec()), "test")
+        .await
+        .unwrap();
+    assert!(!p.duplicate, "a new message id passes JetStream de-duplication");
+    let _node = Node::start(&opts).await.unwrap();
+    wait_settled(&bus, "newid", 2).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(effect_rows(dir.path()).await.unwrap(), (1, 1));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failing_hanging_and_malformed_messages_go_to_the_dead_letter_stream() {
+    let nats = NatsServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let bus = test_bus(&nats.url()).await;
+    let failing = Node::start(
+        &sink(&nats, &dir.path().join("f"), "sink-fail")
+            .env("NODE__FAIL", "always")
+            .env("NODE__FAULT_MATCH", "bad")
+            .env("CONSUMER__MAX_ATTEMPTS", "3"),
+    )
+    .await
+    .unwrap();
+    let _hanging = Node::start(
+        &sink(&nats, &dir.path().join("h"), "sink-hang")
+            .env("NODE__HANG", "true")
+            .env("NODE__FAULT_MATCH", "bad")
+            .env("CONSUMER__MAX_ATTEMPTS", "2"),
+    )
+    .await
+    .unwrap();
+    bus.publish(&vm_requested("bad-1")).await.unwrap();
+    let subject = vm_requested("x").subject().unwrap();
+    bus.publish_raw(
+        &subject,
+        HeaderMap::new(),
+        Bytes::from_static(b"\xff\xff not protobuf"),
+        "test",
+    )
+    .await
+    .unwrap();
+    bus.publish(&vm_requested("good-1")).await.unwrap();
+
+    let letters = wait_until(LONG, "four dead letters", || async {
+        let l = dlq::read_all(&bus, None).await.ok()?;
+        (l.len() >= 4).then_some(l)
+    })
+    .await
+    .unwrap();
+    let find = |consumer: &str, reason: &str| {
+        letters
+            .iter()
+            .find(|l| l.consumer == consumer && l.reason == reason)
+            .unwrap_or_else(|| panic!("no {reason} letter of {consumer} in {letters:#?}"))
+    };
+    let f = find("sink-fail", "exhausted");
+    assert_eq!(f.attempts, 3);
+    assert_eq!(f.original_subject, subject);
+    assert!(f.error.contains("simulated failure on attempt 3"), "{}", f.error);
+    assert_eq!(proto::Event::decode(f.payload.clone()).unwrap().id, vm_requested("bad-1").id);
+    let h = find("sink-hang", "exhausted");
+    assert_eq!(h.attempts, 2);
+    assert!(h.error.contains("timed out"), "{}", h.error);
+    for c in ["sink-fail", "sink-hang"] {
+        let m = find(c, "malformed");
+        assert_eq!(m.attempts, 1, "malformed payloads are not retried");
+        assert_eq!(m.original_subject, subject);
+        assert_eq!(&m.payload[..], b"\xff\xff not protobuf");
+    }
+    // The consumers kept going: the good message after the bad ones was handled.
+    wait_rows(&dir.path().join("f"), 1).await;
+    wait_rows(&dir.path().join("h"), 1).await;
+    wait_settled(&bus, "sink-fail", 3).await;
+    let log = failing.stderr();
+    assert!(
+        log.lines().any(|l| l.contains("ERROR") && l.contains("Malformed") && l.contains(&subject)),
+        "an error log names the subject:\n{log}"
+    );
+    assert_eq!(dlq::read_all(&bus, Some("sink-fail")).await.unwrap().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigkilled_consumer_gets_unacked_messages_again() {
+    let nats = NatsServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let bus = test_bus(&nats.url()).await;
+    let opts = sink(&nats, dir.path(), "killed")
+        .env("NODE__WORK_MS", "150")
+        .env("CONSUMER__MAX_IN_FLIGHT", "4");
+    let mut node = Node::start(&opts).await.unwrap();
+    let events: Vec<_> = (0..20).map(|i| vm_requested(&format!("k-{i}"))).collect();
+    bus.publish_pipelined(&events, 20).await.unwrap();
+    wait_rows(dir.path(), 2).await;
+    node.kill().unwrap();
+    let before = effect_rows(dir.path()).await.unwrap().0;
+    assert!(before < 20, "killed with work left ({before} done)");
+    let _node = Node::start(&opts).await.unwrap();
+    assert_eq!(wait_rows(dir.path(), 20).await, (20, 20));
+    wait_settled(&bus, "killed", 20).await;
+    assert_eq!(effect_rows(dir.path()).await.unwrap(), (20, 20));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn server_restart_while_publishing_loses_nothing() {
+    let mut nats = NatsServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let bus = test_bus(&nats.url()).await;
+    let _node = Node::start(&sink(&nats, dir.path(), "restart")).await.unwrap();
+    const N: usize = 300;
+    let publisher = {
+        let bus = bus.clone();
+        tokio::spawn(async move {
+            for i in 0..N {
+                bus.publish(&vm_requested(&format!("r-{i}"))).await?;
+                if i % 10 == 0 {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            Ok::<_, wnodes_bus::BusError>(())
+        })
+    };
+    wait_rows(dir.path(), 50).await;
+    nats.kill().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    nats.restart().await.unwrap();
+    publisher.await.unwrap().unwrap();
+    assert_eq!(wait_rows(dir.path(), N as i64).await, (N as i64, N as i64));
+    wait_settled(&bus, "restart", N as u64).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(effect_rows(dir.path()).await.unwrap(), (N as i64, N as i64));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_mid_handler_finishes_acks_and_exports_the_span() {
+    let nats = NatsServer::start().await.unwrap();
+    let collector = OtlpCollector::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let bus = test_bus(&nats.url()).await;
+    let mut node = Node::start(
+        &sink(&nats, dir.path(), "graceful")
+            .env("NODE__WORK_MS", "1500")
+            .env("CONSUMER__ACK_WAIT", "30s")
+            .env("CONSUMER__HANDLER_TIMEOUT", "20s")
+            .env("OTLP_ENDPOINT", &collector.endpoint()),
+    )
+    .await
+    .unwrap();
+    bus.publish(&vm_requested("graceful-1")).await.unwrap();
+    wait_until(LONG, "the handler to start", || async {
+        node.stderr().contains("Handling.").then_some(())
+    })
+    .await
+    .unwrap();
+    let status = node.terminate(LONG).await.unwrap();
+    assert!(status.success(), "exit 0 on SIGTERM: {status}\n{}", node.stderr());
+    assert_eq!(effect_rows(dir.path()).await.unwrap(), (1, 1));
+    let (ack_pending, redelivered, pending, deliveries) =
+        consumer_state(bus.jetstream(), "graceful").await.unwrap();
+    assert_eq!((ack_pending, redelivered, pending, deliveries), (0, 0, 0, 1), "acked, never redelivered");
+    collector
+        .wait_for(LONG, "the handler's span", |s| s.iter().any(|x| x.name == "node.sink"))
+        .await
+        .unwrap();
+}
