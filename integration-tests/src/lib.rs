@@ -135,7 +135,10 @@ impl Node {
                 );
             }
             if tokio::time::Instant::now() > deadline {
-                anyhow::bail!("no {prefix:?} line within {timeout:?}; stderr:\n{}", self.stderr());
+                anyhow::bail!(
+                    "no {prefix:?} line within {timeout:?}; stderr:\n{}",
+                    self.stderr()
+                );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -152,14 +155,20 @@ impl Node {
 
     /// SIGKILL and reap.
     pub fn kill(&mut self) -> anyhow::Result<()> {
-        let _ = signal::kill(Pid::from_raw(self.child.id() as i32), signal::Signal::SIGKILL);
+        let _ = signal::kill(
+            Pid::from_raw(self.child.id() as i32),
+            signal::Signal::SIGKILL,
+        );
         self.child.wait()?;
         Ok(())
     }
 
     /// Sends SIGTERM and waits (up to `timeout`) for the exit status.
     pub async fn terminate(&mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
-        signal::kill(Pid::from_raw(self.child.id() as i32), signal::Signal::SIGTERM)?;
+        signal::kill(
+            Pid::from_raw(self.child.id() as i32),
+            signal::Signal::SIGTERM,
+        )?;
         self.wait_exit(timeout).await
     }
 
@@ -213,8 +222,10 @@ pub async fn consumer_state(
     durable: &str,
 ) -> anyhow::Result<(usize, usize, u64, u64)> {
     let stream = js.get_stream(wnodes_bus::subject::EVENTS_STREAM).await?;
-    let mut consumer: async_nats::jetstream::consumer::PullConsumer =
-        stream.get_consumer(durable).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer = stream
+        .get_consumer(durable)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let info = consumer.info().await?;
     Ok((
         info.num_ack_pending,

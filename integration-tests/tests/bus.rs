@@ -1,6 +1,9 @@
 //! The event bus against a real nats-server, with services as separate processes
 //! (`bus-node` on the real service runtime).
 
+// Test helpers outside #[test] functions panic on failure too: that is the point of a test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::time::Duration;
 
 use async_nats::HeaderMap;
@@ -65,10 +68,14 @@ async fn wait_rows(dir: &std::path::Path, n: i64) -> (i64, i64) {
 
 /// Waits until `durable` has seen at least `deliveries` deliveries and has nothing unacked.
 async fn wait_settled(bus: &Bus, durable: &str, deliveries: u64) -> (usize, usize, u64, u64) {
-    wait_until(LONG, &format!("{durable} settled after {deliveries} deliveries"), || async {
-        let s = consumer_state(bus.jetstream(), durable).await.ok()?;
-        (s.0 == 0 && s.2 == 0 && s.3 >= deliveries).then_some(s)
-    })
+    wait_until(
+        LONG,
+        &format!("{durable} settled after {deliveries} deliveries"),
+        || async {
+            let s = consumer_state(bus.jetstream(), durable).await.ok()?;
+            (s.0 == 0 && s.2 == 0 && s.3 >= deliveries).then_some(s)
+        },
+    )
     .await
     .unwrap()
 }
@@ -79,12 +86,16 @@ async fn trace_context_crosses_three_processes() {
     let collector = OtlpCollector::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let ep = collector.endpoint();
-    let _b = Node::start(&NodeOpts::new(BIN, &nats.url(), &dir.path().join("b"), "relay").env("OTLP_ENDPOINT", &ep))
-        .await
-        .unwrap();
-    let _c = Node::start(&NodeOpts::new(BIN, &nats.url(), &dir.path().join("c"), "sink").env("OTLP_ENDPOINT", &ep))
-        .await
-        .unwrap();
+    let _b = Node::start(
+        &NodeOpts::new(BIN, &nats.url(), &dir.path().join("b"), "relay").env("OTLP_ENDPOINT", &ep),
+    )
+    .await
+    .unwrap();
+    let _c = Node::start(
+        &NodeOpts::new(BIN, &nats.url(), &dir.path().join("c"), "sink").env("OTLP_ENDPOINT", &ep),
+    )
+    .await
+    .unwrap();
     let mut a = Node::spawn(
         &NodeOpts::new(BIN, &nats.url(), &dir.path().join("a"), "publish")
             .env("NODE__COUNT", "1")
@@ -112,10 +123,15 @@ async fn trace_context_crosses_three_processes() {
         assert_eq!(span.trace_id, trace_id, "{span:?}");
     }
     assert_eq!(p.parent_span_id, "", "the publisher's span is the root");
-    assert_eq!(r.parent_span_id, p.span_id, "relay is a child of the publisher");
+    assert_eq!(
+        r.parent_span_id, p.span_id,
+        "relay is a child of the publisher"
+    );
     assert_eq!(s.parent_span_id, r.span_id, "sink is a child of the relay");
     assert_eq!(
-        s.attributes.get("messaging.destination.name").map(String::as_str),
+        s.attributes
+            .get("messaging.destination.name")
+            .map(String::as_str),
         Some("wnodes.evt.hv1_test_example.vm.requested")
     );
 }
@@ -130,7 +146,10 @@ async fn same_event_published_twice_is_handled_once() {
     let first = bus.publish(&ev).await.unwrap();
     let second = bus.publish(&ev).await.unwrap();
     assert!(!first.duplicate);
-    assert!(second.duplicate, "JetStream de-duplicates the same Nats-Msg-Id");
+    assert!(
+        second.duplicate,
+        "JetStream de-duplicates the same Nats-Msg-Id"
+    );
     wait_rows(dir.path(), 1).await;
     wait_settled(&bus, "dup", 1).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -182,7 +201,11 @@ async fn consumer_killed_after_effect_before_ack_applies_effect_once() {
     bus.publish(&vm_requested("crashy-1")).await.unwrap();
     let status = node.wait_exit(LONG).await.unwrap();
     assert!(!status.success(), "the node crashed at the failpoint");
-    assert_eq!(effect_rows(dir.path()).await.unwrap(), (1, 1), "effect committed");
+    assert_eq!(
+        effect_rows(dir.path()).await.unwrap(),
+        (1, 1),
+        "effect committed"
+    );
     let _node = Node::start(&opts).await.unwrap();
     wait_settled(&bus, "crashy", 2).await;
     assert_eq!(effect_rows(dir.path()).await.unwrap(), (1, 1));
@@ -201,12 +224,23 @@ async fn same_event_with_a_new_message_id_after_restart_applies_effect_once() {
     wait_settled(&bus, "newid", 1).await;
     assert!(node.terminate(LONG).await.unwrap().success());
     let mut headers = HeaderMap::new();
-    headers.insert(async_nats::header::NATS_MESSAGE_ID, "a-different-message-id");
+    headers.insert(
+        async_nats::header::NATS_MESSAGE_ID,
+        "a-different-message-id",
+    );
     let p = bus
-        .publish_raw(&ev.subject().unwrap(), headers, Bytes::from(ev.encode_to_vec()), "test")
+        .publish_raw(
+            &ev.subject().unwrap(),
+            headers,
+            Bytes::from(ev.encode_to_vec()),
+            "test",
+        )
         .await
         .unwrap();
-    assert!(!p.duplicate, "a new message id passes JetStream de-duplication");
+    assert!(
+        !p.duplicate,
+        "a new message id passes JetStream de-duplication"
+    );
     let _node = Node::start(&opts).await.unwrap();
     wait_settled(&bus, "newid", 2).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -261,8 +295,15 @@ async fn failing_hanging_and_malformed_messages_go_to_the_dead_letter_stream() {
     let f = find("sink-fail", "exhausted");
     assert_eq!(f.attempts, 3);
     assert_eq!(f.original_subject, subject);
-    assert!(f.error.contains("simulated failure on attempt 3"), "{}", f.error);
-    assert_eq!(proto::Event::decode(f.payload.clone()).unwrap().id, vm_requested("bad-1").id);
+    assert!(
+        f.error.contains("simulated failure on attempt 3"),
+        "{}",
+        f.error
+    );
+    assert_eq!(
+        proto::Event::decode(f.payload.clone()).unwrap().id,
+        vm_requested("bad-1").id
+    );
     let h = find("sink-hang", "exhausted");
     assert_eq!(h.attempts, 2);
     assert!(h.error.contains("timed out"), "{}", h.error);
@@ -278,10 +319,14 @@ async fn failing_hanging_and_malformed_messages_go_to_the_dead_letter_stream() {
     wait_settled(&bus, "sink-fail", 3).await;
     let log = failing.stderr();
     assert!(
-        log.lines().any(|l| l.contains("ERROR") && l.contains("Malformed") && l.contains(&subject)),
+        log.lines()
+            .any(|l| l.contains("ERROR") && l.contains("Malformed") && l.contains(&subject)),
         "an error log names the subject:\n{log}"
     );
-    assert_eq!(dlq::read_all(&bus, Some("sink-fail")).await.unwrap().len(), 2);
+    assert_eq!(
+        dlq::read_all(&bus, Some("sink-fail")).await.unwrap().len(),
+        2
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -310,7 +355,9 @@ async fn server_restart_while_publishing_loses_nothing() {
     let mut nats = NatsServer::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let bus = test_bus(&nats.url()).await;
-    let _node = Node::start(&sink(&nats, dir.path(), "restart")).await.unwrap();
+    let _node = Node::start(&sink(&nats, dir.path(), "restart"))
+        .await
+        .unwrap();
     const N: usize = 300;
     let publisher = {
         let bus = bus.clone();
@@ -357,13 +404,23 @@ async fn sigterm_mid_handler_finishes_acks_and_exports_the_span() {
     .await
     .unwrap();
     let status = node.terminate(LONG).await.unwrap();
-    assert!(status.success(), "exit 0 on SIGTERM: {status}\n{}", node.stderr());
+    assert!(
+        status.success(),
+        "exit 0 on SIGTERM: {status}\n{}",
+        node.stderr()
+    );
     assert_eq!(effect_rows(dir.path()).await.unwrap(), (1, 1));
     let (ack_pending, redelivered, pending, deliveries) =
         consumer_state(bus.jetstream(), "graceful").await.unwrap();
-    assert_eq!((ack_pending, redelivered, pending, deliveries), (0, 0, 0, 1), "acked, never redelivered");
+    assert_eq!(
+        (ack_pending, redelivered, pending, deliveries),
+        (0, 0, 0, 1),
+        "acked, never redelivered"
+    );
     collector
-        .wait_for(LONG, "the handler's span", |s| s.iter().any(|x| x.name == "node.sink"))
+        .wait_for(LONG, "the handler's span", |s| {
+            s.iter().any(|x| x.name == "node.sink")
+        })
         .await
         .unwrap();
 }

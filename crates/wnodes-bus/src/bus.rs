@@ -12,11 +12,7 @@ use tokio::time::Instant;
 use wnodes_proto::v1::Event;
 
 use crate::{
-    config::NatsConfig,
-    connect,
-    error::BusError,
-    event::EventExt,
-    metrics::BusMetrics,
+    config::NatsConfig, connect, error::BusError, event::EventExt, metrics::BusMetrics,
     propagation, subject,
 };
 
@@ -161,8 +157,13 @@ impl Bus {
         headers.insert("ce-subject", event.run_key().as_str());
         headers.insert("ce-datacontenttype", "application/protobuf");
         propagation::inject_current(&mut headers);
-        self.publish_raw(&subject, headers, Bytes::from(event.encode_to_vec()), ty.name())
-            .await
+        self.publish_raw(
+            &subject,
+            headers,
+            Bytes::from(event.encode_to_vec()),
+            ty.name(),
+        )
+        .await
     }
 
     /// Publishes a pre-built message with retries (same headers, so the same `Nats-Msg-Id`).
@@ -185,9 +186,9 @@ impl Bus {
                 .publish_with_headers(subject.to_owned(), headers.clone(), payload.clone())
                 .await
             {
-                Ok(ack) => ack.await.map_err(|e| -> Box<dyn std::error::Error + Send + Sync> {
-                    Box::new(e)
-                }),
+                Ok(ack) => ack
+                    .await
+                    .map_err(|e| -> Box<dyn std::error::Error + Send + Sync> { Box::new(e) }),
                 Err(e) => Err(Box::new(e) as Box<dyn std::error::Error + Send + Sync>),
             };
             match res {

@@ -34,9 +34,8 @@ pub fn rustls_client_config(tls: &TlsConfig) -> Result<rustls::ClientConfig, Bus
         .ok_or_else(|| BusError::Tls("tls.ca_file is required when tls is configured".into()))?;
     let ca_pem = read("the TLS CA file", ca_file)?;
     for cert in CertificateDer::pem_slice_iter(&ca_pem) {
-        let cert = cert.map_err(|e| {
-            BusError::Tls(format!("bad certificate in {}: {e}", ca_file.display()))
-        })?;
+        let cert = cert
+            .map_err(|e| BusError::Tls(format!("bad certificate in {}: {e}", ca_file.display())))?;
         roots
             .add(cert)
             .map_err(|e| BusError::Tls(format!("CA in {} rejected: {e}", ca_file.display())))?;
@@ -90,9 +89,10 @@ pub async fn connect_options(
         ));
     }
     let mut opts = if let Some(user) = &cfg.user {
-        let password = cfg.password.clone().ok_or_else(|| {
-            BusError::Config("nats.user is set but nats.password is not".into())
-        })?;
+        let password = cfg
+            .password
+            .clone()
+            .ok_or_else(|| BusError::Config("nats.user is set but nats.password is not".into()))?;
         ConnectOptions::with_user_and_password(user.clone(), password)
     } else if cfg.password.is_some() {
         return Err(BusError::Config(
@@ -135,9 +135,13 @@ pub async fn connect_options(
             let m = m.clone();
             async move {
                 match &ev {
-                    async_nats::Event::Connected => tracing::info!("NATS connection (re)established."),
+                    async_nats::Event::Connected => {
+                        tracing::info!("NATS connection (re)established.")
+                    }
                     async_nats::Event::Disconnected => {
-                        tracing::warn!("NATS connection lost; reconnecting, publishes are buffered.")
+                        tracing::warn!(
+                            "NATS connection lost; reconnecting, publishes are buffered."
+                        )
                     }
                     other => tracing::debug!(event = %other, "NATS client event."),
                 }
@@ -157,8 +161,7 @@ pub async fn connect(
 ) -> Result<async_nats::Client, BusError> {
     let opts = connect_options(cfg, name, metrics).await?;
     let fut = opts.connect(cfg.url.as_str());
-    match tokio::time::timeout(cfg.connect_timeout + std::time::Duration::from_secs(1), fut).await
-    {
+    match tokio::time::timeout(cfg.connect_timeout + std::time::Duration::from_secs(1), fut).await {
         Ok(res) => res.map_err(|source| BusError::Connect {
             url: cfg.url.clone(),
             source,

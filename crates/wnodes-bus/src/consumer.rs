@@ -159,7 +159,9 @@ impl<H: Handler> Consumer<H> {
                     }
                 }
             }
-            let Some(stream) = messages.as_mut() else { continue };
+            let Some(stream) = messages.as_mut() else {
+                continue;
+            };
             let permit = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 p = sem.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
@@ -213,11 +215,18 @@ impl<H: Handler> Consumer<H> {
     }
 }
 
-async fn process<H: Handler>(shared: &Shared<H>, msg: jetstream::Message, abort: CancellationToken) {
+async fn process<H: Handler>(
+    shared: &Shared<H>,
+    msg: jetstream::Message,
+    abort: CancellationToken,
+) {
     let started = Instant::now();
     let durable = shared.spec.durable.as_str();
     let (stream_seq, delivered) = match msg.info() {
-        Ok(i) => (i.stream_sequence, u32::try_from(i.delivered).unwrap_or(u32::MAX)),
+        Ok(i) => (
+            i.stream_sequence,
+            u32::try_from(i.delivered).unwrap_or(u32::MAX),
+        ),
         Err(_) => (0, 1),
     };
     let span = tracing::info_span!(
@@ -242,8 +251,16 @@ async fn process<H: Handler>(shared: &Shared<H>, msg: jetstream::Message, abort:
         Verdict::Nak(d) => msg.ack_with(AckKind::Nak(Some(d))).await,
         Verdict::Nothing => Ok(()),
         Verdict::DeadLetter(reason, error) => {
-            match dlq::write(&shared.bus, durable, &msg, stream_seq, delivered, reason, &error)
-                .await
+            match dlq::write(
+                &shared.bus,
+                durable,
+                &msg,
+                stream_seq,
+                delivered,
+                reason,
+                &error,
+            )
+            .await
             {
                 Ok(()) => {
                     shared.bus.metrics().dead_lettered(durable, reason.as_str());
@@ -251,7 +268,8 @@ async fn process<H: Handler>(shared: &Shared<H>, msg: jetstream::Message, abort:
                 }
                 Err(e) => {
                     tracing::error!(error = %ErrorChain(&e), "Cannot write the dead letter; the message stays for redelivery.");
-                    msg.ack_with(AckKind::Nak(Some(shared.spec.tuning.backoff_max))).await
+                    msg.ack_with(AckKind::Nak(Some(shared.spec.tuning.backoff_max)))
+                        .await
                 }
             }
         }
@@ -293,7 +311,10 @@ async fn decide<H: Handler>(
         Ok(_) => {
             tracing::error!(%subject, stream_seq, "Malformed event: no body; dead-lettering.");
             return (
-                Verdict::DeadLetter(DeadLetterReason::Malformed, "malformed event: no body".into()),
+                Verdict::DeadLetter(
+                    DeadLetterReason::Malformed,
+                    "malformed event: no body".into(),
+                ),
                 "dead_letter",
             );
         }
@@ -309,14 +330,20 @@ async fn decide<H: Handler>(
         }
     };
     span.record("messaging.message.id", event.id.as_str());
-    span.record("wnodes.run", crate::event::EventExt::run_key(&event).as_str());
+    span.record(
+        "wnodes.run",
+        crate::event::EventExt::run_key(&event).as_str(),
+    );
     if delivered > tuning.max_attempts {
         let error = format!(
             "no verdict after {} attempts (the handler crashed or hung past ack_wait)",
             tuning.max_attempts
         );
         tracing::error!(%subject, delivered, "{error}; dead-lettering.");
-        return (Verdict::DeadLetter(DeadLetterReason::NoVerdict, error), "dead_letter");
+        return (
+            Verdict::DeadLetter(DeadLetterReason::NoVerdict, error),
+            "dead_letter",
+        );
     }
     let key = shared.handler.idempotency_key(&event);
     let _guard = {
@@ -369,7 +396,10 @@ async fn decide<H: Handler>(
         Ok(Err(HandlerError::Reject(e))) => {
             let error = ErrorChain(&*e).to_string();
             tracing::error!(%subject, %key, %error, "Handler rejected the message; dead-lettering.");
-            return (Verdict::DeadLetter(DeadLetterReason::Rejected, error), "dead_letter");
+            return (
+                Verdict::DeadLetter(DeadLetterReason::Rejected, error),
+                "dead_letter",
+            );
         }
         Ok(Err(HandlerError::Retry(e))) => Some(ErrorChain(&*e).to_string()),
         Err(_) => Some(format!(
@@ -381,7 +411,10 @@ async fn decide<H: Handler>(
         drop(ctx); // rolls back the handler's transaction
         if delivered >= tuning.max_attempts {
             tracing::error!(%subject, %key, attempts = delivered, %error, "Handler failed on its last attempt; dead-lettering.");
-            return (Verdict::DeadLetter(DeadLetterReason::Exhausted, error), "dead_letter");
+            return (
+                Verdict::DeadLetter(DeadLetterReason::Exhausted, error),
+                "dead_letter",
+            );
         }
         let delay = tuning.backoff(delivered);
         tracing::warn!(%subject, %key, attempt = delivered, retry_in = ?delay, %error, "Handler failed; will retry.");

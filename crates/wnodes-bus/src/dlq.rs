@@ -113,7 +113,9 @@ pub(crate) async fn write(
 }
 
 fn header(h: &HeaderMap, name: &str) -> String {
-    h.get(name).map(|v| v.as_str().to_owned()).unwrap_or_default()
+    h.get(name)
+        .map(|v| v.as_str().to_owned())
+        .unwrap_or_default()
 }
 
 /// Reads every dead letter (of one consumer, or all) currently in the stream.
@@ -162,7 +164,9 @@ pub async fn read_all(bus: &Bus, consumer: Option<&str>) -> Result<Vec<DeadLette
                 reason: header(&h, DLQ_REASON_HEADER),
                 attempts: header(&h, DLQ_ATTEMPTS_HEADER).parse().unwrap_or_default(),
                 consumer: header(&h, DLQ_CONSUMER_HEADER),
-                stream_sequence: header(&h, DLQ_STREAM_SEQ_HEADER).parse().unwrap_or_default(),
+                stream_sequence: header(&h, DLQ_STREAM_SEQ_HEADER)
+                    .parse()
+                    .unwrap_or_default(),
                 headers: h,
                 payload: m.payload.clone(),
             });

@@ -36,7 +36,9 @@ pub enum BusError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
-    #[error("publishing to `{subject}` was not acknowledged after {attempts} attempts over {elapsed_ms} ms")]
+    #[error(
+        "publishing to `{subject}` was not acknowledged after {attempts} attempts over {elapsed_ms} ms"
+    )]
     Publish {
         subject: String,
         attempts: u32,

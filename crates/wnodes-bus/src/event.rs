@@ -218,8 +218,18 @@ mod tests {
 
     #[test]
     fn ids_are_deterministic_and_distinct_per_type() {
-        let a = Event::build(run(), "hv1", "t@x", Body::JobCancelled(JobCancelled::default()));
-        let b = Event::build(run(), "hv1", "t@y", Body::JobCancelled(JobCancelled::default()));
+        let a = Event::build(
+            run(),
+            "hv1",
+            "t@x",
+            Body::JobCancelled(JobCancelled::default()),
+        );
+        let b = Event::build(
+            run(),
+            "hv1",
+            "t@y",
+            Body::JobCancelled(JobCancelled::default()),
+        );
         assert_eq!(a.id, b.id);
         assert_eq!(a.id, "job.cancelled:INFN-T1/htcondor/1001.0/2");
         let rel = |k: ResourceKind| {

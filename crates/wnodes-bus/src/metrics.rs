@@ -29,17 +29,41 @@ impl BusMetrics {
     pub fn register(registry: &mut Registry) -> Self {
         let m = Self::unregistered();
         let r = registry.sub_registry_with_prefix("wnodes_bus");
-        r.register("published", "Events published and acknowledged by JetStream", m.published.clone());
-        r.register("publish_retries", "Publish attempts retried (no ack, disconnected)", m.publish_retries.clone());
+        r.register(
+            "published",
+            "Events published and acknowledged by JetStream",
+            m.published.clone(),
+        );
+        r.register(
+            "publish_retries",
+            "Publish attempts retried (no ack, disconnected)",
+            m.publish_retries.clone(),
+        );
         r.register(
             "handled",
             "Messages handled, by consumer and outcome (ok, duplicate, retry, dead_letter)",
             m.handled.clone(),
         );
-        r.register("dead_lettered", "Messages written to the dead-letter stream, by consumer and reason", m.dead_lettered.clone());
-        r.register("handle_seconds", "Handler time per message", m.handle_seconds.clone());
-        r.register("connected", "1 while the NATS connection is up", m.connected.clone());
-        r.register("disconnects", "NATS disconnections seen", m.disconnects.clone());
+        r.register(
+            "dead_lettered",
+            "Messages written to the dead-letter stream, by consumer and reason",
+            m.dead_lettered.clone(),
+        );
+        r.register(
+            "handle_seconds",
+            "Handler time per message",
+            m.handle_seconds.clone(),
+        );
+        r.register(
+            "connected",
+            "1 while the NATS connection is up",
+            m.connected.clone(),
+        );
+        r.register(
+            "disconnects",
+            "NATS disconnections seen",
+            m.disconnects.clone(),
+        );
         m
     }
 
@@ -69,7 +93,10 @@ impl BusMetrics {
     }
 
     pub(crate) fn handled(&self, consumer: &str, outcome: &'static str, seconds: f64) {
-        let labels = vec![("consumer", consumer.to_owned()), ("outcome", outcome.to_owned())];
+        let labels = vec![
+            ("consumer", consumer.to_owned()),
+            ("outcome", outcome.to_owned()),
+        ];
         self.handled.get_or_create(&labels).inc();
         self.handle_seconds
             .get_or_create(&vec![("consumer", consumer.to_owned())])
@@ -78,7 +105,10 @@ impl BusMetrics {
 
     pub(crate) fn dead_lettered(&self, consumer: &str, reason: &'static str) {
         self.dead_lettered
-            .get_or_create(&vec![("consumer", consumer.to_owned()), ("reason", reason.to_owned())])
+            .get_or_create(&vec![
+                ("consumer", consumer.to_owned()),
+                ("reason", reason.to_owned()),
+            ])
             .inc();
     }
 
@@ -97,7 +127,10 @@ impl BusMetrics {
 
     /// Count of messages handled by `consumer` with `outcome` (for tests and status output).
     pub fn handled_count(&self, consumer: &str, outcome: &'static str) -> u64 {
-        let labels = vec![("consumer", consumer.to_owned()), ("outcome", outcome.to_owned())];
+        let labels = vec![
+            ("consumer", consumer.to_owned()),
+            ("outcome", outcome.to_owned()),
+        ];
         self.handled.get_or_create(&labels).get()
     }
 }

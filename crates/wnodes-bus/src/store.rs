@@ -8,7 +8,15 @@
 //!
 //! Services keep their own tables in the same file ([`KeyStore::pool`]).
 
-use std::{path::Path, str::FromStr, time::Duration};
+use std::{
+    collections::HashSet,
+    path::Path,
+    str::FromStr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use sha2::Digest;
 
 use prost::Message;
 use sqlx::{
@@ -28,8 +36,7 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS wnodes_processed (
     PRIMARY KEY (consumer, key)
 ) WITHOUT ROWID";
 
-const INSERT: &str =
-    "INSERT OR IGNORE INTO wnodes_processed (consumer, key, processed_at, outbox) VALUES (?, ?, ?, ?)";
+const INSERT: &str = "INSERT OR IGNORE INTO wnodes_processed (consumer, key, processed_at, outbox) VALUES (?, ?, ?, ?)";
 
 struct CommitReq {
     consumer: String,
@@ -45,6 +52,21 @@ pub struct KeyStore {
     write: SqlitePool,
     committer: mpsc::Sender<CommitReq>,
     path: String,
+    /// 64-bit hashes of every stored (consumer, key): a key whose hash is absent was certainly
+    /// never handled, so the common case (a new message) needs no database read. A hash hit
+    /// (handled, or a collision) is confirmed in the database. 8 bytes per key in memory.
+    seen: Arc<Mutex<HashSet<u64>>>,
+}
+
+fn key_hash(consumer: &str, key: &str) -> u64 {
+    let digest = sha2::Sha256::new()
+        .chain_update(consumer.as_bytes())
+        .chain_update([0u8])
+        .chain_update(key.as_bytes())
+        .finalize();
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&digest[..8]);
+    u64::from_le_bytes(b)
 }
 
 impl std::fmt::Debug for CommitReq {
@@ -110,13 +132,21 @@ impl KeyStore {
             .connect_with(opts)
             .await
             .map_err(err)?;
+        let rows: Vec<(String, String)> =
+            sqlx::query_as("SELECT consumer, key FROM wnodes_processed")
+                .fetch_all(&read)
+                .await
+                .map_err(err)?;
+        let seen: HashSet<u64> = rows.iter().map(|(c, k)| key_hash(c, k)).collect();
+        let seen = Arc::new(Mutex::new(seen));
         let (tx, rx) = mpsc::channel(4096);
-        tokio::spawn(group_committer(write.clone(), rx));
+        tokio::spawn(group_committer(write.clone(), rx, seen.clone()));
         Ok(Self {
             read,
             write,
             committer: tx,
             path: display,
+            seen,
         })
     }
 
@@ -139,6 +169,14 @@ impl KeyStore {
 
     /// `Some(outbox)` when `key` was already handled by `consumer`.
     pub async fn lookup(&self, consumer: &str, key: &str) -> Result<Option<Vec<Event>>, BusError> {
+        let maybe = self
+            .seen
+            .lock()
+            .map(|s| s.contains(&key_hash(consumer, key)))
+            .unwrap_or(true);
+        if !maybe {
+            return Ok(None);
+        }
         let row: Option<(Option<Vec<u8>>,)> =
             sqlx::query_as("SELECT outbox FROM wnodes_processed WHERE consumer = ? AND key = ?")
                 .bind(consumer)
@@ -175,6 +213,11 @@ impl KeyStore {
             .execute(&mut **tx)
             .await
             .map_err(|e| self.err(e))?;
+        // A hash in the set only means "maybe handled" (confirmed in the database), so adding
+        // it before the commit is safe even if the transaction rolls back.
+        if let Ok(mut s) = self.seen.lock() {
+            s.insert(key_hash(consumer, key));
+        }
         Ok(res.rows_affected() == 1)
     }
 
@@ -209,7 +252,11 @@ impl KeyStore {
     }
 }
 
-async fn group_committer(pool: SqlitePool, mut rx: mpsc::Receiver<CommitReq>) {
+async fn group_committer(
+    pool: SqlitePool,
+    mut rx: mpsc::Receiver<CommitReq>,
+    seen: Arc<Mutex<HashSet<u64>>>,
+) {
     let mut batch = Vec::with_capacity(512);
     while let Some(first) = rx.recv().await {
         batch.push(first);
@@ -219,22 +266,33 @@ async fn group_committer(pool: SqlitePool, mut rx: mpsc::Receiver<CommitReq>) {
                 Err(_) => break,
             }
         }
+        if let Ok(mut s) = seen.lock() {
+            s.extend(batch.iter().map(|r| key_hash(&r.consumer, &r.key)));
+        }
         let result: Result<Vec<bool>, sqlx::Error> = async {
             let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
-            let mut inserted = Vec::with_capacity(batch.len());
             let now = unix_now();
-            for r in &batch {
-                let res = sqlx::query(INSERT)
-                    .bind(&r.consumer)
-                    .bind(&r.key)
-                    .bind(now)
-                    .bind(&r.outbox)
-                    .execute(&mut *tx)
-                    .await?;
-                inserted.push(res.rows_affected() == 1);
+            let mut fresh: HashSet<(String, String)> = HashSet::new();
+            // One multi-row statement per chunk; RETURNING tells which rows were new.
+            for chunk in batch.chunks(128) {
+                let mut qb = sqlx::QueryBuilder::<Sqlite>::new(
+                    "INSERT INTO wnodes_processed (consumer, key, processed_at, outbox) ",
+                );
+                qb.push_values(chunk, |mut b, r| {
+                    b.push_bind(r.consumer.as_str())
+                        .push_bind(r.key.as_str())
+                        .push_bind(now)
+                        .push_bind(r.outbox.as_slice());
+                });
+                qb.push(" ON CONFLICT DO NOTHING RETURNING consumer, key");
+                let rows: Vec<(String, String)> = qb.build_query_as().fetch_all(&mut *tx).await?;
+                fresh.extend(rows);
             }
             tx.commit().await?;
-            Ok(inserted)
+            Ok(batch
+                .iter()
+                .map(|r| fresh.contains(&(r.consumer.clone(), r.key.clone())))
+                .collect())
         }
         .await;
         match result {
@@ -246,9 +304,9 @@ async fn group_committer(pool: SqlitePool, mut rx: mpsc::Receiver<CommitReq>) {
             Err(e) => {
                 let msg = e.to_string();
                 for r in batch.drain(..) {
-                    let _ = r
-                        .done
-                        .send(Err(sqlx::Error::Protocol(format!("group commit failed: {msg}"))));
+                    let _ = r.done.send(Err(sqlx::Error::Protocol(format!(
+                        "group commit failed: {msg}"
+                    ))));
                 }
             }
         }
@@ -270,7 +328,11 @@ mod tests {
         {
             let s = KeyStore::open(&path).await.unwrap();
             assert!(s.lookup("c", "k1").await.unwrap().is_none());
-            assert!(s.record("c", "k1", std::slice::from_ref(&ev)).await.unwrap());
+            assert!(
+                s.record("c", "k1", std::slice::from_ref(&ev))
+                    .await
+                    .unwrap()
+            );
             assert!(!s.record("c", "k1", &[]).await.unwrap());
             let mut tx = s.begin().await.unwrap();
             assert!(s.record_in(&mut tx, "c", "k2", &[]).await.unwrap());

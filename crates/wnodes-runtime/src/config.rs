@@ -143,11 +143,11 @@ pub fn figment<S: Serialize + Default>(service: &str, file: Option<&std::path::P
     if let Some(path) = file {
         f = f.merge(Toml::file_exact(path));
     }
-    f.merge(
-        Env::prefixed("WNODES_")
-            .split("__")
-            .ignore(&["config", "failpoint", "failpoint_marker"]),
-    )
+    f.merge(Env::prefixed("WNODES_").split("__").ignore(&[
+        "config",
+        "failpoint",
+        "failpoint_marker",
+    ]))
 }
 
 /// Loads and validates the configuration of `service`.
@@ -234,13 +234,19 @@ mod tests {
     fn unknown_keys_and_bad_values_are_named() {
         let e = load_toml("host = \"h\"\nbogus = 1\n").unwrap_err().0;
         assert!(e.contains("bogus"), "{e}");
-        let e = load_toml("host = \"h\"\n[nats]\nurll = \"x\"\n").unwrap_err().0;
+        let e = load_toml("host = \"h\"\n[nats]\nurll = \"x\"\n")
+            .unwrap_err()
+            .0;
         assert!(e.contains("urll"), "{e}");
-        let e = load_toml("host = \"h\"\n[node]\nanswer = \"many\"\n").unwrap_err().0;
+        let e = load_toml("host = \"h\"\n[node]\nanswer = \"many\"\n")
+            .unwrap_err()
+            .0;
         assert!(e.contains("answer"), "{e}");
         let e = load_toml("host = \"Bad_Host\"\n").unwrap_err().0;
         assert!(e.contains("host"), "{e}");
-        let e = load_toml("host = \"h\"\n[nats]\nconnect_timeout = \"soon\"\n").unwrap_err().0;
+        let e = load_toml("host = \"h\"\n[nats]\nconnect_timeout = \"soon\"\n")
+            .unwrap_err()
+            .0;
         assert!(e.contains("connect_timeout"), "{e}");
     }
 }

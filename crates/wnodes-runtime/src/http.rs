@@ -42,7 +42,10 @@ async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
     if !s.bus.is_connected() {
         (StatusCode::SERVICE_UNAVAILABLE, "not connected to NATS\n")
     } else if !s.ready.is_ready() {
-        (StatusCode::SERVICE_UNAVAILABLE, "streams or consumers not in place yet\n")
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "streams or consumers not in place yet\n",
+        )
     } else {
         (StatusCode::OK, "ready\n")
     }
@@ -55,11 +58,18 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
         Err(_) => false,
     };
     if !encoded {
-        return (StatusCode::INTERNAL_SERVER_ERROR, [("content-type", "text/plain")], String::new());
+        return (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [("content-type", "text/plain")],
+            String::new(),
+        );
     }
     (
         StatusCode::OK,
-        [("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            "content-type",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         out,
     )
 }

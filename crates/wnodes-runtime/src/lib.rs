@@ -97,9 +97,11 @@ pub fn config_path_from_args() -> Result<Option<PathBuf>, ConfigError> {
     let mut path = std::env::var_os("WNODES_CONFIG").map(PathBuf::from);
     while let Some(a) = args.next() {
         if a == "--config" || a == "-c" {
-            path = Some(args.next().map(PathBuf::from).ok_or_else(|| {
-                ConfigError("--config needs a file path".into())
-            })?);
+            path = Some(
+                args.next()
+                    .map(PathBuf::from)
+                    .ok_or_else(|| ConfigError("--config needs a file path".into()))?,
+            );
         } else if let Some(p) = a.strip_prefix("--config=") {
             path = Some(PathBuf::from(p));
         } else {
@@ -126,7 +128,10 @@ where
             return ExitCode::from(exit::CONFIG);
         }
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("wnodes-{service}: cannot start the async runtime: {e}");
@@ -171,7 +176,10 @@ where
     F: FnOnce(ServiceCtx<S>) -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
 {
-    let Config { common, service: config } = cfg;
+    let Config {
+        common,
+        service: config,
+    } = cfg;
     let source = format!("{service}@{}", common.host);
     let mut registry = Registry::default();
     let bus_metrics = BusMetrics::register(&mut registry);

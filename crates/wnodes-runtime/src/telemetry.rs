@@ -4,7 +4,9 @@
 
 use opentelemetry::{KeyValue, trace::TracerProvider as _};
 use opentelemetry_sdk::{Resource, propagation::TraceContextPropagator, trace::SdkTracerProvider};
-use tracing_subscriber::{EnvFilter, layer::SubscriberExt, util::SubscriberInitExt};
+use tracing_subscriber::{
+    EnvFilter, Layer, filter::LevelFilter, layer::SubscriberExt, util::SubscriberInitExt,
+};
 
 use crate::config::{CommonConfig, LogFormat};
 
@@ -56,14 +58,27 @@ impl Telemetry {
         let filter = EnvFilter::try_from_default_env()
             .or_else(|_| EnvFilter::try_new(&common.log_level))
             .unwrap_or_else(|_| EnvFilter::new("info"));
-        let otel = tracing_opentelemetry::layer().with_tracer(tracer);
-        let registry = tracing_subscriber::registry().with(filter).with(otel);
+        // Spans are traced at INFO whatever the log level: turning logs down must not break
+        // the job's trace. The log filter applies to the fmt layer only.
+        let otel = tracing_opentelemetry::layer()
+            .with_tracer(tracer)
+            .with_filter(LevelFilter::INFO);
+        let registry = tracing_subscriber::registry().with(otel);
         let res = match common.log_format {
             LogFormat::Json => registry
-                .with(tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr))
+                .with(
+                    tracing_subscriber::fmt::layer()
+                        .json()
+                        .with_writer(std::io::stderr)
+                        .with_filter(filter),
+                )
                 .try_init(),
             LogFormat::Text => registry
-                .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+                .with(
+                    tracing_subscriber::fmt::layer()
+                        .with_writer(std::io::stderr)
+                        .with_filter(filter),
+                )
                 .try_init(),
         };
         res.map_err(|_| TelemetryError::AlreadyInstalled)?;

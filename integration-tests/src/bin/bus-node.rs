@@ -19,9 +19,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Digest;
 use tracing::Instrument;
 use wnodes_bus::{
-    Consumer, EventExt, Handler, HandlerCtx, HandlerError, proto,
-    proto::event::Body,
-    subject,
+    Consumer, EventExt, Handler, HandlerCtx, HandlerError, proto, proto::event::Body, subject,
 };
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -80,7 +78,9 @@ fn job_started(site: &str, host: &str, source: &str, prefix: &str, i: u32) -> pr
         vo: "atlas".into(),
         host: host.into(),
         payload: Some(proto::JobPayload {
-            kind: Some(proto::job_payload::Kind::InlineScript(b"echo hello".to_vec())),
+            kind: Some(proto::job_payload::Kind::InlineScript(
+                b"echo hello".to_vec(),
+            )),
             ..Default::default()
         }),
         ..Default::default()
@@ -106,6 +106,11 @@ impl Handler for Relay {
     }
 
     async fn handle(&self, ctx: &mut HandlerCtx, event: proto::Event) -> Result<(), HandlerError> {
+        println!(
+            "relay handled {} trace_id={}",
+            event.id,
+            wnodes_bus::propagation::current_trace_id()
+        );
         let run = event.run.clone().unwrap_or_default();
         let spec = proto::VmSpec {
             vm_id: format!("vm-{}", run.job_id),
@@ -163,7 +168,11 @@ impl Handler for Sink {
                     .map_err(HandlerError::retry)?;
             }
             "file" => {
-                let dir = self.cfg.effect_dir.clone().unwrap_or_else(|| PathBuf::from("."));
+                let dir = self
+                    .cfg
+                    .effect_dir
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from("."));
                 let marker = dir.join(hex::encode(sha2::Sha256::digest(ctx.key().as_bytes())));
                 // Host state is checked by key before the effect is made.
                 if !marker.exists() {
@@ -180,6 +189,11 @@ impl Handler for Sink {
             _ => {}
         }
         tracing::info!(key = ctx.key(), "Effect applied.");
+        println!(
+            "sink handled {} trace_id={}",
+            event.id,
+            wnodes_bus::propagation::current_trace_id()
+        );
         Ok(())
     }
 }
