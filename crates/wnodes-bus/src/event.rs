@@ -170,13 +170,14 @@ impl EventExt for Event {
         let ty = EventType::of(&body);
         let mut id = format!("{}:{}", ty.name(), run_key(&run));
         if let Body::ResourceReleased(r) = &body {
-            let kind = ResourceKind::try_from(r.kind).unwrap_or(ResourceKind::Unspecified);
-            id = format!(
-                "{}.{}:{}",
-                ty.name(),
-                kind.as_str_name().to_ascii_lowercase(),
-                run_key(&run)
-            );
+            let kind = match ResourceKind::try_from(r.kind).unwrap_or(ResourceKind::Unspecified) {
+                ResourceKind::Unspecified => "unspecified",
+                ResourceKind::Scratch => "scratch",
+                ResourceKind::Network => "network",
+                ResourceKind::Storage => "storage",
+                ResourceKind::Vm => "vm",
+            };
+            id = format!("{}.{kind}:{}", ty.name(), run_key(&run));
         }
         Event {
             id,
@@ -245,6 +246,10 @@ mod tests {
             .id
         };
         assert_ne!(rel(ResourceKind::Scratch), rel(ResourceKind::Network));
+        assert_eq!(
+            rel(ResourceKind::Scratch),
+            "resource.released.scratch:INFN-T1/htcondor/1001.0/2"
+        );
         assert_eq!(a.subject().unwrap(), "wnodes.evt.hv1.job.cancelled");
     }
 
