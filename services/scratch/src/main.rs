@@ -1,14 +1,18 @@
-//! WNoDeS scratch service: not built yet (walking-skeleton issue); starts, reports ready, and waits
-//! for SIGTERM so the runtime wiring is exercised.
-
-#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields, default)]
-struct Config {}
+//! `wnodes-scratch`: the scratch service binary (see the library docs for the modules).
 
 fn main() -> std::process::ExitCode {
-    wnodes_runtime::main::<Config, _, _>("scratch", 0, |ctx| async move {
+    wnodes_runtime::main::<wnodes_scratch::ScratchConfig, _, _>("scratch", 0, |ctx| async move {
+        let consumer = wnodes_scratch::start(
+            ctx.bus.clone(),
+            ctx.store.clone(),
+            ctx.tuning().clone(),
+            &ctx.common.host,
+            &ctx.config,
+            &ctx.state_dir,
+        )
+        .await?;
         ctx.ready.set_ready();
-        ctx.shutdown.cancelled().await;
+        consumer.run(ctx.shutdown.clone()).await?;
         Ok(())
     })
 }

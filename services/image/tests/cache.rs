@@ -1,0 +1,179 @@
+//! The content-addressed cache against real files and a loopback HTTP server.
+
+mod common;
+
+use std::{os::unix::fs::PermissionsExt, path::Path, sync::atomic::Ordering, time::Duration};
+
+use common::serve;
+
+use sha2::{Digest, Sha256};
+use wnodes_image::{Artifact, Cache, CacheError};
+
+fn digest(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
+fn payload() -> Vec<u8> {
+    (0..3_000_000u32).map(|i| (i % 251) as u8).collect()
+}
+
+/// Files in the cache directory (temporary ones included).
+fn cache_entries(dir: &Path) -> Vec<String> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test]
+async fn file_url_is_fetched_verified_read_only_then_hit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("disk.raw");
+    let data = payload();
+    std::fs::write(&src, &data).unwrap();
+    let cache = Cache::open(&tmp.path().join("cache")).unwrap();
+    let art = Artifact {
+        url: format!("file://{}", src.display()),
+        sha256: digest(&data),
+    };
+    let first = cache.ensure(&art).await.unwrap();
+    assert!(!first.hit);
+    assert_eq!(first.size_bytes, data.len() as u64);
+    assert_eq!(
+        first.path,
+        tmp.path().join("cache/sha256").join(&art.sha256)
+    );
+    assert_eq!(std::fs::read(&first.path).unwrap(), data);
+    let mode = std::fs::metadata(&first.path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o444);
+
+    let second = cache.ensure(&art).await.unwrap();
+    assert!(second.hit, "second request must be a cache hit");
+    assert_eq!(second.path, first.path);
+    assert_eq!(second.size_bytes, first.size_bytes);
+    assert_eq!(cache.fetches_started(), 1);
+    assert_eq!(cache_entries(cache.dir()), vec![art.sha256.clone()]);
+}
+
+#[tokio::test]
+async fn digest_mismatch_fails_naming_both_digests_and_leaves_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("disk.raw");
+    std::fs::write(&src, b"not the image you expected").unwrap();
+    let cache = Cache::open(&tmp.path().join("cache")).unwrap();
+    let expected = digest(b"the real image");
+    let art = Artifact {
+        url: format!("file://{}", src.display()),
+        sha256: expected.clone(),
+    };
+    let err = cache.ensure(&art).await.unwrap_err();
+    assert!(matches!(*err, CacheError::Mismatch { .. }), "{err:?}");
+    assert!(!err.is_transient());
+    let msg = err.to_string();
+    assert!(msg.contains(&expected), "{msg}");
+    assert!(
+        msg.contains(&digest(b"not the image you expected")),
+        "{msg}"
+    );
+    assert!(
+        cache_entries(cache.dir()).is_empty(),
+        "temp file left behind"
+    );
+    // A failed fetch is forgotten: the next request tries again.
+    assert!(cache.ensure(&art).await.is_err());
+    assert_eq!(cache.fetches_started(), 2);
+}
+
+#[tokio::test]
+async fn missing_file_and_bad_digest_are_permanent_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = Cache::open(tmp.path()).unwrap();
+    let err = cache
+        .ensure(&Artifact {
+            url: format!("file://{}/nope.raw", tmp.path().display()),
+            sha256: digest(b"x"),
+        })
+        .await
+        .unwrap_err();
+    assert!(!err.is_transient(), "{err:?}");
+    let err = cache
+        .ensure(&Artifact {
+            url: "file:///etc/hostname".into(),
+            sha256: "../../etc/passwd".into(),
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(*err, CacheError::BadDigest { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn http_fetch_from_loopback_server() {
+    let data = payload();
+    let (base, count) = serve(data.clone(), Duration::ZERO).await.unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = Cache::open(tmp.path()).unwrap();
+    let art = Artifact {
+        url: format!("{base}/img"),
+        sha256: digest(&data),
+    };
+    let got = cache.ensure(&art).await.unwrap();
+    assert!(!got.hit);
+    assert_eq!(std::fs::read(&got.path).unwrap(), data);
+    assert!(cache.ensure(&art).await.unwrap().hit);
+    assert_eq!(count.load(Ordering::SeqCst), 1);
+
+    let err = cache
+        .ensure(&Artifact {
+            url: format!("{base}/missing"),
+            sha256: digest(b"y"),
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(*err, CacheError::Status { status: 404, .. }),
+        "{err:?}"
+    );
+    assert!(!err.is_transient());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_share_one_download() {
+    let data = payload();
+    let (base, count) = serve(data.clone(), Duration::from_millis(300))
+        .await
+        .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = Cache::open(tmp.path()).unwrap();
+    let art = Artifact {
+        url: format!("{base}/img"),
+        sha256: digest(&data),
+    };
+    let (a, b, c) = tokio::join!(cache.ensure(&art), cache.ensure(&art), async {
+        // A prefetch joining the same flight does not start another download either.
+        cache.prefetch(&art).unwrap();
+    });
+    let (a, b) = (a.unwrap(), b.unwrap());
+    let () = c;
+    assert_eq!(a.path, b.path);
+    assert!(!a.hit && !b.hit);
+    assert_eq!(
+        count.load(Ordering::SeqCst),
+        1,
+        "two requests, one download"
+    );
+    assert_eq!(cache.fetches_started(), 1);
+}
+
+#[tokio::test]
+async fn stale_temp_files_are_removed_at_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = Cache::open(tmp.path()).unwrap();
+    std::fs::write(cache.dir().join(".tmp-abc-123"), b"partial").unwrap();
+    std::fs::write(cache.dir().join(digest(b"k")), b"k").unwrap();
+    assert_eq!(cache.remove_stale_temp_files().await.unwrap(), 1);
+    assert_eq!(cache_entries(cache.dir()), vec![digest(b"k")]);
+}

@@ -1,0 +1,46 @@
+//! A loopback HTTP server for the tests.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use axum::{http::StatusCode, routing::get};
+
+/// Serves `body` on `/img` after `delay`, counting requests;
+/// `/missing` answers 404, `/unavailable` 503 (counted too).
+pub async fn serve(body: Vec<u8>, delay: Duration) -> std::io::Result<(String, Arc<AtomicUsize>)> {
+    let count = Arc::new(AtomicUsize::new(0));
+    let (c, c503) = (count.clone(), count.clone());
+    let app = axum::Router::new()
+        .route(
+            "/img",
+            get(move || {
+                let c = c.clone();
+                let body = body.clone();
+                async move {
+                    c.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(delay).await;
+                    body
+                }
+            }),
+        )
+        .route(
+            "/missing",
+            get(|| async { (StatusCode::NOT_FOUND, "no such image") }),
+        )
+        .route(
+            "/unavailable",
+            get(move || {
+                c503.fetch_add(1, Ordering::SeqCst);
+                async { (StatusCode::SERVICE_UNAVAILABLE, "try later") }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok((format!("http://{addr}"), count))
+}

@@ -1,0 +1,409 @@
+//! The scratch service through a real nats-server: its consumer runs in-process, "the
+//! launcher" publishes VM events with the bus, results are read from a core subscription on
+//! `wnodes.evt.>`.
+
+use std::{path::Path, time::Duration};
+
+use futures::StreamExt;
+use prost::Message;
+use tokio_util::sync::CancellationToken;
+use wnodes_bus::{
+    Bus, BusError, BusMetrics, ConsumerTuning, EventExt, KeyStore, NatsConfig,
+    proto::{self, event::Body},
+};
+use wnodes_scratch::{FileBackend, ScratchConfig, VolumeState, state};
+use wnodes_testkit::NatsServer;
+
+const HOST: &str = "hv1.example.org";
+const MIB: u64 = 1 << 20;
+
+struct Svc {
+    _nats: NatsServer,
+    bus: Bus,
+    store: KeyStore,
+    sub: async_nats::Subscriber,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), BusError>>,
+    dir: tempfile::TempDir,
+    seen: Vec<proto::Event>,
+}
+
+fn run(job: &str) -> proto::JobRunRef {
+    proto::JobRunRef {
+        site: "T1".into(),
+        lrms: proto::Lrms::Slurm as i32,
+        job_id: job.into(),
+        run_attempt: 1,
+    }
+}
+
+fn vm_requested(job: &str, scratch_bytes: u64) -> proto::Event {
+    proto::Event::build(
+        run(job),
+        HOST,
+        "launcher@hv1.example.org",
+        Body::VmRequested(proto::VmRequested {
+            spec: Some(proto::VmSpec {
+                vm_id: format!("vm-{job}"),
+                image: "sl6".into(),
+                scratch_bytes,
+                ..Default::default()
+            }),
+        }),
+    )
+}
+
+fn vm_stopped(job: &str) -> proto::Event {
+    proto::Event::build(
+        run(job),
+        HOST,
+        "launcher@hv1.example.org",
+        Body::VmStopped(proto::VmStopped {
+            vm_id: format!("vm-{job}"),
+            stop_reason: "guest-poweroff".into(),
+            ..Default::default()
+        }),
+    )
+}
+
+fn vm_failed(job: &str) -> proto::Event {
+    proto::Event::build(
+        run(job),
+        HOST,
+        "launcher@hv1.example.org",
+        Body::VmFailed(proto::VmFailed {
+            vm_id: format!("vm-{job}"),
+            reason: "cancelled before launch".into(),
+            phase: "policy".into(),
+        }),
+    )
+}
+
+fn config() -> ScratchConfig {
+    ScratchConfig {
+        max_bytes: 64 * MIB,
+        default_bytes: 8 * MIB,
+        ..Default::default()
+    }
+}
+
+impl Svc {
+    /// Starts nats-server and the service; `before` runs on the state dir before start-up.
+    async fn start(
+        config: ScratchConfig,
+        before: impl FnOnce(&Path) -> std::io::Result<()>,
+    ) -> anyhow::Result<Svc> {
+        let nats = NatsServer::start().await?;
+        let dir = tempfile::tempdir()?;
+        before(dir.path())?;
+        let cfg = NatsConfig {
+            url: nats.url(),
+            ..Default::default()
+        };
+        let bus =
+            Bus::connect(&cfg, &format!("scratch@{HOST}"), BusMetrics::unregistered()).await?;
+        bus.ensure_streams().await?;
+        let store = KeyStore::open(&dir.path().join("keys.db")).await?;
+        let sub = bus.client().subscribe("wnodes.evt.>").await?;
+        bus.client().flush().await?;
+        let consumer = wnodes_scratch::start(
+            bus.clone(),
+            store.clone(),
+            ConsumerTuning::default(),
+            HOST,
+            &config,
+            dir.path(),
+        )
+        .await?;
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(consumer.run(shutdown.clone()));
+        Ok(Svc {
+            _nats: nats,
+            bus,
+            store,
+            sub,
+            shutdown,
+            task,
+            dir,
+            seen: Vec::new(),
+        })
+    }
+
+    fn volumes(&self) -> std::path::PathBuf {
+        self.dir.path().join("volumes")
+    }
+
+    /// Waits for the next event (after those already seen) matching `pred`.
+    async fn next(
+        &mut self,
+        what: &str,
+        pred: impl Fn(&proto::Event) -> bool,
+    ) -> anyhow::Result<proto::Event> {
+        let found = tokio::time::timeout(Duration::from_secs(20), async {
+            while let Some(msg) = self.sub.next().await {
+                let ev = proto::Event::decode(msg.payload)?;
+                self.seen.push(ev.clone());
+                if pred(&ev) {
+                    return Ok(ev);
+                }
+            }
+            anyhow::bail!("the subscription ended")
+        })
+        .await;
+        match found {
+            Ok(r) => r,
+            Err(_) => anyhow::bail!("timed out waiting for {what}; seen: {:#?}", self.seen),
+        }
+    }
+
+    async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        Ok(self.task.await??)
+    }
+}
+
+fn is_ready(vm: &'static str) -> impl Fn(&proto::Event) -> bool {
+    move |e| matches!(&e.body, Some(Body::ScratchReady(r)) if r.vm_id == vm)
+}
+
+fn is_released(vm: &'static str) -> impl Fn(&proto::Event) -> bool {
+    move |e| matches!(&e.body, Some(Body::ResourceReleased(r)) if r.vm_id == vm)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_is_idempotent_and_release_removes_the_file() {
+    let mut svc = Svc::start(config(), |state| {
+        // Left behind by an earlier life: no row knows it, so start-up removes it.
+        std::fs::create_dir_all(state.join("volumes"))?;
+        std::fs::write(state.join("volumes/vm-leaked.img"), b"old")
+    })
+    .await
+    .unwrap();
+    assert!(!svc.volumes().join("vm-leaked.img").exists());
+
+    let req = vm_requested("a", 16 * MIB);
+    svc.bus.publish(&req).await.unwrap();
+    let first = svc.next("scratch.ready", is_ready("vm-a")).await.unwrap();
+    let Some(Body::ScratchReady(r)) = &first.body else {
+        unreachable!()
+    };
+    let path = svc.volumes().join("vm-a.img");
+    assert_eq!(r.path, path.display().to_string());
+    assert_eq!(
+        (r.size_bytes, r.backend.as_str(), r.format.as_str()),
+        (16 * MIB, "file", "raw")
+    );
+    assert_eq!(first.source, format!("scratch@{HOST}"));
+    assert_eq!(first.id, "scratch.ready:T1/slurm/a/1");
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 16 * MIB);
+    let created = std::fs::metadata(&path).unwrap().modified().unwrap();
+
+    // The same request again, under another key (so the consumer does not skip it): the
+    // handler finds the prepared volume and only publishes ready again, with the same id.
+    let mut again = req.clone();
+    again.id = format!("{}#again", req.id);
+    svc.bus.publish(&again).await.unwrap();
+    let second = svc
+        .next("the second scratch.ready", is_ready("vm-a"))
+        .await
+        .unwrap();
+    assert_eq!(second.id, first.id);
+    assert_eq!(second.body, first.body);
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().modified().unwrap(),
+        created
+    );
+    let files: Vec<_> = std::fs::read_dir(svc.volumes()).unwrap().collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+
+    // Another size for a prepared volume is refused; the volume in use is kept.
+    let mut bigger = vm_requested("a", 32 * MIB);
+    bigger.id = format!("{}#bigger", req.id);
+    svc.bus.publish(&bigger).await.unwrap();
+    let refused = svc
+        .next("scratch.failed", |e| {
+            matches!(&e.body, Some(Body::ScratchFailed(_)))
+        })
+        .await
+        .unwrap();
+    let Some(Body::ScratchFailed(f)) = &refused.body else {
+        unreachable!()
+    };
+    assert!(f.reason.contains(&(16 * MIB).to_string()), "{}", f.reason);
+    assert!(f.reason.contains(&(32 * MIB).to_string()), "{}", f.reason);
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 16 * MIB);
+
+    svc.bus.publish(&vm_stopped("a")).await.unwrap();
+    let rel = svc
+        .next("resource.released", is_released("vm-a"))
+        .await
+        .unwrap();
+    let Some(Body::ResourceReleased(r)) = &rel.body else {
+        unreachable!()
+    };
+    assert_eq!(r.kind, proto::ResourceKind::Scratch as i32);
+    assert!(r.detail.contains("vm-a.img"), "{}", r.detail);
+    // The exact kind token is wnodes-bus's business (EventExt::build); the id is per run + kind.
+    assert!(
+        rel.id.starts_with("resource.released.") && rel.id.ends_with("scratch:T1/slurm/a/1"),
+        "{}",
+        rel.id
+    );
+    assert!(!path.exists());
+    let row = state::get(svc.store.read_pool(), "vm-a")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(row.state, VolumeState::Released);
+    svc.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_large_request_fails_naming_both_sizes_and_zero_means_default() {
+    let mut svc = Svc::start(config(), |_| Ok(())).await.unwrap();
+    svc.bus
+        .publish(&vm_requested("big", 65 * MIB))
+        .await
+        .unwrap();
+    svc.bus.publish(&vm_requested("dflt", 0)).await.unwrap();
+    let failed = svc
+        .next("scratch.failed", |e| {
+            matches!(&e.body, Some(Body::ScratchFailed(_)))
+        })
+        .await
+        .unwrap();
+    let Some(Body::ScratchFailed(f)) = &failed.body else {
+        unreachable!()
+    };
+    assert_eq!(f.vm_id, "vm-big");
+    assert!(f.reason.contains(&(65 * MIB).to_string()), "{}", f.reason);
+    assert!(f.reason.contains(&(64 * MIB).to_string()), "{}", f.reason);
+    assert!(!svc.volumes().join("vm-big.img").exists());
+    let ready = svc
+        .next("scratch.ready", is_ready("vm-dflt"))
+        .await
+        .unwrap();
+    let Some(Body::ScratchReady(r)) = &ready.body else {
+        unreachable!()
+    };
+    assert_eq!(r.size_bytes, 8 * MIB);
+    svc.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_after_release_creates_nothing_and_releases_again() {
+    let mut svc = Svc::start(config(), |_| Ok(())).await.unwrap();
+    svc.bus.publish(&vm_failed("late")).await.unwrap();
+    let first = svc
+        .next("resource.released", is_released("vm-late"))
+        .await
+        .unwrap();
+    svc.bus.publish(&vm_requested("late", 0)).await.unwrap();
+    let second = svc
+        .next("the tombstone's resource.released", |e| {
+            matches!(&e.body, Some(Body::ResourceReleased(r))
+                if r.vm_id == "vm-late" && r.detail.contains("already released"))
+        })
+        .await
+        .unwrap();
+    assert_eq!(second.id, first.id, "released again under the same id");
+    assert!(!svc.volumes().join("vm-late.img").exists());
+    assert!(!svc.seen.iter().any(is_ready("vm-late")));
+    svc.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn reconcile_removes_released_and_unknown_files_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = KeyStore::open(&dir.path().join("keys.db")).await.unwrap();
+    state::init(store.pool()).await.unwrap();
+    let backend = FileBackend::new(dir.path().join("volumes"), None).unwrap();
+    for id in ["vm-keep", "vm-rel", "vm-leak"] {
+        std::fs::write(backend.path_of(id), b"x").unwrap();
+    }
+    std::fs::write(backend.dir().join(".vm-half.img.partial"), b"x").unwrap();
+    std::fs::write(backend.dir().join("notes.txt"), b"not ours").unwrap();
+    {
+        let mut conn = store.pool().acquire().await.unwrap();
+        state::mark_prepared(&mut conn, "vm-keep", "k", "p", 1)
+            .await
+            .unwrap();
+        state::mark_prepared(&mut conn, "vm-rel", "r", "p", 1)
+            .await
+            .unwrap();
+        state::mark_released(&mut conn, "vm-rel", "r", "p")
+            .await
+            .unwrap();
+        // A released row is never turned back into prepared.
+        assert!(
+            !state::mark_prepared(&mut conn, "vm-rel", "r", "p", 1)
+                .await
+                .unwrap()
+        );
+    }
+    let mut removed = wnodes_scratch::reconcile(&backend, store.read_pool())
+        .await
+        .unwrap();
+    removed.sort();
+    assert_eq!(
+        removed,
+        vec![backend.path_of("vm-leak"), backend.path_of("vm-rel")]
+    );
+    let mut left: Vec<_> = std::fs::read_dir(backend.dir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    left.sort();
+    assert_eq!(left, vec!["notes.txt".to_owned(), "vm-keep.img".to_owned()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_request_and_release_never_leak_a_volume() {
+    let mut svc = Svc::start(config(), |_| Ok(())).await.unwrap();
+    let jobs: Vec<String> = (0..16).map(|i| format!("r{i}")).collect();
+    let mut events = Vec::new();
+    for (i, job) in jobs.iter().enumerate() {
+        // Half the VMs get their release published first.
+        if i % 2 == 0 {
+            events.push(vm_requested(job, 0));
+            events.push(vm_stopped(job));
+        } else {
+            events.push(vm_stopped(job));
+            events.push(vm_requested(job, 0));
+        }
+    }
+    svc.bus.publish_pipelined(&events, 64).await.unwrap();
+    // Every VM ends with its release, and its request answered (ready, or the tombstone's
+    // release when it came second).
+    let done = |seen: &[proto::Event], vm: &str| {
+        let released = seen.iter().any(|e| {
+            matches!(&e.body, Some(Body::ResourceReleased(r))
+                if r.vm_id == vm && !r.detail.contains("already released"))
+        });
+        let answered = seen.iter().any(|e| match &e.body {
+            Some(Body::ScratchReady(r)) => r.vm_id == vm,
+            Some(Body::ResourceReleased(r)) => {
+                r.vm_id == vm && r.detail.contains("already released")
+            }
+            _ => false,
+        });
+        released && answered
+    };
+    let vms: Vec<String> = jobs.iter().map(|j| format!("vm-{j}")).collect();
+    while !vms.iter().all(|vm| done(&svc.seen, vm)) {
+        svc.next("more events", |_| true).await.unwrap();
+    }
+    let left: Vec<_> = std::fs::read_dir(svc.volumes())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "leaked volumes: {left:?}");
+    for vm in &vms {
+        let row = state::get(svc.store.read_pool(), vm)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(row.state, VolumeState::Released, "{vm}");
+    }
+    svc.stop().await.unwrap();
+}
