@@ -1,14 +1,5 @@
-//! WNoDeS network service: not built yet (walking-skeleton issue); starts, reports ready, and waits
-//! for SIGTERM so the runtime wiring is exercised.
-
-#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields, default)]
-struct Config {}
+//! `wnodes-network`: see the library ([`wnodes_network`]) for what it does.
 
 fn main() -> std::process::ExitCode {
-    wnodes_runtime::main::<Config, _, _>("network", 0, |ctx| async move {
-        ctx.ready.set_ready();
-        ctx.shutdown.cancelled().await;
-        Ok(())
-    })
+    wnodes_runtime::main::<wnodes_network::NetworkConfig, _, _>("network", 0, wnodes_network::run)
 }

@@ -1,0 +1,271 @@
+//! Per-VM SFTP listeners, in process: a tokio `TcpListener` that accepts only the VM's address
+//! and pipes each connection into its own `sftp-server`, started through `setpriv` as the job's
+//! uid/gid with no supplementary groups (never root). Plain TCP, no ssh: the guest mounts it
+//! with `sshfs -o directport=<port>`.
+//!
+//! ```text
+//! guest sshfs ──TCP──▶ listener (bind:port) ──peer == allowed?──no──▶ closed, logged
+//!                                              └─yes─▶ setpriv --reuid U --regid G --clear-groups
+//!                                                       --no-new-privs
+//!                                                       -- sftp-server -d <export> [-R]
+//!                                                       socket ⇄ stdin/stdout
+//! ```
+//!
+//! Stopping a listener closes it and kills its `sftp-server` children (and waits for them).
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    process::Stdio,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    net::{TcpListener, TcpStream},
+    process::Command,
+    task::{JoinHandle, JoinSet},
+};
+use tokio_util::sync::CancellationToken;
+
+/// What one VM's listener serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServeSpec {
+    pub vm_id: String,
+    /// The only peer address accepted.
+    pub allowed: IpAddr,
+    /// The export: `sftp-server -d <path>`.
+    pub path: PathBuf,
+    /// `sftp-server -R`.
+    pub read_only: bool,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// The programs run per connection.
+#[derive(Debug, Clone)]
+pub struct Programs {
+    pub setpriv: PathBuf,
+    pub sftp_server: PathBuf,
+}
+
+impl Programs {
+    /// The argv run for one connection (`setpriv`'s arguments).
+    pub fn args(&self, spec: &ServeSpec) -> Vec<std::ffi::OsString> {
+        let mut a: Vec<std::ffi::OsString> = vec![
+            format!("--reuid={}", spec.uid).into(),
+            format!("--regid={}", spec.gid).into(),
+            "--clear-groups".into(),
+            "--no-new-privs".into(),
+            "--".into(),
+            self.sftp_server.clone().into(),
+            "-d".into(),
+            spec.path.clone().into(),
+        ];
+        if spec.read_only {
+            a.push("-R".into());
+        }
+        a
+    }
+}
+
+struct Running {
+    addr: SocketAddr,
+    spec: ServeSpec,
+    cancel: CancellationToken,
+    task: JoinHandle<usize>,
+}
+
+/// The running listeners, by VM id.
+#[derive(Clone)]
+pub struct Listeners {
+    programs: Programs,
+    running: Arc<Mutex<HashMap<String, Running>>>,
+}
+
+impl std::fmt::Debug for Listeners {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let vms: Vec<String> = self
+            .running
+            .lock()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default();
+        f.debug_struct("Listeners")
+            .field("programs", &self.programs)
+            .field("vms", &vms)
+            .finish()
+    }
+}
+
+impl Listeners {
+    pub fn new(programs: Programs) -> Self {
+        Self {
+            programs,
+            running: Arc::default(),
+        }
+    }
+
+    /// The address of `vm_id`'s listener, if one runs.
+    pub fn addr_of(&self, vm_id: &str) -> Option<SocketAddr> {
+        self.running
+            .lock()
+            .ok()?
+            .get(vm_id)
+            .filter(|r| !r.task.is_finished())
+            .map(|r| r.addr)
+    }
+
+    /// Starts serving `spec` on an already bound listener (replacing a previous one of the VM).
+    pub fn start(&self, listener: TcpListener, spec: ServeSpec) -> std::io::Result<SocketAddr> {
+        let addr = listener.local_addr()?;
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(serve(
+            listener,
+            spec.clone(),
+            self.programs.clone(),
+            cancel.clone(),
+        ));
+        tracing::info!(vm_id = %spec.vm_id, %addr, allowed = %spec.allowed, path = %spec.path.display(), read_only = spec.read_only, uid = spec.uid, gid = spec.gid, "SFTP listener started.");
+        let old = self.running.lock().ok().and_then(|mut m| {
+            m.insert(
+                spec.vm_id.clone(),
+                Running {
+                    addr,
+                    spec,
+                    cancel,
+                    task,
+                },
+            )
+        });
+        if let Some(old) = old {
+            old.cancel.cancel();
+        }
+        Ok(addr)
+    }
+
+    /// The spec a running listener of `vm_id` serves.
+    pub fn spec_of(&self, vm_id: &str) -> Option<ServeSpec> {
+        self.running.lock().ok()?.get(vm_id).map(|r| r.spec.clone())
+    }
+
+    /// Stops `vm_id`'s listener: closes it, kills its sftp-server processes and waits for them.
+    /// Returns the listener's address and how many connections it had served, or `None` when
+    /// none ran.
+    pub async fn stop(&self, vm_id: &str) -> Option<(SocketAddr, usize)> {
+        let running = self.running.lock().ok()?.remove(vm_id)?;
+        running.cancel.cancel();
+        let served = running.task.await.unwrap_or_default();
+        tracing::info!(%vm_id, addr = %running.addr, served, "SFTP listener stopped.");
+        Some((running.addr, served))
+    }
+
+    /// Stops every listener (service shutdown).
+    pub async fn stop_all(&self) {
+        let vms: Vec<String> = self
+            .running
+            .lock()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default();
+        for vm in vms {
+            self.stop(&vm).await;
+        }
+    }
+}
+
+/// Accepts until cancelled; returns how many connections were served.
+async fn serve(
+    listener: TcpListener,
+    spec: ServeSpec,
+    programs: Programs,
+    cancel: CancellationToken,
+) -> usize {
+    let mut sessions = JoinSet::new();
+    let mut served = 0usize;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
+            accepted = listener.accept() => match accepted {
+                Ok((sock, peer)) if peer.ip() == spec.allowed => {
+                    served += 1;
+                    tracing::info!(vm_id = %spec.vm_id, %peer, "SFTP connection accepted.");
+                    sessions.spawn(session(sock, peer, spec.clone(), programs.clone(), cancel.clone()));
+                }
+                Ok((sock, peer)) => {
+                    tracing::warn!(vm_id = %spec.vm_id, %peer, allowed = %spec.allowed, "SFTP connection from a foreign address refused.");
+                    drop(sock);
+                }
+                Err(e) => {
+                    tracing::warn!(vm_id = %spec.vm_id, error = %e, "Accept failed.");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
+    drop(listener);
+    while sessions.join_next().await.is_some() {}
+    served
+}
+
+/// One connection: an sftp-server as the job's user, piped to the socket.
+async fn session(
+    sock: TcpStream,
+    peer: SocketAddr,
+    spec: ServeSpec,
+    programs: Programs,
+    cancel: CancellationToken,
+) {
+    let vm_id = spec.vm_id.as_str();
+    let mut cmd = Command::new(&programs.setpriv);
+    cmd.args(programs.args(&spec))
+        .env_clear()
+        .current_dir("/")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(%vm_id, %peer, program = %programs.setpriv.display(), error = %e, "Cannot start sftp-server.");
+            return;
+        }
+    };
+    let (Some(mut cin), Some(mut cout)) = (child.stdin.take(), child.stdout.take()) else {
+        let _ = child.kill().await;
+        return;
+    };
+    if let Some(err) = child.stderr.take() {
+        let vm = vm_id.to_owned();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(err).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                tracing::warn!(vm_id = %vm, "sftp-server: {line}");
+            }
+        });
+    }
+    let (mut rd, mut wr) = sock.into_split();
+    let up = tokio::spawn(async move {
+        let r = tokio::io::copy(&mut rd, &mut cin).await;
+        drop(cin); // EOF to sftp-server: it exits
+        r
+    });
+    tokio::select! {
+        _ = cancel.cancelled() => {
+            tracing::info!(%vm_id, %peer, "Listener stopped: killing the session's sftp-server.");
+        }
+        r = tokio::io::copy(&mut cout, &mut wr) => {
+            if let Err(e) = r {
+                tracing::debug!(%vm_id, %peer, error = %e, "Session ended with an error.");
+            }
+        }
+    }
+    up.abort();
+    let _ = child.start_kill();
+    match child.wait().await {
+        Ok(status) => tracing::debug!(%vm_id, %peer, %status, "sftp-server exited."),
+        Err(e) => tracing::warn!(%vm_id, %peer, error = %e, "Cannot reap sftp-server."),
+    }
+}

@@ -1,0 +1,483 @@
+//! The handler (`vm.requested` → remember the spec; `network.ready` → listener +
+//! `storage.ready` / `storage.failed`; `vm.stopped`/`vm.failed` → close +
+//! `resource.released` kind STORAGE), start-up reconciliation and the service's `run`.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+};
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use wnodes_bus::{
+    Consumer, EventExt, Handler, HandlerCtx, HandlerError, KeyStore, proto, proto::event::Body,
+    subject,
+};
+
+use crate::{
+    config::{GatewayConfig, PortRange},
+    listener::{Listeners, Programs, ServeSpec},
+    table::{self, Row},
+};
+
+/// The gateway's handler.
+#[derive(Debug, Clone)]
+pub struct GatewayHandler {
+    pub listeners: Listeners,
+    pub bind_address: Option<IpAddr>,
+    pub ports: PortRange,
+    /// `"gateway@<host>"`.
+    pub source: String,
+}
+
+fn store_err(e: sqlx::Error) -> HandlerError {
+    HandlerError::retry(e)
+}
+
+/// What the VM asked for, checked; or why it cannot be served.
+enum Plan {
+    /// No exports: nothing to serve.
+    Nothing,
+    Serve {
+        spec: ServeSpec,
+        bind: IpAddr,
+        guest_path: String,
+    },
+}
+
+impl GatewayHandler {
+    /// Builds the handler from its configuration.
+    pub fn new(cfg: &GatewayConfig, source: String) -> anyhow::Result<Self> {
+        let ports: PortRange = cfg.port_range.parse().context("[gateway] port_range")?;
+        for (key, p) in [("setpriv", &cfg.setpriv), ("sftp_server", &cfg.sftp_server)] {
+            if !p.is_absolute() {
+                anyhow::bail!(
+                    "[gateway] {key} must be an absolute path, got {}",
+                    p.display()
+                );
+            }
+        }
+        Ok(Self {
+            listeners: Listeners::new(Programs {
+                setpriv: cfg.setpriv.clone(),
+                sftp_server: cfg.sftp_server.clone(),
+            }),
+            bind_address: cfg.bind_address,
+            ports,
+            source,
+        })
+    }
+
+    fn event(&self, ev: &proto::Event, body: Body) -> proto::Event {
+        proto::Event::build(
+            ev.run.clone().unwrap_or_default(),
+            &ev.host,
+            &self.source,
+            body,
+        )
+    }
+
+    fn released(&self, ev: &proto::Event, vm_id: &str, detail: String) -> proto::Event {
+        self.event(
+            ev,
+            Body::ResourceReleased(proto::ResourceReleased {
+                vm_id: vm_id.to_owned(),
+                kind: proto::ResourceKind::Storage as i32,
+                detail,
+            }),
+        )
+    }
+
+    fn failed(&self, ev: &proto::Event, vm_id: &str, reason: String) -> proto::Event {
+        self.event(
+            ev,
+            Body::StorageFailed(proto::StorageFailed {
+                vm_id: vm_id.to_owned(),
+                reason,
+            }),
+        )
+    }
+
+    /// Checks the spec against the network: what to serve, where, to whom.
+    fn plan(&self, spec: &proto::VmSpec, net: &proto::NetworkReady) -> Result<Plan, String> {
+        let Some(export) = spec.exports.first() else {
+            return Ok(Plan::Nothing);
+        };
+        if spec.exports.len() > 1 {
+            return Err(format!(
+                "{} exports requested; the sshfs gateway serves one export per VM",
+                spec.exports.len()
+            ));
+        }
+        let owner = spec
+            .owner
+            .as_ref()
+            .ok_or("the spec names no owner (uid/gid)")?;
+        if owner.uid == 0 || owner.gid == 0 {
+            return Err(format!(
+                "owner uid {} gid {}: the gateway never serves files as root",
+                owner.uid, owner.gid
+            ));
+        }
+        let me = nix::unistd::geteuid();
+        if !me.is_root() && me.as_raw() != owner.uid {
+            return Err(format!(
+                "the gateway runs as uid {me}, not root: it cannot run sftp-server as uid {}",
+                owner.uid
+            ));
+        }
+        // sftp-server exits at once ("No user found for uid N") without a passwd entry.
+        match nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(owner.uid)) {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                return Err(format!(
+                    "owner uid {} has no passwd entry on this host (sftp-server needs one)",
+                    owner.uid
+                ));
+            }
+            Err(e) => return Err(format!("cannot look up owner uid {}: {e}", owner.uid)),
+        }
+        let path = PathBuf::from(&export.host_path);
+        if !path.is_absolute() || !Path::new(&path).is_dir() {
+            return Err(format!(
+                "export {:?}: host path {:?} is not an existing directory",
+                export.name, export.host_path
+            ));
+        }
+        let user_mode = net.mode == proto::NetworkMode::User as i32;
+        let allowed: IpAddr = if user_mode {
+            IpAddr::V4(Ipv4Addr::LOCALHOST)
+        } else {
+            let a = net.address.split('/').next().unwrap_or_default();
+            a.parse().map_err(|_| {
+                format!(
+                    "network.ready address {:?} is not an IP address",
+                    net.address
+                )
+            })?
+        };
+        let bind = match self.bind_address {
+            Some(b) => b,
+            None if user_mode => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            None => net.gateway.parse().map_err(|_| {
+                format!(
+                    "network.ready gateway {:?} is not an IP address",
+                    net.gateway
+                )
+            })?,
+        };
+        Ok(Plan::Serve {
+            spec: ServeSpec {
+                vm_id: spec.vm_id.clone(),
+                allowed,
+                path,
+                read_only: export.read_only,
+                uid: owner.uid,
+                gid: owner.gid,
+            },
+            bind,
+            guest_path: export.guest_path.clone(),
+        })
+    }
+
+    /// Binds the first free port of the range on `bind` (skipping `used`).
+    async fn bind_port(&self, bind: IpAddr, used: &[u16]) -> Result<TcpListener, String> {
+        let mut last_err = None;
+        for port in self.ports.ports().filter(|p| !used.contains(p)) {
+            match TcpListener::bind(SocketAddr::new(bind, port)).await {
+                Ok(l) => return Ok(l),
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {}
+                Err(e) => {
+                    last_err = Some(e);
+                    break;
+                }
+            }
+        }
+        Err(match last_err {
+            Some(e) => format!("cannot listen on {bind}: {e}"),
+            None => format!(
+                "no free port in {}-{} on {bind}",
+                self.ports.first, self.ports.last
+            ),
+        })
+    }
+
+    async fn on_requested(
+        &self,
+        ctx: &mut HandlerCtx,
+        ev: &proto::Event,
+        spec: &proto::VmSpec,
+    ) -> Result<(), HandlerError> {
+        let conn = ctx.tx().await?;
+        match table::get(conn, &spec.vm_id).await.map_err(store_err)? {
+            Some(r) if r.state == table::RELEASED => {
+                tracing::info!(vm_id = %spec.vm_id, "vm.requested after the release: releasing at once.");
+                ctx.publish(self.released(ev, &spec.vm_id, "already released".into()));
+            }
+            Some(_) => {}
+            None => table::remember(conn, spec).await.map_err(store_err)?,
+        }
+        Ok(())
+    }
+
+    async fn on_network_ready(
+        &self,
+        ctx: &mut HandlerCtx,
+        ev: &proto::Event,
+        net: &proto::NetworkReady,
+    ) -> Result<(), HandlerError> {
+        let vm_id = net.vm_id.as_str();
+        let conn = ctx.tx().await?;
+        let row = table::get(conn, vm_id).await.map_err(store_err)?;
+        let Some(row) = row else {
+            return Err(HandlerError::retry(format!(
+                "no vm.requested seen yet for {vm_id}: its spec (exports, owner) is unknown"
+            )));
+        };
+        match row.state.as_str() {
+            table::RELEASED => {
+                ctx.publish(self.released(ev, vm_id, "already released".into()));
+                return Ok(());
+            }
+            table::SERVING => {
+                if let Some(ready) = row.ready.clone() {
+                    self.ensure_listener(&row).await;
+                    ctx.publish(self.event(ev, Body::StorageReady(ready)));
+                    return Ok(());
+                }
+            }
+            _ => {}
+        }
+        let Some(spec) = row.spec.as_ref() else {
+            return Err(HandlerError::reject(format!(
+                "the stored spec of {vm_id} cannot be decoded"
+            )));
+        };
+        let plan = match self.plan(spec, net) {
+            Ok(p) => p,
+            Err(reason) => {
+                tracing::warn!(vm_id, %reason, "Cannot serve the VM's storage.");
+                ctx.publish(self.failed(ev, vm_id, reason));
+                return Ok(());
+            }
+        };
+        let (ready, listener) = match plan {
+            Plan::Nothing => (
+                proto::StorageReady {
+                    vm_id: vm_id.to_owned(),
+                    mode: proto::StorageMode::Sshfs as i32,
+                    address: net.gateway.clone(),
+                    ..Default::default()
+                },
+                None,
+            ),
+            Plan::Serve {
+                spec: serve,
+                bind,
+                guest_path,
+            } => {
+                // A listener left by an earlier attempt of this message is reused.
+                let addr = match self.listeners.addr_of(vm_id) {
+                    Some(a) if self.listeners.spec_of(vm_id).as_ref() == Some(&serve) => a,
+                    _ => {
+                        let used = table::ports_in_use(ctx.tx().await?, vm_id)
+                            .await
+                            .map_err(store_err)?;
+                        let bound = match self.bind_port(bind, &used).await {
+                            Ok(l) => l,
+                            Err(reason) => {
+                                tracing::warn!(vm_id, %reason, "Cannot open the SFTP listener.");
+                                ctx.publish(self.failed(ev, vm_id, reason));
+                                return Ok(());
+                            }
+                        };
+                        self.listeners
+                            .start(bound, serve.clone())
+                            .map_err(HandlerError::retry)?
+                    }
+                };
+                (
+                    proto::StorageReady {
+                        vm_id: vm_id.to_owned(),
+                        mode: proto::StorageMode::Sshfs as i32,
+                        address: net.gateway.clone(),
+                        port: u32::from(addr.port()),
+                        remote_path: serve.path.display().to_string(),
+                        guest_path,
+                        allowed_client: serve.allowed.to_string(),
+                    },
+                    Some((addr.ip().to_string(), addr.port())),
+                )
+            }
+        };
+        table::set_serving(ctx.tx().await?, vm_id, &ready, listener)
+            .await
+            .map_err(store_err)?;
+        tracing::info!(vm_id, port = ready.port, remote_path = %ready.remote_path, allowed = %ready.allowed_client, "Storage ready.");
+        ctx.publish(self.event(ev, Body::StorageReady(ready)));
+        Ok(())
+    }
+
+    /// Starts the listener of a serving row if it does not run (restart, redelivery).
+    async fn ensure_listener(&self, row: &Row) {
+        let (Some(bind), Some(port), Some(ready), Some(spec)) =
+            (&row.bind, row.port, &row.ready, &row.spec)
+        else {
+            return; // serving without exports: nothing listens
+        };
+        if self.listeners.addr_of(&row.vm_id).is_some() {
+            return;
+        }
+        let (Some(export), Some(owner)) = (spec.exports.first(), spec.owner.as_ref()) else {
+            return;
+        };
+        let (Ok(bind), Ok(allowed)) = (bind.parse::<IpAddr>(), ready.allowed_client.parse()) else {
+            tracing::error!(vm_id = %row.vm_id, "Stored listener address is corrupt; not re-opened.");
+            return;
+        };
+        let serve = ServeSpec {
+            vm_id: row.vm_id.clone(),
+            allowed,
+            path: PathBuf::from(&export.host_path),
+            read_only: export.read_only,
+            uid: owner.uid,
+            gid: owner.gid,
+        };
+        let addr = SocketAddr::new(bind, port);
+        match TcpListener::bind(addr).await {
+            Ok(l) => {
+                if let Err(e) = self.listeners.start(l, serve) {
+                    tracing::error!(vm_id = %row.vm_id, %addr, error = %e, "Cannot re-open the SFTP listener.");
+                }
+            }
+            Err(e) => {
+                tracing::error!(vm_id = %row.vm_id, %addr, error = %e, "Cannot re-open the SFTP listener.");
+            }
+        }
+    }
+
+    async fn on_stopped(
+        &self,
+        ctx: &mut HandlerCtx,
+        ev: &proto::Event,
+        vm_id: &str,
+    ) -> Result<(), HandlerError> {
+        let conn = ctx.tx().await?;
+        let row = table::get(conn, vm_id).await.map_err(store_err)?;
+        let mut detail = match self.listeners.stop(vm_id).await {
+            Some((addr, served)) => {
+                format!(
+                    "SFTP listener {addr} closed, {served} connection(s), sftp-server processes ended"
+                )
+            }
+            None => String::new(),
+        };
+        if detail.is_empty() {
+            detail = match row.map(|r| r.state) {
+                Some(s) if s == table::RELEASED => "already released".into(),
+                Some(_) => "no listener was running".into(),
+                None => "nothing was prepared".into(),
+            };
+        }
+        table::release(ctx.tx().await?, vm_id)
+            .await
+            .map_err(store_err)?;
+        tracing::info!(vm_id, %detail, "Storage released.");
+        ctx.publish(self.released(ev, vm_id, detail));
+        Ok(())
+    }
+
+    /// Re-opens the listeners of every serving VM (they live in this process). Returns the VMs
+    /// whose listener runs afterwards.
+    pub async fn reconcile(&self, store: &KeyStore) -> anyhow::Result<Vec<String>> {
+        let mut open = Vec::new();
+        for row in table::serving(store.pool()).await? {
+            self.ensure_listener(&row).await;
+            if self.listeners.addr_of(&row.vm_id).is_some() {
+                open.push(row.vm_id.clone());
+            }
+        }
+        Ok(open)
+    }
+}
+
+impl Handler for GatewayHandler {
+    fn name(&self) -> &'static str {
+        "gateway.handle"
+    }
+
+    async fn handle(&self, ctx: &mut HandlerCtx, event: proto::Event) -> Result<(), HandlerError> {
+        match &event.body {
+            Some(Body::VmRequested(r)) => {
+                let Some(spec) = r.spec.as_ref() else {
+                    return Err(HandlerError::reject("vm.requested without a spec"));
+                };
+                self.on_requested(ctx, &event, spec).await
+            }
+            Some(Body::NetworkReady(n)) => self.on_network_ready(ctx, &event, n).await,
+            Some(Body::VmStopped(s)) => self.on_stopped(ctx, &event, &s.vm_id).await,
+            Some(Body::VmFailed(f)) => self.on_stopped(ctx, &event, &f.vm_id).await,
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Creates the service's table.
+pub async fn init_store(store: &KeyStore) -> Result<(), sqlx::Error> {
+    sqlx::query(table::SCHEMA)
+        .execute(store.pool())
+        .await
+        .map(drop)
+}
+
+/// The consumer's subjects on `host`.
+pub fn filter_subjects(host: &str) -> Result<Vec<String>, wnodes_bus::BusError> {
+    ["vm.requested", "network.ready", "vm.stopped", "vm.failed"]
+        .into_iter()
+        .map(|t| subject::event_filter(Some(host), t))
+        .collect()
+}
+
+/// The service: table, re-opened listeners, consumer, until shutdown.
+pub async fn run(ctx: wnodes_runtime::ServiceCtx<GatewayConfig>) -> anyhow::Result<()> {
+    let handler = GatewayHandler::new(&ctx.config, ctx.source())?;
+    init_store(&ctx.store).await?;
+    let open = handler
+        .reconcile(&ctx.store)
+        .await
+        .context("re-opening listeners")?;
+    if !open.is_empty() {
+        tracing::info!(?open, "Re-opened the listeners of serving VMs.");
+    }
+    let spec = ctx.consumer_spec(
+        subject::durable_name("gateway", Some(&ctx.common.host))?,
+        filter_subjects(&ctx.common.host)?,
+    );
+    let listeners = handler.listeners.clone();
+    let consumer = Consumer::create(ctx.bus.clone(), ctx.store.clone(), spec, handler).await?;
+    ctx.ready.set_ready();
+    let result = consumer.run(ctx.shutdown.clone()).await;
+    listeners.stop_all().await;
+    result?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_is_checked_at_start() {
+        let bad_range = GatewayConfig {
+            port_range: "9-1".into(),
+            ..Default::default()
+        };
+        assert!(GatewayHandler::new(&bad_range, "g@h".into()).is_err());
+        let relative = GatewayConfig {
+            sftp_server: "sftp-server".into(),
+            ..Default::default()
+        };
+        assert!(GatewayHandler::new(&relative, "g@h".into()).is_err());
+        assert!(GatewayHandler::new(&GatewayConfig::default(), "g@h".into()).is_ok());
+    }
+}

@@ -1,0 +1,132 @@
+//! The `wnodes-gateway` binary as deployed: config file with a `[gateway]` section, a VM
+//! served, SIGTERM → exit 0 with the listener closed, and a restart that re-opens it.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a failure is a test failure
+
+mod common;
+
+use std::{os::unix::fs::PermissionsExt, path::Path, process::Stdio, time::Duration};
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use wnodes_bus::proto::{self, event::Body};
+
+fn spawn(conf: &Path) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_wnodes-gateway"))
+        .arg("--config")
+        .arg(conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+async fn sigterm(mut child: tokio::process::Child) {
+    let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status}");
+}
+
+/// SFTP INIT → the first bytes of the answer (empty: closed).
+async fn hello(port: u16) -> Option<Vec<u8>> {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    s.write_all(&[0, 0, 0, 5, 1, 0, 0, 0, 3]).await.ok()?;
+    let mut buf = vec![0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
+    buf.truncate(n);
+    Some(buf)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn binary_serves_stops_and_reopens_after_restart() {
+    if !privileged() || !Path::new("/usr/lib/openssh/sftp-server").exists() {
+        return;
+    }
+    let tb = TestBus::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let conf = dir.path().join("wnodes.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "site = \"T1\"\nhost = \"{HOST}\"\nstate_dir = \"{}\"\n\n[nats]\nurl = \"{}\"\n\n\
+             [gateway]\nport_range = \"32000-32999\"\n",
+            dir.path().join("state").display(),
+            tb.server.url(),
+        ),
+    )
+    .unwrap();
+    let child = spawn(&conf);
+
+    let vm = "vm-c0c0c0c0c0c0";
+    let spec = proto::VmSpec {
+        vm_id: vm.into(),
+        exports: vec![proto::StorageExport {
+            name: "home".into(),
+            host_path: dir.path().display().to_string(),
+            guest_path: "/shared".into(),
+            read_only: true,
+        }],
+        owner: Some(proto::JobOwner {
+            user: "nobody".into(),
+            uid: 65534,
+            gid: 65534,
+        }),
+        ..Default::default()
+    };
+    tb.publish(&vm_requested(run("1", 1), spec)).await;
+    tb.publish(&ev(
+        run("1", 1),
+        Body::NetworkReady(proto::NetworkReady {
+            vm_id: vm.into(),
+            mode: proto::NetworkMode::VirtioTap as i32,
+            address: "127.0.0.1/8".into(),
+            gateway: "127.0.0.1".into(),
+            ..Default::default()
+        }),
+    ))
+    .await;
+    let (source, r) = tb
+        .wait_for("storage.ready from the binary", |e| match &e.body {
+            Some(Body::StorageReady(r)) if r.vm_id == vm => Some((e.source.clone(), r.clone())),
+            _ => None,
+        })
+        .await;
+    assert_eq!(source, format!("gateway@{HOST}"));
+    let port = u16::try_from(r.port).unwrap();
+    assert!((32000..=32999).contains(&port));
+    assert_eq!(hello(port).await.and_then(|b| b.get(4).copied()), Some(2));
+
+    // SIGTERM: exit 0, listener closed.
+    sigterm(child).await;
+    assert!(
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+    );
+
+    // Restart: the serving VM's listener comes back on the same port.
+    let child = spawn(&conf);
+    wait_until_hello(port).await;
+    sigterm(child).await;
+}
+
+async fn wait_until_hello(port: u16) {
+    wnodes_testkit::wait_until(
+        Duration::from_secs(15),
+        "listener re-opened",
+        || async move { hello(port).await.filter(|b| b.get(4) == Some(&2)) },
+    )
+    .await
+    .unwrap();
+}

@@ -1,0 +1,244 @@
+//! Test harness (a copy of the network service's): a private nats-server, the service's handler
+//! on a real durable consumer, every event on the bus recorded, and throwaway network namespaces.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)] // test helpers: a failure is a test failure
+
+use std::{
+    process::Command,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU32, Ordering},
+    },
+    time::Duration,
+};
+
+use futures::StreamExt;
+use prost::Message;
+use tokio_util::sync::CancellationToken;
+use wnodes_bus::{
+    Bus, BusMetrics, Consumer, ConsumerSpec, ConsumerTuning, EventExt, Handler, KeyStore,
+    NatsConfig, proto, proto::event::Body,
+};
+use wnodes_testkit::{NatsServer, wait_until};
+
+pub const HOST: &str = "hv1.test";
+
+/// Runs a command that must succeed; returns stdout.
+pub fn sh(args: &[&str]) -> String {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A network namespace, deleted on drop.
+#[derive(Debug)]
+pub struct Netns(pub String);
+
+impl Netns {
+    pub fn new(tag: &str) -> Self {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "wnt-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
+        sh(&["ip", "netns", "add", &name]);
+        sh(&["ip", "-n", &name, "link", "set", "lo", "up"]);
+        Self(name)
+    }
+
+    /// `ip -n <ns> <args>`.
+    pub fn ip(&self, args: &[&str]) -> String {
+        let mut v = vec!["ip", "-n", self.0.as_str()];
+        v.extend_from_slice(args);
+        sh(&v)
+    }
+
+    /// `ip netns exec <ns> <args>` (must succeed).
+    pub fn exec(&self, args: &[&str]) -> String {
+        let mut v = vec!["ip", "netns", "exec", self.0.as_str()];
+        v.extend_from_slice(args);
+        sh(&v)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// True when the host tests can run (root: namespaces, taps, nft).
+pub fn privileged() -> bool {
+    let ok = nix::unistd::geteuid().is_root();
+    if !ok {
+        eprintln!("SKIPPED: needs root (network namespaces, taps, nftables)");
+    }
+    ok
+}
+
+/// A bus with a private server and a recorder of every event.
+pub struct TestBus {
+    pub server: NatsServer,
+    pub bus: Bus,
+    pub seen: Arc<Mutex<Vec<proto::Event>>>,
+    pub dir: tempfile::TempDir,
+    pub shutdown: CancellationToken,
+}
+
+impl TestBus {
+    pub async fn start() -> Self {
+        let server = NatsServer::start().await.unwrap();
+        let cfg = NatsConfig {
+            url: server.url(),
+            ..Default::default()
+        };
+        let bus = Bus::connect(&cfg, "test@hv1.test", BusMetrics::unregistered())
+            .await
+            .unwrap();
+        bus.ensure_streams().await.unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let mut sub = bus.client().subscribe("wnodes.evt.>").await.unwrap();
+        bus.client().flush().await.unwrap();
+        let rec = seen.clone();
+        tokio::spawn(async move {
+            while let Some(msg) = sub.next().await {
+                if let Ok(ev) = proto::Event::decode(msg.payload) {
+                    rec.lock().unwrap().push(ev);
+                }
+            }
+        });
+        Self {
+            server,
+            bus,
+            seen,
+            dir: tempfile::tempdir().unwrap(),
+            shutdown: CancellationToken::new(),
+        }
+    }
+
+    pub async fn store(&self, name: &str) -> KeyStore {
+        KeyStore::open(&self.dir.path().join(name)).await.unwrap()
+    }
+
+    /// Starts `handler` on a durable consumer of `filters`.
+    pub async fn consume<H: Handler>(
+        &self,
+        store: KeyStore,
+        durable: &str,
+        filters: Vec<String>,
+        handler: H,
+    ) -> CancellationToken {
+        let tuning = ConsumerTuning {
+            backoff_base: Duration::from_millis(100),
+            backoff_max: Duration::from_millis(500),
+            max_attempts: 20,
+            ..Default::default()
+        };
+        let spec = ConsumerSpec {
+            durable: durable.into(),
+            filter_subjects: filters,
+            tuning,
+        };
+        let consumer = Consumer::create(self.bus.clone(), store, spec, handler)
+            .await
+            .unwrap();
+        let token = self.shutdown.child_token();
+        let t = token.clone();
+        tokio::spawn(async move { consumer.run(t).await });
+        token
+    }
+
+    pub async fn publish(&self, ev: &proto::Event) {
+        self.bus.publish(ev).await.unwrap();
+    }
+
+    /// Waits for the first event that `f` maps to `Some`.
+    pub async fn wait_for<T>(&self, what: &str, f: impl Fn(&proto::Event) -> Option<T>) -> T {
+        wait_until(Duration::from_secs(20), what, || {
+            let found = self.seen.lock().unwrap().iter().find_map(&f);
+            async move { found }
+        })
+        .await
+        .unwrap()
+    }
+
+    /// Events about `vm_id` seen so far, in arrival order.
+    pub fn events_of(&self, vm_id: &str) -> Vec<proto::Event> {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| vm_of(e).as_deref() == Some(vm_id))
+            .cloned()
+            .collect()
+    }
+}
+
+impl Drop for TestBus {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// The VM id an event is about.
+pub fn vm_of(ev: &proto::Event) -> Option<String> {
+    Some(match ev.body.as_ref()? {
+        Body::VmRequested(r) => r.spec.as_ref()?.vm_id.clone(),
+        Body::NetworkReady(r) => r.vm_id.clone(),
+        Body::NetworkFailed(r) => r.vm_id.clone(),
+        Body::StorageReady(r) => r.vm_id.clone(),
+        Body::StorageFailed(r) => r.vm_id.clone(),
+        Body::VmStopped(r) => r.vm_id.clone(),
+        Body::VmFailed(r) => r.vm_id.clone(),
+        Body::ResourceReleased(r) => r.vm_id.clone(),
+        _ => return None,
+    })
+}
+
+/// A run whose job id is `job`, attempt `attempt`.
+pub fn run(job: &str, attempt: u32) -> proto::JobRunRef {
+    proto::JobRunRef {
+        site: "T1".into(),
+        lrms: proto::Lrms::Htcondor as i32,
+        job_id: job.into(),
+        run_attempt: attempt,
+    }
+}
+
+pub fn ev(run: proto::JobRunRef, body: Body) -> proto::Event {
+    proto::Event::build(run, HOST, "launcher@hv1.test", body)
+}
+
+pub fn vm_requested(run: proto::JobRunRef, spec: proto::VmSpec) -> proto::Event {
+    ev(
+        run,
+        Body::VmRequested(proto::VmRequested { spec: Some(spec) }),
+    )
+}
+
+pub fn vm_stopped(run: proto::JobRunRef, vm_id: &str) -> proto::Event {
+    ev(
+        run,
+        Body::VmStopped(proto::VmStopped {
+            vm_id: vm_id.into(),
+            stop_reason: "guest-poweroff".into(),
+            ..Default::default()
+        }),
+    )
+}
+
+pub fn vm_failed(run: proto::JobRunRef, vm_id: &str) -> proto::Event {
+    ev(
+        run,
+        Body::VmFailed(proto::VmFailed {
+            vm_id: vm_id.into(),
+            reason: "test".into(),
+            phase: "launch".into(),
+        }),
+    )
+}

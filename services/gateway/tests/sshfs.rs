@@ -1,0 +1,463 @@
+//! The gateway with the real `sftp-server` (through `setpriv`) and a real `sshfs` mount on this
+//! host, over 127.0.0.0/8, with a real nats-server and consumer.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a failure is a test failure
+
+mod common;
+
+use std::{
+    net::SocketAddr,
+    os::unix::fs::{MetadataExt, PermissionsExt},
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use wnodes_bus::{proto, proto::event::Body};
+use wnodes_gateway::{GatewayConfig, GatewayHandler, service};
+
+/// The job's uid/gid: `nobody`/`nogroup`, a non-root account every Debian host has
+/// (`sftp-server` refuses a uid without a passwd entry, so an arbitrary uid cannot be used).
+const UID: u32 = 65534;
+
+fn tools_present() -> bool {
+    let missing: Vec<&str> = [
+        "/usr/bin/sshfs",
+        "/usr/lib/openssh/sftp-server",
+        "/usr/bin/setpriv",
+    ]
+    .into_iter()
+    .filter(|p| !Path::new(p).exists())
+    .collect();
+    if !missing.is_empty() {
+        eprintln!("SKIPPED: missing {missing:?} (scripts/install-vm-deps.sh)");
+    }
+    missing.is_empty() && Path::new("/dev/fuse").exists()
+}
+
+fn handler(bind: Option<&str>) -> GatewayHandler {
+    let cfg = GatewayConfig {
+        bind_address: bind.map(|b| b.parse().unwrap()),
+        // Ephemeral-looking range away from other tests' fixed ports; a taken port is skipped.
+        port_range: "31000-31999".into(),
+        ..Default::default()
+    };
+    GatewayHandler::new(&cfg, "gateway@hv1.test".into()).unwrap()
+}
+
+async fn start(tb: &TestBus, h: GatewayHandler) {
+    let store = tb.store("gateway.db").await;
+    service::init_store(&store).await.unwrap();
+    h.reconcile(&store).await.unwrap();
+    tb.consume(
+        store,
+        "gateway-test",
+        service::filter_subjects(HOST).unwrap(),
+        h,
+    )
+    .await;
+}
+
+/// A world-traversable temp dir with `job/` (owned by the job's uid) and `job/rootonly/`
+/// (root's, 0755).
+struct Export {
+    dir: tempfile::TempDir,
+}
+
+impl Export {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let job = dir.path().join("job");
+        std::fs::create_dir(&job).unwrap();
+        std::fs::write(job.join("input.txt"), "from the host\n").unwrap();
+        std::fs::create_dir(job.join("rootonly")).unwrap();
+        std::fs::set_permissions(job.join("rootonly"), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
+        std::fs::set_permissions(
+            job.join("input.txt"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+        std::os::unix::fs::chown(&job, Some(UID), Some(UID)).unwrap();
+        Self { dir }
+    }
+
+    fn job(&self) -> PathBuf {
+        self.dir.path().join("job")
+    }
+
+    fn mnt(&self, name: &str) -> PathBuf {
+        let m = self.dir.path().join(name);
+        std::fs::create_dir_all(&m).unwrap();
+        m
+    }
+}
+
+fn spec(vm_id: &str, export: &Path, read_only: bool, uid: u32) -> proto::VmSpec {
+    proto::VmSpec {
+        vm_id: vm_id.into(),
+        exports: vec![proto::StorageExport {
+            name: "home".into(),
+            host_path: export.display().to_string(),
+            guest_path: "/shared".into(),
+            read_only,
+        }],
+        owner: Some(proto::JobOwner {
+            user: "job".into(),
+            uid,
+            gid: uid,
+        }),
+        ..Default::default()
+    }
+}
+
+fn network_ready(run: proto::JobRunRef, vm_id: &str, address: &str) -> proto::Event {
+    ev(
+        run,
+        Body::NetworkReady(proto::NetworkReady {
+            vm_id: vm_id.into(),
+            mode: proto::NetworkMode::VirtioTap as i32,
+            tap: "wn-000000000000".into(),
+            mac: "52:54:00:00:00:01".into(),
+            address: address.into(),
+            gateway: "127.0.0.1".into(),
+            bridge: "wnbr0".into(),
+            address_filtered: true,
+            ..Default::default()
+        }),
+    )
+}
+
+async fn storage_ready(tb: &TestBus, vm_id: &str) -> proto::StorageReady {
+    let vm = vm_id.to_owned();
+    tb.wait_for(&format!("storage.ready of {vm_id}"), move |e| {
+        match &e.body {
+            Some(Body::StorageReady(r)) if r.vm_id == vm => Some(r.clone()),
+            _ => None,
+        }
+    })
+    .await
+}
+
+async fn storage_failed(tb: &TestBus, vm_id: &str) -> String {
+    let vm = vm_id.to_owned();
+    tb.wait_for(&format!("storage.failed of {vm_id}"), move |e| {
+        match &e.body {
+            Some(Body::StorageFailed(r)) if r.vm_id == vm => Some(r.reason.clone()),
+            _ => None,
+        }
+    })
+    .await
+}
+
+async fn released(tb: &TestBus, vm_id: &str) -> String {
+    let vm = vm_id.to_owned();
+    tb.wait_for(
+        &format!("resource.released of {vm_id}"),
+        move |e| match &e.body {
+            Some(Body::ResourceReleased(r))
+                if r.vm_id == vm && r.kind == proto::ResourceKind::Storage as i32 =>
+            {
+                Some(r.detail.clone())
+            }
+            _ => None,
+        },
+    )
+    .await
+}
+
+/// A mounted sshfs, lazily unmounted on drop.
+struct Mount(PathBuf);
+
+impl Mount {
+    fn new(port: u32, remote: &str, mnt: PathBuf) -> Self {
+        let out = Command::new("sshfs")
+            .args([
+                "-o",
+                &format!("directport={port}"),
+                &format!("127.0.0.1:{remote}"),
+            ])
+            .arg(&mnt)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "sshfs failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self(mnt)
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("fusermount3").arg("-uz").arg(&self.0).status();
+    }
+}
+
+/// Pids of the sftp-server processes serving paths under `dir`.
+fn sftp_servers(dir: &Path) -> Vec<(u32, u32)> {
+    let needle = dir.display().to_string();
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains("sftp-server") && cmdline.contains(&needle) {
+            let uid = std::fs::metadata(entry.path())
+                .map(|m| m.uid())
+                .unwrap_or(0);
+            out.push((pid, uid));
+        }
+    }
+    out
+}
+
+/// Connects from `from` to `to` and sends an SFTP INIT; returns what came back (empty: the
+/// connection was closed without an answer).
+async fn sftp_hello(from: &str, to: SocketAddr) -> Vec<u8> {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    let mut s = sock.connect(to).await.unwrap();
+    // SSH_FXP_INIT, version 3: length 5, type 1, version 3.
+    let _ = s.write_all(&[0, 0, 0, 5, 1, 0, 0, 0, 3]).await;
+    let mut buf = vec![0u8; 256];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("no answer and not closed")
+        .unwrap_or(0);
+    buf.truncate(n);
+    buf
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn export_served_as_the_job_user_only_to_the_vm_and_closed_on_release() {
+    if !privileged() || !tools_present() {
+        return;
+    }
+    let ex = Export::new();
+    let tb = TestBus::start().await;
+    start(&tb, handler(None)).await;
+
+    // network.ready before vm.requested: retried until the spec is known.
+    let vm = "vm-5e5e5e5e5e5e";
+    tb.publish(&network_ready(run("1", 1), vm, "127.0.0.1/8"))
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    tb.publish(&vm_requested(run("1", 1), spec(vm, &ex.job(), false, UID)))
+        .await;
+    let r = storage_ready(&tb, vm).await;
+    assert_eq!(r.mode, proto::StorageMode::Sshfs as i32);
+    assert_eq!(r.address, "127.0.0.1");
+    assert_eq!(r.allowed_client, "127.0.0.1");
+    assert_eq!(r.remote_path, ex.job().display().to_string());
+    assert_eq!(r.guest_path, "/shared");
+    assert!((31000..=31999).contains(&r.port), "{}", r.port);
+    let addr: SocketAddr = format!("127.0.0.1:{}", r.port).parse().unwrap();
+
+    // Idempotent by vm_id: another network.ready for the VM gets the same listener.
+    tb.publish(&network_ready(run("1", 5), vm, "127.0.0.1/8"))
+        .await;
+    let again = tb
+        .wait_for("second storage.ready", |e| match &e.body {
+            Some(Body::StorageReady(s)) if e.run.as_ref()?.run_attempt == 5 => Some(s.clone()),
+            _ => None,
+        })
+        .await;
+    assert_eq!(again, r);
+
+    // A connection from another address is closed without an SFTP answer; the VM's gets one.
+    assert!(
+        sftp_hello("127.0.0.3", addr).await.is_empty(),
+        "a foreign client was served"
+    );
+    let hello = sftp_hello("127.0.0.1", addr).await;
+    assert_eq!(
+        hello.get(4),
+        Some(&2u8),
+        "SSH_FXP_VERSION expected, got {hello:?}"
+    );
+
+    // Through a real sshfs mount: files are created as the job's user, root's dirs are closed.
+    {
+        let m = Mount::new(r.port, &r.remote_path, ex.mnt("mnt"));
+        assert_eq!(
+            std::fs::read_to_string(m.0.join("input.txt")).unwrap(),
+            "from the host\n"
+        );
+        std::fs::write(m.0.join("result.txt"), "written by the job\n").unwrap();
+        let meta = std::fs::metadata(ex.job().join("result.txt")).unwrap();
+        assert_eq!(
+            (meta.uid(), meta.gid()),
+            (UID, UID),
+            "owned by the job on the host"
+        );
+        let denied = std::fs::write(m.0.join("rootonly/x"), "nope");
+        assert!(denied.is_err(), "wrote into a root-owned directory");
+        assert!(!ex.job().join("rootonly/x").exists());
+        // The sftp-server of the mount runs as the job's uid, not root.
+        let procs = sftp_servers(ex.dir.path());
+        assert!(!procs.is_empty(), "no sftp-server found for the mount");
+        assert!(procs.iter().all(|&(_, uid)| uid == UID), "{procs:?}");
+
+        // Release while the mount is live: listener closed, sftp-server killed.
+        tb.publish(&vm_stopped(run("1", 1), vm)).await;
+        let detail = released(&tb, vm).await;
+        assert!(detail.contains("closed"), "{detail}");
+        assert!(
+            sftp_servers(ex.dir.path()).is_empty(),
+            "sftp-server left running"
+        );
+        let refused = tokio::net::TcpStream::connect(addr).await;
+        assert!(refused.is_err(), "the listener still accepts");
+    }
+
+    // User-mode networking: the guest reaches the host as 10.0.2.2, which qemu turns into a
+    // connection from 127.0.0.1 to 127.0.0.1.
+    let vm_user = "vm-0e0e0e0e0e0e";
+    tb.publish(&vm_requested(
+        run("7", 1),
+        spec(vm_user, &ex.job(), false, UID),
+    ))
+    .await;
+    let mut user = network_ready(run("7", 1), vm_user, "10.0.2.15/24");
+    if let Some(Body::NetworkReady(n)) = user.body.as_mut() {
+        n.mode = proto::NetworkMode::User as i32;
+        n.gateway = "10.0.2.2".into();
+        n.address_filtered = false;
+    }
+    tb.publish(&user).await;
+    let u = storage_ready(&tb, vm_user).await;
+    assert_eq!(
+        (u.address.as_str(), u.allowed_client.as_str()),
+        ("10.0.2.2", "127.0.0.1")
+    );
+    let uaddr: SocketAddr = format!("127.0.0.1:{}", u.port).parse().unwrap();
+    assert_eq!(sftp_hello("127.0.0.1", uaddr).await.get(4), Some(&2u8));
+
+    // Tombstone: network.ready / vm.requested after the release are released, not served.
+    tb.publish(&network_ready(run("1", 2), vm, "127.0.0.1/8"))
+        .await;
+    tb.wait_for("late network.ready released", |e| {
+        (e.run.as_ref()?.run_attempt == 2 && matches!(e.body, Some(Body::ResourceReleased(_))))
+            .then_some(())
+    })
+    .await;
+    tb.publish(&vm_requested(run("1", 6), spec(vm, &ex.job(), false, UID)))
+        .await;
+    tb.wait_for("late vm.requested released", |e| {
+        (e.run.as_ref()?.run_attempt == 6 && matches!(e.body, Some(Body::ResourceReleased(_))))
+            .then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let late_readies = tb
+        .events_of(vm)
+        .iter()
+        .filter(|e| matches!(e.body, Some(Body::StorageReady(_))))
+        .filter(|e| e.run.as_ref().is_some_and(|r| r.run_attempt == 2))
+        .count();
+    assert_eq!(late_readies, 0, "served after the release");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn read_only_root_owner_no_exports_and_restart() {
+    if !privileged() || !tools_present() {
+        return;
+    }
+    let ex = Export::new();
+    let tb = TestBus::start().await;
+    let store = tb.store("gateway.db").await;
+    service::init_store(&store).await.unwrap();
+    let h = handler(Some("127.0.0.1"));
+    let token = tb
+        .consume(
+            store.clone(),
+            "gateway-test",
+            service::filter_subjects(HOST).unwrap(),
+            h.clone(),
+        )
+        .await;
+
+    // Read-only export: reads work, writes fail.
+    let vm = "vm-0d0d0d0d0d0d";
+    tb.publish(&vm_requested(run("1", 1), spec(vm, &ex.job(), true, UID)))
+        .await;
+    tb.publish(&network_ready(run("1", 1), vm, "127.0.0.1/8"))
+        .await;
+    let r = storage_ready(&tb, vm).await;
+    {
+        let m = Mount::new(r.port, &r.remote_path, ex.mnt("ro"));
+        assert_eq!(
+            std::fs::read_to_string(m.0.join("input.txt")).unwrap(),
+            "from the host\n"
+        );
+        assert!(
+            std::fs::write(m.0.join("new.txt"), "x").is_err(),
+            "read-only export written"
+        );
+    }
+
+    // Root is never served.
+    let vm_root = "vm-000000000001";
+    tb.publish(&vm_requested(
+        run("2", 1),
+        spec(vm_root, &ex.job(), false, 0),
+    ))
+    .await;
+    tb.publish(&network_ready(run("2", 1), vm_root, "127.0.0.1/8"))
+        .await;
+    let reason = storage_failed(&tb, vm_root).await;
+    assert!(reason.contains("never serves files as root"), "{reason}");
+
+    // A uid unknown to the host cannot be served (sftp-server would exit at once).
+    let vm_ghost = "vm-000000000003";
+    tb.publish(&vm_requested(
+        run("4", 1),
+        spec(vm_ghost, &ex.job(), false, 4_000_017),
+    ))
+    .await;
+    tb.publish(&network_ready(run("4", 1), vm_ghost, "127.0.0.1/8"))
+        .await;
+    let reason = storage_failed(&tb, vm_ghost).await;
+    assert!(reason.contains("no passwd entry"), "{reason}");
+
+    // No exports: ready, nothing to mount.
+    let vm_none = "vm-000000000002";
+    let mut s = spec(vm_none, &ex.job(), false, UID);
+    s.exports.clear();
+    tb.publish(&vm_requested(run("3", 1), s)).await;
+    tb.publish(&network_ready(run("3", 1), vm_none, "127.0.0.1/8"))
+        .await;
+    let none = storage_ready(&tb, vm_none).await;
+    assert_eq!((none.port, none.remote_path.as_str()), (0, ""));
+
+    // Restart: the consumer and the listeners go away; a new instance on the same store
+    // re-opens the serving VM's listener on the same port.
+    token.cancel();
+    h.listeners.stop_all().await;
+    assert!(
+        tokio::net::TcpStream::connect(("127.0.0.1", r.port as u16))
+            .await
+            .is_err()
+    );
+    let h2 = handler(Some("127.0.0.1"));
+    let open = h2.reconcile(&store).await.unwrap();
+    assert_eq!(open, vec![vm.to_owned()]);
+    {
+        let m = Mount::new(r.port, &r.remote_path, ex.mnt("ro2"));
+        assert!(m.0.join("input.txt").exists());
+    }
+    h2.listeners.stop_all().await;
+    assert!(
+        sftp_servers(ex.dir.path()).is_empty(),
+        "sftp-server left running"
+    );
+}

@@ -1,0 +1,335 @@
+//! Host network plumbing through `ip` and `nft`: arguments only, never a shell; every name that
+//! reaches a command line is validated first ([`valid_tap_name`], [`valid_ifname`]).
+//!
+//! With a configured network namespace every command runs as `ip netns exec <ns> <cmd> ...`.
+
+use std::{net::Ipv4Addr, process::Stdio};
+
+use serde_json::Value;
+use tokio::io::AsyncWriteExt;
+
+use crate::{config::Ipv4Net, nft};
+
+/// A host command that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error("cannot run {cmd}: {source}")]
+    Spawn {
+        cmd: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{cmd} failed ({status}): {stderr}")]
+    Failed {
+        cmd: String,
+        status: String,
+        stderr: String,
+    },
+    #[error("cannot parse the output of {cmd}: {why}")]
+    Parse { cmd: String, why: String },
+    #[error("invalid {kind} {name:?}")]
+    InvalidName { kind: &'static str, name: String },
+}
+
+/// Interface names we accept on a command line: 1–15 of `[A-Za-z0-9_.-]`, not starting with `-`.
+pub fn valid_ifname(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 15
+        && !name.starts_with('-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+/// Network namespace names: 1–64 of `[A-Za-z0-9_.-]`, not starting with `-` or `.`.
+pub fn valid_netns(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with(['-', '.'])
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+/// Tap names this service makes: `wn-` + 12 lowercase hex digits.
+pub fn valid_tap_name(name: &str) -> bool {
+    name.strip_prefix("wn-").is_some_and(|hex| {
+        hex.len() == 12
+            && hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
+}
+
+/// Runs host commands, optionally inside a network namespace.
+#[derive(Debug, Clone, Default)]
+pub struct Host {
+    netns: Option<String>,
+}
+
+struct Output {
+    ok: bool,
+    status: String,
+    stdout: String,
+    stderr: String,
+}
+
+impl Host {
+    /// A runner for the given namespace (`None`: our own).
+    pub fn new(netns: Option<String>) -> Result<Self, HostError> {
+        if let Some(ns) = &netns
+            && !valid_netns(ns)
+        {
+            return Err(HostError::InvalidName {
+                kind: "network namespace",
+                name: ns.clone(),
+            });
+        }
+        Ok(Self { netns })
+    }
+
+    fn command(&self, program: &str, args: &[&str]) -> (tokio::process::Command, String) {
+        let mut argv: Vec<&str> = Vec::new();
+        if let Some(ns) = &self.netns {
+            argv.extend(["ip", "netns", "exec", ns.as_str()]);
+        }
+        argv.push(program);
+        argv.extend_from_slice(args);
+        let shown = argv.join(" ");
+        let mut cmd = tokio::process::Command::new(argv[0]);
+        cmd.args(&argv[1..])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        (cmd, shown)
+    }
+
+    async fn output(
+        &self,
+        program: &str,
+        args: &[&str],
+        stdin: Option<&str>,
+    ) -> Result<(Output, String), HostError> {
+        let (mut cmd, shown) = self.command(program, args);
+        if stdin.is_some() {
+            cmd.stdin(Stdio::piped());
+        }
+        let spawn_err = |source| HostError::Spawn {
+            cmd: shown.clone(),
+            source,
+        };
+        let mut child = cmd.spawn().map_err(spawn_err)?;
+        if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
+            pipe.write_all(text.as_bytes()).await.map_err(spawn_err)?;
+            drop(pipe);
+        }
+        let out = child.wait_with_output().await.map_err(spawn_err)?;
+        Ok((
+            Output {
+                ok: out.status.success(),
+                status: out.status.to_string(),
+                stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            },
+            shown,
+        ))
+    }
+
+    /// Runs a command that must succeed; returns its stdout.
+    async fn run(
+        &self,
+        program: &str,
+        args: &[&str],
+        stdin: Option<&str>,
+    ) -> Result<String, HostError> {
+        let (out, cmd) = self.output(program, args, stdin).await?;
+        if out.ok {
+            Ok(out.stdout)
+        } else {
+            Err(HostError::Failed {
+                cmd,
+                status: out.status,
+                stderr: out.stderr,
+            })
+        }
+    }
+
+    /// The first IPv4 address of `ifname` with its prefix; `Ok(None)` when the interface does
+    /// not exist.
+    pub async fn ipv4_of(&self, ifname: &str) -> Result<Option<Ipv4Net>, HostError> {
+        check_ifname(ifname)?;
+        let (out, cmd) = self
+            .output("ip", &["-j", "addr", "show", "dev", ifname], None)
+            .await?;
+        if !out.ok {
+            if out.stderr.contains("does not exist") {
+                return Ok(None);
+            }
+            return Err(HostError::Failed {
+                cmd,
+                status: out.status,
+                stderr: out.stderr,
+            });
+        }
+        let v: Value = parse_json(&cmd, &out.stdout)?;
+        let found = v
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|link| link.get("addr_info")?.as_array())
+            .flatten()
+            .find_map(|a| {
+                if a.get("family")?.as_str()? != "inet" {
+                    return None;
+                }
+                let addr: Ipv4Addr = a.get("local")?.as_str()?.parse().ok()?;
+                let prefix = u8::try_from(a.get("prefixlen")?.as_u64()?).ok()?;
+                Ipv4Net::new(addr, prefix)
+            });
+        found.map(Some).ok_or_else(|| HostError::Parse {
+            cmd,
+            why: format!("{ifname} has no IPv4 address"),
+        })
+    }
+
+    /// Details of one link (`ip -d -j link show dev X`); `None` when it does not exist.
+    pub async fn link(&self, ifname: &str) -> Result<Option<Value>, HostError> {
+        check_ifname(ifname)?;
+        let (out, cmd) = self
+            .output("ip", &["-d", "-j", "link", "show", "dev", ifname], None)
+            .await?;
+        if !out.ok {
+            if out.stderr.contains("does not exist") {
+                return Ok(None);
+            }
+            return Err(HostError::Failed {
+                cmd,
+                status: out.status,
+                stderr: out.stderr,
+            });
+        }
+        let v = parse_json(&cmd, &out.stdout)?;
+        Ok(v.as_array().and_then(|a| a.first()).cloned())
+    }
+
+    /// The taps this service made (tun devices named like [`valid_tap_name`]).
+    pub async fn list_taps(&self) -> Result<Vec<String>, HostError> {
+        let args = ["-d", "-j", "link", "show"];
+        let out = self.run("ip", &args, None).await?;
+        let v = parse_json(&format!("ip {}", args.join(" ")), &out)?;
+        Ok(v.as_array()
+            .into_iter()
+            .flatten()
+            .filter(|l| l.pointer("/linkinfo/info_kind").and_then(Value::as_str) == Some("tun"))
+            .filter_map(|l| l.get("ifname")?.as_str())
+            .filter(|n| valid_tap_name(n))
+            .map(str::to_owned)
+            .collect())
+    }
+
+    /// Creates tap `tap` (if missing), enslaves it to `bridge` and sets it up.
+    pub async fn create_tap(&self, tap: &str, bridge: &str) -> Result<(), HostError> {
+        check_tap(tap)?;
+        check_ifname(bridge)?;
+        if self.link(tap).await?.is_none() {
+            self.run("ip", &["tuntap", "add", "mode", "tap", "name", tap], None)
+                .await?;
+        }
+        self.run(
+            "ip",
+            &["link", "set", "dev", tap, "master", bridge, "up"],
+            None,
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Deletes link `ifname`; `false` when it did not exist.
+    pub async fn delete_link(&self, ifname: &str) -> Result<bool, HostError> {
+        check_ifname(ifname)?;
+        if self.link(ifname).await?.is_none() {
+            return Ok(false);
+        }
+        self.run("ip", &["link", "del", "dev", ifname], None)
+            .await?;
+        Ok(true)
+    }
+
+    /// Applies an nft script atomically (`nft -f -`). Callers build scripts with [`nft`] from
+    /// validated values only.
+    pub async fn nft_apply(&self, script: &str) -> Result<(), HostError> {
+        self.run("nft", &["-f", "-"], Some(script)).await.map(drop)
+    }
+
+    /// `nft -j list table bridge wnodes`; `None` when the table does not exist.
+    pub async fn nft_table(&self) -> Result<Option<Value>, HostError> {
+        let args = ["-j", "list", "table", nft::FAMILY, nft::TABLE];
+        let (out, cmd) = self.output("nft", &args, None).await?;
+        if !out.ok {
+            if out.stderr.contains("No such file or directory") {
+                return Ok(None);
+            }
+            return Err(HostError::Failed {
+                cmd,
+                status: out.status,
+                stderr: out.stderr,
+            });
+        }
+        parse_json(&cmd, &out.stdout).map(Some)
+    }
+}
+
+fn parse_json(cmd: &str, text: &str) -> Result<Value, HostError> {
+    serde_json::from_str(text).map_err(|e| HostError::Parse {
+        cmd: cmd.to_owned(),
+        why: e.to_string(),
+    })
+}
+
+fn check_ifname(name: &str) -> Result<(), HostError> {
+    if valid_ifname(name) {
+        Ok(())
+    } else {
+        Err(HostError::InvalidName {
+            kind: "interface name",
+            name: name.to_owned(),
+        })
+    }
+}
+
+fn check_tap(name: &str) -> Result<(), HostError> {
+    if valid_tap_name(name) {
+        Ok(())
+    } else {
+        Err(HostError::InvalidName {
+            kind: "tap name",
+            name: name.to_owned(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_validated() {
+        assert!(valid_tap_name("wn-0123456789ab"));
+        for bad in [
+            "wn-0123456789a",
+            "wn-0123456789abc",
+            "wn-0123456789AB",
+            "wnbr0",
+            "wn-;rm -rf",
+        ] {
+            assert!(!valid_tap_name(bad), "{bad}");
+        }
+        assert!(valid_ifname("wnbr0"));
+        for bad in ["", "-x", "a b", "a;b", "sixteen-chars-xx"] {
+            assert!(!valid_ifname(bad), "{bad}");
+        }
+        assert!(Host::new(Some("bad ns".into())).is_err());
+        assert!(Host::new(Some("wn-test-ns".into())).is_ok());
+    }
+}

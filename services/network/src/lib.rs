@@ -1,0 +1,37 @@
+//! WNoDeS network service: gives each VM its network on this hypervisor.
+//!
+//! In tap mode a VM gets an address from the configured pool, a MAC derived from its id and a
+//! tap `wn-<12hex>` in the bridge, behind an nftables filter that drops every frame the VM sends
+//! with another MAC or IPv4 address. In user mode (no CAP_NET_ADMIN) it gets qemu's user-mode
+//! network and a `NetworkReady` that says no filtering applies.
+//!
+//! | module | what it holds |
+//! |---|---|
+//! | [`config`] | the `[network]` section, mode resolution, the IPv4 prefix type |
+//! | [`host`] | `ip`/`nft` commands (arguments only, optionally in a network namespace) |
+//! | [`nft`] | the anti-spoofing table and its per-VM chains, as nft scripts |
+//! | [`mac`] | guest MAC derivation |
+//! | [`lease`] | the lease table: one row per VM, tombstones after release |
+//! | [`service`] | the handler, start-up reconciliation, `run` |
+//!
+//! ```toml
+//! [network]
+//! mode = "auto"             # "tap" | "user" | "auto" (tap when euid 0 and /dev/net/tun exists)
+//! bridge = "wnbr0"          # must exist with an IPv4 address: the VMs' gateway
+//! pool = "10.231.1.0/24"    # required in tap mode; must lie inside the bridge's subnet
+//! # netns = "wnodes-hv"     # run ip/nft inside this network namespace
+//! ```
+//!
+//! Deployment notes: taps are created without an owner, so qemu needs CAP_NET_ADMIN (or root) to
+//! attach to them; with `netns` set, qemu and the storage gateway must run in that namespace too.
+//! The filter passes only IPv4 and ARP from a VM (IPv6 and VLAN-tagged frames are dropped).
+
+pub mod config;
+pub mod host;
+pub mod lease;
+pub mod mac;
+pub mod nft;
+pub mod service;
+
+pub use config::NetworkConfig;
+pub use service::{NetworkHandler, run};

@@ -1,0 +1,482 @@
+//! The handler (`vm.requested` → `network.ready` / `network.failed`; `vm.stopped`/`vm.failed` →
+//! `resource.released` kind NETWORK), start-up reconciliation and the service's `run`.
+
+use std::net::Ipv4Addr;
+
+use anyhow::Context as _;
+use wnodes_bus::{
+    Consumer, EventExt, Handler, HandlerCtx, HandlerError, KeyStore, proto, proto::event::Body,
+    subject,
+};
+
+use crate::{
+    config::{Ipv4Net, Mode, NetworkConfig},
+    host::{Host, HostError, valid_tap_name},
+    lease::{self, Lease},
+    mac::Mac,
+    nft,
+};
+
+/// Address a user-mode guest gets from qemu's slirp.
+pub const USER_ADDRESS: &str = "10.0.2.15/24";
+/// qemu's slirp gateway (the host, as the guest sees it).
+pub const USER_GATEWAY: &str = "10.0.2.2";
+/// The note published with user-mode networking.
+pub const USER_NOTE: &str =
+    "user-mode networking: no CAP_NET_ADMIN; per-VM address filtering does not apply";
+
+/// Tap of a VM: `wn-` + the 12 hex digits of `vm-<12hex>`. `None` for another form of id.
+pub fn tap_name(vm_id: &str) -> Option<String> {
+    let tap = format!("wn-{}", vm_id.strip_prefix("vm-")?);
+    valid_tap_name(&tap).then_some(tap)
+}
+
+/// The network service's handler.
+#[derive(Debug, Clone)]
+pub struct NetworkHandler {
+    pub host: Host,
+    pub mode: Mode,
+    pub bridge: String,
+    pub pool: Option<Ipv4Net>,
+    /// `"network@<host>"`.
+    pub source: String,
+}
+
+/// Why a VM's network could not be prepared (published as `network.failed`).
+#[derive(Debug, thiserror::Error)]
+enum PrepareError {
+    #[error("VM id {0:?} is not of the form vm-<12 hex digits>")]
+    BadVmId(String),
+    #[error("bridge {0:?} does not exist")]
+    BridgeMissing(String),
+    #[error("bridge {bridge:?}: {source}")]
+    Bridge {
+        bridge: String,
+        #[source]
+        source: HostError,
+    },
+    #[error("{0} networking is not available on this host")]
+    Unsupported(&'static str),
+    #[error("no address pool configured ([network] pool)")]
+    NoPool,
+    #[error("address pool {pool} is not inside the bridge's subnet {bridge}")]
+    PoolOutsideBridge { pool: Ipv4Net, bridge: Ipv4Net },
+    #[error(transparent)]
+    Exhausted(#[from] lease::Exhausted),
+    #[error("setting up tap {tap}: {source}")]
+    Tap {
+        tap: String,
+        #[source]
+        source: HostError,
+    },
+}
+
+fn store_err(e: sqlx::Error) -> HandlerError {
+    HandlerError::retry(e)
+}
+
+impl NetworkHandler {
+    /// Builds the handler from its configuration (the mode resolved).
+    pub fn new(cfg: &NetworkConfig, source: String) -> Result<Self, anyhow::Error> {
+        let mode = cfg.mode.resolve();
+        let pool = cfg
+            .pool
+            .as_deref()
+            .map(str::parse::<Ipv4Net>)
+            .transpose()
+            .context("[network] pool")?;
+        if mode == Mode::Tap && pool.is_none() {
+            anyhow::bail!("[network] pool is required in tap mode (e.g. pool = \"10.231.1.0/24\")");
+        }
+        if !crate::host::valid_ifname(&cfg.bridge) {
+            anyhow::bail!(
+                "[network] bridge {:?} is not a valid interface name",
+                cfg.bridge
+            );
+        }
+        Ok(Self {
+            host: Host::new(cfg.netns.clone())?,
+            mode,
+            bridge: cfg.bridge.clone(),
+            pool,
+            source,
+        })
+    }
+
+    fn event(&self, ev: &proto::Event, body: Body) -> proto::Event {
+        proto::Event::build(
+            ev.run.clone().unwrap_or_default(),
+            &ev.host,
+            &self.source,
+            body,
+        )
+    }
+
+    fn released(&self, ev: &proto::Event, vm_id: &str, detail: String) -> proto::Event {
+        self.event(
+            ev,
+            Body::ResourceReleased(proto::ResourceReleased {
+                vm_id: vm_id.to_owned(),
+                kind: proto::ResourceKind::Network as i32,
+                detail,
+            }),
+        )
+    }
+
+    fn failed(&self, ev: &proto::Event, vm_id: &str, reason: String) -> proto::Event {
+        self.event(
+            ev,
+            Body::NetworkFailed(proto::NetworkFailed {
+                vm_id: vm_id.to_owned(),
+                reason,
+            }),
+        )
+    }
+
+    /// The bridge's address, checked against the pool (slow host work: done before the
+    /// transaction).
+    async fn bridge_address(&self) -> Result<(Ipv4Net, Ipv4Net), PrepareError> {
+        let pool = self.pool.ok_or(PrepareError::NoPool)?;
+        let bridge = match self.host.ipv4_of(&self.bridge).await {
+            Ok(Some(a)) => a,
+            Ok(None) => return Err(PrepareError::BridgeMissing(self.bridge.clone())),
+            Err(source) => {
+                return Err(PrepareError::Bridge {
+                    bridge: self.bridge.clone(),
+                    source,
+                });
+            }
+        };
+        if !bridge.covers(pool) {
+            return Err(PrepareError::PoolOutsideBridge { pool, bridge });
+        }
+        Ok((pool, bridge))
+    }
+
+    /// Makes the tap and its filter (idempotent: checked against host state).
+    async fn make_tap(&self, tap: &str, mac: Mac, ip: Ipv4Addr) -> Result<(), HostError> {
+        self.host.create_tap(tap, &self.bridge).await?;
+        self.host.nft_apply(&nft::vm_script(tap, mac, ip)).await
+    }
+
+    /// Removes the tap and its filter (idempotent).
+    async fn remove_tap(&self, tap: &str) -> Result<(), HostError> {
+        self.host.nft_apply(&nft::remove_script(tap)).await?;
+        self.host.delete_link(tap).await.map(drop)
+    }
+
+    async fn on_requested(
+        &self,
+        ctx: &mut HandlerCtx,
+        ev: &proto::Event,
+        spec: &proto::VmSpec,
+    ) -> Result<(), HandlerError> {
+        let vm_id = spec.vm_id.as_str();
+        // The spec may ask for user-mode networking; SR-IOV is not available on this host.
+        let requested = proto::NetworkMode::try_from(spec.network_mode)
+            .unwrap_or(proto::NetworkMode::Unspecified);
+        let plan = match (requested, self.mode) {
+            (proto::NetworkMode::Sriov, _) => Err(PrepareError::Unsupported("SR-IOV")),
+            (proto::NetworkMode::User, _) | (_, Mode::User) => Ok(None),
+            (_, Mode::Tap) => self.bridge_address().await.map(Some),
+        };
+        let bridge = match plan {
+            Ok(b) => b,
+            Err(e) => {
+                // A late request after the release is still only released.
+                let conn = ctx.tx().await?;
+                if lease::get(conn, vm_id)
+                    .await
+                    .map_err(store_err)?
+                    .is_some_and(|l| !l.is_prepared())
+                {
+                    ctx.publish(self.released(ev, vm_id, "already released".into()));
+                } else {
+                    tracing::warn!(vm_id, error = %e, "Cannot prepare the network.");
+                    ctx.publish(self.failed(ev, vm_id, e.to_string()));
+                }
+                return Ok(());
+            }
+        };
+        let conn = ctx.tx().await?;
+        let existing = lease::get(conn, vm_id).await.map_err(store_err)?;
+        if existing.as_ref().is_some_and(|l| !l.is_prepared()) {
+            tracing::info!(vm_id, "vm.requested after the release: releasing at once.");
+            ctx.publish(self.released(ev, vm_id, "already released".into()));
+            return Ok(());
+        }
+        let ready = match bridge {
+            Some((pool, bridge)) => {
+                match self.prepare_tap(ctx, vm_id, existing, pool, bridge).await? {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::warn!(vm_id, error = %e, "Cannot prepare the network.");
+                        ctx.publish(self.failed(ev, vm_id, e.to_string()));
+                        return Ok(());
+                    }
+                }
+            }
+            None => {
+                lease::record_user(ctx.tx().await?, vm_id)
+                    .await
+                    .map_err(store_err)?;
+                proto::NetworkReady {
+                    vm_id: vm_id.to_owned(),
+                    mode: proto::NetworkMode::User as i32,
+                    address: USER_ADDRESS.into(),
+                    gateway: USER_GATEWAY.into(),
+                    address_filtered: false,
+                    note: USER_NOTE.into(),
+                    ..Default::default()
+                }
+            }
+        };
+        tracing::info!(vm_id, tap = %ready.tap, mac = %ready.mac, address = %ready.address, "Network ready.");
+        ctx.publish(self.event(ev, Body::NetworkReady(ready)));
+        Ok(())
+    }
+
+    async fn prepare_tap(
+        &self,
+        ctx: &mut HandlerCtx,
+        vm_id: &str,
+        existing: Option<Lease>,
+        pool: Ipv4Net,
+        bridge: Ipv4Net,
+    ) -> Result<Result<proto::NetworkReady, PrepareError>, HandlerError> {
+        let Some(tap) = tap_name(vm_id) else {
+            return Ok(Err(PrepareError::BadVmId(vm_id.to_owned())));
+        };
+        let conn = ctx.tx().await?;
+        let lease = match existing {
+            Some(l) if l.mode == "tap" && l.address.is_some() && l.mac.is_some() => l,
+            _ => match lease::allocate_tap(conn, vm_id, &tap, pool, bridge.addr)
+                .await
+                .map_err(store_err)?
+            {
+                Ok(l) => l,
+                Err(e) => return Ok(Err(e.into())),
+            },
+        };
+        let parsed = (
+            lease
+                .address
+                .as_deref()
+                .and_then(|a| a.parse::<Ipv4Addr>().ok()),
+            lease.mac.as_deref().and_then(|m| m.parse::<Mac>().ok()),
+        );
+        let (Some(ip), Some(mac)) = parsed else {
+            return Err(HandlerError::reject(format!(
+                "lease of {vm_id} in the store is corrupt: {lease:?}"
+            )));
+        };
+        if let Err(source) = self.make_tap(&tap, mac, ip).await {
+            // Undo what was made; the lease goes with it (same transaction).
+            if let Err(e) = self.remove_tap(&tap).await {
+                tracing::warn!(vm_id, %tap, error = %e, "Cannot undo a half-made tap.");
+            }
+            lease::forget(ctx.tx().await?, vm_id)
+                .await
+                .map_err(store_err)?;
+            return Ok(Err(PrepareError::Tap { tap, source }));
+        }
+        Ok(Ok(proto::NetworkReady {
+            vm_id: vm_id.to_owned(),
+            mode: proto::NetworkMode::VirtioTap as i32,
+            tap,
+            mac: mac.to_string(),
+            address: format!("{ip}/{}", bridge.prefix),
+            gateway: bridge.addr.to_string(),
+            bridge: self.bridge.clone(),
+            address_filtered: true,
+            ..Default::default()
+        }))
+    }
+
+    async fn on_stopped(
+        &self,
+        ctx: &mut HandlerCtx,
+        ev: &proto::Event,
+        vm_id: &str,
+    ) -> Result<(), HandlerError> {
+        let conn = ctx.tx().await?;
+        let existing = lease::get(conn, vm_id).await.map_err(store_err)?;
+        let detail = match &existing {
+            Some(l) if l.is_prepared() => {
+                let mut parts = Vec::new();
+                if let Some(tap) = l.tap.as_deref().filter(|t| valid_tap_name(t)) {
+                    self.remove_tap(tap).await.map_err(HandlerError::retry)?;
+                    parts.push(format!("tap {tap}, nft chain {tap}"));
+                }
+                if let Some(a) = &l.address {
+                    parts.push(format!("lease {a}"));
+                }
+                if parts.is_empty() {
+                    "user-mode networking: nothing held on the host".to_owned()
+                } else {
+                    parts.join(", ")
+                }
+            }
+            Some(_) => "already released".to_owned(),
+            None => "nothing was prepared".to_owned(),
+        };
+        let mode = existing
+            .map(|l| l.mode)
+            .unwrap_or_else(|| self.mode.as_str().to_owned());
+        lease::release(ctx.tx().await?, vm_id, &mode)
+            .await
+            .map_err(store_err)?;
+        tracing::info!(vm_id, %detail, "Network released.");
+        ctx.publish(self.released(ev, vm_id, detail));
+        Ok(())
+    }
+
+    /// Removes taps and nft chains that no prepared lease accounts for; (re)installs the base
+    /// table. Returns what was removed.
+    pub async fn reconcile(&self, store: &KeyStore) -> anyhow::Result<Vec<String>> {
+        let mut removed = Vec::new();
+        if self.mode != Mode::Tap {
+            return Ok(removed);
+        }
+        let keep: Vec<String> = lease::prepared(store.pool())
+            .await?
+            .into_iter()
+            .filter_map(|l| l.tap)
+            .collect();
+        self.host.nft_apply(&nft::base_script()).await?;
+        for tap in self.host.list_taps().await? {
+            if !keep.contains(&tap) {
+                self.host.delete_link(&tap).await?;
+                removed.push(format!("tap {tap}"));
+            }
+        }
+        if let Some(table) = self.host.nft_table().await? {
+            let (chains, elements) = nft::vm_chains_and_elements(&table);
+            let mut stale: Vec<String> = chains.into_iter().chain(elements).collect();
+            stale.sort();
+            stale.dedup();
+            for name in stale {
+                if keep.contains(&name) {
+                    continue;
+                }
+                if !valid_tap_name(&name) {
+                    tracing::warn!(chain = %name, "Unexpected name in table bridge wnodes; left alone.");
+                    continue;
+                }
+                self.host.nft_apply(&nft::remove_script(&name)).await?;
+                removed.push(format!("nft chain {name}"));
+            }
+        }
+        Ok(removed)
+    }
+}
+
+impl Handler for NetworkHandler {
+    fn name(&self) -> &'static str {
+        "network.handle"
+    }
+
+    async fn handle(&self, ctx: &mut HandlerCtx, event: proto::Event) -> Result<(), HandlerError> {
+        match &event.body {
+            Some(Body::VmRequested(r)) => {
+                let Some(spec) = r.spec.as_ref() else {
+                    return Err(HandlerError::reject("vm.requested without a spec"));
+                };
+                self.on_requested(ctx, &event, spec).await
+            }
+            Some(Body::VmStopped(s)) => {
+                let vm_id = s.vm_id.clone();
+                self.on_stopped(ctx, &event, &vm_id).await
+            }
+            Some(Body::VmFailed(f)) => {
+                let vm_id = f.vm_id.clone();
+                self.on_stopped(ctx, &event, &vm_id).await
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Creates the service's table.
+pub async fn init_store(store: &KeyStore) -> Result<(), sqlx::Error> {
+    sqlx::query(lease::SCHEMA)
+        .execute(store.pool())
+        .await
+        .map(drop)
+}
+
+/// The consumer's subjects on `host`.
+pub fn filter_subjects(host: &str) -> Result<Vec<String>, wnodes_bus::BusError> {
+    ["vm.requested", "vm.stopped", "vm.failed"]
+        .into_iter()
+        .map(|t| subject::event_filter(Some(host), t))
+        .collect()
+}
+
+/// The service: table, reconcile, consumer, until shutdown.
+pub async fn run(ctx: wnodes_runtime::ServiceCtx<NetworkConfig>) -> anyhow::Result<()> {
+    let handler = NetworkHandler::new(&ctx.config, ctx.source())?;
+    tracing::info!(mode = handler.mode.as_str(), bridge = %handler.bridge, pool = ?handler.pool.map(|p| p.to_string()), "Network service configured.");
+    init_store(&ctx.store).await?;
+    let removed = handler
+        .reconcile(&ctx.store)
+        .await
+        .context("reconciling host state")?;
+    if !removed.is_empty() {
+        tracing::info!(
+            ?removed,
+            "Reconciled: removed what no prepared lease holds."
+        );
+    }
+    let spec = ctx.consumer_spec(
+        subject::durable_name("network", Some(&ctx.common.host))?,
+        filter_subjects(&ctx.common.host)?,
+    );
+    let consumer = Consumer::create(ctx.bus.clone(), ctx.store.clone(), spec, handler).await?;
+    ctx.ready.set_ready();
+    consumer.run(ctx.shutdown.clone()).await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ModeSetting;
+
+    #[test]
+    fn config_is_checked_at_start() {
+        let cfg = |mode, pool: Option<&str>, bridge: &str| NetworkConfig {
+            mode,
+            bridge: bridge.into(),
+            pool: pool.map(str::to_owned),
+            netns: None,
+        };
+        let err = NetworkHandler::new(&cfg(ModeSetting::Tap, None, "wnbr0"), "n@h".into())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("pool is required"), "{err}");
+        assert!(
+            NetworkHandler::new(
+                &cfg(ModeSetting::Tap, Some("10.0.0.0/33"), "wnbr0"),
+                "n@h".into()
+            )
+            .is_err()
+        );
+        assert!(
+            NetworkHandler::new(
+                &cfg(ModeSetting::Tap, Some("10.0.0.0/24"), "br;x"),
+                "n@h".into()
+            )
+            .is_err()
+        );
+        let user =
+            NetworkHandler::new(&cfg(ModeSetting::User, None, "wnbr0"), "n@h".into()).unwrap();
+        assert_eq!(user.mode, Mode::User);
+        assert_eq!(
+            tap_name("vm-0123456789ab").as_deref(),
+            Some("wn-0123456789ab")
+        );
+        assert_eq!(tap_name("vm-job-1"), None);
+        assert_eq!(tap_name("vm-0123456789AB"), None);
+    }
+}

@@ -1,0 +1,91 @@
+//! The `wnodes-network` binary as deployed: config file with a `[network]` section, start-up
+//! reconciliation, a request served, SIGTERM → exit 0.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a failure is a test failure
+
+mod common;
+
+use std::{process::Stdio, time::Duration};
+
+use common::*;
+use wnodes_bus::proto::{self, event::Body};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn binary_reconciles_serves_and_stops_on_sigterm() {
+    if !privileged() {
+        return;
+    }
+    let hv = Netns::new("bin");
+    hv.ip(&["link", "add", "wnbr0", "type", "bridge"]);
+    hv.ip(&["addr", "add", "10.231.7.1/24", "dev", "wnbr0"]);
+    hv.ip(&["link", "set", "wnbr0", "up"]);
+    hv.exec(&[
+        "ip",
+        "tuntap",
+        "add",
+        "mode",
+        "tap",
+        "name",
+        "wn-deadbeef0000",
+    ]);
+    let tb = TestBus::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("wnodes.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "site = \"T1\"\nhost = \"{HOST}\"\nstate_dir = \"{}\"\n\n[nats]\nurl = \"{}\"\n\n\
+             [network]\nmode = \"tap\"\nbridge = \"wnbr0\"\npool = \"10.231.7.0/24\"\nnetns = \"{}\"\n",
+            dir.path().join("state").display(),
+            tb.server.url(),
+            hv.0
+        ),
+    )
+    .unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_wnodes-network"))
+        .arg("--config")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+
+    let vm = "vm-b1b1b1b1b1b1";
+    tb.publish(&vm_requested(
+        run("1", 1),
+        proto::VmSpec {
+            vm_id: vm.into(),
+            ..Default::default()
+        },
+    ))
+    .await;
+    let r = tb
+        .wait_for("network.ready from the binary", |e| match &e.body {
+            Some(Body::NetworkReady(r)) if r.vm_id == vm => Some((e.source.clone(), r.clone())),
+            _ => None,
+        })
+        .await;
+    let (source, r) = r;
+    assert_eq!(source, format!("network@{HOST}"));
+    assert_eq!(r.address, "10.231.7.2/24");
+    assert_eq!(r.gateway, "10.231.7.1");
+    let taps = wnodes_network::host::Host::new(Some(hv.0.clone()))
+        .unwrap()
+        .list_taps()
+        .await
+        .unwrap();
+    assert_eq!(
+        taps,
+        vec!["wn-b1b1b1b1b1b1".to_owned()],
+        "the stray tap was reconciled away"
+    );
+
+    let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status}");
+}

@@ -1,0 +1,547 @@
+//! The network service against real taps, bridges and nftables, each test inside its own network
+//! namespaces (nothing touches the host's network), with a real nats-server and consumer.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a failure is a test failure
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+use serde_json::Value;
+use wnodes_bus::{proto, proto::event::Body};
+use wnodes_network::{
+    NetworkHandler,
+    config::{Ipv4Net, Mode},
+    host::Host,
+    service,
+};
+
+/// A "hypervisor" namespace with bridge `wnbr0` at 10.231.1.1/24.
+fn hypervisor() -> Netns {
+    let ns = Netns::new("hv");
+    ns.ip(&["link", "add", "wnbr0", "type", "bridge"]);
+    ns.ip(&["addr", "add", "10.231.1.1/24", "dev", "wnbr0"]);
+    ns.ip(&["link", "set", "wnbr0", "up"]);
+    ns
+}
+
+fn handler(ns: &Netns, bridge: &str, pool: &str) -> NetworkHandler {
+    NetworkHandler {
+        host: Host::new(Some(ns.0.clone())).unwrap(),
+        mode: Mode::Tap,
+        bridge: bridge.into(),
+        pool: Some(pool.parse::<Ipv4Net>().unwrap()),
+        source: "network@hv1.test".into(),
+    }
+}
+
+async fn start(tb: &TestBus, h: NetworkHandler) {
+    let store = tb.store("network.db").await;
+    service::init_store(&store).await.unwrap();
+    h.reconcile(&store).await.unwrap();
+    tb.consume(
+        store,
+        "network-test",
+        service::filter_subjects(HOST).unwrap(),
+        h,
+    )
+    .await;
+}
+
+fn spec(vm_id: &str) -> proto::VmSpec {
+    proto::VmSpec {
+        vm_id: vm_id.into(),
+        ..Default::default()
+    }
+}
+
+async fn ready(tb: &TestBus, vm_id: &str) -> proto::NetworkReady {
+    let vm = vm_id.to_owned();
+    tb.wait_for(&format!("network.ready of {vm_id}"), move |e| {
+        match &e.body {
+            Some(Body::NetworkReady(r)) if r.vm_id == vm => Some(r.clone()),
+            _ => None,
+        }
+    })
+    .await
+}
+
+async fn failed(tb: &TestBus, vm_id: &str) -> String {
+    let vm = vm_id.to_owned();
+    tb.wait_for(&format!("network.failed of {vm_id}"), move |e| {
+        match &e.body {
+            Some(Body::NetworkFailed(r)) if r.vm_id == vm => Some(r.reason.clone()),
+            _ => None,
+        }
+    })
+    .await
+}
+
+async fn released(tb: &TestBus, vm_id: &str) -> String {
+    let vm = vm_id.to_owned();
+    tb.wait_for(
+        &format!("resource.released of {vm_id}"),
+        move |e| match &e.body {
+            Some(Body::ResourceReleased(r))
+                if r.vm_id == vm && r.kind == proto::ResourceKind::Network as i32 =>
+            {
+                Some(r.detail.clone())
+            }
+            _ => None,
+        },
+    )
+    .await
+}
+
+fn link(ns: &Netns, name: &str) -> Option<Value> {
+    let out = Command::new("ip")
+        .args(["-n", &ns.0, "-d", "-j", "link", "show", "dev", name])
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        return None;
+    }
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    v.as_array().and_then(|a| a.first()).cloned()
+}
+
+fn ruleset(ns: &Netns) -> Value {
+    serde_json::from_str(&ns.exec(&["nft", "-j", "list", "ruleset"])).unwrap()
+}
+
+/// The rules of chain `chain` in table bridge wnodes, as JSON text (one per rule).
+fn chain_rules(ns: &Netns, chain: &str) -> Vec<String> {
+    ruleset(ns)["nftables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|i| i.get("rule"))
+        .filter(|r| r["family"] == "bridge" && r["table"] == "wnodes" && r["chain"] == chain)
+        .map(|r| r["expr"].to_string())
+        .collect()
+}
+
+fn has_chain(ns: &Netns, chain: &str) -> bool {
+    ruleset(ns)["nftables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|i| i.get("chain"))
+        .any(|c| c["table"] == "wnodes" && c["name"] == chain)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tap_with_filter_then_release_and_tombstone() {
+    if !privileged() {
+        return;
+    }
+    let ns = hypervisor();
+    let tb = TestBus::start().await;
+    start(&tb, handler(&ns, "wnbr0", "10.231.1.0/24")).await;
+
+    let vm = "vm-0123456789ab";
+    tb.publish(&vm_requested(run("1", 1), spec(vm))).await;
+    let r = ready(&tb, vm).await;
+    assert_eq!(r.mode, proto::NetworkMode::VirtioTap as i32);
+    assert_eq!(r.tap, "wn-0123456789ab");
+    assert_eq!(r.address, "10.231.1.2/24", "the bridge's .1 is skipped");
+    assert_eq!(r.gateway, "10.231.1.1");
+    assert_eq!(r.bridge, "wnbr0");
+    assert!(r.address_filtered);
+    assert!(r.mac.starts_with("52:54:00:"), "{}", r.mac);
+
+    // The tap exists, is a tap, and sits in the bridge.
+    let l = link(&ns, &r.tap).expect("tap exists");
+    assert_eq!(l["linkinfo"]["info_kind"], "tun");
+    assert_eq!(l["master"], "wnbr0");
+    // The filter: the map sends the tap to its chain, the chain pins MAC and IPv4.
+    let rules = chain_rules(&ns, &r.tap);
+    assert!(
+        rules
+            .iter()
+            .any(|x| x.contains(&r.mac) && x.contains("saddr")),
+        "{rules:?}"
+    );
+    assert!(
+        rules
+            .iter()
+            .any(|x| x.contains("\"ip\"") && x.contains("10.231.1.2")),
+        "{rules:?}"
+    );
+    assert!(
+        rules
+            .iter()
+            .any(|x| x.contains("\"arp\"") && x.contains("10.231.1.2")),
+        "{rules:?}"
+    );
+    let base = chain_rules(&ns, "prerouting");
+    assert!(base.iter().any(|x| x.contains("@taps")), "{base:?}");
+    let rs = ruleset(&ns).to_string();
+    assert!(
+        rs.contains("\"jump\":{\"target\":\"wn-0123456789ab\"}"),
+        "{rs}"
+    );
+
+    // Idempotent by vm_id: the same VM requested again (another event) gets the same lease,
+    // and still one tap.
+    tb.publish(&vm_requested(run("1", 2), spec(vm))).await;
+    tb.wait_for("second network.ready", |e| {
+        (e.run.as_ref()?.run_attempt == 2 && matches!(e.body, Some(Body::NetworkReady(_))))
+            .then_some(())
+    })
+    .await;
+    let readies: Vec<_> = tb
+        .events_of(vm)
+        .into_iter()
+        .filter_map(|e| match e.body {
+            Some(Body::NetworkReady(r)) => Some(r),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(readies.len(), 2);
+    assert_eq!(readies[0], readies[1]);
+    let taps = Host::new(Some(ns.0.clone()))
+        .unwrap()
+        .list_taps()
+        .await
+        .unwrap();
+    assert_eq!(taps, vec![r.tap.clone()]);
+
+    // A second VM gets the next address and another MAC.
+    let vm2 = "vm-aaaaaaaaaaaa";
+    tb.publish(&vm_requested(run("2", 1), spec(vm2))).await;
+    let r2 = ready(&tb, vm2).await;
+    assert_eq!(r2.address, "10.231.1.3/24");
+    assert_ne!(r2.mac, r.mac);
+
+    // Release: tap, chain and map element gone, address free again.
+    tb.publish(&vm_stopped(run("1", 1), vm)).await;
+    let detail = released(&tb, vm).await;
+    assert!(
+        detail.contains("tap wn-0123456789ab") && detail.contains("10.231.1.2"),
+        "{detail}"
+    );
+    assert!(link(&ns, "wn-0123456789ab").is_none());
+    assert!(!has_chain(&ns, "wn-0123456789ab"));
+    assert!(!ruleset(&ns).to_string().contains("\"wn-0123456789ab\""));
+    assert!(link(&ns, &r2.tap).is_some(), "the other VM keeps its tap");
+
+    // Tombstone: a vm.requested after the release is released, not prepared.
+    tb.publish(&vm_requested(run("1", 3), spec(vm))).await;
+    tb.wait_for("late request answered", |e| {
+        (e.run.as_ref()?.run_attempt == 3 && matches!(e.body, Some(Body::ResourceReleased(_))))
+            .then_some(())
+    })
+    .await;
+    assert!(
+        !tb.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|e| e.run.as_ref().unwrap().run_attempt == 3
+                && matches!(e.body, Some(Body::NetworkReady(_)))),
+        "no network.ready after the release"
+    );
+    assert!(link(&ns, "wn-0123456789ab").is_none());
+
+    // The freed address goes to the next VM.
+    let vm3 = "vm-bbbbbbbbbbbb";
+    tb.publish(&vm_requested(run("3", 1), spec(vm3))).await;
+    assert_eq!(ready(&tb, vm3).await.address, "10.231.1.2/24");
+
+    // vm.failed releases too; releasing a VM never prepared leaves a tombstone.
+    tb.publish(&vm_failed(run("2", 1), vm2)).await;
+    released(&tb, vm2).await;
+    assert!(link(&ns, &r2.tap).is_none());
+    let vm4 = "vm-cccccccccccc";
+    tb.publish(&vm_failed(run("4", 1), vm4)).await;
+    assert_eq!(released(&tb, vm4).await, "nothing was prepared");
+    tb.publish(&vm_requested(run("4", 1), spec(vm4))).await;
+    tb.wait_for("vm4's late request answered", |e| {
+        let rel = e.run.as_ref()?.job_id == "4" && e.id.starts_with("resource.released");
+        rel.then_some(())
+    })
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(
+        !tb.events_of(vm4)
+            .iter()
+            .any(|e| matches!(e.body, Some(Body::NetworkReady(_)))),
+        "no network.ready after the release"
+    );
+    assert!(link(&ns, "wn-cccccccccccc").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pool_exhaustion_and_missing_bridge_fail_with_reasons() {
+    if !privileged() {
+        return;
+    }
+    let ns = hypervisor();
+    let tb = TestBus::start().await;
+    // /30: hosts .1 and .2; .1 is the bridge's, so exactly one VM fits.
+    start(&tb, handler(&ns, "wnbr0", "10.231.1.0/30")).await;
+    tb.publish(&vm_requested(run("1", 1), spec("vm-111111111111")))
+        .await;
+    assert_eq!(ready(&tb, "vm-111111111111").await.address, "10.231.1.2/24");
+    tb.publish(&vm_requested(run("2", 1), spec("vm-222222222222")))
+        .await;
+    let reason = failed(&tb, "vm-222222222222").await;
+    assert!(
+        reason.contains("exhausted") && reason.contains("10.231.1.0/30"),
+        "{reason}"
+    );
+    assert!(link(&ns, "wn-222222222222").is_none());
+    // Releasing the first frees the address for a third.
+    tb.publish(&vm_stopped(run("1", 1), "vm-111111111111"))
+        .await;
+    released(&tb, "vm-111111111111").await;
+    tb.publish(&vm_requested(run("3", 1), spec("vm-333333333333")))
+        .await;
+    assert_eq!(ready(&tb, "vm-333333333333").await.address, "10.231.1.2/24");
+
+    // A missing bridge (another service instance, its own store and consumer).
+    let tb2 = TestBus::start().await;
+    start(&tb2, handler(&ns, "wnbr9", "10.231.1.0/24")).await;
+    tb2.publish(&vm_requested(run("9", 1), spec("vm-999999999999")))
+        .await;
+    let reason = failed(&tb2, "vm-999999999999").await;
+    assert!(
+        reason.contains("wnbr9") && reason.contains("does not exist"),
+        "{reason}"
+    );
+
+    // A VM id that cannot name a tap.
+    tb.publish(&vm_requested(run("5", 1), spec("vm-job-5")))
+        .await;
+    let reason = failed(&tb, "vm-job-5").await;
+    assert!(reason.contains("vm-<12 hex digits>"), "{reason}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reconcile_removes_unknown_taps_and_chains() {
+    if !privileged() {
+        return;
+    }
+    let ns = hypervisor();
+    let store_dir = tempfile::tempdir().unwrap();
+    let store = wnodes_bus::KeyStore::open(&store_dir.path().join("n.db"))
+        .await
+        .unwrap();
+    service::init_store(&store).await.unwrap();
+    let h = handler(&ns, "wnbr0", "10.231.1.0/24");
+    // Strays: a tap and a filter nobody holds, plus a non-tap link that must be left alone.
+    ns.exec(&[
+        "ip",
+        "tuntap",
+        "add",
+        "mode",
+        "tap",
+        "name",
+        "wn-ffffffffffff",
+    ]);
+    h.host
+        .nft_apply(&wnodes_network::nft::vm_script(
+            "wn-eeeeeeeeeeee",
+            wnodes_network::mac::Mac::for_vm("x", 0),
+            "10.231.1.9".parse().unwrap(),
+        ))
+        .await
+        .unwrap();
+    let removed = h.reconcile(&store).await.unwrap();
+    assert!(
+        removed.contains(&"tap wn-ffffffffffff".to_owned()),
+        "{removed:?}"
+    );
+    assert!(
+        removed.contains(&"nft chain wn-eeeeeeeeeeee".to_owned()),
+        "{removed:?}"
+    );
+    assert!(link(&ns, "wn-ffffffffffff").is_none());
+    assert!(!has_chain(&ns, "wn-eeeeeeeeeeee"));
+    assert!(
+        link(&ns, "wnbr0").is_some(),
+        "the bridge (also wn*) is not a tap"
+    );
+    assert!(has_chain(&ns, "prerouting"));
+    // Idempotent.
+    assert!(h.reconcile(&store).await.unwrap().is_empty());
+}
+
+/// `ip netns exec <ns> python3 ...`: a TCP connect to `addr:port` (2 s timeout). Returns
+/// `"refused"` (the SYN reached the host and the RST came back: traffic flows) or `"timeout"`.
+fn probe(ns: &Netns, addr: &str) -> String {
+    const SCRIPT: &str = "import socket,sys\n\
+        try:\n    socket.create_connection((sys.argv[1], 9), timeout=2)\n    print('connected')\n\
+        except ConnectionRefusedError:\n    print('refused')\n\
+        except OSError as e:\n    print('timeout' if isinstance(e, TimeoutError) else 'error:' + str(e))\n";
+    ns.exec(&["python3", "-c", SCRIPT, addr]).trim().to_owned()
+}
+
+/// Replaces tap `tap` (traffic on a tap needs qemu) by a veth whose bridge end has the tap's
+/// name, its other end `eth0` in a new "VM" namespace with `mac` and `addr`.
+fn veth_vm(hv: &Netns, tap: &str, mac: &str, addr: &str) -> Netns {
+    let vm = Netns::new("vm");
+    if link(hv, tap).is_some() {
+        hv.ip(&["link", "del", tap]);
+    }
+    hv.ip(&[
+        "link", "add", tap, "type", "veth", "peer", "name", "eth0", "netns", &vm.0,
+    ]);
+    hv.ip(&["link", "set", tap, "master", "wnbr0", "up"]);
+    vm.ip(&["link", "set", "eth0", "address", mac]);
+    vm.ip(&["addr", "add", addr, "dev", "eth0"]);
+    vm.ip(&["link", "set", "eth0", "up"]);
+    vm
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_vm_cannot_send_with_another_vms_addresses() {
+    if !privileged() {
+        return;
+    }
+    if Command::new("python3").arg("-V").output().is_err() {
+        eprintln!("SKIPPED: python3 (the probe client) is not installed");
+        return;
+    }
+    let hv = hypervisor();
+    let tb = TestBus::start().await;
+    start(&tb, handler(&hv, "wnbr0", "10.231.1.0/24")).await;
+    tb.publish(&vm_requested(run("1", 1), spec("vm-a00000000000")))
+        .await;
+    tb.publish(&vm_requested(run("2", 1), spec("vm-b00000000000")))
+        .await;
+    let a = ready(&tb, "vm-a00000000000").await;
+    let b = ready(&tb, "vm-b00000000000").await;
+
+    // VM B claims A's IPv4 address (with its own MAC; A is not on the wire yet, so without the
+    // filter the gateway would answer B): dropped.
+    let vm_b = veth_vm(&hv, &b.tap, &b.mac, &a.address);
+    assert_eq!(
+        probe(&vm_b, "10.231.1.1"),
+        "timeout",
+        "IP spoofing got through"
+    );
+    // VM B with its own address but A's MAC: dropped.
+    vm_b.ip(&["addr", "flush", "dev", "eth0"]);
+    vm_b.ip(&["addr", "add", &b.address, "dev", "eth0"]);
+    vm_b.ip(&["link", "set", "eth0", "address", &a.mac]);
+    assert_eq!(
+        probe(&vm_b, "10.231.1.1"),
+        "timeout",
+        "MAC spoofing got through"
+    );
+    // VM B as leased: reaches the gateway.
+    vm_b.ip(&["link", "set", "eth0", "address", &b.mac]);
+    hv.ip(&["neigh", "flush", "all"]);
+    assert_eq!(
+        probe(&vm_b, "10.231.1.1"),
+        "refused",
+        "the legitimate VM B is filtered"
+    );
+
+    // VM A as leased: reaches the gateway too.
+    let vm_a = veth_vm(&hv, &a.tap, &a.mac, &a.address);
+    assert_eq!(
+        probe(&vm_a, "10.231.1.1"),
+        "refused",
+        "the legitimate VM A is filtered"
+    );
+
+    // A wn* port that has no filter (no lease) passes nothing.
+    let vm_c = veth_vm(
+        &hv,
+        "wn-c00000000000",
+        "52:54:00:00:00:99",
+        "10.231.1.99/24",
+    );
+    assert_eq!(
+        probe(&vm_c, "10.231.1.1"),
+        "timeout",
+        "an unfiltered wn* port got through"
+    );
+
+    // Control: the filter is what stops it. B on an address nobody leased: dropped; with the
+    // table gone the same probe gets through.
+    vm_b.ip(&["addr", "flush", "dev", "eth0"]);
+    vm_b.ip(&["addr", "add", "10.231.1.77/24", "dev", "eth0"]);
+    assert_eq!(probe(&vm_b, "10.231.1.1"), "timeout");
+    hv.exec(&["nft", "delete", "table", "bridge", "wnodes"]);
+    assert_eq!(
+        probe(&vm_b, "10.231.1.1"),
+        "refused",
+        "the probe cannot see the filter"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn user_mode_needs_nothing_on_the_host_and_says_so() {
+    // No root needed: nothing is made on the host.
+    let tb = TestBus::start().await;
+    let h = NetworkHandler {
+        host: Host::new(None).unwrap(),
+        mode: Mode::User,
+        bridge: "wnbr0".into(),
+        pool: None,
+        source: "network@hv1.test".into(),
+    };
+    start(&tb, h).await;
+    let vm = "vm-0a0a0a0a0a0a";
+    tb.publish(&vm_requested(run("1", 1), spec(vm))).await;
+    let r = ready(&tb, vm).await;
+    assert_eq!(r.mode, proto::NetworkMode::User as i32);
+    assert_eq!(
+        (r.address.as_str(), r.gateway.as_str()),
+        ("10.0.2.15/24", "10.0.2.2")
+    );
+    assert!(!r.address_filtered);
+    assert!(r.tap.is_empty() && r.mac.is_empty());
+    assert!(
+        r.note.contains("per-VM address filtering does not apply"),
+        "{}",
+        r.note
+    );
+    tb.publish(&vm_stopped(run("1", 1), vm)).await;
+    assert!(released(&tb, vm).await.contains("user-mode"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_specs_network_mode_is_honoured() {
+    if !privileged() {
+        return;
+    }
+    let ns = hypervisor();
+    let tb = TestBus::start().await;
+    start(&tb, handler(&ns, "wnbr0", "10.231.1.0/24")).await;
+    let user = proto::VmSpec {
+        vm_id: "vm-0b0b0b0b0b0b".into(),
+        network_mode: proto::NetworkMode::User as i32,
+        ..Default::default()
+    };
+    tb.publish(&vm_requested(run("1", 1), user)).await;
+    let r = ready(&tb, "vm-0b0b0b0b0b0b").await;
+    assert_eq!(r.mode, proto::NetworkMode::User as i32);
+    assert!(
+        link(&ns, "wn-0b0b0b0b0b0b").is_none(),
+        "no tap for a user-mode VM"
+    );
+    let sriov = proto::VmSpec {
+        vm_id: "vm-0c0c0c0c0c0c".into(),
+        network_mode: proto::NetworkMode::Sriov as i32,
+        ..Default::default()
+    };
+    tb.publish(&vm_requested(run("2", 1), sriov)).await;
+    let reason = failed(&tb, "vm-0c0c0c0c0c0c").await;
+    assert!(reason.contains("SR-IOV"), "{reason}");
+    let tap = proto::VmSpec {
+        vm_id: "vm-0d0d0d0d0d0d".into(),
+        network_mode: proto::NetworkMode::VirtioTap as i32,
+        ..Default::default()
+    };
+    tb.publish(&vm_requested(run("3", 1), tap)).await;
+    assert_eq!(
+        ready(&tb, "vm-0d0d0d0d0d0d").await.mode,
+        proto::NetworkMode::VirtioTap as i32
+    );
+}
