@@ -1,0 +1,103 @@
+//! Reading usage records back (the `records` subcommand, tests).
+
+use std::{path::Path, str::FromStr};
+
+use serde::Serialize;
+use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions};
+
+use crate::AccountingError;
+
+/// One usage record, as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
+pub struct UsageRecord {
+    /// `site/lrms/job_id/attempt`.
+    pub run_key: String,
+    pub site: String,
+    pub lrms: String,
+    pub job_id: String,
+    pub run_attempt: i64,
+    /// Hypervisor host name.
+    pub host: String,
+    pub vm_id: String,
+    pub vo: String,
+    /// Local user name.
+    pub user_name: String,
+    pub uid: Option<i64>,
+    pub gid: Option<i64>,
+    pub x509_dn: String,
+    /// JSON array of VOMS FQANs.
+    pub fqans: String,
+    pub queue: String,
+    /// vCPUs (count).
+    pub cores: i64,
+    /// CPU time, user + system (seconds).
+    pub cpu_seconds: f64,
+    /// Peak resident memory (bytes).
+    pub peak_memory_bytes: i64,
+    /// From VM start to stop (seconds).
+    pub wall_seconds: f64,
+    /// The payload's exit status.
+    pub exit_code: i64,
+    /// The exit status the LRMS recorded (from `JobFinished`), when it came.
+    pub lrms_exit_code: Option<i64>,
+    pub stop_reason: String,
+    /// Unix milliseconds.
+    pub started_ms: Option<i64>,
+    /// Unix milliseconds.
+    pub stopped_ms: Option<i64>,
+    /// Unix milliseconds.
+    pub recorded_ms: i64,
+}
+
+const SELECT: &str = "SELECT run_key, site, lrms, job_id, run_attempt, host, vm_id, vo, user_name,
+    uid, gid, x509_dn, fqans, queue, cores, cpu_seconds, peak_memory_bytes, wall_seconds,
+    exit_code, lrms_exit_code, stop_reason, started_ms, stopped_ms, recorded_ms
+    FROM usage_records ORDER BY recorded_ms, run_key";
+
+/// Every record in `pool`, oldest first.
+pub async fn list(pool: &SqlitePool) -> Result<Vec<UsageRecord>, AccountingError> {
+    Ok(sqlx::query_as(SELECT).fetch_all(pool).await?)
+}
+
+/// Opens the accounting database read-only.
+pub async fn open_read_only(path: &Path) -> Result<SqlitePool, AccountingError> {
+    let err = |source| AccountingError::Database {
+        path: path.display().to_string(),
+        source,
+    };
+    let opts = SqliteConnectOptions::from_str("sqlite:")
+        .map_err(err)?
+        .filename(path)
+        .read_only(true);
+    SqlitePoolOptions::new()
+        .max_connections(1)
+        .connect_with(opts)
+        .await
+        .map_err(err)
+}
+
+/// Renders records as an aligned text table.
+pub fn render_table(records: &[UsageRecord]) -> String {
+    let mut out = format!(
+        "{:<40} {:<10} {:<12} {:>5} {:>10} {:>12} {:>10} {:>5} {:>5}  {}\n",
+        "RUN", "VO", "USER", "CORES", "CPU_S", "PEAK_MEM_B", "WALL_S", "EXIT", "LRMS", "HOST"
+    );
+    for r in records {
+        out.push_str(&format!(
+            "{:<40} {:<10} {:<12} {:>5} {:>10.2} {:>12} {:>10.2} {:>5} {:>5}  {}\n",
+            r.run_key,
+            r.vo,
+            r.user_name,
+            r.cores,
+            r.cpu_seconds,
+            r.peak_memory_bytes,
+            r.wall_seconds,
+            r.exit_code,
+            r.lrms_exit_code
+                .map(|c| c.to_string())
+                .unwrap_or_else(|| "-".into()),
+            r.host
+        ));
+    }
+    out
+}

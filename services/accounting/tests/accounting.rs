@@ -1,0 +1,445 @@
+//! Accounting against a real nats-server: one record per run, whatever is redelivered.
+
+// Helpers outside `#[test]` functions are test code too: a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::{path::Path, time::Duration};
+
+use async_nats::jetstream::{self, consumer::DeliverPolicy};
+use futures::StreamExt;
+use prost::Message;
+use tokio_util::sync::CancellationToken;
+use wnodes_accounting::{Accounting, DURABLE, Metrics, filter_subjects, open_store, records};
+use wnodes_bus::{
+    Bus, BusError, BusMetrics, Consumer, ConsumerSpec, ConsumerTuning, EventExt, NatsConfig, proto,
+    proto::event::Body, subject,
+};
+use wnodes_testkit::{NatsServer, wait_until};
+
+const HOST: &str = "hv1.example.org";
+const WAIT: Duration = Duration::from_secs(20);
+
+async fn connect(nats: &NatsServer) -> Bus {
+    let cfg = NatsConfig {
+        url: nats.url(),
+        ..Default::default()
+    };
+    let bus = Bus::connect(&cfg, "test@hv1.example.org", BusMetrics::unregistered())
+        .await
+        .unwrap();
+    bus.ensure_streams().await.unwrap();
+    bus
+}
+
+fn tuning() -> ConsumerTuning {
+    ConsumerTuning {
+        backoff_base: Duration::from_millis(50),
+        backoff_max: Duration::from_millis(200),
+        ..Default::default()
+    }
+}
+
+struct Running {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), BusError>>,
+}
+
+impl Running {
+    async fn stop(self) {
+        self.stop.cancel();
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+async fn start(bus: &Bus, db: &Path) -> Running {
+    start_with(bus, db, Metrics::default()).await
+}
+
+async fn start_with(bus: &Bus, db: &Path, metrics: Metrics) -> Running {
+    let store = open_store(db).await.unwrap();
+    let spec = ConsumerSpec {
+        durable: DURABLE.into(),
+        filter_subjects: filter_subjects().unwrap(),
+        tuning: tuning(),
+    };
+    let handler = Accounting {
+        source: "accounting@central.example.org".into(),
+        metrics,
+    };
+    let consumer = Consumer::create(bus.clone(), store, spec, handler)
+        .await
+        .unwrap();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(consumer.run(stop.clone()));
+    Running { stop, task }
+}
+
+fn run(job_id: &str) -> proto::JobRunRef {
+    proto::JobRunRef {
+        site: "INFN-T1".into(),
+        lrms: proto::Lrms::Htcondor as i32,
+        job_id: job_id.into(),
+        run_attempt: 1,
+    }
+}
+
+fn ts(seconds: i64) -> Option<prost_types::Timestamp> {
+    Some(prost_types::Timestamp { seconds, nanos: 0 })
+}
+
+fn job_started(r: &proto::JobRunRef) -> proto::Event {
+    let job = proto::JobDescription {
+        run: Some(r.clone()),
+        owner: Some(proto::JobOwner {
+            user: "alice".into(),
+            uid: 1000,
+            gid: 100,
+        }),
+        identity: Some(proto::GridIdentity {
+            x509_dn: "/C=IT/O=INFN/CN=Alice".into(),
+            voms_fqans: vec!["/atlas/Role=production".into()],
+            ..Default::default()
+        }),
+        vo: "atlas".into(),
+        queue: "grid".into(),
+        host: HOST.into(),
+        ..Default::default()
+    };
+    proto::Event::build(
+        r.clone(),
+        HOST,
+        "bridge@test",
+        Body::JobStarted(proto::JobStarted {
+            job: Some(job),
+            started_at: ts(1_700_000_000),
+        }),
+    )
+}
+
+fn vm_running(r: &proto::JobRunRef) -> proto::Event {
+    proto::Event::build(
+        r.clone(),
+        HOST,
+        "launcher@test",
+        Body::VmRunning(proto::VmRunning {
+            vm_id: "vm-0123456789ab".into(),
+            pid: 42,
+            accel: "tcg".into(),
+            started_at: ts(1_700_000_010),
+        }),
+    )
+}
+
+fn vm_stopped(r: &proto::JobRunRef, exit_code: i32) -> proto::Event {
+    proto::Event::build(
+        r.clone(),
+        HOST,
+        "launcher@test",
+        Body::VmStopped(proto::VmStopped {
+            vm_id: "vm-0123456789ab".into(),
+            exit_code,
+            output_location: String::new(),
+            usage: Some(proto::VmUsage {
+                cpu_seconds: 12.5,
+                peak_memory_bytes: 256 << 20,
+                wall: Some(prost_types::Duration {
+                    seconds: 30,
+                    nanos: 0,
+                }),
+                cores: 2,
+            }),
+            stopped_at: ts(1_700_000_040),
+            stop_reason: "guest-poweroff".into(),
+            output_tail: String::new(),
+        }),
+    )
+}
+
+fn job_finished(r: &proto::JobRunRef, exit_code: i32) -> proto::Event {
+    proto::Event::build(
+        r.clone(),
+        HOST,
+        "bridge@test",
+        Body::JobFinished(proto::JobFinished {
+            run: Some(r.clone()),
+            exit_code,
+            finished_at: ts(1_700_000_050),
+        }),
+    )
+}
+
+async fn all_records(db: &Path) -> Vec<records::UsageRecord> {
+    let pool = records::open_read_only(db).await.unwrap();
+    let recs = records::list(&pool).await.unwrap();
+    pool.close().await;
+    recs
+}
+
+async fn wait_record(
+    db: &Path,
+    what: &str,
+    pred: impl Fn(&records::UsageRecord) -> bool,
+) -> records::UsageRecord {
+    wait_until(WAIT, what, || async {
+        all_records(db).await.into_iter().find(|r| pred(r))
+    })
+    .await
+    .unwrap()
+}
+
+/// Every event on `filter` in the stream, read with an ordered consumer until it is idle.
+async fn events_on(bus: &Bus, filter: &str) -> Vec<proto::Event> {
+    let stream = bus
+        .jetstream()
+        .get_stream(subject::EVENTS_STREAM)
+        .await
+        .unwrap();
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::OrderedConfig {
+            filter_subject: filter.into(),
+            deliver_policy: DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut msgs = consumer.messages().await.unwrap();
+    let mut out = Vec::new();
+    while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_millis(500), msgs.next()).await
+    {
+        out.push(proto::Event::decode(m.payload.clone()).unwrap());
+    }
+    out
+}
+
+/// Waits until the accounting consumer has acked everything in the stream for it.
+async fn wait_caught_up(bus: &Bus) {
+    let stream = bus
+        .jetstream()
+        .get_stream(subject::EVENTS_STREAM)
+        .await
+        .unwrap();
+    wait_until(WAIT, "the accounting consumer to catch up", || {
+        let stream = stream.clone();
+        async move {
+            let info = stream.consumer_info(DURABLE).await.ok()?;
+            (info.num_pending == 0 && info.num_ack_pending == 0).then_some(())
+        }
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn vm_stopped_writes_one_record_and_publishes_usage_recorded() {
+    let nats = NatsServer::start().await.unwrap();
+    let bus = connect(&nats).await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("accounting.db");
+    let svc = start(&bus, &db).await;
+    let r = run("1001.0");
+    for ev in [job_started(&r), vm_running(&r), vm_stopped(&r, 3)] {
+        bus.publish(&ev).await.unwrap();
+    }
+    let rec = wait_record(&db, "the usage record", |_| true).await;
+    assert_eq!(rec.run_key, "INFN-T1/htcondor/1001.0/1");
+    assert_eq!(
+        (
+            rec.vo.as_str(),
+            rec.user_name.as_str(),
+            rec.x509_dn.as_str()
+        ),
+        ("atlas", "alice", "/C=IT/O=INFN/CN=Alice")
+    );
+    assert_eq!(rec.fqans, r#"["/atlas/Role=production"]"#);
+    assert_eq!((rec.cores, rec.exit_code, rec.lrms_exit_code), (2, 3, None));
+    assert!((rec.cpu_seconds - 12.5).abs() < 1e-9);
+    assert!((rec.wall_seconds - 30.0).abs() < 1e-9);
+    assert_eq!(rec.peak_memory_bytes, 256 << 20);
+    assert_eq!(rec.started_ms, Some(1_700_000_010_000));
+    assert_eq!(rec.stopped_ms, Some(1_700_000_040_000));
+    assert_eq!(rec.host, HOST);
+
+    let filter = subject::event_filter(None, "usage.recorded").unwrap();
+    let evs = wait_until(WAIT, "UsageRecorded", || async {
+        let evs = events_on(&bus, &filter).await;
+        (!evs.is_empty()).then_some(evs)
+    })
+    .await
+    .unwrap();
+    assert_eq!(evs.len(), 1);
+    assert_eq!(evs[0].id, "usage.recorded:INFN-T1/htcondor/1001.0/1");
+    let Some(Body::UsageRecorded(u)) = &evs[0].body else {
+        panic!("not a UsageRecorded: {:?}", evs[0]);
+    };
+    assert_eq!(u.record_id, "INFN-T1/htcondor/1001.0/1");
+    assert_eq!(
+        (u.vo.as_str(), u.user.as_str(), u.exit_code),
+        ("atlas", "alice", 3)
+    );
+    assert_eq!(u.usage.as_ref().map(|u| u.cores), Some(2));
+    svc.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redelivery_after_restart_and_new_message_ids_keep_one_record() {
+    let nats = NatsServer::start().await.unwrap();
+    let bus = connect(&nats).await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("accounting.db");
+    let svc = start(&bus, &db).await;
+    let r = run("2002.0");
+    let stopped = vm_stopped(&r, 0);
+    for ev in [job_started(&r), vm_running(&r), stopped.clone()] {
+        bus.publish(&ev).await.unwrap();
+    }
+    let first = wait_record(&db, "the usage record", |_| true).await;
+    wait_caught_up(&bus).await;
+    svc.stop().await;
+
+    // Restart on the same state: the durable consumer is recreated from scratch, so every
+    // event (VmStopped included) is delivered again.
+    let stream = bus
+        .jetstream()
+        .get_stream(subject::EVENTS_STREAM)
+        .await
+        .unwrap();
+    stream.delete_consumer(DURABLE).await.unwrap();
+    let svc = start(&bus, &db).await;
+
+    // The same VmStopped republished with another Nats-Msg-Id (JetStream stores it again).
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(async_nats::header::NATS_MESSAGE_ID, "republished-by-hand-1");
+    let published = bus
+        .publish_raw(
+            &stopped.subject().unwrap(),
+            headers,
+            bytes::Bytes::from(stopped.encode_to_vec()),
+            "vm.stopped",
+        )
+        .await
+        .unwrap();
+    assert!(!published.duplicate);
+
+    // A VmStopped for the same run under another event id (a producer bug): the handler runs,
+    // and the run key (the PRIMARY KEY) still refuses a second record.
+    let mut other = vm_stopped(&r, 99);
+    other.id = format!("{}#again", other.id);
+    bus.publish(&other).await.unwrap();
+
+    wait_caught_up(&bus).await;
+    let recs = all_records(&db).await;
+    assert_eq!(recs.len(), 1, "{recs:?}");
+    assert_eq!(recs[0], first);
+    let usage = events_on(
+        &bus,
+        &subject::event_filter(None, "usage.recorded").unwrap(),
+    )
+    .await;
+    assert_eq!(usage.len(), 1, "{usage:?}");
+    svc.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn job_finished_before_or_after_vm_stopped_enriches_the_record() {
+    let nats = NatsServer::start().await.unwrap();
+    let bus = connect(&nats).await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("accounting.db");
+    let svc = start(&bus, &db).await;
+
+    let before = run("3003.0");
+    for ev in [
+        job_started(&before),
+        vm_running(&before),
+        job_finished(&before, 7),
+        vm_stopped(&before, 7),
+    ] {
+        bus.publish(&ev).await.unwrap();
+    }
+    let rec = wait_record(&db, "record of the run finished first", |r| {
+        r.job_id == "3003.0"
+    })
+    .await;
+    assert_eq!(rec.lrms_exit_code, Some(7));
+
+    let after = run("4004.0");
+    for ev in [
+        job_started(&after),
+        vm_running(&after),
+        vm_stopped(&after, 9),
+    ] {
+        bus.publish(&ev).await.unwrap();
+    }
+    let rec = wait_record(&db, "record of the run stopped first", |r| {
+        r.job_id == "4004.0"
+    })
+    .await;
+    assert_eq!(rec.lrms_exit_code, None);
+    bus.publish(&job_finished(&after, 9)).await.unwrap();
+    wait_record(&db, "the LRMS exit code on the record", |r| {
+        r.job_id == "4004.0" && r.lrms_exit_code == Some(9)
+    })
+    .await;
+    svc.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn vm_stopped_before_job_started_is_recorded_and_filled_in() {
+    let nats = NatsServer::start().await.unwrap();
+    let bus = connect(&nats).await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("accounting.db");
+    let svc = start(&bus, &db).await;
+    let r = run("5005.0");
+    // No JobStarted yet: the handler waits a few attempts, then records without identity.
+    bus.publish(&vm_stopped(&r, 1)).await.unwrap();
+    let rec = wait_record(&db, "the record without identity", |_| true).await;
+    assert_eq!(rec.vo, "");
+    bus.publish(&job_started(&r)).await.unwrap();
+    wait_record(&db, "the identity filled in", |r| {
+        r.vo == "atlas" && r.user_name == "alice"
+    })
+    .await;
+    let recs = all_records(&db).await;
+    assert_eq!(recs.len(), 1);
+    svc.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_whose_vm_failed_gets_no_record_and_is_counted() {
+    let nats = NatsServer::start().await.unwrap();
+    let bus = connect(&nats).await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("accounting.db");
+    let metrics = Metrics::default();
+    let svc = start_with(&bus, &db, metrics.clone()).await;
+    let failed = run("6006.0");
+    let ok = run("6007.0");
+    bus.publish(&job_started(&failed)).await.unwrap();
+    bus.publish(&proto::Event::build(
+        failed.clone(),
+        HOST,
+        "launcher@test",
+        Body::VmFailed(proto::VmFailed {
+            vm_id: "vm-0123456789ab".into(),
+            reason: "no image configured for VO 'lhcb'".into(),
+            phase: "policy".into(),
+        }),
+    ))
+    .await
+    .unwrap();
+    bus.publish(&job_finished(&failed, 125)).await.unwrap();
+    for ev in [job_started(&ok), vm_running(&ok), vm_stopped(&ok, 0)] {
+        bus.publish(&ev).await.unwrap();
+    }
+    wait_record(&db, "the record of the run that ran", |r| {
+        r.job_id == "6007.0"
+    })
+    .await;
+    wait_caught_up(&bus).await;
+    let recs = all_records(&db).await;
+    assert_eq!(recs.len(), 1, "{recs:?}");
+    assert_eq!(metrics.vm_failed("policy"), 1);
+    assert_eq!(metrics.records(), 1);
+    svc.stop().await;
+}

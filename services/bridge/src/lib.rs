@@ -1,0 +1,132 @@
+//! WNoDeS bridge: where the batch system (LRMS) meets the event bus.
+//!
+//! - [`server`]: `wnodes-bridge serve`, the gRPC service `wnodes.v1.Bridge`
+//!   (`proto/wnodes/v1/bridge.proto`) on `[bridge] grpc_addr` (default `127.0.0.1:9650`),
+//!   optionally over TLS (`tls_cert`, `tls_key`) with client certificates (`client_ca`). Each
+//!   call validates its input (`InvalidArgument` naming the field) and publishes `job.started`,
+//!   `job.finished` or `job.cancelled`; `WaitJob` returns how the run's VM ended.
+//! - [`submit`]: `wnodes-bridge submit`, the minimal job starter run by the LRMS on the
+//!   hypervisor: publishes `JobStarted`, prints progress to stderr, waits for the VM, prints the
+//!   payload's output to stdout, publishes `JobFinished`, and exits with the payload's exit code.
+//! - [`watch`]: following one run's events (an ephemeral ordered consumer).
+//!
+//! `JobStarted` opens the job's trace: the bridge's span `bridge.job_started` is its root (its
+//! parent is the caller's `traceparent` when a gRPC caller sends one).
+//!
+//! # Exit codes of `wnodes-bridge submit`
+//!
+//! | code | meaning |
+//! |---|---|
+//! | 0–255 | the payload's exit code (the VM ran and stopped); codes outside 0–255 become 255 |
+//! | 125 | the VM failed before the payload ran (`VmFailed`; its reason is printed on stderr) |
+//! | 130 | cancelled by SIGINT (Ctrl-C): `JobCancelled` was published and the VM torn down |
+//! | 143 | cancelled by SIGTERM: `JobCancelled` was published and the VM torn down |
+//! | 64 | bad command line or job description (the field is named) |
+//! | 69 | NATS unreachable, or the bus failed while waiting |
+//! | 70 | internal error (e.g. signal handlers could not be installed) |
+//! | 78 | bad configuration |
+//!
+//! A payload can itself exit with 125, 130 or 143; stderr says which case it was.
+
+pub mod server;
+pub mod submit;
+pub mod validate;
+pub mod watch;
+
+use std::{
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    path::PathBuf,
+};
+
+use serde::{Deserialize, Serialize};
+
+/// Default gRPC listen address.
+pub const DEFAULT_GRPC_ADDR: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9650));
+
+/// `[bridge]` section.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address of the gRPC service (default `127.0.0.1:9650`). Env `WNODES_BRIDGE__GRPC_ADDR`.
+    pub grpc_addr: SocketAddr,
+    /// PEM server certificate chain; with `tls_key`, the service speaks TLS only.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificate(s): when set, clients must present a certificate it signed (mTLS).
+    pub client_ca: Option<PathBuf>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            grpc_addr: DEFAULT_GRPC_ADDR,
+            tls_cert: None,
+            tls_key: None,
+            client_ca: None,
+        }
+    }
+}
+
+/// What can go wrong in the bridge.
+#[derive(Debug, thiserror::Error)]
+pub enum BridgeError {
+    #[error(transparent)]
+    Bus(#[from] wnodes_bus::BusError),
+    #[error("JetStream: {0}")]
+    JetStream(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("the event stream ended before the run's VM stopped or failed")]
+    WatchEnded,
+    #[error("{0}")]
+    Invalid(#[from] validate::InvalidInput),
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(toml: &str) -> Result<Config, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wnodes.toml");
+        std::fs::write(
+            &path,
+            format!("site = \"T1\"\nhost = \"c.example.org\"\n{toml}"),
+        )
+        .unwrap();
+        wnodes_runtime::config::load::<Config>("bridge", Some(&path))
+            .map(|c| c.service)
+            .map_err(|e| e.0)
+    }
+
+    #[test]
+    fn reads_the_bridge_section_and_names_unknown_keys() {
+        assert_eq!(load("").unwrap().grpc_addr, DEFAULT_GRPC_ADDR);
+        let c = load(
+            "[bridge]\ngrpc_addr = \"0.0.0.0:9999\"\ntls_cert = \"/c.pem\"\ntls_key = \"/k.pem\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.grpc_addr.port(), 9999);
+        assert_eq!(c.tls_cert.as_deref(), Some(std::path::Path::new("/c.pem")));
+        let e = load("[bridge]\ngrpc_adr = \"0.0.0.0:1\"\n").unwrap_err();
+        assert!(e.contains("grpc_adr"), "{e}");
+        let e = load("[bridge]\ngrpc_addr = \"nowhere\"\n").unwrap_err();
+        assert!(e.contains("grpc_addr"), "{e}");
+    }
+}

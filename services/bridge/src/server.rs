@@ -1,0 +1,318 @@
+//! The gRPC service `wnodes.v1.Bridge`: LRMS integrations report job starts, ends and
+//! cancellations; each call publishes the matching event.
+
+use std::time::SystemTime;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::{
+    Request, Response, Status,
+    metadata::{KeyRef, MetadataMap},
+    transport::{Certificate, Identity, Server, ServerTlsConfig, server::TcpIncoming},
+};
+use tracing::{Instrument, field};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use wnodes_bus::{
+    Bus, ErrorChain, EventExt, Published, event::run_key, proto, proto::bridge_server,
+    proto::event::Body,
+};
+
+use crate::{BridgeError, Config, validate, watch};
+
+/// Reads W3C trace context from gRPC metadata.
+#[derive(Debug)]
+pub struct MetadataExtractor<'a>(pub &'a MetadataMap);
+
+impl opentelemetry::propagation::Extractor for MetadataExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0
+            .keys()
+            .filter_map(|k| match k {
+                KeyRef::Ascii(k) => Some(k.as_str()),
+                KeyRef::Binary(_) => None,
+            })
+            .collect()
+    }
+}
+
+/// The trace context a gRPC caller sent (empty when none: the span becomes a root).
+pub fn caller_context(meta: &MetadataMap) -> opentelemetry::Context {
+    opentelemetry::global::get_text_map_propagator(|p| p.extract(&MetadataExtractor(meta)))
+}
+
+/// Makes `span` a child of `parent`; with an empty `parent`, a root span (a new trace).
+pub fn set_parent(span: &tracing::Span, parent: opentelemetry::Context) {
+    if let Err(e) = span.set_parent(parent) {
+        tracing::debug!(error = %e, "Could not set the span's parent.");
+    }
+}
+
+fn now() -> Option<prost_types::Timestamp> {
+    Some(prost_types::Timestamp::from(SystemTime::now()))
+}
+
+/// The `JobStarted` event of `job` (validated by the caller).
+pub fn job_started_event(
+    job: proto::JobDescription,
+    started_at: Option<prost_types::Timestamp>,
+    source: &str,
+) -> proto::Event {
+    let run = job.run.clone().unwrap_or_default();
+    let host = job.host.clone();
+    proto::Event::build(
+        run,
+        &host,
+        source,
+        Body::JobStarted(proto::JobStarted {
+            job: Some(job),
+            started_at: started_at.or_else(now),
+        }),
+    )
+}
+
+/// The `JobFinished` event of a run.
+pub fn job_finished_event(
+    run: proto::JobRunRef,
+    host: &str,
+    exit_code: i32,
+    finished_at: Option<prost_types::Timestamp>,
+    source: &str,
+) -> proto::Event {
+    proto::Event::build(
+        run.clone(),
+        host,
+        source,
+        Body::JobFinished(proto::JobFinished {
+            run: Some(run),
+            exit_code,
+            finished_at: finished_at.or_else(now),
+        }),
+    )
+}
+
+/// The `JobCancelled` event of a run.
+pub fn job_cancelled_event(
+    run: proto::JobRunRef,
+    host: &str,
+    reason: &str,
+    cancelled_at: Option<prost_types::Timestamp>,
+    source: &str,
+) -> proto::Event {
+    proto::Event::build(
+        run.clone(),
+        host,
+        source,
+        Body::JobCancelled(proto::JobCancelled {
+            run: Some(run),
+            reason: reason.to_owned(),
+            cancelled_at: cancelled_at.or_else(now),
+        }),
+    )
+}
+
+/// The bridge's gRPC service.
+#[derive(Debug, Clone)]
+pub struct BridgeService {
+    bus: Bus,
+    source: String,
+    shutdown: CancellationToken,
+}
+
+impl BridgeService {
+    /// `source` is `"bridge@<host>"`; `shutdown` ends pending `WaitJob` calls.
+    pub fn new(bus: Bus, source: String, shutdown: CancellationToken) -> Self {
+        Self {
+            bus,
+            source,
+            shutdown,
+        }
+    }
+
+    /// Publishes `event` inside `span` and answers with the ack.
+    async fn publish(
+        &self,
+        event: proto::Event,
+        span: tracing::Span,
+    ) -> Result<Response<proto::JobAck>, Status> {
+        span.record("wnodes.run", event.run_key().as_str());
+        let bus = self.bus.clone();
+        async move {
+            let trace_id = wnodes_bus::propagation::current_trace_id();
+            let Published {
+                sequence,
+                duplicate,
+            } = bus.publish(&event).await.map_err(|e| {
+                let msg = ErrorChain(&e).to_string();
+                tracing::error!(error = %msg, id = %event.id, "Cannot publish.");
+                Status::unavailable(format!("cannot publish {}: {msg}", event.id))
+            })?;
+            tracing::info!(id = %event.id, sequence, duplicate, "Published.");
+            Ok(Response::new(proto::JobAck {
+                event_id: event.id.clone(),
+                sequence,
+                duplicate,
+                trace_id,
+            }))
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+fn invalid(e: validate::InvalidInput) -> Status {
+    Status::invalid_argument(e.to_string())
+}
+
+macro_rules! rpc_span {
+    ($name:literal, $method:literal, $meta:expr) => {{
+        let span = tracing::info_span!(
+            $name,
+            otel.kind = "server",
+            rpc.system = "grpc",
+            rpc.service = "wnodes.v1.Bridge",
+            rpc.method = $method,
+            wnodes.run = field::Empty,
+        );
+        set_parent(&span, caller_context($meta));
+        span
+    }};
+}
+
+#[tonic::async_trait]
+impl bridge_server::Bridge for BridgeService {
+    async fn job_started(
+        &self,
+        request: Request<proto::JobStartedRequest>,
+    ) -> Result<Response<proto::JobAck>, Status> {
+        let span = rpc_span!("bridge.job_started", "JobStarted", request.metadata());
+        let req = request.into_inner();
+        validate::job(req.job.as_ref()).map_err(invalid)?;
+        let Some(job) = req.job else {
+            return Err(Status::invalid_argument("job: is required"));
+        };
+        let event = job_started_event(job, req.started_at, &self.source);
+        self.publish(event, span).await
+    }
+
+    async fn job_finished(
+        &self,
+        request: Request<proto::JobFinishedRequest>,
+    ) -> Result<Response<proto::JobAck>, Status> {
+        let span = rpc_span!("bridge.job_finished", "JobFinished", request.metadata());
+        let req = request.into_inner();
+        validate::run("run", req.run.as_ref()).map_err(invalid)?;
+        validate::host("host", &req.host).map_err(invalid)?;
+        let run = req.run.unwrap_or_default();
+        let event =
+            job_finished_event(run, &req.host, req.exit_code, req.finished_at, &self.source);
+        self.publish(event, span).await
+    }
+
+    async fn job_cancelled(
+        &self,
+        request: Request<proto::JobCancelledRequest>,
+    ) -> Result<Response<proto::JobAck>, Status> {
+        let span = rpc_span!("bridge.job_cancelled", "JobCancelled", request.metadata());
+        let req = request.into_inner();
+        validate::run("run", req.run.as_ref()).map_err(invalid)?;
+        validate::host("host", &req.host).map_err(invalid)?;
+        let run = req.run.unwrap_or_default();
+        let event =
+            job_cancelled_event(run, &req.host, &req.reason, req.cancelled_at, &self.source);
+        self.publish(event, span).await
+    }
+
+    async fn wait_job(
+        &self,
+        request: Request<proto::WaitJobRequest>,
+    ) -> Result<Response<proto::JobOutcome>, Status> {
+        let span = rpc_span!("bridge.wait_job", "WaitJob", request.metadata());
+        let req = request.into_inner();
+        validate::run("run", req.run.as_ref()).map_err(invalid)?;
+        validate::host("host", &req.host).map_err(invalid)?;
+        let key = run_key(&req.run.unwrap_or_default());
+        span.record("wnodes.run", key.as_str());
+        let filters = watch::ending_filters(&req.host).map_err(|e| invalid_or_internal(&e))?;
+        let wait = watch::run_outcome(&self.bus, filters, watch::From::All, &key, |_| {});
+        tokio::select! {
+            res = wait.instrument(span) => match res {
+                Ok(outcome) => Ok(Response::new(outcome.to_proto())),
+                Err(e) => Err(Status::unavailable(ErrorChain(&e).to_string())),
+            },
+            _ = self.shutdown.cancelled() => Err(Status::unavailable("the bridge is shutting down")),
+        }
+    }
+}
+
+fn invalid_or_internal(e: &BridgeError) -> Status {
+    match e {
+        BridgeError::Invalid(i) => Status::invalid_argument(i.to_string()),
+        other => Status::internal(ErrorChain(other).to_string()),
+    }
+}
+
+fn read(path: &std::path::Path) -> Result<Vec<u8>, BridgeError> {
+    std::fs::read(path).map_err(|source| BridgeError::Read {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// The TLS settings of `[bridge]`: `None` for plain TCP. Errors name the key.
+pub fn tls_config(cfg: &Config) -> Result<Option<ServerTlsConfig>, BridgeError> {
+    let (cert, key) = match (&cfg.tls_cert, &cfg.tls_key) {
+        (None, None) => {
+            if cfg.client_ca.is_some() {
+                return Err(BridgeError::Config(
+                    "bridge.client_ca: needs bridge.tls_cert and bridge.tls_key".into(),
+                ));
+            }
+            return Ok(None);
+        }
+        (Some(c), Some(k)) => (c, k),
+        (Some(_), None) => {
+            return Err(BridgeError::Config(
+                "bridge.tls_key: required with bridge.tls_cert".into(),
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(BridgeError::Config(
+                "bridge.tls_cert: required with bridge.tls_key".into(),
+            ));
+        }
+    };
+    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?));
+    if let Some(ca) = &cfg.client_ca {
+        tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
+    }
+    Ok(Some(tls))
+}
+
+/// Binds `addr`.
+pub async fn bind(addr: std::net::SocketAddr) -> Result<TcpListener, BridgeError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| BridgeError::Listen { addr, source })
+}
+
+/// Serves `service` on `listener` until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    service: BridgeService,
+    tls: Option<ServerTlsConfig>,
+    shutdown: CancellationToken,
+) -> Result<(), BridgeError> {
+    let mut builder = Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    builder
+        .add_service(bridge_server::BridgeServer::new(service))
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener), shutdown.cancelled_owned())
+        .await?;
+    Ok(())
+}

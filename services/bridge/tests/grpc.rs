@@ -1,0 +1,459 @@
+//! The bridge's gRPC service against a real nats-server.
+
+// Helpers outside `#[test]` functions are test code too: a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::{sync::OnceLock, time::Duration};
+
+use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
+use futures::StreamExt;
+use prost::Message;
+use tokio_util::sync::CancellationToken;
+use tonic::{Code, Request};
+use wnodes_bridge::server::{self, BridgeService};
+use wnodes_bus::{Bus, BusMetrics, EventExt, NatsConfig, proto, proto::event::Body, subject};
+use wnodes_testkit::NatsServer;
+
+const HOST: &str = "hv1.example.org";
+
+/// Installs the runtime's telemetry once per process, so spans have ids and `traceparent`
+/// propagates as in the service.
+fn telemetry() {
+    static T: OnceLock<Option<wnodes_runtime::Telemetry>> = OnceLock::new();
+    T.get_or_init(|| {
+        wnodes_runtime::Telemetry::init("bridge-test", &wnodes_runtime::CommonConfig::default())
+            .ok()
+    });
+}
+
+async fn connect(nats: &NatsServer) -> Bus {
+    let cfg = NatsConfig {
+        url: nats.url(),
+        ..Default::default()
+    };
+    let bus = Bus::connect(&cfg, "test@hv1.example.org", BusMetrics::unregistered())
+        .await
+        .unwrap();
+    bus.ensure_streams().await.unwrap();
+    bus
+}
+
+struct Bridge {
+    client: proto::bridge_client::BridgeClient<tonic::transport::Channel>,
+    stop: CancellationToken,
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+async fn start_bridge(bus: &Bus) -> Bridge {
+    let listener = server::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    let service = BridgeService::new(
+        bus.clone(),
+        "bridge@central.example.org".into(),
+        stop.clone(),
+    );
+    tokio::spawn(server::serve(listener, service, None, stop.clone()));
+    let client = proto::bridge_client::BridgeClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    Bridge { client, stop }
+}
+
+fn run(job_id: &str) -> proto::JobRunRef {
+    proto::JobRunRef {
+        site: "INFN-T1".into(),
+        lrms: proto::Lrms::Slurm as i32,
+        job_id: job_id.into(),
+        run_attempt: 1,
+    }
+}
+
+fn job(job_id: &str) -> proto::JobDescription {
+    proto::JobDescription {
+        run: Some(run(job_id)),
+        vo: "atlas".into(),
+        host: HOST.into(),
+        payload: Some(proto::JobPayload {
+            kind: Some(proto::job_payload::Kind::Command(proto::JobCommand {
+                executable: "/bin/echo".into(),
+                args: vec!["hello".into()],
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The first `n` messages on `filter`.
+async fn messages(bus: &Bus, filter: String, n: usize) -> Vec<async_nats::jetstream::Message> {
+    let stream = bus
+        .jetstream()
+        .get_stream(subject::EVENTS_STREAM)
+        .await
+        .unwrap();
+    let consumer = stream
+        .create_consumer(OrderedConfig {
+            filter_subject: filter,
+            deliver_policy: DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut msgs = consumer.messages().await.unwrap();
+    let mut out = Vec::new();
+    while out.len() < n {
+        let m = tokio::time::timeout(Duration::from_secs(10), msgs.next())
+            .await
+            .expect("message in time")
+            .unwrap()
+            .unwrap();
+        out.push(m);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn job_started_publishes_the_event_under_the_callers_trace() {
+    telemetry();
+    let nats = NatsServer::start().await.unwrap();
+    let bus = connect(&nats).await;
+    let mut bridge = start_bridge(&bus).await;
+
+    let trace = "0af7651916cd43dd8448eb211c80319c";
+    let mut req = Request::new(proto::JobStartedRequest {
+        job: Some(job("4242")),
+        started_at: None,
+    });
+    req.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace}-b7ad6b7169203331-01").parse().unwrap(),
+    );
+    let ack = bridge.client.job_started(req).await.unwrap().into_inner();
+    assert_eq!(ack.event_id, "job.started:INFN-T1/slurm/4242/1");
+    assert!(!ack.duplicate);
+    assert_eq!(ack.trace_id, trace);
+
+    // Without a caller context the span is the root of a new trace.
+    let ack2 = bridge
+        .client
+        .job_started(proto::JobStartedRequest {
+            job: Some(job("4243")),
+            started_at: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(ack2.trace_id, trace);
+    assert_ne!(ack2.trace_id, "0".repeat(32));
+
+    // A retried call is stored once.
+    let again = bridge
+        .client
+        .job_started(proto::JobStartedRequest {
+            job: Some(job("4242")),
+            started_at: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(again.duplicate);
+    assert_eq!(again.sequence, ack.sequence);
+
+    let msgs = messages(
+        &bus,
+        subject::event_filter(Some(HOST), "job.started").unwrap(),
+        2,
+    )
+    .await;
+    let ev = proto::Event::decode(msgs[0].payload.clone()).unwrap();
+    assert_eq!(ev.id, ack.event_id);
+    assert_eq!(ev.host, HOST);
+    assert_eq!(ev.run_key(), "INFN-T1/slurm/4242/1");
+    let Some(Body::JobStarted(js)) = &ev.body else {
+        panic!("not a JobStarted: {ev:?}");
+    };
+    assert_eq!(js.job.as_ref(), Some(&job("4242")));
+    assert!(js.started_at.is_some());
+    let traceparent = msgs[0]
+        .headers
+        .as_ref()
+        .and_then(|h| h.get("traceparent"))
+        .map(|v| v.as_str().to_owned())
+        .unwrap_or_default();
+    assert!(traceparent.contains(trace), "traceparent {traceparent:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn invalid_input_is_rejected_naming_the_field() {
+    let nats = NatsServer::start().await.unwrap();
+    let bus = connect(&nats).await;
+    let mut bridge = start_bridge(&bus).await;
+
+    let mut cases = Vec::new();
+    let mut j = job("");
+    cases.push((j.clone(), "job.run.job_id"));
+    j = job("1");
+    j.host.clear();
+    cases.push((j.clone(), "job.host"));
+    j = job("1");
+    j.host = "HV_1.example.org".into();
+    cases.push((j.clone(), "job.host"));
+    j = job("1");
+    j.run = None;
+    cases.push((j.clone(), "job.run"));
+    j = job("1");
+    j.payload = None;
+    cases.push((j, "job.payload"));
+    for (j, field) in cases {
+        let status = bridge
+            .client
+            .job_started(proto::JobStartedRequest {
+                job: Some(j.clone()),
+                started_at: None,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{j:?}");
+        assert!(
+            status.message().starts_with(&format!("{field}:")),
+            "{field}: {}",
+            status.message()
+        );
+    }
+    let status = bridge
+        .client
+        .job_started(proto::JobStartedRequest::default())
+        .await
+        .unwrap_err();
+    assert!(status.message().starts_with("job:"), "{}", status.message());
+    let status = bridge
+        .client
+        .job_finished(proto::JobFinishedRequest {
+            run: Some(run("1")),
+            host: String::new(),
+            exit_code: 0,
+            finished_at: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().starts_with("host:"),
+        "{}",
+        status.message()
+    );
+    let status = bridge
+        .client
+        .job_cancelled(proto::JobCancelledRequest {
+            run: Some(run("")),
+            host: HOST.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        status.message().starts_with("run.job_id:"),
+        "{}",
+        status.message()
+    );
+    let status = bridge
+        .client
+        .wait_job(proto::WaitJobRequest {
+            run: None,
+            host: HOST.into(),
+        })
+        .await
+        .unwrap_err();
+    assert!(status.message().starts_with("run:"), "{}", status.message());
+
+    // Nothing was published.
+    let stream = bus
+        .jetstream()
+        .get_stream(subject::EVENTS_STREAM)
+        .await
+        .unwrap();
+    let mut stream = stream;
+    assert_eq!(stream.info().await.unwrap().state.messages, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn finished_and_cancelled_publish_and_wait_job_finds_ended_runs() {
+    let nats = NatsServer::start().await.unwrap();
+    let bus = connect(&nats).await;
+    let mut bridge = start_bridge(&bus).await;
+
+    // A run that already ended before WaitJob is called.
+    let stopped = proto::Event::build(
+        run("7"),
+        HOST,
+        "launcher@test",
+        Body::VmStopped(proto::VmStopped {
+            vm_id: "vm-000000000007".into(),
+            exit_code: 3,
+            stop_reason: "guest-poweroff".into(),
+            output_tail: "out\n".into(),
+            ..Default::default()
+        }),
+    );
+    bus.publish(&stopped).await.unwrap();
+    let outcome = bridge
+        .client
+        .wait_job(proto::WaitJobRequest {
+            run: Some(run("7")),
+            host: HOST.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(outcome.run_key, "INFN-T1/slurm/7/1");
+    assert_eq!(outcome.exit_code, 3);
+    assert!(!outcome.cancelled);
+    assert!(matches!(
+        outcome.result,
+        Some(proto::job_outcome::Result::Stopped(ref s)) if s.output_tail == "out\n"
+    ));
+
+    // A run whose VM fails while WaitJob waits; it was cancelled first.
+    let mut client = bridge.client.clone();
+    let waiter = tokio::spawn(async move {
+        client
+            .wait_job(proto::WaitJobRequest {
+                run: Some(run("8")),
+                host: HOST.into(),
+            })
+            .await
+    });
+    let ack = bridge
+        .client
+        .job_cancelled(proto::JobCancelledRequest {
+            run: Some(run("8")),
+            host: HOST.into(),
+            reason: "scancel by user".into(),
+            cancelled_at: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ack.event_id, "job.cancelled:INFN-T1/slurm/8/1");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    bus.publish(&proto::Event::build(
+        run("8"),
+        HOST,
+        "launcher@test",
+        Body::VmFailed(proto::VmFailed {
+            vm_id: "vm-000000000008".into(),
+            reason: "cancelled before the VM started".into(),
+            phase: "launch".into(),
+        }),
+    ))
+    .await
+    .unwrap();
+    let outcome = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap()
+        .into_inner();
+    assert_eq!(outcome.failure_reason, "cancelled before the VM started");
+    assert!(outcome.cancelled);
+
+    let ack = bridge
+        .client
+        .job_finished(proto::JobFinishedRequest {
+            run: Some(run("7")),
+            host: HOST.into(),
+            exit_code: 3,
+            finished_at: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ack.event_id, "job.finished:INFN-T1/slurm/7/1");
+    let msgs = messages(
+        &bus,
+        subject::event_filter(Some(HOST), "job.finished").unwrap(),
+        1,
+    )
+    .await;
+    let ev = proto::Event::decode(msgs[0].payload.clone()).unwrap();
+    assert!(matches!(ev.body, Some(Body::JobFinished(ref f)) if f.exit_code == 3));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tls_with_client_certificates_admits_only_clients_the_ca_signed() {
+    use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+    wnodes_bus::connect::install_crypto_provider();
+    let nats = NatsServer::start().await.unwrap();
+    let bus = connect(&nats).await;
+    let pki = wnodes_testkit::TestPki::generate().unwrap();
+    let cfg = wnodes_bridge::Config {
+        grpc_addr: "127.0.0.1:0".parse().unwrap(),
+        tls_cert: Some(pki.server_cert().to_owned()),
+        tls_key: Some(pki.server_key().to_owned()),
+        client_ca: Some(pki.ca_pem().to_owned()),
+    };
+    let tls = server::tls_config(&cfg).unwrap();
+    assert!(tls.is_some());
+    let listener = server::bind(cfg.grpc_addr).await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let stop = CancellationToken::new();
+    let _guard = stop.clone().drop_guard();
+    let service = BridgeService::new(bus.clone(), "bridge@test".into(), stop.clone());
+    tokio::spawn(server::serve(listener, service, tls, stop.clone()));
+
+    let ca = Certificate::from_pem(std::fs::read(pki.ca_pem()).unwrap());
+    let channel = |identity: Option<Identity>| {
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(ca.clone())
+            .domain_name("localhost");
+        if let Some(id) = identity {
+            tls = tls.identity(id);
+        }
+        Channel::from_shared(format!("https://localhost:{port}"))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+    };
+    let identity = Identity::from_pem(
+        std::fs::read(pki.client_cert()).unwrap(),
+        std::fs::read(pki.client_key()).unwrap(),
+    );
+    let mut client =
+        proto::bridge_client::BridgeClient::new(channel(Some(identity)).connect().await.unwrap());
+    let ack = client
+        .job_started(proto::JobStartedRequest {
+            job: Some(job("5")),
+            started_at: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ack.event_id, "job.started:INFN-T1/slurm/5/1");
+
+    // Without a client certificate the handshake (or the first call) fails.
+    let refused = match channel(None).connect().await {
+        Err(_) => true,
+        Ok(ch) => proto::bridge_client::BridgeClient::new(ch)
+            .job_started(proto::JobStartedRequest {
+                job: Some(job("6")),
+                started_at: None,
+            })
+            .await
+            .is_err(),
+    };
+    assert!(refused, "a client without a certificate was served");
+
+    // Half a TLS configuration is a configuration error naming the key.
+    let half = wnodes_bridge::Config {
+        tls_key: None,
+        ..cfg
+    };
+    let err = server::tls_config(&half).unwrap_err().to_string();
+    assert!(err.contains("bridge.tls_key"), "{err}");
+}
