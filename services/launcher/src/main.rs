@@ -1,14 +1,7 @@
-//! WNoDeS launcher service: not built yet (walking-skeleton issue); starts, reports ready, and waits
-//! for SIGTERM so the runtime wiring is exercised.
-
-#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields, default)]
-struct Config {}
+//! `wnodes-launcher`: the per-host launcher service binary (see the library crate docs).
 
 fn main() -> std::process::ExitCode {
-    wnodes_runtime::main::<Config, _, _>("launcher", 0, |ctx| async move {
-        ctx.ready.set_ready();
-        ctx.shutdown.cancelled().await;
-        Ok(())
+    wnodes_runtime::main::<wnodes_launcher::LauncherConfig, _, _>("launcher", 0, |ctx| async move {
+        wnodes_launcher::service::run(ctx).await
     })
 }

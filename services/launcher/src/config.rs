@@ -1,0 +1,172 @@
+//! The `[launcher]` config section (env `WNODES_LAUNCHER__...`) and the accelerator choice.
+
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::policy::PolicyConfig;
+
+/// Which accelerator qemu uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccelMode {
+    /// Always KVM (production default where the CPU offers VT-x/AMD-V).
+    Kvm,
+    /// Always TCG (software emulation).
+    Tcg,
+    /// KVM only when `/proc/cpuinfo` shows `vmx` or `svm`, else TCG.
+    Auto,
+}
+
+/// The accelerator actually used for a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+impl Accel {
+    /// `"kvm"` or `"tcg"`, as on the qemu command line and in `VmRunning.accel`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Kvm => "kvm",
+            Self::Tcg => "tcg",
+        }
+    }
+}
+
+impl AccelMode {
+    /// Resolves the mode against the text of `/proc/cpuinfo` (never `kvm:tcg`: a KVM that opens
+    /// and then hangs must not be tried).
+    pub fn resolve(self, cpuinfo: &str) -> Accel {
+        match self {
+            Self::Kvm => Accel::Kvm,
+            Self::Tcg => Accel::Tcg,
+            Self::Auto => {
+                let hw = cpuinfo
+                    .lines()
+                    .filter(|l| l.starts_with("flags"))
+                    .flat_map(|l| l.split_whitespace())
+                    .any(|f| f == "vmx" || f == "svm");
+                if hw { Accel::Kvm } else { Accel::Tcg }
+            }
+        }
+    }
+
+    /// Resolves the mode on this machine.
+    pub fn resolve_here(self) -> Accel {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        self.resolve(&cpuinfo)
+    }
+}
+
+/// The launcher's own configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LauncherConfig {
+    /// `kvm`, `tcg` or `auto`.
+    pub accel: AccelMode,
+    /// The qemu binary (looked up in `PATH` when relative).
+    pub qemu_binary: PathBuf,
+    /// Per-VM state directories; default `<state_dir>/vms`.
+    pub vms_dir: Option<PathBuf>,
+    /// A VM not started this long after `vm.requested` fails with phase `deadline`.
+    #[serde(with = "humantime_serde")]
+    pub prepare_deadline: Duration,
+    /// Site policy.
+    pub policy: PolicyConfig,
+}
+
+impl Default for LauncherConfig {
+    fn default() -> Self {
+        Self {
+            accel: AccelMode::Kvm,
+            qemu_binary: PathBuf::from("qemu-system-x86_64"),
+            vms_dir: None,
+            prepare_deadline: Duration::from_secs(120),
+            policy: PolicyConfig::default(),
+        }
+    }
+}
+
+impl LauncherConfig {
+    /// The VM state directory for a service whose state directory is `state_dir`.
+    pub fn vms_dir(&self, state_dir: &Path) -> PathBuf {
+        self.vms_dir
+            .clone()
+            .unwrap_or_else(|| state_dir.join("vms"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_launcher_section_is_read_from_toml() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wnodes.toml");
+        std::fs::write(
+            &path,
+            r#"
+site = "T1"
+host = "hv1.example.org"
+[launcher]
+accel = "auto"
+prepare_deadline = "30s"
+vms_dir = "/srv/vms"
+[launcher.policy]
+network_mode = "user"
+max_cores = 4
+default_walltime = "2h"
+vo_images = { atlas = "el9" }
+[[launcher.policy.storage_exports]]
+name = "home"
+host_path = "/home"
+guest_path = "/shared"
+"#,
+        )
+        .unwrap();
+        let cfg = wnodes_runtime::config::load::<LauncherConfig>("launcher", Some(&path))
+            .unwrap()
+            .service;
+        assert_eq!(cfg.accel, AccelMode::Auto);
+        assert_eq!(cfg.prepare_deadline, Duration::from_secs(30));
+        assert_eq!(cfg.vms_dir(Path::new("/state")), PathBuf::from("/srv/vms"));
+        assert_eq!(cfg.policy.max_cores, 4);
+        assert_eq!(cfg.policy.default_cores, 1);
+        assert_eq!(cfg.policy.default_walltime, Duration::from_secs(7200));
+        assert_eq!(cfg.policy.storage_exports.len(), 1);
+        assert!(!cfg.policy.storage_exports[0].read_only);
+        cfg.policy.validate().unwrap();
+        let defaults = LauncherConfig::default();
+        assert_eq!(
+            defaults.vms_dir(Path::new("/state")),
+            PathBuf::from("/state/vms")
+        );
+        assert_eq!(defaults.prepare_deadline, Duration::from_secs(120));
+
+        std::fs::write(
+            &path,
+            "site = \"T1\"\nhost = \"h\"\n[launcher]\naccel = \"fast\"\n",
+        )
+        .unwrap();
+        let err =
+            wnodes_runtime::config::load::<LauncherConfig>("launcher", Some(&path)).unwrap_err();
+        assert!(err.to_string().contains("accel"), "{err}");
+    }
+
+    #[test]
+    fn auto_chooses_kvm_only_with_vmx_or_svm() {
+        let with = "processor : 0\nflags\t\t: fpu vme vmx sse\n";
+        let without = "processor : 0\nflags\t\t: fpu vme sse hypervisor\n";
+        assert_eq!(AccelMode::Auto.resolve(with), Accel::Kvm);
+        assert_eq!(AccelMode::Auto.resolve("flags : svm"), Accel::Kvm);
+        assert_eq!(AccelMode::Auto.resolve(without), Accel::Tcg);
+        assert_eq!(AccelMode::Kvm.resolve(without), Accel::Kvm);
+        assert_eq!(AccelMode::Tcg.resolve(with), Accel::Tcg);
+    }
+}

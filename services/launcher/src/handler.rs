@@ -1,0 +1,314 @@
+//! The launcher's bus handler: `job.started` (policy → `vm.requested`), `job.cancelled`, and
+//! the four preparation results (the join). Every state change goes through `ctx.tx()`, so it
+//! commits with the message's idempotency key; events go through `ctx.publish`.
+
+use std::sync::Arc;
+
+use prost::Message;
+use wnodes_bus::{Handler, HandlerCtx, HandlerError, proto::event::Body};
+use wnodes_proto::v1::{Event, JobCancelled, JobStarted, VmFailed, VmRequested, VmSpec};
+
+use crate::{
+    join::{self, Decision, Resource, VmRow, VmState},
+    policy,
+    service::{Launcher, current_trace_context},
+    vmstate::{JobRecord, StateError, VmDir},
+};
+
+/// The handler.
+#[derive(Debug, Clone)]
+pub struct LauncherHandler {
+    launcher: Arc<Launcher>,
+}
+
+impl LauncherHandler {
+    pub fn new(launcher: Arc<Launcher>) -> Self {
+        Self { launcher }
+    }
+}
+
+fn retry(e: impl std::error::Error + Send + Sync + 'static) -> HandlerError {
+    HandlerError::retry(Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+}
+
+fn failed(l: &Launcher, row: &VmRow, phase: &str, reason: String) -> Event {
+    l.event(
+        row,
+        Body::VmFailed(VmFailed {
+            vm_id: row.vm_id.clone(),
+            reason,
+            phase: phase.into(),
+        }),
+    )
+}
+
+impl Handler for LauncherHandler {
+    fn name(&self) -> &'static str {
+        "launcher.handle"
+    }
+
+    async fn handle(&self, ctx: &mut HandlerCtx, event: Event) -> Result<(), HandlerError> {
+        let Some(body) = event.body.clone() else {
+            return Err(HandlerError::reject("event without a body"));
+        };
+        match body {
+            Body::JobStarted(js) => self.job_started(ctx, &event, js).await,
+            Body::JobCancelled(jc) => self.job_cancelled(ctx, &event, jc).await,
+            Body::ImageReady(r) => {
+                self.result(ctx, &r.vm_id, Resource::Image, Ok(r.encode_to_vec()))
+                    .await
+            }
+            Body::ImageFailed(f) => {
+                self.result(ctx, &f.vm_id, Resource::Image, Err(f.reason))
+                    .await
+            }
+            Body::ScratchReady(r) => {
+                self.result(ctx, &r.vm_id, Resource::Scratch, Ok(r.encode_to_vec()))
+                    .await
+            }
+            Body::ScratchFailed(f) => {
+                self.result(ctx, &f.vm_id, Resource::Scratch, Err(f.reason))
+                    .await
+            }
+            Body::NetworkReady(r) => {
+                self.result(ctx, &r.vm_id, Resource::Network, Ok(r.encode_to_vec()))
+                    .await
+            }
+            Body::NetworkFailed(f) => {
+                self.result(ctx, &f.vm_id, Resource::Network, Err(f.reason))
+                    .await
+            }
+            Body::StorageReady(r) => {
+                self.result(ctx, &r.vm_id, Resource::Storage, Ok(r.encode_to_vec()))
+                    .await
+            }
+            Body::StorageFailed(f) => {
+                self.result(ctx, &f.vm_id, Resource::Storage, Err(f.reason))
+                    .await
+            }
+            other => {
+                tracing::debug!(event = %wnodes_bus::EventType::of(&other), "Not for the launcher; skipped.");
+                Ok(())
+            }
+        }
+    }
+}
+
+impl LauncherHandler {
+    async fn job_started(
+        &self,
+        ctx: &mut HandlerCtx,
+        event: &Event,
+        js: JobStarted,
+    ) -> Result<(), HandlerError> {
+        let l = &self.launcher;
+        let job = js
+            .job
+            .ok_or_else(|| HandlerError::reject("job.started without a job"))?;
+        let run = event
+            .run
+            .clone()
+            .or_else(|| job.run.clone())
+            .ok_or_else(|| HandlerError::reject("job.started without a run"))?;
+        let vm_id = policy::vm_id(&run);
+        let trace = current_trace_context();
+        let host = if event.host.is_empty() {
+            l.host.clone()
+        } else {
+            event.host.clone()
+        };
+        match l.config.policy.apply(&job) {
+            Ok(spec) => {
+                // Host effect, named after the VM and checked before it is made.
+                let vm = VmDir::new(&l.vms_dir, &spec.vm_id).map_err(HandlerError::reject)?;
+                vm.create().map_err(retry)?;
+                if !vm.job_json().exists() {
+                    vm.write_job(&JobRecord::new(&run, &host, &spec, trace.clone()))
+                        .map_err(retry)?;
+                }
+                let row = VmRow::new(&run, &host, spec.clone(), VmState::Preparing, trace);
+                let conn = ctx.tx().await?;
+                if let Some(existing) = join::load(&mut *conn, &vm_id).await.map_err(retry)?
+                    && existing.state.is_final()
+                {
+                    tracing::info!(
+                        vm_id,
+                        state = existing.state.as_str(),
+                        "Job started for a VM already finished (cancelled first?); ignored."
+                    );
+                    return Ok(());
+                }
+                join::insert(&mut *conn, &row).await.map_err(retry)?;
+                tracing::info!(vm_id, image = %spec.image, cores = spec.cores, memory = spec.memory_bytes, "VM requested.");
+                ctx.publish(l.event(&row, Body::VmRequested(VmRequested { spec: Some(spec) })));
+            }
+            Err(e) => {
+                tracing::info!(vm_id, error = %e, "Job refused by policy.");
+                let spec = VmSpec {
+                    vm_id: vm_id.clone(),
+                    vo: job.vo.clone(),
+                    ..Default::default()
+                };
+                let row = VmRow::new(&run, &host, spec, VmState::Failed, trace);
+                let conn = ctx.tx().await?;
+                if join::load(&mut *conn, &vm_id)
+                    .await
+                    .map_err(retry)?
+                    .is_some()
+                {
+                    return Ok(());
+                }
+                join::insert(&mut *conn, &row).await.map_err(retry)?;
+                ctx.publish(failed(l, &row, "policy", e.to_string()));
+            }
+        }
+        Ok(())
+    }
+
+    async fn job_cancelled(
+        &self,
+        ctx: &mut HandlerCtx,
+        event: &Event,
+        jc: JobCancelled,
+    ) -> Result<(), HandlerError> {
+        let l = &self.launcher;
+        let run = event
+            .run
+            .clone()
+            .or_else(|| jc.run.clone())
+            .ok_or_else(|| HandlerError::reject("job.cancelled without a run"))?;
+        let vm_id = policy::vm_id(&run);
+        let reason = if jc.reason.is_empty() {
+            "cancelled".to_owned()
+        } else {
+            jc.reason.clone()
+        };
+        let conn = ctx.tx().await?;
+        let row = join::load(&mut *conn, &vm_id).await.map_err(retry)?;
+        match row {
+            None => {
+                // Cancelled before it started here: a tombstone refuses a late job.started.
+                let host = if event.host.is_empty() {
+                    l.host.clone()
+                } else {
+                    event.host.clone()
+                };
+                let spec = VmSpec {
+                    vm_id: vm_id.clone(),
+                    ..Default::default()
+                };
+                let mut row =
+                    VmRow::new(&run, &host, spec, VmState::Failed, current_trace_context());
+                row.cancel_reason = Some(reason.clone());
+                join::insert(&mut *conn, &row).await.map_err(retry)?;
+                ctx.publish(failed(l, &row, "cancelled", reason));
+            }
+            Some(row) if row.state == VmState::Preparing => {
+                join::transition(
+                    &mut *conn,
+                    &vm_id,
+                    VmState::Preparing,
+                    VmState::Failed,
+                    None,
+                    None,
+                )
+                .await
+                .map_err(retry)?;
+                join::set_cancel_reason(&mut *conn, &vm_id, &reason)
+                    .await
+                    .map_err(retry)?;
+                tracing::info!(vm_id, reason, "Cancelled while preparing.");
+                ctx.publish(failed(l, &row, "cancelled", reason));
+            }
+            Some(row) if matches!(row.state, VmState::Launching | VmState::Running) => {
+                join::set_cancel_reason(&mut *conn, &vm_id, &reason)
+                    .await
+                    .map_err(retry)?;
+                tracing::info!(
+                    vm_id,
+                    reason,
+                    state = row.state.as_str(),
+                    "Cancelling the VM."
+                );
+                if row.state == VmState::Running {
+                    // Runs once this transaction has committed (single write connection).
+                    l.spawn_stop(vm_id);
+                }
+                // Launching: the starter sees the reason before or right after qemu starts.
+            }
+            Some(_) => tracing::debug!(vm_id, "Cancel for a finished VM; ignored."),
+        }
+        Ok(())
+    }
+
+    async fn result(
+        &self,
+        ctx: &mut HandlerCtx,
+        vm_id: &str,
+        resource: Resource,
+        outcome: Result<Vec<u8>, String>,
+    ) -> Result<(), HandlerError> {
+        let l = &self.launcher;
+        if !policy::is_valid_vm_id(vm_id) {
+            return Err(HandlerError::reject(StateError::InvalidVmId(
+                vm_id.to_owned(),
+            )));
+        }
+        let conn = ctx.tx().await?;
+        let row = join::load(&mut *conn, vm_id).await.map_err(retry)?;
+        let failure = outcome.as_ref().err().map(String::as_str);
+        match join::decide(row.as_ref(), resource, failure) {
+            Decision::Ignore(why) => {
+                tracing::info!(vm_id, resource = resource.name(), why, "Result ignored.");
+            }
+            Decision::Wait => {
+                if let Ok(bytes) = outcome {
+                    join::store_result(&mut *conn, vm_id, resource, bytes)
+                        .await
+                        .map_err(retry)?;
+                }
+                tracing::info!(
+                    vm_id,
+                    resource = resource.name(),
+                    "Result recorded; waiting for the others."
+                );
+            }
+            Decision::Launch => {
+                if let Ok(bytes) = outcome {
+                    join::store_result(&mut *conn, vm_id, resource, bytes)
+                        .await
+                        .map_err(retry)?;
+                }
+                join::transition(
+                    &mut *conn,
+                    vm_id,
+                    VmState::Preparing,
+                    VmState::Launching,
+                    None,
+                    None,
+                )
+                .await
+                .map_err(retry)?;
+                tracing::info!(vm_id, "All four results in; starting the VM.");
+                l.request_start(vm_id);
+            }
+            Decision::Fail { phase, reason } => {
+                join::transition(
+                    &mut *conn,
+                    vm_id,
+                    VmState::Preparing,
+                    VmState::Failed,
+                    None,
+                    None,
+                )
+                .await
+                .map_err(retry)?;
+                if let Some(row) = row {
+                    tracing::info!(vm_id, phase, reason, "Preparation failed.");
+                    ctx.publish(failed(l, &row, phase, reason));
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,45 @@
+//! The WNoDeS launcher: turns a started job into a qemu VM on this host and reports its life on
+//! the bus (`docs/job-flow-contract.md`, `guest/README.md`).
+//!
+//! | module | what it holds |
+//! |---|---|
+//! | [`config`] | the `[launcher]` config section, accelerator choice |
+//! | [`policy`] | site policy: job request → [`VmSpec`](wnodes_proto::v1::VmSpec), VM ids |
+//! | [`join`] | the per-VM state machine and its SQLite table (joins the four preparation results) |
+//! | [`qemu`] | the qemu command line, the payload script, spawning qemu detached (`-daemonize`) |
+//! | [`qmp`] | a minimal QMP client (powerdown / quit) over the VM's unix socket |
+//! | [`vmstate`] | the per-VM state directory: `job.json`, `running.json`, serial files, liveness |
+//! | [`usage`] | CPU and peak memory: per-VM cgroup v2 when available, else `/proc` samples in `usage.json` |
+//! | [`watch`] | waits for a VM's qemu to exit (also after a launcher restart) and collects the result |
+//! | [`handler`] | the bus handler (`job.started`, `job.cancelled`, the four results) |
+//! | [`service`] | wiring: reattach on start, the starter, the deadline task, publishing `vm.*` events |
+//!
+//! Flow (see [`join`] for the state machine): `job.started` → policy → `vm.requested` (or
+//! `vm.failed` phase `policy`); the four results are joined per VM in `launcher_vms`; when all
+//! are ready the starter runs qemu and publishes `vm.running`; a watcher waits for qemu's exit
+//! and publishes `vm.stopped` (exit code from `status.log`, output tail, host-measured usage).
+//! Any preparation failure, a cancellation before start, or the preparation deadline ends the
+//! run with `vm.failed`; exactly one of `vm.stopped`/`vm.failed` is published per run.
+//!
+//! What survives a launcher crash lives in `<vms_dir>/<vm_id>/` (qemu's pid file, QMP socket,
+//! serial files, the persisted job and trace context, usage samples) and in the `launcher_vms`
+//! table; qemu runs detached (`-daemonize`, its own session) and is never killed when the
+//! launcher stops. On start the launcher reattaches a watcher to every VM marked running (a
+//! qemu that exited meanwhile is finished from its state directory at once), adopts a qemu
+//! started just before a crash, and republishes events that were not acknowledged.
+//!
+//! Deployment note: under systemd the unit needs `KillMode=process` unless qemu is moved to
+//! its own cgroup (cgroup v2 hosts, see [`usage`]), or stopping the service kills the VMs.
+
+pub mod config;
+pub mod handler;
+pub mod join;
+pub mod policy;
+pub mod qemu;
+pub mod qmp;
+pub mod service;
+pub mod usage;
+pub mod vmstate;
+pub mod watch;
+
+pub use config::LauncherConfig;

@@ -1,0 +1,148 @@
+//! Waits for a VM's qemu to exit and collects what the run produced. Works the same for a VM
+//! this launcher started and for one found running (or already gone) after a restart: all it
+//! needs is the state directory.
+
+use std::time::{Duration, SystemTime};
+
+use crate::{
+    qmp,
+    usage::{self, UsageSample},
+    vmstate::{self, GuestStatus, StateError, UsageSource, VmDir},
+};
+
+/// How the watcher behaves.
+#[derive(Debug, Clone)]
+pub struct WatchOptions {
+    /// How often qemu's liveness is checked (and `/proc` sampled).
+    pub poll: Duration,
+    /// How often samples are persisted to `usage.json`.
+    pub persist_every: Duration,
+    /// Grace between `system_powerdown` and `quit` when the walltime is over.
+    pub powerdown_grace: Duration,
+}
+
+impl Default for WatchOptions {
+    fn default() -> Self {
+        Self {
+            poll: Duration::from_millis(250),
+            persist_every: Duration::from_secs(1),
+            powerdown_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Why the VM stopped (`VmStopped.stop_reason`).
+pub const STOP_GUEST_POWEROFF: &str = "guest-poweroff";
+pub const STOP_QEMU_EXITED: &str = "qemu-exited";
+pub const STOP_WALLTIME: &str = "walltime";
+pub const STOP_CANCELLED: &str = "cancelled";
+
+/// The result of a VM run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VmExit {
+    /// The payload's exit status; -1 when the guest never reported one.
+    pub exit_code: i32,
+    pub guest: GuestStatus,
+    pub usage: UsageSample,
+    pub cores: u32,
+    pub started_at: SystemTime,
+    pub stopped_at: SystemTime,
+    pub stop_reason: &'static str,
+    pub output_tail: String,
+    /// False when qemu had already exited before this watcher looked (launcher was down).
+    pub observed_exit: bool,
+}
+
+impl VmExit {
+    /// From `VmRunning` to `VmStopped`.
+    pub fn wall(&self) -> Duration {
+        self.stopped_at
+            .duration_since(self.started_at)
+            .unwrap_or_default()
+    }
+}
+
+/// A watcher problem.
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    #[error("{0}: qemu was never started (no running.json)")]
+    NotStarted(String),
+    #[error(transparent)]
+    State(#[from] StateError),
+}
+
+/// Waits until the VM's qemu has exited, enforcing the walltime, then returns the result.
+pub async fn watch(vm: &VmDir, opts: &WatchOptions) -> Result<VmExit, WatchError> {
+    let running = vm
+        .read_running()?
+        .ok_or_else(|| WatchError::NotStarted(vm.vm_id().to_owned()))?;
+    let pid = running.pid;
+    let started_at = vmstate::from_unix_ms(running.started_at_ms);
+    let walltime = (running.walltime_secs > 0).then(|| Duration::from_secs(running.walltime_secs));
+    let sample_proc = running.usage == UsageSource::Proc;
+    let mut last: Option<UsageSample> = sample_proc.then(|| usage::read_usage_file(vm));
+    // The first sample is persisted at once, then at most every `persist_every`.
+    let mut last_persist: Option<tokio::time::Instant> = None;
+    let mut observed = false;
+    let mut forced: Option<&'static str> = None;
+    while vm.qemu_alive(pid) {
+        observed = true;
+        if sample_proc && let Some(s) = usage::sample_proc(pid) {
+            let merged = last.map_or(s, |l| l.max(s));
+            last = Some(merged);
+            if last_persist.is_none_or(|t| t.elapsed() >= opts.persist_every) {
+                if let Err(e) = usage::write_usage_file(vm, &merged) {
+                    tracing::warn!(vm_id = vm.vm_id(), error = %e, "Cannot persist usage.");
+                }
+                last_persist = Some(tokio::time::Instant::now());
+            }
+        }
+        if forced.is_none()
+            && let Some(w) = walltime
+            && SystemTime::now()
+                .duration_since(started_at)
+                .unwrap_or_default()
+                > w
+        {
+            tracing::info!(vm_id = vm.vm_id(), walltime = ?w, "Walltime over; stopping the VM.");
+            forced = Some(STOP_WALLTIME);
+            if let Err(e) = qmp::stop_vm(&vm.qmp_socket(), opts.powerdown_grace, || {
+                vm.qemu_alive(pid)
+            })
+            .await
+            {
+                tracing::warn!(vm_id = vm.vm_id(), error = %e, "Cannot stop the VM through QMP.");
+            }
+        }
+        tokio::time::sleep(opts.poll).await;
+    }
+    let usage = usage::final_usage(vm, &running.usage, last);
+    if sample_proc && let Err(e) = usage::write_usage_file(vm, &usage) {
+        tracing::warn!(vm_id = vm.vm_id(), error = %e, "Cannot persist usage.");
+    }
+    if let UsageSource::Cgroup { path } = &running.usage {
+        usage::remove_cgroup(path);
+    }
+    let stopped_at = if observed {
+        SystemTime::now()
+    } else {
+        vm.last_serial_write().unwrap_or_else(SystemTime::now)
+    };
+    let guest = vm.guest_status();
+    let stop_reason = forced.unwrap_or(if guest.exit_code.is_some() {
+        STOP_GUEST_POWEROFF
+    } else {
+        STOP_QEMU_EXITED
+    });
+    Ok(VmExit {
+        exit_code: guest.exit_code.unwrap_or(-1),
+        guest,
+        usage,
+        cores: running.cores,
+        started_at,
+        stopped_at: stopped_at.max(started_at),
+        stop_reason,
+        output_tail: vm.output_tail()?,
+        observed_exit: observed,
+    })
+}

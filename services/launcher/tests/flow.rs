@@ -1,0 +1,355 @@
+//! The launcher on a real NATS server (testkit), with a real VM: `job.started` → `vm.requested`,
+//! the four results faked → `vm.running` → `vm.stopped`; policy refusal, cancellation, the
+//! preparation deadline, and a launcher restart that reattaches to a running VM.
+//! VM-booting tests are named `vm_*` (see `tests/vm.rs`).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{path::PathBuf, time::Duration};
+
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use wnodes_bus::{Bus, BusMetrics, ConsumerTuning, KeyStore, NatsConfig, proto::event::Body};
+use wnodes_launcher::{
+    LauncherConfig,
+    config::AccelMode,
+    join::{self, VmState},
+    policy::{NetworkModeConfig, PolicyConfig},
+    service::{self, Deps},
+};
+use wnodes_proto::v1::{ImageReady, JobCancelled, JobRunRef};
+use wnodes_testkit::{nats::NatsServer, wait::wait_until};
+
+mod common;
+
+use common::{
+    HOST, LONG, ev, job_started, last_event, last_event_traced, run, vm_id_of, vm_lock, wait_event,
+};
+
+struct Env {
+    _nats: NatsServer,
+    dir: tempfile::TempDir,
+    bus: Bus,
+    store: KeyStore,
+    guest: PathBuf,
+}
+
+async fn env() -> Env {
+    let nats = NatsServer::start().await.unwrap();
+    wnodes_bus::connect::install_crypto_provider();
+    let cfg = NatsConfig {
+        url: nats.url(),
+        ..Default::default()
+    };
+    let bus = Bus::connect(
+        &cfg,
+        &format!("launcher@{HOST}"),
+        BusMetrics::unregistered(),
+    )
+    .await
+    .unwrap();
+    bus.ensure_streams().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = KeyStore::open(&dir.path().join("keys.db")).await.unwrap();
+    Env {
+        _nats: nats,
+        dir,
+        bus,
+        store,
+        guest: common::guest_dir(),
+    }
+}
+
+impl Drop for Env {
+    /// A failed test must not leave its VMs running.
+    fn drop(&mut self) {
+        common::kill_vms_under(&self.dir.path().join("vms"));
+    }
+}
+
+fn deps(env: &Env, prepare_deadline: Duration) -> Deps {
+    let config = LauncherConfig {
+        accel: AccelMode::Tcg,
+        prepare_deadline,
+        policy: PolicyConfig {
+            vo_images: [("atlas".to_string(), "wnodes-test".to_string())].into(),
+            network_mode: NetworkModeConfig::User,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    Deps {
+        config,
+        bus: env.bus.clone(),
+        store: env.store.clone(),
+        host: HOST.into(),
+        source: format!("launcher@{HOST}"),
+        state_dir: env.dir.path().to_path_buf(),
+        tuning: ConsumerTuning {
+            backoff_base: Duration::from_millis(100),
+            shutdown_grace: Duration::from_secs(2),
+            ..Default::default()
+        },
+    }
+}
+
+/// Runs the launcher until the returned token is cancelled; waits until it is ready.
+async fn start(deps: Deps) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+    let shutdown = CancellationToken::new();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let token = shutdown.clone();
+    let handle = tokio::spawn(async move {
+        let r = service::serve(deps, token, move || {
+            let _ = tx.send(());
+        })
+        .await;
+        if let Err(e) = r {
+            panic!("launcher failed: {e}");
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(30), rx)
+        .await
+        .expect("launcher ready in time")
+        .expect("launcher ready");
+    (shutdown, handle)
+}
+
+async fn publish_ready(env: &Env, run: &JobRunRef, vm_id: &str) {
+    for b in common::ready_bodies(&env.guest, vm_id) {
+        env.bus.publish(&common::ev(run, b)).await.unwrap();
+    }
+}
+
+async fn row_state(store: &KeyStore, vm_id: &str) -> Option<join::VmRow> {
+    let mut conn = store.pool().acquire().await.ok()?;
+    join::load(&mut conn, vm_id).await.ok().flatten()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn vm_nats_job_runs_to_vm_stopped_and_refusals_fail() {
+    let _lock = vm_lock();
+    let env = env().await;
+    let (shutdown, handle) = start(deps(&env, Duration::from_secs(6))).await;
+
+    // The happy path: a real VM.
+    let r1 = run("flow-1");
+    env.bus
+        .publish(&job_started(&r1, "atlas", "echo hi; exit 3"))
+        .await
+        .unwrap();
+    let requested = wait_event(&env.bus, "vm.requested", &r1).await;
+    let vm_id = vm_id_of(&requested);
+    assert_eq!(vm_id, wnodes_launcher::policy::vm_id(&r1));
+    publish_ready(&env, &r1, &vm_id).await;
+    let running = wait_event(&env.bus, "vm.running", &r1).await;
+    let Some(Body::VmRunning(running)) = running.body else {
+        panic!()
+    };
+    assert_eq!(running.accel, "tcg");
+    assert!(running.pid > 0);
+    let stopped = wait_event(&env.bus, "vm.stopped", &r1).await;
+    assert_eq!(
+        stopped.id,
+        format!("vm.stopped:{}", wnodes_bus::event::run_key(&r1))
+    );
+    let Some(Body::VmStopped(stopped)) = stopped.body else {
+        panic!()
+    };
+    assert_eq!(stopped.exit_code, 3);
+    assert_eq!(stopped.output_tail, "hi\n");
+    assert_eq!(stopped.stop_reason, "guest-poweroff");
+    assert!(
+        stopped
+            .output_location
+            .ends_with(&format!("{vm_id}/output.log"))
+    );
+    let usage = stopped.usage.unwrap();
+    assert!(usage.cpu_seconds > 0.1, "{usage:?}");
+    assert!(usage.peak_memory_bytes > 10 << 20, "{usage:?}");
+    assert_eq!(usage.cores, 1);
+    let row = wait_until(LONG, "row stopped with nothing pending", || async {
+        row_state(&env.store, &vm_id)
+            .await
+            .filter(|r| r.state == VmState::Stopped && r.pending.is_none())
+    })
+    .await
+    .unwrap();
+    assert_eq!(row.pid, Some(running.pid));
+    let job = wnodes_launcher::vmstate::VmDir::new(&env.dir.path().join("vms"), &vm_id)
+        .unwrap()
+        .read_job()
+        .unwrap();
+    assert_eq!(job.vo, "atlas");
+
+    // A result for a VM that already stopped is ignored.
+    publish_ready(&env, &r1, &vm_id).await;
+
+    // Policy: a VO without an image.
+    let r2 = run("flow-2");
+    env.bus
+        .publish(&job_started(&r2, "lhcb", "true"))
+        .await
+        .unwrap();
+    let failed = wait_event(&env.bus, "vm.failed", &r2).await;
+    let Some(Body::VmFailed(f)) = failed.body else {
+        panic!()
+    };
+    assert_eq!(
+        (f.phase.as_str(), f.reason.as_str()),
+        ("policy", "no image configured for VO 'lhcb'")
+    );
+
+    // Cancelled while preparing.
+    let r3 = run("flow-3");
+    env.bus
+        .publish(&job_started(&r3, "atlas", "true"))
+        .await
+        .unwrap();
+    wait_event(&env.bus, "vm.requested", &r3).await;
+    env.bus
+        .publish(&ev(
+            &r3,
+            Body::JobCancelled(JobCancelled {
+                run: Some(r3.clone()),
+                reason: "condor_rm by user".into(),
+                cancelled_at: None,
+            }),
+        ))
+        .await
+        .unwrap();
+    let failed = wait_event(&env.bus, "vm.failed", &r3).await;
+    let Some(Body::VmFailed(f)) = failed.body else {
+        panic!()
+    };
+    assert_eq!(
+        (f.phase.as_str(), f.reason.as_str()),
+        ("cancelled", "condor_rm by user")
+    );
+
+    // Deadline: only the image arrives.
+    let r4 = run("flow-4");
+    env.bus
+        .publish(&job_started(&r4, "atlas", "true"))
+        .await
+        .unwrap();
+    let vm4 = vm_id_of(&wait_event(&env.bus, "vm.requested", &r4).await);
+    env.bus
+        .publish(&ev(
+            &r4,
+            Body::ImageReady(ImageReady {
+                vm_id: vm4.clone(),
+                path: "/nonexistent".into(),
+                ..Default::default()
+            }),
+        ))
+        .await
+        .unwrap();
+    let failed = wait_event(&env.bus, "vm.failed", &r4).await;
+    let Some(Body::VmFailed(f)) = failed.body else {
+        panic!()
+    };
+    assert_eq!(f.phase, "deadline");
+    assert!(
+        f.reason.ends_with("missing: scratch, network, storage"),
+        "{}",
+        f.reason
+    );
+
+    shutdown.cancel();
+    handle.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn vm_nats_launcher_restart_reattaches_to_a_running_vm() {
+    let _lock = vm_lock();
+    let env = env().await;
+    // Spans with real ids and the W3C propagator, as the service runtime installs them.
+    let _telemetry =
+        wnodes_runtime::Telemetry::init("launcher-test", &wnodes_runtime::CommonConfig::default())
+            .unwrap();
+    let (shutdown, handle) = start(deps(&env, Duration::from_secs(120))).await;
+    let r = run("restart-1");
+    let submit = tracing::info_span!("test.submit");
+    let trace_id = {
+        let _e = submit.enter();
+        wnodes_bus::propagation::current_trace_id()
+    };
+    assert_ne!(trace_id, "0".repeat(32));
+    env.bus
+        .publish(&job_started(&r, "atlas", "sleep 3; echo late; exit 4"))
+        .instrument(submit)
+        .await
+        .unwrap();
+    let vm_id = vm_id_of(&wait_event(&env.bus, "vm.requested", &r).await);
+    publish_ready(&env, &r, &vm_id).await;
+    let running = wait_event(&env.bus, "vm.running", &r).await;
+    let Some(Body::VmRunning(running)) = running.body else {
+        panic!()
+    };
+
+    // SIGTERM-like stop of the launcher: the VM keeps running.
+    shutdown.cancel();
+    handle.await.unwrap();
+    let vm = wnodes_launcher::vmstate::VmDir::new(&env.dir.path().join("vms"), &vm_id).unwrap();
+    assert!(vm.qemu_alive(running.pid), "qemu survives the launcher");
+    assert!(last_event(&env.bus, "vm.stopped").await.is_none());
+
+    // A new launcher reattaches and reports the end.
+    let (shutdown, handle) = start(deps(&env, Duration::from_secs(120))).await;
+    let stopped = wait_event(&env.bus, "vm.stopped", &r).await;
+    let Some(Body::VmStopped(stopped)) = stopped.body else {
+        panic!()
+    };
+    assert_eq!(stopped.exit_code, 4);
+    assert_eq!(stopped.output_tail, "late\n");
+    assert!(stopped.usage.unwrap().cpu_seconds > 0.1);
+    // vm.stopped, published by the second launcher, is in the job's trace (persisted context).
+    let (_, traceparent) = last_event_traced(&env.bus, "vm.stopped").await.unwrap();
+    assert_eq!(
+        traceparent.split('-').nth(1),
+        Some(trace_id.as_str()),
+        "{traceparent}"
+    );
+    let job = wnodes_launcher::vmstate::VmDir::new(&env.dir.path().join("vms"), &vm_id)
+        .unwrap()
+        .read_job()
+        .unwrap();
+    assert!(job.trace_context["traceparent"].contains(&trace_id));
+    shutdown.cancel();
+    handle.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn vm_nats_cancel_stops_a_running_vm() {
+    let _lock = vm_lock();
+    let env = env().await;
+    let (shutdown, handle) = start(deps(&env, Duration::from_secs(120))).await;
+    let r = run("cancel-1");
+    env.bus
+        .publish(&job_started(&r, "atlas", "sleep 600"))
+        .await
+        .unwrap();
+    let vm_id = vm_id_of(&wait_event(&env.bus, "vm.requested", &r).await);
+    publish_ready(&env, &r, &vm_id).await;
+    wait_event(&env.bus, "vm.running", &r).await;
+    env.bus
+        .publish(&ev(
+            &r,
+            Body::JobCancelled(JobCancelled {
+                run: Some(r.clone()),
+                reason: "condor_rm by user".into(),
+                cancelled_at: None,
+            }),
+        ))
+        .await
+        .unwrap();
+    let stopped = wait_event(&env.bus, "vm.stopped", &r).await;
+    let Some(Body::VmStopped(stopped)) = stopped.body else {
+        panic!()
+    };
+    assert_eq!(stopped.stop_reason, "cancelled");
+    assert_eq!(stopped.exit_code, -1);
+    assert!(last_event(&env.bus, "vm.failed").await.is_none());
+    shutdown.cancel();
+    handle.await.unwrap();
+}
