@@ -77,6 +77,8 @@ impl Telemetry {
                 .with(
                     tracing_subscriber::fmt::layer()
                         .with_writer(std::io::stderr)
+                        // Colours only on a terminal: log files and collectors get plain text.
+                        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                         .with_filter(filter),
                 )
                 .try_init(),

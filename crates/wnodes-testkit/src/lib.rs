@@ -6,6 +6,7 @@
 //! | [`nats_auth`] | nats-server config blocks and client credentials for every auth method: user/password ([`user_password_block`]), token ([`token_block`]), NKEY ([`nkey_user`], [`nkey_block`]) and decentralised JWT ([`jwt_auth`]: operator, account with JetStream, user `.creds` file). |
 //! | [`pki`] | [`TestPki`]: a throwaway CA with a server certificate (`127.0.0.1`, `localhost`) and a client certificate, as PEM files, plus the matching nats-server `tls { }` block. |
 //! | [`otlp`] | [`OtlpCollector`]: an in-process OTLP/gRPC trace collector that records every exported span as a [`CollectedSpan`]. |
+//! | [`service`] | `TestBus` (a service's handler on a real consumer, every event recorded), event builders, `Netns` (throwaway network namespaces). |
 //! | [`wait`] | [`wait_until`]: poll a condition until it holds or a timeout passes. |
 //!
 //! The `nats-server` binary (>= 2.10) is looked up in `$NATS_SERVER_BIN`, then
@@ -17,6 +18,7 @@ pub mod nats;
 pub mod nats_auth;
 pub mod otlp;
 pub mod pki;
+pub mod service;
 pub mod wait;
 
 pub use nats::NatsServer;

@@ -54,10 +54,23 @@ pub struct Programs {
 impl Programs {
     /// The argv run for one connection (`setpriv`'s arguments).
     pub fn args(&self, spec: &ServeSpec) -> Vec<std::ffi::OsString> {
+        self.args_as(spec, nix::unistd::geteuid().is_root())
+    }
+
+    /// The argv for a gateway running as root (`privileged`) or not. Without root,
+    /// `--clear-groups` fails (`setgroups` needs `CAP_SETGID`) and every connection would die at
+    /// once; the service only serves its own uid then (no identity change), so the process's
+    /// groups are kept instead.
+    pub fn args_as(&self, spec: &ServeSpec, privileged: bool) -> Vec<std::ffi::OsString> {
+        let groups = if privileged {
+            "--clear-groups"
+        } else {
+            "--keep-groups"
+        };
         let mut a: Vec<std::ffi::OsString> = vec![
             format!("--reuid={}", spec.uid).into(),
             format!("--regid={}", spec.gid).into(),
-            "--clear-groups".into(),
+            groups.into(),
             "--no-new-privs".into(),
             "--".into(),
             self.sftp_server.clone().into(),
@@ -267,5 +280,49 @@ async fn session(
     match child.wait().await {
         Ok(status) => tracing::debug!(%vm_id, %peer, %status, "sftp-server exited."),
         Err(e) => tracing::warn!(%vm_id, %peer, error = %e, "Cannot reap sftp-server."),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn groups_are_cleared_as_root_and_kept_without_root() {
+        let p = Programs {
+            setpriv: "/usr/bin/setpriv".into(),
+            sftp_server: "/usr/lib/openssh/sftp-server".into(),
+        };
+        let spec = ServeSpec {
+            vm_id: "vm-000000000001".into(),
+            allowed: IpAddr::from([127, 0, 0, 1]),
+            path: "/export".into(),
+            read_only: true,
+            uid: 1000,
+            gid: 1000,
+        };
+        let s = |a: Vec<std::ffi::OsString>| -> Vec<String> {
+            a.into_iter()
+                .map(|x| x.to_string_lossy().into_owned())
+                .collect()
+        };
+        let root = s(p.args_as(&spec, true));
+        assert_eq!(
+            root,
+            [
+                "--reuid=1000",
+                "--regid=1000",
+                "--clear-groups",
+                "--no-new-privs",
+                "--",
+                "/usr/lib/openssh/sftp-server",
+                "-d",
+                "/export",
+                "-R"
+            ]
+        );
+        let user = s(p.args_as(&spec, false));
+        assert_eq!(user[2], "--keep-groups");
+        assert!(!user.contains(&"--clear-groups".to_owned()));
     }
 }

@@ -3,13 +3,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a failure is a test failure
 
-mod common;
-
 use std::{os::unix::fs::PermissionsExt, path::Path, process::Stdio, time::Duration};
 
-use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use wnodes_bus::proto::{self, event::Body};
+use wnodes_testkit::service::*;
 
 fn spawn(conf: &Path) -> tokio::process::Child {
     tokio::process::Command::new(env!("CARGO_BIN_EXE_wnodes-gateway"))

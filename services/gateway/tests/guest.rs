@@ -6,8 +6,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a failure is a test failure
 
-mod common;
-
 use std::{
     os::unix::fs::{MetadataExt, PermissionsExt},
     path::{Path, PathBuf},
@@ -15,7 +13,6 @@ use std::{
     time::Duration,
 };
 
-use common::*;
 use wnodes_bus::{proto, proto::event::Body};
 use wnodes_gateway::{GatewayConfig, GatewayHandler};
 use wnodes_network::{
@@ -23,6 +20,7 @@ use wnodes_network::{
     config::{Ipv4Net, Mode},
     host::Host,
 };
+use wnodes_testkit::service::*;
 
 /// `nobody`/`nogroup`: a non-root account every Debian host has.
 const UID: u32 = 65534;

@@ -3,8 +3,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a failure is a test failure
 
-mod common;
-
 use std::{
     net::SocketAddr,
     os::unix::fs::{MetadataExt, PermissionsExt},
@@ -13,10 +11,10 @@ use std::{
     time::Duration,
 };
 
-use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use wnodes_bus::{proto, proto::event::Body};
 use wnodes_gateway::{GatewayConfig, GatewayHandler, service};
+use wnodes_testkit::service::*;
 
 /// The job's uid/gid: `nobody`/`nogroup`, a non-root account every Debian host has
 /// (`sftp-server` refuses a uid without a passwd entry, so an arbitrary uid cannot be used).

@@ -3,12 +3,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a failure is a test failure
 
-mod common;
-
 use std::{process::Stdio, time::Duration};
 
-use common::*;
 use wnodes_bus::proto::{self, event::Body};
+use wnodes_testkit::service::*;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn binary_reconciles_serves_and_stops_on_sigterm() {

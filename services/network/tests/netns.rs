@@ -3,11 +3,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a failure is a test failure
 
-mod common;
-
 use std::process::Command;
 
-use common::*;
 use serde_json::Value;
 use wnodes_bus::{proto, proto::event::Body};
 use wnodes_network::{
@@ -16,6 +13,7 @@ use wnodes_network::{
     host::Host,
     service,
 };
+use wnodes_testkit::service::*;
 
 /// A "hypervisor" namespace with bridge `wnbr0` at 10.231.1.1/24.
 fn hypervisor() -> Netns {

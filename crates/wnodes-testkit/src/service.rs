@@ -1,7 +1,8 @@
-//! Test harness (a copy of the network service's): a private nats-server, the service's handler
-//! on a real durable consumer, every event on the bus recorded, and throwaway network namespaces.
+//! Harness for a service's handler tests: a private nats-server with the streams, the handler
+//! on a real durable consumer, every event on the bus recorded, event builders, and throwaway
+//! network namespaces (`Netns`). Used by the network and gateway services' tests.
 
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)] // test helpers: a failure is a test failure
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)] // test helpers: a failure is a test failure
 
 use std::{
     process::Command,
@@ -12,6 +13,7 @@ use std::{
     time::Duration,
 };
 
+use crate::{NatsServer, wait_until};
 use futures::StreamExt;
 use prost::Message;
 use tokio_util::sync::CancellationToken;
@@ -19,7 +21,6 @@ use wnodes_bus::{
     Bus, BusMetrics, Consumer, ConsumerSpec, ConsumerTuning, EventExt, Handler, KeyStore,
     NatsConfig, proto, proto::event::Body,
 };
-use wnodes_testkit::{NatsServer, wait_until};
 
 pub const HOST: &str = "hv1.test";
 
@@ -82,6 +83,7 @@ pub fn privileged() -> bool {
 }
 
 /// A bus with a private server and a recorder of every event.
+#[derive(Debug)]
 pub struct TestBus {
     pub server: NatsServer,
     pub bus: Bus,

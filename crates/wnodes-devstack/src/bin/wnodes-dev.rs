@@ -1,0 +1,235 @@
+//! `wnodes-dev demo`: the whole stack on this machine and one batch job through it.
+//!
+//! As root it enters a private network namespace first (tap networking, the nftables filter,
+//! the gateway on the bridge address); otherwise it uses qemu user-mode networking and says so.
+//! Prints the job's output, the per-phase timeline, the exit code, the usage record and the file
+//! the job wrote through the gateway; exits non-zero if anything failed.
+
+use std::{os::unix::fs::MetadataExt, path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{Parser, Subcommand};
+use wnodes_devstack::{NetworkChoice, Stack, StackOptions, SubmitArgs, timeline};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "wnodes-dev",
+    version,
+    about = "Run the WNoDeS stack on this machine"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Start the stack, run one job through it, print what happened, clean up.
+    Demo {
+        /// Keep the work dir (config, logs, state) instead of deleting it.
+        #[arg(long)]
+        keep: bool,
+        /// Work dir (default: a new directory under /tmp).
+        #[arg(long)]
+        work_dir: Option<PathBuf>,
+    },
+}
+
+const PAYLOAD: &str =
+    "echo \"hello from $(hostname)\" > /shared/hello.txt; cat /shared/hello.txt; exit 0\n";
+
+fn main() -> ExitCode {
+    let Cli {
+        command: Cmd::Demo { keep, work_dir },
+    } = Cli::parse();
+    // Before any thread exists: unshare(CLONE_NEWNET) moves only the calling thread.
+    let network = if nix::unistd::geteuid().is_root() {
+        if let Err(e) = wnodes_devstack::enter_private_netns() {
+            eprintln!("wnodes-dev: {e:#}");
+            return ExitCode::FAILURE;
+        }
+        println!(
+            "== running as root: private network namespace, tap networking on wnbr0 (10.231.1.1/24)"
+        );
+        NetworkChoice::Tap
+    } else {
+        println!(
+            "== not root: qemu user-mode networking (no taps, no nftables filter; the gateway listens on 127.0.0.1)"
+        );
+        NetworkChoice::User
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("wnodes-dev: async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let work = match work_dir {
+        Some(d) => d,
+        None => std::env::temp_dir().join(format!("wnodes-demo-{}", std::process::id())),
+    };
+    let result = rt.block_on(demo(work.clone(), network));
+    let failed = !matches!(result, Ok(true));
+    if keep || failed {
+        println!(
+            "== work dir kept: {} (config wnodes.toml, logs/, state/)",
+            work.display()
+        );
+    } else {
+        let _ = std::fs::remove_dir_all(&work);
+    }
+    match result {
+        Ok(true) => {
+            println!("== demo OK");
+            ExitCode::SUCCESS
+        }
+        Ok(false) => {
+            println!("== demo FAILED (see above)");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("wnodes-dev: {e:#}");
+            println!("== demo FAILED");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn demo(work: PathBuf, network: NetworkChoice) -> anyhow::Result<bool> {
+    let mut opts = StackOptions::new(&work);
+    opts.network = network;
+    if !nix::unistd::geteuid().is_root() {
+        // Without root the gateway cannot switch to another uid: the job runs as the caller.
+        let (uid, gid) = (nix::unistd::getuid(), nix::unistd::getgid());
+        opts.job_uid = uid.as_raw();
+        opts.job_gid = gid.as_raw();
+        opts.job_user = nix::unistd::User::from_uid(uid)
+            .ok()
+            .flatten()
+            .map(|u| u.name)
+            .unwrap_or_else(|| uid.to_string());
+        println!(
+            "   the job runs as the caller ({}, uid {uid}): without root the gateway cannot switch users",
+            opts.job_user
+        );
+    }
+    println!(
+        "== starting nats-server and 7 services (logs: {}/logs)",
+        work.display()
+    );
+    let t = std::time::Instant::now();
+    let stack = Stack::start(opts).await?;
+    println!("   ready in {:.1} s", t.elapsed().as_secs_f64());
+    let job_id = format!("demo-{}", std::process::id());
+    println!("== wnodes-bridge submit --vo demo --job-id {job_id} --script <payload>");
+    for l in PAYLOAD.lines() {
+        println!("   payload: {l}");
+    }
+    let mut args = SubmitArgs::script(&job_id, PAYLOAD);
+    args.timeout = Duration::from_secs(300);
+    let out = stack.submit(&args).await?;
+    println!("== job starter progress (stderr):");
+    for l in out.stderr.lines() {
+        println!("   {l}");
+    }
+    println!("== job output (stdout):");
+    for l in out.stdout.lines() {
+        println!("   {l}");
+    }
+    println!(
+        "== exit code: {} (submit took {:.1} s)",
+        out.exit_code,
+        out.wall.as_secs_f64()
+    );
+    let mut ok = out.exit_code == 0;
+
+    // Accounting records after vm.stopped; give it a moment.
+    let mut records = Vec::new();
+    for _ in 0..100 {
+        records = stack.usage_record(&job_id).await?;
+        if !records.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let events = stack.run_events(&job_id).await?;
+    println!(
+        "== timeline ({} events of run {}):",
+        events.len(),
+        out.run_key
+    );
+    for p in timeline(&events) {
+        println!("   {:<40} {:>8.3} s", p.name, p.duration.as_secs_f64());
+    }
+    match records.as_slice() {
+        [r] => {
+            println!("== usage record:");
+            println!(
+                "   run {}  vm {}  vo {}  user {} ({}:{})",
+                r.run_key,
+                r.vm_id,
+                r.vo,
+                r.user_name,
+                r.uid.unwrap_or(-1),
+                r.gid.unwrap_or(-1)
+            );
+            println!(
+                "   cores {}  cpu {:.2} s  wall {:.2} s  peak memory {:.1} MiB  exit {}  stop {}",
+                r.cores,
+                r.cpu_seconds,
+                r.wall_seconds,
+                r.peak_memory_bytes as f64 / 1048576.0,
+                r.exit_code,
+                r.stop_reason
+            );
+        }
+        other => {
+            println!("== usage record: expected 1, found {}", other.len());
+            ok = false;
+        }
+    }
+    let file = stack.export_dir().join("hello.txt");
+    match std::fs::metadata(&file) {
+        Ok(m) => {
+            let text = std::fs::read_to_string(&file).unwrap_or_default();
+            println!(
+                "== on the host: {} owned by {}:{} (the job's uid:gid): {}",
+                file.display(),
+                m.uid(),
+                m.gid(),
+                text.trim_end()
+            );
+            if m.uid() != stack.options().job_uid {
+                println!("   but the job uid is {}", stack.options().job_uid);
+                ok = false;
+            }
+        }
+        Err(e) => {
+            println!("== on the host: {} missing: {e}", file.display());
+            ok = false;
+        }
+    }
+    // Resources are released after vm.stopped; wait briefly, then check.
+    let mut left = stack.leftovers();
+    for _ in 0..50 {
+        if left.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        left = stack.leftovers();
+    }
+    if left.is_empty() {
+        println!(
+            "== nothing left behind (scratch, taps, nft chains, listeners, sftp-server, qemu)"
+        );
+    } else {
+        println!("== left behind: {left:?}");
+        ok = false;
+    }
+    drop(stack);
+    println!("== stack stopped");
+    Ok(ok)
+}

@@ -1,0 +1,210 @@
+//! What stack to start: [`StackOptions`].
+
+use std::path::{Path, PathBuf};
+
+/// How VMs are networked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetworkChoice {
+    /// A tap per VM on bridge `wnbr0` (10.231.1.1/24) with the nftables filter; the caller must
+    /// already be in a private network namespace ([`crate::enter_private_netns`]). Needs root.
+    Tap,
+    /// qemu user-mode networking (no root, no per-VM filter).
+    User,
+    /// [`NetworkChoice::Tap`] when running as root, else [`NetworkChoice::User`].
+    Auto,
+}
+
+impl NetworkChoice {
+    /// Resolves `Auto` (euid 0 → tap).
+    pub fn resolve(self) -> NetworkChoice {
+        match self {
+            Self::Auto if crate::netns::is_root() => Self::Tap,
+            Self::Auto => Self::User,
+            other => other,
+        }
+    }
+}
+
+/// How the image service fetches the guest artefacts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageServing {
+    /// `file:///…/.cache/guest/rootfs.ext4` (default).
+    File,
+    /// `http://127.0.0.1:<port>/…` from a loopback HTTP server inside this process.
+    Http,
+}
+
+/// The site policy maxima (and defaults) the launcher enforces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PolicyLimits {
+    pub default_cores: u32,
+    pub max_cores: u32,
+    /// bytes
+    pub default_memory_bytes: u64,
+    /// bytes
+    pub max_memory_bytes: u64,
+    /// bytes
+    pub default_scratch_bytes: u64,
+    /// bytes
+    pub max_scratch_bytes: u64,
+    /// seconds
+    pub default_walltime_secs: u64,
+}
+
+impl Default for PolicyLimits {
+    fn default() -> Self {
+        const MIB: u64 = 1 << 20;
+        Self {
+            default_cores: 1,
+            max_cores: 2,
+            default_memory_bytes: 256 * MIB,
+            max_memory_bytes: 1024 * MIB,
+            default_scratch_bytes: 64 * MIB,
+            max_scratch_bytes: 1024 * MIB,
+            default_walltime_secs: 600,
+        }
+    }
+}
+
+/// Everything [`crate::Stack::start`] needs.
+#[derive(Debug, Clone)]
+pub struct StackOptions {
+    /// Config, logs, state, export; created if missing. Must be traversable by the job uid
+    /// (the export lives under it): `Stack::start` makes it mode 0755.
+    pub work_dir: PathBuf,
+    pub network: NetworkChoice,
+    /// OTLP/gRPC endpoint every service exports spans to, e.g. `http://127.0.0.1:4317`.
+    pub otlp_endpoint: Option<String>,
+    /// Where the `wnodes-*` binaries are; default [`default_bin_dir`].
+    pub bin_dir: Option<PathBuf>,
+    /// The built test guest (`vmlinux`, `initrd.img`, `rootfs.ext4`, `manifest.json`); default
+    /// `<workspace>/.cache/guest`.
+    pub guest_dir: PathBuf,
+    /// The VO whose image is the guest (catalog name `demo`).
+    pub vo: String,
+    /// uid the job runs as (and owns the export). 65534 (`nobody`): `sftp-server` needs a
+    /// passwd entry for it.
+    pub job_uid: u32,
+    pub job_gid: u32,
+    /// The job user's name (`nobody`).
+    pub job_user: String,
+    pub image_serving: ImageServing,
+    pub policy: PolicyLimits,
+    /// Ports the gateway hands to VMs, `"first-last"`.
+    pub gateway_ports: (u16, u16),
+    /// `log_level` of every service.
+    pub log_level: String,
+    /// Site name (run keys, accounting).
+    pub site: String,
+    /// This hypervisor's host name in events.
+    pub host: String,
+}
+
+/// The workspace root this crate was built in.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+impl StackOptions {
+    /// Defaults: network `Auto`, guest from `<workspace>/.cache/guest`, VO `demo`, job
+    /// 65534/65534, image over `file://`, [`PolicyLimits::default`].
+    pub fn new(work_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            work_dir: work_dir.into(),
+            network: NetworkChoice::Auto,
+            otlp_endpoint: None,
+            bin_dir: None,
+            guest_dir: workspace_root().join(".cache/guest"),
+            vo: "demo".into(),
+            job_uid: 65534,
+            job_gid: 65534,
+            job_user: "nobody".into(),
+            image_serving: ImageServing::File,
+            policy: PolicyLimits::default(),
+            gateway_ports: (20000, 20999),
+            log_level: "info".into(),
+            site: "WNODES-DEV".into(),
+            host: "hv1.wnodes.dev".into(),
+        }
+    }
+
+    /// The binaries' directory: `bin_dir`, else [`default_bin_dir`].
+    pub fn resolve_bin_dir(&self) -> anyhow::Result<PathBuf> {
+        match &self.bin_dir {
+            Some(d) => {
+                check_bins(d)?;
+                Ok(d.clone())
+            }
+            None => default_bin_dir(),
+        }
+    }
+}
+
+const NEEDED_BINS: [&str; 7] = [
+    "wnodes-bridge",
+    "wnodes-launcher",
+    "wnodes-image",
+    "wnodes-scratch",
+    "wnodes-network",
+    "wnodes-gateway",
+    "wnodes-accounting",
+];
+
+fn check_bins(dir: &Path) -> anyhow::Result<()> {
+    let missing: Vec<_> = NEEDED_BINS
+        .iter()
+        .filter(|b| !dir.join(b).is_file())
+        .collect();
+    anyhow::ensure!(
+        missing.is_empty(),
+        "{missing:?} not found in {} (run `cargo build --workspace --bins`)",
+        dir.display()
+    );
+    Ok(())
+}
+
+/// The directory next to the current executable (`target/<profile>/`), or its parent when the
+/// executable is a test binary in `target/<profile>/deps/`. Errors (naming
+/// `cargo build --workspace --bins`) when the `wnodes-*` binaries are not there.
+pub fn default_bin_dir() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let here = exe
+        .parent()
+        .ok_or_else(|| anyhow::anyhow!("{} has no parent", exe.display()))?;
+    let candidates = [here.to_path_buf(), here.join("..")];
+    for c in &candidates {
+        if check_bins(c).is_ok() {
+            return Ok(c.clone());
+        }
+    }
+    anyhow::bail!(
+        "the wnodes-* service binaries are not next to {} (looked in {} and {}): run `cargo build --workspace --bins`",
+        exe.display(),
+        candidates[0].display(),
+        candidates[1].display()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bin_dir_without_the_binaries_names_the_build_command() {
+        let mut o = StackOptions::new("/nonexistent");
+        o.bin_dir = Some(PathBuf::from("/nonexistent/bin"));
+        let e = format!(
+            "{:#}",
+            o.resolve_bin_dir()
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        );
+        assert!(e.contains("cargo build --workspace --bins"), "{e}");
+        assert!(e.contains("wnodes-launcher"), "{e}");
+        assert_eq!(NetworkChoice::User.resolve(), NetworkChoice::User);
+        assert_eq!(NetworkChoice::Tap.resolve(), NetworkChoice::Tap);
+        let auto = NetworkChoice::Auto.resolve();
+        assert_eq!(auto == NetworkChoice::Tap, crate::netns::is_root());
+    }
+}
