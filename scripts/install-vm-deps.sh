@@ -201,5 +201,8 @@ ensure_bpo qemu-system-x86 "1:10.0."
 ensure_apt sshfs fuse3 openssh-sftp-server
 ensure_apt nftables iproute2
 ensure_apt e2fsprogs cpio
+# socat: the launcher's user-mode storage test pipes a port to sftp-server with it.
+# util-linux: setpriv (the gateway drops to the job's uid), unshare.
+ensure_apt socat util-linux
 command -v qemu-system-x86_64 >/dev/null || die "qemu-system-x86_64 not on PATH after install"
 log "done: $(qemu-system-x86_64 --version | head -n1)"

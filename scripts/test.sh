@@ -11,5 +11,7 @@ echo "== cargo fmt --check" >&2
 cargo fmt --all -- --check
 echo "== cargo clippy" >&2
 cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== cargo build (the service binaries the system tests start)" >&2
+cargo build --workspace --bins --locked
 echo "== cargo nextest" >&2
 cargo nextest run --workspace --locked --profile ci "$@"
