@@ -3,7 +3,7 @@
 use std::{sync::Arc, time::Duration};
 
 use async_nats::{
-    HeaderMap,
+    HeaderMap, HeaderName, HeaderValue,
     jetstream::{self, context::PublishAckFuture, stream},
 };
 use bytes::Bytes;
@@ -12,12 +12,61 @@ use tokio::time::Instant;
 use wnodes_proto::v1::Event;
 
 use crate::{
-    config::NatsConfig, connect, error::BusError, event::EventExt, metrics::BusMetrics,
+    config::NatsConfig,
+    connect,
+    error::BusError,
+    event::{EventExt, EventType},
+    metrics::BusMetrics,
     propagation, subject,
 };
 
 /// Header naming the event type (also in `ce-type`), so tools can route without decoding.
 pub const EVENT_TYPE_HEADER: &str = "Wnodes-Event-Type";
+
+/// Header names, resolved once (a custom `HeaderName` built from a `&str` allocates).
+mod names {
+    use async_nats::HeaderName;
+
+    pub const EVENT_TYPE: HeaderName = HeaderName::from_static(super::EVENT_TYPE_HEADER);
+    pub const CE_SPECVERSION: HeaderName = HeaderName::from_static("ce-specversion");
+    pub const CE_ID: HeaderName = HeaderName::from_static("ce-id");
+    pub const CE_SOURCE: HeaderName = HeaderName::from_static("ce-source");
+    pub const CE_TYPE: HeaderName = HeaderName::from_static("ce-type");
+    pub const CE_SUBJECT: HeaderName = HeaderName::from_static("ce-subject");
+    pub const CE_DATACONTENTTYPE: HeaderName = HeaderName::from_static("ce-datacontenttype");
+}
+
+/// The W3C trace-context fields of one span, taken once and copied into each message.
+#[derive(Debug, Default)]
+struct TraceHeaders(Vec<(HeaderName, HeaderValue)>);
+
+impl TraceHeaders {
+    /// The current span's `traceparent`/`tracestate` (through the global propagator).
+    fn current() -> Self {
+        let mut h = HeaderMap::new();
+        propagation::inject_current(&mut h);
+        Self(
+            h.iter()
+                .flat_map(|(name, values)| values.iter().map(|v| (name.clone(), v.clone())))
+                .collect(),
+        )
+    }
+}
+
+/// The headers of an event: `Nats-Msg-Id` = id, the event type, the CloudEvents binary-mode
+/// attributes, and the trace context.
+fn event_headers(event: &Event, ty: EventType, trace: &TraceHeaders) -> HeaderMap {
+    let mut headers: HeaderMap = trace.0.iter().cloned().collect();
+    headers.insert(async_nats::header::NATS_MESSAGE_ID, event.id.as_str());
+    headers.insert(names::EVENT_TYPE, ty.name());
+    headers.insert(names::CE_SPECVERSION, "1.0");
+    headers.insert(names::CE_ID, event.id.as_str());
+    headers.insert(names::CE_SOURCE, event.source.as_str());
+    headers.insert(names::CE_TYPE, ty.cloudevents_type_str());
+    headers.insert(names::CE_SUBJECT, event.run_key());
+    headers.insert(names::CE_DATACONTENTTYPE, "application/protobuf");
+    headers
+}
 
 /// A connection to the event bus; cheap to clone.
 #[derive(Debug, Clone)]
@@ -145,25 +194,66 @@ impl Bus {
     /// `traceparent`/`tracestate`, and CloudEvents binary-mode attributes, and waits for
     /// JetStream's ack. Retries (same id, so never stored twice) until `publish_timeout`.
     pub async fn publish(&self, event: &Event) -> Result<Published, BusError> {
-        let subject = event.subject()?;
+        let trace = TraceHeaders::current();
+        self.publish_prepared(event, &trace).await
+    }
+
+    /// [`Self::publish`] with the trace headers already taken from the current span. Each
+    /// attempt builds the headers from the event (same `Nats-Msg-Id`), so the first attempt
+    /// needs no copy of them.
+    async fn publish_prepared(
+        &self,
+        event: &Event,
+        trace: &TraceHeaders,
+    ) -> Result<Published, BusError> {
         let ty = event.event_type().ok_or(BusError::EmptyEvent)?;
-        let mut headers = HeaderMap::new();
-        headers.insert(async_nats::header::NATS_MESSAGE_ID, event.id.as_str());
-        headers.insert(EVENT_TYPE_HEADER, ty.name());
-        headers.insert("ce-specversion", "1.0");
-        headers.insert("ce-id", event.id.as_str());
-        headers.insert("ce-source", event.source.as_str());
-        headers.insert("ce-type", ty.cloudevents_type().as_str());
-        headers.insert("ce-subject", event.run_key().as_str());
-        headers.insert("ce-datacontenttype", "application/protobuf");
-        propagation::inject_current(&mut headers);
-        self.publish_raw(
-            &subject,
-            headers,
-            Bytes::from(event.encode_to_vec()),
-            ty.name(),
-        )
-        .await
+        let subject = event.subject()?;
+        let payload = Bytes::from(event.encode_to_vec());
+        let started = Instant::now();
+        let deadline = started + self.inner.cfg.publish_timeout;
+        let mut attempts = 0u32;
+        let mut delay = Duration::from_millis(50);
+        loop {
+            attempts += 1;
+            let sent = self
+                .inner
+                .js
+                .publish_with_headers(
+                    subject.clone(),
+                    event_headers(event, ty, trace),
+                    payload.clone(),
+                )
+                .await;
+            let res = match sent {
+                Ok(ack) => ack
+                    .await
+                    .map_err(|e| -> Box<dyn std::error::Error + Send + Sync> { Box::new(e) }),
+                Err(e) => Err(Box::new(e) as Box<dyn std::error::Error + Send + Sync>),
+            };
+            match res {
+                Ok(ack) => {
+                    self.inner.metrics.published_type(ty);
+                    return Ok(Published {
+                        sequence: ack.sequence,
+                        duplicate: ack.duplicate,
+                    });
+                }
+                Err(source) if Instant::now() + delay >= deadline => {
+                    return Err(BusError::Publish {
+                        subject,
+                        attempts,
+                        elapsed_ms: started.elapsed().as_millis(),
+                        source,
+                    });
+                }
+                Err(e) => {
+                    self.inner.metrics.publish_retry(ty.name());
+                    tracing::warn!(%subject, attempts, error = %crate::ErrorChain(&*e), "Publish not acknowledged; retrying with the same message id.");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
     }
 
     /// Publishes a pre-built message with retries (same headers, so the same `Nats-Msg-Id`).
@@ -217,14 +307,52 @@ impl Bus {
         }
     }
 
-    /// Publishes many events with up to `window` acks outstanding (pipelined). Each is retried
-    /// on its own if its ack fails.
+    /// Publishes many events with up to `window` acks outstanding (pipelined): sends a window
+    /// of messages, then awaits their acks. An event whose send or ack fails is retried on its
+    /// own, with the same `Nats-Msg-Id`, exactly as [`Self::publish`] does. Every event carries
+    /// the trace context of the span current at the call.
     pub async fn publish_pipelined(&self, events: &[Event], window: usize) -> Result<(), BusError> {
-        use futures::{StreamExt, TryStreamExt};
-        futures::stream::iter(events.iter().map(|e| self.publish(e)))
-            .buffer_unordered(window.max(1))
-            .try_collect::<Vec<_>>()
-            .await?;
+        let window = window.max(1);
+        let trace = TraceHeaders::current();
+        let mut pending: Vec<(&Event, Result<PublishAckFuture, String>)> =
+            Vec::with_capacity(window.min(events.len()));
+        for chunk in events.chunks(window) {
+            for event in chunk {
+                let ty = event.event_type().ok_or(BusError::EmptyEvent)?;
+                let subject = event.subject()?;
+                // A failed send is retried (with backoff) when the window's acks are awaited.
+                let sent = self
+                    .inner
+                    .js
+                    .publish_with_headers(
+                        subject,
+                        event_headers(event, ty, &trace),
+                        Bytes::from(event.encode_to_vec()),
+                    )
+                    .await
+                    .map_err(|e| e.to_string());
+                pending.push((event, sent));
+            }
+            for (event, sent) in pending.drain(..) {
+                let acked = match sent {
+                    Ok(ack) => ack.await.map_err(|e| e.to_string()),
+                    Err(e) => Err(e),
+                };
+                match (acked, event.event_type()) {
+                    (Ok(_), Some(ty)) => self.inner.metrics.published_type(ty),
+                    (res, ty) => {
+                        // That was the first attempt; the retries keep the same id.
+                        if let Some(ty) = ty {
+                            self.inner.metrics.publish_retry(ty.name());
+                        }
+                        if let Err(error) = res {
+                            tracing::warn!(id = %event.id, %error, "Publish not acknowledged; retrying with the same message id.");
+                        }
+                        self.publish_prepared(event, &trace).await?;
+                    }
+                }
+            }
+        }
         Ok(())
     }
 

@@ -29,6 +29,7 @@ use crate::{
     error::{BusError, ErrorChain},
     failpoint,
     handler::{Handler, HandlerCtx, HandlerError},
+    metrics::ConsumerMetrics,
     store::KeyStore,
     subject,
 };
@@ -60,6 +61,7 @@ struct Shared<H> {
     spec: ConsumerSpec,
     handler: Arc<H>,
     in_progress: Mutex<HashSet<String>>,
+    metrics: ConsumerMetrics,
 }
 
 enum Verdict {
@@ -126,12 +128,14 @@ impl<H: Handler> Consumer<H> {
             consumer,
         } = self;
         let tuning = spec.tuning.clone();
+        let durable_name = spec.durable.clone();
         let shared = Arc::new(Shared {
             bus: bus.clone(),
             store,
             spec,
             handler,
             in_progress: Mutex::new(HashSet::new()),
+            metrics: bus.metrics().consumer(&durable_name),
         });
         let durable = shared.spec.durable.clone();
         let sem = Arc::new(Semaphore::new(tuning.max_in_flight));
@@ -235,7 +239,7 @@ async fn process<H: Handler>(
         otel.kind = "consumer",
         messaging.system = "nats",
         messaging.operation.type = "process",
-        messaging.destination.name = %msg.subject,
+        messaging.destination.name = msg.subject.as_str(),
         messaging.consumer.group.name = durable,
         messaging.message.id = field::Empty,
         wnodes.run = field::Empty,
@@ -278,9 +282,8 @@ async fn process<H: Handler>(
         tracing::warn!(error = %e, "Cannot send the ack; the message will be redelivered.");
     }
     shared
-        .bus
-        .metrics()
-        .handled(durable, outcome, started.elapsed().as_secs_f64());
+        .metrics
+        .handled(outcome, started.elapsed().as_secs_f64());
 }
 
 struct KeyGuard<'a> {
@@ -378,7 +381,7 @@ async fn decide<H: Handler>(
     }
     let mut ctx = HandlerCtx {
         key: key.clone(),
-        subject: subject.to_owned(),
+        subject: msg.subject.clone(),
         attempt: delivered,
         outbox: Vec::new(),
         tx: None,

@@ -94,7 +94,39 @@ impl EventType {
 
     /// CloudEvents `type` attribute, e.g. `it.infn.wnodes.vm.requested.v1`.
     pub fn cloudevents_type(self) -> String {
-        format!("it.infn.wnodes.{}.v1", self.name())
+        self.cloudevents_type_str().to_owned()
+    }
+
+    /// [`Self::cloudevents_type`] without an allocation.
+    pub(crate) fn cloudevents_type_str(self) -> &'static str {
+        macro_rules! ce {
+            ($($t:ident => $n:literal),+ $(,)?) => {
+                match self { $(Self::$t => concat!("it.infn.wnodes.", $n, ".v1")),+ }
+            };
+        }
+        ce! {
+            JobQueued => "job.queued",
+            JobStarted => "job.started",
+            JobFinished => "job.finished",
+            JobCancelled => "job.cancelled",
+            JobHeld => "job.held",
+            JobReleased => "job.released",
+            JobEvicted => "job.evicted",
+            VmRequested => "vm.requested",
+            ImageReady => "image.ready",
+            ImageFailed => "image.failed",
+            ScratchReady => "scratch.ready",
+            ScratchFailed => "scratch.failed",
+            NetworkReady => "network.ready",
+            NetworkFailed => "network.failed",
+            StorageReady => "storage.ready",
+            StorageFailed => "storage.failed",
+            VmRunning => "vm.running",
+            VmStopped => "vm.stopped",
+            VmFailed => "vm.failed",
+            ResourceReleased => "resource.released",
+            UsageRecorded => "usage.recorded",
+        }
     }
 
     /// The type of a body.
@@ -260,5 +292,13 @@ mod tests {
         names.sort_unstable();
         names.dedup();
         assert_eq!(names.len(), EventType::ALL.len());
+        for (i, t) in EventType::ALL.iter().enumerate() {
+            // `ALL` is in declaration order (metrics index by `as usize`).
+            assert_eq!(*t as usize, i);
+            assert_eq!(
+                t.cloudevents_type_str(),
+                format!("it.infn.wnodes.{}.v1", t.name())
+            );
+        }
     }
 }

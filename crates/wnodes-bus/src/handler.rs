@@ -48,7 +48,7 @@ impl From<BusError> for HandlerError {
 #[derive(Debug)]
 pub struct HandlerCtx {
     pub(crate) key: String,
-    pub(crate) subject: String,
+    pub(crate) subject: async_nats::Subject,
     pub(crate) attempt: u32,
     pub(crate) outbox: Vec<Event>,
     pub(crate) tx: Option<Transaction<'static, Sqlite>>,
@@ -63,7 +63,7 @@ impl HandlerCtx {
 
     /// The subject the message arrived on.
     pub fn subject(&self) -> &str {
-        &self.subject
+        self.subject.as_str()
     }
 
     /// 1-based delivery attempt.

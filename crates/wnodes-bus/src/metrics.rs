@@ -1,12 +1,44 @@
 //! Prometheus metrics of the bus (published through the service runtime's `/metrics`).
 //! Label values are bounded: consumer names, event types and fixed outcome names only.
 
+use std::sync::{Arc, OnceLock};
+
 use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
 
+use crate::event::EventType;
+
 type Labels = Vec<(&'static str, String)>;
+
+/// `published` counters resolved once per event type (a counter handle shares its value with
+/// the family's entry), so a publish does not build a label set.
+#[derive(Debug, Default)]
+struct PublishedByType([OnceLock<Counter>; EventType::ALL.len()]);
+
+/// The per-message metrics of one consumer, resolved once when the consumer starts.
+#[derive(Debug, Clone)]
+pub(crate) struct ConsumerMetrics {
+    ok: Counter,
+    duplicate: Counter,
+    retry: Counter,
+    dead_letter: Counter,
+    seconds: Histogram,
+}
+
+impl ConsumerMetrics {
+    pub(crate) fn handled(&self, outcome: &'static str, seconds: f64) {
+        match outcome {
+            "ok" => &self.ok,
+            "duplicate" => &self.duplicate,
+            "retry" => &self.retry,
+            _ => &self.dead_letter,
+        }
+        .inc();
+        self.seconds.observe(seconds);
+    }
+}
 
 /// Handles to the bus's metrics; cheap to clone.
 #[derive(Debug, Clone)]
@@ -18,6 +50,7 @@ pub struct BusMetrics {
     handle_seconds: Family<Labels, Histogram>,
     connected: Gauge,
     disconnects: Counter,
+    published_by_type: Arc<PublishedByType>,
 }
 
 fn histogram() -> Histogram {
@@ -77,6 +110,7 @@ impl BusMetrics {
             handle_seconds: Family::new_with_constructor(histogram),
             connected: Gauge::default(),
             disconnects: Counter::default(),
+            published_by_type: Arc::default(),
         }
     }
 
@@ -86,21 +120,43 @@ impl BusMetrics {
             .inc();
     }
 
+    /// [`Self::published`] for an event type, without a label lookup after the first.
+    pub(crate) fn published_type(&self, ty: EventType) {
+        self.published_by_type.0[ty as usize]
+            .get_or_init(|| {
+                self.published
+                    .get_or_create(&vec![("event_type", ty.name().to_owned())])
+                    .clone()
+            })
+            .inc();
+    }
+
+    /// The counters of `consumer`, resolved once (the consumer keeps them).
+    pub(crate) fn consumer(&self, consumer: &str) -> ConsumerMetrics {
+        let handled = |outcome: &str| {
+            self.handled
+                .get_or_create(&vec![
+                    ("consumer", consumer.to_owned()),
+                    ("outcome", outcome.to_owned()),
+                ])
+                .clone()
+        };
+        ConsumerMetrics {
+            ok: handled("ok"),
+            duplicate: handled("duplicate"),
+            retry: handled("retry"),
+            dead_letter: handled("dead_letter"),
+            seconds: self
+                .handle_seconds
+                .get_or_create(&vec![("consumer", consumer.to_owned())])
+                .clone(),
+        }
+    }
+
     pub(crate) fn publish_retry(&self, event_type: &str) {
         self.publish_retries
             .get_or_create(&vec![("event_type", event_type.to_owned())])
             .inc();
-    }
-
-    pub(crate) fn handled(&self, consumer: &str, outcome: &'static str, seconds: f64) {
-        let labels = vec![
-            ("consumer", consumer.to_owned()),
-            ("outcome", outcome.to_owned()),
-        ];
-        self.handled.get_or_create(&labels).inc();
-        self.handle_seconds
-            .get_or_create(&vec![("consumer", consumer.to_owned())])
-            .observe(seconds);
     }
 
     pub(crate) fn dead_lettered(&self, consumer: &str, reason: &'static str) {

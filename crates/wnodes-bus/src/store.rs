@@ -51,7 +51,7 @@ pub struct KeyStore {
     read: SqlitePool,
     write: SqlitePool,
     committer: mpsc::Sender<CommitReq>,
-    path: String,
+    path: Arc<str>,
     /// 64-bit hashes of every stored (consumer, key): a key whose hash is absent was certainly
     /// never handled, so the common case (a new message) needs no database read. A hash hit
     /// (handled, or a collision) is confirmed in the database. 8 bytes per key in memory.
@@ -145,7 +145,7 @@ impl KeyStore {
             read,
             write,
             committer: tx,
-            path: display,
+            path: display.into(),
             seen,
         })
     }
@@ -162,7 +162,7 @@ impl KeyStore {
 
     fn err(&self, source: sqlx::Error) -> BusError {
         BusError::Store {
-            path: self.path.clone(),
+            path: self.path.to_string(),
             source,
         }
     }
@@ -272,9 +272,12 @@ async fn group_committer(
         let result: Result<Vec<bool>, sqlx::Error> = async {
             let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
             let now = unix_now();
-            let mut fresh: HashSet<(String, String)> = HashSet::new();
-            // One multi-row statement per chunk; RETURNING tells which rows were new.
+            let mut inserted = Vec::with_capacity(batch.len());
+            // One multi-row statement per chunk. When it inserts every row (the common case:
+            // new keys) no row needs to be told apart; otherwise the chunk is undone and
+            // inserted row by row to learn which keys were already there.
             for chunk in batch.chunks(128) {
+                sqlx::query("SAVEPOINT chunk").execute(&mut *tx).await?;
                 let mut qb = sqlx::QueryBuilder::<Sqlite>::new(
                     "INSERT INTO wnodes_processed (consumer, key, processed_at, outbox) ",
                 );
@@ -284,15 +287,29 @@ async fn group_committer(
                         .push_bind(now)
                         .push_bind(r.outbox.as_slice());
                 });
-                qb.push(" ON CONFLICT DO NOTHING RETURNING consumer, key");
-                let rows: Vec<(String, String)> = qb.build_query_as().fetch_all(&mut *tx).await?;
-                fresh.extend(rows);
+                qb.push(" ON CONFLICT DO NOTHING");
+                let n = qb.build().execute(&mut *tx).await?.rows_affected();
+                if n == chunk.len() as u64 {
+                    sqlx::query("RELEASE chunk").execute(&mut *tx).await?;
+                    inserted.extend(std::iter::repeat_n(true, chunk.len()));
+                    continue;
+                }
+                sqlx::query("ROLLBACK TO chunk").execute(&mut *tx).await?;
+                sqlx::query("RELEASE chunk").execute(&mut *tx).await?;
+                for r in chunk {
+                    let n = sqlx::query(INSERT)
+                        .bind(r.consumer.as_str())
+                        .bind(r.key.as_str())
+                        .bind(now)
+                        .bind(r.outbox.as_slice())
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected();
+                    inserted.push(n == 1);
+                }
             }
             tx.commit().await?;
-            Ok(batch
-                .iter()
-                .map(|r| fresh.contains(&(r.consumer.clone(), r.key.clone())))
-                .collect())
+            Ok(inserted)
         }
         .await;
         match result {
@@ -343,5 +360,24 @@ mod tests {
         assert!(s.lookup("c", "k2").await.unwrap().is_none());
         assert!(s.lookup("other", "k1").await.unwrap().is_none());
         assert_eq!(s.prune(Duration::from_secs(3600)).await.unwrap(), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_key_twice_in_one_group_commit_is_new_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = KeyStore::open(&dir.path().join("keys.db")).await.unwrap();
+        assert!(s.record("c", "old", &[]).await.unwrap());
+        // Sent together, so the committer usually takes them as one batch (and either way each
+        // key must be reported new exactly once).
+        let (a, b, old, new) = tokio::join!(
+            s.record("c", "k", &[]),
+            s.record("c", "k", &[]),
+            s.record("c", "old", &[]),
+            s.record("c", "new", &[]),
+        );
+        let (a, b) = (a.unwrap(), b.unwrap());
+        assert!(a ^ b, "exactly one of the two records of k is new: {a} {b}");
+        assert!(!old.unwrap());
+        assert!(new.unwrap());
     }
 }
