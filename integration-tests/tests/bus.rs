@@ -424,3 +424,46 @@ async fn sigterm_mid_handler_finishes_acks_and_exports_the_span() {
         .await
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_that_crashes_every_delivery_is_dead_lettered_by_the_next_process() {
+    // The handler's process dies on every delivery, so no verdict ever reaches the server. The
+    // server's max_deliver is above the client's attempts: the delivery after the last attempt
+    // is dead-lettered without running the handler, instead of the server dropping it silently.
+    let nats = NatsServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let bus = test_bus(&nats.url()).await;
+    let opts = sink(&nats, dir.path(), "crashloop")
+        .env("CONSUMER__MAX_ATTEMPTS", "2")
+        .raw_env("WNODES_FAILPOINT", "before-handler");
+    bus.publish(&vm_requested("crash-every-time"))
+        .await
+        .unwrap();
+    let mut crashes = 0;
+    let letters = loop {
+        let mut node = Node::start(&opts).await.unwrap();
+        let ended = tokio::select! {
+            s = node.wait_exit(Duration::from_secs(10)) => s.ok(),
+            l = wait_until(Duration::from_secs(10), "a dead letter", || async {
+                let l = dlq::read_all(&bus, Some("crashloop")).await.ok()?;
+                (!l.is_empty()).then_some(l)
+            }) => { break l.unwrap(); }
+        };
+        assert!(
+            ended.is_some_and(|s| !s.success()),
+            "the node crashed at the failpoint"
+        );
+        crashes += 1;
+        assert!(crashes <= 2, "the handler ran more often than max_attempts");
+    };
+    assert_eq!(crashes, 2, "one crash per allowed attempt");
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].reason, "no_verdict");
+    assert_eq!(letters[0].attempts, 3);
+    assert!(
+        letters[0].error.contains("no verdict after 2 attempts"),
+        "{}",
+        letters[0].error
+    );
+    assert_eq!(effect_rows(dir.path()).await.unwrap(), (0, 0));
+}

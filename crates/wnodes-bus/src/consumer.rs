@@ -379,6 +379,7 @@ async fn decide<H: Handler>(
             return (Verdict::Nak(tuning.backoff(delivered)), "retry");
         }
     }
+    failpoint::crash_at("before-handler");
     let mut ctx = HandlerCtx {
         key: key.clone(),
         subject: msg.subject.clone(),

@@ -1,8 +1,8 @@
 //! Crash injection for tests (feature `failpoints`): with `WNODES_FAILPOINT=<name>` in the
 //! environment the process aborts (as a crash would) when it reaches `<name>`, once: the marker
 //! file `WNODES_FAILPOINT_MARKER` is created first and, if it exists, the point is skipped.
-//! Points: `after-commit` (key stored, message not acked), `skip-ack` (the ack is withheld once;
-//! no abort).
+//! Points: `before-handler` (a crash during handling: no verdict), `after-commit` (key stored,
+//! message not acked), `skip-ack` (the ack is withheld once; no abort).
 
 /// True when failpoint `name` fires now (at most once per marker file).
 #[cfg(feature = "failpoints")]
