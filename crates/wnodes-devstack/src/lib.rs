@@ -5,10 +5,10 @@
 //!
 //! | module | what it gives |
 //! |---|---|
-//! | [`options`] | [`StackOptions`]: work dir, network mode (tap in a private netns, or qemu user mode), OTLP endpoint, where binaries and the guest are, the VO, the job's uid/gid, how the image is served, policy maxima. |
+//! | [`options`] | [`StackOptions`]: work dir, network mode (tap in a private netns, or qemu user mode), OTLP endpoint, where binaries and the guest are, the VO, the job's uid/gid, how the image is served, policy maxima, whether the storage export is configured. |
 //! | [`netns`] | [`enter_private_netns`]: `unshare(CLONE_NEWNET)` + `lo` up, for tap mode; call it before any thread or async runtime exists. |
 //! | [`stack`] | [`Stack`]: writes the config, starts nats-server and the services, waits for `/readyz`, stops/kills/restarts single services, tears everything down on drop. |
-//! | [`submit`] | [`Stack::submit`] (`wnodes-bridge submit` as a process) and [`Stack::grpc_submit`] (the bridge's gRPC API): [`SubmitArgs`] in, [`SubmitOutcome`] out. |
+//! | [`submit`] | [`Stack::submit`] (`wnodes-bridge submit` as a process; [`Stack::spawn_submit`] to signal it while it runs) and [`Stack::grpc_submit`] (the bridge's gRPC API): [`SubmitArgs`] in, [`SubmitOutcome`] out. |
 //! | [`events`] | [`Stack::run_events`] (a run's events with their JetStream publish times) and [`timeline`] (per-phase durations). |
 //! | [`usage`] | [`Stack::usage_records`] / [`Stack::usage_record`] (via `wnodes-accounting records --json`). |
 //! | [`leftovers`] | [`Stack::leftovers`]: scratch files, taps, nft chains, gateway listeners, `sftp-server` and qemu processes that outlive a job. |
@@ -27,7 +27,7 @@ pub mod usage;
 pub use events::{Phase, RunEvent, timeline};
 pub use leftovers::Leftovers;
 pub use netns::enter_private_netns;
-pub use options::{ImageServing, NetworkChoice, PolicyLimits, StackOptions};
+pub use options::{ExtraImage, ImageServing, NetworkChoice, PolicyLimits, StackOptions};
 pub use stack::{SERVICES, Stack};
-pub use submit::{Payload, SubmitArgs, SubmitOutcome};
+pub use submit::{Payload, RunningSubmit, SubmitArgs, SubmitOutcome};
 pub use usage::UsageRecord;

@@ -34,6 +34,19 @@ pub enum ImageServing {
     Http,
 }
 
+/// A second catalog image: the test guest's artefacts under another name, for VO `vo`, with
+/// the rootfs digest replaced by `rootfs_sha256` when set (a wrong digest makes the image
+/// service answer `image.failed`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExtraImage {
+    /// Catalog name.
+    pub name: String,
+    /// The VO the launcher maps to it.
+    pub vo: String,
+    /// 64 lowercase hex digits; `None` = the guest's real digest.
+    pub rootfs_sha256: Option<String>,
+}
+
 /// The site policy maxima (and defaults) the launcher enforces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PolicyLimits {
@@ -89,6 +102,11 @@ pub struct StackOptions {
     /// The job user's name (`nobody`).
     pub job_user: String,
     pub image_serving: ImageServing,
+    /// With [`ImageServing::Http`]: how long the loopback server waits before answering each
+    /// request (a slow image preparation). Default zero.
+    pub image_http_delay: std::time::Duration,
+    /// More catalog images and the VOs mapped to them (default none).
+    pub extra_images: Vec<ExtraImage>,
     pub policy: PolicyLimits,
     /// Ports the gateway hands to VMs, `"first-last"`.
     pub gateway_ports: (u16, u16),
@@ -98,6 +116,12 @@ pub struct StackOptions {
     pub site: String,
     /// This hypervisor's host name in events.
     pub host: String,
+    /// Configure the storage export (`<work_dir>/export` on `/shared`, served by the gateway
+    /// over sshfs). Default `true`. `false` writes no `[[launcher.policy.storage_exports]]`:
+    /// VMs then get no export, the gateway answers `storage.ready` with port 0 and the guest
+    /// mounts nothing (the vm-start benchmark uses this so both of its sides boot the same
+    /// guest work).
+    pub storage_export: bool,
 }
 
 /// The workspace root this crate was built in.
@@ -107,7 +131,7 @@ pub fn workspace_root() -> PathBuf {
 
 impl StackOptions {
     /// Defaults: network `Auto`, guest from `<workspace>/.cache/guest`, VO `demo`, job
-    /// 65534/65534, image over `file://`, [`PolicyLimits::default`].
+    /// 65534/65534, image over `file://`, [`PolicyLimits::default`], the storage export on.
     pub fn new(work_dir: impl Into<PathBuf>) -> Self {
         Self {
             work_dir: work_dir.into(),
@@ -120,11 +144,14 @@ impl StackOptions {
             job_gid: 65534,
             job_user: "nobody".into(),
             image_serving: ImageServing::File,
+            image_http_delay: std::time::Duration::ZERO,
+            extra_images: Vec::new(),
             policy: PolicyLimits::default(),
             gateway_ports: (20000, 20999),
             log_level: "info".into(),
             site: "WNODES-DEV".into(),
             host: "hv1.wnodes.dev".into(),
+            storage_export: true,
         }
     }
 

@@ -116,8 +116,12 @@ fn guest_digests(guest: &Path) -> anyhow::Result<BTreeMap<String, String>> {
     Ok(out)
 }
 
-/// Serves the files of `dir` over HTTP/1.0 GET on `127.0.0.1:<port>` (image fetch tests).
-async fn serve_dir(dir: PathBuf) -> anyhow::Result<(u16, tokio::task::JoinHandle<()>)> {
+/// Serves the files of `dir` over HTTP/1.0 GET on `127.0.0.1:<port>` (image fetch tests),
+/// waiting `delay` before each answer.
+async fn serve_dir(
+    dir: PathBuf,
+    delay: Duration,
+) -> anyhow::Result<(u16, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let port = listener.local_addr()?.port();
     let task = tokio::spawn(async move {
@@ -139,6 +143,7 @@ async fn serve_dir(dir: PathBuf) -> anyhow::Result<(u16, tokio::task::JoinHandle
                 let path = head.split_whitespace().nth(1).unwrap_or("/").to_owned();
                 let name = path.trim_start_matches('/');
                 let file = (!name.contains('/') && !name.is_empty()).then(|| dir.join(name));
+                tokio::time::sleep(delay).await;
                 match file.map(std::fs::read) {
                     Some(Ok(body)) => {
                         let h = format!(
@@ -252,7 +257,7 @@ impl Stack {
                 (format!("file://{}", g.display()), None)
             }
             ImageServing::Http => {
-                let (port, task) = serve_dir(opts.guest_dir.clone()).await?;
+                let (port, task) = serve_dir(opts.guest_dir.clone(), opts.image_http_delay).await?;
                 (format!("http://127.0.0.1:{port}"), Some(task))
             }
         };
@@ -286,10 +291,18 @@ impl Stack {
         );
         let _ = writeln!(
             cfg,
-            "\n[launcher.policy]\nvo_images = {{ {} = \"demo\" }}\nnetwork_mode = {}\n\
+            "\n[launcher.policy]\nvo_images = {{ {} }}\nnetwork_mode = {}\n\
              default_cores = {}\nmax_cores = {}\ndefault_memory_bytes = {}\nmax_memory_bytes = {}\n\
              default_scratch_bytes = {}\nmax_scratch_bytes = {}\ndefault_walltime = \"{}s\"",
-            q(&opts.vo),
+            std::iter::once((opts.vo.as_str(), "demo"))
+                .chain(
+                    opts.extra_images
+                        .iter()
+                        .map(|e| (e.vo.as_str(), e.name.as_str()))
+                )
+                .map(|(vo, image)| format!("{} = {}", q(vo), q(image)))
+                .collect::<Vec<_>>()
+                .join(", "),
             if network == NetworkChoice::Tap {
                 "\"virtio_tap\""
             } else {
@@ -303,11 +316,13 @@ impl Stack {
             p.max_scratch_bytes,
             p.default_walltime_secs,
         );
-        let _ = writeln!(
-            cfg,
-            "\n[[launcher.policy.storage_exports]]\nname = \"shared\"\nhost_path = {}\nguest_path = \"/shared\"",
-            qp(&export)
-        );
+        if opts.storage_export {
+            let _ = writeln!(
+                cfg,
+                "\n[[launcher.policy.storage_exports]]\nname = \"shared\"\nhost_path = {}\nguest_path = \"/shared\"",
+                qp(&export)
+            );
+        }
         let _ = writeln!(
             cfg,
             "\n[image.catalog.demo]\nurl = {}\nsha256 = {}\nformat = \"raw\"\n\
@@ -319,6 +334,23 @@ impl Stack {
             q(format!("{image_base}/initrd.img")),
             q(&digests["initrd.img"]),
         );
+        for extra in &opts.extra_images {
+            let _ = writeln!(
+                cfg,
+                "\n[image.catalog.{}]\nurl = {}\nsha256 = {}\nformat = \"raw\"\n\
+                 kernel = {{ url = {}, sha256 = {} }}\ninitrd = {{ url = {}, sha256 = {} }}",
+                q(&extra.name),
+                q(format!("{image_base}/rootfs.ext4")),
+                q(extra
+                    .rootfs_sha256
+                    .as_deref()
+                    .unwrap_or(&digests["rootfs.ext4"])),
+                q(format!("{image_base}/vmlinux")),
+                q(&digests["vmlinux"]),
+                q(format!("{image_base}/initrd.img")),
+                q(&digests["initrd.img"]),
+            );
+        }
         let _ = writeln!(
             cfg,
             "\n[scratch]\ndir = {}\nmax_bytes = {}\ndefault_bytes = {}",

@@ -32,6 +32,8 @@ pub struct SubmitArgs {
     pub cores: u32,
     /// Memory in MiB (0 = site default).
     pub memory_mib: u64,
+    /// Scratch disk in MiB (0 = site default).
+    pub scratch_mib: u64,
     /// Wall-clock limit for the whole submission (the job starter is killed after it).
     pub timeout: Duration,
 }
@@ -45,6 +47,7 @@ impl SubmitArgs {
             vo: None,
             cores: 0,
             memory_mib: 0,
+            scratch_mib: 0,
             timeout: Duration::from_secs(300),
         }
     }
@@ -88,6 +91,13 @@ impl Stack {
 
     /// Runs `wnodes-bridge submit` (the job starter) with the stack's config and waits for it.
     pub async fn submit(&self, args: &SubmitArgs) -> anyhow::Result<SubmitOutcome> {
+        self.spawn_submit(args)?.wait().await
+    }
+
+    /// Starts `wnodes-bridge submit` (the job starter) with the stack's config and returns at
+    /// once: the handle gives its pid (to signal it) and waits for it. It does not borrow the
+    /// stack, so services can be stopped and restarted while the job runs.
+    pub fn spawn_submit(&self, args: &SubmitArgs) -> anyhow::Result<RunningSubmit> {
         let mut cmd = tokio::process::Command::new(self.bin("bridge"));
         cmd.env("WNODES_CONFIG", &self.config_path)
             .env_remove("RUST_LOG")
@@ -100,6 +110,7 @@ impl Stack {
             .args(["--job-id", &args.job_id])
             .args(["--cores", &args.cores.to_string()])
             .args(["--memory-mib", &args.memory_mib.to_string()])
+            .args(["--scratch-mib", &args.scratch_mib.to_string()])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -121,15 +132,10 @@ impl Stack {
         }
         let start = Instant::now();
         let child = cmd.spawn().context("starting wnodes-bridge submit")?;
-        let out = tokio::time::timeout(args.timeout, child.wait_with_output())
-            .await
-            .with_context(|| format!("wnodes-bridge submit did not end within {:?}", args.timeout))?
-            .context("waiting for wnodes-bridge submit")?;
-        Ok(SubmitOutcome {
-            exit_code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-            wall: start.elapsed(),
+        Ok(RunningSubmit {
+            child,
+            start,
+            timeout: args.timeout,
             run_key: wnodes_bus::event::run_key(&self.run_ref(&args.job_id)),
         })
     }
@@ -160,6 +166,7 @@ impl Stack {
             resources: Some(proto::ResourceRequest {
                 cores: args.cores,
                 memory_bytes: args.memory_mib * 1024 * 1024,
+                scratch_bytes: args.scratch_mib * 1024 * 1024,
                 ..Default::default()
             }),
             host: self.opts.host.clone(),
@@ -215,6 +222,53 @@ impl Stack {
             stderr,
             wall: start.elapsed(),
             run_key: wnodes_bus::event::run_key(&run),
+        })
+    }
+}
+
+/// A `wnodes-bridge submit` process started by [`Stack::spawn_submit`] (killed when dropped).
+#[derive(Debug)]
+pub struct RunningSubmit {
+    child: tokio::process::Child,
+    start: Instant,
+    timeout: Duration,
+    run_key: String,
+}
+
+impl RunningSubmit {
+    /// The process id (`None` once it has been reaped).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// Sends `signal` to the job starter (SIGTERM/SIGINT cancel the job).
+    pub fn signal(&self, signal: nix::sys::signal::Signal) -> anyhow::Result<()> {
+        let pid = self
+            .pid()
+            .and_then(|p| i32::try_from(p).ok())
+            .ok_or_else(|| anyhow::anyhow!("wnodes-bridge submit has already exited"))?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal)
+            .with_context(|| format!("sending {signal} to wnodes-bridge submit ({pid})"))
+    }
+
+    /// Waits for the job starter to exit (at most the submission's timeout).
+    pub async fn wait(self) -> anyhow::Result<SubmitOutcome> {
+        let Self {
+            child,
+            start,
+            timeout,
+            run_key,
+        } = self;
+        let out = tokio::time::timeout(timeout, child.wait_with_output())
+            .await
+            .with_context(|| format!("wnodes-bridge submit did not end within {timeout:?}"))?
+            .context("waiting for wnodes-bridge submit")?;
+        Ok(SubmitOutcome {
+            exit_code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            wall: start.elapsed(),
+            run_key,
         })
     }
 }

@@ -1,0 +1,984 @@
+//! Jobs that do not go the happy way, end to end (`wnodes-devstack`: nats-server, the seven
+//! services as processes, real qemu VMs under TCG, tap networking in a private network
+//! namespace): preparation failures, cancellation by the job starter, launcher crashes and
+//! clean stops while a VM runs, and a duplicated `vm.stopped` reaching a restarted accounting.
+//!
+//! After every scenario each resource that was prepared (`…Ready`) has been released
+//! (`resource.released` of its kind, read back from the run's events) and nothing is left on
+//! the host (`Stack::leftovers`). Tests are named `vm_*`: they run one at a time
+//! (`.config/nextest.toml`).
+//!
+//! Needs root, `/dev/fuse`, qemu, the test guest (`guest/build.sh`) and the service binaries
+//! (`cargo build --workspace --bins`); without root or the guest a test says SKIPPED and passes.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failure is a test failure
+
+use std::{
+    collections::BTreeMap,
+    time::{Duration, SystemTime},
+};
+
+use nix::sys::signal::Signal;
+use wnodes_bus::{
+    Bus, BusMetrics, EventType, NatsConfig,
+    proto::{self, event::Body},
+};
+use wnodes_devstack::{
+    ExtraImage, ImageServing, NetworkChoice, RunEvent, Stack, StackOptions, SubmitArgs,
+    SubmitOutcome, UsageRecord, enter_private_netns, options::workspace_root,
+};
+use wnodes_testkit::{OtlpCollector, wait_until};
+
+const LONG: Duration = Duration::from_secs(90);
+/// How often the helpers below read the event stream or the usage records again.
+const POLL: Duration = Duration::from_millis(200);
+
+/// True when the machine can run these tests; prints SKIPPED otherwise.
+fn can_run() -> bool {
+    let guest = workspace_root().join(".cache/guest/manifest.json");
+    let why = if !nix::unistd::geteuid().is_root() {
+        Some("needs root (network namespace, taps, nftables)")
+    } else if !std::path::Path::new("/dev/fuse").exists() {
+        Some("needs /dev/fuse")
+    } else if !guest.exists() {
+        Some("needs the test guest (guest/build.sh)")
+    } else {
+        None
+    };
+    if let Some(why) = why {
+        eprintln!("SKIPPED: {why}");
+    }
+    why.is_none()
+}
+
+/// Enters a private network namespace, then runs `f` on a fresh multi-thread runtime.
+fn in_private_netns<F: Future<Output = ()>>(f: impl FnOnce() -> F) {
+    enter_private_netns().unwrap();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f());
+}
+
+fn options(work: &std::path::Path, otlp: Option<String>) -> StackOptions {
+    let mut o = StackOptions::new(work);
+    o.network = NetworkChoice::Tap;
+    o.otlp_endpoint = otlp;
+    o
+}
+
+/// The run's events once `pred` holds for them (read every [`POLL`], at most [`LONG`]).
+async fn events_when(
+    stack: &Stack,
+    job: &str,
+    what: &str,
+    pred: impl Fn(&[RunEvent]) -> bool,
+) -> Vec<RunEvent> {
+    let res = wait_until(LONG, &format!("{what} ({job})"), || async {
+        if let Ok(evs) = stack.run_events(job).await
+            && pred(&evs)
+        {
+            return Some(evs);
+        }
+        tokio::time::sleep(POLL).await;
+        None
+    })
+    .await;
+    match res {
+        Ok(evs) => evs,
+        Err(e) => panic!(
+            "{e}; events: {}",
+            names(&stack.run_events(job).await.unwrap())
+        ),
+    }
+}
+
+fn has(events: &[RunEvent], t: EventType) -> bool {
+    events.iter().any(|e| e.event_type == t)
+}
+
+fn count(events: &[RunEvent], t: EventType) -> usize {
+    events.iter().filter(|e| e.event_type == t).count()
+}
+
+/// Stream position of the first event of type `t`.
+fn pos(events: &[RunEvent], t: EventType) -> usize {
+    events
+        .iter()
+        .position(|e| e.event_type == t)
+        .unwrap_or_else(|| panic!("no {} in {}", t.name(), names(events)))
+}
+
+fn time_of(events: &[RunEvent], t: EventType) -> SystemTime {
+    assert_eq!(count(events, t), 1, "one {}: {}", t.name(), names(events));
+    events[pos(events, t)].time
+}
+
+/// `"job.started, vm.requested, …"`.
+fn names(events: &[RunEvent]) -> String {
+    events
+        .iter()
+        .map(|e| e.event_type.name())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn the_vm_failed(events: &[RunEvent]) -> proto::VmFailed {
+    let f: Vec<_> = events
+        .iter()
+        .filter_map(|e| match &e.event.body {
+            Some(Body::VmFailed(f)) => Some(f.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(f.len(), 1, "one vm.failed: {}", names(events));
+    f.into_iter().next().unwrap()
+}
+
+fn the_vm_stopped(events: &[RunEvent]) -> proto::VmStopped {
+    let s: Vec<_> = events
+        .iter()
+        .filter_map(|e| match &e.event.body {
+            Some(Body::VmStopped(s)) => Some(s.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(s.len(), 1, "one vm.stopped: {}", names(events));
+    s.into_iter().next().unwrap()
+}
+
+/// The per-VM resource each `…Ready` stands for (the image is a shared cache entry, not
+/// released per VM).
+fn kind_of_ready(t: EventType) -> Option<proto::ResourceKind> {
+    match t {
+        EventType::ScratchReady => Some(proto::ResourceKind::Scratch),
+        EventType::NetworkReady => Some(proto::ResourceKind::Network),
+        EventType::StorageReady => Some(proto::ResourceKind::Storage),
+        _ => None,
+    }
+}
+
+/// `resource.released` count by kind.
+fn released(events: &[RunEvent]) -> BTreeMap<i32, usize> {
+    let mut m = BTreeMap::new();
+    for e in events {
+        if let Some(Body::ResourceReleased(r)) = &e.event.body {
+            *m.entry(r.kind).or_insert(0) += 1;
+        }
+    }
+    m
+}
+
+/// Waits until every resource whose `…Ready` was published has exactly one
+/// `resource.released`; returns the events and the kinds that had been prepared.
+async fn all_prepared_released(
+    stack: &Stack,
+    job: &str,
+) -> (Vec<RunEvent>, Vec<proto::ResourceKind>) {
+    let prepared = |evs: &[RunEvent]| -> Vec<proto::ResourceKind> {
+        let mut k: Vec<_> = evs
+            .iter()
+            .filter_map(|e| kind_of_ready(e.event_type))
+            .collect();
+        k.sort_by_key(|k| *k as i32);
+        k.dedup();
+        k
+    };
+    events_when(stack, job, "a release for every …Ready", |evs| {
+        let rel = released(evs);
+        prepared(evs)
+            .iter()
+            .all(|k| rel.get(&(*k as i32)).is_some_and(|n| *n >= 1))
+    })
+    .await;
+    // Give a duplicate release a chance to show up, then count.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let evs = stack.run_events(job).await.unwrap();
+    let kinds = prepared(&evs);
+    let rel = released(&evs);
+    eprintln!("{job}: events [{}]; prepared {kinds:?}", names(&evs));
+    for k in &kinds {
+        assert_eq!(
+            rel.get(&(*k as i32)),
+            Some(&1),
+            "{k:?} released exactly once: {}",
+            names(&evs)
+        );
+    }
+    (evs, kinds)
+}
+
+async fn no_leftovers(stack: &Stack) {
+    wait_until(LONG, "every resource released", || async {
+        if stack.leftovers().is_empty() {
+            return Some(());
+        }
+        tokio::time::sleep(POLL).await;
+        None
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {:#?}", stack.leftovers()));
+}
+
+async fn one_usage_record(stack: &Stack, job_id: &str) -> UsageRecord {
+    wait_until(LONG, &format!("the usage record of {job_id}"), || async {
+        if let Ok(recs) = stack.usage_record(job_id).await
+            && !recs.is_empty()
+        {
+            return Some(());
+        }
+        tokio::time::sleep(POLL).await;
+        None
+    })
+    .await
+    .unwrap();
+    // Give a duplicate (a redelivered vm.stopped) a chance to show up before counting.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let recs = stack.usage_record(job_id).await.unwrap();
+    assert_eq!(recs.len(), 1, "exactly one usage record per run: {recs:#?}");
+    let r = recs.into_iter().next().unwrap();
+    eprintln!(
+        "{job_id}: record exit {} stop {} wall {:.3} s cpu {:.3} s peak {} B cores {}",
+        r.exit_code, r.stop_reason, r.wall_seconds, r.cpu_seconds, r.peak_memory_bytes, r.cores
+    );
+    r
+}
+
+/// Waits until accounting's durable consumer has acknowledged everything in the stream.
+async fn accounting_caught_up(stack: &Stack) {
+    let client = async_nats::connect(stack.nats_url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let stream = js
+        .get_stream(wnodes_bus::subject::EVENTS_STREAM)
+        .await
+        .unwrap();
+    let name = wnodes_bus::subject::durable_name("accounting", None).unwrap();
+    wait_until(LONG, "accounting caught up with the stream", || async {
+        let mut c: async_nats::jetstream::consumer::Consumer<
+            async_nats::jetstream::consumer::pull::Config,
+        > = stream.get_consumer(&name).await.ok()?;
+        let info = c.info().await.ok()?.clone();
+        if info.num_pending == 0 && info.num_ack_pending == 0 {
+            return Some(());
+        }
+        tokio::time::sleep(POLL).await;
+        None
+    })
+    .await
+    .unwrap();
+}
+
+/// No usage record for `job_id` once accounting has seen everything up to now.
+async fn no_usage_record(stack: &Stack, job_id: &str) {
+    accounting_caught_up(stack).await;
+    let recs = stack.usage_record(job_id).await.unwrap();
+    assert!(recs.is_empty(), "no usage record for {job_id}: {recs:#?}");
+}
+
+fn mem_total_bytes() -> f64 {
+    let text = std::fs::read_to_string("/proc/meminfo").unwrap();
+    let kb: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kb * 1024.0
+}
+
+/// CPU and memory of a record within what the machine allows.
+fn check_cpu_and_memory(r: &UsageRecord) {
+    let cores = r.cores as f64;
+    assert!(cores >= 1.0, "{r:#?}");
+    assert!(
+        r.cpu_seconds >= 0.1 && r.cpu_seconds <= r.wall_seconds * cores,
+        "cpu {} s, wall {} s × {cores} cores",
+        r.cpu_seconds,
+        r.wall_seconds
+    );
+    let peak = r.peak_memory_bytes as f64;
+    assert!(
+        peak >= 10e6 && peak <= mem_total_bytes(),
+        "peak memory {peak} bytes"
+    );
+    assert_eq!(r.vo, "demo");
+    assert_eq!((r.uid, r.gid), (Some(65534), Some(65534)));
+}
+
+/// A protobuf timestamp's `seconds` and `nanos` as a time.
+fn unix((seconds, nanos): (i64, i32)) -> SystemTime {
+    SystemTime::UNIX_EPOCH
+        + Duration::new(
+            u64::try_from(seconds).unwrap(),
+            u32::try_from(nanos).unwrap(),
+        )
+}
+
+/// qemu's start (`VmRunning.started_at`) and stop (`VmStopped.stopped_at`) as the events say.
+fn vm_start_and_stop(events: &[RunEvent]) -> (SystemTime, SystemTime) {
+    let started = match &events[pos(events, EventType::VmRunning)].event.body {
+        Some(Body::VmRunning(r)) => unix(
+            r.started_at
+                .map(|t| (t.seconds, t.nanos))
+                .expect("vm.running started_at"),
+        ),
+        other => panic!("{other:?}"),
+    };
+    let stopped = the_vm_stopped(events)
+        .stopped_at
+        .map(|t| (t.seconds, t.nanos))
+        .expect("vm.stopped stopped_at");
+    (started, unix(stopped))
+}
+
+/// The record's wall time is the VM's own start → stop (±0.05 s) and the `vm.running →
+/// vm.stopped` gap of the stream (±0.5 s, not counting how long after qemu's start
+/// `vm.running` was stored: qemu's `-daemonize` start-up, 0.1–0.7 s on a loaded 2-core TCG
+/// host, is part of the VM's wall time but precedes the event); CPU and memory are plausible.
+fn check_usage(r: &UsageRecord, events: &[RunEvent]) {
+    let running = time_of(events, EventType::VmRunning);
+    let stopped = time_of(events, EventType::VmStopped);
+    let between = stopped.duration_since(running).unwrap().as_secs_f64();
+    let (vm_started, vm_stopped) = vm_start_and_stop(events);
+    let own = vm_stopped.duration_since(vm_started).unwrap().as_secs_f64();
+    // How long after qemu's start / stop each event was stored.
+    let running_lag = running.duration_since(vm_started).unwrap().as_secs_f64();
+    let stopped_lag = stopped.duration_since(vm_stopped).unwrap().as_secs_f64();
+    eprintln!(
+        "record wall {:.3} s; VM start → stop {own:.3} s; vm.running → vm.stopped {between:.3} s \
+         (vm.running stored {running_lag:.3} s after qemu started, vm.stopped {stopped_lag:.3} s \
+         after it stopped)",
+        r.wall_seconds,
+    );
+    assert!(
+        (r.wall_seconds - own).abs() <= 0.05,
+        "wall {} s vs the VM's start → stop {own} s",
+        r.wall_seconds
+    );
+    assert!(
+        (r.wall_seconds - running_lag - between).abs() <= 0.5,
+        "wall {} s vs vm.running → vm.stopped {between} s (+ {running_lag} s start-up)",
+        r.wall_seconds
+    );
+    assert!(
+        running_lag <= 3.0,
+        "vm.running {running_lag} s after qemu started"
+    );
+    check_cpu_and_memory(r);
+}
+
+/// True when the launcher measures usage through per-VM cgroups (its start-up log line says
+/// which source it uses), which keep counting while the launcher is down.
+fn launcher_uses_cgroup_v2(stack: &Stack) -> bool {
+    std::fs::read_to_string(stack.log_path("launcher"))
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("Launcher starting."))
+        .all(|l| l.contains("cgroup v2"))
+}
+
+/// The qemu of the stack's only VM, once it exists.
+async fn the_qemu(stack: &Stack) -> u32 {
+    wait_until(LONG, "the VM's qemu process", || async {
+        let q = stack.leftovers().qemus;
+        if q.len() == 1 {
+            return Some(q[0]);
+        }
+        tokio::time::sleep(POLL).await;
+        None
+    })
+    .await
+    .unwrap()
+}
+
+fn alive(pid: u32) -> bool {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok()
+        && std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|s| !s.rsplit(')').next().unwrap_or("").trim().starts_with('Z'))
+}
+
+/// `"… (trace <32 hex>)"` on the job starter's stderr.
+fn trace_id(out: &SubmitOutcome) -> String {
+    out.stderr
+        .split("(trace ")
+        .nth(1)
+        .and_then(|s| s.get(..32))
+        .unwrap_or_else(|| panic!("no trace id in {}", out.stderr))
+        .to_owned()
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Preparation failures
+
+/// A job that fails before anything is prepared: `vm.failed` phase `policy`, exit 125 with the
+/// reason on stderr, no preparation, no record.
+async fn policy_failure(stack: &Stack, args: SubmitArgs, want: &[&str]) {
+    let job = args.job_id.clone();
+    let out = stack.submit(&args).await.unwrap();
+    assert_eq!(out.exit_code, 125, "{out:#?}");
+    for w in want {
+        assert!(out.stderr.contains(w), "stderr names {w:?}: {out:#?}");
+    }
+    let evs = events_when(stack, &job, "vm.failed", |e| has(e, EventType::VmFailed)).await;
+    let f = the_vm_failed(&evs);
+    assert_eq!(f.phase, "policy", "{f:#?}");
+    for w in want {
+        assert!(f.reason.contains(w), "reason names {w:?}: {f:#?}");
+    }
+    assert!(
+        out.stderr.contains(&f.reason),
+        "stderr has the reason {:?}: {}",
+        f.reason,
+        out.stderr
+    );
+    assert!(!has(&evs, EventType::VmRequested), "{}", names(&evs));
+    let (evs, prepared) = all_prepared_released(stack, &job).await;
+    assert!(prepared.is_empty(), "{}", names(&evs));
+    assert!(!has(&evs, EventType::VmRunning), "{}", names(&evs));
+    no_usage_record(stack, &job).await;
+    no_leftovers(stack).await;
+}
+
+#[test]
+fn vm_a_vo_without_an_image_or_too_much_scratch_fails_in_policy_with_exit_125() {
+    if !can_run() {
+        return;
+    }
+    in_private_netns(|| async {
+        let work = tempfile::tempdir().unwrap();
+        let stack = Stack::start(options(work.path(), None)).await.unwrap();
+
+        // (a) A VO the site has no image for.
+        let mut args = SubmitArgs::script("fail-vo-1", "exit 0\n");
+        args.vo = Some("nosuch".into());
+        policy_failure(&stack, args, &["no image configured", "'nosuch'"]).await;
+
+        // (b) More scratch than the site maximum (1024 MiB): 2048 MiB.
+        let mut args = SubmitArgs::script("fail-scratch-1", "exit 0\n");
+        args.scratch_mib = 2048;
+        policy_failure(
+            &stack,
+            args,
+            &[
+                "scratch_bytes",
+                &(2048u64 << 20).to_string(),
+                &(1024u64 << 20).to_string(),
+            ],
+        )
+        .await;
+    });
+}
+
+#[test]
+fn vm_an_image_with_a_wrong_digest_fails_after_scratch_and_network_and_releases_them() {
+    if !can_run() {
+        return;
+    }
+    in_private_netns(|| async {
+        let work = tempfile::tempdir().unwrap();
+        let wrong = "0".repeat(64);
+        let mut opts = options(work.path(), None);
+        // Served slowly so that scratch and network are certainly ready before the image fails.
+        opts.image_serving = ImageServing::Http;
+        opts.image_http_delay = Duration::from_secs(3);
+        opts.extra_images.push(ExtraImage {
+            name: "broken".into(),
+            vo: "brokenvo".into(),
+            rootfs_sha256: Some(wrong.clone()),
+        });
+        let stack = Stack::start(opts).await.unwrap();
+        let mut args = SubmitArgs::script("fail-digest-1", "exit 0\n");
+        args.vo = Some("brokenvo".into());
+        let out = stack.submit(&args).await.unwrap();
+        assert_eq!(out.exit_code, 125, "{out:#?}");
+        assert!(out.stderr.contains("sha256 mismatch"), "{out:#?}");
+
+        let evs = events_when(&stack, "fail-digest-1", "vm.failed", |e| {
+            has(e, EventType::VmFailed)
+        })
+        .await;
+        let f = the_vm_failed(&evs);
+        assert_eq!(f.phase, "image", "{f:#?}");
+        assert!(f.reason.contains("sha256 mismatch"), "{f:#?}");
+        assert!(
+            f.reason.contains(&wrong),
+            "reason names the expected digest: {f:#?}"
+        );
+        assert!(
+            f.reason.contains("rootfs.ext4"),
+            "reason names the file: {f:#?}"
+        );
+        assert!(out.stderr.contains(&f.reason), "{out:#?}");
+        let failed_at = pos(&evs, EventType::ImageFailed);
+        assert!(
+            pos(&evs, EventType::ScratchReady) < failed_at
+                && pos(&evs, EventType::NetworkReady) < failed_at,
+            "scratch.ready and network.ready before image.failed: {}",
+            names(&evs)
+        );
+        assert!(
+            failed_at < pos(&evs, EventType::VmFailed),
+            "{}",
+            names(&evs)
+        );
+        let (evs, prepared) = all_prepared_released(&stack, "fail-digest-1").await;
+        assert!(
+            prepared.contains(&proto::ResourceKind::Scratch)
+                && prepared.contains(&proto::ResourceKind::Network),
+            "{prepared:?}"
+        );
+        let vm_failed = pos(&evs, EventType::VmFailed);
+        for e in evs.iter().skip(vm_failed) {
+            assert_ne!(e.event_type, EventType::VmRunning, "{}", names(&evs));
+        }
+        assert!(
+            evs.iter()
+                .position(|e| e.event_type == EventType::ResourceReleased)
+                .is_some_and(|p| p > vm_failed),
+            "released after vm.failed: {}",
+            names(&evs)
+        );
+        no_usage_record(&stack, "fail-digest-1").await;
+        no_leftovers(&stack).await;
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Cancellation
+
+#[test]
+fn vm_sigterm_to_submit_while_the_vm_runs_stops_it_as_cancelled_and_exits_143() {
+    if !can_run() {
+        return;
+    }
+    in_private_netns(|| async {
+        let work = tempfile::tempdir().unwrap();
+        let stack = Stack::start(options(work.path(), None)).await.unwrap();
+        let job = "cancel-running-1";
+        let submit = stack
+            .spawn_submit(&SubmitArgs::script(job, "echo started\nsleep 30\nexit 0\n"))
+            .unwrap();
+        events_when(&stack, job, "vm.running", |e| has(e, EventType::VmRunning)).await;
+        let qemu = the_qemu(&stack).await;
+        submit.signal(Signal::SIGTERM).unwrap();
+        let out = submit.wait().await.unwrap();
+        assert_eq!(out.exit_code, 143, "{out:#?}");
+        assert!(out.stderr.contains("SIGTERM: cancelling"), "{out:#?}");
+        // submit exits after the teardown: the VM's end is already in the stream.
+        let evs = stack.run_events(job).await.unwrap();
+        assert!(has(&evs, EventType::JobCancelled), "{}", names(&evs));
+        let stopped = the_vm_stopped(&evs);
+        assert_eq!(stopped.stop_reason, "cancelled", "{stopped:#?}");
+        assert!(!has(&evs, EventType::VmFailed), "{}", names(&evs));
+        assert!(!alive(qemu), "qemu {qemu} still alive after submit exited");
+        let gap = time_of(&evs, EventType::VmStopped)
+            .duration_since(time_of(&evs, EventType::VmRunning))
+            .unwrap();
+        assert!(gap < Duration::from_secs(30), "not cut short: {gap:?}");
+        let (_, prepared) = all_prepared_released(&stack, job).await;
+        assert_eq!(prepared.len(), 3, "{prepared:?}");
+        let r = one_usage_record(&stack, job).await;
+        assert_eq!(r.stop_reason, "cancelled", "{r:#?}");
+        let evs = stack.run_events(job).await.unwrap();
+        check_usage(&r, &evs);
+        no_leftovers(&stack).await;
+    });
+}
+
+#[test]
+fn vm_sigterm_to_submit_while_preparing_fails_the_vm_as_cancelled_and_releases_late_results() {
+    if !can_run() {
+        return;
+    }
+    in_private_netns(|| async {
+        let work = tempfile::tempdir().unwrap();
+        let mut opts = options(work.path(), None);
+        // The image arrives ~8 s after it is requested; the rest is ready long before.
+        opts.image_serving = ImageServing::Http;
+        opts.image_http_delay = Duration::from_secs(8);
+        let stack = Stack::start(opts).await.unwrap();
+        let job = "cancel-preparing-1";
+        let submit = stack
+            .spawn_submit(&SubmitArgs::script(job, "exit 0\n"))
+            .unwrap();
+        let evs = events_when(&stack, job, "scratch, network and storage ready", |e| {
+            has(e, EventType::ScratchReady)
+                && has(e, EventType::NetworkReady)
+                && has(e, EventType::StorageReady)
+        })
+        .await;
+        assert!(
+            !has(&evs, EventType::ImageReady),
+            "the image came too early for this test: {}",
+            names(&evs)
+        );
+        submit.signal(Signal::SIGTERM).unwrap();
+        let out = submit.wait().await.unwrap();
+        assert_eq!(out.exit_code, 143, "{out:#?}");
+        let evs = stack.run_events(job).await.unwrap();
+        let f = the_vm_failed(&evs);
+        assert_eq!(f.phase, "cancelled", "{f:#?}");
+        assert!(f.reason.contains("SIGTERM"), "{f:#?}");
+        // The image result arrives after the cancel; it must not start anything.
+        let evs = events_when(&stack, job, "the late image result", |e| {
+            has(e, EventType::ImageReady) || has(e, EventType::ImageFailed)
+        })
+        .await;
+        let late = evs
+            .iter()
+            .position(|e| matches!(e.event_type, EventType::ImageReady | EventType::ImageFailed))
+            .unwrap();
+        assert!(late > pos(&evs, EventType::VmFailed), "{}", names(&evs));
+        let (evs, prepared) = all_prepared_released(&stack, job).await;
+        assert_eq!(
+            prepared,
+            vec![
+                proto::ResourceKind::Scratch,
+                proto::ResourceKind::Network,
+                proto::ResourceKind::Storage
+            ]
+        );
+        // Let the launcher act on the late result, then check nothing was started.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let evs2 = stack.run_events(job).await.unwrap();
+        assert_eq!(evs2.len(), evs.len(), "{}", names(&evs2));
+        assert!(!has(&evs2, EventType::VmRunning), "{}", names(&evs2));
+        assert!(!has(&evs2, EventType::VmStopped), "{}", names(&evs2));
+        assert!(stack.leftovers().qemus.is_empty());
+        let vm_dir = stack.state_dir("launcher").join("vms").join(&f.vm_id);
+        assert!(
+            !vm_dir.join("qemu.pid").exists() && !vm_dir.join("running.json").exists(),
+            "qemu was started in {}",
+            vm_dir.display()
+        );
+        no_usage_record(&stack, job).await;
+        no_leftovers(&stack).await;
+    });
+}
+
+#[test]
+fn vm_sigterm_to_submit_while_scratch_is_down_releases_the_scratch_prepared_after_the_cancel() {
+    if !can_run() {
+        return;
+    }
+    in_private_netns(|| async {
+        let work = tempfile::tempdir().unwrap();
+        let mut stack = Stack::start(options(work.path(), None)).await.unwrap();
+        // Scratch is down: its result can only come after the job has been cancelled.
+        stack.stop_service("scratch").unwrap();
+        let job = "cancel-late-scratch-1";
+        let submit = stack
+            .spawn_submit(&SubmitArgs::script(job, "exit 0\n"))
+            .unwrap();
+        events_when(&stack, job, "image, network and storage ready", |e| {
+            has(e, EventType::ImageReady)
+                && has(e, EventType::NetworkReady)
+                && has(e, EventType::StorageReady)
+        })
+        .await;
+        submit.signal(Signal::SIGTERM).unwrap();
+        let out = submit.wait().await.unwrap();
+        assert_eq!(out.exit_code, 143, "{out:#?}");
+        let evs = stack.run_events(job).await.unwrap();
+        assert_eq!(the_vm_failed(&evs).phase, "cancelled");
+        assert!(!has(&evs, EventType::ScratchReady), "{}", names(&evs));
+        stack.start_service("scratch").await.unwrap();
+        let evs = events_when(&stack, job, "the scratch volume released", |e| {
+            released(e).contains_key(&(proto::ResourceKind::Scratch as i32))
+        })
+        .await;
+        if has(&evs, EventType::ScratchReady) {
+            assert!(
+                pos(&evs, EventType::ScratchReady) > pos(&evs, EventType::VmFailed),
+                "{}",
+                names(&evs)
+            );
+        }
+        let (evs, prepared) = all_prepared_released(&stack, job).await;
+        assert!(
+            prepared.contains(&proto::ResourceKind::Network)
+                && prepared.contains(&proto::ResourceKind::Storage),
+            "{prepared:?}"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let evs2 = stack.run_events(job).await.unwrap();
+        assert_eq!(evs2.len(), evs.len(), "{}", names(&evs2));
+        assert!(!has(&evs2, EventType::VmRunning), "{}", names(&evs2));
+        assert!(stack.leftovers().qemus.is_empty());
+        no_usage_record(&stack, job).await;
+        no_leftovers(&stack).await;
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. The launcher crashes or stops while a VM runs
+
+const CRASH_PAYLOAD: &str = "sleep 3; echo done; exit 7\n";
+
+#[test]
+fn vm_launcher_killed_while_the_vm_runs_is_restarted_and_the_job_ends_once_in_its_trace() {
+    if !can_run() {
+        return;
+    }
+    in_private_netns(|| async {
+        let collector = OtlpCollector::start().await.unwrap();
+        let work = tempfile::tempdir().unwrap();
+        let mut stack = Stack::start(options(work.path(), Some(collector.endpoint())))
+            .await
+            .unwrap();
+        let job = "crash-running-1";
+        let submit = stack
+            .spawn_submit(&SubmitArgs::script(job, CRASH_PAYLOAD))
+            .unwrap();
+        events_when(&stack, job, "vm.running", |e| has(e, EventType::VmRunning)).await;
+        let qemu = the_qemu(&stack).await;
+        stack.kill_service("launcher").unwrap();
+        assert!(alive(qemu), "qemu died with the launcher");
+        stack.start_service("launcher").await.unwrap();
+        let out = submit.wait().await.unwrap();
+        assert_eq!(out.exit_code, 7, "{out:#?}");
+        assert!(out.stdout.contains("done"), "{out:#?}");
+        let trace = trace_id(&out);
+        let r = one_usage_record(&stack, job).await;
+        assert_eq!(r.exit_code, 7, "{r:#?}");
+        let evs = stack.run_events(job).await.unwrap();
+        check_usage(&r, &evs);
+        all_prepared_released(&stack, job).await;
+        no_leftovers(&stack).await;
+        let run_key = out.run_key.clone();
+        drop(stack); // SIGTERM flushes every service's spans.
+        let is_stopped_publish = |s: &wnodes_testkit::CollectedSpan| {
+            s.service_name == "wnodes-launcher"
+                && s.name == "launcher.publish"
+                && s.attributes.get("event").map(String::as_str) == Some("vm.stopped")
+                && s.attributes.get("wnodes.run") == Some(&run_key)
+        };
+        let spans = collector
+            .wait_for(
+                Duration::from_secs(30),
+                "the restarted launcher's vm.stopped publish span",
+                |s| s.iter().any(is_stopped_publish),
+            )
+            .await
+            .unwrap();
+        // The first launcher was SIGKILLed before the VM stopped: this span is the new one's.
+        let publish: Vec<_> = spans.iter().filter(|s| is_stopped_publish(s)).collect();
+        for s in &publish {
+            assert_eq!(s.trace_id, trace, "{s:#?}");
+        }
+        let finish: Vec<_> = spans
+            .iter()
+            .filter(|s| s.service_name == "wnodes-launcher" && s.name == "launcher.vm_stopped")
+            .collect();
+        assert!(!finish.is_empty(), "no launcher.vm_stopped span");
+        for s in &finish {
+            assert_eq!(s.trace_id, trace, "{s:#?}");
+        }
+    });
+}
+
+#[test]
+fn vm_a_vm_that_ends_while_the_launcher_is_down_is_reported_once_after_the_restart() {
+    if !can_run() {
+        return;
+    }
+    in_private_netns(|| async {
+        let work = tempfile::tempdir().unwrap();
+        let mut stack = Stack::start(options(work.path(), None)).await.unwrap();
+        let job = "crash-ended-1";
+        let submit = stack
+            .spawn_submit(&SubmitArgs::script(job, CRASH_PAYLOAD))
+            .unwrap();
+        let evs = events_when(&stack, job, "vm.running", |e| has(e, EventType::VmRunning)).await;
+        let running = time_of(&evs, EventType::VmRunning);
+        let qemu = the_qemu(&stack).await;
+        stack.kill_service("launcher").unwrap();
+        wait_until(LONG, "qemu to exit while the launcher is down", || async {
+            if alive(qemu) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                return None;
+            }
+            Some(())
+        })
+        .await
+        .unwrap();
+        let gone = SystemTime::now();
+        stack.start_service("launcher").await.unwrap();
+        let out = submit.wait().await.unwrap();
+        assert_eq!(out.exit_code, 7, "{out:#?}");
+        assert!(out.stdout.contains("done"), "{out:#?}");
+        let r = one_usage_record(&stack, job).await;
+        assert_eq!(r.exit_code, 7, "{r:#?}");
+        // The VM's stop was not observed: its wall time ends at the guest's last output, after
+        // the payload's 3 s and before we saw qemu gone — not at the late vm.stopped.
+        let evs = stack.run_events(job).await.unwrap();
+        let (vm_started, vm_stopped) = vm_start_and_stop(&evs);
+        let own = vm_stopped.duration_since(vm_started).unwrap().as_secs_f64();
+        let seen = gone.duration_since(vm_started).unwrap().as_secs_f64();
+        let gap = time_of(&evs, EventType::VmStopped)
+            .duration_since(running)
+            .unwrap()
+            .as_secs_f64();
+        eprintln!(
+            "record wall {:.3} s; VM start → stop {own:.3} s; qemu seen gone {seen:.3} s after \
+             its start; vm.running → vm.stopped {gap:.3} s",
+            r.wall_seconds
+        );
+        assert!(
+            r.wall_seconds >= 3.0 && r.wall_seconds <= seen,
+            "wall {} s; the payload sleeps 3 s; qemu seen gone {seen} s after its start",
+            r.wall_seconds
+        );
+        assert!(
+            (r.wall_seconds - own).abs() <= 0.05,
+            "wall {} s vs the VM's start → stop {own} s",
+            r.wall_seconds
+        );
+        assert!(
+            time_of(&evs, EventType::VmStopped) > gone,
+            "vm.stopped was published before qemu was seen gone: {}",
+            names(&evs)
+        );
+        if launcher_uses_cgroup_v2(&stack) {
+            check_cpu_and_memory(&r);
+        } else {
+            // `/proc` samples (cgroup v1 hosts, services/launcher/src/usage.rs): nothing is
+            // sampled while the launcher is down, so CPU and peak memory are those of the last
+            // sample persisted before the crash (the first one is persisted at once) — a
+            // lower bound, documented; only its plausibility is checked.
+            assert!(
+                r.cpu_seconds > 0.0 && r.cpu_seconds <= r.wall_seconds * r.cores as f64,
+                "{r:#?}"
+            );
+            let peak = r.peak_memory_bytes as f64;
+            assert!(peak > 0.0 && peak <= mem_total_bytes(), "{r:#?}");
+            assert_eq!(
+                (r.vo.as_str(), r.uid, r.gid),
+                ("demo", Some(65534), Some(65534))
+            );
+        }
+        all_prepared_released(&stack, job).await;
+        no_leftovers(&stack).await;
+    });
+}
+
+#[test]
+fn vm_launcher_stopped_with_sigterm_leaves_the_vm_running_and_reports_it_after_the_restart() {
+    if !can_run() {
+        return;
+    }
+    in_private_netns(|| async {
+        let work = tempfile::tempdir().unwrap();
+        let mut stack = Stack::start(options(work.path(), None)).await.unwrap();
+        let job = "stop-running-1";
+        let submit = stack
+            .spawn_submit(&SubmitArgs::script(job, CRASH_PAYLOAD))
+            .unwrap();
+        events_when(&stack, job, "vm.running", |e| has(e, EventType::VmRunning)).await;
+        let qemu = the_qemu(&stack).await;
+        let launcher = stack.service_pid("launcher").unwrap();
+        stack.stop_service("launcher").unwrap(); // SIGTERM; returns once it has exited
+        assert!(!alive(launcher), "the launcher is still running");
+        assert!(
+            alive(qemu),
+            "qemu {qemu} died with the launcher's clean stop"
+        );
+        stack.start_service("launcher").await.unwrap();
+        let out = submit.wait().await.unwrap();
+        assert_eq!(out.exit_code, 7, "{out:#?}");
+        assert!(out.stdout.contains("done"), "{out:#?}");
+        let r = one_usage_record(&stack, job).await;
+        assert_eq!(r.exit_code, 7, "{r:#?}");
+        let evs = stack.run_events(job).await.unwrap();
+        assert_eq!(count(&evs, EventType::VmStopped), 1, "{}", names(&evs));
+        check_usage(&r, &evs);
+        all_prepared_released(&stack, job).await;
+        no_leftovers(&stack).await;
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Exactly once at the stack level
+
+#[test]
+fn vm_a_republished_vm_stopped_after_an_accounting_restart_is_not_recorded_twice() {
+    if !can_run() {
+        return;
+    }
+    in_private_netns(|| async {
+        let work = tempfile::tempdir().unwrap();
+        let mut stack = Stack::start(options(work.path(), None)).await.unwrap();
+        let job = "dup-stopped-1";
+        let out = stack
+            .submit(&SubmitArgs::script(job, "echo once\nexit 4\n"))
+            .await
+            .unwrap();
+        assert_eq!(out.exit_code, 4, "{out:#?}");
+        let first = one_usage_record(&stack, job).await;
+        no_leftovers(&stack).await;
+
+        stack.stop_service("accounting").unwrap();
+        stack.start_service("accounting").await.unwrap();
+
+        // The stored vm.stopped message of the run, as it is in the stream.
+        let client = async_nats::connect(stack.nats_url()).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        let stream = js
+            .get_stream(wnodes_bus::subject::EVENTS_STREAM)
+            .await
+            .unwrap();
+        let last = stream.get_info().await.unwrap().state.last_sequence;
+        let mut original = None;
+        for seq in 1..=last {
+            let msg = stream.get_raw_message(seq).await.unwrap();
+            let ev = <proto::Event as prost::Message>::decode(msg.payload.as_ref()).unwrap();
+            if ev.run.as_ref().map(wnodes_bus::event::run_key) == Some(out.run_key.clone())
+                && matches!(ev.body, Some(Body::VmStopped(_)))
+            {
+                original = Some(msg);
+            }
+        }
+        let original = original.expect("the run's vm.stopped in the stream");
+        let mut headers = original.headers.clone();
+        let old_id = headers
+            .get("Nats-Msg-Id")
+            .map(|v| v.as_str().to_owned())
+            .expect("a Nats-Msg-Id");
+        let new_id = format!("{old_id}:republished");
+        headers.insert("Nats-Msg-Id", new_id.as_str());
+
+        wnodes_bus::connect::install_crypto_provider();
+        let bus = Bus::connect(
+            &NatsConfig {
+                url: stack.nats_url(),
+                ..Default::default()
+            },
+            "job-failures-test@local",
+            BusMetrics::unregistered(),
+        )
+        .await
+        .unwrap();
+        let published = bus
+            .publish_raw(
+                original.subject.as_str(),
+                headers,
+                original.payload.clone(),
+                "test.republish",
+            )
+            .await
+            .unwrap();
+        assert!(!published.duplicate, "the new Nats-Msg-Id was deduplicated");
+        assert!(published.sequence > original.sequence);
+        let evs = stack.run_events(job).await.unwrap();
+        assert_eq!(count(&evs, EventType::VmStopped), 2, "{}", names(&evs));
+
+        accounting_caught_up(&stack).await;
+        let recs = stack.usage_record(job).await.unwrap();
+        assert_eq!(recs.len(), 1, "one record after the duplicate: {recs:#?}");
+        assert_eq!(recs[0], first, "the record was rewritten");
+        let evs = stack.run_events(job).await.unwrap();
+        assert_eq!(count(&evs, EventType::UsageRecorded), 1, "{}", names(&evs));
+        no_leftovers(&stack).await;
+    });
+}
