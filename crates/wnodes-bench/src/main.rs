@@ -26,6 +26,8 @@ use wnodes_bus::{
     HandlerError, KeyStore, NatsConfig, proto, proto::event::Body, subject,
 };
 
+mod vm_start;
+
 #[derive(Parser, Debug)]
 #[command(about = "WNoDeS benchmarks (JSON summary on the last line)")]
 struct Cli {
@@ -49,6 +51,8 @@ enum Cmd {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
+    /// A job through WNoDeS vs the same guest under a bare qemu (needs root).
+    VmStart(vm_start::VmStartArgs),
 }
 
 fn event(i: usize, pad: usize) -> proto::Event {
@@ -209,8 +213,10 @@ async fn bus_round(
             ..Default::default()
         },
     };
-    let t = Instant::now();
+    // Timed from after the consumer exists, as on the raw side (which creates its consumer
+    // before starting the clock).
     let consumer = Consumer::create(bus.clone(), store.clone(), spec, Nop(count.clone())).await?;
+    let t = Instant::now();
     let stop = CancellationToken::new();
     let task = tokio::spawn(consumer.run(stop.clone()));
     count.done.notified().await;
@@ -325,6 +331,8 @@ fn main() -> anyhow::Result<()> {
                 window,
                 rounds,
             } => bench_bus(n, payload, window, rounds.max(1)).await,
+            // Runs on its own thread and runtime inside a private network namespace.
+            Cmd::VmStart(args) => vm_start::run(args),
         }
     })
 }

@@ -127,7 +127,12 @@ pub async fn connect_options(
         .name(name)
         .connection_timeout(cfg.connect_timeout)
         .max_reconnects(None)
+        // async-nats asks for a delay before the very first attempt too (attempt 1): none then,
+        // else every process would wait 200 ms before it first connects.
         .reconnect_delay_callback(|attempt| {
+            if attempt <= 1 {
+                return std::time::Duration::ZERO;
+            }
             let ms = 100u64.saturating_mul(1 << attempt.min(6)).min(5_000);
             std::time::Duration::from_millis(ms)
         })

@@ -411,8 +411,11 @@ pub async fn launch(
         .as_ref()
         .ok_or_else(|| QemuError::Payload("the job has no payload".into()))?;
     let args = build_args(inputs)?;
-    let started_at_ms = crate::vmstate::unix_ms(std::time::SystemTime::now());
     let pid = spawn_detached(binary, vm, payload, &args).await?;
+    // The VM runs from the moment qemu has initialised and detached (what `vm.running`
+    // reports): the usage record's wall time is measured from here, and qemu's start-up CPU
+    // time still counts in its CPU seconds.
+    let started_at_ms = crate::vmstate::unix_ms(std::time::SystemTime::now());
     let usage = match cgroup_root {
         Some(root) => match crate::usage::attach_cgroup(root, vm.vm_id(), pid) {
             Ok(path) => UsageSource::Cgroup { path },

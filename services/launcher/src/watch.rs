@@ -13,8 +13,11 @@ use crate::{
 /// How the watcher behaves.
 #[derive(Debug, Clone)]
 pub struct WatchOptions {
-    /// How often qemu's liveness is checked (and `/proc` sampled).
+    /// How often qemu's liveness is checked: the delay between the guest's power-off and
+    /// `vm.stopped` is at most this.
     pub poll: Duration,
+    /// How often `/proc` is sampled for usage (hosts without a per-VM cgroup).
+    pub sample_every: Duration,
     /// How often samples are persisted to `usage.json`.
     pub persist_every: Duration,
     /// Grace between `system_powerdown` and `quit` when the walltime is over.
@@ -24,7 +27,8 @@ pub struct WatchOptions {
 impl Default for WatchOptions {
     fn default() -> Self {
         Self {
-            poll: Duration::from_millis(250),
+            poll: Duration::from_millis(50),
+            sample_every: Duration::from_millis(250),
             persist_every: Duration::from_secs(1),
             powerdown_grace: Duration::from_secs(5),
         }
@@ -85,9 +89,15 @@ pub async fn watch(vm: &VmDir, opts: &WatchOptions) -> Result<VmExit, WatchError
     let mut last_persist: Option<tokio::time::Instant> = None;
     let mut observed = false;
     let mut forced: Option<&'static str> = None;
+    let mut last_sample: Option<tokio::time::Instant> = None;
     while vm.qemu_alive(pid) {
         observed = true;
-        if sample_proc && let Some(s) = usage::sample_proc(pid) {
+        let sample_due = last_sample.is_none_or(|t| t.elapsed() >= opts.sample_every);
+        if sample_proc
+            && sample_due
+            && let Some(s) = usage::sample_proc(pid)
+        {
+            last_sample = Some(tokio::time::Instant::now());
             let merged = last.map_or(s, |l| l.max(s));
             last = Some(merged);
             if last_persist.is_none_or(|t| t.elapsed() >= opts.persist_every) {
