@@ -4,6 +4,8 @@
 //! Tests live in `tests/`: `bus.rs` (trace across processes, idempotency, dead letters, crash
 //! and restart, shutdown), `auth.rs` (TLS and credentials), `config.rs` (fail-fast start-up).
 
+pub mod jobs;
+
 use std::{
     io::{BufRead, BufReader},
     path::{Path, PathBuf},

@@ -24,49 +24,17 @@ use wnodes_bus::{
     proto::{self, event::Body},
 };
 use wnodes_devstack::{
-    ExtraImage, ImageServing, NetworkChoice, RunEvent, Stack, StackOptions, SubmitArgs,
-    SubmitOutcome, UsageRecord, enter_private_netns, options::workspace_root,
+    ExtraImage, ImageServing, RunEvent, Stack, SubmitArgs, SubmitOutcome, UsageRecord,
+};
+use wnodes_integration_tests::jobs::{
+    can_run, in_private_netns, mem_total_bytes, no_leftovers, one_usage_record,
+    tap_options as options,
 };
 use wnodes_testkit::{OtlpCollector, wait_until};
 
 const LONG: Duration = Duration::from_secs(90);
 /// How often the helpers below read the event stream or the usage records again.
 const POLL: Duration = Duration::from_millis(200);
-
-/// True when the machine can run these tests; prints SKIPPED otherwise.
-fn can_run() -> bool {
-    let guest = workspace_root().join(".cache/guest/manifest.json");
-    let why = if !nix::unistd::geteuid().is_root() {
-        Some("needs root (network namespace, taps, nftables)")
-    } else if !std::path::Path::new("/dev/fuse").exists() {
-        Some("needs /dev/fuse")
-    } else if !guest.exists() {
-        Some("needs the test guest (guest/build.sh)")
-    } else {
-        None
-    };
-    if let Some(why) = why {
-        eprintln!("SKIPPED: {why}");
-    }
-    why.is_none()
-}
-
-/// Enters a private network namespace, then runs `f` on a fresh multi-thread runtime.
-fn in_private_netns<F: Future<Output = ()>>(f: impl FnOnce() -> F) {
-    enter_private_netns().unwrap();
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(f());
-}
-
-fn options(work: &std::path::Path, otlp: Option<String>) -> StackOptions {
-    let mut o = StackOptions::new(work);
-    o.network = NetworkChoice::Tap;
-    o.otlp_endpoint = otlp;
-    o
-}
 
 /// The run's events once `pred` holds for them (read every [`POLL`], at most [`LONG`]).
 async fn events_when(
@@ -209,42 +177,6 @@ async fn all_prepared_released(
     (evs, kinds)
 }
 
-async fn no_leftovers(stack: &Stack) {
-    wait_until(LONG, "every resource released", || async {
-        if stack.leftovers().is_empty() {
-            return Some(());
-        }
-        tokio::time::sleep(POLL).await;
-        None
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}: {:#?}", stack.leftovers()));
-}
-
-async fn one_usage_record(stack: &Stack, job_id: &str) -> UsageRecord {
-    wait_until(LONG, &format!("the usage record of {job_id}"), || async {
-        if let Ok(recs) = stack.usage_record(job_id).await
-            && !recs.is_empty()
-        {
-            return Some(());
-        }
-        tokio::time::sleep(POLL).await;
-        None
-    })
-    .await
-    .unwrap();
-    // Give a duplicate (a redelivered vm.stopped) a chance to show up before counting.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let recs = stack.usage_record(job_id).await.unwrap();
-    assert_eq!(recs.len(), 1, "exactly one usage record per run: {recs:#?}");
-    let r = recs.into_iter().next().unwrap();
-    eprintln!(
-        "{job_id}: record exit {} stop {} wall {:.3} s cpu {:.3} s peak {} B cores {}",
-        r.exit_code, r.stop_reason, r.wall_seconds, r.cpu_seconds, r.peak_memory_bytes, r.cores
-    );
-    r
-}
-
 /// Waits until accounting's durable consumer has acknowledged everything in the stream.
 async fn accounting_caught_up(stack: &Stack) {
     let client = async_nats::connect(stack.nats_url()).await.unwrap();
@@ -274,17 +206,6 @@ async fn no_usage_record(stack: &Stack, job_id: &str) {
     accounting_caught_up(stack).await;
     let recs = stack.usage_record(job_id).await.unwrap();
     assert!(recs.is_empty(), "no usage record for {job_id}: {recs:#?}");
-}
-
-fn mem_total_bytes() -> f64 {
-    let text = std::fs::read_to_string("/proc/meminfo").unwrap();
-    let kb: f64 = text
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap();
-    kb * 1024.0
 }
 
 /// CPU and memory of a record within what the machine allows.

@@ -16,62 +16,14 @@ use std::{
 };
 
 use wnodes_bus::EventType;
-use wnodes_devstack::{
-    ImageServing, NetworkChoice, RunEvent, Stack, StackOptions, SubmitArgs, UsageRecord,
-    enter_private_netns, options::workspace_root,
+use wnodes_devstack::{ImageServing, NetworkChoice, RunEvent, Stack, SubmitArgs};
+use wnodes_integration_tests::jobs::{
+    can_run, in_private_netns, mem_total_bytes, no_leftovers, one_usage_record,
+    tap_options as options,
 };
 use wnodes_testkit::{CollectedSpan, OtlpCollector, wait_until};
 
 const LONG: Duration = Duration::from_secs(60);
-
-/// True when the machine can run these tests; prints SKIPPED otherwise.
-fn can_run() -> bool {
-    let guest = workspace_root().join(".cache/guest/manifest.json");
-    let why = if !nix::unistd::geteuid().is_root() {
-        Some("needs root (network namespace, taps, nftables)")
-    } else if !std::path::Path::new("/dev/fuse").exists() {
-        Some("needs /dev/fuse")
-    } else if !guest.exists() {
-        Some("needs the test guest (guest/build.sh)")
-    } else {
-        None
-    };
-    if let Some(why) = why {
-        eprintln!("SKIPPED: {why}");
-    }
-    why.is_none()
-}
-
-/// Enters a private network namespace, then runs `f` on a fresh multi-thread runtime.
-fn in_private_netns<F: Future<Output = ()>>(f: impl FnOnce() -> F) {
-    enter_private_netns().unwrap();
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(f());
-}
-
-fn options(work: &std::path::Path, otlp: Option<String>) -> StackOptions {
-    let mut o = StackOptions::new(work);
-    o.network = NetworkChoice::Tap;
-    o.otlp_endpoint = otlp;
-    o
-}
-
-async fn one_usage_record(stack: &Stack, job_id: &str) -> UsageRecord {
-    wait_until(LONG, &format!("the usage record of {job_id}"), || async {
-        let recs = stack.usage_record(job_id).await.ok()?;
-        (!recs.is_empty()).then_some(recs)
-    })
-    .await
-    .unwrap();
-    // Give a duplicate (a redelivered vm.stopped) a chance to show up before counting.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let recs = stack.usage_record(job_id).await.unwrap();
-    assert_eq!(recs.len(), 1, "exactly one usage record per run: {recs:#?}");
-    recs.into_iter().next().unwrap()
-}
 
 fn event_time(events: &[RunEvent], t: EventType) -> std::time::SystemTime {
     let times: Vec<_> = events.iter().filter(|e| e.event_type == t).collect();
@@ -82,17 +34,6 @@ fn event_time(events: &[RunEvent], t: EventType) -> std::time::SystemTime {
         t.name()
     );
     times[0].time
-}
-
-fn mem_total_bytes() -> f64 {
-    let text = std::fs::read_to_string("/proc/meminfo").unwrap();
-    let kb: f64 = text
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap();
-    kb * 1024.0
 }
 
 /// The record agrees with the run's events and with the machine.
@@ -123,14 +64,6 @@ async fn check_usage(stack: &Stack, job_id: &str, exit_code: i64) {
     );
     assert_eq!(r.vo, "demo");
     assert_eq!((r.uid, r.gid), (Some(65534), Some(65534)));
-}
-
-async fn no_leftovers(stack: &Stack) {
-    wait_until(LONG, "every resource released", || async {
-        stack.leftovers().is_empty().then_some(())
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}: {:#?}", stack.leftovers()));
 }
 
 const SUBMIT_PAYLOAD: &str = r#"echo "hello from $(hostname)" > /shared/hello.txt || exit 10

@@ -189,6 +189,9 @@ pub fn run_key(run: &JobRunRef) -> String {
 pub trait EventExt {
     /// Builds an event with its deterministic id. `source` is `"<service>@<host>"`.
     fn build(run: JobRunRef, host: &str, source: &str, body: Body) -> Event;
+    /// An event caused by this one: same run, same host, built by `source`. This is how a
+    /// handler answers (a redelivered cause yields the same derived id).
+    fn derive(&self, source: &str, body: Body) -> Event;
     /// The event's type, or `None` when it has no body (a malformed event).
     fn event_type(&self) -> Option<EventType>;
     /// The subject this event is published to.
@@ -219,6 +222,15 @@ impl EventExt for Event {
             host: host.to_owned(),
             body: Some(body),
         }
+    }
+
+    fn derive(&self, source: &str, body: Body) -> Event {
+        Event::build(
+            self.run.clone().unwrap_or_default(),
+            &self.host,
+            source,
+            body,
+        )
     }
 
     fn event_type(&self) -> Option<EventType> {
@@ -283,6 +295,11 @@ mod tests {
             "resource.released.scratch:INFN-T1/htcondor/1001.0/2"
         );
         assert_eq!(a.subject().unwrap(), "wnodes.evt.hv1.job.cancelled");
+        let d = a.derive("svc@hv1", Body::JobCancelled(JobCancelled::default()));
+        assert_eq!(
+            (d.run, d.host.as_str(), d.id),
+            (a.run.clone(), "hv1", a.id.clone())
+        );
     }
 
     #[test]

@@ -55,12 +55,7 @@ impl ImageHandler {
     }
 
     fn event(&self, incoming: &proto::Event, body: Body) -> proto::Event {
-        proto::Event::build(
-            incoming.run.clone().unwrap_or_default(),
-            &incoming.host,
-            &self.source,
-            body,
-        )
+        incoming.derive(&self.source, body)
     }
 
     fn failed(

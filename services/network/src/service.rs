@@ -104,12 +104,7 @@ impl NetworkHandler {
     }
 
     fn event(&self, ev: &proto::Event, body: Body) -> proto::Event {
-        proto::Event::build(
-            ev.run.clone().unwrap_or_default(),
-            &ev.host,
-            &self.source,
-            body,
-        )
+        ev.derive(&self.source, body)
     }
 
     fn released(&self, ev: &proto::Event, vm_id: &str, detail: String) -> proto::Event {

@@ -106,12 +106,7 @@ impl ScratchHandler {
     }
 
     fn event(&self, incoming: &proto::Event, body: Body) -> proto::Event {
-        proto::Event::build(
-            incoming.run.clone().unwrap_or_default(),
-            &incoming.host,
-            &self.source,
-            body,
-        )
+        incoming.derive(&self.source, body)
     }
 
     fn failed(&self, ctx: &mut HandlerCtx, incoming: &proto::Event, vm_id: &str, reason: String) {
