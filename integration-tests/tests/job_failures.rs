@@ -291,12 +291,14 @@ fn check_usage(r: &UsageRecord, events: &[RunEvent]) {
 
 /// True when the launcher measures usage through per-VM cgroups (its start-up log line says
 /// which source it uses), which keep counting while the launcher is down.
-fn launcher_uses_cgroup_v2(stack: &Stack) -> bool {
+/// True when every launcher start accounted usage through a per-VM cgroup (v1 or v2), which
+/// keeps counting while the launcher is down; false for `/proc` samples.
+fn launcher_uses_cgroups(stack: &Stack) -> bool {
     std::fs::read_to_string(stack.log_path("launcher"))
         .unwrap()
         .lines()
         .filter(|l| l.contains("Launcher starting."))
-        .all(|l| l.contains("cgroup v2"))
+        .all(|l| l.contains("cgroup v"))
 }
 
 /// The qemu of the stack's only VM, once it exists.
@@ -761,10 +763,10 @@ fn vm_a_vm_that_ends_while_the_launcher_is_down_is_reported_once_after_the_resta
             "vm.stopped was published before qemu was seen gone: {}",
             names(&evs)
         );
-        if launcher_uses_cgroup_v2(&stack) {
+        if launcher_uses_cgroups(&stack) {
             check_cpu_and_memory(&r);
         } else {
-            // `/proc` samples (cgroup v1 hosts, services/launcher/src/usage.rs): nothing is
+            // `/proc` samples (hosts without usable cgroups, services/launcher/src/usage.rs): nothing is
             // sampled while the launcher is down, so CPU and peak memory are those of the last
             // sample persisted before the crash (the first one is persisted at once) — a
             // lower bound, documented; only its plausibility is checked.

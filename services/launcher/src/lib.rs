@@ -9,7 +9,7 @@
 //! | [`qemu`] | the qemu command line, the payload script, spawning qemu detached (`-daemonize`) |
 //! | [`qmp`] | a minimal QMP client (powerdown / quit) over the VM's unix socket |
 //! | [`vmstate`] | the per-VM state directory: `job.json`, `running.json`, serial files, liveness |
-//! | [`usage`] | CPU and peak memory: per-VM cgroup v2 when available, else `/proc` samples in `usage.json` |
+//! | [`usage`] | CPU and peak memory: per-VM cgroup (v2, else v1 `cpuacct`+`memory`) when usable, else `/proc` samples in `usage.json` |
 //! | [`watch`] | waits for a VM's qemu to exit (also after a launcher restart) and collects the result |
 //! | [`handler`] | the bus handler (`job.started`, `job.cancelled`, the four results) |
 //! | [`service`] | wiring: reattach on start, the starter, the deadline task, publishing `vm.*` events |
@@ -28,8 +28,19 @@
 //! qemu that exited meanwhile is finished from its state directory at once), adopts a qemu
 //! started just before a crash, and republishes events that were not acknowledged.
 //!
-//! Deployment note: under systemd the unit needs `KillMode=process` unless qemu is moved to
-//! its own cgroup (cgroup v2 hosts, see [`usage`]), or stopping the service kills the VMs.
+//! Usage accounting ([`usage`]) survives a launcher that is down when qemu exits: qemu is moved
+//! into a per-VM cgroup as the foreground process, before it daemonizes, so the daemon inherits
+//! it; the group keeps the counters after qemu's exit and is read (then removed) by whichever
+//! launcher finishes the VM; leftover groups of finished or unknown VMs are removed on start.
+//! Sources, in order of preference: cgroup v2 (`/sys/fs/cgroup` a writable cgroup2 mount), cgroup
+//! v1 (writable `cpuacct` and `memory` hierarchies), `/proc` samples (which miss the CPU time
+//! after the last sample when nobody watched the exit). Exercised with real qemu: cgroup v1 and
+//! `/proc` samples (this project's machines are v1); cgroup v2 only against fake directories.
+//!
+//! Deployment note: under systemd the unit needs `KillMode=process` unless qemu leaves the
+//! unit's cgroup, or stopping the service kills the VMs. On cgroup v2 hosts moving qemu into
+//! `wnodes/<vm_id>` does that; on cgroup v1 hosts it does not (systemd tracks the unit in its
+//! own `name=systemd` hierarchy, which the launcher leaves alone), so keep `KillMode=process`.
 
 pub mod config;
 pub mod handler;

@@ -21,6 +21,7 @@ use wnodes_proto::v1::{
 
 use crate::{
     config::Accel,
+    usage::{self, CgroupHost},
     vmstate::{RunningRecord, UsageSource, VmDir},
 };
 
@@ -351,57 +352,163 @@ pub fn payload_script(payload: &JobPayload) -> Result<Vec<u8>, QemuError> {
     }
 }
 
+/// A qemu that initialised and daemonized.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Spawned {
+    /// The daemon's pid (from qemu's pid file).
+    pub pid: u32,
+    /// Where its usage is measured.
+    pub usage: UsageSource,
+    /// With a cgroup: the daemon was already in the group(s) when checked, i.e. it inherited
+    /// them from the foreground qemu (otherwise it was moved there afterwards, and the CPU
+    /// time it used before that is not counted).
+    pub daemon_inherited: bool,
+}
+
+fn kill(pid: u32) {
+    if let Ok(raw) = i32::try_from(pid) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(raw),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
 /// Writes the payload file, runs qemu (which daemonizes) and returns qemu's pid. qemu's
 /// `-snapshot` overlay goes to the VM directory (`TMPDIR`).
+///
+/// With `cgroups`, the VM's group(s) are created first and the foreground qemu is moved into
+/// them right after `spawn()`, before it daemonizes: the daemon forks from it and inherits
+/// them, so all of qemu's CPU time and memory is counted. The daemon's membership is checked
+/// (and, if it is missing, the daemon is moved in). Any cgroup failure falls back to `/proc`
+/// samples.
 pub async fn spawn_detached(
     binary: &Path,
     vm: &VmDir,
     payload: &JobPayload,
     args: &[String],
-) -> Result<u32, QemuError> {
+    cgroups: Option<&CgroupHost>,
+) -> Result<Spawned, QemuError> {
     let script = payload_script(payload)?;
     crate::vmstate::write_atomic(&vm.payload(), &script)?;
     // A stale pid file from an earlier attempt must not be taken for this qemu.
     let _ = std::fs::remove_file(vm.pid_file());
-    let child = tokio::process::Command::new(binary)
+    let vm_id = vm.vm_id();
+    let mut group = cgroups.and_then(|host| match host.create(vm_id) {
+        Ok(source) => Some(source),
+        Err(e) => {
+            tracing::warn!(vm_id, error = %e, "No cgroup for the VM; sampling /proc.");
+            None
+        }
+    });
+    let spawned = tokio::process::Command::new(binary)
         .args(args)
         .env("TMPDIR", vm.dir())
         .current_dir(vm.dir())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|source| QemuError::Spawn {
-            binary: binary.to_path_buf(),
-            source,
-        })?;
+        .spawn();
+    let child = match spawned {
+        Ok(c) => c,
+        Err(source) => {
+            if let Some(g) = &group {
+                usage::remove_groups(vm_id, g);
+            }
+            return Err(QemuError::Spawn {
+                binary: binary.to_path_buf(),
+                source,
+            });
+        }
+    };
+    // As early as possible: the foreground qemu, before it forks the daemon.
+    if let (Some(g), Some(host)) = (&group, cgroups) {
+        let attached = match child.id() {
+            Some(pid) => usage::attach_creating(host, vm_id, g, pid),
+            None => Err(usage::UsageError::NoCgroup(vm_id.to_owned())),
+        };
+        if let Err(e) = attached {
+            tracing::warn!(vm_id, error = %e, "Cannot move qemu into its cgroup; sampling /proc.");
+            // Best effort: a v1 group qemu did get into stays until a later reconciliation.
+            usage::remove_groups(vm_id, g);
+            group = None;
+        }
+    }
     // The foreground qemu exits once the daemon is initialised; the daemon itself has its
     // stdio on /dev/null by then, so the pipes close.
-    let out = tokio::time::timeout(DAEMONIZE_TIMEOUT, child.wait_with_output())
-        .await
-        .map_err(|_| QemuError::Timeout(DAEMONIZE_TIMEOUT))?
-        .map_err(|source| QemuError::Spawn {
-            binary: binary.to_path_buf(),
-            source,
-        })?;
-    if !out.status.success() {
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let stderr: String = stderr.trim().chars().take(2000).collect();
-        return Err(QemuError::Failed {
-            status: out.status.to_string(),
-            stderr,
+    let waited = tokio::time::timeout(DAEMONIZE_TIMEOUT, child.wait_with_output()).await;
+    match waited {
+        Ok(Ok(out)) if out.status.success() => {}
+        other => {
+            // The group goes too; one still busy (a qemu stuck initialising) is left to the
+            // reconciliation at the next launcher start.
+            if let Some(g) = &group {
+                usage::remove_groups(vm_id, g);
+            }
+            return Err(match other {
+                Err(_) => QemuError::Timeout(DAEMONIZE_TIMEOUT),
+                Ok(Err(source)) => QemuError::Spawn {
+                    binary: binary.to_path_buf(),
+                    source,
+                },
+                Ok(Ok(out)) => {
+                    let stderr = String::from_utf8_lossy(&out.stderr);
+                    let stderr: String = stderr.trim().chars().take(2000).collect();
+                    QemuError::Failed {
+                        status: out.status.to_string(),
+                        stderr,
+                    }
+                }
+            });
+        }
+    }
+    let pid = vm
+        .read_pid_file()
+        .ok_or_else(|| QemuError::NoPid(vm.pid_file()))?;
+    let Some(source) = group else {
+        return Ok(Spawned {
+            pid,
+            usage: UsageSource::Proc,
+            daemon_inherited: false,
+        });
+    };
+    if usage::contains(&source, pid) {
+        return Ok(Spawned {
+            pid,
+            usage: source,
+            daemon_inherited: true,
         });
     }
-    vm.read_pid_file()
-        .ok_or_else(|| QemuError::NoPid(vm.pid_file()))
+    tracing::warn!(
+        vm_id,
+        pid,
+        "The qemu daemon did not inherit its cgroup; moving it there now (its start-up is not counted)."
+    );
+    match usage::attach(vm_id, &source, pid) {
+        Ok(()) => Ok(Spawned {
+            pid,
+            usage: source,
+            daemon_inherited: false,
+        }),
+        Err(e) => {
+            tracing::warn!(vm_id, error = %e, "Cannot move qemu into its cgroup; sampling /proc.");
+            usage::remove_groups(vm_id, &source);
+            Ok(Spawned {
+                pid,
+                usage: UsageSource::Proc,
+                daemon_inherited: false,
+            })
+        }
+    }
 }
 
-/// Starts a VM: writes the payload, runs qemu detached, puts it in its own cgroup v2 when the
-/// host allows (else usage comes from `/proc` samples), and writes `running.json`.
+/// Starts a VM: writes the payload, runs qemu detached inside its own cgroup(s) when the host
+/// allows (else usage comes from `/proc` samples, see [`crate::usage`]), and writes
+/// `running.json`.
 pub async fn launch(
     binary: &Path,
     inputs: &LaunchInputs<'_>,
-    cgroup_root: Option<&Path>,
+    cgroups: Option<&CgroupHost>,
 ) -> Result<RunningRecord, QemuError> {
     let vm = inputs.vm;
     vm.create()?;
@@ -411,21 +518,12 @@ pub async fn launch(
         .as_ref()
         .ok_or_else(|| QemuError::Payload("the job has no payload".into()))?;
     let args = build_args(inputs)?;
-    let pid = spawn_detached(binary, vm, payload, &args).await?;
+    let spawned = spawn_detached(binary, vm, payload, &args, cgroups).await?;
     // The VM runs from the moment qemu has initialised and detached (what `vm.running`
     // reports): the usage record's wall time is measured from here, and qemu's start-up CPU
     // time still counts in its CPU seconds.
     let started_at_ms = crate::vmstate::unix_ms(std::time::SystemTime::now());
-    let usage = match cgroup_root {
-        Some(root) => match crate::usage::attach_cgroup(root, vm.vm_id(), pid) {
-            Ok(path) => UsageSource::Cgroup { path },
-            Err(e) => {
-                tracing::warn!(vm_id = vm.vm_id(), error = %e, "No cgroup for the VM; sampling /proc.");
-                UsageSource::Proc
-            }
-        },
-        None => UsageSource::Proc,
-    };
+    let pid = spawned.pid;
     let running = RunningRecord {
         pid,
         accel: inputs.accel.as_str().to_owned(),
@@ -437,16 +535,11 @@ pub async fn launch(
             .as_ref()
             .map(|w| u64::try_from(w.seconds).unwrap_or(0))
             .unwrap_or(0),
-        usage,
+        usage: spawned.usage,
     };
     if let Err(e) = vm.write_running(&running) {
         // The launch is reported as failed: a qemu nobody would watch must not keep running.
-        if let Ok(raw) = i32::try_from(pid) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(raw),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
+        kill(pid);
         return Err(e.into());
     }
     Ok(running)

@@ -29,7 +29,7 @@ use crate::{
     join::{self, JoinError, VmRow, VmState},
     qemu::{self, LaunchInputs},
     qmp,
-    usage::{self, CGROUP_ROOT},
+    usage::{self, CGROUP_ROOT, CgroupHost},
     vmstate::{self, StateError, VmDir},
     watch::{self, STOP_CANCELLED, STOP_WALLTIME, VmExit, WatchOptions},
 };
@@ -91,7 +91,8 @@ pub struct Launcher {
     pub source: String,
     pub store: KeyStore,
     pub bus: Bus,
-    pub cgroup_root: Option<PathBuf>,
+    /// The host's usable cgroups (`None`: usage from `/proc` samples).
+    pub cgroups: Option<CgroupHost>,
     pub watch: WatchOptions,
     pub shutdown: CancellationToken,
     starter: mpsc::UnboundedSender<String>,
@@ -140,8 +141,7 @@ impl Launcher {
         shutdown: CancellationToken,
     ) -> (Arc<Self>, mpsc::UnboundedReceiver<String>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        let root = PathBuf::from(CGROUP_ROOT);
-        let cgroup_root = usage::cgroup2_usable(&root).then_some(root);
+        let cgroups = CgroupHost::detect(std::path::Path::new(CGROUP_ROOT));
         let launcher = Self {
             accel: deps.config.accel.resolve_here(),
             // qemu's command line must name absolute paths (and liveness checks look for them).
@@ -154,7 +154,7 @@ impl Launcher {
             source: deps.source.clone(),
             store: deps.store.clone(),
             bus: deps.bus.clone(),
-            cgroup_root,
+            cgroups,
             watch: WatchOptions::default(),
             shutdown,
             starter: tx,
@@ -254,6 +254,7 @@ impl Launcher {
     /// already started), VMs marked `running` get a watcher (which finishes them at once if
     /// qemu exited while the launcher was down); pending events are republished.
     pub async fn reattach(self: &Arc<Self>) -> Result<(), ServiceError> {
+        self.reconcile_cgroups().await?;
         for vm in vmstate::list(&self.vms_dir)? {
             let Some(row) = self.load(vm.vm_id()).await? else {
                 tracing::warn!(
@@ -272,6 +273,40 @@ impl Launcher {
             }
         }
         self.flush_pending().await
+    }
+
+    /// On start: removes the per-VM cgroups (`wnodes/vm-*`) of VMs that are finished
+    /// (`stopped`, `failed`) or unknown (no state directory). Groups of VMs still preparing,
+    /// launching or running are kept (their watcher reads and removes them), and so are those
+    /// of a VM directory without a row (left alone, like the directory). Only empty groups can
+    /// be removed: a group still holding a process stays and is logged.
+    pub async fn reconcile_cgroups(&self) -> Result<(), ServiceError> {
+        let Some(host) = &self.cgroups else {
+            return Ok(());
+        };
+        for (vm_id, dirs) in usage::list_groups(host) {
+            let vm = VmDir::new(&self.vms_dir, &vm_id)?;
+            let known = vm.dir().exists();
+            let state = if known {
+                self.load(&vm_id).await?.map(|r| r.state)
+            } else {
+                None
+            };
+            if !cgroup_is_stale(known, state) {
+                continue;
+            }
+            for dir in dirs {
+                match usage::remove_group_dir(&dir) {
+                    Ok(()) => {
+                        tracing::info!(vm_id, group = %dir.display(), "Removed a leftover cgroup.")
+                    }
+                    Err(e) => {
+                        tracing::warn!(vm_id, error = %e, "Cannot remove a leftover cgroup.")
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Starts VMs one at a time, as the handler asks.
@@ -325,7 +360,7 @@ impl Launcher {
             }
             // Crashed between qemu's start and running.json: qemu's own pid file tells.
             None if vm.read_pid_file().is_some_and(|pid| vm.qemu_alive(pid)) => {
-                let r = adopt_from_pid_file(&vm, &row)?;
+                let r = adopt_from_pid_file(&vm, &row, self.cgroups.as_ref())?;
                 tracing::info!(vm_id = %row.vm_id, pid = r.pid, "Adopting a qemu found through its pid file.");
                 r
             }
@@ -355,13 +390,7 @@ impl Launcher {
                     network: Some(&network),
                     storage: Some(storage),
                 };
-                match qemu::launch(
-                    &self.config.qemu_binary,
-                    &inputs,
-                    self.cgroup_root.as_deref(),
-                )
-                .await
-                {
+                match qemu::launch(&self.config.qemu_binary, &inputs, self.cgroups.as_ref()).await {
                     Ok(r) => r,
                     Err(e) => {
                         tracing::warn!(vm_id = %row.vm_id, error = %ErrorChain(&e), "qemu did not start.");
@@ -553,6 +582,16 @@ impl Launcher {
     }
 }
 
+/// True when a VM's leftover cgroup can go: the VM has no state directory here (unknown), or
+/// its row says it is finished. A directory without a row is left alone.
+fn cgroup_is_stale(has_state_dir: bool, state: Option<VmState>) -> bool {
+    match (has_state_dir, state) {
+        (false, _) => true,
+        (true, Some(s)) => matches!(s, VmState::Stopped | VmState::Failed),
+        (true, None) => false,
+    }
+}
+
 /// The result of a VM whose state directory cannot be read.
 fn lost_exit(vm: &VmDir) -> VmExit {
     let now = std::time::SystemTime::now();
@@ -571,9 +610,18 @@ fn lost_exit(vm: &VmDir) -> VmExit {
 }
 
 /// `running.json` for a live qemu whose start was not recorded (the launcher crashed right
-/// after starting it): start time from the pid file, usage from `/proc` samples.
-fn adopt_from_pid_file(vm: &VmDir, row: &VmRow) -> Result<vmstate::RunningRecord, ServiceError> {
+/// after starting it): start time from the pid file, usage from the VM's cgroup when qemu is
+/// in it, else from `/proc` samples.
+fn adopt_from_pid_file(
+    vm: &VmDir,
+    row: &VmRow,
+    cgroups: Option<&CgroupHost>,
+) -> Result<vmstate::RunningRecord, ServiceError> {
     let pid = vm.read_pid_file().unwrap_or_default();
+    let usage = cgroups
+        .map(|h| h.source_for(vm.vm_id()))
+        .filter(|s| usage::contains(s, pid))
+        .unwrap_or(vmstate::UsageSource::Proc);
     let started = std::fs::metadata(vm.pid_file())
         .and_then(|m| m.modified())
         .unwrap_or_else(|_| std::time::SystemTime::now());
@@ -592,7 +640,7 @@ fn adopt_from_pid_file(vm: &VmDir, row: &VmRow) -> Result<vmstate::RunningRecord
             .as_ref()
             .map(|w| u64::try_from(w.seconds).unwrap_or(0))
             .unwrap_or(0),
-        usage: vmstate::UsageSource::Proc,
+        usage,
     };
     vm.write_running(&running)?;
     Ok(running)
@@ -639,7 +687,7 @@ pub async fn serve(
     tracing::info!(
         accel = launcher.accel.as_str(),
         vms_dir = %launcher.vms_dir.display(),
-        usage = if launcher.cgroup_root.is_some() { "cgroup v2" } else { "/proc samples" },
+        usage = CgroupHost::describe(launcher.cgroups.as_ref()),
         "Launcher starting."
     );
     launcher.reattach().await?;
@@ -685,6 +733,20 @@ pub async fn run(ctx: wnodes_runtime::ServiceCtx<LauncherConfig>) -> anyhow::Res
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_cgroups_of_finished_or_unknown_vms_are_stale() {
+        assert!(cgroup_is_stale(false, None));
+        assert!(cgroup_is_stale(true, Some(VmState::Stopped)));
+        assert!(cgroup_is_stale(true, Some(VmState::Failed)));
+        for live in [VmState::Preparing, VmState::Launching, VmState::Running] {
+            assert!(!cgroup_is_stale(true, Some(live)), "{live:?}");
+        }
+        assert!(
+            !cgroup_is_stale(true, None),
+            "a directory without a row is left alone"
+        );
+    }
 
     #[test]
     fn user_mode_macs_are_locally_administered_and_stable() {

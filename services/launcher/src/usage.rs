@@ -1,27 +1,47 @@
 //! What a VM used, measured on the host (never trusted from the guest).
 //!
-//! Two sources, chosen per host at launch time:
+//! Three sources, chosen per host when the launcher starts ([`CgroupHost::detect`]) and
+//! recorded per VM in `running.json` ([`UsageSource`]):
 //!
 //! - **cgroup v2** when `/sys/fs/cgroup` is a writable cgroup2 mount: qemu is moved into
-//!   `/sys/fs/cgroup/wnodes/<vm_id>`; `cpu.stat` (`usage_usec`) and `memory.peak` keep counting
-//!   and stay readable after qemu exits, even while the launcher is down.
-//! - **`/proc` samples** otherwise (cgroup v1 or hybrid hosts, like this project's machines):
-//!   the watcher reads `/proc/<pid>/stat` (utime+stime, all threads) and `/proc/<pid>/status`
-//!   (`VmHWM`, the kernel's own peak RSS) every poll and persists them to `usage.json` at least
-//!   once a second; the last sample before exit is the result. While the launcher is down
-//!   nothing is sampled, so CPU time after the last sample is missed.
+//!   `/sys/fs/cgroup/wnodes/<vm_id>`; `cpu.stat` (`usage_usec`) and `memory.peak`.
+//! - **cgroup v1** otherwise, when both `/sys/fs/cgroup/cpuacct` and `/sys/fs/cgroup/memory`
+//!   are writable v1 hierarchies (EL7/EL8-era hosts, this project's machines): qemu is moved
+//!   into `cpuacct/wnodes/<vm_id>` and `memory/wnodes/<vm_id>` (with
+//!   `memory.move_charge_at_immigrate` = 3 where the kernel still accepts it; 6.x rejects it);
+//!   `cpuacct.usage` (ns) and `memory.max_usage_in_bytes`.
+//! - **`/proc` samples** when neither is usable: the watcher reads `/proc/<pid>/stat`
+//!   (utime+stime, all threads) and `/proc/<pid>/status` (`VmHWM`, the kernel's own peak RSS)
+//!   every poll and persists them to `usage.json` at least once a second; the last sample
+//!   before exit is the result. While the launcher is down nothing is sampled, so CPU time
+//!   after the last sample is missed.
+//!
+//! With a cgroup, the *foreground* qemu is moved into the group(s) right after `spawn()`,
+//! before it daemonizes: the daemon forks from it and inherits the group, so qemu's whole life
+//! is counted (the daemon's pid is checked to be in the group afterwards, and moved there if it
+//! is not). The group keeps counting after qemu exits and stays readable until the launcher
+//! removes it, also after a launcher restart; [`final_usage`] reads it and the watcher then
+//! removes it (`rmdir`). On start the launcher removes the groups of VMs that are finished or
+//! unknown to its state directory ([`list_groups`]).
+//!
+//! Exercised on this project's machines: cgroup v1 with real qemu (`tests/vm.rs`) and `/proc`
+//! sampling; cgroup v2 only against plain directories standing in for the mount (unit tests).
 
 use std::{
+    collections::BTreeMap,
     path::{Path, PathBuf},
-    time::SystemTime,
+    time::{Duration, SystemTime},
 };
 
 use serde::{Deserialize, Serialize};
 
 use crate::vmstate::{self, StateError, UsageSource, VmDir};
 
-/// Where the per-VM cgroups live when cgroup v2 is used.
+/// Where the cgroup hierarchies are mounted.
 pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
+/// The directory (in each hierarchy) holding the per-VM groups.
+pub const GROUP_PARENT: &str = "wnodes";
 
 /// CPU and memory figures of one VM.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
@@ -52,8 +72,15 @@ pub enum UsageError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{0}: the VM has no cgroup (usage from /proc samples)")]
+    NoCgroup(String),
     #[error(transparent)]
     State(#[from] StateError),
+}
+
+fn cg_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> UsageError + use<> {
+    let path = path.to_path_buf();
+    move |source| UsageError::Cgroup { op, path, source }
 }
 
 /// True when `root` is a cgroup2 mount this process can create groups in.
@@ -61,65 +88,287 @@ pub fn cgroup2_usable(root: &Path) -> bool {
     let is_cgroup2 = nix::sys::statfs::statfs(root)
         .map(|s| s.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC)
         .unwrap_or(false);
-    is_cgroup2 && nix::unistd::access(root, nix::unistd::AccessFlags::W_OK).is_ok()
+    is_cgroup2 && writable(root)
 }
 
-/// Moves `pid` (all its threads) into `<root>/wnodes/<vm_id>`, enabling the cpu and memory
-/// controllers on the way.
-pub fn attach_cgroup(root: &Path, vm_id: &str, pid: u32) -> Result<PathBuf, UsageError> {
-    let err = |op: &'static str, path: &Path| {
-        let path = path.to_path_buf();
-        move |source| UsageError::Cgroup { op, path, source }
-    };
-    let parent = root.join("wnodes");
-    std::fs::create_dir_all(&parent).map_err(err("create", &parent))?;
-    for dir in [root, parent.as_path()] {
-        let ctl = dir.join("cgroup.subtree_control");
-        // Best effort: a controller already enabled or not delegated is not fatal.
-        let _ = std::fs::write(&ctl, "+cpu +memory");
+fn writable(dir: &Path) -> bool {
+    nix::unistd::access(dir, nix::unistd::AccessFlags::W_OK).is_ok()
+}
+
+/// True when `dir` is a (v1) hierarchy root that has `marker` and that this process can
+/// create groups in.
+fn v1_usable(dir: &Path, marker: &str) -> bool {
+    dir.join(marker).is_file() && writable(dir)
+}
+
+/// The cgroup layout of this host, as far as the launcher can use it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CgroupHost {
+    /// A writable cgroup2 mount.
+    V2 { root: PathBuf },
+    /// Writable v1 `cpuacct` and `memory` hierarchies.
+    V1 { cpuacct: PathBuf, memory: PathBuf },
+}
+
+impl CgroupHost {
+    /// The usable cgroup layout under `root` (normally [`CGROUP_ROOT`]); `None`: sample /proc.
+    pub fn detect(root: &Path) -> Option<Self> {
+        Self::choose(root, cgroup2_usable(root))
     }
-    let group = parent.join(vm_id);
-    match std::fs::create_dir(&group) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(err("create", &group)(e)),
+
+    /// v2 when `root` is a usable cgroup2 mount (`cgroup2`), else v1 when both `root/cpuacct`
+    /// (with `cpuacct.usage`) and `root/memory` (with `memory.max_usage_in_bytes`) exist and
+    /// are writable, else none.
+    pub fn choose(root: &Path, cgroup2: bool) -> Option<Self> {
+        if cgroup2 {
+            return Some(Self::V2 {
+                root: root.to_path_buf(),
+            });
+        }
+        let cpuacct = root.join("cpuacct");
+        let memory = root.join("memory");
+        (v1_usable(&cpuacct, "cpuacct.usage") && v1_usable(&memory, "memory.max_usage_in_bytes"))
+            .then_some(Self::V1 { cpuacct, memory })
     }
-    let procs = group.join("cgroup.procs");
-    std::fs::write(&procs, pid.to_string()).map_err(err("write cgroup.procs", &procs))?;
-    Ok(group)
+
+    /// For logs.
+    pub fn describe(host: Option<&Self>) -> &'static str {
+        match host {
+            Some(Self::V2 { .. }) => "cgroup v2",
+            Some(Self::V1 { .. }) => "cgroup v1 (cpuacct, memory)",
+            None => "/proc samples",
+        }
+    }
+
+    /// The directories holding the per-VM groups (`<hierarchy>/wnodes`).
+    pub fn parents(&self) -> Vec<PathBuf> {
+        match self {
+            Self::V2 { root } => vec![root.join(GROUP_PARENT)],
+            Self::V1 { cpuacct, memory } => {
+                vec![cpuacct.join(GROUP_PARENT), memory.join(GROUP_PARENT)]
+            }
+        }
+    }
+
+    /// The source a VM gets on this host (paths only; nothing is created).
+    pub fn source_for(&self, vm_id: &str) -> UsageSource {
+        match self {
+            Self::V2 { root } => UsageSource::Cgroup {
+                path: root.join(GROUP_PARENT).join(vm_id),
+            },
+            Self::V1 { cpuacct, memory } => UsageSource::CgroupV1 {
+                cpuacct: cpuacct.join(GROUP_PARENT).join(vm_id),
+                memory: memory.join(GROUP_PARENT).join(vm_id),
+            },
+        }
+    }
+
+    /// Creates the VM's group(s), parents included, holding no process yet. v2: enables the
+    /// cpu and memory controllers on the way (best effort). v1: sets
+    /// `memory.move_charge_at_immigrate` to 3 (best effort: newer kernels deprecate it).
+    pub fn create(&self, vm_id: &str) -> Result<UsageSource, UsageError> {
+        let source = self.source_for(vm_id);
+        match (&source, self) {
+            (UsageSource::Cgroup { path }, Self::V2 { root }) => {
+                let parent = root.join(GROUP_PARENT);
+                std::fs::create_dir_all(&parent).map_err(cg_err("create", &parent))?;
+                for dir in [root, &parent] {
+                    // Best effort: a controller already enabled or not delegated is not fatal.
+                    let _ = std::fs::write(dir.join("cgroup.subtree_control"), "+cpu +memory");
+                }
+                create_dir(path)?;
+            }
+            (UsageSource::CgroupV1 { cpuacct, memory }, Self::V1 { .. }) => {
+                create_dir(cpuacct)?;
+                create_dir(memory)?;
+                // Kernels since 6.x reject it (EINVAL: charge moving was removed); then the
+                // little the foreground qemu has charged before the move stays with its old
+                // group, and everything after is counted here.
+                let ctl = memory.join("memory.move_charge_at_immigrate");
+                if let Err(e) = std::fs::write(&ctl, "3") {
+                    tracing::debug!(path = %ctl.display(), error = %e, "Cannot set memory.move_charge_at_immigrate.");
+                }
+            }
+            _ => unreachable!("source_for matches the host"),
+        }
+        Ok(source)
+    }
+}
+
+fn create_dir(path: &Path) -> Result<(), UsageError> {
+    std::fs::create_dir_all(path).map_err(cg_err("create", path))
+}
+
+/// The group directories of a cgroup source (none for `/proc` samples).
+pub fn group_dirs(source: &UsageSource) -> Vec<&Path> {
+    match source {
+        UsageSource::Cgroup { path } => vec![path.as_path()],
+        UsageSource::CgroupV1 { cpuacct, memory } => vec![cpuacct.as_path(), memory.as_path()],
+        UsageSource::Proc => Vec::new(),
+    }
+}
+
+/// Moves `pid` (the whole process, all its threads) into the source's group(s).
+pub fn attach(vm_id: &str, source: &UsageSource, pid: u32) -> Result<(), UsageError> {
+    let dirs = group_dirs(source);
+    if dirs.is_empty() {
+        return Err(UsageError::NoCgroup(vm_id.to_owned()));
+    }
+    for dir in dirs {
+        let procs = dir.join("cgroup.procs");
+        std::fs::write(&procs, pid.to_string()).map_err(cg_err("write cgroup.procs", &procs))?;
+    }
+    Ok(())
+}
+
+/// Moves `pid` into the VM's group(s), creating them again if they vanished in between (an
+/// empty group can be removed by another launcher's start-up reconciliation on the same
+/// host, e.g. in tests).
+pub fn attach_creating(
+    host: &CgroupHost,
+    vm_id: &str,
+    source: &UsageSource,
+    pid: u32,
+) -> Result<(), UsageError> {
+    let mut tries = 0;
+    loop {
+        match attach(vm_id, source, pid) {
+            Err(UsageError::Cgroup { source: e, .. })
+                if e.kind() == std::io::ErrorKind::NotFound && tries < 3 =>
+            {
+                tries += 1;
+                host.create(vm_id)?;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Parses `cgroup.procs` / `tasks` text (one pid a line).
+pub fn parse_pids(text: &str) -> Vec<u32> {
+    text.lines().filter_map(|l| l.trim().parse().ok()).collect()
+}
+
+/// True when `pid` is in every group of the source (false for `/proc` samples).
+pub fn contains(source: &UsageSource, pid: u32) -> bool {
+    let dirs = group_dirs(source);
+    !dirs.is_empty()
+        && dirs.iter().all(|d| {
+            std::fs::read_to_string(d.join("cgroup.procs"))
+                .is_ok_and(|t| parse_pids(&t).contains(&pid))
+        })
+}
+
+fn read_file(dir: &Path, name: &str) -> Result<String, UsageError> {
+    let p = dir.join(name);
+    std::fs::read_to_string(&p).map_err(cg_err("read", &p))
+}
+
+/// Parses `usage_usec` out of a cgroup v2 `cpu.stat`, in seconds.
+pub fn parse_cpu_stat_v2(text: &str) -> Option<f64> {
+    let usec: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("usage_usec "))?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(usec as f64 / 1e6)
+}
+
+/// Parses a cgroup v1 `cpuacct.usage` (nanoseconds), in seconds.
+pub fn parse_cpuacct_usage(text: &str) -> Option<f64> {
+    let ns: u64 = text.trim().parse().ok()?;
+    Some(ns as f64 / 1e9)
 }
 
 /// Reads `cpu.stat` `usage_usec` and `memory.peak` of a cgroup v2 group.
 pub fn read_cgroup(group: &Path) -> Result<UsageSample, UsageError> {
-    let read = |name: &str| {
-        let p = group.join(name);
-        std::fs::read_to_string(&p).map_err(|source| UsageError::Cgroup {
-            op: "read",
-            path: p,
-            source,
-        })
-    };
-    let cpu_usec: u64 = read("cpu.stat")?
-        .lines()
-        .find_map(|l| l.strip_prefix("usage_usec "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0);
-    let peak = read("memory.peak")
+    let cpu_seconds = parse_cpu_stat_v2(&read_file(group, "cpu.stat")?).unwrap_or(0.0);
+    let peak = read_file(group, "memory.peak")
         .ok()
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(0);
     Ok(UsageSample {
-        cpu_seconds: cpu_usec as f64 / 1e6,
+        cpu_seconds,
         peak_memory_bytes: peak,
         sampled_at_ms: vmstate::unix_ms(SystemTime::now()),
     })
 }
 
-/// Removes a VM's (empty) cgroup after its usage was read.
-pub fn remove_cgroup(group: &Path) {
-    if let Err(e) = std::fs::remove_dir(group) {
-        tracing::warn!(group = %group.display(), error = %e, "Cannot remove the VM's cgroup.");
+/// Reads `cpuacct.usage` and `memory.max_usage_in_bytes` of a VM's cgroup v1 groups.
+pub fn read_cgroup_v1(cpuacct: &Path, memory: &Path) -> Result<UsageSample, UsageError> {
+    let usage = read_file(cpuacct, "cpuacct.usage")?;
+    let cpu_seconds = parse_cpuacct_usage(&usage).ok_or_else(|| {
+        cg_err("parse", &cpuacct.join("cpuacct.usage"))(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("not a number: {:?}", usage.trim()),
+        ))
+    })?;
+    let peak = read_file(memory, "memory.max_usage_in_bytes")?
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    Ok(UsageSample {
+        cpu_seconds,
+        peak_memory_bytes: peak,
+        sampled_at_ms: vmstate::unix_ms(SystemTime::now()),
+    })
+}
+
+/// Reads a cgroup source.
+pub fn read_source(vm_id: &str, source: &UsageSource) -> Result<UsageSample, UsageError> {
+    match source {
+        UsageSource::Cgroup { path } => read_cgroup(path),
+        UsageSource::CgroupV1 { cpuacct, memory } => read_cgroup_v1(cpuacct, memory),
+        UsageSource::Proc => Err(UsageError::NoCgroup(vm_id.to_owned())),
     }
+}
+
+/// Removes one (empty) group directory; retries briefly while it is busy (a process that
+/// just exited may still be leaving it). A group that is already gone is fine.
+pub fn remove_group_dir(dir: &Path) -> Result<(), UsageError> {
+    let mut tries = 0;
+    loop {
+        match std::fs::remove_dir(dir) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(nix::libc::EBUSY) && tries < 10 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(cg_err("remove", dir)(e)),
+        }
+    }
+}
+
+/// Removes a VM's (empty) cgroup(s) after its usage was read.
+pub fn remove_groups(vm_id: &str, source: &UsageSource) {
+    for dir in group_dirs(source) {
+        if let Err(e) = remove_group_dir(dir) {
+            tracing::warn!(vm_id, error = %e, "Cannot remove the VM's cgroup.");
+        }
+    }
+}
+
+/// The per-VM group directories on this host, by VM id (names that are not VM ids are
+/// skipped).
+pub fn list_groups(host: &CgroupHost) -> BTreeMap<String, Vec<PathBuf>> {
+    let mut out: BTreeMap<String, Vec<PathBuf>> = BTreeMap::new();
+    for parent in host.parents() {
+        let Ok(entries) = std::fs::read_dir(&parent) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if let Some(name) = entry.file_name().to_str()
+                && crate::policy::is_valid_vm_id(name)
+                && path.is_dir()
+            {
+                out.entry(name.to_owned()).or_default().push(path);
+            }
+        }
+    }
+    out
 }
 
 fn clock_ticks() -> f64 {
@@ -171,17 +420,18 @@ pub fn write_usage_file(vm: &VmDir, sample: &UsageSample) -> Result<(), UsageErr
     Ok(vmstate::write_json(&vm.usage_json(), sample)?)
 }
 
-/// The final usage of a VM whose qemu has exited.
+/// The final usage of a VM whose qemu has exited: from its cgroup (which kept counting while
+/// nobody watched), else from the persisted samples; never below `last`.
 pub fn final_usage(vm: &VmDir, source: &UsageSource, last: Option<UsageSample>) -> UsageSample {
     let from_source = match source {
-        UsageSource::Cgroup { path } => match read_cgroup(path) {
+        UsageSource::Proc => read_usage_file(vm),
+        cgroup => match read_source(vm.vm_id(), cgroup) {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(vm_id = vm.vm_id(), error = %e, "Cannot read the VM's cgroup; using samples.");
                 read_usage_file(vm)
             }
         },
-        UsageSource::Proc => read_usage_file(vm),
     };
     match last {
         Some(l) => from_source.max(l),
@@ -203,12 +453,119 @@ mod tests {
     }
 
     #[test]
-    fn cgroup_files_are_written_and_read() {
+    fn cgroup_files_are_parsed() {
+        assert_eq!(
+            parse_cpu_stat_v2("usage_usec 2500000\nuser_usec 2000000\n"),
+            Some(2.5)
+        );
+        assert_eq!(parse_cpu_stat_v2("user_usec 1\n"), None);
+        assert_eq!(parse_cpuacct_usage("3400000000\n"), Some(3.4));
+        assert_eq!(parse_cpuacct_usage("x"), None);
+        assert_eq!(parse_pids("12\n345\n\n"), vec![12, 345]);
+    }
+
+    /// Fake v1 hierarchy roots: plain directories with the marker files.
+    fn fake_v1(root: &Path) {
+        for (dir, file) in [
+            ("cpuacct", "cpuacct.usage"),
+            ("memory", "memory.max_usage_in_bytes"),
+        ] {
+            std::fs::create_dir_all(root.join(dir)).unwrap();
+            std::fs::write(root.join(dir).join(file), "0\n").unwrap();
+        }
+    }
+
+    #[test]
+    fn the_source_is_chosen_from_what_the_host_has() {
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        // A plain directory is not a cgroup2 mount.
+        assert!(!cgroup2_usable(r));
+        assert_eq!(CgroupHost::choose(r, false), None);
+        assert_eq!(
+            CgroupHost::choose(r, true),
+            Some(CgroupHost::V2 {
+                root: r.to_path_buf()
+            })
+        );
+        // Only one v1 hierarchy: not enough.
+        std::fs::create_dir(r.join("cpuacct")).unwrap();
+        std::fs::write(r.join("cpuacct/cpuacct.usage"), "0").unwrap();
+        std::fs::create_dir(r.join("memory")).unwrap();
+        assert_eq!(CgroupHost::choose(r, false), None);
+        fake_v1(r);
+        let v1 = CgroupHost::V1 {
+            cpuacct: r.join("cpuacct"),
+            memory: r.join("memory"),
+        };
+        assert_eq!(CgroupHost::choose(r, false), Some(v1.clone()));
+        assert_eq!(CgroupHost::detect(r), Some(v1));
+        // v2 wins when both are there.
+        assert!(matches!(
+            CgroupHost::choose(r, true),
+            Some(CgroupHost::V2 { .. })
+        ));
+    }
+
+    #[test]
+    fn cgroup_v1_groups_are_created_attached_read_and_removed() {
+        let root = tempfile::tempdir().unwrap();
+        fake_v1(root.path());
+        let host = CgroupHost::detect(root.path()).unwrap();
+        let source = host.create("vm-0123456789ab").unwrap();
+        let (cpuacct, memory) = match &source {
+            UsageSource::CgroupV1 { cpuacct, memory } => (cpuacct.clone(), memory.clone()),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(cpuacct, root.path().join("cpuacct/wnodes/vm-0123456789ab"));
+        assert_eq!(memory, root.path().join("memory/wnodes/vm-0123456789ab"));
+        assert_eq!(
+            std::fs::read_to_string(memory.join("memory.move_charge_at_immigrate")).unwrap(),
+            "3"
+        );
+        // Removed before qemu is moved in: created again.
+        std::fs::remove_dir_all(&cpuacct).unwrap();
+        attach_creating(&host, "vm-0123456789ab", &source, 4242).unwrap();
+        assert!(contains(&source, 4242));
+        assert!(!contains(&source, 4243));
+        assert!(!contains(&UsageSource::Proc, 4242));
+        std::fs::write(cpuacct.join("cpuacct.usage"), "3400000000\n").unwrap();
+        std::fs::write(memory.join("memory.max_usage_in_bytes"), "52428800\n").unwrap();
+        let s = read_source("vm-0123456789ab", &source).unwrap();
+        assert_eq!((s.cpu_seconds, s.peak_memory_bytes), (3.4, 52_428_800));
+        std::fs::create_dir_all(root.path().join("memory/wnodes/not-a-vm")).unwrap();
+        let listed = list_groups(&host);
+        assert_eq!(
+            listed.get("vm-0123456789ab"),
+            Some(&vec![cpuacct.clone(), memory.clone()])
+        );
+        assert_eq!(listed.len(), 1);
+        // Real cgroup directories hold only kernel files; empty the fake ones.
+        for d in [&cpuacct, &memory] {
+            for f in std::fs::read_dir(d).unwrap() {
+                std::fs::remove_file(f.unwrap().path()).unwrap();
+            }
+        }
+        remove_groups("vm-0123456789ab", &source);
+        assert!(!cpuacct.exists() && !memory.exists());
+        // Already gone is fine.
+        remove_group_dir(&cpuacct).unwrap();
+    }
+
+    #[test]
+    fn cgroup_v2_group_is_created_attached_and_read() {
         // A plain directory stands in for the cgroup2 mount (this host has cgroup v1).
         let root = tempfile::tempdir().unwrap();
-        assert!(!cgroup2_usable(root.path()));
-        let group = attach_cgroup(root.path(), "vm-0123456789ab", 4242).unwrap();
-        assert_eq!(group, root.path().join("wnodes/vm-0123456789ab"));
+        let host = CgroupHost::choose(root.path(), true).unwrap();
+        let source = host.create("vm-0123456789ab").unwrap();
+        let group = root.path().join("wnodes/vm-0123456789ab");
+        assert_eq!(
+            source,
+            UsageSource::Cgroup {
+                path: group.clone()
+            }
+        );
+        attach("vm-0123456789ab", &source, 4242).unwrap();
         assert_eq!(
             std::fs::read_to_string(group.join("cgroup.procs")).unwrap(),
             "4242"
@@ -219,8 +576,9 @@ mod tests {
         )
         .unwrap();
         std::fs::write(group.join("memory.peak"), "123456789\n").unwrap();
-        let s = read_cgroup(&group).unwrap();
+        let s = read_source("vm-0123456789ab", &source).unwrap();
         assert_eq!((s.cpu_seconds, s.peak_memory_bytes), (2.5, 123_456_789));
+        assert!(attach("vm-0123456789ab", &UsageSource::Proc, 1).is_err());
     }
 
     #[test]

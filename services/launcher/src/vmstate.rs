@@ -5,6 +5,7 @@
 //! job.json       the job: run, host, VO, owner, VmSpec (protobuf, hex) and trace context
 //! job.sh         the payload qemu hands the guest through fw_cfg
 //! running.json   written after qemu started: pid, accelerator, start time, usage source
+//!                (`{"kind":"cgroup_v1","cpuacct":…,"memory":…}`, `cgroup` (v2) or `proc`)
 //! qemu.pid       qemu's own pid file        qmp.sock    QMP socket
 //! console.log    ttyS0                      output.log  ttyS1 (payload stdout+stderr)
 //! status.log     ttyS2 (`WNODES exit=<n>`)  usage.json  /proc samples (when no cgroup)
@@ -167,6 +168,9 @@ impl JobRecord {
 pub enum UsageSource {
     /// A cgroup v2 directory holding qemu (`cpu.stat`, `memory.peak`).
     Cgroup { path: PathBuf },
+    /// cgroup v1 groups holding qemu: `cpuacct` (`cpuacct.usage`) and `memory`
+    /// (`memory.max_usage_in_bytes`).
+    CgroupV1 { cpuacct: PathBuf, memory: PathBuf },
     /// `/proc/<pid>` samples persisted in `usage.json`.
     Proc,
 }
@@ -450,6 +454,19 @@ mod tests {
         vm.write_running(&run).unwrap();
         assert_eq!(vm.read_running().unwrap(), Some(run));
         assert!(!vm.qemu_alive(std::process::id()));
+        // Files written before cgroup v1 existed still read; the new variant round-trips.
+        let old: UsageSource =
+            serde_json::from_str(r#"{"kind":"cgroup","path":"/sys/fs/cgroup/wnodes/x"}"#).unwrap();
+        assert!(matches!(old, UsageSource::Cgroup { .. }));
+        let old: UsageSource = serde_json::from_str(r#"{"kind":"proc"}"#).unwrap();
+        assert_eq!(old, UsageSource::Proc);
+        let v1 = UsageSource::CgroupV1 {
+            cpuacct: "/sys/fs/cgroup/cpuacct/wnodes/vm-0123456789ab".into(),
+            memory: "/sys/fs/cgroup/memory/wnodes/vm-0123456789ab".into(),
+        };
+        let json = serde_json::to_string(&v1).unwrap();
+        assert!(json.starts_with(r#"{"kind":"cgroup_v1","#), "{json}");
+        assert_eq!(serde_json::from_str::<UsageSource>(&json).unwrap(), v1);
         std::fs::write(vm.output_log(), "x".repeat(5000) + "end").unwrap();
         let tail = vm.output_tail().unwrap();
         assert_eq!(tail.len(), OUTPUT_TAIL_BYTES as usize);

@@ -16,7 +16,7 @@ pub struct WatchOptions {
     /// How often qemu's liveness is checked: the delay between the guest's power-off and
     /// `vm.stopped` is at most this.
     pub poll: Duration,
-    /// How often `/proc` is sampled for usage (hosts without a per-VM cgroup).
+    /// How often `/proc` is sampled for usage (VMs without a cgroup).
     pub sample_every: Duration,
     /// How often samples are persisted to `usage.json`.
     pub persist_every: Duration,
@@ -130,9 +130,8 @@ pub async fn watch(vm: &VmDir, opts: &WatchOptions) -> Result<VmExit, WatchError
     if sample_proc && let Err(e) = usage::write_usage_file(vm, &usage) {
         tracing::warn!(vm_id = vm.vm_id(), error = %e, "Cannot persist usage.");
     }
-    if let UsageSource::Cgroup { path } = &running.usage {
-        usage::remove_cgroup(path);
-    }
+    // The group(s) are empty now: the usage is read, they can go.
+    usage::remove_groups(vm.vm_id(), &running.usage);
     let stopped_at = if observed {
         SystemTime::now()
     } else {

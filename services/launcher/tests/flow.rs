@@ -16,6 +16,7 @@ use wnodes_launcher::{
     join::{self, VmState},
     policy::{NetworkModeConfig, PolicyConfig},
     service::{self, Deps},
+    usage::{self, CGROUP_ROOT, CgroupHost},
 };
 use wnodes_proto::v1::{ImageReady, JobCancelled, JobRunRef};
 use wnodes_testkit::{nats::NatsServer, wait::wait_until};
@@ -294,6 +295,14 @@ async fn vm_nats_launcher_restart_reattaches_to_a_running_vm() {
     assert!(vm.qemu_alive(running.pid), "qemu survives the launcher");
     assert!(last_event(&env.bus, "vm.stopped").await.is_none());
 
+    // The VM's own cgroup(s) (this host: v1, see tests/vm.rs) hold qemu and are recorded.
+    let host = CgroupHost::detect(std::path::Path::new(CGROUP_ROOT)).expect("usable cgroups");
+    let source = vm.read_running().unwrap().unwrap().usage;
+    assert_eq!(source, host.source_for(&vm_id));
+    assert!(usage::contains(&source, running.pid));
+    // Leftovers of a VM this launcher does not know: removed when it starts.
+    let stale = host.create("vm-fffffffffff1").unwrap();
+
     // A new launcher reattaches and reports the end.
     let (shutdown, handle) = start(deps(&env, Duration::from_secs(120))).await;
     let stopped = wait_event(&env.bus, "vm.stopped", &r).await;
@@ -303,6 +312,12 @@ async fn vm_nats_launcher_restart_reattaches_to_a_running_vm() {
     assert_eq!(stopped.exit_code, 4);
     assert_eq!(stopped.output_tail, "late\n");
     assert!(stopped.usage.unwrap().cpu_seconds > 0.1);
+    for dir in usage::group_dirs(&stale)
+        .into_iter()
+        .chain(usage::group_dirs(&source))
+    {
+        assert!(!dir.exists(), "{dir:?} removed");
+    }
     // vm.stopped, published by the second launcher, is in the job's trace (persisted context).
     let (_, traceparent) = last_event_traced(&env.bus, "vm.stopped").await.unwrap();
     assert_eq!(

@@ -13,6 +13,7 @@ use wnodes_launcher::{
     config::Accel,
     qemu::{self, LaunchInputs},
     qmp,
+    usage::{self, CGROUP_ROOT, CgroupHost},
     vmstate::{RunningRecord, UsageSource, VmDir},
     watch::{self, STOP_GUEST_POWEROFF, WatchOptions},
 };
@@ -31,9 +32,29 @@ struct Fixture {
 }
 
 impl Drop for Fixture {
-    /// A failed test must not leave its VM running.
+    /// A failed test must not leave its VM running (nor its cgroups behind).
     fn drop(&mut self) {
         common::kill_vms_under(self.vm.dir().parent().unwrap_or(Path::new("/nonexistent")));
+        // A qemu started without running.json (spawn_detached alone).
+        if let Some(pid) = self.vm.read_pid_file()
+            && self.vm.qemu_alive(pid)
+            && let Ok(raw) = i32::try_from(pid)
+        {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(raw),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        if let Some(host) = CgroupHost::detect(Path::new(CGROUP_ROOT)) {
+            let source = host.source_for(self.vm.vm_id());
+            for _ in 0..20 {
+                if usage::group_dirs(&source).iter().all(|d| !d.exists()) {
+                    break;
+                }
+                usage::remove_groups(self.vm.vm_id(), &source);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
     }
 }
 
@@ -351,4 +372,119 @@ async fn vm_user_mode_storage_is_mounted_from_the_host() {
         std::fs::read_to_string(export.path().join("written")).unwrap(),
         "out\n"
     );
+}
+
+/// The cgroup layout this host offers; these machines (tmpfs `/sys/fs/cgroup` with v1
+/// hierarchies, root) must get cgroup v1.
+fn cgroup_host() -> CgroupHost {
+    let root = Path::new(CGROUP_ROOT);
+    let host = CgroupHost::detect(root).expect("a usable cgroup v1 or v2 layout on this host");
+    if !usage::cgroup2_usable(root) {
+        assert!(matches!(host, CgroupHost::V1 { .. }), "{host:?}");
+    }
+    host
+}
+
+async fn wait_gone(vm: &VmDir, pid: u32) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while vm.qemu_alive(pid) {
+        assert!(tokio::time::Instant::now() < deadline, "VM did not stop");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn vm_cgroup_the_qemu_daemon_inherits_the_foreground_group() {
+    let f = fixture("sleep 600");
+    let host = cgroup_host();
+    f.vm.create().unwrap();
+    let args = qemu::build_args(&LaunchInputs {
+        accel: Accel::Tcg,
+        vm: &f.vm,
+        spec: &f.spec,
+        image: &f.image,
+        scratch: None,
+        network: None,
+        storage: None,
+    })
+    .unwrap();
+    let spawned = qemu::spawn_detached(
+        Path::new("qemu-system-x86_64"),
+        &f.vm,
+        f.spec.payload.as_ref().unwrap(),
+        &args,
+        Some(&host),
+    )
+    .await
+    .expect("qemu starts");
+    assert_eq!(spawned.usage, host.source_for(f.vm.vm_id()));
+    // Moved in as the foreground process, before daemonizing: the daemon (pid file) is in
+    // every group without having been moved there itself.
+    assert!(spawned.daemon_inherited, "{spawned:?}");
+    for dir in usage::group_dirs(&spawned.usage) {
+        let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap();
+        assert_eq!(usage::parse_pids(&procs), vec![spawned.pid], "{dir:?}");
+        if matches!(host, CgroupHost::V1 { .. }) {
+            let tasks = std::fs::read_to_string(dir.join("tasks")).unwrap();
+            assert!(usage::parse_pids(&tasks).contains(&spawned.pid), "{dir:?}");
+        }
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(spawned.pid).unwrap()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_gone(&f.vm, spawned.pid).await;
+    usage::remove_groups(f.vm.vm_id(), &spawned.usage);
+    for dir in usage::group_dirs(&spawned.usage) {
+        assert!(!dir.exists(), "{dir:?} removed");
+    }
+}
+
+#[tokio::test]
+async fn vm_cgroup_cpu_time_after_the_last_watch_is_counted() {
+    // ~2 s of guest CPU after the watcher is gone.
+    let f = fixture(
+        "end=$(( $(date +%s) + 3 )); while [ $(date +%s) -lt $end ]; do :; done; echo spun; exit 0",
+    );
+    let host = cgroup_host();
+    let scratch = ScratchReady::default();
+    let storage = StorageReady::default();
+    let inputs = LaunchInputs {
+        accel: Accel::Tcg,
+        vm: &f.vm,
+        spec: &f.spec,
+        image: &f.image,
+        scratch: Some(&scratch),
+        network: None,
+        storage: Some(&storage),
+    };
+    let running = qemu::launch(Path::new("qemu-system-x86_64"), &inputs, Some(&host))
+        .await
+        .expect("qemu starts");
+    // running.json records the source and its paths.
+    assert_eq!(running.usage, host.source_for(f.vm.vm_id()));
+    assert_eq!(f.vm.read_running().unwrap().unwrap().usage, running.usage);
+    assert!(usage::contains(&running.usage, running.pid));
+    // A watcher looks for a moment, then "the launcher dies" while the guest spins.
+    let _ = tokio::time::timeout(Duration::from_millis(300), watch::watch(&f.vm, &opts())).await;
+    wait_gone(&f.vm, running.pid).await;
+    let dirs: Vec<std::path::PathBuf> = usage::group_dirs(&running.usage)
+        .iter()
+        .map(|d| d.to_path_buf())
+        .collect();
+    assert!(dirs.iter().all(|d| d.exists()), "the group outlives qemu");
+    // Finished from the state directory, as a restarted launcher does.
+    let exit = watch_to_end(&f.vm).await;
+    assert_eq!(exit.exit_code, 0, "console:\n{}", console(&f.vm));
+    assert_eq!(exit.output_tail, "spun\n");
+    assert!(!exit.observed_exit);
+    eprintln!("usage from the cgroup: {:?}", exit.usage);
+    assert!(exit.usage.cpu_seconds >= 1.0, "{:?}", exit.usage);
+    assert!(exit.usage.peak_memory_bytes >= 10 << 20, "{:?}", exit.usage);
+    // Nothing came from /proc samples.
+    assert_eq!(usage::read_usage_file(&f.vm), usage::UsageSample::default());
+    for d in &dirs {
+        assert!(!d.exists(), "{d:?} removed after the final read");
+    }
 }
