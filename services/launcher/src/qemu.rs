@@ -272,6 +272,14 @@ pub fn build_args(inputs: &LaunchInputs<'_>) -> Result<Vec<String>, QemuError> {
             option_path("QMP socket", &qmp)?
         ),
     ]);
+    let events = vm.qmp_events_socket();
+    push(&[
+        "-qmp",
+        &format!(
+            "unix:{},server=on,wait=off",
+            option_path("QMP event socket", &events)?
+        ),
+    ]);
     let pid = vm.pid_file();
     push(&["-pidfile", option_path("pid file", &pid)?, "-daemonize"]);
     Ok(a)
@@ -620,6 +628,7 @@ mod tests {
             "-netdev", "tap,id=n0,ifname=wn-0123456789ab,script=no,downscript=no",
             "-device", "virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56",
             "-qmp", &format!("unix:{d}/qmp.sock,server=on,wait=off"),
+            "-qmp", &format!("unix:{d}/qmp-events.sock,server=on,wait=off"),
             "-pidfile", &format!("{d}/qemu.pid"), "-daemonize",
         ]
         .iter()

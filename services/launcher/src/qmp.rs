@@ -1,6 +1,8 @@
-//! A minimal QMP client: greeting, `qmp_capabilities`, then one command at a time, events
-//! skipped. Enough for `system_powerdown` and `quit`; qemu's exit itself is observed through
-//! its pid (which also works for a VM whose QMP connection was lost with a launcher restart).
+//! A minimal QMP client: greeting, `qmp_capabilities`, then one command at a time (events
+//! skipped) for `system_powerdown` and `quit`, or a stream of events ([`Qmp::next_event`]) on
+//! the VM's second monitor, where the watcher learns of the guest's power-off (`SHUTDOWN`).
+//! qemu's exit itself is confirmed through its pid (which also works for a VM whose QMP
+//! connection was lost with a launcher restart).
 
 use std::{path::Path, time::Duration};
 
@@ -76,12 +78,29 @@ impl Qmp {
     }
 
     async fn read_message(&mut self) -> Result<Value, QmpError> {
-        let mut line = String::new();
-        let n = tokio::time::timeout(QMP_TIMEOUT, self.reader.read_line(&mut line))
+        let path = self.path.clone();
+        tokio::time::timeout(QMP_TIMEOUT, self.read_message_untimed())
             .await
-            .map_err(|_| QmpError::Timeout {
-                path: self.path.clone(),
-            })?
+            .map_err(|_| QmpError::Timeout { path })?
+    }
+
+    /// The next asynchronous event (`{"event": "SHUTDOWN", "data": {...}, ...}`); waits as long
+    /// as it takes. Answers to commands are not expected on an event-only connection.
+    pub async fn next_event(&mut self) -> Result<Value, QmpError> {
+        loop {
+            let m = self.read_message_untimed().await?;
+            if m.get("event").is_some() {
+                return Ok(m);
+            }
+        }
+    }
+
+    async fn read_message_untimed(&mut self) -> Result<Value, QmpError> {
+        let mut line = String::new();
+        let n = self
+            .reader
+            .read_line(&mut line)
+            .await
             .map_err(|source| QmpError::Io {
                 path: self.path.clone(),
                 source,

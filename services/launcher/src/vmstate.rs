@@ -230,6 +230,11 @@ impl VmDir {
     pub fn qmp_socket(&self) -> PathBuf {
         self.dir.join("qmp.sock")
     }
+    /// A second QMP monitor, only for watching events (the first serves commands: a QMP
+    /// socket takes one client at a time).
+    pub fn qmp_events_socket(&self) -> PathBuf {
+        self.dir.join("qmp-events.sock")
+    }
     pub fn console_log(&self) -> PathBuf {
         self.dir.join("console.log")
     }

@@ -75,6 +75,46 @@ pub enum WatchError {
     State(#[from] StateError),
 }
 
+/// Follows the VM's QMP event monitor: the receiver turns `true` when qemu reports a
+/// guest-initiated `SHUTDOWN` (the guest powered off). Without the monitor (a VM started by an
+/// older launcher, or qemu already gone) the receiver stays `false` and the pid poll decides.
+fn watch_shutdown_events(
+    vm: &VmDir,
+) -> (
+    tokio::sync::watch::Receiver<bool>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let socket = vm.qmp_events_socket();
+    let vm_id = vm.vm_id().to_owned();
+    let task = tokio::spawn(async move {
+        if !socket.exists() {
+            return;
+        }
+        let mut qmp = match qmp::Qmp::connect(&socket).await {
+            Ok(q) => q,
+            Err(e) => {
+                tracing::debug!(%vm_id, error = %e, "No QMP event monitor; polling qemu's pid only.");
+                return;
+            }
+        };
+        while let Ok(ev) = qmp.next_event().await {
+            let name = ev.get("event").and_then(|e| e.as_str()).unwrap_or_default();
+            tracing::debug!(%vm_id, event = name, "QMP event.");
+            if name == "SHUTDOWN" {
+                let by_guest = ev
+                    .pointer("/data/guest")
+                    .and_then(serde_json::Value::as_bool)
+                    .unwrap_or(false);
+                if by_guest {
+                    let _ = tx.send(true);
+                }
+            }
+        }
+    });
+    (rx, task)
+}
+
 /// Waits until the VM's qemu has exited, enforcing the walltime, then returns the result.
 pub async fn watch(vm: &VmDir, opts: &WatchOptions) -> Result<VmExit, WatchError> {
     let running = vm
@@ -90,6 +130,7 @@ pub async fn watch(vm: &VmDir, opts: &WatchOptions) -> Result<VmExit, WatchError
     let mut observed = false;
     let mut forced: Option<&'static str> = None;
     let mut last_sample: Option<tokio::time::Instant> = None;
+    let (mut shutdown_rx, events) = watch_shutdown_events(vm);
     while vm.qemu_alive(pid) {
         observed = true;
         let sample_due = last_sample.is_none_or(|t| t.elapsed() >= opts.sample_every);
@@ -124,8 +165,14 @@ pub async fn watch(vm: &VmDir, opts: &WatchOptions) -> Result<VmExit, WatchError
                 tracing::warn!(vm_id = vm.vm_id(), error = %e, "Cannot stop the VM through QMP.");
             }
         }
-        tokio::time::sleep(opts.poll).await;
+        tokio::select! {
+            _ = tokio::time::sleep(opts.poll) => {}
+            // The guest powered off: qemu exits right after; look again at once.
+            _ = shutdown_rx.changed() => {}
+        }
     }
+    events.abort();
+    let guest_shutdown = *shutdown_rx.borrow();
     let usage = usage::final_usage(vm, &running.usage, last);
     if sample_proc && let Err(e) = usage::write_usage_file(vm, &usage) {
         tracing::warn!(vm_id = vm.vm_id(), error = %e, "Cannot persist usage.");
@@ -138,7 +185,7 @@ pub async fn watch(vm: &VmDir, opts: &WatchOptions) -> Result<VmExit, WatchError
         vm.last_serial_write().unwrap_or_else(SystemTime::now)
     };
     let guest = vm.guest_status();
-    let stop_reason = forced.unwrap_or(if guest.exit_code.is_some() {
+    let stop_reason = forced.unwrap_or(if guest.exit_code.is_some() || guest_shutdown {
         STOP_GUEST_POWEROFF
     } else {
         STOP_QEMU_EXITED

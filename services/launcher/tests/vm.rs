@@ -168,6 +168,25 @@ async fn vm_payload_exit_code_output_and_usage_are_read_back() {
 }
 
 #[tokio::test]
+async fn vm_a_guest_power_off_is_seen_through_the_qmp_event_monitor() {
+    // The payload powers the guest off itself, before the guest's init can write an exit code:
+    // only qemu's SHUTDOWN event (guest-initiated) on the event monitor tells a power-off from
+    // a qemu that died.
+    let f = fixture("poweroff -f");
+    let running = boot(&f).await;
+    let exit = watch_to_end(&f.vm).await;
+    assert!(!f.vm.qemu_alive(running.pid));
+    assert_eq!(exit.guest.exit_code, None, "no exit code was written");
+    assert_eq!(exit.exit_code, -1);
+    assert_eq!(
+        exit.stop_reason,
+        STOP_GUEST_POWEROFF,
+        "console:\n{}",
+        console(&f.vm)
+    );
+}
+
+#[tokio::test]
 async fn vm_reattach_from_state_dir_after_the_watcher_is_dropped() {
     let f = fixture("sleep 2; echo done; exit 7");
     let running = boot(&f).await;
