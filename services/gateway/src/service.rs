@@ -68,13 +68,9 @@ impl GatewayHandler {
         })
     }
 
-    fn event(&self, ev: &proto::Event, body: Body) -> proto::Event {
-        ev.derive(&self.source, body)
-    }
-
     fn released(&self, ev: &proto::Event, vm_id: &str, detail: String) -> proto::Event {
-        self.event(
-            ev,
+        ev.derive(
+            &self.source,
             Body::ResourceReleased(proto::ResourceReleased {
                 vm_id: vm_id.to_owned(),
                 kind: proto::ResourceKind::Storage as i32,
@@ -84,8 +80,8 @@ impl GatewayHandler {
     }
 
     fn failed(&self, ev: &proto::Event, vm_id: &str, reason: String) -> proto::Event {
-        self.event(
-            ev,
+        ev.derive(
+            &self.source,
             Body::StorageFailed(proto::StorageFailed {
                 vm_id: vm_id.to_owned(),
                 reason,
@@ -237,7 +233,7 @@ impl GatewayHandler {
             table::SERVING => {
                 if let Some(ready) = row.ready.clone() {
                     self.ensure_listener(&row).await;
-                    ctx.publish(self.event(ev, Body::StorageReady(ready)));
+                    ctx.publish(ev.derive(&self.source, Body::StorageReady(ready)));
                     return Ok(());
                 }
             }
@@ -309,7 +305,7 @@ impl GatewayHandler {
             .await
             .map_err(store_err)?;
         tracing::info!(vm_id, port = ready.port, remote_path = %ready.remote_path, allowed = %ready.allowed_client, "Storage ready.");
-        ctx.publish(self.event(ev, Body::StorageReady(ready)));
+        ctx.publish(ev.derive(&self.source, Body::StorageReady(ready)));
         Ok(())
     }
 

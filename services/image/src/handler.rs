@@ -54,10 +54,6 @@ impl ImageHandler {
         }
     }
 
-    fn event(&self, incoming: &proto::Event, body: Body) -> proto::Event {
-        incoming.derive(&self.source, body)
-    }
-
     fn failed(
         &self,
         ctx: &mut HandlerCtx,
@@ -67,8 +63,8 @@ impl ImageHandler {
         reason: String,
     ) {
         tracing::warn!(vm_id, image, %reason, "Image failed.");
-        ctx.publish(self.event(
-            incoming,
+        ctx.publish(incoming.derive(
+            &self.source,
             Body::ImageFailed(proto::ImageFailed {
                 vm_id: vm_id.to_owned(),
                 image: image.to_owned(),
@@ -131,8 +127,8 @@ impl ImageHandler {
                 let path_of =
                     |c: Option<Cached>| c.map(|c| c.path.display().to_string()).unwrap_or_default();
                 tracing::info!(vm_id, image, cache_hit, "Image ready.");
-                ctx.publish(self.event(
-                    incoming,
+                ctx.publish(incoming.derive(
+                    &self.source,
                     Body::ImageReady(proto::ImageReady {
                         vm_id: vm_id.to_owned(),
                         image: image.to_owned(),

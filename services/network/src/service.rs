@@ -103,13 +103,9 @@ impl NetworkHandler {
         })
     }
 
-    fn event(&self, ev: &proto::Event, body: Body) -> proto::Event {
-        ev.derive(&self.source, body)
-    }
-
     fn released(&self, ev: &proto::Event, vm_id: &str, detail: String) -> proto::Event {
-        self.event(
-            ev,
+        ev.derive(
+            &self.source,
             Body::ResourceReleased(proto::ResourceReleased {
                 vm_id: vm_id.to_owned(),
                 kind: proto::ResourceKind::Network as i32,
@@ -119,8 +115,8 @@ impl NetworkHandler {
     }
 
     fn failed(&self, ev: &proto::Event, vm_id: &str, reason: String) -> proto::Event {
-        self.event(
-            ev,
+        ev.derive(
+            &self.source,
             Body::NetworkFailed(proto::NetworkFailed {
                 vm_id: vm_id.to_owned(),
                 reason,
@@ -227,7 +223,7 @@ impl NetworkHandler {
             }
         };
         tracing::info!(vm_id, tap = %ready.tap, mac = %ready.mac, address = %ready.address, "Network ready.");
-        ctx.publish(self.event(ev, Body::NetworkReady(ready)));
+        ctx.publish(ev.derive(&self.source, Body::NetworkReady(ready)));
         Ok(())
     }
 

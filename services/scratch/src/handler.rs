@@ -105,14 +105,10 @@ impl ScratchHandler {
         }
     }
 
-    fn event(&self, incoming: &proto::Event, body: Body) -> proto::Event {
-        incoming.derive(&self.source, body)
-    }
-
     fn failed(&self, ctx: &mut HandlerCtx, incoming: &proto::Event, vm_id: &str, reason: String) {
         tracing::warn!(vm_id, %reason, "Scratch failed.");
-        ctx.publish(self.event(
-            incoming,
+        ctx.publish(incoming.derive(
+            &self.source,
             Body::ScratchFailed(proto::ScratchFailed {
                 vm_id: vm_id.to_owned(),
                 reason,
@@ -128,8 +124,8 @@ impl ScratchHandler {
         path: &str,
         size_bytes: u64,
     ) {
-        ctx.publish(self.event(
-            incoming,
+        ctx.publish(incoming.derive(
+            &self.source,
             Body::ScratchReady(proto::ScratchReady {
                 vm_id: vm_id.to_owned(),
                 path: path.to_owned(),
@@ -142,8 +138,8 @@ impl ScratchHandler {
 
     fn released(&self, ctx: &mut HandlerCtx, incoming: &proto::Event, vm_id: &str, detail: String) {
         tracing::info!(vm_id, %detail, "Scratch released.");
-        ctx.publish(self.event(
-            incoming,
+        ctx.publish(incoming.derive(
+            &self.source,
             Body::ResourceReleased(proto::ResourceReleased {
                 vm_id: vm_id.to_owned(),
                 kind: proto::ResourceKind::Scratch as i32,
