@@ -110,3 +110,26 @@ pub fn mem_total_bytes() -> f64 {
         })
         .map_or(0.0, |kb| kb * 1024.0)
 }
+
+/// The bounds every usage record of the demo job meets: CPU between 0.1 s and wall × cores,
+/// peak memory between 10 MB and the host's memory, the demo VO and the job's uid/gid.
+///
+/// # Panics
+/// When a bound does not hold.
+pub fn check_cpu_and_memory(r: &UsageRecord) {
+    let cores = r.cores as f64;
+    assert!(cores >= 1.0, "{r:#?}");
+    assert!(
+        r.cpu_seconds >= 0.1 && r.cpu_seconds <= r.wall_seconds * cores,
+        "cpu {} s, wall {} s × {cores} cores",
+        r.cpu_seconds,
+        r.wall_seconds
+    );
+    let peak = r.peak_memory_bytes as f64;
+    assert!(
+        peak >= 10e6 && peak <= mem_total_bytes(),
+        "peak memory {peak} bytes"
+    );
+    assert_eq!(r.vo, "demo");
+    assert_eq!((r.uid, r.gid), (Some(65534), Some(65534)));
+}

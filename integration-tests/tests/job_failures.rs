@@ -27,8 +27,8 @@ use wnodes_devstack::{
     ExtraImage, ImageServing, RunEvent, Stack, SubmitArgs, SubmitOutcome, UsageRecord,
 };
 use wnodes_integration_tests::jobs::{
-    can_run, in_private_netns, mem_total_bytes, no_leftovers, one_usage_record,
-    tap_options as options,
+    can_run, check_cpu_and_memory, in_private_netns, mem_total_bytes, no_leftovers,
+    one_usage_record, tap_options as options,
 };
 use wnodes_testkit::{OtlpCollector, wait_until};
 
@@ -206,25 +206,6 @@ async fn no_usage_record(stack: &Stack, job_id: &str) {
     accounting_caught_up(stack).await;
     let recs = stack.usage_record(job_id).await.unwrap();
     assert!(recs.is_empty(), "no usage record for {job_id}: {recs:#?}");
-}
-
-/// CPU and memory of a record within what the machine allows.
-fn check_cpu_and_memory(r: &UsageRecord) {
-    let cores = r.cores as f64;
-    assert!(cores >= 1.0, "{r:#?}");
-    assert!(
-        r.cpu_seconds >= 0.1 && r.cpu_seconds <= r.wall_seconds * cores,
-        "cpu {} s, wall {} s × {cores} cores",
-        r.cpu_seconds,
-        r.wall_seconds
-    );
-    let peak = r.peak_memory_bytes as f64;
-    assert!(
-        peak >= 10e6 && peak <= mem_total_bytes(),
-        "peak memory {peak} bytes"
-    );
-    assert_eq!(r.vo, "demo");
-    assert_eq!((r.uid, r.gid), (Some(65534), Some(65534)));
 }
 
 /// A protobuf timestamp's `seconds` and `nanos` as a time.

@@ -18,7 +18,7 @@ use std::{
 use wnodes_bus::EventType;
 use wnodes_devstack::{ImageServing, NetworkChoice, RunEvent, Stack, SubmitArgs};
 use wnodes_integration_tests::jobs::{
-    can_run, in_private_netns, mem_total_bytes, no_leftovers, one_usage_record,
+    can_run, check_cpu_and_memory, in_private_netns, no_leftovers, one_usage_record,
     tap_options as options,
 };
 use wnodes_testkit::{CollectedSpan, OtlpCollector, wait_until};
@@ -49,21 +49,7 @@ async fn check_usage(stack: &Stack, job_id: &str, exit_code: i64) {
         "wall {} s vs vm.running → vm.stopped {between} s",
         r.wall_seconds
     );
-    let cores = r.cores as f64;
-    assert!(cores >= 1.0, "{r:#?}");
-    assert!(
-        r.cpu_seconds >= 0.1 && r.cpu_seconds <= r.wall_seconds * cores,
-        "cpu {} s, wall {} s × {cores} cores",
-        r.cpu_seconds,
-        r.wall_seconds
-    );
-    let peak = r.peak_memory_bytes as f64;
-    assert!(
-        peak >= 10e6 && peak <= mem_total_bytes(),
-        "peak memory {peak} bytes"
-    );
-    assert_eq!(r.vo, "demo");
-    assert_eq!((r.uid, r.gid), (Some(65534), Some(65534)));
+    check_cpu_and_memory(&r);
 }
 
 const SUBMIT_PAYLOAD: &str = r#"echo "hello from $(hostname)" > /shared/hello.txt || exit 10
