@@ -543,6 +543,7 @@ pub async fn launch(
             .as_ref()
             .map(|w| u64::try_from(w.seconds).unwrap_or(0))
             .unwrap_or(0),
+        cpu_at_start_ns: cpu_used_so_far(vm.vm_id(), &spawned.usage, pid),
         usage: spawned.usage,
     };
     if let Err(e) = vm.write_running(&running) {
@@ -551,6 +552,15 @@ pub async fn launch(
         return Err(e.into());
     }
     Ok(running)
+}
+
+/// CPU time qemu has used so far (its start-up), in nanoseconds; 0 when it cannot be read.
+fn cpu_used_so_far(vm_id: &str, source: &UsageSource, pid: u32) -> u64 {
+    let sample = match source {
+        UsageSource::Proc => crate::usage::sample_proc(pid),
+        cgroup => crate::usage::read_source(vm_id, cgroup).ok(),
+    };
+    sample.map_or(0, |s| (s.cpu_seconds * 1e9) as u64)
 }
 
 #[cfg(test)]

@@ -641,6 +641,8 @@ fn adopt_from_pid_file(
             .map(|w| u64::try_from(w.seconds).unwrap_or(0))
             .unwrap_or(0),
         usage,
+        // Adopted after a crash: its start-up CPU cannot be told apart any more.
+        cpu_at_start_ns: 0,
     };
     vm.write_running(&running)?;
     Ok(running)

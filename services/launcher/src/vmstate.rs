@@ -185,6 +185,11 @@ pub struct RunningRecord {
     /// 0 = no limit.
     pub walltime_secs: u64,
     pub usage: UsageSource,
+    /// CPU time qemu had already used when the VM started running (its start-up, counted by a
+    /// cgroup it joined before daemonizing), in nanoseconds: subtracted at the end, so that CPU
+    /// time and wall time cover the same interval (`vm.running` → `vm.stopped`).
+    #[serde(default)]
+    pub cpu_at_start_ns: u64,
 }
 
 /// Paths of one VM's state directory.
@@ -454,6 +459,7 @@ mod tests {
             cores: 1,
             walltime_secs: 0,
             usage: UsageSource::Proc,
+            cpu_at_start_ns: 0,
         };
         assert_eq!(vm.read_running().unwrap(), None);
         vm.write_running(&run).unwrap();

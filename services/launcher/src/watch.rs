@@ -173,10 +173,14 @@ pub async fn watch(vm: &VmDir, opts: &WatchOptions) -> Result<VmExit, WatchError
     }
     events.abort();
     let guest_shutdown = *shutdown_rx.borrow();
-    let usage = usage::final_usage(vm, &running.usage, last);
+    let mut usage = usage::final_usage(vm, &running.usage, last);
+    // CPU over the same interval as the wall time: qemu's start-up before `vm.running` is not
+    // the VM's run (the cumulative figure stays in usage.json).
+    let cpu_at_start = running.cpu_at_start_ns as f64 / 1e9;
     if sample_proc && let Err(e) = usage::write_usage_file(vm, &usage) {
         tracing::warn!(vm_id = vm.vm_id(), error = %e, "Cannot persist usage.");
     }
+    usage.cpu_seconds = (usage.cpu_seconds - cpu_at_start).max(0.0);
     // The group(s) are empty now: the usage is read, they can go.
     usage::remove_groups(vm.vm_id(), &running.usage);
     let stopped_at = if observed {

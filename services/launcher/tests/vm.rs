@@ -155,6 +155,13 @@ async fn vm_payload_exit_code_output_and_usage_are_read_back() {
     );
     assert!(exit.observed_exit);
     assert!(exit.usage.cpu_seconds > 0.1, "{:?}", exit.usage);
+    // CPU and wall cover the same interval (qemu's start-up before vm.running is left out).
+    assert!(
+        exit.usage.cpu_seconds <= exit.wall().as_secs_f64() * f64::from(exit.cores),
+        "{:?} over {:?}",
+        exit.usage,
+        exit.wall()
+    );
     assert!(exit.usage.peak_memory_bytes > 10 << 20, "{:?}", exit.usage);
     assert!(
         exit.wall() > Duration::from_millis(500),
