@@ -33,6 +33,12 @@ pub const USER_NET_HOST: &str = "10.0.2.2";
 /// How long qemu may take to initialise before `-daemonize` returns.
 const DAEMONIZE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// `sh -c` program run as `sh -c JOIN_CGROUPS_AND_EXEC wnodes-qemu <cgroup.procs>... -- <qemu>
+/// <args>...`: joins each group (re-creating a directory that vanished) and execs qemu. Paths
+/// and arguments are positional parameters, never interpolated into the program text. A group
+/// it cannot join is skipped silently: the launcher checks the daemon's membership afterwards.
+pub const JOIN_CGROUPS_AND_EXEC: &str = r#"for f; do shift; [ "$f" = -- ] && break; { mkdir -p "${f%/*}"; echo $$ > "$f"; } 2>/dev/null; done; exec "$@""#;
+
 /// A launch problem.
 #[derive(Debug, thiserror::Error)]
 pub enum QemuError {
@@ -385,11 +391,12 @@ fn kill(pid: u32) {
 /// Writes the payload file, runs qemu (which daemonizes) and returns qemu's pid. qemu's
 /// `-snapshot` overlay goes to the VM directory (`TMPDIR`).
 ///
-/// With `cgroups`, the VM's group(s) are created first and the foreground qemu is moved into
-/// them right after `spawn()`, before it daemonizes: the daemon forks from it and inherits
-/// them, so all of qemu's CPU time and memory is counted. The daemon's membership is checked
-/// (and, if it is missing, the daemon is moved in). Any cgroup failure falls back to `/proc`
-/// samples.
+/// With `cgroups`, the VM's group(s) are created first and qemu is started in them: a `sh`
+/// ([`JOIN_CGROUPS_AND_EXEC`]) writes its own pid into each group's `cgroup.procs` and then
+/// execs qemu, so qemu and the daemon it forks are in the groups from their first instruction
+/// and all of qemu's CPU time and memory is counted (moving the foreground qemu after `spawn()`
+/// raced with its fork). The daemon's membership is checked (and, if it is missing, the
+/// daemon is moved in). Any cgroup failure falls back to `/proc` samples.
 pub async fn spawn_detached(
     binary: &Path,
     vm: &VmDir,
@@ -402,14 +409,24 @@ pub async fn spawn_detached(
     // A stale pid file from an earlier attempt must not be taken for this qemu.
     let _ = std::fs::remove_file(vm.pid_file());
     let vm_id = vm.vm_id();
-    let mut group = cgroups.and_then(|host| match host.create(vm_id) {
+    let group = cgroups.and_then(|host| match host.create(vm_id) {
         Ok(source) => Some(source),
         Err(e) => {
             tracing::warn!(vm_id, error = %e, "No cgroup for the VM; sampling /proc.");
             None
         }
     });
-    let spawned = tokio::process::Command::new(binary)
+    let mut command = match &group {
+        Some(g) => {
+            let mut c = tokio::process::Command::new("sh");
+            c.arg("-c").arg(JOIN_CGROUPS_AND_EXEC).arg("wnodes-qemu");
+            c.args(usage::group_dirs(g).iter().map(|d| d.join("cgroup.procs")));
+            c.arg("--").arg(binary);
+            c
+        }
+        None => tokio::process::Command::new(binary),
+    };
+    let spawned = command
         .args(args)
         .env("TMPDIR", vm.dir())
         .current_dir(vm.dir())
@@ -429,19 +446,6 @@ pub async fn spawn_detached(
             });
         }
     };
-    // As early as possible: the foreground qemu, before it forks the daemon.
-    if let (Some(g), Some(host)) = (&group, cgroups) {
-        let attached = match child.id() {
-            Some(pid) => usage::attach_creating(host, vm_id, g, pid),
-            None => Err(usage::UsageError::NoCgroup(vm_id.to_owned())),
-        };
-        if let Err(e) = attached {
-            tracing::warn!(vm_id, error = %e, "Cannot move qemu into its cgroup; sampling /proc.");
-            // Best effort: a v1 group qemu did get into stays until a later reconciliation.
-            usage::remove_groups(vm_id, g);
-            group = None;
-        }
-    }
     // The foreground qemu exits once the daemon is initialised; the daemon itself has its
     // stdio on /dev/null by then, so the pipes close.
     let waited = tokio::time::timeout(DAEMONIZE_TIMEOUT, child.wait_with_output()).await;

@@ -221,29 +221,6 @@ pub fn attach(vm_id: &str, source: &UsageSource, pid: u32) -> Result<(), UsageEr
     Ok(())
 }
 
-/// Moves `pid` into the VM's group(s), creating them again if they vanished in between (an
-/// empty group can be removed by another launcher's start-up reconciliation on the same
-/// host, e.g. in tests).
-pub fn attach_creating(
-    host: &CgroupHost,
-    vm_id: &str,
-    source: &UsageSource,
-    pid: u32,
-) -> Result<(), UsageError> {
-    let mut tries = 0;
-    loop {
-        match attach(vm_id, source, pid) {
-            Err(UsageError::Cgroup { source: e, .. })
-                if e.kind() == std::io::ErrorKind::NotFound && tries < 3 =>
-            {
-                tries += 1;
-                host.create(vm_id)?;
-            }
-            other => return other,
-        }
-    }
-}
-
 /// Parses `cgroup.procs` / `tasks` text (one pid a line).
 pub fn parse_pids(text: &str) -> Vec<u32> {
     text.lines().filter_map(|l| l.trim().parse().ok()).collect()
@@ -523,12 +500,28 @@ mod tests {
             std::fs::read_to_string(memory.join("memory.move_charge_at_immigrate")).unwrap(),
             "3"
         );
-        // Removed before qemu is moved in: created again.
+        // Removed before qemu starts: the wrapper qemu is started through creates it again and
+        // joins it, keeping its pid across the exec.
         std::fs::remove_dir_all(&cpuacct).unwrap();
-        attach_creating(&host, "vm-0123456789ab", &source, 4242).unwrap();
-        assert!(contains(&source, 4242));
-        assert!(!contains(&source, 4243));
-        assert!(!contains(&UsageSource::Proc, 4242));
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(crate::qemu::JOIN_CGROUPS_AND_EXEC)
+            .arg("wnodes-qemu")
+            .args(group_dirs(&source).iter().map(|d| d.join("cgroup.procs")))
+            .args(["--", "sh", "-c", "echo $$; echo \"$1\"", "sh", "a b; $(x)"])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        let mut lines = stdout.lines();
+        let pid: u32 = lines.next().unwrap().parse().unwrap();
+        assert_eq!(
+            lines.next(),
+            Some("a b; $(x)"),
+            "arguments pass through as they are"
+        );
+        assert!(contains(&source, pid));
+        assert!(!contains(&source, pid + 1));
+        assert!(!contains(&UsageSource::Proc, pid));
         std::fs::write(cpuacct.join("cpuacct.usage"), "3400000000\n").unwrap();
         std::fs::write(memory.join("memory.max_usage_in_bytes"), "52428800\n").unwrap();
         let s = read_source("vm-0123456789ab", &source).unwrap();
