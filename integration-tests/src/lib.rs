@@ -155,6 +155,11 @@ impl Node {
         self.child.id()
     }
 
+    /// True while the process has not exited.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// SIGKILL and reap.
     pub fn kill(&mut self) -> anyhow::Result<()> {
         let _ = signal::kill(

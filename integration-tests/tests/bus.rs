@@ -248,7 +248,7 @@ async fn same_event_with_a_new_message_id_after_restart_applies_effect_once() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn failing_hanging_and_malformed_messages_go_to_the_dead_letter_stream() {
+async fn failing_hanging_panicking_and_malformed_messages_go_to_the_dead_letter_stream() {
     let nats = NatsServer::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let bus = test_bus(&nats.url()).await;
@@ -268,6 +268,14 @@ async fn failing_hanging_and_malformed_messages_go_to_the_dead_letter_stream() {
     )
     .await
     .unwrap();
+    let mut panicking = Node::start(
+        &sink(&nats, &dir.path().join("p"), "sink-panic")
+            .env("NODE__FAIL", "panic")
+            .env("NODE__FAULT_MATCH", "bad")
+            .env("CONSUMER__MAX_ATTEMPTS", "2"),
+    )
+    .await
+    .unwrap();
     bus.publish(&vm_requested("bad-1")).await.unwrap();
     let subject = vm_requested("x").subject().unwrap();
     bus.publish_raw(
@@ -280,9 +288,9 @@ async fn failing_hanging_and_malformed_messages_go_to_the_dead_letter_stream() {
     .unwrap();
     bus.publish(&vm_requested("good-1")).await.unwrap();
 
-    let letters = wait_until(LONG, "four dead letters", || async {
+    let letters = wait_until(LONG, "six dead letters", || async {
         let l = dlq::read_all(&bus, None).await.ok()?;
-        (l.len() >= 4).then_some(l)
+        (l.len() >= 6).then_some(l)
     })
     .await
     .unwrap();
@@ -307,7 +315,18 @@ async fn failing_hanging_and_malformed_messages_go_to_the_dead_letter_stream() {
     let h = find("sink-hang", "exhausted");
     assert_eq!(h.attempts, 2);
     assert!(h.error.contains("timed out"), "{}", h.error);
-    for c in ["sink-fail", "sink-hang"] {
+    // A panicking handler fails its attempt like an error: retried, then dead-lettered, and
+    // the process (and its consumer) stays up.
+    let p = find("sink-panic", "exhausted");
+    assert_eq!(p.attempts, 2);
+    assert!(
+        p.error
+            .contains("handler panicked: simulated panic on attempt 2"),
+        "{}",
+        p.error
+    );
+    assert!(panicking.is_running(), "{}", panicking.stderr());
+    for c in ["sink-fail", "sink-hang", "sink-panic"] {
         let m = find(c, "malformed");
         assert_eq!(m.attempts, 1, "malformed payloads are not retried");
         assert_eq!(m.original_subject, subject);
@@ -316,6 +335,7 @@ async fn failing_hanging_and_malformed_messages_go_to_the_dead_letter_stream() {
     // The consumers kept going: the good message after the bad ones was handled.
     wait_rows(&dir.path().join("f"), 1).await;
     wait_rows(&dir.path().join("h"), 1).await;
+    wait_rows(&dir.path().join("p"), 1).await;
     wait_settled(&bus, "sink-fail", 3).await;
     let log = failing.stderr();
     assert!(

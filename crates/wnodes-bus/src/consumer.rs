@@ -15,9 +15,9 @@ use std::{
 };
 
 use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt, stream::FuturesUnordered};
 use prost::Message;
-use tokio::{sync::Semaphore, task::JoinSet, time::Instant};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, field};
 use wnodes_proto::v1::Event;
@@ -119,6 +119,12 @@ impl<H: Handler> Consumer<H> {
     /// Runs until `shutdown` is cancelled: then stops pulling, lets in-flight handlers finish
     /// (up to `shutdown_grace`, after which they are nacked for immediate redelivery), returns
     /// buffered messages with a nak, and flushes the acks.
+    ///
+    /// Up to `max_in_flight` messages are handled concurrently on this task (not a task per
+    /// message: the spawn cost as much as the span). Handlers must therefore not block the
+    /// thread: blocking calls belong in `spawn_blocking`, long CPU work must yield between
+    /// chunks. A handler that panics fails its attempt (retried, then dead-lettered) without
+    /// taking the consumer down.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), BusError> {
         let Self {
             bus,
@@ -129,94 +135,100 @@ impl<H: Handler> Consumer<H> {
         } = self;
         let tuning = spec.tuning.clone();
         let durable_name = spec.durable.clone();
-        let shared = Arc::new(Shared {
+        let shared = Shared {
             bus: bus.clone(),
             store,
             spec,
             handler,
             in_progress: Mutex::new(HashSet::new()),
             metrics: bus.metrics().consumer(&durable_name),
-        });
-        let durable = shared.spec.durable.clone();
-        let sem = Arc::new(Semaphore::new(tuning.max_in_flight));
+        };
+        let durable = shared.spec.durable.as_str();
         let abort_handlers = CancellationToken::new();
-        let mut tasks = JoinSet::new();
+        let mut in_flight = FuturesUnordered::new();
         let mut messages = None;
         tracing::info!(consumer = %durable, filters = ?shared.spec.filter_subjects, "Consumer started.");
         loop {
             if messages.is_none() {
-                match consumer
-                    .stream()
-                    .max_messages_per_batch(tuning.max_in_flight.clamp(1, 256))
-                    .heartbeat(Duration::from_secs(5))
-                    .expires(Duration::from_secs(30))
-                    .messages()
-                    .await
-                {
+                let pulled = tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    () = keep_handling(&mut in_flight) => continue,
+                    m = consumer
+                        .stream()
+                        .max_messages_per_batch(tuning.max_in_flight.clamp(1, 256))
+                        .heartbeat(Duration::from_secs(5))
+                        .expires(Duration::from_secs(30))
+                        .messages() => m,
+                };
+                match pulled {
                     Ok(m) => messages = Some(m),
                     Err(e) => {
                         tracing::warn!(consumer = %durable, error = %ErrorChain(&e), "Cannot pull; retrying.");
-                        tokio::select! {
-                            _ = shutdown.cancelled() => break,
-                            _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                        let retry_at = Instant::now() + Duration::from_secs(1);
+                        loop {
+                            tokio::select! {
+                                _ = shutdown.cancelled() => break,
+                                _ = tokio::time::sleep_until(retry_at) => break,
+                                () = keep_handling(&mut in_flight) => {}
+                            }
                         }
+                        continue;
                     }
                 }
             }
             let Some(stream) = messages.as_mut() else {
                 continue;
             };
-            let permit = tokio::select! {
+            tokio::select! {
+                biased;
                 _ = shutdown.cancelled() => break,
-                p = sem.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-            };
-            let next = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                n = stream.next() => n,
-            };
-            match next {
-                Some(Ok(msg)) => {
-                    let shared = shared.clone();
-                    let abort = abort_handlers.clone();
-                    tasks.spawn(async move {
-                        process(&shared, msg, abort).await;
-                        drop(permit);
-                    });
-                }
-                Some(Err(e)) => {
-                    tracing::warn!(consumer = %durable, error = %ErrorChain(&e), "Pull stream error.");
-                    if matches!(
-                        e.kind(),
-                        jetstream::consumer::pull::MessagesErrorKind::ConsumerDeleted
-                    ) {
-                        messages = None;
+                Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
+                next = stream.next(), if in_flight.len() < tuning.max_in_flight => match next {
+                    Some(Ok(msg)) => in_flight.push(process(&shared, msg, abort_handlers.clone())),
+                    Some(Err(e)) => {
+                        tracing::warn!(consumer = %durable, error = %ErrorChain(&e), "Pull stream error.");
+                        if matches!(
+                            e.kind(),
+                            jetstream::consumer::pull::MessagesErrorKind::ConsumerDeleted
+                        ) {
+                            messages = None;
+                        }
                     }
+                    None => messages = None,
+                },
+            }
+        }
+        // Stop pulling: hand back what was already buffered (so it is redelivered at once)
+        // while the in-flight handlers finish.
+        let hand_back = async {
+            if let Some(mut stream) = messages.take() {
+                while let Ok(Some(Ok(msg))) =
+                    tokio::time::timeout(Duration::from_millis(20), stream.next()).await
+                {
+                    let _ = msg.ack_with(AckKind::Nak(None)).await;
                 }
-                None => messages = None,
             }
-            while tasks.try_join_next().is_some() {}
-        }
-        // Stop pulling; hand back what was already buffered, so it is redelivered at once.
-        if let Some(mut stream) = messages.take() {
-            while let Ok(Some(Ok(msg))) =
-                tokio::time::timeout(Duration::from_millis(20), stream.next()).await
-            {
-                let _ = msg.ack_with(AckKind::Nak(None)).await;
-            }
-        }
-        let drained = tokio::time::timeout(tuning.shutdown_grace, async {
-            while tasks.join_next().await.is_some() {}
-        })
-        .await;
+        };
+        let drain = tokio::time::timeout(tuning.shutdown_grace, async {
+            while in_flight.next().await.is_some() {}
+        });
+        let ((), drained) = tokio::join!(hand_back, drain);
         if drained.is_err() {
             tracing::warn!(consumer = %durable, "Shutdown grace over; nacking in-flight messages.");
             abort_handlers.cancel();
-            while tasks.join_next().await.is_some() {}
+            while in_flight.next().await.is_some() {}
         }
         bus.flush().await;
         tracing::info!(consumer = %durable, "Consumer stopped.");
         Ok(())
     }
+}
+
+/// Drives the in-flight handlers; never returns (pending once none is left), so it can sit in
+/// a `select!` next to whatever the consumer waits for.
+async fn keep_handling<F: Future<Output = ()>>(in_flight: &mut FuturesUnordered<F>) {
+    while in_flight.next().await.is_some() {}
+    std::future::pending::<()>().await;
 }
 
 async fn process<H: Handler>(
@@ -246,10 +258,26 @@ async fn process<H: Handler>(
         wnodes.attempt = delivered,
     );
     crate::propagation::set_parent_from(&span, msg.headers.as_ref());
-    let (verdict, outcome) = decide(shared, &msg, stream_seq, delivered, abort)
-        .instrument(span.clone())
+    // The whole handling, ack included, runs instrumented: a span is never held entered across
+    // an await (handlers share this task, so an entered guard would leak into the others).
+    let outcome = settle(shared, msg, stream_seq, delivered, abort)
+        .instrument(span)
         .await;
-    let _enter = span.enter();
+    shared
+        .metrics
+        .handled(outcome, started.elapsed().as_secs_f64());
+}
+
+/// Decides, then acks, naks or dead-letters. Returns the outcome label for the metrics.
+async fn settle<H: Handler>(
+    shared: &Shared<H>,
+    msg: jetstream::Message,
+    stream_seq: u64,
+    delivered: u32,
+    abort: CancellationToken,
+) -> &'static str {
+    let durable = shared.spec.durable.as_str();
+    let (verdict, outcome) = decide(shared, &msg, stream_seq, delivered, abort).await;
     let res = match verdict {
         Verdict::Ack => msg.ack().await,
         Verdict::Nak(d) => msg.ack_with(AckKind::Nak(Some(d))).await,
@@ -281,9 +309,7 @@ async fn process<H: Handler>(
     if let Err(e) = res {
         tracing::warn!(error = %e, "Cannot send the ack; the message will be redelivered.");
     }
-    shared
-        .metrics
-        .handled(outcome, started.elapsed().as_secs_f64());
+    outcome
 }
 
 struct KeyGuard<'a> {
@@ -388,16 +414,19 @@ async fn decide<H: Handler>(
         tx: None,
         store: shared.store.clone(),
     };
+    let handled =
+        std::panic::AssertUnwindSafe(shared.handler.handle(&mut ctx, event)).catch_unwind();
     let result = tokio::select! {
-        r = tokio::time::timeout(tuning.handler_timeout, shared.handler.handle(&mut ctx, event)) => r,
+        r = tokio::time::timeout(tuning.handler_timeout, handled) => r,
         _ = abort.cancelled() => {
             tracing::warn!(%key, "Shutdown: nacking the message for immediate redelivery.");
             return (Verdict::Nak(Duration::ZERO), "retry");
         }
     };
     let failure = match result {
-        Ok(Ok(())) => None,
-        Ok(Err(HandlerError::Reject(e))) => {
+        Ok(Ok(Ok(()))) => None,
+        Ok(Err(panic)) => Some(format!("handler panicked: {}", panic_message(&*panic))),
+        Ok(Ok(Err(HandlerError::Reject(e)))) => {
             let error = ErrorChain(&*e).to_string();
             tracing::error!(%subject, %key, %error, "Handler rejected the message; dead-lettering.");
             return (
@@ -405,7 +434,7 @@ async fn decide<H: Handler>(
                 "dead_letter",
             );
         }
-        Ok(Err(HandlerError::Retry(e))) => Some(ErrorChain(&*e).to_string()),
+        Ok(Ok(Err(HandlerError::Retry(e)))) => Some(ErrorChain(&*e).to_string()),
         Err(_) => Some(format!(
             "handler timed out after {:?}",
             tuning.handler_timeout
@@ -463,4 +492,13 @@ async fn decide<H: Handler>(
         return (Verdict::Nothing, "ok");
     }
     (Verdict::Ack, "ok")
+}
+
+/// The text of a panic payload (`panic!` with a literal or a formatted message).
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
 }

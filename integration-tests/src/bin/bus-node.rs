@@ -10,7 +10,7 @@
 //! Effects (`effect`): `store` inserts a row into table `effects` in the same transaction as the
 //! idempotency key; `file` creates `<effect_dir>/<sha of key>` after checking it does not exist
 //! and appends the key to `<effect_dir>/effects.log`; `none`.
-//! Faults: `fail = "always"` fails every attempt; `hang = true` sleeps past any timeout;
+//! Faults: `fail = "always"` fails every attempt, `fail = "panic"` panics in every attempt; `hang = true` sleeps past any timeout;
 //! `reject = true` rejects; `work_ms` sleeps before the effect (SIGTERM-mid-handler test).
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
@@ -146,6 +146,9 @@ impl Handler for Sink {
         }
         if faulty && self.cfg.reject {
             return Err(HandlerError::reject("this node rejects everything"));
+        }
+        if faulty && self.cfg.fail == "panic" {
+            panic!("simulated panic on attempt {}", ctx.attempt());
         }
         if faulty && self.cfg.fail == "always" {
             return Err(HandlerError::retry(format!(
