@@ -20,22 +20,6 @@ use crate::{
     propagation, subject,
 };
 
-/// Header naming the event type (also in `ce-type`), so tools can route without decoding.
-pub const EVENT_TYPE_HEADER: &str = "Wnodes-Event-Type";
-
-/// Header names, resolved once (a custom `HeaderName` built from a `&str` allocates).
-mod names {
-    use async_nats::HeaderName;
-
-    pub const EVENT_TYPE: HeaderName = HeaderName::from_static(super::EVENT_TYPE_HEADER);
-    pub const CE_SPECVERSION: HeaderName = HeaderName::from_static("ce-specversion");
-    pub const CE_ID: HeaderName = HeaderName::from_static("ce-id");
-    pub const CE_SOURCE: HeaderName = HeaderName::from_static("ce-source");
-    pub const CE_TYPE: HeaderName = HeaderName::from_static("ce-type");
-    pub const CE_SUBJECT: HeaderName = HeaderName::from_static("ce-subject");
-    pub const CE_DATACONTENTTYPE: HeaderName = HeaderName::from_static("ce-datacontenttype");
-}
-
 /// The W3C trace-context fields of one span, taken once and copied into each message.
 #[derive(Debug, Default)]
 struct TraceHeaders(Vec<(HeaderName, HeaderValue)>);
@@ -53,18 +37,13 @@ impl TraceHeaders {
     }
 }
 
-/// The headers of an event: `Nats-Msg-Id` = id, the event type, the CloudEvents binary-mode
-/// attributes, and the trace context.
-fn event_headers(event: &Event, ty: EventType, trace: &TraceHeaders) -> HeaderMap {
+/// The headers of an event: `Nats-Msg-Id` = the event id, and the trace context. Nothing else:
+/// the type is in the subject, and the CloudEvents attributes are in the envelope
+/// ([`EventExt::cloudevent`]); every header costs the server and each consumer a parse per
+/// message (ARCHITECTURE.md, "CloudEvents").
+fn event_headers(event: &Event, trace: &TraceHeaders) -> HeaderMap {
     let mut headers: HeaderMap = trace.0.iter().cloned().collect();
     headers.insert(async_nats::header::NATS_MESSAGE_ID, event.id.as_str());
-    headers.insert(names::EVENT_TYPE, ty.name());
-    headers.insert(names::CE_SPECVERSION, "1.0");
-    headers.insert(names::CE_ID, event.id.as_str());
-    headers.insert(names::CE_SOURCE, event.source.as_str());
-    headers.insert(names::CE_TYPE, ty.cloudevents_type_str());
-    headers.insert(names::CE_SUBJECT, event.run_key());
-    headers.insert(names::CE_DATACONTENTTYPE, "application/protobuf");
     headers
 }
 
@@ -190,8 +169,8 @@ impl Bus {
         Ok(())
     }
 
-    /// Publishes `event` to its subject with `Nats-Msg-Id` = `event.id`, the current span's
-    /// `traceparent`/`tracestate`, and CloudEvents binary-mode attributes, and waits for
+    /// Publishes `event` to its subject with `Nats-Msg-Id` = `event.id` and the current span's
+    /// `traceparent`/`tracestate`, and waits for
     /// JetStream's ack. Retries (same id, so never stored twice) until `publish_timeout`.
     pub async fn publish(&self, event: &Event) -> Result<Published, BusError> {
         let trace = TraceHeaders::current();
@@ -220,7 +199,7 @@ impl Bus {
                 .js
                 .publish_with_headers(
                     subject.clone(),
-                    event_headers(event, ty, trace),
+                    event_headers(event, trace),
                     payload.clone(),
                 )
                 .await;
@@ -314,7 +293,7 @@ impl Bus {
     pub async fn publish_pipelined(&self, events: &[Event], window: usize) -> Result<(), BusError> {
         let window = window.max(1);
         let trace = TraceHeaders::current();
-        let mut pending: Vec<(&Event, Result<PublishAckFuture, String>)> =
+        let mut pending: Vec<(&Event, EventType, Result<PublishAckFuture, String>)> =
             Vec::with_capacity(window.min(events.len()));
         for chunk in events.chunks(window) {
             for event in chunk {
@@ -326,28 +305,24 @@ impl Bus {
                     .js
                     .publish_with_headers(
                         subject,
-                        event_headers(event, ty, &trace),
+                        event_headers(event, &trace),
                         Bytes::from(event.encode_to_vec()),
                     )
                     .await
                     .map_err(|e| e.to_string());
-                pending.push((event, sent));
+                pending.push((event, ty, sent));
             }
-            for (event, sent) in pending.drain(..) {
+            for (event, ty, sent) in pending.drain(..) {
                 let acked = match sent {
                     Ok(ack) => ack.await.map_err(|e| e.to_string()),
                     Err(e) => Err(e),
                 };
-                match (acked, event.event_type()) {
-                    (Ok(_), Some(ty)) => self.inner.metrics.published_type(ty),
-                    (res, ty) => {
+                match acked {
+                    Ok(_) => self.inner.metrics.published_type(ty),
+                    Err(error) => {
                         // That was the first attempt; the retries keep the same id.
-                        if let Some(ty) = ty {
-                            self.inner.metrics.publish_retry(ty.name());
-                        }
-                        if let Err(error) = res {
-                            tracing::warn!(id = %event.id, %error, "Publish not acknowledged; retrying with the same message id.");
-                        }
+                        self.inner.metrics.publish_retry(ty.name());
+                        tracing::warn!(id = %event.id, %error, "Publish not acknowledged; retrying with the same message id.");
                         self.publish_prepared(event, &trace).await?;
                     }
                 }

@@ -414,8 +414,8 @@ async fn decide<H: Handler>(
         tx: None,
         store: shared.store.clone(),
     };
-    let handled =
-        std::panic::AssertUnwindSafe(shared.handler.handle(&mut ctx, event)).catch_unwind();
+    let handled = std::panic::AssertUnwindSafe(Box::pin(shared.handler.handle(&mut ctx, event)))
+        .catch_unwind();
     let result = tokio::select! {
         r = tokio::time::timeout(tuning.handler_timeout, handled) => r,
         _ = abort.cancelled() => {

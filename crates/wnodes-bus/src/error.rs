@@ -56,6 +56,12 @@ pub enum BusError {
         #[source]
         source: sqlx::Error,
     },
+    #[error("idempotency store at `{path}`: group commit")]
+    KeyCommit {
+        path: String,
+        #[source]
+        source: std::sync::Arc<rusqlite::Error>,
+    },
     #[error("reading the dead-letter stream")]
     DeadLetterRead(#[source] Box<dyn std::error::Error + Send + Sync>),
 }

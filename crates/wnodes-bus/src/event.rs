@@ -185,6 +185,43 @@ pub fn run_key(run: &JobRunRef) -> String {
     )
 }
 
+/// The CloudEvents 1.0 context attributes of an event, for tools and exports that speak
+/// CloudEvents. They are derived from the envelope, not sent as NATS headers (ARCHITECTURE.md,
+/// "CloudEvents"). Header names in binary mode are `ce-<attribute>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloudEventAttributes {
+    pub specversion: &'static str,
+    /// = the event id = `Nats-Msg-Id`.
+    pub id: String,
+    /// `<service>@<host>`.
+    pub source: String,
+    /// `it.infn.wnodes.<type>.v1`.
+    pub r#type: &'static str,
+    /// The run key.
+    pub subject: String,
+    /// RFC 3339, UTC; `None` when the event has no time.
+    pub time: Option<String>,
+    pub datacontenttype: &'static str,
+}
+
+impl CloudEventAttributes {
+    /// Binary-mode header pairs (`ce-specversion`, `ce-id`, ...), in the spec's order.
+    pub fn headers(&self) -> Vec<(&'static str, &str)> {
+        let mut h = vec![
+            ("ce-specversion", self.specversion),
+            ("ce-id", self.id.as_str()),
+            ("ce-source", self.source.as_str()),
+            ("ce-type", self.r#type),
+            ("ce-subject", self.subject.as_str()),
+        ];
+        if let Some(t) = &self.time {
+            h.push(("ce-time", t.as_str()));
+        }
+        h.push(("ce-datacontenttype", self.datacontenttype));
+        h
+    }
+}
+
 /// Extension methods on the envelope.
 pub trait EventExt {
     /// Builds an event with its deterministic id. `source` is `"<service>@<host>"`.
@@ -198,6 +235,8 @@ pub trait EventExt {
     fn subject(&self) -> Result<String, BusError>;
     /// The run key (`site/lrms/job_id/attempt`), empty when the event has no run.
     fn run_key(&self) -> String;
+    /// The CloudEvents attributes of this event, or `None` when it has no body.
+    fn cloudevent(&self) -> Option<CloudEventAttributes>;
 }
 
 impl EventExt for Event {
@@ -244,6 +283,19 @@ impl EventExt for Event {
 
     fn run_key(&self) -> String {
         self.run.as_ref().map(run_key).unwrap_or_default()
+    }
+
+    fn cloudevent(&self) -> Option<CloudEventAttributes> {
+        let ty = self.event_type()?;
+        Some(CloudEventAttributes {
+            specversion: "1.0",
+            id: self.id.clone(),
+            source: self.source.clone(),
+            r#type: ty.cloudevents_type_str(),
+            subject: self.run_key(),
+            time: self.time.as_ref().map(|t| t.to_string()),
+            datacontenttype: "application/protobuf",
+        })
     }
 }
 
@@ -300,6 +352,41 @@ mod tests {
             (d.run, d.host.as_str(), d.id),
             (a.run.clone(), "hv1", a.id.clone())
         );
+    }
+
+    #[test]
+    fn cloudevent_attributes_come_from_the_envelope() {
+        let mut e = Event::build(
+            run(),
+            "hv1",
+            "launcher@hv1",
+            Body::JobCancelled(JobCancelled::default()),
+        );
+        e.time = Some(prost_types::Timestamp {
+            seconds: 1_740_823_510,
+            nanos: 0,
+        });
+        let ce = e.cloudevent().unwrap();
+        assert_eq!(ce.id, "job.cancelled:INFN-T1/htcondor/1001.0/2");
+        assert_eq!(ce.source, "launcher@hv1");
+        assert_eq!(ce.r#type, "it.infn.wnodes.job.cancelled.v1");
+        assert_eq!(ce.subject, "INFN-T1/htcondor/1001.0/2");
+        assert_eq!(ce.time.as_deref(), Some("2025-03-01T10:05:10Z"));
+        let names: Vec<_> = ce.headers().iter().map(|(n, _)| *n).collect();
+        assert_eq!(
+            names,
+            [
+                "ce-specversion",
+                "ce-id",
+                "ce-source",
+                "ce-type",
+                "ce-subject",
+                "ce-time",
+                "ce-datacontenttype"
+            ]
+        );
+        e.body = None;
+        assert!(e.cloudevent().is_none());
     }
 
     #[test]

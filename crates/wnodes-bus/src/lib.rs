@@ -38,7 +38,7 @@ pub use bus::{Bus, Published};
 pub use config::{ConsumerTuning, NatsConfig, TlsConfig};
 pub use consumer::{Consumer, ConsumerSpec};
 pub use error::{BusError, ErrorChain};
-pub use event::{EventExt, EventType};
+pub use event::{CloudEventAttributes, EventExt, EventType};
 pub use handler::{Handler, HandlerCtx, HandlerError};
 pub use metrics::BusMetrics;
 pub use store::KeyStore;

@@ -21,7 +21,18 @@ pub struct NatsHeaderExtractor<'a>(pub &'a async_nats::HeaderMap);
 
 impl Extractor for NatsHeaderExtractor<'_> {
     fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).map(|v| v.as_str()).or_else(|| {
+        // The W3C names as constants: a `HeaderName` made from a `&str` allocates, and this
+        // runs for every delivered message.
+        const TRACEPARENT: async_nats::HeaderName =
+            async_nats::HeaderName::from_static("traceparent");
+        const TRACESTATE: async_nats::HeaderName =
+            async_nats::HeaderName::from_static("tracestate");
+        let exact = match key {
+            "traceparent" => self.0.get(TRACEPARENT),
+            "tracestate" => self.0.get(TRACESTATE),
+            _ => self.0.get(key),
+        };
+        exact.map(|v| v.as_str()).or_else(|| {
             self.0
                 .iter()
                 .find(|(name, _)| AsRef::<str>::as_ref(*name).eq_ignore_ascii_case(key))

@@ -3,8 +3,10 @@
 //!
 //! A handler's effects that live in the same database commit in the same transaction as its
 //! key ([`crate::HandlerCtx::tx`]), so they happen exactly once. Keys of handlers that did
-//! not open a transaction are written by a group committer: many in-flight messages share one
-//! transaction (one fsync), which is what keeps the bus close to raw JetStream throughput.
+//! not open a transaction are written by a group committer: a thread of its own with a
+//! synchronous SQLite connection, committing every key that arrived while it was busy in one
+//! transaction. (Through sqlx, each statement is a round trip to sqlx's worker thread; those
+//! thread switches, not SQLite, were most of the cost of a key: docs/benchmarks.md.)
 //!
 //! Services keep their own tables in the same file ([`KeyStore::pool`]).
 
@@ -23,7 +25,9 @@ use sqlx::{
     Sqlite, SqlitePool, Transaction,
     sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
 };
-use tokio::sync::{mpsc, oneshot};
+use std::sync::mpsc;
+
+use tokio::sync::oneshot;
 use wnodes_proto::v1::Event;
 
 use crate::error::BusError;
@@ -42,14 +46,26 @@ struct CommitReq {
     consumer: String,
     key: String,
     outbox: Vec<u8>,
-    done: oneshot::Sender<Result<bool, sqlx::Error>>,
+    done: oneshot::Sender<Result<bool, Arc<rusqlite::Error>>>,
 }
+
+/// Most keys one group commit takes.
+const MAX_BATCH: usize = 1024;
+
+/// How long the committer keeps collecting after the first key of a batch. A commit costs
+/// ~40 µs however few keys it carries (locks, WAL frames of every page it touched), and every
+/// key sent to a committer blocked on the channel costs a futex wake: without this pause a busy
+/// consumer committed ~7 keys at a time (docs/benchmarks.md). Each key waits at most this long
+/// more; a job's events are seconds apart.
+const LINGER: Duration = Duration::from_micros(500);
 
 /// Handle to the store; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct KeyStore {
     read: SqlitePool,
     write: SqlitePool,
+    /// Unbounded, so that `record` never blocks a runtime thread; what waits in it is bounded
+    /// by the consumers' in-flight limits (each request's handler awaits its answer).
     committer: mpsc::Sender<CommitReq>,
     path: Arc<str>,
     /// 64-bit hashes of every stored (consumer, key): a key whose hash is absent was certainly
@@ -139,8 +155,16 @@ impl KeyStore {
                 .map_err(err)?;
         let seen: HashSet<u64> = rows.iter().map(|(c, k)| key_hash(c, k)).collect();
         let seen = Arc::new(Mutex::new(seen));
-        let (tx, rx) = mpsc::channel(4096);
-        tokio::spawn(group_committer(write.clone(), rx, seen.clone()));
+        let (tx, rx) = mpsc::channel();
+        let conn = committer_connection(path).map_err(|e| BusError::KeyCommit {
+            path: display.clone(),
+            source: Arc::new(e),
+        })?;
+        let committer_seen = seen.clone();
+        std::thread::Builder::new()
+            .name("wnodes-keys".into())
+            .spawn(move || group_committer(conn, rx, committer_seen))
+            .map_err(|e| err(sqlx::Error::Io(e)))?;
         Ok(Self {
             read,
             write,
@@ -236,8 +260,13 @@ impl KeyStore {
             done,
         };
         let closed = || self.err(sqlx::Error::PoolClosed);
-        self.committer.send(req).await.map_err(|_| closed())?;
-        rx.await.map_err(|_| closed())?.map_err(|e| self.err(e))
+        self.committer.send(req).map_err(|_| closed())?;
+        rx.await
+            .map_err(|_| closed())?
+            .map_err(|source| BusError::KeyCommit {
+                path: self.path.to_string(),
+                source,
+            })
     }
 
     /// Forgets keys handled before `older_than` ago. Returns how many were removed.
@@ -252,82 +281,74 @@ impl KeyStore {
     }
 }
 
-async fn group_committer(
-    pool: SqlitePool,
-    mut rx: mpsc::Receiver<CommitReq>,
+/// The committer's own connection (the schema exists: [`KeyStore::open`] created it).
+fn committer_connection(path: &Path) -> Result<rusqlite::Connection, rusqlite::Error> {
+    let conn = rusqlite::Connection::open(path)?;
+    conn.busy_timeout(Duration::from_secs(10))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    Ok(conn)
+}
+
+/// Runs on its own thread until every [`KeyStore`] handle is dropped: takes every request
+/// that is waiting (up to [`MAX_BATCH`]), inserts them in one transaction, answers each.
+fn group_committer(
+    mut conn: rusqlite::Connection,
+    rx: mpsc::Receiver<CommitReq>,
     seen: Arc<Mutex<HashSet<u64>>>,
 ) {
-    let mut batch = Vec::with_capacity(512);
-    while let Some(first) = rx.recv().await {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while let Ok(first) = rx.recv() {
         batch.push(first);
-        while batch.len() < 512 {
+        // Sleep rather than wait on the channel: a sender wakes a thread blocked in `recv`
+        // (a futex call per key), not a sleeping one.
+        std::thread::sleep(LINGER);
+        while batch.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok(r) => batch.push(r),
                 Err(_) => break,
             }
         }
+        // Before the commit: a hash in the set only means "maybe handled" (a lookup then
+        // reads the database), so it may be there early, never late.
         if let Ok(mut s) = seen.lock() {
             s.extend(batch.iter().map(|r| key_hash(&r.consumer, &r.key)));
         }
-        let result: Result<Vec<bool>, sqlx::Error> = async {
-            let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
-            let now = unix_now();
-            let mut inserted = Vec::with_capacity(batch.len());
-            // One multi-row statement per chunk. When it inserts every row (the common case:
-            // new keys) no row needs to be told apart; otherwise the chunk is undone and
-            // inserted row by row to learn which keys were already there.
-            for chunk in batch.chunks(128) {
-                sqlx::query("SAVEPOINT chunk").execute(&mut *tx).await?;
-                let mut qb = sqlx::QueryBuilder::<Sqlite>::new(
-                    "INSERT INTO wnodes_processed (consumer, key, processed_at, outbox) ",
-                );
-                qb.push_values(chunk, |mut b, r| {
-                    b.push_bind(r.consumer.as_str())
-                        .push_bind(r.key.as_str())
-                        .push_bind(now)
-                        .push_bind(r.outbox.as_slice());
-                });
-                qb.push(" ON CONFLICT DO NOTHING");
-                let n = qb.build().execute(&mut *tx).await?.rows_affected();
-                if n == chunk.len() as u64 {
-                    sqlx::query("RELEASE chunk").execute(&mut *tx).await?;
-                    inserted.extend(std::iter::repeat_n(true, chunk.len()));
-                    continue;
-                }
-                sqlx::query("ROLLBACK TO chunk").execute(&mut *tx).await?;
-                sqlx::query("RELEASE chunk").execute(&mut *tx).await?;
-                for r in chunk {
-                    let n = sqlx::query(INSERT)
-                        .bind(r.consumer.as_str())
-                        .bind(r.key.as_str())
-                        .bind(now)
-                        .bind(r.outbox.as_slice())
-                        .execute(&mut *tx)
-                        .await?
-                        .rows_affected();
-                    inserted.push(n == 1);
-                }
-            }
-            tx.commit().await?;
-            Ok(inserted)
-        }
-        .await;
-        match result {
+        match commit_batch(&mut conn, &batch) {
             Ok(inserted) => {
                 for (r, ins) in batch.drain(..).zip(inserted) {
                     let _ = r.done.send(Ok(ins));
                 }
             }
             Err(e) => {
-                let msg = e.to_string();
+                let e = Arc::new(e);
                 for r in batch.drain(..) {
-                    let _ = r.done.send(Err(sqlx::Error::Protocol(format!(
-                        "group commit failed: {msg}"
-                    ))));
+                    let _ = r.done.send(Err(e.clone()));
                 }
             }
         }
     }
+}
+
+/// Inserts a batch in one transaction; per request, whether its key was new (a key twice in
+/// one batch is new the first time only).
+fn commit_batch(
+    conn: &mut rusqlite::Connection,
+    batch: &[CommitReq],
+) -> Result<Vec<bool>, rusqlite::Error> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let now = unix_now();
+    let mut inserted = Vec::with_capacity(batch.len());
+    {
+        let mut insert = tx.prepare_cached(INSERT)?;
+        for r in batch {
+            let outbox = (!r.outbox.is_empty()).then_some(r.outbox.as_slice());
+            let n = insert.execute(rusqlite::params![r.consumer, r.key, now, outbox])?;
+            inserted.push(n == 1);
+        }
+    }
+    tx.commit()?;
+    Ok(inserted)
 }
 
 #[cfg(test)]

@@ -10,6 +10,24 @@ use tracing_subscriber::{
 
 use crate::config::{CommonConfig, LogFormat};
 
+/// The OpenTelemetry layer every WNoDeS process uses. Off: per-span thread id/name (a handler's
+/// span is polled on whichever worker thread runs it, so they say nothing), source location
+/// (every handler span comes from the same line of the consumer), and busy/idle time (two
+/// clock reads at every poll of an instrumented future). Those three were a quarter of a
+/// handled message's CPU in `wnodes-bench bus` (docs/benchmarks.md).
+pub fn span_layer<S>(
+    tracer: opentelemetry_sdk::trace::Tracer,
+) -> tracing_opentelemetry::OpenTelemetryLayer<S, opentelemetry_sdk::trace::Tracer>
+where
+    S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
+{
+    tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_threads(false)
+        .with_location(false)
+        .with_tracked_inactivity(false)
+}
+
 /// Keeps the tracer provider; [`Telemetry::shutdown`] flushes it.
 #[derive(Debug)]
 pub struct Telemetry {
@@ -60,9 +78,7 @@ impl Telemetry {
             .unwrap_or_else(|_| EnvFilter::new("info"));
         // Spans are traced at INFO whatever the log level: turning logs down must not break
         // the job's trace. The log filter applies to the fmt layer only.
-        let otel = tracing_opentelemetry::layer()
-            .with_tracer(tracer)
-            .with_filter(LevelFilter::INFO);
+        let otel = span_layer(tracer).with_filter(LevelFilter::INFO);
         let registry = tracing_subscriber::registry().with(otel);
         let res = match common.log_format {
             LogFormat::Json => registry
