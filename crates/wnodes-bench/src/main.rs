@@ -10,7 +10,7 @@ use std::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use anyhow::Context;
@@ -85,39 +85,139 @@ fn events(n: usize, payload: usize) -> Vec<proto::Event> {
     (0..n).map(|i| event(i, pad)).collect()
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 struct Run {
     publish_s: f64,
     consume_s: f64,
+    /// CPU seconds (user + system) of nats-server and of this process in each phase.
+    publish_cpu: Cpu,
+    consume_cpu: Cpu,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Cpu {
+    server_s: f64,
+    client_s: f64,
+}
+
+/// CPU seconds used so far by the nats-server process and by this one (all threads), from
+/// `/proc/<pid>/stat` (utime + stime, in USER_HZ = 100 ticks per second on Linux).
+#[derive(Debug, Clone, Copy)]
+struct CpuClock {
+    server_pid: u32,
+}
+
+impl CpuClock {
+    fn now(&self) -> Cpu {
+        Cpu {
+            server_s: proc_cpu_s(&self.server_pid.to_string()),
+            client_s: proc_cpu_s("self"),
+        }
+    }
+
+    fn since(&self, start: Cpu) -> Cpu {
+        let now = self.now();
+        Cpu {
+            server_s: now.server_s - start.server_s,
+            client_s: now.client_s - start.client_s,
+        }
+    }
+}
+
+fn proc_cpu_s(pid: &str) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return f64::NAN;
+    };
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+        return f64::NAN;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        f.get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+    };
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 impl Run {
     fn msgs_per_s(&self, n: usize) -> f64 {
         n as f64 / (self.publish_s + self.consume_s)
     }
+
+    fn describe(&self) -> String {
+        format!(
+            "publish {:.3}s (cpu: server {:.2}s, bench {:.2}s) consume {:.3}s (cpu: server {:.2}s, bench {:.2}s)",
+            self.publish_s,
+            self.publish_cpu.server_s,
+            self.publish_cpu.client_s,
+            self.consume_s,
+            self.consume_cpu.server_s,
+            self.consume_cpu.client_s
+        )
+    }
+}
+
+/// Medians of each phase's CPU seconds, as JSON.
+fn cpu_summary(runs: &[Run]) -> serde_json::Value {
+    let m = |f: fn(&Run) -> f64| (median(runs.iter().map(f).collect()) * 100.0).round() / 100.0;
+    serde_json::json!({
+        "publish": { "server": m(|r| r.publish_cpu.server_s), "bench": m(|r| r.publish_cpu.client_s) },
+        "consume": { "server": m(|r| r.consume_cpu.server_s), "bench": m(|r| r.consume_cpu.client_s) },
+    })
+}
+
+/// What the raw side sends besides the payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RawHeaders {
+    /// Nothing: plain JetStream.
+    None,
+    /// The two headers every bus message carries (`Nats-Msg-Id` = the event id, with the
+    /// server's de-duplication on, and a `traceparent`), and nothing else the bus does: the
+    /// best any library that publishes with the bus's guarantees can do.
+    Bus,
 }
 
 async fn raw_round(
+    clock: CpuClock,
     js: &jetstream::Context,
     round: usize,
     evs: &[proto::Event],
     window: usize,
+    headers: RawHeaders,
 ) -> anyhow::Result<Run> {
-    let name = format!("RAW{round}");
-    let subj = format!("raw{round}.bench");
+    let tag = match headers {
+        RawHeaders::None => "raw",
+        RawHeaders::Bus => "rawh",
+    };
+    let name = format!("{}{round}", tag.to_uppercase());
+    let subj = format!("{tag}{round}.bench");
     let s = js
         .create_stream(stream::Config {
             name: name.clone(),
-            subjects: vec![format!("raw{round}.>")],
+            subjects: vec![format!("{tag}{round}.>")],
+            // The bus's events stream keeps the default window too (2 minutes).
+            duplicate_window: Duration::from_secs(120),
             storage: stream::StorageType::File,
             ..Default::default()
         })
         .await?;
     let payloads: Vec<bytes::Bytes> = evs.iter().map(|e| e.encode_to_vec().into()).collect();
+    let cpu = clock.now();
     let t = Instant::now();
+    let traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
     let mut pending = Vec::with_capacity(window);
-    for p in &payloads {
-        pending.push(js.publish(subj.clone(), p.clone()).await?);
+    for (e, p) in evs.iter().zip(&payloads) {
+        pending.push(match headers {
+            RawHeaders::None => js.publish(subj.clone(), p.clone()).await?,
+            RawHeaders::Bus => {
+                let mut h = async_nats::HeaderMap::new();
+                h.insert(async_nats::header::NATS_MESSAGE_ID, e.id.as_str());
+                h.insert("traceparent", traceparent);
+                js.publish_with_headers(subj.clone(), h, p.clone()).await?
+            }
+        });
         if pending.len() >= window {
             for f in pending.drain(..) {
                 f.await?;
@@ -128,14 +228,16 @@ async fn raw_round(
         f.await?;
     }
     let publish_s = t.elapsed().as_secs_f64();
+    let publish_cpu = clock.since(cpu);
     let consumer: PullConsumer = s
         .create_consumer(jetstream::consumer::pull::Config {
-            durable_name: Some("raw".into()),
+            durable_name: Some(tag.into()),
             ack_policy: jetstream::consumer::AckPolicy::Explicit,
             max_ack_pending: (window * 4) as i64,
             ..Default::default()
         })
         .await?;
+    let cpu = clock.now();
     let t = Instant::now();
     let mut msgs = consumer
         .stream()
@@ -151,10 +253,13 @@ async fn raw_round(
         got += 1;
     }
     let consume_s = t.elapsed().as_secs_f64();
+    let consume_cpu = clock.since(cpu);
     js.delete_stream(&name).await?;
     Ok(Run {
         publish_s,
         consume_s,
+        publish_cpu,
+        consume_cpu,
     })
 }
 
@@ -179,6 +284,7 @@ impl Handler for Nop {
 }
 
 async fn bus_round(
+    clock: CpuClock,
     url: &str,
     round: usize,
     evs: &[proto::Event],
@@ -191,11 +297,13 @@ async fn bus_round(
     };
     let bus = Bus::connect(&cfg, "bench@bench.example", BusMetrics::unregistered()).await?;
     bus.ensure_streams().await?;
+    let cpu = clock.now();
     let t = Instant::now();
     bus.publish_pipelined(evs, window)
         .instrument(tracing::info_span!("bench.publish"))
         .await?;
     let publish_s = t.elapsed().as_secs_f64();
+    let publish_cpu = clock.since(cpu);
     let store = KeyStore::open(&dir.join(format!("keys-{round}.db"))).await?;
     let count = Arc::new(Count {
         n: AtomicU64::new(0),
@@ -216,6 +324,7 @@ async fn bus_round(
     // Timed from after the consumer exists, as on the raw side (which creates its consumer
     // before starting the clock).
     let consumer = Consumer::create(bus.clone(), store.clone(), spec, Nop(count.clone())).await?;
+    let cpu = clock.now();
     let t = Instant::now();
     let stop = CancellationToken::new();
     let task = tokio::spawn(consumer.run(stop.clone()));
@@ -224,6 +333,7 @@ async fn bus_round(
     stop.cancel();
     task.await??;
     let consume_s = t.elapsed().as_secs_f64();
+    let consume_cpu = clock.since(cpu);
     let rows: (i64,) = sqlx_count(&store).await?;
     anyhow::ensure!(rows.0 as usize >= evs.len(), "only {} keys stored", rows.0);
     bus.jetstream()
@@ -232,6 +342,8 @@ async fn bus_round(
     Ok(Run {
         publish_s,
         consume_s,
+        publish_cpu,
+        consume_cpu,
     })
 }
 
@@ -258,7 +370,7 @@ fn init_tracing() -> opentelemetry_sdk::trace::SdkTracerProvider {
     let tracer = provider.tracer("wnodes-bench");
     let _ = tracing_subscriber::registry()
         .with(tracing_subscriber::EnvFilter::new("info,async_nats=warn"))
-        .with(tracing_opentelemetry::layer().with_tracer(tracer))
+        .with(wnodes_runtime::telemetry::span_layer(tracer))
         .try_init();
     provider
 }
@@ -267,28 +379,29 @@ async fn bench_bus(n: usize, payload: usize, window: usize, rounds: usize) -> an
     wnodes_bus::connect::install_crypto_provider();
     let _provider = init_tracing();
     let nats = wnodes_testkit::NatsServer::start().await?;
+    let clock = CpuClock {
+        server_pid: nats.pid().context("nats-server has no pid")?,
+    };
     let client = async_nats::connect(nats.url()).await?;
     let js = jetstream::new(client);
     let dir = tempfile::tempdir()?;
     let evs = events(n, payload);
     let size = evs[0].encoded_len();
-    let (mut raw, mut bus) = (Vec::new(), Vec::new());
+    let (mut raw, mut rawh, mut bus) = (Vec::new(), Vec::new(), Vec::new());
     for r in 0..rounds {
-        let a = raw_round(&js, r, &evs, window).await?;
-        eprintln!(
-            "round {r}: raw publish {:.2}s consume {:.2}s",
-            a.publish_s, a.consume_s
-        );
-        let b = bus_round(&nats.url(), r, &evs, window, dir.path()).await?;
-        eprintln!(
-            "round {r}: bus publish {:.2}s consume {:.2}s",
-            b.publish_s, b.consume_s
-        );
+        let a = raw_round(clock, &js, r, &evs, window, RawHeaders::None).await?;
+        eprintln!("round {r}: raw {}", a.describe());
+        let h = raw_round(clock, &js, r, &evs, window, RawHeaders::Bus).await?;
+        eprintln!("round {r}: raw+bus headers {}", h.describe());
+        rawh.push(h);
+        let b = bus_round(clock, &nats.url(), r, &evs, window, dir.path()).await?;
+        eprintln!("round {r}: bus {}", b.describe());
         raw.push(a);
         bus.push(b);
     }
     let raw_rate = median(raw.iter().map(|r| r.msgs_per_s(n)).collect());
     let bus_rate = median(bus.iter().map(|r| r.msgs_per_s(n)).collect());
+    let rawh_rate = median(rawh.iter().map(|r| r.msgs_per_s(n)).collect());
     let summary = serde_json::json!({
         "bench": "bus",
         "n": n,
@@ -298,14 +411,22 @@ async fn bench_bus(n: usize, payload: usize, window: usize, rounds: usize) -> an
         "raw_msgs_per_s": raw_rate.round(),
         "bus_msgs_per_s": bus_rate.round(),
         "ratio": (bus_rate / raw_rate * 1000.0).round() / 1000.0,
+        // Raw JetStream with only the bus's two headers: what the headers and de-duplication
+        // alone cost, hence the highest `ratio` any implementation could reach.
+        "raw_with_bus_headers_msgs_per_s": rawh_rate.round(),
+        "ratio_ceiling": (rawh_rate / raw_rate * 1000.0).round() / 1000.0,
+        "bus_vs_raw_with_bus_headers": (bus_rate / rawh_rate * 1000.0).round() / 1000.0,
         "raw_publish_msgs_per_s": median(raw.iter().map(|r| n as f64 / r.publish_s).collect()).round(),
         "raw_consume_msgs_per_s": median(raw.iter().map(|r| n as f64 / r.consume_s).collect()).round(),
         "bus_publish_msgs_per_s": median(bus.iter().map(|r| n as f64 / r.publish_s).collect()).round(),
         "bus_consume_msgs_per_s": median(bus.iter().map(|r| n as f64 / r.consume_s).collect()).round(),
+        "raw_cpu_s": cpu_summary(&raw),
+        "raw_with_bus_headers_cpu_s": cpu_summary(&rawh),
+        "bus_cpu_s": cpu_summary(&bus),
         "bus_features": [
             "envelope_encode_decode",
             "nats_msg_id_dedup",
-            "traceparent_and_cloudevents_headers",
+            "nats_msg_id_and_traceparent_headers",
             "publish_ack_and_retry",
             "span_per_message_exporter_off",
             "idempotency_key_lookup_and_durable_commit_sqlite_wal",
