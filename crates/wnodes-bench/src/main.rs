@@ -3,7 +3,10 @@
 //!
 //! - `bus`: N persisted messages published and consumed through the bus library (handler API:
 //!   idempotency keys stored, a span per message, exporter off) and, in the same run, through
-//!   raw async-nats JetStream calls with the same payload size, N and in-flight window.
+//!   raw async-nats JetStream calls with the same payload size, N and in-flight window (and
+//!   with only the bus's two headers: the ceiling).
+//! - `keys`: the idempotency key store's group commit alone.
+//! - `vm-start`: one job through WNoDeS vs the same guest under a bare qemu.
 
 use std::{
     sync::{
@@ -48,6 +51,15 @@ enum Cmd {
         #[arg(long, default_value_t = 256)]
         window: usize,
         /// Rounds (alternating raw, bus); medians are reported.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
+    /// The idempotency key store alone: N keys recorded by `--concurrency` tasks at once.
+    Keys {
+        #[arg(long, default_value_t = 20_000)]
+        n: usize,
+        #[arg(long, default_value_t = 256)]
+        concurrency: usize,
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
@@ -439,6 +451,47 @@ async fn bench_bus(n: usize, payload: usize, window: usize, rounds: usize) -> an
     Ok(())
 }
 
+/// `KeyStore::record` of N new keys (shaped like event ids) from `concurrency` tasks, each
+/// round in a fresh store; keys per second, median over the rounds.
+async fn bench_keys(n: usize, concurrency: usize, rounds: usize) -> anyhow::Result<()> {
+    let mut rates = Vec::new();
+    for round in 0..rounds {
+        let dir = tempfile::tempdir()?;
+        let store = KeyStore::open(&dir.path().join("keys.db")).await?;
+        let next = Arc::new(AtomicU64::new(0));
+        let t = Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..concurrency {
+            let (store, next) = (store.clone(), next.clone());
+            tasks.spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                    if i >= n {
+                        return anyhow::Ok(());
+                    }
+                    let key = format!("vm.requested:BENCH/slurm/{i}/1");
+                    anyhow::ensure!(store.record("bench", &key, &[]).await?, "{key} not new");
+                }
+            });
+        }
+        while let Some(r) = tasks.join_next().await {
+            r??;
+        }
+        let rate = n as f64 / t.elapsed().as_secs_f64();
+        eprintln!("round {round}: {rate:.0} keys/s");
+        rates.push(rate);
+    }
+    let summary = serde_json::json!({
+        "bench": "keys",
+        "n": n,
+        "concurrency": concurrency,
+        "rounds": rounds,
+        "keys_per_s": median(rates).round(),
+    });
+    println!("{summary}");
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -452,6 +505,11 @@ fn main() -> anyhow::Result<()> {
                 window,
                 rounds,
             } => bench_bus(n, payload, window, rounds.max(1)).await,
+            Cmd::Keys {
+                n,
+                concurrency,
+                rounds,
+            } => bench_keys(n, concurrency.max(1), rounds.max(1)).await,
             // Runs on its own thread and runtime inside a private network namespace.
             Cmd::VmStart(args) => vm_start::run(args),
         }
