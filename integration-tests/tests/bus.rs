@@ -487,3 +487,43 @@ async fn a_message_that_crashes_every_delivery_is_dead_lettered_by_the_next_proc
     );
     assert_eq!(effect_rows(dir.path()).await.unwrap(), (0, 0));
 }
+
+/// Handlers of one consumer run concurrently (on the consumer's task): while the first
+/// message's handler is still working, the others have started too.
+#[tokio::test(flavor = "multi_thread")]
+async fn handlers_of_one_consumer_overlap() {
+    let nats = NatsServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let bus = test_bus(&nats.url()).await;
+    let node = Node::start(
+        &sink(&nats, dir.path(), "sink-overlap")
+            .env("NODE__WORK_MS", "300")
+            .env("CONSUMER__HANDLER_TIMEOUT", "5s")
+            .env("CONSUMER__ACK_WAIT", "10s"),
+    )
+    .await
+    .unwrap();
+    let events: Vec<_> = (0..5)
+        .map(|i| vm_requested(&format!("overlap-{i}")))
+        .collect();
+    bus.publish_pipelined(&events, 16).await.unwrap();
+    assert_eq!(wait_rows(dir.path(), 5).await.0, 5);
+    let log = node.stderr();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("Handling.") || l.contains("Effect applied."))
+        .collect();
+    let first_done = lines
+        .iter()
+        .position(|l| l.contains("Effect applied."))
+        .unwrap();
+    assert_eq!(
+        lines[..first_done]
+            .iter()
+            .filter(|l| l.contains("Handling."))
+            .count(),
+        5,
+        "all five handlers started before the first finished:\n{}",
+        lines.join("\n")
+    );
+}

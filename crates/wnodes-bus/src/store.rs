@@ -383,6 +383,45 @@ mod tests {
         assert_eq!(s.prune(Duration::from_secs(3600)).await.unwrap(), 0);
     }
 
+    /// The group committer (its own connection) and handlers' transactions (the sqlx pool)
+    /// write the same file: they must wait for each other, never fail or lose a key.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn the_committer_and_handler_transactions_share_the_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.db");
+        let s = KeyStore::open(&path).await.unwrap();
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..300 {
+            let s = s.clone();
+            tasks.spawn(async move { s.record("group", &format!("k{i}"), &[]).await });
+        }
+        for i in 0..20 {
+            let s = s.clone();
+            tasks.spawn(async move {
+                let mut tx = s.begin().await?;
+                let new = s.record_in(&mut tx, "tx", &format!("t{i}"), &[]).await?;
+                // Hold the write lock a while, so group commits have to wait for it.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                tx.commit().await.map_err(|e| s.err(e))?;
+                Ok(new)
+            });
+        }
+        while let Some(r) = tasks.join_next().await {
+            assert!(r.unwrap().unwrap(), "every key is new and stored");
+        }
+        drop(s);
+        let s = KeyStore::open(&path).await.unwrap();
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT consumer, COUNT(*) FROM wnodes_processed GROUP BY consumer ORDER BY consumer",
+        )
+        .fetch_all(s.read_pool())
+        .await
+        .unwrap();
+        assert_eq!(rows, vec![("group".into(), 300), ("tx".into(), 20)]);
+        assert!(s.lookup("group", "k299").await.unwrap().is_some());
+        assert!(s.lookup("tx", "t19").await.unwrap().is_some());
+    }
+
     #[tokio::test(flavor = "multi_thread")]
     async fn a_key_twice_in_one_group_commit_is_new_once() {
         let dir = tempfile::tempdir().unwrap();
