@@ -170,8 +170,8 @@ impl Bus {
     }
 
     /// Publishes `event` to its subject with `Nats-Msg-Id` = `event.id` and the current span's
-    /// `traceparent`/`tracestate`, and waits for
-    /// JetStream's ack. Retries (same id, so never stored twice) until `publish_timeout`.
+    /// `traceparent`/`tracestate`, and waits for JetStream's ack. Retries (same id, so never
+    /// stored twice) until `publish_timeout`.
     pub async fn publish(&self, event: &Event) -> Result<Published, BusError> {
         let trace = TraceHeaders::current();
         self.publish_prepared(event, &trace).await
