@@ -127,12 +127,32 @@ impl CpuClock {
         }
     }
 
-    fn since(&self, start: Cpu) -> Cpu {
-        let now = self.now();
-        Cpu {
-            server_s: now.server_s - start.server_s,
-            client_s: now.client_s - start.client_s,
+    /// Starts timing a phase (wall clock and CPU).
+    fn start(self) -> Phase {
+        Phase {
+            clock: self,
+            wall: Instant::now(),
+            cpu: self.now(),
         }
+    }
+}
+
+/// A phase being timed; [`Phase::stop`] gives its wall seconds and CPU.
+struct Phase {
+    clock: CpuClock,
+    wall: Instant,
+    cpu: Cpu,
+}
+
+impl Phase {
+    fn stop(self) -> (f64, Cpu) {
+        let wall = self.wall.elapsed().as_secs_f64();
+        let now = self.clock.now();
+        let cpu = Cpu {
+            server_s: now.server_s - self.cpu.server_s,
+            client_s: now.client_s - self.cpu.client_s,
+        };
+        (wall, cpu)
     }
 }
 
@@ -216,8 +236,7 @@ async fn raw_round(
         })
         .await?;
     let payloads: Vec<bytes::Bytes> = evs.iter().map(|e| e.encode_to_vec().into()).collect();
-    let cpu = clock.now();
-    let t = Instant::now();
+    let phase = clock.start();
     let traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
     let mut pending = Vec::with_capacity(window);
     for (e, p) in evs.iter().zip(&payloads) {
@@ -239,8 +258,7 @@ async fn raw_round(
     for f in pending.drain(..) {
         f.await?;
     }
-    let publish_s = t.elapsed().as_secs_f64();
-    let publish_cpu = clock.since(cpu);
+    let (publish_s, publish_cpu) = phase.stop();
     let consumer: PullConsumer = s
         .create_consumer(jetstream::consumer::pull::Config {
             durable_name: Some(tag.into()),
@@ -249,8 +267,7 @@ async fn raw_round(
             ..Default::default()
         })
         .await?;
-    let cpu = clock.now();
-    let t = Instant::now();
+    let phase = clock.start();
     let mut msgs = consumer
         .stream()
         .max_messages_per_batch(window.min(256))
@@ -264,8 +281,7 @@ async fn raw_round(
         m.ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
         got += 1;
     }
-    let consume_s = t.elapsed().as_secs_f64();
-    let consume_cpu = clock.since(cpu);
+    let (consume_s, consume_cpu) = phase.stop();
     js.delete_stream(&name).await?;
     Ok(Run {
         publish_s,
@@ -309,13 +325,11 @@ async fn bus_round(
     };
     let bus = Bus::connect(&cfg, "bench@bench.example", BusMetrics::unregistered()).await?;
     bus.ensure_streams().await?;
-    let cpu = clock.now();
-    let t = Instant::now();
+    let phase = clock.start();
     bus.publish_pipelined(evs, window)
         .instrument(tracing::info_span!("bench.publish"))
         .await?;
-    let publish_s = t.elapsed().as_secs_f64();
-    let publish_cpu = clock.since(cpu);
+    let (publish_s, publish_cpu) = phase.stop();
     let store = KeyStore::open(&dir.join(format!("keys-{round}.db"))).await?;
     let count = Arc::new(Count {
         n: AtomicU64::new(0),
@@ -336,16 +350,14 @@ async fn bus_round(
     // Timed from after the consumer exists, as on the raw side (which creates its consumer
     // before starting the clock).
     let consumer = Consumer::create(bus.clone(), store.clone(), spec, Nop(count.clone())).await?;
-    let cpu = clock.now();
-    let t = Instant::now();
+    let phase = clock.start();
     let stop = CancellationToken::new();
     let task = tokio::spawn(consumer.run(stop.clone()));
     count.done.notified().await;
     // Stop only after the last handlers committed their keys and acked (graceful drain).
     stop.cancel();
     task.await??;
-    let consume_s = t.elapsed().as_secs_f64();
-    let consume_cpu = clock.since(cpu);
+    let (consume_s, consume_cpu) = phase.stop();
     let rows: (i64,) = sqlx_count(&store).await?;
     anyhow::ensure!(rows.0 as usize >= evs.len(), "only {} keys stored", rows.0);
     bus.jetstream()

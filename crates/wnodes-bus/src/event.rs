@@ -93,12 +93,7 @@ impl EventType {
     }
 
     /// CloudEvents `type` attribute, e.g. `it.infn.wnodes.vm.requested.v1`.
-    pub fn cloudevents_type(self) -> String {
-        self.cloudevents_type_str().to_owned()
-    }
-
-    /// [`Self::cloudevents_type`] without an allocation.
-    pub(crate) fn cloudevents_type_str(self) -> &'static str {
+    pub fn cloudevents_type(self) -> &'static str {
         macro_rules! ce {
             ($($t:ident => $n:literal),+ $(,)?) => {
                 match self { $(Self::$t => concat!("it.infn.wnodes.", $n, ".v1")),+ }
@@ -291,7 +286,7 @@ impl EventExt for Event {
             specversion: "1.0",
             id: self.id.clone(),
             source: self.source.clone(),
-            r#type: ty.cloudevents_type_str(),
+            r#type: ty.cloudevents_type(),
             subject: self.run_key(),
             time: self.time.as_ref().map(|t| t.to_string()),
             datacontenttype: "application/protobuf",
@@ -400,7 +395,7 @@ mod tests {
             // `ALL` is in declaration order (metrics index by `as usize`).
             assert_eq!(*t as usize, i);
             assert_eq!(
-                t.cloudevents_type_str(),
+                t.cloudevents_type(),
                 format!("it.infn.wnodes.{}.v1", t.name())
             );
         }
