@@ -37,11 +37,13 @@ pub enum EventType {
     VmFailed,
     ResourceReleased,
     UsageRecorded,
+    /// A start seen in the LRMS's own records (an observation; the launcher does not consume it).
+    JobStartObserved,
 }
 
 impl EventType {
     /// Every event type.
-    pub const ALL: [EventType; 21] = [
+    pub const ALL: [EventType; 22] = [
         Self::JobQueued,
         Self::JobStarted,
         Self::JobFinished,
@@ -63,6 +65,7 @@ impl EventType {
         Self::VmFailed,
         Self::ResourceReleased,
         Self::UsageRecorded,
+        Self::JobStartObserved,
     ];
 
     /// Dotted name: the last two subject tokens, e.g. `"vm.requested"`.
@@ -89,6 +92,7 @@ impl EventType {
             Self::VmFailed => "vm.failed",
             Self::ResourceReleased => "resource.released",
             Self::UsageRecorded => "usage.recorded",
+            Self::JobStartObserved => "job.start_observed",
         }
     }
 
@@ -121,6 +125,7 @@ impl EventType {
             VmFailed => "vm.failed",
             ResourceReleased => "resource.released",
             UsageRecorded => "usage.recorded",
+            JobStartObserved => "job.start_observed",
         }
     }
 
@@ -148,6 +153,7 @@ impl EventType {
             Body::VmFailed(_) => Self::VmFailed,
             Body::ResourceReleased(_) => Self::ResourceReleased,
             Body::UsageRecorded(_) => Self::UsageRecorded,
+            Body::JobStartObserved(_) => Self::JobStartObserved,
         }
     }
 }

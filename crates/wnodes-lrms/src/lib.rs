@@ -1,0 +1,46 @@
+//! LRMS records into job events.
+//!
+//! Sites run HTCondor, Slurm, PBS/Torque/OpenPBS or LSF; WNoDeS reads what they write (job event
+//! logs, accounting records, jobcomp output) and turns every state change into one normalised
+//! [`LrmsEvent`]: `lrms`, `job_id`, [`State`] (`queued`, `started`, `evicted`, `finished`,
+//! `cancelled`, `held`, `released`), `time` in UTC, and the [`Usage`] the record carries. From
+//! there [`convert`] builds the `wnodes.v1` events with deterministic ids.
+//!
+//! Module map:
+//!
+//! | module | what it holds |
+//! |---|---|
+//! | [`event`] | the normalised event, the state mapping, usage fields, JSON form |
+//! | [`parse`] | the streaming [`Parser`] interface, [`Item`]s, [`ParseOptions`], [`parser_for`] |
+//! | [`htcondor`] | HTCondor job event log, text (ISO and legacy dates) and JSON |
+//! | [`pbs`] | PBS/Torque/OpenPBS accounting logs |
+//! | [`lsf`] | LSF `lsb.events` and `lsb.acct` |
+//! | [`slurm`] | Slurm jobcomp (kafka/elasticsearch JSON, script environment) and `sacct -P` |
+//! | [`time`] | local times in a zone (`$TZ` semantics, via jiff), durations |
+//! | [`convert`] | normalised events → `wnodes.v1.Event` with deterministic ids |
+//! | [`follow`] | [`Follower`]: a file followed as it grows and across rotation, with a resume [`Cursor`] |
+//! | [`replay`] | whole files to a sink: [`replay()`], the `--dry-run` JSON lines, the [`Summary`] |
+//! | [`publish`] | a sink that publishes through `wnodes_bus::Bus::publish` |
+//!
+//! Parsers never panic on input and never stall: a malformed line or record becomes an
+//! [`Item::Malformed`] with its line number, and parsing goes on at the next record. Each
+//! parser bounds what it buffers ([`parse::MAX_RECORD_BYTES`]) and the per-job state it keeps.
+
+pub mod convert;
+pub mod event;
+pub mod follow;
+pub mod htcondor;
+pub mod lsf;
+pub mod parse;
+pub mod pbs;
+pub mod publish;
+pub mod replay;
+pub mod slurm;
+pub mod time;
+
+pub use event::{LrmsEvent, LrmsKind, State, Usage};
+
+pub use follow::{Batch, Cursor, CursorFile, FollowOptions, Follower};
+pub use parse::{Item, Malformed, ParseOptions, Parser, parser_for};
+pub use publish::{Publisher, replay_to_bus};
+pub use replay::{JsonLines, ReplayOptions, Sink, Summary, replay};
