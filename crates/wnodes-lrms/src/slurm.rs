@@ -153,9 +153,10 @@ impl SlurmParser {
             );
         }
         let get = |name: &str| {
+            // A column may name alternatives (`CPUTimeRAW|TotalCPU` in APEL's format comment).
             self.columns
                 .iter()
-                .position(|c| c.eq_ignore_ascii_case(name))
+                .position(|c| c.split('|').any(|n| n.eq_ignore_ascii_case(name)))
                 .map(|i| fields[i].trim())
                 .filter(|v| !v.is_empty() && *v != "Unknown" && *v != "None")
         };
