@@ -130,6 +130,8 @@ pub struct Summary {
 impl Summary {
     /// How many malformed records a summary keeps for its report.
     pub const EXAMPLES: usize = 20;
+    /// How many malformed records are logged at warn level (the rest at debug).
+    pub const LOUD: u64 = 100;
 
     /// Counts one item.
     pub fn count(&mut self, item: &Item, file: &Path) {
@@ -142,7 +144,13 @@ impl Summary {
             Item::Skipped { .. } => self.skipped += 1,
             Item::Malformed(m) => {
                 self.malformed += 1;
-                tracing::warn!(file = %file.display(), line = m.line, reason = %m.reason, "Malformed LRMS record skipped.");
+                // Every one is logged; past the first hundred at debug level, so a file of noise
+                // cannot flood the log (the count and the examples still say it all).
+                if self.malformed <= Self::LOUD {
+                    tracing::warn!(file = %file.display(), line = m.line, reason = %m.reason, "Malformed LRMS record skipped.");
+                } else {
+                    tracing::debug!(file = %file.display(), line = m.line, reason = %m.reason, "Malformed LRMS record skipped.");
+                }
                 if self.malformed_examples.len() < Self::EXAMPLES {
                     self.malformed_examples.push(MalformedAt {
                         file: file.to_owned(),
