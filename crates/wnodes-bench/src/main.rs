@@ -6,6 +6,8 @@
 //!   raw async-nats JetStream calls with the same payload size, N and in-flight window (and
 //!   with only the bus's two headers: the ceiling).
 //! - `keys`: the idempotency key store's group commit alone.
+//! - `bridge`: a large generated HTCondor log replayed into JetStream through `wnodes-lrms`, vs
+//!   the same events pre-built and published raw with the bus's two headers (`bridge.rs`).
 //! - `vm-start`: one job through WNoDeS vs the same guest under a bare qemu.
 
 use std::{
@@ -29,6 +31,7 @@ use wnodes_bus::{
     HandlerError, KeyStore, NatsConfig, proto, proto::event::Body, subject,
 };
 
+mod bridge;
 mod vm_start;
 
 #[derive(Parser, Debug)]
@@ -65,6 +68,8 @@ enum Cmd {
     },
     /// A job through WNoDeS vs the same guest under a bare qemu (needs root).
     VmStart(vm_start::VmStartArgs),
+    /// An HTCondor log replayed into JetStream through wnodes-lrms vs the same events raw.
+    Bridge(bridge::BridgeArgs),
 }
 
 fn event(i: usize, pad: usize) -> proto::Event {
@@ -524,6 +529,7 @@ fn main() -> anyhow::Result<()> {
             } => bench_keys(n, concurrency.max(1), rounds.max(1)).await,
             // Runs on its own thread and runtime inside a private network namespace.
             Cmd::VmStart(args) => vm_start::run(args),
+            Cmd::Bridge(args) => bridge::run(args).await,
         }
     })
 }

@@ -20,7 +20,8 @@
 //! | [`convert`] | normalised events → `wnodes.v1.Event` with deterministic ids |
 //! | [`follow`] | [`Follower`]: a file followed as it grows and across rotation, with a resume [`Cursor`] |
 //! | [`replay`] | whole files to a sink: [`replay()`], the `--dry-run` JSON lines, the [`Summary`] |
-//! | [`publish`] | a sink that publishes through `wnodes_bus::Bus::publish` |
+//! | [`publish`] | [`Publisher`]: normalised events published through `wnodes_bus::Bus` (`publish_pipelined`), and the publishing replay |
+//! | `fuzzing` | the checks each fuzz target (`fuzz/`, cargo fuzz) and the corpus regression test run |
 //!
 //! Parsers never panic on input and never stall: a malformed line or record becomes an
 //! [`Item::Malformed`] with its line number, and parsing goes on at the next record. Each
@@ -29,6 +30,8 @@
 pub mod convert;
 pub mod event;
 pub mod follow;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod htcondor;
 pub mod lsf;
 pub mod parse;

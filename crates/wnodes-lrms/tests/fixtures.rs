@@ -6,6 +6,8 @@
 //! the line-per-record formats from the record type field, and for the rest it is written by
 //! hand next to the data.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a failure is a test failure
+
 use std::{collections::BTreeMap, path::PathBuf};
 
 use jiff::tz::TimeZone;

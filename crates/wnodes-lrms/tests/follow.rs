@@ -2,6 +2,8 @@
 //! rename and by copy-truncate, and restarts from the stored cursor. The invariant in every
 //! test: the events published are exactly the events written, each once.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a failure is a test failure
+
 use std::{
     fs::{self, OpenOptions},
     io::Write,

@@ -2,6 +2,8 @@
 //! still come out, and nothing panics or stalls (binary noise, huge records, unterminated
 //! strings).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a failure is a test failure
+
 use std::{io::Write, path::PathBuf};
 
 use jiff::tz::TimeZone;
@@ -27,7 +29,9 @@ fn opts(lrms: LrmsKind) -> ReplayOptions {
 #[test]
 fn each_lrms_reports_bad_records_by_line_and_keeps_the_good_ones() {
     let d = tempfile::tempdir().unwrap();
-    let cases: [(LrmsKind, &str, &[u8], &[u64], usize); 4] = [
+    // (LRMS, file name, content, malformed lines, good events)
+    type Case<'a> = (LrmsKind, &'a str, &'a [u8], &'a [u64], usize);
+    let cases: [Case; 4] = [
         (
             LrmsKind::Htcondor,
             "condor.log",

@@ -2,6 +2,8 @@
 //! stored once under its deterministic id, on its subject; a second replay of the same file
 //! stores nothing new.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a failure is a test failure
+
 use std::path::PathBuf;
 
 use async_nats::jetstream::{self, consumer::PullConsumer};
