@@ -65,12 +65,12 @@ impl std::str::FromStr for LrmsKind {
 /// | state | HTCondor | PBS | LSF | Slurm |
 /// |---|---|---|---|---|
 /// | `queued` | 000 submit | `Q` | `JOB_NEW` | `PENDING` |
-/// | `started` | 001 execute | `S` | `JOB_START`, `JOB_STATUS` RUN | `RUNNING`, jobcomp start record |
-/// | `evicted` | 004 evicted | `R` (rerun) | `JOB_STATUS` PSUSP/SSUSP/USUSP → `held`; requeue n/a | `PREEMPTED`, `REQUEUED` |
+/// | `started` | 001 execute | `S` | `JOB_START` | `RUNNING`, jobcomp start record |
+/// | `evicted` | 004 evicted | `R` (rerun) | `JOB_SIGNAL` `KILLREQUEUE` | `PREEMPTED`, `REQUEUED` |
 /// | `finished` | 005 terminated | `E` | `JOB_STATUS` DONE/EXIT, `JOB_FINISH` | `COMPLETED`, `FAILED`, `TIMEOUT`, `NODE_FAIL`, `OUT_OF_MEMORY`, `DEADLINE`, `BOOT_FAIL` |
-/// | `cancelled` | 009 aborted | `D`, `A` | `JOB_SIGNAL` KILL | `CANCELLED` |
-/// | `held` | 012 held | — | `JOB_STATUS` PSUSP | — |
-/// | `released` | 013 released | — | — | — |
+/// | `cancelled` | 009 aborted | `D`, `A` | `JOB_SIGNAL` `KILL` | `CANCELLED` |
+/// | `held` | 012 held | — | `JOB_STATUS` PSUSP/SSUSP/USUSP | `SUSPENDED` |
+/// | `released` | 013 released | — | `JOB_STATUS` PEND or RUN again (resumed) | — |
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
 #[serde(rename_all = "lowercase")]
 pub enum State {
@@ -173,10 +173,12 @@ pub struct Usage {
     /// Why (hold, eviction, cancellation, release), as the LRMS wrote it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
-    /// Hold reason code (HTCondor `HoldReasonCode`).
+    /// Hold reason code (HTCondor `HoldReasonCode`; on an HTCondor eviction, the `Code` of
+    /// `Job was evicted. Code C Subcode S`, from the same table; LSF: the pending/suspend reason).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hold_code: Option<i32>,
-    /// Hold reason subcode (HTCondor `HoldReasonSubCode`).
+    /// Hold reason subcode (HTCondor `HoldReasonSubCode`, or the eviction's `Subcode`; LSF: the
+    /// subreason).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hold_subcode: Option<i32>,
     /// The image the job asks for, when the record carries one.

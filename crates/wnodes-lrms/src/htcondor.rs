@@ -604,7 +604,10 @@ fn rusage(s: &str) -> Option<(f64, f64)> {
         let mut it = p.trim().strip_prefix(tag)?.split_whitespace();
         let days = time::digits(it.next()?)?;
         let (h, m, s) = time::hms(it.next()?)?;
-        Some((days * 86400 + h * 3600 + m * 60 + s) as f64)
+        let v = days
+            .checked_mul(86400)?
+            .checked_add(h * 3600 + m * 60 + s)? as f64;
+        (v <= time::MAX_SECONDS).then_some(v)
     };
     Some((one(usr, "Usr")?, one(sys, "Sys")?))
 }

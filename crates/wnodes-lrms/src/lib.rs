@@ -10,6 +10,7 @@
 //!
 //! | module | what it holds |
 //! |---|---|
+//! | [`cli`] | `wnodes-bridge replay` arguments ([`cli::ReplayArgs`]) and its `--dry-run` path |
 //! | [`event`] | the normalised event, the state mapping, usage fields, JSON form |
 //! | [`parse`] | the streaming [`Parser`] interface, [`Item`]s, [`ParseOptions`], [`parser_for`] |
 //! | [`htcondor`] | HTCondor job event log, text (ISO and legacy dates) and JSON |
@@ -27,6 +28,7 @@
 //! [`Item::Malformed`] with its line number, and parsing goes on at the next record. Each
 //! parser bounds what it buffers ([`parse::MAX_RECORD_BYTES`]) and the per-job state it keeps.
 
+pub mod cli;
 pub mod convert;
 pub mod event;
 pub mod follow;

@@ -118,7 +118,7 @@ impl Rec<'_> {
             .as_str()
             .parse::<f64>()
             .ok()
-            .filter(|v| v.is_finite() && *v >= 0.0)
+            .filter(|v| v.is_finite() && *v >= 0.0 && *v <= time::MAX_SECONDS)
     }
     fn usize(&self, i: usize) -> Result<usize, String> {
         let v = self.int(i)?;

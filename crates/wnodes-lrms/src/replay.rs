@@ -93,6 +93,11 @@ pub enum ReplayError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot write the replayed events")]
+    Write {
+        #[source]
+        source: std::io::Error,
+    },
     #[error("replaying {path} line {line}")]
     Sink {
         path: PathBuf,

@@ -66,7 +66,7 @@ pub(crate) fn hms(s: &str) -> Option<(i64, i64, i64)> {
     let h = digits(it.next()?)?;
     let m = digits(it.next()?)?;
     let sec = digits(it.next()?)?;
-    if it.next().is_some() || m > 59 || sec > 60 {
+    if it.next().is_some() || h > 999_999_999 || m > 59 || sec > 60 {
         return None;
     }
     Some((h, m, sec))
@@ -135,7 +135,12 @@ pub(crate) fn iso(s: &str, tz: &TimeZone) -> Option<Timestamp> {
     Timestamp::new(base.as_second(), nanos).ok()
 }
 
-/// `[D-]HH:MM:SS`, `MM:SS[.fff]` or plain seconds (as `sacct` and PBS write durations) → seconds.
+/// The longest duration (or CPU time) a record may carry: 100 years of a 100,000-core job, in
+/// seconds. Anything above is a corrupt record, not a measurement.
+pub(crate) const MAX_SECONDS: f64 = 100.0 * 365.25 * 86400.0 * 100_000.0;
+
+/// `[D-]HH:MM:SS`, `MM:SS[.fff]` or plain seconds (as `sacct` and PBS write durations) → seconds;
+/// `None` past [`MAX_SECONDS`].
 pub(crate) fn duration_s(s: &str) -> Option<f64> {
     let s = s.trim();
     if s.is_empty() {
@@ -158,7 +163,7 @@ pub(crate) fn duration_s(s: &str) -> Option<f64> {
         [h, m, s] => num(h)? * 3600.0 + num(m)? * 60.0 + num(s)?,
         _ => return None,
     };
-    Some(days as f64 * 86400.0 + secs)
+    Some(days as f64 * 86400.0 + secs).filter(|v| *v <= MAX_SECONDS)
 }
 
 #[cfg(test)]
@@ -223,7 +228,15 @@ mod tests {
         assert_eq!(duration_s("8-15:40:36"), Some(747636.0));
         assert_eq!(duration_s("01:05.753"), Some(65.753));
         assert_eq!(duration_s("12722"), Some(12722.0));
-        for bad in ["", "a:b", "1:2:3:4", "-1", "1e9", "x-01:00:00"] {
+        for bad in [
+            "",
+            "a:b",
+            "1:2:3:4",
+            "-1",
+            "1e9",
+            "x-01:00:00",
+            &"5".repeat(70),
+        ] {
             assert!(duration_s(bad).is_none(), "{bad:?} accepted");
         }
     }
