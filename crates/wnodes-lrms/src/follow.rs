@@ -8,6 +8,9 @@
 //! save re-reads the batch after the restart — the same events with the same ids, which
 //! JetStream and the consumers drop — and a restart after the save re-reads nothing.
 //!
+//! Malformed records come back as [`Item::Malformed`] with their line; the caller logs and
+//! counts them, e.g. with [`crate::replay::Summary::count`] (which logs file and line).
+//!
 //! **The cursor** names the file by identity (device + inode), the byte offset where the
 //! earliest record not yet emitted starts (a record boundary, never the middle of a record),
 //! the line number there, a fingerprint (SHA-256 of the file's first bytes, up to 1 KiB), and

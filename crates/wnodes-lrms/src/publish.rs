@@ -2,7 +2,8 @@
 //!
 //! [`Publisher`] converts events ([`crate::convert::to_event`]) and publishes them with
 //! [`Bus::publish_pipelined`]: up to `window` acknowledgements outstanding, each event retried
-//! with its own id until JetStream has it. [`replay_to_bus`] is the non-`--dry-run` replay.
+//! with its own id until JetStream has it. [`replay_to_bus`] is the non-`--dry-run` replay; it
+//! reads and parses on a blocking thread, one batch ahead of the publishing.
 //! The follower's contract ([`crate::follow`]) is met by publishing a batch with
 //! [`Publisher::publish`] and storing the batch's cursor only after it returns `Ok`.
 
@@ -75,10 +76,21 @@ pub enum PublishReplayError {
         #[source]
         source: BusError,
     },
+    #[error("the file reader stopped unexpectedly")]
+    Reader(#[source] tokio::task::JoinError),
 }
 
-/// Replays `files` into the bus, `batch` events at a time. File reads are synchronous between
-/// publishes (run it on a multi-threaded runtime).
+/// One batch from the reader thread: the wire events, and where they were read.
+struct ReadBatch {
+    events: Vec<Event>,
+    path: PathBuf,
+    line: u64,
+}
+
+/// Replays `files` into the bus, `batch` events per publish call. The files are read, parsed
+/// and turned into events on a blocking thread while the previous batch is being published
+/// (two batches in flight at most), so reading never stalls the runtime and parsing overlaps
+/// the wait for acknowledgements.
 pub async fn replay_to_bus(
     publisher: &Publisher,
     opts: &ReplayOptions,
@@ -86,33 +98,63 @@ pub async fn replay_to_bus(
     batch: usize,
 ) -> Result<Summary, PublishReplayError> {
     let batch = batch.max(1);
-    let mut summary = Summary::default();
-    let mut pending: Vec<LrmsEvent> = Vec::with_capacity(batch);
-    for path in files {
-        let mut r = FileReader::open(opts, path).map_err(PublishReplayError::Read)?;
-        loop {
-            let item = r.next_item().map_err(PublishReplayError::Read)?;
-            let done = item.is_none();
-            if let Some(item) = item {
-                summary.count(&item, path);
-                if let Item::Event(e) = item {
-                    pending.push(*e);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<ReadBatch, ReplayError>>(1);
+    let (opts, files) = (opts.clone(), files.to_vec());
+    let (site, source) = (publisher.site.clone(), publisher.bus.source().to_owned());
+    let reader = tokio::task::spawn_blocking(move || -> Summary {
+        let mut summary = Summary::default();
+        for path in &files {
+            let mut r = match FileReader::open(&opts, path) {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(e));
+                    return summary;
                 }
-            }
-            if pending.len() >= batch || (done && !pending.is_empty()) {
-                publisher.publish(&pending).await.map_err(|source| {
-                    PublishReplayError::Publish {
+            };
+            let mut events = Vec::with_capacity(batch);
+            loop {
+                let item = match r.next_item() {
+                    Ok(i) => i,
+                    Err(e) => {
+                        let _ = tx.blocking_send(Err(e));
+                        return summary;
+                    }
+                };
+                let done = item.is_none();
+                if let Some(item) = item {
+                    summary.count(&item, path);
+                    if let Item::Event(e) = item {
+                        events.push(to_event(&e, &site, &source));
+                    }
+                }
+                if events.len() >= batch || (done && !events.is_empty()) {
+                    let b = ReadBatch {
+                        events: std::mem::replace(&mut events, Vec::with_capacity(batch)),
                         path: path.clone(),
                         line: r.line(),
-                        source,
+                    };
+                    if tx.blocking_send(Ok(b)).is_err() {
+                        return summary; // the publisher gave up
                     }
-                })?;
-                pending.clear();
-            }
-            if done {
-                break;
+                }
+                if done {
+                    break;
+                }
             }
         }
+        summary
+    });
+    while let Some(msg) = rx.recv().await {
+        let b = msg.map_err(PublishReplayError::Read)?;
+        publisher
+            .bus
+            .publish_pipelined(&b.events, publisher.window)
+            .await
+            .map_err(|source| PublishReplayError::Publish {
+                path: b.path,
+                line: b.line,
+                source,
+            })?;
     }
-    Ok(summary)
+    reader.await.map_err(PublishReplayError::Reader)
 }
