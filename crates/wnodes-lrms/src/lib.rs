@@ -21,7 +21,7 @@
 //! | [`convert`] | normalised events → `wnodes.v1.Event` with deterministic ids |
 //! | [`follow`] | [`Follower`]: a file followed as it grows and across rotation, with a resume [`Cursor`] |
 //! | [`replay`] | whole files to a sink: [`replay()`], the `--dry-run` JSON lines, the [`Summary`] |
-//! | [`publish`] | [`Publisher`]: normalised events published through `wnodes_bus::Bus` (`publish_pipelined`), and the publishing replay |
+//! | [`publish`] | [`Publisher`]: normalised events published through `wnodes_bus::Bus` (`publish_pipelined`); the publishing replay [`replay_to_bus`]; [`follow_to_bus`], the follow → publish → store-the-cursor loop |
 //! | `fuzzing` | the checks each fuzz target (`fuzz/`, cargo fuzz) and the corpus regression test run |
 //!
 //! Parsers never panic on input and never stall: a malformed line or record becomes an
@@ -47,5 +47,5 @@ pub use event::{LrmsEvent, LrmsKind, State, Usage};
 
 pub use follow::{Batch, Cursor, CursorFile, FollowOptions, Follower};
 pub use parse::{Item, Malformed, ParseOptions, Parser, parser_for};
-pub use publish::{Publisher, replay_to_bus};
+pub use publish::{FollowLoopOptions, Publisher, follow_to_bus, replay_to_bus};
 pub use replay::{JsonLines, ReplayOptions, Sink, Summary, replay};

@@ -5,7 +5,8 @@
 //! with its own id until JetStream has it. [`replay_to_bus`] is the non-`--dry-run` replay; it
 //! reads and parses on a blocking thread, one batch ahead of the publishing.
 //! The follower's contract ([`crate::follow`]) is met by publishing a batch with
-//! [`Publisher::publish`] and storing the batch's cursor only after it returns `Ok`.
+//! [`Publisher::publish_items`] and storing the batch's cursor only after it returns `Ok`;
+//! [`follow_to_bus`] is that loop.
 
 use std::path::PathBuf;
 
@@ -157,4 +158,125 @@ pub async fn replay_to_bus(
             })?;
     }
     reader.await.map_err(PublishReplayError::Reader)
+}
+
+/// How [`follow_to_bus`] paces itself.
+#[derive(Debug, Clone)]
+pub struct FollowLoopOptions {
+    /// Sleep between polls when the file had nothing new.
+    pub poll_interval: std::time::Duration,
+    /// After this long without new data, events held back for enrichment (an HTCondor submit
+    /// waiting for its 028) are published.
+    pub idle_flush: std::time::Duration,
+}
+
+impl Default for FollowLoopOptions {
+    fn default() -> Self {
+        Self {
+            poll_interval: std::time::Duration::from_millis(250),
+            idle_flush: std::time::Duration::from_secs(2),
+        }
+    }
+}
+
+/// What a [`follow_to_bus`] loop did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FollowStats {
+    /// Events published (each acknowledged by JetStream before its cursor was stored).
+    pub published: u64,
+    /// Malformed records skipped (each logged with file and line).
+    pub malformed: u64,
+    /// Cursors stored.
+    pub cursors_saved: u64,
+}
+
+/// Why a [`follow_to_bus`] loop stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum FollowToBusError {
+    #[error("following the LRMS file failed")]
+    Follow(#[source] crate::follow::FollowError),
+    #[error("publishing events of {path} failed")]
+    Publish {
+        path: PathBuf,
+        #[source]
+        source: BusError,
+    },
+    #[error("the file reader stopped unexpectedly")]
+    Reader(#[source] tokio::task::JoinError),
+}
+
+/// Follows one file into the bus until `shutdown`: poll (on a blocking thread), publish the
+/// batch, and only then store its cursor in `store`. A restart with the same store resumes
+/// where the last acknowledged batch ended (see [`crate::follow`]).
+pub async fn follow_to_bus(
+    publisher: &Publisher,
+    follower: crate::follow::Follower,
+    store: crate::follow::CursorFile,
+    opts: &FollowLoopOptions,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> Result<FollowStats, FollowToBusError> {
+    let path = follower.path().to_owned();
+    let mut follower = Some(follower);
+    let mut stats = FollowStats::default();
+    let mut summary = Summary::default();
+    let mut last_saved: Option<crate::follow::Cursor> = None;
+    let mut idle_since = tokio::time::Instant::now();
+    let mut flushed = false;
+    while !shutdown.is_cancelled() {
+        let Some(mut f) = follower.take() else {
+            break;
+        };
+        let idle_for = idle_since.elapsed();
+        let flush = !flushed && idle_for >= opts.idle_flush;
+        let (f, res) = tokio::task::spawn_blocking(move || {
+            let r = if flush { Ok(f.flush_held()) } else { f.poll() };
+            (f, r)
+        })
+        .await
+        .map_err(FollowToBusError::Reader)?;
+        follower = Some(f);
+        let batch = res.map_err(FollowToBusError::Follow)?;
+        for note in &batch.notes {
+            tracing::info!(file = %path.display(), "{note}");
+        }
+        let before = summary.emitted;
+        let malformed_before = summary.malformed;
+        for item in &batch.items {
+            summary.count(item, &path);
+        }
+        stats.malformed += summary.malformed - malformed_before;
+        let events = summary.emitted - before;
+        if events > 0 {
+            publisher
+                .publish_items(&batch.items)
+                .await
+                .map_err(|source| FollowToBusError::Publish {
+                    path: path.clone(),
+                    source,
+                })?;
+            stats.published += events;
+        }
+        if last_saved.as_ref() != Some(&batch.cursor) {
+            let (s, c) = (store.clone(), batch.cursor.clone());
+            tokio::task::spawn_blocking(move || s.save(&c))
+                .await
+                .map_err(FollowToBusError::Reader)?
+                .map_err(FollowToBusError::Follow)?;
+            stats.cursors_saved += 1;
+            last_saved = Some(batch.cursor);
+        }
+        if batch.items.is_empty() {
+            if flush {
+                flushed = true;
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = tokio::time::sleep(opts.poll_interval) => {}
+            }
+        } else {
+            idle_since = tokio::time::Instant::now();
+            flushed = flush;
+        }
+    }
+    Ok(stats)
 }
