@@ -20,7 +20,7 @@
 //! | [`time`] | local times in a zone (`$TZ` semantics, via jiff), durations |
 //! | [`convert`] | normalised events → `wnodes.v1.Event` with deterministic ids |
 //! | [`follow`] | [`Follower`]: a file followed as it grows and across rotation, with a resume [`Cursor`] |
-//! | [`replay`] | whole files to a sink: [`replay()`], the `--dry-run` JSON lines, the [`Summary`] |
+//! | [`mod@replay`] | whole files to a sink: [`replay()`], the `--dry-run` JSON lines, the [`Summary`] |
 //! | [`publish`] | [`Publisher`]: normalised events published through `wnodes_bus::Bus` (`publish_pipelined`); the publishing replay [`replay_to_bus`]; [`follow_to_bus`], the follow → publish → store-the-cursor loop |
 //! | `fuzzing` | the checks each fuzz target (`fuzz/`, cargo fuzz) and the corpus regression test run |
 //!
