@@ -57,9 +57,18 @@ fn main() -> ExitCode {
     } = Cli::parse();
     // An empty OTEL_EXPORTER_OTLP_ENDPOINT means none.
     let otlp_endpoint = otlp_endpoint.filter(|e| !e.trim().is_empty());
+    let root = nix::unistd::geteuid().is_root();
+    // As root the endpoint is relayed: check it before starting anything.
+    if root
+        && let Some(e) = &otlp_endpoint
+        && let Err(err) = wnodes_devstack::otlp_relay::parse_http_endpoint(e)
+    {
+        eprintln!("wnodes-dev: {err:#}");
+        return ExitCode::from(2);
+    }
     // Before any thread exists: unshare(CLONE_NEWNET) moves only the calling thread.
     let mut host_netns = None;
-    let network = if nix::unistd::geteuid().is_root() {
+    let network = if root {
         match wnodes_devstack::enter_private_netns() {
             Ok(host) => host_netns = Some(Arc::new(host)),
             Err(e) => {
