@@ -20,6 +20,8 @@
 //! ```
 
 pub mod config;
+#[cfg(test)]
+mod error_rule;
 pub mod http;
 pub mod shutdown;
 pub mod telemetry;

@@ -31,6 +31,11 @@
 //! Patterns must not bind names (use `..` and `_`). Give constructed sources a distinctive text
 //! (as [`io_source`] does), so that "the message contains the source's text" cannot be true by
 //! accident.
+//!
+//! Each crate keeps its invocation in `src/error_rule.rs` (`#[cfg(test)] mod error_rule;` in its
+//! `lib.rs`, so private types are reachable). A test of this crate reads the workspace's sources
+//! and fails when a type deriving `thiserror::Error` has no entry in its crate's
+//! `src/error_rule.rs`, so a new type cannot be forgotten either.
 
 use std::error::Error;
 
@@ -191,6 +196,98 @@ mod tests {
         struct Empty;
         let msg = failure(Empty);
         assert!(msg.contains("empty message"), "{msg}");
+    }
+
+    /// Names of the types deriving `thiserror::Error` in `text`, outside its inline test module
+    /// (from a `#[cfg(test)]` followed by `mod name {` to the end of the file).
+    fn error_types(text: &str) -> Vec<String> {
+        let mut names = Vec::new();
+        let mut derives = false;
+        let mut cfg_test = false;
+        for line in text.lines().map(str::trim) {
+            if cfg_test && line.starts_with("mod ") && line.ends_with('{') {
+                break;
+            }
+            cfg_test = line == "#[cfg(test)]";
+            if line.starts_with("#[derive(") && line.contains("thiserror::Error") {
+                derives = true;
+            } else if derives && !line.starts_with("#[") && !line.starts_with("///") {
+                let words: Vec<&str> = line.split_whitespace().collect();
+                let at = words.iter().position(|w| *w == "enum" || *w == "struct");
+                let name = at.and_then(|i| words.get(i + 1)).map(|w| {
+                    w.split(|c: char| !c.is_alphanumeric() && c != '_')
+                        .next()
+                        .unwrap_or_default()
+                        .to_owned()
+                });
+                names.push(name.unwrap_or_else(|| panic!("no type after the derive: {line}")));
+                derives = false;
+            }
+        }
+        names
+    }
+
+    fn rust_files(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                rust_files(&path, out);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                out.push(path);
+            }
+        }
+    }
+
+    #[test]
+    fn every_error_type_in_the_workspace_has_samples() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let mut missing = Vec::new();
+        let mut found = 0;
+        for group in ["crates", "services"] {
+            for krate in std::fs::read_dir(root.join(group)).unwrap() {
+                let src = krate.unwrap().path().join("src");
+                if !src.is_dir() {
+                    continue;
+                }
+                let mut files = Vec::new();
+                rust_files(&src, &mut files);
+                let rule = std::fs::read_to_string(src.join("error_rule.rs")).unwrap_or_default();
+                for file in files {
+                    let text = std::fs::read_to_string(&file).unwrap();
+                    assert!(
+                        !text
+                            .lines()
+                            .any(|l| l.trim_start().starts_with("use thiserror")),
+                        "{}: derive `thiserror::Error` by its full path (this test looks for it)",
+                        file.display()
+                    );
+                    for name in error_types(&text) {
+                        found += 1;
+                        if !rule.lines().any(|l| l.trim() == format!("{name} {{")) {
+                            missing.push(format!("{name} ({})", file.display()));
+                        }
+                    }
+                }
+            }
+        }
+        assert!(
+            found >= 29,
+            "found only {found} error types: is the scan broken?"
+        );
+        assert!(
+            missing.is_empty(),
+            "error types without samples in their crate's src/error_rule.rs:\n  {}",
+            missing.join("\n  ")
+        );
+    }
+
+    #[test]
+    fn the_scan_finds_derived_error_types() {
+        let text = "#[derive(Debug, thiserror::Error)]\n/// Doc.\n#[error(\"x\")]\npub(crate) struct A(String);\n\
+                    #[derive(Debug, Clone, thiserror::Error)]\nenum B {}\n#[cfg(test)]\nmod x;\n\
+                    #[derive(thiserror::Error)]\nenum C {}\n#[cfg(test)]\nmod tests {\n\
+                    #[derive(Debug, thiserror::Error)]\nenum InTests {}\n}\n";
+        assert_eq!(error_types(text), ["A", "B", "C"]);
     }
 
     #[test]

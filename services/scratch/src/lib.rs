@@ -12,6 +12,8 @@
 //! consumer `scratch-<host>`; `main.rs` runs it on the service runtime.
 
 pub mod config;
+#[cfg(test)]
+mod error_rule;
 pub mod handler;
 pub mod state;
 pub mod volume;
