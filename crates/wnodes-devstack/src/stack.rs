@@ -340,7 +340,10 @@ impl Stack {
                 "\n[image.catalog.{}]\nurl = {}\nsha256 = {}\nformat = \"raw\"\n\
                  kernel = {{ url = {}, sha256 = {} }}\ninitrd = {{ url = {}, sha256 = {} }}",
                 q(&extra.name),
-                q(format!("{image_base}/rootfs.ext4")),
+                q(extra
+                    .rootfs_url
+                    .clone()
+                    .unwrap_or_else(|| format!("{image_base}/rootfs.ext4"))),
                 q(extra
                     .rootfs_sha256
                     .as_deref()
