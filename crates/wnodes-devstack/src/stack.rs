@@ -166,7 +166,7 @@ pub fn render_config(opts: &StackOptions, c: &ConfigInputs<'_>) -> String {
         let _ = writeln!(
             cfg,
             "\n[[launcher.policy.storage_exports]]\nname = \"shared\"\nhost_path = {}\nguest_path = \"/shared\"",
-            qp(&export)
+            qp(export)
         );
     }
     let _ = writeln!(
@@ -186,7 +186,10 @@ pub fn render_config(opts: &StackOptions, c: &ConfigInputs<'_>) -> String {
             "\n[image.catalog.{}]\nurl = {}\nsha256 = {}\nformat = \"raw\"\n\
              kernel = {{ url = {}, sha256 = {} }}\ninitrd = {{ url = {}, sha256 = {} }}",
             q(&extra.name),
-            q(format!("{image_base}/rootfs.ext4")),
+            q(extra
+                .rootfs_url
+                .clone()
+                .unwrap_or_else(|| format!("{image_base}/rootfs.ext4"))),
             q(extra
                 .rootfs_sha256
                 .as_deref()
