@@ -390,6 +390,7 @@ fn vm_an_image_with_a_wrong_digest_fails_after_scratch_and_network_and_releases_
             name: "broken".into(),
             vo: "brokenvo".into(),
             rootfs_sha256: Some(wrong.clone()),
+            rootfs_url: None,
         });
         let stack = Stack::start(opts).await.unwrap();
         let mut args = SubmitArgs::script("fail-digest-1", "exit 0\n");
@@ -444,6 +445,60 @@ fn vm_an_image_with_a_wrong_digest_fails_after_scratch_and_network_and_releases_
             names(&evs)
         );
         no_usage_record(&stack, "fail-digest-1").await;
+        no_leftovers(&stack).await;
+    });
+}
+
+/// A real failure with a cause under it: the image's file is not there. The image service's
+/// log line and the `vm.failed` reason carry the whole chain, each link once
+/// (`docs/errors-and-logging.md`).
+#[test]
+fn vm_an_image_whose_file_is_missing_fails_with_the_whole_chain_once_in_the_log() {
+    if !can_run() {
+        return;
+    }
+    in_private_netns(|| async {
+        let work = tempfile::tempdir().unwrap();
+        let missing = work.path().join("no-such-dir/rootfs.ext4");
+        let mut opts = options(work.path(), None);
+        opts.extra_images.push(ExtraImage {
+            name: "gone".into(),
+            vo: "gonevo".into(),
+            rootfs_sha256: None,
+            rootfs_url: Some(format!("file://{}", missing.display())),
+        });
+        let stack = Stack::start(opts).await.unwrap();
+        let mut args = SubmitArgs::script("fail-missing-1", "exit 0\n");
+        args.vo = Some("gonevo".into());
+        let out = stack.submit(&args).await.unwrap();
+        assert_eq!(out.exit_code, 125, "{out:#?}");
+
+        let evs = events_when(&stack, "fail-missing-1", "vm.failed", |e| {
+            has(e, EventType::VmFailed)
+        })
+        .await;
+        let f = the_vm_failed(&evs);
+        assert_eq!(f.phase, "image", "{f:#?}");
+        let top = format!("cannot open the source {}", missing.display());
+        let cause = "No such file or directory";
+        let once_in_order = |text: &str| {
+            assert_eq!(text.matches(&top).count(), 1, "{text}");
+            assert_eq!(text.matches(cause).count(), 1, "{text}");
+            assert!(text.find(&top) < text.find(cause), "{text}");
+        };
+        once_in_order(&f.reason);
+
+        let log = std::fs::read_to_string(stack.log_path("image")).unwrap();
+        let line = log
+            .lines()
+            .find(|l| l.contains("Fetch failed.") && l.contains(&top))
+            .unwrap_or_else(|| panic!("no \"Fetch failed.\" line naming {top:?} in:\n{log}"));
+        println!("image service: {line}");
+        once_in_order(line);
+
+        let (evs, _) = all_prepared_released(&stack, "fail-missing-1").await;
+        assert!(!has(&evs, EventType::VmRunning), "{}", names(&evs));
+        no_usage_record(&stack, "fail-missing-1").await;
         no_leftovers(&stack).await;
     });
 }

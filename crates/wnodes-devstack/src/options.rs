@@ -1,6 +1,11 @@
 //! What stack to start: [`StackOptions`].
 
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use crate::netns::HostNetns;
 
 /// How VMs are networked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,8 +40,8 @@ pub enum ImageServing {
 }
 
 /// A second catalog image: the test guest's artefacts under another name, for VO `vo`, with
-/// the rootfs digest replaced by `rootfs_sha256` when set (a wrong digest makes the image
-/// service answer `image.failed`).
+/// the rootfs digest replaced by `rootfs_sha256` and its URL by `rootfs_url` when set (a wrong
+/// digest or a URL with nothing behind it makes the image service answer `image.failed`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExtraImage {
     /// Catalog name.
@@ -45,6 +50,8 @@ pub struct ExtraImage {
     pub vo: String,
     /// 64 lowercase hex digits; `None` = the guest's real digest.
     pub rootfs_sha256: Option<String>,
+    /// `None` = the guest's rootfs, served as [`StackOptions::image_serving`] says.
+    pub rootfs_url: Option<String>,
 }
 
 /// The site policy maxima (and defaults) the launcher enforces.
@@ -88,6 +95,11 @@ pub struct StackOptions {
     pub network: NetworkChoice,
     /// OTLP/gRPC endpoint every service exports spans to, e.g. `http://127.0.0.1:4317`.
     pub otlp_endpoint: Option<String>,
+    /// The network namespace `otlp_endpoint` is reached from, when it is not the stack's own:
+    /// the host's, as returned by [`crate::enter_private_netns`]. Then the stack relays the
+    /// services' OTLP connections there ([`crate::OtlpRelay`]) and the endpoint must be
+    /// `http://HOST:PORT`. `None` (default): the services connect to `otlp_endpoint` directly.
+    pub otlp_netns: Option<Arc<HostNetns>>,
     /// Where the `wnodes-*` binaries are; default [`default_bin_dir`].
     pub bin_dir: Option<PathBuf>,
     /// The built test guest (`vmlinux`, `initrd.img`, `rootfs.ext4`, `manifest.json`); default
@@ -137,6 +149,7 @@ impl StackOptions {
             work_dir: work_dir.into(),
             network: NetworkChoice::Auto,
             otlp_endpoint: None,
+            otlp_netns: None,
             bin_dir: None,
             guest_dir: workspace_root().join(".cache/guest"),
             vo: "demo".into(),
