@@ -30,6 +30,8 @@
 
 pub mod cli;
 pub mod convert;
+#[cfg(test)]
+mod error_rule;
 pub mod event;
 pub mod follow;
 #[doc(hidden)]
