@@ -23,8 +23,8 @@
 //! turn a missing precondition into a pass either). A panic in the body is that test's failure.
 //!
 //! With `WNODES_HOST_TESTS_LOG=FILE`, every host test (one with at least one precondition) that
-//! ran appends `<passed|failed> <test binary> <test name>` to `FILE`; `scripts/test.sh` counts
-//! those lines.
+//! is run appends `<passed|failed> <test binary> <test name>` to `FILE`, or `missing ...` when it
+//! failed on a missing precondition without running; `scripts/test.sh` counts those lines.
 
 #![allow(clippy::expect_used)] // a runtime that cannot be built is the test's failure
 
@@ -336,11 +336,19 @@ impl HostTest {
         Trial::test(name, move || {
             let gone = check(needs);
             if !gone.is_empty() {
+                log(Logged::Missing, name);
                 return Err(Failed::from(missing_message(&gone)));
             }
             let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body));
             if !needs.is_empty() {
-                log_ran(name, outcome.is_ok());
+                log(
+                    if outcome.is_ok() {
+                        Logged::Passed
+                    } else {
+                        Logged::Failed
+                    },
+                    name,
+                );
             }
             outcome.map_err(|panic| {
                 let msg = panic
@@ -363,9 +371,21 @@ fn missing_message(missing: &[String]) -> String {
     )
 }
 
-/// Appends `<passed|failed> <binary> <name>` to [`LOG_VAR`]'s file, if set. A log that cannot
-/// be written is reported, not fatal: the test's own outcome stands.
-fn log_ran(name: &str, passed: bool) {
+/// What [`log`] records of a host test.
+#[derive(Debug, Clone, Copy)]
+enum Logged {
+    /// It ran and passed.
+    Passed,
+    /// It ran and failed.
+    Failed,
+    /// It did not run: a precondition is missing (and it was run anyway: required mode or
+    /// `--include-ignored`).
+    Missing,
+}
+
+/// Appends `<passed|failed|missing> <binary> <name>` to [`LOG_VAR`]'s file, if set. A log that
+/// cannot be written is reported, not fatal: the test's own outcome stands.
+fn log(what: Logged, name: &str) {
     let Some(file) = std::env::var_os(LOG_VAR) else {
         return;
     };
@@ -377,10 +397,12 @@ fn log_ran(name: &str, passed: bool) {
                 .map_or(a.clone(), |f| f.to_string_lossy().into_owned())
         })
         .unwrap_or_default();
-    let line = format!(
-        "{} {binary} {name}\n",
-        if passed { "passed" } else { "failed" }
-    );
+    let what = match what {
+        Logged::Passed => "passed",
+        Logged::Failed => "failed",
+        Logged::Missing => "missing",
+    };
+    let line = format!("{what} {binary} {name}\n");
     let written = std::fs::OpenOptions::new()
         .create(true)
         .append(true)

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Shows that a host test (wnodes_testkit::host) cannot pass without running. Builds the tests
+# once as root into a nextest archive, then runs that archive as uid 65534 (nobody, no groups)
+# twice, with the same nextest arguments:
+#   1. as is: each host test whose precondition is missing there (root, writable cgroups, ...) is
+#      reported SKIPPED;
+#   2. with WNODES_HOST_TESTS=required: the same tests fail, each naming what is missing.
+# It then checks that run 2 failed exactly as many tests on a missing precondition as run 1
+# skipped, and that no such test passed in run 1.
+#
+#   scripts/check-host-tests-unprivileged.sh [NEXTEST-RUN-ARGS...]   e.g. -E 'package(wnodes-network)'
+#
+# Needs root (setpriv) and a workspace that uid 65534 can read (its path is the
+# --workspace-remap). Not part of scripts/test.sh: it builds every test binary again for the
+# archive and runs the suite twice as nobody (the launcher's VM tests run there too: they need no
+# root). Each run's full output stays in the printed work directory.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+uid=65534
+die() { echo "check-host-tests-unprivileged: $*" >&2; exit 1; }
+[ "$(id -u)" = 0 ] || die "run as root (it builds as root, then drops to uid $uid)"
+nextest=$(command -v cargo-nextest) || die "cargo-nextest not found"
+as_nobody() {
+    setpriv --reuid="$uid" --regid="$uid" --clear-groups \
+        env -u WNODES_HOST_TESTS -u WNODES_HOST_TESTS_LOG HOME="$work/home" "$@"
+}
+
+work=$(mktemp -d /tmp/wnodes-unprivileged.XXXXXX)
+chmod 755 "$work"
+# Keeps the outputs and logs; the archive and its two extractions are large.
+trap 'rm -rf "$work/tests.tar.zst" "$work/run1" "$work/run2" "$work/home"' EXIT
+as_nobody_check() { setpriv --reuid="$uid" --regid="$uid" --clear-groups "$@"; }
+as_nobody_check test -r "$root/Cargo.toml" ||
+    die "uid $uid cannot read $root (the workspace-remap W must be readable)"
+
+echo "== as root: cargo build (the service binaries the system tests start) and nextest archive" >&2
+cargo build --workspace --bins --locked
+archive="$work/tests.tar.zst"
+cargo nextest archive --workspace --locked --archive-file "$archive"
+install -m 755 "$nextest" "$work/cargo-nextest"
+chmod 644 "$archive"
+install -d -o "$uid" -g "$uid" "$work/home" "$work/run1" "$work/run2" "$work/logs"
+
+summary() { grep -E '^ *Summary \[' "$1" | tail -1; }
+count() { # WORD FILE: "N WORD" from nextest's summary line, 0 when absent
+    summary "$2" | grep -oE "[0-9]+ $1" | grep -oE '^[0-9]+' || echo 0
+}
+
+run() { # N [ENV...]: one run as nobody; its output in $work/runN.out
+    local n=$1
+    shift
+    echo "== as uid $uid, run $n${*:+ with $*}" >&2
+    set +e
+    as_nobody "$@" WNODES_HOST_TESTS_LOG="$work/logs/run$n.log" \
+        "$work/cargo-nextest" nextest run --archive-file "$archive" \
+        --extract-to "$work/run$n" --workspace-remap "$root" --no-fail-fast \
+        "${nextest_args[@]}" >"$work/run$n.out" 2>&1
+    local rc=$?
+    set -e
+    echo "   exit status $rc; $(summary "$work/run$n.out")" >&2
+}
+nextest_args=("$@")
+run 1
+run 2 WNODES_HOST_TESTS=required
+
+skipped=$(count skipped "$work/run1.out")
+missing=$(grep -c '^missing ' "$work/logs/run2.log" 2>/dev/null || true)
+echo "== run 1 (WNODES_HOST_TESTS unset): $skipped skipped" >&2
+echo "== run 2 (WNODES_HOST_TESTS=required): $missing failed on a missing host precondition, e.g.:" >&2
+grep -m 3 -E '^missing host precondition: ' "$work/run2.out" | sed 's/^/     /' >&2 || true
+echo "== outputs: $work/run1.out, $work/run2.out; host tests run: $work/logs/" >&2
+# Every test skipped in run 1 must be one that failed unrun in run 2, and none of those passed in
+# run 1 (the host log of run 1 names every host test that ran there).
+[ "$skipped" -gt 0 ] || die "run 1 skipped nothing"
+[ "$skipped" = "$missing" ] || die "run 1 skipped $skipped tests, run 2 failed $missing on a missing precondition"
+while read -r _ bin name; do
+    if grep -qE "^(passed|failed) $bin $name\$" "$work/logs/run1.log" 2>/dev/null; then
+        die "$bin $name ran in run 1 although a precondition is missing"
+    fi
+done <"$work/logs/run2.log"
+echo "== ok: every host test whose precondition is missing for uid $uid was skipped, and fails when required" >&2
