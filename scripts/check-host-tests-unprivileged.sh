@@ -23,7 +23,7 @@ die() { echo "check-host-tests-unprivileged: $*" >&2; exit 1; }
 nextest=$(command -v cargo-nextest) || die "cargo-nextest not found"
 as_nobody() {
     setpriv --reuid="$uid" --regid="$uid" --clear-groups \
-        env -u WNODES_HOST_TESTS -u WNODES_HOST_TESTS_LOG HOME="$work/home" "$@"
+        env -u WNODES_HOST_TESTS -u HOST_TESTS_LOG HOME="$work/home" "$@"
 }
 
 work=$(mktemp -d /tmp/wnodes-unprivileged.XXXXXX)
@@ -52,7 +52,7 @@ run() { # N [ENV...]: one run as nobody; its output in $work/runN.out
     shift
     echo "== as uid $uid, run $n${*:+ with $*}" >&2
     set +e
-    as_nobody "$@" WNODES_HOST_TESTS_LOG="$work/logs/run$n.log" \
+    as_nobody "$@" HOST_TESTS_LOG="$work/logs/run$n.log" \
         "$work/cargo-nextest" nextest run --archive-file "$archive" \
         --extract-to "$work/run$n" --workspace-remap "$root" --no-fail-fast \
         "${nextest_args[@]}" >"$work/run$n.out" 2>&1
@@ -68,7 +68,7 @@ skipped=$(count skipped "$work/run1.out")
 missing=$(grep -c '^missing ' "$work/logs/run2.log" 2>/dev/null || true)
 echo "== run 1 (WNODES_HOST_TESTS unset): $skipped skipped" >&2
 echo "== run 2 (WNODES_HOST_TESTS=required): $missing failed on a missing host precondition, e.g.:" >&2
-grep -m 3 -E '^missing host precondition: ' "$work/run2.out" | sed 's/^/     /' >&2 || true
+grep -m 3 -E 'missing host precondition: ' "$work/run2.out" | sed -E 's/^ */     /' >&2 || true
 echo "== outputs: $work/run1.out, $work/run2.out; host tests run: $work/logs/" >&2
 # Every test skipped in run 1 must be one that failed unrun in run 2, and none of those passed in
 # run 1 (the host log of run 1 names every host test that ran there).

@@ -25,7 +25,7 @@ end_phase() {
         phase_name=
     fi
 }
-# Every host test that ran appends a line here (wnodes_testkit::host, WNODES_HOST_TESTS_LOG).
+# Every host test that ran appends a line here (wnodes_testkit::host, HOST_TESTS_LOG).
 host_log="$root/target/host-tests.log"
 rm -f "$host_log"
 report() {
@@ -64,5 +64,5 @@ begin tests
 echo "== cargo nextest" >&2
 mkdir -p "$(dirname "$host_log")"
 touch "$host_log"
-WNODES_HOST_TESTS=required WNODES_HOST_TESTS_LOG="$host_log" \
+WNODES_HOST_TESTS=required HOST_TESTS_LOG="$host_log" \
     cargo nextest run --workspace --locked --profile ci "$@"

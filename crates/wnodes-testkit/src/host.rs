@@ -22,7 +22,7 @@
 //! A test that is run checks its preconditions first in either mode (so `--run-ignored` cannot
 //! turn a missing precondition into a pass either). A panic in the body is that test's failure.
 //!
-//! With `WNODES_HOST_TESTS_LOG=FILE`, every host test (one with at least one precondition) that
+//! With `HOST_TESTS_LOG=FILE`, every host test (one with at least one precondition) that
 //! is run appends `<passed|failed> <test binary> <test name>` to `FILE`, or `missing ...` when it
 //! failed on a missing precondition without running; `scripts/test.sh` counts those lines.
 
@@ -40,8 +40,10 @@ use libtest_mimic::{Arguments, Failed, Trial};
 
 /// The environment variable that decides what a missing precondition means.
 pub const MODE_VAR: &str = "WNODES_HOST_TESTS";
-/// The environment variable naming the file every host test that ran is appended to.
-pub const LOG_VAR: &str = "WNODES_HOST_TESTS_LOG";
+/// The environment variable naming the file every host test that ran is appended to. Not
+/// `WNODES_`-prefixed: the services read every `WNODES_*` variable as configuration, and the
+/// system tests' services inherit the test's environment.
+pub const LOG_VAR: &str = "HOST_TESTS_LOG";
 
 /// Where the launcher looks for cgroups.
 pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
@@ -327,10 +329,15 @@ impl HostTest {
     /// The libtest-mimic trial: ignored when something is missing and `mode` is
     /// [`Mode::Skip`]; when run, fails first on whatever is missing.
     pub fn trial(self, mode: Mode) -> Trial {
-        self.trial_checked(mode, missing)
+        self.trial_checked(mode, missing, log)
     }
 
-    fn trial_checked(self, mode: Mode, check: fn(&[Precondition]) -> Vec<String>) -> Trial {
+    fn trial_checked(
+        self,
+        mode: Mode,
+        check: fn(&[Precondition]) -> Vec<String>,
+        log: fn(Logged, &str),
+    ) -> Trial {
         let Self { name, needs, body } = self;
         let ignored = mode == Mode::Skip && !check(needs).is_empty();
         Trial::test(name, move || {
@@ -471,7 +478,7 @@ mod tests {
         mode: Mode,
         check: fn(&[Precondition]) -> Vec<String>,
     ) -> libtest_mimic::Conclusion {
-        let trial = HostTest::sync("t", needs, body).trial_checked(mode, check);
+        let trial = HostTest::sync("t", needs, body).trial_checked(mode, check, |_, _| {});
         let args = Arguments {
             filter: Some("t".into()),
             exact: true,
@@ -503,19 +510,14 @@ mod tests {
 
     #[test]
     fn a_listed_trial_is_ignored_only_in_skip_mode() {
-        let t = || HostTest::sync("t", &[Precondition::Qemu], passes);
-        assert!(
-            t().trial_checked(Mode::Skip, all_missing)
+        let ignored = |mode, check| {
+            HostTest::sync("t", &[Precondition::Qemu], passes)
+                .trial_checked(mode, check, |_, _| {})
                 .has_ignored_flag()
-        );
-        assert!(
-            !t().trial_checked(Mode::Required, all_missing)
-                .has_ignored_flag()
-        );
-        assert!(
-            !t().trial_checked(Mode::Skip, nothing_missing)
-                .has_ignored_flag()
-        );
+        };
+        assert!(ignored(Mode::Skip, all_missing));
+        assert!(!ignored(Mode::Required, all_missing));
+        assert!(!ignored(Mode::Skip, nothing_missing));
     }
 
     #[test]
