@@ -8,6 +8,9 @@
 # Installs what it needs (nats-server into .tools/, qemu/sshfs/nftables via apt, the guest into
 # .cache/) and cleans up after itself. `scripts/chain-demo.sh` is the earlier three-process
 # trace demo. Extra arguments go to `wnodes-dev demo` (e.g. `--keep` keeps config and logs).
+# With OTEL_EXPORTER_OTLP_ENDPOINT set (passed through as is) or `--otlp-endpoint URL`, every
+# service exports its spans to that OTLP/gRPC receiver on this host (relayed out of the private
+# network namespace when root): the job is one trace across all seven services.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"

@@ -6,11 +6,12 @@
 
 pub mod jobs;
 
+use parking_lot::Mutex;
 use std::{
     io::{BufRead, BufReader},
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::Duration,
 };
 
@@ -98,9 +99,7 @@ impl Node {
             let lines = stdout.clone();
             std::thread::spawn(move || {
                 for line in BufReader::new(out).lines().map_while(Result::ok) {
-                    if let Ok(mut l) = lines.lock() {
-                        l.push(line);
-                    }
+                    lines.lock().push(line);
                 }
             });
         }
@@ -125,8 +124,9 @@ impl Node {
             if let Some(l) = self
                 .stdout
                 .lock()
-                .ok()
-                .and_then(|l| l.iter().find(|l| l.starts_with(prefix)).cloned())
+                .iter()
+                .find(|l| l.starts_with(prefix))
+                .cloned()
             {
                 return Ok(l);
             }

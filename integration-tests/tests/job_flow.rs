@@ -246,12 +246,12 @@ fn vm_a_crashed_service_is_restarted_and_the_next_job_runs() {
             "flow-restart-1",
             "echo after-restart > /shared/r.txt\nsleep 3\nexit 0\n",
         );
-        let seen = std::sync::Mutex::new(BTreeSet::new());
+        let seen = parking_lot::Mutex::new(BTreeSet::new());
         let during = async {
             let what = "every kind of resource held while the job runs";
             wait_until(LONG, what, || async {
                 let l = stack.leftovers();
-                let mut seen = seen.lock().unwrap();
+                let mut seen = seen.lock();
                 for (kind, held) in [
                     ("scratch file", !l.scratch_files.is_empty()),
                     ("tap", !l.taps.is_empty()),
@@ -270,7 +270,7 @@ fn vm_a_crashed_service_is_restarted_and_the_next_job_runs() {
         };
         let (out, held) = tokio::join!(stack.submit(&job), during);
         let out = out.unwrap();
-        held.unwrap_or_else(|e| panic!("{e}; seen: {:?}", seen.lock().unwrap()));
+        held.unwrap_or_else(|e| panic!("{e}; seen: {:?}", seen.lock()));
         assert_eq!(out.exit_code, 0, "{out:#?}");
         assert_eq!(
             std::fs::read_to_string(stack.export_dir().join("r.txt")).unwrap(),

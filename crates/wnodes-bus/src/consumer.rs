@@ -8,11 +8,8 @@
 //!   without running the handler, so the server never gives up silently;
 //! - a dead letter is stored (acked by JetStream) before the original is terminated.
 
-use std::{
-    collections::HashSet,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use parking_lot::Mutex;
+use std::{collections::HashSet, sync::Arc, time::Duration};
 
 use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
 use futures::{FutureExt, StreamExt, stream::FuturesUnordered};
@@ -319,9 +316,7 @@ struct KeyGuard<'a> {
 
 impl Drop for KeyGuard<'_> {
     fn drop(&mut self) {
-        if let Ok(mut s) = self.set.lock() {
-            s.remove(&self.key);
-        }
+        self.set.lock().remove(&self.key);
     }
 }
 
@@ -376,10 +371,7 @@ async fn decide<H: Handler>(
     }
     let key = shared.handler.idempotency_key(&event);
     let _guard = {
-        let Ok(mut set) = shared.in_progress.lock() else {
-            return (Verdict::Nak(tuning.backoff_base), "retry");
-        };
-        if !set.insert(key.clone()) {
+        if !shared.in_progress.lock().insert(key.clone()) {
             // The same key is being handled right now (a duplicate): look again shortly.
             return (Verdict::Nak(tuning.backoff_base), "retry");
         }

@@ -10,13 +10,8 @@
 //!
 //! Services keep their own tables in the same file ([`KeyStore::pool`]).
 
-use std::{
-    collections::HashSet,
-    path::Path,
-    str::FromStr,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use parking_lot::Mutex;
+use std::{collections::HashSet, path::Path, str::FromStr, sync::Arc, time::Duration};
 
 use sha2::Digest;
 
@@ -193,11 +188,7 @@ impl KeyStore {
 
     /// `Some(outbox)` when `key` was already handled by `consumer`.
     pub async fn lookup(&self, consumer: &str, key: &str) -> Result<Option<Vec<Event>>, BusError> {
-        let maybe = self
-            .seen
-            .lock()
-            .map(|s| s.contains(&key_hash(consumer, key)))
-            .unwrap_or(true);
+        let maybe = self.seen.lock().contains(&key_hash(consumer, key));
         if !maybe {
             return Ok(None);
         }
@@ -239,9 +230,7 @@ impl KeyStore {
             .map_err(|e| self.err(e))?;
         // A hash in the set only means "maybe handled" (confirmed in the database), so adding
         // it before the commit is safe even if the transaction rolls back.
-        if let Ok(mut s) = self.seen.lock() {
-            s.insert(key_hash(consumer, key));
-        }
+        self.seen.lock().insert(key_hash(consumer, key));
         Ok(res.rows_affected() == 1)
     }
 
@@ -311,9 +300,8 @@ fn group_committer(
         }
         // Before the commit: a hash in the set only means "maybe handled" (a lookup then
         // reads the database), so it may be there early, never late.
-        if let Ok(mut s) = seen.lock() {
-            s.extend(batch.iter().map(|r| key_hash(&r.consumer, &r.key)));
-        }
+        seen.lock()
+            .extend(batch.iter().map(|r| key_hash(&r.consumer, &r.key)));
         match commit_batch(&mut conn, &batch) {
             Ok(inserted) => {
                 for (r, ins) in batch.drain(..).zip(inserted) {

@@ -100,6 +100,20 @@ pub fn event_filter(host: Option<&str>, event_type: &str) -> Result<String, BusE
     Ok(format!("{EVT_PREFIX}.{token}.{event_type}"))
 }
 
+/// The filter subject through which a consumer receives events of `event_type`: those of
+/// `host` for a per-host consumer (`Some`), of every host for a central one (`None`).
+/// [`EventType::JobQueued`](crate::EventType::JobQueued) has no host yet: it is always read from
+/// the reserved `_queued` token.
+pub fn consumer_filter(
+    event_type: crate::EventType,
+    host: Option<&str>,
+) -> Result<String, BusError> {
+    if event_type == crate::EventType::JobQueued {
+        return event_subject("", event_type.name());
+    }
+    event_filter(host, event_type.name())
+}
+
 /// Filter for every event of one host.
 pub fn host_filter(host: &str) -> Result<String, BusError> {
     Ok(format!("{EVT_PREFIX}.{}.>", encode_host(host)?))
@@ -163,5 +177,18 @@ mod tests {
             "launcher-hv_x"
         );
         assert!(durable_name("bad.name", None).is_err());
+        use crate::EventType;
+        assert_eq!(
+            consumer_filter(EventType::VmStopped, Some("hv.x")).unwrap(),
+            "wnodes.evt.hv_x.vm.stopped"
+        );
+        assert_eq!(
+            consumer_filter(EventType::VmStopped, None).unwrap(),
+            "wnodes.evt.*.vm.stopped"
+        );
+        assert_eq!(
+            consumer_filter(EventType::JobQueued, Some("hv.x")).unwrap(),
+            "wnodes.evt._queued.job.queued"
+        );
     }
 }

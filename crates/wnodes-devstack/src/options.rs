@@ -1,6 +1,11 @@
 //! What stack to start: [`StackOptions`].
 
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use crate::netns::HostNetns;
 
 /// How VMs are networked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,6 +93,11 @@ pub struct StackOptions {
     pub network: NetworkChoice,
     /// OTLP/gRPC endpoint every service exports spans to, e.g. `http://127.0.0.1:4317`.
     pub otlp_endpoint: Option<String>,
+    /// The network namespace `otlp_endpoint` is reached from, when it is not the stack's own:
+    /// the host's, as returned by [`crate::enter_private_netns`]. Then the stack relays the
+    /// services' OTLP connections there ([`crate::OtlpRelay`]) and the endpoint must be
+    /// `http://HOST:PORT`. `None` (default): the services connect to `otlp_endpoint` directly.
+    pub otlp_netns: Option<Arc<HostNetns>>,
     /// Where the `wnodes-*` binaries are; default [`default_bin_dir`].
     pub bin_dir: Option<PathBuf>,
     /// The built test guest (`vmlinux`, `initrd.img`, `rootfs.ext4`, `manifest.json`); default
@@ -137,6 +147,7 @@ impl StackOptions {
             work_dir: work_dir.into(),
             network: NetworkChoice::Auto,
             otlp_endpoint: None,
+            otlp_netns: None,
             bin_dir: None,
             guest_dir: workspace_root().join(".cache/guest"),
             vo: "demo".into(),

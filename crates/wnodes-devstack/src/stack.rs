@@ -15,7 +15,10 @@ use nix::{sys::signal::Signal, unistd::Pid};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use wnodes_testkit::NatsServer;
 
-use crate::options::{ImageServing, NetworkChoice, StackOptions};
+use crate::{
+    options::{ImageServing, NetworkChoice, StackOptions},
+    otlp_relay::OtlpRelay,
+};
 
 /// The services, in start order (the hypervisor services first, the bridge last).
 pub const SERVICES: [&str; 7] = [
@@ -48,6 +51,9 @@ pub struct Stack {
     pub(crate) grpc_addr: SocketAddr,
     children: BTreeMap<&'static str, Child>,
     image_server: Option<tokio::task::JoinHandle<()>>,
+    /// Dropped after the services (fields drop after `Drop::drop`), so their last spans,
+    /// flushed on SIGTERM, still get through.
+    otlp_relay: Option<OtlpRelay>,
 }
 
 /// A port nobody listens on right now (bound, read back, released).
@@ -213,7 +219,8 @@ fn stop_child(child: &mut Child, grace: Duration) {
 
 impl Stack {
     /// Starts the stack described by `opts`: checks the binaries and the guest, (tap mode)
-    /// creates bridge `wnbr0` 10.231.1.1/24 in the current network namespace, writes
+    /// creates bridge `wnbr0` 10.231.1.1/24 in the current network namespace, (with
+    /// [`StackOptions::otlp_netns`]) starts the [`OtlpRelay`] to the OTLP endpoint, writes
     /// `<work_dir>/wnodes.toml`, starts nats-server and the seven services and waits until each
     /// answers `/readyz` with 200.
     pub async fn start(opts: StackOptions) -> anyhow::Result<Self> {
@@ -262,6 +269,15 @@ impl Stack {
             }
         };
 
+        let otlp_relay = match (&opts.otlp_endpoint, &opts.otlp_netns) {
+            (Some(endpoint), Some(netns)) => Some(OtlpRelay::start(endpoint, netns.clone())?),
+            _ => None,
+        };
+        let otlp_endpoint = match &otlp_relay {
+            Some(relay) => Some(relay.endpoint()),
+            None => opts.otlp_endpoint.clone(),
+        };
+
         let nats = NatsServer::start()
             .await
             .context("starting nats-server (scripts/install-deps.sh nats)")?;
@@ -280,7 +296,7 @@ impl Stack {
         let _ = writeln!(cfg, "site = {}", q(&opts.site));
         let _ = writeln!(cfg, "host = {}", q(&opts.host));
         let _ = writeln!(cfg, "log_level = {}", q(&opts.log_level));
-        if let Some(e) = &opts.otlp_endpoint {
+        if let Some(e) = &otlp_endpoint {
             let _ = writeln!(cfg, "otlp_endpoint = {}", q(e));
         }
         let _ = writeln!(cfg, "\n[nats]\nurl = {}", q(nats.url()));
@@ -388,6 +404,7 @@ impl Stack {
             grpc_addr,
             children: BTreeMap::new(),
             image_server,
+            otlp_relay,
         };
         for s in SERVICES {
             stack.start_service(s).await?;
@@ -403,6 +420,15 @@ impl Stack {
     /// Tap or user (never `Auto`).
     pub fn network(&self) -> NetworkChoice {
         self.network
+    }
+
+    /// The OTLP endpoint the services export to: [`StackOptions::otlp_endpoint`], or the
+    /// relay's `http://127.0.0.1:<port>` when [`StackOptions::otlp_netns`] is set.
+    pub fn otlp_endpoint(&self) -> Option<String> {
+        match &self.otlp_relay {
+            Some(relay) => Some(relay.endpoint()),
+            None => self.opts.otlp_endpoint.clone(),
+        }
     }
 
     /// The config file every service reads.

@@ -3,34 +3,26 @@
 //! One file (or one environment file) serves every service: keys shared by all services sit at
 //! the top level (`site`, `host`, `nats.*`, `otlp_endpoint`, ...; env `WNODES_SITE`,
 //! `WNODES_NATS__URL`), and each service reads its own section (`[launcher]`, env
-//! `WNODES_LAUNCHER__ACCEL`) and ignores the other services' sections. Any other unknown key is
-//! an error that names the key.
+//! `WNODES_LAUNCHER__ACCEL`). The other services' sections are accepted unread when they are
+//! registered in [`wnodes_sections`]; any other top-level key, and any unknown key inside the
+//! common tables or the service's own section, is an error that names the key and where it came
+//! from (the file, or the environment variable).
 
 use std::{net::SocketAddr, path::PathBuf};
 
 use figment::{
-    Figment,
+    Figment, Metadata, Profile,
     providers::{Env, Format, Serialized, Toml},
+    value::Value,
 };
-use serde::{Deserialize, Serialize, de::DeserializeOwned, de::IgnoredAny};
-use wnodes_bus::{ConsumerTuning, NatsConfig};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use wnodes_bus::{BusError, ConsumerTuning, NatsConfig};
 
-/// Names of the sections services own; a service ignores the others'.
-pub const SERVICE_SECTIONS: &[&str] = &[
-    "bridge",
-    "launcher",
-    "image",
-    "scratch",
-    "network",
-    "gateway",
-    "accounting",
-    "node",
-    "bench",
-];
-
-/// Keys every service shares.
+/// Keys every service shares. Unknown keys inside its tables (`[nats]`, `[consumer]`) are
+/// rejected by their types; unknown top-level keys by [`load_from`] (they may be other
+/// programs' sections).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct CommonConfig {
     /// Site name (accounting, APEL). Env `WNODES_SITE`.
     pub site: String,
@@ -53,35 +45,6 @@ pub struct CommonConfig {
     pub log_level: String,
     /// Retry, concurrency and shutdown settings of every durable consumer.
     pub consumer: ConsumerTuning,
-
-    // The services' own sections, skipped here (each service reads its own).
-    #[allow(dead_code)]
-    #[serde(default, skip_serializing)]
-    bridge: Option<IgnoredAny>,
-    #[serde(default, skip_serializing)]
-    #[allow(dead_code)]
-    launcher: Option<IgnoredAny>,
-    #[serde(default, skip_serializing)]
-    #[allow(dead_code)]
-    image: Option<IgnoredAny>,
-    #[serde(default, skip_serializing)]
-    #[allow(dead_code)]
-    scratch: Option<IgnoredAny>,
-    #[serde(default, skip_serializing)]
-    #[allow(dead_code)]
-    network: Option<IgnoredAny>,
-    #[serde(default, skip_serializing)]
-    #[allow(dead_code)]
-    gateway: Option<IgnoredAny>,
-    #[serde(default, skip_serializing)]
-    #[allow(dead_code)]
-    accounting: Option<IgnoredAny>,
-    #[serde(default, skip_serializing)]
-    #[allow(dead_code)]
-    node: Option<IgnoredAny>,
-    #[serde(default, skip_serializing)]
-    #[allow(dead_code)]
-    bench: Option<IgnoredAny>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -104,16 +67,16 @@ impl Default for CommonConfig {
             log_format: LogFormat::Text,
             log_level: "info".into(),
             consumer: ConsumerTuning::default(),
-            bridge: None,
-            launcher: None,
-            image: None,
-            scratch: None,
-            network: None,
-            gateway: None,
-            accounting: None,
-            node: None,
-            bench: None,
         }
+    }
+}
+
+impl CommonConfig {
+    /// The state directory: `state_dir`, or `/var/lib/wnodes/<service>`.
+    pub fn state_dir_of(&self, service: &str) -> PathBuf {
+        self.state_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(format!("/var/lib/wnodes/{service}")))
     }
 }
 
@@ -124,10 +87,76 @@ pub struct Config<S> {
     pub service: S,
 }
 
-/// Configuration that cannot be used; the message names the key and the source.
+impl<S> Config<S> {
+    /// The configuration of a service talking to a local NATS at `nats_url`, keeping its state
+    /// in `state_dir`, with defaults otherwise (tests, benchmarks, the dev stack). The HTTP
+    /// endpoint binds an ephemeral port.
+    pub fn local(nats_url: &str, host: &str, state_dir: &std::path::Path, service: S) -> Self {
+        Self {
+            common: CommonConfig {
+                site: "local".into(),
+                host: host.into(),
+                nats: NatsConfig {
+                    url: nats_url.into(),
+                    ..Default::default()
+                },
+                state_dir: Some(state_dir.to_path_buf()),
+                http_addr: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+                ..Default::default()
+            },
+            service,
+        }
+    }
+}
+
+/// Configuration that cannot be used. Every variant names the key and, where it knows it, the
+/// file or environment variable it came from. Exit code 78.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct ConfigError(pub String);
+pub enum ConfigError {
+    /// A value of the wrong type, an unknown key inside a table, an unreadable file: figment's
+    /// messages (all of them), each naming the key and its source.
+    #[error("{0}")]
+    Value(String),
+    #[error(
+        "unknown top-level key `{key}` {origin}: not a common key and not a registered section ({sections})"
+    )]
+    UnknownKey {
+        key: String,
+        origin: String,
+        sections: String,
+    },
+    #[error("`{0}` is not a registered configuration section (crates/wnodes-sections)")]
+    UnregisteredSection(&'static str),
+    #[error("host: invalid host name (set `host` in the config file or WNODES_HOST)")]
+    Host(#[source] BusError),
+    #[error("site: must not be empty (WNODES_SITE)")]
+    EmptySite,
+    #[error("[consumer]: invalid settings")]
+    Consumer(#[source] BusError),
+    /// A value of the service's own section that its type accepts but the service cannot use
+    /// (the source names the key).
+    #[error("[{section}]: invalid value")]
+    Section {
+        section: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("bad command line: {0}")]
+    Usage(String),
+}
+
+impl ConfigError {
+    /// A semantic error in `section` (its source should name the key).
+    pub fn section(
+        section: &'static str,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        Self::Section {
+            section,
+            source: source.into(),
+        }
+    }
+}
 
 fn kernel_host_name() -> Option<String> {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -136,7 +165,8 @@ fn kernel_host_name() -> Option<String> {
 }
 
 /// The layered sources: defaults, then the TOML file (if any), then `WNODES_*` variables
-/// (except `WNODES_CONFIG`, the file path, and the test-only `WNODES_FAILPOINT*`).
+/// (except `WNODES_CONFIG`, the file path, `WNODES_HOST_TESTS`, and the test-only
+/// `WNODES_FAILPOINT*`).
 pub fn figment<S: Serialize + Default>(service: &str, file: Option<&std::path::Path>) -> Figment {
     let mut f = Figment::from(Serialized::defaults(CommonConfig::default()))
         .merge(Serialized::default(service, S::default()));
@@ -145,50 +175,92 @@ pub fn figment<S: Serialize + Default>(service: &str, file: Option<&std::path::P
     }
     f.merge(Env::prefixed("WNODES_").split("__").ignore(&[
         "config",
+        "host_tests",
         "failpoint",
         "failpoint_marker",
     ]))
 }
 
 /// Loads and validates the configuration of `service`.
-pub fn load<S>(service: &str, file: Option<&std::path::Path>) -> Result<Config<S>, ConfigError>
+pub fn load<S>(
+    service: &'static str,
+    file: Option<&std::path::Path>,
+) -> Result<Config<S>, ConfigError>
 where
     S: Serialize + DeserializeOwned + Default,
 {
     load_from(service, figment::<S>(service, file))
 }
 
+fn render(e: figment::Error) -> ConfigError {
+    ConfigError::Value(
+        e.into_iter()
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .join("; "),
+    )
+}
+
+/// Where a top-level key came from, in words.
+fn origin(md: Option<&Metadata>, key: &str) -> String {
+    let Some(md) = md else {
+        return "(source unknown)".into();
+    };
+    match &md.source {
+        Some(figment::Source::File(path)) => format!("in {} {}", md.name, path.display()),
+        Some(_) | None => {
+            let name = md.interpolate(&Profile::Default, &[key]);
+            format!("in {} ({name})", md.name)
+        }
+    }
+}
+
+/// The top-level keys that are neither [`CommonConfig`] keys nor the name of a registered
+/// section, with where each came from.
+fn unknown_top_level_keys(f: &Figment) -> Result<Vec<ConfigError>, ConfigError> {
+    let root: Value = f.extract().map_err(render)?;
+    let mut ignored = Vec::new();
+    let _: CommonConfig = serde_ignored::deserialize(&root, |path| {
+        if let serde_ignored::Path::Map { parent, key } = path
+            && matches!(parent, serde_ignored::Path::Root)
+        {
+            ignored.push(key.clone());
+        }
+    })
+    .map_err(render)?;
+    Ok(ignored
+        .into_iter()
+        .filter(|k| wnodes_sections::find(k).is_none())
+        .map(|key| ConfigError::UnknownKey {
+            origin: origin(f.find_metadata(&key), &key),
+            key,
+            sections: wnodes_sections::names(),
+        })
+        .collect())
+}
+
 /// Loads from an explicit figment (tests inject sources here instead of mutating the process
-/// environment).
-pub fn load_from<S>(service: &str, f: Figment) -> Result<Config<S>, ConfigError>
+/// environment). `service` must be a registered section.
+pub fn load_from<S>(service: &'static str, f: Figment) -> Result<Config<S>, ConfigError>
 where
     S: Serialize + DeserializeOwned + Default,
 {
-    let render = |e: figment::Error| {
-        ConfigError(
-            e.into_iter()
-                .map(|e| e.to_string())
-                .collect::<Vec<_>>()
-                .join("; "),
-        )
-    };
+    if wnodes_sections::find(service).is_none() {
+        return Err(ConfigError::UnregisteredSection(service));
+    }
     let mut common: CommonConfig = f.extract().map_err(render)?;
+    if let Some(e) = unknown_top_level_keys(&f)?.into_iter().next() {
+        return Err(e);
+    }
     let service_cfg: S = f.extract_inner(service).map_err(render)?;
     if common.host.is_empty() {
         common.host = kernel_host_name().unwrap_or_default();
     }
-    wnodes_bus::subject::validate_host(&common.host).map_err(|e| {
-        ConfigError(format!(
-            "host: {e} (set `host` in the config file or WNODES_HOST)"
-        ))
-    })?;
+    wnodes_bus::subject::validate_host(&common.host).map_err(ConfigError::Host)?;
     if common.site.is_empty() {
-        return Err(ConfigError("site: must not be empty (WNODES_SITE)".into()));
+        return Err(ConfigError::EmptySite);
     }
-    common
-        .consumer
-        .validate()
-        .map_err(|e| ConfigError(format!("consumer: {e}")))?;
+    common.consumer.validate().map_err(ConfigError::Consumer)?;
     if common.otlp_endpoint.is_none() {
         common.otlp_endpoint = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT")
             .ok()
@@ -211,11 +283,11 @@ mod tests {
         answer: u32,
     }
 
-    fn load_toml(s: &str) -> Result<Config<Demo>, ConfigError> {
+    fn load_toml(s: &str) -> Result<Config<Demo>, String> {
         let f = Figment::from(Serialized::defaults(CommonConfig::default()))
             .merge(Serialized::default("node", Demo::default()))
             .merge(Toml::string(s));
-        load_from("node", f)
+        load_from("node", f).map_err(|e| wnodes_bus::ErrorChain(&e).to_string())
     }
 
     #[test]
@@ -232,21 +304,17 @@ mod tests {
 
     #[test]
     fn unknown_keys_and_bad_values_are_named() {
-        let e = load_toml("host = \"h\"\nbogus = 1\n").unwrap_err().0;
+        let e = load_toml("host = \"h\"\nbogus = 1\n").unwrap_err();
         assert!(e.contains("bogus"), "{e}");
-        let e = load_toml("host = \"h\"\n[nats]\nurll = \"x\"\n")
-            .unwrap_err()
-            .0;
+        let e = load_toml("host = \"h\"\n[nats]\nurll = \"x\"\n").unwrap_err();
         assert!(e.contains("urll"), "{e}");
-        let e = load_toml("host = \"h\"\n[node]\nanswer = \"many\"\n")
-            .unwrap_err()
-            .0;
+        let e = load_toml("host = \"h\"\n[node]\nanswer = \"many\"\n").unwrap_err();
         assert!(e.contains("answer"), "{e}");
-        let e = load_toml("host = \"Bad_Host\"\n").unwrap_err().0;
+        let e = load_toml("host = \"Bad_Host\"\n").unwrap_err();
         assert!(e.contains("host"), "{e}");
-        let e = load_toml("host = \"h\"\n[nats]\nconnect_timeout = \"soon\"\n")
-            .unwrap_err()
-            .0;
+        let e = load_toml("host = \"h\"\n[lancher]\naccel = \"tcg\"\n").unwrap_err();
+        assert!(e.contains("unknown top-level key `lancher`"), "{e}");
+        let e = load_toml("host = \"h\"\n[nats]\nconnect_timeout = \"soon\"\n").unwrap_err();
         assert!(e.contains("connect_timeout"), "{e}");
     }
 }

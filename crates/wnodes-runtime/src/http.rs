@@ -4,10 +4,12 @@
 use std::{
     net::SocketAddr,
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicBool, Ordering},
     },
 };
+
+use parking_lot::Mutex;
 
 use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
 use prometheus_client::registry::Registry;
@@ -53,10 +55,7 @@ async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
 
 async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
     let mut out = String::new();
-    let encoded = match s.registry.lock() {
-        Ok(reg) => prometheus_client::encoding::text::encode(&mut out, &reg).is_ok(),
-        Err(_) => false,
-    };
+    let encoded = prometheus_client::encoding::text::encode(&mut out, &s.registry.lock()).is_ok();
     if !encoded {
         return (
             StatusCode::INTERNAL_SERVER_ERROR,

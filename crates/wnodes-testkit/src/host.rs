@@ -53,7 +53,7 @@ pub const SFTP_SERVER: &str = "/usr/lib/openssh/sftp-server";
 pub const SETPRIV: &str = "/usr/bin/setpriv";
 
 /// Something of the host a test needs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 pub enum Precondition {
     /// Effective uid 0: network namespaces, taps, nftables, cgroups, `setpriv` to the job's uid.
     Root,
@@ -78,6 +78,8 @@ pub enum Precondition {
     Cgroups,
     /// The test guest built by `guest/build.sh`, readable, in [`guest_dir`].
     TestGuest,
+    /// Something only one test file needs: its name, and a check that returns what is missing.
+    Other(&'static str, fn() -> Result<(), String>),
 }
 
 impl Precondition {
@@ -127,6 +129,7 @@ impl Precondition {
                     ))
                 }
             }
+            Self::Other(_, check) => check(),
         }
     }
 }
@@ -145,6 +148,7 @@ impl fmt::Display for Precondition {
             Self::Socat => "socat",
             Self::Cgroups => "writable cgroups",
             Self::TestGuest => "the test guest",
+            Self::Other(name, _) => name,
         })
     }
 }

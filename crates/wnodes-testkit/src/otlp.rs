@@ -8,7 +8,9 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -48,10 +50,7 @@ struct Shared {
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, Vec<CollectedSpan>> {
-        // A panic while holding the lock cannot leave the Vec half-updated (push only).
-        self.spans
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.spans.lock()
     }
 }
 

@@ -4,10 +4,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)] // test helpers: a failure is a test failure
 
+use parking_lot::Mutex;
 use std::{
     process::Command,
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicU32, Ordering},
     },
     time::Duration,
@@ -101,7 +102,7 @@ impl TestBus {
         tokio::spawn(async move {
             while let Some(msg) = sub.next().await {
                 if let Ok(ev) = proto::Event::decode(msg.payload) {
-                    rec.lock().unwrap().push(ev);
+                    rec.lock().push(ev);
                 }
             }
         });
@@ -153,7 +154,7 @@ impl TestBus {
     /// Waits for the first event that `f` maps to `Some`.
     pub async fn wait_for<T>(&self, what: &str, f: impl Fn(&proto::Event) -> Option<T>) -> T {
         wait_until(Duration::from_secs(20), what, || {
-            let found = self.seen.lock().unwrap().iter().find_map(&f);
+            let found = self.seen.lock().iter().find_map(&f);
             async move { found }
         })
         .await
@@ -164,7 +165,6 @@ impl TestBus {
     pub fn events_of(&self, vm_id: &str) -> Vec<proto::Event> {
         self.seen
             .lock()
-            .unwrap()
             .iter()
             .filter(|e| vm_of(e).as_deref() == Some(vm_id))
             .cloned()

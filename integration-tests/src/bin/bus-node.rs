@@ -21,6 +21,7 @@ use tracing::Instrument;
 use wnodes_bus::{
     Consumer, EventExt, Handler, HandlerCtx, HandlerError, proto, proto::event::Body, subject,
 };
+use wnodes_runtime::{NoCommand, NoHandler, Parts, Scope, Service, ServiceCtx, StartError};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -201,26 +202,42 @@ impl Handler for Sink {
     }
 }
 
-fn main() -> ExitCode {
-    wnodes_runtime::main::<NodeConfig, _, _>("node", 0, |ctx| async move {
+/// The bus participant as a service of the runtime. Its consumer depends on its role, so it
+/// declares none and runs its own as a task.
+struct Node;
+
+impl Service for Node {
+    const NAME: &'static str = "node";
+    const ABOUT: &'static str = "A configurable bus participant (system tests, chain demo)";
+    const SCOPE: Scope = Scope::PerHost;
+    const CONSUMES: &'static [wnodes_bus::EventType] = &[];
+    type Config = NodeConfig;
+    type Handler = NoHandler;
+    type Command = NoCommand;
+
+    async fn build(ctx: &ServiceCtx<NodeConfig>) -> Result<Parts<NoHandler>, StartError> {
         let cfg = ctx.config.clone();
         let host = ctx.common.host.clone();
         let site = ctx.common.site.clone();
         let source = ctx.source();
+        let shutdown = ctx.shutdown.clone();
         match cfg.role.as_str() {
             "publish" => {
-                let span = tracing::info_span!("demo.publish", otel.kind = "producer");
-                async {
-                    println!("trace_id={}", wnodes_bus::propagation::current_trace_id());
-                    let events: Vec<_> = (1..=cfg.count)
-                        .map(|i| job_started(&site, &host, &source, &cfg.job_prefix, i))
-                        .collect();
-                    ctx.bus.publish_pipelined(&events, 64).await
-                }
-                .instrument(span)
-                .await?;
-                println!("published={}", cfg.count);
-                Ok(())
+                let bus = ctx.bus.clone();
+                Ok(Parts::tasks_only().task("publish", async move {
+                    let span = tracing::info_span!("demo.publish", otel.kind = "producer");
+                    async {
+                        println!("trace_id={}", wnodes_bus::propagation::current_trace_id());
+                        let events: Vec<_> = (1..=cfg.count)
+                            .map(|i| job_started(&site, &host, &source, &cfg.job_prefix, i))
+                            .collect();
+                        bus.publish_pipelined(&events, 64).await
+                    }
+                    .instrument(span)
+                    .await?;
+                    println!("published={}", cfg.count);
+                    Ok(())
+                }))
             }
             "relay" => {
                 let spec = ctx.consumer_spec(
@@ -230,17 +247,19 @@ fn main() -> ExitCode {
                 let consumer =
                     Consumer::create(ctx.bus.clone(), ctx.store.clone(), spec, Relay { source })
                         .await?;
-                ctx.ready.set_ready();
                 println!("ready");
-                consumer.run(ctx.shutdown.clone()).await?;
-                Ok(())
+                Ok(Parts::tasks_only().task("relay", async move {
+                    consumer.run(shutdown).await?;
+                    Ok(())
+                }))
             }
             "sink" => {
                 sqlx::query(
                     "CREATE TABLE IF NOT EXISTS effects (key TEXT NOT NULL, event_id TEXT NOT NULL)",
                 )
                 .execute(ctx.store.pool())
-                .await?;
+                .await
+                .map_err(|e| StartError::failed("create the effects table", e))?;
                 let spec = ctx.consumer_spec(
                     cfg.durable.clone().unwrap_or_else(|| "node-sink".into()),
                     vec![subject::event_filter(Some(&host), &cfg.consume)?],
@@ -248,12 +267,20 @@ fn main() -> ExitCode {
                 let consumer =
                     Consumer::create(ctx.bus.clone(), ctx.store.clone(), spec, Sink { cfg })
                         .await?;
-                ctx.ready.set_ready();
                 println!("ready");
-                consumer.run(ctx.shutdown.clone()).await?;
-                Ok(())
+                Ok(Parts::tasks_only().task("sink", async move {
+                    consumer.run(shutdown).await?;
+                    Ok(())
+                }))
             }
-            other => anyhow::bail!("unknown role {other:?} (publish, relay, sink)"),
+            other => Err(StartError::config(
+                Self::NAME,
+                format!("role: unknown role {other:?} (publish, relay, sink)"),
+            )),
         }
-    })
+    }
+}
+
+fn main() -> ExitCode {
+    wnodes_runtime::main::<Node>()
 }

@@ -20,6 +20,10 @@
 
 pub mod records;
 
+mod service;
+
+pub use service::{Accounting, AccountingCommand};
+
 use std::path::PathBuf;
 
 use prometheus_client::{
@@ -29,20 +33,8 @@ use prometheus_client::{
 use serde::{Deserialize, Serialize};
 use sqlx::SqliteConnection;
 use wnodes_bus::{
-    EventExt as _, Handler, HandlerCtx, HandlerError, KeyStore, proto, proto::event::Body, subject,
+    EventExt as _, Handler, HandlerCtx, HandlerError, KeyStore, proto, proto::event::Body,
 };
-
-/// Durable consumer name (one central consumer for every host).
-pub const DURABLE: &str = "accounting";
-
-/// Event types the consumer reads.
-pub const CONSUMED: [&str; 5] = [
-    "job.started",
-    "vm.running",
-    "vm.stopped",
-    "job.finished",
-    "vm.failed",
-];
 
 /// How many deliveries of a `VmStopped` wait for the run's `JobStarted` before the record is
 /// written without the job's identity (filled in when `JobStarted` comes).
@@ -135,14 +127,6 @@ pub async fn migrate(store: &KeyStore) -> Result<(), AccountingError> {
     Ok(())
 }
 
-/// The consumer's filter subjects (every host).
-pub fn filter_subjects() -> Result<Vec<String>, wnodes_bus::BusError> {
-    CONSUMED
-        .iter()
-        .map(|t| subject::event_filter(None, t))
-        .collect()
-}
-
 fn ts_ms(ts: Option<&prost_types::Timestamp>) -> Option<i64> {
     ts.map(|t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000)
 }
@@ -197,7 +181,7 @@ impl Metrics {
 
 /// The accounting handler.
 #[derive(Debug, Clone)]
-pub struct Accounting {
+pub struct AccountingHandler {
     /// `"accounting@<host>"`, the source of `UsageRecorded`.
     pub source: String,
     pub metrics: Metrics,
@@ -212,7 +196,7 @@ fn retry(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> HandlerError
     HandlerError::retry(e)
 }
 
-impl Handler for Accounting {
+impl Handler for AccountingHandler {
     fn name(&self) -> &'static str {
         "accounting.record"
     }
@@ -489,6 +473,6 @@ mod tests {
         )
         .unwrap();
         let e = wnodes_runtime::config::load::<Config>("accounting", Some(&path)).unwrap_err();
-        assert!(e.0.contains("databse"), "{e}");
+        assert!(e.to_string().contains("databse"), "{e}");
     }
 }

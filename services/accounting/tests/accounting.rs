@@ -9,11 +9,12 @@ use async_nats::jetstream::{self, consumer::DeliverPolicy};
 use futures::StreamExt;
 use prost::Message;
 use tokio_util::sync::CancellationToken;
-use wnodes_accounting::{Accounting, DURABLE, Metrics, filter_subjects, open_store, records};
+use wnodes_accounting::{Accounting, AccountingHandler, Metrics, open_store, records};
 use wnodes_bus::{
-    Bus, BusError, BusMetrics, Consumer, ConsumerSpec, ConsumerTuning, EventExt, NatsConfig, proto,
+    Bus, BusError, BusMetrics, Consumer, ConsumerTuning, EventExt, NatsConfig, proto,
     proto::event::Body, subject,
 };
+use wnodes_runtime::Service as _;
 use wnodes_testkit::{NatsServer, wait_until};
 
 const HOST: &str = "hv1.example.org";
@@ -57,12 +58,9 @@ async fn start(bus: &Bus, db: &Path) -> Running {
 
 async fn start_with(bus: &Bus, db: &Path, metrics: Metrics) -> Running {
     let store = open_store(db).await.unwrap();
-    let spec = ConsumerSpec {
-        durable: DURABLE.into(),
-        filter_subjects: filter_subjects().unwrap(),
-        tuning: tuning(),
-    };
-    let handler = Accounting {
+    let spec =
+        wnodes_runtime::consumer_spec::<Accounting>("central.example.org", tuning()).unwrap();
+    let handler = AccountingHandler {
         source: "accounting@central.example.org".into(),
         metrics,
     };
@@ -221,7 +219,7 @@ async fn wait_caught_up(bus: &Bus) {
     wait_until(WAIT, "the accounting consumer to catch up", || {
         let stream = stream.clone();
         async move {
-            let info = stream.consumer_info(DURABLE).await.ok()?;
+            let info = stream.consumer_info(Accounting::NAME).await.ok()?;
             (info.num_pending == 0 && info.num_ack_pending == 0).then_some(())
         }
     })
@@ -303,7 +301,7 @@ async fn redelivery_after_restart_and_new_message_ids_keep_one_record() {
         .get_stream(subject::EVENTS_STREAM)
         .await
         .unwrap();
-    stream.delete_consumer(DURABLE).await.unwrap();
+    stream.delete_consumer(Accounting::NAME).await.unwrap();
     let svc = start(&bus, &db).await;
 
     // The same VmStopped republished with another Nats-Msg-Id (JetStream stores it again).

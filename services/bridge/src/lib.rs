@@ -98,6 +98,69 @@ pub enum BridgeError {
     },
 }
 
+/// The bridge service: the gRPC API (`serve`, the default) and the job starter (`submit`).
+#[derive(Debug)]
+pub struct Bridge;
+
+/// The bridge's subcommands besides `serve`.
+#[derive(Debug, clap::Subcommand)]
+pub enum BridgeCommand {
+    /// Start a job in a VM on this host and wait for it: the minimal job starter.
+    Submit(Box<submit::SubmitArgs>),
+}
+
+impl wnodes_runtime::Service for Bridge {
+    const NAME: &'static str = "bridge";
+    const ABOUT: &'static str = "WNoDeS bridge: the LRMS side of the event bus";
+    const SCOPE: wnodes_runtime::Scope = wnodes_runtime::Scope::Central;
+    const CONSUMES: &'static [wnodes_bus::EventType] = &[];
+    type Config = Config;
+    type Handler = wnodes_runtime::NoHandler;
+    type Command = BridgeCommand;
+
+    fn validate(config: &Config) -> Result<(), wnodes_runtime::ConfigError> {
+        server::tls_config(config)
+            .map(drop)
+            .map_err(|e| wnodes_runtime::ConfigError::section(Self::NAME, e))
+    }
+
+    /// Binds the gRPC address; the server runs as the service's one task.
+    async fn build(
+        ctx: &wnodes_runtime::ServiceCtx<Config>,
+    ) -> Result<wnodes_runtime::Parts<wnodes_runtime::NoHandler>, wnodes_runtime::StartError> {
+        use wnodes_runtime::StartError;
+        let tls = server::tls_config(&ctx.config).map_err(|e| StartError::config(Self::NAME, e))?;
+        let listener = server::bind(ctx.config.grpc_addr)
+            .await
+            .map_err(|e| StartError::config(Self::NAME, e))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| StartError::failed("read the gRPC listener's address", e))?;
+        let service =
+            server::BridgeService::new(ctx.bus.clone(), ctx.source(), ctx.shutdown.clone());
+        tracing::info!(%addr, tls = tls.is_some(), "Bridge gRPC service listening.");
+        let shutdown = ctx.shutdown.clone();
+        Ok(
+            wnodes_runtime::Parts::tasks_only().task("grpc", async move {
+                server::serve(listener, service, tls, shutdown).await?;
+                Ok(())
+            }),
+        )
+    }
+
+    async fn run_command(command: BridgeCommand, config: wnodes_runtime::Config<Config>) -> u8 {
+        match command {
+            BridgeCommand::Submit(args) => Box::pin(submit::run(*args, &config.common)).await,
+        }
+    }
+
+    fn command_log_level(command: &BridgeCommand) -> Option<String> {
+        match command {
+            BridgeCommand::Submit(args) => Some(args.log_level.clone()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -112,7 +175,7 @@ mod tests {
         .unwrap();
         wnodes_runtime::config::load::<Config>("bridge", Some(&path))
             .map(|c| c.service)
-            .map_err(|e| e.0)
+            .map_err(|e| wnodes_bus::ErrorChain(&e).to_string())
     }
 
     #[test]

@@ -31,6 +31,41 @@ impl Default for GatewayConfig {
     }
 }
 
+/// A `[gateway]` value the service cannot use; names the key.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayConfigError {
+    #[error("port_range")]
+    PortRange(#[source] PortRangeError),
+    #[error("{key} must be an absolute path, got {path:?}")]
+    NotAbsolute { key: &'static str, path: PathBuf },
+}
+
+impl GatewayConfig {
+    /// The port range, parsed.
+    pub fn ports(&self) -> Result<PortRange, GatewayConfigError> {
+        self.port_range
+            .parse()
+            .map_err(GatewayConfigError::PortRange)
+    }
+
+    /// Checks every value.
+    pub fn validate(&self) -> Result<(), GatewayConfigError> {
+        self.ports()?;
+        for (key, p) in [
+            ("setpriv", &self.setpriv),
+            ("sftp_server", &self.sftp_server),
+        ] {
+            if !p.is_absolute() {
+                return Err(GatewayConfigError::NotAbsolute {
+                    key,
+                    path: p.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
 /// An inclusive port range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PortRange {

@@ -7,7 +7,9 @@
 //! | [`config`] | the `[gateway]` section, the port range |
 //! | [`listener`] | per-VM in-process listeners and their `sftp-server` sessions |
 //! | [`table`] | the per-VM table: spec, serving listener, tombstones |
-//! | [`service`] | the handler, start-up reconciliation (re-opening listeners), `run` |
+//! | [`service`] | the handler, start-up reconciliation (re-opening listeners) |
+//!
+//! [`Gateway`] is the service as the runtime runs it.
 //!
 //! ```toml
 //! [gateway]
@@ -29,5 +31,53 @@ pub mod listener;
 pub mod service;
 pub mod table;
 
-pub use config::GatewayConfig;
-pub use service::{GatewayHandler, run};
+pub use config::{GatewayConfig, GatewayConfigError};
+pub use service::GatewayHandler;
+
+use wnodes_bus::EventType;
+use wnodes_runtime::{ConfigError, NoCommand, Parts, Scope, Service, ServiceCtx, StartError};
+
+/// The storage gateway service.
+#[derive(Debug)]
+pub struct Gateway;
+
+impl Service for Gateway {
+    const NAME: &'static str = "gateway";
+    const ABOUT: &'static str =
+        "WNoDeS storage gateway: each VM's export over SFTP, to that VM, as the job's uid";
+    const SCOPE: Scope = Scope::PerHost;
+    const CONSUMES: &'static [EventType] = &[
+        EventType::VmRequested,
+        EventType::NetworkReady,
+        EventType::VmStopped,
+        EventType::VmFailed,
+    ];
+    type Config = GatewayConfig;
+    type Handler = GatewayHandler;
+    type Command = NoCommand;
+
+    fn validate(config: &GatewayConfig) -> Result<(), ConfigError> {
+        config
+            .validate()
+            .map_err(|e| ConfigError::section(Self::NAME, e))
+    }
+
+    /// Creates the table and re-opens the listeners of serving VMs; they are closed when the
+    /// service stops.
+    async fn build(ctx: &ServiceCtx<GatewayConfig>) -> Result<Parts<GatewayHandler>, StartError> {
+        let handler = GatewayHandler::new(&ctx.config, ctx.source())
+            .map_err(|e| StartError::config(Self::NAME, e))?;
+        service::init_store(&ctx.store)
+            .await
+            .map_err(|e| StartError::failed("create the gateway table", e))?;
+        let open = handler
+            .reconcile(&ctx.store)
+            .await
+            .map_err(|e| StartError::failed("re-open listeners", e))?;
+        if !open.is_empty() {
+            tracing::info!(?open, "Re-opened the listeners of serving VMs.");
+        }
+        let listeners = handler.listeners.clone();
+        Ok(Parts::consumer(handler).on_stop(async move { listeners.stop_all().await }))
+    }
+}

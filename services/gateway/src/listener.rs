@@ -13,12 +13,13 @@
 //!
 //! Stopping a listener closes it and kills its `sftp-server` children (and waits for them).
 
+use parking_lot::Mutex;
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
     path::PathBuf,
     process::Stdio,
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::Duration,
 };
 
@@ -100,11 +101,7 @@ pub struct Listeners {
 
 impl std::fmt::Debug for Listeners {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let vms: Vec<String> = self
-            .running
-            .lock()
-            .map(|m| m.keys().cloned().collect())
-            .unwrap_or_default();
+        let vms: Vec<String> = self.running.lock().keys().cloned().collect();
         f.debug_struct("Listeners")
             .field("programs", &self.programs)
             .field("vms", &vms)
@@ -124,7 +121,6 @@ impl Listeners {
     pub fn addr_of(&self, vm_id: &str) -> Option<SocketAddr> {
         self.running
             .lock()
-            .ok()?
             .get(vm_id)
             .filter(|r| !r.task.is_finished())
             .map(|r| r.addr)
@@ -141,7 +137,8 @@ impl Listeners {
             cancel.clone(),
         ));
         tracing::info!(vm_id = %spec.vm_id, %addr, allowed = %spec.allowed, path = %spec.path.display(), read_only = spec.read_only, uid = spec.uid, gid = spec.gid, "SFTP listener started.");
-        let old = self.running.lock().ok().and_then(|mut m| {
+        let old = {
+            let mut m = self.running.lock();
             m.insert(
                 spec.vm_id.clone(),
                 Running {
@@ -151,7 +148,7 @@ impl Listeners {
                     task,
                 },
             )
-        });
+        };
         if let Some(old) = old {
             old.cancel.cancel();
         }
@@ -160,14 +157,14 @@ impl Listeners {
 
     /// The spec a running listener of `vm_id` serves.
     pub fn spec_of(&self, vm_id: &str) -> Option<ServeSpec> {
-        self.running.lock().ok()?.get(vm_id).map(|r| r.spec.clone())
+        self.running.lock().get(vm_id).map(|r| r.spec.clone())
     }
 
     /// Stops `vm_id`'s listener: closes it, kills its sftp-server processes and waits for them.
     /// Returns the listener's address and how many connections it had served, or `None` when
     /// none ran.
     pub async fn stop(&self, vm_id: &str) -> Option<(SocketAddr, usize)> {
-        let running = self.running.lock().ok()?.remove(vm_id)?;
+        let running = self.running.lock().remove(vm_id)?;
         running.cancel.cancel();
         let served = running.task.await.unwrap_or_default();
         tracing::info!(%vm_id, addr = %running.addr, served, "SFTP listener stopped.");
@@ -176,11 +173,7 @@ impl Listeners {
 
     /// Stops every listener (service shutdown).
     pub async fn stop_all(&self) {
-        let vms: Vec<String> = self
-            .running
-            .lock()
-            .map(|m| m.keys().cloned().collect())
-            .unwrap_or_default();
+        let vms: Vec<String> = self.running.lock().keys().cloned().collect();
         for vm in vms {
             self.stop(&vm).await;
         }

@@ -1,5 +1,5 @@
 //! `wnodes-gateway`: see the library ([`wnodes_gateway`]) for what it does.
 
 fn main() -> std::process::ExitCode {
-    wnodes_runtime::main::<wnodes_gateway::GatewayConfig, _, _>("gateway", 0, wnodes_gateway::run)
+    wnodes_runtime::main::<wnodes_gateway::Gateway>()
 }

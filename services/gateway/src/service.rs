@@ -7,15 +7,13 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::Context as _;
 use tokio::net::TcpListener;
 use wnodes_bus::{
-    Consumer, EventExt, Handler, HandlerCtx, HandlerError, KeyStore, proto, proto::event::Body,
-    subject,
+    EventExt, Handler, HandlerCtx, HandlerError, KeyStore, proto, proto::event::Body,
 };
 
 use crate::{
-    config::{GatewayConfig, PortRange},
+    config::{GatewayConfig, GatewayConfigError, PortRange},
     listener::{Listeners, Programs, ServeSpec},
     table::{self, Row},
 };
@@ -47,16 +45,9 @@ enum Plan {
 
 impl GatewayHandler {
     /// Builds the handler from its configuration.
-    pub fn new(cfg: &GatewayConfig, source: String) -> anyhow::Result<Self> {
-        let ports: PortRange = cfg.port_range.parse().context("[gateway] port_range")?;
-        for (key, p) in [("setpriv", &cfg.setpriv), ("sftp_server", &cfg.sftp_server)] {
-            if !p.is_absolute() {
-                anyhow::bail!(
-                    "[gateway] {key} must be an absolute path, got {}",
-                    p.display()
-                );
-            }
-        }
+    pub fn new(cfg: &GatewayConfig, source: String) -> Result<Self, GatewayConfigError> {
+        cfg.validate()?;
+        let ports = cfg.ports()?;
         Ok(Self {
             listeners: Listeners::new(Programs {
                 setpriv: cfg.setpriv.clone(),
@@ -380,7 +371,7 @@ impl GatewayHandler {
 
     /// Re-opens the listeners of every serving VM (they live in this process). Returns the VMs
     /// whose listener runs afterwards.
-    pub async fn reconcile(&self, store: &KeyStore) -> anyhow::Result<Vec<String>> {
+    pub async fn reconcile(&self, store: &KeyStore) -> Result<Vec<String>, sqlx::Error> {
         let mut open = Vec::new();
         for row in table::serving(store.pool()).await? {
             self.ensure_listener(&row).await;
@@ -419,38 +410,6 @@ pub async fn init_store(store: &KeyStore) -> Result<(), sqlx::Error> {
         .execute(store.pool())
         .await
         .map(drop)
-}
-
-/// The consumer's subjects on `host`.
-pub fn filter_subjects(host: &str) -> Result<Vec<String>, wnodes_bus::BusError> {
-    ["vm.requested", "network.ready", "vm.stopped", "vm.failed"]
-        .into_iter()
-        .map(|t| subject::event_filter(Some(host), t))
-        .collect()
-}
-
-/// The service: table, re-opened listeners, consumer, until shutdown.
-pub async fn run(ctx: wnodes_runtime::ServiceCtx<GatewayConfig>) -> anyhow::Result<()> {
-    let handler = GatewayHandler::new(&ctx.config, ctx.source())?;
-    init_store(&ctx.store).await?;
-    let open = handler
-        .reconcile(&ctx.store)
-        .await
-        .context("re-opening listeners")?;
-    if !open.is_empty() {
-        tracing::info!(?open, "Re-opened the listeners of serving VMs.");
-    }
-    let spec = ctx.consumer_spec(
-        subject::durable_name("gateway", Some(&ctx.common.host))?,
-        filter_subjects(&ctx.common.host)?,
-    );
-    let listeners = handler.listeners.clone();
-    let consumer = Consumer::create(ctx.bus.clone(), ctx.store.clone(), spec, handler).await?;
-    ctx.ready.set_ready();
-    let result = consumer.run(ctx.shutdown.clone()).await;
-    listeners.stop_all().await;
-    result?;
-    Ok(())
 }
 
 #[cfg(test)]

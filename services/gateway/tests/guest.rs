@@ -70,7 +70,9 @@ async fn run_guest(guest: PathBuf) {
     tb.consume(
         nstore,
         "network-test",
-        wnodes_network::service::filter_subjects(HOST).unwrap(),
+        wnodes_runtime::consumer_spec::<wnodes_network::Network>(HOST, Default::default())
+            .unwrap()
+            .filter_subjects,
         network,
     )
     .await;
@@ -87,7 +89,9 @@ async fn run_guest(guest: PathBuf) {
     tb.consume(
         gstore,
         "gateway-test",
-        wnodes_gateway::service::filter_subjects(HOST).unwrap(),
+        wnodes_runtime::consumer_spec::<wnodes_gateway::Gateway>(HOST, Default::default())
+            .unwrap()
+            .filter_subjects,
         gateway,
     )
     .await;

@@ -38,7 +38,9 @@ async fn start(tb: &TestBus, h: GatewayHandler) {
     tb.consume(
         store,
         "gateway-test",
-        service::filter_subjects(HOST).unwrap(),
+        wnodes_runtime::consumer_spec::<wnodes_gateway::Gateway>(HOST, Default::default())
+            .unwrap()
+            .filter_subjects,
         h,
     )
     .await;
@@ -357,7 +359,9 @@ async fn read_only_root_owner_no_exports_and_restart() {
         .consume(
             store.clone(),
             "gateway-test",
-            service::filter_subjects(HOST).unwrap(),
+            wnodes_runtime::consumer_spec::<wnodes_gateway::Gateway>(HOST, Default::default())
+                .unwrap()
+                .filter_subjects,
             h.clone(),
         )
         .await;

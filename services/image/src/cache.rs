@@ -11,13 +11,14 @@
 //! digest that is being fetched waits for that task instead of starting another download, and
 //! a caller that gives up (handler timeout) does not cancel the fetch for the others.
 
+use parking_lot::Mutex;
 use std::{
     collections::HashMap,
     io,
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicU64, Ordering},
     },
     time::Duration,
@@ -204,10 +205,7 @@ impl Cache {
         let path = self.path_of(digest);
         // The map lock is held across the existence check, so a fetch that finishes (renames
         // and deregisters) in between cannot make us start a second download.
-        let mut in_flight = self.inner.in_flight.lock().map_err(|_| CacheError::Task {
-            digest: digest.to_owned(),
-            detail: "the in-flight map lock is poisoned".into(),
-        })?;
+        let mut in_flight = self.inner.in_flight.lock();
         if let Some(fetch) = in_flight.get(digest) {
             return Ok(Lookup::Wait(fetch.clone()));
         }
@@ -230,9 +228,7 @@ impl Cache {
                     tracing::warn!(url = %art.url, sha256 = %art.sha256, error = %wnodes_bus::ErrorChain(e), "Fetch failed.")
                 }
             }
-            if let Ok(mut m) = inner.in_flight.lock() {
-                m.remove(&art.sha256);
-            }
+            inner.in_flight.lock().remove(&art.sha256);
             res.map_err(Arc::new)
         });
         let owned_digest = digest.to_owned();

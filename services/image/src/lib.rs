@@ -8,70 +8,61 @@
 //! | [`cache`] | [`Cache`]: `<cache_dir>/sha256/<hex>`, verified streaming fetches, single flight |
 //! | [`handler`] | [`ImageHandler`]: `vm.requested` → ready/failed, `job.queued` → prefetch |
 //!
-//! [`start`] wires them to a durable consumer `image-<host>`; `main.rs` runs it on the
-//! service runtime.
+//! [`Image`] is the service as the runtime runs it (`wnodes_runtime::main::<Image>()`): a durable
+//! consumer `image-<host>` on the host's `vm.requested` and every `job.queued`.
 
 pub mod cache;
 pub mod config;
 pub mod handler;
 
-use std::path::Path;
-
-use wnodes_bus::{Bus, BusError, Consumer, ConsumerSpec, ConsumerTuning, KeyStore, subject};
+use wnodes_bus::EventType;
+use wnodes_runtime::{ConfigError, NoCommand, Parts, Scope, Service, ServiceCtx, StartError};
 
 pub use cache::{Cache, CacheError, Cached};
 pub use config::{Artifact, CatalogEntry, CatalogError, DiskFormat, ImageConfig};
 pub use handler::ImageHandler;
 
-/// Why the service could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    #[error("invalid [image] configuration")]
-    Config(#[from] CatalogError),
-    #[error("cannot open the image cache")]
-    Cache(#[from] CacheError),
-    #[error("cannot set up the image consumer")]
-    Bus(#[from] BusError),
-}
+/// The image service.
+#[derive(Debug)]
+pub struct Image;
 
-/// The subjects the service consumes on `host`: its `vm.requested` and every `job.queued`.
-pub fn filter_subjects(host: &str) -> Result<Vec<String>, BusError> {
-    Ok(vec![
-        subject::event_filter(Some(host), "vm.requested")?,
-        subject::event_subject("", "job.queued")?,
-    ])
-}
+impl Service for Image {
+    const NAME: &'static str = "image";
+    const ABOUT: &'static str =
+        "WNoDeS image service: the VO images of this host, verified and cached";
+    const SCOPE: Scope = Scope::PerHost;
+    const CONSUMES: &'static [EventType] = &[EventType::VmRequested, EventType::JobQueued];
+    type Config = ImageConfig;
+    type Handler = ImageHandler;
+    type Command = NoCommand;
 
-/// Validates the configuration, opens the cache (default `<state_dir>/cache`), removes
-/// temporary files a crash left behind and creates the durable consumer `image-<host>`.
-/// Events are published with the bus's source (`image@<host>`).
-pub async fn start(
-    bus: Bus,
-    store: KeyStore,
-    tuning: ConsumerTuning,
-    host: &str,
-    config: &ImageConfig,
-    state_dir: &Path,
-) -> Result<Consumer<ImageHandler>, StartError> {
-    config.validate()?;
-    let cache_dir = config
-        .cache_dir
-        .clone()
-        .unwrap_or_else(|| state_dir.join("cache"));
-    let cache = Cache::open(&cache_dir)?;
-    let stale = cache.remove_stale_temp_files().await?;
-    tracing::info!(cache = %cache.dir().display(), images = config.catalog.len(), stale, "Image cache open.");
-    let handler = ImageHandler::new(
-        config.catalog.clone(),
-        cache,
-        bus.source().to_owned(),
-        tuning.max_attempts,
-        tuning.handler_timeout,
-    );
-    let spec = ConsumerSpec {
-        durable: subject::durable_name("image", Some(host))?,
-        filter_subjects: filter_subjects(host)?,
-        tuning,
-    };
-    Ok(Consumer::create(bus, store, spec, handler).await?)
+    fn validate(config: &ImageConfig) -> Result<(), ConfigError> {
+        config
+            .validate()
+            .map_err(|e| ConfigError::section(Self::NAME, e))
+    }
+
+    /// Opens the cache (default `<state_dir>/cache`) and removes the temporary files a crash
+    /// left behind.
+    async fn build(ctx: &ServiceCtx<ImageConfig>) -> Result<Parts<ImageHandler>, StartError> {
+        let config = &ctx.config;
+        let cache_dir = config
+            .cache_dir
+            .clone()
+            .unwrap_or_else(|| ctx.state_dir.join("cache"));
+        let cache =
+            Cache::open(&cache_dir).map_err(|e| StartError::failed("open the image cache", e))?;
+        let stale = cache
+            .remove_stale_temp_files()
+            .await
+            .map_err(|e| StartError::failed("clean the image cache", e))?;
+        tracing::info!(cache = %cache.dir().display(), images = config.catalog.len(), stale, "Image cache open.");
+        Ok(Parts::consumer(ImageHandler::new(
+            config.catalog.clone(),
+            cache,
+            ctx.source(),
+            ctx.tuning().max_attempts,
+            ctx.tuning().handler_timeout,
+        )))
+    }
 }

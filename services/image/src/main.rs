@@ -1,18 +1,5 @@
 //! `wnodes-image`: the image service binary (see the library docs for the modules).
 
 fn main() -> std::process::ExitCode {
-    wnodes_runtime::main::<wnodes_image::ImageConfig, _, _>("image", 0, |ctx| async move {
-        let consumer = wnodes_image::start(
-            ctx.bus.clone(),
-            ctx.store.clone(),
-            ctx.tuning().clone(),
-            &ctx.common.host,
-            &ctx.config,
-            &ctx.state_dir,
-        )
-        .await?;
-        ctx.ready.set_ready();
-        consumer.run(ctx.shutdown.clone()).await?;
-        Ok(())
-    })
+    wnodes_runtime::main::<wnodes_image::Image>()
 }

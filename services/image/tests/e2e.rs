@@ -9,12 +9,12 @@ use std::{collections::BTreeMap, sync::atomic::Ordering, time::Duration};
 use futures::StreamExt;
 use prost::Message;
 use sha2::{Digest, Sha256};
-use tokio_util::sync::CancellationToken;
 use wnodes_bus::{
-    Bus, BusMetrics, ConsumerTuning, EventExt, KeyStore, NatsConfig,
+    Bus, BusMetrics, ConsumerTuning, EventExt, NatsConfig,
     proto::{self, event::Body},
 };
-use wnodes_image::{Artifact, CatalogEntry, DiskFormat, ImageConfig};
+use wnodes_image::{Artifact, CatalogEntry, DiskFormat, Image, ImageConfig};
+use wnodes_runtime::{Config, start::InProcess};
 use wnodes_testkit::NatsServer;
 
 const HOST: &str = "hv1.example.org";
@@ -95,22 +95,12 @@ async fn vm_requested_is_answered_with_ready_or_failed() {
     .await
     .unwrap();
     bus.ensure_streams().await.unwrap();
-    let store = KeyStore::open(&tmp.path().join("keys.db")).await.unwrap();
     let mut sub = bus.client().subscribe("wnodes.evt.>").await.unwrap();
     bus.client().flush().await.unwrap();
 
-    let consumer = wnodes_image::start(
-        bus.clone(),
-        store,
-        ConsumerTuning::default(),
-        HOST,
-        &config,
-        tmp.path(),
-    )
-    .await
-    .unwrap();
-    let shutdown = CancellationToken::new();
-    let running = tokio::spawn(consumer.run(shutdown.clone()));
+    let running = InProcess::start::<Image>(Config::local(&nats.url(), HOST, tmp.path(), config))
+        .await
+        .unwrap();
 
     bus.publish(&vm_requested("1", "sl6")).await.unwrap();
     bus.publish(&vm_requested("2", "centos9")).await.unwrap();
@@ -201,8 +191,7 @@ async fn vm_requested_is_answered_with_ready_or_failed() {
     .unwrap();
     assert!(hit.cache_hit);
 
-    shutdown.cancel();
-    running.await.unwrap().unwrap();
+    assert_eq!(running.stop().await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -237,25 +226,15 @@ async fn job_queued_with_an_image_hint_prefetches_without_an_event() {
     .await
     .unwrap();
     bus.ensure_streams().await.unwrap();
-    let store = KeyStore::open(&tmp.path().join("keys.db")).await.unwrap();
     let mut sub = bus
         .client()
         .subscribe("wnodes.evt.*.image.>")
         .await
         .unwrap();
     bus.client().flush().await.unwrap();
-    let consumer = wnodes_image::start(
-        bus.clone(),
-        store,
-        ConsumerTuning::default(),
-        HOST,
-        &config,
-        tmp.path(),
-    )
-    .await
-    .unwrap();
-    let shutdown = CancellationToken::new();
-    let running = tokio::spawn(consumer.run(shutdown.clone()));
+    let running = InProcess::start::<Image>(Config::local(&nats.url(), HOST, tmp.path(), config))
+        .await
+        .unwrap();
 
     let queued = |job: &str, hint: &str| {
         proto::Event::build(
@@ -295,8 +274,7 @@ async fn job_queued_with_an_image_hint_prefetches_without_an_event() {
     assert_eq!(r.vm_id, "vm-q1");
     assert!(r.cache_hit);
 
-    shutdown.cancel();
-    running.await.unwrap().unwrap();
+    assert_eq!(running.stop().await, 0);
 }
 
 /// A running image service for the retry tests.
@@ -304,8 +282,7 @@ struct Svc {
     _nats: NatsServer,
     bus: Bus,
     sub: async_nats::Subscriber,
-    shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<Result<(), wnodes_bus::BusError>>,
+    running: InProcess,
     _tmp: tempfile::TempDir,
 }
 
@@ -323,19 +300,18 @@ impl Svc {
         )
         .await?;
         bus.ensure_streams().await?;
-        let store = KeyStore::open(&tmp.path().join("keys.db")).await?;
         let sub = bus.client().subscribe("wnodes.evt.*.image.>").await?;
         bus.client().flush().await?;
-        let consumer =
-            wnodes_image::start(bus.clone(), store, tuning, HOST, &config, tmp.path()).await?;
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(consumer.run(shutdown.clone()));
+        let mut cfg = Config::local(&nats.url(), HOST, tmp.path(), config);
+        cfg.common.consumer = tuning;
+        let running = InProcess::start::<Image>(cfg)
+            .await
+            .map_err(|code| anyhow::anyhow!("the image service exited with {code}"))?;
         Ok(Svc {
             _nats: nats,
             bus,
             sub,
-            shutdown,
-            task,
+            running,
             _tmp: tmp,
         })
     }
@@ -348,8 +324,9 @@ impl Svc {
     }
 
     async fn stop(self) -> anyhow::Result<()> {
-        self.shutdown.cancel();
-        Ok(self.task.await??)
+        let code = self.running.stop().await;
+        anyhow::ensure!(code == 0, "the image service exited with {code}");
+        Ok(())
     }
 }
 

@@ -11,18 +11,18 @@ use wnodes_proto::v1::{Event, JobCancelled, JobStarted, VmFailed, VmRequested, V
 use crate::{
     join::{self, Decision, Resource, VmRow, VmState},
     policy,
-    service::{Launcher, current_trace_context},
+    service::{LauncherState, current_trace_context},
     vmstate::{JobRecord, StateError, VmDir},
 };
 
 /// The handler.
 #[derive(Debug, Clone)]
 pub struct LauncherHandler {
-    launcher: Arc<Launcher>,
+    launcher: Arc<LauncherState>,
 }
 
 impl LauncherHandler {
-    pub fn new(launcher: Arc<Launcher>) -> Self {
+    pub fn new(launcher: Arc<LauncherState>) -> Self {
         Self { launcher }
     }
 }
@@ -31,7 +31,7 @@ fn retry(e: impl std::error::Error + Send + Sync + 'static) -> HandlerError {
     HandlerError::retry(Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
 }
 
-fn failed(l: &Launcher, row: &VmRow, phase: &str, reason: String) -> Event {
+fn failed(l: &LauncherState, row: &VmRow, phase: &str, reason: String) -> Event {
     l.event(
         row,
         Body::VmFailed(VmFailed {

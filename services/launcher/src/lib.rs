@@ -14,6 +14,8 @@
 //! | [`handler`] | the bus handler (`job.started`, `job.cancelled`, the four results) |
 //! | [`service`] | wiring: reattach on start, the starter, the deadline task, publishing `vm.*` events |
 //!
+//! [`Launcher`] is the service as the runtime runs it.
+//!
 //! Flow (see [`join`] for the state machine): `job.started` → policy → `vm.requested` (or
 //! `vm.failed` phase `policy`); the four results are joined per VM in `launcher_vms`; when all
 //! are ready the starter runs qemu and publishes `vm.running`; a watcher waits for qemu's exit
@@ -54,3 +56,59 @@ pub mod vmstate;
 pub mod watch;
 
 pub use config::LauncherConfig;
+
+use wnodes_bus::EventType;
+use wnodes_runtime::{ConfigError, NoCommand, Parts, Scope, Service, ServiceCtx, StartError};
+
+/// The launcher service.
+#[derive(Debug)]
+pub struct Launcher;
+
+impl Service for Launcher {
+    const NAME: &'static str = "launcher";
+    const ABOUT: &'static str = "WNoDeS launcher: runs each started job in a qemu VM on this host";
+    const SCOPE: Scope = Scope::PerHost;
+    const CONSUMES: &'static [EventType] = &[
+        EventType::JobStarted,
+        EventType::JobCancelled,
+        EventType::ImageReady,
+        EventType::ImageFailed,
+        EventType::ScratchReady,
+        EventType::ScratchFailed,
+        EventType::NetworkReady,
+        EventType::NetworkFailed,
+        EventType::StorageReady,
+        EventType::StorageFailed,
+    ];
+    type Config = LauncherConfig;
+    type Handler = handler::LauncherHandler;
+    type Command = NoCommand;
+
+    fn validate(config: &LauncherConfig) -> Result<(), ConfigError> {
+        config
+            .policy
+            .validate()
+            .map_err(|e| ConfigError::section(Self::NAME, e))
+    }
+
+    /// Reattaches to running VMs; the starter (qemu launches, one at a time) and housekeeping
+    /// (deadlines, pending events, cgroups) run as tasks.
+    async fn build(
+        ctx: &ServiceCtx<LauncherConfig>,
+    ) -> Result<Parts<handler::LauncherHandler>, StartError> {
+        let (launcher, rx) = service::prepare(ctx)
+            .await
+            .map_err(|e| StartError::failed("prepare the launcher", e))?;
+        let starter = launcher.clone();
+        let housekeeping = launcher.clone();
+        Ok(Parts::consumer(handler::LauncherHandler::new(launcher))
+            .task("starter", async move {
+                starter.run_starter(rx).await;
+                Ok(())
+            })
+            .task("housekeeping", async move {
+                housekeeping.housekeeping().await;
+                Ok(())
+            }))
+    }
+}

@@ -1,4 +1,4 @@
-//! Wiring: the shared [`Launcher`] state, reattaching on start, the starter (qemu launches,
+//! Wiring: the shared [`LauncherState`] state, reattaching on start, the starter (qemu launches,
 //! serialised), the deadline task, the pending-event flusher and the per-VM watchers.
 //!
 //! Events not caused by a message (`vm.running`, `vm.stopped`, a deadline or launch
@@ -10,22 +10,21 @@
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     path::PathBuf,
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::Duration,
 };
 
+use parking_lot::Mutex;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-use wnodes_bus::{
-    Bus, ConsumerSpec, ConsumerTuning, ErrorChain, EventExt, KeyStore, proto::event::Body, subject,
-};
+use wnodes_bus::{Bus, ErrorChain, EventExt, KeyStore, proto::event::Body};
 use wnodes_proto::v1::{Event, NetworkMode, NetworkReady, VmFailed, VmRunning, VmStopped, VmUsage};
+use wnodes_runtime::ServiceCtx;
 
 use crate::{
     config::{Accel, LauncherConfig},
-    handler::LauncherHandler,
     join::{self, JoinError, VmRow, VmState},
     qemu::{self, LaunchInputs},
     qmp,
@@ -36,20 +35,6 @@ use crate::{
 
 /// How often the deadline task and the pending-event flusher run.
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(2);
-
-/// The event types the launcher consumes (on its own host).
-pub const CONSUMED: [&str; 10] = [
-    "job.started",
-    "job.cancelled",
-    "image.ready",
-    "image.failed",
-    "scratch.ready",
-    "scratch.failed",
-    "network.ready",
-    "network.failed",
-    "storage.ready",
-    "storage.failed",
-];
 
 /// A launcher problem outside a handler.
 #[derive(Debug, thiserror::Error)]
@@ -66,24 +51,9 @@ pub enum ServiceError {
     Policy(#[from] crate::policy::PolicyConfigError),
 }
 
-/// What the launcher needs from its surroundings (the runtime's [`ServiceCtx`] in production,
-/// hand-made in tests).
-///
-/// [`ServiceCtx`]: wnodes_runtime::ServiceCtx
-#[derive(Debug, Clone)]
-pub struct Deps {
-    pub config: LauncherConfig,
-    pub bus: Bus,
-    pub store: KeyStore,
-    pub host: String,
-    pub source: String,
-    pub state_dir: PathBuf,
-    pub tuning: ConsumerTuning,
-}
-
 /// State shared by the handler and the background tasks.
 #[derive(Debug)]
-pub struct Launcher {
+pub struct LauncherState {
     pub config: LauncherConfig,
     pub accel: Accel,
     pub vms_dir: PathBuf,
@@ -134,26 +104,24 @@ fn derived_mac(vm_id: &str) -> String {
     format!("52:54:00:{}:{}:{}", b(0), b(2), b(4))
 }
 
-impl Launcher {
-    /// Builds the shared state; the receiver feeds [`Launcher::run_starter`].
-    pub fn new(
-        deps: &Deps,
-        shutdown: CancellationToken,
-    ) -> (Arc<Self>, mpsc::UnboundedReceiver<String>) {
+impl LauncherState {
+    /// Builds the shared state; the receiver feeds [`LauncherState::run_starter`].
+    pub fn new(ctx: &ServiceCtx<LauncherConfig>) -> (Arc<Self>, mpsc::UnboundedReceiver<String>) {
+        let shutdown = ctx.shutdown.clone();
         let (tx, rx) = mpsc::unbounded_channel();
         let cgroups = CgroupHost::detect(std::path::Path::new(CGROUP_ROOT));
         let launcher = Self {
-            accel: deps.config.accel.resolve_here(),
+            accel: ctx.config.accel.resolve_here(),
             // qemu's command line must name absolute paths (and liveness checks look for them).
             vms_dir: {
-                let d = deps.config.vms_dir(&deps.state_dir);
+                let d = ctx.config.vms_dir(&ctx.state_dir);
                 std::path::absolute(&d).unwrap_or(d)
             },
-            config: deps.config.clone(),
-            host: deps.host.clone(),
-            source: deps.source.clone(),
-            store: deps.store.clone(),
-            bus: deps.bus.clone(),
+            config: ctx.config.clone(),
+            host: ctx.common.host.clone(),
+            source: ctx.source(),
+            store: ctx.store.clone(),
+            bus: ctx.bus.clone(),
             cgroups,
             watch: WatchOptions::default(),
             shutdown,
@@ -471,13 +439,8 @@ impl Launcher {
     /// Watches `vm_id` until qemu exits, then publishes `vm.stopped` (once per VM). On
     /// shutdown the watcher just ends: qemu keeps running and is reattached on the next start.
     pub fn spawn_watcher(self: &Arc<Self>, vm_id: String) {
-        match self.watching.lock() {
-            Ok(mut w) => {
-                if !w.insert(vm_id.clone()) {
-                    return;
-                }
-            }
-            Err(_) => return,
+        if !self.watching.lock().insert(vm_id.clone()) {
+            return;
         }
         let me = self.clone();
         tokio::spawn(async move {
@@ -502,9 +465,7 @@ impl Launcher {
             if let Err(e) = result {
                 tracing::error!(vm_id, error = %ErrorChain(&e), "Finishing the VM failed.");
             }
-            if let Ok(mut w) = me.watching.lock() {
-                w.remove(&vm_id);
-            }
+            me.watching.lock().remove(&vm_id);
         });
     }
 
@@ -565,7 +526,7 @@ impl Launcher {
         Ok(())
     }
 
-    async fn housekeeping(self: Arc<Self>) {
+    pub async fn housekeeping(self: Arc<Self>) {
         let mut tick = tokio::time::interval(HOUSEKEEPING_EVERY.min(self.config.prepare_deadline));
         loop {
             tokio::select! {
@@ -676,16 +637,15 @@ pub fn vm_stopped(vm: &VmDir, exit: &VmExit, stop_reason: &str) -> VmStopped {
     }
 }
 
-/// Runs the launcher until `shutdown`: reattach, background tasks, then the durable consumer.
-/// `on_ready` is called once the consumer exists. VMs keep running after it returns.
-pub async fn serve(
-    deps: Deps,
-    shutdown: CancellationToken,
-    on_ready: impl FnOnce(),
-) -> Result<(), ServiceError> {
-    deps.config.policy.validate()?;
-    join::init(deps.store.pool()).await?;
-    let (launcher, rx) = Launcher::new(&deps, shutdown.clone());
+/// Prepares the launcher: checks the policy, creates the VM table, reattaches to the VMs that
+/// run, and returns the shared state with the starter's queue. VMs keep running after the
+/// service stops.
+pub async fn prepare(
+    ctx: &ServiceCtx<LauncherConfig>,
+) -> Result<(Arc<LauncherState>, mpsc::UnboundedReceiver<String>), ServiceError> {
+    ctx.config.policy.validate()?;
+    join::init(ctx.store.pool()).await?;
+    let (launcher, rx) = LauncherState::new(ctx);
     tracing::info!(
         accel = launcher.accel.as_str(),
         vms_dir = %launcher.vms_dir.display(),
@@ -693,43 +653,7 @@ pub async fn serve(
         "Launcher starting."
     );
     launcher.reattach().await?;
-    tokio::spawn(launcher.clone().run_starter(rx));
-    tokio::spawn(launcher.clone().housekeeping());
-    let filters = CONSUMED
-        .iter()
-        .map(|t| subject::event_filter(Some(&deps.host), t))
-        .collect::<Result<Vec<_>, _>>()?;
-    let spec = ConsumerSpec {
-        durable: subject::durable_name("launcher", Some(&deps.host))?,
-        filter_subjects: filters,
-        tuning: deps.tuning.clone(),
-    };
-    let consumer = wnodes_bus::Consumer::create(
-        deps.bus.clone(),
-        deps.store.clone(),
-        spec,
-        LauncherHandler::new(launcher.clone()),
-    )
-    .await?;
-    on_ready();
-    consumer.run(shutdown).await?;
-    Ok(())
-}
-
-/// The service entry point (from the runtime).
-pub async fn run(ctx: wnodes_runtime::ServiceCtx<LauncherConfig>) -> anyhow::Result<()> {
-    let deps = Deps {
-        config: ctx.config.clone(),
-        bus: ctx.bus.clone(),
-        store: ctx.store.clone(),
-        host: ctx.common.host.clone(),
-        source: ctx.source(),
-        state_dir: ctx.state_dir.clone(),
-        tuning: ctx.tuning().clone(),
-    };
-    let ready = ctx.ready.clone();
-    serve(deps, ctx.shutdown.clone(), move || ready.set_ready()).await?;
-    Ok(())
+    Ok((launcher, rx))
 }
 
 #[cfg(test)]

@@ -8,18 +8,17 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use wnodes_bus::{Bus, BusMetrics, ConsumerTuning, KeyStore, NatsConfig, proto::event::Body};
 use wnodes_launcher::{
-    LauncherConfig,
+    Launcher, LauncherConfig,
     config::AccelMode,
     join::{self, VmState},
     policy::{NetworkModeConfig, PolicyConfig},
-    service::{self, Deps},
     usage::{self, CGROUP_ROOT, CgroupHost},
 };
 use wnodes_proto::v1::{ImageReady, JobCancelled, JobRunRef};
+use wnodes_runtime::{Config, start::InProcess};
 use wnodes_testkit::{host, host_test, nats::NatsServer, wait::wait_until};
 
 mod common;
@@ -29,7 +28,7 @@ use common::{
 };
 
 struct Env {
-    _nats: NatsServer,
+    nats: NatsServer,
     dir: tempfile::TempDir,
     bus: Bus,
     store: KeyStore,
@@ -54,7 +53,7 @@ async fn env() -> Env {
     let dir = tempfile::tempdir().unwrap();
     let store = KeyStore::open(&dir.path().join("keys.db")).await.unwrap();
     Env {
-        _nats: nats,
+        nats,
         dir,
         bus,
         store,
@@ -69,7 +68,7 @@ impl Drop for Env {
     }
 }
 
-fn deps(env: &Env, prepare_deadline: Duration) -> Deps {
+fn deps(env: &Env, prepare_deadline: Duration) -> Config<LauncherConfig> {
     let config = LauncherConfig {
         accel: AccelMode::Tcg,
         prepare_deadline,
@@ -80,40 +79,21 @@ fn deps(env: &Env, prepare_deadline: Duration) -> Deps {
         },
         ..Default::default()
     };
-    Deps {
-        config,
-        bus: env.bus.clone(),
-        store: env.store.clone(),
-        host: HOST.into(),
-        source: format!("launcher@{HOST}"),
-        state_dir: env.dir.path().to_path_buf(),
-        tuning: ConsumerTuning {
-            backoff_base: Duration::from_millis(100),
-            shutdown_grace: Duration::from_secs(2),
-            ..Default::default()
-        },
-    }
+    let mut cfg = Config::local(&env.nats.url(), HOST, env.dir.path(), config);
+    cfg.common.consumer = ConsumerTuning {
+        backoff_base: Duration::from_millis(100),
+        shutdown_grace: Duration::from_secs(2),
+        ..Default::default()
+    };
+    cfg
 }
 
-/// Runs the launcher until the returned token is cancelled; waits until it is ready.
-async fn start(deps: Deps) -> (CancellationToken, tokio::task::JoinHandle<()>) {
-    let shutdown = CancellationToken::new();
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let token = shutdown.clone();
-    let handle = tokio::spawn(async move {
-        let r = service::serve(deps, token, move || {
-            let _ = tx.send(());
-        })
-        .await;
-        if let Err(e) = r {
-            panic!("launcher failed: {e}");
-        }
-    });
-    tokio::time::timeout(Duration::from_secs(30), rx)
+/// Runs the launcher in this process; returns once it is ready.
+async fn start(cfg: Config<LauncherConfig>) -> InProcess {
+    tokio::time::timeout(Duration::from_secs(30), InProcess::start::<Launcher>(cfg))
         .await
         .expect("launcher ready in time")
-        .expect("launcher ready");
-    (shutdown, handle)
+        .unwrap_or_else(|code| panic!("launcher exited with {code}"))
 }
 
 async fn publish_ready(env: &Env, run: &JobRunRef, vm_id: &str) {
@@ -130,7 +110,7 @@ async fn row_state(store: &KeyStore, vm_id: &str) -> Option<join::VmRow> {
 async fn vm_nats_job_runs_to_vm_stopped_and_refusals_fail() {
     let _lock = vm_lock();
     let env = env().await;
-    let (shutdown, handle) = start(deps(&env, Duration::from_secs(6))).await;
+    let launcher = start(deps(&env, Duration::from_secs(6))).await;
 
     // The happy path: a real VM.
     let r1 = run("flow-1");
@@ -256,8 +236,7 @@ async fn vm_nats_job_runs_to_vm_stopped_and_refusals_fail() {
         f.reason
     );
 
-    shutdown.cancel();
-    handle.await.unwrap();
+    assert_eq!(launcher.stop().await, 0);
 }
 
 async fn vm_nats_launcher_restart_reattaches_to_a_running_vm() {
@@ -267,7 +246,7 @@ async fn vm_nats_launcher_restart_reattaches_to_a_running_vm() {
     let _telemetry =
         wnodes_runtime::Telemetry::init("launcher-test", &wnodes_runtime::CommonConfig::default())
             .unwrap();
-    let (shutdown, handle) = start(deps(&env, Duration::from_secs(120))).await;
+    let launcher = start(deps(&env, Duration::from_secs(120))).await;
     let r = run("restart-1");
     let submit = tracing::info_span!("test.submit");
     let trace_id = {
@@ -288,8 +267,7 @@ async fn vm_nats_launcher_restart_reattaches_to_a_running_vm() {
     };
 
     // SIGTERM-like stop of the launcher: the VM keeps running.
-    shutdown.cancel();
-    handle.await.unwrap();
+    assert_eq!(launcher.stop().await, 0);
     let vm = wnodes_launcher::vmstate::VmDir::new(&env.dir.path().join("vms"), &vm_id).unwrap();
     assert!(vm.qemu_alive(running.pid), "qemu survives the launcher");
     assert!(last_event(&env.bus, "vm.stopped").await.is_none());
@@ -303,7 +281,7 @@ async fn vm_nats_launcher_restart_reattaches_to_a_running_vm() {
     let stale = host.create("vm-fffffffffff1").unwrap();
 
     // A new launcher reattaches and reports the end.
-    let (shutdown, handle) = start(deps(&env, Duration::from_secs(120))).await;
+    let launcher = start(deps(&env, Duration::from_secs(120))).await;
     let stopped = wait_event(&env.bus, "vm.stopped", &r).await;
     let Some(Body::VmStopped(stopped)) = stopped.body else {
         panic!()
@@ -329,14 +307,13 @@ async fn vm_nats_launcher_restart_reattaches_to_a_running_vm() {
         .read_job()
         .unwrap();
     assert!(job.trace_context["traceparent"].contains(&trace_id));
-    shutdown.cancel();
-    handle.await.unwrap();
+    assert_eq!(launcher.stop().await, 0);
 }
 
 async fn vm_nats_cancel_stops_a_running_vm() {
     let _lock = vm_lock();
     let env = env().await;
-    let (shutdown, handle) = start(deps(&env, Duration::from_secs(120))).await;
+    let launcher = start(deps(&env, Duration::from_secs(120))).await;
     let r = run("cancel-1");
     env.bus
         .publish(&job_started(&r, "atlas", "sleep 600"))
@@ -363,8 +340,7 @@ async fn vm_nats_cancel_stops_a_running_vm() {
     assert_eq!(stopped.stop_reason, "cancelled");
     assert_eq!(stopped.exit_code, -1);
     assert!(last_event(&env.bus, "vm.failed").await.is_none());
-    shutdown.cancel();
-    handle.await.unwrap();
+    assert_eq!(launcher.stop().await, 0);
 }
 
 fn main() -> std::process::ExitCode {

@@ -80,6 +80,43 @@ impl Default for NetworkConfig {
     }
 }
 
+/// A `[network]` value the service cannot use; names the key.
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkConfigError {
+    #[error("pool: not an IPv4 prefix")]
+    Pool(#[source] CidrError),
+    #[error("pool is required in tap mode (e.g. pool = \"10.231.1.0/24\")")]
+    PoolRequired,
+    #[error("bridge {0:?} is not a valid interface name")]
+    Bridge(String),
+    #[error("netns")]
+    Netns(#[source] crate::host::HostError),
+}
+
+impl NetworkConfig {
+    /// The address pool, parsed (`None` when unset).
+    pub fn pool(&self) -> Result<Option<Ipv4Net>, NetworkConfigError> {
+        self.pool
+            .as_deref()
+            .map(str::parse::<Ipv4Net>)
+            .transpose()
+            .map_err(NetworkConfigError::Pool)
+    }
+
+    /// Checks every value, with `mode` resolved on this host.
+    pub fn validate(&self) -> Result<(), NetworkConfigError> {
+        let pool = self.pool()?;
+        if self.mode.resolve() == Mode::Tap && pool.is_none() {
+            return Err(NetworkConfigError::PoolRequired);
+        }
+        if !crate::host::valid_ifname(&self.bridge) {
+            return Err(NetworkConfigError::Bridge(self.bridge.clone()));
+        }
+        crate::host::Host::new(self.netns.clone()).map_err(NetworkConfigError::Netns)?;
+        Ok(())
+    }
+}
+
 /// An IPv4 address with a prefix length, e.g. `10.231.1.1/24`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ipv4Net {

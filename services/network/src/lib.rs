@@ -12,7 +12,9 @@
 //! | [`nft`] | the anti-spoofing table and its per-VM chains, as nft scripts |
 //! | [`mac`] | guest MAC derivation |
 //! | [`lease`] | the lease table: one row per VM, tombstones after release |
-//! | [`service`] | the handler, start-up reconciliation, `run` |
+//! | [`service`] | the handler and start-up reconciliation |
+//!
+//! [`Network`] is the service as the runtime runs it.
 //!
 //! ```toml
 //! [network]
@@ -33,5 +35,53 @@ pub mod mac;
 pub mod nft;
 pub mod service;
 
-pub use config::NetworkConfig;
-pub use service::{NetworkHandler, run};
+pub use config::{NetworkConfig, NetworkConfigError};
+pub use service::NetworkHandler;
+
+use wnodes_bus::EventType;
+use wnodes_runtime::{ConfigError, NoCommand, Parts, Scope, Service, ServiceCtx, StartError};
+
+/// The network service.
+#[derive(Debug)]
+pub struct Network;
+
+impl Service for Network {
+    const NAME: &'static str = "network";
+    const ABOUT: &'static str = "WNoDeS network service: a tap (or user-mode network) per VM";
+    const SCOPE: Scope = Scope::PerHost;
+    const CONSUMES: &'static [EventType] = &[
+        EventType::VmRequested,
+        EventType::VmStopped,
+        EventType::VmFailed,
+    ];
+    type Config = NetworkConfig;
+    type Handler = NetworkHandler;
+    type Command = NoCommand;
+
+    fn validate(config: &NetworkConfig) -> Result<(), ConfigError> {
+        config
+            .validate()
+            .map_err(|e| ConfigError::section(Self::NAME, e))
+    }
+
+    /// Creates the lease table and removes taps and nft chains no prepared lease holds.
+    async fn build(ctx: &ServiceCtx<NetworkConfig>) -> Result<Parts<NetworkHandler>, StartError> {
+        let handler = NetworkHandler::new(&ctx.config, ctx.source())
+            .map_err(|e| StartError::config(Self::NAME, e))?;
+        tracing::info!(mode = handler.mode.as_str(), bridge = %handler.bridge, pool = ?handler.pool.map(|p| p.to_string()), "Network service configured.");
+        service::init_store(&ctx.store)
+            .await
+            .map_err(|e| StartError::failed("create the lease table", e))?;
+        let removed = handler
+            .reconcile(&ctx.store)
+            .await
+            .map_err(|e| StartError::failed("reconcile host network state", e))?;
+        if !removed.is_empty() {
+            tracing::info!(
+                ?removed,
+                "Reconciled: removed what no prepared lease holds."
+            );
+        }
+        Ok(Parts::consumer(handler))
+    }
+}

@@ -1,5 +1,5 @@
 //! `wnodes-network`: see the library ([`wnodes_network`]) for what it does.
 
 fn main() -> std::process::ExitCode {
-    wnodes_runtime::main::<wnodes_network::NetworkConfig, _, _>("network", 0, wnodes_network::run)
+    wnodes_runtime::main::<wnodes_network::Network>()
 }

@@ -3,14 +3,12 @@
 
 use std::net::Ipv4Addr;
 
-use anyhow::Context as _;
 use wnodes_bus::{
-    Consumer, EventExt, Handler, HandlerCtx, HandlerError, KeyStore, proto, proto::event::Body,
-    subject,
+    EventExt, Handler, HandlerCtx, HandlerError, KeyStore, proto, proto::event::Body,
 };
 
 use crate::{
-    config::{Ipv4Net, Mode, NetworkConfig},
+    config::{Ipv4Net, Mode, NetworkConfig, NetworkConfigError},
     host::{Host, HostError, valid_tap_name},
     lease::{self, Lease},
     mac::Mac,
@@ -40,6 +38,15 @@ pub struct NetworkHandler {
     pub pool: Option<Ipv4Net>,
     /// `"network@<host>"`.
     pub source: String,
+}
+
+/// Why start-up reconciliation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error("reading the lease table")]
+    Store(#[from] sqlx::Error),
+    #[error("inspecting or cleaning host network state")]
+    Host(#[from] HostError),
 }
 
 /// Why a VM's network could not be prepared (published as `network.failed`).
@@ -77,25 +84,12 @@ fn store_err(e: sqlx::Error) -> HandlerError {
 
 impl NetworkHandler {
     /// Builds the handler from its configuration (the mode resolved).
-    pub fn new(cfg: &NetworkConfig, source: String) -> Result<Self, anyhow::Error> {
+    pub fn new(cfg: &NetworkConfig, source: String) -> Result<Self, NetworkConfigError> {
+        cfg.validate()?;
         let mode = cfg.mode.resolve();
-        let pool = cfg
-            .pool
-            .as_deref()
-            .map(str::parse::<Ipv4Net>)
-            .transpose()
-            .context("[network] pool")?;
-        if mode == Mode::Tap && pool.is_none() {
-            anyhow::bail!("[network] pool is required in tap mode (e.g. pool = \"10.231.1.0/24\")");
-        }
-        if !crate::host::valid_ifname(&cfg.bridge) {
-            anyhow::bail!(
-                "[network] bridge {:?} is not a valid interface name",
-                cfg.bridge
-            );
-        }
+        let pool = cfg.pool()?;
         Ok(Self {
-            host: Host::new(cfg.netns.clone())?,
+            host: Host::new(cfg.netns.clone()).map_err(NetworkConfigError::Netns)?,
             mode,
             bridge: cfg.bridge.clone(),
             pool,
@@ -324,7 +318,7 @@ impl NetworkHandler {
 
     /// Removes taps and nft chains that no prepared lease accounts for; (re)installs the base
     /// table. Returns what was removed.
-    pub async fn reconcile(&self, store: &KeyStore) -> anyhow::Result<Vec<String>> {
+    pub async fn reconcile(&self, store: &KeyStore) -> Result<Vec<String>, ReconcileError> {
         let mut removed = Vec::new();
         if self.mode != Mode::Tap {
             return Ok(removed);
@@ -396,39 +390,6 @@ pub async fn init_store(store: &KeyStore) -> Result<(), sqlx::Error> {
         .map(drop)
 }
 
-/// The consumer's subjects on `host`.
-pub fn filter_subjects(host: &str) -> Result<Vec<String>, wnodes_bus::BusError> {
-    ["vm.requested", "vm.stopped", "vm.failed"]
-        .into_iter()
-        .map(|t| subject::event_filter(Some(host), t))
-        .collect()
-}
-
-/// The service: table, reconcile, consumer, until shutdown.
-pub async fn run(ctx: wnodes_runtime::ServiceCtx<NetworkConfig>) -> anyhow::Result<()> {
-    let handler = NetworkHandler::new(&ctx.config, ctx.source())?;
-    tracing::info!(mode = handler.mode.as_str(), bridge = %handler.bridge, pool = ?handler.pool.map(|p| p.to_string()), "Network service configured.");
-    init_store(&ctx.store).await?;
-    let removed = handler
-        .reconcile(&ctx.store)
-        .await
-        .context("reconciling host state")?;
-    if !removed.is_empty() {
-        tracing::info!(
-            ?removed,
-            "Reconciled: removed what no prepared lease holds."
-        );
-    }
-    let spec = ctx.consumer_spec(
-        subject::durable_name("network", Some(&ctx.common.host))?,
-        filter_subjects(&ctx.common.host)?,
-    );
-    let consumer = Consumer::create(ctx.bus.clone(), ctx.store.clone(), spec, handler).await?;
-    ctx.ready.set_ready();
-    consumer.run(ctx.shutdown.clone()).await?;
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -445,6 +406,13 @@ mod tests {
         let err = NetworkHandler::new(&cfg(ModeSetting::Tap, None, "wnbr0"), "n@h".into())
             .unwrap_err()
             .to_string();
+        assert!(matches!(
+            NetworkHandler::new(
+                &cfg(ModeSetting::Tap, Some("10.0.0.0/33"), "wnbr0"),
+                "n@h".into()
+            ),
+            Err(NetworkConfigError::Pool(_))
+        ));
         assert!(err.contains("pool is required"), "{err}");
         assert!(
             NetworkHandler::new(

@@ -42,7 +42,9 @@ async fn start(tb: &TestBus, h: NetworkHandler) {
     tb.consume(
         store,
         "network-test",
-        service::filter_subjects(HOST).unwrap(),
+        wnodes_runtime::consumer_spec::<wnodes_network::Network>(HOST, Default::default())
+            .unwrap()
+            .filter_subjects,
         h,
     )
     .await;
@@ -232,7 +234,6 @@ async fn tap_with_filter_then_release_and_tombstone() {
     assert!(
         !tb.seen
             .lock()
-            .unwrap()
             .iter()
             .any(|e| e.run.as_ref().unwrap().run_attempt == 3
                 && matches!(e.body, Some(Body::NetworkReady(_)))),

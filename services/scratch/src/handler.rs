@@ -12,11 +12,8 @@
 //! the store transaction before it is written, so a release that committed while a volume was
 //! being made wins and the new volume is removed.
 
-use std::{
-    collections::HashMap,
-    path::PathBuf,
-    sync::{Arc, Mutex},
-};
+use parking_lot::Mutex;
+use std::{collections::HashMap, path::PathBuf, sync::Arc};
 
 use tokio::sync::OwnedMutexGuard;
 use wnodes_bus::{
@@ -60,14 +57,8 @@ struct VmGuard<'a> {
 
 impl VmLocks {
     async fn lock(&self, vm_id: &str) -> VmGuard<'_> {
-        let lock = match self.0.lock() {
-            Ok(mut m) => Some(m.entry(vm_id.to_owned()).or_default().clone()),
-            Err(_) => None,
-        };
-        let guard = match lock {
-            Some(l) => Some(l.lock_owned().await),
-            None => None,
-        };
+        let lock = self.0.lock().entry(vm_id.to_owned()).or_default().clone();
+        let guard = Some(lock.lock_owned().await);
         VmGuard {
             locks: self,
             vm_id: vm_id.to_owned(),
@@ -79,9 +70,9 @@ impl VmLocks {
 impl Drop for VmGuard<'_> {
     fn drop(&mut self) {
         drop(self.guard.take());
-        if let Ok(mut m) = self.locks.0.lock()
-            && m.get(&self.vm_id)
-                .is_some_and(|l| Arc::strong_count(l) == 1)
+        let mut m = self.locks.0.lock();
+        if m.get(&self.vm_id)
+            .is_some_and(|l| Arc::strong_count(l) == 1)
         {
             m.remove(&self.vm_id);
         }

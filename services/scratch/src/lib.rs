@@ -8,36 +8,24 @@
 //! | [`state`] | the per-VM rows (`prepared` / `released`) in the service's store |
 //! | [`handler`] | [`ScratchHandler`]: `vm.requested` → ready/failed, `vm.stopped`/`vm.failed` → release |
 //!
-//! [`start`] reconciles the directory with the rows ([`reconcile`]) and creates the durable
-//! consumer `scratch-<host>`; `main.rs` runs it on the service runtime.
+//! [`Scratch`] is the service as the runtime runs it: its build reconciles the directory with the
+//! rows ([`reconcile`]) before the durable consumer `scratch-<host>` starts.
 
 pub mod config;
 pub mod handler;
 pub mod state;
 pub mod volume;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use sqlx::SqlitePool;
-use wnodes_bus::{Bus, BusError, Consumer, ConsumerSpec, ConsumerTuning, KeyStore, subject};
+use wnodes_bus::EventType;
+use wnodes_runtime::{NoCommand, Parts, Scope, Service, ServiceCtx, StartError};
 
 pub use config::{Backend, ConfigError, ScratchConfig};
 pub use handler::{Limits, ScratchHandler};
 pub use state::{StateError, VolumeRow, VolumeState};
 pub use volume::{FileBackend, VolumeError};
-
-/// Why the service could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    #[error("invalid [scratch] configuration")]
-    Config(#[from] ConfigError),
-    #[error("scratch volume directory")]
-    Volume(#[from] VolumeError),
-    #[error("scratch state store")]
-    State(#[from] StateError),
-    #[error("cannot set up the scratch consumer")]
-    Bus(#[from] BusError),
-}
 
 /// Why reconciling failed.
 #[derive(Debug, thiserror::Error)]
@@ -46,14 +34,6 @@ pub enum ReconcileError {
     Volume(#[from] VolumeError),
     #[error("reconcile: state store")]
     State(#[from] StateError),
-}
-
-/// The subjects the service consumes on `host`.
-pub fn filter_subjects(host: &str) -> Result<Vec<String>, BusError> {
-    ["vm.requested", "vm.stopped", "vm.failed"]
-        .into_iter()
-        .map(|t| subject::event_filter(Some(host), t))
-        .collect()
 }
 
 /// Removes partial volumes and every `vm-*.img` whose row is `released` or missing (each is
@@ -78,44 +58,54 @@ pub async fn reconcile(
     Ok(removed)
 }
 
-/// Validates the configuration, prepares the volume directory (default
-/// `<state_dir>/volumes`) and the table, reconciles, and creates the durable consumer
-/// `scratch-<host>`. Events are published with the bus's source (`scratch@<host>`).
-pub async fn start(
-    bus: Bus,
-    store: KeyStore,
-    tuning: ConsumerTuning,
-    host: &str,
-    config: &ScratchConfig,
-    state_dir: &Path,
-) -> Result<Consumer<ScratchHandler>, StartError> {
-    config.validate()?;
-    let dir = config
-        .dir
-        .clone()
-        .unwrap_or_else(|| state_dir.join("volumes"));
-    let backend = FileBackend::new(dir, config.mkfs.then(|| config.mkfs_program.clone()))?;
-    state::init(store.pool()).await?;
-    match reconcile(&backend, store.read_pool()).await {
-        Ok(removed) => {
-            tracing::info!(dir = %backend.dir().display(), removed = removed.len(), "Scratch volumes reconciled.");
-        }
-        Err(ReconcileError::Volume(e)) => return Err(e.into()),
-        Err(ReconcileError::State(e)) => return Err(e.into()),
+/// The scratch service.
+#[derive(Debug)]
+pub struct Scratch;
+
+impl Service for Scratch {
+    const NAME: &'static str = "scratch";
+    const ABOUT: &'static str = "WNoDeS scratch service: a local scratch disk for every VM";
+    const SCOPE: Scope = Scope::PerHost;
+    const CONSUMES: &'static [EventType] = &[
+        EventType::VmRequested,
+        EventType::VmStopped,
+        EventType::VmFailed,
+    ];
+    type Config = ScratchConfig;
+    type Handler = ScratchHandler;
+    type Command = NoCommand;
+
+    fn validate(config: &ScratchConfig) -> Result<(), wnodes_runtime::ConfigError> {
+        config
+            .validate()
+            .map_err(|e| wnodes_runtime::ConfigError::section(Self::NAME, e))
     }
-    let handler = ScratchHandler::new(
-        backend,
-        Limits {
-            max_bytes: config.max_bytes,
-            default_bytes: config.default_bytes,
-        },
-        bus.source().to_owned(),
-        tuning.max_attempts,
-    );
-    let spec = ConsumerSpec {
-        durable: subject::durable_name("scratch", Some(host))?,
-        filter_subjects: filter_subjects(host)?,
-        tuning,
-    };
-    Ok(Consumer::create(bus, store, spec, handler).await?)
+
+    /// Prepares the volume directory (default `<state_dir>/volumes`) and the table, and
+    /// reconciles them.
+    async fn build(ctx: &ServiceCtx<ScratchConfig>) -> Result<Parts<ScratchHandler>, StartError> {
+        let config = &ctx.config;
+        let dir = config
+            .dir
+            .clone()
+            .unwrap_or_else(|| ctx.state_dir.join("volumes"));
+        let backend = FileBackend::new(dir, config.mkfs.then(|| config.mkfs_program.clone()))
+            .map_err(|e| StartError::failed("prepare the scratch volume directory", e))?;
+        state::init(ctx.store.pool())
+            .await
+            .map_err(|e| StartError::failed("create the scratch table", e))?;
+        let removed = reconcile(&backend, ctx.store.read_pool())
+            .await
+            .map_err(|e| StartError::failed("reconcile scratch volumes", e))?;
+        tracing::info!(dir = %backend.dir().display(), removed = removed.len(), "Scratch volumes reconciled.");
+        Ok(Parts::consumer(ScratchHandler::new(
+            backend,
+            Limits {
+                max_bytes: config.max_bytes,
+                default_bytes: config.default_bytes,
+            },
+            ctx.source(),
+            ctx.tuning().max_attempts,
+        )))
+    }
 }

@@ -6,12 +6,12 @@ use std::{path::Path, time::Duration};
 
 use futures::StreamExt;
 use prost::Message;
-use tokio_util::sync::CancellationToken;
 use wnodes_bus::{
-    Bus, BusError, BusMetrics, ConsumerTuning, EventExt, KeyStore, NatsConfig,
+    Bus, BusMetrics, EventExt, KeyStore, NatsConfig,
     proto::{self, event::Body},
 };
-use wnodes_scratch::{FileBackend, ScratchConfig, VolumeState, state};
+use wnodes_runtime::{Config, start::InProcess};
+use wnodes_scratch::{FileBackend, Scratch, ScratchConfig, VolumeState, state};
 use wnodes_testkit::NatsServer;
 
 const HOST: &str = "hv1.example.org";
@@ -22,8 +22,7 @@ struct Svc {
     bus: Bus,
     store: KeyStore,
     sub: async_nats::Subscriber,
-    shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<Result<(), BusError>>,
+    running: InProcess,
     dir: tempfile::TempDir,
     seen: Vec<proto::Event>,
 }
@@ -106,24 +105,16 @@ impl Svc {
         let store = KeyStore::open(&dir.path().join("keys.db")).await?;
         let sub = bus.client().subscribe("wnodes.evt.>").await?;
         bus.client().flush().await?;
-        let consumer = wnodes_scratch::start(
-            bus.clone(),
-            store.clone(),
-            ConsumerTuning::default(),
-            HOST,
-            &config,
-            dir.path(),
-        )
-        .await?;
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(consumer.run(shutdown.clone()));
+        let running =
+            InProcess::start::<Scratch>(Config::local(&nats.url(), HOST, dir.path(), config))
+                .await
+                .map_err(|code| anyhow::anyhow!("the scratch service exited with {code}"))?;
         Ok(Svc {
             _nats: nats,
             bus,
             store,
             sub,
-            shutdown,
-            task,
+            running,
             dir,
             seen: Vec::new(),
         })
@@ -157,8 +148,9 @@ impl Svc {
     }
 
     async fn stop(self) -> anyhow::Result<()> {
-        self.shutdown.cancel();
-        Ok(self.task.await??)
+        let code = self.running.stop().await;
+        anyhow::ensure!(code == 0, "the scratch service exited with {code}");
+        Ok(())
     }
 }
 

@@ -4,11 +4,15 @@
 //! the gateway on the bridge address); otherwise it uses qemu user-mode networking and says so.
 //! Prints the job's output, the per-phase timeline, the exit code, the usage record and the file
 //! the job wrote through the gateway; exits non-zero if anything failed.
+//!
+//! With `--otlp-endpoint` (or `OTEL_EXPORTER_OTLP_ENDPOINT`) every service exports its spans
+//! there; in the private namespace they go through an [`wnodes_devstack::OtlpRelay`] to the
+//! host's namespace, so a receiver on the host's loopback gets the job's whole trace.
 
-use std::{os::unix::fs::MetadataExt, path::PathBuf, process::ExitCode, time::Duration};
+use std::{os::unix::fs::MetadataExt, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
 use clap::{Parser, Subcommand};
-use wnodes_devstack::{NetworkChoice, Stack, StackOptions, SubmitArgs, timeline};
+use wnodes_devstack::{HostNetns, NetworkChoice, Stack, StackOptions, SubmitArgs, timeline};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -31,6 +35,11 @@ enum Cmd {
         /// Work dir (default: a new directory under /tmp).
         #[arg(long)]
         work_dir: Option<PathBuf>,
+        /// OTLP/gRPC endpoint on this host that every service exports its spans to, e.g.
+        /// http://127.0.0.1:4317 (as root: http://HOST:PORT, relayed out of the private network
+        /// namespace). Default: none, spans are not exported.
+        #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
+        otlp_endpoint: Option<String>,
     },
 }
 
@@ -39,13 +48,33 @@ const PAYLOAD: &str =
 
 fn main() -> ExitCode {
     let Cli {
-        command: Cmd::Demo { keep, work_dir },
+        command:
+            Cmd::Demo {
+                keep,
+                work_dir,
+                otlp_endpoint,
+            },
     } = Cli::parse();
+    // An empty OTEL_EXPORTER_OTLP_ENDPOINT means none.
+    let otlp_endpoint = otlp_endpoint.filter(|e| !e.trim().is_empty());
+    let root = nix::unistd::geteuid().is_root();
+    // As root the endpoint is relayed: check it before starting anything.
+    if root
+        && let Some(e) = &otlp_endpoint
+        && let Err(err) = wnodes_devstack::otlp_relay::parse_http_endpoint(e)
+    {
+        eprintln!("wnodes-dev: {err:#}");
+        return ExitCode::from(2);
+    }
     // Before any thread exists: unshare(CLONE_NEWNET) moves only the calling thread.
-    let network = if nix::unistd::geteuid().is_root() {
-        if let Err(e) = wnodes_devstack::enter_private_netns() {
-            eprintln!("wnodes-dev: {e:#}");
-            return ExitCode::FAILURE;
+    let mut host_netns = None;
+    let network = if root {
+        match wnodes_devstack::enter_private_netns() {
+            Ok(host) => host_netns = Some(Arc::new(host)),
+            Err(e) => {
+                eprintln!("wnodes-dev: {e:#}");
+                return ExitCode::FAILURE;
+            }
         }
         println!(
             "== running as root: private network namespace, tap networking on wnbr0 (10.231.1.1/24)"
@@ -71,7 +100,20 @@ fn main() -> ExitCode {
         Some(d) => d,
         None => std::env::temp_dir().join(format!("wnodes-demo-{}", std::process::id())),
     };
-    let result = rt.block_on(demo(work.clone(), network));
+    match (&otlp_endpoint, &host_netns) {
+        (Some(e), Some(_)) => println!(
+            "== spans: every service exports to {e} (relayed out of the private network namespace)"
+        ),
+        (Some(e), None) => println!("== spans: every service exports to {e}"),
+        (None, _) => println!(
+            "== spans: not exported (set OTEL_EXPORTER_OTLP_ENDPOINT or --otlp-endpoint to see the trace)"
+        ),
+    }
+    let otlp = Otlp {
+        endpoint: otlp_endpoint,
+        netns: host_netns,
+    };
+    let result = rt.block_on(demo(work.clone(), network, otlp));
     let failed = !matches!(result, Ok(true));
     if keep || failed {
         println!(
@@ -98,9 +140,17 @@ fn main() -> ExitCode {
     }
 }
 
-async fn demo(work: PathBuf, network: NetworkChoice) -> anyhow::Result<bool> {
+/// Where the services' spans go, and the namespace that endpoint is reached from.
+struct Otlp {
+    endpoint: Option<String>,
+    netns: Option<Arc<HostNetns>>,
+}
+
+async fn demo(work: PathBuf, network: NetworkChoice, otlp: Otlp) -> anyhow::Result<bool> {
     let mut opts = StackOptions::new(&work);
     opts.network = network;
+    opts.otlp_netns = otlp.endpoint.is_some().then_some(otlp.netns).flatten();
+    opts.otlp_endpoint = otlp.endpoint;
     if !nix::unistd::geteuid().is_root() {
         // Without root the gateway cannot switch to another uid: the job runs as the caller.
         let (uid, gid) = (nix::unistd::getuid(), nix::unistd::getgid());
