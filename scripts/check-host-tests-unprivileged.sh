@@ -5,8 +5,8 @@
 #   1. as is: each host test whose precondition is missing there (root, writable cgroups, ...) is
 #      reported SKIPPED;
 #   2. with WNODES_HOST_TESTS=required: the same tests fail, each naming what is missing.
-# It then checks that run 2 failed exactly as many tests on a missing precondition as run 1
-# skipped, and that no such test passed in run 1.
+# It then checks that run 1 passed (every test that ran there passed), that run 2 failed on a
+# missing precondition exactly the tests run 1 skipped, and that none of those ran in run 1.
 #
 #   scripts/check-host-tests-unprivileged.sh [NEXTEST-RUN-ARGS...]   e.g. -E 'package(wnodes-network)'
 #
@@ -54,12 +54,13 @@ run() { # N [ENV...]: one run as nobody; its output in $work/runN.out
     set +e
     as_nobody "$@" HOST_TESTS_LOG="$work/logs/run$n.log" \
         "$work/cargo-nextest" nextest run --archive-file "$archive" \
-        --extract-to "$work/run$n" --workspace-remap "$root" --no-fail-fast \
+        --extract-to "$work/run$n" --workspace-remap "$root" --no-fail-fast --status-level skip \
         "${nextest_args[@]}" >"$work/run$n.out" 2>&1
-    local rc=$?
+    status[$n]=$?
     set -e
-    echo "   exit status $rc; $(summary "$work/run$n.out")" >&2
+    echo "   exit status ${status[$n]}; $(summary "$work/run$n.out")" >&2
 }
+status=()
 nextest_args=("$@")
 run 1
 run 2 WNODES_HOST_TESTS=required
@@ -67,14 +68,20 @@ run 2 WNODES_HOST_TESTS=required
 skipped=$(count skipped "$work/run1.out")
 missing=$(grep -c '^missing ' "$work/logs/run2.log" 2>/dev/null || true)
 echo "== run 1 (WNODES_HOST_TESTS unset): $skipped skipped" >&2
-echo "== run 2 (WNODES_HOST_TESTS=required): $missing failed on a missing host precondition, e.g.:" >&2
-grep -m 3 -E 'missing host precondition: ' "$work/run2.out" | sed -E 's/^ */     /' >&2 || true
+echo "== run 2 (WNODES_HOST_TESTS=required): $missing failed on a missing host precondition:" >&2
+grep -oE 'missing host precondition: .*' "$work/run2.out" | sort | uniq -c | sed -E 's/^ */     /' >&2 || true
 echo "== outputs: $work/run1.out, $work/run2.out; host tests run: $work/logs/" >&2
 # Every test skipped in run 1 must be one that failed unrun in run 2, and none of those passed in
 # run 1 (the host log of run 1 names every host test that ran there).
+[ "${status[1]}" = 0 ] || die "run 1 failed: a test that ran as uid $uid failed (see $work/run1.out)"
 [ "$skipped" -gt 0 ] || die "run 1 skipped nothing"
 [ "$skipped" = "$missing" ] || die "run 1 skipped $skipped tests, run 2 failed $missing on a missing precondition"
-while read -r _ bin name; do
+# The same tests by name: SKIP lines of run 1, `missing` lines of run 2's host-test log.
+diff <(grep -E '^ +SKIP ' "$work/run1.out" | awk '{print $NF}' | sort) \
+    <(awk '$1 == "missing" {print $3}' "$work/logs/run2.log" | sort) >&2 ||
+    die "the tests skipped in run 1 are not those failed on a missing precondition in run 2"
+while read -r what bin name; do
+    [ "$what" = missing ] || continue
     if grep -qE "^(passed|failed) $bin $name\$" "$work/logs/run1.log" 2>/dev/null; then
         die "$bin $name ran in run 1 although a precondition is missing"
     fi
