@@ -383,6 +383,7 @@ fn vm_an_image_with_a_wrong_digest_fails_after_scratch_and_network_and_releases_
             name: "broken".into(),
             vo: "brokenvo".into(),
             rootfs_sha256: Some(wrong.clone()),
+            rootfs_url: None,
         });
         let stack = Stack::start(opts).await.unwrap();
         let mut args = SubmitArgs::script("fail-digest-1", "exit 0\n");
@@ -437,6 +438,56 @@ fn vm_an_image_with_a_wrong_digest_fails_after_scratch_and_network_and_releases_
             names(&evs)
         );
         no_usage_record(&stack, "fail-digest-1").await;
+        no_leftovers(&stack).await;
+    });
+}
+
+/// A real failure with a cause under it: the image's file is not there. The image service's
+/// log line and the `vm.failed` reason carry the whole chain, each link once
+/// (`docs/errors-and-logging.md`).
+fn vm_an_image_whose_file_is_missing_fails_with_the_whole_chain_once_in_the_log() {
+    in_private_netns(|| async {
+        let work = tempfile::tempdir().unwrap();
+        let missing = work.path().join("no-such-dir/rootfs.ext4");
+        let mut opts = options(work.path(), None);
+        opts.extra_images.push(ExtraImage {
+            name: "gone".into(),
+            vo: "gonevo".into(),
+            rootfs_sha256: None,
+            rootfs_url: Some(format!("file://{}", missing.display())),
+        });
+        let stack = Stack::start(opts).await.unwrap();
+        let mut args = SubmitArgs::script("fail-missing-1", "exit 0\n");
+        args.vo = Some("gonevo".into());
+        let out = stack.submit(&args).await.unwrap();
+        assert_eq!(out.exit_code, 125, "{out:#?}");
+
+        let evs = events_when(&stack, "fail-missing-1", "vm.failed", |e| {
+            has(e, EventType::VmFailed)
+        })
+        .await;
+        let f = the_vm_failed(&evs);
+        assert_eq!(f.phase, "image", "{f:#?}");
+        let top = format!("cannot open the source {}", missing.display());
+        let cause = "No such file or directory";
+        let once_in_order = |text: &str| {
+            assert_eq!(text.matches(&top).count(), 1, "{text}");
+            assert_eq!(text.matches(cause).count(), 1, "{text}");
+            assert!(text.find(&top) < text.find(cause), "{text}");
+        };
+        once_in_order(&f.reason);
+
+        let log = std::fs::read_to_string(stack.log_path("image")).unwrap();
+        let line = log
+            .lines()
+            .find(|l| l.contains("Fetch failed.") && l.contains(&top))
+            .unwrap_or_else(|| panic!("no \"Fetch failed.\" line naming {top:?} in:\n{log}"));
+        println!("image service: {line}");
+        once_in_order(line);
+
+        let (evs, _) = all_prepared_released(&stack, "fail-missing-1").await;
+        assert!(!has(&evs, EventType::VmRunning), "{}", names(&evs));
+        no_usage_record(&stack, "fail-missing-1").await;
         no_leftovers(&stack).await;
     });
 }
@@ -856,6 +907,7 @@ fn main() -> std::process::ExitCode {
     host::main(vec![
         host_test!(sync vm_a_vo_without_an_image_or_too_much_scratch_fails_in_policy_with_exit_125 needs jobs::NEEDS),
         host_test!(sync vm_an_image_with_a_wrong_digest_fails_after_scratch_and_network_and_releases_them needs jobs::NEEDS),
+        host_test!(sync vm_an_image_whose_file_is_missing_fails_with_the_whole_chain_once_in_the_log needs jobs::NEEDS),
         host_test!(sync vm_sigterm_to_submit_while_the_vm_runs_stops_it_as_cancelled_and_exits_143 needs jobs::NEEDS),
         host_test!(sync vm_sigterm_to_submit_while_preparing_fails_the_vm_as_cancelled_and_releases_late_results needs jobs::NEEDS),
         host_test!(sync vm_sigterm_to_submit_while_scratch_is_down_releases_the_scratch_prepared_after_the_cancel needs jobs::NEEDS),

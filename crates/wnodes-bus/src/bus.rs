@@ -353,7 +353,7 @@ impl Bus {
     /// Flushes buffered client writes (acks included) to the server.
     pub async fn flush(&self) {
         if let Err(e) = self.inner.client.flush().await {
-            tracing::warn!(error = %e, "Flushing the NATS connection failed.");
+            tracing::warn!(error = %crate::ErrorChain(&e), "Flushing the NATS connection failed.");
         }
     }
 }

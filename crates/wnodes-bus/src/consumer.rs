@@ -304,7 +304,7 @@ async fn settle<H: Handler>(
         }
     };
     if let Err(e) = res {
-        tracing::warn!(error = %e, "Cannot send the ack; the message will be redelivered.");
+        tracing::warn!(error = %ErrorChain(&*e), "Cannot send the ack; the message will be redelivered.");
     }
     outcome
 }

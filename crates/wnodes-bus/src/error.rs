@@ -67,17 +67,59 @@ pub enum BusError {
 }
 
 /// Renders an error and its `source()` chain as `outer: inner: innermost`, for logs and CLIs.
+///
+/// Each message appears once. Our errors never repeat their source (the rule in
+/// `docs/errors-and-logging.md`), but some of our dependencies' errors do (`async_nats`'
+/// `"{kind}: {source}"`, sqlx's `"error communicating with database: {0}"`): a link whose text the
+/// previous link's text already ends with is not written again.
 #[derive(Debug, Clone, Copy)]
 pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
 
 impl fmt::Display for ErrorChain<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)?;
+        let mut previous = self.0.to_string();
+        f.write_str(&previous)?;
         let mut cur = self.0.source();
         while let Some(e) = cur {
-            write!(f, ": {e}")?;
+            let text = e.to_string();
+            if !previous.ends_with(&text) {
+                write!(f, ": {text}")?;
+            }
+            previous = text;
             cur = e.source();
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("cannot open the store")]
+    struct Open(#[source] std::io::Error);
+
+    /// A dependency's error that repeats its source, as `async_nats::Error` does.
+    #[derive(Debug, thiserror::Error)]
+    #[error("IO error: {0}")]
+    struct Repeats(#[source] Open);
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("cannot connect")]
+    struct Connect(#[source] Repeats);
+
+    #[test]
+    fn renders_every_link_once() {
+        let e = Open(std::io::Error::other("disk on fire"));
+        assert_eq!(
+            ErrorChain(&e).to_string(),
+            "cannot open the store: disk on fire"
+        );
+        let e = Connect(Repeats(Open(std::io::Error::other("disk on fire"))));
+        assert_eq!(
+            ErrorChain(&e).to_string(),
+            "cannot connect: IO error: cannot open the store: disk on fire"
+        );
     }
 }

@@ -19,10 +19,10 @@ use crate::{error::BusError, store::KeyStore};
 #[derive(Debug, thiserror::Error)]
 pub enum HandlerError {
     /// Transient: try again later (with backoff); dead-lettered after the last attempt.
-    #[error("{0}")]
+    #[error("the handler failed (transient)")]
     Retry(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// Permanent: the message can never succeed; dead-lettered at once.
-    #[error("{0}")]
+    #[error("the handler rejected the message (permanent)")]
     Reject(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 

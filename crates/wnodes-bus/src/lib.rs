@@ -26,6 +26,8 @@ pub mod connect;
 pub mod consumer;
 pub mod dlq;
 pub mod error;
+#[cfg(test)]
+mod error_rule;
 pub mod event;
 mod failpoint;
 pub mod handler;

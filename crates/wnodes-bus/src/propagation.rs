@@ -61,7 +61,7 @@ pub fn set_parent_from(span: &tracing::Span, headers: Option<&async_nats::Header
         let parent =
             opentelemetry::global::get_text_map_propagator(|p| p.extract(&NatsHeaderExtractor(h)));
         if let Err(e) = span.set_parent(parent) {
-            tracing::debug!(error = %e, "Could not set the span's parent.");
+            tracing::debug!(error = %crate::ErrorChain(&e), "Could not set the span's parent.");
         }
     }
 }

@@ -40,8 +40,8 @@ pub enum ImageServing {
 }
 
 /// A second catalog image: the test guest's artefacts under another name, for VO `vo`, with
-/// the rootfs digest replaced by `rootfs_sha256` when set (a wrong digest makes the image
-/// service answer `image.failed`).
+/// the rootfs digest replaced by `rootfs_sha256` and its URL by `rootfs_url` when set (a wrong
+/// digest or a URL with nothing behind it makes the image service answer `image.failed`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExtraImage {
     /// Catalog name.
@@ -50,6 +50,8 @@ pub struct ExtraImage {
     pub vo: String,
     /// 64 lowercase hex digits; `None` = the guest's real digest.
     pub rootfs_sha256: Option<String>,
+    /// `None` = the guest's rootfs, served as [`StackOptions::image_serving`] says.
+    pub rootfs_url: Option<String>,
 }
 
 /// The site policy maxima (and defaults) the launcher enforces.

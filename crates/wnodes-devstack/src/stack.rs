@@ -97,6 +97,135 @@ fn qp(p: &Path) -> String {
 }
 
 /// `sha256` of each guest artefact from the guest's `manifest.json`.
+/// What the one config file needs besides the [`StackOptions`].
+#[derive(Debug)]
+pub struct ConfigInputs<'a> {
+    pub network: NetworkChoice,
+    pub nats_url: String,
+    pub grpc_addr: SocketAddr,
+    pub otlp_endpoint: Option<String>,
+    /// Where the catalog's image, kernel and initrd are fetched from (`file://` or `http://`).
+    pub image_base: String,
+    /// sha256 of `rootfs.ext4`, `vmlinux`, `initrd.img` (the guest's manifest).
+    pub digests: &'a BTreeMap<String, String>,
+    pub work: &'a Path,
+    pub export: &'a Path,
+}
+
+/// The one TOML file every service of the stack reads (the demo's configuration).
+pub fn render_config(opts: &StackOptions, c: &ConfigInputs<'_>) -> String {
+    let (network, digests, work, export, image_base) =
+        (c.network, c.digests, c.work, c.export, &c.image_base);
+    let (otlp_endpoint, grpc_addr) = (&c.otlp_endpoint, c.grpc_addr);
+    let p = &opts.policy;
+    let mut cfg = String::new();
+    let _ = writeln!(
+        cfg,
+        "# Written by wnodes-devstack: one file for every service."
+    );
+    let _ = writeln!(cfg, "site = {}", q(&opts.site));
+    let _ = writeln!(cfg, "host = {}", q(&opts.host));
+    let _ = writeln!(cfg, "log_level = {}", q(&opts.log_level));
+    if let Some(e) = &otlp_endpoint {
+        let _ = writeln!(cfg, "otlp_endpoint = {}", q(e));
+    }
+    let _ = writeln!(cfg, "\n[nats]\nurl = {}", q(&c.nats_url));
+    let _ = writeln!(cfg, "\n[bridge]\ngrpc_addr = {}", q(grpc_addr.to_string()));
+    let _ = writeln!(
+        cfg,
+        "\n[launcher]\naccel = \"tcg\"\nprepare_deadline = \"120s\""
+    );
+    let _ = writeln!(
+        cfg,
+        "\n[launcher.policy]\nvo_images = {{ {} }}\nnetwork_mode = {}\n\
+         default_cores = {}\nmax_cores = {}\ndefault_memory_bytes = {}\nmax_memory_bytes = {}\n\
+         default_scratch_bytes = {}\nmax_scratch_bytes = {}\ndefault_walltime = \"{}s\"",
+        std::iter::once((opts.vo.as_str(), "demo"))
+            .chain(
+                opts.extra_images
+                    .iter()
+                    .map(|e| (e.vo.as_str(), e.name.as_str()))
+            )
+            .map(|(vo, image)| format!("{} = {}", q(vo), q(image)))
+            .collect::<Vec<_>>()
+            .join(", "),
+        if network == NetworkChoice::Tap {
+            "\"virtio_tap\""
+        } else {
+            "\"user\""
+        },
+        p.default_cores,
+        p.max_cores,
+        p.default_memory_bytes,
+        p.max_memory_bytes,
+        p.default_scratch_bytes,
+        p.max_scratch_bytes,
+        p.default_walltime_secs,
+    );
+    if opts.storage_export {
+        let _ = writeln!(
+            cfg,
+            "\n[[launcher.policy.storage_exports]]\nname = \"shared\"\nhost_path = {}\nguest_path = \"/shared\"",
+            qp(export)
+        );
+    }
+    let _ = writeln!(
+        cfg,
+        "\n[image.catalog.demo]\nurl = {}\nsha256 = {}\nformat = \"raw\"\n\
+         kernel = {{ url = {}, sha256 = {} }}\ninitrd = {{ url = {}, sha256 = {} }}",
+        q(format!("{image_base}/rootfs.ext4")),
+        q(&digests["rootfs.ext4"]),
+        q(format!("{image_base}/vmlinux")),
+        q(&digests["vmlinux"]),
+        q(format!("{image_base}/initrd.img")),
+        q(&digests["initrd.img"]),
+    );
+    for extra in &opts.extra_images {
+        let _ = writeln!(
+            cfg,
+            "\n[image.catalog.{}]\nurl = {}\nsha256 = {}\nformat = \"raw\"\n\
+             kernel = {{ url = {}, sha256 = {} }}\ninitrd = {{ url = {}, sha256 = {} }}",
+            q(&extra.name),
+            q(extra
+                .rootfs_url
+                .clone()
+                .unwrap_or_else(|| format!("{image_base}/rootfs.ext4"))),
+            q(extra
+                .rootfs_sha256
+                .as_deref()
+                .unwrap_or(&digests["rootfs.ext4"])),
+            q(format!("{image_base}/vmlinux")),
+            q(&digests["vmlinux"]),
+            q(format!("{image_base}/initrd.img")),
+            q(&digests["initrd.img"]),
+        );
+    }
+    let _ = writeln!(
+        cfg,
+        "\n[scratch]\ndir = {}\nmax_bytes = {}\ndefault_bytes = {}",
+        qp(&work.join("state/scratch/volumes")),
+        p.max_scratch_bytes,
+        p.default_scratch_bytes.max(1),
+    );
+    let _ = writeln!(
+        cfg,
+        "\n[network]\nmode = {}\nbridge = {}\npool = {}",
+        if network == NetworkChoice::Tap {
+            "\"tap\""
+        } else {
+            "\"user\""
+        },
+        q(BRIDGE),
+        q(POOL)
+    );
+    let _ = writeln!(
+        cfg,
+        "\n[gateway]\nport_range = \"{}-{}\"",
+        opts.gateway_ports.0, opts.gateway_ports.1
+    );
+    cfg
+}
+
 fn guest_digests(guest: &Path) -> anyhow::Result<BTreeMap<String, String>> {
     let path = guest.join("manifest.json");
     let text = std::fs::read_to_string(&path).with_context(|| {
@@ -287,108 +416,18 @@ impl Stack {
         }
         let grpc_addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
 
-        let p = &opts.policy;
-        let mut cfg = String::new();
-        let _ = writeln!(
-            cfg,
-            "# Written by wnodes-devstack: one file for every service."
-        );
-        let _ = writeln!(cfg, "site = {}", q(&opts.site));
-        let _ = writeln!(cfg, "host = {}", q(&opts.host));
-        let _ = writeln!(cfg, "log_level = {}", q(&opts.log_level));
-        if let Some(e) = &otlp_endpoint {
-            let _ = writeln!(cfg, "otlp_endpoint = {}", q(e));
-        }
-        let _ = writeln!(cfg, "\n[nats]\nurl = {}", q(nats.url()));
-        let _ = writeln!(cfg, "\n[bridge]\ngrpc_addr = {}", q(grpc_addr.to_string()));
-        let _ = writeln!(
-            cfg,
-            "\n[launcher]\naccel = \"tcg\"\nprepare_deadline = \"120s\""
-        );
-        let _ = writeln!(
-            cfg,
-            "\n[launcher.policy]\nvo_images = {{ {} }}\nnetwork_mode = {}\n\
-             default_cores = {}\nmax_cores = {}\ndefault_memory_bytes = {}\nmax_memory_bytes = {}\n\
-             default_scratch_bytes = {}\nmax_scratch_bytes = {}\ndefault_walltime = \"{}s\"",
-            std::iter::once((opts.vo.as_str(), "demo"))
-                .chain(
-                    opts.extra_images
-                        .iter()
-                        .map(|e| (e.vo.as_str(), e.name.as_str()))
-                )
-                .map(|(vo, image)| format!("{} = {}", q(vo), q(image)))
-                .collect::<Vec<_>>()
-                .join(", "),
-            if network == NetworkChoice::Tap {
-                "\"virtio_tap\""
-            } else {
-                "\"user\""
+        let cfg = render_config(
+            &opts,
+            &ConfigInputs {
+                network,
+                nats_url: nats.url(),
+                grpc_addr,
+                otlp_endpoint: otlp_endpoint.clone(),
+                image_base: image_base.clone(),
+                digests: &digests,
+                work: &work,
+                export: &export,
             },
-            p.default_cores,
-            p.max_cores,
-            p.default_memory_bytes,
-            p.max_memory_bytes,
-            p.default_scratch_bytes,
-            p.max_scratch_bytes,
-            p.default_walltime_secs,
-        );
-        if opts.storage_export {
-            let _ = writeln!(
-                cfg,
-                "\n[[launcher.policy.storage_exports]]\nname = \"shared\"\nhost_path = {}\nguest_path = \"/shared\"",
-                qp(&export)
-            );
-        }
-        let _ = writeln!(
-            cfg,
-            "\n[image.catalog.demo]\nurl = {}\nsha256 = {}\nformat = \"raw\"\n\
-             kernel = {{ url = {}, sha256 = {} }}\ninitrd = {{ url = {}, sha256 = {} }}",
-            q(format!("{image_base}/rootfs.ext4")),
-            q(&digests["rootfs.ext4"]),
-            q(format!("{image_base}/vmlinux")),
-            q(&digests["vmlinux"]),
-            q(format!("{image_base}/initrd.img")),
-            q(&digests["initrd.img"]),
-        );
-        for extra in &opts.extra_images {
-            let _ = writeln!(
-                cfg,
-                "\n[image.catalog.{}]\nurl = {}\nsha256 = {}\nformat = \"raw\"\n\
-                 kernel = {{ url = {}, sha256 = {} }}\ninitrd = {{ url = {}, sha256 = {} }}",
-                q(&extra.name),
-                q(format!("{image_base}/rootfs.ext4")),
-                q(extra
-                    .rootfs_sha256
-                    .as_deref()
-                    .unwrap_or(&digests["rootfs.ext4"])),
-                q(format!("{image_base}/vmlinux")),
-                q(&digests["vmlinux"]),
-                q(format!("{image_base}/initrd.img")),
-                q(&digests["initrd.img"]),
-            );
-        }
-        let _ = writeln!(
-            cfg,
-            "\n[scratch]\ndir = {}\nmax_bytes = {}\ndefault_bytes = {}",
-            qp(&work.join("state/scratch/volumes")),
-            p.max_scratch_bytes,
-            p.default_scratch_bytes.max(1),
-        );
-        let _ = writeln!(
-            cfg,
-            "\n[network]\nmode = {}\nbridge = {}\npool = {}",
-            if network == NetworkChoice::Tap {
-                "\"tap\""
-            } else {
-                "\"user\""
-            },
-            q(BRIDGE),
-            q(POOL)
-        );
-        let _ = writeln!(
-            cfg,
-            "\n[gateway]\nport_range = \"{}-{}\"",
-            opts.gateway_ports.0, opts.gateway_ports.1
         );
         let config_path = work.join("wnodes.toml");
         std::fs::write(&config_path, cfg)

@@ -11,7 +11,7 @@
 use std::{net::SocketAddr, path::PathBuf};
 
 use figment::{
-    Figment, Metadata, Profile,
+    Figment, Metadata,
     providers::{Env, Format, Serialized, Toml},
     value::Value,
 };
@@ -207,11 +207,14 @@ fn origin(md: Option<&Metadata>, key: &str) -> String {
         return "(source unknown)".into();
     };
     match &md.source {
-        Some(figment::Source::File(path)) => format!("in {} {}", md.name, path.display()),
-        Some(_) | None => {
-            let name = md.interpolate(&Profile::Default, &[key]);
-            format!("in {} ({name})", md.name)
+        Some(figment::Source::File(path)) => format!("in {}", path.display()),
+        _ if md.name.contains("environment") => {
+            format!(
+                "from the environment (WNODES_{}...)",
+                key.to_ascii_uppercase()
+            )
         }
+        _ => format!("from {}", md.name),
     }
 }
 

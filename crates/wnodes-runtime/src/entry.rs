@@ -46,7 +46,8 @@ fn command<S: Service>() -> clap::Command {
                 ),
         )
         .subcommand(clap::Command::new("serve").about("Run the service (the default)"));
-    S::Command::augment_subcommands(cmd)
+    // The subcommands' derive would set the command's about to the enum's doc: set ours last.
+    S::Command::augment_subcommands(cmd).about(S::ABOUT)
 }
 
 /// Runs service `S` as a process: call it from `main`.

@@ -97,7 +97,7 @@ pub async fn serve(
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
             .await;
         if let Err(e) = res {
-            tracing::error!(error = %e, "HTTP endpoint failed.");
+            tracing::error!(error = %wnodes_bus::ErrorChain(&e), "HTTP endpoint failed.");
         }
     });
     Ok(local)

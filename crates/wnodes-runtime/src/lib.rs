@@ -22,6 +22,8 @@
 
 pub mod config;
 pub mod entry;
+#[cfg(test)]
+mod error_rule;
 pub mod http;
 pub mod service;
 pub mod shutdown;

@@ -18,6 +18,8 @@
 //! The usage tables live in the consumer's idempotency store database ([`Config::database`]),
 //! so each effect commits together with its key ([`wnodes_bus::HandlerCtx::tx`]).
 
+#[cfg(test)]
+mod error_rule;
 pub mod records;
 
 mod service;
@@ -63,13 +65,13 @@ impl Config {
 /// What can go wrong in accounting.
 #[derive(Debug, thiserror::Error)]
 pub enum AccountingError {
-    #[error("database {path}: {source}")]
+    #[error("database {path}")]
     Database {
         path: String,
         #[source]
         source: sqlx::Error,
     },
-    #[error("SQL: {0}")]
+    #[error("accounting database query failed")]
     Sql(#[from] sqlx::Error),
     #[error(transparent)]
     Bus(#[from] wnodes_bus::BusError),

@@ -28,6 +28,8 @@
 //!
 //! A payload can itself exit with 125, 130 or 143; stderr says which case it was.
 
+#[cfg(test)]
+mod error_rule;
 pub mod server;
 pub mod submit;
 pub mod validate;
@@ -74,23 +76,23 @@ impl Default for Config {
 pub enum BridgeError {
     #[error(transparent)]
     Bus(#[from] wnodes_bus::BusError),
-    #[error("JetStream: {0}")]
+    #[error("JetStream request failed")]
     JetStream(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("the event stream ended before the run's VM stopped or failed")]
     WatchEnded,
-    #[error("{0}")]
+    #[error(transparent)]
     Invalid(#[from] validate::InvalidInput),
     #[error("configuration: {0}")]
     Config(String),
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Read {
         path: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("gRPC server: {0}")]
+    #[error("gRPC server failed")]
     Transport(#[from] tonic::transport::Error),
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Listen {
         addr: SocketAddr,
         #[source]

@@ -1,12 +1,17 @@
 //! The gRPC service `wnodes.v1.Bridge`: LRMS integrations report job starts, ends and
 //! cancellations; each call publishes the matching event.
+//!
+//! What a caller is told when a call fails: for an invalid request, `INVALID_ARGUMENT` naming the
+//! field and what is wrong with it; for a failure of the bridge or what it depends on, what
+//! failed and a request id ([`failure`]), never the internal error chain, which goes to the
+//! bridge's log once, under that request id.
 
 use std::time::SystemTime;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::{
-    Request, Response, Status,
+    Code, Request, Response, Status,
     metadata::{KeyRef, MetadataMap},
     transport::{Certificate, Identity, Server, ServerTlsConfig, server::TcpIncoming},
 };
@@ -145,11 +150,10 @@ impl BridgeService {
             let Published {
                 sequence,
                 duplicate,
-            } = bus.publish(&event).await.map_err(|e| {
-                let msg = ErrorChain(&e).to_string();
-                tracing::error!(error = %msg, id = %event.id, "Cannot publish.");
-                Status::unavailable(format!("cannot publish {}: {msg}", event.id))
-            })?;
+            } = bus
+                .publish(&event)
+                .await
+                .map_err(|e| failure(Code::Unavailable, &format!("publishing {}", event.id), &e))?;
             tracing::info!(id = %event.id, sequence, duplicate, "Published.");
             Ok(Response::new(proto::JobAck {
                 event_id: event.id.clone(),
@@ -165,6 +169,18 @@ impl BridgeService {
 
 fn invalid(e: validate::InvalidInput) -> Status {
     Status::invalid_argument(e.to_string())
+}
+
+/// The status of a call that failed for a reason the caller cannot fix: `what` failed, and a
+/// request id to find the cause by. The whole error chain goes to the log once, under that id;
+/// the caller never sees it (it names internal addresses, subjects and files).
+pub fn failure(code: Code, what: &str, e: &(dyn std::error::Error + 'static)) -> Status {
+    let request_id = uuid::Uuid::now_v7().simple().to_string();
+    tracing::error!(%request_id, what, error = %ErrorChain(e), "Request failed.");
+    Status::new(
+        code,
+        format!("{what} failed: internal error; see the bridge's log, request id {request_id}"),
+    )
 }
 
 macro_rules! rpc_span {
@@ -241,7 +257,7 @@ impl bridge_server::Bridge for BridgeService {
         tokio::select! {
             res = wait.instrument(span) => match res {
                 Ok(outcome) => Ok(Response::new(outcome.to_proto())),
-                Err(e) => Err(Status::unavailable(ErrorChain(&e).to_string())),
+                Err(e) => Err(failure(Code::Unavailable, "waiting for the run's end", &e)),
             },
             _ = self.shutdown.cancelled() => Err(Status::unavailable("the bridge is shutting down")),
         }
@@ -251,7 +267,7 @@ impl bridge_server::Bridge for BridgeService {
 fn invalid_or_internal(e: &BridgeError) -> Status {
     match e {
         BridgeError::Invalid(i) => Status::invalid_argument(i.to_string()),
-        other => Status::internal(ErrorChain(other).to_string()),
+        other => failure(Code::Internal, "waiting for the run's end", other),
     }
 }
 

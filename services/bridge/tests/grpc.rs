@@ -27,9 +27,13 @@ fn telemetry() {
 }
 
 async fn connect(nats: &NatsServer) -> Bus {
+    connect_with(nats, NatsConfig::default()).await
+}
+
+async fn connect_with(nats: &NatsServer, cfg: NatsConfig) -> Bus {
     let cfg = NatsConfig {
         url: nats.url(),
-        ..Default::default()
+        ..cfg
     };
     let bus = Bus::connect(&cfg, "test@hv1.example.org", BusMetrics::unregistered())
         .await
@@ -280,6 +284,71 @@ async fn invalid_input_is_rejected_naming_the_field() {
         .unwrap();
     let mut stream = stream;
     assert_eq!(stream.info().await.unwrap().state.messages, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_call_that_fails_inside_the_bridge_tells_the_caller_a_request_id_not_the_cause() {
+    let mut nats = NatsServer::start().await.unwrap();
+    let bus = connect_with(
+        &nats,
+        NatsConfig {
+            publish_timeout: Duration::from_secs(1),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut bridge = start_bridge(&bus).await;
+    let port = nats.url().rsplit(':').next().unwrap().to_owned();
+    nats.kill().await.unwrap();
+
+    let status = bridge
+        .client
+        .job_started(proto::JobStartedRequest {
+            job: Some(job("77")),
+            started_at: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    let message = status.message();
+    let (what, request_id) = message
+        .split_once(" failed: internal error; see the bridge's log, request id ")
+        .unwrap_or_else(|| panic!("not a failure message: {message}"));
+    assert_eq!(what, "publishing job.started:INFN-T1/slurm/77/1");
+    assert_eq!(request_id.len(), 32, "{message}");
+    assert!(
+        request_id.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{message}"
+    );
+    // Nothing of the internal chain: the bus's error, the subject, NATS's address.
+    for internal in [
+        "acknowledged",
+        "wnodes.evt",
+        "nats",
+        "127.0.0.1",
+        port.as_str(),
+    ] {
+        assert!(
+            !message.contains(internal),
+            "{internal:?} leaked: {message}"
+        );
+    }
+
+    // An invalid request still says what is wrong with it, even with NATS down.
+    let status = bridge
+        .client
+        .job_started(proto::JobStartedRequest {
+            job: Some(job("")),
+            started_at: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().starts_with("job.run.job_id:"),
+        "{}",
+        status.message()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

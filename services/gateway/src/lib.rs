@@ -27,6 +27,8 @@
 //! the host itself could.
 
 pub mod config;
+#[cfg(test)]
+mod error_rule;
 pub mod listener;
 pub mod service;
 pub mod table;

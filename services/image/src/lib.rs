@@ -13,6 +13,8 @@
 
 pub mod cache;
 pub mod config;
+#[cfg(test)]
+mod error_rule;
 pub mod handler;
 
 use wnodes_bus::EventType;

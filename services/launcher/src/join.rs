@@ -50,7 +50,7 @@ pub const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS launcher_vms (
 /// A store problem.
 #[derive(Debug, thiserror::Error)]
 pub enum JoinError {
-    #[error("launcher_vms: {op}: {source}")]
+    #[error("launcher_vms: cannot {op}")]
     Sql {
         op: &'static str,
         #[source]

@@ -45,6 +45,8 @@
 //! own `name=systemd` hierarchy, which the launcher leaves alone), so keep `KillMode=process`.
 
 pub mod config;
+#[cfg(test)]
+mod error_rule;
 pub mod handler;
 pub mod join;
 pub mod policy;

@@ -50,7 +50,7 @@ pub enum QemuError {
     },
     #[error("payload: {0}")]
     Payload(String),
-    #[error("cannot run {binary}: {source}")]
+    #[error("cannot run {binary}")]
     Spawn {
         binary: PathBuf,
         #[source]
@@ -412,7 +412,7 @@ pub async fn spawn_detached(
     let group = cgroups.and_then(|host| match host.create(vm_id) {
         Ok(source) => Some(source),
         Err(e) => {
-            tracing::warn!(vm_id, error = %e, "No cgroup for the VM; sampling /proc.");
+            tracing::warn!(vm_id, error = %wnodes_bus::ErrorChain(&e), "No cgroup for the VM; sampling /proc.");
             None
         }
     });
@@ -503,7 +503,7 @@ pub async fn spawn_detached(
             daemon_inherited: false,
         }),
         Err(e) => {
-            tracing::warn!(vm_id, error = %e, "Cannot move qemu into its cgroup; sampling /proc.");
+            tracing::warn!(vm_id, error = %wnodes_bus::ErrorChain(&e), "Cannot move qemu into its cgroup; sampling /proc.");
             usage::remove_groups(vm_id, &source);
             Ok(Spawned {
                 pid,

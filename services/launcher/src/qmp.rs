@@ -21,7 +21,7 @@ const QMP_TIMEOUT: Duration = Duration::from_secs(5);
 /// A QMP problem.
 #[derive(Debug, thiserror::Error)]
 pub enum QmpError {
-    #[error("QMP {path}: {source}")]
+    #[error("QMP {path}: I/O failed")]
     Io {
         path: String,
         #[source]
@@ -153,7 +153,7 @@ pub async fn stop_vm(
 ) -> Result<(), QmpError> {
     let mut qmp = Qmp::connect(socket).await?;
     if let Err(e) = qmp.execute("system_powerdown").await {
-        tracing::debug!(error = %e, "system_powerdown failed; quitting.");
+        tracing::debug!(error = %wnodes_bus::ErrorChain(&e), "system_powerdown failed; quitting.");
     }
     let deadline = tokio::time::Instant::now() + grace;
     while alive() && tokio::time::Instant::now() < deadline {

@@ -43,11 +43,11 @@ pub enum ServiceError {
     Join(#[from] JoinError),
     #[error(transparent)]
     State(#[from] StateError),
-    #[error("store: {0}")]
+    #[error("launcher store")]
     Store(#[from] sqlx::Error),
     #[error(transparent)]
     Bus(#[from] wnodes_bus::BusError),
-    #[error("launcher.policy: {0}")]
+    #[error("invalid launcher configuration")]
     Policy(#[from] crate::policy::PolicyConfigError),
 }
 
@@ -269,7 +269,7 @@ impl LauncherState {
                         tracing::info!(vm_id, group = %dir.display(), "Removed a leftover cgroup.")
                     }
                     Err(e) => {
-                        tracing::warn!(vm_id, error = %e, "Cannot remove a leftover cgroup.")
+                        tracing::warn!(vm_id, error = %ErrorChain(&e), "Cannot remove a leftover cgroup.")
                     }
                 }
             }

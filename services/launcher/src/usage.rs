@@ -65,7 +65,7 @@ impl UsageSample {
 /// An accounting problem.
 #[derive(Debug, thiserror::Error)]
 pub enum UsageError {
-    #[error("cgroup {path}: {op}: {source}")]
+    #[error("cgroup {path}: cannot {op}")]
     Cgroup {
         op: &'static str,
         path: PathBuf,
@@ -322,7 +322,7 @@ pub fn remove_group_dir(dir: &Path) -> Result<(), UsageError> {
 pub fn remove_groups(vm_id: &str, source: &UsageSource) {
     for dir in group_dirs(source) {
         if let Err(e) = remove_group_dir(dir) {
-            tracing::warn!(vm_id, error = %e, "Cannot remove the VM's cgroup.");
+            tracing::warn!(vm_id, error = %wnodes_bus::ErrorChain(&e), "Cannot remove the VM's cgroup.");
         }
     }
 }
@@ -405,7 +405,7 @@ pub fn final_usage(vm: &VmDir, source: &UsageSource, last: Option<UsageSample>) 
         cgroup => match read_source(vm.vm_id(), cgroup) {
             Ok(s) => s,
             Err(e) => {
-                tracing::warn!(vm_id = vm.vm_id(), error = %e, "Cannot read the VM's cgroup; using samples.");
+                tracing::warn!(vm_id = vm.vm_id(), error = %wnodes_bus::ErrorChain(&e), "Cannot read the VM's cgroup; using samples.");
                 read_usage_file(vm)
             }
         },

@@ -32,26 +32,26 @@ pub const OUTPUT_TAIL_BYTES: u64 = 4096;
 pub enum StateError {
     #[error("invalid VM id {0:?} (expected vm- and 12 lowercase hex digits)")]
     InvalidVmId(String),
-    #[error("{op} {path}: {source}")]
+    #[error("cannot {op} {path}")]
     Io {
         op: &'static str,
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("{path}: bad JSON: {source}")]
+    #[error("{path}: bad JSON")]
     Json {
         path: PathBuf,
         #[source]
         source: serde_json::Error,
     },
-    #[error("{path}: bad protobuf: {source}")]
+    #[error("{path}: bad protobuf")]
     Proto {
         path: PathBuf,
         #[source]
         source: prost::DecodeError,
     },
-    #[error("{path}: bad hex: {source}")]
+    #[error("{path}: bad hex")]
     Hex {
         path: PathBuf,
         #[source]

@@ -94,7 +94,7 @@ fn watch_shutdown_events(
         let mut qmp = match qmp::Qmp::connect(&socket).await {
             Ok(q) => q,
             Err(e) => {
-                tracing::debug!(%vm_id, error = %e, "No QMP event monitor; polling qemu's pid only.");
+                tracing::debug!(%vm_id, error = %wnodes_bus::ErrorChain(&e), "No QMP event monitor; polling qemu's pid only.");
                 return;
             }
         };
@@ -143,7 +143,7 @@ pub async fn watch(vm: &VmDir, opts: &WatchOptions) -> Result<VmExit, WatchError
             last = Some(merged);
             if last_persist.is_none_or(|t| t.elapsed() >= opts.persist_every) {
                 if let Err(e) = usage::write_usage_file(vm, &merged) {
-                    tracing::warn!(vm_id = vm.vm_id(), error = %e, "Cannot persist usage.");
+                    tracing::warn!(vm_id = vm.vm_id(), error = %wnodes_bus::ErrorChain(&e), "Cannot persist usage.");
                 }
                 last_persist = Some(tokio::time::Instant::now());
             }
@@ -162,7 +162,7 @@ pub async fn watch(vm: &VmDir, opts: &WatchOptions) -> Result<VmExit, WatchError
             })
             .await
             {
-                tracing::warn!(vm_id = vm.vm_id(), error = %e, "Cannot stop the VM through QMP.");
+                tracing::warn!(vm_id = vm.vm_id(), error = %wnodes_bus::ErrorChain(&e), "Cannot stop the VM through QMP.");
             }
         }
         tokio::select! {
@@ -178,7 +178,7 @@ pub async fn watch(vm: &VmDir, opts: &WatchOptions) -> Result<VmExit, WatchError
     // the VM's run (the cumulative figure stays in usage.json).
     let cpu_at_start = running.cpu_at_start_ns as f64 / 1e9;
     if sample_proc && let Err(e) = usage::write_usage_file(vm, &usage) {
-        tracing::warn!(vm_id = vm.vm_id(), error = %e, "Cannot persist usage.");
+        tracing::warn!(vm_id = vm.vm_id(), error = %wnodes_bus::ErrorChain(&e), "Cannot persist usage.");
     }
     usage.cpu_seconds = (usage.cpu_seconds - cpu_at_start).max(0.0);
     // The group(s) are empty now: the usage is read, they can go.

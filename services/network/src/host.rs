@@ -13,7 +13,7 @@ use crate::{config::Ipv4Net, nft};
 /// A host command that failed.
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
-    #[error("cannot run {cmd}: {source}")]
+    #[error("cannot run {cmd}")]
     Spawn {
         cmd: String,
         #[source]

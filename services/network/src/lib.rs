@@ -29,6 +29,8 @@
 //! The filter passes only IPv4 and ARP from a VM (IPv6 and VLAN-tagged frames are dropped).
 
 pub mod config;
+#[cfg(test)]
+mod error_rule;
 pub mod host;
 pub mod lease;
 pub mod mac;

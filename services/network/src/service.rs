@@ -4,7 +4,7 @@
 use std::net::Ipv4Addr;
 
 use wnodes_bus::{
-    EventExt, Handler, HandlerCtx, HandlerError, KeyStore, proto, proto::event::Body,
+    ErrorChain, EventExt, Handler, HandlerCtx, HandlerError, KeyStore, proto, proto::event::Body,
 };
 
 use crate::{
@@ -51,12 +51,12 @@ pub enum ReconcileError {
 
 /// Why a VM's network could not be prepared (published as `network.failed`).
 #[derive(Debug, thiserror::Error)]
-enum PrepareError {
+pub(crate) enum PrepareError {
     #[error("VM id {0:?} is not of the form vm-<12 hex digits>")]
     BadVmId(String),
     #[error("bridge {0:?} does not exist")]
     BridgeMissing(String),
-    #[error("bridge {bridge:?}: {source}")]
+    #[error("cannot inspect bridge {bridge:?}")]
     Bridge {
         bridge: String,
         #[source]
@@ -70,7 +70,7 @@ enum PrepareError {
     PoolOutsideBridge { pool: Ipv4Net, bridge: Ipv4Net },
     #[error(transparent)]
     Exhausted(#[from] lease::Exhausted),
-    #[error("setting up tap {tap}: {source}")]
+    #[error("cannot set up tap {tap}")]
     Tap {
         tap: String,
         #[source]
@@ -177,8 +177,9 @@ impl NetworkHandler {
                 {
                     ctx.publish(self.released(ev, vm_id, "already released".into()));
                 } else {
-                    tracing::warn!(vm_id, error = %e, "Cannot prepare the network.");
-                    ctx.publish(self.failed(ev, vm_id, e.to_string()));
+                    let reason = ErrorChain(&e).to_string();
+                    tracing::warn!(vm_id, error = %reason, "Cannot prepare the network.");
+                    ctx.publish(self.failed(ev, vm_id, reason));
                 }
                 return Ok(());
             }
@@ -195,8 +196,9 @@ impl NetworkHandler {
                 match self.prepare_tap(ctx, vm_id, existing, pool, bridge).await? {
                     Ok(r) => r,
                     Err(e) => {
-                        tracing::warn!(vm_id, error = %e, "Cannot prepare the network.");
-                        ctx.publish(self.failed(ev, vm_id, e.to_string()));
+                        let reason = ErrorChain(&e).to_string();
+                        tracing::warn!(vm_id, error = %reason, "Cannot prepare the network.");
+                        ctx.publish(self.failed(ev, vm_id, reason));
                         return Ok(());
                     }
                 }
@@ -258,7 +260,7 @@ impl NetworkHandler {
         if let Err(source) = self.make_tap(&tap, mac, ip).await {
             // Undo what was made; the lease goes with it (same transaction).
             if let Err(e) = self.remove_tap(&tap).await {
-                tracing::warn!(vm_id, %tap, error = %e, "Cannot undo a half-made tap.");
+                tracing::warn!(vm_id, %tap, error = %ErrorChain(&e), "Cannot undo a half-made tap.");
             }
             lease::forget(ctx.tx().await?, vm_id)
                 .await

@@ -12,6 +12,8 @@
 //! rows ([`reconcile`]) before the durable consumer `scratch-<host>` starts.
 
 pub mod config;
+#[cfg(test)]
+mod error_rule;
 pub mod handler;
 pub mod state;
 pub mod volume;

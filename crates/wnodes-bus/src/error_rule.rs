@@ -1,0 +1,57 @@
+//! The error rule for this crate's error types (`docs/errors-and-logging.md`): one sample per
+//! variant; a new variant does not compile until it has one here.
+
+use std::sync::Arc;
+
+use wnodes_testkit::error_rule::{SOURCE_TEXT, boxed_source, io_source};
+
+use crate::{BusError, HandlerError};
+
+wnodes_testkit::error_rule! {
+    BusError {
+        BusError::Config(_) => BusError::Config("handler_timeout must be below ack_wait".into()),
+        BusError::ReadFile { .. } => BusError::ReadFile {
+            what: "the NKEY seed",
+            path: "/etc/wnodes/seed".into(),
+            source: io_source(),
+        },
+        BusError::Tls(_) => BusError::Tls("no certificate in /etc/wnodes/ca.pem".into()),
+        BusError::Connect { .. } => BusError::Connect {
+            url: "nats://127.0.0.1:4222".into(),
+            source: async_nats::ConnectError::with_source(
+                async_nats::ConnectErrorKind::Io,
+                io_source(),
+            ),
+        },
+        BusError::Stream { .. } => BusError::Stream {
+            stream: "WNODES_EVENTS".into(),
+            source: boxed_source(),
+        },
+        BusError::Consumer { .. } => BusError::Consumer {
+            stream: "WNODES_EVENTS".into(),
+            consumer: "launcher-hv01".into(),
+            source: boxed_source(),
+        },
+        BusError::Publish { .. } => BusError::Publish {
+            subject: "wnodes.evt.hv01.vm.requested".into(),
+            attempts: 3,
+            elapsed_ms: 60_000,
+            source: boxed_source(),
+        },
+        BusError::InvalidName(_) => BusError::InvalidName("host `HV 01`".into()),
+        BusError::EmptyEvent => BusError::EmptyEvent,
+        BusError::Store { .. } => BusError::Store {
+            path: "/var/lib/wnodes/keys.db".into(),
+            source: sqlx::Error::Protocol(SOURCE_TEXT.into()),
+        },
+        BusError::KeyCommit { .. } => BusError::KeyCommit {
+            path: "/var/lib/wnodes/keys.db".into(),
+            source: Arc::new(rusqlite::Error::InvalidParameterName(SOURCE_TEXT.into())),
+        },
+        BusError::DeadLetterRead(_) => BusError::DeadLetterRead(boxed_source()),
+    }
+    HandlerError {
+        HandlerError::Retry(_) => HandlerError::retry(io_source()),
+        HandlerError::Reject(_) => HandlerError::reject(io_source()),
+    }
+}

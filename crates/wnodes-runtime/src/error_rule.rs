@@ -1,0 +1,44 @@
+//! The error rule for this crate's error types (`docs/errors-and-logging.md`): one sample per
+//! variant; a new variant does not compile until it has one here.
+
+use wnodes_bus::BusError;
+use wnodes_testkit::error_rule::{SOURCE_TEXT, boxed_source, io_source};
+
+use crate::{config::ConfigError, service::StartError, start::HttpBind, telemetry::TelemetryError};
+
+wnodes_testkit::error_rule! {
+    ConfigError {
+        ConfigError::Value(_) => ConfigError::Value(
+            "invalid type: found string \"many\", expected u32 for key \"node.answer\"".into(),
+        ),
+        ConfigError::UnknownKey { .. } => ConfigError::UnknownKey {
+            key: "lancher".into(),
+            origin: "in /etc/wnodes/wnodes.toml".into(),
+            sections: "bridge, launcher".into(),
+        },
+        ConfigError::UnregisteredSection(_) => ConfigError::UnregisteredSection("lancher"),
+        ConfigError::Host(_) => ConfigError::Host(BusError::InvalidName(SOURCE_TEXT.into())),
+        ConfigError::EmptySite => ConfigError::EmptySite,
+        ConfigError::Consumer(_) => ConfigError::Consumer(BusError::Config(SOURCE_TEXT.into())),
+        ConfigError::Section { .. } => ConfigError::section("network", boxed_source()),
+        ConfigError::Usage(_) => ConfigError::Usage("--config needs a file path".into()),
+    }
+    StartError {
+        StartError::Config(_) => StartError::Config(ConfigError::section("network", boxed_source())),
+        StartError::Unavailable { .. } => StartError::unavailable("NATS", boxed_source()),
+        StartError::Failed { .. } => StartError::failed("open the image cache", boxed_source()),
+    }
+    HttpBind {
+        HttpBind { .. } => HttpBind {
+            addr: "127.0.0.1:9602".parse().unwrap(),
+            source: io_source(),
+        },
+    }
+    TelemetryError {
+        TelemetryError::Exporter { .. } => TelemetryError::Exporter {
+            endpoint: "http://127.0.0.1:4317".into(),
+            source: opentelemetry_otlp::ExporterBuildError::InternalFailure(SOURCE_TEXT.into()),
+        },
+        TelemetryError::AlreadyInstalled => TelemetryError::AlreadyInstalled,
+    }
+}

@@ -1,0 +1,141 @@
+//! The error rule for this crate's error types (`docs/errors-and-logging.md`): one sample per
+//! variant; a new variant does not compile until it has one here.
+
+use std::time::Duration;
+
+use prost::Message as _;
+use wnodes_bus::BusError;
+use wnodes_testkit::error_rule::{SOURCE_TEXT, io_source};
+
+use crate::{
+    join::JoinError,
+    policy::{PolicyConfigError, PolicyError},
+    qemu::QemuError,
+    qmp::QmpError,
+    service::ServiceError,
+    usage::UsageError,
+    vmstate::StateError,
+    watch::WatchError,
+};
+
+const VM: &str = "vm-0123456789ab";
+
+fn state_error() -> StateError {
+    StateError::Io {
+        op: "read",
+        path: "/var/lib/wnodes/vms/vm-0123456789ab/running.json".into(),
+        source: io_source(),
+    }
+}
+
+fn join_error() -> JoinError {
+    JoinError::Sql {
+        op: "insert",
+        source: sqlx::Error::Protocol(SOURCE_TEXT.into()),
+    }
+}
+
+fn policy_config_error() -> PolicyConfigError {
+    PolicyConfigError("default_cores 0 must be between 1 and max_cores 8".into())
+}
+
+wnodes_testkit::error_rule! {
+    StateError {
+        StateError::InvalidVmId(_) => StateError::InvalidVmId("vm-../etc".into()),
+        StateError::Io { .. } => state_error(),
+        StateError::Json { .. } => StateError::Json {
+            path: "/var/lib/wnodes/vms/vm-0123456789ab/running.json".into(),
+            source: serde_json::from_str::<u8>("{").unwrap_err(),
+        },
+        StateError::Proto { .. } => StateError::Proto {
+            path: "/var/lib/wnodes/vms/vm-0123456789ab/spec.json".into(),
+            source: prost_types::Timestamp::decode(&[0xff_u8][..]).unwrap_err(),
+        },
+        StateError::Hex { .. } => StateError::Hex {
+            path: "/var/lib/wnodes/vms/vm-0123456789ab/spec.json".into(),
+            source: hex::FromHexError::OddLength,
+        },
+    }
+    JoinError {
+        JoinError::Sql { .. } => join_error(),
+        JoinError::Corrupt { .. } => JoinError::Corrupt {
+            vm_id: VM.into(),
+            column: "state",
+            detail: "unknown state \"Flying\"".into(),
+        },
+    }
+    UsageError {
+        UsageError::Cgroup { .. } => UsageError::Cgroup {
+            op: "create",
+            path: "/sys/fs/cgroup/cpuacct/wnodes/vm-0123456789ab".into(),
+            source: io_source(),
+        },
+        UsageError::NoCgroup(_) => UsageError::NoCgroup(VM.into()),
+        UsageError::State(_) => UsageError::State(state_error()),
+    }
+    QemuError {
+        QemuError::BadValue { .. } => QemuError::BadValue {
+            what: "kernel path",
+            value: "/boot/vmlinuz,if=none".into(),
+            why: "contains a comma",
+        },
+        QemuError::Payload(_) => QemuError::Payload("environment name \"A;B\" is not a shell name".into()),
+        QemuError::Spawn { .. } => QemuError::Spawn {
+            binary: "/usr/bin/qemu-system-x86_64".into(),
+            source: io_source(),
+        },
+        QemuError::Timeout(_) => QemuError::Timeout(Duration::from_secs(30)),
+        QemuError::Failed { .. } => QemuError::Failed {
+            status: "exit status: 1".into(),
+            stderr: "qemu-system-x86_64: -drive file=/x: Could not open '/x'".into(),
+        },
+        QemuError::NoPid(_) => QemuError::NoPid("/var/lib/wnodes/vms/vm-0123456789ab/qemu.pid".into()),
+        QemuError::State(_) => QemuError::State(state_error()),
+    }
+    QmpError {
+        QmpError::Io { .. } => QmpError::Io {
+            path: "/var/lib/wnodes/vms/vm-0123456789ab/qmp.sock".into(),
+            source: io_source(),
+        },
+        QmpError::Timeout { .. } => QmpError::Timeout { path: "qmp.sock".into() },
+        QmpError::Closed { .. } => QmpError::Closed { path: "qmp.sock".into() },
+        QmpError::Protocol { .. } => QmpError::Protocol {
+            path: "qmp.sock".into(),
+            line: "{\"QMP\"".into(),
+        },
+        QmpError::Command { .. } => QmpError::Command {
+            path: "qmp.sock".into(),
+            command: "system_powerdown".into(),
+            error: "{\"class\":\"GenericError\"}".into(),
+        },
+    }
+    WatchError {
+        WatchError::NotStarted(_) => WatchError::NotStarted(VM.into()),
+        WatchError::State(_) => WatchError::State(state_error()),
+    }
+    PolicyError {
+        PolicyError::NoImage { .. } => PolicyError::NoImage { vo: "atlas".into() },
+        PolicyError::AboveMaximum { .. } => PolicyError::AboveMaximum {
+            resource: "cores",
+            requested: 9,
+            maximum: 8,
+        },
+        PolicyError::UnknownImage { .. } => PolicyError::UnknownImage { hint: "el7".into() },
+        PolicyError::NoPayload => PolicyError::NoPayload,
+        PolicyError::ScriptRefUnsupported => PolicyError::ScriptRefUnsupported,
+        PolicyError::NoRun => PolicyError::NoRun,
+    }
+    PolicyConfigError {
+        PolicyConfigError(_) => policy_config_error(),
+    }
+    ServiceError {
+        ServiceError::Join(_) => ServiceError::Join(join_error()),
+        ServiceError::State(_) => ServiceError::State(state_error()),
+        ServiceError::Store(_) => ServiceError::Store(sqlx::Error::Protocol(SOURCE_TEXT.into())),
+        ServiceError::Bus(_) => ServiceError::Bus(BusError::Stream {
+            stream: "WNODES_EVENTS".into(),
+            source: Box::new(io_source()),
+        }),
+        ServiceError::Policy(_) => ServiceError::Policy(policy_config_error()),
+    }
+}

@@ -1,0 +1,88 @@
+//! The error rule for this crate's error types (`docs/errors-and-logging.md`): one sample per
+//! variant; a new variant does not compile until it has one here.
+
+use std::net::Ipv4Addr;
+
+use wnodes_testkit::error_rule::io_source;
+
+use crate::{
+    config::{CidrError, Ipv4Net, NetworkConfigError},
+    host::HostError,
+    lease::Exhausted,
+    service::{PrepareError, ReconcileError},
+};
+
+fn net(addr: [u8; 4], prefix: u8) -> Ipv4Net {
+    Ipv4Net {
+        addr: Ipv4Addr::from(addr),
+        prefix,
+    }
+}
+
+fn host_error() -> HostError {
+    HostError::Spawn {
+        cmd: "ip link add wn-0123456789ab type tuntap".into(),
+        source: io_source(),
+    }
+}
+
+wnodes_testkit::error_rule! {
+    NetworkConfigError {
+        NetworkConfigError::Pool(_) => NetworkConfigError::Pool(
+            "10.0.0.0/33".parse::<Ipv4Net>().unwrap_err(),
+        ),
+        NetworkConfigError::PoolRequired => NetworkConfigError::PoolRequired,
+        NetworkConfigError::Bridge(_) => NetworkConfigError::Bridge("br;x".into()),
+        NetworkConfigError::Netns(_) => NetworkConfigError::Netns(host_error()),
+    }
+    ReconcileError {
+        ReconcileError::Store(_) => ReconcileError::Store(sqlx::Error::Protocol(
+            wnodes_testkit::error_rule::SOURCE_TEXT.into(),
+        )),
+        ReconcileError::Host(_) => ReconcileError::Host(host_error()),
+    }
+    HostError {
+        HostError::Spawn { .. } => host_error(),
+        HostError::Failed { .. } => HostError::Failed {
+            cmd: "ip link set wn-0123456789ab up".into(),
+            status: "exit status: 2".into(),
+            stderr: "RTNETLINK answers: Operation not permitted".into(),
+        },
+        HostError::Parse { .. } => HostError::Parse {
+            cmd: "ip -j addr show wnbr0".into(),
+            why: "expected value at line 1 column 1".into(),
+        },
+        HostError::InvalidName { .. } => HostError::InvalidName {
+            kind: "interface name",
+            name: "wn;rm".into(),
+        },
+    }
+    CidrError {
+        CidrError { .. } => CidrError { value: "10.0.0.0/33".into(), why: "prefix above 32" },
+    }
+    Exhausted {
+        Exhausted { .. } => Exhausted { pool: net([10, 231, 1, 0], 30), in_use: 2 },
+    }
+    PrepareError {
+        PrepareError::BadVmId(_) => PrepareError::BadVmId("vm-XYZ".into()),
+        PrepareError::BridgeMissing(_) => PrepareError::BridgeMissing("wnbr0".into()),
+        PrepareError::Bridge { .. } => PrepareError::Bridge {
+            bridge: "wnbr0".into(),
+            source: host_error(),
+        },
+        PrepareError::Unsupported(_) => PrepareError::Unsupported("SR-IOV"),
+        PrepareError::NoPool => PrepareError::NoPool,
+        PrepareError::PoolOutsideBridge { .. } => PrepareError::PoolOutsideBridge {
+            pool: net([10, 231, 2, 0], 24),
+            bridge: net([10, 231, 1, 0], 24),
+        },
+        PrepareError::Exhausted(_) => PrepareError::Exhausted(Exhausted {
+            pool: net([10, 231, 1, 0], 30),
+            in_use: 2,
+        }),
+        PrepareError::Tap { .. } => PrepareError::Tap {
+            tap: "wn-0123456789ab".into(),
+            source: host_error(),
+        },
+    }
+}

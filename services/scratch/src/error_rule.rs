@@ -1,0 +1,55 @@
+//! The error rule for this crate's error types (`docs/errors-and-logging.md`): one sample per
+//! variant; a new variant does not compile until it has one here.
+
+use wnodes_testkit::error_rule::{SOURCE_TEXT, io_source};
+
+use crate::{ConfigError, ReconcileError, StateError, VolumeError};
+
+fn config_error() -> ConfigError {
+    ConfigError {
+        key: "backend",
+        problem: "\"lvm\" is not built yet; use \"file\"".into(),
+    }
+}
+
+fn volume_error() -> VolumeError {
+    VolumeError::Io {
+        op: "create the volume directory",
+        path: "/var/lib/wnodes/scratch".into(),
+        source: io_source(),
+    }
+}
+
+fn state_error() -> StateError {
+    StateError {
+        op: "insert",
+        vm_id: "vm-0123456789ab".into(),
+        source: sqlx::Error::Protocol(SOURCE_TEXT.into()),
+    }
+}
+
+wnodes_testkit::error_rule! {
+    ConfigError {
+        ConfigError { .. } => config_error(),
+    }
+    VolumeError {
+        VolumeError::Io { .. } => volume_error(),
+        VolumeError::MkfsSpawn { .. } => VolumeError::MkfsSpawn {
+            program: "mkfs.ext4".into(),
+            source: io_source(),
+        },
+        VolumeError::Mkfs { .. } => VolumeError::Mkfs {
+            program: "mkfs.ext4".into(),
+            path: "/var/lib/wnodes/scratch/vm-0123456789ab.img".into(),
+            status: "exit status: 1".into(),
+            stderr: "mkfs.ext4: Device size reported to be zero.".into(),
+        },
+    }
+    StateError {
+        StateError { .. } => state_error(),
+    }
+    ReconcileError {
+        ReconcileError::Volume(_) => ReconcileError::Volume(volume_error()),
+        ReconcileError::State(_) => ReconcileError::State(state_error()),
+    }
+}
