@@ -15,8 +15,9 @@
 //! }
 //! ```
 //!
-//! Each test keeps its function name as its test name (so `.config/nextest.toml`'s `vm_*` group
-//! still applies). When a [`Precondition`] is missing, the test is listed as *ignored*, which
+//! A `#[test]` or `#[tokio::test]` in such a file would compile to nothing and never run:
+//! `tests/host_harness_files.rs` fails on one. Each test keeps its function name as its test
+//! name (so `.config/nextest.toml`'s `vm_*` group still applies). When a [`Precondition`] is missing, the test is listed as *ignored*, which
 //! nextest reports as SKIPPED — unless `WNODES_HOST_TESTS=required` (set by `scripts/test.sh`):
 //! then it is listed as an ordinary test, runs, and fails with a message naming what is missing.
 //! A test that is run checks its preconditions first in either mode (so `--run-ignored` cannot
