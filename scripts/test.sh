@@ -2,16 +2,67 @@
 # The project's test command (README "Quick start", .ci/run): installs what the tests need when
 # missing (nats-server into .tools/, qemu/sshfs/nftables through apt, the test guest into
 # .cache/), then checks formatting, lints, and runs every test with nextest.
+#
+# Host tests (wnodes_testkit::host: root, qemu, /dev/fuse, sftp-server, the test guest, ...) run
+# with WNODES_HOST_TESTS=required: a missing precondition fails them, naming it, instead of
+# skipping them. At the end (also after a failure) it prints how many host tests ran and how long
+# each phase took.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
+
+phases=()
+phase_start=
+phase_name=
+begin() {
+    end_phase
+    phase_name=$1
+    phase_start=$EPOCHREALTIME
+}
+end_phase() {
+    if [ -n "$phase_name" ]; then
+        phases+=("$phase_name $(awk -v a="$phase_start" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1fs", b - a }')")
+        phase_name=
+    fi
+}
+# Every host test that ran appends a line here (wnodes_testkit::host, HOST_TESTS_LOG).
+host_log="$root/target/host-tests.log"
+rm -f "$host_log"
+report() {
+    local rc=$?
+    end_phase
+    if [ -f "$host_log" ]; then
+        local passed failed missing
+        passed=$(grep -c '^passed ' "$host_log" || true)
+        failed=$(grep -c '^failed ' "$host_log" || true)
+        missing=$(grep -c '^missing ' "$host_log" || true)
+        echo "== host tests: $((passed + failed)) ran ($passed passed, $failed failed);" \
+            "$missing failed without running (a missing precondition)" >&2
+    fi
+    local joined
+    joined=$(printf '%s, ' "${phases[@]}")
+    echo "== phase times: ${joined%, }" >&2
+    exit "$rc"
+}
+trap report EXIT
+
+begin install
 scripts/install-deps.sh all
 if [ -x guest/build.sh ]; then guest/build.sh >/dev/null; fi
+
+begin lint
 echo "== cargo fmt --check" >&2
 cargo fmt --all -- --check
 echo "== cargo clippy" >&2
 cargo clippy --workspace --all-targets --locked -- -D warnings
+
+begin build
 echo "== cargo build (the service binaries the system tests start)" >&2
 cargo build --workspace --bins --locked
+
+begin tests
 echo "== cargo nextest" >&2
-cargo nextest run --workspace --locked --profile ci "$@"
+mkdir -p "$(dirname "$host_log")"
+touch "$host_log"
+WNODES_HOST_TESTS=required HOST_TESTS_LOG="$host_log" \
+    cargo nextest run --workspace --locked --profile ci "$@"

@@ -1,34 +1,27 @@
-//! Helpers of the whole-job tests (`tests/job_flow.rs`, `tests/job_failures.rs`): whether the
-//! machine can run them, a private network namespace per test, stack options, and the checks
-//! every job ends with.
+//! Helpers of the whole-job tests (`tests/job_flow.rs`, `tests/job_failures.rs`): what they
+//! need of the machine ([`NEEDS`]), a private network namespace per test, stack options, and
+//! the checks every job ends with.
 
 use std::{future::Future, path::Path, time::Duration};
 
-use wnodes_devstack::{
-    NetworkChoice, Stack, StackOptions, UsageRecord, enter_private_netns, options::workspace_root,
-};
-use wnodes_testkit::wait_until;
+use wnodes_devstack::{NetworkChoice, Stack, StackOptions, UsageRecord, enter_private_netns};
+use wnodes_testkit::{host::Precondition, wait_until};
 
 /// How long a job-level wait may take on a loaded 2-core machine.
 pub const JOB_TIMEOUT: Duration = Duration::from_secs(90);
 
-/// True when the machine can run whole-job tests; prints SKIPPED and why otherwise.
-pub fn can_run() -> bool {
-    let guest = workspace_root().join(".cache/guest/manifest.json");
-    let why = if !nix::unistd::geteuid().is_root() {
-        Some("needs root (network namespace, taps, nftables)")
-    } else if !Path::new("/dev/fuse").exists() {
-        Some("needs /dev/fuse")
-    } else if !guest.exists() {
-        Some("needs the test guest (guest/build.sh)")
-    } else {
-        None
-    };
-    if let Some(why) = why {
-        eprintln!("SKIPPED: {why}");
-    }
-    why.is_none()
-}
+/// What a whole-job test needs of the host (`wnodes_testkit::host`): root (a private network
+/// namespace, taps, nftables, `setpriv` to the job's uid), qemu and the test guest, and what the
+/// gateway runs (`sftp-server` through `setpriv`); `/dev/fuse` for the storage export.
+pub const NEEDS: &[Precondition] = &[
+    Precondition::Root,
+    Precondition::Qemu,
+    Precondition::TestGuest,
+    Precondition::DevFuse,
+    Precondition::SftpServer,
+    Precondition::Setpriv,
+    Precondition::Nft,
+];
 
 /// Enters a private network namespace, then runs `f` on a fresh multi-thread runtime (whose
 /// threads, and every process they start, inherit the namespace).

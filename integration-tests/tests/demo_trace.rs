@@ -6,8 +6,10 @@
 //! user-mode networking on the host's loopback and the services export there directly. This test
 //! itself stays in the host's namespace.
 //!
-//! Needs what `job_flow.rs` needs (root, `/dev/fuse`, qemu, the test guest) and the binaries
-//! (`cargo build --workspace --bins`); named `vm_*`: they boot VMs, one at a time.
+//! Needs what `job_flow.rs` needs (`jobs::NEEDS`: root, `/dev/fuse`, qemu, the test guest, ...)
+//! and the binaries (`cargo build --workspace --bins`); named `vm_*`: they boot VMs, one at a
+//! time. Host tests (`wnodes_testkit::host`): where a precondition is missing they are skipped,
+//! or fail naming it under `WNODES_HOST_TESTS=required`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failure is a test failure
 
@@ -19,8 +21,12 @@ use std::{
 };
 
 use wnodes_devstack::options::{default_bin_dir, workspace_root};
-use wnodes_integration_tests::jobs::can_run;
-use wnodes_testkit::{CollectedSpan, OtlpCollector};
+use wnodes_integration_tests::jobs;
+use wnodes_testkit::{
+    CollectedSpan, OtlpCollector,
+    host::{self, Precondition},
+    host_test,
+};
 
 /// The demo boots one VM under TCG; generous for a loaded 2-core machine.
 const DEMO_TIMEOUT: Duration = Duration::from_secs(300);
@@ -143,11 +149,7 @@ async fn check_one_trace_of_seven_services(collector: &OtlpCollector, stdout: &s
 }
 
 /// As root: tap networking in the demo's private network namespace, spans through the relay.
-#[tokio::test(flavor = "multi_thread")]
 async fn vm_the_demo_exports_one_trace_with_spans_from_all_seven_services_to_the_hosts_loopback() {
-    if !can_run() {
-        return;
-    }
     // On the host's loopback, in this (the host's) network namespace.
     let collector = OtlpCollector::start().await.unwrap();
     let endpoint = collector.endpoint();
@@ -163,9 +165,9 @@ async fn vm_the_demo_exports_one_trace_with_spans_from_all_seven_services_to_the
     check_one_trace_of_seven_services(&collector, &stdout).await;
 }
 
-/// True when uid 65534 can run the demo binary and read the test guest (a checkout under a
-/// directory only root can enter cannot); prints SKIPPED and why otherwise.
-fn nobody_can_run_the_demo() -> bool {
+/// `Ok` when uid 65534 can run the demo binary and read the test guest (a checkout under a
+/// directory only root can enter cannot).
+fn nobody_can_run_the_demo() -> Result<(), String> {
     let demo = default_bin_dir().map(|d| d.join("wnodes-dev"));
     let rootfs = workspace_root().join(".cache/guest/rootfs.ext4");
     let as_nobody = |args: &[&std::ffi::OsStr]| {
@@ -181,21 +183,31 @@ fn nobody_can_run_the_demo() -> bool {
         as_nobody(&[demo.as_os_str(), "--version".as_ref()])
             && as_nobody(&["test".as_ref(), "-r".as_ref(), rootfs.as_os_str()])
     });
-    if !ok {
-        eprintln!(
-            "SKIPPED: needs setpriv, and wnodes-dev and the test guest readable by uid 65534"
-        );
+    if ok {
+        Ok(())
+    } else {
+        Err(NOBODY_RUNS_THE_DEMO.into())
     }
-    ok
 }
+
+const NOBODY_RUNS_THE_DEMO: &str =
+    "uid 65534 able to run wnodes-dev and read the test guest (through setpriv)";
+
+/// `jobs::NEEDS`, and uid 65534 able to run the demo.
+const NEEDS_AS_NOBODY: &[Precondition] = &[
+    Precondition::Root,
+    Precondition::Qemu,
+    Precondition::TestGuest,
+    Precondition::DevFuse,
+    Precondition::SftpServer,
+    Precondition::Setpriv,
+    Precondition::Nft,
+    Precondition::Other(NOBODY_RUNS_THE_DEMO, nobody_can_run_the_demo),
+];
 
 /// Not root (uid 65534 through `setpriv`): qemu user-mode networking on the host's loopback,
 /// spans straight to the endpoint.
-#[tokio::test(flavor = "multi_thread")]
 async fn vm_the_demo_without_root_exports_its_trace_to_the_hosts_loopback_too() {
-    if !can_run() || !nobody_can_run_the_demo() {
-        return;
-    }
     let collector = OtlpCollector::start().await.unwrap();
     let endpoint = collector.endpoint();
     let stdout = run_demo(&endpoint, Some(65534)).await;
@@ -208,4 +220,17 @@ async fn vm_the_demo_without_root_exports_its_trace_to_the_hosts_loopback_too() 
         "{stdout}"
     );
     check_one_trace_of_seven_services(&collector, &stdout).await;
+}
+
+fn main() -> std::process::ExitCode {
+    host::main(vec![
+        host_test!(
+            multi_thread vm_the_demo_exports_one_trace_with_spans_from_all_seven_services_to_the_hosts_loopback
+            needs jobs::NEEDS
+        ),
+        host_test!(
+            multi_thread vm_the_demo_without_root_exports_its_trace_to_the_hosts_loopback_too
+            needs NEEDS_AS_NOBODY
+        ),
+    ])
 }

@@ -9,7 +9,8 @@
 //! (`.config/nextest.toml`).
 //!
 //! Needs root, `/dev/fuse`, qemu, the test guest (`guest/build.sh`) and the service binaries
-//! (`cargo build --workspace --bins`); without root or the guest a test says SKIPPED and passes.
+//! (`cargo build --workspace --bins`). Host tests (`wnodes_testkit::host`, `jobs::NEEDS`): where
+//! a precondition is missing they are skipped, or fail naming it under `WNODES_HOST_TESTS=required`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failure is a test failure
 
@@ -27,10 +28,10 @@ use wnodes_devstack::{
     ExtraImage, ImageServing, RunEvent, Stack, SubmitArgs, SubmitOutcome, UsageRecord,
 };
 use wnodes_integration_tests::jobs::{
-    can_run, check_cpu_and_memory, in_private_netns, mem_total_bytes, no_leftovers,
-    one_usage_record, tap_options as options,
+    self, check_cpu_and_memory, in_private_netns, mem_total_bytes, no_leftovers, one_usage_record,
+    tap_options as options,
 };
-use wnodes_testkit::{OtlpCollector, wait_until};
+use wnodes_testkit::{OtlpCollector, host, host_test, wait_until};
 
 const LONG: Duration = Duration::from_secs(90);
 /// How often the helpers below read the event stream or the usage records again.
@@ -344,11 +345,7 @@ async fn policy_failure(stack: &Stack, args: SubmitArgs, want: &[&str]) {
     no_leftovers(stack).await;
 }
 
-#[test]
 fn vm_a_vo_without_an_image_or_too_much_scratch_fails_in_policy_with_exit_125() {
-    if !can_run() {
-        return;
-    }
     in_private_netns(|| async {
         let work = tempfile::tempdir().unwrap();
         let stack = Stack::start(options(work.path(), None)).await.unwrap();
@@ -374,11 +371,7 @@ fn vm_a_vo_without_an_image_or_too_much_scratch_fails_in_policy_with_exit_125() 
     });
 }
 
-#[test]
 fn vm_an_image_with_a_wrong_digest_fails_after_scratch_and_network_and_releases_them() {
-    if !can_run() {
-        return;
-    }
     in_private_netns(|| async {
         let work = tempfile::tempdir().unwrap();
         let wrong = "0".repeat(64);
@@ -452,11 +445,7 @@ fn vm_an_image_with_a_wrong_digest_fails_after_scratch_and_network_and_releases_
 /// A real failure with a cause under it: the image's file is not there. The image service's
 /// log line and the `vm.failed` reason carry the whole chain, each link once
 /// (`docs/errors-and-logging.md`).
-#[test]
 fn vm_an_image_whose_file_is_missing_fails_with_the_whole_chain_once_in_the_log() {
-    if !can_run() {
-        return;
-    }
     in_private_netns(|| async {
         let work = tempfile::tempdir().unwrap();
         let missing = work.path().join("no-such-dir/rootfs.ext4");
@@ -506,11 +495,7 @@ fn vm_an_image_whose_file_is_missing_fails_with_the_whole_chain_once_in_the_log(
 // ---------------------------------------------------------------------------------------------
 // 2. Cancellation
 
-#[test]
 fn vm_sigterm_to_submit_while_the_vm_runs_stops_it_as_cancelled_and_exits_143() {
-    if !can_run() {
-        return;
-    }
     in_private_netns(|| async {
         let work = tempfile::tempdir().unwrap();
         let stack = Stack::start(options(work.path(), None)).await.unwrap();
@@ -545,11 +530,7 @@ fn vm_sigterm_to_submit_while_the_vm_runs_stops_it_as_cancelled_and_exits_143() 
     });
 }
 
-#[test]
 fn vm_sigterm_to_submit_while_preparing_fails_the_vm_as_cancelled_and_releases_late_results() {
-    if !can_run() {
-        return;
-    }
     in_private_netns(|| async {
         let work = tempfile::tempdir().unwrap();
         let mut opts = options(work.path(), None);
@@ -616,11 +597,7 @@ fn vm_sigterm_to_submit_while_preparing_fails_the_vm_as_cancelled_and_releases_l
     });
 }
 
-#[test]
 fn vm_sigterm_to_submit_while_scratch_is_down_releases_the_scratch_prepared_after_the_cancel() {
-    if !can_run() {
-        return;
-    }
     in_private_netns(|| async {
         let work = tempfile::tempdir().unwrap();
         let mut stack = Stack::start(options(work.path(), None)).await.unwrap();
@@ -675,11 +652,7 @@ fn vm_sigterm_to_submit_while_scratch_is_down_releases_the_scratch_prepared_afte
 
 const CRASH_PAYLOAD: &str = "sleep 3; echo done; exit 7\n";
 
-#[test]
 fn vm_launcher_killed_while_the_vm_runs_is_restarted_and_the_job_ends_once_in_its_trace() {
-    if !can_run() {
-        return;
-    }
     in_private_netns(|| async {
         let collector = OtlpCollector::start().await.unwrap();
         let work = tempfile::tempdir().unwrap();
@@ -737,11 +710,7 @@ fn vm_launcher_killed_while_the_vm_runs_is_restarted_and_the_job_ends_once_in_it
     });
 }
 
-#[test]
 fn vm_a_vm_that_ends_while_the_launcher_is_down_is_reported_once_after_the_restart() {
-    if !can_run() {
-        return;
-    }
     in_private_netns(|| async {
         let work = tempfile::tempdir().unwrap();
         let mut stack = Stack::start(options(work.path(), None)).await.unwrap();
@@ -822,11 +791,7 @@ fn vm_a_vm_that_ends_while_the_launcher_is_down_is_reported_once_after_the_resta
     });
 }
 
-#[test]
 fn vm_launcher_stopped_with_sigterm_leaves_the_vm_running_and_reports_it_after_the_restart() {
-    if !can_run() {
-        return;
-    }
     in_private_netns(|| async {
         let work = tempfile::tempdir().unwrap();
         let mut stack = Stack::start(options(work.path(), None)).await.unwrap();
@@ -860,11 +825,7 @@ fn vm_launcher_stopped_with_sigterm_leaves_the_vm_running_and_reports_it_after_t
 // ---------------------------------------------------------------------------------------------
 // 4. Exactly once at the stack level
 
-#[test]
 fn vm_a_republished_vm_stopped_after_an_accounting_restart_is_not_recorded_twice() {
-    if !can_run() {
-        return;
-    }
     in_private_netns(|| async {
         let work = tempfile::tempdir().unwrap();
         let mut stack = Stack::start(options(work.path(), None)).await.unwrap();
@@ -940,4 +901,19 @@ fn vm_a_republished_vm_stopped_after_an_accounting_restart_is_not_recorded_twice
         assert_eq!(count(&evs, EventType::UsageRecorded), 1, "{}", names(&evs));
         no_leftovers(&stack).await;
     });
+}
+
+fn main() -> std::process::ExitCode {
+    host::main(vec![
+        host_test!(sync vm_a_vo_without_an_image_or_too_much_scratch_fails_in_policy_with_exit_125 needs jobs::NEEDS),
+        host_test!(sync vm_an_image_with_a_wrong_digest_fails_after_scratch_and_network_and_releases_them needs jobs::NEEDS),
+        host_test!(sync vm_an_image_whose_file_is_missing_fails_with_the_whole_chain_once_in_the_log needs jobs::NEEDS),
+        host_test!(sync vm_sigterm_to_submit_while_the_vm_runs_stops_it_as_cancelled_and_exits_143 needs jobs::NEEDS),
+        host_test!(sync vm_sigterm_to_submit_while_preparing_fails_the_vm_as_cancelled_and_releases_late_results needs jobs::NEEDS),
+        host_test!(sync vm_sigterm_to_submit_while_scratch_is_down_releases_the_scratch_prepared_after_the_cancel needs jobs::NEEDS),
+        host_test!(sync vm_launcher_killed_while_the_vm_runs_is_restarted_and_the_job_ends_once_in_its_trace needs jobs::NEEDS),
+        host_test!(sync vm_a_vm_that_ends_while_the_launcher_is_down_is_reported_once_after_the_restart needs jobs::NEEDS),
+        host_test!(sync vm_launcher_stopped_with_sigterm_leaves_the_vm_running_and_reports_it_after_the_restart needs jobs::NEEDS),
+        host_test!(sync vm_a_republished_vm_stopped_after_an_accounting_restart_is_not_recorded_twice needs jobs::NEEDS),
+    ])
 }

@@ -5,7 +5,8 @@
 //! `vm_*`: they boot VMs and run one at a time (`.config/nextest.toml`).
 //!
 //! Needs root, `/dev/fuse`, qemu, the test guest (`guest/build.sh`) and the service binaries
-//! (`cargo build --workspace --bins`); without root or the guest a test says SKIPPED and passes.
+//! (`cargo build --workspace --bins`). Host tests (`wnodes_testkit::host`, `jobs::NEEDS`): where
+//! a precondition is missing they are skipped, or fail naming it under `WNODES_HOST_TESTS=required`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failure is a test failure
 
@@ -18,10 +19,10 @@ use std::{
 use wnodes_bus::EventType;
 use wnodes_devstack::{ImageServing, NetworkChoice, RunEvent, Stack, SubmitArgs};
 use wnodes_integration_tests::jobs::{
-    can_run, check_cpu_and_memory, in_private_netns, no_leftovers, one_usage_record,
+    self, check_cpu_and_memory, in_private_netns, no_leftovers, one_usage_record,
     tap_options as options,
 };
-use wnodes_testkit::{CollectedSpan, OtlpCollector, wait_until};
+use wnodes_testkit::{CollectedSpan, OtlpCollector, host, host_test, wait_until};
 
 const LONG: Duration = Duration::from_secs(60);
 
@@ -59,11 +60,7 @@ echo "uid=$(id -u)"
 exit 0
 "#;
 
-#[test]
 fn vm_jobs_via_submit_and_grpc_return_exit_codes_are_accounted_once_and_leave_nothing() {
-    if !can_run() {
-        return;
-    }
     in_private_netns(|| async {
         let work = tempfile::tempdir().unwrap();
         let stack = Stack::start(options(work.path(), None)).await.unwrap();
@@ -137,11 +134,7 @@ fn by_service(spans: &[CollectedSpan], trace_id: &str) -> BTreeMap<String, usize
     m
 }
 
-#[test]
 fn vm_a_job_is_one_trace_with_spans_from_all_seven_services() {
-    if !can_run() {
-        return;
-    }
     in_private_netns(|| async {
         let collector = OtlpCollector::start().await.unwrap();
         let work = tempfile::tempdir().unwrap();
@@ -233,11 +226,7 @@ fn vm_a_job_is_one_trace_with_spans_from_all_seven_services() {
     });
 }
 
-#[test]
 fn vm_a_crashed_service_is_restarted_and_the_next_job_runs() {
-    if !can_run() {
-        return;
-    }
     in_private_netns(|| async {
         let work = tempfile::tempdir().unwrap();
         let mut stack = Stack::start(options(work.path(), None)).await.unwrap();
@@ -292,11 +281,7 @@ fn vm_a_crashed_service_is_restarted_and_the_next_job_runs() {
     });
 }
 
-#[test]
 fn vm_user_mode_networking_runs_a_job_through_the_gateway_on_loopback() {
-    if !can_run() {
-        return;
-    }
     // The non-root demo's mode (qemu user networking, the gateway on 127.0.0.1), here still in
     // a private namespace so the listener is on this test's loopback only.
     in_private_netns(|| async {
@@ -318,4 +303,13 @@ fn vm_user_mode_networking_runs_a_job_through_the_gateway_on_loopback() {
         check_usage(&stack, "flow-user-1", 0).await;
         no_leftovers(&stack).await;
     });
+}
+
+fn main() -> std::process::ExitCode {
+    host::main(vec![
+        host_test!(sync vm_jobs_via_submit_and_grpc_return_exit_codes_are_accounted_once_and_leave_nothing needs jobs::NEEDS),
+        host_test!(sync vm_a_job_is_one_trace_with_spans_from_all_seven_services needs jobs::NEEDS),
+        host_test!(sync vm_a_crashed_service_is_restarted_and_the_next_job_runs needs jobs::NEEDS),
+        host_test!(sync vm_user_mode_networking_runs_a_job_through_the_gateway_on_loopback needs jobs::NEEDS),
+    ])
 }

@@ -74,15 +74,6 @@ impl Drop for Netns {
     }
 }
 
-/// True when the host tests can run (root: namespaces, taps, nft).
-pub fn privileged() -> bool {
-    let ok = nix::unistd::geteuid().is_root();
-    if !ok {
-        eprintln!("SKIPPED: needs root (network namespaces, taps, nftables)");
-    }
-    ok
-}
-
 /// A bus with a private server and a recorder of every event.
 #[derive(Debug)]
 pub struct TestBus {

@@ -1,13 +1,19 @@
 //! The `wnodes-gateway` binary as deployed: config file with a `[gateway]` section, a VM
 //! served, SIGTERM → exit 0 with the listener closed, and a restart that re-opens it.
+//! A host test (`wnodes_testkit::host`): needs root, `sftp-server` and `setpriv`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a failure is a test failure
 
-use std::{os::unix::fs::PermissionsExt, path::Path, process::Stdio, time::Duration};
+use std::{
+    os::unix::fs::PermissionsExt,
+    path::Path,
+    process::{ExitCode, Stdio},
+    time::Duration,
+};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use wnodes_bus::proto::{self, event::Body};
-use wnodes_testkit::service::*;
+use wnodes_testkit::{host, host_test, service::*};
 
 fn spawn(conf: &Path) -> tokio::process::Child {
     tokio::process::Command::new(env!("CARGO_BIN_EXE_wnodes-gateway"))
@@ -45,11 +51,7 @@ async fn hello(port: u16) -> Option<Vec<u8>> {
     Some(buf)
 }
 
-#[tokio::test(flavor = "multi_thread")]
 async fn binary_serves_stops_and_reopens_after_restart() {
-    if !privileged() || !Path::new("/usr/lib/openssh/sftp-server").exists() {
-        return;
-    }
     let tb = TestBus::start().await;
     let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -127,4 +129,11 @@ async fn wait_until_hello(port: u16) {
     )
     .await
     .unwrap();
+}
+
+fn main() -> ExitCode {
+    host::main(vec![host_test!(
+        multi_thread binary_serves_stops_and_reopens_after_restart
+        needs [Root, SftpServer, Setpriv]
+    )])
 }

@@ -3,13 +3,15 @@
 //! the export with sshfs through the filter and writes a file that lands on the host as the
 //! job's user. The whole test runs in a private network namespace (entered before the runtime
 //! starts; nextest runs each test in its own process), so nothing touches the host's network.
+//! A host test (`wnodes_testkit::host`): needs root, qemu, the test guest, `/dev/fuse`,
+//! `sftp-server`, `setpriv` and `nft`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a failure is a test failure
 
 use std::{
     os::unix::fs::{MetadataExt, PermissionsExt},
     path::{Path, PathBuf},
-    process::Stdio,
+    process::{ExitCode, Stdio},
     time::Duration,
 };
 
@@ -20,26 +22,10 @@ use wnodes_network::{
     config::{Ipv4Net, Mode},
     host::Host,
 };
-use wnodes_testkit::service::*;
+use wnodes_testkit::{host, host_test, service::*};
 
 /// `nobody`/`nogroup`: a non-root account every Debian host has.
 const UID: u32 = 65534;
-
-fn guest_dir() -> Option<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.cache/guest");
-    let ok = ["vmlinux", "initrd.img", "rootfs.ext4"]
-        .iter()
-        .all(|f| dir.join(f).exists());
-    let qemu = std::process::Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .output()
-        .is_ok();
-    if !ok || !qemu {
-        eprintln!("SKIPPED: needs the test guest (guest/build.sh) and qemu-system-x86_64");
-        return None;
-    }
-    Some(dir)
-}
 
 fn cmd(args: &[&str]) {
     let out = std::process::Command::new(args[0])
@@ -53,12 +39,8 @@ fn cmd(args: &[&str]) {
     );
 }
 
-#[test]
 fn a_guest_mounts_its_export_through_the_filtered_tap() {
-    if !privileged() || !Path::new("/dev/fuse").exists() {
-        return;
-    }
-    let Some(guest) = guest_dir() else { return };
+    let guest = host::guest_dir();
     // A private network namespace for this process; threads and children made from here on
     // (the runtime's workers, nats-server, qemu) live in it.
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
@@ -308,4 +290,11 @@ async fn boot(
         read("console.log")
     );
     (status, report)
+}
+
+fn main() -> ExitCode {
+    host::main(vec![host_test!(
+        sync a_guest_mounts_its_export_through_the_filtered_tap
+        needs [Root, Qemu, TestGuest, DevFuse, SftpServer, Setpriv, Nft]
+    )])
 }

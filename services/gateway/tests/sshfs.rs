@@ -1,5 +1,6 @@
 //! The gateway with the real `sftp-server` (through `setpriv`) and a real `sshfs` mount on this
-//! host, over 127.0.0.0/8, with a real nats-server and consumer.
+//! host, over 127.0.0.0/8, with a real nats-server and consumer. Host tests
+//! (`wnodes_testkit::host`): they need root, `sshfs`, `sftp-server`, `setpriv` and `/dev/fuse`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a failure is a test failure
 
@@ -7,33 +8,18 @@ use std::{
     net::SocketAddr,
     os::unix::fs::{MetadataExt, PermissionsExt},
     path::{Path, PathBuf},
-    process::Command,
+    process::{Command, ExitCode},
     time::Duration,
 };
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use wnodes_bus::{proto, proto::event::Body};
 use wnodes_gateway::{GatewayConfig, GatewayHandler, service};
-use wnodes_testkit::service::*;
+use wnodes_testkit::{host, host_test, service::*};
 
 /// The job's uid/gid: `nobody`/`nogroup`, a non-root account every Debian host has
 /// (`sftp-server` refuses a uid without a passwd entry, so an arbitrary uid cannot be used).
 const UID: u32 = 65534;
-
-fn tools_present() -> bool {
-    let missing: Vec<&str> = [
-        "/usr/bin/sshfs",
-        "/usr/lib/openssh/sftp-server",
-        "/usr/bin/setpriv",
-    ]
-    .into_iter()
-    .filter(|p| !Path::new(p).exists())
-    .collect();
-    if !missing.is_empty() {
-        eprintln!("SKIPPED: missing {missing:?} (scripts/install-vm-deps.sh)");
-    }
-    missing.is_empty() && Path::new("/dev/fuse").exists()
-}
 
 fn handler(bind: Option<&str>) -> GatewayHandler {
     let cfg = GatewayConfig {
@@ -237,11 +223,7 @@ async fn sftp_hello(from: &str, to: SocketAddr) -> Vec<u8> {
     buf
 }
 
-#[tokio::test(flavor = "multi_thread")]
 async fn export_served_as_the_job_user_only_to_the_vm_and_closed_on_release() {
-    if !privileged() || !tools_present() {
-        return;
-    }
     let ex = Export::new();
     let tb = TestBus::start().await;
     start(&tb, handler(None)).await;
@@ -367,11 +349,7 @@ async fn export_served_as_the_job_user_only_to_the_vm_and_closed_on_release() {
     assert_eq!(late_readies, 0, "served after the release");
 }
 
-#[tokio::test(flavor = "multi_thread")]
 async fn read_only_root_owner_no_exports_and_restart() {
-    if !privileged() || !tools_present() {
-        return;
-    }
     let ex = Export::new();
     let tb = TestBus::start().await;
     let store = tb.store("gateway.db").await;
@@ -462,4 +440,17 @@ async fn read_only_root_owner_no_exports_and_restart() {
         sftp_servers(ex.dir.path()).is_empty(),
         "sftp-server left running"
     );
+}
+
+fn main() -> ExitCode {
+    host::main(vec![
+        host_test!(
+            multi_thread export_served_as_the_job_user_only_to_the_vm_and_closed_on_release
+            needs [Root, Sshfs, SftpServer, Setpriv, DevFuse]
+        ),
+        host_test!(
+            multi_thread read_only_root_owner_no_exports_and_restart
+            needs [Root, Sshfs, SftpServer, Setpriv, DevFuse]
+        ),
+    ])
 }

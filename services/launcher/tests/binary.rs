@@ -1,6 +1,7 @@
 //! The `wnodes-launcher` binary itself (runtime config from `WNODES_*`, NATS, SIGTERM): a
 //! SIGTERM leaves the VM running and the next launcher reports its end. Boots a VM, so it is
-//! named `vm_*` (see `tests/vm.rs`).
+//! named `vm_*` (see `tests/vm.rs`). A host test (`wnodes_testkit::host`): needs qemu and the
+//! test guest.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -11,7 +12,7 @@ use std::{path::Path, process::Stdio, time::Duration};
 use common::{HOST, ev, job_started, run, vm_id_of, wait_event};
 use wnodes_bus::{Bus, BusMetrics, NatsConfig, proto::event::Body};
 use wnodes_launcher::vmstate::VmDir;
-use wnodes_testkit::nats::NatsServer;
+use wnodes_testkit::{host, host_test, nats::NatsServer};
 
 fn launcher(nats_url: &str, state: &Path, log: &Path) -> tokio::process::Child {
     let log = std::fs::OpenOptions::new()
@@ -62,7 +63,6 @@ impl Drop for Cleanup {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
 async fn vm_binary_sigterm_leaves_the_vm_running_and_the_next_launcher_reports_it() {
     let _lock = common::vm_lock();
     let guest = common::guest_dir();
@@ -116,4 +116,10 @@ async fn vm_binary_sigterm_leaves_the_vm_running_and_the_next_launcher_reports_i
     assert_eq!(stopped.output_tail, "bin\n");
     sigterm_and_wait(&mut second).await;
     assert!(dump().contains("Reattaching to a running VM"), "{}", dump());
+}
+
+fn main() -> std::process::ExitCode {
+    host::main(vec![
+        host_test!(multi_thread vm_binary_sigterm_leaves_the_vm_running_and_the_next_launcher_reports_it needs [Qemu, TestGuest]),
+    ])
 }

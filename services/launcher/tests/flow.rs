@@ -1,7 +1,8 @@
 //! The launcher on a real NATS server (testkit), with a real VM: `job.started` → `vm.requested`,
 //! the four results faked → `vm.running` → `vm.stopped`; policy refusal, cancellation, the
 //! preparation deadline, and a launcher restart that reattaches to a running VM.
-//! VM-booting tests are named `vm_*` (see `tests/vm.rs`).
+//! VM-booting tests are named `vm_*` (see `tests/vm.rs`). Host tests (`wnodes_testkit::host`):
+//! they need qemu and the test guest (and some more, listed in `main`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -18,7 +19,7 @@ use wnodes_launcher::{
 };
 use wnodes_proto::v1::{ImageReady, JobCancelled, JobRunRef};
 use wnodes_runtime::{Config, start::InProcess};
-use wnodes_testkit::{nats::NatsServer, wait::wait_until};
+use wnodes_testkit::{host, host_test, nats::NatsServer, wait::wait_until};
 
 mod common;
 
@@ -106,7 +107,6 @@ async fn row_state(store: &KeyStore, vm_id: &str) -> Option<join::VmRow> {
     join::load(&mut conn, vm_id).await.ok().flatten()
 }
 
-#[tokio::test(flavor = "multi_thread")]
 async fn vm_nats_job_runs_to_vm_stopped_and_refusals_fail() {
     let _lock = vm_lock();
     let env = env().await;
@@ -239,7 +239,6 @@ async fn vm_nats_job_runs_to_vm_stopped_and_refusals_fail() {
     assert_eq!(launcher.stop().await, 0);
 }
 
-#[tokio::test(flavor = "multi_thread")]
 async fn vm_nats_launcher_restart_reattaches_to_a_running_vm() {
     let _lock = vm_lock();
     let env = env().await;
@@ -311,7 +310,6 @@ async fn vm_nats_launcher_restart_reattaches_to_a_running_vm() {
     assert_eq!(launcher.stop().await, 0);
 }
 
-#[tokio::test(flavor = "multi_thread")]
 async fn vm_nats_cancel_stops_a_running_vm() {
     let _lock = vm_lock();
     let env = env().await;
@@ -343,4 +341,12 @@ async fn vm_nats_cancel_stops_a_running_vm() {
     assert_eq!(stopped.exit_code, -1);
     assert!(last_event(&env.bus, "vm.failed").await.is_none());
     assert_eq!(launcher.stop().await, 0);
+}
+
+fn main() -> std::process::ExitCode {
+    host::main(vec![
+        host_test!(multi_thread vm_nats_job_runs_to_vm_stopped_and_refusals_fail needs [Qemu, TestGuest]),
+        host_test!(multi_thread vm_nats_launcher_restart_reattaches_to_a_running_vm needs [Qemu, TestGuest, Cgroups]),
+        host_test!(multi_thread vm_nats_cancel_stops_a_running_vm needs [Qemu, TestGuest]),
+    ])
 }

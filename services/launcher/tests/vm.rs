@@ -1,7 +1,8 @@
 //! Boots real VMs (qemu, TCG, the test guest from `guest/build.sh`, user-mode networking; no
 //! NATS). Every VM-booting test is named `vm_*` so a runner can group them (e.g. a nextest
 //! test group with `max-threads = 1` on `test(/^vm_/)`); they also take a host-wide file lock,
-//! so they boot one VM at a time even without that.
+//! so they boot one VM at a time even without that. Host tests (`wnodes_testkit::host`): they
+//! need qemu and the test guest (and some more, listed in `main`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -21,6 +22,7 @@ use wnodes_proto::v1::{
     ImageReady, JobPayload, NetworkMode, NetworkReady, ScratchReady, StorageReady, VmSpec,
     job_payload,
 };
+use wnodes_testkit::{host, host_test};
 
 struct Fixture {
     _lock: nix::fcntl::Flock<std::fs::File>,
@@ -139,7 +141,6 @@ fn console(vm: &VmDir) -> String {
     String::from_utf8_lossy(&std::fs::read(vm.console_log()).unwrap_or_default()).into_owned()
 }
 
-#[tokio::test]
 async fn vm_payload_exit_code_output_and_usage_are_read_back() {
     let f = fixture("echo hi; exit 3");
     let running = boot(&f).await;
@@ -174,7 +175,6 @@ async fn vm_payload_exit_code_output_and_usage_are_read_back() {
     assert!(persisted.cpu_seconds > 0.1);
 }
 
-#[tokio::test]
 async fn vm_a_guest_power_off_is_seen_through_the_qmp_event_monitor() {
     // The payload powers the guest off itself, before the guest's init can write an exit code:
     // only qemu's SHUTDOWN event (guest-initiated) on the event monitor tells a power-off from
@@ -193,7 +193,6 @@ async fn vm_a_guest_power_off_is_seen_through_the_qmp_event_monitor() {
     );
 }
 
-#[tokio::test]
 async fn vm_reattach_from_state_dir_after_the_watcher_is_dropped() {
     let f = fixture("sleep 2; echo done; exit 7");
     let running = boot(&f).await;
@@ -213,7 +212,6 @@ async fn vm_reattach_from_state_dir_after_the_watcher_is_dropped() {
     assert!(exit.usage.cpu_seconds > 0.1, "{:?}", exit.usage);
 }
 
-#[tokio::test]
 async fn vm_finished_while_nobody_watched_is_finished_from_the_state_dir() {
     let f = fixture("echo bye; exit 5");
     let running = boot(&f).await;
@@ -232,7 +230,6 @@ async fn vm_finished_while_nobody_watched_is_finished_from_the_state_dir() {
     assert!(exit.stopped_at >= exit.started_at);
 }
 
-#[tokio::test]
 async fn vm_is_stopped_through_qmp() {
     let f = fixture("sleep 600");
     let running = boot(&f).await;
@@ -248,7 +245,6 @@ async fn vm_is_stopped_through_qmp() {
     assert_eq!(exit.stop_reason, watch::STOP_QEMU_EXITED);
 }
 
-#[tokio::test]
 async fn vm_walltime_is_enforced() {
     let mut f = fixture("sleep 600");
     f.spec.walltime = Some(prost_types::Duration {
@@ -270,7 +266,6 @@ async fn vm_walltime_is_enforced() {
     assert!(exit.wall() >= Duration::from_secs(3), "{:?}", exit.wall());
 }
 
-#[tokio::test]
 async fn vm_scratch_disk_and_owner_uid_reach_the_guest() {
     let mut f = fixture("id -u; id -g; echo data > /scratch/f && cat /scratch/f; pwd");
     f.spec.owner = Some(wnodes_proto::v1::JobOwner {
@@ -315,7 +310,6 @@ async fn vm_scratch_disk_and_owner_uid_reach_the_guest() {
     assert!(exit.guest.phases.contains(&"scratch".to_string()));
 }
 
-#[tokio::test]
 async fn vm_launch_failure_reports_why() {
     let mut f = fixture("true");
     f.image.path = "/nonexistent/rootfs.ext4".into();
@@ -347,7 +341,6 @@ async fn vm_launch_failure_reports_why() {
     assert!(f.vm.read_running().unwrap().is_none());
 }
 
-#[tokio::test]
 async fn vm_user_mode_storage_is_mounted_from_the_host() {
     let f = fixture("cat hello.txt; echo out > written; pwd");
     // The storage gateway's part, as in guest/README.md: SFTP over plain TCP on 127.0.0.1.
@@ -419,7 +412,6 @@ async fn wait_gone(vm: &VmDir, pid: u32) {
     }
 }
 
-#[tokio::test]
 async fn vm_cgroup_the_qemu_daemon_inherits_the_foreground_group() {
     let f = fixture("sleep 600");
     let host = cgroup_host();
@@ -467,7 +459,6 @@ async fn vm_cgroup_the_qemu_daemon_inherits_the_foreground_group() {
     }
 }
 
-#[tokio::test]
 async fn vm_cgroup_cpu_time_after_the_last_watch_is_counted() {
     // ~2 s of guest CPU after the watcher is gone.
     let f = fixture(
@@ -513,4 +504,20 @@ async fn vm_cgroup_cpu_time_after_the_last_watch_is_counted() {
     for d in &dirs {
         assert!(!d.exists(), "{d:?} removed after the final read");
     }
+}
+
+fn main() -> std::process::ExitCode {
+    host::main(vec![
+        host_test!(current_thread vm_payload_exit_code_output_and_usage_are_read_back needs [Qemu, TestGuest]),
+        host_test!(current_thread vm_a_guest_power_off_is_seen_through_the_qmp_event_monitor needs [Qemu, TestGuest]),
+        host_test!(current_thread vm_reattach_from_state_dir_after_the_watcher_is_dropped needs [Qemu, TestGuest]),
+        host_test!(current_thread vm_finished_while_nobody_watched_is_finished_from_the_state_dir needs [Qemu, TestGuest]),
+        host_test!(current_thread vm_is_stopped_through_qmp needs [Qemu, TestGuest]),
+        host_test!(current_thread vm_walltime_is_enforced needs [Qemu, TestGuest]),
+        host_test!(current_thread vm_scratch_disk_and_owner_uid_reach_the_guest needs [Qemu, TestGuest]),
+        host_test!(current_thread vm_launch_failure_reports_why needs [Qemu, TestGuest]),
+        host_test!(current_thread vm_user_mode_storage_is_mounted_from_the_host needs [Qemu, TestGuest, Socat, SftpServer]),
+        host_test!(current_thread vm_cgroup_the_qemu_daemon_inherits_the_foreground_group needs [Qemu, TestGuest, Cgroups]),
+        host_test!(current_thread vm_cgroup_cpu_time_after_the_last_watch_is_counted needs [Qemu, TestGuest, Cgroups]),
+    ])
 }

@@ -1,18 +1,18 @@
 //! The `wnodes-network` binary as deployed: config file with a `[network]` section, start-up
-//! reconciliation, a request served, SIGTERM → exit 0.
+//! reconciliation, a request served, SIGTERM → exit 0. A host test (`wnodes_testkit::host`):
+//! needs root and `nft`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a failure is a test failure
 
-use std::{process::Stdio, time::Duration};
+use std::{
+    process::{ExitCode, Stdio},
+    time::Duration,
+};
 
 use wnodes_bus::proto::{self, event::Body};
-use wnodes_testkit::service::*;
+use wnodes_testkit::{host, host_test, service::*};
 
-#[tokio::test(flavor = "multi_thread")]
 async fn binary_reconciles_serves_and_stops_on_sigterm() {
-    if !privileged() {
-        return;
-    }
     let hv = Netns::new("bin");
     hv.ip(&["link", "add", "wnbr0", "type", "bridge"]);
     hv.ip(&["addr", "add", "10.231.7.1/24", "dev", "wnbr0"]);
@@ -86,4 +86,11 @@ async fn binary_reconciles_serves_and_stops_on_sigterm() {
         .unwrap()
         .unwrap();
     assert!(status.success(), "{status}");
+}
+
+fn main() -> ExitCode {
+    host::main(vec![host_test!(
+        multi_thread binary_reconciles_serves_and_stops_on_sigterm
+        needs [Root, Nft]
+    )])
 }

@@ -18,27 +18,24 @@ use wnodes_testkit::wait::wait_until;
 pub const HOST: &str = "hv1.test";
 pub const LONG: Duration = Duration::from_secs(120);
 
+/// The test guest (`guest/build.sh`, run by `scripts/test.sh`); the tests that boot it list
+/// `Precondition::TestGuest`.
 pub fn guest_dir() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let out = std::process::Command::new(root.join("guest/build.sh"))
-        .current_dir(&root)
-        .output()
-        .expect("run guest/build.sh");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8(out.stdout).unwrap();
-    PathBuf::from(stdout.lines().last().unwrap().trim())
+    wnodes_testkit::host::guest_dir()
 }
 
+/// A host-wide lock: one VM-booting test at a time, whatever runs them.
 pub fn vm_lock() -> nix::fcntl::Flock<std::fs::File> {
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(std::env::temp_dir().join("wnodes-launcher-vm-tests.lock"))
+    let path = std::env::temp_dir().join("wnodes-launcher-vm-tests.lock");
+    // Read-only is enough for flock(2): a lock file another user made stays usable.
+    let f = std::fs::File::open(&path)
+        .or_else(|_| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+        })
         .unwrap();
     nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
         .map_err(|(_, e)| e)
