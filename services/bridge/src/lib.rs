@@ -109,6 +109,9 @@ pub struct Bridge;
 pub enum BridgeCommand {
     /// Start a job in a VM on this host and wait for it: the minimal job starter.
     Submit(Box<submit::SubmitArgs>),
+    /// Read whole LRMS files (job event logs, accounting records) into job events: publish
+    /// them, or with --dry-run print one JSON object per event. A summary goes to stderr.
+    Replay(wnodes_lrms::cli::ReplayArgs),
 }
 
 impl wnodes_runtime::Service for Bridge {
@@ -153,12 +156,72 @@ impl wnodes_runtime::Service for Bridge {
     async fn run_command(command: BridgeCommand, config: wnodes_runtime::Config<Config>) -> u8 {
         match command {
             BridgeCommand::Submit(args) => Box::pin(submit::run(*args, &config.common)).await,
+            BridgeCommand::Replay(args) => replay(args, &config.common).await,
         }
     }
 
     fn command_log_level(command: &BridgeCommand) -> Option<String> {
         match command {
             BridgeCommand::Submit(args) => Some(args.log_level.clone()),
+            BridgeCommand::Replay(_) => None,
+        }
+    }
+}
+
+/// `wnodes-bridge replay`: exit 0 when every file was read (malformed records are counted,
+/// logged with file and line, and skipped), 66 when a file cannot be read, 69 when NATS is
+/// unreachable or stops acknowledging.
+async fn replay(args: wnodes_lrms::cli::ReplayArgs, common: &wnodes_runtime::CommonConfig) -> u8 {
+    use wnodes_bus::ErrorChain;
+    use wnodes_runtime::exit;
+    const NO_INPUT: u8 = 66;
+    if args.dry_run {
+        let out = std::io::BufWriter::new(std::io::stdout().lock());
+        return match wnodes_lrms::cli::dry_run(&args, out) {
+            Ok(summary) => {
+                eprintln!("wnodes-bridge: replay: {summary}");
+                exit::OK
+            }
+            Err(e) => {
+                eprintln!("wnodes-bridge: replay: {}", ErrorChain(&e));
+                NO_INPUT
+            }
+        };
+    }
+    let source = format!("bridge@{}", common.host);
+    let bus = match wnodes_bus::Bus::connect(
+        &common.nats,
+        &source,
+        wnodes_bus::BusMetrics::unregistered(),
+    )
+    .await
+    {
+        Ok(bus) => bus,
+        Err(e) => {
+            eprintln!("wnodes-bridge: replay: {}", ErrorChain(&e));
+            return exit::UNAVAILABLE;
+        }
+    };
+    if let Err(e) = bus.ensure_streams().await {
+        eprintln!("wnodes-bridge: replay: {}", ErrorChain(&e));
+        return exit::UNAVAILABLE;
+    }
+    let publisher = wnodes_lrms::Publisher::new(bus.clone(), common.site.clone(), args.window);
+    let result =
+        wnodes_lrms::replay_to_bus(&publisher, &args.options(), &args.files, args.batch).await;
+    bus.flush().await;
+    match result {
+        Ok(summary) => {
+            eprintln!("wnodes-bridge: replay: {summary}");
+            exit::OK
+        }
+        Err(e @ wnodes_lrms::publish::PublishReplayError::Read(_)) => {
+            eprintln!("wnodes-bridge: replay: {}", ErrorChain(&e));
+            NO_INPUT
+        }
+        Err(e) => {
+            eprintln!("wnodes-bridge: replay: {}", ErrorChain(&e));
+            exit::UNAVAILABLE
         }
     }
 }
