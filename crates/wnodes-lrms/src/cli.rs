@@ -48,14 +48,20 @@ impl ReplayArgs {
             tz: TimeZone::system(),
             year: self.year,
             image_attribute: self.image_attribute.clone(),
+            image_hints: Default::default(),
         }
     }
 }
 
-/// The `--dry-run` replay: JSON lines on `out`; the caller prints the summary on stderr.
-pub fn dry_run(args: &ReplayArgs, out: impl Write) -> Result<Summary, ReplayError> {
+/// The `--dry-run` replay of `args.files` with `opts` (from [`ReplayArgs::options`], plus the
+/// site's image hints): JSON lines on `out`; the caller prints the summary on stderr.
+pub fn dry_run(
+    args: &ReplayArgs,
+    opts: &ReplayOptions,
+    out: impl Write,
+) -> Result<Summary, ReplayError> {
     let mut sink = JsonLines(out);
-    let summary = replay(&args.options(), &args.files, &mut sink)?;
+    let summary = replay(opts, &args.files, &mut sink)?;
     sink.0
         .flush()
         .map_err(|source| ReplayError::Write { source })?;

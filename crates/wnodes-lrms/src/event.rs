@@ -320,3 +320,84 @@ mod tests {
         );
     }
 }
+
+/// The site's image hints for queued jobs whose record names no image: by the job's queue
+/// (partition), then by its group (the local group a VO's jobs map to). `[bridge.image_hints]`
+/// in the configuration file:
+///
+/// ```toml
+/// [bridge.image_hints.by_queue]
+/// long = "el9-long"
+/// [bridge.image_hints.by_group]
+/// atlas = "atlas-el9"
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ImageHints {
+    /// Queue (partition) name → image name in the image service's catalog.
+    pub by_queue: std::collections::BTreeMap<String, String>,
+    /// Local group name → image name.
+    pub by_group: std::collections::BTreeMap<String, String>,
+}
+
+impl ImageHints {
+    /// Sets the image hint of a `queued` event that has none, from its queue, else its group.
+    /// Other events, and events whose record named an image, are left alone.
+    pub fn apply(&self, ev: &mut LrmsEvent) {
+        if ev.state != State::Queued || ev.usage.image_hint.is_some() {
+            return;
+        }
+        let by = |map: &std::collections::BTreeMap<String, String>, key: &Option<String>| {
+            key.as_ref().and_then(|k| map.get(k)).cloned()
+        };
+        ev.usage.image_hint =
+            by(&self.by_queue, &ev.usage.queue).or_else(|| by(&self.by_group, &ev.usage.group));
+    }
+}
+
+#[cfg(test)]
+mod image_hint_tests {
+    use super::*;
+
+    fn queued(queue: Option<&str>, group: Option<&str>, hint: Option<&str>) -> LrmsEvent {
+        let mut e = LrmsEvent::new(
+            LrmsKind::Pbs,
+            "1.pbs",
+            State::Queued,
+            Timestamp::UNIX_EPOCH,
+            "Q",
+        );
+        e.usage.queue = queue.map(str::to_owned);
+        e.usage.group = group.map(str::to_owned);
+        e.usage.image_hint = hint.map(str::to_owned);
+        e
+    }
+
+    #[test]
+    fn the_queue_wins_then_the_group_and_a_named_image_is_kept() {
+        let hints = ImageHints {
+            by_queue: [("long".to_owned(), "el9-long".to_owned())].into(),
+            by_group: [("atlas".to_owned(), "atlas-el9".to_owned())].into(),
+        };
+        let hint = |mut e: LrmsEvent| {
+            hints.apply(&mut e);
+            e.usage.image_hint
+        };
+        assert_eq!(
+            hint(queued(Some("long"), Some("atlas"), None)).as_deref(),
+            Some("el9-long")
+        );
+        assert_eq!(
+            hint(queued(Some("short"), Some("atlas"), None)).as_deref(),
+            Some("atlas-el9")
+        );
+        assert_eq!(hint(queued(Some("short"), Some("cms"), None)), None);
+        assert_eq!(
+            hint(queued(Some("long"), None, Some("own"))).as_deref(),
+            Some("own")
+        );
+        let mut started = queued(Some("long"), None, None);
+        started.state = State::Started;
+        assert_eq!(hint(started), None);
+    }
+}

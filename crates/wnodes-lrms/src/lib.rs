@@ -45,7 +45,7 @@ pub mod replay;
 pub mod slurm;
 pub mod time;
 
-pub use event::{LrmsEvent, LrmsKind, State, Usage};
+pub use event::{ImageHints, LrmsEvent, LrmsKind, State, Usage};
 
 pub use follow::{Batch, Cursor, CursorFile, FollowOptions, Follower};
 pub use parse::{Item, Malformed, ParseOptions, Parser, parser_for};

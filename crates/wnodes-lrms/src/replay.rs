@@ -34,6 +34,8 @@ pub struct ReplayOptions {
     pub year: Option<i16>,
     /// HTCondor job attribute holding the image hint.
     pub image_attribute: String,
+    /// The site's image hints for queued jobs whose record names none.
+    pub image_hints: crate::event::ImageHints,
 }
 
 impl ReplayOptions {
@@ -44,6 +46,7 @@ impl ReplayOptions {
             tz: TimeZone::system(),
             year: None,
             image_attribute: DEFAULT_IMAGE_ATTRIBUTE.to_owned(),
+            image_hints: Default::default(),
         }
     }
 
@@ -204,6 +207,7 @@ pub struct FileReader {
     pending: std::collections::VecDeque<Item>,
     out: Vec<Item>,
     done: bool,
+    hints: crate::event::ImageHints,
 }
 
 impl FileReader {
@@ -222,6 +226,7 @@ impl FileReader {
             pending: Default::default(),
             out: Vec::new(),
             done: false,
+            hints: opts.image_hints.clone(),
         })
     }
 
@@ -238,7 +243,10 @@ impl FileReader {
     /// The next item, `None` at the end of the file.
     pub fn next_item(&mut self) -> Result<Option<Item>, ReplayError> {
         loop {
-            if let Some(i) = self.pending.pop_front() {
+            if let Some(mut i) = self.pending.pop_front() {
+                if let Item::Event(e) = &mut i {
+                    self.hints.apply(e);
+                }
                 return Ok(Some(i));
             }
             if self.done {

@@ -58,6 +58,10 @@ pub struct Config {
     pub tls_key: Option<PathBuf>,
     /// PEM CA certificate(s): when set, clients must present a certificate it signed (mTLS).
     pub client_ca: Option<PathBuf>,
+    /// Image hints for queued jobs read from LRMS files whose record names no image
+    /// (`[bridge.image_hints.by_queue]`, `[bridge.image_hints.by_group]`): the image services
+    /// prefetch the hinted image when the `job.queued` arrives.
+    pub image_hints: wnodes_lrms::ImageHints,
 }
 
 impl Default for Config {
@@ -67,6 +71,7 @@ impl Default for Config {
             tls_cert: None,
             tls_key: None,
             client_ca: None,
+            image_hints: wnodes_lrms::ImageHints::default(),
         }
     }
 }
@@ -156,7 +161,7 @@ impl wnodes_runtime::Service for Bridge {
     async fn run_command(command: BridgeCommand, config: wnodes_runtime::Config<Config>) -> u8 {
         match command {
             BridgeCommand::Submit(args) => Box::pin(submit::run(*args, &config.common)).await,
-            BridgeCommand::Replay(args) => replay(args, &config.common).await,
+            BridgeCommand::Replay(args) => replay(args, &config).await,
         }
     }
 
@@ -171,13 +176,16 @@ impl wnodes_runtime::Service for Bridge {
 /// `wnodes-bridge replay`: exit 0 when every file was read (malformed records are counted,
 /// logged with file and line, and skipped), 66 when a file cannot be read, 69 when NATS is
 /// unreachable or stops acknowledging.
-async fn replay(args: wnodes_lrms::cli::ReplayArgs, common: &wnodes_runtime::CommonConfig) -> u8 {
+async fn replay(args: wnodes_lrms::cli::ReplayArgs, config: &wnodes_runtime::Config<Config>) -> u8 {
     use wnodes_bus::ErrorChain;
     use wnodes_runtime::exit;
     const NO_INPUT: u8 = 66;
+    let common = &config.common;
+    let mut opts = args.options();
+    opts.image_hints = config.service.image_hints.clone();
     if args.dry_run {
         let out = std::io::BufWriter::new(std::io::stdout().lock());
-        return match wnodes_lrms::cli::dry_run(&args, out) {
+        return match wnodes_lrms::cli::dry_run(&args, &opts, out) {
             Ok(summary) => {
                 eprintln!("wnodes-bridge: replay: {summary}");
                 exit::OK
@@ -207,8 +215,7 @@ async fn replay(args: wnodes_lrms::cli::ReplayArgs, common: &wnodes_runtime::Com
         return exit::UNAVAILABLE;
     }
     let publisher = wnodes_lrms::Publisher::new(bus.clone(), common.site.clone(), args.window);
-    let result =
-        wnodes_lrms::replay_to_bus(&publisher, &args.options(), &args.files, args.batch).await;
+    let result = wnodes_lrms::replay_to_bus(&publisher, &opts, &args.files, args.batch).await;
     bus.flush().await;
     match result {
         Ok(summary) => {

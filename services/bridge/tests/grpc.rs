@@ -466,6 +466,7 @@ async fn tls_with_client_certificates_admits_only_clients_the_ca_signed() {
         tls_cert: Some(pki.server_cert().to_owned()),
         tls_key: Some(pki.server_key().to_owned()),
         client_ca: Some(pki.ca_pem().to_owned()),
+        ..Default::default()
     };
     let tls = server::tls_config(&cfg).unwrap();
     assert!(tls.is_some());

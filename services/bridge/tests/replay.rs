@@ -163,3 +163,62 @@ fn unreachable_nats_exits_69() {
     assert_eq!(out.status.code(), Some(69), "{stderr}");
     assert!(stderr.contains("nats://127.0.0.1:1"), "{stderr}");
 }
+
+/// PBS accounting records (CONSTRUCTED from OpenPBS's accounting log format; wnodes-lrms's test
+/// data): a Q record in queue `workq` (no image named), then S, E and a D of another job.
+fn pbs_log() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../crates/wnodes-lrms/tests/data/pbs/openpbs_records_CONSTRUCTED.log")
+}
+
+#[test]
+fn the_sites_image_hints_name_the_image_of_a_queued_job_whose_record_names_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("wnodes.toml");
+    std::fs::write(
+        &conf,
+        "site = \"INFN-T1\"\nhost = \"ce01.example.org\"\n\
+         [bridge.image_hints.by_queue]\nworkq = \"el9-workq\"\n\
+         [bridge.image_hints.by_group]\natlas = \"atlas-el9\"\n",
+    )
+    .unwrap();
+    let log = pbs_log();
+    let (code, stdout, stderr) = replay(
+        "nats://127.0.0.1:1",
+        &[
+            "--config",
+            conf.to_str().unwrap(),
+            "--lrms",
+            "pbs",
+            "--dry-run",
+            log.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    let events: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let hints: Vec<(&str, Option<&str>)> = events
+        .iter()
+        .map(|e| (e["state"].as_str().unwrap(), e["image_hint"].as_str()))
+        .collect();
+    // Only the queued event gets a hint, and the queue's wins over the group's.
+    assert_eq!(
+        hints,
+        [
+            ("queued", Some("el9-workq")),
+            ("started", None),
+            ("finished", None),
+            ("cancelled", None),
+        ]
+    );
+
+    // Without the section, the same record carries no hint.
+    let (code, stdout, stderr) = replay(
+        "nats://127.0.0.1:1",
+        &["--lrms", "pbs", "--dry-run", log.to_str().unwrap()],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert!(!stdout.contains("image_hint"), "{stdout}");
+}
