@@ -26,6 +26,7 @@ pub struct Publisher {
     bus: Bus,
     site: String,
     window: usize,
+    hints: crate::event::ImageHints,
 }
 
 impl Publisher {
@@ -35,7 +36,15 @@ impl Publisher {
             bus,
             site: site.into(),
             window: window.max(1),
+            hints: Default::default(),
         }
+    }
+
+    /// Applies the site's image hints to the queued events [`Self::publish_items`] publishes
+    /// (replays apply them while reading, through [`ReplayOptions::image_hints`]).
+    pub fn with_image_hints(mut self, hints: crate::event::ImageHints) -> Self {
+        self.hints = hints;
+        self
     }
 
     /// The wire events for `events`.
@@ -57,7 +66,11 @@ impl Publisher {
         let events: Vec<LrmsEvent> = items
             .iter()
             .filter_map(|i| match i {
-                Item::Event(e) => Some((**e).clone()),
+                Item::Event(e) => {
+                    let mut e = (**e).clone();
+                    self.hints.apply(&mut e);
+                    Some(e)
+                }
                 _ => None,
             })
             .collect();

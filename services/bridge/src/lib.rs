@@ -62,6 +62,44 @@ pub struct Config {
     /// (`[bridge.image_hints.by_queue]`, `[bridge.image_hints.by_group]`): the image services
     /// prefetch the hinted image when the `job.queued` arrives.
     pub image_hints: wnodes_lrms::ImageHints,
+    /// LRMS files `serve` follows as they grow and rotate, publishing their job events
+    /// (`[[bridge.sources]]`); each one's read position is kept in
+    /// `<state_dir>/lrms-cursors/`, stored after the events it covers are acknowledged.
+    pub sources: Vec<Source>,
+}
+
+/// One followed LRMS file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Source {
+    /// `htcondor`, `slurm`, `pbs` or `lsf`.
+    pub lrms: wnodes_lrms::LrmsKind,
+    /// The file (an absolute path): HTCondor's job event log, a PBS/Torque accounting file,
+    /// LSF's `lsb.events`, a Slurm jobcomp file.
+    pub path: PathBuf,
+    /// Without a stored cursor, start at the file's end (only new records) instead of its start.
+    #[serde(default)]
+    pub start_at_end: bool,
+}
+
+impl Source {
+    /// The cursor file of this source under `state_dir` (named after the path, so two sources
+    /// never share one).
+    pub fn cursor_path(&self, state_dir: &std::path::Path) -> PathBuf {
+        let name: String = self
+            .path
+            .to_string_lossy()
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        state_dir.join("lrms-cursors").join(format!("{name}.json"))
+    }
 }
 
 impl Default for Config {
@@ -72,6 +110,7 @@ impl Default for Config {
             tls_key: None,
             client_ca: None,
             image_hints: wnodes_lrms::ImageHints::default(),
+            sources: Vec::new(),
         }
     }
 }
@@ -129,6 +168,12 @@ impl wnodes_runtime::Service for Bridge {
     type Command = BridgeCommand;
 
     fn validate(config: &Config) -> Result<(), wnodes_runtime::ConfigError> {
+        if let Some(s) = config.sources.iter().find(|s| !s.path.is_absolute()) {
+            return Err(wnodes_runtime::ConfigError::section(
+                Self::NAME,
+                format!("sources: path {:?} must be absolute", s.path),
+            ));
+        }
         server::tls_config(config)
             .map(drop)
             .map_err(|e| wnodes_runtime::ConfigError::section(Self::NAME, e))
@@ -150,12 +195,46 @@ impl wnodes_runtime::Service for Bridge {
             server::BridgeService::new(ctx.bus.clone(), ctx.source(), ctx.shutdown.clone());
         tracing::info!(%addr, tls = tls.is_some(), "Bridge gRPC service listening.");
         let shutdown = ctx.shutdown.clone();
-        Ok(
-            wnodes_runtime::Parts::tasks_only().task("grpc", async move {
-                server::serve(listener, service, tls, shutdown).await?;
+        let mut parts = wnodes_runtime::Parts::tasks_only().task("grpc", async move {
+            server::serve(listener, service, tls, shutdown).await?;
+            Ok(())
+        });
+        if !ctx.config.sources.is_empty() {
+            let dir = ctx.state_dir.join("lrms-cursors");
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| StartError::failed("create the LRMS cursor directory", e))?;
+        }
+        let publisher = wnodes_lrms::Publisher::new(ctx.bus.clone(), ctx.common.site.clone(), 256)
+            .with_image_hints(ctx.config.image_hints.clone());
+        for source in &ctx.config.sources {
+            let store = wnodes_lrms::CursorFile::new(source.cursor_path(&ctx.state_dir));
+            let resume = store
+                .load()
+                .map_err(|e| StartError::failed("read an LRMS source's cursor", e))?;
+            let mut opts = wnodes_lrms::FollowOptions::new(source.lrms, Default::default());
+            opts.start_at_end = source.start_at_end;
+            let follower = wnodes_lrms::Follower::open(&source.path, opts, resume)
+                .map_err(|e| StartError::failed("open an LRMS source", e))?;
+            tracing::info!(lrms = source.lrms.name(), path = %source.path.display(), "Following an LRMS source.");
+            let (publisher, shutdown) = (publisher.clone(), ctx.shutdown.clone());
+            parts = parts.task("lrms-source", async move {
+                let stats = wnodes_lrms::follow_to_bus(
+                    &publisher,
+                    follower,
+                    store,
+                    &wnodes_lrms::FollowLoopOptions::default(),
+                    shutdown,
+                )
+                .await?;
+                tracing::info!(
+                    published = stats.published,
+                    malformed = stats.malformed,
+                    "LRMS source stopped."
+                );
                 Ok(())
-            }),
-        )
+            });
+        }
+        Ok(parts)
     }
 
     async fn run_command(command: BridgeCommand, config: wnodes_runtime::Config<Config>) -> u8 {
