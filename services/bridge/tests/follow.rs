@@ -100,19 +100,20 @@ async fn a_followed_pbs_log_is_published_once_across_a_restart_and_a_rotation() 
             s.info().await.unwrap().state.messages
         }
     };
-    let until = |n: u64, what: &'static str| {
-        let stored = stored.clone();
-        async move {
-            wait_until(Duration::from_secs(30), what, || {
-                let stored = stored.clone();
-                async move { (stored().await >= n).then_some(()) }
+    let until = |n: u64, what: &'static str| async move {
+        {
+            wait_until(Duration::from_secs(30), what, || async move {
+                (stored().await >= n).then_some(())
             })
             .await
             .unwrap();
         }
     };
 
-    let (log1, log2) = (dir.path().join("bridge-1.log"), dir.path().join("bridge-2.log"));
+    let (log1, log2) = (
+        dir.path().join("bridge-1.log"),
+        dir.path().join("bridge-2.log"),
+    );
     let bridge = spawn(&nats, &config, &log1);
     until(3, "job 1's three events").await;
     append(&log, &records(2));
