@@ -101,13 +101,11 @@ async fn a_followed_pbs_log_is_published_once_across_a_restart_and_a_rotation() 
         }
     };
     let until = |n: u64, what: &'static str| async move {
-        {
-            wait_until(Duration::from_secs(30), what, || async move {
-                (stored().await >= n).then_some(())
-            })
-            .await
-            .unwrap();
-        }
+        wait_until(Duration::from_secs(30), what, || async move {
+            (stored().await >= n).then_some(())
+        })
+        .await
+        .unwrap();
     };
 
     let (log1, log2) = (
