@@ -141,8 +141,6 @@ pub enum ConfigError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
-    #[error("bad command line: {0}")]
-    Usage(String),
 }
 
 impl ConfigError {

@@ -109,13 +109,7 @@ fn dispatch<S: Service>(matches: &ArgMatches) -> u8 {
         }
     };
     match command {
-        None => {
-            if let Err(e) = S::validate(&cfg.service) {
-                eprintln!("wnodes-{name}: configuration error: {}", ErrorChain(&e));
-                return exit::CONFIG;
-            }
-            rt.block_on(start::serve::<S>(cfg))
-        }
+        None => rt.block_on(start::serve::<S>(cfg)),
         Some(command) => rt.block_on(run_command::<S>(command, cfg)),
     }
 }

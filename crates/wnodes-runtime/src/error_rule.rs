@@ -21,7 +21,6 @@ wnodes_testkit::error_rule! {
         ConfigError::EmptySite => ConfigError::EmptySite,
         ConfigError::Consumer(_) => ConfigError::Consumer(BusError::Config(SOURCE_TEXT.into())),
         ConfigError::Section { .. } => ConfigError::section("network", boxed_source()),
-        ConfigError::Usage(_) => ConfigError::Usage("--config needs a file path".into()),
     }
     StartError {
         StartError::Config(_) => StartError::Config(ConfigError::section("network", boxed_source())),

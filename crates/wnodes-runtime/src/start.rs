@@ -4,8 +4,8 @@
 //! 2. NATS: connect, create/update the streams (exit 69 when unreachable);
 //! 3. the idempotency store `<state_dir>/keys.db` and its hourly pruning;
 //! 4. `/healthz`, `/readyz`, `/metrics` (exit 78 when the address cannot be bound);
-//! 5. [`Service::validate`] and [`Service::build`]: the handler and the tasks (exit 78, 69 or 70
-//!    by [`StartError`]);
+//! 5. [`Service::build`]: the handler and the tasks (exit 78, 69 or 70 by [`StartError`]);
+//!    [`Service::validate`] runs first of all, before NATS, so a bad value exits 78;
 //! 6. the durable consumer on [`Service::CONSUMES`], the tasks; then ready;
 //! 7. until SIGTERM/SIGINT (or a task fails): cancel, let the consumer drain and the tasks end
 //!    (bounded), run the stop hooks, flush, exit 0 (70 when something failed).
@@ -77,6 +77,8 @@ async fn start_and_run<S: Service>(
     ready: Readiness,
 ) -> Result<u8, StartError> {
     let Config { common, service } = cfg;
+    // Before anything connects: a value the service cannot use exits 78, not 69.
+    S::validate(&service)?;
     let source = format!("{}@{}", S::NAME, common.host);
     let mut registry = Registry::default();
     let bus_metrics = BusMetrics::register(&mut registry);
@@ -116,7 +118,6 @@ async fn start_and_run<S: Service>(
         "Service starting."
     );
 
-    S::validate(&service)?;
     let ctx = ServiceCtx {
         service: S::NAME,
         common,
@@ -293,11 +294,6 @@ impl InProcess {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         Ok(running)
-    }
-
-    /// Whether the service has stopped (it failed to start, or a task failed).
-    pub fn is_finished(&self) -> bool {
-        self.handle.is_finished()
     }
 
     /// Stops the service as SIGTERM would and returns its exit code (70 if it panicked).

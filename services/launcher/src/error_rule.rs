@@ -136,6 +136,5 @@ wnodes_testkit::error_rule! {
             stream: "WNODES_EVENTS".into(),
             source: Box::new(io_source()),
         }),
-        ServiceError::Policy(_) => ServiceError::Policy(policy_config_error()),
     }
 }

@@ -47,8 +47,6 @@ pub enum ServiceError {
     Store(#[from] sqlx::Error),
     #[error(transparent)]
     Bus(#[from] wnodes_bus::BusError),
-    #[error("invalid launcher configuration")]
-    Policy(#[from] crate::policy::PolicyConfigError),
 }
 
 /// State shared by the handler and the background tasks.
@@ -637,13 +635,12 @@ pub fn vm_stopped(vm: &VmDir, exit: &VmExit, stop_reason: &str) -> VmStopped {
     }
 }
 
-/// Prepares the launcher: checks the policy, creates the VM table, reattaches to the VMs that
+/// Prepares the launcher (its policy was checked by `Service::validate`): creates the VM table, reattaches to the VMs that
 /// run, and returns the shared state with the starter's queue. VMs keep running after the
 /// service stops.
 pub async fn prepare(
     ctx: &ServiceCtx<LauncherConfig>,
 ) -> Result<(Arc<LauncherState>, mpsc::UnboundedReceiver<String>), ServiceError> {
-    ctx.config.policy.validate()?;
     join::init(ctx.store.pool()).await?;
     let (launcher, rx) = LauncherState::new(ctx);
     tracing::info!(
