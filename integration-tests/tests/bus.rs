@@ -437,12 +437,14 @@ async fn sigterm_mid_handler_finishes_acks_and_exports_the_span() {
         (0, 0, 0, 1),
         "acked, never redelivered"
     );
-    collector
+    if let Err(e) = collector
         .wait_for(LONG, "the handler's span", |s| {
             s.iter().any(|x| x.name == "node.sink")
         })
         .await
-        .unwrap();
+    {
+        panic!("{e:#}\nthe node's log:\n{}", node.stderr());
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

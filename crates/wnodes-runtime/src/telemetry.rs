@@ -28,6 +28,10 @@ where
         .with_tracked_inactivity(false)
 }
 
+/// How long a stopping process waits for its last spans to be exported: more than the OTLP
+/// exporter's own 10 s per export, so its retries run to their end.
+pub const SHUTDOWN_EXPORT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// Keeps the tracer provider; [`Telemetry::shutdown`] flushes it.
 #[derive(Debug)]
 pub struct Telemetry {
@@ -103,11 +107,14 @@ impl Telemetry {
         Ok(Self { provider })
     }
 
-    /// Flushes and stops the exporter. Blocks: call from a blocking thread (the runtime does).
+    /// Exports what is left and stops the exporter. Blocks: call from a blocking thread (the
+    /// runtime does). One shutdown, not a flush and then a shutdown: the SDK's flush gives up
+    /// after a fixed 5 s while its export (with the exporter's own retries) goes on, and the
+    /// shutdown queued behind it then had only its own 5 s. Here the whole export gets
+    /// [`SHUTDOWN_EXPORT_TIMEOUT`].
     pub fn shutdown(self) {
-        if let Err(e) = self.provider.force_flush() {
-            eprintln!("flushing spans failed: {e}");
+        if let Err(e) = self.provider.shutdown_with_timeout(SHUTDOWN_EXPORT_TIMEOUT) {
+            eprintln!("exporting the last spans failed: {e}");
         }
-        let _ = self.provider.shutdown();
     }
 }
