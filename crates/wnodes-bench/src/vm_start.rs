@@ -28,7 +28,7 @@ use wnodes_devstack::{NetworkChoice, RunEvent, Stack, StackOptions, SubmitArgs, 
 use wnodes_launcher::{
     config::Accel,
     qemu::{LaunchInputs, build_args, payload_script},
-    vmstate::VmDir,
+    vm_dir::VmDir,
 };
 
 /// The payload both sides run: no gateway needed.

@@ -1,5 +1,11 @@
-//! W3C trace context (`traceparent`/`tracestate`) in NATS headers, through the global
-//! OpenTelemetry propagator (the service runtime installs `TraceContextPropagator`).
+//! W3C trace context (`traceparent`/`tracestate`) through the global OpenTelemetry propagator
+//! (the service runtime installs `TraceContextPropagator`): the one place that sets a span's
+//! parent from a carried context, whatever carries it — NATS headers ([`set_parent_from`]), a
+//! persisted map ([`set_parent_from_map`], the launcher's VM rows), gRPC metadata (the bridge
+//! passes its extractor to [`set_parent_from_carrier`]) — and that captures the current one
+//! ([`inject_current`], [`current_context_map`]).
+
+use std::collections::{BTreeMap, HashMap};
 
 use opentelemetry::propagation::{Extractor, Injector};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -54,16 +60,40 @@ pub fn inject_current(headers: &mut async_nats::HeaderMap) {
     });
 }
 
-/// Makes `span` a child of the context carried in `headers` (if any). Call right after creating
-/// the span, before entering it.
+/// Makes `span` a child of `parent`; with an empty `parent`, a root span (a new trace). Call
+/// right after creating the span, before entering it.
+pub fn set_parent(span: &tracing::Span, parent: opentelemetry::Context) {
+    if let Err(e) = span.set_parent(parent) {
+        tracing::debug!(error = %crate::ErrorChain(&e), "Could not set the span's parent.");
+    }
+}
+
+/// Makes `span` a child of the context any carrier holds (gRPC metadata, a map, headers).
+pub fn set_parent_from_carrier(span: &tracing::Span, carrier: &dyn Extractor) {
+    let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(carrier));
+    set_parent(span, parent);
+}
+
+/// Makes `span` a child of the context carried in `headers` (if any).
 pub fn set_parent_from(span: &tracing::Span, headers: Option<&async_nats::HeaderMap>) {
     if let Some(h) = headers {
-        let parent =
-            opentelemetry::global::get_text_map_propagator(|p| p.extract(&NatsHeaderExtractor(h)));
-        if let Err(e) = span.set_parent(parent) {
-            tracing::debug!(error = %crate::ErrorChain(&e), "Could not set the span's parent.");
-        }
+        set_parent_from_carrier(span, &NatsHeaderExtractor(h));
     }
+}
+
+/// Makes `span` a child of a context persisted as a map (see [`current_context_map`]).
+pub fn set_parent_from_map(span: &tracing::Span, trace: &BTreeMap<String, String>) {
+    let map: HashMap<String, String> = trace.clone().into_iter().collect();
+    set_parent_from_carrier(span, &map);
+}
+
+/// The current span's context as a map (`traceparent`, `tracestate`), to persist with work
+/// that outlives the message (the launcher's VM rows).
+pub fn current_context_map() -> BTreeMap<String, String> {
+    let cx = tracing::Span::current().context();
+    let mut map: HashMap<String, String> = HashMap::new();
+    opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&cx, &mut map));
+    map.into_iter().collect()
 }
 
 /// The trace id of the current span as 32 hex digits (all zeros when there is none).

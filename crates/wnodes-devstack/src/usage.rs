@@ -1,38 +1,9 @@
 //! Usage records, read with `wnodes-accounting records --json`.
 
 use anyhow::Context;
-use serde::Deserialize;
+pub use wnodes_accounting_types::UsageRecord;
 
 use crate::Stack;
-
-/// A usage record (the fields of `wnodes-accounting records --json` this crate uses).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-pub struct UsageRecord {
-    pub run_key: String,
-    pub job_id: String,
-    pub vm_id: String,
-    pub vo: String,
-    pub user_name: String,
-    pub uid: Option<i64>,
-    pub gid: Option<i64>,
-    /// count
-    pub cores: i64,
-    /// seconds, user + system
-    pub cpu_seconds: f64,
-    /// bytes
-    pub peak_memory_bytes: i64,
-    /// seconds, VM start to stop
-    pub wall_seconds: f64,
-    pub exit_code: i64,
-    pub lrms_exit_code: Option<i64>,
-    pub stop_reason: String,
-    /// Unix ms
-    pub started_ms: Option<i64>,
-    /// Unix ms
-    pub stopped_ms: Option<i64>,
-    /// Unix ms
-    pub recorded_ms: i64,
-}
 
 impl Stack {
     /// Every usage record in the accounting database.

@@ -13,7 +13,6 @@ use clap::{Arg, ArgAction, ArgMatches, FromArgMatches, Subcommand};
 use wnodes_bus::ErrorChain;
 
 use crate::{
-    Telemetry,
     config::{self, Config, ConfigError},
     exit,
     service::Service,
@@ -148,15 +147,6 @@ async fn run_command<S: Service>(command: S::Command, mut cfg: Config<S::Config>
     if let Some(level) = S::command_log_level(&command) {
         cfg.common.log_level = level;
     }
-    wnodes_bus::connect::install_crypto_provider();
-    let telemetry = match Telemetry::init(S::NAME, &cfg.common) {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("wnodes-{}: telemetry: {}", S::NAME, ErrorChain(&e));
-            return exit::CONFIG;
-        }
-    };
-    let code = S::run_command(command, cfg).await;
-    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
-    code
+    let common = cfg.common.clone();
+    start::with_telemetry(S::NAME, &common, S::run_command(command, cfg)).await
 }

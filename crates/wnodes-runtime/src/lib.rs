@@ -43,8 +43,10 @@ pub use telemetry::Telemetry;
 pub mod exit {
     /// Clean shutdown.
     pub const OK: u8 = 0;
-    /// Bad command line.
+    /// Bad command line (or, for `wnodes-bridge submit`, a bad job description).
     pub const USAGE: u8 = 64;
+    /// An input file cannot be read (`wnodes-bridge replay`).
+    pub const NO_INPUT: u8 = 66;
     /// NATS (or another dependency) unreachable at start-up.
     pub const UNAVAILABLE: u8 = 69;
     /// The service failed while running.

@@ -33,17 +33,31 @@ use crate::{
 
 /// Runs service `S` as its process: telemetry, signals, then [`run`]. Returns the exit code.
 pub async fn serve<S: Service>(cfg: Config<S::Config>) -> u8 {
+    let common = cfg.common.clone();
+    with_telemetry(S::NAME, &common, async move {
+        let token = CancellationToken::new();
+        shutdown::cancel_on_signal(token.clone());
+        run::<S>(cfg, token).await
+    })
+    .await
+}
+
+/// Runs `work` as process `name` with its telemetry (the TLS provider, logs, spans) installed,
+/// then exports the last spans. 78 when telemetry cannot start.
+pub(crate) async fn with_telemetry(
+    name: &str,
+    common: &crate::config::CommonConfig,
+    work: impl Future<Output = u8>,
+) -> u8 {
     wnodes_bus::connect::install_crypto_provider();
-    let telemetry = match Telemetry::init(S::NAME, &cfg.common) {
+    let telemetry = match Telemetry::init(name, common) {
         Ok(t) => t,
         Err(e) => {
-            eprintln!("wnodes-{}: telemetry: {}", S::NAME, ErrorChain(&e));
+            eprintln!("wnodes-{name}: telemetry: {}", ErrorChain(&e));
             return exit::CONFIG;
         }
     };
-    let token = CancellationToken::new();
-    shutdown::cancel_on_signal(token.clone());
-    let code = run::<S>(cfg, token).await;
+    let code = work.await;
     let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
     code
 }

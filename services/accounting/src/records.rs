@@ -2,52 +2,11 @@
 
 use std::{path::Path, str::FromStr};
 
-use serde::Serialize;
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions};
 
 use crate::AccountingError;
 
-/// One usage record, as stored.
-#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
-pub struct UsageRecord {
-    /// `site/lrms/job_id/attempt`.
-    pub run_key: String,
-    pub site: String,
-    pub lrms: String,
-    pub job_id: String,
-    pub run_attempt: i64,
-    /// Hypervisor host name.
-    pub host: String,
-    pub vm_id: String,
-    pub vo: String,
-    /// Local user name.
-    pub user_name: String,
-    pub uid: Option<i64>,
-    pub gid: Option<i64>,
-    pub x509_dn: String,
-    /// JSON array of VOMS FQANs.
-    pub fqans: String,
-    pub queue: String,
-    /// vCPUs (count).
-    pub cores: i64,
-    /// CPU time, user + system (seconds).
-    pub cpu_seconds: f64,
-    /// Peak resident memory (bytes).
-    pub peak_memory_bytes: i64,
-    /// From VM start to stop (seconds).
-    pub wall_seconds: f64,
-    /// The payload's exit status.
-    pub exit_code: i64,
-    /// The exit status the LRMS recorded (from `JobFinished`), when it came.
-    pub lrms_exit_code: Option<i64>,
-    pub stop_reason: String,
-    /// Unix milliseconds.
-    pub started_ms: Option<i64>,
-    /// Unix milliseconds.
-    pub stopped_ms: Option<i64>,
-    /// Unix milliseconds.
-    pub recorded_ms: i64,
-}
+pub use wnodes_accounting_types::UsageRecord;
 
 const SELECT: &str = "SELECT run_key, site, lrms, job_id, run_attempt, host, vm_id, vo, user_name,
     uid, gid, x509_dn, fqans, queue, cores, cpu_seconds, peak_memory_bytes, wall_seconds,

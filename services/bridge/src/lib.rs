@@ -258,7 +258,6 @@ impl wnodes_runtime::Service for Bridge {
 async fn replay(args: wnodes_lrms::cli::ReplayArgs, config: &wnodes_runtime::Config<Config>) -> u8 {
     use wnodes_bus::ErrorChain;
     use wnodes_runtime::exit;
-    const NO_INPUT: u8 = 66;
     let common = &config.common;
     let mut opts = args.options();
     opts.image_hints = config.service.image_hints.clone();
@@ -271,7 +270,7 @@ async fn replay(args: wnodes_lrms::cli::ReplayArgs, config: &wnodes_runtime::Con
             }
             Err(e) => {
                 eprintln!("wnodes-bridge: replay: {}", ErrorChain(&e));
-                NO_INPUT
+                wnodes_runtime::exit::NO_INPUT
             }
         };
     }
@@ -303,7 +302,7 @@ async fn replay(args: wnodes_lrms::cli::ReplayArgs, config: &wnodes_runtime::Con
         }
         Err(e @ wnodes_lrms::publish::PublishReplayError::Read(_)) => {
             eprintln!("wnodes-bridge: replay: {}", ErrorChain(&e));
-            NO_INPUT
+            wnodes_runtime::exit::NO_INPUT
         }
         Err(e) => {
             eprintln!("wnodes-bridge: replay: {}", ErrorChain(&e));

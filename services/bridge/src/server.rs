@@ -16,7 +16,6 @@ use tonic::{
     transport::{Certificate, Identity, Server, ServerTlsConfig, server::TcpIncoming},
 };
 use tracing::{Instrument, field};
-use tracing_opentelemetry::OpenTelemetrySpanExt;
 use wnodes_bus::{
     Bus, ErrorChain, EventExt, Published, event::run_key, proto, proto::bridge_server,
     proto::event::Body,
@@ -41,18 +40,6 @@ impl opentelemetry::propagation::Extractor for MetadataExtractor<'_> {
                 KeyRef::Binary(_) => None,
             })
             .collect()
-    }
-}
-
-/// The trace context a gRPC caller sent (empty when none: the span becomes a root).
-pub fn caller_context(meta: &MetadataMap) -> opentelemetry::Context {
-    opentelemetry::global::get_text_map_propagator(|p| p.extract(&MetadataExtractor(meta)))
-}
-
-/// Makes `span` a child of `parent`; with an empty `parent`, a root span (a new trace).
-pub fn set_parent(span: &tracing::Span, parent: opentelemetry::Context) {
-    if let Err(e) = span.set_parent(parent) {
-        tracing::debug!(error = %e, "Could not set the span's parent.");
     }
 }
 
@@ -193,9 +180,16 @@ macro_rules! rpc_span {
             rpc.method = $method,
             wnodes.run = field::Empty,
         );
-        set_parent(&span, caller_context($meta));
+        wnodes_bus::propagation::set_parent_from_carrier(&span, &MetadataExtractor($meta));
         span
     }};
+}
+
+/// The request's `run` and `host` fields, checked: the run, or the reason naming the field.
+fn run_on_host(run: Option<proto::JobRunRef>, host: &str) -> Result<proto::JobRunRef, Status> {
+    validate::run("run", run.as_ref()).map_err(invalid)?;
+    validate::host("host", host).map_err(invalid)?;
+    Ok(run.unwrap_or_default())
 }
 
 #[tonic::async_trait]
@@ -220,9 +214,7 @@ impl bridge_server::Bridge for BridgeService {
     ) -> Result<Response<proto::JobAck>, Status> {
         let span = rpc_span!("bridge.job_finished", "JobFinished", request.metadata());
         let req = request.into_inner();
-        validate::run("run", req.run.as_ref()).map_err(invalid)?;
-        validate::host("host", &req.host).map_err(invalid)?;
-        let run = req.run.unwrap_or_default();
+        let run = run_on_host(req.run, &req.host)?;
         let event =
             job_finished_event(run, &req.host, req.exit_code, req.finished_at, &self.source);
         self.publish(event, span).await
@@ -234,9 +226,7 @@ impl bridge_server::Bridge for BridgeService {
     ) -> Result<Response<proto::JobAck>, Status> {
         let span = rpc_span!("bridge.job_cancelled", "JobCancelled", request.metadata());
         let req = request.into_inner();
-        validate::run("run", req.run.as_ref()).map_err(invalid)?;
-        validate::host("host", &req.host).map_err(invalid)?;
-        let run = req.run.unwrap_or_default();
+        let run = run_on_host(req.run, &req.host)?;
         let event =
             job_cancelled_event(run, &req.host, &req.reason, req.cancelled_at, &self.source);
         self.publish(event, span).await
@@ -248,9 +238,7 @@ impl bridge_server::Bridge for BridgeService {
     ) -> Result<Response<proto::JobOutcome>, Status> {
         let span = rpc_span!("bridge.wait_job", "WaitJob", request.metadata());
         let req = request.into_inner();
-        validate::run("run", req.run.as_ref()).map_err(invalid)?;
-        validate::host("host", &req.host).map_err(invalid)?;
-        let key = run_key(&req.run.unwrap_or_default());
+        let key = run_key(&run_on_host(req.run, &req.host)?);
         span.record("wnodes.run", key.as_str());
         let filters = watch::ending_filters(&req.host).map_err(|e| invalid_or_internal(&e))?;
         let wait = watch::run_outcome(&self.bus, filters, watch::From::All, &key, |_| {});

@@ -15,7 +15,7 @@ use wnodes_bus::{Bus, BusMetrics, ErrorChain, EventExt, proto, proto::event::Bod
 use wnodes_runtime::CommonConfig;
 
 use crate::{
-    server::{job_cancelled_event, job_finished_event, job_started_event, set_parent},
+    server::{job_cancelled_event, job_finished_event, job_started_event},
     validate,
     watch::{self, Ending},
 };
@@ -26,10 +26,6 @@ pub const EXIT_VM_FAILED: u8 = 125;
 pub const EXIT_SIGINT: u8 = 130;
 /// Cancelled by SIGTERM.
 pub const EXIT_SIGTERM: u8 = 143;
-/// Bad command line or job description (sysexits `EX_USAGE`).
-pub const EXIT_USAGE: u8 = 64;
-/// NATS unreachable or failing (sysexits `EX_UNAVAILABLE`).
-pub const EXIT_UNAVAILABLE: u8 = 69;
 
 /// `--help` text on exit codes.
 pub const EXIT_CODES_HELP: &str = "\
@@ -287,7 +283,7 @@ struct Started {
 impl Started {
     /// A span under the job's root span.
     fn span(&self, span: tracing::Span) -> tracing::Span {
-        set_parent(&span, self.root.clone());
+        wnodes_bus::propagation::set_parent(&span, self.root.clone());
         span
     }
 
@@ -341,7 +337,7 @@ async fn start(
         otel.kind = "producer",
         wnodes.run = key.as_str()
     );
-    set_parent(&root, opentelemetry::Context::new());
+    wnodes_bus::propagation::set_parent(&root, opentelemetry::Context::new());
     let event = job_started_event(job, None, &source);
     let (published, trace_id) = async {
         let trace_id = wnodes_bus::propagation::current_trace_id();
@@ -413,14 +409,14 @@ pub async fn run(args: SubmitArgs, common: &CommonConfig) -> u8 {
         Ok(j) => j,
         Err(e) => {
             say(format_args!("{e}"));
-            return EXIT_USAGE;
+            return wnodes_runtime::exit::USAGE;
         }
     };
     let filters = match watch::all_filters(&job.host) {
         Ok(f) => f,
         Err(e) => {
             say(format_args!("{}", ErrorChain(&e)));
-            return EXIT_USAGE;
+            return wnodes_runtime::exit::USAGE;
         }
     };
     let t0 = Instant::now();
@@ -428,7 +424,7 @@ pub async fn run(args: SubmitArgs, common: &CommonConfig) -> u8 {
         Ok(s) => s,
         Err(e) => {
             say(format_args!("cannot start the job: {}", ErrorChain(&e)));
-            return EXIT_UNAVAILABLE;
+            return wnodes_runtime::exit::UNAVAILABLE;
         }
     };
     let key = started.key.clone();
@@ -483,7 +479,7 @@ pub async fn run(args: SubmitArgs, common: &CommonConfig) -> u8 {
                     ErrorChain(&e)
                 ));
             }
-            return cancelled_by.unwrap_or(EXIT_UNAVAILABLE);
+            return cancelled_by.unwrap_or(wnodes_runtime::exit::UNAVAILABLE);
         }
     };
     started.finish(code).await;

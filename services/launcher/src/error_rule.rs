@@ -8,13 +8,13 @@ use wnodes_bus::BusError;
 use wnodes_testkit::error_rule::{SOURCE_TEXT, io_source};
 
 use crate::{
-    join::JoinError,
     policy::{PolicyConfigError, PolicyError},
     qemu::QemuError,
     qmp::QmpError,
-    service::ServiceError,
+    state::LauncherError,
     usage::UsageError,
-    vmstate::StateError,
+    vm_dir::StateError,
+    vm_table::VmTableError,
     watch::WatchError,
 };
 
@@ -28,8 +28,8 @@ fn state_error() -> StateError {
     }
 }
 
-fn join_error() -> JoinError {
-    JoinError::Sql {
+fn join_error() -> VmTableError {
+    VmTableError::Sql {
         op: "insert",
         source: sqlx::Error::Protocol(SOURCE_TEXT.into()),
     }
@@ -56,9 +56,9 @@ wnodes_testkit::error_rule! {
             source: hex::FromHexError::OddLength,
         },
     }
-    JoinError {
-        JoinError::Sql { .. } => join_error(),
-        JoinError::Corrupt { .. } => JoinError::Corrupt {
+    VmTableError {
+        VmTableError::Sql { .. } => join_error(),
+        VmTableError::Corrupt { .. } => VmTableError::Corrupt {
             vm_id: VM.into(),
             column: "state",
             detail: "unknown state \"Flying\"".into(),
@@ -128,11 +128,11 @@ wnodes_testkit::error_rule! {
     PolicyConfigError {
         PolicyConfigError(_) => policy_config_error(),
     }
-    ServiceError {
-        ServiceError::Join(_) => ServiceError::Join(join_error()),
-        ServiceError::State(_) => ServiceError::State(state_error()),
-        ServiceError::Store(_) => ServiceError::Store(sqlx::Error::Protocol(SOURCE_TEXT.into())),
-        ServiceError::Bus(_) => ServiceError::Bus(BusError::Stream {
+    LauncherError {
+        LauncherError::Table(_) => LauncherError::Table(join_error()),
+        LauncherError::State(_) => LauncherError::State(state_error()),
+        LauncherError::Store(_) => LauncherError::Store(sqlx::Error::Protocol(SOURCE_TEXT.into())),
+        LauncherError::Bus(_) => LauncherError::Bus(BusError::Stream {
             stream: "WNODES_EVENTS".into(),
             source: Box::new(io_source()),
         }),

@@ -9,10 +9,10 @@ use wnodes_bus::{Handler, HandlerCtx, HandlerError, proto::event::Body};
 use wnodes_proto::v1::{Event, JobCancelled, JobStarted, VmFailed, VmRequested, VmSpec};
 
 use crate::{
-    join::{self, Decision, Resource, VmRow, VmState},
     policy,
-    service::{LauncherState, current_trace_context},
-    vmstate::{JobRecord, StateError, VmDir},
+    state::LauncherState,
+    vm_dir::{JobRecord, StateError, VmDir},
+    vm_table::{self, Decision, Resource, VmRow, VmState},
 };
 
 /// The handler.
@@ -54,44 +54,37 @@ impl Handler for LauncherHandler {
         match body {
             Body::JobStarted(js) => self.job_started(ctx, &event, js).await,
             Body::JobCancelled(jc) => self.job_cancelled(ctx, &event, jc).await,
-            Body::ImageReady(r) => {
-                self.result(ctx, &r.vm_id, Resource::Image, Ok(r.encode_to_vec()))
-                    .await
-            }
-            Body::ImageFailed(f) => {
-                self.result(ctx, &f.vm_id, Resource::Image, Err(f.reason))
-                    .await
-            }
-            Body::ScratchReady(r) => {
-                self.result(ctx, &r.vm_id, Resource::Scratch, Ok(r.encode_to_vec()))
-                    .await
-            }
-            Body::ScratchFailed(f) => {
-                self.result(ctx, &f.vm_id, Resource::Scratch, Err(f.reason))
-                    .await
-            }
-            Body::NetworkReady(r) => {
-                self.result(ctx, &r.vm_id, Resource::Network, Ok(r.encode_to_vec()))
-                    .await
-            }
-            Body::NetworkFailed(f) => {
-                self.result(ctx, &f.vm_id, Resource::Network, Err(f.reason))
-                    .await
-            }
-            Body::StorageReady(r) => {
-                self.result(ctx, &r.vm_id, Resource::Storage, Ok(r.encode_to_vec()))
-                    .await
-            }
-            Body::StorageFailed(f) => {
-                self.result(ctx, &f.vm_id, Resource::Storage, Err(f.reason))
-                    .await
-            }
-            other => {
-                tracing::debug!(event = %wnodes_bus::EventType::of(&other), "Not for the launcher; skipped.");
-                Ok(())
-            }
+            other => match preparation_result(&other) {
+                Some((vm_id, resource, result)) => self.result(ctx, vm_id, resource, result).await,
+                None => {
+                    tracing::debug!(event = %wnodes_bus::EventType::of(&other), "Not for the launcher; skipped.");
+                    Ok(())
+                }
+            },
         }
     }
+}
+
+/// A preparation result: the ready body (encoded, to store in the VM's row) or the failure's
+/// reason.
+type Outcome = Result<Vec<u8>, String>;
+
+/// One of the four preparation results: the VM, which resource, and its outcome.
+fn preparation_result(body: &Body) -> Option<(&str, Resource, Outcome)> {
+    fn ready(m: &impl Message) -> Outcome {
+        Ok(m.encode_to_vec())
+    }
+    Some(match body {
+        Body::ImageReady(r) => (r.vm_id.as_str(), Resource::Image, ready(r)),
+        Body::ScratchReady(r) => (r.vm_id.as_str(), Resource::Scratch, ready(r)),
+        Body::NetworkReady(r) => (r.vm_id.as_str(), Resource::Network, ready(r)),
+        Body::StorageReady(r) => (r.vm_id.as_str(), Resource::Storage, ready(r)),
+        Body::ImageFailed(f) => (f.vm_id.as_str(), Resource::Image, Err(f.reason.clone())),
+        Body::ScratchFailed(f) => (f.vm_id.as_str(), Resource::Scratch, Err(f.reason.clone())),
+        Body::NetworkFailed(f) => (f.vm_id.as_str(), Resource::Network, Err(f.reason.clone())),
+        Body::StorageFailed(f) => (f.vm_id.as_str(), Resource::Storage, Err(f.reason.clone())),
+        _ => return None,
+    })
 }
 
 impl LauncherHandler {
@@ -111,7 +104,7 @@ impl LauncherHandler {
             .or_else(|| job.run.clone())
             .ok_or_else(|| HandlerError::reject("job.started without a run"))?;
         let vm_id = policy::vm_id(&run);
-        let trace = current_trace_context();
+        let trace = wnodes_bus::propagation::current_context_map();
         let host = if event.host.is_empty() {
             l.host.clone()
         } else {
@@ -128,7 +121,7 @@ impl LauncherHandler {
                 }
                 let row = VmRow::new(&run, &host, spec.clone(), VmState::Preparing, trace);
                 let conn = ctx.tx().await?;
-                if let Some(existing) = join::load(&mut *conn, &vm_id).await.map_err(retry)?
+                if let Some(existing) = vm_table::load(&mut *conn, &vm_id).await.map_err(retry)?
                     && existing.state.is_final()
                 {
                     tracing::info!(
@@ -138,7 +131,7 @@ impl LauncherHandler {
                     );
                     return Ok(());
                 }
-                join::insert(&mut *conn, &row).await.map_err(retry)?;
+                vm_table::insert(&mut *conn, &row).await.map_err(retry)?;
                 tracing::info!(vm_id, image = %spec.image, cores = spec.cores, memory = spec.memory_bytes, "VM requested.");
                 ctx.publish(l.event(&row, Body::VmRequested(VmRequested { spec: Some(spec) })));
             }
@@ -151,14 +144,14 @@ impl LauncherHandler {
                 };
                 let row = VmRow::new(&run, &host, spec, VmState::Failed, trace);
                 let conn = ctx.tx().await?;
-                if join::load(&mut *conn, &vm_id)
+                if vm_table::load(&mut *conn, &vm_id)
                     .await
                     .map_err(retry)?
                     .is_some()
                 {
                     return Ok(());
                 }
-                join::insert(&mut *conn, &row).await.map_err(retry)?;
+                vm_table::insert(&mut *conn, &row).await.map_err(retry)?;
                 ctx.publish(failed(l, &row, "policy", e.to_string()));
             }
         }
@@ -184,7 +177,7 @@ impl LauncherHandler {
             jc.reason.clone()
         };
         let conn = ctx.tx().await?;
-        let row = join::load(&mut *conn, &vm_id).await.map_err(retry)?;
+        let row = vm_table::load(&mut *conn, &vm_id).await.map_err(retry)?;
         match row {
             None => {
                 // Cancelled before it started here: a tombstone refuses a late job.started.
@@ -197,14 +190,19 @@ impl LauncherHandler {
                     vm_id: vm_id.clone(),
                     ..Default::default()
                 };
-                let mut row =
-                    VmRow::new(&run, &host, spec, VmState::Failed, current_trace_context());
+                let mut row = VmRow::new(
+                    &run,
+                    &host,
+                    spec,
+                    VmState::Failed,
+                    wnodes_bus::propagation::current_context_map(),
+                );
                 row.cancel_reason = Some(reason.clone());
-                join::insert(&mut *conn, &row).await.map_err(retry)?;
+                vm_table::insert(&mut *conn, &row).await.map_err(retry)?;
                 ctx.publish(failed(l, &row, "cancelled", reason));
             }
             Some(row) if row.state == VmState::Preparing => {
-                join::transition(
+                vm_table::transition(
                     &mut *conn,
                     &vm_id,
                     VmState::Preparing,
@@ -214,14 +212,14 @@ impl LauncherHandler {
                 )
                 .await
                 .map_err(retry)?;
-                join::set_cancel_reason(&mut *conn, &vm_id, &reason)
+                vm_table::set_cancel_reason(&mut *conn, &vm_id, &reason)
                     .await
                     .map_err(retry)?;
                 tracing::info!(vm_id, reason, "Cancelled while preparing.");
                 ctx.publish(failed(l, &row, "cancelled", reason));
             }
             Some(row) if matches!(row.state, VmState::Launching | VmState::Running) => {
-                join::set_cancel_reason(&mut *conn, &vm_id, &reason)
+                vm_table::set_cancel_reason(&mut *conn, &vm_id, &reason)
                     .await
                     .map_err(retry)?;
                 tracing::info!(
@@ -246,7 +244,7 @@ impl LauncherHandler {
         ctx: &mut HandlerCtx,
         vm_id: &str,
         resource: Resource,
-        outcome: Result<Vec<u8>, String>,
+        outcome: Outcome,
     ) -> Result<(), HandlerError> {
         let l = &self.launcher;
         if !policy::is_valid_vm_id(vm_id) {
@@ -255,15 +253,15 @@ impl LauncherHandler {
             )));
         }
         let conn = ctx.tx().await?;
-        let row = join::load(&mut *conn, vm_id).await.map_err(retry)?;
+        let row = vm_table::load(&mut *conn, vm_id).await.map_err(retry)?;
         let failure = outcome.as_ref().err().map(String::as_str);
-        match join::decide(row.as_ref(), resource, failure) {
+        match vm_table::decide(row.as_ref(), resource, failure) {
             Decision::Ignore(why) => {
                 tracing::info!(vm_id, resource = resource.name(), why, "Result ignored.");
             }
             Decision::Wait => {
                 if let Ok(bytes) = outcome {
-                    join::store_result(&mut *conn, vm_id, resource, bytes)
+                    vm_table::store_result(&mut *conn, vm_id, resource, bytes)
                         .await
                         .map_err(retry)?;
                 }
@@ -275,11 +273,11 @@ impl LauncherHandler {
             }
             Decision::Launch => {
                 if let Ok(bytes) = outcome {
-                    join::store_result(&mut *conn, vm_id, resource, bytes)
+                    vm_table::store_result(&mut *conn, vm_id, resource, bytes)
                         .await
                         .map_err(retry)?;
                 }
-                join::transition(
+                vm_table::transition(
                     &mut *conn,
                     vm_id,
                     VmState::Preparing,
@@ -293,7 +291,7 @@ impl LauncherHandler {
                 l.request_start(vm_id);
             }
             Decision::Fail { phase, reason } => {
-                join::transition(
+                vm_table::transition(
                     &mut *conn,
                     vm_id,
                     VmState::Preparing,

@@ -5,14 +5,25 @@
 //! |---|---|
 //! | [`config`] | the `[launcher]` config section, accelerator choice |
 //! | [`policy`] | site policy: job request → [`VmSpec`](wnodes_proto::v1::VmSpec), VM ids |
-//! | [`join`] | the per-VM state machine and its SQLite table (joins the four preparation results) |
+//! | [`vm_table`] | the VM table (`launcher_vms`) and its state machine (joins the four preparation results) |
+//! | [`vm_dir`] | the VM's state directory: `job.json`, `running.json`, serial files, liveness |
 //! | [`qemu`] | the qemu command line, the payload script, spawning qemu detached (`-daemonize`) |
 //! | [`qmp`] | a minimal QMP client (powerdown / quit) over the VM's unix socket |
-//! | [`vmstate`] | the per-VM state directory: `job.json`, `running.json`, serial files, liveness |
 //! | [`usage`] | CPU and peak memory: per-VM cgroup (v2, else v1 `cpuacct`+`memory`) when usable, else `/proc` samples in `usage.json` |
 //! | [`watch`] | waits for a VM's qemu to exit (also after a launcher restart) and collects the result |
 //! | [`handler`] | the bus handler (`job.started`, `job.cancelled`, the four results) |
-//! | [`service`] | wiring: reattach on start, the starter, the deadline task, publishing `vm.*` events |
+//! | [`state`] | [`LauncherState`](state::LauncherState), shared by the handler and the tasks; building events |
+//! | [`outbox`] | pending events: stored with the state change, published under the job's trace, cleared |
+//! | [`start`] | the starter task: launches qemu one VM at a time, publishes `vm.running` |
+//! | [`adopt`] | after a restart: reattaching watchers, re-queuing launches, adopting a qemu through its pid file |
+//! | [`stop`] | stopping a cancelled VM through QMP |
+//! | [`finish`] | the watcher per running VM and its one `vm.stopped` |
+//! | [`deadline`] | the housekeeping task: preparation deadlines, republishing pending events |
+//! | [`cgroups`] | removing leftover per-VM cgroups on start |
+//!
+//! Modules depend in one direction: `handler`, `start`, `adopt`, `stop`, `finish`,
+//! `deadline` and `cgroups` use `state` and `outbox` (and the leaf modules below them), never
+//! each other; `state` uses only leaf modules.
 //!
 //! [`Launcher`] is the service as the runtime runs it.
 //!
@@ -44,17 +55,24 @@
 //! `wnodes/<vm_id>` does that; on cgroup v1 hosts it does not (systemd tracks the unit in its
 //! own `name=systemd` hierarchy, which the launcher leaves alone), so keep `KillMode=process`.
 
+mod adopt;
+mod cgroups;
 pub mod config;
+mod deadline;
 #[cfg(test)]
 mod error_rule;
+mod finish;
 pub mod handler;
-pub mod join;
+mod outbox;
 pub mod policy;
 pub mod qemu;
 pub mod qmp;
-pub mod service;
+mod start;
+pub mod state;
+mod stop;
 pub mod usage;
-pub mod vmstate;
+pub mod vm_dir;
+pub mod vm_table;
 pub mod watch;
 
 pub use config::LauncherConfig;
@@ -98,7 +116,7 @@ impl Service for Launcher {
     async fn build(
         ctx: &ServiceCtx<LauncherConfig>,
     ) -> Result<Parts<handler::LauncherHandler>, StartError> {
-        let (launcher, rx) = service::prepare(ctx)
+        let (launcher, rx) = prepare(ctx)
             .await
             .map_err(|e| StartError::failed("prepare the launcher", e))?;
         let starter = launcher.clone();
@@ -113,4 +131,28 @@ impl Service for Launcher {
                 Ok(())
             }))
     }
+}
+
+/// Prepares the launcher (its policy was checked by `Service::validate`): creates the VM
+/// table, reattaches to the VMs that run, and returns the shared state with the starter's
+/// queue. VMs keep running after the service stops.
+async fn prepare(
+    ctx: &ServiceCtx<LauncherConfig>,
+) -> Result<
+    (
+        std::sync::Arc<state::LauncherState>,
+        tokio::sync::mpsc::UnboundedReceiver<String>,
+    ),
+    state::LauncherError,
+> {
+    vm_table::init(ctx.store.pool()).await?;
+    let (launcher, rx) = state::LauncherState::new(ctx);
+    tracing::info!(
+        accel = launcher.accel.as_str(),
+        vms_dir = %launcher.vms_dir.display(),
+        usage = usage::CgroupHost::describe(launcher.cgroups.as_ref()),
+        "Launcher starting."
+    );
+    launcher.reattach().await?;
+    Ok((launcher, rx))
 }

@@ -35,7 +35,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::vmstate::{self, StateError, UsageSource, VmDir};
+use crate::vm_dir::{self, StateError, UsageSource, VmDir};
 
 /// Where the cgroup hierarchies are mounted.
 pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
@@ -268,7 +268,7 @@ pub fn read_cgroup(group: &Path) -> Result<UsageSample, UsageError> {
     Ok(UsageSample {
         cpu_seconds,
         peak_memory_bytes: peak,
-        sampled_at_ms: vmstate::unix_ms(SystemTime::now()),
+        sampled_at_ms: wnodes_proto::time::unix_ms(SystemTime::now()),
     })
 }
 
@@ -288,7 +288,7 @@ pub fn read_cgroup_v1(cpuacct: &Path, memory: &Path) -> Result<UsageSample, Usag
     Ok(UsageSample {
         cpu_seconds,
         peak_memory_bytes: peak,
-        sampled_at_ms: vmstate::unix_ms(SystemTime::now()),
+        sampled_at_ms: wnodes_proto::time::unix_ms(SystemTime::now()),
     })
 }
 
@@ -383,18 +383,18 @@ pub fn sample_proc(pid: u32) -> Option<UsageSample> {
     Some(UsageSample {
         cpu_seconds: ticks as f64 / clock_ticks(),
         peak_memory_bytes: peak,
-        sampled_at_ms: vmstate::unix_ms(SystemTime::now()),
+        sampled_at_ms: wnodes_proto::time::unix_ms(SystemTime::now()),
     })
 }
 
 /// The persisted samples of a VM (zero when there are none).
 pub fn read_usage_file(vm: &VmDir) -> UsageSample {
-    vmstate::read_json(&vm.usage_json()).unwrap_or_default()
+    vm_dir::read_json(&vm.usage_json()).unwrap_or_default()
 }
 
 /// Persists a sample (atomically).
 pub fn write_usage_file(vm: &VmDir, sample: &UsageSample) -> Result<(), UsageError> {
-    Ok(vmstate::write_json(&vm.usage_json(), sample)?)
+    Ok(vm_dir::write_json(&vm.usage_json(), sample)?)
 }
 
 /// The final usage of a VM whose qemu has exited: from its cgroup (which kept counting while

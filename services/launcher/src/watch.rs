@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 use crate::{
     qmp,
     usage::{self, UsageSample},
-    vmstate::{self, GuestStatus, StateError, UsageSource, VmDir},
+    vm_dir::{GuestStatus, StateError, UsageSource, VmDir},
 };
 
 /// How the watcher behaves.
@@ -121,7 +121,7 @@ pub async fn watch(vm: &VmDir, opts: &WatchOptions) -> Result<VmExit, WatchError
         .read_running()?
         .ok_or_else(|| WatchError::NotStarted(vm.vm_id().to_owned()))?;
     let pid = running.pid;
-    let started_at = vmstate::from_unix_ms(running.started_at_ms);
+    let started_at = wnodes_proto::time::from_unix_ms(running.started_at_ms);
     let walltime = (running.walltime_secs > 0).then(|| Duration::from_secs(running.walltime_secs));
     let sample_proc = running.usage == UsageSource::Proc;
     let mut last: Option<UsageSample> = sample_proc.then(|| usage::read_usage_file(vm));

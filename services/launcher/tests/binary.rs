@@ -11,7 +11,7 @@ use std::{path::Path, process::Stdio, time::Duration};
 
 use common::{HOST, ev, job_started, run, vm_id_of, wait_event};
 use wnodes_bus::{Bus, BusMetrics, NatsConfig, proto::event::Body};
-use wnodes_launcher::vmstate::VmDir;
+use wnodes_launcher::vm_dir::VmDir;
 use wnodes_testkit::{host, host_test, nats::NatsServer};
 
 fn launcher(nats_url: &str, state: &Path, log: &Path) -> tokio::process::Child {

@@ -13,9 +13,9 @@ use wnodes_bus::{Bus, BusMetrics, ConsumerTuning, KeyStore, NatsConfig, proto::e
 use wnodes_launcher::{
     Launcher, LauncherConfig,
     config::AccelMode,
-    join::{self, VmState},
     policy::{NetworkModeConfig, PolicyConfig},
     usage::{self, CGROUP_ROOT, CgroupHost},
+    vm_table::{self, VmState},
 };
 use wnodes_proto::v1::{ImageReady, JobCancelled, JobRunRef};
 use wnodes_runtime::{Config, start::InProcess};
@@ -102,9 +102,9 @@ async fn publish_ready(env: &Env, run: &JobRunRef, vm_id: &str) {
     }
 }
 
-async fn row_state(store: &KeyStore, vm_id: &str) -> Option<join::VmRow> {
+async fn row_state(store: &KeyStore, vm_id: &str) -> Option<vm_table::VmRow> {
     let mut conn = store.pool().acquire().await.ok()?;
-    join::load(&mut conn, vm_id).await.ok().flatten()
+    vm_table::load(&mut conn, vm_id).await.ok().flatten()
 }
 
 async fn vm_nats_job_runs_to_vm_stopped_and_refusals_fail() {
@@ -156,7 +156,7 @@ async fn vm_nats_job_runs_to_vm_stopped_and_refusals_fail() {
     .await
     .unwrap();
     assert_eq!(row.pid, Some(running.pid));
-    let job = wnodes_launcher::vmstate::VmDir::new(&env.dir.path().join("vms"), &vm_id)
+    let job = wnodes_launcher::vm_dir::VmDir::new(&env.dir.path().join("vms"), &vm_id)
         .unwrap()
         .read_job()
         .unwrap();
@@ -268,7 +268,7 @@ async fn vm_nats_launcher_restart_reattaches_to_a_running_vm() {
 
     // SIGTERM-like stop of the launcher: the VM keeps running.
     assert_eq!(launcher.stop().await, 0);
-    let vm = wnodes_launcher::vmstate::VmDir::new(&env.dir.path().join("vms"), &vm_id).unwrap();
+    let vm = wnodes_launcher::vm_dir::VmDir::new(&env.dir.path().join("vms"), &vm_id).unwrap();
     assert!(vm.qemu_alive(running.pid), "qemu survives the launcher");
     assert!(last_event(&env.bus, "vm.stopped").await.is_none());
 
@@ -302,7 +302,7 @@ async fn vm_nats_launcher_restart_reattaches_to_a_running_vm() {
         Some(trace_id.as_str()),
         "{traceparent}"
     );
-    let job = wnodes_launcher::vmstate::VmDir::new(&env.dir.path().join("vms"), &vm_id)
+    let job = wnodes_launcher::vm_dir::VmDir::new(&env.dir.path().join("vms"), &vm_id)
         .unwrap()
         .read_job()
         .unwrap();

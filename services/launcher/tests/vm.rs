@@ -15,7 +15,7 @@ use wnodes_launcher::{
     qemu::{self, LaunchInputs},
     qmp,
     usage::{self, CGROUP_ROOT, CgroupHost},
-    vmstate::{RunningRecord, UsageSource, VmDir},
+    vm_dir::{RunningRecord, UsageSource, VmDir},
     watch::{self, STOP_GUEST_POWEROFF, WatchOptions},
 };
 use wnodes_proto::v1::{
@@ -91,6 +91,8 @@ fn fixture(script: &str) -> Fixture {
         vm_id: vm.vm_id().into(),
         mode: NetworkMode::User as i32,
         mac: "52:54:00:00:a0:b1".into(),
+        address: "10.0.2.15/24".into(),
+        gateway: "10.0.2.2".into(),
         ..Default::default()
     };
     Fixture {

@@ -9,6 +9,7 @@ use crate::{
     config::{CidrError, Ipv4Net, NetworkConfigError},
     host::HostError,
     lease::Exhausted,
+    netlink::NetlinkError,
     service::{PrepareError, ReconcileError},
 };
 
@@ -16,6 +17,13 @@ fn net(addr: [u8; 4], prefix: u8) -> Ipv4Net {
     Ipv4Net {
         addr: Ipv4Addr::from(addr),
         prefix,
+    }
+}
+
+fn netlink_error() -> NetlinkError {
+    NetlinkError::Open {
+        namespace: "network namespace wn-test".into(),
+        source: io_source(),
     }
 }
 
@@ -41,6 +49,18 @@ wnodes_testkit::error_rule! {
         )),
         ReconcileError::Host(_) => ReconcileError::Host(host_error()),
     }
+    NetlinkError {
+        NetlinkError::Open { .. } => netlink_error(),
+        NetlinkError::Request { .. } => NetlinkError::Request {
+            op: "delete",
+            name: "wn-0123456789ab".into(),
+            source: rtnetlink::Error::RequestFailed,
+        },
+        NetlinkError::NoLink { .. } => NetlinkError::NoLink {
+            op: "attach to a bridge",
+            name: "wnbr0".into(),
+        },
+    }
     HostError {
         HostError::Spawn { .. } => host_error(),
         HostError::Failed { .. } => HostError::Failed {
@@ -56,6 +76,7 @@ wnodes_testkit::error_rule! {
             kind: "interface name",
             name: "wn;rm".into(),
         },
+        HostError::Netlink(_) => HostError::Netlink(netlink_error()),
     }
     CidrError {
         CidrError { .. } => CidrError { value: "10.0.0.0/33".into(), why: "prefix above 32" },

@@ -1,14 +1,24 @@
-//! Host network plumbing through `ip` and `nft`: arguments only, never a shell; every name that
-//! reaches a command line is validated first ([`valid_tap_name`], [`valid_ifname`]).
+//! Host network plumbing: links, addresses and bridge ports through rtnetlink ([`netlink`]);
+//! the nftables ruleset through `nft -f -` (a whole ruleset applied atomically; there is no
+//! maintained Rust binding); creating a tap through `ip tuntap add` (the kernel refuses that
+//! over rtnetlink, see [`netlink`]). Commands get arguments only, never a shell; every name is
+//! validated first ([`valid_tap_name`], [`valid_ifname`]).
 //!
-//! With a configured network namespace every command runs as `ip netns exec <ns> <cmd> ...`.
+//! With a configured network namespace the netlink socket is opened inside it and every
+//! command runs as `ip netns exec <ns> <cmd> ...`.
+//!
+//! [`netlink`]: crate::netlink
 
-use std::{net::Ipv4Addr, process::Stdio};
+use std::{process::Stdio, sync::Arc};
 
 use serde_json::Value;
 use tokio::io::AsyncWriteExt;
 
-use crate::{config::Ipv4Net, nft};
+use crate::{
+    config::Ipv4Net,
+    netlink::{Link, Netlink, NetlinkError},
+    nft,
+};
 
 /// A host command that failed.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +39,8 @@ pub enum HostError {
     Parse { cmd: String, why: String },
     #[error("invalid {kind} {name:?}")]
     InvalidName { kind: &'static str, name: String },
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
 }
 
 /// Interface names we accept on a command line: 1–15 of `[A-Za-z0-9_.-]`, not starting with `-`.
@@ -61,10 +73,11 @@ pub fn valid_tap_name(name: &str) -> bool {
     })
 }
 
-/// Runs host commands, optionally inside a network namespace.
+/// Changes the host's network, optionally inside a network namespace.
 #[derive(Debug, Clone, Default)]
 pub struct Host {
     netns: Option<String>,
+    netlink: Arc<Netlink>,
 }
 
 struct Output {
@@ -85,7 +98,10 @@ impl Host {
                 name: ns.clone(),
             });
         }
-        Ok(Self { netns })
+        Ok(Self {
+            netlink: Arc::new(Netlink::new(netns.clone())),
+            netns,
+        })
     }
 
     fn command(&self, program: &str, args: &[&str]) -> (tokio::process::Command, String) {
@@ -159,100 +175,57 @@ impl Host {
     /// not exist.
     pub async fn ipv4_of(&self, ifname: &str) -> Result<Option<Ipv4Net>, HostError> {
         check_ifname(ifname)?;
-        let (out, cmd) = self
-            .output("ip", &["-j", "addr", "show", "dev", ifname], None)
-            .await?;
-        if !out.ok {
-            if out.stderr.contains("does not exist") {
-                return Ok(None);
-            }
-            return Err(HostError::Failed {
-                cmd,
-                status: out.status,
-                stderr: out.stderr,
-            });
-        }
-        let v: Value = parse_json(&cmd, &out.stdout)?;
-        let found = v
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|link| link.get("addr_info")?.as_array())
-            .flatten()
-            .find_map(|a| {
-                if a.get("family")?.as_str()? != "inet" {
-                    return None;
-                }
-                let addr: Ipv4Addr = a.get("local")?.as_str()?.parse().ok()?;
-                let prefix = u8::try_from(a.get("prefixlen")?.as_u64()?).ok()?;
-                Ipv4Net::new(addr, prefix)
-            });
-        found.map(Some).ok_or_else(|| HostError::Parse {
-            cmd,
-            why: format!("{ifname} has no IPv4 address"),
-        })
+        let Some(link) = self.netlink.link(ifname).await? else {
+            return Ok(None);
+        };
+        let addrs = self.netlink.ipv4_addresses(&link).await?;
+        addrs
+            .first()
+            .copied()
+            .map(Some)
+            .ok_or_else(|| HostError::Parse {
+                cmd: format!("netlink: addresses of {ifname}"),
+                why: format!("{ifname} has no IPv4 address"),
+            })
     }
 
-    /// Details of one link (`ip -d -j link show dev X`); `None` when it does not exist.
-    pub async fn link(&self, ifname: &str) -> Result<Option<Value>, HostError> {
+    /// One link; `None` when it does not exist.
+    pub async fn link(&self, ifname: &str) -> Result<Option<Link>, HostError> {
         check_ifname(ifname)?;
-        let (out, cmd) = self
-            .output("ip", &["-d", "-j", "link", "show", "dev", ifname], None)
-            .await?;
-        if !out.ok {
-            if out.stderr.contains("does not exist") {
-                return Ok(None);
-            }
-            return Err(HostError::Failed {
-                cmd,
-                status: out.status,
-                stderr: out.stderr,
-            });
-        }
-        let v = parse_json(&cmd, &out.stdout)?;
-        Ok(v.as_array().and_then(|a| a.first()).cloned())
+        Ok(self.netlink.link(ifname).await?)
     }
 
     /// The taps this service made (tun devices named like [`valid_tap_name`]).
     pub async fn list_taps(&self) -> Result<Vec<String>, HostError> {
-        let args = ["-d", "-j", "link", "show"];
-        let out = self.run("ip", &args, None).await?;
-        let v = parse_json(&format!("ip {}", args.join(" ")), &out)?;
-        Ok(v.as_array()
+        Ok(self
+            .netlink
+            .links()
+            .await?
             .into_iter()
-            .flatten()
-            .filter(|l| l.pointer("/linkinfo/info_kind").and_then(Value::as_str) == Some("tun"))
-            .filter_map(|l| l.get("ifname")?.as_str())
-            .filter(|n| valid_tap_name(n))
-            .map(str::to_owned)
+            .filter(|l| l.kind == "tun" && valid_tap_name(&l.name))
+            .map(|l| l.name)
             .collect())
     }
 
-    /// Creates tap `tap` (if missing), enslaves it to `bridge` and sets it up.
+    /// Creates tap `tap` (if missing), makes it a port of `bridge` and sets it up.
     pub async fn create_tap(&self, tap: &str, bridge: &str) -> Result<(), HostError> {
         check_tap(tap)?;
         check_ifname(bridge)?;
-        if self.link(tap).await?.is_none() {
+        if self.netlink.link(tap).await?.is_none() {
             self.run("ip", &["tuntap", "add", "mode", "tap", "name", tap], None)
                 .await?;
         }
-        self.run(
-            "ip",
-            &["link", "set", "dev", tap, "master", bridge, "up"],
-            None,
-        )
-        .await?;
+        self.netlink.attach_to_bridge(tap, bridge).await?;
         Ok(())
     }
 
     /// Deletes link `ifname`; `false` when it did not exist.
     pub async fn delete_link(&self, ifname: &str) -> Result<bool, HostError> {
         check_ifname(ifname)?;
-        if self.link(ifname).await?.is_none() {
+        let Some(link) = self.netlink.link(ifname).await? else {
             return Ok(false);
-        }
-        self.run("ip", &["link", "del", "dev", ifname], None)
-            .await?;
+        };
+        self.netlink.delete(&link).await?;
         Ok(true)
     }
 

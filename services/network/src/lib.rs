@@ -8,7 +8,8 @@
 //! | module | what it holds |
 //! |---|---|
 //! | [`config`] | the `[network]` section, mode resolution, the IPv4 prefix type |
-//! | [`host`] | `ip`/`nft` commands (arguments only, optionally in a network namespace) |
+//! | [`host`] | the host's network: links and addresses (netlink), `nft` and `ip tuntap` commands (arguments only), optionally in a network namespace |
+//! | [`netlink`] | links, addresses and bridge ports over rtnetlink, in the host's or a named namespace |
 //! | [`nft`] | the anti-spoofing table and its per-VM chains, as nft scripts |
 //! | [`mac`] | guest MAC derivation |
 //! | [`lease`] | the lease table: one row per VM, tombstones after release |
@@ -34,6 +35,7 @@ mod error_rule;
 pub mod host;
 pub mod lease;
 pub mod mac;
+pub mod netlink;
 pub mod nft;
 pub mod service;
 

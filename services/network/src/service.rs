@@ -210,6 +210,8 @@ impl NetworkHandler {
                 proto::NetworkReady {
                     vm_id: vm_id.to_owned(),
                     mode: proto::NetworkMode::User as i32,
+                    // slirp has one guest per VM: no collision to avoid, attempt 0.
+                    mac: Mac::for_vm(vm_id, 0).to_string(),
                     address: USER_ADDRESS.into(),
                     gateway: USER_GATEWAY.into(),
                     address_filtered: false,

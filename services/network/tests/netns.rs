@@ -478,7 +478,9 @@ async fn user_mode_needs_nothing_on_the_host_and_says_so() {
         ("10.0.2.15/24", "10.0.2.2")
     );
     assert!(!r.address_filtered);
-    assert!(r.tap.is_empty() && r.mac.is_empty());
+    assert!(r.tap.is_empty());
+    // The network service owns the MAC in user mode too (the launcher no longer derives one).
+    assert_eq!(r.mac, wnodes_network::mac::Mac::for_vm(vm, 0).to_string());
     assert!(
         r.note.contains("per-VM address filtering does not apply"),
         "{}",

@@ -44,7 +44,7 @@ pub fn vm_lock() -> nix::fcntl::Flock<std::fs::File> {
 
 /// SIGKILLs the qemu of every VM directory under `vms_dir` that still runs (test cleanup).
 pub fn kill_vms_under(vms_dir: &Path) {
-    for vm in wnodes_launcher::vmstate::list(vms_dir).unwrap_or_default() {
+    for vm in wnodes_launcher::vm_dir::list(vms_dir).unwrap_or_default() {
         if let Ok(Some(r)) = vm.read_running()
             && vm.qemu_alive(r.pid)
             && let Ok(pid) = i32::try_from(r.pid)
@@ -146,9 +146,13 @@ pub fn ready_bodies(g: &Path, vm_id: &str) -> [Body; 4] {
             vm_id: vm_id.into(),
             ..Default::default()
         }),
+        // What the network service answers in user mode (it owns the MAC and addresses).
         Body::NetworkReady(NetworkReady {
             vm_id: vm_id.into(),
             mode: NetworkMode::User as i32,
+            mac: "52:54:00:00:a0:b1".into(),
+            address: "10.0.2.15/24".into(),
+            gateway: "10.0.2.2".into(),
             ..Default::default()
         }),
         Body::StorageReady(StorageReady {

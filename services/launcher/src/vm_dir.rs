@@ -15,7 +15,7 @@ use std::{
     collections::BTreeMap,
     io::{Read, Seek, SeekFrom},
     path::{Path, PathBuf},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::SystemTime,
 };
 
 use prost::Message;
@@ -62,18 +62,6 @@ pub enum StateError {
 fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StateError + use<> {
     let path = path.to_path_buf();
     move |source| StateError::Io { op, path, source }
-}
-
-/// Milliseconds since the Unix epoch.
-pub fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
-
-/// The inverse of [`unix_ms`].
-pub fn from_unix_ms(ms: u64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_millis(ms)
 }
 
 /// The run, as persisted (the protobuf type has no serde).
@@ -145,7 +133,7 @@ impl JobRecord {
             owner_gid: owner.gid,
             spec_protobuf_hex: hex::encode(spec.encode_to_vec()),
             trace_context,
-            created_at_ms: unix_ms(SystemTime::now()),
+            created_at_ms: wnodes_proto::time::unix_ms(SystemTime::now()),
         }
     }
 

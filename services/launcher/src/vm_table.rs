@@ -49,7 +49,7 @@ pub const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS launcher_vms (
 
 /// A store problem.
 #[derive(Debug, thiserror::Error)]
-pub enum JoinError {
+pub enum VmTableError {
     #[error("launcher_vms: cannot {op}")]
     Sql {
         op: &'static str,
@@ -64,8 +64,8 @@ pub enum JoinError {
     },
 }
 
-fn sql(op: &'static str) -> impl FnOnce(sqlx::Error) -> JoinError {
-    move |source| JoinError::Sql { op, source }
+fn sql(op: &'static str) -> impl FnOnce(sqlx::Error) -> VmTableError {
+    move |source| VmTableError::Sql { op, source }
 }
 
 /// Where a VM is in its life.
@@ -165,7 +165,7 @@ impl VmRow {
             run: run.clone(),
             spec,
             state,
-            requested_at_ms: now_ms(),
+            requested_at_ms: wnodes_proto::time::now_ms(),
             image: None,
             scratch: None,
             network: None,
@@ -223,12 +223,8 @@ pub fn decide(row: Option<&VmRow>, resource: Resource, failure: Option<&str>) ->
     }
 }
 
-pub fn now_ms() -> i64 {
-    i64::try_from(crate::vmstate::unix_ms(std::time::SystemTime::now())).unwrap_or(i64::MAX)
-}
-
 /// Creates the table.
-pub async fn init(pool: &SqlitePool) -> Result<(), JoinError> {
+pub async fn init(pool: &SqlitePool) -> Result<(), VmTableError> {
     sqlx::query(SCHEMA)
         .execute(pool)
         .await
@@ -241,7 +237,7 @@ fn trace_json(trace: &BTreeMap<String, String>) -> String {
 }
 
 /// Inserts a row unless one exists. Returns false when it existed.
-pub async fn insert(conn: &mut SqliteConnection, row: &VmRow) -> Result<bool, JoinError> {
+pub async fn insert(conn: &mut SqliteConnection, row: &VmRow) -> Result<bool, VmTableError> {
     let res = sqlx::query(
         "INSERT OR IGNORE INTO launcher_vms
          (vm_id, run_key, host, run, spec, state, requested_at, cancel_reason, trace)
@@ -266,10 +262,10 @@ fn decode<M: Message + Default>(
     row: &SqliteRow,
     vm_id: &str,
     column: &'static str,
-) -> Result<Option<M>, JoinError> {
+) -> Result<Option<M>, VmTableError> {
     let blob: Option<Vec<u8>> = row.try_get(column).map_err(sql("read column"))?;
     blob.map(|b| {
-        M::decode(b.as_slice()).map_err(|e| JoinError::Corrupt {
+        M::decode(b.as_slice()).map_err(|e| VmTableError::Corrupt {
             vm_id: vm_id.to_owned(),
             column,
             detail: e.to_string(),
@@ -278,10 +274,10 @@ fn decode<M: Message + Default>(
     .transpose()
 }
 
-fn from_row(r: &SqliteRow) -> Result<VmRow, JoinError> {
+fn from_row(r: &SqliteRow) -> Result<VmRow, VmTableError> {
     let vm_id: String = r.try_get("vm_id").map_err(sql("read column"))?;
     let state: String = r.try_get("state").map_err(sql("read column"))?;
-    let corrupt = |column, detail: String| JoinError::Corrupt {
+    let corrupt = |column, detail: String| VmTableError::Corrupt {
         vm_id: vm_id.clone(),
         column,
         detail,
@@ -310,7 +306,7 @@ fn from_row(r: &SqliteRow) -> Result<VmRow, JoinError> {
 }
 
 /// The row of `vm_id`.
-pub async fn load(conn: &mut SqliteConnection, vm_id: &str) -> Result<Option<VmRow>, JoinError> {
+pub async fn load(conn: &mut SqliteConnection, vm_id: &str) -> Result<Option<VmRow>, VmTableError> {
     let row = sqlx::query("SELECT * FROM launcher_vms WHERE vm_id = ?")
         .bind(vm_id)
         .fetch_optional(conn)
@@ -320,7 +316,7 @@ pub async fn load(conn: &mut SqliteConnection, vm_id: &str) -> Result<Option<VmR
 }
 
 /// Rows in any of `states`.
-pub async fn list(pool: &SqlitePool, states: &[VmState]) -> Result<Vec<VmRow>, JoinError> {
+pub async fn list(pool: &SqlitePool, states: &[VmState]) -> Result<Vec<VmRow>, VmTableError> {
     let rows = sqlx::query("SELECT * FROM launcher_vms ORDER BY vm_id")
         .fetch_all(pool)
         .await
@@ -336,7 +332,7 @@ pub async fn list(pool: &SqlitePool, states: &[VmState]) -> Result<Vec<VmRow>, J
 }
 
 /// Rows with an event waiting to be published.
-pub async fn list_pending(pool: &SqlitePool) -> Result<Vec<VmRow>, JoinError> {
+pub async fn list_pending(pool: &SqlitePool) -> Result<Vec<VmRow>, VmTableError> {
     let rows = sqlx::query("SELECT * FROM launcher_vms WHERE pending IS NOT NULL ORDER BY vm_id")
         .fetch_all(pool)
         .await
@@ -350,7 +346,7 @@ pub async fn store_result(
     vm_id: &str,
     resource: Resource,
     encoded: Vec<u8>,
-) -> Result<(), JoinError> {
+) -> Result<(), VmTableError> {
     let q = match resource {
         Resource::Image => "UPDATE launcher_vms SET image = ? WHERE vm_id = ?",
         Resource::Scratch => "UPDATE launcher_vms SET scratch = ? WHERE vm_id = ?",
@@ -375,7 +371,7 @@ pub async fn transition(
     to: VmState,
     pending: Option<&Event>,
     pid: Option<u32>,
-) -> Result<bool, JoinError> {
+) -> Result<bool, VmTableError> {
     let res = sqlx::query(
         "UPDATE launcher_vms SET state = ?, pending = COALESCE(?, pending), pid = COALESCE(?, pid)
          WHERE vm_id = ? AND state = ?",
@@ -396,7 +392,7 @@ pub async fn set_cancel_reason(
     conn: &mut SqliteConnection,
     vm_id: &str,
     reason: &str,
-) -> Result<(), JoinError> {
+) -> Result<(), VmTableError> {
     sqlx::query(
         "UPDATE launcher_vms SET cancel_reason = ? WHERE vm_id = ? AND cancel_reason IS NULL",
     )
@@ -413,7 +409,7 @@ pub async fn clear_pending(
     conn: &mut SqliteConnection,
     vm_id: &str,
     event_id: &str,
-) -> Result<(), JoinError> {
+) -> Result<(), VmTableError> {
     let Some(row) = load(&mut *conn, vm_id).await? else {
         return Ok(());
     };

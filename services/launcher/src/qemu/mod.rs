@@ -1,0 +1,255 @@
+//! The qemu command line (`guest/README.md`, "Guest contract"), the payload script, and
+//! starting qemu detached.
+//!
+//! qemu is started with `-daemonize`: it detaches itself (`setsid`) once initialised, writes
+//! `qemu.pid`, and is reparented away from the launcher, so it survives a launcher crash or
+//! restart. The launcher never kills it on drop. No shell is involved anywhere: qemu gets an
+//! argument vector, and every value spliced into an option string (paths, tap names, MACs,
+//! kernel parameters) is validated first.
+
+//!
+//! | module | what it holds |
+//! |---|---|
+//! | [`args`] | [`LaunchInputs`] → qemu's argument vector, every spliced value checked |
+//! | [`payload`] | the job's payload script (`opt/wnodes/job.sh`), shell-quoted |
+//! | [`spawn`] | starting qemu detached in the VM's cgroup, [`launch`] |
+
+mod args;
+mod payload;
+mod spawn;
+
+use std::{path::PathBuf, time::Duration};
+
+pub use args::{LaunchInputs, build_args, option_path};
+pub use payload::{payload_script, sh_quote};
+pub use spawn::{JOIN_CGROUPS_AND_EXEC, Spawned, launch, spawn_detached};
+
+/// A launch problem.
+#[derive(Debug, thiserror::Error)]
+pub enum QemuError {
+    #[error("{what} {value:?} is not usable on the qemu command line: {why}")]
+    BadValue {
+        what: &'static str,
+        value: String,
+        why: &'static str,
+    },
+    #[error("payload: {0}")]
+    Payload(String),
+    #[error("cannot run {binary}")]
+    Spawn {
+        binary: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("qemu did not finish initialising within {0:?}")]
+    Timeout(Duration),
+    #[error("qemu failed to start ({status}): {stderr}")]
+    Failed { status: String, stderr: String },
+    #[error("qemu started but its pid file {0} is missing or unreadable")]
+    NoPid(PathBuf),
+    #[error(transparent)]
+    State(#[from] crate::vm_dir::StateError),
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use wnodes_proto::v1::{
+        ImageReady, JobCommand, JobOwner, JobPayload, NetworkMode, NetworkReady, ScratchReady,
+        StorageReady, VmSpec, job_payload,
+    };
+
+    use super::*;
+    use crate::{config::Accel, vm_dir::VmDir};
+
+    fn fixture(dir: &Path) -> (VmDir, VmSpec, ImageReady) {
+        let vm = VmDir::new(dir, "vm-0123456789ab").unwrap();
+        let spec = VmSpec {
+            vm_id: "vm-0123456789ab".into(),
+            cores: 2,
+            memory_bytes: 256 * 1024 * 1024,
+            owner: Some(JobOwner {
+                user: "alice".into(),
+                uid: 1000,
+                gid: 100,
+            }),
+            ..Default::default()
+        };
+        let image = ImageReady {
+            path: "/img/rootfs.ext4".into(),
+            format: "raw".into(),
+            kernel_path: "/img/vmlinux".into(),
+            initrd_path: "/img/initrd.img".into(),
+            ..Default::default()
+        };
+        (vm, spec, image)
+    }
+
+    #[test]
+    fn command_line_follows_the_guest_contract() {
+        let (vm, spec, image) = fixture(Path::new("/state/vms"));
+        let scratch = ScratchReady {
+            path: "/state/scratch/vm-0123456789ab.img".into(),
+            format: "raw".into(),
+            ..Default::default()
+        };
+        let net = NetworkReady {
+            mode: NetworkMode::VirtioTap as i32,
+            tap: "wn-0123456789ab".into(),
+            mac: "52:54:00:12:34:56".into(),
+            address: "10.231.1.2/24".into(),
+            gateway: "10.231.1.1".into(),
+            ..Default::default()
+        };
+        let storage = StorageReady {
+            address: "10.231.1.1".into(),
+            port: 2222,
+            remote_path: "/home/alice".into(),
+            ..Default::default()
+        };
+        let args = build_args(&LaunchInputs {
+            accel: Accel::Tcg,
+            vm: &vm,
+            spec: &spec,
+            image: &image,
+            scratch: Some(&scratch),
+            network: Some(&net),
+            storage: Some(&storage),
+        })
+        .unwrap();
+        let d = "/state/vms/vm-0123456789ab";
+        let expected: Vec<String> = [
+            "-accel", "tcg", "-M", "pc", "-m", "256M", "-smp", "2", "-nodefaults", "-display",
+            "none", "-no-reboot", "-snapshot", "-name", "wnodes-vm-0123456789ab",
+            "-kernel", "/img/vmlinux", "-initrd", "/img/initrd.img", "-append",
+            "console=ttyS0 root=/dev/vda panic=-1 quiet wnodes.ip=10.231.1.2/24 wnodes.gw=10.231.1.1 wnodes.sshfs=10.231.1.1:2222:/home/alice wnodes.scratch=/dev/vdb wnodes.uid=1000 wnodes.gid=100",
+            "-drive", "file=/img/rootfs.ext4,format=raw,if=virtio,readonly=on",
+            "-drive", "file=/state/scratch/vm-0123456789ab.img,format=raw,if=virtio,snapshot=off",
+            "-fw_cfg", &format!("name=opt/wnodes/job.sh,file={d}/job.sh"),
+            "-serial", &format!("file:{d}/console.log"),
+            "-serial", &format!("file:{d}/output.log"),
+            "-serial", &format!("file:{d}/status.log"),
+            "-netdev", "tap,id=n0,ifname=wn-0123456789ab,script=no,downscript=no",
+            "-device", "virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56",
+            "-qmp", &format!("unix:{d}/qmp.sock,server=on,wait=off"),
+            "-qmp", &format!("unix:{d}/qmp-events.sock,server=on,wait=off"),
+            "-pidfile", &format!("{d}/qemu.pid"), "-daemonize",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        assert_eq!(args, expected);
+    }
+
+    #[test]
+    fn user_mode_networking_points_sshfs_at_the_host() {
+        let (vm, mut spec, image) = fixture(Path::new("/s"));
+        spec.owner = None;
+        let net = NetworkReady {
+            mode: NetworkMode::User as i32,
+            mac: "52:54:00:00:00:01".into(),
+            address: "10.0.2.15/24".into(),
+            gateway: "10.0.2.2".into(),
+            ..Default::default()
+        };
+        let storage = StorageReady {
+            address: "127.0.0.1".into(),
+            port: 40000,
+            remote_path: "/export".into(),
+            ..Default::default()
+        };
+        let args = build_args(&LaunchInputs {
+            accel: Accel::Kvm,
+            vm: &vm,
+            spec: &spec,
+            image: &image,
+            scratch: None,
+            network: Some(&net),
+            storage: Some(&storage),
+        })
+        .unwrap();
+        let append = &args[args.iter().position(|a| a == "-append").unwrap() + 1];
+        assert!(append.ends_with(
+            "wnodes.ip=10.0.2.15/24 wnodes.gw=10.0.2.2 wnodes.sshfs=10.0.2.2:40000:/export"
+        ));
+        assert!(args.windows(2).any(|w| w == ["-netdev", "user,id=n0"]));
+        assert!(args.windows(2).any(|w| w == ["-accel", "kvm"]));
+        assert!(!args.iter().any(|a| a.contains("snapshot=off")));
+    }
+
+    #[test]
+    fn hostile_values_are_refused() {
+        let dir = Path::new("/s");
+        let (vm, spec, mut image) = fixture(dir);
+        let inputs = |image: &ImageReady, net: Option<&NetworkReady>| {
+            build_args(&LaunchInputs {
+                accel: Accel::Tcg,
+                vm: &vm,
+                spec: &spec,
+                image,
+                scratch: None,
+                network: net,
+                storage: None,
+            })
+        };
+        image.path = "/img/a,file=/etc/shadow".into();
+        assert!(inputs(&image, None).is_err());
+        image.path = "relative.img".into();
+        assert!(inputs(&image, None).is_err());
+        let (_, _, image) = fixture(dir);
+        let mut net = NetworkReady {
+            mode: NetworkMode::VirtioTap as i32,
+            tap: "wn0,script=/x".into(),
+            mac: "52:54:00:00:00:01".into(),
+            ..Default::default()
+        };
+        assert!(inputs(&image, Some(&net)).is_err());
+        net.tap = "wn0".into();
+        net.address = "10.0.0.1/24 init=/bin/sh".into();
+        assert!(inputs(&image, Some(&net)).is_err());
+        net.address = String::new();
+        net.mac = "52:54:00:00:00:01,x=y".into();
+        assert!(inputs(&image, Some(&net)).is_err());
+    }
+
+    #[test]
+    fn command_payload_quotes_every_word() {
+        let hostile = "'; rm -rf / #";
+        let payload = JobPayload {
+            kind: Some(job_payload::Kind::Command(JobCommand {
+                executable: "/bin/echo".into(),
+                args: vec![hostile.into(), "$HOME `id`".into()],
+            })),
+            environment: [("GREETING".to_string(), "it's $x".to_string())].into(),
+            working_dir: "/scratch/my dir".into(),
+        };
+        let script = String::from_utf8(payload_script(&payload).unwrap()).unwrap();
+        assert_eq!(
+            script,
+            "export GREETING='it'\\''s $x'\ncd '/scratch/my dir' || exit 125\n\
+             exec '/bin/echo' ''\\''; rm -rf / #' '$HOME `id`'\n"
+        );
+        let bad_env = JobPayload {
+            environment: [("A;B".to_string(), "x".to_string())].into(),
+            ..payload.clone()
+        };
+        assert!(payload_script(&bad_env).is_err());
+        let inline = JobPayload {
+            kind: Some(job_payload::Kind::InlineScript(b"echo hi; exit 3".to_vec())),
+            ..Default::default()
+        };
+        assert_eq!(payload_script(&inline).unwrap(), b"echo hi; exit 3\n");
+    }
+
+    #[test]
+    fn sh_quote_round_trips_through_a_real_shell() {
+        let hostile = "'; rm -rf / # \" $(id) `x` \\ \n end";
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("printf %s {}", sh_quote(hostile)))
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8(out.stdout).unwrap(), hostile);
+    }
+}

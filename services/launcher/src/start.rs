@@ -1,0 +1,147 @@
+//! Starting VMs, one at a time: the starter task takes VM ids from the handler, launches qemu
+//! (or adopts one started before a crash) and publishes `vm.running` or `vm.failed`.
+
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tracing::Instrument;
+use wnodes_bus::{ErrorChain, propagation, proto::event::Body};
+use wnodes_proto::{
+    time,
+    v1::{VmFailed, VmRunning},
+};
+
+use crate::{
+    adopt,
+    qemu::{self, LaunchInputs},
+    state::{LauncherError, LauncherState},
+    vm_dir::VmDir,
+    vm_table::{VmRow, VmState},
+};
+
+impl LauncherState {
+    /// Starts VMs one at a time, as the handler asks.
+    pub async fn run_starter(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<String>) {
+        loop {
+            let vm_id = tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                v = rx.recv() => match v { Some(v) => v, None => return },
+            };
+            if let Err(e) = self.start_vm(&vm_id).await {
+                tracing::error!(vm_id, error = %ErrorChain(&e), "Starting the VM failed.");
+            }
+        }
+    }
+
+    async fn start_vm(self: &Arc<Self>, vm_id: &str) -> Result<(), LauncherError> {
+        let Some(row) = self.load(vm_id).await? else {
+            return Ok(());
+        };
+        if row.state != VmState::Launching {
+            return Ok(());
+        }
+        let span = tracing::info_span!("launcher.start_vm", vm_id);
+        propagation::set_parent_from_map(&span, &row.trace);
+        self.start_row(row).instrument(span).await
+    }
+
+    async fn start_row(self: &Arc<Self>, row: VmRow) -> Result<(), LauncherError> {
+        let vm = VmDir::new(&self.vms_dir, &row.vm_id)?;
+        let fail = |reason: String, phase: &str| {
+            self.event(
+                &row,
+                Body::VmFailed(VmFailed {
+                    vm_id: row.vm_id.clone(),
+                    reason,
+                    phase: phase.into(),
+                }),
+            )
+        };
+        if let Some(reason) = &row.cancel_reason {
+            let ev = fail(reason.clone(), "cancelled");
+            self.transition_and_emit(&row, VmState::Launching, VmState::Failed, ev, None)
+                .await?;
+            return Ok(());
+        }
+        // Host state first: a qemu started before a crash is adopted, not started twice.
+        let running = match vm.read_running()? {
+            Some(r) => {
+                tracing::info!(vm_id = %row.vm_id, pid = r.pid, "Adopting a qemu started before a restart.");
+                r
+            }
+            // Crashed between qemu's start and running.json: qemu's own pid file tells.
+            None if vm.read_pid_file().is_some_and(|pid| vm.qemu_alive(pid)) => {
+                let r = adopt::from_pid_file(&vm, &row, self.cgroups.as_ref())?;
+                tracing::info!(vm_id = %row.vm_id, pid = r.pid, "Adopting a qemu found through its pid file.");
+                r
+            }
+            None => {
+                let (Some(image), Some(scratch), Some(network), Some(storage)) =
+                    (&row.image, &row.scratch, &row.network, &row.storage)
+                else {
+                    let ev = fail(
+                        "launching without all four preparation results".into(),
+                        "launch",
+                    );
+                    self.transition_and_emit(&row, VmState::Launching, VmState::Failed, ev, None)
+                        .await?;
+                    return Ok(());
+                };
+                let inputs = LaunchInputs {
+                    accel: self.accel,
+                    vm: &vm,
+                    spec: &row.spec,
+                    image,
+                    scratch: Some(scratch),
+                    // A tap without a MAC or name fails validation: a clear vm.failed (launch).
+                    network: Some(network),
+                    storage: Some(storage),
+                };
+                match qemu::launch(&self.config.qemu_binary, &inputs, self.cgroups.as_ref()).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::warn!(vm_id = %row.vm_id, error = %ErrorChain(&e), "qemu did not start.");
+                        let ev = fail(ErrorChain(&e).to_string(), "launch");
+                        self.transition_and_emit(
+                            &row,
+                            VmState::Launching,
+                            VmState::Failed,
+                            ev,
+                            None,
+                        )
+                        .await?;
+                        return Ok(());
+                    }
+                }
+            }
+        };
+        let ev = self.event(
+            &row,
+            Body::VmRunning(VmRunning {
+                vm_id: row.vm_id.clone(),
+                pid: running.pid,
+                accel: running.accel.clone(),
+                started_at: Some(time::timestamp(time::from_unix_ms(running.started_at_ms))),
+            }),
+        );
+        self.transition_and_emit(
+            &row,
+            VmState::Launching,
+            VmState::Running,
+            ev,
+            Some(running.pid),
+        )
+        .await?;
+        tracing::info!(vm_id = %row.vm_id, pid = running.pid, accel = %running.accel, "VM running.");
+        self.spawn_watcher(row.vm_id.clone());
+        // A cancellation that arrived while qemu was starting.
+        if self
+            .load(&row.vm_id)
+            .await?
+            .is_some_and(|r| r.cancel_reason.is_some())
+        {
+            self.spawn_stop(row.vm_id.clone());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,104 @@
+//! The launcher's shared state ([`LauncherState`]): config, host facts, the store, the bus,
+//! the starter's queue and the set of watched VMs; building events about a VM's run.
+
+use std::{collections::HashSet, path::PathBuf, sync::Arc};
+
+use parking_lot::Mutex;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use wnodes_bus::{Bus, EventExt, KeyStore, proto::event::Body};
+use wnodes_proto::v1::Event;
+use wnodes_runtime::ServiceCtx;
+
+use crate::{
+    config::{Accel, LauncherConfig},
+    usage::{CGROUP_ROOT, CgroupHost},
+    vm_dir::StateError,
+    vm_table::{self, VmRow, VmTableError},
+    watch::WatchOptions,
+};
+
+/// A launcher problem outside a handler.
+#[derive(Debug, thiserror::Error)]
+pub enum LauncherError {
+    #[error(transparent)]
+    Table(#[from] VmTableError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("launcher store")]
+    Store(#[from] sqlx::Error),
+    #[error(transparent)]
+    Bus(#[from] wnodes_bus::BusError),
+}
+
+/// State shared by the handler and the background tasks.
+#[derive(Debug)]
+pub struct LauncherState {
+    pub config: LauncherConfig,
+    pub accel: Accel,
+    pub vms_dir: PathBuf,
+    pub host: String,
+    pub source: String,
+    pub store: KeyStore,
+    pub bus: Bus,
+    /// The host's usable cgroups (`None`: usage from `/proc` samples).
+    pub cgroups: Option<CgroupHost>,
+    pub watch: WatchOptions,
+    pub shutdown: CancellationToken,
+    pub(crate) starter: mpsc::UnboundedSender<String>,
+    pub(crate) watching: Mutex<HashSet<String>>,
+}
+
+impl LauncherState {
+    /// Builds the shared state; the receiver feeds [`LauncherState::run_starter`].
+    pub fn new(ctx: &ServiceCtx<LauncherConfig>) -> (Arc<Self>, mpsc::UnboundedReceiver<String>) {
+        let shutdown = ctx.shutdown.clone();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let cgroups = CgroupHost::detect(std::path::Path::new(CGROUP_ROOT));
+        let launcher = Self {
+            accel: ctx.config.accel.resolve_here(),
+            // qemu's command line must name absolute paths (and liveness checks look for them).
+            vms_dir: {
+                let d = ctx.config.vms_dir(&ctx.state_dir);
+                std::path::absolute(&d).unwrap_or(d)
+            },
+            config: ctx.config.clone(),
+            host: ctx.common.host.clone(),
+            source: ctx.source(),
+            store: ctx.store.clone(),
+            bus: ctx.bus.clone(),
+            cgroups,
+            watch: WatchOptions::default(),
+            shutdown,
+            starter: tx,
+            watching: Mutex::new(HashSet::new()),
+        };
+        (Arc::new(launcher), rx)
+    }
+
+    /// Builds an event about `row`'s run.
+    pub fn event(&self, row: &VmRow, body: Body) -> Event {
+        let host = if row.host.is_empty() {
+            &self.host
+        } else {
+            &row.host
+        };
+        Event::build(row.run.clone(), host, &self.source, body)
+    }
+
+    /// Asks the starter to start `vm_id` (it re-reads the row once the caller's transaction
+    /// has committed: the store has a single write connection).
+    pub fn request_start(&self, vm_id: &str) {
+        if self.starter.send(vm_id.to_owned()).is_err() {
+            tracing::warn!(
+                vm_id,
+                "Starter gone; the VM starts at the next launcher start."
+            );
+        }
+    }
+
+    pub(crate) async fn load(&self, vm_id: &str) -> Result<Option<VmRow>, LauncherError> {
+        let mut conn = self.store.pool().acquire().await?;
+        Ok(vm_table::load(&mut conn, vm_id).await?)
+    }
+}

@@ -1,0 +1,283 @@
+//! Links, addresses and bridge ports through rtnetlink (the `rtnetlink` crate), in the host's
+//! namespace or in the configured one: no `ip` process, no output to parse.
+//!
+//! A connection is opened lazily and kept. For a named namespace its socket is created on a
+//! short-lived thread of its own that first joins the namespace (`setns`): a netlink socket
+//! stays bound to the namespace it was created in, and the joining thread never returns to a
+//! pool, so no other task runs in the wrong namespace.
+//!
+//! Creating a tap is not here: the kernel refuses tun/tap creation over rtnetlink (the tun
+//! driver's `validate` returns `EOPNOTSUPP`), and the remaining way, an ioctl on
+//! `/dev/net/tun`, needs `unsafe`, which this workspace forbids. [`Host`](crate::host::Host)
+//! runs `ip tuntap add` for that one step.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use futures::TryStreamExt;
+use rtnetlink::{
+    Handle, LinkUnspec,
+    packet_route::{
+        AddressFamily,
+        address::AddressAttribute,
+        link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
+    },
+};
+use tokio::sync::OnceCell;
+
+use crate::config::Ipv4Net;
+
+/// `ENODEV`, as netlink reports it (negative).
+const ENODEV: i32 = -19;
+
+/// What a netlink operation was doing when it failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NetlinkError {
+    #[error("cannot open a netlink socket in {namespace}")]
+    Open {
+        namespace: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("netlink: cannot {op} {name}")]
+    Request {
+        op: &'static str,
+        name: String,
+        #[source]
+        source: rtnetlink::Error,
+    },
+    #[error("netlink: no link {name} to {op}")]
+    NoLink { op: &'static str, name: String },
+}
+
+/// One link, as the service needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    pub index: u32,
+    pub name: String,
+    /// `IFLA_INFO_KIND` (`tun`, `bridge`, `veth`, ...); empty for a plain device.
+    pub kind: String,
+    /// The bridge (or other controller) it is a port of.
+    pub controller: Option<u32>,
+    /// Administratively up (`IFF_UP`).
+    pub up: bool,
+}
+
+impl Link {
+    fn from_message(m: &LinkMessage) -> Self {
+        let mut link = Link {
+            index: m.header.index,
+            name: String::new(),
+            kind: String::new(),
+            controller: None,
+            up: m.header.flags.contains(LinkFlags::Up),
+        };
+        for a in &m.attributes {
+            match a {
+                LinkAttribute::IfName(n) => link.name.clone_from(n),
+                LinkAttribute::Controller(c) => link.controller = Some(*c),
+                LinkAttribute::LinkInfo(infos) => {
+                    for i in infos {
+                        if let LinkInfo::Kind(k) = i {
+                            link.kind = kind_name(k);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        link
+    }
+}
+
+fn kind_name(k: &InfoKind) -> String {
+    match k {
+        InfoKind::Tun => "tun".into(),
+        InfoKind::Bridge => "bridge".into(),
+        InfoKind::Veth => "veth".into(),
+        InfoKind::Dummy => "dummy".into(),
+        other => format!("{other:?}").to_lowercase(),
+    }
+}
+
+/// A lazily opened rtnetlink connection in one namespace (`None`: the process's own).
+#[derive(Debug, Default)]
+pub struct Netlink {
+    netns: Option<String>,
+    handle: OnceCell<Handle>,
+}
+
+impl Netlink {
+    pub fn new(netns: Option<String>) -> Self {
+        Self {
+            netns,
+            handle: OnceCell::new(),
+        }
+    }
+
+    fn namespace(&self) -> String {
+        self.netns.as_deref().map_or_else(
+            || "the host's network namespace".to_owned(),
+            |ns| format!("network namespace {ns}"),
+        )
+    }
+
+    async fn handle(&self) -> Result<&Handle, NetlinkError> {
+        self.handle
+            .get_or_try_init(|| async {
+                let open_err = |source| NetlinkError::Open {
+                    namespace: self.namespace(),
+                    source,
+                };
+                let (conn, handle) = match &self.netns {
+                    None => {
+                        let (conn, handle, _) = rtnetlink::new_connection().map_err(open_err)?;
+                        (conn, handle)
+                    }
+                    Some(ns) => open_in_netns(ns).await.map_err(open_err)?,
+                };
+                tokio::spawn(conn);
+                Ok(handle)
+            })
+            .await
+    }
+
+    /// The link named `name`; `None` when there is none.
+    pub async fn link(&self, name: &str) -> Result<Option<Link>, NetlinkError> {
+        let handle = self.handle().await?;
+        let mut links = handle.link().get().match_name(name.to_owned()).execute();
+        match links.try_next().await {
+            Ok(Some(m)) => Ok(Some(Link::from_message(&m))),
+            Ok(None) => Ok(None),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == ENODEV => Ok(None),
+            Err(source) => Err(NetlinkError::Request {
+                op: "read link",
+                name: name.to_owned(),
+                source,
+            }),
+        }
+    }
+
+    /// Every link in the namespace.
+    pub async fn links(&self) -> Result<Vec<Link>, NetlinkError> {
+        let handle = self.handle().await?;
+        let request_err = |source| NetlinkError::Request {
+            op: "list",
+            name: "links".into(),
+            source,
+        };
+        let mut out = Vec::new();
+        let mut links = handle.link().get().execute();
+        while let Some(m) = links.try_next().await.map_err(request_err)? {
+            out.push(Link::from_message(&m));
+        }
+        Ok(out)
+    }
+
+    /// The IPv4 addresses of link `index`, with their prefixes, in the kernel's order.
+    pub async fn ipv4_addresses(&self, link: &Link) -> Result<Vec<Ipv4Net>, NetlinkError> {
+        let handle = self.handle().await?;
+        let request_err = |source| NetlinkError::Request {
+            op: "read the addresses of",
+            name: link.name.clone(),
+            source,
+        };
+        let mut out = Vec::new();
+        let mut addrs = handle
+            .address()
+            .get()
+            .set_link_index_filter(link.index)
+            .execute();
+        while let Some(m) = addrs.try_next().await.map_err(request_err)? {
+            if m.header.family != AddressFamily::Inet {
+                continue;
+            }
+            // IFA_LOCAL is the interface's own address (IFA_ADDRESS is the peer's on a
+            // point-to-point link); on other links both are the same.
+            let local = m.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Local(IpAddr::V4(ip)) => Some(*ip),
+                _ => None,
+            });
+            let address = m.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Address(IpAddr::V4(ip)) => Some(*ip),
+                _ => None,
+            });
+            if let Some(net) = local
+                .or(address)
+                .and_then(|ip: Ipv4Addr| Ipv4Net::new(ip, m.header.prefix_len))
+            {
+                out.push(net);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Makes `port` a port of `bridge` and sets it up.
+    pub async fn attach_to_bridge(&self, port: &str, bridge: &str) -> Result<(), NetlinkError> {
+        let no_link = |name: &str| NetlinkError::NoLink {
+            op: "attach to a bridge",
+            name: name.to_owned(),
+        };
+        let p = self.link(port).await?.ok_or_else(|| no_link(port))?;
+        let b = self.link(bridge).await?.ok_or_else(|| no_link(bridge))?;
+        let handle = self.handle().await?;
+        handle
+            .link()
+            .set(
+                LinkUnspec::new_with_index(p.index)
+                    .controller(b.index)
+                    .up()
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(|source| NetlinkError::Request {
+                op: "attach to its bridge and set up",
+                name: port.to_owned(),
+                source,
+            })
+    }
+
+    /// Deletes `link`.
+    pub async fn delete(&self, link: &Link) -> Result<(), NetlinkError> {
+        let handle = self.handle().await?;
+        match handle.link().del(link.index).execute().await {
+            Ok(()) => Ok(()),
+            // Gone meanwhile: what the caller wanted.
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == ENODEV => Ok(()),
+            Err(source) => Err(NetlinkError::Request {
+                op: "delete",
+                name: link.name.clone(),
+                source,
+            }),
+        }
+    }
+}
+
+type Opened = (
+    rtnetlink::proto::Connection<rtnetlink::packet_route::RouteNetlinkMessage>,
+    Handle,
+);
+
+/// Opens a connection whose socket lives in namespace `ns` (`/run/netns/<ns>`, as `ip netns`
+/// names them): on a thread of its own that joins the namespace first and then ends.
+async fn open_in_netns(ns: &str) -> std::io::Result<Opened> {
+    let path = std::path::Path::new(rtnetlink::NETNS_PATH).join(ns);
+    let runtime = tokio::runtime::Handle::current();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("wnodes-netns".into())
+        .spawn(move || {
+            let opened = (|| {
+                let file = std::fs::File::open(&path)?;
+                nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(std::io::Error::from)?;
+                // The socket registers with the runtime's reactor as it is made.
+                let _enter = runtime.enter();
+                let (conn, handle, _) = rtnetlink::new_connection()?;
+                Ok((conn, handle))
+            })();
+            let _ = tx.send(opened);
+        })?;
+    rx.await
+        .map_err(|_| std::io::Error::other("the namespace thread ended without an answer"))?
+}
