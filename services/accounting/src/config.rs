@@ -13,6 +13,9 @@ pub struct Config {
     /// for sites is planned; it needs the idempotency store on PostgreSQL too, so that a record
     /// still commits with its key.)
     pub database: Option<PathBuf>,
+    /// `[accounting.apel]`: what APEL messages need that a usage record does not say (the
+    /// `apel-export` subcommand).
+    pub apel: wnodes_apel::ApelConfig,
 }
 
 impl Config {

@@ -4,7 +4,7 @@
 use wnodes_bus::BusError;
 use wnodes_testkit::error_rule::{SOURCE_TEXT, io_source};
 
-use crate::AccountingError;
+use crate::{AccountingError, apel::ApelExportError};
 
 wnodes_testkit::error_rule! {
     AccountingError {
@@ -17,5 +17,36 @@ wnodes_testkit::error_rule! {
             stream: "WNODES_EVENTS".into(),
             source: Box::new(io_source()),
         }),
+    }
+    ApelExportError {
+        ApelExportError::Date { .. } => ApelExportError::Date { value: "2026-13-01".into() },
+        ApelExportError::EmptyPeriod { .. } => ApelExportError::EmptyPeriod {
+            from: "2026-11-02".into(),
+            to: "2026-11-01".into(),
+        },
+        ApelExportError::Store { .. } => ApelExportError::Store { store: "postgres://db/acct".into() },
+        ApelExportError::Open { .. } => ApelExportError::Open {
+            path: "/var/lib/wnodes/accounting.db".into(),
+            source: sqlx::Error::Protocol(SOURCE_TEXT.into()),
+        },
+        ApelExportError::Sql { .. } => ApelExportError::Sql {
+            op: "record an export",
+            source: sqlx::Error::Protocol(SOURCE_TEXT.into()),
+        },
+        ApelExportError::Apel { .. } => ApelExportError::Apel {
+            kind: "job",
+            source: wnodes_apel::ApelError::Queue {
+                op: "create",
+                path: "/var/spool/apel/outgoing".into(),
+                source: io_source(),
+            },
+        },
+        ApelExportError::Locked { .. } => ApelExportError::Locked {
+            path: "/var/spool/apel/outgoing/.wnodes-staging/lock".into(),
+        },
+        ApelExportError::Pending { .. } => ApelExportError::Pending {
+            staged: "6565f2c00000a1.tmp".into(),
+            source: serde_json::from_str::<u8>(SOURCE_TEXT).unwrap_err(),
+        },
     }
 }

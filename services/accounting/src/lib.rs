@@ -26,8 +26,10 @@
 //! | [`handler`] | the consumer's handler: one effect per event type, one record per run |
 //! | [`metrics`] | `wnodes_accounting_*` |
 //! | [`records`] | reading records back (`records` subcommand) |
+//! | [`apel`] | the `apel-export` subcommand: APEL messages into an SSM outgoing queue, exported once (jobs) or again when changed (summaries, cloud, sync) |
 //! | `service` | [`Accounting`], the service as the runtime runs it |
 
+pub mod apel;
 pub mod config;
 #[cfg(test)]
 mod error_rule;

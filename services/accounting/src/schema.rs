@@ -1,5 +1,6 @@
 //! The accounting tables (`accounting_jobs`: what is known of a run before its record;
-//! `usage_records`: one row per run), created at start in the consumer's idempotency store so
+//! `usage_records`: one row per run; the APEL exporter's `apel_exported` and `apel_pending`,
+//! [`crate::apel`]), created at start in the consumer's idempotency store so
 //! that every effect commits with its key.
 
 use wnodes_bus::KeyStore;
@@ -52,7 +53,7 @@ pub(crate) const SCHEMA: [&str; 2] = [
 
 /// Creates the accounting tables in the store (idempotent; run at start).
 pub async fn migrate(store: &KeyStore) -> Result<(), AccountingError> {
-    for stmt in SCHEMA {
+    for stmt in SCHEMA.into_iter().chain(crate::apel::SCHEMA) {
         sqlx::query(stmt).execute(store.pool()).await?;
     }
     Ok(())

@@ -1,11 +1,12 @@
-//! [`Accounting`]: the service as the runtime runs it (`serve`, the default, and `records`).
+//! [`Accounting`]: the service as the runtime runs it (`serve`, the default, `records` and
+//! `apel-export`).
 
 use std::path::Path;
 
 use wnodes_bus::{ErrorChain, EventType};
 use wnodes_runtime::{Parts, Scope, Service, ServiceCtx, StartError, exit};
 
-use crate::{AccountingHandler, Config, Metrics, open_store, records};
+use crate::{AccountingHandler, Config, Metrics, apel, open_store, records};
 
 /// The accounting service: one central consumer on every host's events.
 #[derive(Debug)]
@@ -19,6 +20,26 @@ pub enum AccountingCommand {
         /// One JSON object per line instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// Write APEL messages for the usage records of a period into an SSM outgoing queue
+    /// (`ssmsend`'s dirq). Job records go once each; summaries, cloud and sync records go
+    /// again when their figures change. Settings: `[accounting.apel]`.
+    ApelExport {
+        /// The accounting database: a path or a `sqlite://` URL.
+        #[arg(long, value_name = "PATH_OR_URL")]
+        store: String,
+        /// First day (UTC, `YYYY-MM-DD`), inclusive: records whose VM stopped from then.
+        #[arg(long, value_name = "YYYY-MM-DD")]
+        from: String,
+        /// Last day (UTC, `YYYY-MM-DD`), exclusive.
+        #[arg(long, value_name = "YYYY-MM-DD")]
+        to: String,
+        /// The outgoing queue directory (created when missing).
+        #[arg(long, value_name = "DIR")]
+        out: std::path::PathBuf,
+        /// One kind only (job, summary, cloud or sync); all four by default.
+        #[arg(long)]
+        kind: Option<wnodes_apel::Kind>,
     },
 }
 
@@ -59,6 +80,77 @@ impl Service for Accounting {
                 let state_dir = config.common.state_dir_of(Self::NAME);
                 print_records(&config.service.database_path(&state_dir), json).await
             }
+            AccountingCommand::ApelExport {
+                store,
+                from,
+                to,
+                out,
+                kind,
+            } => apel_export(&config.service.apel, &store, &from, &to, out, kind).await,
+        }
+    }
+}
+
+async fn apel_export(
+    cfg: &wnodes_apel::ApelConfig,
+    store: &str,
+    from: &str,
+    to: &str,
+    out: std::path::PathBuf,
+    kind: Option<wnodes_apel::Kind>,
+) -> u8 {
+    use crate::apel::{ApelExportError, ExportRequest};
+    let request = || -> Result<(std::path::PathBuf, ExportRequest), ApelExportError> {
+        let path = apel::store_path(store)?;
+        let (from_ms, to_ms) = (apel::parse_date(from)?, apel::parse_date(to)?);
+        if from_ms >= to_ms {
+            return Err(ApelExportError::EmptyPeriod {
+                from: from.into(),
+                to: to.into(),
+            });
+        }
+        let kinds = kind.map_or_else(|| wnodes_apel::Kind::ALL.to_vec(), |k| vec![k]);
+        Ok((path, ExportRequest::new(from_ms, to_ms, kinds, out)))
+    };
+    let (path, req) = match request() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("wnodes-accounting: {}", ErrorChain(&e));
+            return exit::USAGE;
+        }
+    };
+    if let Err(e) = cfg.validate() {
+        eprintln!("wnodes-accounting: {}", ErrorChain(&e));
+        return exit::CONFIG;
+    }
+    let result = async {
+        let pool = apel::open(&path).await?;
+        apel::export(&pool, cfg, &req).await
+    }
+    .await;
+    match result {
+        Ok(report) => {
+            for (kind, r) in &report.kinds {
+                println!(
+                    "{kind}: {} records in {} messages, {} unchanged",
+                    r.records, r.messages, r.unchanged
+                );
+            }
+            if report.recovered_queued + report.recovered_unqueued > 0 {
+                println!(
+                    "recovered: {} messages already queued, {} never queued",
+                    report.recovered_queued, report.recovered_unqueued
+                );
+            }
+            for (run_key, why) in &report.unexportable {
+                println!("not exported: {run_key}: {why}");
+            }
+            println!("queue: {}", req.out.display());
+            exit::OK
+        }
+        Err(e) => {
+            eprintln!("wnodes-accounting: {}", ErrorChain(&e));
+            exit::UNAVAILABLE
         }
     }
 }

@@ -1,0 +1,590 @@
+//! `apel-export`: usage records into APEL messages in an SSM outgoing queue
+//! ([`wnodes_apel`]), remembering what was exported in the accounting database.
+//!
+//! Job records go out once each. Summaries, sync records and cloud records are keyed as APEL
+//! keys them (month/site/user/VO/group/role/submit host/...; month/site/submit host; VM and
+//! month) and go out again when their text changes, since APEL replaces them by key. Summaries
+//! and sync records cover whole months: every month the period touches, counted over the
+//! whole month, so a partial period never replaces a month's figures with partial ones.
+//!
+//! Each message is written in four steps, so that a crash at any point neither loses a record
+//! nor queues one twice:
+//!
+//! 1. the message is staged (written and synced outside the queue, [`OutgoingQueue::stage`]);
+//! 2. `apel_pending` records the staged file and the keys (and texts) it holds;
+//! 3. the staged file is renamed into the queue ([`OutgoingQueue::commit`]);
+//! 4. `apel_exported` gets the keys and the pending row goes, in one transaction.
+//!
+//! Each run first settles the pending rows a crashed run left: a staged file still there was
+//! never queued (it is removed and its records are exported again); a staged file gone was
+//! queued, whether or not `ssmsend` has sent it since (its keys are recorded as exported).
+//! Staged files without a pending row (a crash between 1 and 2) are removed. One exporter at a
+//! time per queue: a lock on the staging directory is held for the run.
+//!
+//! Failpoints (feature `failpoints`, `WNODES_FAILPOINT=<name>`, the process aborts):
+//! `apel-before-queue` (after step 2) and `apel-after-queue` (after step 3).
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    path::{Path, PathBuf},
+    str::FromStr,
+};
+
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use wnodes_apel::{
+    ApelConfig, ApelError, CloudRecord, JobRecord, Kind, OutgoingQueue, SummaryRecord, SyncRecord,
+    message::{self, MAX_MESSAGE_BYTES, MAX_RECORDS},
+    records::ApelRecord,
+};
+
+use crate::records::UsageRecord;
+
+/// What can go wrong exporting to APEL.
+#[derive(Debug, thiserror::Error)]
+pub enum ApelExportError {
+    #[error("invalid date {value:?} (YYYY-MM-DD)")]
+    Date { value: String },
+    #[error("the period is empty: --from {from} is not before --to {to}")]
+    EmptyPeriod { from: String, to: String },
+    #[error(
+        "unsupported store {store:?}: a SQLite path or sqlite:// URL (PostgreSQL is not implemented yet)"
+    )]
+    Store { store: String },
+    #[error("accounting database {path}")]
+    Open {
+        path: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("accounting database: {op}")]
+    Sql {
+        op: &'static str,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("APEL {kind} export")]
+    Apel {
+        kind: &'static str,
+        #[source]
+        source: ApelError,
+    },
+    #[error("another apel-export holds {path}")]
+    Locked { path: String },
+    #[error("pending export {staged} holds an unreadable key list")]
+    Pending {
+        staged: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+fn sql(op: &'static str) -> impl FnOnce(sqlx::Error) -> ApelExportError {
+    move |source| ApelExportError::Sql { op, source }
+}
+
+fn apel(kind: &'static str) -> impl FnOnce(ApelError) -> ApelExportError {
+    move |source| ApelExportError::Apel { kind, source }
+}
+
+/// The tables the exporter keeps (also created by [`crate::migrate`]).
+pub(crate) const SCHEMA: [&str; 2] = [
+    "CREATE TABLE IF NOT EXISTS apel_exported (
+        run_key     TEXT NOT NULL,    -- job: the run key; summary/cloud/sync: APEL's key of the record
+        kind        TEXT NOT NULL,    -- job | summary | cloud | sync
+        record      TEXT NOT NULL DEFAULT '',  -- summary/cloud/sync: the record as queued
+        exported_at INTEGER NOT NULL, -- unix milliseconds
+        PRIMARY KEY (run_key, kind)
+    )",
+    "CREATE TABLE IF NOT EXISTS apel_pending (
+        staged     TEXT NOT NULL,     -- staged file name under <queue>/.wnodes-staging
+        queue      TEXT NOT NULL,     -- the queue's directory
+        kind       TEXT NOT NULL,
+        entries    TEXT NOT NULL,     -- JSON [[key, record], ...] of what the message holds
+        created_at INTEGER NOT NULL,  -- unix milliseconds
+        PRIMARY KEY (queue, staged)
+    )",
+];
+
+/// A `YYYY-MM-DD` date as Unix milliseconds at 00:00 UTC.
+///
+/// # Errors
+/// [`ApelExportError::Date`].
+pub fn parse_date(value: &str) -> Result<i64, ApelExportError> {
+    let bad = || ApelExportError::Date {
+        value: value.to_string(),
+    };
+    let parts: Vec<&str> = value.split('-').collect();
+    let [y, m, d] = parts.as_slice() else {
+        return Err(bad());
+    };
+    if y.len() != 4 || m.len() != 2 || d.len() != 2 {
+        return Err(bad());
+    }
+    let y: i32 = y.parse().map_err(|_| bad())?;
+    let m: u8 = m.parse().map_err(|_| bad())?;
+    let d: u8 = d.parse().map_err(|_| bad())?;
+    let month = time::Month::try_from(m).map_err(|_| bad())?;
+    let date = time::Date::from_calendar_date(y, month, d).map_err(|_| bad())?;
+    Ok(date.midnight().assume_utc().unix_timestamp() * 1000)
+}
+
+/// The database path of `--store`: a path, `sqlite:PATH` or `sqlite://PATH`.
+///
+/// # Errors
+/// [`ApelExportError::Store`] for anything else (PostgreSQL included).
+pub fn store_path(store: &str) -> Result<PathBuf, ApelExportError> {
+    let path = store
+        .strip_prefix("sqlite://")
+        .or_else(|| store.strip_prefix("sqlite:"))
+        .unwrap_or(store);
+    if path.is_empty() || path.contains("://") || path.contains('?') {
+        return Err(ApelExportError::Store {
+            store: store.to_string(),
+        });
+    }
+    Ok(PathBuf::from(path))
+}
+
+/// Opens the accounting database for export (durable commits: `synchronous=FULL`) and
+/// creates the exporter's tables.
+///
+/// # Errors
+/// [`ApelExportError::Open`], [`ApelExportError::Sql`].
+pub async fn open(path: &Path) -> Result<SqlitePool, ApelExportError> {
+    let err = |source| ApelExportError::Open {
+        path: path.display().to_string(),
+        source,
+    };
+    let opts = SqliteConnectOptions::from_str("sqlite:")
+        .map_err(err)?
+        .filename(path)
+        .create_if_missing(false)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Full)
+        .busy_timeout(std::time::Duration::from_secs(30));
+    let pool = SqlitePoolOptions::new()
+        .max_connections(1)
+        .connect_with(opts)
+        .await
+        .map_err(err)?;
+    for stmt in SCHEMA {
+        sqlx::query(stmt)
+            .execute(&pool)
+            .await
+            .map_err(sql("create the APEL tables"))?;
+    }
+    Ok(pool)
+}
+
+/// What one kind's export did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KindReport {
+    /// Records queued.
+    pub records: usize,
+    /// Messages queued.
+    pub messages: usize,
+    /// Records already exported as they are (skipped).
+    pub unchanged: usize,
+}
+
+/// What an export did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExportReport {
+    pub kinds: BTreeMap<Kind, KindReport>,
+    /// Usage records APEL cannot take (run key, why), left out of every kind.
+    pub unexportable: Vec<(String, String)>,
+    /// Messages a crashed run had queued, now recorded as exported.
+    pub recovered_queued: usize,
+    /// Messages a crashed run had staged but not queued, removed (their records went again).
+    pub recovered_unqueued: usize,
+}
+
+/// The period and what to export.
+#[derive(Debug, Clone)]
+pub struct ExportRequest {
+    /// Unix milliseconds, inclusive.
+    pub from_ms: i64,
+    /// Unix milliseconds, exclusive.
+    pub to_ms: i64,
+    pub kinds: Vec<Kind>,
+    pub out: PathBuf,
+    /// Largest message in bytes ([`MAX_MESSAGE_BYTES`] by default).
+    pub max_message_bytes: usize,
+    /// Most records per message ([`MAX_RECORDS`] by default).
+    pub max_records: usize,
+}
+
+impl ExportRequest {
+    /// A request with the default message limits.
+    pub fn new(from_ms: i64, to_ms: i64, kinds: Vec<Kind>, out: PathBuf) -> Self {
+        Self {
+            from_ms,
+            to_ms,
+            kinds,
+            out,
+            max_message_bytes: MAX_MESSAGE_BYTES,
+            max_records: MAX_RECORDS,
+        }
+    }
+}
+
+#[cfg(feature = "failpoints")]
+fn crash_at(name: &str) {
+    if std::env::var("WNODES_FAILPOINT").ok().as_deref() == Some(name) {
+        eprintln!("wnodes-accounting: failpoint {name} reached: aborting");
+        std::process::abort();
+    }
+}
+
+#[cfg(not(feature = "failpoints"))]
+fn crash_at(_name: &str) {}
+
+fn now_ms() -> i64 {
+    wnodes_proto::time::now_ms()
+}
+
+const SELECT: &str = "SELECT run_key, site, lrms, job_id, run_attempt, host, vm_id, vo, user_name,
+    uid, gid, x509_dn, fqans, queue, cores, cpu_seconds, peak_memory_bytes, wall_seconds,
+    exit_code, lrms_exit_code, stop_reason, started_ms, stopped_ms, recorded_ms
+    FROM usage_records WHERE stopped_ms >= ? AND stopped_ms < ? ORDER BY stopped_ms, run_key";
+
+/// The first millisecond of the month (UTC) holding `ms`, and of the month after it.
+fn month_bounds(ms: i64) -> (i64, i64) {
+    let (y, m) = wnodes_apel::records::year_month(ms.div_euclid(1000));
+    let start = |y: i32, m: u8| {
+        time::Month::try_from(m)
+            .ok()
+            .and_then(|mo| time::Date::from_calendar_date(y, mo, 1).ok())
+            .map_or(0, |d| d.midnight().assume_utc().unix_timestamp() * 1000)
+    };
+    let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+    (start(y, m), start(ny, nm))
+}
+
+/// Exports the usage records of the period into the queue at `req.out`.
+///
+/// # Errors
+/// [`ApelExportError`]: the database, the queue, or a summary without a benchmark.
+pub async fn export(
+    pool: &SqlitePool,
+    cfg: &ApelConfig,
+    req: &ExportRequest,
+) -> Result<ExportReport, ApelExportError> {
+    if req.from_ms >= req.to_ms {
+        return Err(ApelExportError::EmptyPeriod {
+            from: req.from_ms.to_string(),
+            to: req.to_ms.to_string(),
+        });
+    }
+    cfg.validate().map_err(apel("config"))?;
+    let queue = OutgoingQueue::open(&req.out).map_err(apel("queue"))?;
+    let _lock = lock(&queue)?;
+    let mut report = ExportReport::default();
+    recover(pool, &queue, &mut report).await?;
+
+    let mut ex = Exporter {
+        pool,
+        queue: &queue,
+        req,
+        report: &mut report,
+    };
+    let in_period: Vec<UsageRecord> = sqlx::query_as(SELECT)
+        .bind(req.from_ms)
+        .bind(req.to_ms)
+        .fetch_all(pool)
+        .await
+        .map_err(sql("read usage records"))?;
+    let needs_months = req
+        .kinds
+        .iter()
+        .any(|k| matches!(k, Kind::Summary | Kind::Sync));
+    let months: Vec<UsageRecord> = if needs_months {
+        let (start, _) = month_bounds(req.from_ms);
+        let (_, end) = month_bounds(req.to_ms - 1);
+        sqlx::query_as(SELECT)
+            .bind(start)
+            .bind(end)
+            .fetch_all(pool)
+            .await
+            .map_err(sql("read usage records"))?
+    } else {
+        Vec::new()
+    };
+
+    let mut unexportable = BTreeMap::new();
+    let mut jobs_of = |recs: &[UsageRecord]| -> Vec<(String, JobRecord)> {
+        recs.iter()
+            .filter_map(|u| match JobRecord::from_usage(u, cfg) {
+                Ok(j) => Some((u.run_key.clone(), j)),
+                Err(e) => {
+                    unexportable.insert(u.run_key.clone(), e.to_string());
+                    None
+                }
+            })
+            .collect()
+    };
+    let period_jobs = jobs_of(&in_period);
+    let month_jobs: Vec<JobRecord> = jobs_of(&months).into_iter().map(|(_, j)| j).collect();
+
+    for kind in &req.kinds {
+        match kind {
+            Kind::Job => {
+                let done = exported_keys(pool, Kind::Job).await?;
+                let (skip, todo): (Vec<_>, Vec<_>) = period_jobs
+                    .iter()
+                    .cloned()
+                    .partition(|(k, _)| done.contains(k));
+                ex.report.kinds.entry(Kind::Job).or_default().unchanged = skip.len();
+                let entries = todo
+                    .into_iter()
+                    .map(|(k, j)| (k, j, String::new()))
+                    .collect();
+                ex.write(entries).await?;
+            }
+            Kind::Summary => {
+                let sums = SummaryRecord::summarise(&month_jobs).map_err(apel("summary"))?;
+                let keyed = sums.into_iter().map(|s| (s.key(), s)).collect();
+                ex.write_changed(keyed).await?;
+            }
+            Kind::Cloud => {
+                let mut vms = Vec::new();
+                for u in &in_period {
+                    match CloudRecord::from_usage(u, cfg) {
+                        Ok(c) => vms.push((c.key(), c)),
+                        Err(e) => {
+                            unexportable.insert(u.run_key.clone(), e.to_string());
+                        }
+                    }
+                }
+                ex.write_changed(vms).await?;
+            }
+            Kind::Sync => {
+                let syncs = SyncRecord::count(&month_jobs);
+                let keyed = syncs.into_iter().map(|s| (s.key(), s)).collect();
+                ex.write_changed(keyed).await?;
+            }
+        }
+    }
+    report.unexportable = unexportable.into_iter().collect();
+    Ok(report)
+}
+
+fn lock(queue: &OutgoingQueue) -> Result<nix::fcntl::Flock<std::fs::File>, ApelExportError> {
+    let path = queue
+        .root()
+        .join(wnodes_apel::dirq::STAGING_DIR)
+        .join("lock");
+    let locked = || ApelExportError::Locked {
+        path: path.display().to_string(),
+    };
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| ApelExportError::Apel {
+            kind: "queue",
+            source: ApelError::Queue {
+                op: "open",
+                path: path.display().to_string(),
+                source,
+            },
+        })?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|_| locked())
+}
+
+async fn exported_keys(pool: &SqlitePool, kind: Kind) -> Result<HashSet<String>, ApelExportError> {
+    let rows: Vec<(String,)> = sqlx::query_as("SELECT run_key FROM apel_exported WHERE kind = ?")
+        .bind(kind.name())
+        .fetch_all(pool)
+        .await
+        .map_err(sql("read exported keys"))?;
+    Ok(rows.into_iter().map(|(k,)| k).collect())
+}
+
+type Entries = Vec<(String, String)>;
+
+/// Settles what a crashed run left (see the module docs).
+async fn recover(
+    pool: &SqlitePool,
+    queue: &OutgoingQueue,
+    report: &mut ExportReport,
+) -> Result<(), ApelExportError> {
+    let rows: Vec<(String, String, String, String)> =
+        sqlx::query_as("SELECT staged, queue, kind, entries FROM apel_pending ORDER BY created_at")
+            .fetch_all(pool)
+            .await
+            .map_err(sql("read pending exports"))?;
+    let mut known = HashSet::new();
+    for (staged, dir, kind, entries) in rows {
+        let q = if Path::new(&dir) == queue.root() {
+            queue.clone()
+        } else {
+            OutgoingQueue::open(Path::new(&dir)).map_err(apel("queue"))?
+        };
+        if q.root() == queue.root() {
+            known.insert(staged.clone());
+        }
+        let mut tx = pool.begin().await.map_err(sql("begin"))?;
+        if q.is_staged(&staged).map_err(apel("queue"))? {
+            // Never queued: drop it; its records are exported again.
+            q.discard(&staged).map_err(apel("queue"))?;
+            report.recovered_unqueued += 1;
+        } else {
+            let entries: Entries =
+                serde_json::from_str(&entries).map_err(|source| ApelExportError::Pending {
+                    staged: staged.clone(),
+                    source,
+                })?;
+            for (key, record) in entries {
+                mark(&mut tx, &key, &kind, &record).await?;
+            }
+            report.recovered_queued += 1;
+        }
+        sqlx::query("DELETE FROM apel_pending WHERE queue = ? AND staged = ?")
+            .bind(&dir)
+            .bind(&staged)
+            .execute(&mut *tx)
+            .await
+            .map_err(sql("settle a pending export"))?;
+        tx.commit().await.map_err(sql("commit"))?;
+    }
+    for staged in queue.staged().map_err(apel("queue"))? {
+        if !known.contains(&staged) {
+            queue.discard(&staged).map_err(apel("queue"))?;
+        }
+    }
+    Ok(())
+}
+
+async fn mark(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    key: &str,
+    kind: &str,
+    record: &str,
+) -> Result<(), ApelExportError> {
+    sqlx::query(
+        "INSERT INTO apel_exported (run_key, kind, record, exported_at) VALUES (?, ?, ?, ?)
+         ON CONFLICT (run_key, kind) DO UPDATE SET record = excluded.record,
+             exported_at = excluded.exported_at",
+    )
+    .bind(key)
+    .bind(kind)
+    .bind(record)
+    .bind(now_ms())
+    .execute(&mut **tx)
+    .await
+    .map_err(sql("record an export"))?;
+    Ok(())
+}
+
+struct Exporter<'a> {
+    pool: &'a SqlitePool,
+    queue: &'a OutgoingQueue,
+    req: &'a ExportRequest,
+    report: &'a mut ExportReport,
+}
+
+impl Exporter<'_> {
+    /// Queues the records whose text differs from what was last exported under their key.
+    async fn write_changed<R: ApelRecord>(
+        &mut self,
+        keyed: Vec<(String, R)>,
+    ) -> Result<(), ApelExportError> {
+        let last: BTreeMap<String, String> = sqlx::query_as::<_, (String, String)>(
+            "SELECT run_key, record FROM apel_exported WHERE kind = ?",
+        )
+        .bind(R::KIND.name())
+        .fetch_all(self.pool)
+        .await
+        .map_err(sql("read exported records"))?
+        .into_iter()
+        .collect();
+        let mut todo = Vec::new();
+        let mut unchanged = 0;
+        for (key, r) in keyed {
+            let text = message::render(&r).map_err(apel(R::KIND.name()))?;
+            if last.get(&key) == Some(&text) {
+                unchanged += 1;
+            } else {
+                todo.push((key, r, text));
+            }
+        }
+        self.report.kinds.entry(R::KIND).or_default().unchanged = unchanged;
+        self.write(todo).await
+    }
+
+    /// Queues `(key, record, text to remember)` in messages, each by the four steps.
+    async fn write<R: ApelRecord>(
+        &mut self,
+        entries: Vec<(String, R, String)>,
+    ) -> Result<(), ApelExportError> {
+        let kind = R::KIND;
+        let rendered = entries
+            .iter()
+            .map(|(_, r, _)| message::render(r))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(apel(kind.name()))?;
+        let messages = message::split(
+            kind,
+            &rendered,
+            self.req.max_message_bytes,
+            self.req.max_records,
+        )
+        .map_err(apel(kind.name()))?;
+        let queue_dir = self.queue.root().display().to_string();
+        for m in messages {
+            let held: Entries = entries[m.records.clone()]
+                .iter()
+                .map(|(k, _, t)| (k.clone(), t.clone()))
+                .collect();
+            let staged = self
+                .queue
+                .stage(m.text.as_bytes())
+                .map_err(apel(kind.name()))?;
+            let json = serde_json::to_string(&held).map_err(|source| ApelExportError::Pending {
+                staged: staged.clone(),
+                source,
+            })?;
+            sqlx::query(
+                "INSERT INTO apel_pending (staged, queue, kind, entries, created_at)
+                 VALUES (?, ?, ?, ?, ?)",
+            )
+            .bind(&staged)
+            .bind(&queue_dir)
+            .bind(kind.name())
+            .bind(&json)
+            .bind(now_ms())
+            .execute(self.pool)
+            .await
+            .map_err(sql("record a pending export"))?;
+            crash_at("apel-before-queue");
+            let element = self.queue.commit(&staged).map_err(apel(kind.name()))?;
+            crash_at("apel-after-queue");
+            let mut tx = self.pool.begin().await.map_err(sql("begin"))?;
+            for (key, text) in &held {
+                mark(&mut tx, key, kind.name(), text).await?;
+            }
+            sqlx::query("DELETE FROM apel_pending WHERE queue = ? AND staged = ?")
+                .bind(&queue_dir)
+                .bind(&staged)
+                .execute(&mut *tx)
+                .await
+                .map_err(sql("settle a pending export"))?;
+            tx.commit().await.map_err(sql("commit"))?;
+            tracing::info!(
+                kind = kind.name(),
+                element,
+                records = held.len(),
+                "APEL message queued."
+            );
+            let r = self.report.kinds.entry(kind).or_default();
+            r.records += held.len();
+            r.messages += 1;
+        }
+        self.report.kinds.entry(kind).or_default();
+        Ok(())
+    }
+}
