@@ -1,0 +1,421 @@
+//! `wnodes-accounting apel-export` end to end: a database filled through the accounting
+//! service's own tables, the binary run as a site runs it, the queue read back and parsed;
+//! each job exported once, summaries/cloud/sync again when they change, and a crash at either
+//! side of queueing a message (failpoints) neither loses a job nor queues one twice.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::{
+    collections::BTreeMap,
+    os::unix::process::ExitStatusExt,
+    path::{Path, PathBuf},
+    process::Output,
+};
+
+use wnodes_accounting::apel::parse_date;
+use wnodes_apel::{OutgoingQueue, message};
+
+const CONFIG: &str = r#"
+site = "INFN-T1"
+host = "central.example.org"
+[accounting.apel]
+submit_host = "ce01.example.org:9619/ce01.example.org-condor"
+[accounting.apel.benchmark]
+kind = "hepspec06"
+per_core = 10.0
+"#;
+
+struct Site {
+    dir: tempfile::TempDir,
+}
+
+impl Site {
+    async fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("wnodes.toml"), CONFIG).unwrap();
+        // The service's own tables, as `serve` creates them.
+        let store = wnodes_accounting::open_store(&dir.path().join("accounting.db"))
+            .await
+            .unwrap();
+        drop(store);
+        Self { dir }
+    }
+
+    fn db(&self) -> PathBuf {
+        self.dir.path().join("accounting.db")
+    }
+
+    fn out(&self) -> PathBuf {
+        self.dir.path().join("outgoing")
+    }
+
+    /// One usage record, as the handler writes it: 2 cores, 1 h wall, 1.5 h CPU, 2 GiB peak.
+    async fn record(&self, job_id: &str, stopped: &str) {
+        let stopped_ms = at(stopped);
+        let pool = pool(&self.db()).await;
+        sqlx::query(
+            "INSERT INTO usage_records (run_key, site, lrms, job_id, run_attempt, host, vm_id, vo,
+                user_name, uid, gid, x509_dn, fqans, queue, cores, cpu_seconds, peak_memory_bytes,
+                wall_seconds, exit_code, lrms_exit_code, stop_reason, started_ms, stopped_ms,
+                recorded_ms)
+             VALUES (?, 'INFN-T1', 'htcondor', ?, 1, 'hv1.example.org', ?, 'atlas', 'pilatl001',
+                41200, 1307, '/DC=ch/CN=pilot', '[\"/atlas/Role=production/Capability=NULL\"]',
+                'atlas', 2, 5400.0, 2147483648, 3600.0, 0, 0, 'guest_poweroff', ?, ?, ?)",
+        )
+        .bind(format!("INFN-T1/htcondor/{job_id}/1"))
+        .bind(job_id)
+        .bind(format!("vm-{job_id:0>12}"))
+        .bind(stopped_ms - 3_600_000)
+        .bind(stopped_ms)
+        .bind(stopped_ms + 1000)
+        .execute(&pool)
+        .await
+        .unwrap();
+        pool.close().await;
+    }
+
+    fn export(&self, args: &[&str], failpoint: Option<&str>) -> Output {
+        let db = format!("sqlite://{}", self.db().display());
+        let out = self.out();
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_wnodes-accounting"));
+        cmd.env("WNODES_CONFIG", self.dir.path().join("wnodes.toml"))
+            .env("WNODES_STATE_DIR", self.dir.path())
+            .env_remove("WNODES_FAILPOINT")
+            .args(["apel-export", "--store", &db, "--out"])
+            .arg(&out)
+            .args(args);
+        if let Some(f) = failpoint {
+            cmd.env("WNODES_FAILPOINT", f);
+        }
+        cmd.output().unwrap()
+    }
+
+    fn export_ok(&self, args: &[&str]) -> String {
+        let o = self.export(args, None);
+        assert!(
+            o.status.success(),
+            "apel-export {args:?}: {:?}\n{}",
+            o.status,
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8(o.stdout).unwrap()
+    }
+
+    /// Every message in the queue: (header, records as field maps), in queue order.
+    fn queue(&self) -> Vec<(String, Vec<BTreeMap<String, Option<String>>>)> {
+        let q = OutgoingQueue::open(&self.out()).unwrap();
+        q.elements()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                let text = std::fs::read_to_string(self.out().join(e)).unwrap();
+                let p = message::parse(&text).unwrap();
+                (p.header, p.records.iter().map(|r| r.to_map()).collect())
+            })
+            .collect()
+    }
+
+    fn records_of(&self, header: &str) -> Vec<BTreeMap<String, Option<String>>> {
+        self.queue()
+            .into_iter()
+            .filter(|(h, _)| h == header)
+            .flat_map(|(_, r)| r)
+            .collect()
+    }
+
+    fn job_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .records_of("APEL-individual-job-message")
+            .iter()
+            .map(|r| r["LocalJobId"].clone().unwrap())
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    async fn exported(&self, kind: &str) -> Vec<String> {
+        let pool = pool(&self.db()).await;
+        let rows: Vec<(String,)> =
+            sqlx::query_as("SELECT run_key FROM apel_exported WHERE kind = ? ORDER BY run_key")
+                .bind(kind)
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+        pool.close().await;
+        rows.into_iter().map(|(k,)| k).collect()
+    }
+}
+
+async fn pool(path: &Path) -> sqlx::SqlitePool {
+    sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap()
+}
+
+/// `YYYY-MM-DDTHH` (UTC) as Unix milliseconds.
+fn at(s: &str) -> i64 {
+    let (day, hour) = s.split_once('T').unwrap();
+    parse_date(day).unwrap() + hour.parse::<i64>().unwrap() * 3_600_000
+}
+
+fn field<'a>(r: &'a BTreeMap<String, Option<String>>, k: &str) -> &'a str {
+    r[k].as_deref().unwrap_or("None")
+}
+
+#[tokio::test]
+async fn apel_export_writes_every_kind_then_only_what_changed() {
+    let site = Site::new().await;
+    site.record("101", "2026-11-03T12").await;
+    site.record("102", "2026-11-10T12").await;
+    site.record("103", "2026-11-20T12").await; // after the period, same month
+    site.record("104", "2026-10-31T23").await; // the month before
+    let period = ["--from", "2026-11-01", "--to", "2026-11-15"];
+
+    let stdout = site.export_ok(&period);
+    assert!(
+        stdout.contains("job: 2 records in 1 messages, 0 unchanged"),
+        "{stdout}"
+    );
+    assert_eq!(site.job_ids(), ["101", "102"]);
+    let job = &site.records_of("APEL-individual-job-message")[0];
+    for (k, v) in [
+        ("Site", "INFN-T1"),
+        (
+            "SubmitHost",
+            "ce01.example.org:9619/ce01.example.org-condor",
+        ),
+        ("MachineName", "hv1.example.org"),
+        ("VO", "atlas"),
+        ("VOGroup", "/atlas"),
+        ("VORole", "Role=production"),
+        ("WallDuration", "3600"),
+        ("CpuDuration", "5400"),
+        ("Processors", "2"),
+        ("StartTime", &(at("2026-11-03T11") / 1000).to_string()),
+        ("EndTime", &(at("2026-11-03T12") / 1000).to_string()),
+        ("MemoryReal", "2097152"),
+        ("ServiceLevelType", "HEPSPEC"),
+        ("ServiceLevel", "10.0"),
+        ("InfrastructureType", "grid"),
+    ] {
+        assert_eq!(field(job, k), v, "job field {k}");
+    }
+    // The summary and the sync record count the whole month: 101, 102 and 103.
+    let sums = site.records_of("APEL-summary-job-message");
+    assert_eq!(sums.len(), 1);
+    for (k, v) in [
+        ("Month", "11"),
+        ("Year", "2026"),
+        ("NumberOfJobs", "3"),
+        ("WallDuration", "10800"),
+        ("CpuDuration", "16200"),
+        ("NormalisedWallDuration", "108000"),
+        ("NormalisedCpuDuration", "162000"),
+        ("EarliestEndTime", &(at("2026-11-03T12") / 1000).to_string()),
+        ("LatestEndTime", &(at("2026-11-20T12") / 1000).to_string()),
+    ] {
+        assert_eq!(field(&sums[0], k), v, "summary field {k}");
+    }
+    let syncs = site.records_of("APEL-sync-message");
+    assert_eq!(syncs.len(), 1);
+    assert_eq!(field(&syncs[0], "NumberOfJobs"), "3");
+    let vms: Vec<String> = site
+        .records_of("APEL-cloud-message")
+        .iter()
+        .map(|r| field(r, "VMUUID").to_string())
+        .collect();
+    assert_eq!(vms, ["vm-000000000101", "vm-000000000102"]);
+    assert_eq!(site.queue().len(), 4);
+    assert_eq!(
+        site.exported("job").await,
+        ["INFN-T1/htcondor/101/1", "INFN-T1/htcondor/102/1"]
+    );
+
+    // Nothing changed: nothing new.
+    let stdout = site.export_ok(&period);
+    assert!(
+        stdout.contains("job: 0 records in 0 messages, 2 unchanged"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("summary: 0 records in 0 messages, 1 unchanged"),
+        "{stdout}"
+    );
+    assert_eq!(site.queue().len(), 4);
+
+    // A new run in the period: its job and VM, and the month's new figures.
+    site.record("105", "2026-11-12T12").await;
+    site.export_ok(&period);
+    assert_eq!(site.job_ids(), ["101", "102", "105"]);
+    let counts: Vec<String> = site
+        .records_of("APEL-summary-job-message")
+        .iter()
+        .map(|r| field(r, "NumberOfJobs").to_string())
+        .collect();
+    assert_eq!(counts, ["3", "4"]);
+    assert_eq!(site.records_of("APEL-sync-message").len(), 2);
+    assert_eq!(site.records_of("APEL-cloud-message").len(), 3);
+
+    // One kind, a wider period: only the jobs not yet sent.
+    let stdout = site.export_ok(&[
+        "--from",
+        "2026-10-01",
+        "--to",
+        "2026-12-01",
+        "--kind",
+        "job",
+    ]);
+    assert!(
+        stdout.contains("job: 2 records in 1 messages, 3 unchanged"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("summary"), "{stdout}");
+    assert_eq!(site.job_ids(), ["101", "102", "103", "104", "105"]);
+}
+
+#[tokio::test]
+async fn apel_export_refuses_bad_arguments() {
+    let site = Site::new().await;
+    for (args, code) in [
+        (vec!["--from", "2026-11-31", "--to", "2026-12-01"], 64),
+        (vec!["--from", "2026-11-02", "--to", "2026-11-01"], 64),
+        (
+            vec![
+                "--from",
+                "2026-11-01",
+                "--to",
+                "2026-12-01",
+                "--kind",
+                "star",
+            ],
+            2,
+        ),
+    ] {
+        let o = site.export(&args, None);
+        assert_eq!(
+            o.status.code(),
+            Some(code),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_wnodes-accounting"))
+        .env("WNODES_CONFIG", site.dir.path().join("wnodes.toml"))
+        .env("WNODES_STATE_DIR", site.dir.path())
+        .args([
+            "apel-export",
+            "--store",
+            "postgres://db.example.org/acct",
+            "--from",
+            "2026-11-01",
+        ])
+        .args(["--to", "2026-12-01", "--out"])
+        .arg(site.out())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("unsupported store"));
+}
+
+async fn four_jobs() -> Site {
+    let site = Site::new().await;
+    for (id, day) in [("1", "02"), ("2", "03"), ("3", "04"), ("4", "05")] {
+        site.record(id, &format!("2026-11-{day}T08")).await;
+    }
+    site
+}
+
+const JOBS: [&str; 4] = ["--from", "2026-11-01", "--to", "2026-12-01"];
+
+fn crashed(o: &Output) {
+    assert_eq!(
+        o.status.signal(),
+        Some(nix::sys::signal::Signal::SIGABRT as i32),
+        "the failpoint did not abort: {:?}\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+#[tokio::test]
+async fn a_crash_after_queueing_never_queues_a_job_twice() {
+    let site = four_jobs().await;
+    let o = site.export(
+        &[&JOBS[..], &["--kind", "job"]].concat(),
+        Some("apel-after-queue"),
+    );
+    crashed(&o);
+    // The message is in the queue; the database does not say so yet.
+    assert_eq!(site.job_ids(), ["1", "2", "3", "4"]);
+    assert!(site.exported("job").await.is_empty());
+
+    let stdout = site.export_ok(&[&JOBS[..], &["--kind", "job"]].concat());
+    assert!(
+        stdout.contains("recovered: 1 messages already queued, 0 never queued"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("job: 0 records in 0 messages, 4 unchanged"),
+        "{stdout}"
+    );
+    assert_eq!(site.job_ids(), ["1", "2", "3", "4"], "each job once");
+    assert_eq!(site.exported("job").await.len(), 4);
+}
+
+#[tokio::test]
+async fn a_crash_after_queueing_is_settled_even_once_ssmsend_took_the_message() {
+    let site = four_jobs().await;
+    crashed(&site.export(
+        &[&JOBS[..], &["--kind", "job"]].concat(),
+        Some("apel-after-queue"),
+    ));
+    // ssmsend sends and removes the element before the exporter runs again.
+    let q = OutgoingQueue::open(&site.out()).unwrap();
+    for e in q.elements().unwrap() {
+        std::fs::remove_file(site.out().join(e)).unwrap();
+    }
+    let stdout = site.export_ok(&[&JOBS[..], &["--kind", "job"]].concat());
+    assert!(
+        stdout.contains("recovered: 1 messages already queued"),
+        "{stdout}"
+    );
+    assert!(site.job_ids().is_empty(), "sent already: not queued again");
+    assert_eq!(site.exported("job").await.len(), 4);
+}
+
+#[tokio::test]
+async fn a_crash_before_queueing_loses_no_job() {
+    let site = four_jobs().await;
+    crashed(&site.export(
+        &[&JOBS[..], &["--kind", "job"]].concat(),
+        Some("apel-before-queue"),
+    ));
+    // Staged and recorded as pending, not in the queue.
+    let q = OutgoingQueue::open(&site.out()).unwrap();
+    assert!(q.elements().unwrap().is_empty());
+    assert_eq!(q.staged().unwrap().len(), 1);
+
+    let stdout = site.export_ok(&[&JOBS[..], &["--kind", "job"]].concat());
+    assert!(
+        stdout.contains("recovered: 0 messages already queued, 1 never queued"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("job: 4 records in 1 messages"), "{stdout}");
+    assert_eq!(site.job_ids(), ["1", "2", "3", "4"], "each job once");
+    assert!(q.staged().unwrap().is_empty());
+    assert_eq!(site.exported("job").await.len(), 4);
+}
+
+#[tokio::test]
+async fn a_crash_before_queueing_a_summary_sends_it_on_the_next_run() {
+    let site = four_jobs().await;
+    crashed(&site.export(
+        &[&JOBS[..], &["--kind", "summary"]].concat(),
+        Some("apel-before-queue"),
+    ));
+    assert!(site.queue().is_empty());
+    site.export_ok(&[&JOBS[..], &["--kind", "summary"]].concat());
+    let sums = site.records_of("APEL-summary-job-message");
+    assert_eq!(sums.len(), 1);
+    assert_eq!(field(&sums[0], "NumberOfJobs"), "4");
+}
