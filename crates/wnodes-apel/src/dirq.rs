@@ -58,15 +58,17 @@ pub fn is_staged_name(name: &str) -> bool {
 }
 
 impl OutgoingQueue {
-    /// Opens (creating when missing) the queue at `root`.
+    /// Opens (creating when missing) the queue at `root`, by its canonical path.
     ///
     /// # Errors
     /// [`ApelError::Queue`] when a directory cannot be created.
     pub fn open(root: &Path) -> Result<Self, ApelError> {
         let staging = root.join(STAGING_DIR);
         fs::create_dir_all(&staging).map_err(|e| ApelError::queue("create", &staging, e))?;
+        let root = fs::canonicalize(root).map_err(|e| ApelError::queue("resolve", root, e))?;
+        let staging = root.join(STAGING_DIR);
         Ok(Self {
-            root: root.to_path_buf(),
+            root,
             staging,
             rndhex: std::process::id() % 16,
         })

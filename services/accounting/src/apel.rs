@@ -21,6 +21,9 @@
 //! Staged files without a pending row (a crash between 1 and 2) are removed. One exporter at a
 //! time per queue: a lock on the staging directory is held for the run.
 //!
+//! Records still waiting for their job's identity (no VO and no user: `vm.stopped` handled
+//! before `job.started`) are left for a later run.
+//!
 //! Failpoints (feature `failpoints`, `WNODES_FAILPOINT=<name>`, the process aborts):
 //! `apel-before-queue` (after step 2) and `apel-after-queue` (after step 3).
 
@@ -195,6 +198,10 @@ pub struct ExportReport {
     pub kinds: BTreeMap<Kind, KindReport>,
     /// Usage records APEL cannot take (run key, why), left out of every kind.
     pub unexportable: Vec<(String, String)>,
+    /// Usage records still waiting for their job's identity (`job.started` not handled yet:
+    /// no VO and no user), left out of every kind until a later run: a job record goes once,
+    /// and a summary keyed by an empty VO would never be replaced.
+    pub waiting: Vec<String>,
     /// Messages a crashed run had queued, now recorded as exported.
     pub recovered_queued: usize,
     /// Messages a crashed run had staged but not queued, removed (their records went again).
@@ -313,6 +320,20 @@ pub async fn export(
         Vec::new()
     };
 
+    let mut waiting = std::collections::BTreeSet::new();
+    let mut identified = |recs: Vec<UsageRecord>| -> Vec<UsageRecord> {
+        recs.into_iter()
+            .filter(|u| {
+                let known = !(u.vo.is_empty() && u.user_name.is_empty());
+                if !known {
+                    waiting.insert(u.run_key.clone());
+                }
+                known
+            })
+            .collect()
+    };
+    let in_period = identified(in_period);
+    let months = identified(months);
     let mut unexportable = BTreeMap::new();
     let mut jobs_of = |recs: &[UsageRecord]| -> Vec<(String, JobRecord)> {
         recs.iter()
@@ -368,6 +389,7 @@ pub async fn export(
         }
     }
     report.unexportable = unexportable.into_iter().collect();
+    report.waiting = waiting.into_iter().collect();
     Ok(report)
 }
 

@@ -145,6 +145,9 @@ async fn apel_export(
             for (run_key, why) in &report.unexportable {
                 println!("not exported: {run_key}: {why}");
             }
+            for run_key in &report.waiting {
+                println!("not exported yet: {run_key}: waiting for the job's identity");
+            }
             println!("queue: {}", req.out.display());
             exit::OK
         }

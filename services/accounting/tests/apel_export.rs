@@ -15,6 +15,9 @@ use std::{
 use wnodes_accounting::apel::parse_date;
 use wnodes_apel::{OutgoingQueue, message};
 
+/// A record parsed back: field name → value, nulls as `None`.
+type Fields = BTreeMap<String, Option<String>>;
+
 const CONFIG: &str = r#"
 site = "INFN-T1"
 host = "central.example.org"
@@ -51,6 +54,10 @@ impl Site {
 
     /// One usage record, as the handler writes it: 2 cores, 1 h wall, 1.5 h CPU, 2 GiB peak.
     async fn record(&self, job_id: &str, stopped: &str) {
+        self.insert(job_id, stopped, "atlas", "pilatl001").await;
+    }
+
+    async fn insert(&self, job_id: &str, stopped: &str, vo: &str, user: &str) {
         let stopped_ms = at(stopped);
         let pool = pool(&self.db()).await;
         sqlx::query(
@@ -58,13 +65,15 @@ impl Site {
                 user_name, uid, gid, x509_dn, fqans, queue, cores, cpu_seconds, peak_memory_bytes,
                 wall_seconds, exit_code, lrms_exit_code, stop_reason, started_ms, stopped_ms,
                 recorded_ms)
-             VALUES (?, 'INFN-T1', 'htcondor', ?, 1, 'hv1.example.org', ?, 'atlas', 'pilatl001',
+             VALUES (?, 'INFN-T1', 'htcondor', ?, 1, 'hv1.example.org', ?, ?, ?,
                 41200, 1307, '/DC=ch/CN=pilot', '[\"/atlas/Role=production/Capability=NULL\"]',
                 'atlas', 2, 5400.0, 2147483648, 3600.0, 0, 0, 'guest_poweroff', ?, ?, ?)",
         )
         .bind(format!("INFN-T1/htcondor/{job_id}/1"))
         .bind(job_id)
         .bind(format!("vm-{job_id:0>12}"))
+        .bind(vo)
+        .bind(user)
         .bind(stopped_ms - 3_600_000)
         .bind(stopped_ms)
         .bind(stopped_ms + 1000)
@@ -102,7 +111,7 @@ impl Site {
     }
 
     /// Every message in the queue: (header, records as field maps), in queue order.
-    fn queue(&self) -> Vec<(String, Vec<BTreeMap<String, Option<String>>>)> {
+    fn queue(&self) -> Vec<(String, Vec<Fields>)> {
         let q = OutgoingQueue::open(&self.out()).unwrap();
         q.elements()
             .unwrap()
@@ -115,7 +124,7 @@ impl Site {
             .collect()
     }
 
-    fn records_of(&self, header: &str) -> Vec<BTreeMap<String, Option<String>>> {
+    fn records_of(&self, header: &str) -> Vec<Fields> {
         self.queue()
             .into_iter()
             .filter(|(h, _)| h == header)
@@ -158,7 +167,7 @@ fn at(s: &str) -> i64 {
     parse_date(day).unwrap() + hour.parse::<i64>().unwrap() * 3_600_000
 }
 
-fn field<'a>(r: &'a BTreeMap<String, Option<String>>, k: &str) -> &'a str {
+fn field<'a>(r: &'a Fields, k: &str) -> &'a str {
     r[k].as_deref().unwrap_or("None")
 }
 
@@ -255,6 +264,25 @@ async fn apel_export_writes_every_kind_then_only_what_changed() {
     assert_eq!(counts, ["3", "4"]);
     assert_eq!(site.records_of("APEL-sync-message").len(), 2);
     assert_eq!(site.records_of("APEL-cloud-message").len(), 3);
+
+    // A record whose job identity has not come yet (vm.stopped before job.started) waits.
+    site.insert("106", "2026-11-13T12", "", "").await;
+    let stdout = site.export_ok(&period);
+    assert!(
+        stdout.contains("not exported yet: INFN-T1/htcondor/106/1: waiting for the job's identity"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("job: 0 records in 0 messages, 3 unchanged"),
+        "{stdout}"
+    );
+    assert_eq!(site.job_ids(), ["101", "102", "105"]);
+    let pool = pool(&site.db()).await;
+    sqlx::query("DELETE FROM usage_records WHERE run_key = 'INFN-T1/htcondor/106/1'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
 
     // One kind, a wider period: only the jobs not yet sent.
     let stdout = site.export_ok(&[
