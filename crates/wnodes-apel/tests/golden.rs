@@ -549,3 +549,30 @@ fn impossible_usage_is_refused_not_exported() {
     let j = JobRecord::from_usage(&u, &cfg).unwrap();
     assert!(message::render(&j).is_err());
 }
+
+#[test]
+fn many_records_split_into_messages_under_one_megabyte_each_record_once() {
+    let cfg = cnaf();
+    let rendered: Vec<String> = (0..2500)
+        .map(|i| {
+            let mut u = atlas_run(&format!("{i}.0"), 1_700_000_000_000, 1_700_043_200_000);
+            u.x509_dn = format!("{DN}/CN={}", "x".repeat(200));
+            message::render(&JobRecord::from_usage(&u, &cfg).unwrap()).unwrap()
+        })
+        .collect();
+    let msgs = message::split(Kind::Job, &rendered, MAX_MESSAGE_BYTES, MAX_RECORDS).unwrap();
+    assert!(msgs.len() >= 3, "{}", msgs.len());
+    let mut ids = Vec::new();
+    for m in &msgs {
+        assert!(m.text.len() <= MAX_MESSAGE_BYTES && m.text.len() < 1_000_000);
+        let p = message::parse(&m.text).unwrap();
+        assert!(p.records.len() <= MAX_RECORDS);
+        assert_eq!(p.records.len(), m.records.len());
+        ids.extend(
+            p.records
+                .iter()
+                .map(|r| r.get("LocalJobId").unwrap().to_string()),
+        );
+    }
+    assert_eq!(ids, (0..2500).map(|i| format!("{i}.0")).collect::<Vec<_>>());
+}
