@@ -24,6 +24,9 @@
 //! Records still waiting for their job's identity (no VO and no user: `vm.stopped` handled
 //! before `job.started`) are left for a later run.
 //!
+//! `serve` runs the same export periodically when `[accounting.apel_export]` is set
+//! ([`run_periodic`]).
+//!
 //! Failpoints (feature `failpoints`, `WNODES_FAILPOINT=<name>`, the process aborts):
 //! `apel-before-queue` (after step 2) and `apel-after-queue` (after step 3).
 
@@ -268,6 +271,58 @@ fn month_bounds(ms: i64) -> (i64, i64) {
     };
     let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
     (start(y, m), start(ny, nm))
+}
+
+/// The period a periodic export covers at `now_ms`: from the first day (UTC) of the month
+/// `months_back` months before the current one, to the start of tomorrow (UTC).
+pub fn rolling_period(now_ms: i64, months_back: u8) -> (i64, i64) {
+    let (mut start, _) = month_bounds(now_ms);
+    for _ in 0..months_back {
+        start = month_bounds(start - 1).0;
+    }
+    let day = 86_400_000;
+    (start, now_ms.div_euclid(day) * day + day)
+}
+
+/// Runs [`export`] at start and then every `every` until `shutdown`: the service's
+/// `[accounting.apel_export]`. A failed export is logged and tried again at the next tick.
+///
+/// # Errors
+/// Opening the database.
+pub async fn run_periodic(
+    db: PathBuf,
+    cfg: ApelConfig,
+    periodic: crate::config::PeriodicApelExport,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> Result<(), ApelExportError> {
+    let pool = open(&db).await?;
+    loop {
+        let (from_ms, to_ms) = rolling_period(now_ms(), periodic.months_back);
+        let req = ExportRequest::new(from_ms, to_ms, Kind::ALL.to_vec(), periodic.out.clone());
+        match export(&pool, &cfg, &req).await {
+            Ok(report) => {
+                let records: usize = report.kinds.values().map(|k| k.records).sum();
+                let messages: usize = report.kinds.values().map(|k| k.messages).sum();
+                tracing::info!(
+                    records,
+                    messages,
+                    unexportable = report.unexportable.len(),
+                    waiting = report.waiting.len(),
+                    out = %periodic.out.display(),
+                    "APEL export done."
+                );
+            }
+            Err(e) => {
+                tracing::warn!(error = %wnodes_bus::ErrorChain(&e), "APEL export failed; trying again at the next tick.");
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            () = tokio::time::sleep(periodic.every) => {}
+        }
+    }
+    pool.close().await;
+    Ok(())
 }
 
 /// Exports the usage records of the period into the queue at `req.out`.
@@ -608,5 +663,36 @@ impl Exporter<'_> {
         }
         self.report.kinds.entry(kind).or_default();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates_stores_and_the_rolling_period() {
+        assert_eq!(parse_date("2026-11-01").unwrap(), 1_793_491_200_000);
+        for bad in ["2026-11-31", "2026-1-01", "26-11-01", "2026-11-01T00", ""] {
+            assert!(parse_date(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            store_path("sqlite:///srv/a.db").unwrap(),
+            Path::new("/srv/a.db")
+        );
+        assert_eq!(store_path("sqlite:a.db").unwrap(), Path::new("a.db"));
+        assert_eq!(store_path("/srv/a.db").unwrap(), Path::new("/srv/a.db"));
+        assert!(store_path("postgres://h/db").is_err());
+        assert!(store_path("sqlite://a.db?mode=ro").is_err());
+        // 2026-01-15T10:00Z, one month back: 2025-12-01 .. 2026-01-16.
+        let now = parse_date("2026-01-15").unwrap() + 10 * 3_600_000;
+        assert_eq!(
+            rolling_period(now, 1),
+            (
+                parse_date("2025-12-01").unwrap(),
+                parse_date("2026-01-16").unwrap()
+            )
+        );
+        assert_eq!(rolling_period(now, 0).0, parse_date("2026-01-01").unwrap());
     }
 }

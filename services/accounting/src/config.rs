@@ -16,6 +16,37 @@ pub struct Config {
     /// `[accounting.apel]`: what APEL messages need that a usage record does not say (the
     /// `apel-export` subcommand).
     pub apel: wnodes_apel::ApelConfig,
+    /// `[accounting.apel_export]`: export to APEL from the service, periodically; off when
+    /// absent.
+    pub apel_export: Option<PeriodicApelExport>,
+}
+
+/// `[accounting.apel_export]`: what `serve` exports, and how often.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeriodicApelExport {
+    /// The SSM outgoing queue directory (e.g. `/var/spool/apel/outgoing`).
+    pub out: PathBuf,
+    /// How often; default 1 h. The first export runs at start.
+    #[serde(
+        default = "PeriodicApelExport::default_every",
+        with = "humantime_serde"
+    )]
+    pub every: std::time::Duration,
+    /// How many whole months before the current one each export covers again (records that
+    /// came late, summaries whose figures changed); default 1. Every kind is exported, for the
+    /// period from the first day of that month (UTC) to tomorrow.
+    #[serde(default = "PeriodicApelExport::default_months_back")]
+    pub months_back: u8,
+}
+
+impl PeriodicApelExport {
+    fn default_every() -> std::time::Duration {
+        std::time::Duration::from_secs(3600)
+    }
+    fn default_months_back() -> u8 {
+        1
+    }
 }
 
 impl Config {
@@ -58,5 +89,37 @@ mod tests {
         .unwrap();
         let e = wnodes_runtime::config::load::<Config>("accounting", Some(&path)).unwrap_err();
         assert!(e.to_string().contains("databse"), "{e}");
+    }
+
+    #[test]
+    fn apel_sections_parse_with_defaults_and_refuse_unknown_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wnodes.toml");
+        let base = "site = \"T1\"\nhost = \"c.example.org\"\n";
+        std::fs::write(
+            &path,
+            format!(
+                "{base}[accounting.apel]\nsubmit_host = \"ce1:9619/ce1-condor\"\n\
+                 benchmark = {{ kind = \"hepscore23\", per_core = 15.3 }}\n\
+                 [accounting.apel_export]\nout = \"/var/spool/apel/outgoing\"\n"
+            ),
+        )
+        .unwrap();
+        let c = wnodes_runtime::config::load::<Config>("accounting", Some(&path)).unwrap();
+        let b = c.service.apel.benchmark.unwrap();
+        assert_eq!(
+            (b.kind, b.per_core),
+            (wnodes_apel::BenchmarkKind::Hepscore23, 15.3)
+        );
+        let p = c.service.apel_export.unwrap();
+        assert_eq!(p.every, std::time::Duration::from_secs(3600));
+        assert_eq!(p.months_back, 1);
+        std::fs::write(
+            &path,
+            format!("{base}[accounting.apel]\nsubmithost = \"x\"\n"),
+        )
+        .unwrap();
+        let e = wnodes_runtime::config::load::<Config>("accounting", Some(&path)).unwrap_err();
+        assert!(e.to_string().contains("submithost"), "{e}");
     }
 }

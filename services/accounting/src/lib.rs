@@ -21,12 +21,12 @@
 //!
 //! | module | what it holds |
 //! |---|---|
-//! | [`config`] | the `[accounting]` section |
+//! | [`config`] | the `[accounting]` section (with `[accounting.apel]` and `[accounting.apel_export]`) |
 //! | [`schema`] | the tables, created at start in the consumer's store |
 //! | [`handler`] | the consumer's handler: one effect per event type, one record per run |
 //! | [`metrics`] | `wnodes_accounting_*` |
 //! | [`records`] | reading records back (`records` subcommand) |
-//! | [`apel`] | the `apel-export` subcommand: APEL messages into an SSM outgoing queue, exported once (jobs) or again when changed (summaries, cloud, sync) |
+//! | [`apel`] | the `apel-export` subcommand and the periodic export (`[accounting.apel_export]`): APEL messages into an SSM outgoing queue, exported once (jobs) or again when changed (summaries, cloud, sync) |
 //! | `service` | [`Accounting`], the service as the runtime runs it |
 
 pub mod apel;

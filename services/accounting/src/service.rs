@@ -67,11 +67,25 @@ impl Service for Accounting {
             .map_err(|e| StartError::config(Self::NAME, e))?;
         let metrics = Metrics::register(&mut ctx.registry.lock());
         tracing::info!(database = %path.display(), "Accounting database open.");
-        Ok(Parts::consumer(AccountingHandler {
+        let mut parts = Parts::consumer(AccountingHandler {
             source: ctx.source(),
             metrics,
         })
-        .with_store(store))
+        .with_store(store);
+        if let Some(periodic) = ctx.config.apel_export.clone() {
+            ctx.config
+                .apel
+                .validate()
+                .map_err(|e| StartError::config(Self::NAME, e))?;
+            tracing::info!(out = %periodic.out.display(), every = ?periodic.every, "APEL export on.");
+            let (cfg, shutdown) = (ctx.config.apel.clone(), ctx.shutdown.clone());
+            parts = parts.task("apel-export", async move {
+                apel::run_periodic(path, cfg, periodic, shutdown)
+                    .await
+                    .map_err(Into::into)
+            });
+        }
+        Ok(parts)
     }
 
     async fn run_command(command: AccountingCommand, config: wnodes_runtime::Config<Config>) -> u8 {

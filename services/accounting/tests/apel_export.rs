@@ -447,3 +447,125 @@ async fn a_crash_before_queueing_a_summary_sends_it_on_the_next_run() {
     assert_eq!(sums.len(), 1);
     assert_eq!(field(&sums[0], "NumberOfJobs"), "4");
 }
+
+/// `serve` with `[accounting.apel_export]`: a usage record made from events reaches the queue
+/// without anyone running `apel-export`, and SIGTERM still stops the service cleanly.
+#[tokio::test(flavor = "multi_thread")]
+async fn serve_exports_to_apel_periodically() {
+    use std::{process::Stdio, time::Duration};
+    use wnodes_bus::{Bus, BusMetrics, EventExt, NatsConfig, proto, proto::event::Body};
+    use wnodes_testkit::{NatsServer, wait_until};
+
+    let nats = NatsServer::start().await.unwrap();
+    let site = Site::new().await;
+    let config = format!(
+        "{CONFIG}[accounting.apel_export]\nout = \"{}\"\nevery = \"300ms\"\n",
+        site.out().display()
+    );
+    std::fs::write(site.dir.path().join("wnodes.toml"), config).unwrap();
+    let mut service = tokio::process::Command::new(env!("CARGO_BIN_EXE_wnodes-accounting"))
+        .env("WNODES_CONFIG", site.dir.path().join("wnodes.toml"))
+        .env("WNODES_NATS__URL", nats.url())
+        .env("WNODES_STATE_DIR", site.dir.path())
+        .env("WNODES_HTTP_ADDR", "127.0.0.1:0")
+        .arg("serve")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+
+    let bus = Bus::connect(
+        &NatsConfig {
+            url: nats.url(),
+            ..Default::default()
+        },
+        "test@hv1.example.org",
+        BusMetrics::unregistered(),
+    )
+    .await
+    .unwrap();
+    bus.ensure_streams().await.unwrap();
+    let run = proto::JobRunRef {
+        site: "INFN-T1".into(),
+        lrms: proto::Lrms::Htcondor as i32,
+        job_id: "31337".into(),
+        run_attempt: 1,
+    };
+    let job = proto::JobDescription {
+        run: Some(run.clone()),
+        vo: "cms".into(),
+        owner: Some(proto::JobOwner {
+            user: "bob".into(),
+            uid: 1001,
+            gid: 1001,
+        }),
+        host: "hv1.example.org".into(),
+        ..Default::default()
+    };
+    let now = wnodes_proto::time::timestamp(std::time::SystemTime::now());
+    for body in [
+        Body::JobStarted(proto::JobStarted {
+            job: Some(job),
+            started_at: None,
+        }),
+        Body::VmStopped(proto::VmStopped {
+            vm_id: "vm-0123456789ab".into(),
+            exit_code: 0,
+            usage: Some(proto::VmUsage {
+                cpu_seconds: 100.0,
+                peak_memory_bytes: 1 << 30,
+                wall: Some(prost_types::Duration {
+                    seconds: 60,
+                    nanos: 0,
+                }),
+                cores: 1,
+            }),
+            stop_reason: "guest-poweroff".into(),
+            stopped_at: Some(now),
+            ..Default::default()
+        }),
+    ] {
+        bus.publish(&proto::Event::build(
+            run.clone(),
+            "hv1.example.org",
+            "test",
+            body,
+        ))
+        .await
+        .unwrap();
+    }
+
+    wait_until(
+        Duration::from_secs(30),
+        "the job in the APEL queue",
+        || async { (site.job_ids() == ["31337"]).then_some(()) },
+    )
+    .await
+    .unwrap();
+    let job = &site.records_of("APEL-individual-job-message")[0];
+    assert_eq!(field(job, "VO"), "cms");
+    assert_eq!(field(job, "LocalUserId"), "bob");
+    assert_eq!(field(job, "WallDuration"), "60");
+    assert_eq!(field(job, "CpuDuration"), "100");
+    wait_until(
+        Duration::from_secs(30),
+        "the VM in the APEL queue",
+        || async { (site.records_of("APEL-cloud-message").len() == 1).then_some(()) },
+    )
+    .await
+    .unwrap();
+    // Later ticks send nothing again.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert_eq!(site.job_ids(), ["31337"]);
+    assert_eq!(site.records_of("APEL-summary-job-message").len(), 1);
+
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(service.id().unwrap()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(20), service.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}
