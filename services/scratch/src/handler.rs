@@ -20,9 +20,10 @@ use wnodes_bus::{
     ErrorChain, EventExt, Handler, HandlerCtx, HandlerError,
     proto::{self, event::Body},
 };
+use wnodes_preparer::{Events, TableError};
 
 use crate::{
-    state::{self, VolumeState},
+    state,
     volume::{FileBackend, VolumeError, derive_vm_id, is_valid_vm_id},
 };
 
@@ -79,7 +80,7 @@ impl Drop for VmGuard<'_> {
     }
 }
 
-fn store_err(e: state::StateError) -> HandlerError {
+fn store_err(e: TableError) -> HandlerError {
     HandlerError::retry(e)
 }
 
@@ -96,15 +97,13 @@ impl ScratchHandler {
         }
     }
 
+    fn events(&self) -> Events<'_, proto::ScratchReady> {
+        Events::new(&self.source)
+    }
+
     fn failed(&self, ctx: &mut HandlerCtx, incoming: &proto::Event, vm_id: &str, reason: String) {
         tracing::warn!(vm_id, %reason, "Scratch failed.");
-        ctx.publish(incoming.derive(
-            &self.source,
-            Body::ScratchFailed(proto::ScratchFailed {
-                vm_id: vm_id.to_owned(),
-                reason,
-            }),
-        ));
+        ctx.publish(self.events().failed(incoming, vm_id, reason));
     }
 
     fn ready(
@@ -115,28 +114,21 @@ impl ScratchHandler {
         path: &str,
         size_bytes: u64,
     ) {
-        ctx.publish(incoming.derive(
-            &self.source,
-            Body::ScratchReady(proto::ScratchReady {
+        ctx.publish(self.events().ready(
+            incoming,
+            proto::ScratchReady {
                 vm_id: vm_id.to_owned(),
                 path: path.to_owned(),
                 size_bytes,
                 backend: "file".into(),
                 format: "raw".into(),
-            }),
+            },
         ));
     }
 
     fn released(&self, ctx: &mut HandlerCtx, incoming: &proto::Event, vm_id: &str, detail: String) {
         tracing::info!(vm_id, %detail, "Scratch released.");
-        ctx.publish(incoming.derive(
-            &self.source,
-            Body::ResourceReleased(proto::ResourceReleased {
-                vm_id: vm_id.to_owned(),
-                kind: proto::ResourceKind::Scratch as i32,
-                detail,
-            }),
-        ));
+        ctx.publish(self.events().released(incoming, vm_id, detail));
     }
 
     /// Answers a request that came after the release: make sure nothing exists, release again.
@@ -197,7 +189,7 @@ impl ScratchHandler {
             n => n,
         };
         match &row {
-            Some(r) if r.state == VolumeState::Released => {
+            Some(r) if r.is_released() => {
                 return self.tombstone(ctx, incoming, &vm_id).await;
             }
             Some(r) => {
@@ -207,12 +199,12 @@ impl ScratchHandler {
                     .await
                     .map_err(HandlerError::retry)?;
                 match on_disk {
-                    Some(n) if n == size && r.size_bytes == size => {
+                    Some(n) if n == size && r.detail.size_bytes == size => {
                         tracing::info!(
                             vm_id,
                             "Scratch volume already prepared; publishing ready again."
                         );
-                        self.ready(ctx, incoming, &vm_id, &r.path, size);
+                        self.ready(ctx, incoming, &vm_id, &r.detail.path, size);
                         return Ok(());
                     }
                     // A prepared volume may be in use: never replace it behind the VM's back.
@@ -253,8 +245,8 @@ impl ScratchHandler {
         let path_str = path.display().to_string();
         let conn = ctx.tx().await?;
         // A release may have committed while the volume was being made: it wins.
-        let now = state::get_in(&mut *conn, &vm_id).await.map_err(store_err)?;
-        if now.is_some_and(|r| r.state == VolumeState::Released) {
+        let now = state::get(&mut *conn, &vm_id).await.map_err(store_err)?;
+        if now.is_some_and(|r| r.is_released()) {
             return self.tombstone(ctx, incoming, &vm_id).await;
         }
         state::mark_prepared(&mut *conn, &vm_id, &run_key, &path_str, size)
