@@ -11,8 +11,8 @@
 //! | [`host`] | `ip`/`nft` commands (arguments only, optionally in a network namespace) |
 //! | [`nft`] | the anti-spoofing table and its per-VM chains, as nft scripts |
 //! | [`mac`] | guest MAC derivation |
-//! | [`lease`] | the lease table: one row per VM, tombstones after release |
-//! | [`service`] | the handler and start-up reconciliation |
+//! | [`lease`] | the leases: one row per VM in the preparers' resource table, tombstones after release |
+//! | [`service`] | the handler and start-up reconciliation (taps and filters no lease holds) |
 //!
 //! [`Network`] is the service as the runtime runs it.
 //!

@@ -1,16 +1,18 @@
 //! The handler (`vm.requested` → `network.ready` / `network.failed`; `vm.stopped`/`vm.failed` →
-//! `resource.released` kind NETWORK), start-up reconciliation and the service's `run`.
+//! `resource.released` kind NETWORK) and start-up reconciliation (the taps and filters as
+//! [`HostResources`] of the lease table).
 
-use std::net::Ipv4Addr;
+use std::{fmt, net::Ipv4Addr};
 
 use wnodes_bus::{
     ErrorChain, EventExt, Handler, HandlerCtx, HandlerError, KeyStore, proto, proto::event::Body,
 };
+use wnodes_preparer::{Events, HostResources, Row, TableError};
 
 use crate::{
     config::{Ipv4Net, Mode, NetworkConfig, NetworkConfigError},
     host::{Host, HostError, valid_tap_name},
-    lease::{self, Lease},
+    lease::{self, Lease, LeaseRow},
     mac::Mac,
     nft,
 };
@@ -41,12 +43,24 @@ pub struct NetworkHandler {
 }
 
 /// Why start-up reconciliation failed.
-#[derive(Debug, thiserror::Error)]
-pub enum ReconcileError {
-    #[error("reading the lease table")]
-    Store(#[from] sqlx::Error),
-    #[error("inspecting or cleaning host network state")]
-    Host(#[from] HostError),
+pub type ReconcileError = wnodes_preparer::ReconcileError<HostError>;
+
+/// What the network service leaves on the host for a VM, as reconcile finds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostItem {
+    /// A tap `wn-<12hex>`.
+    Tap(String),
+    /// The nft chain (or `taps` map element) of a tap.
+    Chain(String),
+}
+
+impl fmt::Display for HostItem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Tap(t) => write!(f, "tap {t}"),
+            Self::Chain(c) => write!(f, "nft chain {c}"),
+        }
+    }
 }
 
 /// Why a VM's network could not be prepared (published as `network.failed`).
@@ -78,7 +92,7 @@ pub(crate) enum PrepareError {
     },
 }
 
-fn store_err(e: sqlx::Error) -> HandlerError {
+fn store_err(e: TableError) -> HandlerError {
     HandlerError::retry(e)
 }
 
@@ -97,25 +111,8 @@ impl NetworkHandler {
         })
     }
 
-    fn released(&self, ev: &proto::Event, vm_id: &str, detail: String) -> proto::Event {
-        ev.derive(
-            &self.source,
-            Body::ResourceReleased(proto::ResourceReleased {
-                vm_id: vm_id.to_owned(),
-                kind: proto::ResourceKind::Network as i32,
-                detail,
-            }),
-        )
-    }
-
-    fn failed(&self, ev: &proto::Event, vm_id: &str, reason: String) -> proto::Event {
-        ev.derive(
-            &self.source,
-            Body::NetworkFailed(proto::NetworkFailed {
-                vm_id: vm_id.to_owned(),
-                reason,
-            }),
-        )
+    fn events(&self) -> Events<'_, proto::NetworkReady> {
+        Events::new(&self.source)
     }
 
     /// The bridge's address, checked against the pool (slow host work: done before the
@@ -157,6 +154,7 @@ impl NetworkHandler {
         spec: &proto::VmSpec,
     ) -> Result<(), HandlerError> {
         let vm_id = spec.vm_id.as_str();
+        let run_key = ev.run_key();
         // The spec may ask for user-mode networking; SR-IOV is not available on this host.
         let requested = proto::NetworkMode::try_from(spec.network_mode)
             .unwrap_or(proto::NetworkMode::Unspecified);
@@ -173,38 +171,41 @@ impl NetworkHandler {
                 if lease::get(conn, vm_id)
                     .await
                     .map_err(store_err)?
-                    .is_some_and(|l| !l.is_prepared())
+                    .is_some_and(|l| l.is_released())
                 {
-                    ctx.publish(self.released(ev, vm_id, "already released".into()));
+                    ctx.publish(self.events().released(ev, vm_id, "already released".into()));
                 } else {
                     let reason = ErrorChain(&e).to_string();
                     tracing::warn!(vm_id, error = %reason, "Cannot prepare the network.");
-                    ctx.publish(self.failed(ev, vm_id, reason));
+                    ctx.publish(self.events().failed(ev, vm_id, reason));
                 }
                 return Ok(());
             }
         };
         let conn = ctx.tx().await?;
         let existing = lease::get(conn, vm_id).await.map_err(store_err)?;
-        if existing.as_ref().is_some_and(|l| !l.is_prepared()) {
+        if existing.as_ref().is_some_and(|l| l.is_released()) {
             tracing::info!(vm_id, "vm.requested after the release: releasing at once.");
-            ctx.publish(self.released(ev, vm_id, "already released".into()));
+            ctx.publish(self.events().released(ev, vm_id, "already released".into()));
             return Ok(());
         }
         let ready = match bridge {
             Some((pool, bridge)) => {
-                match self.prepare_tap(ctx, vm_id, existing, pool, bridge).await? {
+                match self
+                    .prepare_tap(ctx, vm_id, &run_key, existing, pool, bridge)
+                    .await?
+                {
                     Ok(r) => r,
                     Err(e) => {
                         let reason = ErrorChain(&e).to_string();
                         tracing::warn!(vm_id, error = %reason, "Cannot prepare the network.");
-                        ctx.publish(self.failed(ev, vm_id, reason));
+                        ctx.publish(self.events().failed(ev, vm_id, reason));
                         return Ok(());
                     }
                 }
             }
             None => {
-                lease::record_user(ctx.tx().await?, vm_id)
+                lease::record_user(ctx.tx().await?, vm_id, &run_key)
                     .await
                     .map_err(store_err)?;
                 proto::NetworkReady {
@@ -219,7 +220,7 @@ impl NetworkHandler {
             }
         };
         tracing::info!(vm_id, tap = %ready.tap, mac = %ready.mac, address = %ready.address, "Network ready.");
-        ctx.publish(ev.derive(&self.source, Body::NetworkReady(ready)));
+        ctx.publish(self.events().ready(ev, ready));
         Ok(())
     }
 
@@ -227,7 +228,8 @@ impl NetworkHandler {
         &self,
         ctx: &mut HandlerCtx,
         vm_id: &str,
-        existing: Option<Lease>,
+        run_key: &str,
+        existing: Option<LeaseRow>,
         pool: Ipv4Net,
         bridge: Ipv4Net,
     ) -> Result<Result<proto::NetworkReady, PrepareError>, HandlerError> {
@@ -235,9 +237,15 @@ impl NetworkHandler {
             return Ok(Err(PrepareError::BadVmId(vm_id.to_owned())));
         };
         let conn = ctx.tx().await?;
-        let lease = match existing {
-            Some(l) if l.mode == "tap" && l.address.is_some() && l.mac.is_some() => l,
-            _ => match lease::allocate_tap(conn, vm_id, &tap, pool, bridge.addr)
+        let lease: Lease = match existing {
+            Some(l)
+                if l.detail.mode == Mode::Tap
+                    && l.detail.address.is_some()
+                    && l.detail.mac.is_some() =>
+            {
+                l.detail
+            }
+            _ => match lease::allocate_tap(conn, vm_id, run_key, &tap, pool, bridge.addr)
                 .await
                 .map_err(store_err)?
             {
@@ -291,11 +299,11 @@ impl NetworkHandler {
         let detail = match &existing {
             Some(l) if l.is_prepared() => {
                 let mut parts = Vec::new();
-                if let Some(tap) = l.tap.as_deref().filter(|t| valid_tap_name(t)) {
+                if let Some(tap) = l.detail.tap.as_deref().filter(|t| valid_tap_name(t)) {
                     self.remove_tap(tap).await.map_err(HandlerError::retry)?;
                     parts.push(format!("tap {tap}, nft chain {tap}"));
                 }
-                if let Some(a) = &l.address {
+                if let Some(a) = &l.detail.address {
                     parts.push(format!("lease {a}"));
                 }
                 if parts.is_empty() {
@@ -307,54 +315,70 @@ impl NetworkHandler {
             Some(_) => "already released".to_owned(),
             None => "nothing was prepared".to_owned(),
         };
-        let mode = existing
-            .map(|l| l.mode)
-            .unwrap_or_else(|| self.mode.as_str().to_owned());
-        lease::release(ctx.tx().await?, vm_id, &mode)
+        let mode = existing.map_or(self.mode, |l| l.detail.mode);
+        lease::release(ctx.tx().await?, vm_id, &ev.run_key(), mode)
             .await
             .map_err(store_err)?;
         tracing::info!(vm_id, %detail, "Network released.");
-        ctx.publish(self.released(ev, vm_id, detail));
+        ctx.publish(self.events().released(ev, vm_id, detail));
         Ok(())
     }
 
     /// Removes taps and nft chains that no prepared lease accounts for; (re)installs the base
-    /// table. Returns what was removed.
+    /// table. Returns what was removed (`tap wn-…`, `nft chain wn-…`).
     pub async fn reconcile(&self, store: &KeyStore) -> Result<Vec<String>, ReconcileError> {
-        let mut removed = Vec::new();
         if self.mode != Mode::Tap {
-            return Ok(removed);
+            return Ok(Vec::new());
         }
-        let keep: Vec<String> = lease::prepared(store.pool())
+        self.host
+            .nft_apply(&nft::base_script())
+            .await
+            .map_err(ReconcileError::Host)?;
+        let done = wnodes_preparer::reconcile(&lease::TABLE, store.pool(), self).await?;
+        Ok(done.removed.iter().map(ToString::to_string).collect())
+    }
+}
+
+/// Taps and their filters, for [`wnodes_preparer::reconcile()`]: a prepared lease holds its tap
+/// and the tap's chain (both named `wn-<12hex>`).
+impl HostResources<Lease> for NetworkHandler {
+    type Error = HostError;
+    type Item = HostItem;
+
+    /// Taps first, then the chains and map elements of the `bridge wnodes` table.
+    async fn present(&self) -> Result<Vec<(String, HostItem)>, HostError> {
+        let mut found: Vec<(String, HostItem)> = self
+            .host
+            .list_taps()
             .await?
             .into_iter()
-            .filter_map(|l| l.tap)
+            .map(|t| (t.clone(), HostItem::Tap(t)))
             .collect();
-        self.host.nft_apply(&nft::base_script()).await?;
-        for tap in self.host.list_taps().await? {
-            if !keep.contains(&tap) {
-                self.host.delete_link(&tap).await?;
-                removed.push(format!("tap {tap}"));
-            }
-        }
         if let Some(table) = self.host.nft_table().await? {
             let (chains, elements) = nft::vm_chains_and_elements(&table);
-            let mut stale: Vec<String> = chains.into_iter().chain(elements).collect();
-            stale.sort();
-            stale.dedup();
-            for name in stale {
-                if keep.contains(&name) {
-                    continue;
-                }
+            let mut names: Vec<String> = chains.into_iter().chain(elements).collect();
+            names.sort();
+            names.dedup();
+            for name in names {
                 if !valid_tap_name(&name) {
                     tracing::warn!(chain = %name, "Unexpected name in table bridge wnodes; left alone.");
                     continue;
                 }
-                self.host.nft_apply(&nft::remove_script(&name)).await?;
-                removed.push(format!("nft chain {name}"));
+                found.push((name.clone(), HostItem::Chain(name)));
             }
         }
-        Ok(removed)
+        Ok(found)
+    }
+
+    fn held(&self, row: &Row<Lease>) -> Vec<String> {
+        row.detail.tap.iter().cloned().collect()
+    }
+
+    async fn remove(&self, item: &HostItem) -> Result<(), HostError> {
+        match item {
+            HostItem::Tap(tap) => self.host.delete_link(tap).await.map(drop),
+            HostItem::Chain(name) => self.host.nft_apply(&nft::remove_script(name)).await,
+        }
     }
 }
 
@@ -384,12 +408,9 @@ impl Handler for NetworkHandler {
     }
 }
 
-/// Creates the service's table.
-pub async fn init_store(store: &KeyStore) -> Result<(), sqlx::Error> {
-    sqlx::query(lease::SCHEMA)
-        .execute(store.pool())
-        .await
-        .map(drop)
+/// Creates the lease table (migrating an earlier version's, once).
+pub async fn init_store(store: &KeyStore) -> Result<(), TableError> {
+    lease::init(store.pool()).await
 }
 
 #[cfg(test)]
