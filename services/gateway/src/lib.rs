@@ -6,7 +6,7 @@
 //! |---|---|
 //! | [`config`] | the `[gateway]` section, the port range |
 //! | [`listener`] | per-VM in-process listeners and their `sftp-server` sessions |
-//! | [`table`] | the per-VM table: spec, serving listener, tombstones |
+//! | [`table`] | the per-VM rows in the preparers' resource table: spec, listener, tombstones |
 //! | [`service`] | the handler, start-up reconciliation (re-opening listeners) |
 //!
 //! [`Gateway`] is the service as the runtime runs it.

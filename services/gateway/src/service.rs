@@ -1,8 +1,10 @@
 //! The handler (`vm.requested` → remember the spec; `network.ready` → listener +
 //! `storage.ready` / `storage.failed`; `vm.stopped`/`vm.failed` → close +
-//! `resource.released` kind STORAGE), start-up reconciliation and the service's `run`.
+//! `resource.released` kind STORAGE) and start-up reconciliation (re-opening the listeners of
+//! prepared rows, through [`HostResources`]).
 
 use std::{
+    convert::Infallible,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
 };
@@ -11,12 +13,17 @@ use tokio::net::TcpListener;
 use wnodes_bus::{
     EventExt, Handler, HandlerCtx, HandlerError, KeyStore, proto, proto::event::Body,
 };
+use wnodes_preparer::{Events, HostResources, State, TableError};
 
 use crate::{
     config::{GatewayConfig, GatewayConfigError, PortRange},
     listener::{Listeners, Programs, ServeSpec},
-    table::{self, Row},
+    table::{self, Row, Storage},
 };
+
+/// Why start-up reconciliation failed (the table only: a listener that cannot be re-opened is
+/// logged, not fatal).
+pub type ReconcileError = wnodes_preparer::ReconcileError<Infallible>;
 
 /// The gateway's handler.
 #[derive(Debug, Clone)]
@@ -28,7 +35,7 @@ pub struct GatewayHandler {
     pub source: String,
 }
 
-fn store_err(e: sqlx::Error) -> HandlerError {
+fn store_err(e: TableError) -> HandlerError {
     HandlerError::retry(e)
 }
 
@@ -59,25 +66,8 @@ impl GatewayHandler {
         })
     }
 
-    fn released(&self, ev: &proto::Event, vm_id: &str, detail: String) -> proto::Event {
-        ev.derive(
-            &self.source,
-            Body::ResourceReleased(proto::ResourceReleased {
-                vm_id: vm_id.to_owned(),
-                kind: proto::ResourceKind::Storage as i32,
-                detail,
-            }),
-        )
-    }
-
-    fn failed(&self, ev: &proto::Event, vm_id: &str, reason: String) -> proto::Event {
-        ev.derive(
-            &self.source,
-            Body::StorageFailed(proto::StorageFailed {
-                vm_id: vm_id.to_owned(),
-                reason,
-            }),
-        )
+    fn events(&self) -> Events<'_, proto::StorageReady> {
+        Events::new(&self.source)
     }
 
     /// Checks the spec against the network: what to serve, where, to whom.
@@ -192,12 +182,17 @@ impl GatewayHandler {
     ) -> Result<(), HandlerError> {
         let conn = ctx.tx().await?;
         match table::get(conn, &spec.vm_id).await.map_err(store_err)? {
-            Some(r) if r.state == table::RELEASED => {
+            Some(r) if r.is_released() => {
                 tracing::info!(vm_id = %spec.vm_id, "vm.requested after the release: releasing at once.");
-                ctx.publish(self.released(ev, &spec.vm_id, "already released".into()));
+                ctx.publish(
+                    self.events()
+                        .released(ev, &spec.vm_id, "already released".into()),
+                );
             }
             Some(_) => {}
-            None => table::remember(conn, spec).await.map_err(store_err)?,
+            None => table::remember(conn, &ev.run_key(), spec)
+                .await
+                .map_err(store_err)?,
         }
         Ok(())
     }
@@ -216,21 +211,21 @@ impl GatewayHandler {
                 "no vm.requested seen yet for {vm_id}: its spec (exports, owner) is unknown"
             )));
         };
-        match row.state.as_str() {
-            table::RELEASED => {
-                ctx.publish(self.released(ev, vm_id, "already released".into()));
+        match row.state {
+            State::Released => {
+                ctx.publish(self.events().released(ev, vm_id, "already released".into()));
                 return Ok(());
             }
-            table::SERVING => {
-                if let Some(ready) = row.ready.clone() {
+            State::Prepared => {
+                if let Some(ready) = row.detail.ready.clone() {
                     self.ensure_listener(&row).await;
-                    ctx.publish(ev.derive(&self.source, Body::StorageReady(ready)));
+                    ctx.publish(self.events().ready(ev, ready));
                     return Ok(());
                 }
             }
-            _ => {}
+            State::Pending => {}
         }
-        let Some(spec) = row.spec.as_ref() else {
+        let Some(spec) = row.detail.spec.as_ref() else {
             return Err(HandlerError::reject(format!(
                 "the stored spec of {vm_id} cannot be decoded"
             )));
@@ -239,7 +234,7 @@ impl GatewayHandler {
             Ok(p) => p,
             Err(reason) => {
                 tracing::warn!(vm_id, %reason, "Cannot serve the VM's storage.");
-                ctx.publish(self.failed(ev, vm_id, reason));
+                ctx.publish(self.events().failed(ev, vm_id, reason));
                 return Ok(());
             }
         };
@@ -269,7 +264,7 @@ impl GatewayHandler {
                             Ok(l) => l,
                             Err(reason) => {
                                 tracing::warn!(vm_id, %reason, "Cannot open the SFTP listener.");
-                                ctx.publish(self.failed(ev, vm_id, reason));
+                                ctx.publish(self.events().failed(ev, vm_id, reason));
                                 return Ok(());
                             }
                         };
@@ -292,18 +287,22 @@ impl GatewayHandler {
                 )
             }
         };
-        table::set_serving(ctx.tx().await?, vm_id, &ready, listener)
+        table::set_serving(ctx.tx().await?, &row, &ready, listener)
             .await
             .map_err(store_err)?;
         tracing::info!(vm_id, port = ready.port, remote_path = %ready.remote_path, allowed = %ready.allowed_client, "Storage ready.");
-        ctx.publish(ev.derive(&self.source, Body::StorageReady(ready)));
+        ctx.publish(self.events().ready(ev, ready));
         Ok(())
     }
 
     /// Starts the listener of a serving row if it does not run (restart, redelivery).
     async fn ensure_listener(&self, row: &Row) {
-        let (Some(bind), Some(port), Some(ready), Some(spec)) =
-            (&row.bind, row.port, &row.ready, &row.spec)
+        let Storage {
+            spec: Some(spec),
+            ready: Some(ready),
+            bind: Some(bind),
+            port: Some(port),
+        } = &row.detail
         else {
             return; // serving without exports: nothing listens
         };
@@ -325,7 +324,7 @@ impl GatewayHandler {
             uid: owner.uid,
             gid: owner.gid,
         };
-        let addr = SocketAddr::new(bind, port);
+        let addr = SocketAddr::new(bind, *port);
         match TcpListener::bind(addr).await {
             Ok(l) => {
                 if let Err(e) = self.listeners.start(l, serve) {
@@ -356,30 +355,49 @@ impl GatewayHandler {
         };
         if detail.is_empty() {
             detail = match row.map(|r| r.state) {
-                Some(s) if s == table::RELEASED => "already released".into(),
+                Some(State::Released) => "already released".into(),
                 Some(_) => "no listener was running".into(),
                 None => "nothing was prepared".into(),
             };
         }
-        table::release(ctx.tx().await?, vm_id)
+        table::release(ctx.tx().await?, vm_id, &ev.run_key())
             .await
             .map_err(store_err)?;
         tracing::info!(vm_id, %detail, "Storage released.");
-        ctx.publish(self.released(ev, vm_id, detail));
+        ctx.publish(self.events().released(ev, vm_id, detail));
         Ok(())
     }
 
-    /// Re-opens the listeners of every serving VM (they live in this process). Returns the VMs
+    /// Re-opens the listeners of every prepared VM (they live in this process). Returns the VMs
     /// whose listener runs afterwards.
-    pub async fn reconcile(&self, store: &KeyStore) -> Result<Vec<String>, sqlx::Error> {
-        let mut open = Vec::new();
-        for row in table::serving(store.pool()).await? {
-            self.ensure_listener(&row).await;
-            if self.listeners.addr_of(&row.vm_id).is_some() {
-                open.push(row.vm_id.clone());
-            }
-        }
-        Ok(open)
+    pub async fn reconcile(&self, store: &KeyStore) -> Result<Vec<String>, ReconcileError> {
+        let done = wnodes_preparer::reconcile(&table::TABLE, store.pool(), self).await?;
+        Ok(done.restored)
+    }
+}
+
+/// The listeners, for [`wnodes_preparer::reconcile()`]. They live in this process, so nothing of
+/// theirs outlives it on the host: there is nothing to find or remove, only listeners to bring
+/// back.
+impl HostResources<Storage> for GatewayHandler {
+    type Error = Infallible;
+    type Item = String;
+
+    async fn present(&self) -> Result<Vec<(String, String)>, Infallible> {
+        Ok(Vec::new())
+    }
+
+    fn held(&self, row: &Row) -> Vec<String> {
+        vec![row.vm_id.clone()]
+    }
+
+    async fn remove(&self, _vm_id: &String) -> Result<(), Infallible> {
+        Ok(())
+    }
+
+    async fn restore(&self, row: &Row) -> Result<bool, Infallible> {
+        self.ensure_listener(row).await;
+        Ok(self.listeners.addr_of(&row.vm_id).is_some())
     }
 }
 
@@ -404,12 +422,9 @@ impl Handler for GatewayHandler {
     }
 }
 
-/// Creates the service's table.
-pub async fn init_store(store: &KeyStore) -> Result<(), sqlx::Error> {
-    sqlx::query(table::SCHEMA)
-        .execute(store.pool())
-        .await
-        .map(drop)
+/// Creates the service's table (migrating an earlier version's, once).
+pub async fn init_store(store: &KeyStore) -> Result<(), TableError> {
+    table::init(store.pool()).await
 }
 
 #[cfg(test)]
