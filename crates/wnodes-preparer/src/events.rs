@@ -1,16 +1,45 @@
-//! The events a preparer answers with, keyed by its resource kind: `<kind>.ready`,
-//! `<kind>.failed` and `resource.released` (with the kind). Each is derived from the event that
-//! caused it ([`EventExt::derive`]): same run, same host, a deterministic id, so a redelivered
-//! cause yields the same event.
+//! The events a preparer reads ([`Incoming`]: a VM requested, a VM ended) and answers with,
+//! keyed by its resource kind ([`Events`]): `<kind>.ready`, `<kind>.failed` and
+//! `resource.released` (with the kind). Each answer is derived from the event that caused it
+//! ([`EventExt::derive`]): same run, same host, a deterministic id, so a redelivered cause yields
+//! the same event.
 
 use std::{fmt, marker::PhantomData};
 
 use wnodes_bus::{
-    EventExt,
+    EventExt, HandlerError,
     proto::{self, event::Body},
 };
 
 use crate::table::Kind;
+
+/// An incoming event, as a preparer sees it.
+#[derive(Debug, Clone, Copy)]
+pub enum Incoming<'a> {
+    /// `vm.requested`: prepare for this spec.
+    Requested(&'a proto::VmSpec),
+    /// `vm.stopped` or `vm.failed`: release what the VM holds. The id may be empty (the
+    /// service then derives it from the run, or has nothing to release).
+    Ended { vm_id: &'a str },
+    /// Any other body (the gateway's `network.ready`), or none.
+    Other(Option<&'a Body>),
+}
+
+impl<'a> Incoming<'a> {
+    /// Sorts `event`; a `vm.requested` without a spec is rejected (it can never be handled).
+    pub fn of(event: &'a proto::Event) -> Result<Self, HandlerError> {
+        Ok(match &event.body {
+            Some(Body::VmRequested(r)) => Self::Requested(
+                r.spec
+                    .as_ref()
+                    .ok_or_else(|| HandlerError::reject("vm.requested without a VmSpec"))?,
+            ),
+            Some(Body::VmStopped(s)) => Self::Ended { vm_id: &s.vm_id },
+            Some(Body::VmFailed(f)) => Self::Ended { vm_id: &f.vm_id },
+            other => Self::Other(other.as_ref()),
+        })
+    }
+}
 
 /// The ready body of a kind: `ScratchReady`, `NetworkReady` or `StorageReady`.
 pub trait ReadyBody {
@@ -161,6 +190,40 @@ mod tests {
         // A redelivered cause yields the same ids; the kinds' releases differ.
         assert_eq!(ev.released(&c, "vm-a", "again".into()).id, rel.id);
         assert!(rel.id.contains(R::KIND.as_str()), "{}", rel.id);
+    }
+
+    #[test]
+    fn incoming_events_are_sorted_and_a_request_without_spec_is_rejected() {
+        let mut ev = cause();
+        assert!(matches!(
+            Incoming::of(&ev),
+            Ok(Incoming::Ended { vm_id: "vm-a" })
+        ));
+        ev.body = Some(Body::VmFailed(proto::VmFailed {
+            vm_id: "vm-b".into(),
+            ..Default::default()
+        }));
+        assert!(matches!(
+            Incoming::of(&ev),
+            Ok(Incoming::Ended { vm_id: "vm-b" })
+        ));
+        let spec = proto::VmSpec {
+            vm_id: "vm-c".into(),
+            ..Default::default()
+        };
+        ev.body = Some(Body::VmRequested(proto::VmRequested {
+            spec: Some(spec.clone()),
+        }));
+        assert!(matches!(Incoming::of(&ev), Ok(Incoming::Requested(s)) if *s == spec));
+        ev.body = Some(Body::VmRequested(proto::VmRequested { spec: None }));
+        assert!(Incoming::of(&ev).is_err());
+        ev.body = Some(Body::NetworkReady(proto::NetworkReady::default()));
+        assert!(matches!(
+            Incoming::of(&ev),
+            Ok(Incoming::Other(Some(Body::NetworkReady(_))))
+        ));
+        ev.body = None;
+        assert!(matches!(Incoming::of(&ev), Ok(Incoming::Other(None))));
     }
 
     #[test]

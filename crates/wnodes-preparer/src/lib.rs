@@ -5,7 +5,7 @@
 //! | module | what it holds |
 //! |---|---|
 //! | [`table`] | [`Table`]: one row per (resource [`Kind`], VM) in the service's key store (`wnodes_resources`): run key, [`State`] (`pending` / `prepared` / `released`), the service's JSON detail, timestamps; the one-time migration from each service's old table |
-//! | [`events`] | [`Events`]: the ready / failed / released events of a kind, derived from the event that caused them |
+//! | [`events`] | [`Incoming`]: a VM requested or ended; [`Events`]: the ready / failed / released events of a kind, derived from the event that caused them |
 //! | [`reconcile`] | [`HostResources`] and [`reconcile()`]: at start, what the host holds that no prepared row accounts for is removed, and what a prepared row holds in the process is brought back |
 //!
 //! The table lives in the same SQLite file as the bus's idempotency keys: handlers write it
@@ -20,6 +20,6 @@ pub mod table;
 #[cfg(test)]
 mod error_rule;
 
-pub use events::{Events, ReadyBody};
+pub use events::{Events, Incoming, ReadyBody};
 pub use reconcile::{HostResources, ReconcileError, Reconciled, reconcile};
 pub use table::{Kind, Released, Row, State, Table, TableError};

@@ -194,6 +194,19 @@ fn unix_now() -> i64 {
 
 type RawRow = (String, String, String, String, i64, i64);
 
+/// An insert of one row (binds: kind, vm_id, run_key, state, detail, created_at, updated_at)
+/// followed by its conflict clause, as a literal.
+macro_rules! insert_row {
+    ($on_conflict:literal) => {
+        concat!(
+            "INSERT INTO wnodes_resources
+                 (kind, vm_id, run_key, state, detail, created_at, updated_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?) ",
+            $on_conflict
+        )
+    };
+}
+
 /// The rows of one kind whose detail is a `D`. A `const` per service
 /// (`Table::new(Kind::Scratch)`); cheap to copy.
 pub struct Table<D> {
@@ -284,6 +297,42 @@ impl<D: Serialize + DeserializeOwned> Table<D> {
         })
     }
 
+    /// Runs `sql` (an [`insert_row!`]) for `row`; returns how many rows it changed.
+    async fn insert(
+        &self,
+        conn: &mut SqliteConnection,
+        sql: &'static str,
+        op: &'static str,
+        row: &Row<&D>,
+    ) -> Result<u64, TableError> {
+        sqlx::query(sql)
+            .bind(self.kind.as_str())
+            .bind(&row.vm_id)
+            .bind(&row.run_key)
+            .bind(row.state.as_str())
+            .bind(self.encode(&row.vm_id, row.detail)?)
+            .bind(row.created_at)
+            .bind(row.updated_at)
+            .execute(conn)
+            .await
+            .map(|r| r.rows_affected())
+            .map_err(self.row_err(op, &row.vm_id))
+    }
+
+    /// A new row of this kind, created now.
+    fn new_row<'d>(&self, vm_id: &str, run_key: &str, state: State, detail: &'d D) -> Row<&'d D> {
+        let now = unix_now();
+        Row {
+            kind: self.kind,
+            vm_id: vm_id.to_owned(),
+            run_key: run_key.to_owned(),
+            state,
+            detail,
+            created_at: now,
+            updated_at: now,
+        }
+    }
+
     /// Creates the table if needed (at start; every kind shares it).
     pub async fn init(&self, pool: &SqlitePool) -> Result<(), TableError> {
         sqlx::query(SCHEMA)
@@ -330,23 +379,9 @@ impl<D: Serialize + DeserializeOwned> Table<D> {
         run_key: &str,
         detail: &D,
     ) -> Result<bool, TableError> {
-        let now = unix_now();
-        let res = sqlx::query(
-            "INSERT INTO wnodes_resources
-                 (kind, vm_id, run_key, state, detail, created_at, updated_at)
-             VALUES (?, ?, ?, 'pending', ?, ?, ?)
-             ON CONFLICT (kind, vm_id) DO NOTHING",
-        )
-        .bind(self.kind.as_str())
-        .bind(vm_id)
-        .bind(run_key)
-        .bind(self.encode(vm_id, detail)?)
-        .bind(now)
-        .bind(now)
-        .execute(conn)
-        .await
-        .map_err(self.row_err("record pending", vm_id))?;
-        Ok(res.rows_affected() == 1)
+        let row = self.new_row(vm_id, run_key, State::Pending, detail);
+        let sql = insert_row!("ON CONFLICT (kind, vm_id) DO NOTHING");
+        Ok(self.insert(conn, sql, "record pending", &row).await? == 1)
     }
 
     /// Records the resource of `vm_id` as prepared with `detail` (a pending or prepared row is
@@ -359,25 +394,13 @@ impl<D: Serialize + DeserializeOwned> Table<D> {
         run_key: &str,
         detail: &D,
     ) -> Result<bool, TableError> {
-        let now = unix_now();
-        let res = sqlx::query(
-            "INSERT INTO wnodes_resources
-                 (kind, vm_id, run_key, state, detail, created_at, updated_at)
-             VALUES (?, ?, ?, 'prepared', ?, ?, ?)
-             ON CONFLICT (kind, vm_id) DO UPDATE SET
-                 state = 'prepared', detail = excluded.detail, updated_at = excluded.updated_at
-             WHERE wnodes_resources.state <> 'released'",
-        )
-        .bind(self.kind.as_str())
-        .bind(vm_id)
-        .bind(run_key)
-        .bind(self.encode(vm_id, detail)?)
-        .bind(now)
-        .bind(now)
-        .execute(conn)
-        .await
-        .map_err(self.row_err("mark prepared", vm_id))?;
-        Ok(res.rows_affected() == 1)
+        let row = self.new_row(vm_id, run_key, State::Prepared, detail);
+        let sql = insert_row!(
+            "ON CONFLICT (kind, vm_id) DO UPDATE SET
+                 state = excluded.state, detail = excluded.detail, updated_at = excluded.updated_at
+             WHERE wnodes_resources.state <> 'released'"
+        );
+        Ok(self.insert(conn, sql, "mark prepared", &row).await? == 1)
     }
 
     /// Marks `vm_id` released. A pending or prepared row keeps its detail (what was held); with
@@ -407,20 +430,10 @@ impl<D: Serialize + DeserializeOwned> Table<D> {
                 Ok(Released::Now(row))
             }
             None => {
-                sqlx::query(
-                    "INSERT INTO wnodes_resources
-                         (kind, vm_id, run_key, state, detail, created_at, updated_at)
-                     VALUES (?, ?, ?, 'released', ?, ?, ?)",
-                )
-                .bind(self.kind.as_str())
-                .bind(vm_id)
-                .bind(run_key)
-                .bind(self.encode(vm_id, tombstone)?)
-                .bind(now)
-                .bind(now)
-                .execute(conn)
-                .await
-                .map_err(self.row_err("write the tombstone of", vm_id))?;
+                let row = self.new_row(vm_id, run_key, State::Released, tombstone);
+                let sql = insert_row!("");
+                self.insert(conn, sql, "write the tombstone of", &row)
+                    .await?;
                 Ok(Released::Tombstone)
             }
         }
@@ -481,24 +494,28 @@ impl<D: Serialize + DeserializeOwned> Table<D> {
             .await
             .map_err(self.table_err(op))?;
         let mut written = 0;
-        for row in old_rows.into_iter().filter_map(&map) {
-            let res = sqlx::query(
-                "INSERT INTO wnodes_resources
-                     (kind, vm_id, run_key, state, detail, created_at, updated_at)
-                 VALUES (?, ?, ?, ?, ?, ?, ?)
-                 ON CONFLICT (kind, vm_id) DO NOTHING",
-            )
-            .bind(self.kind.as_str())
-            .bind(&row.vm_id)
-            .bind(&row.run_key)
-            .bind(row.state.as_str())
-            .bind(self.encode(&row.vm_id, &row.detail)?)
-            .bind(row.created_at)
-            .bind(row.updated_at)
-            .execute(&mut *tx)
-            .await
-            .map_err(self.row_err("migrate", &row.vm_id))?;
-            written += usize::try_from(res.rows_affected()).unwrap_or_default();
+        for old_row in old_rows.into_iter().filter_map(&map) {
+            let Row {
+                kind,
+                vm_id,
+                run_key,
+                state,
+                detail,
+                created_at,
+                updated_at,
+            } = old_row;
+            let row = Row {
+                kind,
+                vm_id,
+                run_key,
+                state,
+                detail: &detail,
+                created_at,
+                updated_at,
+            };
+            let sql = insert_row!("ON CONFLICT (kind, vm_id) DO NOTHING");
+            let n = self.insert(&mut tx, sql, "migrate", &row).await?;
+            written += usize::try_from(n).unwrap_or_default();
         }
         // `old` was checked to be a plain name above.
         sqlx::query(sqlx::AssertSqlSafe(format!("DROP TABLE {old}")))
