@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 use wnodes_bus::{
     EventExt, Handler, HandlerCtx, HandlerError, KeyStore, proto, proto::event::Body,
 };
-use wnodes_preparer::{Events, HostResources, State, TableError};
+use wnodes_preparer::{Events, HostResources, Incoming, State, TableError};
 
 use crate::{
     config::{GatewayConfig, GatewayConfigError, PortRange},
@@ -407,17 +407,13 @@ impl Handler for GatewayHandler {
     }
 
     async fn handle(&self, ctx: &mut HandlerCtx, event: proto::Event) -> Result<(), HandlerError> {
-        match &event.body {
-            Some(Body::VmRequested(r)) => {
-                let Some(spec) = r.spec.as_ref() else {
-                    return Err(HandlerError::reject("vm.requested without a spec"));
-                };
-                self.on_requested(ctx, &event, spec).await
+        match Incoming::of(&event)? {
+            Incoming::Requested(spec) => self.on_requested(ctx, &event, spec).await,
+            Incoming::Ended { vm_id } => self.on_stopped(ctx, &event, vm_id).await,
+            Incoming::Other(Some(Body::NetworkReady(n))) => {
+                self.on_network_ready(ctx, &event, n).await
             }
-            Some(Body::NetworkReady(n)) => self.on_network_ready(ctx, &event, n).await,
-            Some(Body::VmStopped(s)) => self.on_stopped(ctx, &event, &s.vm_id).await,
-            Some(Body::VmFailed(f)) => self.on_stopped(ctx, &event, &f.vm_id).await,
-            _ => Ok(()),
+            Incoming::Other(_) => Ok(()),
         }
     }
 }

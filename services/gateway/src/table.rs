@@ -222,37 +222,37 @@ mod tests {
             allowed_client: "10.231.1.2".into(),
             ..Default::default()
         };
-        let insert = "INSERT INTO gateway_vms VALUES (?, ?, ?, ?, ?, ?, 9)";
-        sqlx::query(insert)
-            .bind("vm-s")
-            .bind("serving")
-            .bind(spec("vm-s").encode_to_vec())
-            .bind(ready.encode_to_vec())
-            .bind("10.231.1.1")
-            .bind(20001)
-            .execute(pool)
-            .await
-            .unwrap();
-        sqlx::query(insert)
-            .bind("vm-r")
-            .bind("requested")
-            .bind(spec("vm-r").encode_to_vec())
-            .bind(None::<Vec<u8>>)
-            .bind(None::<String>)
-            .bind(None::<i64>)
-            .execute(pool)
-            .await
-            .unwrap();
-        sqlx::query(insert)
-            .bind("vm-x")
-            .bind("released")
-            .bind(None::<Vec<u8>>)
-            .bind(None::<Vec<u8>>)
-            .bind(None::<String>)
-            .bind(None::<i64>)
-            .execute(pool)
-            .await
-            .unwrap();
+        let old_rows = [
+            (
+                "vm-s",
+                "serving",
+                Some(spec("vm-s").encode_to_vec()),
+                Some(ready.encode_to_vec()),
+                Some("10.231.1.1"),
+                Some(20001),
+            ),
+            (
+                "vm-r",
+                "requested",
+                Some(spec("vm-r").encode_to_vec()),
+                None,
+                None,
+                None,
+            ),
+            ("vm-x", "released", None, None, None, None),
+        ];
+        for (vm_id, state, spec, ready, bind, port) in old_rows {
+            sqlx::query("INSERT INTO gateway_vms VALUES (?, ?, ?, ?, ?, ?, 9)")
+                .bind(vm_id)
+                .bind(state)
+                .bind(spec)
+                .bind(ready)
+                .bind(bind)
+                .bind(port)
+                .execute(pool)
+                .await
+                .unwrap();
+        }
         init(pool).await.unwrap();
         let mut conn = pool.acquire().await.unwrap();
         let s = get(&mut conn, "vm-s").await.unwrap().unwrap();

@@ -4,10 +4,8 @@
 
 use std::{fmt, net::Ipv4Addr};
 
-use wnodes_bus::{
-    ErrorChain, EventExt, Handler, HandlerCtx, HandlerError, KeyStore, proto, proto::event::Body,
-};
-use wnodes_preparer::{Events, HostResources, Row, TableError};
+use wnodes_bus::{ErrorChain, EventExt, Handler, HandlerCtx, HandlerError, KeyStore, proto};
+use wnodes_preparer::{Events, HostResources, Incoming, Row, TableError};
 
 use crate::{
     config::{Ipv4Net, Mode, NetworkConfig, NetworkConfigError},
@@ -388,22 +386,10 @@ impl Handler for NetworkHandler {
     }
 
     async fn handle(&self, ctx: &mut HandlerCtx, event: proto::Event) -> Result<(), HandlerError> {
-        match &event.body {
-            Some(Body::VmRequested(r)) => {
-                let Some(spec) = r.spec.as_ref() else {
-                    return Err(HandlerError::reject("vm.requested without a spec"));
-                };
-                self.on_requested(ctx, &event, spec).await
-            }
-            Some(Body::VmStopped(s)) => {
-                let vm_id = s.vm_id.clone();
-                self.on_stopped(ctx, &event, &vm_id).await
-            }
-            Some(Body::VmFailed(f)) => {
-                let vm_id = f.vm_id.clone();
-                self.on_stopped(ctx, &event, &vm_id).await
-            }
-            _ => Ok(()),
+        match Incoming::of(&event)? {
+            Incoming::Requested(spec) => self.on_requested(ctx, &event, spec).await,
+            Incoming::Ended { vm_id } => self.on_stopped(ctx, &event, vm_id).await,
+            Incoming::Other(_) => Ok(()),
         }
     }
 }

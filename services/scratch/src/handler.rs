@@ -16,11 +16,8 @@ use parking_lot::Mutex;
 use std::{collections::HashMap, path::PathBuf, sync::Arc};
 
 use tokio::sync::OwnedMutexGuard;
-use wnodes_bus::{
-    ErrorChain, EventExt, Handler, HandlerCtx, HandlerError,
-    proto::{self, event::Body},
-};
-use wnodes_preparer::{Events, TableError};
+use wnodes_bus::{ErrorChain, EventExt, Handler, HandlerCtx, HandlerError, proto};
+use wnodes_preparer::{Events, Incoming, TableError};
 
 use crate::{
     state,
@@ -157,12 +154,8 @@ impl ScratchHandler {
         &self,
         ctx: &mut HandlerCtx,
         incoming: &proto::Event,
-        req: &proto::VmRequested,
+        spec: &proto::VmSpec,
     ) -> Result<(), HandlerError> {
-        let spec = req
-            .spec
-            .as_ref()
-            .ok_or_else(|| HandlerError::reject("vm.requested without a VmSpec"))?;
         let run_key = incoming.run_key();
         let vm_id = if spec.vm_id.is_empty() {
             derive_vm_id(&run_key)
@@ -320,12 +313,11 @@ impl Handler for ScratchHandler {
         if event.run.is_none() {
             return Err(HandlerError::reject("event without a run"));
         }
-        match &event.body {
-            Some(Body::VmRequested(req)) => self.on_requested(ctx, &event, req).await,
-            Some(Body::VmStopped(s)) => self.on_vm_ended(ctx, &event, &s.vm_id).await,
-            Some(Body::VmFailed(f)) => self.on_vm_ended(ctx, &event, &f.vm_id).await,
-            other => {
-                tracing::debug!(event_type = ?other.as_ref().map(wnodes_bus::EventType::of), "Not for the scratch service; ignored.");
+        match Incoming::of(&event)? {
+            Incoming::Requested(spec) => self.on_requested(ctx, &event, spec).await,
+            Incoming::Ended { vm_id } => self.on_vm_ended(ctx, &event, vm_id).await,
+            Incoming::Other(other) => {
+                tracing::debug!(event_type = ?other.map(wnodes_bus::EventType::of), "Not for the scratch service; ignored.");
                 Ok(())
             }
         }
