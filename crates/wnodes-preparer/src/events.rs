@@ -11,7 +11,7 @@ use wnodes_bus::{
     proto::{self, event::Body},
 };
 
-use crate::table::Kind;
+use crate::row::Kind;
 
 /// An incoming event, as a preparer sees it.
 #[derive(Debug, Clone, Copy)]

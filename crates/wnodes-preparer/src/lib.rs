@@ -4,7 +4,9 @@
 //!
 //! | module | what it holds |
 //! |---|---|
-//! | [`table`] | [`Table`]: one row per (resource [`Kind`], VM) in the service's key store (`wnodes_resources`): run key, [`State`] (`pending` / `prepared` / `released`), the service's JSON detail, timestamps; the one-time migration from each service's old table |
+//! | [`row`] | [`Row`]: resource [`Kind`], VM id, run key, [`State`] (`pending` / `prepared` / `released`), the service's detail, timestamps; [`Released`] |
+//! | [`table`] | [`Table`]: one row per (kind, VM) in the service's key store (`wnodes_resources`), the detail as JSON; the state transitions |
+//! | [`migrate`] | [`Table::migrate`]: the one-time migration from a service's own table of an earlier version |
 //! | [`events`] | [`Incoming`]: a VM requested or ended; [`Events`]: the ready / failed / released events of a kind, derived from the event that caused them |
 //! | [`reconcile`] | [`HostResources`] and [`reconcile()`]: at start, what the host holds that no prepared row accounts for is removed, and what a prepared row holds in the process is brought back |
 //!
@@ -14,7 +16,9 @@
 //! kind is in the key all the same, so that a row says what it is.
 
 pub mod events;
+pub mod migrate;
 pub mod reconcile;
+pub mod row;
 pub mod table;
 
 #[cfg(test)]
@@ -22,4 +26,5 @@ mod error_rule;
 
 pub use events::{Events, Incoming, ReadyBody};
 pub use reconcile::{HostResources, ReconcileError, Reconciled, reconcile};
-pub use table::{Kind, Released, Row, State, Table, TableError};
+pub use row::{Kind, Released, Row, State};
+pub use table::{Table, TableError};

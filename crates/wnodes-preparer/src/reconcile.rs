@@ -14,7 +14,10 @@ use std::{collections::HashSet, fmt, future::Future};
 use serde::{Serialize, de::DeserializeOwned};
 use sqlx::SqlitePool;
 
-use crate::table::{Row, Table, TableError};
+use crate::{
+    row::Row,
+    table::{Table, TableError},
+};
 
 /// A preparer's side of the host, for [`reconcile()`].
 pub trait HostResources<D>: Sync {
@@ -108,7 +111,7 @@ mod tests {
     use serde::Deserialize;
 
     use super::*;
-    use crate::table::{Kind, Released};
+    use crate::row::{Kind, Released};
 
     #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
     struct File {

@@ -16,8 +16,9 @@
 use std::{fmt, marker::PhantomData};
 
 use serde::{Serialize, de::DeserializeOwned};
-use sqlx::{Sqlite, SqliteConnection, SqlitePool, sqlite::SqliteRow};
-use wnodes_bus::proto;
+use sqlx::{Sqlite, SqliteConnection, SqlitePool};
+
+use crate::row::{Kind, Released, Row, State};
 
 /// Creates the table (shared by every kind).
 const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS wnodes_resources (
@@ -39,116 +40,6 @@ macro_rules! select_rows {
             $($rest),+
         )
     };
-}
-
-/// What kind of host resource a row holds: one per preparer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Kind {
-    /// The scratch service's volume.
-    Scratch,
-    /// The network service's lease, MAC and tap.
-    Network,
-    /// The gateway's export listener.
-    Storage,
-}
-
-impl Kind {
-    /// The name stored in the table and used in logs.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Kind::Scratch => "scratch",
-            Kind::Network => "network",
-            Kind::Storage => "storage",
-        }
-    }
-
-    /// The kind in `resource.released`.
-    pub const fn proto(self) -> proto::ResourceKind {
-        match self {
-            Kind::Scratch => proto::ResourceKind::Scratch,
-            Kind::Network => proto::ResourceKind::Network,
-            Kind::Storage => proto::ResourceKind::Storage,
-        }
-    }
-}
-
-impl fmt::Display for Kind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// A row's lifecycle state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum State {
-    /// Known, nothing held yet.
-    Pending,
-    /// Held on the host.
-    Prepared,
-    /// Released; a tombstone.
-    Released,
-}
-
-impl State {
-    /// The name stored in the table.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            State::Pending => "pending",
-            State::Prepared => "prepared",
-            State::Released => "released",
-        }
-    }
-
-    fn parse(s: &str) -> Option<Self> {
-        [State::Pending, State::Prepared, State::Released]
-            .into_iter()
-            .find(|st| st.as_str() == s)
-    }
-}
-
-impl fmt::Display for State {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// One row, its detail decoded.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Row<D> {
-    pub kind: Kind,
-    pub vm_id: String,
-    /// The run that wrote the row first (`site/lrms/job_id/attempt`); empty when unknown.
-    pub run_key: String,
-    pub state: State,
-    /// What the service keeps about the resource (a path, a lease, a listener).
-    pub detail: D,
-    /// Unix seconds.
-    pub created_at: i64,
-    /// Unix seconds.
-    pub updated_at: i64,
-}
-
-impl<D> Row<D> {
-    /// True while the resource is held.
-    pub fn is_prepared(&self) -> bool {
-        self.state == State::Prepared
-    }
-
-    /// True for a tombstone.
-    pub fn is_released(&self) -> bool {
-        self.state == State::Released
-    }
-}
-
-/// What [`Table::release`] found.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Released<D> {
-    /// The row was pending or prepared and says released now; the row as it was.
-    Now(Row<D>),
-    /// The row said released already: nothing changed (a redelivery).
-    Already(Row<D>),
-    /// There was no row: a tombstone was written.
-    Tombstone,
 }
 
 /// A table operation that failed, naming the kind and the VM.
@@ -206,6 +97,7 @@ macro_rules! insert_row {
         )
     };
 }
+pub(crate) use insert_row;
 
 /// The rows of one kind whose detail is a `D`. A `const` per service
 /// (`Table::new(Kind::Scratch)`); cheap to copy.
@@ -242,12 +134,16 @@ impl<D: Serialize + DeserializeOwned> Table<D> {
         self.kind
     }
 
-    fn table_err(&self, op: &'static str) -> impl FnOnce(sqlx::Error) -> TableError {
+    pub(crate) fn table_err(&self, op: &'static str) -> impl FnOnce(sqlx::Error) -> TableError {
         let kind = self.kind;
         move |source| TableError::Table { op, kind, source }
     }
 
-    fn row_err(&self, op: &'static str, vm_id: &str) -> impl FnOnce(sqlx::Error) -> TableError {
+    pub(crate) fn row_err(
+        &self,
+        op: &'static str,
+        vm_id: &str,
+    ) -> impl FnOnce(sqlx::Error) -> TableError {
         let (kind, vm_id) = (self.kind, vm_id.to_owned());
         move |source| TableError::Row {
             op,
@@ -298,7 +194,7 @@ impl<D: Serialize + DeserializeOwned> Table<D> {
     }
 
     /// Runs `sql` (an [`insert_row!`]) for `row`; returns how many rows it changed.
-    async fn insert(
+    pub(crate) async fn insert(
         &self,
         conn: &mut SqliteConnection,
         sql: &'static str,
@@ -456,92 +352,22 @@ impl<D: Serialize + DeserializeOwned> Table<D> {
         .map_err(self.row_err("forget", vm_id))?;
         Ok(res.rows_affected() == 1)
     }
-
-    /// One-time migration from a service's table of an earlier version: when `old` exists,
-    /// reads it with `select`, writes each row `map` returns (a row that has a new row already
-    /// is skipped) and drops `old`, in one transaction. Returns how many rows it wrote; 0 when
-    /// `old` does not exist. `old` must be a plain SQL name (`[a-z_]`).
-    pub async fn migrate<R>(
-        &self,
-        pool: &SqlitePool,
-        old: &'static str,
-        select: &'static str,
-        map: impl Fn(R) -> Option<Row<D>>,
-    ) -> Result<usize, TableError>
-    where
-        R: for<'r> sqlx::FromRow<'r, SqliteRow> + Send + Unpin,
-    {
-        assert!(
-            !old.is_empty() && old.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'),
-            "old table name {old:?} is not a plain SQL name"
-        );
-        let op = "migrate the old table";
-        let mut tx = pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(self.table_err(op))?;
-        let exists: Option<(i64,)> =
-            sqlx::query_as("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?")
-                .bind(old)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(self.table_err(op))?;
-        if exists.is_none() {
-            return Ok(0);
-        }
-        let old_rows: Vec<R> = sqlx::query_as(select)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(self.table_err(op))?;
-        let mut written = 0;
-        for old_row in old_rows.into_iter().filter_map(&map) {
-            let Row {
-                kind,
-                vm_id,
-                run_key,
-                state,
-                detail,
-                created_at,
-                updated_at,
-            } = old_row;
-            let row = Row {
-                kind,
-                vm_id,
-                run_key,
-                state,
-                detail: &detail,
-                created_at,
-                updated_at,
-            };
-            let sql = insert_row!("ON CONFLICT (kind, vm_id) DO NOTHING");
-            let n = self.insert(&mut tx, sql, "migrate", &row).await?;
-            written += usize::try_from(n).unwrap_or_default();
-        }
-        // `old` was checked to be a plain name above.
-        sqlx::query(sqlx::AssertSqlSafe(format!("DROP TABLE {old}")))
-            .execute(&mut *tx)
-            .await
-            .map_err(self.table_err(op))?;
-        tx.commit().await.map_err(self.table_err(op))?;
-        tracing::info!(kind = %self.kind, old, written, "Resource table: migrated the old table.");
-        Ok(written)
-    }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use serde::Deserialize;
 
     #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-    struct Vol {
-        path: String,
-        size: u64,
+    pub(crate) struct Vol {
+        pub(crate) path: String,
+        pub(crate) size: u64,
     }
 
-    const VOLS: Table<Vol> = Table::new(Kind::Scratch);
+    pub(crate) const VOLS: Table<Vol> = Table::new(Kind::Scratch);
 
-    fn vol(size: u64) -> Vol {
+    pub(crate) fn vol(size: u64) -> Vol {
         Vol {
             path: "/v/vm-a.img".into(),
             size,
@@ -550,7 +376,7 @@ mod tests {
 
     /// A key store in `dir`, with the table: writes go through its one writer connection,
     /// reads through its read pool (as in a service).
-    async fn open(dir: &tempfile::TempDir) -> wnodes_bus::KeyStore {
+    pub(crate) async fn open(dir: &tempfile::TempDir) -> wnodes_bus::KeyStore {
         let store = wnodes_bus::KeyStore::open(&dir.path().join("keys.db"))
             .await
             .unwrap();
@@ -697,55 +523,6 @@ mod tests {
             .execute(pool)
             .await
             .is_err()
-        );
-    }
-
-    #[tokio::test]
-    async fn migrate_copies_the_old_table_once_and_drops_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = open(&dir).await;
-        let pool = store.pool();
-        sqlx::query("CREATE TABLE old_vols (vm_id TEXT, st TEXT, size INTEGER, at INTEGER)")
-            .execute(pool)
-            .await
-            .unwrap();
-        sqlx::query(
-            "INSERT INTO old_vols VALUES ('vm-a', 'prepared', 5, 100), ('vm-b', 'released', 0, 200), ('vm-c', 'bogus', 0, 0)",
-        )
-        .execute(pool)
-        .await
-        .unwrap();
-        let select = "SELECT vm_id, st, size, at FROM old_vols";
-        let map = |(vm_id, st, size, at): (String, String, i64, i64)| {
-            Some(Row {
-                kind: Kind::Scratch,
-                vm_id,
-                run_key: String::new(),
-                state: match st.as_str() {
-                    "prepared" => State::Prepared,
-                    "released" => State::Released,
-                    _ => return None,
-                },
-                detail: vol(u64::try_from(size).unwrap()),
-                created_at: at,
-                updated_at: at,
-            })
-        };
-        assert_eq!(
-            VOLS.migrate(pool, "old_vols", select, map).await.unwrap(),
-            2
-        );
-        let a = VOLS.get(pool, "vm-a").await.unwrap().unwrap();
-        assert_eq!(
-            (a.state, a.detail.size, a.created_at),
-            (State::Prepared, 5, 100)
-        );
-        assert!(VOLS.get(pool, "vm-b").await.unwrap().unwrap().is_released());
-        assert!(VOLS.get(pool, "vm-c").await.unwrap().is_none());
-        // The old table is gone: a second start migrates nothing.
-        assert_eq!(
-            VOLS.migrate(pool, "old_vols", select, map).await.unwrap(),
-            0
         );
     }
 }

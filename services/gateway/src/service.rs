@@ -1,10 +1,8 @@
 //! The handler (`vm.requested` → remember the spec; `network.ready` → listener +
 //! `storage.ready` / `storage.failed`; `vm.stopped`/`vm.failed` → close +
-//! `resource.released` kind STORAGE) and start-up reconciliation (re-opening the listeners of
-//! prepared rows, through [`HostResources`]).
+//! `resource.released` kind STORAGE). Start-up reconciliation is in [`crate::reconcile`].
 
 use std::{
-    convert::Infallible,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
 };
@@ -13,17 +11,13 @@ use tokio::net::TcpListener;
 use wnodes_bus::{
     EventExt, Handler, HandlerCtx, HandlerError, KeyStore, proto, proto::event::Body,
 };
-use wnodes_preparer::{Events, HostResources, Incoming, State, TableError};
+use wnodes_preparer::{Events, Incoming, State, TableError};
 
 use crate::{
     config::{GatewayConfig, GatewayConfigError, PortRange},
     listener::{Listeners, Programs, ServeSpec},
     table::{self, Row, Storage},
 };
-
-/// Why start-up reconciliation failed (the table only: a listener that cannot be re-opened is
-/// logged, not fatal).
-pub type ReconcileError = wnodes_preparer::ReconcileError<Infallible>;
 
 /// The gateway's handler.
 #[derive(Debug, Clone)]
@@ -295,8 +289,8 @@ impl GatewayHandler {
         Ok(())
     }
 
-    /// Starts the listener of a serving row if it does not run (restart, redelivery).
-    async fn ensure_listener(&self, row: &Row) {
+    /// Starts the listener of a prepared row if it does not run (restart, redelivery).
+    pub(crate) async fn ensure_listener(&self, row: &Row) {
         let Storage {
             spec: Some(spec),
             ready: Some(ready),
@@ -366,38 +360,6 @@ impl GatewayHandler {
         tracing::info!(vm_id, %detail, "Storage released.");
         ctx.publish(self.events().released(ev, vm_id, detail));
         Ok(())
-    }
-
-    /// Re-opens the listeners of every prepared VM (they live in this process). Returns the VMs
-    /// whose listener runs afterwards.
-    pub async fn reconcile(&self, store: &KeyStore) -> Result<Vec<String>, ReconcileError> {
-        let done = wnodes_preparer::reconcile(&table::TABLE, store.pool(), self).await?;
-        Ok(done.restored)
-    }
-}
-
-/// The listeners, for [`wnodes_preparer::reconcile()`]. They live in this process, so nothing of
-/// theirs outlives it on the host: there is nothing to find or remove, only listeners to bring
-/// back.
-impl HostResources<Storage> for GatewayHandler {
-    type Error = Infallible;
-    type Item = String;
-
-    async fn present(&self) -> Result<Vec<(String, String)>, Infallible> {
-        Ok(Vec::new())
-    }
-
-    fn held(&self, row: &Row) -> Vec<String> {
-        vec![row.vm_id.clone()]
-    }
-
-    async fn remove(&self, _vm_id: &String) -> Result<(), Infallible> {
-        Ok(())
-    }
-
-    async fn restore(&self, row: &Row) -> Result<bool, Infallible> {
-        self.ensure_listener(row).await;
-        Ok(self.listeners.addr_of(&row.vm_id).is_some())
     }
 }
 

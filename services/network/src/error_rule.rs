@@ -9,7 +9,8 @@ use crate::{
     config::{CidrError, Ipv4Net, NetworkConfigError},
     host::HostError,
     lease::Exhausted,
-    service::{PrepareError, ReconcileError},
+    reconcile::ReconcileError,
+    service::PrepareError,
 };
 
 fn net(addr: [u8; 4], prefix: u8) -> Ipv4Net {

@@ -12,7 +12,8 @@
 //! | [`nft`] | the anti-spoofing table and its per-VM chains, as nft scripts |
 //! | [`mac`] | guest MAC derivation |
 //! | [`lease`] | the leases: one row per VM in the preparers' resource table, tombstones after release |
-//! | [`service`] | the handler and start-up reconciliation (taps and filters no lease holds) |
+//! | [`service`] | the handler |
+//! | [`reconcile`] | start-up reconciliation: taps and filters no prepared lease holds are removed |
 //!
 //! [`Network`] is the service as the runtime runs it.
 //!
@@ -35,6 +36,7 @@ pub mod host;
 pub mod lease;
 pub mod mac;
 pub mod nft;
+pub mod reconcile;
 pub mod service;
 
 pub use config::{NetworkConfig, NetworkConfigError};

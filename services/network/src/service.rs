@@ -1,11 +1,10 @@
 //! The handler (`vm.requested` → `network.ready` / `network.failed`; `vm.stopped`/`vm.failed` →
-//! `resource.released` kind NETWORK) and start-up reconciliation (the taps and filters as
-//! [`HostResources`] of the lease table).
+//! `resource.released` kind NETWORK). Start-up reconciliation is in [`crate::reconcile`].
 
-use std::{fmt, net::Ipv4Addr};
+use std::net::Ipv4Addr;
 
 use wnodes_bus::{ErrorChain, EventExt, Handler, HandlerCtx, HandlerError, KeyStore, proto};
-use wnodes_preparer::{Events, HostResources, Incoming, Row, TableError};
+use wnodes_preparer::{Events, Incoming, TableError};
 
 use crate::{
     config::{Ipv4Net, Mode, NetworkConfig, NetworkConfigError},
@@ -38,27 +37,6 @@ pub struct NetworkHandler {
     pub pool: Option<Ipv4Net>,
     /// `"network@<host>"`.
     pub source: String,
-}
-
-/// Why start-up reconciliation failed.
-pub type ReconcileError = wnodes_preparer::ReconcileError<HostError>;
-
-/// What the network service leaves on the host for a VM, as reconcile finds it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum HostItem {
-    /// A tap `wn-<12hex>`.
-    Tap(String),
-    /// The nft chain (or `taps` map element) of a tap.
-    Chain(String),
-}
-
-impl fmt::Display for HostItem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Tap(t) => write!(f, "tap {t}"),
-            Self::Chain(c) => write!(f, "nft chain {c}"),
-        }
-    }
 }
 
 /// Why a VM's network could not be prepared (published as `network.failed`).
@@ -320,63 +298,6 @@ impl NetworkHandler {
         tracing::info!(vm_id, %detail, "Network released.");
         ctx.publish(self.events().released(ev, vm_id, detail));
         Ok(())
-    }
-
-    /// Removes taps and nft chains that no prepared lease accounts for; (re)installs the base
-    /// table. Returns what was removed (`tap wn-…`, `nft chain wn-…`).
-    pub async fn reconcile(&self, store: &KeyStore) -> Result<Vec<String>, ReconcileError> {
-        if self.mode != Mode::Tap {
-            return Ok(Vec::new());
-        }
-        self.host
-            .nft_apply(&nft::base_script())
-            .await
-            .map_err(ReconcileError::Host)?;
-        let done = wnodes_preparer::reconcile(&lease::TABLE, store.pool(), self).await?;
-        Ok(done.removed.iter().map(ToString::to_string).collect())
-    }
-}
-
-/// Taps and their filters, for [`wnodes_preparer::reconcile()`]: a prepared lease holds its tap
-/// and the tap's chain (both named `wn-<12hex>`).
-impl HostResources<Lease> for NetworkHandler {
-    type Error = HostError;
-    type Item = HostItem;
-
-    /// Taps first, then the chains and map elements of the `bridge wnodes` table.
-    async fn present(&self) -> Result<Vec<(String, HostItem)>, HostError> {
-        let mut found: Vec<(String, HostItem)> = self
-            .host
-            .list_taps()
-            .await?
-            .into_iter()
-            .map(|t| (t.clone(), HostItem::Tap(t)))
-            .collect();
-        if let Some(table) = self.host.nft_table().await? {
-            let (chains, elements) = nft::vm_chains_and_elements(&table);
-            let mut names: Vec<String> = chains.into_iter().chain(elements).collect();
-            names.sort();
-            names.dedup();
-            for name in names {
-                if !valid_tap_name(&name) {
-                    tracing::warn!(chain = %name, "Unexpected name in table bridge wnodes; left alone.");
-                    continue;
-                }
-                found.push((name.clone(), HostItem::Chain(name)));
-            }
-        }
-        Ok(found)
-    }
-
-    fn held(&self, row: &Row<Lease>) -> Vec<String> {
-        row.detail.tap.iter().cloned().collect()
-    }
-
-    async fn remove(&self, item: &HostItem) -> Result<(), HostError> {
-        match item {
-            HostItem::Tap(tap) => self.host.delete_link(tap).await.map(drop),
-            HostItem::Chain(name) => self.host.nft_apply(&nft::remove_script(name)).await,
-        }
     }
 }
 
