@@ -6,12 +6,16 @@
 
 use std::{fmt, marker::PhantomData};
 
+use serde::{Serialize, de::DeserializeOwned};
 use wnodes_bus::{
-    EventExt, HandlerError,
+    EventExt, HandlerCtx, HandlerError,
     proto::{self, event::Body},
 };
 
-use crate::row::Kind;
+use crate::{
+    row::{Kind, Released},
+    table::Table,
+};
 
 /// An incoming event, as a preparer sees it.
 #[derive(Debug, Clone, Copy)]
@@ -136,6 +140,34 @@ impl<'a, R: ReadyBody> Events<'a, R> {
                 detail,
             }),
         )
+    }
+
+    /// The end of a release, once the host resource is gone: the row of `vm_id` in `table`
+    /// says released, in the handler's transaction (a tombstone of `tombstone` when there was
+    /// no row), and `resource.released` saying `detail` is staged, to go out when the key
+    /// commits. A store error is retried.
+    pub async fn release<D: Serialize + DeserializeOwned>(
+        &self,
+        ctx: &mut HandlerCtx,
+        table: &Table<D>,
+        cause: &proto::Event,
+        vm_id: &str,
+        tombstone: &D,
+        detail: String,
+    ) -> Result<Released<D>, HandlerError> {
+        debug_assert_eq!(
+            table.kind(),
+            R::KIND,
+            "the table and the events of one kind"
+        );
+        let conn = ctx.tx().await?;
+        let released = table
+            .release(conn, vm_id, &cause.run_key(), tombstone)
+            .await
+            .map_err(HandlerError::retry)?;
+        tracing::info!(vm_id, kind = %R::KIND, %detail, "Resource released.");
+        ctx.publish(self.released(cause, vm_id, detail));
+        Ok(released)
     }
 }
 

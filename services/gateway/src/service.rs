@@ -354,11 +354,9 @@ impl GatewayHandler {
                 None => "nothing was prepared".into(),
             };
         }
-        table::release(ctx.tx().await?, vm_id, &ev.run_key())
-            .await
-            .map_err(store_err)?;
-        tracing::info!(vm_id, %detail, "Storage released.");
-        ctx.publish(self.events().released(ev, vm_id, detail));
+        self.events()
+            .release(ctx, &table::TABLE, ev, vm_id, &Storage::default(), detail)
+            .await?;
         Ok(())
     }
 }

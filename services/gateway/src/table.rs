@@ -14,7 +14,7 @@ use prost::Message;
 use serde::{Deserialize, Serialize};
 use sqlx::{SqliteConnection, SqlitePool};
 use wnodes_bus::proto;
-use wnodes_preparer::{Kind, Released, State, Table, TableError};
+use wnodes_preparer::{Kind, State, Table, TableError};
 
 /// What the gateway keeps about a VM (the row's JSON detail).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -160,17 +160,6 @@ pub async fn set_serving(
         .map(drop)
 }
 
-/// Marks `vm_id` released (a tombstone when there was no row); its port is free from now on.
-pub async fn release(
-    conn: &mut SqliteConnection,
-    vm_id: &str,
-    run_key: &str,
-) -> Result<Released<Storage>, TableError> {
-    TABLE
-        .release(conn, vm_id, run_key, &Storage::default())
-        .await
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -288,7 +277,10 @@ mod tests {
             (r2.state, r2.detail.spec),
             (State::Prepared, Some(spec("vm-r")))
         );
-        release(&mut conn, "vm-s", "").await.unwrap();
+        TABLE
+            .release(&mut conn, "vm-s", "", &Storage::default())
+            .await
+            .unwrap();
         assert_eq!(ports_in_use(&mut conn, "vm-other").await.unwrap(), [20002]);
         drop(conn);
         init(pool).await.unwrap();

@@ -8,7 +8,7 @@ use std::{collections::HashSet, net::Ipv4Addr};
 
 use serde::{Deserialize, Serialize};
 use sqlx::{SqliteConnection, SqlitePool};
-use wnodes_preparer::{Kind, Released, Row, State, Table, TableError};
+use wnodes_preparer::{Kind, Row, State, Table, TableError};
 
 use crate::{
     config::{Ipv4Net, Mode},
@@ -159,19 +159,6 @@ pub async fn record_user(
     Ok(lease)
 }
 
-/// Marks `vm_id` released (a tombstone of `mode` when there was no row); its address, MAC and
-/// tap are free from now on.
-pub async fn release(
-    conn: &mut SqliteConnection,
-    vm_id: &str,
-    run_key: &str,
-    mode: Mode,
-) -> Result<Released<Lease>, TableError> {
-    TABLE
-        .release(conn, vm_id, run_key, &Lease::empty(mode))
-        .await
-}
-
 /// Forgets the row of `vm_id` (a preparation that failed and was undone).
 pub async fn forget(conn: &mut SqliteConnection, vm_id: &str) -> Result<bool, TableError> {
     TABLE.forget(conn, vm_id).await
@@ -180,6 +167,7 @@ pub async fn forget(conn: &mut SqliteConnection, vm_id: &str) -> Result<bool, Ta
 #[cfg(test)]
 mod tests {
     use super::*;
+    use wnodes_preparer::Released;
 
     fn net() -> Ipv4Net {
         "10.231.1.0/29".parse().unwrap()
@@ -288,7 +276,8 @@ mod tests {
             .unwrap_err();
         assert_eq!(full.in_use, 5);
         assert!(matches!(
-            release(&mut conn, "vm-000000000000", "k", Mode::Tap)
+            TABLE
+                .release(&mut conn, "vm-000000000000", "k", &Lease::empty(Mode::Tap))
                 .await
                 .unwrap(),
             Released::Now(_)

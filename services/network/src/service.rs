@@ -291,12 +291,10 @@ impl NetworkHandler {
             Some(_) => "already released".to_owned(),
             None => "nothing was prepared".to_owned(),
         };
-        let mode = existing.map_or(self.mode, |l| l.detail.mode);
-        lease::release(ctx.tx().await?, vm_id, &ev.run_key(), mode)
-            .await
-            .map_err(store_err)?;
-        tracing::info!(vm_id, %detail, "Network released.");
-        ctx.publish(self.events().released(ev, vm_id, detail));
+        let tombstone = Lease::empty(existing.map_or(self.mode, |l| l.detail.mode));
+        self.events()
+            .release(ctx, &lease::TABLE, ev, vm_id, &tombstone, detail)
+            .await?;
         Ok(())
     }
 }

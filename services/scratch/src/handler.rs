@@ -123,11 +123,6 @@ impl ScratchHandler {
         ));
     }
 
-    fn released(&self, ctx: &mut HandlerCtx, incoming: &proto::Event, vm_id: &str, detail: String) {
-        tracing::info!(vm_id, %detail, "Scratch released.");
-        ctx.publish(self.events().released(incoming, vm_id, detail));
-    }
-
     /// Answers a request that came after the release: make sure nothing exists, release again.
     async fn tombstone(
         &self,
@@ -139,14 +134,11 @@ impl ScratchHandler {
             .remove(vm_id)
             .await
             .map_err(HandlerError::retry)?;
-        self.released(
-            ctx,
-            incoming,
-            vm_id,
-            format!(
-                "scratch of {vm_id} was already released; the late vm.requested created nothing"
-            ),
+        let detail = format!(
+            "scratch of {vm_id} was already released; the late vm.requested created nothing"
         );
+        tracing::info!(vm_id, %detail, "Scratch released.");
+        ctx.publish(self.events().released(incoming, vm_id, detail));
         Ok(())
     }
 
@@ -290,16 +282,15 @@ impl ScratchHandler {
             .remove(&vm_id)
             .await
             .map_err(HandlerError::retry)?;
-        let conn = ctx.tx().await?;
-        state::mark_released(conn, &vm_id, &run_key, &path.display().to_string())
-            .await
-            .map_err(store_err)?;
         let detail = if existed {
             format!("removed scratch volume {}", path.display())
         } else {
             format!("no scratch volume for {vm_id}; nothing to remove")
         };
-        self.released(ctx, incoming, &vm_id, detail);
+        let tombstone = state::tombstone(&path.display().to_string());
+        self.events()
+            .release(ctx, &state::TABLE, incoming, &vm_id, &tombstone, detail)
+            .await?;
         Ok(())
     }
 }

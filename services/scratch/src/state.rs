@@ -92,6 +92,14 @@ pub async fn mark_prepared(
     TABLE.prepare(conn, vm_id, run_key, &volume).await
 }
 
+/// The detail of a tombstone written when no row existed: the path that would have held it.
+pub fn tombstone(path: &str) -> Volume {
+    Volume {
+        path: path.to_owned(),
+        size_bytes: 0,
+    }
+}
+
 /// Marks the VM's volume released (a tombstone naming `path` when there was no row).
 pub async fn mark_released(
     conn: &mut SqliteConnection,
@@ -99,11 +107,7 @@ pub async fn mark_released(
     run_key: &str,
     path: &str,
 ) -> Result<Released<Volume>, TableError> {
-    let tombstone = Volume {
-        path: path.to_owned(),
-        size_bytes: 0,
-    };
-    TABLE.release(conn, vm_id, run_key, &tombstone).await
+    TABLE.release(conn, vm_id, run_key, &tombstone(path)).await
 }
 
 #[cfg(test)]
