@@ -22,6 +22,11 @@ pub fn now_ms() -> i64 {
     i64::try_from(unix_ms(SystemTime::now())).unwrap_or(i64::MAX)
 }
 
+/// Now, in whole seconds since the Unix epoch.
+pub fn now_secs() -> i64 {
+    i64::try_from(unix_ms(SystemTime::now()) / 1000).unwrap_or(i64::MAX)
+}
+
 /// A protobuf timestamp.
 pub fn timestamp(t: SystemTime) -> prost_types::Timestamp {
     prost_types::Timestamp::from(t)
@@ -58,6 +63,7 @@ mod tests {
         assert_eq!(unix_ms(t), 1_700_000_000_123);
         assert_eq!(unix_ms(UNIX_EPOCH - Duration::from_secs(1)), 0);
         assert!(now_ms() > 1_700_000_000_000);
+        assert!((now_secs() - now_ms() / 1000).abs() <= 1);
     }
 
     #[test]

@@ -6,8 +6,9 @@
 //! |---|---|
 //! | [`config`] | the `[gateway]` section, the port range |
 //! | [`listener`] | per-VM in-process listeners and their `sftp-server` sessions |
-//! | [`table`] | the per-VM table: spec, serving listener, tombstones |
-//! | [`service`] | the handler, start-up reconciliation (re-opening listeners) |
+//! | [`table`] | the per-VM rows in the preparers' resource table: spec, listener, tombstones |
+//! | [`service`] | the handler |
+//! | [`reconcile`] | start-up reconciliation: re-opening the listeners of prepared VMs |
 //!
 //! [`Gateway`] is the service as the runtime runs it.
 //!
@@ -30,6 +31,7 @@ pub mod config;
 #[cfg(test)]
 mod error_rule;
 pub mod listener;
+pub mod reconcile;
 pub mod service;
 pub mod table;
 

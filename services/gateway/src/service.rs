@@ -1,6 +1,6 @@
 //! The handler (`vm.requested` → remember the spec; `network.ready` → listener +
 //! `storage.ready` / `storage.failed`; `vm.stopped`/`vm.failed` → close +
-//! `resource.released` kind STORAGE), start-up reconciliation and the service's `run`.
+//! `resource.released` kind STORAGE). Start-up reconciliation is in [`crate::reconcile`].
 
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
@@ -11,11 +11,12 @@ use tokio::net::TcpListener;
 use wnodes_bus::{
     EventExt, Handler, HandlerCtx, HandlerError, KeyStore, proto, proto::event::Body,
 };
+use wnodes_preparer::{Events, Incoming, State, TableError};
 
 use crate::{
     config::{GatewayConfig, GatewayConfigError, PortRange},
     listener::{Listeners, Programs, ServeSpec},
-    table::{self, Row},
+    table::{self, Row, Storage},
 };
 
 /// The gateway's handler.
@@ -28,7 +29,7 @@ pub struct GatewayHandler {
     pub source: String,
 }
 
-fn store_err(e: sqlx::Error) -> HandlerError {
+fn store_err(e: TableError) -> HandlerError {
     HandlerError::retry(e)
 }
 
@@ -59,25 +60,8 @@ impl GatewayHandler {
         })
     }
 
-    fn released(&self, ev: &proto::Event, vm_id: &str, detail: String) -> proto::Event {
-        ev.derive(
-            &self.source,
-            Body::ResourceReleased(proto::ResourceReleased {
-                vm_id: vm_id.to_owned(),
-                kind: proto::ResourceKind::Storage as i32,
-                detail,
-            }),
-        )
-    }
-
-    fn failed(&self, ev: &proto::Event, vm_id: &str, reason: String) -> proto::Event {
-        ev.derive(
-            &self.source,
-            Body::StorageFailed(proto::StorageFailed {
-                vm_id: vm_id.to_owned(),
-                reason,
-            }),
-        )
+    fn events(&self) -> Events<'_, proto::StorageReady> {
+        Events::new(&self.source)
     }
 
     /// Checks the spec against the network: what to serve, where, to whom.
@@ -192,12 +176,17 @@ impl GatewayHandler {
     ) -> Result<(), HandlerError> {
         let conn = ctx.tx().await?;
         match table::get(conn, &spec.vm_id).await.map_err(store_err)? {
-            Some(r) if r.state == table::RELEASED => {
+            Some(r) if r.is_released() => {
                 tracing::info!(vm_id = %spec.vm_id, "vm.requested after the release: releasing at once.");
-                ctx.publish(self.released(ev, &spec.vm_id, "already released".into()));
+                ctx.publish(
+                    self.events()
+                        .released(ev, &spec.vm_id, "already released".into()),
+                );
             }
             Some(_) => {}
-            None => table::remember(conn, spec).await.map_err(store_err)?,
+            None => table::remember(conn, &ev.run_key(), spec)
+                .await
+                .map_err(store_err)?,
         }
         Ok(())
     }
@@ -216,21 +205,21 @@ impl GatewayHandler {
                 "no vm.requested seen yet for {vm_id}: its spec (exports, owner) is unknown"
             )));
         };
-        match row.state.as_str() {
-            table::RELEASED => {
-                ctx.publish(self.released(ev, vm_id, "already released".into()));
+        match row.state {
+            State::Released => {
+                ctx.publish(self.events().released(ev, vm_id, "already released".into()));
                 return Ok(());
             }
-            table::SERVING => {
-                if let Some(ready) = row.ready.clone() {
+            State::Prepared => {
+                if let Some(ready) = row.detail.ready.clone() {
                     self.ensure_listener(&row).await;
-                    ctx.publish(ev.derive(&self.source, Body::StorageReady(ready)));
+                    ctx.publish(self.events().ready(ev, ready));
                     return Ok(());
                 }
             }
-            _ => {}
+            State::Pending => {}
         }
-        let Some(spec) = row.spec.as_ref() else {
+        let Some(spec) = row.detail.spec.as_ref() else {
             return Err(HandlerError::reject(format!(
                 "the stored spec of {vm_id} cannot be decoded"
             )));
@@ -239,7 +228,7 @@ impl GatewayHandler {
             Ok(p) => p,
             Err(reason) => {
                 tracing::warn!(vm_id, %reason, "Cannot serve the VM's storage.");
-                ctx.publish(self.failed(ev, vm_id, reason));
+                ctx.publish(self.events().failed(ev, vm_id, reason));
                 return Ok(());
             }
         };
@@ -269,7 +258,7 @@ impl GatewayHandler {
                             Ok(l) => l,
                             Err(reason) => {
                                 tracing::warn!(vm_id, %reason, "Cannot open the SFTP listener.");
-                                ctx.publish(self.failed(ev, vm_id, reason));
+                                ctx.publish(self.events().failed(ev, vm_id, reason));
                                 return Ok(());
                             }
                         };
@@ -292,18 +281,22 @@ impl GatewayHandler {
                 )
             }
         };
-        table::set_serving(ctx.tx().await?, vm_id, &ready, listener)
+        table::set_serving(ctx.tx().await?, &row, &ready, listener)
             .await
             .map_err(store_err)?;
         tracing::info!(vm_id, port = ready.port, remote_path = %ready.remote_path, allowed = %ready.allowed_client, "Storage ready.");
-        ctx.publish(ev.derive(&self.source, Body::StorageReady(ready)));
+        ctx.publish(self.events().ready(ev, ready));
         Ok(())
     }
 
-    /// Starts the listener of a serving row if it does not run (restart, redelivery).
-    async fn ensure_listener(&self, row: &Row) {
-        let (Some(bind), Some(port), Some(ready), Some(spec)) =
-            (&row.bind, row.port, &row.ready, &row.spec)
+    /// Starts the listener of a prepared row if it does not run (restart, redelivery).
+    pub(crate) async fn ensure_listener(&self, row: &Row) {
+        let Storage {
+            spec: Some(spec),
+            ready: Some(ready),
+            bind: Some(bind),
+            port: Some(port),
+        } = &row.detail
         else {
             return; // serving without exports: nothing listens
         };
@@ -325,7 +318,7 @@ impl GatewayHandler {
             uid: owner.uid,
             gid: owner.gid,
         };
-        let addr = SocketAddr::new(bind, port);
+        let addr = SocketAddr::new(bind, *port);
         match TcpListener::bind(addr).await {
             Ok(l) => {
                 if let Err(e) = self.listeners.start(l, serve) {
@@ -356,30 +349,15 @@ impl GatewayHandler {
         };
         if detail.is_empty() {
             detail = match row.map(|r| r.state) {
-                Some(s) if s == table::RELEASED => "already released".into(),
+                Some(State::Released) => "already released".into(),
                 Some(_) => "no listener was running".into(),
                 None => "nothing was prepared".into(),
             };
         }
-        table::release(ctx.tx().await?, vm_id)
-            .await
-            .map_err(store_err)?;
-        tracing::info!(vm_id, %detail, "Storage released.");
-        ctx.publish(self.released(ev, vm_id, detail));
+        self.events()
+            .release(ctx, &table::TABLE, ev, vm_id, &Storage::default(), detail)
+            .await?;
         Ok(())
-    }
-
-    /// Re-opens the listeners of every serving VM (they live in this process). Returns the VMs
-    /// whose listener runs afterwards.
-    pub async fn reconcile(&self, store: &KeyStore) -> Result<Vec<String>, sqlx::Error> {
-        let mut open = Vec::new();
-        for row in table::serving(store.pool()).await? {
-            self.ensure_listener(&row).await;
-            if self.listeners.addr_of(&row.vm_id).is_some() {
-                open.push(row.vm_id.clone());
-            }
-        }
-        Ok(open)
     }
 }
 
@@ -389,27 +367,20 @@ impl Handler for GatewayHandler {
     }
 
     async fn handle(&self, ctx: &mut HandlerCtx, event: proto::Event) -> Result<(), HandlerError> {
-        match &event.body {
-            Some(Body::VmRequested(r)) => {
-                let Some(spec) = r.spec.as_ref() else {
-                    return Err(HandlerError::reject("vm.requested without a spec"));
-                };
-                self.on_requested(ctx, &event, spec).await
+        match Incoming::of(&event)? {
+            Incoming::Requested(spec) => self.on_requested(ctx, &event, spec).await,
+            Incoming::Ended { vm_id } => self.on_stopped(ctx, &event, vm_id).await,
+            Incoming::Other(Some(Body::NetworkReady(n))) => {
+                self.on_network_ready(ctx, &event, n).await
             }
-            Some(Body::NetworkReady(n)) => self.on_network_ready(ctx, &event, n).await,
-            Some(Body::VmStopped(s)) => self.on_stopped(ctx, &event, &s.vm_id).await,
-            Some(Body::VmFailed(f)) => self.on_stopped(ctx, &event, &f.vm_id).await,
-            _ => Ok(()),
+            Incoming::Other(_) => Ok(()),
         }
     }
 }
 
-/// Creates the service's table.
-pub async fn init_store(store: &KeyStore) -> Result<(), sqlx::Error> {
-    sqlx::query(table::SCHEMA)
-        .execute(store.pool())
-        .await
-        .map(drop)
+/// Creates the service's table (migrating an earlier version's, once).
+pub async fn init_store(store: &KeyStore) -> Result<(), TableError> {
+    table::init(store.pool()).await
 }
 
 #[cfg(test)]

@@ -19,14 +19,15 @@ pub enum ModeSetting {
 }
 
 /// The mode actually used, after `auto` is resolved.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Mode {
     Tap,
     User,
 }
 
 impl Mode {
-    /// Name stored in the lease table.
+    /// Its name (also its JSON form in the lease table).
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Tap => "tap",

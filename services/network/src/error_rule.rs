@@ -10,7 +10,8 @@ use crate::{
     host::HostError,
     lease::Exhausted,
     netlink::NetlinkError,
-    service::{PrepareError, ReconcileError},
+    reconcile::ReconcileError,
+    service::PrepareError,
 };
 
 fn net(addr: [u8; 4], prefix: u8) -> Ipv4Net {
@@ -44,9 +45,11 @@ wnodes_testkit::error_rule! {
         NetworkConfigError::Netns(_) => NetworkConfigError::Netns(host_error()),
     }
     ReconcileError {
-        ReconcileError::Store(_) => ReconcileError::Store(sqlx::Error::Protocol(
-            wnodes_testkit::error_rule::SOURCE_TEXT.into(),
-        )),
+        ReconcileError::Table(_) => ReconcileError::Table(wnodes_preparer::TableError::Table {
+            op: "read the prepared rows",
+            kind: wnodes_preparer::Kind::Network,
+            source: sqlx::Error::Protocol(wnodes_testkit::error_rule::SOURCE_TEXT.into()),
+        }),
         ReconcileError::Host(_) => ReconcileError::Host(host_error()),
     }
     NetlinkError {

@@ -1,47 +1,47 @@
-//! The lease table (`network_leases`, in the service's key store): one row per VM, keyed by
-//! `vm_id`. A row is `prepared` while the VM holds its address, MAC and tap, and stays as a
-//! `released` tombstone afterwards (address and tap cleared, so both can be reused), so that a
-//! late `vm.requested` is answered with a release.
+//! The leases: the network service's rows in the preparers' resource table
+//! ([`wnodes_preparer::Table`], kind `network`, in the service's key store), one per VM. A row is
+//! `prepared` while the VM holds its address, MAC and tap, and stays as a `released` tombstone
+//! afterwards, so that a late `vm.requested` is answered with a release. Only prepared rows hold
+//! an address or a MAC: a released row's are free for the next VM.
 
 use std::{collections::HashSet, net::Ipv4Addr};
 
+use serde::{Deserialize, Serialize};
 use sqlx::{SqliteConnection, SqlitePool};
+use wnodes_preparer::{Kind, Row, State, Table, TableError};
 
-use crate::{config::Ipv4Net, mac::Mac};
+use crate::{
+    config::{Ipv4Net, Mode},
+    mac::Mac,
+};
 
-/// Creates the table.
-pub const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS network_leases (
-    vm_id      TEXT PRIMARY KEY,
-    state      TEXT NOT NULL,      -- 'prepared' | 'released'
-    mode       TEXT NOT NULL,      -- 'tap' | 'user'
-    address    TEXT,               -- leased IPv4 (tap mode, while prepared)
-    mac        TEXT,
-    tap        TEXT,
-    updated_at INTEGER NOT NULL    -- unix seconds
-)";
-
-/// Row state.
-pub const PREPARED: &str = "prepared";
-/// Row state.
-pub const RELEASED: &str = "released";
-
-/// One row.
-#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+/// What a lease holds (the row's JSON detail).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lease {
-    pub vm_id: String,
-    pub state: String,
-    pub mode: String,
+    pub mode: Mode,
+    /// The leased IPv4 address (tap mode).
     pub address: Option<String>,
     pub mac: Option<String>,
     pub tap: Option<String>,
 }
 
 impl Lease {
-    /// True while the VM holds its resources.
-    pub fn is_prepared(&self) -> bool {
-        self.state == PREPARED
+    /// A lease of `mode` that holds nothing (user mode; a tombstone).
+    pub fn empty(mode: Mode) -> Self {
+        Self {
+            mode,
+            address: None,
+            mac: None,
+            tap: None,
+        }
     }
 }
+
+/// One VM's row.
+pub type LeaseRow = Row<Lease>;
+
+/// The network rows.
+pub const TABLE: Table<Lease> = Table::new(Kind::Network);
 
 /// No free address.
 #[derive(Debug, thiserror::Error)]
@@ -51,31 +51,58 @@ pub struct Exhausted {
     pub in_use: usize,
 }
 
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or_default()
+/// Creates the table and migrates the rows of an earlier version's `network_leases` (at start).
+pub async fn init(pool: &SqlitePool) -> Result<(), TableError> {
+    type Old = (
+        String,
+        String,
+        String,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        i64,
+    );
+    TABLE.init(pool).await?;
+    TABLE
+        .migrate(
+            pool,
+            "network_leases",
+            "SELECT vm_id, state, mode, address, mac, tap, updated_at FROM network_leases",
+            |(vm_id, state, mode, address, mac, tap, at): Old| {
+                let state = match state.as_str() {
+                    "prepared" => State::Prepared,
+                    "released" => State::Released,
+                    _ => return None,
+                };
+                let mode = if mode == "user" {
+                    Mode::User
+                } else {
+                    Mode::Tap
+                };
+                Some(Row {
+                    kind: Kind::Network,
+                    vm_id,
+                    // The old table did not keep it.
+                    run_key: String::new(),
+                    state,
+                    detail: Lease {
+                        mode,
+                        address,
+                        mac,
+                        tap,
+                    },
+                    created_at: at,
+                    updated_at: at,
+                })
+            },
+        )
+        .await
+        .map(drop)
 }
 
 /// The row of `vm_id`.
-pub async fn get(conn: &mut SqliteConnection, vm_id: &str) -> Result<Option<Lease>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT vm_id, state, mode, address, mac, tap FROM network_leases WHERE vm_id = ?",
-    )
-    .bind(vm_id)
-    .fetch_optional(conn)
-    .await
-}
-
-/// Every prepared row.
-pub async fn prepared(pool: &SqlitePool) -> Result<Vec<Lease>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT vm_id, state, mode, address, mac, tap FROM network_leases WHERE state = ?",
-    )
-    .bind(PREPARED)
-    .fetch_all(pool)
-    .await
+pub async fn get(conn: &mut SqliteConnection, vm_id: &str) -> Result<Option<LeaseRow>, TableError> {
+    TABLE.get(conn, vm_id).await
 }
 
 /// Leases an address and a MAC for `vm_id` (tap mode) and records the row as prepared.
@@ -84,21 +111,23 @@ pub async fn prepared(pool: &SqlitePool) -> Result<Vec<Lease>, sqlx::Error> {
 pub async fn allocate_tap(
     conn: &mut SqliteConnection,
     vm_id: &str,
+    run_key: &str,
     tap: &str,
     pool: Ipv4Net,
     exclude: Ipv4Addr,
-) -> Result<Result<Lease, Exhausted>, sqlx::Error> {
-    let rows: Vec<(Option<String>, Option<String>)> =
-        sqlx::query_as("SELECT address, mac FROM network_leases WHERE state = ? AND vm_id != ?")
-            .bind(PREPARED)
-            .bind(vm_id)
-            .fetch_all(&mut *conn)
-            .await?;
-    let used: HashSet<Ipv4Addr> = rows
-        .iter()
-        .filter_map(|(a, _)| a.as_deref()?.parse().ok())
+) -> Result<Result<Lease, Exhausted>, TableError> {
+    let others: Vec<Lease> = TABLE
+        .prepared(&mut *conn)
+        .await?
+        .into_iter()
+        .filter(|r| r.vm_id != vm_id)
+        .map(|r| r.detail)
         .collect();
-    let macs: HashSet<String> = rows.iter().filter_map(|(_, m)| m.clone()).collect();
+    let used: HashSet<Ipv4Addr> = others
+        .iter()
+        .filter_map(|l| l.address.as_deref()?.parse().ok())
+        .collect();
+    let macs: HashSet<&str> = others.iter().filter_map(|l| l.mac.as_deref()).collect();
     let Some(address) = pool.hosts().find(|a| *a != exclude && !used.contains(a)) else {
         return Ok(Err(Exhausted {
             pool,
@@ -107,80 +136,156 @@ pub async fn allocate_tap(
     };
     let mac = (0u32..)
         .map(|i| Mac::for_vm(vm_id, i).to_string())
-        .find(|m| !macs.contains(m))
+        .find(|m| !macs.contains(m.as_str()))
         .unwrap_or_default();
     let lease = Lease {
-        vm_id: vm_id.to_owned(),
-        state: PREPARED.into(),
-        mode: "tap".into(),
+        mode: Mode::Tap,
         address: Some(address.to_string()),
         mac: Some(mac),
         tap: Some(tap.to_owned()),
     };
-    upsert(conn, &lease).await?;
+    TABLE.prepare(conn, vm_id, run_key, &lease).await?;
     Ok(Ok(lease))
 }
 
 /// Records a user-mode VM as prepared (nothing is held on the host).
-pub async fn record_user(conn: &mut SqliteConnection, vm_id: &str) -> Result<Lease, sqlx::Error> {
-    let lease = Lease {
-        vm_id: vm_id.to_owned(),
-        state: PREPARED.into(),
-        mode: "user".into(),
-        address: None,
-        mac: None,
-        tap: None,
-    };
-    upsert(conn, &lease).await?;
+pub async fn record_user(
+    conn: &mut SqliteConnection,
+    vm_id: &str,
+    run_key: &str,
+) -> Result<Lease, TableError> {
+    let lease = Lease::empty(Mode::User);
+    TABLE.prepare(conn, vm_id, run_key, &lease).await?;
     Ok(lease)
 }
 
-async fn upsert(conn: &mut SqliteConnection, l: &Lease) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO network_leases (vm_id, state, mode, address, mac, tap, updated_at)
-         VALUES (?, ?, ?, ?, ?, ?, ?)
-         ON CONFLICT (vm_id) DO UPDATE SET state = excluded.state, mode = excluded.mode,
-           address = excluded.address, mac = excluded.mac, tap = excluded.tap,
-           updated_at = excluded.updated_at",
-    )
-    .bind(&l.vm_id)
-    .bind(&l.state)
-    .bind(&l.mode)
-    .bind(&l.address)
-    .bind(&l.mac)
-    .bind(&l.tap)
-    .bind(now())
-    .execute(conn)
-    .await
-    .map(drop)
-}
-
-/// Marks `vm_id` released (inserting a tombstone when there was no row) and frees its address.
-pub async fn release(
-    conn: &mut SqliteConnection,
-    vm_id: &str,
-    mode: &str,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO network_leases (vm_id, state, mode, address, mac, tap, updated_at)
-         VALUES (?, ?, ?, NULL, NULL, NULL, ?)
-         ON CONFLICT (vm_id) DO UPDATE SET state = excluded.state, address = NULL, tap = NULL,
-           updated_at = excluded.updated_at",
-    )
-    .bind(vm_id)
-    .bind(RELEASED)
-    .bind(mode)
-    .bind(now())
-    .execute(conn)
-    .await
-    .map(drop)
-}
-
 /// Forgets the row of `vm_id` (a preparation that failed and was undone).
-pub async fn forget(conn: &mut SqliteConnection, vm_id: &str) -> Result<(), sqlx::Error> {
-    sqlx::query("DELETE FROM network_leases WHERE vm_id = ?")
-        .bind(vm_id)
-        .execute(conn)
+pub async fn forget(conn: &mut SqliteConnection, vm_id: &str) -> Result<bool, TableError> {
+    TABLE.forget(conn, vm_id).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wnodes_preparer::Released;
+
+    fn net() -> Ipv4Net {
+        "10.231.1.0/29".parse().unwrap()
+    }
+
+    /// A store written by the previous version (its own table) is read after the upgrade, and a
+    /// migrated lease still holds its address.
+    #[tokio::test]
+    async fn rows_of_the_old_table_are_migrated_once_and_keep_their_addresses() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = wnodes_bus::KeyStore::open(&dir.path().join("n.db"))
+            .await
+            .unwrap();
+        let pool = store.pool();
+        // The previous version's schema, verbatim.
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS network_leases (
+                vm_id      TEXT PRIMARY KEY,
+                state      TEXT NOT NULL,
+                mode       TEXT NOT NULL,
+                address    TEXT,
+                mac        TEXT,
+                tap        TEXT,
+                updated_at INTEGER NOT NULL
+            )",
+        )
+        .execute(pool)
         .await
-        .map(drop)
+        .unwrap();
+        sqlx::query(
+            "INSERT INTO network_leases VALUES
+                ('vm-000000000001', 'prepared', 'tap', '10.231.1.2', '52:54:00:00:00:01', 'wn-000000000001', 5),
+                ('vm-000000000002', 'released', 'tap', NULL, '52:54:00:00:00:02', NULL, 6),
+                ('vm-000000000003', 'prepared', 'user', NULL, NULL, NULL, 7)",
+        )
+        .execute(pool)
+        .await
+        .unwrap();
+        init(pool).await.unwrap();
+        let mut conn = pool.acquire().await.unwrap();
+        let one = get(&mut conn, "vm-000000000001").await.unwrap().unwrap();
+        assert!(one.is_prepared());
+        assert_eq!(
+            one.detail,
+            Lease {
+                mode: Mode::Tap,
+                address: Some("10.231.1.2".into()),
+                mac: Some("52:54:00:00:00:01".into()),
+                tap: Some("wn-000000000001".into()),
+            }
+        );
+        assert!(
+            get(&mut conn, "vm-000000000002")
+                .await
+                .unwrap()
+                .unwrap()
+                .is_released()
+        );
+        let user = get(&mut conn, "vm-000000000003").await.unwrap().unwrap();
+        assert_eq!(user.detail, Lease::empty(Mode::User));
+        // The next VM does not get the migrated lease's address (.1 is the bridge's).
+        let next = allocate_tap(
+            &mut conn,
+            "vm-000000000004",
+            "k",
+            "wn-000000000004",
+            net(),
+            "10.231.1.1".parse().unwrap(),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!(next.address.as_deref(), Some("10.231.1.3"));
+        drop(conn);
+        init(pool).await.unwrap();
+        let mut conn = pool.acquire().await.unwrap();
+        assert_eq!(
+            get(&mut conn, "vm-000000000001").await.unwrap().unwrap(),
+            one
+        );
+    }
+
+    #[tokio::test]
+    async fn released_addresses_are_reused_and_the_pool_runs_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = wnodes_bus::KeyStore::open(&dir.path().join("n.db"))
+            .await
+            .unwrap();
+        init(store.pool()).await.unwrap();
+        let mut conn = store.pool().acquire().await.unwrap();
+        let bridge: Ipv4Addr = "10.231.1.1".parse().unwrap();
+        let mut got = Vec::new();
+        // A /29 has six host addresses, one of them the bridge's.
+        for i in 0..5 {
+            let vm = format!("vm-00000000000{i}");
+            let l = allocate_tap(&mut conn, &vm, "k", "wn-x", net(), bridge)
+                .await
+                .unwrap()
+                .unwrap();
+            got.push(l.address.unwrap());
+        }
+        assert_eq!(got.len(), 5);
+        let full = allocate_tap(&mut conn, "vm-00000000000a", "k", "wn-x", net(), bridge)
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(full.in_use, 5);
+        assert!(matches!(
+            TABLE
+                .release(&mut conn, "vm-000000000000", "k", &Lease::empty(Mode::Tap))
+                .await
+                .unwrap(),
+            Released::Now(_)
+        ));
+        let again = allocate_tap(&mut conn, "vm-00000000000a", "k", "wn-x", net(), bridge)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(again.address.as_deref(), Some(got[0].as_str()));
+    }
 }

@@ -12,8 +12,9 @@
 //! | [`netlink`] | links, addresses and bridge ports over rtnetlink, in the host's or a named namespace |
 //! | [`nft`] | the anti-spoofing table and its per-VM chains, as nft scripts |
 //! | [`mac`] | guest MAC derivation |
-//! | [`lease`] | the lease table: one row per VM, tombstones after release |
-//! | [`service`] | the handler and start-up reconciliation |
+//! | [`lease`] | the leases: one row per VM in the preparers' resource table, tombstones after release |
+//! | [`service`] | the handler |
+//! | [`reconcile`] | start-up reconciliation: taps and filters no prepared lease holds are removed |
 //!
 //! [`Network`] is the service as the runtime runs it.
 //!
@@ -37,6 +38,7 @@ pub mod lease;
 pub mod mac;
 pub mod netlink;
 pub mod nft;
+pub mod reconcile;
 pub mod service;
 
 pub use config::{NetworkConfig, NetworkConfigError};

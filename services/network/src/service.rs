@@ -1,16 +1,15 @@
 //! The handler (`vm.requested` → `network.ready` / `network.failed`; `vm.stopped`/`vm.failed` →
-//! `resource.released` kind NETWORK), start-up reconciliation and the service's `run`.
+//! `resource.released` kind NETWORK). Start-up reconciliation is in [`crate::reconcile`].
 
 use std::net::Ipv4Addr;
 
-use wnodes_bus::{
-    ErrorChain, EventExt, Handler, HandlerCtx, HandlerError, KeyStore, proto, proto::event::Body,
-};
+use wnodes_bus::{ErrorChain, EventExt, Handler, HandlerCtx, HandlerError, KeyStore, proto};
+use wnodes_preparer::{Events, Incoming, TableError};
 
 use crate::{
     config::{Ipv4Net, Mode, NetworkConfig, NetworkConfigError},
     host::{Host, HostError, valid_tap_name},
-    lease::{self, Lease},
+    lease::{self, Lease, LeaseRow},
     mac::Mac,
     nft,
 };
@@ -38,15 +37,6 @@ pub struct NetworkHandler {
     pub pool: Option<Ipv4Net>,
     /// `"network@<host>"`.
     pub source: String,
-}
-
-/// Why start-up reconciliation failed.
-#[derive(Debug, thiserror::Error)]
-pub enum ReconcileError {
-    #[error("reading the lease table")]
-    Store(#[from] sqlx::Error),
-    #[error("inspecting or cleaning host network state")]
-    Host(#[from] HostError),
 }
 
 /// Why a VM's network could not be prepared (published as `network.failed`).
@@ -78,7 +68,7 @@ pub(crate) enum PrepareError {
     },
 }
 
-fn store_err(e: sqlx::Error) -> HandlerError {
+fn store_err(e: TableError) -> HandlerError {
     HandlerError::retry(e)
 }
 
@@ -97,25 +87,8 @@ impl NetworkHandler {
         })
     }
 
-    fn released(&self, ev: &proto::Event, vm_id: &str, detail: String) -> proto::Event {
-        ev.derive(
-            &self.source,
-            Body::ResourceReleased(proto::ResourceReleased {
-                vm_id: vm_id.to_owned(),
-                kind: proto::ResourceKind::Network as i32,
-                detail,
-            }),
-        )
-    }
-
-    fn failed(&self, ev: &proto::Event, vm_id: &str, reason: String) -> proto::Event {
-        ev.derive(
-            &self.source,
-            Body::NetworkFailed(proto::NetworkFailed {
-                vm_id: vm_id.to_owned(),
-                reason,
-            }),
-        )
+    fn events(&self) -> Events<'_, proto::NetworkReady> {
+        Events::new(&self.source)
     }
 
     /// The bridge's address, checked against the pool (slow host work: done before the
@@ -157,6 +130,7 @@ impl NetworkHandler {
         spec: &proto::VmSpec,
     ) -> Result<(), HandlerError> {
         let vm_id = spec.vm_id.as_str();
+        let run_key = ev.run_key();
         // The spec may ask for user-mode networking; SR-IOV is not available on this host.
         let requested = proto::NetworkMode::try_from(spec.network_mode)
             .unwrap_or(proto::NetworkMode::Unspecified);
@@ -173,38 +147,41 @@ impl NetworkHandler {
                 if lease::get(conn, vm_id)
                     .await
                     .map_err(store_err)?
-                    .is_some_and(|l| !l.is_prepared())
+                    .is_some_and(|l| l.is_released())
                 {
-                    ctx.publish(self.released(ev, vm_id, "already released".into()));
+                    ctx.publish(self.events().released(ev, vm_id, "already released".into()));
                 } else {
                     let reason = ErrorChain(&e).to_string();
                     tracing::warn!(vm_id, error = %reason, "Cannot prepare the network.");
-                    ctx.publish(self.failed(ev, vm_id, reason));
+                    ctx.publish(self.events().failed(ev, vm_id, reason));
                 }
                 return Ok(());
             }
         };
         let conn = ctx.tx().await?;
         let existing = lease::get(conn, vm_id).await.map_err(store_err)?;
-        if existing.as_ref().is_some_and(|l| !l.is_prepared()) {
+        if existing.as_ref().is_some_and(|l| l.is_released()) {
             tracing::info!(vm_id, "vm.requested after the release: releasing at once.");
-            ctx.publish(self.released(ev, vm_id, "already released".into()));
+            ctx.publish(self.events().released(ev, vm_id, "already released".into()));
             return Ok(());
         }
         let ready = match bridge {
             Some((pool, bridge)) => {
-                match self.prepare_tap(ctx, vm_id, existing, pool, bridge).await? {
+                match self
+                    .prepare_tap(ctx, vm_id, &run_key, existing, pool, bridge)
+                    .await?
+                {
                     Ok(r) => r,
                     Err(e) => {
                         let reason = ErrorChain(&e).to_string();
                         tracing::warn!(vm_id, error = %reason, "Cannot prepare the network.");
-                        ctx.publish(self.failed(ev, vm_id, reason));
+                        ctx.publish(self.events().failed(ev, vm_id, reason));
                         return Ok(());
                     }
                 }
             }
             None => {
-                lease::record_user(ctx.tx().await?, vm_id)
+                lease::record_user(ctx.tx().await?, vm_id, &run_key)
                     .await
                     .map_err(store_err)?;
                 proto::NetworkReady {
@@ -221,7 +198,7 @@ impl NetworkHandler {
             }
         };
         tracing::info!(vm_id, tap = %ready.tap, mac = %ready.mac, address = %ready.address, "Network ready.");
-        ctx.publish(ev.derive(&self.source, Body::NetworkReady(ready)));
+        ctx.publish(self.events().ready(ev, ready));
         Ok(())
     }
 
@@ -229,7 +206,8 @@ impl NetworkHandler {
         &self,
         ctx: &mut HandlerCtx,
         vm_id: &str,
-        existing: Option<Lease>,
+        run_key: &str,
+        existing: Option<LeaseRow>,
         pool: Ipv4Net,
         bridge: Ipv4Net,
     ) -> Result<Result<proto::NetworkReady, PrepareError>, HandlerError> {
@@ -237,9 +215,15 @@ impl NetworkHandler {
             return Ok(Err(PrepareError::BadVmId(vm_id.to_owned())));
         };
         let conn = ctx.tx().await?;
-        let lease = match existing {
-            Some(l) if l.mode == "tap" && l.address.is_some() && l.mac.is_some() => l,
-            _ => match lease::allocate_tap(conn, vm_id, &tap, pool, bridge.addr)
+        let lease: Lease = match existing {
+            Some(l)
+                if l.detail.mode == Mode::Tap
+                    && l.detail.address.is_some()
+                    && l.detail.mac.is_some() =>
+            {
+                l.detail
+            }
+            _ => match lease::allocate_tap(conn, vm_id, run_key, &tap, pool, bridge.addr)
                 .await
                 .map_err(store_err)?
             {
@@ -293,11 +277,11 @@ impl NetworkHandler {
         let detail = match &existing {
             Some(l) if l.is_prepared() => {
                 let mut parts = Vec::new();
-                if let Some(tap) = l.tap.as_deref().filter(|t| valid_tap_name(t)) {
+                if let Some(tap) = l.detail.tap.as_deref().filter(|t| valid_tap_name(t)) {
                     self.remove_tap(tap).await.map_err(HandlerError::retry)?;
                     parts.push(format!("tap {tap}, nft chain {tap}"));
                 }
-                if let Some(a) = &l.address {
+                if let Some(a) = &l.detail.address {
                     parts.push(format!("lease {a}"));
                 }
                 if parts.is_empty() {
@@ -309,54 +293,11 @@ impl NetworkHandler {
             Some(_) => "already released".to_owned(),
             None => "nothing was prepared".to_owned(),
         };
-        let mode = existing
-            .map(|l| l.mode)
-            .unwrap_or_else(|| self.mode.as_str().to_owned());
-        lease::release(ctx.tx().await?, vm_id, &mode)
-            .await
-            .map_err(store_err)?;
-        tracing::info!(vm_id, %detail, "Network released.");
-        ctx.publish(self.released(ev, vm_id, detail));
+        let tombstone = Lease::empty(existing.map_or(self.mode, |l| l.detail.mode));
+        self.events()
+            .release(ctx, &lease::TABLE, ev, vm_id, &tombstone, detail)
+            .await?;
         Ok(())
-    }
-
-    /// Removes taps and nft chains that no prepared lease accounts for; (re)installs the base
-    /// table. Returns what was removed.
-    pub async fn reconcile(&self, store: &KeyStore) -> Result<Vec<String>, ReconcileError> {
-        let mut removed = Vec::new();
-        if self.mode != Mode::Tap {
-            return Ok(removed);
-        }
-        let keep: Vec<String> = lease::prepared(store.pool())
-            .await?
-            .into_iter()
-            .filter_map(|l| l.tap)
-            .collect();
-        self.host.nft_apply(&nft::base_script()).await?;
-        for tap in self.host.list_taps().await? {
-            if !keep.contains(&tap) {
-                self.host.delete_link(&tap).await?;
-                removed.push(format!("tap {tap}"));
-            }
-        }
-        if let Some(table) = self.host.nft_table().await? {
-            let (chains, elements) = nft::vm_chains_and_elements(&table);
-            let mut stale: Vec<String> = chains.into_iter().chain(elements).collect();
-            stale.sort();
-            stale.dedup();
-            for name in stale {
-                if keep.contains(&name) {
-                    continue;
-                }
-                if !valid_tap_name(&name) {
-                    tracing::warn!(chain = %name, "Unexpected name in table bridge wnodes; left alone.");
-                    continue;
-                }
-                self.host.nft_apply(&nft::remove_script(&name)).await?;
-                removed.push(format!("nft chain {name}"));
-            }
-        }
-        Ok(removed)
     }
 }
 
@@ -366,32 +307,17 @@ impl Handler for NetworkHandler {
     }
 
     async fn handle(&self, ctx: &mut HandlerCtx, event: proto::Event) -> Result<(), HandlerError> {
-        match &event.body {
-            Some(Body::VmRequested(r)) => {
-                let Some(spec) = r.spec.as_ref() else {
-                    return Err(HandlerError::reject("vm.requested without a spec"));
-                };
-                self.on_requested(ctx, &event, spec).await
-            }
-            Some(Body::VmStopped(s)) => {
-                let vm_id = s.vm_id.clone();
-                self.on_stopped(ctx, &event, &vm_id).await
-            }
-            Some(Body::VmFailed(f)) => {
-                let vm_id = f.vm_id.clone();
-                self.on_stopped(ctx, &event, &vm_id).await
-            }
-            _ => Ok(()),
+        match Incoming::of(&event)? {
+            Incoming::Requested(spec) => self.on_requested(ctx, &event, spec).await,
+            Incoming::Ended { vm_id } => self.on_stopped(ctx, &event, vm_id).await,
+            Incoming::Other(_) => Ok(()),
         }
     }
 }
 
-/// Creates the service's table.
-pub async fn init_store(store: &KeyStore) -> Result<(), sqlx::Error> {
-    sqlx::query(lease::SCHEMA)
-        .execute(store.pool())
-        .await
-        .map(drop)
+/// Creates the lease table (migrating an earlier version's, once).
+pub async fn init_store(store: &KeyStore) -> Result<(), TableError> {
+    lease::init(store.pool()).await
 }
 
 #[cfg(test)]

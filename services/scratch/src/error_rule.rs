@@ -3,7 +3,7 @@
 
 use wnodes_testkit::error_rule::{SOURCE_TEXT, io_source};
 
-use crate::{ConfigError, ReconcileError, StateError, VolumeError};
+use crate::{ConfigError, ReconcileError, VolumeError};
 
 fn config_error() -> ConfigError {
     ConfigError {
@@ -20,9 +20,10 @@ fn volume_error() -> VolumeError {
     }
 }
 
-fn state_error() -> StateError {
-    StateError {
-        op: "insert",
+fn table_error() -> wnodes_preparer::TableError {
+    wnodes_preparer::TableError::Row {
+        op: "mark prepared",
+        kind: wnodes_preparer::Kind::Scratch,
         vm_id: "vm-0123456789ab".into(),
         source: sqlx::Error::Protocol(SOURCE_TEXT.into()),
     }
@@ -45,11 +46,10 @@ wnodes_testkit::error_rule! {
             stderr: "mkfs.ext4: Device size reported to be zero.".into(),
         },
     }
-    StateError {
-        StateError { .. } => state_error(),
-    }
+    // The table's own errors are sampled in wnodes-preparer; here the instance this crate
+    // returns.
     ReconcileError {
-        ReconcileError::Volume(_) => ReconcileError::Volume(volume_error()),
-        ReconcileError::State(_) => ReconcileError::State(state_error()),
+        ReconcileError::Table(_) => ReconcileError::Table(table_error()),
+        ReconcileError::Host(_) => ReconcileError::Host(volume_error()),
     }
 }

@@ -16,13 +16,11 @@ use parking_lot::Mutex;
 use std::{collections::HashMap, path::PathBuf, sync::Arc};
 
 use tokio::sync::OwnedMutexGuard;
-use wnodes_bus::{
-    ErrorChain, EventExt, Handler, HandlerCtx, HandlerError,
-    proto::{self, event::Body},
-};
+use wnodes_bus::{ErrorChain, EventExt, Handler, HandlerCtx, HandlerError, proto};
+use wnodes_preparer::{Events, Incoming, TableError};
 
 use crate::{
-    state::{self, VolumeState},
+    state,
     volume::{FileBackend, VolumeError, derive_vm_id, is_valid_vm_id},
 };
 
@@ -79,7 +77,7 @@ impl Drop for VmGuard<'_> {
     }
 }
 
-fn store_err(e: state::StateError) -> HandlerError {
+fn store_err(e: TableError) -> HandlerError {
     HandlerError::retry(e)
 }
 
@@ -96,15 +94,13 @@ impl ScratchHandler {
         }
     }
 
+    fn events(&self) -> Events<'_, proto::ScratchReady> {
+        Events::new(&self.source)
+    }
+
     fn failed(&self, ctx: &mut HandlerCtx, incoming: &proto::Event, vm_id: &str, reason: String) {
         tracing::warn!(vm_id, %reason, "Scratch failed.");
-        ctx.publish(incoming.derive(
-            &self.source,
-            Body::ScratchFailed(proto::ScratchFailed {
-                vm_id: vm_id.to_owned(),
-                reason,
-            }),
-        ));
+        ctx.publish(self.events().failed(incoming, vm_id, reason));
     }
 
     fn ready(
@@ -115,27 +111,15 @@ impl ScratchHandler {
         path: &str,
         size_bytes: u64,
     ) {
-        ctx.publish(incoming.derive(
-            &self.source,
-            Body::ScratchReady(proto::ScratchReady {
+        ctx.publish(self.events().ready(
+            incoming,
+            proto::ScratchReady {
                 vm_id: vm_id.to_owned(),
                 path: path.to_owned(),
                 size_bytes,
                 backend: "file".into(),
                 format: "raw".into(),
-            }),
-        ));
-    }
-
-    fn released(&self, ctx: &mut HandlerCtx, incoming: &proto::Event, vm_id: &str, detail: String) {
-        tracing::info!(vm_id, %detail, "Scratch released.");
-        ctx.publish(incoming.derive(
-            &self.source,
-            Body::ResourceReleased(proto::ResourceReleased {
-                vm_id: vm_id.to_owned(),
-                kind: proto::ResourceKind::Scratch as i32,
-                detail,
-            }),
+            },
         ));
     }
 
@@ -150,14 +134,11 @@ impl ScratchHandler {
             .remove(vm_id)
             .await
             .map_err(HandlerError::retry)?;
-        self.released(
-            ctx,
-            incoming,
-            vm_id,
-            format!(
-                "scratch of {vm_id} was already released; the late vm.requested created nothing"
-            ),
+        let detail = format!(
+            "scratch of {vm_id} was already released; the late vm.requested created nothing"
         );
+        tracing::info!(vm_id, %detail, "Scratch released.");
+        ctx.publish(self.events().released(incoming, vm_id, detail));
         Ok(())
     }
 
@@ -165,12 +146,8 @@ impl ScratchHandler {
         &self,
         ctx: &mut HandlerCtx,
         incoming: &proto::Event,
-        req: &proto::VmRequested,
+        spec: &proto::VmSpec,
     ) -> Result<(), HandlerError> {
-        let spec = req
-            .spec
-            .as_ref()
-            .ok_or_else(|| HandlerError::reject("vm.requested without a VmSpec"))?;
         let run_key = incoming.run_key();
         let vm_id = if spec.vm_id.is_empty() {
             derive_vm_id(&run_key)
@@ -197,7 +174,7 @@ impl ScratchHandler {
             n => n,
         };
         match &row {
-            Some(r) if r.state == VolumeState::Released => {
+            Some(r) if r.is_released() => {
                 return self.tombstone(ctx, incoming, &vm_id).await;
             }
             Some(r) => {
@@ -207,12 +184,12 @@ impl ScratchHandler {
                     .await
                     .map_err(HandlerError::retry)?;
                 match on_disk {
-                    Some(n) if n == size && r.size_bytes == size => {
+                    Some(n) if n == size && r.detail.size_bytes == size => {
                         tracing::info!(
                             vm_id,
                             "Scratch volume already prepared; publishing ready again."
                         );
-                        self.ready(ctx, incoming, &vm_id, &r.path, size);
+                        self.ready(ctx, incoming, &vm_id, &r.detail.path, size);
                         return Ok(());
                     }
                     // A prepared volume may be in use: never replace it behind the VM's back.
@@ -253,8 +230,8 @@ impl ScratchHandler {
         let path_str = path.display().to_string();
         let conn = ctx.tx().await?;
         // A release may have committed while the volume was being made: it wins.
-        let now = state::get_in(&mut *conn, &vm_id).await.map_err(store_err)?;
-        if now.is_some_and(|r| r.state == VolumeState::Released) {
+        let now = state::get(&mut *conn, &vm_id).await.map_err(store_err)?;
+        if now.is_some_and(|r| r.is_released()) {
             return self.tombstone(ctx, incoming, &vm_id).await;
         }
         state::mark_prepared(&mut *conn, &vm_id, &run_key, &path_str, size)
@@ -305,16 +282,15 @@ impl ScratchHandler {
             .remove(&vm_id)
             .await
             .map_err(HandlerError::retry)?;
-        let conn = ctx.tx().await?;
-        state::mark_released(conn, &vm_id, &run_key, &path.display().to_string())
-            .await
-            .map_err(store_err)?;
         let detail = if existed {
             format!("removed scratch volume {}", path.display())
         } else {
             format!("no scratch volume for {vm_id}; nothing to remove")
         };
-        self.released(ctx, incoming, &vm_id, detail);
+        let tombstone = state::tombstone(&path.display().to_string());
+        self.events()
+            .release(ctx, &state::TABLE, incoming, &vm_id, &tombstone, detail)
+            .await?;
         Ok(())
     }
 }
@@ -328,12 +304,11 @@ impl Handler for ScratchHandler {
         if event.run.is_none() {
             return Err(HandlerError::reject("event without a run"));
         }
-        match &event.body {
-            Some(Body::VmRequested(req)) => self.on_requested(ctx, &event, req).await,
-            Some(Body::VmStopped(s)) => self.on_vm_ended(ctx, &event, &s.vm_id).await,
-            Some(Body::VmFailed(f)) => self.on_vm_ended(ctx, &event, &f.vm_id).await,
-            other => {
-                tracing::debug!(event_type = ?other.as_ref().map(wnodes_bus::EventType::of), "Not for the scratch service; ignored.");
+        match Incoming::of(&event)? {
+            Incoming::Requested(spec) => self.on_requested(ctx, &event, spec).await,
+            Incoming::Ended { vm_id } => self.on_vm_ended(ctx, &event, vm_id).await,
+            Incoming::Other(other) => {
+                tracing::debug!(event_type = ?other.map(wnodes_bus::EventType::of), "Not for the scratch service; ignored.");
                 Ok(())
             }
         }

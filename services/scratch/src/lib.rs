@@ -5,11 +5,12 @@
 //! |---|---|
 //! | [`config`] | the `[scratch]` section: backend, directory, size limits, mkfs |
 //! | [`volume`] | [`FileBackend`]: sparse `<dir>/<vm_id>.img` files, ext4 via mkfs, no mount |
-//! | [`state`] | the per-VM rows (`prepared` / `released`) in the service's store |
+//! | [`state`] | the per-VM rows (`prepared` / `released`) in the preparers' resource table |
 //! | [`handler`] | [`ScratchHandler`]: `vm.requested` → ready/failed, `vm.stopped`/`vm.failed` → release |
 //!
 //! [`Scratch`] is the service as the runtime runs it: its build reconciles the directory with the
-//! rows ([`reconcile`]) before the durable consumer `scratch-<host>` starts.
+//! rows ([`reconcile`], through [`wnodes_preparer::reconcile()`]) before the durable consumer
+//! `scratch-<host>` starts.
 
 pub mod config;
 #[cfg(test)]
@@ -22,20 +23,40 @@ use std::path::PathBuf;
 
 use sqlx::SqlitePool;
 use wnodes_bus::EventType;
+use wnodes_preparer::{HostResources, Row};
 use wnodes_runtime::{NoCommand, Parts, Scope, Service, ServiceCtx, StartError};
 
 pub use config::{Backend, ConfigError, ScratchConfig};
 pub use handler::{Limits, ScratchHandler};
-pub use state::{StateError, VolumeRow, VolumeState};
+pub use state::{Volume, VolumeRow, VolumeState};
 pub use volume::{FileBackend, VolumeError};
+pub use wnodes_preparer::TableError;
 
 /// Why reconciling failed.
-#[derive(Debug, thiserror::Error)]
-pub enum ReconcileError {
-    #[error("reconcile: volume directory")]
-    Volume(#[from] VolumeError),
-    #[error("reconcile: state store")]
-    State(#[from] StateError),
+pub type ReconcileError = wnodes_preparer::ReconcileError<VolumeError>;
+
+/// The volume files, for [`wnodes_preparer::reconcile()`]: a prepared row holds
+/// `<dir>/<vm_id>.img`.
+impl HostResources<Volume> for FileBackend {
+    type Error = VolumeError;
+    type Item = String;
+
+    async fn present(&self) -> Result<Vec<(String, String)>, VolumeError> {
+        Ok(self
+            .list()
+            .await?
+            .into_iter()
+            .map(|id| (id.clone(), id))
+            .collect())
+    }
+
+    fn held(&self, row: &Row<Volume>) -> Vec<String> {
+        vec![row.vm_id.clone()]
+    }
+
+    async fn remove(&self, vm_id: &String) -> Result<(), VolumeError> {
+        FileBackend::remove(self, vm_id).await.map(drop)
+    }
 }
 
 /// Removes partial volumes and every `vm-*.img` whose row is `released` or missing (each is
@@ -44,20 +65,12 @@ pub async fn reconcile(
     backend: &FileBackend,
     pool: &SqlitePool,
 ) -> Result<Vec<PathBuf>, ReconcileError> {
-    backend.remove_partials().await?;
-    let mut removed = Vec::new();
-    for vm_id in backend.list().await? {
-        let why = match state::get(pool, &vm_id).await? {
-            Some(r) if r.state == VolumeState::Prepared => continue,
-            Some(_) => "its row says released",
-            None => "no row knows it",
-        };
-        backend.remove(&vm_id).await?;
-        let path = backend.path_of(&vm_id);
-        tracing::info!(vm_id, path = %path.display(), why, "Reconcile: removed a leaked scratch volume.");
-        removed.push(path);
-    }
-    Ok(removed)
+    backend
+        .remove_partials()
+        .await
+        .map_err(ReconcileError::Host)?;
+    let done = wnodes_preparer::reconcile(&state::TABLE, pool, backend).await?;
+    Ok(done.removed.iter().map(|id| backend.path_of(id)).collect())
 }
 
 /// The scratch service.

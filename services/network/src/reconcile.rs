@@ -1,0 +1,95 @@
+//! Start-up reconciliation: the taps and their nft chains are the [`HostResources`] of the
+//! lease table; [`NetworkHandler::reconcile`] removes what no prepared lease holds.
+
+use std::fmt;
+
+use wnodes_bus::KeyStore;
+use wnodes_preparer::{HostResources, Row};
+
+use crate::{
+    config::Mode,
+    host::{HostError, valid_tap_name},
+    lease::{self, Lease},
+    nft,
+    service::NetworkHandler,
+};
+
+/// Why start-up reconciliation failed.
+pub type ReconcileError = wnodes_preparer::ReconcileError<HostError>;
+
+/// What the network service leaves on the host for a VM, as reconcile finds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostItem {
+    /// A tap `wn-<12hex>`.
+    Tap(String),
+    /// The nft chain (or `taps` map element) of a tap.
+    Chain(String),
+}
+
+impl fmt::Display for HostItem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Tap(t) => write!(f, "tap {t}"),
+            Self::Chain(c) => write!(f, "nft chain {c}"),
+        }
+    }
+}
+
+impl NetworkHandler {
+    /// Removes taps and nft chains that no prepared lease accounts for; (re)installs the base
+    /// table. Returns what was removed (`tap wn-…`, `nft chain wn-…`).
+    pub async fn reconcile(&self, store: &KeyStore) -> Result<Vec<String>, ReconcileError> {
+        if self.mode != Mode::Tap {
+            return Ok(Vec::new());
+        }
+        self.host
+            .nft_apply(&nft::base_script())
+            .await
+            .map_err(ReconcileError::Host)?;
+        let done = wnodes_preparer::reconcile(&lease::TABLE, store.pool(), self).await?;
+        Ok(done.removed.iter().map(ToString::to_string).collect())
+    }
+}
+
+/// Taps and their filters, for [`wnodes_preparer::reconcile()`]: a prepared lease holds its tap
+/// and the tap's chain (both named `wn-<12hex>`).
+impl HostResources<Lease> for NetworkHandler {
+    type Error = HostError;
+    type Item = HostItem;
+
+    /// Taps first, then the chains and map elements of the `bridge wnodes` table.
+    async fn present(&self) -> Result<Vec<(String, HostItem)>, HostError> {
+        let mut found: Vec<(String, HostItem)> = self
+            .host
+            .list_taps()
+            .await?
+            .into_iter()
+            .map(|t| (t.clone(), HostItem::Tap(t)))
+            .collect();
+        if let Some(table) = self.host.nft_table().await? {
+            let (chains, elements) = nft::vm_chains_and_elements(&table);
+            let mut names: Vec<String> = chains.into_iter().chain(elements).collect();
+            names.sort();
+            names.dedup();
+            for name in names {
+                if !valid_tap_name(&name) {
+                    tracing::warn!(chain = %name, "Unexpected name in table bridge wnodes; left alone.");
+                    continue;
+                }
+                found.push((name.clone(), HostItem::Chain(name)));
+            }
+        }
+        Ok(found)
+    }
+
+    fn held(&self, row: &Row<Lease>) -> Vec<String> {
+        row.detail.tap.iter().cloned().collect()
+    }
+
+    async fn remove(&self, item: &HostItem) -> Result<(), HostError> {
+        match item {
+            HostItem::Tap(tap) => self.host.delete_link(tap).await.map(drop),
+            HostItem::Chain(name) => self.host.nft_apply(&nft::remove_script(name)).await,
+        }
+    }
+}
