@@ -8,6 +8,8 @@
 
 mod common;
 
+use wnodes_testkit::{host::guest_dir, vm::vm_lock};
+
 use std::{path::Path, time::Duration};
 
 use wnodes_launcher::{
@@ -61,8 +63,8 @@ impl Drop for Fixture {
 }
 
 fn fixture(script: &str) -> Fixture {
-    let lock = common::vm_lock();
-    let guest = common::guest_dir();
+    let lock = vm_lock();
+    let guest = guest_dir();
     let dir = tempfile::tempdir().unwrap();
     let vm = VmDir::new(dir.path(), "vm-00000000a0b1").unwrap();
     let spec = VmSpec {
