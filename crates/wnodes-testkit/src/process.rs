@@ -247,20 +247,57 @@ impl ProcessBuilder {
         self
     }
 
+    /// The command, with its config file written.
+    fn command(&self) -> anyhow::Result<Command> {
+        std::fs::create_dir_all(&self.dir)
+            .with_context(|| format!("creating {}", self.dir.display()))?;
+        if let Some(text) = &self.config {
+            let path = self.dir.join("wnodes.toml");
+            std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        }
+        let mut cmd = Command::new(&self.bin);
+        if self.env_clear {
+            cmd.env_clear()
+                .env("PATH", std::env::var_os("PATH").unwrap_or_default());
+        }
+        // A config file from the environment would shadow the one the test means.
+        cmd.env_remove("WNODES_CONFIG");
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        cmd.args(&self.args).stdin(Stdio::null());
+        Ok(cmd)
+    }
+
+    fn name(&self) -> String {
+        self.bin
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Runs the process to its end (a one-shot command: `records --json`, `replay`, ...);
+    /// returns its exit status and output.
+    ///
+    /// # Errors
+    /// When the config file or the process cannot be made.
+    pub async fn output(&self) -> anyhow::Result<std::process::Output> {
+        let cmd = self.command()?;
+        tokio::process::Command::from(cmd)
+            .output()
+            .await
+            .with_context(|| format!("running {}", self.bin.display()))
+    }
+
     /// Starts the process; does not wait for anything. Its stdout is read line by line
     /// ([`ServiceProcess::wait_line`]); its stderr is appended to a file
-    /// ([`ServiceProcess::stderr`]).
+    /// ([`ServiceProcess::stderr`], [`ServiceProcess::wait_stderr`]).
     ///
     /// # Errors
     /// When the directory, the config file or the process cannot be made.
     pub fn spawn(&self) -> anyhow::Result<ServiceProcess> {
-        std::fs::create_dir_all(&self.dir)
-            .with_context(|| format!("creating {}", self.dir.display()))?;
-        let name = self
-            .bin
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let mut cmd = self.command()?;
+        let name = self.name();
         let stderr_path = self
             .stderr
             .clone()
@@ -270,24 +307,7 @@ impl ProcessBuilder {
             .append(true)
             .open(&stderr_path)
             .with_context(|| format!("opening {}", stderr_path.display()))?;
-        let mut cmd = Command::new(&self.bin);
-        if self.env_clear {
-            cmd.env_clear()
-                .env("PATH", std::env::var_os("PATH").unwrap_or_default());
-        }
-        // A config file from the environment would shadow the one the test means.
-        cmd.env_remove("WNODES_CONFIG");
-        if let Some(text) = &self.config {
-            let path = self.dir.join("wnodes.toml");
-            std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
-        }
-        for (k, v) in &self.env {
-            cmd.env(k, v);
-        }
-        cmd.args(&self.args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(stderr));
+        cmd.stdout(Stdio::piped()).stderr(Stdio::from(stderr));
         let mut child = cmd
             .spawn()
             .with_context(|| format!("spawning {}", self.bin.display()))?;
@@ -369,6 +389,40 @@ impl ServiceProcess {
             if tokio::time::Instant::now() > deadline {
                 anyhow::bail!(
                     "no {prefix:?} line from {} within {timeout:?}; stderr:\n{}",
+                    self.name,
+                    self.stderr()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits (up to `timeout`) for the first stderr line that `f` maps to `Some`.
+    ///
+    /// # Errors
+    /// When the process exits or `timeout` passes first (with its stderr).
+    pub async fn wait_stderr<T>(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        f: impl Fn(&str) -> Option<T>,
+    ) -> anyhow::Result<T> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let exited = self.child.try_wait()?;
+            if let Some(found) = self.stderr().lines().find_map(&f) {
+                return Ok(found);
+            }
+            if let Some(status) = exited {
+                anyhow::bail!(
+                    "{} exited ({status}) before logging {what}; stderr:\n{}",
+                    self.name,
+                    self.stderr()
+                );
+            }
+            if tokio::time::Instant::now() > deadline {
+                anyhow::bail!(
+                    "{} logged no {what} within {timeout:?}; stderr:\n{}",
                     self.name,
                     self.stderr()
                 );

@@ -11,25 +11,22 @@ use prost::Message;
 use tokio_util::sync::CancellationToken;
 use wnodes_accounting::{Accounting, AccountingHandler, Metrics, open_store, records};
 use wnodes_bus::{
-    Bus, BusError, BusMetrics, Consumer, ConsumerTuning, EventExt, NatsConfig, proto,
-    proto::event::Body, subject,
+    Bus, BusError, Consumer, ConsumerTuning, EventExt, proto, proto::event::Body, subject,
 };
 use wnodes_runtime::Service as _;
-use wnodes_testkit::{NatsServer, wait_until};
+use wnodes_testkit::{
+    NatsServer,
+    events::{Events, RunRefExt},
+    wait_until,
+};
 
 const HOST: &str = "hv1.example.org";
 const WAIT: Duration = Duration::from_secs(20);
 
 async fn connect(nats: &NatsServer) -> Bus {
-    let cfg = NatsConfig {
-        url: nats.url(),
-        ..Default::default()
-    };
-    let bus = Bus::connect(&cfg, "test@hv1.example.org", BusMetrics::unregistered())
+    wnodes_testkit::bus::connect(&nats.url(), "test@hv1.example.org")
         .await
-        .unwrap();
-    bus.ensure_streams().await.unwrap();
-    bus
+        .unwrap()
 }
 
 fn tuning() -> ConsumerTuning {
@@ -73,12 +70,7 @@ async fn start_with(bus: &Bus, db: &Path, metrics: Metrics) -> Running {
 }
 
 fn run(job_id: &str) -> proto::JobRunRef {
-    proto::JobRunRef {
-        site: "INFN-T1".into(),
-        lrms: proto::Lrms::Htcondor as i32,
-        job_id: job_id.into(),
-        run_attempt: 1,
-    }
+    wnodes_testkit::events::run(job_id).site("INFN-T1")
 }
 
 fn ts(seconds: i64) -> Option<prost_types::Timestamp> {
@@ -103,10 +95,8 @@ fn job_started(r: &proto::JobRunRef) -> proto::Event {
         host: HOST.into(),
         ..Default::default()
     };
-    proto::Event::build(
-        r.clone(),
-        HOST,
-        "bridge@test",
+    Events::new(HOST, "bridge@test").build(
+        r,
         Body::JobStarted(proto::JobStarted {
             job: Some(job),
             started_at: ts(1_700_000_000),
@@ -115,10 +105,8 @@ fn job_started(r: &proto::JobRunRef) -> proto::Event {
 }
 
 fn vm_running(r: &proto::JobRunRef) -> proto::Event {
-    proto::Event::build(
-        r.clone(),
-        HOST,
-        "launcher@test",
+    Events::new(HOST, "launcher@test").build(
+        r,
         Body::VmRunning(proto::VmRunning {
             vm_id: "vm-0123456789ab".into(),
             pid: 42,
@@ -129,10 +117,8 @@ fn vm_running(r: &proto::JobRunRef) -> proto::Event {
 }
 
 fn vm_stopped(r: &proto::JobRunRef, exit_code: i32) -> proto::Event {
-    proto::Event::build(
-        r.clone(),
-        HOST,
-        "launcher@test",
+    Events::new(HOST, "launcher@test").build(
+        r,
         Body::VmStopped(proto::VmStopped {
             vm_id: "vm-0123456789ab".into(),
             exit_code,
@@ -154,10 +140,8 @@ fn vm_stopped(r: &proto::JobRunRef, exit_code: i32) -> proto::Event {
 }
 
 fn job_finished(r: &proto::JobRunRef, exit_code: i32) -> proto::Event {
-    proto::Event::build(
-        r.clone(),
-        HOST,
-        "bridge@test",
+    Events::new(HOST, "bridge@test").build(
+        r,
         Body::JobFinished(proto::JobFinished {
             run: Some(r.clone()),
             exit_code,
@@ -414,10 +398,8 @@ async fn a_run_whose_vm_failed_gets_no_record_and_is_counted() {
     let failed = run("6006.0");
     let ok = run("6007.0");
     bus.publish(&job_started(&failed)).await.unwrap();
-    bus.publish(&proto::Event::build(
-        failed.clone(),
-        HOST,
-        "launcher@test",
+    bus.publish(&Events::new(HOST, "launcher@test").build(
+        &failed,
         Body::VmFailed(proto::VmFailed {
             vm_id: "vm-0123456789ab".into(),
             reason: "no image configured for VO 'lhcb'".into(),
