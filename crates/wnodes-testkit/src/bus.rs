@@ -35,6 +35,16 @@ impl BusClient {
         }
     }
 
+    /// A client with these connection settings (URL, TLS, credentials, timeouts), named
+    /// `test@local`, that makes the streams.
+    pub fn from_config(config: NatsConfig) -> Self {
+        Self {
+            config,
+            name: "test@local".into(),
+            streams: true,
+        }
+    }
+
     /// The client's name (`"<service>@<host>"`: the bus names its connection after it).
     #[must_use]
     pub fn name(mut self, name: &str) -> Self {

@@ -5,6 +5,7 @@
 //! | [`bus`] | A test's own `Bus` on a [`NatsServer`] ([`bus::connect`], [`bus::BusClient`] for TLS, credentials, no streams), the last event of a type ([`bus::last_event`], [`bus::wait_event`]) and a durable consumer's state ([`bus::consumer_state`]). |
 //! | [`events`] | Builders for runs ([`events::run`], [`events::RunRefExt`]) and events ([`events::Events`], payload builders), typed payloads ([`events::Payload`]) and [`events::RunEvents`]: the questions a test asks of a run's events (has, count, position, the one `VmStopped`, releases by kind, ...). |
 //! | [`error_rule`] | [`error_rule!`]: the test that every variant of a crate's error types keeps its `source()` out of its message (`docs/errors-and-logging.md`). |
+//! | [`files`] | [`files::append`]: a record appended to a followed log, as an LRMS writes it. |
 //! | [`host`] | Host tests: [`host::Precondition`]s (root, qemu, `/dev/fuse`, `sftp-server`, the test guest, ...) and a libtest-mimic harness ([`host::main`], [`host_test!`]) that lists a test whose precondition is missing as ignored (nextest: SKIPPED), or with `WNODES_HOST_TESTS=required` fails it naming what is missing. |
 //! | [`http`] | A loopback HTTP server with a counted, delayed download, a 404 and a 503 ([`http::serve`]). |
 //! | [`nats`] | [`NatsServer`]: a private `nats-server` (JetStream on, own temp store, port chosen by the server itself and read back from its ports file), with [`NatsServer::kill`] / [`NatsServer::restart`] for crash tests. |
@@ -24,6 +25,7 @@
 pub mod bus;
 pub mod error_rule;
 pub mod events;
+pub mod files;
 pub mod host;
 pub mod http;
 pub mod nats;

@@ -5,11 +5,8 @@
 // Helpers outside `#[test]` functions are test code too: a panic is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::{
-    io::Write,
-    path::{Path, PathBuf},
-    time::Duration,
-};
+use std::{path::PathBuf, time::Duration};
+use wnodes_testkit::files::append;
 
 use wnodes_bus::subject;
 use wnodes_testkit::{NatsServer, ServiceConfig, ServiceProcess, bus::connect, wait::wait_until};
@@ -21,16 +18,6 @@ fn records(job: u32) -> String {
          03/01/2025 10:05:10;S;{job}.pbs01;user=alice group=atlas queue=workq start=1740823510 exec_host=wn001/0\n\
          03/01/2025 11:05:10;E;{job}.pbs01;user=alice group=atlas queue=workq start=1740823510 end=1740827110 Exit_status=0 resources_used.cput=00:59:00 resources_used.walltime=01:00:00 run_count=1\n"
     )
-}
-
-fn append(path: &Path, text: &str) {
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .unwrap();
-    f.write_all(text.as_bytes()).unwrap();
-    f.sync_all().unwrap();
 }
 
 /// SIGTERM; the bridge exits 0.
