@@ -5,11 +5,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a failure is a test failure
 
 use std::{path::Path, time::Duration};
-use wnodes_testkit::files::append;
+use wnodes_testkit::{bus::stored_events, files::append};
 
 use jiff::tz::TimeZone;
 use tokio_util::sync::CancellationToken;
-use wnodes_bus::{Bus, subject};
+use wnodes_bus::Bus;
 use wnodes_lrms::{
     CursorFile, FollowLoopOptions, FollowOptions, Follower, LrmsKind, ParseOptions, Publisher,
     follow_to_bus, publish::FollowStats,
@@ -52,20 +52,11 @@ fn start(
     (stop, task)
 }
 
-async fn stored(bus: &Bus) -> u64 {
-    let mut s = bus
-        .jetstream()
-        .get_stream(subject::EVENTS_STREAM)
-        .await
-        .unwrap();
-    s.info().await.unwrap().state.messages
-}
-
 async fn wait_for(bus: &Bus, n: u64) {
     wnodes_testkit::wait_until(
         Duration::from_secs(10),
         &format!("{n} stored events"),
-        || async { (stored(bus).await >= n).then_some(()) },
+        || async { (stored_events(bus).await.unwrap() >= n).then_some(()) },
     )
     .await
     .unwrap();
@@ -110,5 +101,5 @@ async fn a_followed_log_reaches_jetstream_once_across_rotation_and_restart() {
     stop.cancel();
     let second = task.await.unwrap();
     assert_eq!(second.published, 3, "only job 6's events after the restart");
-    assert_eq!(stored(&bus).await, 16);
+    assert_eq!(stored_events(&bus).await.unwrap(), 16);
 }

@@ -174,6 +174,15 @@ pub async fn wait_event(
     .await
 }
 
+/// How many messages the event stream holds.
+///
+/// # Errors
+/// When the stream cannot be read.
+pub async fn stored_events(bus: &Bus) -> anyhow::Result<u64> {
+    let mut stream = bus.jetstream().get_stream(subject::EVENTS_STREAM).await?;
+    Ok(stream.info().await?.state.messages)
+}
+
 /// The state of a durable consumer of the event stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConsumerState {

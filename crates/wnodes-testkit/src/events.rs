@@ -79,8 +79,29 @@ pub trait VmPayload: Payload {
     fn vm_id(&self) -> &str;
 }
 
+/// `Payload` for every body type; `VmPayload` too for those listed after `vm:`, and
+/// [`vm_id_of_body`] over them.
 macro_rules! payloads {
-    ($($t:ident),+ $(,)?) => {$(
+    (run: $($r:ident),+; vm: $($v:ident),+ $(,)?) => {
+        $(payloads!(@payload $r);)+
+        $(
+            payloads!(@payload $v);
+            impl VmPayload for proto::$v {
+                fn vm_id(&self) -> &str {
+                    &self.vm_id
+                }
+            }
+        )+
+
+        /// The `vm_id` of a [`VmPayload`] body.
+        fn vm_id_of_body(body: &Body) -> Option<&str> {
+            match body {
+                $(Body::$v(p) => Some(&p.vm_id),)+
+                _ => None,
+            }
+        }
+    };
+    (@payload $t:ident) => {
         impl Payload for proto::$t {
             const TYPE: EventType = EventType::$t;
             fn into_body(self) -> Body {
@@ -93,57 +114,14 @@ macro_rules! payloads {
                 }
             }
         }
-    )+};
+    };
 }
 
 payloads!(
-    JobQueued,
-    JobStarted,
-    JobFinished,
-    JobCancelled,
-    JobHeld,
-    JobReleased,
-    JobEvicted,
-    JobStartObserved,
-    VmRequested,
-    ImageReady,
-    ImageFailed,
-    ScratchReady,
-    ScratchFailed,
-    NetworkReady,
-    NetworkFailed,
-    StorageReady,
-    StorageFailed,
-    VmRunning,
-    VmStopped,
-    VmFailed,
-    ResourceReleased,
-    UsageRecorded,
-);
-
-macro_rules! vm_payloads {
-    ($($t:ident),+ $(,)?) => {$(
-        impl VmPayload for proto::$t {
-            fn vm_id(&self) -> &str {
-                &self.vm_id
-            }
-        }
-    )+};
-}
-
-vm_payloads!(
-    ImageReady,
-    ImageFailed,
-    ScratchReady,
-    ScratchFailed,
-    NetworkReady,
-    NetworkFailed,
-    StorageReady,
-    StorageFailed,
-    VmRunning,
-    VmStopped,
-    VmFailed,
-    ResourceReleased,
+    run: JobQueued, JobStarted, JobFinished, JobCancelled, JobHeld, JobReleased, JobEvicted,
+        JobStartObserved, VmRequested, UsageRecorded;
+    vm: ImageReady, ImageFailed, ScratchReady, ScratchFailed, NetworkReady, NetworkFailed,
+        StorageReady, StorageFailed, VmRunning, VmStopped, VmFailed, ResourceReleased,
 );
 
 /// What [`Events::build`] takes: a whole [`Body`] or any [`Payload`].
@@ -272,30 +250,10 @@ pub fn ready_bodies(guest: &Path, vm_id: &str) -> [Body; 4] {
 
 /// The VM id an event is about (`vm.requested`'s spec, or a [`VmPayload`]'s `vm_id`).
 pub fn vm_of(ev: &proto::Event) -> Option<String> {
-    macro_rules! vm_id {
-        ($body:expr, $($t:ident),+) => {
-            match $body {
-                Body::VmRequested(r) => r.spec.as_ref().map(|s| s.vm_id.clone()),
-                $(Body::$t(p) => Some(p.vm_id.clone()),)+
-                _ => None,
-            }
-        };
+    match ev.body.as_ref()? {
+        Body::VmRequested(r) => r.spec.as_ref().map(|s| s.vm_id.clone()),
+        body => vm_id_of_body(body).map(str::to_owned),
     }
-    vm_id!(
-        ev.body.as_ref()?,
-        ImageReady,
-        ImageFailed,
-        ScratchReady,
-        ScratchFailed,
-        NetworkReady,
-        NetworkFailed,
-        StorageReady,
-        StorageFailed,
-        VmRunning,
-        VmStopped,
-        VmFailed,
-        ResourceReleased
-    )
 }
 
 /// The VM id of a `vm.requested` event.

@@ -224,19 +224,16 @@ impl ProcessBuilder {
         self
     }
 
-    /// The runtime's settings as environment variables, the way `bus-node` and a service
-    /// without a config file take them: an empty environment but `PATH`, `WNODES_NATS__URL`,
-    /// `WNODES_HOST`, `WNODES_SITE` ([`crate::events::SITE`] unless set again),
-    /// `WNODES_STATE_DIR`, `WNODES_HTTP_ADDR` on port 0, `RUST_LOG=info`.
+    /// The runtime's settings as environment variables, the way a service without a config
+    /// file takes them: `WNODES_NATS__URL`, `WNODES_SITE`, `WNODES_HOST`, `WNODES_STATE_DIR`,
+    /// and `WNODES_HTTP_ADDR` on a port the kernel picks.
     #[must_use]
-    pub fn runtime_env(self, nats_url: &str, host: &str, state_dir: &Path) -> Self {
-        self.env_clear()
-            .wnodes_env("NATS__URL", nats_url)
+    pub fn runtime_env(self, nats_url: &str, site: &str, host: &str, state_dir: &Path) -> Self {
+        self.wnodes_env("NATS__URL", nats_url)
+            .wnodes_env("SITE", site)
             .wnodes_env("HOST", host)
-            .wnodes_env("SITE", crate::events::SITE)
             .wnodes_env("STATE_DIR", state_dir)
             .wnodes_env("HTTP_ADDR", "127.0.0.1:0")
-            .env("RUST_LOG", "info")
     }
 
     /// Appends stderr to `path` instead of `<dir>/<binary>.stderr` (a restarted process
@@ -510,12 +507,14 @@ pub const BUS_NODE_HOST: &str = "hv1.test.example";
 pub const BUS_NODE_SITE: &str = "TEST-SITE";
 
 /// How to start `bus-node` (the system tests' node on the real service runtime, at `bin`) in
-/// `role`, on the server at `nats_url`, with its state, stderr and config in `state_dir`: the
-/// [`ProcessBuilder::runtime_env`] of [`BUS_NODE_HOST`] at [`BUS_NODE_SITE`]. Set the node's
-/// and the consumer's settings with [`ProcessBuilder::wnodes_env`] (`NODE__DURABLE`, ...).
+/// `role`, on the server at `nats_url`, with its state and stderr in `state_dir`: an empty
+/// environment but `PATH`, `RUST_LOG=info` and the [`ProcessBuilder::runtime_env`] of
+/// [`BUS_NODE_HOST`] at [`BUS_NODE_SITE`]. Set the node's and the consumer's settings with
+/// [`ProcessBuilder::wnodes_env`] (`NODE__DURABLE`, ...).
 pub fn bus_node(bin: &str, nats_url: &str, state_dir: &Path, role: &str) -> ProcessBuilder {
     ServiceProcess::builder(bin, state_dir)
-        .runtime_env(nats_url, BUS_NODE_HOST, state_dir)
-        .wnodes_env("SITE", BUS_NODE_SITE)
+        .env_clear()
+        .runtime_env(nats_url, BUS_NODE_SITE, BUS_NODE_HOST, state_dir)
+        .env("RUST_LOG", "info")
         .wnodes_env("NODE__ROLE", role)
 }

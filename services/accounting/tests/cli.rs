@@ -19,12 +19,12 @@ const HOST: &str = "hv1.example.org";
 
 /// `wnodes-accounting` configured by environment, its state in `state`.
 fn accounting(nats: &NatsServer, state: &std::path::Path) -> ProcessBuilder {
-    ServiceProcess::builder(env!("CARGO_BIN_EXE_wnodes-accounting"), state)
-        .wnodes_env("NATS__URL", nats.url())
-        .wnodes_env("HOST", "central.example.org")
-        .wnodes_env("SITE", "INFN-T1")
-        .wnodes_env("STATE_DIR", state)
-        .wnodes_env("HTTP_ADDR", "127.0.0.1:0")
+    ServiceProcess::builder(env!("CARGO_BIN_EXE_wnodes-accounting"), state).runtime_env(
+        &nats.url(),
+        "INFN-T1",
+        "central.example.org",
+        state,
+    )
 }
 
 #[tokio::test(flavor = "multi_thread")]

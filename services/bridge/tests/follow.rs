@@ -9,7 +9,11 @@ use std::{path::PathBuf, time::Duration};
 use wnodes_testkit::files::append;
 
 use wnodes_bus::subject;
-use wnodes_testkit::{NatsServer, ServiceConfig, ServiceProcess, bus::connect, wait::wait_until};
+use wnodes_testkit::{
+    NatsServer, ServiceConfig, ServiceProcess,
+    bus::{connect, stored_events},
+    wait::wait_until,
+};
 
 /// PBS accounting records of one job (the OpenPBS format): queued, started, finished.
 fn records(job: u32) -> String {
@@ -50,17 +54,7 @@ async fn a_followed_pbs_log_is_published_once_across_a_restart_and_a_rotation() 
         .config(&config)
         .arg("serve");
     let bus = connect(&nats.url(), "test@local").await.unwrap();
-    let stored = || {
-        let bus = bus.clone();
-        async move {
-            let mut s = bus
-                .jetstream()
-                .get_stream(subject::EVENTS_STREAM)
-                .await
-                .unwrap();
-            s.info().await.unwrap().state.messages
-        }
-    };
+    let stored = || async { stored_events(&bus).await.unwrap() };
     let until = |n: u64, what: &'static str| async move {
         wait_until(Duration::from_secs(30), what, || async move {
             (stored().await >= n).then_some(())

@@ -12,11 +12,7 @@ use wnodes_testkit::{NatsServer, ServiceProcess, process::ProcessBuilder};
 /// `wnodes-bridge serve` configured by environment, logging JSON.
 fn bridge(nats: &NatsServer, dir: &Path) -> ProcessBuilder {
     ServiceProcess::builder(env!("CARGO_BIN_EXE_wnodes-bridge"), dir)
-        .wnodes_env("NATS__URL", nats.url())
-        .wnodes_env("HOST", "central.example.org")
-        .wnodes_env("SITE", "INFN-T1")
-        .wnodes_env("STATE_DIR", dir)
-        .wnodes_env("HTTP_ADDR", "127.0.0.1:0")
+        .runtime_env(&nats.url(), "INFN-T1", "central.example.org", dir)
         .wnodes_env("BRIDGE__GRPC_ADDR", "127.0.0.1:0")
         .wnodes_env("LOG_FORMAT", "json")
         .arg("serve")

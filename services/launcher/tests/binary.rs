@@ -20,8 +20,8 @@ use wnodes_testkit::{ServiceProcess, host, host_test, nats::NatsServer, process:
 /// to one log.
 fn launcher(nats_url: &str, dir: &Path) -> ProcessBuilder {
     ServiceProcess::builder(env!("CARGO_BIN_EXE_wnodes-launcher"), dir)
-        .runtime_env(nats_url, HOST, &dir.join("state"))
-        .wnodes_env("SITE", "INFN-T1")
+        .env_clear()
+        .runtime_env(nats_url, "INFN-T1", HOST, &dir.join("state"))
         .wnodes_env("LOG_LEVEL", "info")
         .wnodes_env("LAUNCHER__ACCEL", "auto")
         .wnodes_env("LAUNCHER__PREPARE_DEADLINE", "60s")
