@@ -253,18 +253,14 @@ fn vm_an_image_with_a_wrong_digest_fails_after_scratch_and_network_and_releases_
             "reason names the file: {f:#?}"
         );
         assert!(out.stderr.contains(&f.reason), "{out:#?}");
-        let failed_at = evs.position(EventType::ImageFailed);
+        use EventType::{ImageFailed, NetworkReady, ScratchReady, VmFailed};
         assert!(
-            evs.position(EventType::ScratchReady) < failed_at
-                && evs.position(EventType::NetworkReady) < failed_at,
+            evs.in_order(&[ScratchReady, ImageFailed])
+                && evs.in_order(&[NetworkReady, ImageFailed]),
             "scratch.ready and network.ready before image.failed: {}",
             evs.names()
         );
-        assert!(
-            failed_at < evs.position(EventType::VmFailed),
-            "{}",
-            evs.names()
-        );
+        assert!(evs.in_order(&[ImageFailed, VmFailed]), "{}", evs.names());
         let (evs, prepared) = all_prepared_released(&stack, "fail-digest-1").await;
         assert!(
             prepared.contains(&proto::ResourceKind::Scratch)
@@ -473,7 +469,7 @@ fn vm_sigterm_to_submit_while_scratch_is_down_releases_the_scratch_prepared_afte
         .await;
         if evs.has(EventType::ScratchReady) {
             assert!(
-                evs.position(EventType::ScratchReady) > evs.position(EventType::VmFailed),
+                evs.in_order(&[EventType::VmFailed, EventType::ScratchReady]),
                 "{}",
                 evs.names()
             );

@@ -307,6 +307,9 @@ pub trait RunEvents {
     fn count(&self, t: EventType) -> usize;
     /// Position of the first event of type `t`.
     fn position(&self, t: EventType) -> usize;
+    /// True when every type in `types` is there and each first shows up after the previous
+    /// one's first.
+    fn in_order(&self, types: &[EventType]) -> bool;
     /// Store time of the one event of type `t` (exactly one must be there).
     fn time_of(&self, t: EventType) -> SystemTime;
     /// Every payload of type `P`, in order.
@@ -348,6 +351,14 @@ impl<E: RecordedEvent> RunEvents for [E] {
         self.iter()
             .position(|e| e.event().event_type() == Some(t))
             .unwrap_or_else(|| panic!("no {} in {}", t.name(), self.names()))
+    }
+
+    fn in_order(&self, types: &[EventType]) -> bool {
+        let firsts: Option<Vec<usize>> = types
+            .iter()
+            .map(|t| self.iter().position(|e| e.event().event_type() == Some(*t)))
+            .collect();
+        firsts.is_some_and(|f| f.windows(2).all(|w| w[0] < w[1]))
     }
 
     fn time_of(&self, t: EventType) -> SystemTime {

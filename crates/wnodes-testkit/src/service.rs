@@ -178,7 +178,7 @@ impl TestBus {
         .await
     }
 
-    /// Events about `vm_id` seen so far, in arrival order.
+    /// Events about `vm_id` seen so far, in arrival order (ask them with [`RunEvents`]).
     pub fn events_of(&self, vm_id: &str) -> Vec<proto::Event> {
         self.seen
             .lock()

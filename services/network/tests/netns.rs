@@ -7,7 +7,7 @@
 use std::process::{Command, ExitCode};
 
 use serde_json::Value;
-use wnodes_bus::{proto, proto::event::Body};
+use wnodes_bus::{EventType, proto, proto::event::Body};
 use wnodes_network::{
     NetworkHandler,
     config::{Ipv4Net, Mode},
@@ -144,14 +144,7 @@ async fn tap_with_filter_then_release_and_tombstone() {
             .then_some(())
     })
     .await;
-    let readies: Vec<_> = tb
-        .events_of(vm)
-        .into_iter()
-        .filter_map(|e| match e.body {
-            Some(Body::NetworkReady(r)) => Some(r),
-            _ => None,
-        })
-        .collect();
+    let readies = tb.events_of(vm).payloads::<proto::NetworkReady>();
     assert_eq!(readies.len(), 2);
     assert_eq!(readies[0], readies[1]);
     let taps = Host::new(Some(ns.0.clone()))
@@ -224,9 +217,7 @@ async fn tap_with_filter_then_release_and_tombstone() {
     .await;
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     assert!(
-        !tb.events_of(vm4)
-            .iter()
-            .any(|e| matches!(e.body, Some(Body::NetworkReady(_)))),
+        !tb.events_of(vm4).has(EventType::NetworkReady),
         "no network.ready after the release"
     );
     assert!(link(&ns, "wn-cccccccccccc").is_none());
