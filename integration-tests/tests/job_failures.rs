@@ -21,7 +21,10 @@ use wnodes_bus::{
     EventType,
     proto::{self, event::Body},
 };
-use wnodes_devstack::{ExtraImage, ImageServing, RunEvent, Stack, SubmitArgs, UsageRecord};
+use wnodes_devstack::{
+    ExtraImage, ImageServing, RunEvent, RunningSubmit, Stack, SubmitArgs, SubmitOutcome,
+    UsageRecord,
+};
 use wnodes_integration_tests::jobs::{
     accounting_caught_up, check_cpu_and_memory, events_when, in_private_netns, no_leftovers,
     no_usage_record, one_usage_record, tap_options as options,
@@ -150,6 +153,36 @@ async fn the_qemu(stack: &Stack) -> u32 {
     })
     .await
     .unwrap()
+}
+
+/// Starts job `job` running `script` through the job starter and waits until its VM runs;
+/// returns the job starter, the run's events so far and the VM's qemu.
+async fn running_job(
+    stack: &Stack,
+    job: &str,
+    script: &str,
+) -> (RunningSubmit, Vec<RunEvent>, u32) {
+    let submit = stack
+        .spawn_submit(&SubmitArgs::script(job, script))
+        .unwrap();
+    let evs = events_when(stack, job, "vm.running", |e| e.has(EventType::VmRunning)).await;
+    let qemu = the_qemu(stack).await;
+    (submit, evs, qemu)
+}
+
+/// The job starter of a [`CRASH_PAYLOAD`] job exits 7 with the payload's output, and the run
+/// has its one usage record with exit code 7.
+async fn ended_as_crash_payload(
+    stack: &Stack,
+    job: &str,
+    submit: RunningSubmit,
+) -> (SubmitOutcome, UsageRecord) {
+    let out = submit.wait().await.unwrap();
+    assert_eq!(out.exit_code, 7, "{out:#?}");
+    assert!(out.stdout.contains("done"), "{out:#?}");
+    let r = one_usage_record(stack, job).await;
+    assert_eq!(r.exit_code, 7, "{r:#?}");
+    (out, r)
 }
 
 fn alive(pid: u32) -> bool {
@@ -341,11 +374,7 @@ fn vm_sigterm_to_submit_while_the_vm_runs_stops_it_as_cancelled_and_exits_143() 
         let work = tempfile::tempdir().unwrap();
         let stack = Stack::start(options(work.path(), None)).await.unwrap();
         let job = "cancel-running-1";
-        let submit = stack
-            .spawn_submit(&SubmitArgs::script(job, "echo started\nsleep 30\nexit 0\n"))
-            .unwrap();
-        events_when(&stack, job, "vm.running", |e| e.has(EventType::VmRunning)).await;
-        let qemu = the_qemu(&stack).await;
+        let (submit, _, qemu) = running_job(&stack, job, "echo started\nsleep 30\nexit 0\n").await;
         submit.signal(Signal::SIGTERM).unwrap();
         let out = submit.wait().await.unwrap();
         assert_eq!(out.exit_code, 143, "{out:#?}");
@@ -503,21 +532,13 @@ fn vm_launcher_killed_while_the_vm_runs_is_restarted_and_the_job_ends_once_in_it
             .await
             .unwrap();
         let job = "crash-running-1";
-        let submit = stack
-            .spawn_submit(&SubmitArgs::script(job, CRASH_PAYLOAD))
-            .unwrap();
-        events_when(&stack, job, "vm.running", |e| e.has(EventType::VmRunning)).await;
-        let qemu = the_qemu(&stack).await;
+        let (submit, _, qemu) = running_job(&stack, job, CRASH_PAYLOAD).await;
         stack.kill_service("launcher").unwrap();
         assert!(alive(qemu), "qemu died with the launcher");
         stack.start_service("launcher").await.unwrap();
-        let out = submit.wait().await.unwrap();
-        assert_eq!(out.exit_code, 7, "{out:#?}");
-        assert!(out.stdout.contains("done"), "{out:#?}");
+        let (out, r) = ended_as_crash_payload(&stack, job, submit).await;
         let trace =
             trace_id_in(&out.stderr).unwrap_or_else(|| panic!("no trace id in {}", out.stderr));
-        let r = one_usage_record(&stack, job).await;
-        assert_eq!(r.exit_code, 7, "{r:#?}");
         let evs = stack.run_events(job).await.unwrap();
         check_usage(&r, &evs);
         all_prepared_released(&stack, job).await;
@@ -559,12 +580,8 @@ fn vm_a_vm_that_ends_while_the_launcher_is_down_is_reported_once_after_the_resta
         let work = tempfile::tempdir().unwrap();
         let mut stack = Stack::start(options(work.path(), None)).await.unwrap();
         let job = "crash-ended-1";
-        let submit = stack
-            .spawn_submit(&SubmitArgs::script(job, CRASH_PAYLOAD))
-            .unwrap();
-        let evs = events_when(&stack, job, "vm.running", |e| e.has(EventType::VmRunning)).await;
+        let (submit, evs, qemu) = running_job(&stack, job, CRASH_PAYLOAD).await;
         let running = evs.time_of(EventType::VmRunning);
-        let qemu = the_qemu(&stack).await;
         stack.kill_service("launcher").unwrap();
         wait_until(
             JOB_TIMEOUT,
@@ -581,11 +598,7 @@ fn vm_a_vm_that_ends_while_the_launcher_is_down_is_reported_once_after_the_resta
         .unwrap();
         let gone = SystemTime::now();
         stack.start_service("launcher").await.unwrap();
-        let out = submit.wait().await.unwrap();
-        assert_eq!(out.exit_code, 7, "{out:#?}");
-        assert!(out.stdout.contains("done"), "{out:#?}");
-        let r = one_usage_record(&stack, job).await;
-        assert_eq!(r.exit_code, 7, "{r:#?}");
+        let (_, r) = ended_as_crash_payload(&stack, job, submit).await;
         // The VM's stop was not observed: its wall time ends at the guest's last output, after
         // the payload's 3 s and before we saw qemu gone — not at the late vm.stopped.
         let evs = stack.run_events(job).await.unwrap();
@@ -645,11 +658,7 @@ fn vm_launcher_stopped_with_sigterm_leaves_the_vm_running_and_reports_it_after_t
         let work = tempfile::tempdir().unwrap();
         let mut stack = Stack::start(options(work.path(), None)).await.unwrap();
         let job = "stop-running-1";
-        let submit = stack
-            .spawn_submit(&SubmitArgs::script(job, CRASH_PAYLOAD))
-            .unwrap();
-        events_when(&stack, job, "vm.running", |e| e.has(EventType::VmRunning)).await;
-        let qemu = the_qemu(&stack).await;
+        let (submit, _, qemu) = running_job(&stack, job, CRASH_PAYLOAD).await;
         let launcher = stack.service_pid("launcher").unwrap();
         stack.stop_service("launcher").unwrap(); // SIGTERM; returns once it has exited
         assert!(!alive(launcher), "the launcher is still running");
@@ -658,11 +667,7 @@ fn vm_launcher_stopped_with_sigterm_leaves_the_vm_running_and_reports_it_after_t
             "qemu {qemu} died with the launcher's clean stop"
         );
         stack.start_service("launcher").await.unwrap();
-        let out = submit.wait().await.unwrap();
-        assert_eq!(out.exit_code, 7, "{out:#?}");
-        assert!(out.stdout.contains("done"), "{out:#?}");
-        let r = one_usage_record(&stack, job).await;
-        assert_eq!(r.exit_code, 7, "{r:#?}");
+        let (_, r) = ended_as_crash_payload(&stack, job, submit).await;
         let evs = stack.run_events(job).await.unwrap();
         assert_eq!(evs.count(EventType::VmStopped), 1, "{}", evs.names());
         check_usage(&r, &evs);
