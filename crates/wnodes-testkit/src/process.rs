@@ -365,33 +365,14 @@ impl ServiceProcess {
     /// # Errors
     /// When the process exits first or no such line comes within `timeout` (with its stderr).
     pub async fn wait_line(&mut self, prefix: &str, timeout: Duration) -> anyhow::Result<String> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            if let Some(l) = self
-                .stdout
+        self.poll(&format!("a line {prefix:?}"), timeout, |p| {
+            p.stdout
                 .lock()
                 .iter()
                 .find(|l| l.starts_with(prefix))
                 .cloned()
-            {
-                return Ok(l);
-            }
-            if let Some(status) = self.child.try_wait()? {
-                anyhow::bail!(
-                    "{} exited ({status}) before printing {prefix:?}; stderr:\n{}",
-                    self.name,
-                    self.stderr()
-                );
-            }
-            if tokio::time::Instant::now() > deadline {
-                anyhow::bail!(
-                    "no {prefix:?} line from {} within {timeout:?}; stderr:\n{}",
-                    self.name,
-                    self.stderr()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        })
+        .await
     }
 
     /// Waits (up to `timeout`) for the first stderr line that `f` maps to `Some`.
@@ -404,22 +385,35 @@ impl ServiceProcess {
         timeout: Duration,
         f: impl Fn(&str) -> Option<T>,
     ) -> anyhow::Result<T> {
+        self.poll(what, timeout, |p| p.stderr().lines().find_map(&f))
+            .await
+    }
+
+    /// Looks every 20 ms until `found` gives something; fails, with the stderr, when the process
+    /// exits first or `timeout` passes.
+    async fn poll<T>(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        found: impl Fn(&Self) -> Option<T>,
+    ) -> anyhow::Result<T> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
+            // Whether it had exited before looking: what it wrote last is then in.
             let exited = self.child.try_wait()?;
-            if let Some(found) = self.stderr().lines().find_map(&f) {
-                return Ok(found);
+            if let Some(v) = found(self) {
+                return Ok(v);
             }
             if let Some(status) = exited {
                 anyhow::bail!(
-                    "{} exited ({status}) before logging {what}; stderr:\n{}",
+                    "{} exited ({status}) before {what}; stderr:\n{}",
                     self.name,
                     self.stderr()
                 );
             }
             if tokio::time::Instant::now() > deadline {
                 anyhow::bail!(
-                    "{} logged no {what} within {timeout:?}; stderr:\n{}",
+                    "no {what} from {} within {timeout:?}; stderr:\n{}",
                     self.name,
                     self.stderr()
                 );
