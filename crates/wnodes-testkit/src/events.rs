@@ -186,12 +186,27 @@ pub fn vm_stopped(vm_id: &str) -> proto::VmStopped {
     }
 }
 
-/// `vm.failed` of `vm_id` in the launch phase.
-pub fn vm_failed(vm_id: &str) -> proto::VmFailed {
+/// `vm.failed` of `vm_id` in `phase` ("policy", "image", ..., "launch") for `reason`.
+pub fn vm_failed(vm_id: &str, phase: &str, reason: &str) -> proto::VmFailed {
     proto::VmFailed {
         vm_id: vm_id.into(),
-        reason: "test".into(),
-        phase: "launch".into(),
+        reason: reason.into(),
+        phase: phase.into(),
+    }
+}
+
+/// What a VM used: `cpu_seconds` of CPU, `peak_memory_bytes`, `wall` time on `cores` vCPUs.
+pub fn vm_usage(
+    cpu_seconds: f64,
+    peak_memory_bytes: u64,
+    wall: std::time::Duration,
+    cores: u32,
+) -> proto::VmUsage {
+    proto::VmUsage {
+        cpu_seconds,
+        peak_memory_bytes,
+        wall: prost_types::Duration::try_from(wall).ok(),
+        cores,
     }
 }
 

@@ -54,8 +54,8 @@ fn run_and_event_builders_fill_the_envelope() {
         .lrms(proto::Lrms::Slurm)
         .attempt(3);
     assert_eq!(wnodes_bus::event::run_key(&r), "INFN-T1/slurm/42.0/3");
-    let ev =
-        Events::new("hv9.example.org", "launcher@hv9.example.org").build(&r, vm_failed("vm-1"));
+    let ev = Events::new("hv9.example.org", "launcher@hv9.example.org")
+        .build(&r, vm_failed("vm-1", "launch", "test"));
     assert_eq!(ev.id, "vm.failed:INFN-T1/slurm/42.0/3");
     assert_eq!(ev.host, "hv9.example.org");
     assert_eq!(ev.source, "launcher@hv9.example.org");

@@ -16,7 +16,7 @@ use wnodes_bus::{
 use wnodes_runtime::Service as _;
 use wnodes_testkit::{
     NatsServer,
-    events::{Events, RunRefExt},
+    events::{self, Events, RunRefExt, vm_failed, vm_usage},
     wait_until,
 };
 
@@ -119,23 +119,12 @@ fn vm_running(r: &proto::JobRunRef) -> proto::Event {
 fn vm_stopped(r: &proto::JobRunRef, exit_code: i32) -> proto::Event {
     Events::new(HOST, "launcher@test").build(
         r,
-        Body::VmStopped(proto::VmStopped {
-            vm_id: "vm-0123456789ab".into(),
+        proto::VmStopped {
             exit_code,
-            output_location: String::new(),
-            usage: Some(proto::VmUsage {
-                cpu_seconds: 12.5,
-                peak_memory_bytes: 256 << 20,
-                wall: Some(prost_types::Duration {
-                    seconds: 30,
-                    nanos: 0,
-                }),
-                cores: 2,
-            }),
+            usage: Some(vm_usage(12.5, 256 << 20, Duration::from_secs(30), 2)),
             stopped_at: ts(1_700_000_040),
-            stop_reason: "guest-poweroff".into(),
-            output_tail: String::new(),
-        }),
+            ..events::vm_stopped("vm-0123456789ab")
+        },
     )
 }
 
@@ -400,11 +389,11 @@ async fn a_run_whose_vm_failed_gets_no_record_and_is_counted() {
     bus.publish(&job_started(&failed)).await.unwrap();
     bus.publish(&Events::new(HOST, "launcher@test").build(
         &failed,
-        Body::VmFailed(proto::VmFailed {
-            vm_id: "vm-0123456789ab".into(),
-            reason: "no image configured for VO 'lhcb'".into(),
-            phase: "policy".into(),
-        }),
+        vm_failed(
+            "vm-0123456789ab",
+            "policy",
+            "no image configured for VO 'lhcb'",
+        ),
     ))
     .await
     .unwrap();

@@ -10,7 +10,7 @@ use wnodes_bus::{proto, proto::event::Body};
 use wnodes_testkit::{
     NatsServer, ServiceProcess,
     bus::connect,
-    events::{Events, RunRefExt, run},
+    events::{Events, RunRefExt, run, vm_stopped, vm_usage},
     process::ProcessBuilder,
     wait_until,
 };
@@ -58,19 +58,9 @@ async fn serve_records_usage_and_records_prints_it() {
             started_at: None,
         }),
         Body::VmStopped(proto::VmStopped {
-            vm_id: "vm-0123456789ab".into(),
             exit_code: 0,
-            usage: Some(proto::VmUsage {
-                cpu_seconds: 1.5,
-                peak_memory_bytes: 1 << 20,
-                wall: Some(prost_types::Duration {
-                    seconds: 2,
-                    nanos: 0,
-                }),
-                cores: 1,
-            }),
-            stop_reason: "guest-poweroff".into(),
-            ..Default::default()
+            usage: Some(vm_usage(1.5, 1 << 20, Duration::from_secs(2), 1)),
+            ..vm_stopped("vm-0123456789ab")
         }),
     ] {
         bus.publish(&Events::new(HOST, "test").build(&run, body))

@@ -15,7 +15,7 @@ use wnodes_bus::{Bus, EventExt, NatsConfig, proto, proto::event::Body, subject};
 use wnodes_testkit::{
     NatsServer,
     bus::BusClient,
-    events::{Events, RunRefExt},
+    events::{Events, RunRefExt, vm_failed},
 };
 
 const HOST: &str = "hv1.example.org";
@@ -409,11 +409,11 @@ async fn finished_and_cancelled_publish_and_wait_job_finds_ended_runs() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     bus.publish(&Events::new(HOST, "launcher@test").build(
         &run("8"),
-        Body::VmFailed(proto::VmFailed {
-            vm_id: "vm-000000000008".into(),
-            reason: "cancelled before the VM started".into(),
-            phase: "launch".into(),
-        }),
+        vm_failed(
+            "vm-000000000008",
+            "launch",
+            "cancelled before the VM started",
+        ),
     ))
     .await
     .unwrap();

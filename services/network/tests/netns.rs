@@ -200,11 +200,13 @@ async fn tap_with_filter_then_release_and_tombstone() {
     );
 
     // vm.failed releases too; releasing a VM never prepared leaves a tombstone.
-    tb.publish(&ev(&run("2"), vm_failed(vm2))).await;
+    tb.publish(&ev(&run("2"), vm_failed(vm2, "launch", "test")))
+        .await;
     tb.wait_released(vm2, proto::ResourceKind::Network).await;
     assert!(link(&ns, &r2.tap).is_none());
     let vm4 = "vm-cccccccccccc";
-    tb.publish(&ev(&run("4"), vm_failed(vm4))).await;
+    tb.publish(&ev(&run("4"), vm_failed(vm4, "launch", "test")))
+        .await;
     assert_eq!(
         tb.wait_released(vm4, proto::ResourceKind::Network).await,
         "nothing was prepared"

@@ -56,11 +56,11 @@ fn vm_stopped(job: &str) -> proto::Event {
 fn vm_failed(job: &str) -> proto::Event {
     from_launcher(
         job,
-        proto::VmFailed {
-            vm_id: format!("vm-{job}"),
-            reason: "cancelled before launch".into(),
-            phase: "policy".into(),
-        },
+        wnodes_testkit::events::vm_failed(
+            &format!("vm-{job}"),
+            "policy",
+            "cancelled before launch",
+        ),
     )
 }
 
