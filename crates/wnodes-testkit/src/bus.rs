@@ -183,6 +183,62 @@ pub async fn stored_events(bus: &Bus) -> anyhow::Result<u64> {
     Ok(stream.info().await?.state.messages)
 }
 
+/// The messages stored in the event stream under a subject filter, from its start.
+pub struct StoredMessages(async_nats::jetstream::consumer::pull::Ordered);
+
+impl std::fmt::Debug for StoredMessages {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StoredMessages")
+    }
+}
+
+/// Reads the messages stored under `filter` (`"wnodes.evt.*.vm.stopped"`, ...) with an
+/// ordered consumer, from the start of the stream.
+///
+/// # Errors
+/// When the stream or the consumer cannot be made.
+pub async fn stored_messages(bus: &Bus, filter: &str) -> anyhow::Result<StoredMessages> {
+    use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
+    let stream = bus.jetstream().get_stream(subject::EVENTS_STREAM).await?;
+    let consumer = stream
+        .create_consumer(OrderedConfig {
+            filter_subject: filter.into(),
+            deliver_policy: DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await?;
+    Ok(StoredMessages(consumer.messages().await?))
+}
+
+impl StoredMessages {
+    /// The next message, or `None` when none comes within `within`.
+    ///
+    /// # Errors
+    /// When the consumer fails or ends.
+    pub async fn next(
+        &mut self,
+        within: Duration,
+    ) -> anyhow::Result<Option<async_nats::jetstream::Message>> {
+        use futures::StreamExt;
+        match tokio::time::timeout(within, self.0.next()).await {
+            Err(_) => Ok(None),
+            Ok(None) => anyhow::bail!("the ordered consumer ended"),
+            Ok(Some(m)) => Ok(Some(m.map_err(|e| anyhow::anyhow!("{e}"))?)),
+        }
+    }
+
+    /// The next message decoded as an event, or `None` when none comes within `within`.
+    ///
+    /// # Errors
+    /// When the consumer fails or ends, or the payload is not an event.
+    pub async fn next_event(&mut self, within: Duration) -> anyhow::Result<Option<proto::Event>> {
+        match self.next(within).await? {
+            Some(m) => Ok(Some(proto::Event::decode(m.payload.clone())?)),
+            None => Ok(None),
+        }
+    }
+}
+
 /// The state of a durable consumer of the event stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConsumerState {

@@ -5,8 +5,6 @@
 
 use std::{path::Path, time::Duration};
 
-use async_nats::jetstream::{self, consumer::DeliverPolicy};
-use futures::StreamExt;
 use prost::Message;
 use tokio_util::sync::CancellationToken;
 use wnodes_accounting::{Accounting, AccountingHandler, Metrics, open_store, records};
@@ -16,6 +14,7 @@ use wnodes_bus::{
 use wnodes_runtime::Service as _;
 use wnodes_testkit::{
     NatsServer,
+    bus::stored_messages,
     events::{self, Events, RunRefExt, vm_failed, vm_usage},
     wait_until,
 };
@@ -160,24 +159,10 @@ async fn wait_record(
 
 /// Every event on `filter` in the stream, read with an ordered consumer until it is idle.
 async fn events_on(bus: &Bus, filter: &str) -> Vec<proto::Event> {
-    let stream = bus
-        .jetstream()
-        .get_stream(subject::EVENTS_STREAM)
-        .await
-        .unwrap();
-    let consumer = stream
-        .create_consumer(jetstream::consumer::pull::OrderedConfig {
-            filter_subject: filter.into(),
-            deliver_policy: DeliverPolicy::All,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let mut msgs = consumer.messages().await.unwrap();
+    let mut stored = stored_messages(bus, filter).await.unwrap();
     let mut out = Vec::new();
-    while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_millis(500), msgs.next()).await
-    {
-        out.push(proto::Event::decode(m.payload.clone()).unwrap());
+    while let Some(ev) = stored.next_event(Duration::from_millis(500)).await.unwrap() {
+        out.push(ev);
     }
     out
 }

@@ -5,8 +5,6 @@
 
 use std::{sync::OnceLock, time::Duration};
 
-use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
-use futures::StreamExt;
 use prost::Message;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request};
@@ -14,7 +12,7 @@ use wnodes_bridge::server::{self, BridgeService};
 use wnodes_bus::{Bus, EventExt, NatsConfig, proto, proto::event::Body, subject};
 use wnodes_testkit::{
     NatsServer,
-    bus::BusClient,
+    bus::{BusClient, stored_messages},
     events::{Events, RunRefExt, vm_failed},
 };
 
@@ -94,28 +92,11 @@ fn job(job_id: &str) -> proto::JobDescription {
 
 /// The first `n` messages on `filter`.
 async fn messages(bus: &Bus, filter: String, n: usize) -> Vec<async_nats::jetstream::Message> {
-    let stream = bus
-        .jetstream()
-        .get_stream(subject::EVENTS_STREAM)
-        .await
-        .unwrap();
-    let consumer = stream
-        .create_consumer(OrderedConfig {
-            filter_subject: filter,
-            deliver_policy: DeliverPolicy::All,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let mut msgs = consumer.messages().await.unwrap();
+    let mut stored = stored_messages(bus, &filter).await.unwrap();
     let mut out = Vec::new();
     while out.len() < n {
-        let m = tokio::time::timeout(Duration::from_secs(10), msgs.next())
-            .await
-            .expect("message in time")
-            .unwrap()
-            .unwrap();
-        out.push(m);
+        let m = stored.next(Duration::from_secs(10)).await.unwrap();
+        out.push(m.expect("message in time"));
     }
     out
 }
