@@ -61,13 +61,7 @@ async fn vm_requested_is_answered_with_ready_or_failed() {
             ),
             (
                 "broken".to_owned(),
-                CatalogEntry {
-                    url: format!("file://{}", src.display()),
-                    sha256: wrong.clone(),
-                    format: DiskFormat::Raw,
-                    kernel: None,
-                    initrd: None,
-                },
+                raw(format!("file://{}", src.display()), wrong.clone()),
             ),
         ]),
     };
@@ -182,13 +176,7 @@ async fn job_queued_with_an_image_hint_prefetches_without_an_event() {
         cache_dir: Some(tmp.path().join("c")),
         catalog: BTreeMap::from([(
             "el9".to_owned(),
-            CatalogEntry {
-                url: format!("file://{}", src.display()),
-                sha256: sha.clone(),
-                format: DiskFormat::Raw,
-                kernel: None,
-                initrd: None,
-            },
+            raw(format!("file://{}", src.display()), sha.clone()),
         )]),
     };
     let bus = connect(&nats.url(), &format!("image@{HOST}"))
@@ -274,19 +262,21 @@ impl Svc {
     }
 }
 
+/// A raw image at `url` with digest `sha256`, without kernel or initrd.
+fn raw(url: String, sha256: String) -> CatalogEntry {
+    CatalogEntry {
+        url,
+        sha256,
+        format: DiskFormat::Raw,
+        kernel: None,
+        initrd: None,
+    }
+}
+
 fn one_image(url: String, sha256: String) -> ImageConfig {
     ImageConfig {
         cache_dir: None,
-        catalog: BTreeMap::from([(
-            "sl6".to_owned(),
-            CatalogEntry {
-                url,
-                sha256,
-                format: DiskFormat::Raw,
-                kernel: None,
-                initrd: None,
-            },
-        )]),
+        catalog: BTreeMap::from([("sl6".to_owned(), raw(url, sha256))]),
     }
 }
 
