@@ -1,27 +1,28 @@
-//! Helpers of the whole-job tests (`tests/job_flow.rs`, `tests/job_failures.rs`): what they
-//! need of the machine ([`NEEDS`]), a private network namespace per test, stack options, and
-//! the checks every job ends with.
+//! The checks of the whole-job tests (`tests/job_flow.rs`, `tests/job_failures.rs`,
+//! `tests/demo_trace.rs`) over a `wnodes_devstack::Stack`: a private network namespace per
+//! test, stack options, the run's events once they meet a condition, and the checks every job
+//! ends with. What they need of the machine is `wnodes_testkit::vm::JOB_NEEDS`; what they ask
+//! of a run's events is `wnodes_testkit::events::RunEvents`.
 
-use std::{future::Future, path::Path, time::Duration};
+use std::{collections::BTreeSet, future::Future, path::Path, time::Duration};
 
-use wnodes_devstack::{NetworkChoice, Stack, StackOptions, UsageRecord, enter_private_netns};
-use wnodes_testkit::{host::Precondition, wait_until};
+use wnodes_devstack::{
+    NetworkChoice, RunEvent, SERVICES, Stack, StackOptions, UsageRecord, enter_private_netns,
+};
+use wnodes_testkit::{
+    bus::consumer_state,
+    events::RunEvents,
+    vm::{JOB_TIMEOUT, mem_total_bytes},
+    wait_until,
+};
 
-/// How long a job-level wait may take on a loaded 2-core machine.
-pub const JOB_TIMEOUT: Duration = Duration::from_secs(90);
+/// How often [`events_when`] and [`accounting_caught_up`] look again.
+const POLL: Duration = Duration::from_millis(200);
 
-/// What a whole-job test needs of the host (`wnodes_testkit::host`): root (a private network
-/// namespace, taps, nftables, `setpriv` to the job's uid), qemu and the test guest, and what the
-/// gateway runs (`sftp-server` through `setpriv`); `/dev/fuse` for the storage export.
-pub const NEEDS: &[Precondition] = &[
-    Precondition::Root,
-    Precondition::Qemu,
-    Precondition::TestGuest,
-    Precondition::DevFuse,
-    Precondition::SftpServer,
-    Precondition::Setpriv,
-    Precondition::Nft,
-];
+/// The seven services' `service.name`s (`wnodes-<service>`).
+pub fn seven_services() -> BTreeSet<String> {
+    SERVICES.iter().map(|s| format!("wnodes-{s}")).collect()
+}
 
 /// Enters a private network namespace, then runs `f` on a fresh multi-thread runtime (whose
 /// threads, and every process they start, inherit the namespace).
@@ -91,17 +92,79 @@ pub async fn one_usage_record(stack: &Stack, job_id: &str) -> UsageRecord {
     r
 }
 
-/// The host's memory (`MemTotal`), in bytes; 0 when unreadable.
-pub fn mem_total_bytes() -> f64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|text| {
-            text.lines()
-                .find_map(|l| l.strip_prefix("MemTotal:"))
-                .and_then(|v| v.split_whitespace().next())
-                .and_then(|v| v.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb * 1024.0)
+/// The run's events once `pred` holds for them (read every 200 ms, at most [`JOB_TIMEOUT`]).
+///
+/// # Panics
+/// With the events there are, when `pred` does not hold in time.
+#[allow(clippy::expect_used)]
+pub async fn events_when(
+    stack: &Stack,
+    job: &str,
+    what: &str,
+    pred: impl Fn(&[RunEvent]) -> bool,
+) -> Vec<RunEvent> {
+    let res = wait_until(JOB_TIMEOUT, &format!("{what} ({job})"), || async {
+        if let Ok(evs) = stack.run_events(job).await
+            && pred(&evs)
+        {
+            return Some(evs);
+        }
+        tokio::time::sleep(POLL).await;
+        None
+    })
+    .await;
+    match res {
+        Ok(evs) => evs,
+        Err(e) => panic!(
+            "{e}; events: {}",
+            stack
+                .run_events(job)
+                .await
+                .expect("reading the run's events")
+                .names()
+        ),
+    }
+}
+
+/// Waits until accounting's durable consumer has acknowledged everything in the stream.
+///
+/// # Panics
+/// When it does not within [`JOB_TIMEOUT`].
+#[allow(clippy::expect_used)]
+pub async fn accounting_caught_up(stack: &Stack) {
+    let client = async_nats::connect(stack.nats_url())
+        .await
+        .expect("connecting to the stack's nats-server");
+    let js = async_nats::jetstream::new(client);
+    let name = wnodes_bus::subject::durable_name("accounting", None).expect("a durable name");
+    wait_until(
+        JOB_TIMEOUT,
+        "accounting caught up with the stream",
+        || async {
+            let s = consumer_state(&js, &name).await.ok()?;
+            if s.pending == 0 && s.ack_pending == 0 {
+                return Some(());
+            }
+            tokio::time::sleep(POLL).await;
+            None
+        },
+    )
+    .await
+    .expect("accounting caught up");
+}
+
+/// No usage record for `job_id` once accounting has seen everything up to now.
+///
+/// # Panics
+/// When there is one.
+#[allow(clippy::expect_used)]
+pub async fn no_usage_record(stack: &Stack, job_id: &str) {
+    accounting_caught_up(stack).await;
+    let recs = stack
+        .usage_record(job_id)
+        .await
+        .expect("reading usage records");
+    assert!(recs.is_empty(), "no usage record for {job_id}: {recs:#?}");
 }
 
 /// The bounds every usage record of the demo job meets: CPU between 0.1 s and wall × cores,

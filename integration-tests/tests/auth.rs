@@ -3,23 +3,19 @@
 // Test helpers outside #[test] functions panic on failure too: that is the point of a test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use wnodes_bus::{Bus, BusMetrics, ErrorChain, NatsConfig, TlsConfig};
+use wnodes_bus::{Bus, ErrorChain, NatsConfig, TlsConfig};
 use wnodes_testkit::{
-    NatsServer, TestPki, jwt_auth, nkey_block, nkey_user, token_block, user_password_block,
+    NatsServer, TestPki, bus::BusClient, jwt_auth, nkey_block, nkey_user, token_block,
+    user_password_block,
 };
 
+/// Connects and makes the streams (proof that the connection is usable: JetStream answers).
 async fn try_connect(cfg: NatsConfig) -> Result<Bus, String> {
-    wnodes_bus::connect::install_crypto_provider();
-    match Bus::connect(&cfg, "auth-test@local", BusMetrics::unregistered()).await {
-        Ok(bus) => {
-            // Prove the connection is usable: JetStream answers.
-            bus.ensure_streams()
-                .await
-                .map_err(|e| ErrorChain(&e).to_string())?;
-            Ok(bus)
-        }
-        Err(e) => Err(ErrorChain(&e).to_string()),
-    }
+    BusClient::from_config(cfg)
+        .name("auth-test@local")
+        .connect()
+        .await
+        .map_err(|e| ErrorChain(&e).to_string())
 }
 
 fn cfg(url: String) -> NatsConfig {

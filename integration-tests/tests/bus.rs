@@ -9,52 +9,56 @@ use std::time::Duration;
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use prost::Message;
-use wnodes_bus::{Bus, BusMetrics, EventExt, NatsConfig, dlq, proto, proto::event::Body};
-use wnodes_integration_tests::{HOST, Node, NodeOpts, SITE, consumer_state, effect_rows};
-use wnodes_testkit::{NatsServer, OtlpCollector, wait_until};
+use wnodes_bus::{Bus, EventExt, dlq, proto};
+use wnodes_testkit::{
+    NatsServer, OtlpCollector,
+    bus::{ConsumerState, connect, consumer_state},
+    events::{Events, RunRefExt, run, vm_requested as requested, vm_spec},
+    process::{BUS_NODE_HOST as HOST, BUS_NODE_SITE as SITE, ProcessBuilder, bus_node},
+    wait_until,
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_bus-node");
 const LONG: Duration = Duration::from_secs(30);
 
 fn vm_requested(job: &str) -> proto::Event {
-    let run = proto::JobRunRef {
-        site: SITE.into(),
-        lrms: proto::Lrms::Slurm as i32,
-        job_id: job.into(),
-        run_attempt: 1,
-    };
-    proto::Event::build(
-        run,
-        HOST,
-        "test@local",
-        Body::VmRequested(proto::VmRequested {
-            spec: Some(proto::VmSpec {
-                vm_id: format!("vm-{job}"),
-                ..Default::default()
-            }),
-        }),
+    Events::new(HOST, "test@local").build(
+        &run(job).site(SITE).lrms(proto::Lrms::Slurm),
+        requested(vm_spec(&format!("vm-{job}"))),
     )
 }
 
 async fn test_bus(url: &str) -> Bus {
-    wnodes_bus::connect::install_crypto_provider();
-    let cfg = NatsConfig {
-        url: url.into(),
-        ..Default::default()
-    };
-    let bus = Bus::connect(&cfg, "test@local", BusMetrics::unregistered())
-        .await
-        .unwrap();
-    bus.ensure_streams().await.unwrap();
-    bus
+    connect(url, "test@local").await.unwrap()
 }
 
-fn sink(nats: &NatsServer, dir: &std::path::Path, durable: &str) -> NodeOpts {
-    NodeOpts::new(BIN, &nats.url(), dir, "sink")
-        .env("NODE__DURABLE", durable)
-        .env("CONSUMER__ACK_WAIT", "2s")
-        .env("CONSUMER__HANDLER_TIMEOUT", "1s")
-        .env("CONSUMER__BACKOFF_BASE", "100ms")
+/// Rows in a sink node's `effects` table (0 if the table does not exist yet).
+async fn effect_rows(state_dir: &std::path::Path) -> anyhow::Result<(i64, i64)> {
+    use sqlx::sqlite::SqliteConnectOptions;
+    use sqlx::{ConnectOptions, Connection};
+    let db = state_dir.join("keys.db");
+    if !db.exists() {
+        return Ok((0, 0));
+    }
+    let mut conn = SqliteConnectOptions::new()
+        .filename(&db)
+        .read_only(true)
+        .connect()
+        .await?;
+    let res: Result<(i64, i64), _> =
+        sqlx::query_as("SELECT COUNT(*), COUNT(DISTINCT key) FROM effects")
+            .fetch_one(&mut conn)
+            .await;
+    conn.close().await?;
+    Ok(res.unwrap_or((0, 0)))
+}
+
+fn sink(nats: &NatsServer, dir: &std::path::Path, durable: &str) -> ProcessBuilder {
+    bus_node(BIN, &nats.url(), dir, "sink")
+        .wnodes_env("NODE__DURABLE", durable)
+        .wnodes_env("CONSUMER__ACK_WAIT", "2s")
+        .wnodes_env("CONSUMER__HANDLER_TIMEOUT", "1s")
+        .wnodes_env("CONSUMER__BACKOFF_BASE", "100ms")
 }
 
 async fn wait_rows(dir: &std::path::Path, n: i64) -> (i64, i64) {
@@ -67,13 +71,13 @@ async fn wait_rows(dir: &std::path::Path, n: i64) -> (i64, i64) {
 }
 
 /// Waits until `durable` has seen at least `deliveries` deliveries and has nothing unacked.
-async fn wait_settled(bus: &Bus, durable: &str, deliveries: u64) -> (usize, usize, u64, u64) {
+async fn wait_settled(bus: &Bus, durable: &str, deliveries: u64) -> ConsumerState {
     wait_until(
         LONG,
         &format!("{durable} settled after {deliveries} deliveries"),
         || async {
             let s = consumer_state(bus.jetstream(), durable).await.ok()?;
-            (s.0 == 0 && s.2 == 0 && s.3 >= deliveries).then_some(s)
+            (s.ack_pending == 0 && s.pending == 0 && s.deliveries >= deliveries).then_some(s)
         },
     )
     .await
@@ -86,22 +90,21 @@ async fn trace_context_crosses_three_processes() {
     let collector = OtlpCollector::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let ep = collector.endpoint();
-    let _b = Node::start(
-        &NodeOpts::new(BIN, &nats.url(), &dir.path().join("b"), "relay").env("OTLP_ENDPOINT", &ep),
-    )
-    .await
-    .unwrap();
-    let _c = Node::start(
-        &NodeOpts::new(BIN, &nats.url(), &dir.path().join("c"), "sink").env("OTLP_ENDPOINT", &ep),
-    )
-    .await
-    .unwrap();
-    let mut a = Node::spawn(
-        &NodeOpts::new(BIN, &nats.url(), &dir.path().join("a"), "publish")
-            .env("NODE__COUNT", "1")
-            .env("OTLP_ENDPOINT", &ep),
-    )
-    .unwrap();
+    let _b = bus_node(BIN, &nats.url(), &dir.path().join("b"), "relay")
+        .wnodes_env("OTLP_ENDPOINT", &ep)
+        .start()
+        .await
+        .unwrap();
+    let _c = bus_node(BIN, &nats.url(), &dir.path().join("c"), "sink")
+        .wnodes_env("OTLP_ENDPOINT", &ep)
+        .start()
+        .await
+        .unwrap();
+    let mut a = bus_node(BIN, &nats.url(), &dir.path().join("a"), "publish")
+        .wnodes_env("NODE__COUNT", "1")
+        .wnodes_env("OTLP_ENDPOINT", &ep)
+        .spawn()
+        .unwrap();
     let line = a.wait_line("trace_id=", LONG).await.unwrap();
     let trace_id = line.trim_start_matches("trace_id=").to_owned();
     assert_eq!(trace_id.len(), 32);
@@ -140,7 +143,7 @@ async fn trace_context_crosses_three_processes() {
 async fn same_event_published_twice_is_handled_once() {
     let nats = NatsServer::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let _sink = Node::start(&sink(&nats, dir.path(), "dup")).await.unwrap();
+    let _sink = sink(&nats, dir.path(), "dup").start().await.unwrap();
     let bus = test_bus(&nats.url()).await;
     let ev = vm_requested("dup-1");
     let first = bus.publish(&ev).await.unwrap();
@@ -163,23 +166,22 @@ async fn ack_withheld_once_then_restart_applies_effect_once() {
     let marker = dir.path().join("failpoint-fired");
     let bus = test_bus(&nats.url()).await;
     let opts = sink(&nats, dir.path(), "withheld");
-    let mut node = Node::start(
-        &opts
-            .clone()
-            .raw_env("WNODES_FAILPOINT", "skip-ack")
-            .raw_env("WNODES_FAILPOINT_MARKER", marker.to_str().unwrap()),
-    )
-    .await
-    .unwrap();
+    let mut node = opts
+        .clone()
+        .env("WNODES_FAILPOINT", "skip-ack")
+        .env("WNODES_FAILPOINT_MARKER", marker.to_str().unwrap())
+        .start()
+        .await
+        .unwrap();
     bus.publish(&vm_requested("withheld-1")).await.unwrap();
     wait_rows(dir.path(), 1).await;
     assert!(marker.exists(), "the ack was withheld");
     let state = consumer_state(bus.jetstream(), "withheld").await.unwrap();
-    assert_eq!(state.0, 1, "one message waits for its ack");
+    assert_eq!(state.ack_pending, 1, "one message waits for its ack");
     assert!(node.terminate(LONG).await.unwrap().success());
-    let _node = Node::start(&opts).await.unwrap();
+    let _node = opts.start().await.unwrap();
     let s = wait_settled(&bus, "withheld", 2).await;
-    assert!(s.3 >= 2, "the message was delivered again");
+    assert!(s.deliveries >= 2, "the message was delivered again");
     assert_eq!(effect_rows(dir.path()).await.unwrap(), (1, 1));
 }
 
@@ -190,14 +192,13 @@ async fn consumer_killed_after_effect_before_ack_applies_effect_once() {
     let marker = dir.path().join("failpoint-fired");
     let bus = test_bus(&nats.url()).await;
     let opts = sink(&nats, dir.path(), "crashy");
-    let mut node = Node::start(
-        &opts
-            .clone()
-            .raw_env("WNODES_FAILPOINT", "after-commit")
-            .raw_env("WNODES_FAILPOINT_MARKER", marker.to_str().unwrap()),
-    )
-    .await
-    .unwrap();
+    let mut node = opts
+        .clone()
+        .env("WNODES_FAILPOINT", "after-commit")
+        .env("WNODES_FAILPOINT_MARKER", marker.to_str().unwrap())
+        .start()
+        .await
+        .unwrap();
     bus.publish(&vm_requested("crashy-1")).await.unwrap();
     let status = node.wait_exit(LONG).await.unwrap();
     assert!(!status.success(), "the node crashed at the failpoint");
@@ -206,7 +207,7 @@ async fn consumer_killed_after_effect_before_ack_applies_effect_once() {
         (1, 1),
         "effect committed"
     );
-    let _node = Node::start(&opts).await.unwrap();
+    let _node = opts.start().await.unwrap();
     wait_settled(&bus, "crashy", 2).await;
     assert_eq!(effect_rows(dir.path()).await.unwrap(), (1, 1));
 }
@@ -217,7 +218,7 @@ async fn same_event_with_a_new_message_id_after_restart_applies_effect_once() {
     let dir = tempfile::tempdir().unwrap();
     let bus = test_bus(&nats.url()).await;
     let opts = sink(&nats, dir.path(), "newid");
-    let mut node = Node::start(&opts).await.unwrap();
+    let mut node = opts.start().await.unwrap();
     let ev = vm_requested("newid-1");
     bus.publish(&ev).await.unwrap();
     wait_rows(dir.path(), 1).await;
@@ -241,7 +242,7 @@ async fn same_event_with_a_new_message_id_after_restart_applies_effect_once() {
         !p.duplicate,
         "a new message id passes JetStream de-duplication"
     );
-    let _node = Node::start(&opts).await.unwrap();
+    let _node = opts.start().await.unwrap();
     wait_settled(&bus, "newid", 2).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(effect_rows(dir.path()).await.unwrap(), (1, 1));
@@ -252,30 +253,27 @@ async fn failing_hanging_panicking_and_malformed_messages_go_to_the_dead_letter_
     let nats = NatsServer::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let bus = test_bus(&nats.url()).await;
-    let failing = Node::start(
-        &sink(&nats, &dir.path().join("f"), "sink-fail")
-            .env("NODE__FAIL", "always")
-            .env("NODE__FAULT_MATCH", "bad")
-            .env("CONSUMER__MAX_ATTEMPTS", "3"),
-    )
-    .await
-    .unwrap();
-    let _hanging = Node::start(
-        &sink(&nats, &dir.path().join("h"), "sink-hang")
-            .env("NODE__HANG", "true")
-            .env("NODE__FAULT_MATCH", "bad")
-            .env("CONSUMER__MAX_ATTEMPTS", "2"),
-    )
-    .await
-    .unwrap();
-    let mut panicking = Node::start(
-        &sink(&nats, &dir.path().join("p"), "sink-panic")
-            .env("NODE__FAIL", "panic")
-            .env("NODE__FAULT_MATCH", "bad")
-            .env("CONSUMER__MAX_ATTEMPTS", "2"),
-    )
-    .await
-    .unwrap();
+    let failing = sink(&nats, &dir.path().join("f"), "sink-fail")
+        .wnodes_env("NODE__FAIL", "always")
+        .wnodes_env("NODE__FAULT_MATCH", "bad")
+        .wnodes_env("CONSUMER__MAX_ATTEMPTS", "3")
+        .start()
+        .await
+        .unwrap();
+    let _hanging = sink(&nats, &dir.path().join("h"), "sink-hang")
+        .wnodes_env("NODE__HANG", "true")
+        .wnodes_env("NODE__FAULT_MATCH", "bad")
+        .wnodes_env("CONSUMER__MAX_ATTEMPTS", "2")
+        .start()
+        .await
+        .unwrap();
+    let mut panicking = sink(&nats, &dir.path().join("p"), "sink-panic")
+        .wnodes_env("NODE__FAIL", "panic")
+        .wnodes_env("NODE__FAULT_MATCH", "bad")
+        .wnodes_env("CONSUMER__MAX_ATTEMPTS", "2")
+        .start()
+        .await
+        .unwrap();
     bus.publish(&vm_requested("bad-1")).await.unwrap();
     let subject = vm_requested("x").subject().unwrap();
     bus.publish_raw(
@@ -355,16 +353,16 @@ async fn sigkilled_consumer_gets_unacked_messages_again() {
     let dir = tempfile::tempdir().unwrap();
     let bus = test_bus(&nats.url()).await;
     let opts = sink(&nats, dir.path(), "killed")
-        .env("NODE__WORK_MS", "150")
-        .env("CONSUMER__MAX_IN_FLIGHT", "4");
-    let mut node = Node::start(&opts).await.unwrap();
+        .wnodes_env("NODE__WORK_MS", "150")
+        .wnodes_env("CONSUMER__MAX_IN_FLIGHT", "4");
+    let mut node = opts.start().await.unwrap();
     let events: Vec<_> = (0..20).map(|i| vm_requested(&format!("k-{i}"))).collect();
     bus.publish_pipelined(&events, 20).await.unwrap();
     wait_rows(dir.path(), 2).await;
     node.kill().unwrap();
     let before = effect_rows(dir.path()).await.unwrap().0;
     assert!(before < 20, "killed with work left ({before} done)");
-    let _node = Node::start(&opts).await.unwrap();
+    let _node = opts.start().await.unwrap();
     assert_eq!(wait_rows(dir.path(), 20).await, (20, 20));
     wait_settled(&bus, "killed", 20).await;
     assert_eq!(effect_rows(dir.path()).await.unwrap(), (20, 20));
@@ -375,9 +373,7 @@ async fn server_restart_while_publishing_loses_nothing() {
     let mut nats = NatsServer::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let bus = test_bus(&nats.url()).await;
-    let _node = Node::start(&sink(&nats, dir.path(), "restart"))
-        .await
-        .unwrap();
+    let _node = sink(&nats, dir.path(), "restart").start().await.unwrap();
     const N: usize = 300;
     let publisher = {
         let bus = bus.clone();
@@ -408,15 +404,14 @@ async fn sigterm_mid_handler_finishes_acks_and_exports_the_span() {
     let collector = OtlpCollector::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let bus = test_bus(&nats.url()).await;
-    let mut node = Node::start(
-        &sink(&nats, dir.path(), "graceful")
-            .env("NODE__WORK_MS", "1500")
-            .env("CONSUMER__ACK_WAIT", "30s")
-            .env("CONSUMER__HANDLER_TIMEOUT", "20s")
-            .env("OTLP_ENDPOINT", &collector.endpoint()),
-    )
-    .await
-    .unwrap();
+    let mut node = sink(&nats, dir.path(), "graceful")
+        .wnodes_env("NODE__WORK_MS", "1500")
+        .wnodes_env("CONSUMER__ACK_WAIT", "30s")
+        .wnodes_env("CONSUMER__HANDLER_TIMEOUT", "20s")
+        .wnodes_env("OTLP_ENDPOINT", collector.endpoint())
+        .start()
+        .await
+        .unwrap();
     bus.publish(&vm_requested("graceful-1")).await.unwrap();
     wait_until(LONG, "the handler to start", || async {
         node.stderr().contains("Handling.").then_some(())
@@ -430,11 +425,14 @@ async fn sigterm_mid_handler_finishes_acks_and_exports_the_span() {
         node.stderr()
     );
     assert_eq!(effect_rows(dir.path()).await.unwrap(), (1, 1));
-    let (ack_pending, redelivered, pending, deliveries) =
-        consumer_state(bus.jetstream(), "graceful").await.unwrap();
     assert_eq!(
-        (ack_pending, redelivered, pending, deliveries),
-        (0, 0, 0, 1),
+        consumer_state(bus.jetstream(), "graceful").await.unwrap(),
+        ConsumerState {
+            ack_pending: 0,
+            redelivered: 0,
+            pending: 0,
+            deliveries: 1
+        },
         "acked, never redelivered"
     );
     if let Err(e) = collector
@@ -456,14 +454,14 @@ async fn a_message_that_crashes_every_delivery_is_dead_lettered_by_the_next_proc
     let dir = tempfile::tempdir().unwrap();
     let bus = test_bus(&nats.url()).await;
     let opts = sink(&nats, dir.path(), "crashloop")
-        .env("CONSUMER__MAX_ATTEMPTS", "2")
-        .raw_env("WNODES_FAILPOINT", "before-handler");
+        .wnodes_env("CONSUMER__MAX_ATTEMPTS", "2")
+        .env("WNODES_FAILPOINT", "before-handler");
     bus.publish(&vm_requested("crash-every-time"))
         .await
         .unwrap();
     let mut crashes = 0;
     let letters = loop {
-        let mut node = Node::start(&opts).await.unwrap();
+        let mut node = opts.start().await.unwrap();
         let ended = tokio::select! {
             s = node.wait_exit(Duration::from_secs(10)) => s.ok(),
             l = wait_until(Duration::from_secs(10), "a dead letter", || async {
@@ -497,14 +495,13 @@ async fn handlers_of_one_consumer_overlap() {
     let nats = NatsServer::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let bus = test_bus(&nats.url()).await;
-    let node = Node::start(
-        &sink(&nats, dir.path(), "sink-overlap")
-            .env("NODE__WORK_MS", "300")
-            .env("CONSUMER__HANDLER_TIMEOUT", "5s")
-            .env("CONSUMER__ACK_WAIT", "10s"),
-    )
-    .await
-    .unwrap();
+    let node = sink(&nats, dir.path(), "sink-overlap")
+        .wnodes_env("NODE__WORK_MS", "300")
+        .wnodes_env("CONSUMER__HANDLER_TIMEOUT", "5s")
+        .wnodes_env("CONSUMER__ACK_WAIT", "10s")
+        .start()
+        .await
+        .unwrap();
     let events: Vec<_> = (0..5)
         .map(|i| vm_requested(&format!("overlap-{i}")))
         .collect();

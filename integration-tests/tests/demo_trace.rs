@@ -6,46 +6,27 @@
 //! user-mode networking on the host's loopback and the services export there directly. This test
 //! itself stays in the host's namespace.
 //!
-//! Needs what `job_flow.rs` needs (`jobs::NEEDS`: root, `/dev/fuse`, qemu, the test guest, ...)
+//! Needs what `job_flow.rs` needs (`wnodes_testkit::vm::JOB_NEEDS`: root, `/dev/fuse`, qemu, the test guest, ...)
 //! and the binaries (`cargo build --workspace --bins`); named `vm_*`: they boot VMs, one at a
 //! time. Host tests (`wnodes_testkit::host`): where a precondition is missing they are skipped,
 //! or fail naming it under `WNODES_HOST_TESTS=required`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failure is a test failure
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    os::unix::fs::PermissionsExt,
-    process::Stdio,
-    time::Duration,
-};
+use std::{collections::BTreeSet, os::unix::fs::PermissionsExt, process::Stdio, time::Duration};
 
 use wnodes_devstack::options::{default_bin_dir, workspace_root};
-use wnodes_integration_tests::jobs;
+use wnodes_integration_tests::jobs::seven_services;
 use wnodes_testkit::{
-    CollectedSpan, OtlpCollector,
+    OtlpCollector,
     host::{self, Precondition},
     host_test,
+    otlp::{one_trace, spans_by_service, trace_id_in},
+    vm::JOB_NEEDS,
 };
 
 /// The demo boots one VM under TCG; generous for a loaded 2-core machine.
 const DEMO_TIMEOUT: Duration = Duration::from_secs(300);
-
-/// The seven services' `service.name`s.
-fn seven_services() -> BTreeSet<String> {
-    [
-        "bridge",
-        "launcher",
-        "image",
-        "scratch",
-        "network",
-        "gateway",
-        "accounting",
-    ]
-    .iter()
-    .map(|s| format!("wnodes-{s}"))
-    .collect()
-}
 
 /// Runs `wnodes-dev demo` (through `setpriv` as `as_user` when given) with
 /// `OTEL_EXPORTER_OTLP_ENDPOINT` = `endpoint`; returns its stdout after checking it succeeded.
@@ -95,16 +76,7 @@ async fn run_demo(endpoint: &str, as_user: Option<u32>) -> String {
 /// and no service but the seven.
 async fn check_one_trace_of_seven_services(collector: &OtlpCollector, stdout: &str) {
     // "wnodes-bridge: job … started on … (trace <32 hex>)", among the job starter's progress.
-    let trace_id = stdout
-        .split("(trace ")
-        .nth(1)
-        .and_then(|s| s.get(..32))
-        .unwrap_or_else(|| panic!("no trace id in {stdout}"))
-        .to_owned();
-    assert!(
-        trace_id.chars().all(|c| c.is_ascii_hexdigit()),
-        "{trace_id}"
-    );
+    let trace_id = trace_id_in(stdout).unwrap_or_else(|| panic!("no trace id in {stdout}"));
     // The demo stopped its stack before exiting (SIGTERM flushes every service's spans), so
     // everything should be here already; the wait only covers a slow last export.
     let want = seven_services();
@@ -123,27 +95,12 @@ async fn check_one_trace_of_seven_services(collector: &OtlpCollector, stdout: &s
         )
         .await
         .unwrap();
-    let trace: Vec<&CollectedSpan> = spans.iter().filter(|s| s.trace_id == trace_id).collect();
-    let mut by_service = BTreeMap::new();
-    for s in &trace {
-        *by_service.entry(s.service_name.clone()).or_insert(0_usize) += 1;
-    }
+    let trace = one_trace(&spans, &trace_id);
+    let by_service = spans_by_service(&spans, &trace_id);
     eprintln!(
         "trace {trace_id}: {} spans by service {by_service:?}",
         trace.len()
     );
-    let ids: BTreeSet<&str> = trace.iter().map(|s| s.span_id.as_str()).collect();
-    let roots = trace.iter().filter(|s| s.parent_span_id.is_empty()).count();
-    assert_eq!(roots, 1, "one root span: {trace:#?}");
-    for s in &trace {
-        assert!(
-            s.parent_span_id.is_empty() || ids.contains(s.parent_span_id.as_str()),
-            "span {} ({}) has a parent outside the trace: {}",
-            s.name,
-            s.service_name,
-            s.parent_span_id
-        );
-    }
     let services: BTreeSet<String> = by_service.into_keys().collect();
     assert_eq!(services, want);
 }
@@ -193,17 +150,17 @@ fn nobody_can_run_the_demo() -> Result<(), String> {
 const NOBODY_RUNS_THE_DEMO: &str =
     "uid 65534 able to run wnodes-dev and read the test guest (through setpriv)";
 
-/// `jobs::NEEDS`, and uid 65534 able to run the demo.
-const NEEDS_AS_NOBODY: &[Precondition] = &[
-    Precondition::Root,
-    Precondition::Qemu,
-    Precondition::TestGuest,
-    Precondition::DevFuse,
-    Precondition::SftpServer,
-    Precondition::Setpriv,
-    Precondition::Nft,
-    Precondition::Other(NOBODY_RUNS_THE_DEMO, nobody_can_run_the_demo),
-];
+/// [`JOB_NEEDS`], and uid 65534 able to run the demo.
+const NEEDS_AS_NOBODY: &[Precondition] = &{
+    let mut all =
+        [Precondition::Other(NOBODY_RUNS_THE_DEMO, nobody_can_run_the_demo); JOB_NEEDS.len() + 1];
+    let mut i = 0;
+    while i < JOB_NEEDS.len() {
+        all[i] = JOB_NEEDS[i];
+        i += 1;
+    }
+    all
+};
 
 /// Not root (uid 65534 through `setpriv`): qemu user-mode networking on the host's loopback,
 /// spans straight to the endpoint.
@@ -226,7 +183,7 @@ fn main() -> std::process::ExitCode {
     host::main(vec![
         host_test!(
             multi_thread vm_the_demo_exports_one_trace_with_spans_from_all_seven_services_to_the_hosts_loopback
-            needs jobs::NEEDS
+            needs JOB_NEEDS
         ),
         host_test!(
             multi_thread vm_the_demo_without_root_exports_its_trace_to_the_hosts_loopback_too

@@ -6,9 +6,14 @@
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use wnodes_bus::{Bus, BusMetrics, EventExt, NatsConfig, proto, proto::event::Body};
-use wnodes_integration_tests::{HOST, Node, NodeOpts, SITE};
-use wnodes_testkit::{NatsServer, wait_until};
+use wnodes_bus::proto;
+use wnodes_testkit::{
+    NatsServer,
+    bus::BusClient,
+    events::{Events, RunRefExt, run},
+    process::{BUS_NODE_HOST as HOST, BUS_NODE_SITE as SITE, bus_node},
+    wait_until,
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_bus-node");
 const LONG: Duration = Duration::from_secs(30);
@@ -31,7 +36,8 @@ async fn get(addr: &str, path: &str) -> Option<(u16, String)> {
 async fn health_readiness_and_metrics() {
     let mut nats = NatsServer::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let node = Node::start(&NodeOpts::new(BIN, &nats.url(), dir.path(), "sink"))
+    let node = bus_node(BIN, &nats.url(), dir.path(), "sink")
+        .start()
         .await
         .unwrap();
     // The runtime logs the bound address (the node asked for port 0).
@@ -48,25 +54,15 @@ async fn health_readiness_and_metrics() {
         (200, "ready\n".into())
     );
 
-    wnodes_bus::connect::install_crypto_provider();
-    let cfg = NatsConfig {
-        url: nats.url(),
-        ..Default::default()
-    };
-    let bus = Bus::connect(&cfg, "test@local", BusMetrics::unregistered())
+    // The node made the streams: only connect.
+    let bus = BusClient::new(&nats.url())
+        .without_streams()
+        .connect()
         .await
         .unwrap();
-    let run = proto::JobRunRef {
-        site: SITE.into(),
-        job_id: "m-1".into(),
-        run_attempt: 1,
-        ..Default::default()
-    };
-    let ev = proto::Event::build(
-        run,
-        HOST,
-        "test@local",
-        Body::VmRequested(proto::VmRequested::default()),
+    let ev = Events::new(HOST, "test@local").build(
+        &run("m-1").site(SITE).lrms(proto::Lrms::Unspecified),
+        proto::VmRequested::default(),
     );
     bus.publish(&ev).await.unwrap();
     let metrics = wait_until(LONG, "the handled message in /metrics", || async {

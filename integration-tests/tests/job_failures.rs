@@ -9,135 +9,35 @@
 //! (`.config/nextest.toml`).
 //!
 //! Needs root, `/dev/fuse`, qemu, the test guest (`guest/build.sh`) and the service binaries
-//! (`cargo build --workspace --bins`). Host tests (`wnodes_testkit::host`, `jobs::NEEDS`): where
+//! (`cargo build --workspace --bins`). Host tests (`wnodes_testkit::host`, `wnodes_testkit::vm::JOB_NEEDS`): where
 //! a precondition is missing they are skipped, or fail naming it under `WNODES_HOST_TESTS=required`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failure is a test failure
 
-use std::{
-    collections::BTreeMap,
-    time::{Duration, SystemTime},
-};
+use std::time::{Duration, SystemTime};
 
 use nix::sys::signal::Signal;
 use wnodes_bus::{
-    Bus, BusMetrics, EventType, NatsConfig,
+    EventType,
     proto::{self, event::Body},
 };
 use wnodes_devstack::{
-    ExtraImage, ImageServing, RunEvent, Stack, SubmitArgs, SubmitOutcome, UsageRecord,
+    ExtraImage, ImageServing, RunEvent, RunningSubmit, Stack, SubmitArgs, SubmitOutcome,
+    UsageRecord,
 };
 use wnodes_integration_tests::jobs::{
-    self, check_cpu_and_memory, in_private_netns, mem_total_bytes, no_leftovers, one_usage_record,
-    tap_options as options,
+    accounting_caught_up, check_cpu_and_memory, events_when, in_private_netns, no_leftovers,
+    no_usage_record, one_usage_record, tap_options as options,
 };
-use wnodes_testkit::{OtlpCollector, host, host_test, wait_until};
-
-const LONG: Duration = Duration::from_secs(90);
-/// How often the helpers below read the event stream or the usage records again.
-const POLL: Duration = Duration::from_millis(200);
-
-/// The run's events once `pred` holds for them (read every [`POLL`], at most [`LONG`]).
-async fn events_when(
-    stack: &Stack,
-    job: &str,
-    what: &str,
-    pred: impl Fn(&[RunEvent]) -> bool,
-) -> Vec<RunEvent> {
-    let res = wait_until(LONG, &format!("{what} ({job})"), || async {
-        if let Ok(evs) = stack.run_events(job).await
-            && pred(&evs)
-        {
-            return Some(evs);
-        }
-        tokio::time::sleep(POLL).await;
-        None
-    })
-    .await;
-    match res {
-        Ok(evs) => evs,
-        Err(e) => panic!(
-            "{e}; events: {}",
-            names(&stack.run_events(job).await.unwrap())
-        ),
-    }
-}
-
-fn has(events: &[RunEvent], t: EventType) -> bool {
-    events.iter().any(|e| e.event_type == t)
-}
-
-fn count(events: &[RunEvent], t: EventType) -> usize {
-    events.iter().filter(|e| e.event_type == t).count()
-}
-
-/// Stream position of the first event of type `t`.
-fn pos(events: &[RunEvent], t: EventType) -> usize {
-    events
-        .iter()
-        .position(|e| e.event_type == t)
-        .unwrap_or_else(|| panic!("no {} in {}", t.name(), names(events)))
-}
-
-fn time_of(events: &[RunEvent], t: EventType) -> SystemTime {
-    assert_eq!(count(events, t), 1, "one {}: {}", t.name(), names(events));
-    events[pos(events, t)].time
-}
-
-/// `"job.started, vm.requested, …"`.
-fn names(events: &[RunEvent]) -> String {
-    events
-        .iter()
-        .map(|e| e.event_type.name())
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-fn the_vm_failed(events: &[RunEvent]) -> proto::VmFailed {
-    let f: Vec<_> = events
-        .iter()
-        .filter_map(|e| match &e.event.body {
-            Some(Body::VmFailed(f)) => Some(f.clone()),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(f.len(), 1, "one vm.failed: {}", names(events));
-    f.into_iter().next().unwrap()
-}
-
-fn the_vm_stopped(events: &[RunEvent]) -> proto::VmStopped {
-    let s: Vec<_> = events
-        .iter()
-        .filter_map(|e| match &e.event.body {
-            Some(Body::VmStopped(s)) => Some(s.clone()),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(s.len(), 1, "one vm.stopped: {}", names(events));
-    s.into_iter().next().unwrap()
-}
-
-/// The per-VM resource each `…Ready` stands for (the image is a shared cache entry, not
-/// released per VM).
-fn kind_of_ready(t: EventType) -> Option<proto::ResourceKind> {
-    match t {
-        EventType::ScratchReady => Some(proto::ResourceKind::Scratch),
-        EventType::NetworkReady => Some(proto::ResourceKind::Network),
-        EventType::StorageReady => Some(proto::ResourceKind::Storage),
-        _ => None,
-    }
-}
-
-/// `resource.released` count by kind.
-fn released(events: &[RunEvent]) -> BTreeMap<i32, usize> {
-    let mut m = BTreeMap::new();
-    for e in events {
-        if let Some(Body::ResourceReleased(r)) = &e.event.body {
-            *m.entry(r.kind).or_insert(0) += 1;
-        }
-    }
-    m
-}
+use wnodes_testkit::{
+    OtlpCollector,
+    bus::BusClient,
+    events::RunEvents,
+    host, host_test,
+    otlp::trace_id_in,
+    vm::{JOB_NEEDS, JOB_TIMEOUT, mem_total_bytes},
+    wait_until,
+};
 
 /// Waits until every resource whose `…Ready` was published has exactly one
 /// `resource.released`; returns the events and the kinds that had been prepared.
@@ -145,18 +45,9 @@ async fn all_prepared_released(
     stack: &Stack,
     job: &str,
 ) -> (Vec<RunEvent>, Vec<proto::ResourceKind>) {
-    let prepared = |evs: &[RunEvent]| -> Vec<proto::ResourceKind> {
-        let mut k: Vec<_> = evs
-            .iter()
-            .filter_map(|e| kind_of_ready(e.event_type))
-            .collect();
-        k.sort_by_key(|k| *k as i32);
-        k.dedup();
-        k
-    };
     events_when(stack, job, "a release for every …Ready", |evs| {
-        let rel = released(evs);
-        prepared(evs)
+        let rel = evs.released();
+        evs.prepared()
             .iter()
             .all(|k| rel.get(&(*k as i32)).is_some_and(|n| *n >= 1))
     })
@@ -164,49 +55,18 @@ async fn all_prepared_released(
     // Give a duplicate release a chance to show up, then count.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let evs = stack.run_events(job).await.unwrap();
-    let kinds = prepared(&evs);
-    let rel = released(&evs);
-    eprintln!("{job}: events [{}]; prepared {kinds:?}", names(&evs));
+    let kinds = evs.prepared();
+    let rel = evs.released();
+    eprintln!("{job}: events [{}]; prepared {kinds:?}", evs.names());
     for k in &kinds {
         assert_eq!(
             rel.get(&(*k as i32)),
             Some(&1),
             "{k:?} released exactly once: {}",
-            names(&evs)
+            evs.names()
         );
     }
     (evs, kinds)
-}
-
-/// Waits until accounting's durable consumer has acknowledged everything in the stream.
-async fn accounting_caught_up(stack: &Stack) {
-    let client = async_nats::connect(stack.nats_url()).await.unwrap();
-    let js = async_nats::jetstream::new(client);
-    let stream = js
-        .get_stream(wnodes_bus::subject::EVENTS_STREAM)
-        .await
-        .unwrap();
-    let name = wnodes_bus::subject::durable_name("accounting", None).unwrap();
-    wait_until(LONG, "accounting caught up with the stream", || async {
-        let mut c: async_nats::jetstream::consumer::Consumer<
-            async_nats::jetstream::consumer::pull::Config,
-        > = stream.get_consumer(&name).await.ok()?;
-        let info = c.info().await.ok()?.clone();
-        if info.num_pending == 0 && info.num_ack_pending == 0 {
-            return Some(());
-        }
-        tokio::time::sleep(POLL).await;
-        None
-    })
-    .await
-    .unwrap();
-}
-
-/// No usage record for `job_id` once accounting has seen everything up to now.
-async fn no_usage_record(stack: &Stack, job_id: &str) {
-    accounting_caught_up(stack).await;
-    let recs = stack.usage_record(job_id).await.unwrap();
-    assert!(recs.is_empty(), "no usage record for {job_id}: {recs:#?}");
 }
 
 /// A protobuf timestamp's `seconds` and `nanos` as a time.
@@ -220,19 +80,17 @@ fn unix((seconds, nanos): (i64, i32)) -> SystemTime {
 
 /// qemu's start (`VmRunning.started_at`) and stop (`VmStopped.stopped_at`) as the events say.
 fn vm_start_and_stop(events: &[RunEvent]) -> (SystemTime, SystemTime) {
-    let started = match &events[pos(events, EventType::VmRunning)].event.body {
-        Some(Body::VmRunning(r)) => unix(
-            r.started_at
-                .map(|t| (t.seconds, t.nanos))
-                .expect("vm.running started_at"),
-        ),
-        other => panic!("{other:?}"),
-    };
-    let stopped = the_vm_stopped(events)
+    let started = events
+        .first_payload::<proto::VmRunning>()
+        .and_then(|r| r.started_at)
+        .map(|t| (t.seconds, t.nanos))
+        .expect("vm.running started_at");
+    let stopped = events
+        .the::<proto::VmStopped>()
         .stopped_at
         .map(|t| (t.seconds, t.nanos))
         .expect("vm.stopped stopped_at");
-    (started, unix(stopped))
+    (unix(started), unix(stopped))
 }
 
 /// The record's wall time is the VM's own start → stop (±0.05 s) and the `vm.running →
@@ -240,8 +98,8 @@ fn vm_start_and_stop(events: &[RunEvent]) -> (SystemTime, SystemTime) {
 /// `vm.running` was stored: qemu's `-daemonize` start-up, 0.1–0.7 s on a loaded 2-core TCG
 /// host, is part of the VM's wall time but precedes the event); CPU and memory are plausible.
 fn check_usage(r: &UsageRecord, events: &[RunEvent]) {
-    let running = time_of(events, EventType::VmRunning);
-    let stopped = time_of(events, EventType::VmStopped);
+    let running = events.time_of(EventType::VmRunning);
+    let stopped = events.time_of(EventType::VmStopped);
     let between = stopped.duration_since(running).unwrap().as_secs_f64();
     let (vm_started, vm_stopped) = vm_start_and_stop(events);
     let own = vm_stopped.duration_since(vm_started).unwrap().as_secs_f64();
@@ -285,32 +143,52 @@ fn launcher_uses_cgroups(stack: &Stack) -> bool {
 
 /// The qemu of the stack's only VM, once it exists.
 async fn the_qemu(stack: &Stack) -> u32 {
-    wait_until(LONG, "the VM's qemu process", || async {
+    wait_until(JOB_TIMEOUT, "the VM's qemu process", || async {
         let q = stack.leftovers().qemus;
         if q.len() == 1 {
             return Some(q[0]);
         }
-        tokio::time::sleep(POLL).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
         None
     })
     .await
     .unwrap()
 }
 
+/// Starts job `job` running `script` through the job starter and waits until its VM runs;
+/// returns the job starter, the run's events so far and the VM's qemu.
+async fn running_job(
+    stack: &Stack,
+    job: &str,
+    script: &str,
+) -> (RunningSubmit, Vec<RunEvent>, u32) {
+    let submit = stack
+        .spawn_submit(&SubmitArgs::script(job, script))
+        .unwrap();
+    let evs = events_when(stack, job, "vm.running", |e| e.has(EventType::VmRunning)).await;
+    let qemu = the_qemu(stack).await;
+    (submit, evs, qemu)
+}
+
+/// The job starter of a [`CRASH_PAYLOAD`] job exits 7 with the payload's output, and the run
+/// has its one usage record with exit code 7.
+async fn ended_as_crash_payload(
+    stack: &Stack,
+    job: &str,
+    submit: RunningSubmit,
+) -> (SubmitOutcome, UsageRecord) {
+    let out = submit.wait().await.unwrap();
+    assert_eq!(out.exit_code, 7, "{out:#?}");
+    assert!(out.stdout.contains("done"), "{out:#?}");
+    let r = one_usage_record(stack, job).await;
+    assert_eq!(r.exit_code, 7, "{r:#?}");
+    (out, r)
+}
+
 fn alive(pid: u32) -> bool {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok()
         && std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .is_ok_and(|s| !s.rsplit(')').next().unwrap_or("").trim().starts_with('Z'))
-}
-
-/// `"… (trace <32 hex>)"` on the job starter's stderr.
-fn trace_id(out: &SubmitOutcome) -> String {
-    out.stderr
-        .split("(trace ")
-        .nth(1)
-        .and_then(|s| s.get(..32))
-        .unwrap_or_else(|| panic!("no trace id in {}", out.stderr))
-        .to_owned()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -325,8 +203,8 @@ async fn policy_failure(stack: &Stack, args: SubmitArgs, want: &[&str]) {
     for w in want {
         assert!(out.stderr.contains(w), "stderr names {w:?}: {out:#?}");
     }
-    let evs = events_when(stack, &job, "vm.failed", |e| has(e, EventType::VmFailed)).await;
-    let f = the_vm_failed(&evs);
+    let evs = events_when(stack, &job, "vm.failed", |e| e.has(EventType::VmFailed)).await;
+    let f = evs.the::<proto::VmFailed>();
     assert_eq!(f.phase, "policy", "{f:#?}");
     for w in want {
         assert!(f.reason.contains(w), "reason names {w:?}: {f:#?}");
@@ -337,10 +215,10 @@ async fn policy_failure(stack: &Stack, args: SubmitArgs, want: &[&str]) {
         f.reason,
         out.stderr
     );
-    assert!(!has(&evs, EventType::VmRequested), "{}", names(&evs));
+    assert!(!evs.has(EventType::VmRequested), "{}", evs.names());
     let (evs, prepared) = all_prepared_released(stack, &job).await;
-    assert!(prepared.is_empty(), "{}", names(&evs));
-    assert!(!has(&evs, EventType::VmRunning), "{}", names(&evs));
+    assert!(prepared.is_empty(), "{}", evs.names());
+    assert!(!evs.has(EventType::VmRunning), "{}", evs.names());
     no_usage_record(stack, &job).await;
     no_leftovers(stack).await;
 }
@@ -393,10 +271,10 @@ fn vm_an_image_with_a_wrong_digest_fails_after_scratch_and_network_and_releases_
         assert!(out.stderr.contains("sha256 mismatch"), "{out:#?}");
 
         let evs = events_when(&stack, "fail-digest-1", "vm.failed", |e| {
-            has(e, EventType::VmFailed)
+            e.has(EventType::VmFailed)
         })
         .await;
-        let f = the_vm_failed(&evs);
+        let f = evs.the::<proto::VmFailed>();
         assert_eq!(f.phase, "image", "{f:#?}");
         assert!(f.reason.contains("sha256 mismatch"), "{f:#?}");
         assert!(
@@ -408,34 +286,30 @@ fn vm_an_image_with_a_wrong_digest_fails_after_scratch_and_network_and_releases_
             "reason names the file: {f:#?}"
         );
         assert!(out.stderr.contains(&f.reason), "{out:#?}");
-        let failed_at = pos(&evs, EventType::ImageFailed);
+        use EventType::{ImageFailed, NetworkReady, ScratchReady, VmFailed};
         assert!(
-            pos(&evs, EventType::ScratchReady) < failed_at
-                && pos(&evs, EventType::NetworkReady) < failed_at,
+            evs.in_order(&[ScratchReady, ImageFailed])
+                && evs.in_order(&[NetworkReady, ImageFailed]),
             "scratch.ready and network.ready before image.failed: {}",
-            names(&evs)
+            evs.names()
         );
-        assert!(
-            failed_at < pos(&evs, EventType::VmFailed),
-            "{}",
-            names(&evs)
-        );
+        assert!(evs.in_order(&[ImageFailed, VmFailed]), "{}", evs.names());
         let (evs, prepared) = all_prepared_released(&stack, "fail-digest-1").await;
         assert!(
             prepared.contains(&proto::ResourceKind::Scratch)
                 && prepared.contains(&proto::ResourceKind::Network),
             "{prepared:?}"
         );
-        let vm_failed = pos(&evs, EventType::VmFailed);
+        let vm_failed = evs.position(EventType::VmFailed);
         for e in evs.iter().skip(vm_failed) {
-            assert_ne!(e.event_type, EventType::VmRunning, "{}", names(&evs));
+            assert_ne!(e.event_type, EventType::VmRunning, "{}", evs.names());
         }
         assert!(
             evs.iter()
                 .position(|e| e.event_type == EventType::ResourceReleased)
                 .is_some_and(|p| p > vm_failed),
             "released after vm.failed: {}",
-            names(&evs)
+            evs.names()
         );
         no_usage_record(&stack, "fail-digest-1").await;
         no_leftovers(&stack).await;
@@ -463,10 +337,10 @@ fn vm_an_image_whose_file_is_missing_fails_with_the_whole_chain_once_in_the_log(
         assert_eq!(out.exit_code, 125, "{out:#?}");
 
         let evs = events_when(&stack, "fail-missing-1", "vm.failed", |e| {
-            has(e, EventType::VmFailed)
+            e.has(EventType::VmFailed)
         })
         .await;
-        let f = the_vm_failed(&evs);
+        let f = evs.the::<proto::VmFailed>();
         assert_eq!(f.phase, "image", "{f:#?}");
         let top = format!("cannot open the source {}", missing.display());
         let cause = "No such file or directory";
@@ -486,7 +360,7 @@ fn vm_an_image_whose_file_is_missing_fails_with_the_whole_chain_once_in_the_log(
         once_in_order(line);
 
         let (evs, _) = all_prepared_released(&stack, "fail-missing-1").await;
-        assert!(!has(&evs, EventType::VmRunning), "{}", names(&evs));
+        assert!(!evs.has(EventType::VmRunning), "{}", evs.names());
         no_usage_record(&stack, "fail-missing-1").await;
         no_leftovers(&stack).await;
     });
@@ -500,24 +374,21 @@ fn vm_sigterm_to_submit_while_the_vm_runs_stops_it_as_cancelled_and_exits_143() 
         let work = tempfile::tempdir().unwrap();
         let stack = Stack::start(options(work.path(), None)).await.unwrap();
         let job = "cancel-running-1";
-        let submit = stack
-            .spawn_submit(&SubmitArgs::script(job, "echo started\nsleep 30\nexit 0\n"))
-            .unwrap();
-        events_when(&stack, job, "vm.running", |e| has(e, EventType::VmRunning)).await;
-        let qemu = the_qemu(&stack).await;
+        let (submit, _, qemu) = running_job(&stack, job, "echo started\nsleep 30\nexit 0\n").await;
         submit.signal(Signal::SIGTERM).unwrap();
         let out = submit.wait().await.unwrap();
         assert_eq!(out.exit_code, 143, "{out:#?}");
         assert!(out.stderr.contains("SIGTERM: cancelling"), "{out:#?}");
         // submit exits after the teardown: the VM's end is already in the stream.
         let evs = stack.run_events(job).await.unwrap();
-        assert!(has(&evs, EventType::JobCancelled), "{}", names(&evs));
-        let stopped = the_vm_stopped(&evs);
+        assert!(evs.has(EventType::JobCancelled), "{}", evs.names());
+        let stopped = evs.the::<proto::VmStopped>();
         assert_eq!(stopped.stop_reason, "cancelled", "{stopped:#?}");
-        assert!(!has(&evs, EventType::VmFailed), "{}", names(&evs));
+        assert!(!evs.has(EventType::VmFailed), "{}", evs.names());
         assert!(!alive(qemu), "qemu {qemu} still alive after submit exited");
-        let gap = time_of(&evs, EventType::VmStopped)
-            .duration_since(time_of(&evs, EventType::VmRunning))
+        let gap = evs
+            .time_of(EventType::VmStopped)
+            .duration_since(evs.time_of(EventType::VmRunning))
             .unwrap();
         assert!(gap < Duration::from_secs(30), "not cut short: {gap:?}");
         let (_, prepared) = all_prepared_released(&stack, job).await;
@@ -543,33 +414,33 @@ fn vm_sigterm_to_submit_while_preparing_fails_the_vm_as_cancelled_and_releases_l
             .spawn_submit(&SubmitArgs::script(job, "exit 0\n"))
             .unwrap();
         let evs = events_when(&stack, job, "scratch, network and storage ready", |e| {
-            has(e, EventType::ScratchReady)
-                && has(e, EventType::NetworkReady)
-                && has(e, EventType::StorageReady)
+            e.has(EventType::ScratchReady)
+                && e.has(EventType::NetworkReady)
+                && e.has(EventType::StorageReady)
         })
         .await;
         assert!(
-            !has(&evs, EventType::ImageReady),
+            !evs.has(EventType::ImageReady),
             "the image came too early for this test: {}",
-            names(&evs)
+            evs.names()
         );
         submit.signal(Signal::SIGTERM).unwrap();
         let out = submit.wait().await.unwrap();
         assert_eq!(out.exit_code, 143, "{out:#?}");
         let evs = stack.run_events(job).await.unwrap();
-        let f = the_vm_failed(&evs);
+        let f = evs.the::<proto::VmFailed>();
         assert_eq!(f.phase, "cancelled", "{f:#?}");
         assert!(f.reason.contains("SIGTERM"), "{f:#?}");
         // The image result arrives after the cancel; it must not start anything.
         let evs = events_when(&stack, job, "the late image result", |e| {
-            has(e, EventType::ImageReady) || has(e, EventType::ImageFailed)
+            e.has(EventType::ImageReady) || e.has(EventType::ImageFailed)
         })
         .await;
         let late = evs
             .iter()
             .position(|e| matches!(e.event_type, EventType::ImageReady | EventType::ImageFailed))
             .unwrap();
-        assert!(late > pos(&evs, EventType::VmFailed), "{}", names(&evs));
+        assert!(late > evs.position(EventType::VmFailed), "{}", evs.names());
         let (evs, prepared) = all_prepared_released(&stack, job).await;
         assert_eq!(
             prepared,
@@ -582,9 +453,9 @@ fn vm_sigterm_to_submit_while_preparing_fails_the_vm_as_cancelled_and_releases_l
         // Let the launcher act on the late result, then check nothing was started.
         tokio::time::sleep(Duration::from_secs(2)).await;
         let evs2 = stack.run_events(job).await.unwrap();
-        assert_eq!(evs2.len(), evs.len(), "{}", names(&evs2));
-        assert!(!has(&evs2, EventType::VmRunning), "{}", names(&evs2));
-        assert!(!has(&evs2, EventType::VmStopped), "{}", names(&evs2));
+        assert_eq!(evs2.len(), evs.len(), "{}", evs2.names());
+        assert!(!evs2.has(EventType::VmRunning), "{}", evs2.names());
+        assert!(!evs2.has(EventType::VmStopped), "{}", evs2.names());
         assert!(stack.leftovers().qemus.is_empty());
         let vm_dir = stack.state_dir("launcher").join("vms").join(&f.vm_id);
         assert!(
@@ -608,27 +479,28 @@ fn vm_sigterm_to_submit_while_scratch_is_down_releases_the_scratch_prepared_afte
             .spawn_submit(&SubmitArgs::script(job, "exit 0\n"))
             .unwrap();
         events_when(&stack, job, "image, network and storage ready", |e| {
-            has(e, EventType::ImageReady)
-                && has(e, EventType::NetworkReady)
-                && has(e, EventType::StorageReady)
+            e.has(EventType::ImageReady)
+                && e.has(EventType::NetworkReady)
+                && e.has(EventType::StorageReady)
         })
         .await;
         submit.signal(Signal::SIGTERM).unwrap();
         let out = submit.wait().await.unwrap();
         assert_eq!(out.exit_code, 143, "{out:#?}");
         let evs = stack.run_events(job).await.unwrap();
-        assert_eq!(the_vm_failed(&evs).phase, "cancelled");
-        assert!(!has(&evs, EventType::ScratchReady), "{}", names(&evs));
+        assert_eq!(evs.the::<proto::VmFailed>().phase, "cancelled");
+        assert!(!evs.has(EventType::ScratchReady), "{}", evs.names());
         stack.start_service("scratch").await.unwrap();
         let evs = events_when(&stack, job, "the scratch volume released", |e| {
-            released(e).contains_key(&(proto::ResourceKind::Scratch as i32))
+            e.released()
+                .contains_key(&(proto::ResourceKind::Scratch as i32))
         })
         .await;
-        if has(&evs, EventType::ScratchReady) {
+        if evs.has(EventType::ScratchReady) {
             assert!(
-                pos(&evs, EventType::ScratchReady) > pos(&evs, EventType::VmFailed),
+                evs.in_order(&[EventType::VmFailed, EventType::ScratchReady]),
                 "{}",
-                names(&evs)
+                evs.names()
             );
         }
         let (evs, prepared) = all_prepared_released(&stack, job).await;
@@ -639,8 +511,8 @@ fn vm_sigterm_to_submit_while_scratch_is_down_releases_the_scratch_prepared_afte
         );
         tokio::time::sleep(Duration::from_secs(1)).await;
         let evs2 = stack.run_events(job).await.unwrap();
-        assert_eq!(evs2.len(), evs.len(), "{}", names(&evs2));
-        assert!(!has(&evs2, EventType::VmRunning), "{}", names(&evs2));
+        assert_eq!(evs2.len(), evs.len(), "{}", evs2.names());
+        assert!(!evs2.has(EventType::VmRunning), "{}", evs2.names());
         assert!(stack.leftovers().qemus.is_empty());
         no_usage_record(&stack, job).await;
         no_leftovers(&stack).await;
@@ -660,20 +532,13 @@ fn vm_launcher_killed_while_the_vm_runs_is_restarted_and_the_job_ends_once_in_it
             .await
             .unwrap();
         let job = "crash-running-1";
-        let submit = stack
-            .spawn_submit(&SubmitArgs::script(job, CRASH_PAYLOAD))
-            .unwrap();
-        events_when(&stack, job, "vm.running", |e| has(e, EventType::VmRunning)).await;
-        let qemu = the_qemu(&stack).await;
+        let (submit, _, qemu) = running_job(&stack, job, CRASH_PAYLOAD).await;
         stack.kill_service("launcher").unwrap();
         assert!(alive(qemu), "qemu died with the launcher");
         stack.start_service("launcher").await.unwrap();
-        let out = submit.wait().await.unwrap();
-        assert_eq!(out.exit_code, 7, "{out:#?}");
-        assert!(out.stdout.contains("done"), "{out:#?}");
-        let trace = trace_id(&out);
-        let r = one_usage_record(&stack, job).await;
-        assert_eq!(r.exit_code, 7, "{r:#?}");
+        let (out, r) = ended_as_crash_payload(&stack, job, submit).await;
+        let trace =
+            trace_id_in(&out.stderr).unwrap_or_else(|| panic!("no trace id in {}", out.stderr));
         let evs = stack.run_events(job).await.unwrap();
         check_usage(&r, &evs);
         all_prepared_released(&stack, job).await;
@@ -715,36 +580,33 @@ fn vm_a_vm_that_ends_while_the_launcher_is_down_is_reported_once_after_the_resta
         let work = tempfile::tempdir().unwrap();
         let mut stack = Stack::start(options(work.path(), None)).await.unwrap();
         let job = "crash-ended-1";
-        let submit = stack
-            .spawn_submit(&SubmitArgs::script(job, CRASH_PAYLOAD))
-            .unwrap();
-        let evs = events_when(&stack, job, "vm.running", |e| has(e, EventType::VmRunning)).await;
-        let running = time_of(&evs, EventType::VmRunning);
-        let qemu = the_qemu(&stack).await;
+        let (submit, evs, qemu) = running_job(&stack, job, CRASH_PAYLOAD).await;
+        let running = evs.time_of(EventType::VmRunning);
         stack.kill_service("launcher").unwrap();
-        wait_until(LONG, "qemu to exit while the launcher is down", || async {
-            if alive(qemu) {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                return None;
-            }
-            Some(())
-        })
+        wait_until(
+            JOB_TIMEOUT,
+            "qemu to exit while the launcher is down",
+            || async {
+                if alive(qemu) {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    return None;
+                }
+                Some(())
+            },
+        )
         .await
         .unwrap();
         let gone = SystemTime::now();
         stack.start_service("launcher").await.unwrap();
-        let out = submit.wait().await.unwrap();
-        assert_eq!(out.exit_code, 7, "{out:#?}");
-        assert!(out.stdout.contains("done"), "{out:#?}");
-        let r = one_usage_record(&stack, job).await;
-        assert_eq!(r.exit_code, 7, "{r:#?}");
+        let (_, r) = ended_as_crash_payload(&stack, job, submit).await;
         // The VM's stop was not observed: its wall time ends at the guest's last output, after
         // the payload's 3 s and before we saw qemu gone — not at the late vm.stopped.
         let evs = stack.run_events(job).await.unwrap();
         let (vm_started, vm_stopped) = vm_start_and_stop(&evs);
         let own = vm_stopped.duration_since(vm_started).unwrap().as_secs_f64();
         let seen = gone.duration_since(vm_started).unwrap().as_secs_f64();
-        let gap = time_of(&evs, EventType::VmStopped)
+        let gap = evs
+            .time_of(EventType::VmStopped)
             .duration_since(running)
             .unwrap()
             .as_secs_f64();
@@ -764,9 +626,9 @@ fn vm_a_vm_that_ends_while_the_launcher_is_down_is_reported_once_after_the_resta
             r.wall_seconds
         );
         assert!(
-            time_of(&evs, EventType::VmStopped) > gone,
+            evs.time_of(EventType::VmStopped) > gone,
             "vm.stopped was published before qemu was seen gone: {}",
-            names(&evs)
+            evs.names()
         );
         if launcher_uses_cgroups(&stack) {
             check_cpu_and_memory(&r);
@@ -796,11 +658,7 @@ fn vm_launcher_stopped_with_sigterm_leaves_the_vm_running_and_reports_it_after_t
         let work = tempfile::tempdir().unwrap();
         let mut stack = Stack::start(options(work.path(), None)).await.unwrap();
         let job = "stop-running-1";
-        let submit = stack
-            .spawn_submit(&SubmitArgs::script(job, CRASH_PAYLOAD))
-            .unwrap();
-        events_when(&stack, job, "vm.running", |e| has(e, EventType::VmRunning)).await;
-        let qemu = the_qemu(&stack).await;
+        let (submit, _, qemu) = running_job(&stack, job, CRASH_PAYLOAD).await;
         let launcher = stack.service_pid("launcher").unwrap();
         stack.stop_service("launcher").unwrap(); // SIGTERM; returns once it has exited
         assert!(!alive(launcher), "the launcher is still running");
@@ -809,13 +667,9 @@ fn vm_launcher_stopped_with_sigterm_leaves_the_vm_running_and_reports_it_after_t
             "qemu {qemu} died with the launcher's clean stop"
         );
         stack.start_service("launcher").await.unwrap();
-        let out = submit.wait().await.unwrap();
-        assert_eq!(out.exit_code, 7, "{out:#?}");
-        assert!(out.stdout.contains("done"), "{out:#?}");
-        let r = one_usage_record(&stack, job).await;
-        assert_eq!(r.exit_code, 7, "{r:#?}");
+        let (_, r) = ended_as_crash_payload(&stack, job, submit).await;
         let evs = stack.run_events(job).await.unwrap();
-        assert_eq!(count(&evs, EventType::VmStopped), 1, "{}", names(&evs));
+        assert_eq!(evs.count(EventType::VmStopped), 1, "{}", evs.names());
         check_usage(&r, &evs);
         all_prepared_released(&stack, job).await;
         no_leftovers(&stack).await;
@@ -868,17 +722,12 @@ fn vm_a_republished_vm_stopped_after_an_accounting_restart_is_not_recorded_twice
         let new_id = format!("{old_id}:republished");
         headers.insert("Nats-Msg-Id", new_id.as_str());
 
-        wnodes_bus::connect::install_crypto_provider();
-        let bus = Bus::connect(
-            &NatsConfig {
-                url: stack.nats_url(),
-                ..Default::default()
-            },
-            "job-failures-test@local",
-            BusMetrics::unregistered(),
-        )
-        .await
-        .unwrap();
+        let bus = BusClient::new(&stack.nats_url())
+            .name("job-failures-test@local")
+            .without_streams()
+            .connect()
+            .await
+            .unwrap();
         let published = bus
             .publish_raw(
                 original.subject.as_str(),
@@ -891,29 +740,29 @@ fn vm_a_republished_vm_stopped_after_an_accounting_restart_is_not_recorded_twice
         assert!(!published.duplicate, "the new Nats-Msg-Id was deduplicated");
         assert!(published.sequence > original.sequence);
         let evs = stack.run_events(job).await.unwrap();
-        assert_eq!(count(&evs, EventType::VmStopped), 2, "{}", names(&evs));
+        assert_eq!(evs.count(EventType::VmStopped), 2, "{}", evs.names());
 
         accounting_caught_up(&stack).await;
         let recs = stack.usage_record(job).await.unwrap();
         assert_eq!(recs.len(), 1, "one record after the duplicate: {recs:#?}");
         assert_eq!(recs[0], first, "the record was rewritten");
         let evs = stack.run_events(job).await.unwrap();
-        assert_eq!(count(&evs, EventType::UsageRecorded), 1, "{}", names(&evs));
+        assert_eq!(evs.count(EventType::UsageRecorded), 1, "{}", evs.names());
         no_leftovers(&stack).await;
     });
 }
 
 fn main() -> std::process::ExitCode {
     host::main(vec![
-        host_test!(sync vm_a_vo_without_an_image_or_too_much_scratch_fails_in_policy_with_exit_125 needs jobs::NEEDS),
-        host_test!(sync vm_an_image_with_a_wrong_digest_fails_after_scratch_and_network_and_releases_them needs jobs::NEEDS),
-        host_test!(sync vm_an_image_whose_file_is_missing_fails_with_the_whole_chain_once_in_the_log needs jobs::NEEDS),
-        host_test!(sync vm_sigterm_to_submit_while_the_vm_runs_stops_it_as_cancelled_and_exits_143 needs jobs::NEEDS),
-        host_test!(sync vm_sigterm_to_submit_while_preparing_fails_the_vm_as_cancelled_and_releases_late_results needs jobs::NEEDS),
-        host_test!(sync vm_sigterm_to_submit_while_scratch_is_down_releases_the_scratch_prepared_after_the_cancel needs jobs::NEEDS),
-        host_test!(sync vm_launcher_killed_while_the_vm_runs_is_restarted_and_the_job_ends_once_in_its_trace needs jobs::NEEDS),
-        host_test!(sync vm_a_vm_that_ends_while_the_launcher_is_down_is_reported_once_after_the_restart needs jobs::NEEDS),
-        host_test!(sync vm_launcher_stopped_with_sigterm_leaves_the_vm_running_and_reports_it_after_the_restart needs jobs::NEEDS),
-        host_test!(sync vm_a_republished_vm_stopped_after_an_accounting_restart_is_not_recorded_twice needs jobs::NEEDS),
+        host_test!(sync vm_a_vo_without_an_image_or_too_much_scratch_fails_in_policy_with_exit_125 needs JOB_NEEDS),
+        host_test!(sync vm_an_image_with_a_wrong_digest_fails_after_scratch_and_network_and_releases_them needs JOB_NEEDS),
+        host_test!(sync vm_an_image_whose_file_is_missing_fails_with_the_whole_chain_once_in_the_log needs JOB_NEEDS),
+        host_test!(sync vm_sigterm_to_submit_while_the_vm_runs_stops_it_as_cancelled_and_exits_143 needs JOB_NEEDS),
+        host_test!(sync vm_sigterm_to_submit_while_preparing_fails_the_vm_as_cancelled_and_releases_late_results needs JOB_NEEDS),
+        host_test!(sync vm_sigterm_to_submit_while_scratch_is_down_releases_the_scratch_prepared_after_the_cancel needs JOB_NEEDS),
+        host_test!(sync vm_launcher_killed_while_the_vm_runs_is_restarted_and_the_job_ends_once_in_its_trace needs JOB_NEEDS),
+        host_test!(sync vm_a_vm_that_ends_while_the_launcher_is_down_is_reported_once_after_the_restart needs JOB_NEEDS),
+        host_test!(sync vm_launcher_stopped_with_sigterm_leaves_the_vm_running_and_reports_it_after_the_restart needs JOB_NEEDS),
+        host_test!(sync vm_a_republished_vm_stopped_after_an_accounting_restart_is_not_recorded_twice needs JOB_NEEDS),
     ])
 }

@@ -5,45 +5,41 @@
 //! `vm_*`: they boot VMs and run one at a time (`.config/nextest.toml`).
 //!
 //! Needs root, `/dev/fuse`, qemu, the test guest (`guest/build.sh`) and the service binaries
-//! (`cargo build --workspace --bins`). Host tests (`wnodes_testkit::host`, `jobs::NEEDS`): where
+//! (`cargo build --workspace --bins`). Host tests (`wnodes_testkit::host`, `wnodes_testkit::vm::JOB_NEEDS`): where
 //! a precondition is missing they are skipped, or fail naming it under `WNODES_HOST_TESTS=required`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failure is a test failure
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeSet,
     os::unix::fs::{MetadataExt, PermissionsExt},
     time::Duration,
 };
 
 use wnodes_bus::EventType;
-use wnodes_devstack::{ImageServing, NetworkChoice, RunEvent, Stack, SubmitArgs};
+use wnodes_devstack::{ImageServing, NetworkChoice, Stack, SubmitArgs};
 use wnodes_integration_tests::jobs::{
-    self, check_cpu_and_memory, in_private_netns, no_leftovers, one_usage_record,
+    check_cpu_and_memory, in_private_netns, no_leftovers, one_usage_record, seven_services,
     tap_options as options,
 };
-use wnodes_testkit::{CollectedSpan, OtlpCollector, host, host_test, wait_until};
+use wnodes_testkit::{
+    OtlpCollector,
+    events::RunEvents,
+    host, host_test,
+    otlp::{one_trace, spans_by_service as by_service, trace_id_in},
+    vm::JOB_NEEDS,
+    wait_until,
+};
 
 const LONG: Duration = Duration::from_secs(60);
-
-fn event_time(events: &[RunEvent], t: EventType) -> std::time::SystemTime {
-    let times: Vec<_> = events.iter().filter(|e| e.event_type == t).collect();
-    assert_eq!(
-        times.len(),
-        1,
-        "exactly one {} event: {events:#?}",
-        t.name()
-    );
-    times[0].time
-}
 
 /// The record agrees with the run's events and with the machine.
 async fn check_usage(stack: &Stack, job_id: &str, exit_code: i64) {
     let r = one_usage_record(stack, job_id).await;
     assert_eq!(r.exit_code, exit_code, "{r:#?}");
     let events = stack.run_events(job_id).await.unwrap();
-    let running = event_time(&events, EventType::VmRunning);
-    let stopped = event_time(&events, EventType::VmStopped);
+    let running = events.time_of(EventType::VmRunning);
+    let stopped = events.time_of(EventType::VmStopped);
     let between = stopped.duration_since(running).unwrap().as_secs_f64();
     assert!(
         (r.wall_seconds - between).abs() <= 0.5,
@@ -125,15 +121,6 @@ fn vm_jobs_via_submit_and_grpc_return_exit_codes_are_accounted_once_and_leave_no
     });
 }
 
-/// Spans of `trace_id` by service name.
-fn by_service(spans: &[CollectedSpan], trace_id: &str) -> BTreeMap<String, usize> {
-    let mut m = BTreeMap::new();
-    for s in spans.iter().filter(|s| s.trace_id == trace_id) {
-        *m.entry(s.service_name.clone()).or_insert(0) += 1;
-    }
-    m
-}
-
 fn vm_a_job_is_one_trace_with_spans_from_all_seven_services() {
     in_private_netns(|| async {
         let collector = OtlpCollector::start().await.unwrap();
@@ -148,29 +135,13 @@ fn vm_a_job_is_one_trace_with_spans_from_all_seven_services() {
             .unwrap();
         assert_eq!(out.exit_code, 0, "{out:#?}");
         // "wnodes-bridge: job … started on … (trace <32 hex>)"
-        let trace_id = out
-            .stderr
-            .split("(trace ")
-            .nth(1)
-            .and_then(|s| s.get(..32))
-            .unwrap_or_else(|| panic!("no trace id in {}", out.stderr))
-            .to_owned();
+        let trace_id =
+            trace_id_in(&out.stderr).unwrap_or_else(|| panic!("no trace id in {}", out.stderr));
         one_usage_record(&stack, "flow-trace-1").await;
         no_leftovers(&stack).await;
         // SIGTERM flushes every service's spans.
         drop(stack);
-        let want: BTreeSet<String> = [
-            "bridge",
-            "launcher",
-            "image",
-            "scratch",
-            "network",
-            "gateway",
-            "accounting",
-        ]
-        .iter()
-        .map(|s| format!("wnodes-{s}"))
-        .collect();
+        let want = seven_services();
         let spans = collector
             .wait_for(
                 Duration::from_secs(30),
@@ -182,22 +153,7 @@ fn vm_a_job_is_one_trace_with_spans_from_all_seven_services() {
             )
             .await
             .unwrap();
-        let trace: Vec<&CollectedSpan> = spans.iter().filter(|s| s.trace_id == trace_id).collect();
-        let ids: BTreeSet<&str> = trace.iter().map(|s| s.span_id.as_str()).collect();
-        let roots: Vec<_> = trace
-            .iter()
-            .filter(|s| s.parent_span_id.is_empty())
-            .collect();
-        assert_eq!(roots.len(), 1, "one root span: {roots:#?}");
-        for s in &trace {
-            assert!(
-                s.parent_span_id.is_empty() || ids.contains(s.parent_span_id.as_str()),
-                "span {} ({}) has a parent outside the trace: {}",
-                s.name,
-                s.service_name,
-                s.parent_span_id
-            );
-        }
+        let trace = one_trace(&spans, &trace_id);
         eprintln!(
             "trace {trace_id}: {} spans by service {:?}",
             trace.len(),
@@ -307,9 +263,9 @@ fn vm_user_mode_networking_runs_a_job_through_the_gateway_on_loopback() {
 
 fn main() -> std::process::ExitCode {
     host::main(vec![
-        host_test!(sync vm_jobs_via_submit_and_grpc_return_exit_codes_are_accounted_once_and_leave_nothing needs jobs::NEEDS),
-        host_test!(sync vm_a_job_is_one_trace_with_spans_from_all_seven_services needs jobs::NEEDS),
-        host_test!(sync vm_a_crashed_service_is_restarted_and_the_next_job_runs needs jobs::NEEDS),
-        host_test!(sync vm_user_mode_networking_runs_a_job_through_the_gateway_on_loopback needs jobs::NEEDS),
+        host_test!(sync vm_jobs_via_submit_and_grpc_return_exit_codes_are_accounted_once_and_leave_nothing needs JOB_NEEDS),
+        host_test!(sync vm_a_job_is_one_trace_with_spans_from_all_seven_services needs JOB_NEEDS),
+        host_test!(sync vm_a_crashed_service_is_restarted_and_the_next_job_runs needs JOB_NEEDS),
+        host_test!(sync vm_user_mode_networking_runs_a_job_through_the_gateway_on_loopback needs JOB_NEEDS),
     ])
 }

@@ -17,6 +17,18 @@ pub struct RunEvent {
     pub event: proto::Event,
 }
 
+/// A run's events answer `wnodes_testkit::events::RunEvents` (has, count, the one `VmStopped`,
+/// ...) in the system tests.
+impl wnodes_testkit::events::RecordedEvent for RunEvent {
+    fn event(&self) -> &proto::Event {
+        &self.event
+    }
+
+    fn stored_at(&self) -> Option<SystemTime> {
+        Some(self.time)
+    }
+}
+
 /// One phase of a run: from one event to another.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Phase {

@@ -6,9 +6,9 @@
 
 use std::{
     fs::{self, OpenOptions},
-    io::Write,
     path::{Path, PathBuf},
 };
+use wnodes_testkit::files::append;
 
 use jiff::tz::TimeZone;
 use wnodes_lrms::{
@@ -33,16 +33,6 @@ fn execute(n: u32) -> String {
         (n / 60) % 60,
         n % 60
     )
-}
-
-fn append(path: &Path, s: &str) {
-    let mut f = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .unwrap();
-    f.write_all(s.as_bytes()).unwrap();
-    f.sync_all().unwrap();
 }
 
 fn ids(items: &[Item]) -> Vec<String> {

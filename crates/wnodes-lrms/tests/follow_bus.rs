@@ -4,11 +4,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a failure is a test failure
 
-use std::{io::Write, path::Path, time::Duration};
+use std::{path::Path, time::Duration};
+use wnodes_testkit::{bus::stored_events, files::append};
 
 use jiff::tz::TimeZone;
 use tokio_util::sync::CancellationToken;
-use wnodes_bus::{Bus, BusMetrics, NatsConfig, subject};
+use wnodes_bus::Bus;
 use wnodes_lrms::{
     CursorFile, FollowLoopOptions, FollowOptions, Follower, LrmsKind, ParseOptions, Publisher,
     follow_to_bus, publish::FollowStats,
@@ -20,15 +21,6 @@ fn job(n: u32) -> String {
          001 ({n}.000.000) 2025-03-01 10:01:00 Job executing on host: <10.0.0.1:9618?alias=wn1>\n...\n\
          005 ({n}.000.000) 2025-03-01 10:02:00 Job terminated.\n\t(1) Normal termination (return value 0)\n...\n"
     )
-}
-
-fn append(path: &Path, s: &str) {
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .unwrap();
-    f.write_all(s.as_bytes()).unwrap();
 }
 
 fn start(
@@ -60,20 +52,11 @@ fn start(
     (stop, task)
 }
 
-async fn stored(bus: &Bus) -> u64 {
-    let mut s = bus
-        .jetstream()
-        .get_stream(subject::EVENTS_STREAM)
-        .await
-        .unwrap();
-    s.info().await.unwrap().state.messages
-}
-
 async fn wait_for(bus: &Bus, n: u64) {
     wnodes_testkit::wait_until(
         Duration::from_secs(10),
         &format!("{n} stored events"),
-        || async { (stored(bus).await >= n).then_some(()) },
+        || async { (stored_events(bus).await.unwrap() >= n).then_some(()) },
     )
     .await
     .unwrap();
@@ -81,16 +64,10 @@ async fn wait_for(bus: &Bus, n: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_followed_log_reaches_jetstream_once_across_rotation_and_restart() {
-    wnodes_bus::connect::install_crypto_provider();
     let nats = wnodes_testkit::NatsServer::start().await.unwrap();
-    let cfg = NatsConfig {
-        url: nats.url(),
-        ..Default::default()
-    };
-    let bus = Bus::connect(&cfg, "bridge@ce01", BusMetrics::unregistered())
+    let bus = wnodes_testkit::bus::connect(&nats.url(), "bridge@ce01")
         .await
         .unwrap();
-    bus.ensure_streams().await.unwrap();
     let publisher = Publisher::new(bus.clone(), "INFN-T1", 32);
     let dir = tempfile::tempdir().unwrap();
     let (log, store) = (
@@ -124,5 +101,5 @@ async fn a_followed_log_reaches_jetstream_once_across_rotation_and_restart() {
     stop.cancel();
     let second = task.await.unwrap();
     assert_eq!(second.published, 3, "only job 6's events after the restart");
-    assert_eq!(stored(&bus).await, 16);
+    assert_eq!(stored_events(&bus).await.unwrap(), 16);
 }

@@ -10,19 +10,13 @@ use async_nats::jetstream::{self, consumer::PullConsumer};
 use futures::StreamExt;
 use jiff::tz::TimeZone;
 use prost::Message;
-use wnodes_bus::{Bus, BusMetrics, EventExt, NatsConfig, proto, subject};
+use wnodes_bus::{EventExt, proto, subject};
 use wnodes_lrms::{LrmsKind, Publisher, ReplayOptions, replay_to_bus};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replayed_events_are_stored_once_with_their_ids() -> anyhow::Result<()> {
-    wnodes_bus::connect::install_crypto_provider();
     let nats = wnodes_testkit::NatsServer::start().await?;
-    let cfg = NatsConfig {
-        url: nats.url(),
-        ..Default::default()
-    };
-    let bus = Bus::connect(&cfg, "bridge@ce01.example.org", BusMetrics::unregistered()).await?;
-    bus.ensure_streams().await?;
+    let bus = wnodes_testkit::bus::connect(&nats.url(), "bridge@ce01.example.org").await?;
     let publisher = Publisher::new(bus.clone(), "INFN-T1", 64);
     let file = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/data/htcondor/constructed_hold_release.log");

@@ -251,3 +251,45 @@ fn value_string(v: Option<&AnyValue>) -> String {
         }
     }
 }
+
+/// The trace id a job starter prints as `"(trace <32 hex>)"` in `text`.
+pub fn trace_id_in(text: &str) -> Option<String> {
+    let id = text.split("(trace ").nth(1)?.get(..32)?;
+    id.chars()
+        .all(|c| c.is_ascii_hexdigit())
+        .then(|| id.to_owned())
+}
+
+/// Spans of `trace_id` by service name.
+pub fn spans_by_service(spans: &[CollectedSpan], trace_id: &str) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for s in spans.iter().filter(|s| s.trace_id == trace_id) {
+        *m.entry(s.service_name.clone()).or_insert(0) += 1;
+    }
+    m
+}
+
+/// The spans of `trace_id`, checked to be one trace: a single root, and every other span's
+/// parent inside it.
+///
+/// # Panics
+/// When the spans of `trace_id` are not one tree.
+pub fn one_trace<'a>(spans: &'a [CollectedSpan], trace_id: &str) -> Vec<&'a CollectedSpan> {
+    let trace: Vec<&CollectedSpan> = spans.iter().filter(|s| s.trace_id == trace_id).collect();
+    let ids: std::collections::BTreeSet<&str> = trace.iter().map(|s| s.span_id.as_str()).collect();
+    let roots: Vec<_> = trace
+        .iter()
+        .filter(|s| s.parent_span_id.is_empty())
+        .collect();
+    assert_eq!(roots.len(), 1, "one root span: {roots:#?}");
+    for s in &trace {
+        assert!(
+            s.parent_span_id.is_empty() || ids.contains(s.parent_span_id.as_str()),
+            "span {} ({}) has a parent outside the trace: {}",
+            s.name,
+            s.service_name,
+            s.parent_span_id
+        );
+    }
+    trace
+}

@@ -1,6 +1,7 @@
 //! Harness for a service's handler tests: a private nats-server with the streams, the handler
-//! on a real durable consumer, every event on the bus recorded, event builders, and throwaway
-//! network namespaces (`Netns`). Used by the network and gateway services' tests.
+//! on a real durable consumer, every event on the bus recorded and waited for, and throwaway
+//! network namespaces (`Netns`). Used by the network and gateway services' tests, which take
+//! the event builders of [`crate::events`] from here too (`use wnodes_testkit::service::*`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)] // test helpers: a failure is a test failure
 
@@ -18,9 +19,12 @@ use crate::{NatsServer, wait_until};
 use futures::StreamExt;
 use prost::Message;
 use tokio_util::sync::CancellationToken;
-use wnodes_bus::{
-    Bus, BusMetrics, Consumer, ConsumerSpec, ConsumerTuning, EventExt, Handler, KeyStore,
-    NatsConfig, proto, proto::event::Body,
+use wnodes_bus::{Bus, Consumer, ConsumerSpec, ConsumerTuning, Handler, KeyStore, proto};
+
+use crate::events::Events;
+pub use crate::events::{
+    IntoBody, Payload, RunEvents, RunRefExt, VmPayload, run, vm_failed, vm_of, vm_requested,
+    vm_spec, vm_stopped,
 };
 
 pub const HOST: &str = "hv1.test";
@@ -87,14 +91,9 @@ pub struct TestBus {
 impl TestBus {
     pub async fn start() -> Self {
         let server = NatsServer::start().await.unwrap();
-        let cfg = NatsConfig {
-            url: server.url(),
-            ..Default::default()
-        };
-        let bus = Bus::connect(&cfg, "test@hv1.test", BusMetrics::unregistered())
+        let bus = crate::bus::connect(&server.url(), "test@hv1.test")
             .await
             .unwrap();
-        bus.ensure_streams().await.unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let mut sub = bus.client().subscribe("wnodes.evt.>").await.unwrap();
         bus.client().flush().await.unwrap();
@@ -161,7 +160,25 @@ impl TestBus {
         .unwrap()
     }
 
-    /// Events about `vm_id` seen so far, in arrival order.
+    /// Waits for the first `P` about `vm_id` (`network.ready`, `storage.failed`, ...).
+    pub async fn wait_payload<P: VmPayload>(&self, vm_id: &str) -> P {
+        self.wait_for(&format!("{} of {vm_id}", P::TYPE.name()), |e| {
+            P::of_event(e).filter(|p| p.vm_id() == vm_id).cloned()
+        })
+        .await
+    }
+
+    /// Waits for the release of `vm_id`'s resource of `kind`; returns its detail.
+    pub async fn wait_released(&self, vm_id: &str, kind: proto::ResourceKind) -> String {
+        self.wait_for(&format!("resource.released of {vm_id}"), |e| {
+            proto::ResourceReleased::of_event(e)
+                .filter(|r| r.vm_id == vm_id && r.kind == kind as i32)
+                .map(|r| r.detail.clone())
+        })
+        .await
+    }
+
+    /// Events about `vm_id` seen so far, in arrival order (ask them with [`RunEvents`]).
     pub fn events_of(&self, vm_id: &str) -> Vec<proto::Event> {
         self.seen
             .lock()
@@ -178,60 +195,7 @@ impl Drop for TestBus {
     }
 }
 
-/// The VM id an event is about.
-pub fn vm_of(ev: &proto::Event) -> Option<String> {
-    Some(match ev.body.as_ref()? {
-        Body::VmRequested(r) => r.spec.as_ref()?.vm_id.clone(),
-        Body::NetworkReady(r) => r.vm_id.clone(),
-        Body::NetworkFailed(r) => r.vm_id.clone(),
-        Body::StorageReady(r) => r.vm_id.clone(),
-        Body::StorageFailed(r) => r.vm_id.clone(),
-        Body::VmStopped(r) => r.vm_id.clone(),
-        Body::VmFailed(r) => r.vm_id.clone(),
-        Body::ResourceReleased(r) => r.vm_id.clone(),
-        _ => return None,
-    })
-}
-
-/// A run whose job id is `job`, attempt `attempt`.
-pub fn run(job: &str, attempt: u32) -> proto::JobRunRef {
-    proto::JobRunRef {
-        site: "T1".into(),
-        lrms: proto::Lrms::Htcondor as i32,
-        job_id: job.into(),
-        run_attempt: attempt,
-    }
-}
-
-pub fn ev(run: proto::JobRunRef, body: Body) -> proto::Event {
-    proto::Event::build(run, HOST, "launcher@hv1.test", body)
-}
-
-pub fn vm_requested(run: proto::JobRunRef, spec: proto::VmSpec) -> proto::Event {
-    ev(
-        run,
-        Body::VmRequested(proto::VmRequested { spec: Some(spec) }),
-    )
-}
-
-pub fn vm_stopped(run: proto::JobRunRef, vm_id: &str) -> proto::Event {
-    ev(
-        run,
-        Body::VmStopped(proto::VmStopped {
-            vm_id: vm_id.into(),
-            stop_reason: "guest-poweroff".into(),
-            ..Default::default()
-        }),
-    )
-}
-
-pub fn vm_failed(run: proto::JobRunRef, vm_id: &str) -> proto::Event {
-    ev(
-        run,
-        Body::VmFailed(proto::VmFailed {
-            vm_id: vm_id.into(),
-            reason: "test".into(),
-            phase: "launch".into(),
-        }),
-    )
+/// An event of `run` as the launcher on [`HOST`] would publish it.
+pub fn ev(run: &proto::JobRunRef, body: impl IntoBody) -> proto::Event {
+    Events::new(HOST, "launcher@hv1.test").build(run, body)
 }

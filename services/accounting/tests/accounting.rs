@@ -5,31 +5,27 @@
 
 use std::{path::Path, time::Duration};
 
-use async_nats::jetstream::{self, consumer::DeliverPolicy};
-use futures::StreamExt;
 use prost::Message;
 use tokio_util::sync::CancellationToken;
 use wnodes_accounting::{Accounting, AccountingHandler, Metrics, open_store, records};
 use wnodes_bus::{
-    Bus, BusError, BusMetrics, Consumer, ConsumerTuning, EventExt, NatsConfig, proto,
-    proto::event::Body, subject,
+    Bus, BusError, Consumer, ConsumerTuning, EventExt, proto, proto::event::Body, subject,
 };
 use wnodes_runtime::Service as _;
-use wnodes_testkit::{NatsServer, wait_until};
+use wnodes_testkit::{
+    NatsServer,
+    bus::stored_messages,
+    events::{self, Events, RunRefExt, vm_failed, vm_usage},
+    wait_until,
+};
 
 const HOST: &str = "hv1.example.org";
 const WAIT: Duration = Duration::from_secs(20);
 
 async fn connect(nats: &NatsServer) -> Bus {
-    let cfg = NatsConfig {
-        url: nats.url(),
-        ..Default::default()
-    };
-    let bus = Bus::connect(&cfg, "test@hv1.example.org", BusMetrics::unregistered())
+    wnodes_testkit::bus::connect(&nats.url(), "test@hv1.example.org")
         .await
-        .unwrap();
-    bus.ensure_streams().await.unwrap();
-    bus
+        .unwrap()
 }
 
 fn tuning() -> ConsumerTuning {
@@ -73,12 +69,7 @@ async fn start_with(bus: &Bus, db: &Path, metrics: Metrics) -> Running {
 }
 
 fn run(job_id: &str) -> proto::JobRunRef {
-    proto::JobRunRef {
-        site: "INFN-T1".into(),
-        lrms: proto::Lrms::Htcondor as i32,
-        job_id: job_id.into(),
-        run_attempt: 1,
-    }
+    wnodes_testkit::events::run(job_id).site("INFN-T1")
 }
 
 fn ts(seconds: i64) -> Option<prost_types::Timestamp> {
@@ -103,10 +94,8 @@ fn job_started(r: &proto::JobRunRef) -> proto::Event {
         host: HOST.into(),
         ..Default::default()
     };
-    proto::Event::build(
-        r.clone(),
-        HOST,
-        "bridge@test",
+    Events::new(HOST, "bridge@test").build(
+        r,
         Body::JobStarted(proto::JobStarted {
             job: Some(job),
             started_at: ts(1_700_000_000),
@@ -115,10 +104,8 @@ fn job_started(r: &proto::JobRunRef) -> proto::Event {
 }
 
 fn vm_running(r: &proto::JobRunRef) -> proto::Event {
-    proto::Event::build(
-        r.clone(),
-        HOST,
-        "launcher@test",
+    Events::new(HOST, "launcher@test").build(
+        r,
         Body::VmRunning(proto::VmRunning {
             vm_id: "vm-0123456789ab".into(),
             pid: 42,
@@ -129,35 +116,20 @@ fn vm_running(r: &proto::JobRunRef) -> proto::Event {
 }
 
 fn vm_stopped(r: &proto::JobRunRef, exit_code: i32) -> proto::Event {
-    proto::Event::build(
-        r.clone(),
-        HOST,
-        "launcher@test",
-        Body::VmStopped(proto::VmStopped {
-            vm_id: "vm-0123456789ab".into(),
+    Events::new(HOST, "launcher@test").build(
+        r,
+        proto::VmStopped {
             exit_code,
-            output_location: String::new(),
-            usage: Some(proto::VmUsage {
-                cpu_seconds: 12.5,
-                peak_memory_bytes: 256 << 20,
-                wall: Some(prost_types::Duration {
-                    seconds: 30,
-                    nanos: 0,
-                }),
-                cores: 2,
-            }),
+            usage: Some(vm_usage(12.5, 256 << 20, Duration::from_secs(30), 2)),
             stopped_at: ts(1_700_000_040),
-            stop_reason: "guest-poweroff".into(),
-            output_tail: String::new(),
-        }),
+            ..events::vm_stopped("vm-0123456789ab")
+        },
     )
 }
 
 fn job_finished(r: &proto::JobRunRef, exit_code: i32) -> proto::Event {
-    proto::Event::build(
-        r.clone(),
-        HOST,
-        "bridge@test",
+    Events::new(HOST, "bridge@test").build(
+        r,
         Body::JobFinished(proto::JobFinished {
             run: Some(r.clone()),
             exit_code,
@@ -187,24 +159,10 @@ async fn wait_record(
 
 /// Every event on `filter` in the stream, read with an ordered consumer until it is idle.
 async fn events_on(bus: &Bus, filter: &str) -> Vec<proto::Event> {
-    let stream = bus
-        .jetstream()
-        .get_stream(subject::EVENTS_STREAM)
-        .await
-        .unwrap();
-    let consumer = stream
-        .create_consumer(jetstream::consumer::pull::OrderedConfig {
-            filter_subject: filter.into(),
-            deliver_policy: DeliverPolicy::All,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let mut msgs = consumer.messages().await.unwrap();
+    let mut stored = stored_messages(bus, filter).await.unwrap();
     let mut out = Vec::new();
-    while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_millis(500), msgs.next()).await
-    {
-        out.push(proto::Event::decode(m.payload.clone()).unwrap());
+    while let Some(ev) = stored.next_event(Duration::from_millis(500)).await.unwrap() {
+        out.push(ev);
     }
     out
 }
@@ -414,15 +372,13 @@ async fn a_run_whose_vm_failed_gets_no_record_and_is_counted() {
     let failed = run("6006.0");
     let ok = run("6007.0");
     bus.publish(&job_started(&failed)).await.unwrap();
-    bus.publish(&proto::Event::build(
-        failed.clone(),
-        HOST,
-        "launcher@test",
-        Body::VmFailed(proto::VmFailed {
-            vm_id: "vm-0123456789ab".into(),
-            reason: "no image configured for VO 'lhcb'".into(),
-            phase: "policy".into(),
-        }),
+    bus.publish(&Events::new(HOST, "launcher@test").build(
+        &failed,
+        vm_failed(
+            "vm-0123456789ab",
+            "policy",
+            "no image configured for VO 'lhcb'",
+        ),
     ))
     .await
     .unwrap();

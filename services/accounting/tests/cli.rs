@@ -4,24 +4,27 @@
 // Helpers outside `#[test]` functions are test code too: a panic is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::{process::Stdio, time::Duration};
+use std::time::Duration;
 
-use wnodes_bus::{Bus, BusMetrics, EventExt, NatsConfig, proto, proto::event::Body};
-use wnodes_testkit::{NatsServer, wait_until};
+use wnodes_bus::{proto, proto::event::Body};
+use wnodes_testkit::{
+    NatsServer, ServiceProcess,
+    bus::connect,
+    events::{Events, RunRefExt, run, vm_stopped, vm_usage},
+    process::ProcessBuilder,
+    wait_until,
+};
 
 const HOST: &str = "hv1.example.org";
 
-fn accounting(nats: &NatsServer, state: &std::path::Path) -> tokio::process::Command {
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_wnodes-accounting"));
-    cmd.env_remove("WNODES_CONFIG")
-        .env("WNODES_NATS__URL", nats.url())
-        .env("WNODES_HOST", "central.example.org")
-        .env("WNODES_SITE", "INFN-T1")
-        .env("WNODES_STATE_DIR", state)
-        .env("WNODES_HTTP_ADDR", "127.0.0.1:0")
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
-    cmd
+/// `wnodes-accounting` configured by environment, its state in `state`.
+fn accounting(nats: &NatsServer, state: &std::path::Path) -> ProcessBuilder {
+    ServiceProcess::builder(env!("CARGO_BIN_EXE_wnodes-accounting"), state).runtime_env(
+        &nats.url(),
+        "INFN-T1",
+        "central.example.org",
+        state,
+    )
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -30,28 +33,14 @@ async fn serve_records_usage_and_records_prints_it() {
     let state = tempfile::tempdir().unwrap();
     let mut service = accounting(&nats, state.path())
         .arg("serve")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
 
-    let bus = Bus::connect(
-        &NatsConfig {
-            url: nats.url(),
-            ..Default::default()
-        },
-        "test@hv1.example.org",
-        BusMetrics::unregistered(),
-    )
-    .await
-    .unwrap();
-    bus.ensure_streams().await.unwrap();
-    let run = proto::JobRunRef {
-        site: "INFN-T1".into(),
-        lrms: proto::Lrms::Lsf as i32,
-        job_id: "31337".into(),
-        run_attempt: 2,
-    };
+    let bus = connect(&nats.url(), "test@hv1.example.org").await.unwrap();
+    let run = run("31337")
+        .site("INFN-T1")
+        .lrms(proto::Lrms::Lsf)
+        .attempt(2);
     let job = proto::JobDescription {
         run: Some(run.clone()),
         vo: "cms".into(),
@@ -69,22 +58,12 @@ async fn serve_records_usage_and_records_prints_it() {
             started_at: None,
         }),
         Body::VmStopped(proto::VmStopped {
-            vm_id: "vm-0123456789ab".into(),
             exit_code: 0,
-            usage: Some(proto::VmUsage {
-                cpu_seconds: 1.5,
-                peak_memory_bytes: 1 << 20,
-                wall: Some(prost_types::Duration {
-                    seconds: 2,
-                    nanos: 0,
-                }),
-                cores: 1,
-            }),
-            stop_reason: "guest-poweroff".into(),
-            ..Default::default()
+            usage: Some(vm_usage(1.5, 1 << 20, Duration::from_secs(2), 1)),
+            ..vm_stopped("vm-0123456789ab")
         }),
     ] {
-        bus.publish(&proto::Event::build(run.clone(), HOST, "test", body))
+        bus.publish(&Events::new(HOST, "test").build(&run, body))
             .await
             .unwrap();
     }
@@ -94,7 +73,8 @@ async fn serve_records_usage_and_records_prints_it() {
         "the record in `records --json`",
         || async {
             let out = accounting(&nats, state.path())
-                .args(["records", "--json"])
+                .arg("records")
+                .arg("--json")
                 .output()
                 .await
                 .ok()?;
@@ -119,11 +99,6 @@ async fn serve_records_usage_and_records_prints_it() {
     assert!(table.starts_with("RUN"), "{table}");
     assert!(table.contains("INFN-T1/lsf/31337/2"), "{table}");
 
-    let pid = nix::unistd::Pid::from_raw(i32::try_from(service.id().unwrap()).unwrap());
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-    let status = tokio::time::timeout(Duration::from_secs(20), service.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(status.code(), Some(0));
+    let status = service.terminate(Duration::from_secs(20)).await.unwrap();
+    assert_eq!(status.code(), Some(0), "{}", service.stderr());
 }

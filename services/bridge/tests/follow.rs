@@ -5,15 +5,15 @@
 // Helpers outside `#[test]` functions are test code too: a panic is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::{
-    io::Write,
-    path::{Path, PathBuf},
-    process::Stdio,
-    time::Duration,
-};
+use std::{path::PathBuf, time::Duration};
+use wnodes_testkit::files::append;
 
-use wnodes_bus::{Bus, BusMetrics, NatsConfig, subject};
-use wnodes_testkit::{NatsServer, wait::wait_until};
+use wnodes_bus::subject;
+use wnodes_testkit::{
+    NatsServer, ServiceConfig, ServiceProcess,
+    bus::{connect, stored_events},
+    wait::wait_until,
+};
 
 /// PBS accounting records of one job (the OpenPBS format): queued, started, finished.
 fn records(job: u32) -> String {
@@ -24,38 +24,10 @@ fn records(job: u32) -> String {
     )
 }
 
-fn append(path: &Path, text: &str) {
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .unwrap();
-    f.write_all(text.as_bytes()).unwrap();
-    f.sync_all().unwrap();
-}
-
-fn spawn(nats: &NatsServer, config: &Path, log: &Path) -> tokio::process::Child {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_wnodes-bridge"))
-        .env_clear()
-        .env("TZ", "UTC")
-        .args(["--config", config.to_str().unwrap(), "serve"])
-        .env("WNODES_NATS__URL", nats.url())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap()
-}
-
-async fn stop(mut child: tokio::process::Child) {
-    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id().unwrap()).unwrap());
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(status.success(), "{status}");
+/// SIGTERM; the bridge exits 0.
+async fn stop(mut bridge: ServiceProcess) {
+    let status = bridge.terminate(Duration::from_secs(20)).await.unwrap();
+    assert!(status.success(), "{status}: {}", bridge.stderr());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -64,42 +36,25 @@ async fn a_followed_pbs_log_is_published_once_across_a_restart_and_a_rotation() 
     let dir = tempfile::tempdir().unwrap();
     let log: PathBuf = dir.path().join("20250301");
     append(&log, &records(1));
-    let config = dir.path().join("wnodes.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "site = \"INFN-T1\"\nhost = \"central.example.org\"\nstate_dir = \"{}\"\n\
-             http_addr = \"127.0.0.1:0\"\n\
-             [bridge]\ngrpc_addr = \"127.0.0.1:0\"\n\
-             [bridge.image_hints.by_queue]\nworkq = \"el9\"\n\
-             [[bridge.sources]]\nlrms = \"pbs\"\npath = \"{}\"\n",
-            dir.path().join("state").display(),
-            log.display()
-        ),
+    let config = ServiceConfig::new(
+        "central.example.org",
+        &nats.url(),
+        &dir.path().join("state"),
     )
-    .unwrap();
-    let bus = Bus::connect(
-        &NatsConfig {
-            url: nats.url(),
-            ..Default::default()
-        },
-        "test@local",
-        BusMetrics::unregistered(),
-    )
-    .await
-    .unwrap();
-    bus.ensure_streams().await.unwrap();
-    let stored = || {
-        let bus = bus.clone();
-        async move {
-            let mut s = bus
-                .jetstream()
-                .get_stream(subject::EVENTS_STREAM)
-                .await
-                .unwrap();
-            s.info().await.unwrap().state.messages
-        }
-    };
+    .set("", "site", "INFN-T1")
+    .set("bridge", "grpc_addr", "127.0.0.1:0")
+    .set("bridge.image_hints.by_queue", "workq", "el9")
+    .push(
+        "bridge.sources",
+        &[("lrms", "pbs".into()), ("path", (&log).into())],
+    );
+    let bridge = ServiceProcess::builder(env!("CARGO_BIN_EXE_wnodes-bridge"), dir.path())
+        .env_clear()
+        .env("TZ", "UTC")
+        .config(&config)
+        .arg("serve");
+    let bus = connect(&nats.url(), "test@local").await.unwrap();
+    let stored = || async { stored_events(&bus).await.unwrap() };
     let until = |n: u64, what: &'static str| async move {
         wait_until(Duration::from_secs(30), what, || async move {
             (stored().await >= n).then_some(())
@@ -112,18 +67,18 @@ async fn a_followed_pbs_log_is_published_once_across_a_restart_and_a_rotation() 
         dir.path().join("bridge-1.log"),
         dir.path().join("bridge-2.log"),
     );
-    let bridge = spawn(&nats, &config, &log1);
+    let first = bridge.clone().stderr_to(&log1).spawn().unwrap();
     until(3, "job 1's three events").await;
     append(&log, &records(2));
     until(6, "job 2's three events, appended while running").await;
     assert_eq!(stored().await, 6);
-    stop(bridge).await;
+    stop(first).await;
 
     // Stopped: job 3 is written, and the log rotated (renamed) with job 4 in the new file.
     append(&log, &records(3));
     std::fs::rename(&log, dir.path().join("20250301.1")).unwrap();
     append(&log, &records(4));
-    let bridge = spawn(&nats, &config, &log2);
+    let second = bridge.stderr_to(&log2).spawn().unwrap();
     // Job 3 is read from the rotated file where the cursor stopped, then job 4 from the new
     // file at the same path.
     until(12, "jobs 3 and 4, from the rotated file and the new one").await;
@@ -144,7 +99,7 @@ async fn a_followed_pbs_log_is_published_once_across_a_restart_and_a_rotation() 
         panic!("{ev:?}")
     };
     assert_eq!(q.job.unwrap().image_hint, "el9");
-    stop(bridge).await;
+    stop(second).await;
 
     // JetStream's de-duplication would hide a re-read; the bridge's own count does not: the
     // second life published jobs 3 and 4 only.

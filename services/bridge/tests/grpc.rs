@@ -5,14 +5,16 @@
 
 use std::{sync::OnceLock, time::Duration};
 
-use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
-use futures::StreamExt;
 use prost::Message;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request};
 use wnodes_bridge::server::{self, BridgeService};
-use wnodes_bus::{Bus, BusMetrics, EventExt, NatsConfig, proto, proto::event::Body, subject};
-use wnodes_testkit::NatsServer;
+use wnodes_bus::{Bus, EventExt, NatsConfig, proto, proto::event::Body, subject};
+use wnodes_testkit::{
+    NatsServer,
+    bus::{BusClient, stored_messages},
+    events::{Events, RunRefExt, vm_failed},
+};
 
 const HOST: &str = "hv1.example.org";
 
@@ -31,15 +33,12 @@ async fn connect(nats: &NatsServer) -> Bus {
 }
 
 async fn connect_with(nats: &NatsServer, cfg: NatsConfig) -> Bus {
-    let cfg = NatsConfig {
-        url: nats.url(),
-        ..cfg
-    };
-    let bus = Bus::connect(&cfg, "test@hv1.example.org", BusMetrics::unregistered())
+    BusClient::new(&nats.url())
+        .name("test@hv1.example.org")
+        .config(cfg)
+        .connect()
         .await
-        .unwrap();
-    bus.ensure_streams().await.unwrap();
-    bus
+        .unwrap()
 }
 
 struct Bridge {
@@ -70,12 +69,9 @@ async fn start_bridge(bus: &Bus) -> Bridge {
 }
 
 fn run(job_id: &str) -> proto::JobRunRef {
-    proto::JobRunRef {
-        site: "INFN-T1".into(),
-        lrms: proto::Lrms::Slurm as i32,
-        job_id: job_id.into(),
-        run_attempt: 1,
-    }
+    wnodes_testkit::events::run(job_id)
+        .site("INFN-T1")
+        .lrms(proto::Lrms::Slurm)
 }
 
 fn job(job_id: &str) -> proto::JobDescription {
@@ -96,28 +92,11 @@ fn job(job_id: &str) -> proto::JobDescription {
 
 /// The first `n` messages on `filter`.
 async fn messages(bus: &Bus, filter: String, n: usize) -> Vec<async_nats::jetstream::Message> {
-    let stream = bus
-        .jetstream()
-        .get_stream(subject::EVENTS_STREAM)
-        .await
-        .unwrap();
-    let consumer = stream
-        .create_consumer(OrderedConfig {
-            filter_subject: filter,
-            deliver_policy: DeliverPolicy::All,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let mut msgs = consumer.messages().await.unwrap();
+    let mut stored = stored_messages(bus, &filter).await.unwrap();
     let mut out = Vec::new();
     while out.len() < n {
-        let m = tokio::time::timeout(Duration::from_secs(10), msgs.next())
-            .await
-            .expect("message in time")
-            .unwrap()
-            .unwrap();
-        out.push(m);
+        let m = stored.next(Duration::from_secs(10)).await.unwrap();
+        out.push(m.expect("message in time"));
     }
     out
 }
@@ -358,10 +337,8 @@ async fn finished_and_cancelled_publish_and_wait_job_finds_ended_runs() {
     let mut bridge = start_bridge(&bus).await;
 
     // A run that already ended before WaitJob is called.
-    let stopped = proto::Event::build(
-        run("7"),
-        HOST,
-        "launcher@test",
+    let stopped = Events::new(HOST, "launcher@test").build(
+        &run("7"),
         Body::VmStopped(proto::VmStopped {
             vm_id: "vm-000000000007".into(),
             exit_code: 3,
@@ -411,15 +388,13 @@ async fn finished_and_cancelled_publish_and_wait_job_finds_ended_runs() {
         .into_inner();
     assert_eq!(ack.event_id, "job.cancelled:INFN-T1/slurm/8/1");
     tokio::time::sleep(Duration::from_millis(200)).await;
-    bus.publish(&proto::Event::build(
-        run("8"),
-        HOST,
-        "launcher@test",
-        Body::VmFailed(proto::VmFailed {
-            vm_id: "vm-000000000008".into(),
-            reason: "cancelled before the VM started".into(),
-            phase: "launch".into(),
-        }),
+    bus.publish(&Events::new(HOST, "launcher@test").build(
+        &run("8"),
+        vm_failed(
+            "vm-000000000008",
+            "launch",
+            "cancelled before the VM started",
+        ),
     ))
     .await
     .unwrap();

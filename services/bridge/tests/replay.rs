@@ -6,8 +6,10 @@
 
 use std::path::{Path, PathBuf};
 
-use wnodes_bus::{Bus, BusMetrics, NatsConfig, subject};
-use wnodes_testkit::NatsServer;
+use wnodes_testkit::{
+    NatsServer,
+    bus::{BusClient, stored_events},
+};
 
 /// A hold/release/evict/abort sequence of one HTCondor job (CONSTRUCTED from the HTCondor
 /// manual's event formats; the same file as wnodes-lrms's test data).
@@ -122,24 +124,13 @@ async fn replay_publishes_each_event_once_even_when_replayed_twice() {
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.is_empty(), "{stdout}");
 
-    let bus = Bus::connect(
-        &NatsConfig {
-            url: nats.url(),
-            ..Default::default()
-        },
-        "test@local",
-        BusMetrics::unregistered(),
-    )
-    .await
-    .unwrap();
-    let count = || async {
-        let mut stream = bus
-            .jetstream()
-            .get_stream(subject::EVENTS_STREAM)
-            .await
-            .unwrap();
-        stream.info().await.unwrap().state.messages
-    };
+    // The replay made the streams: only connect.
+    let bus = BusClient::new(&nats.url())
+        .without_streams()
+        .connect()
+        .await
+        .unwrap();
+    let count = || async { stored_events(&bus).await.unwrap() };
     assert_eq!(count().await, STATES.len() as u64);
 
     // The same file again: the event ids are the same, JetStream drops every one.

@@ -8,21 +8,15 @@ use std::{process::Stdio, time::Duration};
 use futures::StreamExt;
 use prost::Message;
 use tokio::sync::mpsc;
-use wnodes_bus::{Bus, BusMetrics, EventExt, NatsConfig, proto, proto::event::Body, subject};
-use wnodes_testkit::NatsServer;
+use wnodes_bus::{Bus, EventExt, proto, proto::event::Body, subject};
+use wnodes_testkit::{NatsServer, events::Events};
 
 const HOST: &str = "hv1.example.org";
 
 async fn connect(nats: &NatsServer) -> Bus {
-    let cfg = NatsConfig {
-        url: nats.url(),
-        ..Default::default()
-    };
-    let bus = Bus::connect(&cfg, "launcher@hv1.example.org", BusMetrics::unregistered())
+    wnodes_testkit::bus::connect(&nats.url(), "launcher@hv1.example.org")
         .await
-        .unwrap();
-    bus.ensure_streams().await.unwrap();
-    bus
+        .unwrap()
 }
 
 /// How the fake launcher answers a `JobStarted`.
@@ -55,9 +49,9 @@ async fn fake_launcher(bus: &Bus, answer: Answer) -> mpsc::UnboundedReceiver<pro
         while let Some(msg) = sub.next().await {
             let ev = proto::Event::decode(msg.payload.clone()).unwrap();
             let run = ev.run.clone().unwrap();
-            let publish = |body| {
+            let publish = |body: Body| {
                 let bus = bus.clone();
-                let ev = proto::Event::build(run.clone(), HOST, "launcher@test", body);
+                let ev = Events::new(HOST, "launcher@test").build(&run, body);
                 async move { bus.publish(&ev).await.unwrap() }
             };
             let vm_id = "vm-0123456789ab".to_owned();

@@ -4,36 +4,27 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a failure is a test failure
 
-use std::{
-    os::unix::fs::PermissionsExt,
-    path::Path,
-    process::{ExitCode, Stdio},
-    time::Duration,
-};
+use std::{os::unix::fs::PermissionsExt, path::Path, process::ExitCode, time::Duration};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use wnodes_bus::proto::{self, event::Body};
-use wnodes_testkit::{host, host_test, service::*};
+use wnodes_testkit::{
+    ServiceConfig, ServiceProcess, host, host_test, process::ProcessBuilder, service::*,
+};
 
-fn spawn(conf: &Path) -> tokio::process::Child {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_wnodes-gateway"))
-        .arg("--config")
-        .arg(conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap()
+fn gateway(nats_url: &str, dir: &Path) -> ProcessBuilder {
+    let conf = ServiceConfig::new(HOST, nats_url, &dir.join("state")).set(
+        "gateway",
+        "port_range",
+        "32000-32999",
+    );
+    ServiceProcess::builder(env!("CARGO_BIN_EXE_wnodes-gateway"), dir).config(&conf)
 }
 
-async fn sigterm(mut child: tokio::process::Child) {
-    let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(status.success(), "{status}");
+/// SIGTERM; the gateway exits 0.
+async fn sigterm(mut gateway: ServiceProcess) {
+    let status = gateway.terminate(Duration::from_secs(15)).await.unwrap();
+    assert!(status.success(), "{status}: {}", gateway.stderr());
 }
 
 /// SFTP INIT → the first bytes of the answer (empty: closed).
@@ -55,18 +46,8 @@ async fn binary_serves_stops_and_reopens_after_restart() {
     let tb = TestBus::start().await;
     let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let conf = dir.path().join("wnodes.toml");
-    std::fs::write(
-        &conf,
-        format!(
-            "site = \"T1\"\nhost = \"{HOST}\"\nstate_dir = \"{}\"\n\n[nats]\nurl = \"{}\"\n\n\
-             [gateway]\nport_range = \"32000-32999\"\n",
-            dir.path().join("state").display(),
-            tb.server.url(),
-        ),
-    )
-    .unwrap();
-    let child = spawn(&conf);
+    let gateway = gateway(&tb.server.url(), dir.path());
+    let child = gateway.spawn().unwrap();
 
     let vm = "vm-c0c0c0c0c0c0";
     let spec = proto::VmSpec {
@@ -84,9 +65,9 @@ async fn binary_serves_stops_and_reopens_after_restart() {
         }),
         ..Default::default()
     };
-    tb.publish(&vm_requested(run("1", 1), spec)).await;
+    tb.publish(&ev(&run("1"), vm_requested(spec))).await;
     tb.publish(&ev(
-        run("1", 1),
+        &run("1"),
         Body::NetworkReady(proto::NetworkReady {
             vm_id: vm.into(),
             mode: proto::NetworkMode::VirtioTap as i32,
@@ -116,7 +97,7 @@ async fn binary_serves_stops_and_reopens_after_restart() {
     );
 
     // Restart: the serving VM's listener comes back on the same port.
-    let child = spawn(&conf);
+    let child = gateway.spawn().unwrap();
     wait_until_hello(port).await;
     sigterm(child).await;
 }

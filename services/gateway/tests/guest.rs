@@ -122,7 +122,7 @@ async fn run_guest(guest: PathBuf) {
         }),
         ..Default::default()
     };
-    tb.publish(&vm_requested(run("1", 1), spec)).await;
+    tb.publish(&ev(&run("1"), vm_requested(spec))).await;
     let net = tb
         .wait_for("network.ready", |e| match &e.body {
             Some(Body::NetworkReady(r)) if r.vm_id == vm => Some(r.clone()),
@@ -172,7 +172,7 @@ async fn run_guest(guest: PathBuf) {
         vm_id: vm_b.into(),
         ..Default::default()
     };
-    tb.publish(&vm_requested(run("2", 1), spec_b)).await;
+    tb.publish(&ev(&run("2"), vm_requested(spec_b))).await;
     let net_b = tb
         .wait_for("network.ready of B", |e| match &e.body {
             Some(Body::NetworkReady(r)) if r.vm_id == vm_b => Some(r.clone()),
@@ -208,7 +208,7 @@ async fn run_guest(guest: PathBuf) {
     );
 
     // The launcher's vm.stopped releases both.
-    tb.publish(&vm_stopped(run("1", 1), vm)).await;
+    tb.publish(&ev(&run("1"), vm_stopped(vm))).await;
     for kind in [proto::ResourceKind::Network, proto::ResourceKind::Storage] {
         tb.wait_for(&format!("{kind:?} released"), |e| match &e.body {
             Some(Body::ResourceReleased(r)) if r.vm_id == vm && r.kind == kind as i32 => Some(()),

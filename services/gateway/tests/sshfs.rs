@@ -102,7 +102,7 @@ fn spec(vm_id: &str, export: &Path, read_only: bool, uid: u32) -> proto::VmSpec 
 
 fn network_ready(run: proto::JobRunRef, vm_id: &str, address: &str) -> proto::Event {
     ev(
-        run,
+        &run,
         Body::NetworkReady(proto::NetworkReady {
             vm_id: vm_id.into(),
             mode: proto::NetworkMode::VirtioTap as i32,
@@ -115,44 +115,6 @@ fn network_ready(run: proto::JobRunRef, vm_id: &str, address: &str) -> proto::Ev
             ..Default::default()
         }),
     )
-}
-
-async fn storage_ready(tb: &TestBus, vm_id: &str) -> proto::StorageReady {
-    let vm = vm_id.to_owned();
-    tb.wait_for(&format!("storage.ready of {vm_id}"), move |e| {
-        match &e.body {
-            Some(Body::StorageReady(r)) if r.vm_id == vm => Some(r.clone()),
-            _ => None,
-        }
-    })
-    .await
-}
-
-async fn storage_failed(tb: &TestBus, vm_id: &str) -> String {
-    let vm = vm_id.to_owned();
-    tb.wait_for(&format!("storage.failed of {vm_id}"), move |e| {
-        match &e.body {
-            Some(Body::StorageFailed(r)) if r.vm_id == vm => Some(r.reason.clone()),
-            _ => None,
-        }
-    })
-    .await
-}
-
-async fn released(tb: &TestBus, vm_id: &str) -> String {
-    let vm = vm_id.to_owned();
-    tb.wait_for(
-        &format!("resource.released of {vm_id}"),
-        move |e| match &e.body {
-            Some(Body::ResourceReleased(r))
-                if r.vm_id == vm && r.kind == proto::ResourceKind::Storage as i32 =>
-            {
-                Some(r.detail.clone())
-            }
-            _ => None,
-        },
-    )
-    .await
 }
 
 /// A mounted sshfs, lazily unmounted on drop.
@@ -230,12 +192,15 @@ async fn export_served_as_the_job_user_only_to_the_vm_and_closed_on_release() {
 
     // network.ready before vm.requested: retried until the spec is known.
     let vm = "vm-5e5e5e5e5e5e";
-    tb.publish(&network_ready(run("1", 1), vm, "127.0.0.1/8"))
+    tb.publish(&network_ready(run("1"), vm, "127.0.0.1/8"))
         .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    tb.publish(&vm_requested(run("1", 1), spec(vm, &ex.job(), false, UID)))
-        .await;
-    let r = storage_ready(&tb, vm).await;
+    tb.publish(&ev(
+        &run("1"),
+        vm_requested(spec(vm, &ex.job(), false, UID)),
+    ))
+    .await;
+    let r = tb.wait_payload::<proto::StorageReady>(vm).await;
     assert_eq!(r.mode, proto::StorageMode::Sshfs as i32);
     assert_eq!(r.address, "127.0.0.1");
     assert_eq!(r.allowed_client, "127.0.0.1");
@@ -245,7 +210,7 @@ async fn export_served_as_the_job_user_only_to_the_vm_and_closed_on_release() {
     let addr: SocketAddr = format!("127.0.0.1:{}", r.port).parse().unwrap();
 
     // Idempotent by vm_id: another network.ready for the VM gets the same listener.
-    tb.publish(&network_ready(run("1", 5), vm, "127.0.0.1/8"))
+    tb.publish(&network_ready(run("1").attempt(5), vm, "127.0.0.1/8"))
         .await;
     let again = tb
         .wait_for("second storage.ready", |e| match &e.body {
@@ -290,8 +255,8 @@ async fn export_served_as_the_job_user_only_to_the_vm_and_closed_on_release() {
         assert!(procs.iter().all(|&(_, uid)| uid == UID), "{procs:?}");
 
         // Release while the mount is live: listener closed, sftp-server killed.
-        tb.publish(&vm_stopped(run("1", 1), vm)).await;
-        let detail = released(&tb, vm).await;
+        tb.publish(&ev(&run("1"), vm_stopped(vm))).await;
+        let detail = tb.wait_released(vm, proto::ResourceKind::Storage).await;
         assert!(detail.contains("closed"), "{detail}");
         assert!(
             sftp_servers(ex.dir.path()).is_empty(),
@@ -304,19 +269,19 @@ async fn export_served_as_the_job_user_only_to_the_vm_and_closed_on_release() {
     // User-mode networking: the guest reaches the host as 10.0.2.2, which qemu turns into a
     // connection from 127.0.0.1 to 127.0.0.1.
     let vm_user = "vm-0e0e0e0e0e0e";
-    tb.publish(&vm_requested(
-        run("7", 1),
-        spec(vm_user, &ex.job(), false, UID),
+    tb.publish(&ev(
+        &run("7"),
+        vm_requested(spec(vm_user, &ex.job(), false, UID)),
     ))
     .await;
-    let mut user = network_ready(run("7", 1), vm_user, "10.0.2.15/24");
+    let mut user = network_ready(run("7"), vm_user, "10.0.2.15/24");
     if let Some(Body::NetworkReady(n)) = user.body.as_mut() {
         n.mode = proto::NetworkMode::User as i32;
         n.gateway = "10.0.2.2".into();
         n.address_filtered = false;
     }
     tb.publish(&user).await;
-    let u = storage_ready(&tb, vm_user).await;
+    let u = tb.wait_payload::<proto::StorageReady>(vm_user).await;
     assert_eq!(
         (u.address.as_str(), u.allowed_client.as_str()),
         ("10.0.2.2", "127.0.0.1")
@@ -325,15 +290,18 @@ async fn export_served_as_the_job_user_only_to_the_vm_and_closed_on_release() {
     assert_eq!(sftp_hello("127.0.0.1", uaddr).await.get(4), Some(&2u8));
 
     // Tombstone: network.ready / vm.requested after the release are released, not served.
-    tb.publish(&network_ready(run("1", 2), vm, "127.0.0.1/8"))
+    tb.publish(&network_ready(run("1").attempt(2), vm, "127.0.0.1/8"))
         .await;
     tb.wait_for("late network.ready released", |e| {
         (e.run.as_ref()?.run_attempt == 2 && matches!(e.body, Some(Body::ResourceReleased(_))))
             .then_some(())
     })
     .await;
-    tb.publish(&vm_requested(run("1", 6), spec(vm, &ex.job(), false, UID)))
-        .await;
+    tb.publish(&ev(
+        &run("1").attempt(6),
+        vm_requested(spec(vm, &ex.job(), false, UID)),
+    ))
+    .await;
     tb.wait_for("late vm.requested released", |e| {
         (e.run.as_ref()?.run_attempt == 6 && matches!(e.body, Some(Body::ResourceReleased(_))))
             .then_some(())
@@ -368,11 +336,11 @@ async fn read_only_root_owner_no_exports_and_restart() {
 
     // Read-only export: reads work, writes fail.
     let vm = "vm-0d0d0d0d0d0d";
-    tb.publish(&vm_requested(run("1", 1), spec(vm, &ex.job(), true, UID)))
+    tb.publish(&ev(&run("1"), vm_requested(spec(vm, &ex.job(), true, UID))))
         .await;
-    tb.publish(&network_ready(run("1", 1), vm, "127.0.0.1/8"))
+    tb.publish(&network_ready(run("1"), vm, "127.0.0.1/8"))
         .await;
-    let r = storage_ready(&tb, vm).await;
+    let r = tb.wait_payload::<proto::StorageReady>(vm).await;
     {
         let m = Mount::new(r.port, &r.remote_path, ex.mnt("ro"));
         assert_eq!(
@@ -387,36 +355,42 @@ async fn read_only_root_owner_no_exports_and_restart() {
 
     // Root is never served.
     let vm_root = "vm-000000000001";
-    tb.publish(&vm_requested(
-        run("2", 1),
-        spec(vm_root, &ex.job(), false, 0),
+    tb.publish(&ev(
+        &run("2"),
+        vm_requested(spec(vm_root, &ex.job(), false, 0)),
     ))
     .await;
-    tb.publish(&network_ready(run("2", 1), vm_root, "127.0.0.1/8"))
+    tb.publish(&network_ready(run("2"), vm_root, "127.0.0.1/8"))
         .await;
-    let reason = storage_failed(&tb, vm_root).await;
+    let reason = tb
+        .wait_payload::<proto::StorageFailed>(vm_root)
+        .await
+        .reason;
     assert!(reason.contains("never serves files as root"), "{reason}");
 
     // A uid unknown to the host cannot be served (sftp-server would exit at once).
     let vm_ghost = "vm-000000000003";
-    tb.publish(&vm_requested(
-        run("4", 1),
-        spec(vm_ghost, &ex.job(), false, 4_000_017),
+    tb.publish(&ev(
+        &run("4"),
+        vm_requested(spec(vm_ghost, &ex.job(), false, 4_000_017)),
     ))
     .await;
-    tb.publish(&network_ready(run("4", 1), vm_ghost, "127.0.0.1/8"))
+    tb.publish(&network_ready(run("4"), vm_ghost, "127.0.0.1/8"))
         .await;
-    let reason = storage_failed(&tb, vm_ghost).await;
+    let reason = tb
+        .wait_payload::<proto::StorageFailed>(vm_ghost)
+        .await
+        .reason;
     assert!(reason.contains("no passwd entry"), "{reason}");
 
     // No exports: ready, nothing to mount.
     let vm_none = "vm-000000000002";
     let mut s = spec(vm_none, &ex.job(), false, UID);
     s.exports.clear();
-    tb.publish(&vm_requested(run("3", 1), s)).await;
-    tb.publish(&network_ready(run("3", 1), vm_none, "127.0.0.1/8"))
+    tb.publish(&ev(&run("3"), vm_requested(s))).await;
+    tb.publish(&network_ready(run("3"), vm_none, "127.0.0.1/8"))
         .await;
-    let none = storage_ready(&tb, vm_none).await;
+    let none = tb.wait_payload::<proto::StorageReady>(vm_none).await;
     assert_eq!((none.port, none.remote_path.as_str()), (0, ""));
 
     // Restart: the consumer and the listeners go away; a new instance on the same store

@@ -4,15 +4,13 @@
 
 use std::time::Duration;
 
-use futures::StreamExt;
-use nix::{sys::signal, unistd::Pid};
-use prost::Message;
 use sha2::{Digest, Sha256};
-use wnodes_bus::{
-    Bus, BusMetrics, EventExt, NatsConfig,
-    proto::{self, event::Body},
+use wnodes_bus::proto::{self, event::Body};
+use wnodes_testkit::{
+    NatsServer, ServiceConfig, ServiceProcess,
+    bus::{connect, subscribe},
+    events::{Events, RunRefExt, run, vm_requested},
 };
-use wnodes_testkit::NatsServer;
 
 const HOST: &str = "hv1.example.org";
 
@@ -24,72 +22,40 @@ async fn the_binary_answers_vm_requested_and_stops_on_sigterm() {
     let src = tmp.path().join("img.raw");
     std::fs::write(&src, &image).unwrap();
     let sha = hex::encode(Sha256::digest(&image));
-    let conf = tmp.path().join("wnodes.toml");
-    std::fs::write(
-        &conf,
-        format!(
-            "site = \"T1\"\nhost = \"{HOST}\"\nstate_dir = \"{state}\"\n\
-             http_addr = \"127.0.0.1:0\"\n[nats]\nurl = \"{url}\"\n\
-             [image.catalog.sl6]\nurl = \"file://{src}\"\nsha256 = \"{sha}\"\n\
-             [scratch]\nmax_bytes = 1\n",
-            state = tmp.path().join("state").display(),
-            url = nats.url(),
-            src = src.display(),
-        ),
-    )
-    .unwrap();
+    let conf = ServiceConfig::new(HOST, &nats.url(), &tmp.path().join("state"))
+        .set(
+            "image.catalog.sl6",
+            "url",
+            format!("file://{}", src.display()),
+        )
+        .set("image.catalog.sl6", "sha256", sha.as_str())
+        .set("scratch", "max_bytes", 1);
     let cache = tmp.path().join("env-cache");
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_wnodes-image"))
-        .arg("--config")
-        .arg(&conf)
-        .env("WNODES_IMAGE__CACHE_DIR", &cache)
-        .kill_on_drop(true)
+    let mut image_service = ServiceProcess::builder(env!("CARGO_BIN_EXE_wnodes-image"), tmp.path())
+        .config(&conf)
+        .wnodes_env("IMAGE__CACHE_DIR", &cache)
         .spawn()
         .unwrap();
 
-    let bus = Bus::connect(
-        &NatsConfig {
-            url: nats.url(),
-            ..Default::default()
-        },
-        "launcher@hv1.example.org",
-        BusMetrics::unregistered(),
-    )
-    .await
-    .unwrap();
-    bus.ensure_streams().await.unwrap();
-    let mut sub = bus
-        .client()
-        .subscribe("wnodes.evt.*.image.>")
+    let bus = connect(&nats.url(), "launcher@hv1.example.org")
         .await
         .unwrap();
-    bus.client().flush().await.unwrap();
-    let run = proto::JobRunRef {
-        site: "T1".into(),
-        lrms: proto::Lrms::Pbs as i32,
-        job_id: "77".into(),
-        run_attempt: 1,
-    };
-    let req = proto::Event::build(
-        run,
-        HOST,
-        "launcher@hv1.example.org",
-        Body::VmRequested(proto::VmRequested {
-            spec: Some(proto::VmSpec {
-                vm_id: "vm-77".into(),
-                image: "sl6".into(),
-                ..Default::default()
-            }),
+    let mut sub = subscribe(&bus, "wnodes.evt.*.image.>").await.unwrap();
+    let req = Events::new(HOST, "launcher@hv1.example.org").build(
+        &run("77").lrms(proto::Lrms::Pbs),
+        vm_requested(proto::VmSpec {
+            vm_id: "vm-77".into(),
+            image: "sl6".into(),
+            ..Default::default()
         }),
     );
     // The durable consumer delivers everything in the stream, so publishing before the
     // binary has created it is fine.
     bus.publish(&req).await.unwrap();
-    let msg = tokio::time::timeout(Duration::from_secs(30), sub.next())
+    let ev = sub
+        .next(Duration::from_secs(30))
         .await
-        .expect("no image event within 30 s")
-        .unwrap();
-    let ev = proto::Event::decode(msg.payload).unwrap();
+        .unwrap_or_else(|e| panic!("{e}: {}", image_service.stderr()));
     let Some(Body::ImageReady(r)) = ev.body else {
         panic!("expected image.ready, got {ev:?}")
     };
@@ -99,11 +65,9 @@ async fn the_binary_answers_vm_requested_and_stops_on_sigterm() {
     );
     assert_eq!(ev.source, format!("image@{HOST}"));
 
-    let pid = i32::try_from(child.id().unwrap()).unwrap();
-    signal::kill(Pid::from_raw(pid), signal::Signal::SIGTERM).unwrap();
-    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+    let status = image_service
+        .terminate(Duration::from_secs(20))
         .await
-        .expect("no exit within 20 s of SIGTERM")
         .unwrap();
-    assert!(status.success(), "{status}");
+    assert!(status.success(), "{status}: {}", image_service.stderr());
 }

@@ -1,10 +1,8 @@
 //! The content-addressed cache against real files and a loopback HTTP server.
 
-mod common;
-
 use std::{os::unix::fs::PermissionsExt, path::Path, sync::atomic::Ordering, time::Duration};
 
-use common::serve;
+use wnodes_testkit::http::serve;
 
 use sha2::{Digest, Sha256};
 use wnodes_image::{Artifact, Cache, CacheError};

@@ -2,43 +2,31 @@
 //! `vm.requested` published by "the launcher", `image.ready` / `image.failed` read back from a
 //! core subscription on `wnodes.evt.>`.
 
-mod common;
-
 use std::{collections::BTreeMap, sync::atomic::Ordering, time::Duration};
 
-use futures::StreamExt;
-use prost::Message;
 use sha2::{Digest, Sha256};
 use wnodes_bus::{
-    Bus, BusMetrics, ConsumerTuning, EventExt, NatsConfig,
+    Bus, ConsumerTuning, EventExt,
     proto::{self, event::Body},
 };
 use wnodes_image::{Artifact, CatalogEntry, DiskFormat, Image, ImageConfig};
 use wnodes_runtime::{Config, start::InProcess};
-use wnodes_testkit::NatsServer;
+use wnodes_testkit::{
+    NatsServer,
+    bus::{EventSub, connect, subscribe},
+    events::{Events, run, vm_requested as requested},
+    http::serve,
+};
 
 const HOST: &str = "hv1.example.org";
 
-fn run(job: &str) -> proto::JobRunRef {
-    proto::JobRunRef {
-        site: "T1".into(),
-        lrms: proto::Lrms::Htcondor as i32,
-        job_id: job.into(),
-        run_attempt: 1,
-    }
-}
-
 fn vm_requested(job: &str, image: &str) -> proto::Event {
-    proto::Event::build(
-        run(job),
-        HOST,
-        "launcher@hv1.example.org",
-        Body::VmRequested(proto::VmRequested {
-            spec: Some(proto::VmSpec {
-                vm_id: format!("vm-{job}"),
-                image: image.into(),
-                ..Default::default()
-            }),
+    Events::new(HOST, "launcher@hv1.example.org").build(
+        &run(job),
+        requested(proto::VmSpec {
+            vm_id: format!("vm-{job}"),
+            image: image.into(),
+            ..Default::default()
         }),
     )
 }
@@ -73,30 +61,14 @@ async fn vm_requested_is_answered_with_ready_or_failed() {
             ),
             (
                 "broken".to_owned(),
-                CatalogEntry {
-                    url: format!("file://{}", src.display()),
-                    sha256: wrong.clone(),
-                    format: DiskFormat::Raw,
-                    kernel: None,
-                    initrd: None,
-                },
+                raw(format!("file://{}", src.display()), wrong.clone()),
             ),
         ]),
     };
-    let nats_cfg = NatsConfig {
-        url: nats.url(),
-        ..Default::default()
-    };
-    let bus = Bus::connect(
-        &nats_cfg,
-        &format!("image@{HOST}"),
-        BusMetrics::unregistered(),
-    )
-    .await
-    .unwrap();
-    bus.ensure_streams().await.unwrap();
-    let mut sub = bus.client().subscribe("wnodes.evt.>").await.unwrap();
-    bus.client().flush().await.unwrap();
+    let bus = connect(&nats.url(), &format!("image@{HOST}"))
+        .await
+        .unwrap();
+    let mut sub = subscribe(&bus, "wnodes.evt.>").await.unwrap();
 
     let running = InProcess::start::<Image>(Config::local(&nats.url(), HOST, tmp.path(), config))
         .await
@@ -109,8 +81,7 @@ async fn vm_requested_is_answered_with_ready_or_failed() {
     let (mut ready, mut failed, mut mismatch) = (None, None, None);
     let collected = tokio::time::timeout(Duration::from_secs(20), async {
         while ready.is_none() || failed.is_none() || mismatch.is_none() {
-            let msg = sub.next().await.expect("subscription ended");
-            let ev = proto::Event::decode(msg.payload).unwrap();
+            let ev = sub.next(Duration::from_secs(20)).await.unwrap();
             match ev.body.clone() {
                 Some(Body::ImageReady(r)) => ready = Some((ev, r)),
                 Some(Body::ImageFailed(f)) if f.vm_id == "vm-4" => mismatch = Some(f),
@@ -178,8 +149,7 @@ async fn vm_requested_is_answered_with_ready_or_failed() {
     bus.publish(&vm_requested("3", "sl6")).await.unwrap();
     let hit = tokio::time::timeout(Duration::from_secs(20), async {
         loop {
-            let msg = sub.next().await.expect("subscription ended");
-            let ev = proto::Event::decode(msg.payload).unwrap();
+            let ev = sub.next(Duration::from_secs(20)).await.unwrap();
             if let Some(Body::ImageReady(r)) = ev.body
                 && r.vm_id == "vm-3"
             {
@@ -206,48 +176,27 @@ async fn job_queued_with_an_image_hint_prefetches_without_an_event() {
         cache_dir: Some(tmp.path().join("c")),
         catalog: BTreeMap::from([(
             "el9".to_owned(),
-            CatalogEntry {
-                url: format!("file://{}", src.display()),
-                sha256: sha.clone(),
-                format: DiskFormat::Raw,
-                kernel: None,
-                initrd: None,
-            },
+            raw(format!("file://{}", src.display()), sha.clone()),
         )]),
     };
-    let bus = Bus::connect(
-        &NatsConfig {
-            url: nats.url(),
-            ..Default::default()
-        },
-        &format!("image@{HOST}"),
-        BusMetrics::unregistered(),
-    )
-    .await
-    .unwrap();
-    bus.ensure_streams().await.unwrap();
-    let mut sub = bus
-        .client()
-        .subscribe("wnodes.evt.*.image.>")
+    let bus = connect(&nats.url(), &format!("image@{HOST}"))
         .await
         .unwrap();
-    bus.client().flush().await.unwrap();
+    let mut sub = subscribe(&bus, "wnodes.evt.*.image.>").await.unwrap();
     let running = InProcess::start::<Image>(Config::local(&nats.url(), HOST, tmp.path(), config))
         .await
         .unwrap();
 
     let queued = |job: &str, hint: &str| {
-        proto::Event::build(
-            run(job),
-            "",
-            "bridge@ce.example.org",
-            Body::JobQueued(proto::JobQueued {
+        Events::new("", "bridge@ce.example.org").build(
+            &run(job),
+            proto::JobQueued {
                 job: Some(proto::JobDescription {
                     run: Some(run(job)),
                     image_hint: hint.into(),
                     ..Default::default()
                 }),
-            }),
+            },
         )
     };
     bus.publish(&queued("q1", "el9")).await.unwrap();
@@ -263,11 +212,7 @@ async fn job_queued_with_an_image_hint_prefetches_without_an_event() {
 
     // The VM that follows finds it cached.
     bus.publish(&vm_requested("q1", "el9")).await.unwrap();
-    let msg = tokio::time::timeout(Duration::from_secs(20), sub.next())
-        .await
-        .unwrap()
-        .unwrap();
-    let ev = proto::Event::decode(msg.payload).unwrap();
+    let ev = sub.next(Duration::from_secs(20)).await.unwrap();
     let Some(Body::ImageReady(r)) = ev.body else {
         panic!("the first image event must be vm-q1's ready (prefetch publishes nothing): {ev:?}")
     };
@@ -281,7 +226,7 @@ async fn job_queued_with_an_image_hint_prefetches_without_an_event() {
 struct Svc {
     _nats: NatsServer,
     bus: Bus,
-    sub: async_nats::Subscriber,
+    sub: EventSub,
     running: InProcess,
     _tmp: tempfile::TempDir,
 }
@@ -290,18 +235,8 @@ impl Svc {
     async fn start(config: ImageConfig, tuning: ConsumerTuning) -> anyhow::Result<Svc> {
         let nats = NatsServer::start().await?;
         let tmp = tempfile::tempdir()?;
-        let bus = Bus::connect(
-            &NatsConfig {
-                url: nats.url(),
-                ..Default::default()
-            },
-            &format!("image@{HOST}"),
-            BusMetrics::unregistered(),
-        )
-        .await?;
-        bus.ensure_streams().await?;
-        let sub = bus.client().subscribe("wnodes.evt.*.image.>").await?;
-        bus.client().flush().await?;
+        let bus = connect(&nats.url(), &format!("image@{HOST}")).await?;
+        let sub = subscribe(&bus, "wnodes.evt.*.image.>").await?;
         let mut cfg = Config::local(&nats.url(), HOST, tmp.path(), config);
         cfg.common.consumer = tuning;
         let running = InProcess::start::<Image>(cfg)
@@ -317,10 +252,7 @@ impl Svc {
     }
 
     async fn next_event(&mut self, within: Duration) -> anyhow::Result<proto::Event> {
-        let msg = tokio::time::timeout(within, self.sub.next())
-            .await?
-            .ok_or_else(|| anyhow::anyhow!("subscription ended"))?;
-        Ok(proto::Event::decode(msg.payload)?)
+        self.sub.next(within).await
     }
 
     async fn stop(self) -> anyhow::Result<()> {
@@ -330,25 +262,27 @@ impl Svc {
     }
 }
 
+/// A raw image at `url` with digest `sha256`, without kernel or initrd.
+fn raw(url: String, sha256: String) -> CatalogEntry {
+    CatalogEntry {
+        url,
+        sha256,
+        format: DiskFormat::Raw,
+        kernel: None,
+        initrd: None,
+    }
+}
+
 fn one_image(url: String, sha256: String) -> ImageConfig {
     ImageConfig {
         cache_dir: None,
-        catalog: BTreeMap::from([(
-            "sl6".to_owned(),
-            CatalogEntry {
-                url,
-                sha256,
-                format: DiskFormat::Raw,
-                kernel: None,
-                initrd: None,
-            },
-        )]),
+        catalog: BTreeMap::from([("sl6".to_owned(), raw(url, sha256))]),
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transient_failure_is_retried_then_reported_on_the_last_attempt() {
-    let (base, count) = common::serve(Vec::new(), Duration::ZERO).await.unwrap();
+    let (base, count) = serve(Vec::new(), Duration::ZERO).await.unwrap();
     let tuning = ConsumerTuning {
         max_attempts: 2,
         backoff_base: Duration::from_millis(50),
@@ -374,7 +308,7 @@ async fn a_transient_failure_is_retried_then_reported_on_the_last_attempt() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fetch_longer_than_the_handler_timeout_survives_and_is_downloaded_once() {
     let data = b"slow image".repeat(1000);
-    let (base, count) = common::serve(data.clone(), Duration::from_millis(2500))
+    let (base, count) = serve(data.clone(), Duration::from_millis(2500))
         .await
         .unwrap();
     // Each attempt waits 0.8 s; the download takes 2.5 s: attempts 1-3 give up waiting, a

@@ -7,52 +7,36 @@
 
 mod common;
 
-use std::{path::Path, process::Stdio, time::Duration};
+use wnodes_testkit::{events::ready_bodies, events::vm_id_of, host::guest_dir, vm::vm_lock};
 
-use common::{HOST, ev, job_started, run, vm_id_of, wait_event};
-use wnodes_bus::{Bus, BusMetrics, NatsConfig, proto::event::Body};
+use std::{path::Path, time::Duration};
+
+use common::{HOST, ev, job_started, run, wait_event};
+use wnodes_bus::proto::event::Body;
 use wnodes_launcher::vm_dir::VmDir;
-use wnodes_testkit::{host, host_test, nats::NatsServer};
+use wnodes_testkit::{ServiceProcess, host, host_test, nats::NatsServer, process::ProcessBuilder};
 
-fn launcher(nats_url: &str, state: &Path, log: &Path) -> tokio::process::Child {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .unwrap();
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_wnodes-launcher"))
+/// The launcher binary configured by environment alone; both launchers of the test append
+/// to one log.
+fn launcher(nats_url: &str, dir: &Path) -> ProcessBuilder {
+    ServiceProcess::builder(env!("CARGO_BIN_EXE_wnodes-launcher"), dir)
         .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("WNODES_SITE", "INFN-T1")
-        .env("WNODES_HOST", HOST)
-        .env("WNODES_NATS__URL", nats_url)
-        .env("WNODES_STATE_DIR", state)
-        .env("WNODES_LOG_LEVEL", "info")
-        .env("WNODES_LAUNCHER__ACCEL", "auto")
-        .env("WNODES_LAUNCHER__PREPARE_DEADLINE", "60s")
-        .env("WNODES_LAUNCHER__POLICY__NETWORK_MODE", "user")
-        .env("WNODES_LAUNCHER__POLICY__VO_IMAGES__ATLAS", "wnodes-test")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        // The launcher only: qemu detaches itself and must survive it.
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap()
+        .runtime_env(nats_url, "INFN-T1", HOST, &dir.join("state"))
+        .wnodes_env("LOG_LEVEL", "info")
+        .wnodes_env("LAUNCHER__ACCEL", "auto")
+        .wnodes_env("LAUNCHER__PREPARE_DEADLINE", "60s")
+        .wnodes_env("LAUNCHER__POLICY__NETWORK_MODE", "user")
+        .wnodes_env("LAUNCHER__POLICY__VO_IMAGES__ATLAS", "wnodes-test")
+        .stderr_to(&dir.join("launcher.log"))
 }
 
-async fn sigterm_and_wait(child: &mut tokio::process::Child) {
-    let pid = i32::try_from(child.id().unwrap()).unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+/// SIGTERM; the launcher exits 0. Only the launcher: qemu detaches itself and must survive it.
+async fn sigterm_and_wait(launcher: &mut ServiceProcess) {
+    let status = launcher
+        .terminate(Duration::from_secs(30))
         .await
-        .expect("the launcher exits after SIGTERM")
-        .unwrap();
-    assert!(status.success(), "{status}");
+        .expect("the launcher exits after SIGTERM");
+    assert!(status.success(), "{status}: {}", launcher.stderr());
 }
 
 struct Cleanup(std::path::PathBuf);
@@ -64,34 +48,27 @@ impl Drop for Cleanup {
 }
 
 async fn vm_binary_sigterm_leaves_the_vm_running_and_the_next_launcher_reports_it() {
-    let _lock = common::vm_lock();
-    let guest = common::guest_dir();
+    let _lock = vm_lock();
+    let guest = guest_dir();
     let nats = NatsServer::start().await.unwrap();
-    wnodes_bus::connect::install_crypto_provider();
-    let bus = Bus::connect(
-        &NatsConfig {
-            url: nats.url(),
-            ..Default::default()
-        },
-        "test@local",
-        BusMetrics::unregistered(),
-    )
-    .await
-    .unwrap();
-    bus.ensure_streams().await.unwrap();
+    let bus = wnodes_testkit::bus::connect(&nats.url(), "test@local")
+        .await
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let log = dir.path().join("launcher.log");
     let _cleanup = Cleanup(state.join("vms"));
+    let launcher = launcher(&nats.url(), dir.path());
+
+    let log = dir.path().join("launcher.log");
     let dump = || std::fs::read_to_string(&log).unwrap_or_default();
 
-    let mut first = launcher(&nats.url(), &state, &log);
+    let mut first = launcher.spawn().unwrap();
     let r = run("bin-1");
     bus.publish(&job_started(&r, "atlas", "sleep 3; echo bin; exit 6"))
         .await
         .unwrap();
     let vm_id = vm_id_of(&wait_event(&bus, "vm.requested", &r).await);
-    for b in common::ready_bodies(&guest, &vm_id) {
+    for b in ready_bodies(&guest, &vm_id) {
         bus.publish(&ev(&r, b)).await.unwrap();
     }
     let running = wait_event(&bus, "vm.running", &r).await;
@@ -107,7 +84,7 @@ async fn vm_binary_sigterm_leaves_the_vm_running_and_the_next_launcher_reports_i
         "qemu survives SIGTERM of the launcher"
     );
 
-    let mut second = launcher(&nats.url(), &state, &log);
+    let mut second = launcher.spawn().unwrap();
     let stopped = wait_event(&bus, "vm.stopped", &r).await;
     let Some(Body::VmStopped(stopped)) = stopped.body else {
         panic!("{}", dump())

@@ -9,7 +9,7 @@
 use std::{path::PathBuf, time::Duration};
 
 use tracing::Instrument;
-use wnodes_bus::{Bus, BusMetrics, ConsumerTuning, KeyStore, NatsConfig, proto::event::Body};
+use wnodes_bus::{Bus, ConsumerTuning, KeyStore, proto::event::Body};
 use wnodes_launcher::{
     Launcher, LauncherConfig,
     config::AccelMode,
@@ -23,9 +23,9 @@ use wnodes_testkit::{host, host_test, nats::NatsServer, wait::wait_until};
 
 mod common;
 
-use common::{
-    HOST, LONG, ev, job_started, last_event, last_event_traced, run, vm_id_of, vm_lock, wait_event,
-};
+use wnodes_testkit::{events::ready_bodies, events::vm_id_of, host::guest_dir, vm::vm_lock};
+
+use common::{HOST, LONG, ev, job_started, last_event, last_event_traced, run, wait_event};
 
 struct Env {
     nats: NatsServer,
@@ -37,19 +37,9 @@ struct Env {
 
 async fn env() -> Env {
     let nats = NatsServer::start().await.unwrap();
-    wnodes_bus::connect::install_crypto_provider();
-    let cfg = NatsConfig {
-        url: nats.url(),
-        ..Default::default()
-    };
-    let bus = Bus::connect(
-        &cfg,
-        &format!("launcher@{HOST}"),
-        BusMetrics::unregistered(),
-    )
-    .await
-    .unwrap();
-    bus.ensure_streams().await.unwrap();
+    let bus = wnodes_testkit::bus::connect(&nats.url(), &format!("launcher@{HOST}"))
+        .await
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let store = KeyStore::open(&dir.path().join("keys.db")).await.unwrap();
     Env {
@@ -57,7 +47,7 @@ async fn env() -> Env {
         dir,
         bus,
         store,
-        guest: common::guest_dir(),
+        guest: guest_dir(),
     }
 }
 
@@ -97,7 +87,7 @@ async fn start(cfg: Config<LauncherConfig>) -> InProcess {
 }
 
 async fn publish_ready(env: &Env, run: &JobRunRef, vm_id: &str) {
-    for b in common::ready_bodies(&env.guest, vm_id) {
+    for b in ready_bodies(&env.guest, vm_id) {
         env.bus.publish(&common::ev(run, b)).await.unwrap();
     }
 }

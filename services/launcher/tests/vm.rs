@@ -8,6 +8,8 @@
 
 mod common;
 
+use wnodes_testkit::{host::guest_dir, vm::vm_lock};
+
 use std::{path::Path, time::Duration};
 
 use wnodes_launcher::{
@@ -61,8 +63,8 @@ impl Drop for Fixture {
 }
 
 fn fixture(script: &str) -> Fixture {
-    let lock = common::vm_lock();
-    let guest = common::guest_dir();
+    let lock = vm_lock();
+    let guest = guest_dir();
     let dir = tempfile::tempdir().unwrap();
     let vm = VmDir::new(dir.path(), "vm-00000000a0b1").unwrap();
     let spec = VmSpec {
@@ -105,18 +107,31 @@ fn fixture(script: &str) -> Fixture {
     }
 }
 
+impl Fixture {
+    /// What qemu is launched with: this fixture's VM, spec and image (TCG), and the given
+    /// preparation results.
+    fn inputs<'a>(
+        &'a self,
+        scratch: Option<&'a ScratchReady>,
+        network: Option<&'a NetworkReady>,
+        storage: Option<&'a StorageReady>,
+    ) -> LaunchInputs<'a> {
+        LaunchInputs {
+            accel: Accel::Tcg,
+            vm: &self.vm,
+            spec: &self.spec,
+            image: &self.image,
+            scratch,
+            network,
+            storage,
+        }
+    }
+}
+
 async fn boot(f: &Fixture) -> RunningRecord {
     let scratch = ScratchReady::default();
     let storage = StorageReady::default();
-    let inputs = LaunchInputs {
-        accel: Accel::Tcg,
-        vm: &f.vm,
-        spec: &f.spec,
-        image: &f.image,
-        scratch: Some(&scratch),
-        network: Some(&f.network),
-        storage: Some(&storage),
-    };
+    let inputs = f.inputs(Some(&scratch), Some(&f.network), Some(&storage));
     let running = qemu::launch(Path::new("qemu-system-x86_64"), &inputs, None)
         .await
         .expect("qemu starts");
@@ -294,15 +309,7 @@ async fn vm_scratch_disk_and_owner_uid_reach_the_guest() {
         ..Default::default()
     };
     let storage = StorageReady::default();
-    let inputs = LaunchInputs {
-        accel: Accel::Tcg,
-        vm: &f.vm,
-        spec: &f.spec,
-        image: &f.image,
-        scratch: Some(&scratch),
-        network: None,
-        storage: Some(&storage),
-    };
+    let inputs = f.inputs(Some(&scratch), None, Some(&storage));
     qemu::launch(Path::new("qemu-system-x86_64"), &inputs, None)
         .await
         .unwrap();
@@ -317,15 +324,7 @@ async fn vm_launch_failure_reports_why() {
     f.image.path = "/nonexistent/rootfs.ext4".into();
     let scratch = ScratchReady::default();
     let storage = StorageReady::default();
-    let inputs = LaunchInputs {
-        accel: Accel::Tcg,
-        vm: &f.vm,
-        spec: &f.spec,
-        image: &f.image,
-        scratch: Some(&scratch),
-        network: None,
-        storage: Some(&storage),
-    };
+    let inputs = f.inputs(Some(&scratch), None, Some(&storage));
     let err = qemu::launch(Path::new("qemu-system-x86_64"), &inputs, None)
         .await
         .unwrap_err();
@@ -374,15 +373,7 @@ async fn vm_user_mode_storage_is_mounted_from_the_host() {
         guest_path: "/shared".into(),
         ..Default::default()
     };
-    let inputs = LaunchInputs {
-        accel: Accel::Tcg,
-        vm: &f.vm,
-        spec: &f.spec,
-        image: &f.image,
-        scratch: Some(&scratch),
-        network: Some(&f.network),
-        storage: Some(&storage),
-    };
+    let inputs = f.inputs(Some(&scratch), Some(&f.network), Some(&storage));
     qemu::launch(Path::new("qemu-system-x86_64"), &inputs, None)
         .await
         .unwrap();
@@ -418,16 +409,7 @@ async fn vm_cgroup_the_qemu_daemon_inherits_the_foreground_group() {
     let f = fixture("sleep 600");
     let host = cgroup_host();
     f.vm.create().unwrap();
-    let args = qemu::build_args(&LaunchInputs {
-        accel: Accel::Tcg,
-        vm: &f.vm,
-        spec: &f.spec,
-        image: &f.image,
-        scratch: None,
-        network: None,
-        storage: None,
-    })
-    .unwrap();
+    let args = qemu::build_args(&f.inputs(None, None, None)).unwrap();
     let spawned = qemu::spawn_detached(
         Path::new("qemu-system-x86_64"),
         &f.vm,
@@ -469,15 +451,7 @@ async fn vm_cgroup_cpu_time_after_the_last_watch_is_counted() {
     let host = cgroup_host();
     let scratch = ScratchReady::default();
     let storage = StorageReady::default();
-    let inputs = LaunchInputs {
-        accel: Accel::Tcg,
-        vm: &f.vm,
-        spec: &f.spec,
-        image: &f.image,
-        scratch: Some(&scratch),
-        network: None,
-        storage: Some(&storage),
-    };
+    let inputs = f.inputs(Some(&scratch), None, Some(&storage));
     let running = qemu::launch(Path::new("qemu-system-x86_64"), &inputs, Some(&host))
         .await
         .expect("qemu starts");

@@ -4,13 +4,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a failure is a test failure
 
-use std::{
-    process::{ExitCode, Stdio},
-    time::Duration,
-};
+use std::{process::ExitCode, time::Duration};
 
 use wnodes_bus::proto::{self, event::Body};
-use wnodes_testkit::{host, host_test, service::*};
+use wnodes_testkit::{ServiceConfig, ServiceProcess, host, host_test, service::*};
 
 async fn binary_reconciles_serves_and_stops_on_sigterm() {
     let hv = Netns::new("bin");
@@ -28,34 +25,23 @@ async fn binary_reconciles_serves_and_stops_on_sigterm() {
     ]);
     let tb = TestBus::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let conf = dir.path().join("wnodes.toml");
-    std::fs::write(
-        &conf,
-        format!(
-            "site = \"T1\"\nhost = \"{HOST}\"\nstate_dir = \"{}\"\n\n[nats]\nurl = \"{}\"\n\n\
-             [network]\nmode = \"tap\"\nbridge = \"wnbr0\"\npool = \"10.231.7.0/24\"\nnetns = \"{}\"\n",
-            dir.path().join("state").display(),
-            tb.server.url(),
-            hv.0
-        ),
-    )
-    .unwrap();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_wnodes-network"))
-        .arg("--config")
-        .arg(&conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
+    let conf = ServiceConfig::new(HOST, &tb.server.url(), &dir.path().join("state"))
+        .set("network", "mode", "tap")
+        .set("network", "bridge", "wnbr0")
+        .set("network", "pool", "10.231.7.0/24")
+        .set("network", "netns", hv.0.as_str());
+    let mut network = ServiceProcess::builder(env!("CARGO_BIN_EXE_wnodes-network"), dir.path())
+        .config(&conf)
         .spawn()
         .unwrap();
 
     let vm = "vm-b1b1b1b1b1b1";
-    tb.publish(&vm_requested(
-        run("1", 1),
-        proto::VmSpec {
+    tb.publish(&ev(
+        &run("1"),
+        vm_requested(proto::VmSpec {
             vm_id: vm.into(),
             ..Default::default()
-        },
+        }),
     ))
     .await;
     let r = tb
@@ -79,13 +65,8 @@ async fn binary_reconciles_serves_and_stops_on_sigterm() {
         "the stray tap was reconciled away"
     );
 
-    let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(status.success(), "{status}");
+    let status = network.terminate(Duration::from_secs(15)).await.unwrap();
+    assert!(status.success(), "{status}: {}", network.stderr());
 }
 
 fn main() -> ExitCode {

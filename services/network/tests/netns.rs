@@ -7,7 +7,7 @@
 use std::process::{Command, ExitCode};
 
 use serde_json::Value;
-use wnodes_bus::{proto, proto::event::Body};
+use wnodes_bus::{EventType, proto, proto::event::Body};
 use wnodes_network::{
     NetworkHandler,
     config::{Ipv4Net, Mode},
@@ -48,51 +48,6 @@ async fn start(tb: &TestBus, h: NetworkHandler) {
         h,
     )
     .await;
-}
-
-fn spec(vm_id: &str) -> proto::VmSpec {
-    proto::VmSpec {
-        vm_id: vm_id.into(),
-        ..Default::default()
-    }
-}
-
-async fn ready(tb: &TestBus, vm_id: &str) -> proto::NetworkReady {
-    let vm = vm_id.to_owned();
-    tb.wait_for(&format!("network.ready of {vm_id}"), move |e| {
-        match &e.body {
-            Some(Body::NetworkReady(r)) if r.vm_id == vm => Some(r.clone()),
-            _ => None,
-        }
-    })
-    .await
-}
-
-async fn failed(tb: &TestBus, vm_id: &str) -> String {
-    let vm = vm_id.to_owned();
-    tb.wait_for(&format!("network.failed of {vm_id}"), move |e| {
-        match &e.body {
-            Some(Body::NetworkFailed(r)) if r.vm_id == vm => Some(r.reason.clone()),
-            _ => None,
-        }
-    })
-    .await
-}
-
-async fn released(tb: &TestBus, vm_id: &str) -> String {
-    let vm = vm_id.to_owned();
-    tb.wait_for(
-        &format!("resource.released of {vm_id}"),
-        move |e| match &e.body {
-            Some(Body::ResourceReleased(r))
-                if r.vm_id == vm && r.kind == proto::ResourceKind::Network as i32 =>
-            {
-                Some(r.detail.clone())
-            }
-            _ => None,
-        },
-    )
-    .await
 }
 
 fn link(ns: &Netns, name: &str) -> Option<Value> {
@@ -138,8 +93,8 @@ async fn tap_with_filter_then_release_and_tombstone() {
     start(&tb, handler(&ns, "wnbr0", "10.231.1.0/24")).await;
 
     let vm = "vm-0123456789ab";
-    tb.publish(&vm_requested(run("1", 1), spec(vm))).await;
-    let r = ready(&tb, vm).await;
+    tb.publish(&ev(&run("1"), vm_requested(vm_spec(vm)))).await;
+    let r = tb.wait_payload::<proto::NetworkReady>(vm).await;
     assert_eq!(r.mode, proto::NetworkMode::VirtioTap as i32);
     assert_eq!(r.tap, "wn-0123456789ab");
     assert_eq!(r.address, "10.231.1.2/24", "the bridge's .1 is skipped");
@@ -182,20 +137,14 @@ async fn tap_with_filter_then_release_and_tombstone() {
 
     // Idempotent by vm_id: the same VM requested again (another event) gets the same lease,
     // and still one tap.
-    tb.publish(&vm_requested(run("1", 2), spec(vm))).await;
+    tb.publish(&ev(&run("1").attempt(2), vm_requested(vm_spec(vm))))
+        .await;
     tb.wait_for("second network.ready", |e| {
         (e.run.as_ref()?.run_attempt == 2 && matches!(e.body, Some(Body::NetworkReady(_))))
             .then_some(())
     })
     .await;
-    let readies: Vec<_> = tb
-        .events_of(vm)
-        .into_iter()
-        .filter_map(|e| match e.body {
-            Some(Body::NetworkReady(r)) => Some(r),
-            _ => None,
-        })
-        .collect();
+    let readies = tb.events_of(vm).payloads::<proto::NetworkReady>();
     assert_eq!(readies.len(), 2);
     assert_eq!(readies[0], readies[1]);
     let taps = Host::new(Some(ns.0.clone()))
@@ -207,14 +156,14 @@ async fn tap_with_filter_then_release_and_tombstone() {
 
     // A second VM gets the next address and another MAC.
     let vm2 = "vm-aaaaaaaaaaaa";
-    tb.publish(&vm_requested(run("2", 1), spec(vm2))).await;
-    let r2 = ready(&tb, vm2).await;
+    tb.publish(&ev(&run("2"), vm_requested(vm_spec(vm2)))).await;
+    let r2 = tb.wait_payload::<proto::NetworkReady>(vm2).await;
     assert_eq!(r2.address, "10.231.1.3/24");
     assert_ne!(r2.mac, r.mac);
 
     // Release: tap, chain and map element gone, address free again.
-    tb.publish(&vm_stopped(run("1", 1), vm)).await;
-    let detail = released(&tb, vm).await;
+    tb.publish(&ev(&run("1"), vm_stopped(vm))).await;
+    let detail = tb.wait_released(vm, proto::ResourceKind::Network).await;
     assert!(
         detail.contains("tap wn-0123456789ab") && detail.contains("10.231.1.2"),
         "{detail}"
@@ -225,7 +174,8 @@ async fn tap_with_filter_then_release_and_tombstone() {
     assert!(link(&ns, &r2.tap).is_some(), "the other VM keeps its tap");
 
     // Tombstone: a vm.requested after the release is released, not prepared.
-    tb.publish(&vm_requested(run("1", 3), spec(vm))).await;
+    tb.publish(&ev(&run("1").attempt(3), vm_requested(vm_spec(vm))))
+        .await;
     tb.wait_for("late request answered", |e| {
         (e.run.as_ref()?.run_attempt == 3 && matches!(e.body, Some(Body::ResourceReleased(_))))
             .then_some(())
@@ -243,17 +193,25 @@ async fn tap_with_filter_then_release_and_tombstone() {
 
     // The freed address goes to the next VM.
     let vm3 = "vm-bbbbbbbbbbbb";
-    tb.publish(&vm_requested(run("3", 1), spec(vm3))).await;
-    assert_eq!(ready(&tb, vm3).await.address, "10.231.1.2/24");
+    tb.publish(&ev(&run("3"), vm_requested(vm_spec(vm3)))).await;
+    assert_eq!(
+        tb.wait_payload::<proto::NetworkReady>(vm3).await.address,
+        "10.231.1.2/24"
+    );
 
     // vm.failed releases too; releasing a VM never prepared leaves a tombstone.
-    tb.publish(&vm_failed(run("2", 1), vm2)).await;
-    released(&tb, vm2).await;
+    tb.publish(&ev(&run("2"), vm_failed(vm2, "launch", "test")))
+        .await;
+    tb.wait_released(vm2, proto::ResourceKind::Network).await;
     assert!(link(&ns, &r2.tap).is_none());
     let vm4 = "vm-cccccccccccc";
-    tb.publish(&vm_failed(run("4", 1), vm4)).await;
-    assert_eq!(released(&tb, vm4).await, "nothing was prepared");
-    tb.publish(&vm_requested(run("4", 1), spec(vm4))).await;
+    tb.publish(&ev(&run("4"), vm_failed(vm4, "launch", "test")))
+        .await;
+    assert_eq!(
+        tb.wait_released(vm4, proto::ResourceKind::Network).await,
+        "nothing was prepared"
+    );
+    tb.publish(&ev(&run("4"), vm_requested(vm_spec(vm4)))).await;
     tb.wait_for("vm4's late request answered", |e| {
         let rel = e.run.as_ref()?.job_id == "4" && e.id.starts_with("resource.released");
         rel.then_some(())
@@ -261,9 +219,7 @@ async fn tap_with_filter_then_release_and_tombstone() {
     .await;
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     assert!(
-        !tb.events_of(vm4)
-            .iter()
-            .any(|e| matches!(e.body, Some(Body::NetworkReady(_)))),
+        !tb.events_of(vm4).has(EventType::NetworkReady),
         "no network.ready after the release"
     );
     assert!(link(&ns, "wn-cccccccccccc").is_none());
@@ -274,40 +230,60 @@ async fn pool_exhaustion_and_missing_bridge_fail_with_reasons() {
     let tb = TestBus::start().await;
     // /30: hosts .1 and .2; .1 is the bridge's, so exactly one VM fits.
     start(&tb, handler(&ns, "wnbr0", "10.231.1.0/30")).await;
-    tb.publish(&vm_requested(run("1", 1), spec("vm-111111111111")))
+    tb.publish(&ev(&run("1"), vm_requested(vm_spec("vm-111111111111"))))
         .await;
-    assert_eq!(ready(&tb, "vm-111111111111").await.address, "10.231.1.2/24");
-    tb.publish(&vm_requested(run("2", 1), spec("vm-222222222222")))
+    assert_eq!(
+        tb.wait_payload::<proto::NetworkReady>("vm-111111111111")
+            .await
+            .address,
+        "10.231.1.2/24"
+    );
+    tb.publish(&ev(&run("2"), vm_requested(vm_spec("vm-222222222222"))))
         .await;
-    let reason = failed(&tb, "vm-222222222222").await;
+    let reason = tb
+        .wait_payload::<proto::NetworkFailed>("vm-222222222222")
+        .await
+        .reason;
     assert!(
         reason.contains("exhausted") && reason.contains("10.231.1.0/30"),
         "{reason}"
     );
     assert!(link(&ns, "wn-222222222222").is_none());
     // Releasing the first frees the address for a third.
-    tb.publish(&vm_stopped(run("1", 1), "vm-111111111111"))
+    tb.publish(&ev(&run("1"), vm_stopped("vm-111111111111")))
         .await;
-    released(&tb, "vm-111111111111").await;
-    tb.publish(&vm_requested(run("3", 1), spec("vm-333333333333")))
+    tb.wait_released("vm-111111111111", proto::ResourceKind::Network)
         .await;
-    assert_eq!(ready(&tb, "vm-333333333333").await.address, "10.231.1.2/24");
+    tb.publish(&ev(&run("3"), vm_requested(vm_spec("vm-333333333333"))))
+        .await;
+    assert_eq!(
+        tb.wait_payload::<proto::NetworkReady>("vm-333333333333")
+            .await
+            .address,
+        "10.231.1.2/24"
+    );
 
     // A missing bridge (another service instance, its own store and consumer).
     let tb2 = TestBus::start().await;
     start(&tb2, handler(&ns, "wnbr9", "10.231.1.0/24")).await;
-    tb2.publish(&vm_requested(run("9", 1), spec("vm-999999999999")))
+    tb2.publish(&ev(&run("9"), vm_requested(vm_spec("vm-999999999999"))))
         .await;
-    let reason = failed(&tb2, "vm-999999999999").await;
+    let reason = tb2
+        .wait_payload::<proto::NetworkFailed>("vm-999999999999")
+        .await
+        .reason;
     assert!(
         reason.contains("wnbr9") && reason.contains("does not exist"),
         "{reason}"
     );
 
     // A VM id that cannot name a tap.
-    tb.publish(&vm_requested(run("5", 1), spec("vm-job-5")))
+    tb.publish(&ev(&run("5"), vm_requested(vm_spec("vm-job-5"))))
         .await;
-    let reason = failed(&tb, "vm-job-5").await;
+    let reason = tb
+        .wait_payload::<proto::NetworkFailed>("vm-job-5")
+        .await
+        .reason;
     assert!(reason.contains("vm-<12 hex digits>"), "{reason}");
 }
 
@@ -388,12 +364,16 @@ async fn a_vm_cannot_send_with_another_vms_addresses() {
     let hv = hypervisor();
     let tb = TestBus::start().await;
     start(&tb, handler(&hv, "wnbr0", "10.231.1.0/24")).await;
-    tb.publish(&vm_requested(run("1", 1), spec("vm-a00000000000")))
+    tb.publish(&ev(&run("1"), vm_requested(vm_spec("vm-a00000000000"))))
         .await;
-    tb.publish(&vm_requested(run("2", 1), spec("vm-b00000000000")))
+    tb.publish(&ev(&run("2"), vm_requested(vm_spec("vm-b00000000000"))))
         .await;
-    let a = ready(&tb, "vm-a00000000000").await;
-    let b = ready(&tb, "vm-b00000000000").await;
+    let a = tb
+        .wait_payload::<proto::NetworkReady>("vm-a00000000000")
+        .await;
+    let b = tb
+        .wait_payload::<proto::NetworkReady>("vm-b00000000000")
+        .await;
 
     // VM B claims A's IPv4 address (with its own MAC; A is not on the wire yet, so without the
     // filter the gateway would answer B): dropped.
@@ -470,8 +450,8 @@ async fn user_mode_needs_nothing_on_the_host_and_says_so() {
     };
     start(&tb, h).await;
     let vm = "vm-0a0a0a0a0a0a";
-    tb.publish(&vm_requested(run("1", 1), spec(vm))).await;
-    let r = ready(&tb, vm).await;
+    tb.publish(&ev(&run("1"), vm_requested(vm_spec(vm)))).await;
+    let r = tb.wait_payload::<proto::NetworkReady>(vm).await;
     assert_eq!(r.mode, proto::NetworkMode::User as i32);
     assert_eq!(
         (r.address.as_str(), r.gateway.as_str()),
@@ -486,8 +466,12 @@ async fn user_mode_needs_nothing_on_the_host_and_says_so() {
         "{}",
         r.note
     );
-    tb.publish(&vm_stopped(run("1", 1), vm)).await;
-    assert!(released(&tb, vm).await.contains("user-mode"));
+    tb.publish(&ev(&run("1"), vm_stopped(vm))).await;
+    assert!(
+        tb.wait_released(vm, proto::ResourceKind::Network)
+            .await
+            .contains("user-mode")
+    );
 }
 
 async fn the_specs_network_mode_is_honoured() {
@@ -499,8 +483,10 @@ async fn the_specs_network_mode_is_honoured() {
         network_mode: proto::NetworkMode::User as i32,
         ..Default::default()
     };
-    tb.publish(&vm_requested(run("1", 1), user)).await;
-    let r = ready(&tb, "vm-0b0b0b0b0b0b").await;
+    tb.publish(&ev(&run("1"), vm_requested(user))).await;
+    let r = tb
+        .wait_payload::<proto::NetworkReady>("vm-0b0b0b0b0b0b")
+        .await;
     assert_eq!(r.mode, proto::NetworkMode::User as i32);
     assert!(
         link(&ns, "wn-0b0b0b0b0b0b").is_none(),
@@ -511,17 +497,22 @@ async fn the_specs_network_mode_is_honoured() {
         network_mode: proto::NetworkMode::Sriov as i32,
         ..Default::default()
     };
-    tb.publish(&vm_requested(run("2", 1), sriov)).await;
-    let reason = failed(&tb, "vm-0c0c0c0c0c0c").await;
+    tb.publish(&ev(&run("2"), vm_requested(sriov))).await;
+    let reason = tb
+        .wait_payload::<proto::NetworkFailed>("vm-0c0c0c0c0c0c")
+        .await
+        .reason;
     assert!(reason.contains("SR-IOV"), "{reason}");
     let tap = proto::VmSpec {
         vm_id: "vm-0d0d0d0d0d0d".into(),
         network_mode: proto::NetworkMode::VirtioTap as i32,
         ..Default::default()
     };
-    tb.publish(&vm_requested(run("3", 1), tap)).await;
+    tb.publish(&ev(&run("3"), vm_requested(tap))).await;
     assert_eq!(
-        ready(&tb, "vm-0d0d0d0d0d0d").await.mode,
+        tb.wait_payload::<proto::NetworkReady>("vm-0d0d0d0d0d0d")
+            .await
+            .mode,
         proto::NetworkMode::VirtioTap as i32
     );
 }

@@ -4,15 +4,17 @@
 
 use std::{path::Path, time::Duration};
 
-use futures::StreamExt;
-use prost::Message;
 use wnodes_bus::{
-    Bus, BusMetrics, EventExt, KeyStore, NatsConfig,
+    Bus, KeyStore,
     proto::{self, event::Body},
 };
 use wnodes_runtime::{Config, start::InProcess};
 use wnodes_scratch::{FileBackend, Scratch, ScratchConfig, VolumeState, state};
-use wnodes_testkit::NatsServer;
+use wnodes_testkit::{
+    NatsServer,
+    bus::{EventSub, connect, subscribe},
+    events::{Events, RunRefExt, run},
+};
 
 const HOST: &str = "hv1.example.org";
 const MIB: u64 = 1 << 20;
@@ -21,60 +23,44 @@ struct Svc {
     _nats: NatsServer,
     bus: Bus,
     store: KeyStore,
-    sub: async_nats::Subscriber,
+    sub: EventSub,
     running: InProcess,
     dir: tempfile::TempDir,
     seen: Vec<proto::Event>,
 }
 
-fn run(job: &str) -> proto::JobRunRef {
-    proto::JobRunRef {
-        site: "T1".into(),
-        lrms: proto::Lrms::Slurm as i32,
-        job_id: job.into(),
-        run_attempt: 1,
-    }
+/// An event of job `job`'s run (Slurm) from the launcher about its VM `vm-<job>`.
+fn from_launcher(job: &str, body: impl wnodes_testkit::events::IntoBody) -> proto::Event {
+    Events::new(HOST, "launcher@hv1.example.org").build(&run(job).lrms(proto::Lrms::Slurm), body)
 }
 
 fn vm_requested(job: &str, scratch_bytes: u64) -> proto::Event {
-    proto::Event::build(
-        run(job),
-        HOST,
-        "launcher@hv1.example.org",
-        Body::VmRequested(proto::VmRequested {
-            spec: Some(proto::VmSpec {
-                vm_id: format!("vm-{job}"),
-                image: "sl6".into(),
-                scratch_bytes,
-                ..Default::default()
-            }),
-        }),
-    )
-}
-
-fn vm_stopped(job: &str) -> proto::Event {
-    proto::Event::build(
-        run(job),
-        HOST,
-        "launcher@hv1.example.org",
-        Body::VmStopped(proto::VmStopped {
+    from_launcher(
+        job,
+        wnodes_testkit::events::vm_requested(proto::VmSpec {
             vm_id: format!("vm-{job}"),
-            stop_reason: "guest-poweroff".into(),
+            image: "sl6".into(),
+            scratch_bytes,
             ..Default::default()
         }),
     )
 }
 
+fn vm_stopped(job: &str) -> proto::Event {
+    from_launcher(
+        job,
+        wnodes_testkit::events::vm_stopped(&format!("vm-{job}")),
+    )
+}
+
 fn vm_failed(job: &str) -> proto::Event {
-    proto::Event::build(
-        run(job),
-        HOST,
-        "launcher@hv1.example.org",
-        Body::VmFailed(proto::VmFailed {
-            vm_id: format!("vm-{job}"),
-            reason: "cancelled before launch".into(),
-            phase: "policy".into(),
-        }),
+    from_launcher(
+        job,
+        wnodes_testkit::events::vm_failed(
+            &format!("vm-{job}"),
+            "policy",
+            "cancelled before launch",
+        ),
     )
 }
 
@@ -95,16 +81,9 @@ impl Svc {
         let nats = NatsServer::start().await?;
         let dir = tempfile::tempdir()?;
         before(dir.path())?;
-        let cfg = NatsConfig {
-            url: nats.url(),
-            ..Default::default()
-        };
-        let bus =
-            Bus::connect(&cfg, &format!("scratch@{HOST}"), BusMetrics::unregistered()).await?;
-        bus.ensure_streams().await?;
+        let bus = connect(&nats.url(), &format!("scratch@{HOST}")).await?;
         let store = KeyStore::open(&dir.path().join("keys.db")).await?;
-        let sub = bus.client().subscribe("wnodes.evt.>").await?;
-        bus.client().flush().await?;
+        let sub = subscribe(&bus, "wnodes.evt.>").await?;
         let running =
             InProcess::start::<Scratch>(Config::local(&nats.url(), HOST, dir.path(), config))
                 .await
@@ -131,14 +110,13 @@ impl Svc {
         pred: impl Fn(&proto::Event) -> bool,
     ) -> anyhow::Result<proto::Event> {
         let found = tokio::time::timeout(Duration::from_secs(20), async {
-            while let Some(msg) = self.sub.next().await {
-                let ev = proto::Event::decode(msg.payload)?;
+            loop {
+                let ev = self.sub.next(Duration::from_secs(20)).await?;
                 self.seen.push(ev.clone());
                 if pred(&ev) {
                     return Ok(ev);
                 }
             }
-            anyhow::bail!("the subscription ended")
         })
         .await;
         match found {

@@ -1,4 +1,4 @@
-//! A loopback HTTP server for the tests.
+//! A loopback HTTP server for download tests (the image service fetches from it).
 
 use std::{
     sync::{
