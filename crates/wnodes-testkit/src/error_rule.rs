@@ -268,7 +268,13 @@ mod tests {
                     );
                     for name in error_types(&text) {
                         found += 1;
-                        if !rule.lines().any(|l| l.trim() == format!("{name} {{")) {
+                        // `Name {` or, for a generic type, `Name<Args> {`.
+                        let sampled = rule.lines().map(str::trim).any(|l| {
+                            l.strip_prefix(name.as_str()).is_some_and(|rest| {
+                                rest == " {" || (rest.starts_with('<') && rest.ends_with("> {"))
+                            })
+                        });
+                        if !sampled {
                             missing.push(format!("{name} ({})", file.display()));
                         }
                     }
