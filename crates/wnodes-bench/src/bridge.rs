@@ -172,7 +172,7 @@ async fn bridge_round(
 
 pub async fn run(args: BridgeArgs) -> anyhow::Result<()> {
     wnodes_bus::connect::install_crypto_provider();
-    let _provider = crate::init_tracing();
+    let _provider = crate::bus::init_tracing();
     let nats = wnodes_testkit::NatsServer::start().await?;
     let dir = tempfile::tempdir()?;
     let log = dir.path().join("events.log");
@@ -220,8 +220,8 @@ pub async fn run(args: BridgeArgs) -> anyhow::Result<()> {
         raw.push(a.rate());
         bridge.push(b.rate());
     }
-    let raw_rate = crate::median(raw);
-    let bridge_rate = crate::median(bridge);
+    let raw_rate = crate::bus::median(raw);
+    let bridge_rate = crate::bus::median(bridge);
     let summary = serde_json::json!({
         "bench": "bridge",
         "jobs": args.jobs,
