@@ -75,6 +75,10 @@ pub enum WatchError {
     State(#[from] StateError),
 }
 
+/// How long the event monitor may take, once qemu has exited, to read the events qemu sent
+/// before it (it ends at the socket's end of file, normally at once).
+const EVENT_DRAIN: Duration = Duration::from_secs(1);
+
 /// Follows the VM's QMP event monitor: the receiver turns `true` when qemu reports a
 /// guest-initiated `SHUTDOWN` (the guest powered off). Without the monitor (a VM started by an
 /// older launcher, or qemu already gone) the receiver stays `false` and the pid poll decides.
@@ -171,7 +175,15 @@ pub async fn watch(vm: &VmDir, opts: &WatchOptions) -> Result<VmExit, WatchError
             _ = shutdown_rx.changed() => {}
         }
     }
-    events.abort();
+    // qemu is gone, so its event socket is closed: let the monitor read what qemu sent before
+    // it exited (under load it may not have handled the guest's SHUTDOWN yet), then stop it.
+    let mut events = events;
+    if tokio::time::timeout(EVENT_DRAIN, &mut events)
+        .await
+        .is_err()
+    {
+        events.abort();
+    }
     let guest_shutdown = *shutdown_rx.borrow();
     let mut usage = usage::final_usage(vm, &running.usage, last);
     // CPU over the same interval as the wall time: qemu's start-up before `vm.running` is not
