@@ -150,14 +150,26 @@ impl TestBus {
         self.bus.publish(ev).await.unwrap();
     }
 
-    /// Waits for the first event that `f` maps to `Some`.
+    /// Waits for the first event that `f` maps to `Some`; on timeout, panics listing every event
+    /// seen (a `…failed` with its reason is usually why).
     pub async fn wait_for<T>(&self, what: &str, f: impl Fn(&proto::Event) -> Option<T>) -> T {
-        wait_until(Duration::from_secs(20), what, || {
+        let found = wait_until(Duration::from_secs(20), what, || {
             let found = self.seen.lock().iter().find_map(&f);
             async move { found }
         })
-        .await
-        .unwrap()
+        .await;
+        match found {
+            Ok(t) => t,
+            Err(e) => {
+                let seen: Vec<String> = self
+                    .seen
+                    .lock()
+                    .iter()
+                    .map(|e| format!("  {} {:?}", e.id, e.body))
+                    .collect();
+                panic!("{e:#}; events seen:\n{}", seen.join("\n"))
+            }
+        }
     }
 
     /// Waits for the first `P` about `vm_id` (`network.ready`, `storage.failed`, ...).
