@@ -56,10 +56,29 @@ pub struct Stack {
     otlp_relay: Option<OtlpRelay>,
 }
 
-/// A port nobody listens on right now (bound, read back, released).
-fn free_port() -> anyhow::Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
-    Ok(l.local_addr()?.port())
+/// `n` distinct ports nobody listens on right now, picked at random in 21000–31999: below the
+/// kernel's ephemeral range (32768–60999 by default), where other processes' port-0 binds land,
+/// and above the gateway's default 20000–20999. A port the kernel hands out for port 0 (as this
+/// used to take) can go to another process between our check and the service's own bind; one
+/// out here can only collide with another stack's random pick.
+fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
+    use std::hash::{BuildHasher, Hasher};
+    let mut picked = Vec::with_capacity(n);
+    let mut tries = 0;
+    while picked.len() < n {
+        tries += 1;
+        anyhow::ensure!(
+            tries <= 1000,
+            "no free port in 21000-31999 after 1000 tries"
+        );
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_usize(tries);
+        let port = 21_000 + u16::try_from(h.finish() % 11_000).unwrap_or(0);
+        if !picked.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            picked.push(port);
+        }
+    }
+    Ok(picked)
 }
 
 fn run_cmd(args: &[&str]) -> anyhow::Result<()> {
@@ -410,11 +429,9 @@ impl Stack {
         let nats = NatsServer::start()
             .await
             .context("starting nats-server (scripts/install-deps.sh nats)")?;
-        let mut http_ports = BTreeMap::new();
-        for s in SERVICES {
-            http_ports.insert(s, free_port()?);
-        }
-        let grpc_addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        let mut ports = free_ports(SERVICES.len() + 1)?;
+        let grpc_addr: SocketAddr = format!("127.0.0.1:{}", ports.remove(0)).parse()?;
+        let http_ports: BTreeMap<_, _> = SERVICES.iter().copied().zip(ports).collect();
 
         let cfg = render_config(
             &opts,
