@@ -45,7 +45,7 @@ use wnodes_apel::{
     records::ApelRecord,
 };
 
-use crate::records::UsageRecord;
+use crate::records::{self, UsageRecord};
 
 /// What can go wrong exporting to APEL.
 #[derive(Debug, thiserror::Error)]
@@ -251,15 +251,6 @@ fn crash_at(name: &str) {
 #[cfg(not(feature = "failpoints"))]
 fn crash_at(_name: &str) {}
 
-fn now_ms() -> i64 {
-    wnodes_proto::time::now_ms()
-}
-
-const SELECT: &str = "SELECT run_key, site, lrms, job_id, run_attempt, host, vm_id, vo, user_name,
-    uid, gid, x509_dn, fqans, queue, cores, cpu_seconds, peak_memory_bytes, wall_seconds,
-    exit_code, lrms_exit_code, stop_reason, started_ms, stopped_ms, recorded_ms
-    FROM usage_records WHERE stopped_ms >= ? AND stopped_ms < ? ORDER BY stopped_ms, run_key";
-
 /// The first millisecond of the month (UTC) holding `ms`, and of the month after it.
 fn month_bounds(ms: i64) -> (i64, i64) {
     let (y, m) = wnodes_apel::records::year_month(ms.div_euclid(1000));
@@ -297,7 +288,7 @@ pub async fn run_periodic(
 ) -> Result<(), ApelExportError> {
     let pool = open(&db).await?;
     loop {
-        let (from_ms, to_ms) = rolling_period(now_ms(), periodic.months_back);
+        let (from_ms, to_ms) = rolling_period(wnodes_proto::time::now_ms(), periodic.months_back);
         let req = ExportRequest::new(from_ms, to_ms, Kind::ALL.to_vec(), periodic.out.clone());
         match export(&pool, &cfg, &req).await {
             Ok(report) => {
@@ -352,27 +343,32 @@ pub async fn export(
         req,
         report: &mut report,
     };
-    let in_period: Vec<UsageRecord> = sqlx::query_as(SELECT)
-        .bind(req.from_ms)
-        .bind(req.to_ms)
-        .fetch_all(pool)
-        .await
-        .map_err(sql("read usage records"))?;
     let needs_months = req
         .kinds
         .iter()
         .any(|k| matches!(k, Kind::Summary | Kind::Sync));
-    let months: Vec<UsageRecord> = if needs_months {
+    // One read: the whole months the period touches when summaries need them (the period is
+    // inside them), else the period alone.
+    let (in_period, months) = if needs_months {
         let (start, _) = month_bounds(req.from_ms);
         let (_, end) = month_bounds(req.to_ms - 1);
-        sqlx::query_as(SELECT)
-            .bind(start)
-            .bind(end)
-            .fetch_all(pool)
+        let months = records::stopped_between(pool, start, end)
             .await
-            .map_err(sql("read usage records"))?
+            .map_err(sql("read usage records"))?;
+        let in_period: Vec<UsageRecord> = months
+            .iter()
+            .filter(|r| {
+                r.stopped_ms
+                    .is_some_and(|t| t >= req.from_ms && t < req.to_ms)
+            })
+            .cloned()
+            .collect();
+        (in_period, months)
     } else {
-        Vec::new()
+        let in_period = records::stopped_between(pool, req.from_ms, req.to_ms)
+            .await
+            .map_err(sql("read usage records"))?;
+        (in_period, Vec::new())
     };
 
     let mut waiting = std::collections::BTreeSet::new();
@@ -550,7 +546,7 @@ async fn mark(
     .bind(key)
     .bind(kind)
     .bind(record)
-    .bind(now_ms())
+    .bind(wnodes_proto::time::now_ms())
     .execute(&mut **tx)
     .await
     .map_err(sql("record an export"))?;
@@ -633,7 +629,7 @@ impl Exporter<'_> {
             .bind(&queue_dir)
             .bind(kind.name())
             .bind(&json)
-            .bind(now_ms())
+            .bind(wnodes_proto::time::now_ms())
             .execute(self.pool)
             .await
             .map_err(sql("record a pending export"))?;

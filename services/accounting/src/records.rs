@@ -8,14 +8,39 @@ use crate::AccountingError;
 
 pub use wnodes_accounting_types::UsageRecord;
 
-const SELECT: &str = "SELECT run_key, site, lrms, job_id, run_attempt, host, vm_id, vo, user_name,
-    uid, gid, x509_dn, fqans, queue, cores, cpu_seconds, peak_memory_bytes, wall_seconds,
-    exit_code, lrms_exit_code, stop_reason, started_ms, stopped_ms, recorded_ms
-    FROM usage_records ORDER BY recorded_ms, run_key";
+/// `SELECT` of a usage record's columns, in [`UsageRecord`]'s order, followed by the rest of the
+/// query (static text, as sqlx wants it).
+macro_rules! select_records {
+    ($rest:literal) => {
+        concat!(
+            "SELECT run_key, site, lrms, job_id, run_attempt, host, vm_id, vo, user_name,
+            uid, gid, x509_dn, fqans, queue, cores, cpu_seconds, peak_memory_bytes, wall_seconds,
+            exit_code, lrms_exit_code, stop_reason, started_ms, stopped_ms, recorded_ms ",
+            $rest
+        )
+    };
+}
 
 /// Every record in `pool`, oldest first.
 pub async fn list(pool: &SqlitePool) -> Result<Vec<UsageRecord>, AccountingError> {
-    Ok(sqlx::query_as(SELECT).fetch_all(pool).await?)
+    let q = select_records!("FROM usage_records ORDER BY recorded_ms, run_key");
+    Ok(sqlx::query_as(q).fetch_all(pool).await?)
+}
+
+/// The records whose VM stopped in `[from_ms, to_ms)`, by stop time.
+pub async fn stopped_between(
+    pool: &SqlitePool,
+    from_ms: i64,
+    to_ms: i64,
+) -> Result<Vec<UsageRecord>, sqlx::Error> {
+    let q = select_records!(
+        "FROM usage_records WHERE stopped_ms >= ? AND stopped_ms < ? ORDER BY stopped_ms, run_key"
+    );
+    sqlx::query_as(q)
+        .bind(from_ms)
+        .bind(to_ms)
+        .fetch_all(pool)
+        .await
 }
 
 /// Opens the accounting database read-only.
