@@ -132,9 +132,9 @@ pub async fn events_when(
 /// When it does not within [`JOB_TIMEOUT`].
 #[allow(clippy::expect_used)]
 pub async fn accounting_caught_up(stack: &Stack) {
-    let client = async_nats::connect(stack.nats_url())
+    let client = wnodes_bus::connect::connect(&stack.nats_admin(), "test", None, None)
         .await
-        .expect("connecting to the stack's nats-server");
+        .expect("connecting to the stack's nats-server as the admin");
     let js = async_nats::jetstream::new(client);
     let name = wnodes_bus::subject::durable_name("accounting", None).expect("a durable name");
     wait_until(

@@ -9,13 +9,20 @@ use wnodes_testkit::{
     user_password_block,
 };
 
-/// Connects and makes the streams (proof that the connection is usable: JetStream answers).
+/// Connects and asks JetStream for the account's info (proof that the connection is usable:
+/// JetStream answers). These servers have no site provisioned: the auth method is under test.
 async fn try_connect(cfg: NatsConfig) -> Result<Bus, String> {
-    BusClient::from_config(cfg)
+    let bus = BusClient::from_config(cfg)
         .name("auth-test@local")
+        .without_streams()
         .connect()
         .await
-        .map_err(|e| ErrorChain(&e).to_string())
+        .map_err(|e| ErrorChain(&e).to_string())?;
+    bus.jetstream()
+        .query_account()
+        .await
+        .map_err(|e| format!("JetStream did not answer: {e}"))?;
+    Ok(bus)
 }
 
 fn cfg(url: String) -> NatsConfig {

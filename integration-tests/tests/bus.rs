@@ -28,8 +28,8 @@ fn vm_requested(job: &str) -> proto::Event {
     )
 }
 
-async fn test_bus(url: &str) -> Bus {
-    connect(url, "test@local").await.unwrap()
+async fn test_bus(nats: &NatsServer) -> Bus {
+    connect(&nats.admin(), "test@local").await.unwrap()
 }
 
 /// Rows in a sink node's `effects` table (0 if the table does not exist yet).
@@ -54,7 +54,7 @@ async fn effect_rows(state_dir: &std::path::Path) -> anyhow::Result<(i64, i64)> 
 }
 
 fn sink(nats: &NatsServer, dir: &std::path::Path, durable: &str) -> ProcessBuilder {
-    bus_node(BIN, &nats.url(), dir, "sink")
+    bus_node(BIN, &nats.admin(), dir, "sink")
         .wnodes_env("NODE__DURABLE", durable)
         .wnodes_env("CONSUMER__ACK_WAIT", "2s")
         .wnodes_env("CONSUMER__HANDLER_TIMEOUT", "1s")
@@ -90,17 +90,17 @@ async fn trace_context_crosses_three_processes() {
     let collector = OtlpCollector::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let ep = collector.endpoint();
-    let _b = bus_node(BIN, &nats.url(), &dir.path().join("b"), "relay")
+    let _b = bus_node(BIN, &nats.admin(), &dir.path().join("b"), "relay")
         .wnodes_env("OTLP_ENDPOINT", &ep)
         .start()
         .await
         .unwrap();
-    let _c = bus_node(BIN, &nats.url(), &dir.path().join("c"), "sink")
+    let _c = bus_node(BIN, &nats.admin(), &dir.path().join("c"), "sink")
         .wnodes_env("OTLP_ENDPOINT", &ep)
         .start()
         .await
         .unwrap();
-    let mut a = bus_node(BIN, &nats.url(), &dir.path().join("a"), "publish")
+    let mut a = bus_node(BIN, &nats.admin(), &dir.path().join("a"), "publish")
         .wnodes_env("NODE__COUNT", "1")
         .wnodes_env("OTLP_ENDPOINT", &ep)
         .spawn()
@@ -144,7 +144,7 @@ async fn same_event_published_twice_is_handled_once() {
     let nats = NatsServer::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let _sink = sink(&nats, dir.path(), "dup").start().await.unwrap();
-    let bus = test_bus(&nats.url()).await;
+    let bus = test_bus(&nats).await;
     let ev = vm_requested("dup-1");
     let first = bus.publish(&ev).await.unwrap();
     let second = bus.publish(&ev).await.unwrap();
@@ -164,7 +164,7 @@ async fn ack_withheld_once_then_restart_applies_effect_once() {
     let nats = NatsServer::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let marker = dir.path().join("failpoint-fired");
-    let bus = test_bus(&nats.url()).await;
+    let bus = test_bus(&nats).await;
     let opts = sink(&nats, dir.path(), "withheld");
     let mut node = opts
         .clone()
@@ -190,7 +190,7 @@ async fn consumer_killed_after_effect_before_ack_applies_effect_once() {
     let nats = NatsServer::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let marker = dir.path().join("failpoint-fired");
-    let bus = test_bus(&nats.url()).await;
+    let bus = test_bus(&nats).await;
     let opts = sink(&nats, dir.path(), "crashy");
     let mut node = opts
         .clone()
@@ -216,7 +216,7 @@ async fn consumer_killed_after_effect_before_ack_applies_effect_once() {
 async fn same_event_with_a_new_message_id_after_restart_applies_effect_once() {
     let nats = NatsServer::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let bus = test_bus(&nats.url()).await;
+    let bus = test_bus(&nats).await;
     let opts = sink(&nats, dir.path(), "newid");
     let mut node = opts.start().await.unwrap();
     let ev = vm_requested("newid-1");
@@ -252,7 +252,7 @@ async fn same_event_with_a_new_message_id_after_restart_applies_effect_once() {
 async fn failing_hanging_panicking_and_malformed_messages_go_to_the_dead_letter_stream() {
     let nats = NatsServer::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let bus = test_bus(&nats.url()).await;
+    let bus = test_bus(&nats).await;
     let failing = sink(&nats, &dir.path().join("f"), "sink-fail")
         .wnodes_env("NODE__FAIL", "always")
         .wnodes_env("NODE__FAULT_MATCH", "bad")
@@ -351,7 +351,7 @@ async fn failing_hanging_panicking_and_malformed_messages_go_to_the_dead_letter_
 async fn sigkilled_consumer_gets_unacked_messages_again() {
     let nats = NatsServer::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let bus = test_bus(&nats.url()).await;
+    let bus = test_bus(&nats).await;
     let opts = sink(&nats, dir.path(), "killed")
         .wnodes_env("NODE__WORK_MS", "150")
         .wnodes_env("CONSUMER__MAX_IN_FLIGHT", "4");
@@ -372,7 +372,7 @@ async fn sigkilled_consumer_gets_unacked_messages_again() {
 async fn server_restart_while_publishing_loses_nothing() {
     let mut nats = NatsServer::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let bus = test_bus(&nats.url()).await;
+    let bus = test_bus(&nats).await;
     let _node = sink(&nats, dir.path(), "restart").start().await.unwrap();
     const N: usize = 300;
     let publisher = {
@@ -403,7 +403,7 @@ async fn sigterm_mid_handler_finishes_acks_and_exports_the_span() {
     let nats = NatsServer::start().await.unwrap();
     let collector = OtlpCollector::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let bus = test_bus(&nats.url()).await;
+    let bus = test_bus(&nats).await;
     let mut node = sink(&nats, dir.path(), "graceful")
         .wnodes_env("NODE__WORK_MS", "1500")
         .wnodes_env("CONSUMER__ACK_WAIT", "30s")
@@ -452,7 +452,7 @@ async fn a_message_that_crashes_every_delivery_is_dead_lettered_by_the_next_proc
     // is dead-lettered without running the handler, instead of the server dropping it silently.
     let nats = NatsServer::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let bus = test_bus(&nats.url()).await;
+    let bus = test_bus(&nats).await;
     let opts = sink(&nats, dir.path(), "crashloop")
         .wnodes_env("CONSUMER__MAX_ATTEMPTS", "2")
         .env("WNODES_FAILPOINT", "before-handler");
@@ -494,7 +494,7 @@ async fn a_message_that_crashes_every_delivery_is_dead_lettered_by_the_next_proc
 async fn handlers_of_one_consumer_overlap() {
     let nats = NatsServer::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let bus = test_bus(&nats.url()).await;
+    let bus = test_bus(&nats).await;
     let node = sink(&nats, dir.path(), "sink-overlap")
         .wnodes_env("NODE__WORK_MS", "300")
         .wnodes_env("CONSUMER__HANDLER_TIMEOUT", "5s")

@@ -36,7 +36,7 @@ async fn get(addr: &str, path: &str) -> Option<(u16, String)> {
 async fn health_readiness_and_metrics() {
     let mut nats = NatsServer::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let node = bus_node(BIN, &nats.url(), dir.path(), "sink")
+    let node = bus_node(BIN, &nats.admin(), dir.path(), "sink")
         .start()
         .await
         .unwrap();
@@ -55,7 +55,7 @@ async fn health_readiness_and_metrics() {
     );
 
     // The node made the streams: only connect.
-    let bus = BusClient::new(&nats.url())
+    let bus = BusClient::new(&nats.admin())
         .without_streams()
         .connect()
         .await

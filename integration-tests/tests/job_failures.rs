@@ -696,7 +696,9 @@ fn vm_a_republished_vm_stopped_after_an_accounting_restart_is_not_recorded_twice
         stack.start_service("accounting").await.unwrap();
 
         // The stored vm.stopped message of the run, as it is in the stream.
-        let client = async_nats::connect(stack.nats_url()).await.unwrap();
+        let client = wnodes_bus::connect::connect(&stack.nats_admin(), "test", None, None)
+            .await
+            .unwrap();
         let js = async_nats::jetstream::new(client);
         let stream = js
             .get_stream(wnodes_bus::subject::EVENTS_STREAM)
@@ -722,7 +724,7 @@ fn vm_a_republished_vm_stopped_after_an_accounting_restart_is_not_recorded_twice
         let new_id = format!("{old_id}:republished");
         headers.insert("Nats-Msg-Id", new_id.as_str());
 
-        let bus = BusClient::new(&stack.nats_url())
+        let bus = BusClient::new(&stack.nats_admin())
             .name("job-failures-test@local")
             .without_streams()
             .connect()

@@ -13,7 +13,7 @@ use std::{
 use async_nats::jetstream::{self, stream};
 use prost::Message;
 use tracing::Instrument;
-use wnodes_bus::{Bus, BusMetrics, NatsConfig, subject};
+use wnodes_bus::{Bus, BusMetrics, subject};
 use wnodes_lrms::{LrmsKind, Publisher, ReplayOptions, replay::Summary, replay_to_bus};
 
 /// Arguments of `wnodes-bench bridge`.
@@ -133,18 +133,19 @@ async fn raw_round(
 }
 
 async fn bridge_round(
-    url: &str,
+    nats: &wnodes_testkit::NatsServer,
     log: &Path,
     opts: &ReplayOptions,
     window: usize,
     batch: usize,
 ) -> anyhow::Result<(Side, Summary)> {
-    let cfg = NatsConfig {
-        url: url.into(),
-        ..Default::default()
-    };
+    let site = anyhow::Context::context(nats.site(), "the bench server runs with authorization")?;
+    site.provision_streams(&nats.url()).await?;
+    let cfg = nats
+        .identity(&wnodes_bus::roles::BRIDGE, "bench.example")
+        .await?;
     let bus = Bus::connect(&cfg, "bridge@bench.example", BusMetrics::unregistered()).await?;
-    bus.ensure_streams().await?;
+    bus.check_streams().await?;
     let publisher = Publisher::new(bus.clone(), "BENCH", window);
     let start = Instant::now();
     let summary = replay_to_bus(&publisher, opts, &[log.to_owned()], batch)
@@ -204,13 +205,13 @@ pub async fn run(args: BridgeArgs) -> anyhow::Result<()> {
         n as f64 / parse_s
     );
 
-    let client = async_nats::connect(nats.url()).await?;
+    let client = wnodes_bus::connect::connect(&nats.admin(), "bench-raw", None, None).await?;
     let js = jetstream::new(client);
     let (mut raw, mut bridge) = (Vec::new(), Vec::new());
     for r in 0..args.rounds.max(1) {
         let a = raw_round(&js, r, &wire, args.window).await?;
         eprintln!("round {r}: raw {:.0} events/s ({:.2} s)", a.rate(), a.secs);
-        let (b, s) = bridge_round(&nats.url(), &log, &opts, args.window, args.batch).await?;
+        let (b, s) = bridge_round(&nats, &log, &opts, args.window, args.batch).await?;
         eprintln!(
             "round {r}: bridge {:.0} events/s ({:.2} s; {s})",
             b.rate(),

@@ -20,8 +20,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use wnodes_bus::{
     Bus, BusMetrics, Consumer, ConsumerSpec, ConsumerTuning, EventExt, Handler, HandlerCtx,
-    HandlerError, KeyStore, NatsConfig, proto, proto::event::Body, subject,
+    HandlerError, KeyStore, proto, proto::event::Body, roles, subject,
 };
+
+/// The host the benchmark's events are about.
+const BENCH_HOST: &str = "bench.example";
 
 fn event(i: usize, pad: usize) -> proto::Event {
     let run = proto::JobRunRef {
@@ -267,20 +270,41 @@ impl Handler for Nop {
     }
 }
 
+/// One round through the bus with authorization on, as the services run: the launcher's
+/// identity publishes `vm.requested`, the image service's consumes it through its durable.
 async fn bus_round(
     clock: CpuClock,
-    url: &str,
+    nats: &wnodes_testkit::NatsServer,
     round: usize,
     evs: &[proto::Event],
     window: usize,
     dir: &std::path::Path,
 ) -> anyhow::Result<Run> {
-    let cfg = NatsConfig {
-        url: url.into(),
+    let site = nats
+        .site()
+        .context("the bench server runs with authorization")?;
+    site.provision_streams(&nats.url()).await?;
+    let tuning = ConsumerTuning {
+        max_in_flight: window,
         ..Default::default()
     };
-    let bus = Bus::connect(&cfg, "bench@bench.example", BusMetrics::unregistered()).await?;
-    bus.ensure_streams().await?;
+    let publisher = nats.identity(&roles::LAUNCHER, BENCH_HOST).await?;
+    let consumer_cfg = nats
+        .identity_tuned(&roles::IMAGE, BENCH_HOST, &tuning)
+        .await?;
+    let bus = Bus::connect(
+        &publisher,
+        "launcher@bench.example",
+        BusMetrics::unregistered(),
+    )
+    .await?;
+    bus.check_streams().await?;
+    let consumer_bus = Bus::connect(
+        &consumer_cfg,
+        "image@bench.example",
+        BusMetrics::unregistered(),
+    )
+    .await?;
     let phase = clock.start();
     bus.publish_pipelined(evs, window)
         .instrument(tracing::info_span!("bench.publish"))
@@ -293,19 +317,21 @@ async fn bus_round(
         done: Notify::new(),
     });
     let spec = ConsumerSpec {
-        durable: format!("bench-{round}"),
-        filter_subjects: vec![subject::event_filter(
-            Some("bench.example"),
-            "vm.requested",
-        )?],
-        tuning: ConsumerTuning {
-            max_in_flight: window,
-            ..Default::default()
-        },
+        durable: roles::IMAGE
+            .durable(BENCH_HOST)?
+            .context("the image role has a durable")?,
+        filter_subjects: roles::IMAGE.filters(BENCH_HOST)?,
+        tuning,
     };
     // Timed from after the consumer exists, as on the raw side (which creates its consumer
     // before starting the clock).
-    let consumer = Consumer::create(bus.clone(), store.clone(), spec, Nop(count.clone())).await?;
+    let consumer = Consumer::bind(
+        consumer_bus.clone(),
+        store.clone(),
+        spec,
+        Nop(count.clone()),
+    )
+    .await?;
     let phase = clock.start();
     let stop = CancellationToken::new();
     let task = tokio::spawn(consumer.run(stop.clone()));
@@ -367,7 +393,9 @@ pub async fn bench_bus(
     let clock = CpuClock {
         server_pid: nats.pid().context("nats-server has no pid")?,
     };
-    let client = async_nats::connect(nats.url()).await?;
+    // The raw baseline: plain JetStream as the site's admin (its own streams, no service
+    // permissions), on the same server with authorization on.
+    let client = wnodes_bus::connect::connect(&nats.admin(), "bench-raw", None, None).await?;
     let js = jetstream::new(client);
     let dir = tempfile::tempdir()?;
     let evs = events(n, payload);
@@ -379,7 +407,7 @@ pub async fn bench_bus(
         let h = raw_round(clock, &js, r, &evs, window, RawHeaders::Bus).await?;
         eprintln!("round {r}: raw+bus headers {}", h.describe());
         rawh.push(h);
-        let b = bus_round(clock, &nats.url(), r, &evs, window, dir.path()).await?;
+        let b = bus_round(clock, &nats, r, &evs, window, dir.path()).await?;
         eprintln!("round {r}: bus {}", b.describe());
         raw.push(a);
         bus.push(b);

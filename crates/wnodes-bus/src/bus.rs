@@ -4,7 +4,7 @@ use std::{sync::Arc, time::Duration};
 
 use async_nats::{
     HeaderMap, HeaderName, HeaderValue,
-    jetstream::{self, context::PublishAckFuture, stream},
+    jetstream::{self, context::PublishAckFuture},
 };
 use bytes::Bytes;
 use prost::Message;
@@ -14,10 +14,12 @@ use wnodes_proto::v1::Event;
 use crate::{
     config::NatsConfig,
     connect,
+    denial::Denials,
     error::BusError,
     event::{EventExt, EventType},
+    layout,
     metrics::BusMetrics,
-    propagation, subject,
+    propagation,
 };
 
 /// The W3C trace-context fields of one span, taken once and copied into each message.
@@ -47,6 +49,14 @@ fn event_headers(event: &Event, trace: &TraceHeaders) -> HeaderMap {
     headers
 }
 
+/// How one publish attempt ended, short of an ack.
+enum Attempt {
+    /// No ack (timeout, disconnect, server error): retried with the same id.
+    Failed(Box<dyn std::error::Error + Send + Sync>),
+    /// The server's permissions refused it: never retried.
+    Refused(String),
+}
+
 /// A connection to the event bus; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Bus {
@@ -60,6 +70,7 @@ struct Inner {
     cfg: NatsConfig,
     source: String,
     metrics: BusMetrics,
+    denials: Denials,
 }
 
 /// What JetStream answered to a publish.
@@ -78,8 +89,10 @@ impl Bus {
         source: &str,
         metrics: BusMetrics,
     ) -> Result<Self, BusError> {
-        let client = connect::connect(cfg, source, Some(metrics.clone())).await?;
-        Ok(Self::from_client(client, cfg, source, metrics))
+        let denials = Denials::default();
+        let client =
+            connect::connect(cfg, source, Some(metrics.clone()), Some(denials.clone())).await?;
+        Ok(Self::with_parts(client, cfg, source, metrics, denials))
     }
 
     /// Wraps an existing client.
@@ -89,6 +102,16 @@ impl Bus {
         source: &str,
         metrics: BusMetrics,
     ) -> Self {
+        Self::with_parts(client, cfg, source, metrics, Denials::default())
+    }
+
+    fn with_parts(
+        client: async_nats::Client,
+        cfg: &NatsConfig,
+        source: &str,
+        metrics: BusMetrics,
+        denials: Denials,
+    ) -> Self {
         let js = jetstream::new(client.clone());
         Self {
             inner: Arc::new(Inner {
@@ -97,6 +120,7 @@ impl Bus {
                 cfg: cfg.clone(),
                 source: source.to_owned(),
                 metrics,
+                denials,
             }),
         }
     }
@@ -127,46 +151,35 @@ impl Bus {
         self.inner.client.connection_state() == async_nats::connection::State::Connected
     }
 
-    /// Creates or updates the events and dead-letter streams (idempotent; run at every start).
-    pub async fn ensure_streams(&self) -> Result<(), BusError> {
-        let cfg = &self.inner.cfg;
-        let events = stream::Config {
-            name: subject::EVENTS_STREAM.into(),
-            description: Some("WNoDeS job and VM lifecycle events".into()),
-            subjects: vec![subject::EVENTS_SUBJECTS.into()],
-            retention: stream::RetentionPolicy::Limits,
-            storage: stream::StorageType::File,
-            num_replicas: cfg.stream_replicas,
-            duplicate_window: cfg.duplicate_window,
-            max_age: cfg.events_max_age,
-            discard: stream::DiscardPolicy::Old,
-            allow_direct: true,
-            ..Default::default()
+    /// Checks that the events and dead-letter streams exist with the settings this process's
+    /// `[nats]` section expects ([`layout`]). Never creates or changes them: that is the
+    /// operator's `wnodesctl provision`.
+    pub async fn check_streams(&self) -> Result<(), BusError> {
+        let l = layout::StreamLayout::from(&self.inner.cfg);
+        layout::check_stream(&self.inner.js, &layout::events_stream(&l, 0)).await?;
+        layout::check_stream(&self.inner.js, &layout::dlq_stream(&l)).await
+    }
+
+    /// Sends one publish and waits for its ack, or for the server to refuse it.
+    async fn send(
+        &self,
+        subject: &str,
+        headers: HeaderMap,
+        payload: Bytes,
+    ) -> Result<jetstream::publish::PublishAck, Attempt> {
+        let sent = self
+            .inner
+            .js
+            .publish_with_headers(subject.to_owned(), headers, payload)
+            .await;
+        let ack = match sent {
+            Ok(ack) => ack,
+            Err(e) => return Err(Attempt::Failed(Box::new(e))),
         };
-        let dlq = stream::Config {
-            name: subject::DLQ_STREAM.into(),
-            description: Some("WNoDeS dead letters: messages a consumer gave up on".into()),
-            subjects: vec![subject::DLQ_SUBJECTS.into()],
-            retention: stream::RetentionPolicy::Limits,
-            storage: stream::StorageType::File,
-            num_replicas: cfg.stream_replicas,
-            duplicate_window: cfg.duplicate_window,
-            max_age: cfg.dlq_max_age,
-            allow_direct: true,
-            ..Default::default()
-        };
-        for config in [events, dlq] {
-            let name = config.name.clone();
-            self.inner
-                .js
-                .create_or_update_stream(config)
-                .await
-                .map_err(|e| BusError::Stream {
-                    stream: name,
-                    source: Box::new(e),
-                })?;
+        tokio::select! {
+            res = ack => res.map_err(|e| Attempt::Failed(Box::new(e))),
+            refusal = self.inner.denials.refused(subject) => Err(Attempt::Refused(refusal)),
         }
-        Ok(())
     }
 
     /// Publishes `event` to its subject with `Nats-Msg-Id` = `event.id` and the current span's
@@ -188,51 +201,14 @@ impl Bus {
         let ty = event.event_type().ok_or(BusError::EmptyEvent)?;
         let subject = event.subject()?;
         let payload = Bytes::from(event.encode_to_vec());
-        let started = Instant::now();
-        let deadline = started + self.inner.cfg.publish_timeout;
-        let mut attempts = 0u32;
-        let mut delay = Duration::from_millis(50);
-        loop {
-            attempts += 1;
-            let sent = self
-                .inner
-                .js
-                .publish_with_headers(
-                    subject.clone(),
-                    event_headers(event, trace),
-                    payload.clone(),
-                )
-                .await;
-            let res = match sent {
-                Ok(ack) => ack
-                    .await
-                    .map_err(|e| -> Box<dyn std::error::Error + Send + Sync> { Box::new(e) }),
-                Err(e) => Err(Box::new(e) as Box<dyn std::error::Error + Send + Sync>),
-            };
-            match res {
-                Ok(ack) => {
-                    self.inner.metrics.published_type(ty);
-                    return Ok(Published {
-                        sequence: ack.sequence,
-                        duplicate: ack.duplicate,
-                    });
-                }
-                Err(source) if Instant::now() + delay >= deadline => {
-                    return Err(BusError::Publish {
-                        subject,
-                        attempts,
-                        elapsed_ms: started.elapsed().as_millis(),
-                        source,
-                    });
-                }
-                Err(e) => {
-                    self.inner.metrics.publish_retry(ty.name());
-                    tracing::warn!(%subject, attempts, error = %crate::ErrorChain(&*e), "Publish not acknowledged; retrying with the same message id.");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(2));
-                }
-            }
-        }
+        self.publish_retrying(
+            &subject,
+            || event_headers(event, trace),
+            payload,
+            ty.name(),
+            || self.inner.metrics.published_type(ty),
+        )
+        .await
     }
 
     /// Publishes a pre-built message with retries (same headers, so the same `Nats-Msg-Id`).
@@ -243,32 +219,45 @@ impl Bus {
         payload: Bytes,
         metric_label: &str,
     ) -> Result<Published, BusError> {
+        self.publish_retrying(
+            subject,
+            || headers.clone(),
+            payload,
+            metric_label,
+            || self.inner.metrics.published(metric_label),
+        )
+        .await
+    }
+
+    /// The retry loop of every publish: the same headers (so the same `Nats-Msg-Id`) each
+    /// attempt, backoff doubling to 2 s, until `publish_timeout`; a refusal by the server's
+    /// permissions fails at once.
+    async fn publish_retrying(
+        &self,
+        subject: &str,
+        headers: impl Fn() -> HeaderMap,
+        payload: Bytes,
+        metric_label: &str,
+        on_published: impl Fn(),
+    ) -> Result<Published, BusError> {
         let started = Instant::now();
         let deadline = started + self.inner.cfg.publish_timeout;
         let mut attempts = 0u32;
         let mut delay = Duration::from_millis(50);
         loop {
             attempts += 1;
-            let res = match self
-                .inner
-                .js
-                .publish_with_headers(subject.to_owned(), headers.clone(), payload.clone())
-                .await
-            {
-                Ok(ack) => ack
-                    .await
-                    .map_err(|e| -> Box<dyn std::error::Error + Send + Sync> { Box::new(e) }),
-                Err(e) => Err(Box::new(e) as Box<dyn std::error::Error + Send + Sync>),
-            };
-            match res {
+            match self.send(subject, headers(), payload.clone()).await {
                 Ok(ack) => {
-                    self.inner.metrics.published(metric_label);
+                    on_published();
                     return Ok(Published {
                         sequence: ack.sequence,
                         duplicate: ack.duplicate,
                     });
                 }
-                Err(source) if Instant::now() + delay >= deadline => {
+                Err(Attempt::Refused(message)) => {
+                    return Err(BusError::PermissionDenied(message));
+                }
+                Err(Attempt::Failed(source)) if Instant::now() + delay >= deadline => {
                     return Err(BusError::Publish {
                         subject: subject.to_owned(),
                         attempts,
@@ -276,7 +265,7 @@ impl Bus {
                         source,
                     });
                 }
-                Err(e) => {
+                Err(Attempt::Failed(e)) => {
                     self.inner.metrics.publish_retry(metric_label);
                     tracing::warn!(%subject, attempts, error = %crate::ErrorChain(&*e), "Publish not acknowledged; retrying with the same message id.");
                     tokio::time::sleep(delay).await;

@@ -25,6 +25,10 @@ pub struct NatsConfig {
     pub nkey_seed_file: Option<PathBuf>,
     /// Decentralised JWT authentication: a `.creds` file (user JWT + seed).
     pub creds_file: Option<PathBuf>,
+    /// Prefix of this connection's reply subjects. Default: `_INBOX.<identity>` when
+    /// `creds_file` names an identity (the only replies its permissions let it receive), else
+    /// `_INBOX`.
+    pub inbox_prefix: Option<String>,
     /// TLS (rustls). When absent, TLS is used only if the URL says `tls://`.
     pub tls: Option<TlsConfig>,
     /// How long the first connection may take before start-up fails.
@@ -56,6 +60,7 @@ impl Default for NatsConfig {
             nkey_seed: None,
             nkey_seed_file: None,
             creds_file: None,
+            inbox_prefix: None,
             tls: None,
             connect_timeout: Duration::from_secs(5),
             publish_timeout: Duration::from_secs(60),

@@ -7,6 +7,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 
 use crate::{
     config::{NatsConfig, TlsConfig},
+    denial::Denials,
     error::BusError,
     metrics::BusMetrics,
 };
@@ -71,11 +72,52 @@ pub fn rustls_client_config(tls: &TlsConfig) -> Result<rustls::ClientConfig, Bus
     }
 }
 
+/// The identity a `.creds` file names: its user JWT's `name` claim, when that is a valid token
+/// (`wnodesctl provision` names each user after its role and host: `launcher-hv01_example_org`).
+pub fn creds_identity(path: &std::path::Path) -> Result<Option<String>, BusError> {
+    let text = String::from_utf8(read("the NATS credentials file", path)?)
+        .map_err(|_| BusError::Config(format!("{} is not UTF-8", path.display())))?;
+    let Some(jwt) = text
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("eyJ") && l.split('.').count() == 3)
+    else {
+        return Ok(None);
+    };
+    let claims = jwt.split('.').nth(1).unwrap_or_default();
+    let Ok(bytes) = data_encoding::BASE64URL_NOPAD.decode(claims.trim_end_matches('=').as_bytes())
+    else {
+        return Ok(None);
+    };
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+        return Ok(None);
+    };
+    Ok(value
+        .get("name")
+        .and_then(|n| n.as_str())
+        .filter(|n| crate::subject::validate_token("identity", n).is_ok())
+        .map(str::to_owned))
+}
+
+/// The inbox prefix of this connection: `nats.inbox_prefix`, else `_INBOX.<identity>` when the
+/// credentials name one (its permissions allow replies only there), else the default `_INBOX`.
+pub fn inbox_prefix(cfg: &NatsConfig) -> Result<Option<String>, BusError> {
+    if let Some(p) = &cfg.inbox_prefix {
+        return Ok(Some(p.clone()));
+    }
+    match &cfg.creds_file {
+        Some(path) => Ok(creds_identity(path)?.map(|id| format!("_INBOX.{id}"))),
+        None => Ok(None),
+    }
+}
+
 /// Builds connect options (credentials, TLS, timeouts, reconnect) from the configuration.
+/// Permission violations the server reports are logged and recorded in `denials`.
 pub async fn connect_options(
     cfg: &NatsConfig,
     name: &str,
     metrics: Option<BusMetrics>,
+    denials: Option<Denials>,
 ) -> Result<ConnectOptions, BusError> {
     let methods = [
         cfg.user.is_some() || cfg.password.is_some(),
@@ -122,6 +164,9 @@ pub async fn connect_options(
             .require_tls(true)
             .tls_client_config(rustls_client_config(tls)?);
     }
+    if let Some(prefix) = inbox_prefix(cfg)? {
+        opts = opts.custom_inbox_prefix(prefix);
+    }
     let m = metrics.clone();
     opts = opts
         .name(name)
@@ -138,8 +183,14 @@ pub async fn connect_options(
         })
         .event_callback(move |ev| {
             let m = m.clone();
+            let denials = denials.clone();
             async move {
                 match &ev {
+                    async_nats::Event::ServerError(e)
+                        if denials.as_ref().is_some_and(|d| d.record(&e.to_string())) => {}
+                    async_nats::Event::ServerError(e) => {
+                        tracing::warn!(error = %e, "NATS server error.")
+                    }
                     async_nats::Event::Connected => {
                         tracing::info!("NATS connection (re)established.")
                     }
@@ -163,8 +214,9 @@ pub async fn connect(
     cfg: &NatsConfig,
     name: &str,
     metrics: Option<BusMetrics>,
+    denials: Option<Denials>,
 ) -> Result<async_nats::Client, BusError> {
-    let opts = connect_options(cfg, name, metrics).await?;
+    let opts = connect_options(cfg, name, metrics, denials).await?;
     let fut = opts.connect(cfg.url.as_str());
     match tokio::time::timeout(cfg.connect_timeout + std::time::Duration::from_secs(1), fut).await {
         Ok(res) => res.map_err(|source| BusError::Connect {

@@ -26,6 +26,7 @@ use crate::{
     error::{BusError, ErrorChain},
     failpoint,
     handler::{Handler, HandlerCtx, HandlerError},
+    layout,
     metrics::ConsumerMetrics,
     store::KeyStore,
     subject,
@@ -41,8 +42,15 @@ pub struct ConsumerSpec {
     pub tuning: ConsumerTuning,
 }
 
-/// A durable consumer bound to a handler. Create with [`Consumer::create`] (readiness: the
-/// consumer exists on the server), then [`Consumer::run`] until shutdown.
+impl ConsumerSpec {
+    /// The consumer as provisioning makes it ([`layout::durable_consumer`]).
+    pub fn expected(&self) -> jetstream::consumer::Config {
+        layout::durable_consumer(&self.durable, self.filter_subjects.clone(), &self.tuning, 0)
+    }
+}
+
+/// A durable consumer bound to a handler. Bind with [`Consumer::bind`] (readiness: the
+/// consumer exists on the server as expected), then [`Consumer::run`] until shutdown.
 #[derive(Debug)]
 pub struct Consumer<H> {
     bus: Bus,
@@ -70,8 +78,9 @@ enum Verdict {
 }
 
 impl<H: Handler> Consumer<H> {
-    /// Creates or updates the durable consumer on the events stream.
-    pub async fn create(
+    /// Binds to the durable consumer the operator provisioned, after checking that it has the
+    /// settings this service expects ([`layout::check_consumer`]); never creates or changes it.
+    pub async fn bind(
         bus: Bus,
         store: KeyStore,
         spec: ConsumerSpec,
@@ -79,31 +88,7 @@ impl<H: Handler> Consumer<H> {
     ) -> Result<Self, BusError> {
         spec.tuning.validate()?;
         subject::validate_token("consumer name", &spec.durable)?;
-        let err = |e: Box<dyn std::error::Error + Send + Sync>| BusError::Consumer {
-            stream: subject::EVENTS_STREAM.into(),
-            consumer: spec.durable.clone(),
-            source: e,
-        };
-        let stream = bus
-            .jetstream()
-            .get_stream(subject::EVENTS_STREAM)
-            .await
-            .map_err(|e| err(Box::new(e)))?;
-        let t = &spec.tuning;
-        let consumer: PullConsumer = stream
-            .create_consumer(jetstream::consumer::pull::Config {
-                durable_name: Some(spec.durable.clone()),
-                description: Some(format!("WNoDeS consumer {}", spec.durable)),
-                ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                ack_wait: t.ack_wait,
-                max_deliver: i64::from(t.max_attempts) + 2,
-                filter_subjects: spec.filter_subjects.clone(),
-                max_ack_pending: (t.max_in_flight * 4).max(256) as i64,
-                deliver_policy: jetstream::consumer::DeliverPolicy::All,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| err(Box::new(e)))?;
+        let consumer = layout::check_consumer(bus.jetstream(), &spec.expected()).await?;
         Ok(Self {
             bus,
             store,

@@ -23,19 +23,16 @@ pub enum BusError {
         #[source]
         source: async_nats::ConnectError,
     },
-    #[error("cannot create or update JetStream stream `{stream}`")]
-    Stream {
-        stream: String,
+    #[error("{what} is not provisioned (`wnodesctl provision` makes it)")]
+    NotProvisioned {
+        what: String,
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
-    #[error("cannot create or update consumer `{consumer}` on stream `{stream}`")]
-    Consumer {
-        stream: String,
-        consumer: String,
-        #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
-    },
+    #[error("{what} differs from what this service expects: {differences}")]
+    Mismatch { what: String, differences: String },
+    #[error("NATS refused: {0}")]
+    PermissionDenied(String),
     #[error(
         "publishing to `{subject}` was not acknowledged after {attempts} attempts over {elapsed_ms} ms"
     )]

@@ -23,15 +23,6 @@ wnodes_testkit::error_rule! {
                 io_source(),
             ),
         },
-        BusError::Stream { .. } => BusError::Stream {
-            stream: "WNODES_EVENTS".into(),
-            source: boxed_source(),
-        },
-        BusError::Consumer { .. } => BusError::Consumer {
-            stream: "WNODES_EVENTS".into(),
-            consumer: "launcher-hv01".into(),
-            source: boxed_source(),
-        },
         BusError::Publish { .. } => BusError::Publish {
             subject: "wnodes.evt.hv01.vm.requested".into(),
             attempts: 3,
@@ -49,6 +40,17 @@ wnodes_testkit::error_rule! {
             source: Arc::new(rusqlite::Error::InvalidParameterName(SOURCE_TEXT.into())),
         },
         BusError::DeadLetterRead(_) => BusError::DeadLetterRead(boxed_source()),
+        BusError::NotProvisioned { .. } => BusError::NotProvisioned {
+            what: "stream `WNODES_EVENTS`".into(),
+            source: boxed_source(),
+        },
+        BusError::Mismatch { .. } => BusError::Mismatch {
+            what: "stream `WNODES_EVENTS`".into(),
+            differences: "max_age is 1h (expected 7days)".into(),
+        },
+        BusError::PermissionDenied(_) => BusError::PermissionDenied(
+            "Permissions Violation for Publish to \"wnodes.evt.h2.vm.requested\"".into(),
+        ),
     }
     HandlerError {
         HandlerError::Retry(_) => HandlerError::retry(io_source()),

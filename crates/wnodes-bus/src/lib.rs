@@ -6,7 +6,10 @@
 //! | [`event`] | event type names, run keys, deterministic event ids (`Nats-Msg-Id`) |
 //! | [`config`] | NATS connection, credentials, TLS, stream and consumer settings |
 //! | [`connect`] | connecting: credentials, rustls, reconnects |
-//! | [`bus`] | [`Bus`]: streams, traced and de-duplicated publishing with retries |
+//! | [`roles`] | who publishes and consumes what: the table services, provisioning and permissions share |
+//! | [`layout`] | the streams and durable consumers as provisioned, and the check that names each difference |
+//! | [`bus`] | [`Bus`]: the stream check, traced and de-duplicated publishing with retries |
+//! | [`denial`] | the server's permission violations, so a refused publish fails at once |
 //! | [`consumer`] | durable consumers: spans, idempotency, retries, dead letters, shutdown |
 //! | [`handler`] | the [`Handler`] trait and [`HandlerCtx`] |
 //! | [`store`] | [`KeyStore`]: durable idempotency keys and outbox (SQLite) |
@@ -24,6 +27,7 @@ pub mod bus;
 pub mod config;
 pub mod connect;
 pub mod consumer;
+pub mod denial;
 pub mod dlq;
 pub mod error;
 #[cfg(test)]
@@ -31,8 +35,10 @@ mod error_rule;
 pub mod event;
 mod failpoint;
 pub mod handler;
+pub mod layout;
 pub mod metrics;
 pub mod propagation;
+pub mod roles;
 pub mod store;
 pub mod subject;
 
@@ -43,5 +49,6 @@ pub use error::{BusError, ErrorChain};
 pub use event::{CloudEventAttributes, EventExt, EventType};
 pub use handler::{Handler, HandlerCtx, HandlerError};
 pub use metrics::BusMetrics;
+pub use roles::{Role, Scope};
 pub use store::KeyStore;
 pub use wnodes_proto::v1 as proto;

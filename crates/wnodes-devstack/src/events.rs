@@ -43,9 +43,9 @@ impl Stack {
     /// stack's few thousand events.
     pub async fn run_events(&self, run: &str) -> anyhow::Result<Vec<RunEvent>> {
         let key = self.run_key_of(run);
-        let client = async_nats::connect(self.nats_url())
+        let client = wnodes_bus::connect::connect(&self.nats_admin(), "wnodes-dev", None, None)
             .await
-            .context("connecting to nats-server")?;
+            .context("connecting to nats-server as the admin")?;
         let js = async_nats::jetstream::new(client);
         let mut stream = js
             .get_stream(subject::EVENTS_STREAM)

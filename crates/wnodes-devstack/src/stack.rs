@@ -49,6 +49,9 @@ pub struct Stack {
     pub(crate) nats: NatsServer,
     pub(crate) http_ports: BTreeMap<&'static str, u16>,
     pub(crate) grpc_addr: SocketAddr,
+    /// Each service's NATS credentials, and the job starter's (`agent`): authorization is on,
+    /// provisioned as `wnodesctl provision` does it.
+    pub(crate) creds: BTreeMap<&'static str, PathBuf>,
     children: BTreeMap<&'static str, Child>,
     image_server: Option<tokio::task::JoinHandle<()>>,
     /// Dropped after the services (fields drop after `Drop::drop`), so their last spans,
@@ -450,6 +453,17 @@ impl Stack {
         std::fs::write(&config_path, cfg)
             .with_context(|| format!("writing {}", config_path.display()))?;
 
+        let mut creds = BTreeMap::new();
+        for role in wnodes_bus::roles::ALL {
+            let c = nats
+                .identity(role, &opts.host)
+                .await
+                .with_context(|| format!("provisioning {}'s identity", role.name))?;
+            if let Some(path) = c.creds_file {
+                creds.insert(role.name, path);
+            }
+        }
+
         let mut stack = Self {
             opts,
             network,
@@ -458,6 +472,7 @@ impl Stack {
             nats,
             http_ports,
             grpc_addr,
+            creds,
             children: BTreeMap::new(),
             image_server,
             otlp_relay,
@@ -537,7 +552,15 @@ impl Stack {
         if let Some(port) = self.http_ports.get(name) {
             c.env("WNODES_HTTP_ADDR", format!("127.0.0.1:{port}"));
         }
+        if let Some(creds) = self.creds.get(name) {
+            c.env("WNODES_NATS__CREDS_FILE", creds);
+        }
         c
+    }
+
+    /// The operator's NATS connection settings (reads everything).
+    pub fn nats_admin(&self) -> wnodes_bus::NatsConfig {
+        self.nats.admin()
     }
 
     fn service_name(name: &str) -> anyhow::Result<&'static str> {

@@ -65,7 +65,7 @@ async fn wait_for(bus: &Bus, n: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_followed_log_reaches_jetstream_once_across_rotation_and_restart() {
     let nats = wnodes_testkit::NatsServer::start().await.unwrap();
-    let bus = wnodes_testkit::bus::connect(&nats.url(), "bridge@ce01")
+    let bus = wnodes_testkit::bus::connect(&nats.admin(), "bridge@ce01")
         .await
         .unwrap();
     let publisher = Publisher::new(bus.clone(), "INFN-T1", 32);

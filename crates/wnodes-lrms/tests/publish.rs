@@ -16,7 +16,7 @@ use wnodes_lrms::{LrmsKind, Publisher, ReplayOptions, replay_to_bus};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replayed_events_are_stored_once_with_their_ids() -> anyhow::Result<()> {
     let nats = wnodes_testkit::NatsServer::start().await?;
-    let bus = wnodes_testkit::bus::connect(&nats.url(), "bridge@ce01.example.org").await?;
+    let bus = wnodes_testkit::bus::connect(&nats.admin(), "bridge@ce01.example.org").await?;
     let publisher = Publisher::new(bus.clone(), "INFN-T1", 64);
     let file = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/data/htcondor/constructed_hold_release.log");

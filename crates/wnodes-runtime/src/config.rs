@@ -88,18 +88,15 @@ pub struct Config<S> {
 }
 
 impl<S> Config<S> {
-    /// The configuration of a service talking to a local NATS at `nats_url`, keeping its state
-    /// in `state_dir`, with defaults otherwise (tests, benchmarks, the dev stack). The HTTP
-    /// endpoint binds an ephemeral port.
-    pub fn local(nats_url: &str, host: &str, state_dir: &std::path::Path, service: S) -> Self {
+    /// The configuration of a service connecting with `nats` (URL and credentials), keeping its
+    /// state in `state_dir`, with defaults otherwise (tests, benchmarks, the dev stack). The
+    /// HTTP endpoint binds an ephemeral port.
+    pub fn local(nats: &NatsConfig, host: &str, state_dir: &std::path::Path, service: S) -> Self {
         Self {
             common: CommonConfig {
                 site: "local".into(),
                 host: host.into(),
-                nats: NatsConfig {
-                    url: nats_url.into(),
-                    ..Default::default()
-                },
+                nats: nats.clone(),
                 state_dir: Some(state_dir.to_path_buf()),
                 http_addr: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
                 ..Default::default()

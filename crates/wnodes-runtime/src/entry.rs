@@ -54,9 +54,8 @@ fn command<S: Service>() -> clap::Command {
 /// ```no_run
 /// # struct Image;
 /// # impl wnodes_runtime::Service for Image {
-/// #     const NAME: &'static str = "image"; const ABOUT: &'static str = "";
-/// #     const SCOPE: wnodes_runtime::Scope = wnodes_runtime::Scope::PerHost;
-/// #     const CONSUMES: &'static [wnodes_bus::EventType] = &[];
+/// #     const ROLE: &'static wnodes_runtime::Role = &wnodes_bus::roles::IMAGE;
+/// #     const ABOUT: &'static str = "";
 /// #     type Config = (); type Handler = wnodes_runtime::NoHandler;
 /// #     type Command = wnodes_runtime::NoCommand;
 /// #     async fn build(_: &wnodes_runtime::ServiceCtx<()>)

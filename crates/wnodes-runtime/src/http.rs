@@ -16,16 +16,32 @@ use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 use wnodes_bus::Bus;
 
-/// Set by the service once its consumers exist.
+/// Set by the service once its streams and consumer are in place; until then, why not.
 #[derive(Debug, Clone, Default)]
-pub struct Readiness(Arc<AtomicBool>);
+pub struct Readiness(Arc<ReadinessInner>);
+
+#[derive(Debug, Default)]
+pub struct ReadinessInner {
+    ready: AtomicBool,
+    reason: Mutex<Option<String>>,
+}
 
 impl Readiness {
     pub fn set_ready(&self) {
-        self.0.store(true, Ordering::SeqCst);
+        *self.0.reason.lock() = None;
+        self.0.ready.store(true, Ordering::SeqCst);
     }
     pub fn is_ready(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
+        self.0.ready.load(Ordering::SeqCst)
+    }
+    /// Not ready, and why (shown by `/readyz`).
+    pub fn set_not_ready(&self, reason: String) {
+        self.0.ready.store(false, Ordering::SeqCst);
+        *self.0.reason.lock() = Some(reason);
+    }
+    /// Why it is not ready, when it said.
+    pub fn reason(&self) -> Option<String> {
+        self.0.reason.lock().clone()
     }
 }
 
@@ -42,14 +58,18 @@ async fn healthz() -> &'static str {
 
 async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
     if !s.bus.is_connected() {
-        (StatusCode::SERVICE_UNAVAILABLE, "not connected to NATS\n")
-    } else if !s.ready.is_ready() {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            "streams or consumers not in place yet\n",
+            "not connected to NATS\n".into(),
         )
+    } else if !s.ready.is_ready() {
+        let why = s
+            .ready
+            .reason()
+            .unwrap_or_else(|| "streams or consumers not in place yet".into());
+        (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n"))
     } else {
-        (StatusCode::OK, "ready\n")
+        (StatusCode::OK, "ready\n".to_string())
     }
 }
 

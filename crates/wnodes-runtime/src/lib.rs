@@ -34,7 +34,7 @@ pub use config::{CommonConfig, Config, ConfigError};
 pub use entry::main;
 pub use http::Readiness;
 pub use service::{
-    BoxError, NoCommand, NoHandler, Parts, Scope, Service, ServiceCtx, StartError, Task,
+    BoxError, NoCommand, NoHandler, Parts, Role, Scope, Service, ServiceCtx, StartError, Task,
     consumer_spec,
 };
 pub use telemetry::Telemetry;

@@ -22,14 +22,7 @@ use crate::{
     exit,
 };
 
-/// Where a service runs, and so which events its consumer sees.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Scope {
-    /// One instance per hypervisor: durable `<name>-<host>`, the host's events only.
-    PerHost,
-    /// One instance per site: durable `<name>`, every host's events.
-    Central,
-}
+pub use wnodes_bus::roles::{Role, Scope};
 
 /// A boxed error, for what tasks and hooks return.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -39,15 +32,18 @@ pub type Task = Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send>>;
 
 /// One WNoDeS service, as the runtime runs it.
 pub trait Service: Send + Sync + Sized + 'static {
+    /// Its row of [`wnodes_bus::roles`]: what it consumes and publishes, per host or central.
+    /// The same row gives provisioning its durable and NATS its permissions.
+    const ROLE: &'static Role;
     /// The service's name: binary `wnodes-<NAME>`, config section `[<NAME>]` (registered in
     /// `wnodes-sections`), durable consumer `<NAME>[-<host>]`, event source `<NAME>@<host>`.
-    const NAME: &'static str;
+    const NAME: &'static str = Self::ROLE.name;
     /// One line for `--help`.
     const ABOUT: &'static str;
     /// Per host or central.
-    const SCOPE: Scope;
+    const SCOPE: Scope = Self::ROLE.scope;
     /// The events its durable consumer receives; empty = no consumer (the bridge).
-    const CONSUMES: &'static [EventType];
+    const CONSUMES: &'static [EventType] = Self::ROLE.consumes;
 
     /// The `[<NAME>]` section.
     type Config: Serialize + DeserializeOwned + Default + Clone + Debug + Send + Sync + 'static;

@@ -1,13 +1,15 @@
 //! The fixed start-up order every service runs through, and its graceful stop:
 //!
 //! 1. telemetry (logs, spans) — [`serve`] only; in-process runs share the caller's;
-//! 2. NATS: connect, create/update the streams (exit 69 when unreachable);
+//! 2. NATS: connect (exit 69 when unreachable);
 //! 3. the idempotency store `<state_dir>/keys.db` and its hourly pruning;
 //! 4. `/healthz`, `/readyz`, `/metrics` (exit 78 when the address cannot be bound);
-//! 5. [`Service::build`]: the handler and the tasks (exit 78, 69 or 70 by [`StartError`]);
+//! 5. wait until the streams and its durable consumer are provisioned as expected
+//!    ([`wnodes_bus::layout`]); meanwhile `/readyz` says what differs, and the log says it once;
+//! 6. [`Service::build`]: the handler and the tasks (exit 78, 69 or 70 by [`StartError`]);
 //!    [`Service::validate`] runs first of all, before NATS, so a bad value exits 78;
-//! 6. the durable consumer on [`Service::CONSUMES`], the tasks; then ready;
-//! 7. until SIGTERM/SIGINT (or a task fails): cancel, let the consumer drain and the tasks end
+//! 7. the durable consumer on [`Service::CONSUMES`], the tasks; then ready;
+//! 8. until SIGTERM/SIGINT (or a task fails): cancel, let the consumer drain and the tasks end
 //!    (bounded), run the stop hooks, flush, exit 0 (70 when something failed).
 
 use std::{
@@ -99,7 +101,6 @@ async fn start_and_run<S: Service>(
     let registry = Arc::new(Mutex::new(registry));
 
     let bus = Bus::connect(&common.nats, &source, bus_metrics).await?;
-    bus.ensure_streams().await?;
 
     let state_dir = common.state_dir_of(S::NAME);
     let store = KeyStore::open(&state_dir.join("keys.db"))
@@ -132,6 +133,15 @@ async fn start_and_run<S: Service>(
         "Service starting."
     );
 
+    let spec = if S::CONSUMES.is_empty() {
+        None
+    } else {
+        Some(consumer_spec::<S>(&common.host, common.consumer.clone())?)
+    };
+    if !wait_provisioned(&bus, spec.as_ref(), &ready, &shutdown).await {
+        return Ok(exit::OK);
+    }
+
     let ctx = ServiceCtx {
         service: S::NAME,
         common,
@@ -148,10 +158,9 @@ async fn start_and_run<S: Service>(
 
     let mut tasks = JoinSet::new();
     let mut names = HashMap::new();
-    if let Some(handler) = parts.handler {
-        let spec = consumer_spec::<S>(&ctx.common.host, ctx.common.consumer.clone())?;
+    if let (Some(handler), Some(spec)) = (parts.handler, spec) {
         let store = parts.store.unwrap_or_else(|| ctx.store.clone());
-        let consumer = Consumer::create(bus.clone(), store, spec, handler).await?;
+        let consumer = Consumer::bind(bus.clone(), store, spec, handler).await?;
         let token = shutdown.clone();
         let h = tasks.spawn(async move { consumer.run(token).await.map_err(Into::into) });
         names.insert(h.id(), "consumer");
@@ -177,6 +186,51 @@ async fn start_and_run<S: Service>(
     } else {
         tracing::info!(service = S::NAME, "Service stopped.");
         Ok(exit::OK)
+    }
+}
+
+/// How often a service that is not provisioned as it expects checks again.
+const PROVISIONING_RECHECK: Duration = Duration::from_secs(3);
+
+/// Checks the streams and the durable (never creating or changing them) until they are as
+/// this service expects: meanwhile `/readyz` answers 503 with the difference, and each new
+/// difference is logged once. False when shutdown came first.
+async fn wait_provisioned(
+    bus: &Bus,
+    spec: Option<&wnodes_bus::ConsumerSpec>,
+    ready: &Readiness,
+    shutdown: &CancellationToken,
+) -> bool {
+    let mut last: Option<String> = None;
+    loop {
+        let checked = async {
+            bus.check_streams().await?;
+            if let Some(spec) = spec {
+                wnodes_bus::layout::check_consumer(bus.jetstream(), &spec.expected()).await?;
+            }
+            Ok::<_, wnodes_bus::BusError>(())
+        }
+        .await;
+        match checked {
+            Ok(()) => {
+                if last.is_some() {
+                    tracing::info!("Streams and consumer are now provisioned as expected.");
+                }
+                return true;
+            }
+            Err(e) => {
+                let why = ErrorChain(&e).to_string();
+                if last.as_deref() != Some(why.as_str()) {
+                    tracing::warn!(error = %why, "Not ready: the streams or the consumer are not provisioned as this service expects; checking again every 3 s (`wnodesctl provision` makes them).");
+                }
+                ready.set_not_ready(why.clone());
+                last = Some(why);
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return false,
+            () = tokio::time::sleep(PROVISIONING_RECHECK) => {}
+        }
     }
 }
 

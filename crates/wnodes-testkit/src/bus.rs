@@ -2,8 +2,8 @@
 //! consumers back from the stream.
 //!
 //! ```ignore
-//! let bus = wnodes_testkit::bus::connect(&nats.url(), "test@local").await?;
-//! let bus = BusClient::new(&nats.url()).name("bridge@ce01").without_streams().connect().await?;
+//! let bus = wnodes_testkit::bus::connect(&nats.admin(), "test@local").await?;
+//! let bus = BusClient::new(&nats.identity(&roles::BRIDGE, "ce01").await?).name("bridge@ce01").connect().await?;
 //! ```
 
 use std::time::Duration;
@@ -13,8 +13,9 @@ use wnodes_bus::{Bus, BusError, BusMetrics, EventExt, NatsConfig, proto, subject
 
 use crate::wait_until;
 
-/// How to connect a test's bus: the server, the client name, and whether to make the event
-/// streams (on by default).
+/// How to connect a test's bus: the server and identity, the client name, and whether to
+/// check the event streams (on by default; [`NatsServer::start`](crate::NatsServer::start)
+/// provisions them).
 #[derive(Debug, Clone)]
 pub struct BusClient {
     config: NatsConfig,
@@ -23,26 +24,19 @@ pub struct BusClient {
 }
 
 impl BusClient {
-    /// A client of the server at `url`, named `test@local`, that makes the streams.
-    pub fn new(url: &str) -> Self {
+    /// A client with these connection settings ([`NatsServer::admin`](crate::NatsServer::admin),
+    /// [`NatsServer::identity`](crate::NatsServer::identity)), named `test@local`.
+    pub fn new(config: &NatsConfig) -> Self {
         Self {
-            config: NatsConfig {
-                url: url.into(),
-                ..Default::default()
-            },
+            config: config.clone(),
             name: "test@local".into(),
             streams: true,
         }
     }
 
-    /// A client with these connection settings (URL, TLS, credentials, timeouts), named
-    /// `test@local`, that makes the streams.
+    /// [`Self::new`], taking the settings.
     pub fn from_config(config: NatsConfig) -> Self {
-        Self {
-            config,
-            name: "test@local".into(),
-            streams: true,
-        }
+        Self::new(&config)
     }
 
     /// The client's name (`"<service>@<host>"`: the bus names its connection after it).
@@ -52,24 +46,27 @@ impl BusClient {
         self
     }
 
-    /// The rest of the connection settings (TLS, credentials, timeouts); the URL stays.
+    /// The rest of the connection settings (TLS, timeouts); the URL stays, and so do the
+    /// credentials unless `config` has its own.
     #[must_use]
     pub fn config(mut self, config: NatsConfig) -> Self {
+        let creds_file = config.creds_file.clone().or(self.config.creds_file.take());
         self.config = NatsConfig {
             url: std::mem::take(&mut self.config.url),
+            creds_file,
             ..config
         };
         self
     }
 
-    /// Connect only: leave the streams to whoever is under test.
+    /// Connect only: do not check the streams.
     #[must_use]
     pub fn without_streams(mut self) -> Self {
         self.streams = false;
         self
     }
 
-    /// Connects (installing the TLS crypto provider first) and makes the streams unless told
+    /// Connects (installing the TLS crypto provider first) and checks the streams unless told
     /// not to.
     ///
     /// # Errors
@@ -78,18 +75,19 @@ impl BusClient {
         wnodes_bus::connect::install_crypto_provider();
         let bus = Bus::connect(&self.config, &self.name, BusMetrics::unregistered()).await?;
         if self.streams {
-            bus.ensure_streams().await?;
+            bus.check_streams().await?;
         }
         Ok(bus)
     }
 }
 
-/// A bus client named `name` on the server at `url`, with the event streams made.
+/// A bus client named `name` with `config` (usually [`NatsServer::admin`](crate::NatsServer::admin)),
+/// the event streams checked.
 ///
 /// # Errors
-/// When the connection or the streams cannot be made.
-pub async fn connect(url: &str, name: &str) -> Result<Bus, BusError> {
-    BusClient::new(url).name(name).connect().await
+/// When the connection fails or the streams are not provisioned.
+pub async fn connect(config: &NatsConfig, name: &str) -> Result<Bus, BusError> {
+    BusClient::new(config).name(name).connect().await
 }
 
 /// Events on a core-NATS subscription, decoded.

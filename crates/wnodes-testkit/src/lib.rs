@@ -8,7 +8,8 @@
 //! | [`files`] | [`files::append`]: a record appended to a followed log, as an LRMS writes it. |
 //! | [`host`] | Host tests: [`host::Precondition`]s (root, qemu, `/dev/fuse`, `sftp-server`, the test guest, ...) and a libtest-mimic harness ([`host::main`], [`host_test!`]) that lists a test whose precondition is missing as ignored (nextest: SKIPPED), or with `WNODES_HOST_TESTS=required` fails it naming what is missing. |
 //! | [`http`] | A loopback HTTP server with a counted, delayed download, a 404 and a 503 ([`http::serve`]). |
-//! | [`nats`] | [`NatsServer`]: a private `nats-server` (JetStream on, own temp store, port chosen by the server itself and read back from its ports file), with [`NatsServer::kill`] / [`NatsServer::restart`] for crash tests. |
+//! | [`nats`] | [`NatsServer`]: a private `nats-server` (JetStream on, own temp store, port chosen by the server itself and read back from its ports file), with [`NatsServer::kill`] / [`NatsServer::restart`] for crash tests; authorization on unless started with [`NatsServer::start_open`]. |
+//! | [`site`] | [`site::TestSite`]: the server's site provisioned through `wnodes-site` (as `wnodesctl provision`): the admin's, the monitor's and each (role, host)'s connection settings ([`NatsServer::admin`], [`NatsServer::identity`]), durables made on demand. |
 //! | [`nats_auth`] | nats-server config blocks and client credentials for every auth method: user/password ([`user_password_block`]), token ([`token_block`]), NKEY ([`nkey_user`], [`nkey_block`]) and decentralised JWT ([`jwt_auth`]: operator, account with JetStream, user `.creds` file). |
 //! | [`pki`] | [`TestPki`]: a throwaway CA with a server certificate (`127.0.0.1`, `localhost`) and a client certificate, as PEM files, plus the matching nats-server `tls { }` block. |
 //! | [`otlp`] | [`OtlpCollector`]: an in-process OTLP/gRPC trace collector that records every exported span as a [`CollectedSpan`]; a job's trace id from its output ([`otlp::trace_id_in`]) and the check that its spans are one tree ([`otlp::one_trace`]). |
@@ -34,6 +35,7 @@ pub mod otlp;
 pub mod pki;
 pub mod process;
 pub mod service;
+pub mod site;
 pub mod vm;
 pub mod wait;
 

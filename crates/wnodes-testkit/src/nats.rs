@@ -39,13 +39,114 @@ pub struct NatsServer {
     conf_path: Option<PathBuf>,
     port: u16,
     child: Option<Child>,
+    /// The provisioned site when authorization is on ([`NatsServer::start`]).
+    site: Option<crate::site::TestSite>,
 }
 
 impl NatsServer {
     /// nats-server with JetStream (`-js`), store in its own temp dir, listening on 127.0.0.1 on a
-    /// port the server picks itself (`-p -1`) and reports through `--ports_file_dir`.
+    /// port the server picks itself (`-p -1`) and reports through `--ports_file_dir`, with
+    /// authorization on: a [`TestSite`](crate::site::TestSite) provisioned as `wnodesctl
+    /// provision` does it, streams made. Connect with [`Self::admin`] or [`Self::identity`].
     pub async fn start() -> anyhow::Result<Self> {
+        let (site, conf) = crate::site::TestSite::new()?;
+        let mut server = Self::start_inner(Some(&conf)).await?;
+        site.provision_streams(&server.url()).await?;
+        server.site = Some(site);
+        Ok(server)
+    }
+
+    /// Without authorization and without streams: for tests of the server, the client or an
+    /// auth method itself.
+    pub async fn start_open() -> anyhow::Result<Self> {
         Self::start_inner(None).await
+    }
+
+    /// The operator's connection settings (everything allowed); on an open server, the URL.
+    pub fn admin(&self) -> wnodes_bus::NatsConfig {
+        match &self.site {
+            Some(site) => site.admin(&self.url()),
+            None => self.open_config(),
+        }
+    }
+
+    /// The monitor's connection settings (reads stream and consumer state).
+    pub fn monitor(&self) -> wnodes_bus::NatsConfig {
+        match &self.site {
+            Some(site) => site.monitor(&self.url()),
+            None => self.open_config(),
+        }
+    }
+
+    /// `role`'s connection settings on `host`, its durable provisioned with the default
+    /// consumer tuning.
+    pub async fn identity(
+        &self,
+        role: &'static wnodes_bus::Role,
+        host: &str,
+    ) -> anyhow::Result<wnodes_bus::NatsConfig> {
+        self.identity_tuned(role, host, &wnodes_bus::ConsumerTuning::default())
+            .await
+    }
+
+    /// [`Self::identity`] with the durable made for `tuning` (the service's `[consumer]`).
+    pub async fn identity_tuned(
+        &self,
+        role: &'static wnodes_bus::Role,
+        host: &str,
+        tuning: &wnodes_bus::ConsumerTuning,
+    ) -> anyhow::Result<wnodes_bus::NatsConfig> {
+        match &self.site {
+            Some(site) => site.identity(&self.url(), role, host, tuning).await,
+            None => Ok(self.open_config()),
+        }
+    }
+
+    /// `role`'s connection settings on `host` without provisioning its durable (roles that
+    /// have none: the job starter, the bridge).
+    pub fn creds(
+        &self,
+        role: &'static wnodes_bus::Role,
+        host: &str,
+    ) -> anyhow::Result<wnodes_bus::NatsConfig> {
+        match &self.site {
+            Some(site) => site.creds(&self.url(), role, host),
+            None => Ok(self.open_config()),
+        }
+    }
+
+    /// Makes (or updates) a durable of the events stream that no role of the site owns (the
+    /// system tests' `bus-node`, benchmarks), as the admin.
+    pub async fn provision_durable(
+        &self,
+        durable: &str,
+        filters: Vec<String>,
+        tuning: &wnodes_bus::ConsumerTuning,
+    ) -> anyhow::Result<()> {
+        let client = wnodes_bus::connect::connect(&self.admin(), "testkit-admin", None, None)
+            .await
+            .context("connecting as admin")?;
+        let expected = wnodes_bus::layout::durable_consumer(durable, filters, tuning, 0);
+        wnodes_site::streams::provision_durable(
+            &async_nats::jetstream::new(client),
+            expected,
+            wnodes_site::Mode::Apply,
+        )
+        .await
+        .with_context(|| format!("provisioning durable {durable}"))?;
+        Ok(())
+    }
+
+    /// The test site, when authorization is on.
+    pub fn site(&self) -> Option<&crate::site::TestSite> {
+        self.site.as_ref()
+    }
+
+    fn open_config(&self) -> wnodes_bus::NatsConfig {
+        wnodes_bus::NatsConfig {
+            url: self.url(),
+            ..Default::default()
+        }
     }
 
     /// Same as [`NatsServer::start`], with extra nats-server config text (`tls {...}`,
@@ -84,6 +185,7 @@ impl NatsServer {
             conf_path,
             port: 0,
             child: None,
+            site: None,
         };
         let (child, port) = server.spawn_and_wait(None).await?;
         server.child = Some(child);

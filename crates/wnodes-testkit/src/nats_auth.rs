@@ -5,13 +5,10 @@
 //! `with_nkey(seed)`, `with_credentials_file(creds_file)`).
 
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, anyhow};
-use data_encoding::{BASE32_NOPAD, BASE64URL_NOPAD};
 use nkeys::KeyPair;
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
 
 /// Quote a string for the nats-server config language (a JSON string literal is valid there).
 fn quote(s: &str) -> String {
@@ -203,73 +200,18 @@ fn unlimited_account_limits(jetstream: bool) -> Value {
     })
 }
 
-/// Build and sign a NATS JWT (v2): header `{"typ":"JWT","alg":"ed25519-nkey"}`, claims with
-/// `jti` = base32(sha256(claims without jti)) like nats-jwt does (it uses SHA-512/256; the server
-/// only needs a unique id), signature = ed25519 by the issuer over `header.claims`, all base64url
-/// without padding.
 fn encode_jwt(issuer: &KeyPair, subject: &str, name: &str, nats: Value) -> anyhow::Result<String> {
-    let iat = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .context("system clock before 1970")?
-        .as_secs();
-    let mut claims = json!({
-        "jti": "",
-        "iat": iat,
-        "iss": issuer.public_key(),
-        "name": name,
-        "sub": subject,
-        "nats": nats,
-    });
-    let unhashed = serde_json::to_vec(&claims).context("serialising JWT claims")?;
-    claims["jti"] = Value::String(BASE32_NOPAD.encode(&Sha256::digest(&unhashed)));
-
-    let header = BASE64URL_NOPAD.encode(br#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
-    let body =
-        BASE64URL_NOPAD.encode(&serde_json::to_vec(&claims).context("serialising JWT claims")?);
-    let signing_input = format!("{header}.{body}");
-    let sig = issuer
-        .sign(signing_input.as_bytes())
-        .map_err(|e| anyhow!("signing the JWT for {subject}: {e}"))?;
-    Ok(format!("{signing_input}.{}", BASE64URL_NOPAD.encode(&sig)))
+    wnodes_site::jwt::encode(issuer, subject, name, nats)
+        .map_err(|e| anyhow!("signing the JWT of {name}: {e}"))
 }
 
-/// The `.creds` file layout `nsc` writes.
 fn creds_file_text(user_jwt: &str, seed: &str) -> String {
-    format!(
-        "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n\
-         ************************* IMPORTANT *************************\n\
-         NKEY Seed printed below can be used to sign and prove identity.\n\
-         NKEYs are sensitive and should be treated as secrets.\n\n\
-         -----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n\n\
-         *************************************************************\n"
-    )
+    wnodes_site::jwt::creds_file_text(user_jwt, seed)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn jwt_is_signed_by_the_issuer() {
-        let op = KeyPair::new_operator();
-        let jwt = encode_jwt(
-            &op,
-            &op.public_key(),
-            "op",
-            json!({"type": "operator", "version": 2}),
-        )
-        .unwrap();
-        let parts: Vec<&str> = jwt.split('.').collect();
-        assert_eq!(parts.len(), 3);
-        let claims: Value =
-            serde_json::from_slice(&BASE64URL_NOPAD.decode(parts[1].as_bytes()).unwrap()).unwrap();
-        assert_eq!(claims["iss"], op.public_key());
-        assert_eq!(claims["nats"]["type"], "operator");
-        assert!(!claims["jti"].as_str().unwrap().is_empty());
-        let sig = BASE64URL_NOPAD.decode(parts[2].as_bytes()).unwrap();
-        op.verify(format!("{}.{}", parts[0], parts[1]).as_bytes(), &sig)
-            .unwrap();
-    }
 
     #[test]
     fn blocks_quote_values() {

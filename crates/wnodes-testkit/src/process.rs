@@ -106,16 +106,21 @@ pub struct ServiceConfig {
 impl ServiceConfig {
     /// Site `T1` ([`crate::events::SITE`]), `host`, the NATS server at `nats_url`, state in
     /// `state_dir`, HTTP on a port the kernel picks.
-    pub fn new(host: &str, nats_url: &str, state_dir: &Path) -> Self {
+    pub fn new(host: &str, nats: &wnodes_bus::NatsConfig, state_dir: &Path) -> Self {
         let conf = Self {
             tables: BTreeMap::new(),
             arrays: Vec::new(),
         };
-        conf.set("", "site", crate::events::SITE)
+        let conf = conf
+            .set("", "site", crate::events::SITE)
             .set("", "host", host)
             .set("", "state_dir", state_dir)
             .set("", "http_addr", "127.0.0.1:0")
-            .set("nats", "url", nats_url)
+            .set("nats", "url", nats.url.as_str());
+        match &nats.creds_file {
+            Some(creds) => conf.set("nats", "creds_file", creds.as_path()),
+            None => conf,
+        }
     }
 
     /// Sets `key` in `[table]` (`""`: the top level), replacing what was there.
@@ -228,8 +233,18 @@ impl ProcessBuilder {
     /// file takes them: `WNODES_NATS__URL`, `WNODES_SITE`, `WNODES_HOST`, `WNODES_STATE_DIR`,
     /// and `WNODES_HTTP_ADDR` on a port the kernel picks.
     #[must_use]
-    pub fn runtime_env(self, nats_url: &str, site: &str, host: &str, state_dir: &Path) -> Self {
-        self.wnodes_env("NATS__URL", nats_url)
+    pub fn runtime_env(
+        self,
+        nats: &wnodes_bus::NatsConfig,
+        site: &str,
+        host: &str,
+        state_dir: &Path,
+    ) -> Self {
+        let this = match &nats.creds_file {
+            Some(creds) => self.wnodes_env("NATS__CREDS_FILE", creds.as_os_str()),
+            None => self,
+        };
+        this.wnodes_env("NATS__URL", nats.url.as_str())
             .wnodes_env("SITE", site)
             .wnodes_env("HOST", host)
             .wnodes_env("STATE_DIR", state_dir)
@@ -501,14 +516,19 @@ pub const BUS_NODE_HOST: &str = "hv1.test.example";
 pub const BUS_NODE_SITE: &str = "TEST-SITE";
 
 /// How to start `bus-node` (the system tests' node on the real service runtime, at `bin`) in
-/// `role`, on the server at `nats_url`, with its state and stderr in `state_dir`: an empty
+/// `role`, connecting with `nats` (the test provisions its durable), with its state and stderr in `state_dir`: an empty
 /// environment but `PATH`, `RUST_LOG=info` and the [`ProcessBuilder::runtime_env`] of
 /// [`BUS_NODE_HOST`] at [`BUS_NODE_SITE`]. Set the node's and the consumer's settings with
 /// [`ProcessBuilder::wnodes_env`] (`NODE__DURABLE`, ...).
-pub fn bus_node(bin: &str, nats_url: &str, state_dir: &Path, role: &str) -> ProcessBuilder {
+pub fn bus_node(
+    bin: &str,
+    nats: &wnodes_bus::NatsConfig,
+    state_dir: &Path,
+    role: &str,
+) -> ProcessBuilder {
     ServiceProcess::builder(bin, state_dir)
         .env_clear()
-        .runtime_env(nats_url, BUS_NODE_SITE, BUS_NODE_HOST, state_dir)
+        .runtime_env(nats, BUS_NODE_SITE, BUS_NODE_HOST, state_dir)
         .env("RUST_LOG", "info")
         .wnodes_env("NODE__ROLE", role)
 }

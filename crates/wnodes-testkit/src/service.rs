@@ -19,7 +19,7 @@ use crate::{NatsServer, wait_until};
 use futures::StreamExt;
 use prost::Message;
 use tokio_util::sync::CancellationToken;
-use wnodes_bus::{Bus, Consumer, ConsumerSpec, ConsumerTuning, Handler, KeyStore, proto};
+use wnodes_bus::{Bus, Consumer, ConsumerSpec, ConsumerTuning, Handler, KeyStore, Role, proto};
 
 use crate::events::Events;
 pub use crate::events::{
@@ -91,7 +91,7 @@ pub struct TestBus {
 impl TestBus {
     pub async fn start() -> Self {
         let server = NatsServer::start().await.unwrap();
-        let bus = crate::bus::connect(&server.url(), "test@hv1.test")
+        let bus = crate::bus::connect(&server.admin(), "test@hv1.test")
             .await
             .unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
@@ -118,12 +118,13 @@ impl TestBus {
         KeyStore::open(&self.dir.path().join(name)).await.unwrap()
     }
 
-    /// Starts `handler` on a durable consumer of `filters`.
+    /// Starts `handler` as `role` on `host` would run it: its own identity's connection (its
+    /// permissions apply to everything the handler publishes), its durable, provisioned here.
     pub async fn consume<H: Handler>(
         &self,
         store: KeyStore,
-        durable: &str,
-        filters: Vec<String>,
+        role: &'static Role,
+        host: &str,
         handler: H,
     ) -> CancellationToken {
         let tuning = ConsumerTuning {
@@ -132,14 +133,19 @@ impl TestBus {
             max_attempts: 20,
             ..Default::default()
         };
-        let spec = ConsumerSpec {
-            durable: durable.into(),
-            filter_subjects: filters,
-            tuning,
-        };
-        let consumer = Consumer::create(self.bus.clone(), store, spec, handler)
+        let config = self
+            .server
+            .identity_tuned(role, host, &tuning)
             .await
             .unwrap();
+        let source = format!("{}@{host}", role.name);
+        let bus = crate::bus::connect(&config, &source).await.unwrap();
+        let spec = ConsumerSpec {
+            durable: role.durable(host).unwrap().unwrap(),
+            filter_subjects: role.filters(host).unwrap(),
+            tuning,
+        };
+        let consumer = Consumer::bind(bus, store, spec, handler).await.unwrap();
         let token = self.shutdown.child_token();
         let t = token.clone();
         tokio::spawn(async move { consumer.run(t).await });

@@ -113,7 +113,10 @@ fn the_one_payload_names_the_events_when_it_is_missing() {
 fn the_service_config_is_toml_with_tables_and_arrays_of_tables() {
     let conf = ServiceConfig::new(
         "hv1.test",
-        "nats://127.0.0.1:4222",
+        &wnodes_bus::NatsConfig {
+            url: "nats://127.0.0.1:4222".into(),
+            ..Default::default()
+        },
         "/var/lib/w \"x\"".as_ref(),
     )
     .set("", "site", "INFN-T1")
@@ -133,7 +136,14 @@ fn the_service_config_is_toml_with_tables_and_arrays_of_tables() {
 #[tokio::test]
 async fn a_process_is_started_waited_for_and_terminated() {
     let dir = tempfile::tempdir().unwrap();
-    let conf = ServiceConfig::new("hv1.test", "nats://127.0.0.1:1", dir.path());
+    let conf = ServiceConfig::new(
+        "hv1.test",
+        &wnodes_bus::NatsConfig {
+            url: "nats://127.0.0.1:1".into(),
+            ..Default::default()
+        },
+        dir.path(),
+    );
     // `sh -c <script> --config <file>`: the script sees `--config` as `$0`, the file as `$1`.
     let script = "echo \"$WNODES_GREETING\" >&2; grep -q '^\\[nats\\]$' \"$1\" && echo ready; \
                   trap 'exit 3' TERM; while :; do sleep 0.05; done";
@@ -181,15 +191,26 @@ async fn a_process_is_started_waited_for_and_terminated() {
 }
 
 #[tokio::test]
-async fn the_test_bus_makes_the_streams_unless_told_not_to() {
-    let nats = NatsServer::start().await.unwrap();
-    let bare = BusClient::new(&nats.url())
+async fn the_server_is_provisioned_and_the_test_bus_checks_the_streams() {
+    // An open server has no streams: the bus's check names what is missing.
+    let open = NatsServer::start_open().await.unwrap();
+    let bare = BusClient::new(&open.admin())
         .without_streams()
         .connect()
         .await
         .unwrap();
     assert!(bus::stored_events(&bare).await.is_err(), "no stream yet");
-    let b = bus::connect(&nats.url(), "test@hv1.test").await.unwrap();
+    let err = bus::connect(&open.admin(), "test@hv1.test")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("WNODES_EVENTS") && err.contains("not provisioned"),
+        "{err}"
+    );
+
+    let nats = NatsServer::start().await.unwrap();
+    let b = bus::connect(&nats.admin(), "test@hv1.test").await.unwrap();
     assert_eq!(bus::stored_events(&b).await.unwrap(), 0);
     let mut sub = bus::subscribe(&b, "wnodes.evt.>").await.unwrap();
     let r = run("1");

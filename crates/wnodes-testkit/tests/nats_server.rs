@@ -15,7 +15,7 @@ fn pid_exists(pid: u32) -> bool {
 
 #[tokio::test]
 async fn start_publish_subscribe() {
-    let server = NatsServer::start().await.unwrap();
+    let server = NatsServer::start_open().await.unwrap();
     assert_eq!(server.url(), format!("nats://127.0.0.1:{}", server.port()));
     assert!(server.store_dir().is_dir());
 
@@ -38,9 +38,9 @@ async fn start_publish_subscribe() {
 #[tokio::test]
 async fn concurrent_servers_get_distinct_ports() {
     let (a, b, c) = tokio::join!(
-        NatsServer::start(),
-        NatsServer::start(),
-        NatsServer::start()
+        NatsServer::start_open(),
+        NatsServer::start_open(),
+        NatsServer::start_open()
     );
     let (a, b, c) = (a.unwrap(), b.unwrap(), c.unwrap());
     let mut ports = vec![a.port(), b.port(), c.port()];
@@ -52,7 +52,7 @@ async fn concurrent_servers_get_distinct_ports() {
 
 #[tokio::test]
 async fn restart_keeps_port_and_jetstream_store() {
-    let mut server = NatsServer::start().await.unwrap();
+    let mut server = NatsServer::start_open().await.unwrap();
     let port = server.port();
     let first_pid = server.pid().unwrap();
 
@@ -115,7 +115,7 @@ async fn restart_keeps_port_and_jetstream_store() {
 
 #[tokio::test]
 async fn restart_waits_for_a_briefly_busy_port() {
-    let mut server = NatsServer::start().await.unwrap();
+    let mut server = NatsServer::start_open().await.unwrap();
     let port = server.port();
     server.kill().await.unwrap();
 
@@ -140,7 +140,7 @@ async fn restart_waits_for_a_briefly_busy_port() {
 
 #[tokio::test]
 async fn drop_kills_and_reaps_the_server_and_removes_the_store() {
-    let server = NatsServer::start().await.unwrap();
+    let server = NatsServer::start_open().await.unwrap();
     let pid = server.pid().unwrap();
     let store = server.store_dir().to_path_buf();
     assert!(pid_exists(pid));

@@ -21,7 +21,7 @@ use tracing::Instrument;
 use wnodes_bus::{
     Consumer, EventExt, Handler, HandlerCtx, HandlerError, proto, proto::event::Body, subject,
 };
-use wnodes_runtime::{NoCommand, NoHandler, Parts, Scope, Service, ServiceCtx, StartError};
+use wnodes_runtime::{NoCommand, NoHandler, Parts, Role, Scope, Service, ServiceCtx, StartError};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -203,14 +203,22 @@ impl Handler for Sink {
 }
 
 /// The bus participant as a service of the runtime. Its consumer depends on its role, so it
-/// declares none and runs its own as a task.
+/// declares none and runs its own as a task, bound to the durable the test provisioned (it
+/// connects as the site's admin: it stands for any service).
 struct Node;
 
+/// Not a role of the site: the test provisions its durables and gives it the admin's creds.
+const NODE: Role = Role {
+    name: "node",
+    scope: Scope::PerHost,
+    consumes: &[],
+    publishes: &[],
+    watches_runs: false,
+};
+
 impl Service for Node {
-    const NAME: &'static str = "node";
+    const ROLE: &'static Role = &NODE;
     const ABOUT: &'static str = "A configurable bus participant (system tests, chain demo)";
-    const SCOPE: Scope = Scope::PerHost;
-    const CONSUMES: &'static [wnodes_bus::EventType] = &[];
     type Config = NodeConfig;
     type Handler = NoHandler;
     type Command = NoCommand;
@@ -244,8 +252,9 @@ impl Service for Node {
                     cfg.durable.clone().unwrap_or_else(|| "node-relay".into()),
                     vec![subject::event_filter(Some(&host), "job.started")?],
                 );
+                provision(ctx, &spec).await?;
                 let consumer =
-                    Consumer::create(ctx.bus.clone(), ctx.store.clone(), spec, Relay { source })
+                    Consumer::bind(ctx.bus.clone(), ctx.store.clone(), spec, Relay { source })
                         .await?;
                 println!("ready");
                 Ok(Parts::tasks_only().task("relay", async move {
@@ -264,9 +273,9 @@ impl Service for Node {
                     cfg.durable.clone().unwrap_or_else(|| "node-sink".into()),
                     vec![subject::event_filter(Some(&host), &cfg.consume)?],
                 );
+                provision(ctx, &spec).await?;
                 let consumer =
-                    Consumer::create(ctx.bus.clone(), ctx.store.clone(), spec, Sink { cfg })
-                        .await?;
+                    Consumer::bind(ctx.bus.clone(), ctx.store.clone(), spec, Sink { cfg }).await?;
                 println!("ready");
                 Ok(Parts::tasks_only().task("sink", async move {
                     consumer.run(shutdown).await?;
@@ -279,6 +288,23 @@ impl Service for Node {
             )),
         }
     }
+}
+
+/// Makes the node's durable as the operator would (`wnodes-site`, the code behind `wnodesctl
+/// provision`): the node stands for any service, so no site description names its durable,
+/// and it runs with the admin's credentials.
+async fn provision(
+    ctx: &ServiceCtx<NodeConfig>,
+    spec: &wnodes_bus::ConsumerSpec,
+) -> Result<(), StartError> {
+    wnodes_site::streams::provision_durable(
+        ctx.bus.jetstream(),
+        spec.expected(),
+        wnodes_site::Mode::Apply,
+    )
+    .await
+    .map_err(|e| StartError::failed("provision the node's durable", e))?;
+    Ok(())
 }
 
 fn main() -> ExitCode {

@@ -13,8 +13,8 @@ wnodes_testkit::error_rule! {
             source: sqlx::Error::Protocol(SOURCE_TEXT.into()),
         },
         AccountingError::Sql(_) => AccountingError::Sql(sqlx::Error::Protocol(SOURCE_TEXT.into())),
-        AccountingError::Bus(_) => AccountingError::Bus(BusError::Stream {
-            stream: "WNODES_EVENTS".into(),
+        AccountingError::Bus(_) => AccountingError::Bus(BusError::NotProvisioned {
+            what: "stream `WNODES_EVENTS`".into(),
             source: Box::new(io_source()),
         }),
     }

@@ -3,8 +3,8 @@
 
 use std::path::Path;
 
-use wnodes_bus::{ErrorChain, EventType};
-use wnodes_runtime::{Parts, Scope, Service, ServiceCtx, StartError, exit};
+use wnodes_bus::ErrorChain;
+use wnodes_runtime::{Parts, Service, ServiceCtx, StartError, exit};
 
 use crate::{AccountingHandler, Config, Metrics, apel, open_store, records};
 
@@ -44,16 +44,8 @@ pub enum AccountingCommand {
 }
 
 impl Service for Accounting {
-    const NAME: &'static str = "accounting";
+    const ROLE: &'static wnodes_runtime::Role = &wnodes_bus::roles::ACCOUNTING;
     const ABOUT: &'static str = "WNoDeS accounting: one usage record per job run whose VM started";
-    const SCOPE: Scope = Scope::Central;
-    const CONSUMES: &'static [EventType] = &[
-        EventType::JobStarted,
-        EventType::VmRunning,
-        EventType::VmStopped,
-        EventType::JobFinished,
-        EventType::VmFailed,
-    ];
     type Config = Config;
     type Handler = AccountingHandler;
     type Command = AccountingCommand;

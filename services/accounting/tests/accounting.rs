@@ -23,7 +23,7 @@ const HOST: &str = "hv1.example.org";
 const WAIT: Duration = Duration::from_secs(20);
 
 async fn connect(nats: &NatsServer) -> Bus {
-    wnodes_testkit::bus::connect(&nats.url(), "test@hv1.example.org")
+    wnodes_testkit::bus::connect(&nats.admin(), "test@hv1.example.org")
         .await
         .unwrap()
 }
@@ -60,7 +60,16 @@ async fn start_with(bus: &Bus, db: &Path, metrics: Metrics) -> Running {
         source: "accounting@central.example.org".into(),
         metrics,
     };
-    let consumer = Consumer::create(bus.clone(), store, spec, handler)
+    // The test's bus is the site's admin: it provisions the durable as `wnodesctl provision`
+    // does (with this test's tuning), then binds to it.
+    wnodes_site::streams::provision_durable(
+        bus.jetstream(),
+        spec.expected(),
+        wnodes_site::Mode::Apply,
+    )
+    .await
+    .unwrap();
+    let consumer = Consumer::bind(bus.clone(), store, spec, handler)
         .await
         .unwrap();
     let stop = CancellationToken::new();

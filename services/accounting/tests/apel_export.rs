@@ -453,7 +453,7 @@ async fn a_crash_before_queueing_a_summary_sends_it_on_the_next_run() {
 #[tokio::test(flavor = "multi_thread")]
 async fn serve_exports_to_apel_periodically() {
     use std::{process::Stdio, time::Duration};
-    use wnodes_bus::{Bus, BusMetrics, EventExt, NatsConfig, proto, proto::event::Body};
+    use wnodes_bus::{Bus, BusMetrics, EventExt, proto, proto::event::Body};
     use wnodes_testkit::{NatsServer, wait_until};
 
     let nats = NatsServer::start().await.unwrap();
@@ -466,6 +466,14 @@ async fn serve_exports_to_apel_periodically() {
     let mut service = tokio::process::Command::new(env!("CARGO_BIN_EXE_wnodes-accounting"))
         .env("WNODES_CONFIG", site.dir.path().join("wnodes.toml"))
         .env("WNODES_NATS__URL", nats.url())
+        .env(
+            "WNODES_NATS__CREDS_FILE",
+            nats.identity(&wnodes_bus::roles::ACCOUNTING, "")
+                .await
+                .unwrap()
+                .creds_file
+                .unwrap(),
+        )
         .env("WNODES_STATE_DIR", site.dir.path())
         .env("WNODES_HTTP_ADDR", "127.0.0.1:0")
         .arg("serve")
@@ -477,16 +485,13 @@ async fn serve_exports_to_apel_periodically() {
         .unwrap();
 
     let bus = Bus::connect(
-        &NatsConfig {
-            url: nats.url(),
-            ..Default::default()
-        },
+        &nats.admin(),
         "test@hv1.example.org",
         BusMetrics::unregistered(),
     )
     .await
     .unwrap();
-    bus.ensure_streams().await.unwrap();
+    bus.check_streams().await.unwrap();
     let run = proto::JobRunRef {
         site: "INFN-T1".into(),
         lrms: proto::Lrms::Htcondor as i32,

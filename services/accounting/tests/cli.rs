@@ -18,9 +18,13 @@ use wnodes_testkit::{
 const HOST: &str = "hv1.example.org";
 
 /// `wnodes-accounting` configured by environment, its state in `state`.
-fn accounting(nats: &NatsServer, state: &std::path::Path) -> ProcessBuilder {
+async fn accounting(nats: &NatsServer, state: &std::path::Path) -> ProcessBuilder {
+    let identity = nats
+        .identity(&wnodes_bus::roles::ACCOUNTING, "")
+        .await
+        .unwrap();
     ServiceProcess::builder(env!("CARGO_BIN_EXE_wnodes-accounting"), state).runtime_env(
-        &nats.url(),
+        &identity,
         "INFN-T1",
         "central.example.org",
         state,
@@ -32,11 +36,14 @@ async fn serve_records_usage_and_records_prints_it() {
     let nats = NatsServer::start().await.unwrap();
     let state = tempfile::tempdir().unwrap();
     let mut service = accounting(&nats, state.path())
+        .await
         .arg("serve")
         .spawn()
         .unwrap();
 
-    let bus = connect(&nats.url(), "test@hv1.example.org").await.unwrap();
+    let bus = connect(&nats.admin(), "test@hv1.example.org")
+        .await
+        .unwrap();
     let run = run("31337")
         .site("INFN-T1")
         .lrms(proto::Lrms::Lsf)
@@ -73,6 +80,7 @@ async fn serve_records_usage_and_records_prints_it() {
         "the record in `records --json`",
         || async {
             let out = accounting(&nats, state.path())
+                .await
                 .arg("records")
                 .arg("--json")
                 .output()
@@ -91,6 +99,7 @@ async fn serve_records_usage_and_records_prints_it() {
     assert_eq!(rec["cpu_seconds"], 1.5);
 
     let table = accounting(&nats, state.path())
+        .await
         .arg("records")
         .output()
         .await

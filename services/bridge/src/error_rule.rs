@@ -26,8 +26,8 @@ wnodes_testkit::error_rule! {
         InvalidInput { .. } => invalid_input(),
     }
     BridgeError {
-        BridgeError::Bus(_) => BridgeError::Bus(BusError::Stream {
-            stream: "WNODES_EVENTS".into(),
+        BridgeError::Bus(_) => BridgeError::Bus(BusError::NotProvisioned {
+            what: "WNODES_EVENTS".into(),
             source: boxed_source(),
         }),
         BridgeError::JetStream(_) => BridgeError::JetStream(boxed_source()),

@@ -159,10 +159,8 @@ pub enum BridgeCommand {
 }
 
 impl wnodes_runtime::Service for Bridge {
-    const NAME: &'static str = "bridge";
+    const ROLE: &'static wnodes_runtime::Role = &wnodes_bus::roles::BRIDGE;
     const ABOUT: &'static str = "WNoDeS bridge: the LRMS side of the event bus";
-    const SCOPE: wnodes_runtime::Scope = wnodes_runtime::Scope::Central;
-    const CONSUMES: &'static [wnodes_bus::EventType] = &[];
     type Config = Config;
     type Handler = wnodes_runtime::NoHandler;
     type Command = BridgeCommand;
@@ -288,7 +286,7 @@ async fn replay(args: wnodes_lrms::cli::ReplayArgs, config: &wnodes_runtime::Con
             return exit::UNAVAILABLE;
         }
     };
-    if let Err(e) = bus.ensure_streams().await {
+    if let Err(e) = bus.check_streams().await {
         eprintln!("wnodes-bridge: replay: {}", ErrorChain(&e));
         return exit::UNAVAILABLE;
     }

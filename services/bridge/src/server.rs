@@ -240,8 +240,9 @@ impl bridge_server::Bridge for BridgeService {
         let req = request.into_inner();
         let key = run_key(&run_on_host(req.run, &req.host)?);
         span.record("wnodes.run", key.as_str());
-        let filters = watch::ending_filters(&req.host).map_err(|e| invalid_or_internal(&e))?;
-        let wait = watch::run_outcome(&self.bus, filters, watch::From::All, &key, |_| {});
+        wnodes_bus::subject::validate_host(&req.host)
+            .map_err(|e| invalid_or_internal(&crate::BridgeError::from(e)))?;
+        let wait = watch::run_outcome(&self.bus, &req.host, watch::From::All, &key, |_| {});
         tokio::select! {
             res = wait.instrument(span) => match res {
                 Ok(outcome) => Ok(Response::new(outcome.to_proto())),

@@ -331,7 +331,7 @@ async fn start(
     let key = wnodes_bus::event::run_key(&run);
     let source = format!("bridge@{}", common.host);
     let bus = Bus::connect(&common.nats, &source, BusMetrics::unregistered()).await?;
-    bus.ensure_streams().await?;
+    bus.check_streams().await?;
     let root = tracing::info_span!(
         "bridge.job_started",
         otel.kind = "producer",
@@ -412,13 +412,11 @@ pub async fn run(args: SubmitArgs, common: &CommonConfig) -> u8 {
             return wnodes_runtime::exit::USAGE;
         }
     };
-    let filters = match watch::all_filters(&job.host) {
-        Ok(f) => f,
-        Err(e) => {
-            say(format_args!("{}", ErrorChain(&e)));
-            return wnodes_runtime::exit::USAGE;
-        }
-    };
+    if let Err(e) = wnodes_bus::subject::validate_host(&job.host) {
+        say(format_args!("{}", ErrorChain(&e)));
+        return wnodes_runtime::exit::USAGE;
+    }
+    let job_host = job.host.clone();
     let t0 = Instant::now();
     let (started, seq) = match start(job, common).await {
         Ok(s) => s,
@@ -430,7 +428,7 @@ pub async fn run(args: SubmitArgs, common: &CommonConfig) -> u8 {
     let key = started.key.clone();
     let wait = watch::run_outcome(
         &started.bus,
-        filters,
+        &job_host,
         watch::From::Sequence(seq),
         &key,
         |ev| progress(t0, ev),

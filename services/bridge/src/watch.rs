@@ -1,7 +1,13 @@
-//! Following one run's events until its VM stopped or failed, with an ephemeral ordered
+//! Following one run's events until its VM stopped or failed, with an ephemeral ordered push
 //! consumer (no durable state on the server; it goes away with the caller).
+//!
+//! Push, with one filter (the run's host) and a name: the API subject then carries the filter
+//! (`$JS.API.CONSUMER.CREATE.WNODES_EVENTS.<name>.wnodes.evt.<host>.>`), so the job starter's
+//! permissions can allow watches of its own host only, and the messages arrive in its own
+//! inbox. A pull consumer would need `MSG.NEXT` on any name, which would let it pull from the
+//! services' durables (ARCHITECTURE.md, "Trust boundaries").
 
-use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
+use async_nats::jetstream::consumer::{DeliverPolicy, push::OrderedConfig};
 use futures::StreamExt;
 use prost::Message;
 use wnodes_bus::{ErrorChain, EventExt, proto, proto::event::Body, subject};
@@ -54,25 +60,17 @@ impl RunOutcome {
     }
 }
 
-/// Filter subjects for the end of a run on `host` (and its cancellation).
-pub fn ending_filters(host: &str) -> Result<Vec<String>, BridgeError> {
-    Ok(vec![
-        subject::event_filter(Some(host), "vm.stopped")?,
-        subject::event_filter(Some(host), "vm.failed")?,
-        subject::event_filter(Some(host), "job.cancelled")?,
-    ])
+/// A unique consumer name (`watch_<nuid>`; a name puts the filter into the API subject).
+fn watch_name(bus: &wnodes_bus::Bus) -> String {
+    let inbox = bus.client().new_inbox();
+    format!("watch_{}", inbox.rsplit('.').next().unwrap_or_default())
 }
 
-/// Every event of `host`.
-pub fn all_filters(host: &str) -> Result<Vec<String>, BridgeError> {
-    Ok(vec![subject::host_filter(host)?])
-}
-
-/// Reads `filters` from `from` until the run `run_key` has a `VmStopped` or `VmFailed`, calling
-/// `on_event` for each of the run's events on the way (the last one included).
+/// Reads `host`'s events from `from` until the run `run_key` has a `VmStopped` or `VmFailed`,
+/// calling `on_event` for each of the run's events on the way (the last one included).
 pub async fn run_outcome(
     bus: &wnodes_bus::Bus,
-    filters: Vec<String>,
+    host: &str,
     from: From,
     run_key: &str,
     mut on_event: impl FnMut(&proto::Event),
@@ -87,9 +85,12 @@ pub async fn run_outcome(
         From::All => DeliverPolicy::All,
         From::Sequence(start_sequence) => DeliverPolicy::ByStartSequence { start_sequence },
     };
+    let filter_subject = subject::host_filter(host)?;
     let consumer = stream
         .create_consumer(OrderedConfig {
-            filter_subjects: filters,
+            name: Some(watch_name(bus)),
+            deliver_subject: bus.client().new_inbox(),
+            filter_subject,
             deliver_policy,
             ..Default::default()
         })

@@ -38,7 +38,10 @@ async fn a_followed_pbs_log_is_published_once_across_a_restart_and_a_rotation() 
     append(&log, &records(1));
     let config = ServiceConfig::new(
         "central.example.org",
-        &nats.url(),
+        &nats
+            .identity(&wnodes_bus::roles::BRIDGE, "central.example.org")
+            .await
+            .unwrap(),
         &dir.path().join("state"),
     )
     .set("", "site", "INFN-T1")
@@ -53,7 +56,7 @@ async fn a_followed_pbs_log_is_published_once_across_a_restart_and_a_rotation() 
         .env("TZ", "UTC")
         .config(&config)
         .arg("serve");
-    let bus = connect(&nats.url(), "test@local").await.unwrap();
+    let bus = connect(&nats.admin(), "test@local").await.unwrap();
     let stored = || async { stored_events(&bus).await.unwrap() };
     let until = |n: u64, what: &'static str| async move {
         wait_until(Duration::from_secs(30), what, || async move {

@@ -28,12 +28,18 @@ fn telemetry() {
     });
 }
 
+/// The test's own bus (the site's admin): reads what the bridge published.
 async fn connect(nats: &NatsServer) -> Bus {
-    connect_with(nats, NatsConfig::default()).await
+    BusClient::new(&nats.admin())
+        .name("test@hv1.example.org")
+        .connect()
+        .await
+        .unwrap()
 }
 
+/// The bridge's bus: its own identity (central), so its permissions apply.
 async fn connect_with(nats: &NatsServer, cfg: NatsConfig) -> Bus {
-    BusClient::new(&nats.url())
+    BusClient::new(&nats.creds(&wnodes_bus::roles::BRIDGE, "").unwrap())
         .name("test@hv1.example.org")
         .config(cfg)
         .connect()
@@ -52,7 +58,12 @@ impl Drop for Bridge {
     }
 }
 
-async fn start_bridge(bus: &Bus) -> Bridge {
+/// The bridge on its own identity's bus (see [`connect_with`]).
+async fn start_bridge(nats: &NatsServer) -> Bridge {
+    start_bridge_on(&connect_with(nats, NatsConfig::default()).await).await
+}
+
+async fn start_bridge_on(bus: &Bus) -> Bridge {
     let listener = server::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
     let addr = listener.local_addr().unwrap();
     let stop = CancellationToken::new();
@@ -106,7 +117,7 @@ async fn job_started_publishes_the_event_under_the_callers_trace() {
     telemetry();
     let nats = NatsServer::start().await.unwrap();
     let bus = connect(&nats).await;
-    let mut bridge = start_bridge(&bus).await;
+    let mut bridge = start_bridge(&nats).await;
 
     let trace = "0af7651916cd43dd8448eb211c80319c";
     let mut req = Request::new(proto::JobStartedRequest {
@@ -176,7 +187,7 @@ async fn job_started_publishes_the_event_under_the_callers_trace() {
 async fn invalid_input_is_rejected_naming_the_field() {
     let nats = NatsServer::start().await.unwrap();
     let bus = connect(&nats).await;
-    let mut bridge = start_bridge(&bus).await;
+    let mut bridge = start_bridge(&nats).await;
 
     let mut cases = Vec::new();
     let mut j = job("");
@@ -276,7 +287,7 @@ async fn a_call_that_fails_inside_the_bridge_tells_the_caller_a_request_id_not_t
         },
     )
     .await;
-    let mut bridge = start_bridge(&bus).await;
+    let mut bridge = start_bridge_on(&bus).await;
     let port = nats.url().rsplit(':').next().unwrap().to_owned();
     nats.kill().await.unwrap();
 
@@ -334,7 +345,7 @@ async fn a_call_that_fails_inside_the_bridge_tells_the_caller_a_request_id_not_t
 async fn finished_and_cancelled_publish_and_wait_job_finds_ended_runs() {
     let nats = NatsServer::start().await.unwrap();
     let bus = connect(&nats).await;
-    let mut bridge = start_bridge(&bus).await;
+    let mut bridge = start_bridge(&nats).await;
 
     // A run that already ended before WaitJob is called.
     let stopped = Events::new(HOST, "launcher@test").build(

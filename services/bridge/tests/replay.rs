@@ -30,10 +30,28 @@ const STATES: [&str; 7] = [
     "cancelled",
 ];
 
-fn replay(nats_url: &str, args: &[&str]) -> (i32, String, String) {
+/// The bridge's connection settings on `nats`.
+fn bridge(nats: &NatsServer) -> wnodes_bus::NatsConfig {
+    nats.creds(&wnodes_bus::roles::BRIDGE, "ce01.example.org")
+        .unwrap()
+}
+
+/// A server nobody listens on.
+fn unreachable() -> wnodes_bus::NatsConfig {
+    wnodes_bus::NatsConfig {
+        url: "nats://127.0.0.1:1".into(),
+        ..Default::default()
+    }
+}
+
+fn replay(bridge: &wnodes_bus::NatsConfig, args: &[&str]) -> (i32, String, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_wnodes-bridge"))
         .env_clear()
-        .env("WNODES_NATS__URL", nats_url)
+        .env("WNODES_NATS__URL", &bridge.url)
+        .env(
+            "WNODES_NATS__CREDS_FILE",
+            bridge.creds_file.clone().unwrap_or_default(),
+        )
         .env("WNODES_HOST", "ce01.example.org")
         .env("WNODES_SITE", "INFN-T1")
         .env("TZ", "UTC")
@@ -52,7 +70,7 @@ fn replay(nats_url: &str, args: &[&str]) -> (i32, String, String) {
 fn dry_run_prints_one_json_object_per_event_and_a_summary() {
     let log = htcondor_log();
     let (code, stdout, stderr) = replay(
-        "nats://127.0.0.1:1",
+        &unreachable(),
         &["--lrms", "htcondor", "--dry-run", log.to_str().unwrap()],
     );
     assert_eq!(code, 0, "{stderr}");
@@ -93,7 +111,7 @@ fn a_malformed_record_is_counted_named_and_skipped() {
     )
     .unwrap();
     let (code, stdout, stderr) = replay(
-        "nats://127.0.0.1:1",
+        &unreachable(),
         &["--lrms", "htcondor", "--dry-run", bad.to_str().unwrap()],
     );
     assert_eq!(code, 0, "{stderr}");
@@ -108,7 +126,7 @@ fn a_malformed_record_is_counted_named_and_skipped() {
 #[test]
 fn a_missing_file_fails_naming_it() {
     let (code, _, stderr) = replay(
-        "nats://127.0.0.1:1",
+        &unreachable(),
         &["--lrms", "pbs", "--dry-run", "/nonexistent/20260101"],
     );
     assert_eq!(code, 66, "{stderr}");
@@ -120,12 +138,12 @@ async fn replay_publishes_each_event_once_even_when_replayed_twice() {
     let nats = NatsServer::start().await.unwrap();
     let log = htcondor_log();
     let args = ["--lrms", "htcondor", log.to_str().unwrap()];
-    let (code, stdout, stderr) = replay(&nats.url(), &args);
+    let (code, stdout, stderr) = replay(&bridge(&nats), &args);
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.is_empty(), "{stdout}");
 
     // The replay made the streams: only connect.
-    let bus = BusClient::new(&nats.url())
+    let bus = BusClient::new(&nats.admin())
         .without_streams()
         .connect()
         .await
@@ -134,7 +152,7 @@ async fn replay_publishes_each_event_once_even_when_replayed_twice() {
     assert_eq!(count().await, STATES.len() as u64);
 
     // The same file again: the event ids are the same, JetStream drops every one.
-    let (code, _, stderr) = replay(&nats.url(), &args);
+    let (code, _, stderr) = replay(&bridge(&nats), &args);
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(count().await, STATES.len() as u64);
 }
@@ -175,7 +193,7 @@ fn the_sites_image_hints_name_the_image_of_a_queued_job_whose_record_names_none(
     .unwrap();
     let log = pbs_log();
     let (code, stdout, stderr) = replay(
-        "nats://127.0.0.1:1",
+        &unreachable(),
         &[
             "--config",
             conf.to_str().unwrap(),
@@ -207,7 +225,7 @@ fn the_sites_image_hints_name_the_image_of_a_queued_job_whose_record_names_none(
 
     // Without the section, the same record carries no hint.
     let (code, stdout, stderr) = replay(
-        "nats://127.0.0.1:1",
+        &unreachable(),
         &["--lrms", "pbs", "--dry-run", log.to_str().unwrap()],
     );
     assert_eq!(code, 0, "{stderr}");

@@ -12,7 +12,14 @@ use wnodes_testkit::{NatsServer, ServiceProcess, process::ProcessBuilder};
 /// `wnodes-bridge serve` configured by environment, logging JSON.
 fn bridge(nats: &NatsServer, dir: &Path) -> ProcessBuilder {
     ServiceProcess::builder(env!("CARGO_BIN_EXE_wnodes-bridge"), dir)
-        .runtime_env(&nats.url(), "INFN-T1", "central.example.org", dir)
+        .runtime_env(
+            &nats
+                .creds(&wnodes_bus::roles::BRIDGE, "central.example.org")
+                .unwrap(),
+            "INFN-T1",
+            "central.example.org",
+            dir,
+        )
         .wnodes_env("BRIDGE__GRPC_ADDR", "127.0.0.1:0")
         .wnodes_env("LOG_FORMAT", "json")
         .arg("serve")

@@ -14,7 +14,7 @@ use wnodes_testkit::{NatsServer, events::Events};
 const HOST: &str = "hv1.example.org";
 
 async fn connect(nats: &NatsServer) -> Bus {
-    wnodes_testkit::bus::connect(&nats.url(), "launcher@hv1.example.org")
+    wnodes_testkit::bus::connect(&nats.admin(), "launcher@hv1.example.org")
         .await
         .unwrap()
 }
@@ -144,8 +144,13 @@ fn submit_with_env(
     env: &[(&str, &str)],
 ) -> tokio::process::Command {
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_wnodes-bridge"));
+    let agent = nats.creds(&wnodes_bus::roles::AGENT, HOST).unwrap();
     cmd.env_remove("WNODES_CONFIG")
         .env("WNODES_NATS__URL", nats.url())
+        .env(
+            "WNODES_NATS__CREDS_FILE",
+            agent.creds_file.unwrap_or_default(),
+        )
         .env("WNODES_HOST", HOST)
         .env("WNODES_SITE", "INFN-T1")
         .arg("submit")

@@ -38,24 +38,16 @@ pub mod table;
 pub use config::{GatewayConfig, GatewayConfigError};
 pub use service::GatewayHandler;
 
-use wnodes_bus::EventType;
-use wnodes_runtime::{ConfigError, NoCommand, Parts, Scope, Service, ServiceCtx, StartError};
+use wnodes_runtime::{ConfigError, NoCommand, Parts, Service, ServiceCtx, StartError};
 
 /// The storage gateway service.
 #[derive(Debug)]
 pub struct Gateway;
 
 impl Service for Gateway {
-    const NAME: &'static str = "gateway";
+    const ROLE: &'static wnodes_runtime::Role = &wnodes_bus::roles::GATEWAY;
     const ABOUT: &'static str =
         "WNoDeS storage gateway: each VM's export over SFTP, to that VM, as the job's uid";
-    const SCOPE: Scope = Scope::PerHost;
-    const CONSUMES: &'static [EventType] = &[
-        EventType::VmRequested,
-        EventType::NetworkReady,
-        EventType::VmStopped,
-        EventType::VmFailed,
-    ];
     type Config = GatewayConfig;
     type Handler = GatewayHandler;
     type Command = NoCommand;

@@ -12,8 +12,8 @@ use wnodes_testkit::{
     ServiceConfig, ServiceProcess, host, host_test, process::ProcessBuilder, service::*,
 };
 
-fn gateway(nats_url: &str, dir: &Path) -> ProcessBuilder {
-    let conf = ServiceConfig::new(HOST, nats_url, &dir.join("state")).set(
+fn gateway(nats: &wnodes_bus::NatsConfig, dir: &Path) -> ProcessBuilder {
+    let conf = ServiceConfig::new(HOST, nats, &dir.join("state")).set(
         "gateway",
         "port_range",
         "32000-32999",
@@ -46,7 +46,13 @@ async fn binary_serves_stops_and_reopens_after_restart() {
     let tb = TestBus::start().await;
     let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let gateway = gateway(&tb.server.url(), dir.path());
+    let gateway = gateway(
+        &tb.server
+            .identity(&wnodes_bus::roles::GATEWAY, HOST)
+            .await
+            .unwrap(),
+        dir.path(),
+    );
     let child = gateway.spawn().unwrap();
 
     let vm = "vm-c0c0c0c0c0c0";

@@ -67,15 +67,8 @@ async fn run_guest(guest: PathBuf) {
     let nstore = tb.store("network.db").await;
     wnodes_network::service::init_store(&nstore).await.unwrap();
     network.reconcile(&nstore).await.unwrap();
-    tb.consume(
-        nstore,
-        "network-test",
-        wnodes_runtime::consumer_spec::<wnodes_network::Network>(HOST, Default::default())
-            .unwrap()
-            .filter_subjects,
-        network,
-    )
-    .await;
+    tb.consume(nstore, &wnodes_bus::roles::NETWORK, HOST, network)
+        .await;
     let gateway = GatewayHandler::new(
         &GatewayConfig {
             port_range: "33000-33999".into(),
@@ -86,15 +79,8 @@ async fn run_guest(guest: PathBuf) {
     .unwrap();
     let gstore = tb.store("gateway.db").await;
     wnodes_gateway::service::init_store(&gstore).await.unwrap();
-    tb.consume(
-        gstore,
-        "gateway-test",
-        wnodes_runtime::consumer_spec::<wnodes_gateway::Gateway>(HOST, Default::default())
-            .unwrap()
-            .filter_subjects,
-        gateway,
-    )
-    .await;
+    tb.consume(gstore, &wnodes_bus::roles::GATEWAY, HOST, gateway)
+        .await;
 
     // The export: owned by the job's user, with a file from the host.
     let work = tempfile::tempdir().unwrap();

@@ -35,15 +35,8 @@ async fn start(tb: &TestBus, h: GatewayHandler) {
     let store = tb.store("gateway.db").await;
     service::init_store(&store).await.unwrap();
     h.reconcile(&store).await.unwrap();
-    tb.consume(
-        store,
-        "gateway-test",
-        wnodes_runtime::consumer_spec::<wnodes_gateway::Gateway>(HOST, Default::default())
-            .unwrap()
-            .filter_subjects,
-        h,
-    )
-    .await;
+    tb.consume(store, &wnodes_bus::roles::GATEWAY, HOST, h)
+        .await;
 }
 
 /// A world-traversable temp dir with `job/` (owned by the job's uid) and `job/rootonly/`
@@ -324,14 +317,7 @@ async fn read_only_root_owner_no_exports_and_restart() {
     service::init_store(&store).await.unwrap();
     let h = handler(Some("127.0.0.1"));
     let token = tb
-        .consume(
-            store.clone(),
-            "gateway-test",
-            wnodes_runtime::consumer_spec::<wnodes_gateway::Gateway>(HOST, Default::default())
-                .unwrap()
-                .filter_subjects,
-            h.clone(),
-        )
+        .consume(store.clone(), &wnodes_bus::roles::GATEWAY, HOST, h.clone())
         .await;
 
     // Read-only export: reads work, writes fail.

@@ -17,8 +17,7 @@ pub mod config;
 mod error_rule;
 pub mod handler;
 
-use wnodes_bus::EventType;
-use wnodes_runtime::{ConfigError, NoCommand, Parts, Scope, Service, ServiceCtx, StartError};
+use wnodes_runtime::{ConfigError, NoCommand, Parts, Service, ServiceCtx, StartError};
 
 pub use cache::{Cache, CacheError, Cached};
 pub use config::{Artifact, CatalogEntry, CatalogError, DiskFormat, ImageConfig};
@@ -29,11 +28,9 @@ pub use handler::ImageHandler;
 pub struct Image;
 
 impl Service for Image {
-    const NAME: &'static str = "image";
+    const ROLE: &'static wnodes_runtime::Role = &wnodes_bus::roles::IMAGE;
     const ABOUT: &'static str =
         "WNoDeS image service: the VO images of this host, verified and cached";
-    const SCOPE: Scope = Scope::PerHost;
-    const CONSUMES: &'static [EventType] = &[EventType::VmRequested, EventType::JobQueued];
     type Config = ImageConfig;
     type Handler = ImageHandler;
     type Command = NoCommand;

@@ -22,14 +22,21 @@ async fn the_binary_answers_vm_requested_and_stops_on_sigterm() {
     let src = tmp.path().join("img.raw");
     std::fs::write(&src, &image).unwrap();
     let sha = hex::encode(Sha256::digest(&image));
-    let conf = ServiceConfig::new(HOST, &nats.url(), &tmp.path().join("state"))
-        .set(
-            "image.catalog.sl6",
-            "url",
-            format!("file://{}", src.display()),
-        )
-        .set("image.catalog.sl6", "sha256", sha.as_str())
-        .set("scratch", "max_bytes", 1);
+    let conf = ServiceConfig::new(
+        HOST,
+        &nats
+            .identity(&wnodes_bus::roles::IMAGE, HOST)
+            .await
+            .unwrap(),
+        &tmp.path().join("state"),
+    )
+    .set(
+        "image.catalog.sl6",
+        "url",
+        format!("file://{}", src.display()),
+    )
+    .set("image.catalog.sl6", "sha256", sha.as_str())
+    .set("scratch", "max_bytes", 1);
     let cache = tmp.path().join("env-cache");
     let mut image_service = ServiceProcess::builder(env!("CARGO_BIN_EXE_wnodes-image"), tmp.path())
         .config(&conf)
@@ -37,7 +44,7 @@ async fn the_binary_answers_vm_requested_and_stops_on_sigterm() {
         .spawn()
         .unwrap();
 
-    let bus = connect(&nats.url(), "launcher@hv1.example.org")
+    let bus = connect(&nats.admin(), "launcher@hv1.example.org")
         .await
         .unwrap();
     let mut sub = subscribe(&bus, "wnodes.evt.*.image.>").await.unwrap();

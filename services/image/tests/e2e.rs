@@ -65,14 +65,22 @@ async fn vm_requested_is_answered_with_ready_or_failed() {
             ),
         ]),
     };
-    let bus = connect(&nats.url(), &format!("image@{HOST}"))
+    let bus = connect(&nats.admin(), &format!("image@{HOST}"))
         .await
         .unwrap();
     let mut sub = subscribe(&bus, "wnodes.evt.>").await.unwrap();
 
-    let running = InProcess::start::<Image>(Config::local(&nats.url(), HOST, tmp.path(), config))
-        .await
-        .unwrap();
+    let running = InProcess::start::<Image>(Config::local(
+        &nats
+            .identity(&wnodes_bus::roles::IMAGE, HOST)
+            .await
+            .unwrap(),
+        HOST,
+        tmp.path(),
+        config,
+    ))
+    .await
+    .unwrap();
 
     bus.publish(&vm_requested("1", "sl6")).await.unwrap();
     bus.publish(&vm_requested("2", "centos9")).await.unwrap();
@@ -179,13 +187,21 @@ async fn job_queued_with_an_image_hint_prefetches_without_an_event() {
             raw(format!("file://{}", src.display()), sha.clone()),
         )]),
     };
-    let bus = connect(&nats.url(), &format!("image@{HOST}"))
+    let bus = connect(&nats.admin(), &format!("image@{HOST}"))
         .await
         .unwrap();
     let mut sub = subscribe(&bus, "wnodes.evt.*.image.>").await.unwrap();
-    let running = InProcess::start::<Image>(Config::local(&nats.url(), HOST, tmp.path(), config))
-        .await
-        .unwrap();
+    let running = InProcess::start::<Image>(Config::local(
+        &nats
+            .identity(&wnodes_bus::roles::IMAGE, HOST)
+            .await
+            .unwrap(),
+        HOST,
+        tmp.path(),
+        config,
+    ))
+    .await
+    .unwrap();
 
     let queued = |job: &str, hint: &str| {
         Events::new("", "bridge@ce.example.org").build(
@@ -235,9 +251,12 @@ impl Svc {
     async fn start(config: ImageConfig, tuning: ConsumerTuning) -> anyhow::Result<Svc> {
         let nats = NatsServer::start().await?;
         let tmp = tempfile::tempdir()?;
-        let bus = connect(&nats.url(), &format!("image@{HOST}")).await?;
+        let bus = connect(&nats.admin(), &format!("image@{HOST}")).await?;
         let sub = subscribe(&bus, "wnodes.evt.*.image.>").await?;
-        let mut cfg = Config::local(&nats.url(), HOST, tmp.path(), config);
+        let identity = nats
+            .identity_tuned(&wnodes_bus::roles::IMAGE, HOST, &tuning)
+            .await?;
+        let mut cfg = Config::local(&identity, HOST, tmp.path(), config);
         cfg.common.consumer = tuning;
         let running = InProcess::start::<Image>(cfg)
             .await

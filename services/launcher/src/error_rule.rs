@@ -132,8 +132,8 @@ wnodes_testkit::error_rule! {
         LauncherError::Table(_) => LauncherError::Table(join_error()),
         LauncherError::State(_) => LauncherError::State(state_error()),
         LauncherError::Store(_) => LauncherError::Store(sqlx::Error::Protocol(SOURCE_TEXT.into())),
-        LauncherError::Bus(_) => LauncherError::Bus(BusError::Stream {
-            stream: "WNODES_EVENTS".into(),
+        LauncherError::Bus(_) => LauncherError::Bus(BusError::NotProvisioned {
+            what: "WNODES_EVENTS".into(),
             source: Box::new(io_source()),
         }),
     }

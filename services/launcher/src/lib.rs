@@ -77,29 +77,15 @@ pub mod watch;
 
 pub use config::LauncherConfig;
 
-use wnodes_bus::EventType;
-use wnodes_runtime::{ConfigError, NoCommand, Parts, Scope, Service, ServiceCtx, StartError};
+use wnodes_runtime::{ConfigError, NoCommand, Parts, Service, ServiceCtx, StartError};
 
 /// The launcher service.
 #[derive(Debug)]
 pub struct Launcher;
 
 impl Service for Launcher {
-    const NAME: &'static str = "launcher";
+    const ROLE: &'static wnodes_runtime::Role = &wnodes_bus::roles::LAUNCHER;
     const ABOUT: &'static str = "WNoDeS launcher: runs each started job in a qemu VM on this host";
-    const SCOPE: Scope = Scope::PerHost;
-    const CONSUMES: &'static [EventType] = &[
-        EventType::JobStarted,
-        EventType::JobCancelled,
-        EventType::ImageReady,
-        EventType::ImageFailed,
-        EventType::ScratchReady,
-        EventType::ScratchFailed,
-        EventType::NetworkReady,
-        EventType::NetworkFailed,
-        EventType::StorageReady,
-        EventType::StorageFailed,
-    ];
     type Config = LauncherConfig;
     type Handler = handler::LauncherHandler;
     type Command = NoCommand;

@@ -18,10 +18,10 @@ use wnodes_testkit::{ServiceProcess, host, host_test, nats::NatsServer, process:
 
 /// The launcher binary configured by environment alone; both launchers of the test append
 /// to one log.
-fn launcher(nats_url: &str, dir: &Path) -> ProcessBuilder {
+fn launcher(nats: &wnodes_bus::NatsConfig, dir: &Path) -> ProcessBuilder {
     ServiceProcess::builder(env!("CARGO_BIN_EXE_wnodes-launcher"), dir)
         .env_clear()
-        .runtime_env(nats_url, "INFN-T1", HOST, &dir.join("state"))
+        .runtime_env(nats, "INFN-T1", HOST, &dir.join("state"))
         .wnodes_env("LOG_LEVEL", "info")
         .wnodes_env("LAUNCHER__ACCEL", "auto")
         .wnodes_env("LAUNCHER__PREPARE_DEADLINE", "60s")
@@ -51,13 +51,19 @@ async fn vm_binary_sigterm_leaves_the_vm_running_and_the_next_launcher_reports_i
     let _lock = vm_lock();
     let guest = guest_dir();
     let nats = NatsServer::start().await.unwrap();
-    let bus = wnodes_testkit::bus::connect(&nats.url(), "test@local")
+    let bus = wnodes_testkit::bus::connect(&nats.admin(), "test@local")
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let _cleanup = Cleanup(state.join("vms"));
-    let launcher = launcher(&nats.url(), dir.path());
+    let launcher = launcher(
+        &nats
+            .identity(&wnodes_bus::roles::LAUNCHER, HOST)
+            .await
+            .unwrap(),
+        dir.path(),
+    );
 
     let log = dir.path().join("launcher.log");
     let dump = || std::fs::read_to_string(&log).unwrap_or_default();

@@ -28,7 +28,9 @@ use wnodes_testkit::{events::ready_bodies, events::vm_id_of, host::guest_dir, vm
 use common::{HOST, LONG, ev, job_started, last_event, last_event_traced, run, wait_event};
 
 struct Env {
-    nats: NatsServer,
+    _nats: NatsServer,
+    /// The launcher's own identity on HOST (its durable provisioned).
+    identity: wnodes_bus::NatsConfig,
     dir: tempfile::TempDir,
     bus: Bus,
     store: KeyStore,
@@ -37,13 +39,18 @@ struct Env {
 
 async fn env() -> Env {
     let nats = NatsServer::start().await.unwrap();
-    let bus = wnodes_testkit::bus::connect(&nats.url(), &format!("launcher@{HOST}"))
+    let bus = wnodes_testkit::bus::connect(&nats.admin(), &format!("launcher@{HOST}"))
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let store = KeyStore::open(&dir.path().join("keys.db")).await.unwrap();
+    let identity = nats
+        .identity(&wnodes_bus::roles::LAUNCHER, HOST)
+        .await
+        .unwrap();
     Env {
-        nats,
+        _nats: nats,
+        identity,
         dir,
         bus,
         store,
@@ -69,7 +76,7 @@ fn deps(env: &Env, prepare_deadline: Duration) -> Config<LauncherConfig> {
         },
         ..Default::default()
     };
-    let mut cfg = Config::local(&env.nats.url(), HOST, env.dir.path(), config);
+    let mut cfg = Config::local(&env.identity, HOST, env.dir.path(), config);
     cfg.common.consumer = ConsumerTuning {
         backoff_base: Duration::from_millis(100),
         shutdown_grace: Duration::from_secs(2),

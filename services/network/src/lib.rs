@@ -44,22 +44,15 @@ pub mod service;
 pub use config::{NetworkConfig, NetworkConfigError};
 pub use service::NetworkHandler;
 
-use wnodes_bus::EventType;
-use wnodes_runtime::{ConfigError, NoCommand, Parts, Scope, Service, ServiceCtx, StartError};
+use wnodes_runtime::{ConfigError, NoCommand, Parts, Service, ServiceCtx, StartError};
 
 /// The network service.
 #[derive(Debug)]
 pub struct Network;
 
 impl Service for Network {
-    const NAME: &'static str = "network";
+    const ROLE: &'static wnodes_runtime::Role = &wnodes_bus::roles::NETWORK;
     const ABOUT: &'static str = "WNoDeS network service: a tap (or user-mode network) per VM";
-    const SCOPE: Scope = Scope::PerHost;
-    const CONSUMES: &'static [EventType] = &[
-        EventType::VmRequested,
-        EventType::VmStopped,
-        EventType::VmFailed,
-    ];
     type Config = NetworkConfig;
     type Handler = NetworkHandler;
     type Command = NoCommand;

@@ -25,11 +25,18 @@ async fn binary_reconciles_serves_and_stops_on_sigterm() {
     ]);
     let tb = TestBus::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let conf = ServiceConfig::new(HOST, &tb.server.url(), &dir.path().join("state"))
-        .set("network", "mode", "tap")
-        .set("network", "bridge", "wnbr0")
-        .set("network", "pool", "10.231.7.0/24")
-        .set("network", "netns", hv.0.as_str());
+    let conf = ServiceConfig::new(
+        HOST,
+        &tb.server
+            .identity(&wnodes_bus::roles::NETWORK, HOST)
+            .await
+            .unwrap(),
+        &dir.path().join("state"),
+    )
+    .set("network", "mode", "tap")
+    .set("network", "bridge", "wnbr0")
+    .set("network", "pool", "10.231.7.0/24")
+    .set("network", "netns", hv.0.as_str());
     let mut network = ServiceProcess::builder(env!("CARGO_BIN_EXE_wnodes-network"), dir.path())
         .config(&conf)
         .spawn()

@@ -39,15 +39,8 @@ async fn start(tb: &TestBus, h: NetworkHandler) {
     let store = tb.store("network.db").await;
     service::init_store(&store).await.unwrap();
     h.reconcile(&store).await.unwrap();
-    tb.consume(
-        store,
-        "network-test",
-        wnodes_runtime::consumer_spec::<wnodes_network::Network>(HOST, Default::default())
-            .unwrap()
-            .filter_subjects,
-        h,
-    )
-    .await;
+    tb.consume(store, &wnodes_bus::roles::NETWORK, HOST, h)
+        .await;
 }
 
 fn link(ns: &Netns, name: &str) -> Option<Value> {

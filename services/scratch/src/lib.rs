@@ -22,9 +22,8 @@ pub mod volume;
 use std::path::PathBuf;
 
 use sqlx::SqlitePool;
-use wnodes_bus::EventType;
 use wnodes_preparer::{HostResources, Row};
-use wnodes_runtime::{NoCommand, Parts, Scope, Service, ServiceCtx, StartError};
+use wnodes_runtime::{NoCommand, Parts, Service, ServiceCtx, StartError};
 
 pub use config::{Backend, ConfigError, ScratchConfig};
 pub use handler::{Limits, ScratchHandler};
@@ -78,14 +77,8 @@ pub async fn reconcile(
 pub struct Scratch;
 
 impl Service for Scratch {
-    const NAME: &'static str = "scratch";
+    const ROLE: &'static wnodes_runtime::Role = &wnodes_bus::roles::SCRATCH;
     const ABOUT: &'static str = "WNoDeS scratch service: a local scratch disk for every VM";
-    const SCOPE: Scope = Scope::PerHost;
-    const CONSUMES: &'static [EventType] = &[
-        EventType::VmRequested,
-        EventType::VmStopped,
-        EventType::VmFailed,
-    ];
     type Config = ScratchConfig;
     type Handler = ScratchHandler;
     type Command = NoCommand;

@@ -81,13 +81,17 @@ impl Svc {
         let nats = NatsServer::start().await?;
         let dir = tempfile::tempdir()?;
         before(dir.path())?;
-        let bus = connect(&nats.url(), &format!("scratch@{HOST}")).await?;
+        let bus = connect(&nats.admin(), &format!("scratch@{HOST}")).await?;
         let store = KeyStore::open(&dir.path().join("keys.db")).await?;
         let sub = subscribe(&bus, "wnodes.evt.>").await?;
-        let running =
-            InProcess::start::<Scratch>(Config::local(&nats.url(), HOST, dir.path(), config))
-                .await
-                .map_err(|code| anyhow::anyhow!("the scratch service exited with {code}"))?;
+        let running = InProcess::start::<Scratch>(Config::local(
+            &nats.identity(&wnodes_bus::roles::SCRATCH, HOST).await?,
+            HOST,
+            dir.path(),
+            config,
+        ))
+        .await
+        .map_err(|code| anyhow::anyhow!("the scratch service exited with {code}"))?;
         Ok(Svc {
             _nats: nats,
             bus,

@@ -1,0 +1,206 @@
+//! Who may publish and subscribe to what: one identity per role and host, and its NATS
+//! permissions, derived from [`wnodes_bus::roles`]. ARCHITECTURE.md, "Trust boundaries", is
+//! the prose version.
+//!
+//! Every identity receives replies only under its own inbox prefix `_INBOX.<identity>.` (the
+//! bus sets it from the credentials), so no identity can read another's JetStream answers.
+
+use serde::Serialize;
+use wnodes_bus::{
+    EventType, Role,
+    roles::Scope,
+    subject::{self, DLQ_STREAM, EVENTS_STREAM},
+};
+
+use crate::error::SiteError;
+
+/// What an identity is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A service or the job starter, on a host or central.
+    Role(&'static Role),
+    /// Reads stream and consumer state for the backlog metrics (`wnodesctl backlog`).
+    Monitor,
+    /// The operator: provisioning, dead-letter inspection. Everything.
+    Admin,
+}
+
+/// One NATS user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub kind: Kind,
+    /// The host of a per-host role.
+    pub host: Option<String>,
+    /// `<role>-<host token>`, `<role>`, `monitor` or `admin`: the user's name, its creds file's
+    /// stem and its inbox token.
+    pub name: String,
+}
+
+/// The subjects an identity may publish to and subscribe to (allow lists; everything else is
+/// denied).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Permissions {
+    pub publish: Vec<String>,
+    pub subscribe: Vec<String>,
+}
+
+impl Identity {
+    /// The identity of `role` on `host` (ignored for a central role).
+    pub fn role(role: &'static Role, host: &str) -> Result<Self, SiteError> {
+        let host = role.host_of(host).map(str::to_owned);
+        if let Some(h) = &host {
+            subject::validate_host(h)?;
+        }
+        Ok(Self {
+            kind: Kind::Role(role),
+            name: role.identity(host.as_deref().unwrap_or_default())?,
+            host,
+        })
+    }
+
+    pub fn monitor() -> Self {
+        Self {
+            kind: Kind::Monitor,
+            host: None,
+            name: "monitor".into(),
+        }
+    }
+
+    pub fn admin() -> Self {
+        Self {
+            kind: Kind::Admin,
+            host: None,
+            name: "admin".into(),
+        }
+    }
+
+    /// The file its credentials are written to, under the creds directory.
+    pub fn creds_file_name(&self) -> String {
+        format!("{}.creds", self.name)
+    }
+
+    /// Its permissions.
+    pub fn permissions(&self) -> Result<Permissions, SiteError> {
+        let inbox = format!("_INBOX.{}.>", self.name);
+        let mut publish = Vec::new();
+        let subscribe = vec![inbox];
+        match self.kind {
+            Kind::Admin => {
+                return Ok(Permissions {
+                    publish: vec![">".into()],
+                    subscribe: vec![">".into()],
+                });
+            }
+            Kind::Monitor => {
+                publish.extend([
+                    format!("$JS.API.STREAM.INFO.{EVENTS_STREAM}"),
+                    format!("$JS.API.STREAM.INFO.{DLQ_STREAM}"),
+                    format!("$JS.API.CONSUMER.LIST.{EVENTS_STREAM}"),
+                    format!("$JS.API.CONSUMER.INFO.{EVENTS_STREAM}.*"),
+                    format!("$JS.API.DIRECT.GET.{EVENTS_STREAM}"),
+                ]);
+            }
+            Kind::Role(role) => {
+                let host = self.host.as_deref();
+                // Every service checks the streams at start.
+                publish.extend([
+                    format!("$JS.API.STREAM.INFO.{EVENTS_STREAM}"),
+                    format!("$JS.API.STREAM.INFO.{DLQ_STREAM}"),
+                ]);
+                for t in role.publishes {
+                    publish.push(publish_subject(*t, role.scope, host)?);
+                }
+                if let Some(durable) = role.durable(host.unwrap_or_default())? {
+                    publish.extend([
+                        format!("$JS.API.CONSUMER.INFO.{EVENTS_STREAM}.{durable}"),
+                        format!("$JS.API.CONSUMER.MSG.NEXT.{EVENTS_STREAM}.{durable}"),
+                        // Acks, naks, in-progress and term: the reply subject of its own
+                        // messages (v1 and the domain-qualified v2 form).
+                        format!("$JS.ACK.{EVENTS_STREAM}.{durable}.>"),
+                        format!("$JS.ACK.*.*.{EVENTS_STREAM}.{durable}.>"),
+                        subject::dlq_subject(&durable),
+                    ]);
+                }
+                if role.watches_runs {
+                    // Short-lived ordered consumers whose filter (in the API subject since
+                    // NATS 2.10) is its host's events, or every host's for a central role.
+                    let hosts = match host {
+                        Some(h) => subject::encode_host(h)?,
+                        None => "*".into(),
+                    };
+                    publish.extend([
+                        format!("$JS.API.CONSUMER.CREATE.{EVENTS_STREAM}.*.wnodes.evt.{hosts}.>"),
+                        format!("$JS.FC.{EVENTS_STREAM}.>"),
+                    ]);
+                }
+            }
+        }
+        Ok(Permissions { publish, subscribe })
+    }
+}
+
+/// The subject `scope`'s publisher of `t` may use: its own host's, or every host's.
+fn publish_subject(t: EventType, scope: Scope, host: Option<&str>) -> Result<String, SiteError> {
+    if t == EventType::JobQueued {
+        return Ok(subject::event_subject("", t.name())?);
+    }
+    Ok(match (scope, host) {
+        (Scope::PerHost, Some(h)) => subject::event_subject(h, t.name())?,
+        _ => subject::event_filter(None, t.name())?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wnodes_bus::roles;
+
+    #[test]
+    fn a_host_service_publishes_only_its_own_events_for_its_own_host() {
+        let id = Identity::role(&roles::SCRATCH, "hv1.x").unwrap();
+        assert_eq!(id.name, "scratch-hv1_x");
+        let p = id.permissions().unwrap();
+        assert!(p.publish.contains(&"wnodes.evt.hv1_x.scratch.ready".into()));
+        assert!(
+            p.publish
+                .contains(&"wnodes.evt.hv1_x.resource.released".into())
+        );
+        assert!(p.publish.contains(&"wnodes.dlq.scratch-hv1_x".into()));
+        assert!(
+            p.publish
+                .contains(&"$JS.API.CONSUMER.MSG.NEXT.WNODES_EVENTS.scratch-hv1_x".into())
+        );
+        assert!(!p.publish.iter().any(|s| s.contains("vm.requested")));
+        assert!(!p.publish.iter().any(|s| s.contains("CREATE")));
+        assert!(
+            !p.publish
+                .iter()
+                .any(|s| s.contains('>') && s.starts_with("wnodes.evt"))
+        );
+        assert_eq!(p.subscribe, ["_INBOX.scratch-hv1_x.>"]);
+    }
+
+    #[test]
+    fn central_roles_cover_every_host_and_the_job_starter_only_its_own() {
+        let acc = Identity::role(&roles::ACCOUNTING, "ignored.x").unwrap();
+        assert_eq!(acc.name, "accounting");
+        assert!(
+            acc.permissions()
+                .unwrap()
+                .publish
+                .contains(&"wnodes.evt.*.usage.recorded".into())
+        );
+        let agent = Identity::role(&roles::AGENT, "hv2.x").unwrap();
+        let p = agent.permissions().unwrap();
+        assert!(p.publish.contains(&"wnodes.evt.hv2_x.job.started".into()));
+        assert!(
+            p.publish
+                .contains(&"$JS.API.CONSUMER.CREATE.WNODES_EVENTS.*.wnodes.evt.hv2_x.>".into())
+        );
+        assert!(!p.publish.iter().any(|s| s.contains("MSG.NEXT")));
+        let bridge = Identity::role(&roles::BRIDGE, "").unwrap();
+        let p = bridge.permissions().unwrap();
+        assert!(p.publish.contains(&"wnodes.evt._queued.job.queued".into()));
+        assert!(p.publish.contains(&"wnodes.evt.*.job.started".into()));
+    }
+}

@@ -1,0 +1,202 @@
+//! The permissions `wnodes-site` gives each identity, enforced by a real nats-server
+//! provisioned through it (the test kit's site): who may publish what, and who may pull and
+//! ack which durable.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use wnodes_bus::{Bus, BusError, BusMetrics, NatsConfig, proto, roles};
+use wnodes_testkit::{
+    NatsServer,
+    events::{Events, run, vm_spec},
+};
+
+const H1: &str = "hv1.example.org";
+const H2: &str = "hv2.example.org";
+
+async fn bus(cfg: &NatsConfig, name: &str) -> Bus {
+    let cfg = NatsConfig {
+        publish_timeout: Duration::from_secs(20),
+        ..cfg.clone()
+    };
+    Bus::connect(&cfg, name, BusMetrics::unregistered())
+        .await
+        .unwrap()
+}
+
+fn requested(host: &str, job: &str) -> proto::Event {
+    Events::new(host, "launcher@test").build(
+        &run(job),
+        proto::event::Body::VmRequested(proto::VmRequested {
+            spec: Some(vm_spec(&format!("vm-{job}"))),
+        }),
+    )
+}
+
+fn refused(err: BusError, subject: &str) {
+    match err {
+        BusError::PermissionDenied(m) => {
+            assert!(
+                m.contains("Permissions Violation") && m.contains(subject),
+                "{m}"
+            );
+        }
+        other => panic!("expected a permission refusal, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_service_publishes_only_its_own_events_for_its_own_host() {
+    let nats = NatsServer::start().await.unwrap();
+    let launcher = bus(
+        &nats.identity(&roles::LAUNCHER, H1).await.unwrap(),
+        "launcher@h1",
+    )
+    .await;
+    let scratch = bus(
+        &nats.identity(&roles::SCRATCH, H1).await.unwrap(),
+        "scratch@h1",
+    )
+    .await;
+
+    // Its own type for its own host: stored.
+    let ok = launcher.publish(&requested(H1, "1")).await.unwrap();
+    assert!(ok.sequence > 0);
+
+    // Another service's type: refused at once with the server's error, not retried.
+    let started = std::time::Instant::now();
+    let err = scratch.publish(&requested(H1, "2")).await.unwrap_err();
+    refused(err, "wnodes.evt.hv1_example_org.vm.requested");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // Its own type for another host: refused.
+    let err = launcher.publish(&requested(H2, "3")).await.unwrap_err();
+    refused(err, "wnodes.evt.hv2_example_org.vm.requested");
+
+    // A dead letter under another consumer's name: refused.
+    let err = scratch
+        .publish_raw(
+            "wnodes.dlq.launcher-hv1_example_org",
+            async_nats::HeaderMap::new(),
+            "x".into(),
+            "dead_letter",
+        )
+        .await
+        .unwrap_err();
+    refused(err, "wnodes.dlq.launcher-hv1_example_org");
+
+    // Only the one event is in the stream.
+    let admin = wnodes_testkit::bus::connect(&nats.admin(), "test@local")
+        .await
+        .unwrap();
+    assert_eq!(wnodes_testkit::bus::stored_events(&admin).await.unwrap(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_consumer_cannot_pull_or_ack_another_services_durable() {
+    let nats = NatsServer::start().await.unwrap();
+    let launcher_cfg = nats.identity(&roles::LAUNCHER, H1).await.unwrap();
+    let image_cfg = nats.identity(&roles::IMAGE, H1).await.unwrap();
+    let scratch_cfg = nats.identity(&roles::SCRATCH, H1).await.unwrap();
+    let launcher = bus(&launcher_cfg, "launcher@h1").await;
+    launcher.publish(&requested(H1, "1")).await.unwrap();
+
+    // The image service pulls its own durable and gets the event.
+    let image = bus(&image_cfg, "image@h1").await;
+    let own = image
+        .jetstream()
+        .get_consumer_from_stream::<async_nats::jetstream::consumer::pull::Config, _, _>(
+            "image-hv1_example_org",
+            "WNODES_EVENTS",
+        )
+        .await
+        .unwrap();
+    let mut batch = own
+        .fetch()
+        .max_messages(1)
+        .expires(Duration::from_secs(2))
+        .messages()
+        .await
+        .unwrap();
+    let msg = batch.next().await.unwrap().unwrap();
+    let reply = msg.reply.clone().unwrap().to_string();
+    assert!(
+        reply.starts_with("$JS.ACK.WNODES_EVENTS.image-hv1_example_org."),
+        "{reply}"
+    );
+
+    // The scratch service can neither read nor pull the image service's durable...
+    let scratch = bus(&scratch_cfg, "scratch@h1").await;
+    let info = tokio::time::timeout(
+        Duration::from_secs(10),
+        scratch
+            .jetstream()
+            .get_consumer_from_stream::<async_nats::jetstream::consumer::pull::Config, _, _>(
+                "image-hv1_example_org",
+                "WNODES_EVENTS",
+            ),
+    )
+    .await;
+    assert!(!matches!(info, Ok(Ok(_))), "scratch read image's durable");
+    let pull = tokio::time::timeout(
+        Duration::from_secs(10),
+        scratch.client().request(
+            "$JS.API.CONSUMER.MSG.NEXT.WNODES_EVENTS.image-hv1_example_org",
+            "{\"batch\":1,\"expires\":1000000000}".into(),
+        ),
+    )
+    .await;
+    assert!(
+        !matches!(pull, Ok(Ok(_))),
+        "scratch pulled from image's durable: {pull:?}"
+    );
+
+    // ...nor ack the image service's message: after its ack attempt the message is still
+    // unacknowledged; the image service's own ack then takes.
+    scratch
+        .client()
+        .publish(reply.clone(), "+ACK".into())
+        .await
+        .unwrap();
+    scratch.client().flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let admin = wnodes_testkit::bus::connect(&nats.admin(), "test@local")
+        .await
+        .unwrap();
+    let state = |admin: Bus| async move {
+        let s = admin.jetstream().get_stream("WNODES_EVENTS").await.unwrap();
+        s.consumer_info("image-hv1_example_org")
+            .await
+            .unwrap()
+            .num_ack_pending
+    };
+    assert_eq!(state(admin.clone()).await, 1, "the foreign ack took effect");
+    msg.double_ack().await.unwrap();
+    assert_eq!(state(admin).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_job_starter_watches_only_its_own_host() {
+    let nats = NatsServer::start().await.unwrap();
+    let agent = bus(&nats.creds(&roles::AGENT, H1).unwrap(), "bridge@h1").await;
+    let stream = agent.jetstream().get_stream("WNODES_EVENTS").await.unwrap();
+    let watch = |host: &str| async_nats::jetstream::consumer::push::OrderedConfig {
+        name: Some("watch_test".into()),
+        deliver_subject: agent.client().new_inbox(),
+        filter_subject: format!("wnodes.evt.{}.>", host.replace('.', "_")),
+        ..Default::default()
+    };
+    stream.create_consumer(watch(H1)).await.unwrap();
+    let other =
+        tokio::time::timeout(Duration::from_secs(10), stream.create_consumer(watch(H2))).await;
+    assert!(
+        !matches!(other, Ok(Ok(_))),
+        "the job starter of {H1} watched {H2}"
+    );
+}
