@@ -47,8 +47,38 @@ fn refused(err: BusError, subject: &str) {
     }
 }
 
+/// Every log line of this test process, as the services would write them.
+#[derive(Clone, Default)]
+struct Log(std::sync::Arc<parking_lot::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Log {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Log {
+    fn capture() -> Self {
+        let log = Log::default();
+        let writer = log.clone();
+        tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .init();
+        log
+    }
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock()).into_owned()
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_service_publishes_only_its_own_events_for_its_own_host() {
+    let log = Log::capture();
     let nats = NatsServer::start().await.unwrap();
     let launcher = bus(
         &nats.identity(&roles::LAUNCHER, H1).await.unwrap(),
@@ -73,6 +103,19 @@ async fn a_service_publishes_only_its_own_events_for_its_own_host() {
         started.elapsed() < Duration::from_secs(15),
         "{:?}",
         started.elapsed()
+    );
+    // One clear log line, at error level, with the server's words.
+    let text = log.text();
+    let line = text
+        .lines()
+        .find(|l| l.contains("NATS refused an operation"))
+        .unwrap_or_else(|| panic!("no refusal logged:\n{text}"));
+    assert!(
+        line.contains("ERROR")
+            && line.contains(
+                "Permissions Violation for Publish to \"wnodes.evt.hv1_example_org.vm.requested\""
+            ),
+        "{line}"
     );
 
     // Its own type for another host: refused.
