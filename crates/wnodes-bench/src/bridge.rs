@@ -159,7 +159,8 @@ async fn bridge_round(
         "bridge stored {stored} of {}",
         summary.emitted
     );
-    bus.jetstream()
+    let admin = wnodes_bus::connect::connect(&nats.admin(), "bench-admin", None, None).await?;
+    async_nats::jetstream::new(admin)
         .delete_stream(subject::EVENTS_STREAM)
         .await?;
     Ok((

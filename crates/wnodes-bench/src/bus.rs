@@ -342,7 +342,9 @@ async fn bus_round(
     let (consume_s, consume_cpu) = phase.stop();
     let rows: (i64,) = sqlx_count(&store).await?;
     anyhow::ensure!(rows.0 as usize >= evs.len(), "only {} keys stored", rows.0);
-    bus.jetstream()
+    // The next round starts from a fresh stream; deleting it is the operator's right.
+    let admin = wnodes_bus::connect::connect(&nats.admin(), "bench-admin", None, None).await?;
+    async_nats::jetstream::new(admin)
         .delete_stream(subject::EVENTS_STREAM)
         .await?;
     Ok(Run {
