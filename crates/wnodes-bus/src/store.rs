@@ -9,6 +9,13 @@
 //! thread switches, not SQLite, were most of the cost of a key: docs/benchmarks.md.)
 //!
 //! Services keep their own tables in the same file ([`KeyStore::pool`]).
+//!
+//! **Acknowledged means durable.** Both connections run WAL with `synchronous=FULL`: a commit
+//! returns only after the WAL is on disk, and the consumer acks a message only after its key
+//! (and the handler's effects) committed, so nothing a service acknowledged can vanish on power
+//! loss. (`NORMAL` would let the last commits before a power cut roll back after the server had
+//! already dropped the acked messages.) The cost is one `fsync` per commit, shared by every key
+//! of a group commit: `docs/benchmarks.md`, "Acknowledged means durable".
 
 use parking_lot::Mutex;
 use std::{collections::HashSet, path::Path, str::FromStr, sync::Arc, time::Duration};
@@ -115,7 +122,7 @@ fn decode_outbox(mut blob: &[u8]) -> Vec<Event> {
 }
 
 impl KeyStore {
-    /// Opens (creating if needed) the store at `path`: WAL journal, `synchronous=NORMAL`.
+    /// Opens (creating if needed) the store at `path`: WAL journal, `synchronous=FULL`.
     pub async fn open(path: &Path) -> Result<Self, BusError> {
         let display = path.display().to_string();
         let err = |source| BusError::Store {
@@ -130,7 +137,7 @@ impl KeyStore {
             .filename(path)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
+            .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(10));
         let write = SqlitePoolOptions::new()
             .max_connections(1)
@@ -275,7 +282,7 @@ fn committer_connection(path: &Path) -> Result<rusqlite::Connection, rusqlite::E
     let conn = rusqlite::Connection::open(path)?;
     conn.busy_timeout(Duration::from_secs(10))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
-    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
     Ok(conn)
 }
 
@@ -369,6 +376,36 @@ mod tests {
         assert!(s.lookup("c", "k2").await.unwrap().is_none());
         assert!(s.lookup("other", "k1").await.unwrap().is_none());
         assert_eq!(s.prune(Duration::from_secs(3600)).await.unwrap(), 0);
+    }
+
+    /// Acknowledged means durable: every connection that commits keys or a handler's effects
+    /// runs WAL with synchronous=FULL (2), so a commit is on disk before the message is acked.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn every_committing_connection_is_wal_and_synchronous_full() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.db");
+        let s = KeyStore::open(&path).await.unwrap();
+        let mut tx = s.begin().await.unwrap();
+        let sync: i64 = sqlx::query_scalar("PRAGMA synchronous")
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        assert_eq!(sync, 2, "handler transactions");
+        drop(tx);
+        let sync: i64 = sqlx::query_scalar("PRAGMA synchronous")
+            .fetch_one(s.pool())
+            .await
+            .unwrap();
+        assert_eq!(sync, 2, "the service's pool");
+        let conn = committer_connection(&path).unwrap();
+        let sync: i64 = conn
+            .query_row("PRAGMA synchronous", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(sync, 2, "the group committer");
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
     }
 
     /// The group committer (its own connection) and handlers' transactions (the sqlx pool)
