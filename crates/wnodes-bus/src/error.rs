@@ -61,6 +61,12 @@ pub enum BusError {
     },
     #[error("reading the dead-letter stream")]
     DeadLetterRead(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("deleting dead letter {sequence} after its redrive")]
+    DeadLetterDelete {
+        sequence: u64,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 /// Renders an error and its `source()` chain as `outer: inner: innermost`, for logs and CLIs.

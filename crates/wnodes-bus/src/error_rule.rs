@@ -40,6 +40,10 @@ wnodes_testkit::error_rule! {
             source: Arc::new(rusqlite::Error::InvalidParameterName(SOURCE_TEXT.into())),
         },
         BusError::DeadLetterRead(_) => BusError::DeadLetterRead(boxed_source()),
+        BusError::DeadLetterDelete { .. } => BusError::DeadLetterDelete {
+            sequence: 42,
+            source: boxed_source(),
+        },
         BusError::NotProvisioned { .. } => BusError::NotProvisioned {
             what: "stream `WNODES_EVENTS`".into(),
             source: boxed_source(),

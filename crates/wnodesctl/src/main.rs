@@ -7,12 +7,23 @@
 //! `--dry-run` it only says what it would change. Exit codes: 0 done (or nothing to do), 1
 //! `--check` found changes to make, 65 the description is invalid, 69 NATS unreachable,
 //! 70 another failure.
+//!
+//! `wnodesctl backlog` (as the monitor) and `wnodesctl dlq list|show|redrive` (as the admin):
+//! `docs/operations.md`.
+//!
+//! | module | subcommand |
+//! |---|---|
+//! | `provision` | `provision` |
+//! | `backlog` | `backlog` |
+//! | `dlq` | `dlq list`, `dlq show`, `dlq redrive` |
 
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
-use wnodes_bus::ErrorChain;
-use wnodes_site::{Action, AuthDir, Mode, Report, SiteDescription, SiteError, streams};
+
+mod backlog;
+mod dlq;
+mod provision;
 
 #[derive(Debug, Parser)]
 #[command(name = "wnodesctl", version, about = "Operate a WNoDeS site")]
@@ -28,6 +39,57 @@ enum Command {
     /// How far behind each durable consumer is (as the `monitor` identity); with `--serve`, a
     /// Prometheus exporter of the same.
     Backlog(BacklogArgs),
+    /// Dead letters: list, show, redrive (as the admin).
+    Dlq(DlqArgs),
+}
+
+/// Where NATS is and whose credentials to use.
+#[derive(Debug, clap::Args)]
+struct Connection {
+    /// The NATS server.
+    #[arg(long)]
+    nats: String,
+    /// The admin's creds file (`<out>/creds/admin.creds`).
+    #[arg(long)]
+    creds: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+struct DlqArgs {
+    #[command(flatten)]
+    connection: Connection,
+    #[command(subcommand)]
+    command: DlqCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum DlqCommand {
+    /// Every dead letter (of one consumer with `--consumer`).
+    List {
+        #[arg(long)]
+        consumer: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One dead letter, its headers and its event.
+    Show {
+        sequence: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Publish dead letters again to their original subjects, then delete them.
+    Redrive {
+        /// Dead-letter sequences (from `list`).
+        sequences: Vec<u64>,
+        /// Every dead letter (of `--consumer`).
+        #[arg(long, conflicts_with = "sequences")]
+        all: bool,
+        #[arg(long, requires = "all")]
+        consumer: Option<String>,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -74,6 +136,7 @@ struct ProvisionArgs {
 const DATAERR: u8 = 65;
 const UNAVAILABLE: u8 = 69;
 const SOFTWARE: u8 = 70;
+const USAGE: u8 = 64;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -89,188 +152,10 @@ fn main() -> ExitCode {
     };
     let code = runtime.block_on(async {
         match cli.command {
-            Command::Provision(args) => provision(args).await,
-            Command::Backlog(args) => backlog(args).await,
+            Command::Provision(args) => provision::provision(args).await,
+            Command::Backlog(args) => backlog::backlog(args).await,
+            Command::Dlq(args) => dlq::dlq(args).await,
         }
     });
     ExitCode::from(code)
-}
-
-fn print(title: &str, report: &Report) {
-    for change in report.notable() {
-        println!("{change}");
-    }
-    println!("{title}: {}", report.summary());
-}
-
-async fn provision(args: ProvisionArgs) -> u8 {
-    wnodes_bus::connect::install_crypto_provider();
-    let mode = if args.dry_run || args.check {
-        Mode::DryRun
-    } else {
-        Mode::Apply
-    };
-    let site = match SiteDescription::load(&args.site) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("wnodesctl: {}", ErrorChain(&e));
-            return DATAERR;
-        }
-    };
-    let auth = AuthDir::new(&args.out);
-    let mut changed = false;
-    match auth.provision(&site, mode) {
-        Ok(report) => {
-            print("identities", &report);
-            changed |= !report.is_noop();
-        }
-        Err(e) => {
-            eprintln!("wnodesctl: {}", ErrorChain(&e));
-            return SOFTWARE;
-        }
-    }
-    if let Some(url) = &args.nats {
-        let creds = args.creds.clone().unwrap_or_else(|| auth.admin_creds());
-        let cfg = wnodes_bus::NatsConfig {
-            url: url.clone(),
-            creds_file: Some(creds),
-            ..Default::default()
-        };
-        let client = match wnodes_bus::connect::connect(&cfg, "wnodesctl", None, None).await {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("wnodesctl: {}", ErrorChain(&e));
-                return UNAVAILABLE;
-            }
-        };
-        let js = async_nats::jetstream::new(client);
-        match streams::provision(&js, &site, mode).await {
-            Ok(report) => {
-                print("streams and consumers", &report);
-                changed |= !report.is_noop();
-                if report.count(&Action::CannotChange) > 0 {
-                    eprintln!(
-                        "wnodesctl: some settings cannot be changed in place (see `cannot change` above)"
-                    );
-                    return SOFTWARE;
-                }
-            }
-            Err(e @ SiteError::JetStream { .. }) => {
-                eprintln!("wnodesctl: {}", ErrorChain(&e));
-                return UNAVAILABLE;
-            }
-            Err(e) => {
-                eprintln!("wnodesctl: {}", ErrorChain(&e));
-                return SOFTWARE;
-            }
-        }
-    }
-    if mode == Mode::DryRun {
-        println!("(dry run: nothing was changed)");
-    }
-    if args.check && changed { 1 } else { 0 }
-}
-
-async fn backlog(args: BacklogArgs) -> u8 {
-    wnodes_bus::connect::install_crypto_provider();
-    let cfg = wnodes_bus::NatsConfig {
-        url: args.nats.clone(),
-        creds_file: Some(args.creds.clone()),
-        ..Default::default()
-    };
-    let client = match wnodes_bus::connect::connect(&cfg, "wnodesctl-backlog", None, None).await {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("wnodesctl: {}", ErrorChain(&e));
-            return UNAVAILABLE;
-        }
-    };
-    let js = async_nats::jetstream::new(client);
-    if let Some(addr) = args.serve {
-        return serve_backlog(js, addr, args.every).await;
-    }
-    let report = match wnodes_site::backlog::measure(&js).await {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("wnodesctl: {}", ErrorChain(&e));
-            return UNAVAILABLE;
-        }
-    };
-    if args.json {
-        match serde_json::to_string(&report) {
-            Ok(j) => println!("{j}"),
-            Err(e) => {
-                eprintln!("wnodesctl: {e}");
-                return SOFTWARE;
-            }
-        }
-    } else {
-        println!(
-            "{:<40} {:>9} {:>11} {:>14}  retention",
-            "durable", "pending", "ack pending", "oldest (s)"
-        );
-        for c in &report.consumers {
-            println!(
-                "{:<40} {:>9} {:>11} {:>14}  {}",
-                c.durable,
-                c.pending,
-                c.ack_pending,
-                c.oldest_unprocessed_age_seconds
-                    .map_or("-".to_string(), |a| format!("{a:.0}")),
-                if c.behind_retention {
-                    "LOST MESSAGES (see docs/operations.md)"
-                } else {
-                    "ok"
-                }
-            );
-        }
-        println!(
-            "events stream keeps messages {:.0} s",
-            report.events_max_age_seconds
-        );
-    }
-    0
-}
-
-/// Serves `/metrics` with the last measurement, measuring every `every`.
-async fn serve_backlog(
-    js: async_nats::jetstream::Context,
-    addr: std::net::SocketAddr,
-    every: std::time::Duration,
-) -> u8 {
-    use parking_lot::Mutex;
-    use std::sync::Arc;
-    let last = Arc::new(Mutex::new(String::new()));
-    let listener = match tokio::net::TcpListener::bind(addr).await {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("wnodesctl: cannot bind {addr}: {e}");
-            return 78;
-        }
-    };
-    let metrics = last.clone();
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let m = metrics.clone();
-            async move { m.lock().clone() }
-        }),
-    );
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    eprintln!("wnodesctl: serving /metrics on {addr}, measuring every {every:?}");
-    let mut tick = tokio::time::interval(every);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = tokio::signal::ctrl_c() => return 0,
-        }
-        match wnodes_site::backlog::measure(&js).await {
-            Ok(r) => {
-                *last.lock() = wnodes_site::backlog::prometheus_text(&r);
-            }
-            Err(e) => eprintln!("wnodesctl: measuring the backlog: {}", ErrorChain(&e)),
-        }
-    }
 }
