@@ -68,6 +68,20 @@ async fn run_demo(endpoint: &str, as_user: Option<u32>) -> String {
     eprintln!("{stdout}{stderr}");
     assert!(out.status.success(), "demo failed: {}", out.status);
     assert!(stdout.contains("== demo OK"), "{stdout}");
+    // The demo's records exported for APEL, into a directory that outlives the demo.
+    let outgoing = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("== apel outgoing: "))
+        .unwrap_or_else(|| panic!("no apel outgoing line: {stdout}"));
+    let dir = outgoing.split(" (").next().unwrap_or_default();
+    assert!(std::path::Path::new(dir).is_dir(), "{dir} is gone");
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("== usage store: sqlite://")),
+        "{stdout}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
     stdout
 }
 

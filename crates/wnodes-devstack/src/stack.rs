@@ -153,6 +153,15 @@ pub fn render_config(opts: &StackOptions, c: &ConfigInputs<'_>) -> String {
     }
     let _ = writeln!(cfg, "\n[nats]\nurl = {}", q(&c.nats_url));
     let _ = writeln!(cfg, "\n[bridge]\ngrpc_addr = {}", q(grpc_addr.to_string()));
+    // What APEL messages need that a usage record does not say. The benchmark is a stand-in
+    // (this machine was never benchmarked); a site sets its hosts' HS06 or HEPscore23 score.
+    let _ = writeln!(
+        cfg,
+        "\n[accounting.apel]\nsubmit_host = \"wnodes-dev\"\n\
+         infrastructure_description = \"WNODES-DEV\"\n\
+         cloud_compute_service = \"wnodes-dev\"\n\
+         benchmark = {{ kind = \"hepspec06\", per_core = 10.0 }}"
+    );
     let _ = writeln!(
         cfg,
         "\n[launcher]\naccel = \"tcg\"\nprepare_deadline = \"120s\""

@@ -146,6 +146,56 @@ struct Otlp {
     netns: Option<Arc<HostNetns>>,
 }
 
+/// Runs `wnodes-accounting apel-export` (the real CLI, with the stack's config) on the
+/// accounting store for today and tomorrow (UTC) into `$TMPDIR/wnodes-demo-apel-<job id>`.
+/// Returns the store's URL, the queue directory and the number of messages in it.
+fn apel_export(stack: &Stack, job_id: &str) -> anyhow::Result<(String, PathBuf, usize)> {
+    use anyhow::Context;
+    let store = stack.state_dir("accounting").join("accounting.db");
+    let out = std::env::temp_dir().join(format!("wnodes-demo-apel-{job_id}"));
+    let day = 86_400;
+    let today = wnodes_proto::time::now_secs() / day * day;
+    let date = |secs: i64| -> anyhow::Result<String> {
+        let t = time::OffsetDateTime::from_unix_timestamp(secs)?;
+        Ok(format!(
+            "{:04}-{:02}-{:02}",
+            t.year(),
+            u8::from(t.month()),
+            t.day()
+        ))
+    };
+    let status = std::process::Command::new(stack.bin("accounting"))
+        .arg("--config")
+        .arg(stack.config_path())
+        .env("WNODES_LOG_LEVEL", "warn")
+        .arg("apel-export")
+        .arg("--store")
+        .arg(&store)
+        .args(["--from", &date(today)?, "--to", &date(today + day)?])
+        .arg("--out")
+        .arg(&out)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .context("running wnodes-accounting apel-export")?;
+    anyhow::ensure!(status.success(), "wnodes-accounting apel-export: {status}");
+    // The dirq QueueSimple layout: one file per message in 8-hex-digit directories.
+    let mut messages = 0;
+    for dir in std::fs::read_dir(&out).with_context(|| format!("reading {}", out.display()))? {
+        let dir = dir?;
+        if dir.file_type()?.is_dir() && !dir.file_name().to_string_lossy().starts_with('.') {
+            messages += std::fs::read_dir(dir.path())?
+                .filter_map(Result::ok)
+                .filter(|f| f.file_type().is_ok_and(|t| t.is_file()))
+                .filter(|f| {
+                    let n = f.file_name().to_string_lossy().into_owned();
+                    !n.ends_with(".tmp") && !n.ends_with(".lck")
+                })
+                .count();
+        }
+    }
+    Ok((format!("sqlite://{}", store.display()), out, messages))
+}
+
 async fn demo(work: PathBuf, network: NetworkChoice, otlp: Otlp) -> anyhow::Result<bool> {
     let mut opts = StackOptions::new(&work);
     opts.network = network;
@@ -238,6 +288,24 @@ async fn demo(work: PathBuf, network: NetworkChoice, otlp: Otlp) -> anyhow::Resu
         }
         other => {
             println!("== usage record: expected 1, found {}", other.len());
+            ok = false;
+        }
+    }
+    // The demo's records, exported as APEL would receive them, into a directory that outlives
+    // the demo.
+    match apel_export(&stack, &job_id) {
+        Ok((store, out, messages)) => {
+            println!("== usage store: {store} (in the work dir: `--keep` keeps it)");
+            println!(
+                "== apel outgoing: {} ({messages} messages: job, summary, cloud, sync)",
+                out.display()
+            );
+            if messages == 0 {
+                ok = false;
+            }
+        }
+        Err(e) => {
+            println!("== apel export failed: {e:#}");
             ok = false;
         }
     }
