@@ -572,6 +572,28 @@ impl Stack {
         self.nats.admin()
     }
 
+    /// The monitor's NATS connection settings (`wnodesctl backlog`).
+    pub fn nats_monitor(&self) -> wnodes_bus::NatsConfig {
+        self.nats.monitor()
+    }
+
+    /// The creds file of `role` (a service's name, or `agent` for the job starter).
+    pub fn creds(&self, role: &str) -> Option<&Path> {
+        self.creds.get(role).map(PathBuf::as_path)
+    }
+
+    /// The pid of nats-server (as root, `/proc/<pid>/ns/net` is the stack's network namespace).
+    pub fn nats_pid(&self) -> Option<u32> {
+        self.nats.pid()
+    }
+
+    /// Stops every service (SIGTERM, then SIGKILL after 10 s each), leaving nats-server up.
+    pub fn stop_services(&mut self) {
+        for name in SERVICES {
+            let _ = self.stop_service(name);
+        }
+    }
+
     fn service_name(name: &str) -> anyhow::Result<&'static str> {
         SERVICES
             .iter()

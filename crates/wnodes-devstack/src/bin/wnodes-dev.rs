@@ -1,4 +1,6 @@
 //! `wnodes-dev demo`: the whole stack on this machine and one batch job through it.
+//! `wnodes-dev up` / `down`: the same stack kept running until `down` stops it and checks
+//! nothing was left behind (`up` prints how to submit jobs and point `wnodesctl` at it).
 //!
 //! As root it enters a private network namespace first (tap networking, the nftables filter,
 //! the gateway on the bridge address); otherwise it uses qemu user-mode networking and says so.
@@ -41,20 +43,52 @@ enum Cmd {
         #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
         otlp_endpoint: Option<String>,
     },
+    /// Start the stack and keep it running (in the foreground) until `down` or Ctrl-C.
+    Up {
+        /// Work dir (config, logs, state, `wnodes-dev.json`).
+        #[arg(long, default_value = DEFAULT_UP_DIR)]
+        work_dir: PathBuf,
+        /// OTLP/gRPC endpoint for every service's spans (as for `demo`).
+        #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
+        otlp_endpoint: Option<String>,
+    },
+    /// Stop the stack `up` started and say whether anything was left behind.
+    Down {
+        #[arg(long, default_value = DEFAULT_UP_DIR)]
+        work_dir: PathBuf,
+    },
 }
+
+/// Where `up` keeps its stack, and `down` finds it.
+const DEFAULT_UP_DIR: &str = "/tmp/wnodes-dev";
+/// What `up` writes for `down` and for tools: its pid, NATS, the config and the creds.
+const UP_FILE: &str = "wnodes-dev.json";
+/// What `up` writes when it stopped: `nothing left behind` or what was.
+const DOWN_FILE: &str = "wnodes-dev.down";
 
 const PAYLOAD: &str =
     "echo \"hello from $(hostname)\" > /shared/hello.txt; cat /shared/hello.txt; exit 0\n";
 
 fn main() -> ExitCode {
-    let Cli {
-        command:
-            Cmd::Demo {
-                keep,
-                work_dir,
-                otlp_endpoint,
-            },
-    } = Cli::parse();
+    match Cli::parse().command {
+        Cmd::Demo {
+            keep,
+            work_dir,
+            otlp_endpoint,
+        } => run_demo(keep, work_dir, otlp_endpoint),
+        Cmd::Up {
+            work_dir,
+            otlp_endpoint,
+        } => run_up(work_dir, otlp_endpoint),
+        Cmd::Down { work_dir } => down(&work_dir),
+    }
+}
+
+/// What `demo` and `up` share: the network choice (entering the private namespace as root,
+/// before any thread exists), the runtime and where spans go.
+fn prepare(
+    otlp_endpoint: Option<String>,
+) -> Result<(NetworkChoice, Otlp, tokio::runtime::Runtime), ExitCode> {
     // An empty OTEL_EXPORTER_OTLP_ENDPOINT means none.
     let otlp_endpoint = otlp_endpoint.filter(|e| !e.trim().is_empty());
     let root = nix::unistd::geteuid().is_root();
@@ -64,7 +98,7 @@ fn main() -> ExitCode {
         && let Err(err) = wnodes_devstack::otlp_relay::parse_http_endpoint(e)
     {
         eprintln!("wnodes-dev: {err:#}");
-        return ExitCode::from(2);
+        return Err(ExitCode::from(2));
     }
     // Before any thread exists: unshare(CLONE_NEWNET) moves only the calling thread.
     let mut host_netns = None;
@@ -73,7 +107,7 @@ fn main() -> ExitCode {
             Ok(host) => host_netns = Some(Arc::new(host)),
             Err(e) => {
                 eprintln!("wnodes-dev: {e:#}");
-                return ExitCode::FAILURE;
+                return Err(ExitCode::FAILURE);
             }
         }
         println!(
@@ -93,12 +127,8 @@ fn main() -> ExitCode {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("wnodes-dev: async runtime: {e}");
-            return ExitCode::FAILURE;
+            return Err(ExitCode::FAILURE);
         }
-    };
-    let work = match work_dir {
-        Some(d) => d,
-        None => std::env::temp_dir().join(format!("wnodes-demo-{}", std::process::id())),
     };
     match (&otlp_endpoint, &host_netns) {
         (Some(e), Some(_)) => println!(
@@ -112,6 +142,18 @@ fn main() -> ExitCode {
     let otlp = Otlp {
         endpoint: otlp_endpoint,
         netns: host_netns,
+    };
+    Ok((network, otlp, rt))
+}
+
+fn run_demo(keep: bool, work_dir: Option<PathBuf>, otlp_endpoint: Option<String>) -> ExitCode {
+    let (network, otlp, rt) = match prepare(otlp_endpoint) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    let work = match work_dir {
+        Some(d) => d,
+        None => std::env::temp_dir().join(format!("wnodes-demo-{}", std::process::id())),
     };
     let result = rt.block_on(demo(work.clone(), network, otlp));
     let failed = !matches!(result, Ok(true));
@@ -140,10 +182,212 @@ fn main() -> ExitCode {
     }
 }
 
+fn run_up(work: PathBuf, otlp_endpoint: Option<String>) -> ExitCode {
+    if let Some(pid) = up_pid(&work)
+        && alive(pid)
+    {
+        eprintln!(
+            "wnodes-dev: a stack is already up in {} (pid {pid}); `wnodes-dev down --work-dir {}` stops it",
+            work.display(),
+            work.display()
+        );
+        return ExitCode::FAILURE;
+    }
+    let _ = std::fs::remove_dir_all(&work);
+    let (network, otlp, rt) = match prepare(otlp_endpoint) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    match rt.block_on(up(work, network, otlp)) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("wnodes-dev: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The pid `up` recorded in `work`.
+fn up_pid(work: &std::path::Path) -> Option<i32> {
+    let text = std::fs::read_to_string(work.join(UP_FILE)).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v["pid"].as_i64().and_then(|p| i32::try_from(p).ok())
+}
+
+/// Whether `pid` still runs: exists and is not a zombie (an `up` whose parent has not reaped it
+/// yet has stopped).
+fn alive(pid: i32) -> bool {
+    if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err() {
+        return false;
+    }
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next());
+    !matches!(state, Some("Z" | "X") | None)
+}
+
+/// Starts the stack, says how to use it, and waits for SIGTERM/SIGINT; then stops the
+/// services, checks what was left behind (in this process: as root the stack's network
+/// namespace is this thread's), writes [`DOWN_FILE`] and stops nats-server.
+async fn up(work: PathBuf, network: NetworkChoice, otlp: Otlp) -> anyhow::Result<bool> {
+    use anyhow::Context;
+    let mut opts = StackOptions::new(&work);
+    opts.network = network;
+    opts.otlp_netns = otlp.endpoint.is_some().then_some(otlp.netns).flatten();
+    opts.otlp_endpoint = otlp.endpoint;
+    run_jobs_as_the_caller_unless_root(&mut opts);
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    let mut stack = Stack::start(opts).await?;
+    let admin = stack.nats_admin();
+    let monitor = stack.nats_monitor();
+    let path = |p: Option<&std::path::Path>| p.map(|p| p.display().to_string());
+    // As root everything listens inside the stack's network namespace: reach it with nsenter.
+    let netns = (network == NetworkChoice::Tap)
+        .then(|| stack.nats_pid().map(|p| format!("/proc/{p}/ns/net")))
+        .flatten();
+    let info = serde_json::json!({
+        "pid": std::process::id(),
+        "nats_url": admin.url,
+        "config": stack.config_path(),
+        "admin_creds": path(admin.creds_file.as_deref()),
+        "monitor_creds": path(monitor.creds_file.as_deref()),
+        "agent_creds": path(stack.creds("agent")),
+        "netns": netns,
+        "grpc_addr": stack.grpc_addr().to_string(),
+        "bin_dir": stack.bin("x").parent(),
+    });
+    let info_path = work.join(UP_FILE);
+    std::fs::write(&info_path, serde_json::to_vec_pretty(&info)?)
+        .with_context(|| format!("writing {}", info_path.display()))?;
+    let enter = netns
+        .as_deref()
+        .map_or(String::new(), |n| format!("nsenter --net={n} "));
+    let bin = stack
+        .bin("x")
+        .parent()
+        .map(|d| d.display().to_string())
+        .unwrap_or_default();
+    println!(
+        "== stack up (pid {}): nats {}",
+        std::process::id(),
+        admin.url
+    );
+    println!("   config:  {}", stack.config_path().display());
+    println!("   details: {}", info_path.display());
+    let o = stack.options();
+    println!(
+        "   submit:  {enter}env WNODES_CONFIG={} WNODES_NATS__CREDS_FILE={} {bin}/wnodes-bridge submit --vo {} --user {} --uid {} --gid {} --job-id J1 -- /bin/echo hello",
+        stack.config_path().display(),
+        path(stack.creds("agent")).unwrap_or_default(),
+        o.vo,
+        o.job_user,
+        o.job_uid,
+        o.job_gid
+    );
+    println!(
+        "   wnodesctl: {enter}{bin}/wnodesctl dlq --nats {} --creds {} list",
+        admin.url,
+        path(admin.creds_file.as_deref()).unwrap_or_default()
+    );
+    println!(
+        "              {enter}{bin}/wnodesctl backlog --nats {} --creds {}",
+        monitor.url,
+        path(monitor.creds_file.as_deref()).unwrap_or_default()
+    );
+    println!("   stop:    wnodes-dev down --work-dir {}", work.display());
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = sigterm.recv() => {}
+    }
+    println!("== stopping the services");
+    stack.stop_services();
+    // What a job's release would have removed; give late releases a moment (none should be
+    // running: services are stopped).
+    let left = stack.leftovers();
+    let verdict = if left.is_empty() {
+        "nothing left behind (scratch, taps, nft chains, listeners, sftp-server, qemu)".to_owned()
+    } else {
+        format!("left behind: {left:?}")
+    };
+    drop(stack);
+    std::fs::write(work.join(DOWN_FILE), &verdict)
+        .with_context(|| format!("writing {}", work.join(DOWN_FILE).display()))?;
+    let _ = std::fs::remove_file(&info_path);
+    println!("== {verdict}");
+    println!("== stack stopped");
+    Ok(left.is_empty())
+}
+
+/// Signals `up` and waits for it to stop; prints its verdict.
+fn down(work: &std::path::Path) -> ExitCode {
+    let Some(pid) = up_pid(work) else {
+        eprintln!(
+            "wnodes-dev: no stack is up in {} (no {UP_FILE})",
+            work.display()
+        );
+        return ExitCode::FAILURE;
+    };
+    let _ = std::fs::remove_file(work.join(DOWN_FILE));
+    if let Err(e) = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    ) {
+        eprintln!("wnodes-dev: signalling {pid}: {e}");
+        return ExitCode::FAILURE;
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while alive(pid) {
+        if std::time::Instant::now() >= deadline {
+            eprintln!("wnodes-dev: the stack (pid {pid}) did not stop within 120 s");
+            return ExitCode::FAILURE;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    match std::fs::read_to_string(work.join(DOWN_FILE)) {
+        Ok(verdict) => {
+            println!("== {verdict}");
+            if verdict.starts_with("nothing left behind") {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!(
+                "wnodes-dev: the stack stopped without its verdict ({}: {e}); see its output",
+                work.join(DOWN_FILE).display()
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// Where the services' spans go, and the namespace that endpoint is reached from.
 struct Otlp {
     endpoint: Option<String>,
     netns: Option<Arc<HostNetns>>,
+}
+
+/// Without root the gateway cannot switch to another uid: jobs run as the caller.
+fn run_jobs_as_the_caller_unless_root(opts: &mut StackOptions) {
+    if nix::unistd::geteuid().is_root() {
+        return;
+    }
+    let (uid, gid) = (nix::unistd::getuid(), nix::unistd::getgid());
+    opts.job_uid = uid.as_raw();
+    opts.job_gid = gid.as_raw();
+    opts.job_user = nix::unistd::User::from_uid(uid)
+        .ok()
+        .flatten()
+        .map(|u| u.name)
+        .unwrap_or_else(|| uid.to_string());
+    println!(
+        "   the job runs as the caller ({}, uid {uid}): without root the gateway cannot switch users",
+        opts.job_user
+    );
 }
 
 /// Runs `wnodes-accounting apel-export` (the real CLI, with the stack's config) on the
@@ -201,21 +445,7 @@ async fn demo(work: PathBuf, network: NetworkChoice, otlp: Otlp) -> anyhow::Resu
     opts.network = network;
     opts.otlp_netns = otlp.endpoint.is_some().then_some(otlp.netns).flatten();
     opts.otlp_endpoint = otlp.endpoint;
-    if !nix::unistd::geteuid().is_root() {
-        // Without root the gateway cannot switch to another uid: the job runs as the caller.
-        let (uid, gid) = (nix::unistd::getuid(), nix::unistd::getgid());
-        opts.job_uid = uid.as_raw();
-        opts.job_gid = gid.as_raw();
-        opts.job_user = nix::unistd::User::from_uid(uid)
-            .ok()
-            .flatten()
-            .map(|u| u.name)
-            .unwrap_or_else(|| uid.to_string());
-        println!(
-            "   the job runs as the caller ({}, uid {uid}): without root the gateway cannot switch users",
-            opts.job_user
-        );
-    }
+    run_jobs_as_the_caller_unless_root(&mut opts);
     println!(
         "== starting nats-server and 7 services (logs: {}/logs)",
         work.display()

@@ -1,0 +1,155 @@
+//! `wnodes-dev up` keeps the stack running: a job submitted with the command line it prints
+//! runs, `wnodesctl` pointed at it as it says reads the durables and the dead letters, and
+//! `wnodes-dev down` stops it and finds nothing left behind.
+//!
+//! Needs what `job_flow.rs` needs (`wnodes_testkit::vm::JOB_NEEDS`) and the binaries
+//! (`cargo build --workspace --bins`); named `vm_*`: it boots a VM. A host test: skipped where a
+//! precondition is missing, or failed naming it under `WNODES_HOST_TESTS=required`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::{path::Path, process::Stdio, time::Duration};
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use wnodes_devstack::options::default_bin_dir;
+use wnodes_testkit::{host, host_test, vm::JOB_NEEDS};
+
+/// `program args…`, inside the stack's network namespace when it has one.
+fn command(netns: Option<&str>, program: &Path) -> std::process::Command {
+    match netns {
+        Some(ns) => {
+            let mut c = std::process::Command::new("nsenter");
+            c.arg(format!("--net={ns}")).arg(program);
+            c
+        }
+        None => std::process::Command::new(program),
+    }
+}
+
+fn output(mut c: std::process::Command) -> (i32, String, String) {
+    let o = c.stdin(Stdio::null()).output().unwrap();
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+async fn vm_wnodes_dev_up_serves_jobs_and_wnodesctl_until_down() {
+    let bin = default_bin_dir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path().join("up");
+    let mut up = tokio::process::Command::new(bin.join("wnodes-dev"))
+        .arg("up")
+        .arg("--work-dir")
+        .arg(&work)
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(up.stdout.take().unwrap()).lines();
+    let mut seen = String::new();
+    tokio::time::timeout(Duration::from_secs(180), async {
+        while let Some(l) = lines.next_line().await.unwrap() {
+            seen.push_str(&l);
+            seen.push('\n');
+            if l.starts_with("   stop:") {
+                return;
+            }
+        }
+        panic!("wnodes-dev up ended: {seen}");
+    })
+    .await
+    .unwrap_or_else(|_| panic!("wnodes-dev up not up within 180 s: {seen}"));
+    assert!(seen.contains("== stack up (pid"), "{seen}");
+    let info: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(work.join("wnodes-dev.json")).unwrap()).unwrap();
+    let netns = info["netns"].as_str();
+    let s = |k: &str| info[k].as_str().unwrap().to_owned();
+
+    // A job, as the printed submit line runs it.
+    let (uid, user) = if nix::unistd::geteuid().is_root() {
+        ("65534".to_owned(), "nobody".to_owned())
+    } else {
+        let uid = nix::unistd::getuid().as_raw().to_string();
+        (uid.clone(), uid)
+    };
+    let mut submit = command(netns, &bin.join("wnodes-bridge"));
+    submit
+        .env("WNODES_CONFIG", s("config"))
+        .env("WNODES_NATS__CREDS_FILE", s("agent_creds"))
+        .args([
+            "submit", "--vo", "demo", "--user", &user, "--uid", &uid, "--gid", &uid,
+        ])
+        .args(["--job-id", "up-1", "--", "/bin/echo", "hello from up"]);
+    let (code, stdout, stderr) = output(submit);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stdout.contains("hello from up"), "{stdout}{stderr}");
+
+    // wnodesctl, as the monitor and as the admin.
+    let mut backlog = command(netns, &bin.join("wnodesctl"));
+    backlog.args([
+        "backlog",
+        "--json",
+        "--nats",
+        &s("nats_url"),
+        "--creds",
+        &s("monitor_creds"),
+    ]);
+    let (code, stdout, stderr) = output(backlog);
+    assert_eq!(code, 0, "{stderr}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let durables: Vec<&str> = report["consumers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["durable"].as_str().unwrap())
+        .collect();
+    assert_eq!(durables.len(), 6, "{report}");
+    assert!(durables.contains(&"accounting"), "{report}");
+    let mut dlq = command(netns, &bin.join("wnodesctl"));
+    dlq.args([
+        "dlq",
+        "--nats",
+        &s("nats_url"),
+        "--creds",
+        &s("admin_creds"),
+        "list",
+        "--json",
+    ]);
+    let (code, stdout, stderr) = output(dlq);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(stdout.trim(), "[]", "no dead letters after a good job");
+
+    // down: the stack stops and nothing is left behind.
+    let (code, stdout, stderr) = output({
+        let mut c = std::process::Command::new(bin.join("wnodes-dev"));
+        c.arg("down").arg("--work-dir").arg(&work);
+        c
+    });
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stdout.contains("== nothing left behind"), "{stdout}");
+    let status = tokio::time::timeout(Duration::from_secs(30), up.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "wnodes-dev up: {status}");
+    assert!(!work.join("wnodes-dev.json").exists());
+    // A second down finds nothing to stop.
+    let (code, _, stderr) = output({
+        let mut c = std::process::Command::new(bin.join("wnodes-dev"));
+        c.arg("down").arg("--work-dir").arg(&work);
+        c
+    });
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("no stack is up"), "{stderr}");
+}
+
+fn main() -> std::process::ExitCode {
+    host::main(vec![host_test!(
+        multi_thread vm_wnodes_dev_up_serves_jobs_and_wnodesctl_until_down
+        needs JOB_NEEDS
+    )])
+}
