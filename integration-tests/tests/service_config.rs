@@ -33,6 +33,7 @@ fn demo_config(dir: &Path) -> String {
         &ConfigInputs {
             network: NetworkChoice::User,
             nats_url: "nats://127.0.0.1:1".into(),
+            creds_dir: Some("/etc/wnodes/nats/creds".into()),
             grpc_addr: "127.0.0.1:9650".parse().unwrap(),
             otlp_endpoint: None,
             image_base: format!("file://{}", dir.display()),

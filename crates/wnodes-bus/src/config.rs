@@ -25,6 +25,11 @@ pub struct NatsConfig {
     pub nkey_seed_file: Option<PathBuf>,
     /// Decentralised JWT authentication: a `.creds` file (user JWT + seed).
     pub creds_file: Option<PathBuf>,
+    /// A directory of creds files named after their identity (`wnodesctl provision`'s
+    /// `creds/`, or what configuration management copied of it): each process uses
+    /// `<creds_dir>/<its identity>.creds` (`launcher-hv01_cnaf_infn_it.creds`, `accounting.creds`),
+    /// so one configuration serves every service on every host. `creds_file` wins when set.
+    pub creds_dir: Option<PathBuf>,
     /// Prefix of this connection's reply subjects. Default: `_INBOX.<identity>` when
     /// `creds_file` names an identity (the only replies its permissions let it receive), else
     /// `_INBOX`.
@@ -60,6 +65,7 @@ impl Default for NatsConfig {
             nkey_seed: None,
             nkey_seed_file: None,
             creds_file: None,
+            creds_dir: None,
             inbox_prefix: None,
             tls: None,
             connect_timeout: Duration::from_secs(5),
@@ -69,6 +75,21 @@ impl Default for NatsConfig {
             events_max_age: Duration::from_secs(7 * 24 * 3600),
             dlq_max_age: Duration::from_secs(30 * 24 * 3600),
         }
+    }
+}
+
+impl NatsConfig {
+    /// These settings for `identity` (`Role::identity`): with `creds_dir` and no `creds_file`,
+    /// the creds file is `<creds_dir>/<identity>.creds`.
+    #[must_use]
+    pub fn for_identity(&self, identity: &str) -> Self {
+        let mut c = self.clone();
+        if c.creds_file.is_none()
+            && let Some(dir) = &c.creds_dir
+        {
+            c.creds_file = Some(dir.join(format!("{identity}.creds")));
+        }
+        c
     }
 }
 
@@ -170,6 +191,27 @@ mod tests {
         assert_eq!(t.backoff(2), Duration::from_millis(200));
         assert_eq!(t.backoff(3), Duration::from_millis(400));
         assert_eq!(t.backoff(9), Duration::from_millis(500));
+    }
+
+    #[test]
+    fn creds_dir_names_the_identitys_file_unless_a_file_is_given() {
+        let c = NatsConfig {
+            creds_dir: Some("/etc/wnodes/nats/creds".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            c.for_identity("launcher-hv1_x").creds_file,
+            Some(PathBuf::from("/etc/wnodes/nats/creds/launcher-hv1_x.creds"))
+        );
+        let given = NatsConfig {
+            creds_file: Some("/x.creds".into()),
+            ..c
+        };
+        assert_eq!(
+            given.for_identity("launcher-hv1_x").creds_file,
+            Some(PathBuf::from("/x.creds"))
+        );
+        assert_eq!(NatsConfig::default().for_identity("a").creds_file, None);
     }
 
     #[test]

@@ -124,6 +124,9 @@ fn qp(p: &Path) -> String {
 pub struct ConfigInputs<'a> {
     pub network: NetworkChoice,
     pub nats_url: String,
+    /// The directory of every identity's creds (`[nats] creds_dir`): each service and the job
+    /// starter pick their own.
+    pub creds_dir: Option<PathBuf>,
     pub grpc_addr: SocketAddr,
     pub otlp_endpoint: Option<String>,
     /// Where the catalog's image, kernel and initrd are fetched from (`file://` or `http://`).
@@ -152,6 +155,9 @@ pub fn render_config(opts: &StackOptions, c: &ConfigInputs<'_>) -> String {
         let _ = writeln!(cfg, "otlp_endpoint = {}", q(e));
     }
     let _ = writeln!(cfg, "\n[nats]\nurl = {}", q(&c.nats_url));
+    if let Some(dir) = &c.creds_dir {
+        let _ = writeln!(cfg, "creds_dir = {}", qp(dir));
+    }
     let _ = writeln!(cfg, "\n[bridge]\ngrpc_addr = {}", q(grpc_addr.to_string()));
     // What APEL messages need that a usage record does not say. The benchmark is a stand-in
     // (this machine was never benchmarked); a site sets its hosts' HS06 or HEPscore23 score.
@@ -450,6 +456,7 @@ impl Stack {
             &ConfigInputs {
                 network,
                 nats_url: nats.url(),
+                creds_dir: nats.site().map(|s| s.dir().join("creds")),
                 grpc_addr,
                 otlp_endpoint: otlp_endpoint.clone(),
                 image_base: image_base.clone(),
@@ -560,9 +567,6 @@ impl Stack {
             .stdin(Stdio::null());
         if let Some(port) = self.http_ports.get(name) {
             c.env("WNODES_HTTP_ADDR", format!("127.0.0.1:{port}"));
-        }
-        if let Some(creds) = self.creds.get(name) {
-            c.env("WNODES_NATS__CREDS_FILE", creds);
         }
         c
     }

@@ -99,10 +99,6 @@ impl Stack {
     /// stack, so services can be stopped and restarted while the job runs.
     pub fn spawn_submit(&self, args: &SubmitArgs) -> anyhow::Result<RunningSubmit> {
         let mut cmd = tokio::process::Command::new(self.bin("bridge"));
-        // The job starter runs with its host's identity (`agent-<host>`).
-        if let Some(creds) = self.creds.get(wnodes_bus::roles::AGENT.name) {
-            cmd.env("WNODES_NATS__CREDS_FILE", creds);
-        }
         cmd.env("WNODES_CONFIG", &self.config_path)
             .env_remove("RUST_LOG")
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")

@@ -100,7 +100,8 @@ async fn start_and_run<S: Service>(
     let bus_metrics = BusMetrics::register(&mut registry);
     let registry = Arc::new(Mutex::new(registry));
 
-    let bus = Bus::connect(&common.nats, &source, bus_metrics).await?;
+    let identity = S::ROLE.identity(&common.host)?;
+    let bus = Bus::connect(&common.nats.for_identity(&identity), &source, bus_metrics).await?;
 
     let state_dir = common.state_dir_of(S::NAME);
     let store = KeyStore::open(&state_dir.join("keys.db"))

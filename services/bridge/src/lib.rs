@@ -274,7 +274,7 @@ async fn replay(args: wnodes_lrms::cli::ReplayArgs, config: &wnodes_runtime::Con
     }
     let source = format!("bridge@{}", common.host);
     let bus = match wnodes_bus::Bus::connect(
-        &common.nats,
+        &common.nats.for_identity(wnodes_bus::roles::BRIDGE.name),
         &source,
         wnodes_bus::BusMetrics::unregistered(),
     )

@@ -330,7 +330,14 @@ async fn start(
     let host = job.host.clone();
     let key = wnodes_bus::event::run_key(&run);
     let source = format!("bridge@{}", common.host);
-    let bus = Bus::connect(&common.nats, &source, BusMetrics::unregistered()).await?;
+    // The job starter is its host's agent (`agent-<host>`): with `nats.creds_dir`, its creds.
+    let identity = wnodes_bus::roles::AGENT.identity(&common.host)?;
+    let bus = Bus::connect(
+        &common.nats.for_identity(&identity),
+        &source,
+        BusMetrics::unregistered(),
+    )
+    .await?;
     bus.check_streams().await?;
     let root = tracing::info_span!(
         "bridge.job_started",
