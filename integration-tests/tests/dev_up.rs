@@ -87,6 +87,59 @@ async fn vm_wnodes_dev_up_serves_jobs_and_wnodesctl_until_down() {
     let (code, stdout, stderr) = output(submit);
     assert_eq!(code, 0, "{stdout}{stderr}");
     assert!(stdout.contains("hello from up"), "{stdout}{stderr}");
+    let run = stderr
+        .lines()
+        .find_map(|l| l.split("run ").nth(1)?.split(':').next())
+        .unwrap_or_else(|| panic!("no run key in: {stderr}"))
+        .to_owned();
+
+    // wnodesctl job: the run's events, phases and trace id (usage.recorded comes last).
+    let job = |netns: Option<&str>| {
+        let mut c = command(netns, &bin.join("wnodesctl"));
+        c.args([
+            "job",
+            "--nats",
+            &s("nats_url"),
+            "--creds",
+            &s("monitor_creds"),
+            &run,
+            "--json",
+        ]);
+        output(c)
+    };
+    let mut report = serde_json::Value::Null;
+    for _ in 0..50 {
+        let (code, stdout, stderr) = job(netns);
+        assert_eq!(code, 0, "{stderr}");
+        report = serde_json::from_str(&stdout).unwrap();
+        let types: Vec<&str> = report["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["type"].as_str().unwrap())
+            .collect();
+        if types.contains(&"usage.recorded") {
+            assert!(types.starts_with(&["job.started"]), "{report}");
+            assert!(
+                types.contains(&"vm.running") && types.contains(&"vm.stopped"),
+                "{report}"
+            );
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let trace = report["trace_id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{report}"));
+    assert_eq!(trace.len(), 32, "{report}");
+    assert!(
+        report["phases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["phase"] == "job.started → usage.recorded (total)"),
+        "{report}"
+    );
 
     // wnodesctl, as the monitor and as the admin.
     let mut backlog = command(netns, &bin.join("wnodesctl"));

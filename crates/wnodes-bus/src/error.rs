@@ -59,6 +59,12 @@ pub enum BusError {
         #[source]
         source: std::sync::Arc<rusqlite::Error>,
     },
+    #[error("reading the events of run {run}")]
+    RunRead {
+        run: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("reading the dead-letter stream")]
     DeadLetterRead(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("deleting dead letter {sequence} after its redrive")]

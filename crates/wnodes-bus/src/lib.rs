@@ -9,6 +9,7 @@
 //! | [`roles`] | who publishes and consumes what: the table services, provisioning and permissions share |
 //! | [`layout`] | the streams and durable consumers as provisioned, and the check that names each difference |
 //! | [`bus`] | [`Bus`]: the stream check, traced and de-duplicated publishing with retries |
+//! | [`runs`] | a run's events read back from the stream, and its per-phase timeline |
 //! | [`denial`] | the server's permission violations, so a refused publish fails at once |
 //! | [`consumer`] | durable consumers: spans, idempotency, retries, dead letters, shutdown |
 //! | [`handler`] | the [`Handler`] trait and [`HandlerCtx`] |
@@ -39,6 +40,7 @@ pub mod layout;
 pub mod metrics;
 pub mod propagation;
 pub mod roles;
+pub mod runs;
 pub mod store;
 pub mod subject;
 

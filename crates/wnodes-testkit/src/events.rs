@@ -296,6 +296,18 @@ pub trait RecordedEvent {
     }
 }
 
+/// A run's events read back from the stream (`wnodes_bus::runs`, the dev stack's
+/// `run_events`) answer the same questions, with the time JetStream stored each.
+impl RecordedEvent for wnodes_bus::runs::RunEvent {
+    fn event(&self) -> &proto::Event {
+        &self.event
+    }
+
+    fn stored_at(&self) -> Option<std::time::SystemTime> {
+        Some(self.time)
+    }
+}
+
 impl RecordedEvent for proto::Event {
     fn event(&self) -> &proto::Event {
         self

@@ -16,6 +16,7 @@
 //! | `provision` | `provision` |
 //! | `backlog` | `backlog` |
 //! | `dlq` | `dlq list`, `dlq show`, `dlq redrive` |
+//! | `job` | `job RUN` |
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -23,6 +24,7 @@ use clap::{Parser, Subcommand};
 
 mod backlog;
 mod dlq;
+mod job;
 mod provision;
 
 #[derive(Debug, Parser)]
@@ -41,6 +43,21 @@ enum Command {
     Backlog(BacklogArgs),
     /// Dead letters: list, show, redrive (as the admin).
     Dlq(DlqArgs),
+    /// One run's events, per-phase durations and trace id (as the monitor).
+    Job(JobArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct JobArgs {
+    #[command(flatten)]
+    connection: Connection,
+    /// The run key, as the job starter and the demo print it: SITE/lrms/JOB/ATTEMPT.
+    run: String,
+    /// Only this host's events (faster on a busy stream).
+    #[arg(long)]
+    host: Option<String>,
+    #[arg(long)]
+    json: bool,
 }
 
 /// Where NATS is and whose credentials to use.
@@ -49,7 +66,7 @@ struct Connection {
     /// The NATS server.
     #[arg(long)]
     nats: String,
-    /// The admin's creds file (`<out>/creds/admin.creds`).
+    /// The creds file (`<out>/creds/admin.creds`; `monitor.creds` is enough to read).
     #[arg(long)]
     creds: PathBuf,
 }
@@ -155,6 +172,7 @@ fn main() -> ExitCode {
             Command::Provision(args) => provision::provision(args).await,
             Command::Backlog(args) => backlog::backlog(args).await,
             Command::Dlq(args) => dlq::dlq(args).await,
+            Command::Job(args) => job::job(args).await,
         }
     });
     ExitCode::from(code)
