@@ -93,6 +93,10 @@ impl std::fmt::Display for TomlValue {
     }
 }
 
+/// When set (`-all,+net_admin`), every service binary a test starts runs under that capability
+/// bounding set, through `setpriv` (scripts/check-systemd.sh: the units' sets).
+pub const BOUNDING_SET_ENV: &str = "TESTKIT_BOUNDING_SET";
+
 /// A service's config file: the runtime's top-level keys (`site`, `host`, `state_dir`,
 /// `http_addr` on port 0, `[nats] url`) and any table the test sets.
 #[derive(Debug, Clone)]
@@ -267,13 +271,24 @@ impl ProcessBuilder {
             let path = self.dir.join("wnodes.toml");
             std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
         }
-        let mut cmd = Command::new(&self.bin);
+        // scripts/check-systemd.sh runs a service's binary tests under its unit's capability
+        // bounding set: `setpriv --bounding-set <set> -- <binary>` (setpriv execs it: same pid).
+        let mut cmd = match std::env::var(BOUNDING_SET_ENV) {
+            Ok(set) if !set.is_empty() => {
+                let mut c = Command::new("setpriv");
+                c.arg(format!("--bounding-set={set}"))
+                    .arg("--")
+                    .arg(&self.bin);
+                c
+            }
+            _ => Command::new(&self.bin),
+        };
         if self.env_clear {
             cmd.env_clear()
                 .env("PATH", std::env::var_os("PATH").unwrap_or_default());
         }
         // A config file from the environment would shadow the one the test means.
-        cmd.env_remove("WNODES_CONFIG");
+        cmd.env_remove("WNODES_CONFIG").env_remove(BOUNDING_SET_ENV);
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
