@@ -46,17 +46,18 @@ echo "check-systemd: ${#units[@]} units pass systemd-analyze verify" >&2
 # hypervisor namespace, entered with setns: CAP_SYS_ADMIN), which a site does not use, so its
 # unit's set (CAP_NET_ADMIN) is not exercised here.
 declare -A tests=(
-    [image]="--test binary" [scratch]="--test binary"
-    [gateway]="--test binary" [launcher]="--test binary" [bridge]="--test serve"
-    [accounting]="--test cli"
+    [image]=binary [scratch]=binary [gateway]=binary [launcher]=binary [bridge]=serve
+    [accounting]=cli
 )
 for svc in image scratch gateway launcher bridge accounting; do
     caps=$(sed -n 's/^CapabilityBoundingSet=//p' "systemd/wnodes-$svc.service")
     set="-all"
     for c in $caps; do set+=",+$(echo "${c#CAP_}" | tr 'A-Z' 'a-z')"; done
     echo "check-systemd: wnodes-$svc's tests under bounding set $set" >&2
-    # shellcheck disable=SC2086
+    # The whole workspace with a filter, not `-p`: the same feature set as the main test run, so
+    # nothing is compiled twice.
     TESTKIT_BOUNDING_SET="$set" WNODES_HOST_TESTS=required \
-        cargo nextest run --locked --profile ci -p "wnodes-$svc" ${tests[$svc]} --no-tests=fail \
+        cargo nextest run --workspace --locked --profile ci --no-tests=fail \
+        -E "package(=wnodes-$svc) and binary(=${tests[$svc]})" \
         --status-level fail --final-status-level fail
 done
