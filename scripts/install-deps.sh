@@ -13,7 +13,8 @@
 #         (the Kubernetes JSON schemas) into <repo>/.tools/k8s (pip --target), for
 #         scripts/check-k8s.sh.
 #   vm    delegates to scripts/install-vm-deps.sh when that script exists and is executable.
-#   all   all four, and Debian's `systemd` when `systemd-analyze` is missing (scripts/check-systemd.sh).
+#   all   all four, Debian's `systemd` when `systemd-analyze` is missing (scripts/check-systemd.sh)
+#         and Debian's `prometheus` when `promtool` is missing (scripts/check-monitoring.sh).
 #
 # Idempotent and fast when everything is already present: nothing is downloaded and apt is not
 # touched unless something is missing. Prints one line per step.
@@ -176,6 +177,14 @@ install_k8s() {
     log "k8s: ${target} has kubectl 1.37.1 and kubernetes-validate 1.37.0"
 }
 
+install_promtool() {
+    if command -v promtool >/dev/null 2>&1; then
+        log "promtool: present; nothing to do"
+        return 0
+    fi
+    ensure_apt prometheus
+}
+
 install_systemd() {
     if command -v systemd-analyze >/dev/null 2>&1; then
         log "systemd: systemd-analyze present; nothing to do"
@@ -201,8 +210,8 @@ main() {
         dirq) install_dirq ;;
         k8s) install_k8s ;;
         vm) install_vm ;;
-        all) install_nats; install_dirq; install_k8s; install_systemd; install_vm ;;
-        -h|--help) sed -n '2,19p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; return 0 ;;
+        all) install_nats; install_dirq; install_k8s; install_systemd; install_promtool; install_vm ;;
+        -h|--help) sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; return 0 ;;
         *) die "unknown target '${what}' (usage: $0 [nats|dirq|k8s|vm|all])" ;;
     esac
     log "done (${what})"

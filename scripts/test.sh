@@ -2,8 +2,8 @@
 # The project's test command (README "Quick start", .ci/run): installs what the tests need when
 # missing (nats-server, kubectl and the Kubernetes schemas into .tools/, qemu/sshfs/nftables
 # through apt, the test guest into .cache/), then checks formatting, lints, the Kubernetes
-# manifests (scripts/check-k8s.sh), the systemd units (scripts/check-systemd.sh), and runs every
-# test with nextest.
+# manifests (scripts/check-k8s.sh), the systemd units (scripts/check-systemd.sh), the alert rules
+# (scripts/check-monitoring.sh), and runs every test with nextest.
 #
 # Host tests (wnodes_testkit::host: root, qemu, /dev/fuse, sftp-server, the test guest, ...) run
 # with WNODES_HOST_TESTS=required: a missing precondition fails them, naming it, instead of
@@ -69,6 +69,10 @@ scripts/check-k8s.sh
 begin systemd
 echo "== systemd units (systemd-analyze verify, tests under each unit's capability set)" >&2
 scripts/check-systemd.sh
+
+begin monitoring
+echo "== alert rules (promtool check rules, promtool test rules)" >&2
+scripts/check-monitoring.sh
 
 begin tests
 echo "== cargo nextest" >&2

@@ -24,12 +24,15 @@ pub struct Readiness(Arc<ReadinessInner>);
 pub struct ReadinessInner {
     ready: AtomicBool,
     reason: Mutex<Option<String>>,
+    /// `wnodes_service_ready`: 1 when ready (what `/readyz` says, for alerts).
+    gauge: prometheus_client::metrics::gauge::Gauge,
 }
 
 impl Readiness {
     pub fn set_ready(&self) {
         *self.0.reason.lock() = None;
         self.0.ready.store(true, Ordering::SeqCst);
+        self.0.gauge.set(1);
     }
     pub fn is_ready(&self) -> bool {
         self.0.ready.load(Ordering::SeqCst)
@@ -37,7 +40,13 @@ impl Readiness {
     /// Not ready, and why (shown by `/readyz`).
     pub fn set_not_ready(&self, reason: String) {
         self.0.ready.store(false, Ordering::SeqCst);
+        self.0.gauge.set(0);
         *self.0.reason.lock() = Some(reason);
+    }
+
+    /// The `wnodes_service_ready` gauge (registered by the runtime).
+    pub fn gauge(&self) -> prometheus_client::metrics::gauge::Gauge {
+        self.0.gauge.clone()
     }
     /// Why it is not ready, when it said.
     pub fn reason(&self) -> Option<String> {

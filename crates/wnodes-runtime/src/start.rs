@@ -98,6 +98,11 @@ async fn start_and_run<S: Service>(
     let source = format!("{}@{}", S::NAME, common.host);
     let mut registry = Registry::default();
     let bus_metrics = BusMetrics::register(&mut registry);
+    registry.register(
+        "wnodes_service_ready",
+        "1 when the service is ready (its /readyz answers 200), 0 while it is not",
+        ready.gauge(),
+    );
     let registry = Arc::new(Mutex::new(registry));
 
     let identity = S::ROLE.identity(&common.host)?;

@@ -47,6 +47,9 @@ pub struct LauncherState {
     pub shutdown: CancellationToken,
     pub(crate) starter: mpsc::UnboundedSender<String>,
     pub(crate) watching: Mutex<HashSet<String>>,
+    /// `wnodes_launcher_vm_start_seconds`: from `vm.requested` to `vm.running` (the four
+    /// preparations and qemu's start), per VM that reached running.
+    pub(crate) vm_start_seconds: prometheus_client::metrics::histogram::Histogram,
 }
 
 impl LauncherState {
@@ -55,6 +58,17 @@ impl LauncherState {
         let shutdown = ctx.shutdown.clone();
         let (tx, rx) = mpsc::unbounded_channel();
         let cgroups = CgroupHost::detect(std::path::Path::new(CGROUP_ROOT));
+        let vm_start_seconds = prometheus_client::metrics::histogram::Histogram::new([
+            1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+        ]);
+        ctx.registry
+            .lock()
+            .sub_registry_with_prefix("wnodes_launcher")
+            .register(
+                "vm_start_seconds",
+                "Time from vm.requested to vm.running (preparations and qemu's start)",
+                vm_start_seconds.clone(),
+            );
         let launcher = Self {
             accel: ctx.config.accel.resolve_here(),
             // qemu's command line must name absolute paths (and liveness checks look for them).
@@ -72,6 +86,7 @@ impl LauncherState {
             shutdown,
             starter: tx,
             watching: Mutex::new(HashSet::new()),
+            vm_start_seconds,
         };
         (Arc::new(launcher), rx)
     }
