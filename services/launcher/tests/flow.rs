@@ -99,6 +99,18 @@ async fn publish_ready(env: &Env, run: &JobRunRef, vm_id: &str) {
     }
 }
 
+/// `GET /metrics` on `addr`.
+async fn metrics_text(addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
 async fn row_state(store: &KeyStore, vm_id: &str) -> Option<vm_table::VmRow> {
     let mut conn = store.pool().acquire().await.ok()?;
     vm_table::load(&mut conn, vm_id).await.ok().flatten()
@@ -107,7 +119,14 @@ async fn row_state(store: &KeyStore, vm_id: &str) -> Option<vm_table::VmRow> {
 async fn vm_nats_job_runs_to_vm_stopped_and_refusals_fail() {
     let _lock = vm_lock();
     let env = env().await;
-    let launcher = start(deps(&env, Duration::from_secs(6))).await;
+    let mut cfg = deps(&env, Duration::from_secs(6));
+    // A known /metrics address (a port the kernel just handed out, released again).
+    let http = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    cfg.common.http_addr = Some(http);
+    let launcher = start(cfg).await;
 
     // The happy path: a real VM.
     let r1 = run("flow-1");
@@ -125,6 +144,12 @@ async fn vm_nats_job_runs_to_vm_stopped_and_refusals_fail() {
     };
     assert_eq!(running.accel, "tcg");
     assert!(running.pid > 0);
+    // The VM's start is in the histogram the slow-start alert reads.
+    let metrics = metrics_text(http).await;
+    assert!(
+        metrics.contains("\nwnodes_launcher_vm_start_seconds_count 1\n"),
+        "{metrics}"
+    );
     let stopped = wait_event(&env.bus, "vm.stopped", &r1).await;
     assert_eq!(
         stopped.id,

@@ -116,6 +116,9 @@ async fn a_service_expecting_another_retention_is_not_ready_and_leaves_the_strea
         ready.contains("stream `WNODES_EVENTS` differs from what this service expects: max_age is 7days (expected 1h)"),
         "{ready}"
     );
+    // The alert's series says the same.
+    let metrics = http_get(&addr, "/metrics").await;
+    assert!(metrics.contains("\nwnodes_service_ready 0\n"), "{metrics}");
     let bus = connect(&nats.admin(), "test@local").await.unwrap();
     let mut stream = bus.jetstream().get_stream("WNODES_EVENTS").await.unwrap();
     let info = stream.info().await.unwrap();
