@@ -6,7 +6,6 @@
 
 use std::time::Duration;
 
-use futures::StreamExt;
 use wnodes_bus::{Bus, BusError, BusMetrics, NatsConfig, proto, roles};
 use wnodes_testkit::{
     NatsServer,
@@ -152,22 +151,9 @@ async fn a_consumer_cannot_pull_or_ack_another_services_durable() {
 
     // The image service pulls its own durable and gets the event.
     let image = bus(&image_cfg, "image@h1").await;
-    let own = image
-        .jetstream()
-        .get_consumer_from_stream::<async_nats::jetstream::consumer::pull::Config, _, _>(
-            "image-hv1_example_org",
-            "WNODES_EVENTS",
-        )
+    let msg = wnodes_testkit::bus::pull_one(&image, "image-hv1_example_org")
         .await
         .unwrap();
-    let mut batch = own
-        .fetch()
-        .max_messages(1)
-        .expires(Duration::from_secs(2))
-        .messages()
-        .await
-        .unwrap();
-    let msg = batch.next().await.unwrap().unwrap();
     let reply = msg.reply.clone().unwrap().to_string();
     assert!(
         reply.starts_with("$JS.ACK.WNODES_EVENTS.image-hv1_example_org."),

@@ -271,3 +271,30 @@ pub async fn consumer_state(
         deliveries: info.delivered.consumer_sequence,
     })
 }
+
+/// The next message of durable `durable` on the events stream, pulled as `bus`'s identity (not
+/// acknowledged: the caller acks, or leaves it pending). Waits up to 2 s.
+///
+/// # Errors
+/// When the durable cannot be read or pulled, or has nothing within 2 s.
+pub async fn pull_one(bus: &Bus, durable: &str) -> anyhow::Result<async_nats::jetstream::Message> {
+    use futures::StreamExt;
+    let consumer = bus
+        .jetstream()
+        .get_consumer_from_stream::<async_nats::jetstream::consumer::pull::Config, _, _>(
+            durable,
+            subject::EVENTS_STREAM,
+        )
+        .await?;
+    let mut batch = consumer
+        .fetch()
+        .max_messages(1)
+        .expires(Duration::from_secs(2))
+        .messages()
+        .await?;
+    batch
+        .next()
+        .await
+        .ok_or_else(|| anyhow::anyhow!("no message for {durable} within 2 s"))?
+        .map_err(|e| anyhow::anyhow!("pulling from {durable}: {e}"))
+}

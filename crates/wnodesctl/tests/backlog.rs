@@ -75,26 +75,8 @@ async fn the_oldest_unprocessed_age_and_a_consumer_overtaken_by_the_retention() 
     let image = Bus::connect(&image_cfg, "image@h1", BusMetrics::unregistered())
         .await
         .unwrap();
-    let own = image
-        .jetstream()
-        .get_consumer_from_stream::<async_nats::jetstream::consumer::pull::Config, _, _>(
-            "image-hv1_example_org",
-            "WNODES_EVENTS",
-        )
+    wnodes_testkit::bus::pull_one(&image, "image-hv1_example_org")
         .await
-        .unwrap();
-    let mut batch = own
-        .fetch()
-        .max_messages(1)
-        .expires(Duration::from_secs(2))
-        .messages()
-        .await
-        .unwrap();
-    use futures::StreamExt;
-    batch
-        .next()
-        .await
-        .unwrap()
         .unwrap()
         .double_ack()
         .await

@@ -99,18 +99,6 @@ async fn publish_ready(env: &Env, run: &JobRunRef, vm_id: &str) {
     }
 }
 
-/// `GET /metrics` on `addr`.
-async fn metrics_text(addr: std::net::SocketAddr) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
-}
-
 async fn row_state(store: &KeyStore, vm_id: &str) -> Option<vm_table::VmRow> {
     let mut conn = store.pool().acquire().await.ok()?;
     vm_table::load(&mut conn, vm_id).await.ok().flatten()
@@ -145,7 +133,9 @@ async fn vm_nats_job_runs_to_vm_stopped_and_refusals_fail() {
     assert_eq!(running.accel, "tcg");
     assert!(running.pid > 0);
     // The VM's start is in the histogram the slow-start alert reads.
-    let metrics = metrics_text(http).await;
+    let metrics = wnodes_testkit::http::get(&http.to_string(), "/metrics")
+        .await
+        .unwrap();
     assert!(
         metrics.contains("\nwnodes_launcher_vm_start_seconds_count 1\n"),
         "{metrics}"

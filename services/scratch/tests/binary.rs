@@ -62,18 +62,6 @@ async fn the_binary_answers_vm_requested_and_stops_on_sigterm() {
     assert!(status.success(), "{status}: {}", scratch.stderr());
 }
 
-/// `GET path` on `addr`; the whole response.
-async fn http_get(addr: &str, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_expecting_another_retention_is_not_ready_and_leaves_the_stream_alone() {
     let nats = NatsServer::start().await.unwrap();
@@ -107,7 +95,7 @@ async fn a_service_expecting_another_retention_is_not_ready_and_leaves_the_strea
         })
         .await
         .unwrap();
-    let ready = http_get(&addr, "/readyz").await;
+    let ready = wnodes_testkit::http::get(&addr, "/readyz").await.unwrap();
     assert!(
         ready.starts_with("HTTP/1.0 503") || ready.starts_with("HTTP/1.1 503"),
         "{ready}"
@@ -117,7 +105,7 @@ async fn a_service_expecting_another_retention_is_not_ready_and_leaves_the_strea
         "{ready}"
     );
     // The alert's series says the same.
-    let metrics = http_get(&addr, "/metrics").await;
+    let metrics = wnodes_testkit::http::get(&addr, "/metrics").await.unwrap();
     assert!(metrics.contains("\nwnodes_service_ready 0\n"), "{metrics}");
     let bus = connect(&nats.admin(), "test@local").await.unwrap();
     let mut stream = bus.jetstream().get_stream("WNODES_EVENTS").await.unwrap();
