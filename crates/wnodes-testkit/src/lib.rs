@@ -2,12 +2,12 @@
 //!
 //! | Module | What it gives a test |
 //! |---|---|
-//! | [`bus`] | A test's own `Bus` on a [`NatsServer`] ([`bus::connect`], [`bus::BusClient`] for TLS, credentials, no streams), events on a subscription ([`bus::subscribe`]), the last event of a type ([`bus::last_event`], [`bus::wait_event`]), the stream's size ([`bus::stored_events`]) and a durable consumer's state ([`bus::consumer_state`]). |
+//! | [`bus`] | A test's own `Bus` on a [`NatsServer`] ([`bus::connect`], [`bus::BusClient`] for TLS, credentials, no streams), events on a subscription ([`bus::subscribe`]), the last event of a type ([`bus::last_event`], [`bus::wait_event`]), the stream's size ([`bus::stored_events`]) a durable consumer's state ([`bus::consumer_state`]) and one message pulled from a durable as some identity ([`bus::pull_one`]). |
 //! | [`events`] | Builders for runs ([`events::run`], [`events::RunRefExt`]) and events ([`events::Events`], payload builders), typed payloads ([`events::Payload`]) and [`events::RunEvents`]: the questions a test asks of a run's events (has, count, position, the one `VmStopped`, releases by kind, ...). |
 //! | [`error_rule`] | [`error_rule!`]: the test that every variant of a crate's error types keeps its `source()` out of its message (`docs/errors-and-logging.md`). |
 //! | [`files`] | [`files::append`]: a record appended to a followed log, as an LRMS writes it. |
 //! | [`host`] | Host tests: [`host::Precondition`]s (root, qemu, `/dev/fuse`, `sftp-server`, the test guest, ...) and a libtest-mimic harness ([`host::main`], [`host_test!`]) that lists a test whose precondition is missing as ignored (nextest: SKIPPED), or with `WNODES_HOST_TESTS=required` fails it naming what is missing. |
-//! | [`http`] | A loopback HTTP server with a counted, delayed download, a 404 and a 503 ([`http::serve`]). |
+//! | [`http`] | A loopback HTTP server with a counted, delayed download, a 404 and a 503 ([`http::serve`]); a plain `GET` of a service's `/readyz` or `/metrics` ([`http::get`]). |
 //! | [`nats`] | [`NatsServer`]: a private `nats-server` (JetStream on, own temp store, port chosen by the server itself and read back from its ports file), with [`NatsServer::kill`] / [`NatsServer::restart`] for crash tests; authorization on unless started with [`NatsServer::start_open`]. |
 //! | [`site`] | [`site::TestSite`]: the server's site provisioned through `wnodes-site` (as `wnodesctl provision`): the admin's, the monitor's and each (role, host)'s connection settings ([`NatsServer::admin`], [`NatsServer::identity`]), durables made on demand. |
 //! | [`nats_auth`] | nats-server config blocks and client credentials for every auth method: user/password ([`user_password_block`]), token ([`token_block`]), NKEY ([`nkey_user`], [`nkey_block`]) and decentralised JWT ([`jwt_auth`]: operator, account with JetStream, user `.creds` file). |
