@@ -134,7 +134,7 @@ pub fn describe(differences: &[Difference]) -> String {
 
 /// Which settings a comparison covers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Scope {
+pub enum Coverage {
     /// What a service relies on.
     Service,
     /// Everything provisioning sets (adds `max_consumers`, consumer replicas, descriptions).
@@ -171,11 +171,11 @@ macro_rules! same {
     };
 }
 
-/// How `found` differs from `expected` in the settings `scope` covers.
+/// How `found` differs from `expected` in the settings `coverage` covers.
 pub fn stream_differences(
     expected: &stream::Config,
     found: &stream::Config,
-    scope: Scope,
+    coverage: Coverage,
 ) -> Vec<Difference> {
     let mut out = Vec::new();
     same!(
@@ -195,17 +195,17 @@ pub fn stream_differences(
         expected.duplicate_window,
         found.duplicate_window,
     ));
-    if scope == Scope::Operator {
+    if coverage == Coverage::Operator {
         same!(out, expected, found, max_consumers, description);
     }
     out
 }
 
-/// How `found` differs from `expected` in the settings `scope` covers.
+/// How `found` differs from `expected` in the settings `coverage` covers.
 pub fn consumer_differences(
     expected: &jetstream::consumer::Config,
     found: &jetstream::consumer::Config,
-    scope: Scope,
+    coverage: Coverage,
 ) -> Vec<Difference> {
     let mut out = Vec::new();
     let mut e_filters = expected.filter_subjects.clone();
@@ -229,7 +229,7 @@ pub fn consumer_differences(
         deliver_policy
     );
     out.extend(dur("ack_wait", expected.ack_wait, found.ack_wait));
-    if scope == Scope::Operator {
+    if coverage == Coverage::Operator {
         same!(out, expected, found, num_replicas, description);
     }
     out
@@ -251,7 +251,7 @@ pub async fn check_stream(
         what: format!("stream `{}`", expected.name),
         source: Box::new(e),
     })?;
-    let diffs = stream_differences(expected, &info.config, Scope::Service);
+    let diffs = stream_differences(expected, &info.config, Coverage::Service);
     if diffs.is_empty() {
         Ok(())
     } else {
@@ -281,7 +281,7 @@ pub async fn check_consumer(
             source: Box::new(e),
         })?;
     let found = &consumer.cached_info().config;
-    let diffs = consumer_differences(expected, found, Scope::Service);
+    let diffs = consumer_differences(expected, found, Coverage::Service);
     if diffs.is_empty() {
         Ok(consumer)
     } else {
@@ -301,12 +301,12 @@ mod tests {
         let l = StreamLayout::from(&NatsConfig::default());
         let expected = events_stream(&l, 0);
         let mut found = expected.clone();
-        assert!(stream_differences(&expected, &found, Scope::Operator).is_empty());
+        assert!(stream_differences(&expected, &found, Coverage::Operator).is_empty());
         found.max_age = Duration::from_secs(3600);
         found.max_consumers = 5000;
-        let service = stream_differences(&expected, &found, Scope::Service);
+        let service = stream_differences(&expected, &found, Coverage::Service);
         assert_eq!(describe(&service), "max_age is 1h (expected 7days)");
-        let operator = stream_differences(&expected, &found, Scope::Operator);
+        let operator = stream_differences(&expected, &found, Coverage::Operator);
         assert_eq!(operator.len(), 2, "{operator:?}");
         assert_eq!(
             operator[1].to_string(),
@@ -319,10 +319,10 @@ mod tests {
         let t = ConsumerTuning::default();
         let e = durable_consumer("x", vec!["a.b".into(), "c.d".into()], &t, 0);
         let mut f = durable_consumer("x", vec!["c.d".into(), "a.b".into()], &t, 0);
-        assert!(consumer_differences(&e, &f, Scope::Service).is_empty());
+        assert!(consumer_differences(&e, &f, Coverage::Service).is_empty());
         f.filter_subjects = vec!["a.b".into()];
         f.ack_wait = Duration::from_secs(5);
-        let diffs = describe(&consumer_differences(&e, &f, Scope::Service));
+        let diffs = describe(&consumer_differences(&e, &f, Coverage::Service));
         assert!(diffs.contains("filter_subjects"), "{diffs}");
         assert!(diffs.contains("ack_wait is 5s (expected 30s)"), "{diffs}");
     }

@@ -150,17 +150,6 @@ pub const AGENT: Role = Role {
     watches_runs: true,
 };
 
-/// The seven services, in the order a host starts them.
-pub const SERVICES: [&Role; 7] = [
-    &IMAGE,
-    &SCRATCH,
-    &NETWORK,
-    &GATEWAY,
-    &LAUNCHER,
-    &ACCOUNTING,
-    &BRIDGE,
-];
-
 /// Every participant: the services and the job starter.
 pub const ALL: [&Role; 8] = [
     &IMAGE,

@@ -7,8 +7,8 @@ use std::collections::HashMap;
 use async_nats::jetstream::{self, consumer, stream};
 use futures::TryStreamExt;
 use wnodes_bus::{
-    layout::{self, Scope},
-    subject::{DLQ_STREAM, EVENTS_STREAM},
+    layout::{self, Coverage},
+    subject::EVENTS_STREAM,
 };
 
 use crate::{
@@ -95,7 +95,7 @@ async fn provision_consumer(
     let (action, detail) = match found {
         None => (Action::Create, String::new()),
         Some(found) => {
-            let diffs = layout::consumer_differences(&expected, found, Scope::Operator);
+            let diffs = layout::consumer_differences(&expected, found, Coverage::Operator);
             if diffs.is_empty() {
                 (Action::Unchanged, String::new())
             } else if diffs.iter().any(|d| IMMUTABLE_CONSUMER.contains(&d.field)) {
@@ -170,7 +170,7 @@ async fn provision_stream(
     let (action, detail) = match &found {
         None => (Action::Create, String::new()),
         Some(found) => {
-            let diffs = layout::stream_differences(&expected, found, Scope::Operator);
+            let diffs = layout::stream_differences(&expected, found, Coverage::Operator);
             if diffs.is_empty() {
                 (Action::Unchanged, String::new())
             } else if diffs.iter().any(|d| IMMUTABLE_STREAM.contains(&d.field)) {
@@ -197,9 +197,4 @@ async fn provision_stream(
     };
     report.push(Change::new(object, action, detail));
     Ok(exists)
-}
-
-/// Whether every stream name is the site's (for the CLI's messages).
-pub fn stream_names() -> [&'static str; 2] {
-    [EVENTS_STREAM, DLQ_STREAM]
 }

@@ -5,20 +5,10 @@ use wnodes_bus::ErrorChain;
 use crate::{BacklogArgs, SOFTWARE, UNAVAILABLE};
 
 pub(crate) async fn backlog(args: BacklogArgs) -> u8 {
-    wnodes_bus::connect::install_crypto_provider();
-    let cfg = wnodes_bus::NatsConfig {
-        url: args.nats.clone(),
-        creds_file: Some(args.creds.clone()),
-        ..Default::default()
+    let js = match args.connection.bus("wnodesctl@backlog").await {
+        Ok(bus) => bus.jetstream().clone(),
+        Err(code) => return code,
     };
-    let client = match wnodes_bus::connect::connect(&cfg, "wnodesctl-backlog", None, None).await {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("wnodesctl: {}", ErrorChain(&e));
-            return UNAVAILABLE;
-        }
-    };
-    let js = async_nats::jetstream::new(client);
     if let Some(addr) = args.serve {
         return serve_backlog(js, addr, args.every).await;
     }

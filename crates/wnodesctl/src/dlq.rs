@@ -8,16 +8,15 @@ use std::io::{BufRead, IsTerminal, Write};
 use prost::Message;
 use serde_json::{Value, json};
 use wnodes_bus::{
-    Bus, BusMetrics, ErrorChain, EventExt,
+    Bus, ErrorChain, EventExt,
     dlq::{self, DeadLetter, Redriven},
     proto,
 };
 
-use crate::{Connection, DlqArgs, DlqCommand, SOFTWARE, UNAVAILABLE, USAGE};
+use crate::{DlqArgs, DlqCommand, SOFTWARE, UNAVAILABLE, USAGE};
 
 pub(crate) async fn dlq(args: DlqArgs) -> u8 {
-    wnodes_bus::connect::install_crypto_provider();
-    let bus = match connect(&args.connection).await {
+    let bus = match args.connection.bus("wnodesctl@dlq").await {
         Ok(b) => b,
         Err(code) => return code,
     };
@@ -31,20 +30,6 @@ pub(crate) async fn dlq(args: DlqArgs) -> u8 {
             yes,
         } => redrive(&bus, sequences, all, consumer.as_deref(), yes).await,
     }
-}
-
-async fn connect(c: &Connection) -> Result<Bus, u8> {
-    let cfg = wnodes_bus::NatsConfig {
-        url: c.nats.clone(),
-        creds_file: Some(c.creds.clone()),
-        ..Default::default()
-    };
-    Bus::connect(&cfg, "wnodesctl@dlq", BusMetrics::unregistered())
-        .await
-        .map_err(|e| {
-            eprintln!("wnodesctl: {}", ErrorChain(&e));
-            UNAVAILABLE
-        })
 }
 
 /// The event inside a dead letter, when it decodes.

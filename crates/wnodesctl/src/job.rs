@@ -7,20 +7,10 @@ use wnodes_bus::ErrorChain;
 use crate::{JobArgs, UNAVAILABLE};
 
 pub(crate) async fn job(args: JobArgs) -> u8 {
-    wnodes_bus::connect::install_crypto_provider();
-    let cfg = wnodes_bus::NatsConfig {
-        url: args.connection.nats.clone(),
-        creds_file: Some(args.connection.creds.clone()),
-        ..Default::default()
+    let js = match args.connection.bus("wnodesctl@job").await {
+        Ok(bus) => bus.jetstream().clone(),
+        Err(code) => return code,
     };
-    let client = match wnodes_bus::connect::connect(&cfg, "wnodesctl@job", None, None).await {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("wnodesctl: {}", ErrorChain(&e));
-            return UNAVAILABLE;
-        }
-    };
-    let js = async_nats::jetstream::new(client);
     let events = match wnodes_bus::runs::read(&js, &args.run, args.host.as_deref()).await {
         Ok(e) => e,
         Err(e) => {

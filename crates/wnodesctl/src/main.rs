@@ -71,6 +71,25 @@ struct Connection {
     creds: PathBuf,
 }
 
+impl Connection {
+    /// A bus on this connection named `name`; on failure the message is printed and the
+    /// exit code returned.
+    async fn bus(&self, name: &str) -> Result<wnodes_bus::Bus, u8> {
+        wnodes_bus::connect::install_crypto_provider();
+        let cfg = wnodes_bus::NatsConfig {
+            url: self.nats.clone(),
+            creds_file: Some(self.creds.clone()),
+            ..Default::default()
+        };
+        wnodes_bus::Bus::connect(&cfg, name, wnodes_bus::BusMetrics::unregistered())
+            .await
+            .map_err(|e| {
+                eprintln!("wnodesctl: {}", wnodes_bus::ErrorChain(&e));
+                UNAVAILABLE
+            })
+    }
+}
+
 #[derive(Debug, clap::Args)]
 struct DlqArgs {
     #[command(flatten)]
@@ -111,12 +130,8 @@ enum DlqCommand {
 
 #[derive(Debug, clap::Args)]
 struct BacklogArgs {
-    /// The NATS server.
-    #[arg(long)]
-    nats: String,
-    /// The monitor's (or admin's) creds file.
-    #[arg(long)]
-    creds: PathBuf,
+    #[command(flatten)]
+    connection: Connection,
     /// One JSON object instead of a table.
     #[arg(long)]
     json: bool,

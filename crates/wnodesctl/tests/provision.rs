@@ -45,16 +45,22 @@ async fn provision_twice_changes_nothing_and_a_changed_site_is_reported_not_appl
     let conf = std::fs::read_to_string(out.join("nats-auth.conf")).unwrap();
     let nats = NatsServer::start_with_config(&conf).await.unwrap();
     let url = nats.url();
+    // `wnodesctl provision` of this site against this server, with `extra` arguments.
+    let provision = |extra: &[&str]| {
+        let mut args = vec![
+            "provision",
+            "--site",
+            desc_s,
+            "--out",
+            out_s,
+            "--nats",
+            &url,
+        ];
+        args.extend_from_slice(extra);
+        wnodesctl(&args)
+    };
 
-    let o = wnodesctl(&[
-        "provision",
-        "--site",
-        desc_s,
-        "--out",
-        out_s,
-        "--nats",
-        &url,
-    ]);
+    let o = provision(&[]);
     let text = stdout(&o);
     assert!(o.status.success(), "{o:?}");
     assert!(text.contains("create  stream WNODES_EVENTS"), "{text}");
@@ -66,15 +72,7 @@ async fn provision_twice_changes_nothing_and_a_changed_site_is_reported_not_appl
 
     // Second run: nothing to do, nothing written.
     let before = std::fs::read_to_string(out.join("creds/admin.creds")).unwrap();
-    let o = wnodesctl(&[
-        "provision",
-        "--site",
-        desc_s,
-        "--out",
-        out_s,
-        "--nats",
-        &url,
-    ]);
+    let o = provision(&[]);
     let text = stdout(&o);
     assert!(o.status.success(), "{o:?}");
     assert!(
@@ -90,16 +88,7 @@ async fn provision_twice_changes_nothing_and_a_changed_site_is_reported_not_appl
         std::fs::read_to_string(out.join("creds/admin.creds")).unwrap(),
         before
     );
-    let o = wnodesctl(&[
-        "provision",
-        "--site",
-        desc_s,
-        "--out",
-        out_s,
-        "--nats",
-        &url,
-        "--check",
-    ]);
+    let o = provision(&["--check"]);
     assert_eq!(o.status.code(), Some(0), "{o:?}");
 
     // A changed description: a new host and a shorter retention. A dry run names each change
@@ -109,16 +98,7 @@ async fn provision_twice_changes_nothing_and_a_changed_site_is_reported_not_appl
         &["hv1.example.org", "hv2.example.org"],
         "[streams]\nevents_max_age = \"2days\"\n",
     );
-    let o = wnodesctl(&[
-        "provision",
-        "--site",
-        desc_s,
-        "--out",
-        out_s,
-        "--nats",
-        &url,
-        "--dry-run",
-    ]);
+    let o = provision(&["--dry-run"]);
     let text = stdout(&o);
     assert!(o.status.success(), "{o:?}");
     assert!(
@@ -135,16 +115,7 @@ async fn provision_twice_changes_nothing_and_a_changed_site_is_reported_not_appl
     );
     assert!(text.contains("(dry run: nothing was changed)"), "{text}");
     assert!(!out.join("creds/agent-hv2_example_org.creds").exists());
-    let o = wnodesctl(&[
-        "provision",
-        "--site",
-        desc_s,
-        "--out",
-        out_s,
-        "--nats",
-        &url,
-        "--check",
-    ]);
+    let o = provision(&["--check"]);
     assert_eq!(o.status.code(), Some(1), "{o:?}");
 
     let admin = wnodes_bus::NatsConfig {
@@ -168,26 +139,9 @@ async fn provision_twice_changes_nothing_and_a_changed_site_is_reported_not_appl
     );
 
     // Applied, it converges.
-    let o = wnodesctl(&[
-        "provision",
-        "--site",
-        desc_s,
-        "--out",
-        out_s,
-        "--nats",
-        &url,
-    ]);
+    let o = provision(&[]);
     assert!(o.status.success(), "{o:?}");
-    let o = wnodesctl(&[
-        "provision",
-        "--site",
-        desc_s,
-        "--out",
-        out_s,
-        "--nats",
-        &url,
-        "--check",
-    ]);
+    let o = provision(&["--check"]);
     assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
 }
 
