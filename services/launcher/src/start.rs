@@ -115,6 +115,12 @@ impl LauncherState {
                 }
             }
         };
+        // Counted before vm.running goes out, so whoever sees the event sees the count.
+        let start_ms = i64::try_from(running.started_at_ms)
+            .unwrap_or(i64::MAX)
+            .saturating_sub(row.requested_at_ms)
+            .max(0);
+        self.vm_start_seconds.observe(start_ms as f64 / 1000.0);
         let ev = self.event(
             &row,
             Body::VmRunning(VmRunning {
@@ -133,11 +139,6 @@ impl LauncherState {
         )
         .await?;
         tracing::info!(vm_id = %row.vm_id, pid = running.pid, accel = %running.accel, "VM running.");
-        let start_ms = i64::try_from(running.started_at_ms)
-            .unwrap_or(i64::MAX)
-            .saturating_sub(row.requested_at_ms)
-            .max(0);
-        self.vm_start_seconds.observe(start_ms as f64 / 1000.0);
         self.spawn_watcher(row.vm_id.clone());
         // A cancellation that arrived while qemu was starting.
         if self
