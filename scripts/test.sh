@@ -3,7 +3,9 @@
 # missing (nats-server, kubectl and the Kubernetes schemas into .tools/, qemu/sshfs/nftables
 # through apt, the test guest into .cache/), then checks formatting, lints, the Kubernetes
 # manifests (scripts/check-k8s.sh), the systemd units (scripts/check-systemd.sh), the alert rules
-# (scripts/check-monitoring.sh), and runs every test with nextest.
+# (scripts/check-monitoring.sh), starts one private PostgreSQL cluster for the run
+# (scripts/pg-cluster.sh; its URL in TESTKIT_POSTGRES_URL, each test making its own database; it is
+# stopped and removed at the end), and runs every test with nextest.
 #
 # Host tests (wnodes_testkit::host: root, qemu, /dev/fuse, sftp-server, the test guest, ...) run
 # with WNODES_HOST_TESTS=required: a missing precondition fails them, naming it, instead of
@@ -30,9 +32,14 @@ end_phase() {
 # Every host test that ran appends a line here (wnodes_testkit::host, HOST_TESTS_LOG).
 host_log="$root/target/host-tests.log"
 rm -f "$host_log"
+pg_dir=
 report() {
     local rc=$?
     end_phase
+    if [ -n "$pg_dir" ]; then
+        scripts/pg-cluster.sh stop "$pg_dir" || true
+        rm -rf "$pg_dir"
+    fi
     if [ -f "$host_log" ]; then
         local passed failed missing
         passed=$(grep -c '^passed ' "$host_log" || true)
@@ -73,6 +80,13 @@ scripts/check-systemd.sh
 begin monitoring
 echo "== alert rules (promtool check rules, promtool test rules)" >&2
 scripts/check-monitoring.sh
+
+begin postgres
+echo "== PostgreSQL: one private cluster for the run" >&2
+pg_dir=$(mktemp -d /tmp/wnodes-test-pg.XXXXXX)
+TESTKIT_POSTGRES_URL=$(scripts/pg-cluster.sh start "$pg_dir")
+export TESTKIT_POSTGRES_URL
+echo "== PostgreSQL at $TESTKIT_POSTGRES_URL" >&2
 
 begin tests
 echo "== cargo nextest" >&2

@@ -26,9 +26,9 @@ use crate::{
     error::{BusError, ErrorChain},
     failpoint,
     handler::{Handler, HandlerCtx, HandlerError},
+    keys::Store,
     layout,
     metrics::ConsumerMetrics,
-    store::KeyStore,
     subject,
 };
 
@@ -54,7 +54,7 @@ impl ConsumerSpec {
 #[derive(Debug)]
 pub struct Consumer<H> {
     bus: Bus,
-    store: KeyStore,
+    store: Store,
     spec: ConsumerSpec,
     handler: Arc<H>,
     consumer: PullConsumer,
@@ -62,7 +62,7 @@ pub struct Consumer<H> {
 
 struct Shared<H> {
     bus: Bus,
-    store: KeyStore,
+    store: Store,
     spec: ConsumerSpec,
     handler: Arc<H>,
     in_progress: Mutex<HashSet<String>>,
@@ -82,7 +82,7 @@ impl<H: Handler> Consumer<H> {
     /// settings this service expects ([`layout::check_consumer`]); never creates or changes it.
     pub async fn bind(
         bus: Bus,
-        store: KeyStore,
+        store: impl Into<Store>,
         spec: ConsumerSpec,
         handler: H,
     ) -> Result<Self, BusError> {
@@ -91,7 +91,7 @@ impl<H: Handler> Consumer<H> {
         let consumer = layout::check_consumer(bus.jetstream(), &spec.expected()).await?;
         Ok(Self {
             bus,
-            store,
+            store: store.into(),
             spec,
             handler: Arc::new(handler),
             consumer,
@@ -438,7 +438,11 @@ async fn decide<H: Handler>(
             .record_in(&mut tx, &shared.spec.durable, &key, &outbox)
             .await
         {
-            Ok(true) => tx.commit().await.map(|()| true).map_err(|e| e.to_string()),
+            Ok(true) => tx
+                .commit()
+                .await
+                .map(|()| true)
+                .map_err(|e| ErrorChain(&e).to_string()),
             Ok(false) => Ok(false),
             Err(e) => Err(ErrorChain(&e).to_string()),
         },

@@ -53,6 +53,8 @@ pub enum BusError {
         #[source]
         source: sqlx::Error,
     },
+    #[error("idempotency store at `{store}` would not be durable: {reason}")]
+    NotDurable { store: String, reason: String },
     #[error("idempotency store at `{path}`: group commit")]
     KeyCommit {
         path: String,

@@ -35,6 +35,10 @@ wnodes_testkit::error_rule! {
             path: "/var/lib/wnodes/keys.db".into(),
             source: sqlx::Error::Protocol(SOURCE_TEXT.into()),
         },
+        BusError::NotDurable { .. } => BusError::NotDurable {
+            store: "postgres://acct@db.example.org:5432/wnodes".into(),
+            reason: "the server runs with fsync = off".into(),
+        },
         BusError::KeyCommit { .. } => BusError::KeyCommit {
             path: "/var/lib/wnodes/keys.db".into(),
             source: Arc::new(rusqlite::Error::InvalidParameterName(SOURCE_TEXT.into())),

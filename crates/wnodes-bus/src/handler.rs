@@ -10,10 +10,15 @@
 
 use std::future::Future;
 
-use sqlx::{Sqlite, SqliteConnection, Transaction};
+use sqlx::SqliteConnection;
 use wnodes_proto::v1::Event;
 
-use crate::{error::BusError, store::KeyStore};
+use crate::{
+    db::{Db, Tx},
+    error::BusError,
+    keys::Store,
+    store::KeyStore,
+};
 
 /// Why a handler did not finish a message.
 #[derive(Debug, thiserror::Error)]
@@ -51,8 +56,8 @@ pub struct HandlerCtx {
     pub(crate) subject: async_nats::Subject,
     pub(crate) attempt: u32,
     pub(crate) outbox: Vec<Event>,
-    pub(crate) tx: Option<Transaction<'static, Sqlite>>,
-    pub(crate) store: KeyStore,
+    pub(crate) tx: Option<Tx>,
+    pub(crate) store: Store,
 }
 
 impl HandlerCtx {
@@ -78,19 +83,43 @@ impl HandlerCtx {
 
     /// The store transaction the key will commit in: write effects that must happen exactly
     /// once here. Opened on first use (`BEGIN IMMEDIATE`); do slow work before, not after.
+    ///
+    /// For a consumer whose store is SQLite (every host service); [`HandlerCtx::db`] works on
+    /// either.
     pub async fn tx(&mut self) -> Result<&mut SqliteConnection, BusError> {
+        match self.db().await? {
+            Db::Sqlite(c) => Ok(c),
+            Db::Postgres(_) => Err(BusError::Config(
+                "this consumer's store is PostgreSQL: the handler must use HandlerCtx::db".into(),
+            )),
+        }
+    }
+
+    /// The store transaction the key will commit in, on whichever database the consumer's
+    /// store is ([`crate::db`]: one SQL text for both). Opened on first use.
+    pub async fn db(&mut self) -> Result<Db<'_>, BusError> {
         if self.tx.is_none() {
             self.tx = Some(self.store.begin().await?);
         }
         match self.tx.as_mut() {
-            Some(tx) => Ok(&mut **tx),
+            Some(tx) => Ok(tx.db()),
             None => Err(BusError::Config("transaction vanished".into())),
         }
     }
 
-    /// Read access to the store outside the transaction.
-    pub fn store(&self) -> &KeyStore {
+    /// The consumer's store, for reads outside the transaction.
+    pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// The consumer's store when it is SQLite (every host service's).
+    pub fn sqlite_store(&self) -> Result<&KeyStore, BusError> {
+        match &self.store {
+            Store::Sqlite(s) => Ok(s),
+            Store::Postgres(_) => Err(BusError::Config(
+                "this consumer's store is PostgreSQL, not SQLite".into(),
+            )),
+        }
     }
 }
 

@@ -13,7 +13,10 @@
 //! | [`denial`] | the server's permission violations, so a refused publish fails at once |
 //! | [`consumer`] | durable consumers: spans, idempotency, retries, dead letters, shutdown |
 //! | [`handler`] | the [`Handler`] trait and [`HandlerCtx`] |
-//! | [`store`] | [`KeyStore`]: durable idempotency keys and outbox (SQLite) |
+//! | [`keys`] | [`Store`]: the consumer's idempotency store, SQLite or PostgreSQL |
+//! | [`store`] | [`KeyStore`]: durable idempotency keys and outbox on SQLite (every host service) |
+//! | [`pg_store`] | [`PgKeyStore`]: the same on PostgreSQL (a site's accounting) |
+//! | [`db`] | one SQL text on either database: [`db::Db`], [`db::Pool`], [`db::Tx`], [`on_db!`], [`on_pool!`] |
 //! | [`dlq`] | dead-letter entries: writing and reading back |
 //! | [`propagation`] | W3C trace context in NATS headers |
 //! | [`metrics`] | Prometheus metrics |
@@ -28,6 +31,7 @@ pub mod bus;
 pub mod config;
 pub mod connect;
 pub mod consumer;
+pub mod db;
 pub mod denial;
 pub mod dlq;
 pub mod error;
@@ -36,8 +40,10 @@ mod error_rule;
 pub mod event;
 mod failpoint;
 pub mod handler;
+pub mod keys;
 pub mod layout;
 pub mod metrics;
+pub mod pg_store;
 pub mod propagation;
 pub mod roles;
 pub mod runs;
@@ -50,7 +56,9 @@ pub use consumer::{Consumer, ConsumerSpec};
 pub use error::{BusError, ErrorChain};
 pub use event::{CloudEventAttributes, EventExt, EventType};
 pub use handler::{Handler, HandlerCtx, HandlerError};
+pub use keys::Store;
 pub use metrics::BusMetrics;
+pub use pg_store::PgKeyStore;
 pub use roles::{Role, Scope};
 pub use store::KeyStore;
 pub use wnodes_proto::v1 as proto;

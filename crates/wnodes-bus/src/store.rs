@@ -93,7 +93,7 @@ impl std::fmt::Debug for CommitReq {
     }
 }
 
-fn unix_now() -> i64 {
+pub(crate) fn unix_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
@@ -110,7 +110,7 @@ pub(crate) fn encode_outbox(events: &[Event]) -> Vec<u8> {
     buf
 }
 
-fn decode_outbox(mut blob: &[u8]) -> Vec<Event> {
+pub(crate) fn decode_outbox(mut blob: &[u8]) -> Vec<Event> {
     let mut out = Vec::new();
     while !blob.is_empty() {
         match Event::decode_length_delimited(&mut blob) {

@@ -85,7 +85,7 @@ pub trait Service: Send + Sync + Sized + 'static {
 /// What [`Service::build`] hands the runtime.
 pub struct Parts<H> {
     pub(crate) handler: Option<H>,
-    pub(crate) store: Option<KeyStore>,
+    pub(crate) store: Option<wnodes_bus::Store>,
     pub(crate) tasks: Vec<(&'static str, Task)>,
     pub(crate) on_stop: Vec<Pin<Box<dyn Future<Output = ()> + Send>>>,
 }
@@ -113,8 +113,8 @@ impl<H> Parts<H> {
 
     /// Commit the consumer's idempotency keys in `store` instead of the runtime's
     /// `<state_dir>/keys.db` (a service whose records must commit with their key).
-    pub fn with_store(mut self, store: KeyStore) -> Self {
-        self.store = Some(store);
+    pub fn with_store(mut self, store: impl Into<wnodes_bus::Store>) -> Self {
+        self.store = Some(store.into());
         self
     }
 

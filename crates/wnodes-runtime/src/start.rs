@@ -165,7 +165,7 @@ async fn start_and_run<S: Service>(
     let mut tasks = JoinSet::new();
     let mut names = HashMap::new();
     if let (Some(handler), Some(spec)) = (parts.handler, spec) {
-        let store = parts.store.unwrap_or_else(|| ctx.store.clone());
+        let store = parts.store.unwrap_or_else(|| ctx.store.clone().into());
         let consumer = Consumer::bind(bus.clone(), store, spec, handler).await?;
         let token = shutdown.clone();
         let h = tasks.spawn(async move { consumer.run(token).await.map_err(Into::into) });

@@ -13,6 +13,7 @@
 //! | [`nats_auth`] | nats-server config blocks and client credentials for every auth method: user/password ([`user_password_block`]), token ([`token_block`]), NKEY ([`nkey_user`], [`nkey_block`]) and decentralised JWT ([`jwt_auth`]: operator, account with JetStream, user `.creds` file). |
 //! | [`pki`] | [`TestPki`]: a throwaway CA with a server certificate (`127.0.0.1`, `localhost`) and a client certificate, as PEM files, plus the matching nats-server `tls { }` block. |
 //! | [`otlp`] | [`OtlpCollector`]: an in-process OTLP/gRPC trace collector that records every exported span as a [`CollectedSpan`]; a job's trace id from its output ([`otlp::trace_id_in`]) and the check that its spans are one tree ([`otlp::one_trace`]). |
+//! | [`postgres`] | A fresh PostgreSQL database per test on the run's shared cluster ([`postgres::database`], `TESTKIT_POSTGRES_URL`, started by `scripts/test.sh`), and a private [`postgres::Cluster`] a test can stop and resume. |
 //! | [`process`] | A service binary as a child process: [`process::ServiceConfig`] (its TOML file), [`process::ServiceProcess::builder`] (config, environment, stderr file), start, wait for a stdout or stderr line, terminate, kill, or run a one-shot command to its end; [`process::bus_node`] for the system tests' `bus-node`. |
 //! | [`service`] | `TestBus` (a service's handler on a real consumer, every event recorded and waited for), `Netns` (throwaway network namespaces). |
 //! | [`vm`] | What tests that boot VMs share: [`vm::JOB_NEEDS`], [`vm::vm_lock`], [`vm::mem_total_bytes`]. |
@@ -33,6 +34,7 @@ pub mod nats;
 pub mod nats_auth;
 pub mod otlp;
 pub mod pki;
+pub mod postgres;
 pub mod process;
 pub mod service;
 pub mod site;

@@ -36,16 +36,25 @@ use std::{
     str::FromStr,
 };
 
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+use sqlx::{
+    Executor as _,
+    postgres::{PgConnectOptions, PgPoolOptions},
+    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
 };
 use wnodes_apel::{
     ApelConfig, ApelError, CloudRecord, JobRecord, Kind, OutgoingQueue, SummaryRecord, SyncRecord,
     message::{self, MAX_MESSAGE_BYTES, MAX_RECORDS},
     records::ApelRecord,
 };
+use wnodes_bus::{
+    db::{Pool, Tx},
+    on_db, on_pool,
+};
 
-use crate::records::{self, UsageRecord};
+use crate::{
+    StoreUrl,
+    records::{self, UsageRecord},
+};
 
 /// What can go wrong exporting to APEL.
 #[derive(Debug, thiserror::Error)]
@@ -54,15 +63,19 @@ pub enum ApelExportError {
     Date { value: String },
     #[error("the period is empty: --from {from} is not before --to {to}")]
     EmptyPeriod { from: String, to: String },
-    #[error(
-        "unsupported store {store:?}: a SQLite path or sqlite:// URL (PostgreSQL is not implemented yet)"
-    )]
-    Store { store: String },
-    #[error("accounting database {path}")]
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreUrlError),
+    #[error("accounting database {store}")]
     Open {
-        path: String,
+        store: String,
         #[source]
         source: sqlx::Error,
+    },
+    #[error("accounting database {store}: migrations")]
+    Migrate {
+        store: String,
+        #[source]
+        source: crate::AccountingError,
     },
     #[error("accounting database: {op}")]
     Sql {
@@ -94,25 +107,6 @@ fn apel(kind: &'static str) -> impl FnOnce(ApelError) -> ApelExportError {
     move |source| ApelExportError::Apel { kind, source }
 }
 
-/// The tables the exporter keeps (also created by [`crate::migrate`]).
-pub(crate) const SCHEMA: [&str; 2] = [
-    "CREATE TABLE IF NOT EXISTS apel_exported (
-        run_key     TEXT NOT NULL,    -- job: the run key; summary/cloud/sync: APEL's key of the record
-        kind        TEXT NOT NULL,    -- job | summary | cloud | sync
-        record      TEXT NOT NULL DEFAULT '',  -- summary/cloud/sync: the record as queued
-        exported_at INTEGER NOT NULL, -- unix milliseconds
-        PRIMARY KEY (run_key, kind)
-    )",
-    "CREATE TABLE IF NOT EXISTS apel_pending (
-        staged     TEXT NOT NULL,     -- staged file name under <queue>/.wnodes-staging
-        queue      TEXT NOT NULL,     -- the queue's directory
-        kind       TEXT NOT NULL,
-        entries    TEXT NOT NULL,     -- JSON [[key, record], ...] of what the message holds
-        created_at INTEGER NOT NULL,  -- unix milliseconds
-        PRIMARY KEY (queue, staged)
-    )",
-];
-
 /// A `YYYY-MM-DD` date as Unix milliseconds at 00:00 UTC.
 ///
 /// # Errors
@@ -136,51 +130,57 @@ pub fn parse_date(value: &str) -> Result<i64, ApelExportError> {
     Ok(date.midnight().assume_utc().unix_timestamp() * 1000)
 }
 
-/// The database path of `--store`: a path, `sqlite:PATH` or `sqlite://PATH`.
+/// Opens the store for export (durable commits: SQLite `synchronous=FULL`, PostgreSQL
+/// `synchronous_commit = on`) and applies the migrations (the exporter's tables among them).
 ///
 /// # Errors
-/// [`ApelExportError::Store`] for anything else (PostgreSQL included).
-pub fn store_path(store: &str) -> Result<PathBuf, ApelExportError> {
-    let path = store
-        .strip_prefix("sqlite://")
-        .or_else(|| store.strip_prefix("sqlite:"))
-        .unwrap_or(store);
-    if path.is_empty() || path.contains("://") || path.contains('?') {
-        return Err(ApelExportError::Store {
-            store: store.to_string(),
-        });
-    }
-    Ok(PathBuf::from(path))
-}
-
-/// Opens the accounting database for export (durable commits: `synchronous=FULL`) and
-/// creates the exporter's tables.
-///
-/// # Errors
-/// [`ApelExportError::Open`], [`ApelExportError::Sql`].
-pub async fn open(path: &Path) -> Result<SqlitePool, ApelExportError> {
+/// [`ApelExportError::Open`], [`ApelExportError::Migrate`].
+pub async fn open(url: &StoreUrl) -> Result<Pool, ApelExportError> {
     let err = |source| ApelExportError::Open {
-        path: path.display().to_string(),
+        store: url.to_string(),
         source,
     };
-    let opts = SqliteConnectOptions::from_str("sqlite:")
-        .map_err(err)?
-        .filename(path)
-        .create_if_missing(false)
-        .journal_mode(SqliteJournalMode::Wal)
-        .synchronous(SqliteSynchronous::Full)
-        .busy_timeout(std::time::Duration::from_secs(30));
-    let pool = SqlitePoolOptions::new()
-        .max_connections(1)
-        .connect_with(opts)
+    let pool = match url {
+        StoreUrl::Sqlite(path) => {
+            let opts = SqliteConnectOptions::from_str("sqlite:")
+                .map_err(err)?
+                .filename(path)
+                .create_if_missing(false)
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Full)
+                .busy_timeout(std::time::Duration::from_secs(30));
+            Pool::Sqlite(
+                SqlitePoolOptions::new()
+                    .max_connections(1)
+                    .connect_with(opts)
+                    .await
+                    .map_err(err)?,
+            )
+        }
+        StoreUrl::Postgres(u) => {
+            let opts = PgConnectOptions::from_str(u).map_err(err)?;
+            Pool::Postgres(
+                PgPoolOptions::new()
+                    .max_connections(2)
+                    .acquire_timeout(std::time::Duration::from_secs(10))
+                    .after_connect(|conn, _| {
+                        Box::pin(async move {
+                            conn.execute("SET synchronous_commit = on").await?;
+                            Ok(())
+                        })
+                    })
+                    .connect_with(opts)
+                    .await
+                    .map_err(err)?,
+            )
+        }
+    };
+    crate::migrate(&pool)
         .await
-        .map_err(err)?;
-    for stmt in SCHEMA {
-        sqlx::query(stmt)
-            .execute(&pool)
-            .await
-            .map_err(sql("create the APEL tables"))?;
-    }
+        .map_err(|source| ApelExportError::Migrate {
+            store: url.to_string(),
+            source,
+        })?;
     Ok(pool)
 }
 
@@ -281,7 +281,7 @@ pub fn rolling_period(now_ms: i64, months_back: u8) -> (i64, i64) {
 /// # Errors
 /// Opening the database.
 pub async fn run_periodic(
-    db: PathBuf,
+    db: StoreUrl,
     cfg: ApelConfig,
     periodic: crate::config::PeriodicApelExport,
     shutdown: tokio_util::sync::CancellationToken,
@@ -321,7 +321,7 @@ pub async fn run_periodic(
 /// # Errors
 /// [`ApelExportError`]: the database, the queue, or a summary without a benchmark.
 pub async fn export(
-    pool: &SqlitePool,
+    pool: &Pool,
     cfg: &ApelConfig,
     req: &ExportRequest,
 ) -> Result<ExportReport, ApelExportError> {
@@ -468,12 +468,14 @@ fn lock(queue: &OutgoingQueue) -> Result<nix::fcntl::Flock<std::fs::File>, ApelE
     nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|_| locked())
 }
 
-async fn exported_keys(pool: &SqlitePool, kind: Kind) -> Result<HashSet<String>, ApelExportError> {
-    let rows: Vec<(String,)> = sqlx::query_as("SELECT run_key FROM apel_exported WHERE kind = ?")
-        .bind(kind.name())
-        .fetch_all(pool)
-        .await
-        .map_err(sql("read exported keys"))?;
+async fn exported_keys(pool: &Pool, kind: Kind) -> Result<HashSet<String>, ApelExportError> {
+    let rows: Vec<(String,)> = on_pool!(pool, |p| {
+        sqlx::query_as("SELECT run_key FROM apel_exported WHERE kind = $1")
+            .bind(kind.name())
+            .fetch_all(p)
+            .await
+    })
+    .map_err(sql("read exported keys"))?;
     Ok(rows.into_iter().map(|(k,)| k).collect())
 }
 
@@ -481,15 +483,16 @@ type Entries = Vec<(String, String)>;
 
 /// Settles what a crashed run left (see the module docs).
 async fn recover(
-    pool: &SqlitePool,
+    pool: &Pool,
     queue: &OutgoingQueue,
     report: &mut ExportReport,
 ) -> Result<(), ApelExportError> {
-    let rows: Vec<(String, String, String, String)> =
+    let rows: Vec<(String, String, String, String)> = on_pool!(pool, |p| {
         sqlx::query_as("SELECT staged, queue, kind, entries FROM apel_pending ORDER BY created_at")
-            .fetch_all(pool)
+            .fetch_all(p)
             .await
-            .map_err(sql("read pending exports"))?;
+    })
+    .map_err(sql("read pending exports"))?;
     let mut known = HashSet::new();
     for (staged, dir, kind, entries) in rows {
         let q = if Path::new(&dir) == queue.root() {
@@ -516,12 +519,7 @@ async fn recover(
             }
             report.recovered_queued += 1;
         }
-        sqlx::query("DELETE FROM apel_pending WHERE queue = ? AND staged = ?")
-            .bind(&dir)
-            .bind(&staged)
-            .execute(&mut *tx)
-            .await
-            .map_err(sql("settle a pending export"))?;
+        settle(&mut tx, &dir, &staged).await?;
         tx.commit().await.map_err(sql("commit"))?;
     }
     for staged in queue.staged().map_err(apel("queue"))? {
@@ -532,29 +530,42 @@ async fn recover(
     Ok(())
 }
 
-async fn mark(
-    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
-    key: &str,
-    kind: &str,
-    record: &str,
-) -> Result<(), ApelExportError> {
-    sqlx::query(
-        "INSERT INTO apel_exported (run_key, kind, record, exported_at) VALUES (?, ?, ?, ?)
-         ON CONFLICT (run_key, kind) DO UPDATE SET record = excluded.record,
-             exported_at = excluded.exported_at",
-    )
-    .bind(key)
-    .bind(kind)
-    .bind(record)
-    .bind(wnodes_proto::time::now_ms())
-    .execute(&mut **tx)
-    .await
+async fn mark(tx: &mut Tx, key: &str, kind: &str, record: &str) -> Result<(), ApelExportError> {
+    let now = wnodes_proto::time::now_ms();
+    on_db!(&mut tx.db(), |c| {
+        sqlx::query(
+            "INSERT INTO apel_exported (run_key, kind, record, exported_at) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (run_key, kind) DO UPDATE SET record = excluded.record,
+                 exported_at = excluded.exported_at",
+        )
+        .bind(key)
+        .bind(kind)
+        .bind(record)
+        .bind(now)
+        .execute(c)
+        .await
+        .map(|r| r.rows_affected())
+    })
     .map_err(sql("record an export"))?;
     Ok(())
 }
 
+/// Removes a pending row (its message is settled) inside `tx`.
+async fn settle(tx: &mut Tx, queue: &str, staged: &str) -> Result<(), ApelExportError> {
+    on_db!(&mut tx.db(), |c| {
+        sqlx::query("DELETE FROM apel_pending WHERE queue = $1 AND staged = $2")
+            .bind(queue)
+            .bind(staged)
+            .execute(c)
+            .await
+            .map(|r| r.rows_affected())
+    })
+    .map_err(sql("settle a pending export"))?;
+    Ok(())
+}
+
 struct Exporter<'a> {
-    pool: &'a SqlitePool,
+    pool: &'a Pool,
     queue: &'a OutgoingQueue,
     req: &'a ExportRequest,
     report: &'a mut ExportReport,
@@ -566,15 +577,14 @@ impl Exporter<'_> {
         &mut self,
         keyed: Vec<(String, R)>,
     ) -> Result<(), ApelExportError> {
-        let last: BTreeMap<String, String> = sqlx::query_as::<_, (String, String)>(
-            "SELECT run_key, record FROM apel_exported WHERE kind = ?",
-        )
-        .bind(R::KIND.name())
-        .fetch_all(self.pool)
-        .await
-        .map_err(sql("read exported records"))?
-        .into_iter()
-        .collect();
+        let rows: Vec<(String, String)> = on_pool!(self.pool, |p| {
+            sqlx::query_as("SELECT run_key, record FROM apel_exported WHERE kind = $1")
+                .bind(R::KIND.name())
+                .fetch_all(p)
+                .await
+        })
+        .map_err(sql("read exported records"))?;
+        let last: BTreeMap<String, String> = rows.into_iter().collect();
         let mut todo = Vec::new();
         let mut unchanged = 0;
         for (key, r) in keyed {
@@ -621,17 +631,21 @@ impl Exporter<'_> {
                 staged: staged.clone(),
                 source,
             })?;
-            sqlx::query(
-                "INSERT INTO apel_pending (staged, queue, kind, entries, created_at)
-                 VALUES (?, ?, ?, ?, ?)",
-            )
-            .bind(&staged)
-            .bind(&queue_dir)
-            .bind(kind.name())
-            .bind(&json)
-            .bind(wnodes_proto::time::now_ms())
-            .execute(self.pool)
-            .await
+            let now = wnodes_proto::time::now_ms();
+            on_pool!(self.pool, |p| {
+                sqlx::query(
+                    "INSERT INTO apel_pending (staged, queue, kind, entries, created_at)
+                     VALUES ($1, $2, $3, $4, $5)",
+                )
+                .bind(&staged)
+                .bind(&queue_dir)
+                .bind(kind.name())
+                .bind(&json)
+                .bind(now)
+                .execute(p)
+                .await
+                .map(|r| r.rows_affected())
+            })
             .map_err(sql("record a pending export"))?;
             crash_at("apel-before-queue");
             let element = self.queue.commit(&staged).map_err(apel(kind.name()))?;
@@ -640,12 +654,7 @@ impl Exporter<'_> {
             for (key, text) in &held {
                 mark(&mut tx, key, kind.name(), text).await?;
             }
-            sqlx::query("DELETE FROM apel_pending WHERE queue = ? AND staged = ?")
-                .bind(&queue_dir)
-                .bind(&staged)
-                .execute(&mut *tx)
-                .await
-                .map_err(sql("settle a pending export"))?;
+            settle(&mut tx, &queue_dir, &staged).await?;
             tx.commit().await.map_err(sql("commit"))?;
             tracing::info!(
                 kind = kind.name(),
@@ -672,14 +681,23 @@ mod tests {
         for bad in ["2026-11-31", "2026-1-01", "26-11-01", "2026-11-01T00", ""] {
             assert!(parse_date(bad).is_err(), "{bad}");
         }
+        let url = |s: &str| s.parse::<StoreUrl>();
         assert_eq!(
-            store_path("sqlite:///srv/a.db").unwrap(),
-            Path::new("/srv/a.db")
+            url("sqlite:///srv/a.db").unwrap(),
+            StoreUrl::Sqlite("/srv/a.db".into())
         );
-        assert_eq!(store_path("sqlite:a.db").unwrap(), Path::new("a.db"));
-        assert_eq!(store_path("/srv/a.db").unwrap(), Path::new("/srv/a.db"));
-        assert!(store_path("postgres://h/db").is_err());
-        assert!(store_path("sqlite://a.db?mode=ro").is_err());
+        assert_eq!(url("sqlite:a.db").unwrap(), StoreUrl::Sqlite("a.db".into()));
+        assert_eq!(
+            url("/srv/a.db").unwrap(),
+            StoreUrl::Sqlite("/srv/a.db".into())
+        );
+        assert_eq!(
+            url("postgres://acct@h/db").unwrap(),
+            StoreUrl::Postgres("postgres://acct@h/db".into())
+        );
+        assert!(url("sqlite://a.db?mode=ro").is_err());
+        assert!(url("mysql://h/db").is_err());
+        assert!(url("").is_err());
         // 2026-01-15T10:00Z, one month back: 2025-12-01 .. 2026-01-16.
         let now = parse_date("2026-01-15").unwrap() + 10 * 3_600_000;
         assert_eq!(

@@ -4,15 +4,16 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::StoreUrl;
+
 /// `[accounting]` section.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    /// SQLite database holding the usage records and the consumer's idempotency keys; default
-    /// `<state_dir>/accounting.db`. Env `WNODES_ACCOUNTING__DATABASE`. (A PostgreSQL backend
-    /// for sites is planned; it needs the idempotency store on PostgreSQL too, so that a record
-    /// still commits with its key.)
-    pub database: Option<PathBuf>,
+    /// The store holding the usage records and the consumer's idempotency keys (a record
+    /// commits with its key): a SQLite path or `sqlite://PATH`, or `postgres://user:pw@host/db`;
+    /// default `<state_dir>/accounting.db`. Env `WNODES_ACCOUNTING__DATABASE`.
+    pub database: Option<StoreUrl>,
     /// `[accounting.apel]`: what APEL messages need that a usage record does not say (the
     /// `apel-export` subcommand).
     pub apel: wnodes_apel::ApelConfig,
@@ -50,11 +51,11 @@ impl PeriodicApelExport {
 }
 
 impl Config {
-    /// The database path, given the service's state directory.
-    pub fn database_path(&self, state_dir: &std::path::Path) -> PathBuf {
+    /// The store, given the service's state directory.
+    pub fn store_url(&self, state_dir: &std::path::Path) -> StoreUrl {
         self.database
             .clone()
-            .unwrap_or_else(|| state_dir.join("accounting.db"))
+            .unwrap_or_else(|| StoreUrl::Sqlite(state_dir.join("accounting.db")))
     }
 }
 
@@ -69,8 +70,8 @@ mod tests {
         std::fs::write(&path, "site = \"T1\"\nhost = \"c.example.org\"\n").unwrap();
         let c = wnodes_runtime::config::load::<Config>("accounting", Some(&path)).unwrap();
         assert_eq!(
-            c.service.database_path(std::path::Path::new("/var/lib/x")),
-            std::path::Path::new("/var/lib/x/accounting.db")
+            c.service.store_url(std::path::Path::new("/var/lib/x")),
+            StoreUrl::Sqlite("/var/lib/x/accounting.db".into())
         );
         std::fs::write(
             &path,
@@ -79,9 +80,33 @@ mod tests {
         .unwrap();
         let c = wnodes_runtime::config::load::<Config>("accounting", Some(&path)).unwrap();
         assert_eq!(
-            c.service.database_path(std::path::Path::new("/var/lib/x")),
-            std::path::Path::new("/srv/acct.db")
+            c.service.store_url(std::path::Path::new("/var/lib/x")),
+            StoreUrl::Sqlite("/srv/acct.db".into())
         );
+        std::fs::write(
+            &path,
+            "site = \"T1\"\nhost = \"c.example.org\"\n[accounting]\n\
+             database = \"postgres://acct:secret@db.example.org:5433/wnodes\"\n",
+        )
+        .unwrap();
+        let c = wnodes_runtime::config::load::<Config>("accounting", Some(&path)).unwrap();
+        let url = c.service.store_url(std::path::Path::new("/var/lib/x"));
+        assert_eq!(
+            url,
+            StoreUrl::Postgres("postgres://acct:secret@db.example.org:5433/wnodes".into())
+        );
+        assert_eq!(
+            url.to_string(),
+            "postgres://acct@db.example.org:5433/wnodes",
+            "logs never show the password"
+        );
+        std::fs::write(
+            &path,
+            "site = \"T1\"\nhost = \"c.example.org\"\n[accounting]\ndatabase = \"mysql://x/y\"\n",
+        )
+        .unwrap();
+        let e = wnodes_runtime::config::load::<Config>("accounting", Some(&path)).unwrap_err();
+        assert!(e.to_string().contains("mysql://x/y"), "{e}");
         std::fs::write(
             &path,
             "site = \"T1\"\nhost = \"c.example.org\"\n[accounting]\ndatabse = \"/srv/acct.db\"\n",

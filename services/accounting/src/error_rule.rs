@@ -9,7 +9,7 @@ use crate::{AccountingError, apel::ApelExportError};
 wnodes_testkit::error_rule! {
     AccountingError {
         AccountingError::Database { .. } => AccountingError::Database {
-            path: "/var/lib/wnodes/accounting.db".into(),
+            store: "sqlite:///var/lib/wnodes/accounting.db".into(),
             source: sqlx::Error::Protocol(SOURCE_TEXT.into()),
         },
         AccountingError::Sql(_) => AccountingError::Sql(sqlx::Error::Protocol(SOURCE_TEXT.into())),
@@ -17,6 +17,10 @@ wnodes_testkit::error_rule! {
             what: "stream `WNODES_EVENTS`".into(),
             source: Box::new(io_source()),
         }),
+        AccountingError::Migrate(_) => AccountingError::Migrate(
+            sqlx::migrate::MigrateError::VersionMissing(1),
+        ),
+        AccountingError::StoreUrl(_) => AccountingError::StoreUrl(store_url_error()),
     }
     ApelExportError {
         ApelExportError::Date { .. } => ApelExportError::Date { value: "2026-13-01".into() },
@@ -24,9 +28,13 @@ wnodes_testkit::error_rule! {
             from: "2026-11-02".into(),
             to: "2026-11-01".into(),
         },
-        ApelExportError::Store { .. } => ApelExportError::Store { store: "postgres://db/acct".into() },
+        ApelExportError::Store(_) => ApelExportError::Store(store_url_error()),
+        ApelExportError::Migrate { .. } => ApelExportError::Migrate {
+            store: "postgres://acct@db.example.org:5432/wnodes".into(),
+            source: AccountingError::Sql(sqlx::Error::Protocol(SOURCE_TEXT.into())),
+        },
         ApelExportError::Open { .. } => ApelExportError::Open {
-            path: "/var/lib/wnodes/accounting.db".into(),
+            store: "sqlite:///var/lib/wnodes/accounting.db".into(),
             source: sqlx::Error::Protocol(SOURCE_TEXT.into()),
         },
         ApelExportError::Sql { .. } => ApelExportError::Sql {
@@ -48,5 +56,12 @@ wnodes_testkit::error_rule! {
             staged: "6565f2c00000a1.tmp".into(),
             source: serde_json::from_str::<u8>(SOURCE_TEXT).unwrap_err(),
         },
+    }
+}
+
+fn store_url_error() -> crate::store::StoreUrlError {
+    crate::store::StoreUrlError {
+        given: "mysql://db/acct".into(),
+        why: "unknown scheme",
     }
 }

@@ -1,8 +1,10 @@
 //! The accounting handler: one effect per event type (see the crate's table), each in the
-//! same SQLite transaction as the message's idempotency key; one record per run.
+//! same transaction as the message's idempotency key; one record per run. Every statement is
+//! one text for SQLite and PostgreSQL ([`wnodes_bus::db`]).
 
-use sqlx::SqliteConnection;
-use wnodes_bus::{EventExt as _, Handler, HandlerCtx, HandlerError, proto, proto::event::Body};
+use wnodes_bus::{
+    EventExt as _, Handler, HandlerCtx, HandlerError, db::Db, on_db, proto, proto::event::Body,
+};
 use wnodes_proto::time;
 
 use crate::Metrics;
@@ -41,32 +43,47 @@ impl Handler for AccountingHandler {
             )));
         };
         let key = wnodes_bus::event::run_key(&run);
+        if matches!(
+            &event.body,
+            Some(
+                Body::JobStarted(_)
+                    | Body::VmRunning(_)
+                    | Body::VmStopped(_)
+                    | Body::JobFinished(_)
+            )
+        ) {
+            let mut db = ctx.db().await?;
+            lock_run(&mut db, &key).await.map_err(retry)?;
+        }
         match &event.body {
             Some(Body::JobStarted(js)) => {
-                let conn = ctx.tx().await?;
-                job_started(conn, &key, js).await.map_err(retry)?;
+                let mut db = ctx.db().await?;
+                job_started(&mut db, &key, js).await.map_err(retry)?;
             }
             Some(Body::VmRunning(r)) => {
-                let conn = ctx.tx().await?;
-                sqlx::query(
-                    "INSERT INTO accounting_jobs (run_key, vm_started_ms) VALUES (?, ?)
-                     ON CONFLICT (run_key) DO UPDATE SET vm_started_ms = excluded.vm_started_ms",
-                )
-                .bind(&key)
-                .bind(
-                    r.started_at
-                        .as_ref()
-                        .or(event.time.as_ref())
-                        .map(time::timestamp_ms),
-                )
-                .execute(&mut *conn)
-                .await
+                let started = r
+                    .started_at
+                    .as_ref()
+                    .or(event.time.as_ref())
+                    .map(time::timestamp_ms);
+                let mut db = ctx.db().await?;
+                on_db!(&mut db, |c| {
+                    sqlx::query(
+                        "INSERT INTO accounting_jobs (run_key, vm_started_ms) VALUES ($1, $2)
+                         ON CONFLICT (run_key) DO UPDATE SET vm_started_ms = excluded.vm_started_ms",
+                    )
+                    .bind(&key)
+                    .bind(started)
+                    .execute(c)
+                    .await
+                    .map(|r| r.rows_affected())
+                })
                 .map_err(retry)?;
             }
             Some(Body::VmStopped(s)) => {
                 let attempt = ctx.attempt();
-                let conn = ctx.tx().await?;
-                let known = job_known(conn, &key).await.map_err(retry)?;
+                let mut db = ctx.db().await?;
+                let known = job_known(&mut db, &key).await.map_err(retry)?;
                 if !known && attempt < WAIT_FOR_JOB_ATTEMPTS {
                     return Err(retry(format!(
                         "job.started of run {key} not seen yet (attempt {attempt})"
@@ -75,10 +92,10 @@ impl Handler for AccountingHandler {
                 if !known {
                     tracing::warn!(run = %key, "Recording usage without the job's identity: its job.started never came.");
                 }
-                if let Some(recorded) = vm_stopped(conn, &run, &key, &event.host, s)
+                let recorded = vm_stopped(&mut db, &run, &key, &event.host, s)
                     .await
-                    .map_err(retry)?
-                {
+                    .map_err(retry)?;
+                if let Some(recorded) = recorded {
                     tracing::info!(run = %key, cpu_seconds = recorded.usage.as_ref().map(|u| u.cpu_seconds), "Usage recorded.");
                     self.metrics.records.inc();
                     ctx.publish(proto::Event::build(
@@ -92,24 +109,33 @@ impl Handler for AccountingHandler {
                 }
             }
             Some(Body::JobFinished(f)) => {
-                let conn = ctx.tx().await?;
-                sqlx::query(
-                    "INSERT INTO accounting_jobs (run_key, lrms_exit_code, finished_ms) VALUES (?, ?, ?)
-                     ON CONFLICT (run_key) DO UPDATE SET lrms_exit_code = excluded.lrms_exit_code,
-                        finished_ms = excluded.finished_ms",
-                )
-                .bind(&key)
-                .bind(f.exit_code)
-                .bind(f.finished_at.as_ref().map(time::timestamp_ms))
-                .execute(&mut *conn)
-                .await
-                .map_err(retry)?;
-                sqlx::query("UPDATE usage_records SET lrms_exit_code = ? WHERE run_key = ?")
-                    .bind(f.exit_code)
+                let finished = f.finished_at.as_ref().map(time::timestamp_ms);
+                let exit = i64::from(f.exit_code);
+                let mut db = ctx.db().await?;
+                on_db!(&mut db, |c| {
+                    sqlx::query(
+                        "INSERT INTO accounting_jobs (run_key, lrms_exit_code, finished_ms)
+                         VALUES ($1, $2, $3)
+                         ON CONFLICT (run_key) DO UPDATE SET lrms_exit_code = excluded.lrms_exit_code,
+                            finished_ms = excluded.finished_ms",
+                    )
                     .bind(&key)
-                    .execute(&mut *conn)
+                    .bind(exit)
+                    .bind(finished)
+                    .execute(c)
                     .await
-                    .map_err(retry)?;
+                    .map(|r| r.rows_affected())
+                })
+                .map_err(retry)?;
+                on_db!(&mut db, |c| {
+                    sqlx::query("UPDATE usage_records SET lrms_exit_code = $1 WHERE run_key = $2")
+                        .bind(exit)
+                        .bind(&key)
+                        .execute(c)
+                        .await
+                        .map(|r| r.rows_affected())
+                })
+                .map_err(retry)?;
             }
             Some(Body::VmFailed(f)) => {
                 let phase = PHASES
@@ -131,8 +157,24 @@ impl Handler for AccountingHandler {
     }
 }
 
+/// Serialises the transactions of one run: each reads what the others of the run wrote
+/// (`vm.stopped` reads what `job.started` and `job.finished` stored, `job.finished` updates the
+/// record `vm.stopped` wrote), so two of them interleaving could lose an update. On SQLite
+/// every write transaction is already serial (`BEGIN IMMEDIATE` on one connection); on
+/// PostgreSQL a transaction-scoped advisory lock on the run key does it, leaving other runs
+/// parallel. Under READ COMMITTED each later statement sees what the previous holder committed.
+async fn lock_run(db: &mut Db<'_>, key: &str) -> Result<(), sqlx::Error> {
+    if let Db::Postgres(c) = db {
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+            .bind(key)
+            .execute(&mut **c)
+            .await?;
+    }
+    Ok(())
+}
+
 async fn job_started(
-    conn: &mut SqliteConnection,
+    db: &mut Db<'_>,
     key: &str,
     js: &proto::JobStarted,
 ) -> Result<(), sqlx::Error> {
@@ -140,53 +182,65 @@ async fn job_started(
     let owner = job.owner.unwrap_or_default();
     let identity = job.identity.unwrap_or_default();
     let fqans = serde_json::to_string(&identity.voms_fqans).unwrap_or_else(|_| "[]".into());
-    let cores = job.resources.map(|r| r.cores).unwrap_or_default();
-    sqlx::query(
-        "INSERT INTO accounting_jobs (run_key, user_name, uid, gid, vo, x509_dn, fqans, queue, cores,
-            lrms_started_ms)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-         ON CONFLICT (run_key) DO UPDATE SET user_name = excluded.user_name, uid = excluded.uid,
-            gid = excluded.gid, vo = excluded.vo, x509_dn = excluded.x509_dn,
-            fqans = excluded.fqans, queue = excluded.queue, cores = excluded.cores,
-            lrms_started_ms = excluded.lrms_started_ms",
-    )
-    .bind(key)
-    .bind(&owner.user)
-    .bind(owner.uid)
-    .bind(owner.gid)
-    .bind(&job.vo)
-    .bind(&identity.x509_dn)
-    .bind(&fqans)
-    .bind(&job.queue)
-    .bind(cores)
-    .bind(js.started_at.as_ref().map(time::timestamp_ms))
-    .execute(&mut *conn)
-    .await?;
+    let cores = job
+        .resources
+        .map(|r| i64::from(r.cores))
+        .unwrap_or_default();
+    let (uid, gid) = (i64::from(owner.uid), i64::from(owner.gid));
+    let started = js.started_at.as_ref().map(time::timestamp_ms);
+    on_db!(&mut *db, |c| {
+        sqlx::query(
+            "INSERT INTO accounting_jobs (run_key, user_name, uid, gid, vo, x509_dn, fqans, queue,
+                cores, lrms_started_ms)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+             ON CONFLICT (run_key) DO UPDATE SET user_name = excluded.user_name, uid = excluded.uid,
+                gid = excluded.gid, vo = excluded.vo, x509_dn = excluded.x509_dn,
+                fqans = excluded.fqans, queue = excluded.queue, cores = excluded.cores,
+                lrms_started_ms = excluded.lrms_started_ms",
+        )
+        .bind(key)
+        .bind(&owner.user)
+        .bind(uid)
+        .bind(gid)
+        .bind(&job.vo)
+        .bind(&identity.x509_dn)
+        .bind(&fqans)
+        .bind(&job.queue)
+        .bind(cores)
+        .bind(started)
+        .execute(c)
+        .await
+        .map(|r| r.rows_affected())
+    })?;
     // A record written before the job's identity was known gets it now.
-    sqlx::query(
-        "UPDATE usage_records SET user_name = ?, uid = ?, gid = ?, vo = ?, x509_dn = ?, fqans = ?,
-            queue = ?
-         WHERE run_key = ? AND vo = '' AND user_name = ''",
-    )
-    .bind(&owner.user)
-    .bind(owner.uid)
-    .bind(owner.gid)
-    .bind(&job.vo)
-    .bind(&identity.x509_dn)
-    .bind(&fqans)
-    .bind(&job.queue)
-    .bind(key)
-    .execute(&mut *conn)
-    .await?;
+    on_db!(&mut *db, |c| {
+        sqlx::query(
+            "UPDATE usage_records SET user_name = $1, uid = $2, gid = $3, vo = $4, x509_dn = $5,
+                fqans = $6, queue = $7
+             WHERE run_key = $8 AND vo = '' AND user_name = ''",
+        )
+        .bind(&owner.user)
+        .bind(uid)
+        .bind(gid)
+        .bind(&job.vo)
+        .bind(&identity.x509_dn)
+        .bind(&fqans)
+        .bind(&job.queue)
+        .bind(key)
+        .execute(c)
+        .await
+        .map(|r| r.rows_affected())
+    })?;
     Ok(())
 }
 
-async fn job_known(conn: &mut SqliteConnection, key: &str) -> Result<bool, sqlx::Error> {
-    let row: Option<(Option<String>,)> =
-        sqlx::query_as("SELECT vo FROM accounting_jobs WHERE run_key = ?")
+async fn job_known(db: &mut Db<'_>, key: &str) -> Result<bool, sqlx::Error> {
+    let row: Option<(Option<String>,)> = on_db!(&mut *db, |c| {
+        sqlx::query_as("SELECT vo FROM accounting_jobs WHERE run_key = $1")
             .bind(key)
-            .fetch_optional(&mut *conn)
-            .await?;
+            .fetch_optional(c)
+            .await
+    })?;
     Ok(matches!(row, Some((Some(_),))))
 }
 
@@ -206,19 +260,21 @@ struct JobRow {
 /// Inserts the record; `Some(UsageRecorded)` when this call wrote it, `None` when the run
 /// already had one.
 async fn vm_stopped(
-    conn: &mut SqliteConnection,
+    db: &mut Db<'_>,
     run: &proto::JobRunRef,
     key: &str,
     host: &str,
     s: &proto::VmStopped,
 ) -> Result<Option<proto::UsageRecorded>, sqlx::Error> {
-    let job: JobRow = sqlx::query_as(
-        "SELECT user_name, uid, gid, vo, x509_dn, fqans, queue, vm_started_ms, lrms_exit_code
-         FROM accounting_jobs WHERE run_key = ?",
-    )
-    .bind(key)
-    .fetch_optional(&mut *conn)
-    .await?
+    let job: JobRow = on_db!(&mut *db, |c| {
+        sqlx::query_as(
+            "SELECT user_name, uid, gid, vo, x509_dn, fqans, queue, vm_started_ms, lrms_exit_code
+             FROM accounting_jobs WHERE run_key = $1",
+        )
+        .bind(key)
+        .fetch_optional(c)
+        .await
+    })?
     .unwrap_or_default();
     let usage = s.usage.unwrap_or_default();
     let wall = time::duration_secs(usage.wall.as_ref());
@@ -226,49 +282,66 @@ async fn vm_stopped(
     let started_ms = job
         .vm_started_ms
         .or_else(|| stopped_ms.map(|t| t - (wall * 1000.0) as i64));
-    let res = sqlx::query(
-        "INSERT INTO usage_records (run_key, site, lrms, job_id, run_attempt, host, vm_id, vo,
-            user_name, uid, gid, x509_dn, fqans, queue, cores, cpu_seconds, peak_memory_bytes,
-            wall_seconds, exit_code, lrms_exit_code, stop_reason, started_ms, stopped_ms,
-            recorded_ms)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-         ON CONFLICT (run_key) DO NOTHING",
-    )
-    .bind(key)
-    .bind(&run.site)
-    .bind(wnodes_bus::event::lrms_name(run.lrms))
-    .bind(&run.job_id)
-    .bind(run.run_attempt)
-    .bind(host)
-    .bind(&s.vm_id)
-    .bind(job.vo.clone().unwrap_or_default())
-    .bind(job.user_name.clone().unwrap_or_default())
-    .bind(job.uid)
-    .bind(job.gid)
-    .bind(job.x509_dn.clone().unwrap_or_default())
-    .bind(job.fqans.clone().unwrap_or_else(|| "[]".into()))
-    .bind(job.queue.clone().unwrap_or_default())
-    .bind(usage.cores)
-    .bind(usage.cpu_seconds)
-    .bind(i64::try_from(usage.peak_memory_bytes).unwrap_or(i64::MAX))
-    .bind(wall)
-    .bind(s.exit_code)
-    .bind(job.lrms_exit_code)
-    .bind(&s.stop_reason)
-    .bind(started_ms)
-    .bind(stopped_ms)
-    .bind(time::now_ms())
-    .execute(&mut *conn)
-    .await?;
-    if res.rows_affected() == 0 {
+    let (vo, user, dn) = (
+        job.vo.unwrap_or_default(),
+        job.user_name.unwrap_or_default(),
+        job.x509_dn.unwrap_or_default(),
+    );
+    let fqans = job.fqans.unwrap_or_else(|| "[]".into());
+    let queue = job.queue.unwrap_or_default();
+    let lrms = wnodes_bus::event::lrms_name(run.lrms);
+    let attempt = i64::from(run.run_attempt);
+    let cores = i64::from(usage.cores);
+    let peak = i64::try_from(usage.peak_memory_bytes).unwrap_or(i64::MAX);
+    let exit = i64::from(s.exit_code);
+    let now = time::now_ms();
+    let inserted = on_db!(&mut *db, |c| {
+        sqlx::query(
+            "INSERT INTO usage_records (run_key, site, lrms, job_id, run_attempt, host, vm_id, vo,
+                user_name, uid, gid, x509_dn, fqans, queue, cores, cpu_seconds, peak_memory_bytes,
+                wall_seconds, exit_code, lrms_exit_code, stop_reason, started_ms, stopped_ms,
+                recorded_ms)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,
+                $18, $19, $20, $21, $22, $23, $24)
+             ON CONFLICT (run_key) DO NOTHING",
+        )
+        .bind(key)
+        .bind(&run.site)
+        .bind(lrms)
+        .bind(&run.job_id)
+        .bind(attempt)
+        .bind(host)
+        .bind(&s.vm_id)
+        .bind(&vo)
+        .bind(&user)
+        .bind(job.uid)
+        .bind(job.gid)
+        .bind(&dn)
+        .bind(&fqans)
+        .bind(&queue)
+        .bind(cores)
+        .bind(usage.cpu_seconds)
+        .bind(peak)
+        .bind(wall)
+        .bind(exit)
+        .bind(job.lrms_exit_code)
+        .bind(&s.stop_reason)
+        .bind(started_ms)
+        .bind(stopped_ms)
+        .bind(now)
+        .execute(c)
+        .await
+        .map(|r| r.rows_affected())
+    })?;
+    if inserted == 0 {
         return Ok(None);
     }
     Ok(Some(proto::UsageRecorded {
         record_id: key.to_owned(),
         usage: Some(usage),
         exit_code: s.exit_code,
-        vo: job.vo.unwrap_or_default(),
-        user: job.user_name.unwrap_or_default(),
-        x509_dn: job.x509_dn.unwrap_or_default(),
+        vo,
+        user,
+        x509_dn: dn,
     }))
 }

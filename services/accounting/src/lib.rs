@@ -2,7 +2,7 @@
 //!
 //! The `accounting` durable consumer reads, on every host (`wnodes.evt.*.<type>`):
 //!
-//! | event | effect (in the same SQLite transaction as the idempotency key) |
+//! | event | effect (in the same transaction as the idempotency key) |
 //! |---|---|
 //! | `job.started` | stores the job's identity (owner, VO, DN, FQANs, queue) in `accounting_jobs`; fills a record written before it |
 //! | `vm.running` | stores when the VM started |
@@ -15,14 +15,16 @@
 //! `VmStopped` carries. Accounting never waits for `JobFinished`; it enriches the record when it
 //! comes. A run that failed before its VM started (`VmFailed`) gets no record.
 //!
-//! The usage tables live in the consumer's idempotency store database ([`Config::database`]),
-//! so each effect commits together with its key ([`wnodes_bus::HandlerCtx::tx`]).
+//! The usage tables live in the consumer's idempotency store ([`Config::database`]: SQLite by
+//! default, PostgreSQL at a site), so each effect commits together with its key
+//! ([`wnodes_bus::HandlerCtx::db`]); the handler's SQL is the same text on both
+//! ([`wnodes_bus::db`]).
 
 //!
 //! | module | what it holds |
 //! |---|---|
 //! | [`config`] | the `[accounting]` section (with `[accounting.apel]` and `[accounting.apel_export]`) |
-//! | [`schema`] | the tables, created at start in the consumer's store |
+//! | [`store`] | the store URL (`sqlite://`, `postgres://`), the embedded migrations, opening the store the keys share |
 //! | [`handler`] | the consumer's handler: one effect per event type, one record per run |
 //! | [`metrics`] | `wnodes_accounting_*` |
 //! | [`records`] | reading records back (`records` subcommand) |
@@ -36,26 +38,30 @@ mod error_rule;
 pub mod handler;
 pub mod metrics;
 pub mod records;
-pub mod schema;
 mod service;
+pub mod store;
 
 pub use config::Config;
 pub use handler::{AccountingHandler, WAIT_FOR_JOB_ATTEMPTS};
 pub use metrics::Metrics;
-pub use schema::{migrate, open_store};
 pub use service::{Accounting, AccountingCommand};
+pub use store::{StoreUrl, migrate, open_store};
 
 /// What can go wrong in accounting.
 #[derive(Debug, thiserror::Error)]
 pub enum AccountingError {
-    #[error("database {path}")]
+    #[error("database {store}")]
     Database {
-        path: String,
+        store: String,
         #[source]
         source: sqlx::Error,
     },
     #[error("accounting database query failed")]
     Sql(#[from] sqlx::Error),
+    #[error("accounting database migration failed")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error(transparent)]
+    StoreUrl(#[from] store::StoreUrlError),
     #[error(transparent)]
     Bus(#[from] wnodes_bus::BusError),
 }

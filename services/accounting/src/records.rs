@@ -1,10 +1,16 @@
-//! Reading usage records back (the `records` subcommand, tests).
+//! Reading usage records back (the `records` subcommand, the APEL exporter, tests), from
+//! either store.
 
-use std::{path::Path, str::FromStr};
+use std::str::FromStr;
 
-use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions};
+use sqlx::{
+    Executor as _,
+    postgres::{PgConnectOptions, PgPoolOptions},
+    sqlite::{SqliteConnectOptions, SqlitePoolOptions},
+};
+use wnodes_bus::{db::Pool, on_pool};
 
-use crate::AccountingError;
+use crate::{AccountingError, StoreUrl};
 
 pub use wnodes_accounting_types::UsageRecord;
 
@@ -22,42 +28,69 @@ macro_rules! select_records {
 }
 
 /// Every record in `pool`, oldest first.
-pub async fn list(pool: &SqlitePool) -> Result<Vec<UsageRecord>, AccountingError> {
+pub async fn list(pool: &Pool) -> Result<Vec<UsageRecord>, AccountingError> {
     let q = select_records!("FROM usage_records ORDER BY recorded_ms, run_key");
-    Ok(sqlx::query_as(q).fetch_all(pool).await?)
+    Ok(on_pool!(pool, |p| sqlx::query_as(q).fetch_all(p).await)?)
 }
 
 /// The records whose VM stopped in `[from_ms, to_ms)`, by stop time.
 pub async fn stopped_between(
-    pool: &SqlitePool,
+    pool: &Pool,
     from_ms: i64,
     to_ms: i64,
 ) -> Result<Vec<UsageRecord>, sqlx::Error> {
     let q = select_records!(
-        "FROM usage_records WHERE stopped_ms >= ? AND stopped_ms < ? ORDER BY stopped_ms, run_key"
+        "FROM usage_records WHERE stopped_ms >= $1 AND stopped_ms < $2 ORDER BY stopped_ms, run_key"
     );
-    sqlx::query_as(q)
-        .bind(from_ms)
-        .bind(to_ms)
-        .fetch_all(pool)
-        .await
+    on_pool!(pool, |p| {
+        sqlx::query_as(q)
+            .bind(from_ms)
+            .bind(to_ms)
+            .fetch_all(p)
+            .await
+    })
 }
 
-/// Opens the accounting database read-only.
-pub async fn open_read_only(path: &Path) -> Result<SqlitePool, AccountingError> {
+/// Opens the store for reading only (SQLite read-only; PostgreSQL sessions with
+/// `default_transaction_read_only`).
+pub async fn open_read_only(url: &StoreUrl) -> Result<Pool, AccountingError> {
     let err = |source| AccountingError::Database {
-        path: path.display().to_string(),
+        store: url.to_string(),
         source,
     };
-    let opts = SqliteConnectOptions::from_str("sqlite:")
-        .map_err(err)?
-        .filename(path)
-        .read_only(true);
-    SqlitePoolOptions::new()
-        .max_connections(1)
-        .connect_with(opts)
-        .await
-        .map_err(err)
+    Ok(match url {
+        StoreUrl::Sqlite(path) => {
+            let opts = SqliteConnectOptions::from_str("sqlite:")
+                .map_err(err)?
+                .filename(path)
+                .read_only(true);
+            Pool::Sqlite(
+                SqlitePoolOptions::new()
+                    .max_connections(1)
+                    .connect_with(opts)
+                    .await
+                    .map_err(err)?,
+            )
+        }
+        StoreUrl::Postgres(u) => {
+            let opts = PgConnectOptions::from_str(u).map_err(err)?;
+            Pool::Postgres(
+                PgPoolOptions::new()
+                    .max_connections(2)
+                    .acquire_timeout(std::time::Duration::from_secs(10))
+                    .after_connect(|conn, _| {
+                        Box::pin(async move {
+                            conn.execute("SET default_transaction_read_only = on")
+                                .await?;
+                            Ok(())
+                        })
+                    })
+                    .connect_with(opts)
+                    .await
+                    .map_err(err)?,
+            )
+        }
+    })
 }
 
 /// Renders records as an aligned text table.

@@ -1,8 +1,6 @@
 //! [`Accounting`]: the service as the runtime runs it (`serve`, the default, `records` and
 //! `apel-export`).
 
-use std::path::Path;
-
 use wnodes_bus::ErrorChain;
 use wnodes_runtime::{Parts, Service, ServiceCtx, StartError, exit};
 
@@ -25,7 +23,7 @@ pub enum AccountingCommand {
     /// (`ssmsend`'s dirq). Job records go once each; summaries, cloud and sync records go
     /// again when their figures change. Settings: `[accounting.apel]`.
     ApelExport {
-        /// The accounting database: a path or a `sqlite://` URL.
+        /// The accounting store: a SQLite path or `sqlite://PATH`, or `postgres://…`.
         #[arg(long, value_name = "PATH_OR_URL")]
         store: String,
         /// First day (UTC, `YYYY-MM-DD`), inclusive: records whose VM stopped from then.
@@ -53,12 +51,12 @@ impl Service for Accounting {
     /// Opens the records database (which also holds the consumer's keys, so that a record
     /// commits with its key).
     async fn build(ctx: &ServiceCtx<Config>) -> Result<Parts<AccountingHandler>, StartError> {
-        let path = ctx.config.database_path(&ctx.state_dir);
-        let store = open_store(&path)
+        let url = ctx.config.store_url(&ctx.state_dir);
+        let store = open_store(&url)
             .await
-            .map_err(|e| StartError::config(Self::NAME, e))?;
+            .map_err(|e| StartError::unavailable("the accounting store", e))?;
         let metrics = Metrics::register(&mut ctx.registry.lock());
-        tracing::info!(database = %path.display(), "Accounting database open.");
+        tracing::info!(store = %url, "Accounting store open.");
         let mut parts = Parts::consumer(AccountingHandler {
             source: ctx.source(),
             metrics,
@@ -72,7 +70,7 @@ impl Service for Accounting {
             tracing::info!(out = %periodic.out.display(), every = ?periodic.every, "APEL export on.");
             let (cfg, shutdown) = (ctx.config.apel.clone(), ctx.shutdown.clone());
             parts = parts.task("apel-export", async move {
-                apel::run_periodic(path, cfg, periodic, shutdown)
+                apel::run_periodic(url, cfg, periodic, shutdown)
                     .await
                     .map_err(Into::into)
             });
@@ -84,7 +82,7 @@ impl Service for Accounting {
         match command {
             AccountingCommand::Records { json } => {
                 let state_dir = config.common.state_dir_of(Self::NAME);
-                print_records(&config.service.database_path(&state_dir), json).await
+                print_records(&config.service.store_url(&state_dir), json).await
             }
             AccountingCommand::ApelExport {
                 store,
@@ -106,8 +104,8 @@ async fn apel_export(
     kind: Option<wnodes_apel::Kind>,
 ) -> u8 {
     use crate::apel::{ApelExportError, ExportRequest};
-    let request = || -> Result<(std::path::PathBuf, ExportRequest), ApelExportError> {
-        let path = apel::store_path(store)?;
+    let request = || -> Result<(crate::StoreUrl, ExportRequest), ApelExportError> {
+        let url: crate::StoreUrl = store.parse()?;
         let (from_ms, to_ms) = (apel::parse_date(from)?, apel::parse_date(to)?);
         if from_ms >= to_ms {
             return Err(ApelExportError::EmptyPeriod {
@@ -116,9 +114,9 @@ async fn apel_export(
             });
         }
         let kinds = kind.map_or_else(|| wnodes_apel::Kind::ALL.to_vec(), |k| vec![k]);
-        Ok((path, ExportRequest::new(from_ms, to_ms, kinds, out)))
+        Ok((url, ExportRequest::new(from_ms, to_ms, kinds, out)))
     };
-    let (path, req) = match request() {
+    let (url, req) = match request() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("wnodes-accounting: {}", ErrorChain(&e));
@@ -130,7 +128,7 @@ async fn apel_export(
         return exit::CONFIG;
     }
     let result = async {
-        let pool = apel::open(&path).await?;
+        let pool = apel::open(&url).await?;
         apel::export(&pool, cfg, &req).await
     }
     .await;
@@ -164,9 +162,9 @@ async fn apel_export(
     }
 }
 
-async fn print_records(path: &Path, json: bool) -> u8 {
+async fn print_records(url: &crate::StoreUrl, json: bool) -> u8 {
     let result = async {
-        let pool = records::open_read_only(path).await?;
+        let pool = records::open_read_only(url).await?;
         records::list(&pool).await
     }
     .await;

@@ -1,13 +1,15 @@
-//! Accounting against a real nats-server: one record per run, whatever is redelivered.
+//! Accounting against a real nats-server: one record per run, whatever is redelivered, on
+//! both stores: each test runs once on SQLite and once on PostgreSQL (a fresh database on the
+//! run's cluster, `wnodes_testkit::postgres`), as `<test>::sqlite` and `<test>::postgres`.
 
 // Helpers outside `#[test]` functions are test code too: a panic is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::{path::Path, time::Duration};
+use std::time::Duration;
 
 use prost::Message;
 use tokio_util::sync::CancellationToken;
-use wnodes_accounting::{Accounting, AccountingHandler, Metrics, open_store, records};
+use wnodes_accounting::{Accounting, AccountingHandler, Metrics, StoreUrl, open_store, records};
 use wnodes_bus::{
     Bus, BusError, Consumer, ConsumerTuning, EventExt, proto, proto::event::Body, subject,
 };
@@ -48,14 +50,22 @@ impl Running {
     }
 }
 
-async fn start(bus: &Bus, db: &Path) -> Running {
+async fn start(bus: &Bus, db: &StoreUrl) -> Running {
     start_with(bus, db, Metrics::default()).await
 }
 
-async fn start_with(bus: &Bus, db: &Path, metrics: Metrics) -> Running {
+async fn start_with(bus: &Bus, db: &StoreUrl, metrics: Metrics) -> Running {
+    start_tuned(bus, db, metrics, tuning()).await
+}
+
+async fn start_tuned(
+    bus: &Bus,
+    db: &StoreUrl,
+    metrics: Metrics,
+    tuning: ConsumerTuning,
+) -> Running {
     let store = open_store(db).await.unwrap();
-    let spec =
-        wnodes_runtime::consumer_spec::<Accounting>("central.example.org", tuning()).unwrap();
+    let spec = wnodes_runtime::consumer_spec::<Accounting>("central.example.org", tuning).unwrap();
     let handler = AccountingHandler {
         source: "accounting@central.example.org".into(),
         metrics,
@@ -147,7 +157,7 @@ fn job_finished(r: &proto::JobRunRef, exit_code: i32) -> proto::Event {
     )
 }
 
-async fn all_records(db: &Path) -> Vec<records::UsageRecord> {
+async fn all_records(db: &StoreUrl) -> Vec<records::UsageRecord> {
     let pool = records::open_read_only(db).await.unwrap();
     let recs = records::list(&pool).await.unwrap();
     pool.close().await;
@@ -155,7 +165,7 @@ async fn all_records(db: &Path) -> Vec<records::UsageRecord> {
 }
 
 async fn wait_record(
-    db: &Path,
+    db: &StoreUrl,
     what: &str,
     pred: impl Fn(&records::UsageRecord) -> bool,
 ) -> records::UsageRecord {
@@ -176,6 +186,34 @@ async fn events_on(bus: &Bus, filter: &str) -> Vec<proto::Event> {
     out
 }
 
+/// Each named test function, run once per store: `<name>::sqlite` (a file in a temp dir) and
+/// `<name>::postgres` (a fresh database on the run's cluster).
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread")]
+            async fn sqlite() {
+                let dir = tempfile::tempdir().unwrap();
+                super::$name(super::StoreUrl::Sqlite(dir.path().join("accounting.db"))).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread")]
+            async fn postgres() {
+                let db = wnodes_testkit::postgres::database().await;
+                super::$name(super::StoreUrl::Postgres(db.url)).await;
+            }
+        }
+    )*};
+}
+
+on_both_stores!(
+    vm_stopped_writes_one_record_and_publishes_usage_recorded,
+    redelivery_after_restart_and_new_message_ids_keep_one_record,
+    job_finished_before_or_after_vm_stopped_enriches_the_record,
+    vm_stopped_before_job_started_is_recorded_and_filled_in,
+    a_run_whose_vm_failed_gets_no_record_and_is_counted,
+);
+
 /// Waits until the accounting consumer has acked everything in the stream for it.
 async fn wait_caught_up(bus: &Bus) {
     let stream = bus
@@ -194,12 +232,9 @@ async fn wait_caught_up(bus: &Bus) {
     .unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn vm_stopped_writes_one_record_and_publishes_usage_recorded() {
+async fn vm_stopped_writes_one_record_and_publishes_usage_recorded(db: StoreUrl) {
     let nats = NatsServer::start().await.unwrap();
     let bus = connect(&nats).await;
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("accounting.db");
     let svc = start(&bus, &db).await;
     let r = run("1001.0");
     for ev in [job_started(&r), vm_running(&r), vm_stopped(&r, 3)] {
@@ -245,12 +280,9 @@ async fn vm_stopped_writes_one_record_and_publishes_usage_recorded() {
     svc.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn redelivery_after_restart_and_new_message_ids_keep_one_record() {
+async fn redelivery_after_restart_and_new_message_ids_keep_one_record(db: StoreUrl) {
     let nats = NatsServer::start().await.unwrap();
     let bus = connect(&nats).await;
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("accounting.db");
     let svc = start(&bus, &db).await;
     let r = run("2002.0");
     let stopped = vm_stopped(&r, 0);
@@ -304,12 +336,9 @@ async fn redelivery_after_restart_and_new_message_ids_keep_one_record() {
     svc.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn job_finished_before_or_after_vm_stopped_enriches_the_record() {
+async fn job_finished_before_or_after_vm_stopped_enriches_the_record(db: StoreUrl) {
     let nats = NatsServer::start().await.unwrap();
     let bus = connect(&nats).await;
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("accounting.db");
     let svc = start(&bus, &db).await;
 
     let before = run("3003.0");
@@ -348,12 +377,9 @@ async fn job_finished_before_or_after_vm_stopped_enriches_the_record() {
     svc.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn vm_stopped_before_job_started_is_recorded_and_filled_in() {
+async fn vm_stopped_before_job_started_is_recorded_and_filled_in(db: StoreUrl) {
     let nats = NatsServer::start().await.unwrap();
     let bus = connect(&nats).await;
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("accounting.db");
     let svc = start(&bus, &db).await;
     let r = run("5005.0");
     // No JobStarted yet: the handler waits a few attempts, then records without identity.
@@ -370,12 +396,9 @@ async fn vm_stopped_before_job_started_is_recorded_and_filled_in() {
     svc.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_run_whose_vm_failed_gets_no_record_and_is_counted() {
+async fn a_run_whose_vm_failed_gets_no_record_and_is_counted(db: StoreUrl) {
     let nats = NatsServer::start().await.unwrap();
     let bus = connect(&nats).await;
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("accounting.db");
     let metrics = Metrics::default();
     let svc = start_with(&bus, &db, metrics.clone()).await;
     let failed = run("6006.0");
@@ -404,5 +427,73 @@ async fn a_run_whose_vm_failed_gets_no_record_and_is_counted() {
     assert_eq!(recs.len(), 1, "{recs:?}");
     assert_eq!(metrics.vm_failed("policy"), 1);
     assert_eq!(metrics.records(), 1);
+    svc.stop().await;
+}
+
+/// Records survive a PostgreSQL restart during ingest: the server of a private cluster is
+/// stopped (fast shutdown: every connection cut) while runs are being published and started
+/// again; every run ends with exactly one record, the sums exact, and one `UsageRecorded` per run.
+#[tokio::test(flavor = "multi_thread")]
+async fn records_survive_a_postgres_restart_during_ingest() {
+    const RUNS: usize = 60;
+    let cluster = wnodes_testkit::postgres::Cluster::start();
+    let db = StoreUrl::Postgres(
+        wnodes_testkit::postgres::create_database(cluster.url())
+            .await
+            .url,
+    );
+    let nats = NatsServer::start().await.unwrap();
+    let bus = connect(&nats).await;
+    // Enough attempts to outlast the outage: a message is never dead-lettered for it.
+    let tuning = ConsumerTuning {
+        max_attempts: 1000,
+        ..tuning()
+    };
+    let svc = start_tuned(&bus, &db, Metrics::default(), tuning).await;
+    let publisher = {
+        let bus = bus.clone();
+        tokio::spawn(async move {
+            for i in 0..RUNS {
+                let r = run(&format!("{}.0", 7000 + i));
+                for ev in [job_started(&r), vm_running(&r), vm_stopped(&r, 0)] {
+                    bus.publish(&ev).await.unwrap();
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        })
+    };
+    // Some records are in before the outage...
+    wait_until(WAIT, "the first records", || async {
+        (all_records(&db).await.len() >= 5).then_some(())
+    })
+    .await
+    .unwrap();
+    cluster.stop();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    cluster.resume();
+    publisher.await.unwrap();
+    // ... and every one after it.
+    let recs = wait_until(Duration::from_secs(60), "every run's record", || async {
+        let recs = all_records(&db).await;
+        (recs.len() >= RUNS).then_some(recs)
+    })
+    .await
+    .unwrap();
+    wait_caught_up(&bus).await;
+    let recs_after = all_records(&db).await;
+    assert_eq!(recs_after.len(), RUNS, "exactly one record per run");
+    assert_eq!(recs_after, recs, "nothing changed once caught up");
+    let cpu: f64 = recs.iter().map(|r| r.cpu_seconds).sum();
+    assert!((cpu - 12.5 * RUNS as f64).abs() < 1e-6, "cpu sum {cpu}");
+    assert!(
+        recs.iter().all(|r| r.vo == "atlas"),
+        "identity on every record"
+    );
+    let usage = events_on(
+        &bus,
+        &subject::event_filter(None, "usage.recorded").unwrap(),
+    )
+    .await;
+    assert_eq!(usage.len(), RUNS, "one UsageRecorded per run");
     svc.stop().await;
 }

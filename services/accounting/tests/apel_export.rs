@@ -1,19 +1,19 @@
 //! `wnodes-accounting apel-export` end to end: a database filled through the accounting
 //! service's own tables, the binary run as a site runs it, the queue read back and parsed;
 //! each job exported once, summaries/cloud/sync again when they change, and a crash at either
-//! side of queueing a message (failpoints) neither loses a job nor queues one twice.
+//! side of queueing a message (failpoints) neither loses a job nor queues one twice. The export
+//! and crash tests run on both stores: `<test>::sqlite` and `<test>::postgres` (a fresh database
+//! on the run's cluster, `wnodes_testkit::postgres`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::{
-    collections::BTreeMap,
-    os::unix::process::ExitStatusExt,
-    path::{Path, PathBuf},
-    process::Output,
+    collections::BTreeMap, os::unix::process::ExitStatusExt, path::PathBuf, process::Output,
 };
 
-use wnodes_accounting::apel::parse_date;
+use wnodes_accounting::{StoreUrl, apel::parse_date};
 use wnodes_apel::{OutgoingQueue, message};
+use wnodes_bus::{db::Pool, on_pool};
 
 /// A record parsed back: field name → value, nulls as `None`.
 type Fields = BTreeMap<String, Option<String>>;
@@ -30,22 +30,36 @@ per_core = 10.0
 
 struct Site {
     dir: tempfile::TempDir,
+    store: StoreUrl,
+}
+
+/// Which store a test's site keeps its records in.
+#[derive(Debug, Clone, Copy)]
+enum On {
+    Sqlite,
+    Postgres,
 }
 
 impl Site {
+    /// A site on SQLite.
     async fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("wnodes.toml"), CONFIG).unwrap();
-        // The service's own tables, as `serve` creates them.
-        let store = wnodes_accounting::open_store(&dir.path().join("accounting.db"))
-            .await
-            .unwrap();
-        drop(store);
-        Self { dir }
+        Self::on(On::Sqlite).await
     }
 
-    fn db(&self) -> PathBuf {
-        self.dir.path().join("accounting.db")
+    async fn on(on: On) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("wnodes.toml"), CONFIG).unwrap();
+        let store = match on {
+            On::Sqlite => StoreUrl::Sqlite(dir.path().join("accounting.db")),
+            On::Postgres => StoreUrl::Postgres(wnodes_testkit::postgres::database().await.url),
+        };
+        // The service's own tables, as `serve` creates them.
+        drop(wnodes_accounting::open_store(&store).await.unwrap());
+        Self { dir, store }
+    }
+
+    async fn pool(&self) -> Pool {
+        wnodes_accounting::apel::open(&self.store).await.unwrap()
     }
 
     fn out(&self) -> PathBuf {
@@ -59,15 +73,15 @@ impl Site {
 
     async fn insert(&self, job_id: &str, stopped: &str, vo: &str, user: &str) {
         let stopped_ms = at(stopped);
-        let pool = pool(&self.db()).await;
-        sqlx::query(
+        let pool = self.pool().await;
+        on_pool!(&pool, |p| sqlx::query(
             "INSERT INTO usage_records (run_key, site, lrms, job_id, run_attempt, host, vm_id, vo,
                 user_name, uid, gid, x509_dn, fqans, queue, cores, cpu_seconds, peak_memory_bytes,
                 wall_seconds, exit_code, lrms_exit_code, stop_reason, started_ms, stopped_ms,
                 recorded_ms)
-             VALUES (?, 'INFN-T1', 'htcondor', ?, 1, 'hv1.example.org', ?, ?, ?,
+             VALUES ($1, 'INFN-T1', 'htcondor', $2, 1, 'hv1.example.org', $3, $4, $5,
                 41200, 1307, '/DC=ch/CN=pilot', '[\"/atlas/Role=production/Capability=NULL\"]',
-                'atlas', 2, 5400.0, 2147483648, 3600.0, 0, 0, 'guest_poweroff', ?, ?, ?)",
+                'atlas', 2, 5400.0, 2147483648, 3600.0, 0, 0, 'guest_poweroff', $6, $7, $8)",
         )
         .bind(format!("INFN-T1/htcondor/{job_id}/1"))
         .bind(job_id)
@@ -77,14 +91,15 @@ impl Site {
         .bind(stopped_ms - 3_600_000)
         .bind(stopped_ms)
         .bind(stopped_ms + 1000)
-        .execute(&pool)
+        .execute(p)
         .await
+        .map(|r| r.rows_affected()))
         .unwrap();
         pool.close().await;
     }
 
     fn export(&self, args: &[&str], failpoint: Option<&str>) -> Output {
-        let db = format!("sqlite://{}", self.db().display());
+        let db = String::from(self.store.clone());
         let out = self.out();
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_wnodes-accounting"));
         cmd.env("WNODES_CONFIG", self.dir.path().join("wnodes.toml"))
@@ -143,23 +158,43 @@ impl Site {
     }
 
     async fn exported(&self, kind: &str) -> Vec<String> {
-        let pool = pool(&self.db()).await;
-        let rows: Vec<(String,)> =
-            sqlx::query_as("SELECT run_key FROM apel_exported WHERE kind = ? ORDER BY run_key")
+        let pool = self.pool().await;
+        let rows: Vec<(String,)> = on_pool!(&pool, |p| {
+            sqlx::query_as("SELECT run_key FROM apel_exported WHERE kind = $1 ORDER BY run_key")
                 .bind(kind)
-                .fetch_all(&pool)
+                .fetch_all(p)
                 .await
-                .unwrap();
+        })
+        .unwrap();
         pool.close().await;
         rows.into_iter().map(|(k,)| k).collect()
     }
 }
 
-async fn pool(path: &Path) -> sqlx::SqlitePool {
-    sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display()))
-        .await
-        .unwrap()
+/// Each named test function, run once per store: `<name>::sqlite` and `<name>::postgres`.
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread")]
+            async fn sqlite() {
+                super::$name(super::On::Sqlite).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread")]
+            async fn postgres() {
+                super::$name(super::On::Postgres).await;
+            }
+        }
+    )*};
 }
+
+on_both_stores!(
+    apel_export_writes_every_kind_then_only_what_changed,
+    a_crash_after_queueing_never_queues_a_job_twice,
+    a_crash_after_queueing_is_settled_even_once_ssmsend_took_the_message,
+    a_crash_before_queueing_loses_no_job,
+    a_crash_before_queueing_a_summary_sends_it_on_the_next_run,
+);
 
 /// `YYYY-MM-DDTHH` (UTC) as Unix milliseconds.
 fn at(s: &str) -> i64 {
@@ -171,9 +206,8 @@ fn field<'a>(r: &'a Fields, k: &str) -> &'a str {
     r[k].as_deref().unwrap_or("None")
 }
 
-#[tokio::test]
-async fn apel_export_writes_every_kind_then_only_what_changed() {
-    let site = Site::new().await;
+async fn apel_export_writes_every_kind_then_only_what_changed(on: On) {
+    let site = Site::on(on).await;
     site.record("101", "2026-11-03T12").await;
     site.record("102", "2026-11-10T12").await;
     site.record("103", "2026-11-20T12").await; // after the period, same month
@@ -277,11 +311,14 @@ async fn apel_export_writes_every_kind_then_only_what_changed() {
         "{stdout}"
     );
     assert_eq!(site.job_ids(), ["101", "102", "105"]);
-    let pool = pool(&site.db()).await;
-    sqlx::query("DELETE FROM usage_records WHERE run_key = 'INFN-T1/htcondor/106/1'")
-        .execute(&pool)
-        .await
-        .unwrap();
+    let pool = site.pool().await;
+    on_pool!(&pool, |p| {
+        sqlx::query("DELETE FROM usage_records WHERE run_key = 'INFN-T1/htcondor/106/1'")
+            .execute(p)
+            .await
+            .map(|r| r.rows_affected())
+    })
+    .unwrap();
     pool.close().await;
 
     // One kind, a wider period: only the jobs not yet sent.
@@ -327,26 +364,29 @@ async fn apel_export_refuses_bad_arguments() {
             String::from_utf8_lossy(&o.stderr)
         );
     }
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_wnodes-accounting"))
-        .env("WNODES_CONFIG", site.dir.path().join("wnodes.toml"))
-        .env("WNODES_STATE_DIR", site.dir.path())
-        .args([
-            "apel-export",
-            "--store",
-            "postgres://db.example.org/acct",
-            "--from",
-            "2026-11-01",
-        ])
-        .args(["--to", "2026-12-01", "--out"])
-        .arg(site.out())
-        .output()
-        .unwrap();
+    let export_from = |store: &str| {
+        // (A PostgreSQL store that does not answer is retried for 10 s before exit 69.)
+        std::process::Command::new(env!("CARGO_BIN_EXE_wnodes-accounting"))
+            .env("WNODES_CONFIG", site.dir.path().join("wnodes.toml"))
+            .env("WNODES_STATE_DIR", site.dir.path())
+            .args(["apel-export", "--store", store, "--from", "2026-11-01"])
+            .args(["--to", "2026-12-01", "--out"])
+            .arg(site.out())
+            .output()
+            .unwrap()
+    };
+    // Not a store at all: a usage error naming it.
+    let o = export_from("mysql://db.example.org/acct");
     assert_eq!(o.status.code(), Some(64));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("unsupported store"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("\"mysql://db.example.org/acct\" is neither a SQLite path"),
+        "{err}"
+    );
 }
 
-async fn four_jobs() -> Site {
-    let site = Site::new().await;
+async fn four_jobs(on: On) -> Site {
+    let site = Site::on(on).await;
     for (id, day) in [("1", "02"), ("2", "03"), ("3", "04"), ("4", "05")] {
         site.record(id, &format!("2026-11-{day}T08")).await;
     }
@@ -365,9 +405,8 @@ fn crashed(o: &Output) {
     );
 }
 
-#[tokio::test]
-async fn a_crash_after_queueing_never_queues_a_job_twice() {
-    let site = four_jobs().await;
+async fn a_crash_after_queueing_never_queues_a_job_twice(on: On) {
+    let site = four_jobs(on).await;
     let o = site.export(
         &[&JOBS[..], &["--kind", "job"]].concat(),
         Some("apel-after-queue"),
@@ -390,9 +429,8 @@ async fn a_crash_after_queueing_never_queues_a_job_twice() {
     assert_eq!(site.exported("job").await.len(), 4);
 }
 
-#[tokio::test]
-async fn a_crash_after_queueing_is_settled_even_once_ssmsend_took_the_message() {
-    let site = four_jobs().await;
+async fn a_crash_after_queueing_is_settled_even_once_ssmsend_took_the_message(on: On) {
+    let site = four_jobs(on).await;
     crashed(&site.export(
         &[&JOBS[..], &["--kind", "job"]].concat(),
         Some("apel-after-queue"),
@@ -411,9 +449,8 @@ async fn a_crash_after_queueing_is_settled_even_once_ssmsend_took_the_message() 
     assert_eq!(site.exported("job").await.len(), 4);
 }
 
-#[tokio::test]
-async fn a_crash_before_queueing_loses_no_job() {
-    let site = four_jobs().await;
+async fn a_crash_before_queueing_loses_no_job(on: On) {
+    let site = four_jobs(on).await;
     crashed(&site.export(
         &[&JOBS[..], &["--kind", "job"]].concat(),
         Some("apel-before-queue"),
@@ -434,9 +471,8 @@ async fn a_crash_before_queueing_loses_no_job() {
     assert_eq!(site.exported("job").await.len(), 4);
 }
 
-#[tokio::test]
-async fn a_crash_before_queueing_a_summary_sends_it_on_the_next_run() {
-    let site = four_jobs().await;
+async fn a_crash_before_queueing_a_summary_sends_it_on_the_next_run(on: On) {
+    let site = four_jobs(on).await;
     crashed(&site.export(
         &[&JOBS[..], &["--kind", "summary"]].concat(),
         Some("apel-before-queue"),

@@ -166,7 +166,7 @@ impl ScratchHandler {
             return Ok(());
         }
         let _guard = self.locks.lock(&vm_id).await;
-        let row = state::get(ctx.store().read_pool(), &vm_id)
+        let row = state::get(ctx.sqlite_store()?.read_pool(), &vm_id)
             .await
             .map_err(store_err)?;
         let size = match spec.scratch_bytes {
