@@ -31,6 +31,28 @@ async fn accounting(nats: &NatsServer, state: &std::path::Path) -> ProcessBuilde
     )
 }
 
+/// [`accounting`] with a quick consumer (its durable provisioned to match): a message a killed
+/// process held is redelivered after 3 s, not 30.
+async fn quick_accounting(nats: &NatsServer, state: &std::path::Path) -> ProcessBuilder {
+    let tuning = wnodes_bus::ConsumerTuning {
+        ack_wait: Duration::from_secs(3),
+        handler_timeout: Duration::from_secs(2),
+        backoff_base: Duration::from_millis(100),
+        backoff_max: Duration::from_millis(300),
+        ..Default::default()
+    };
+    let identity = nats
+        .identity_tuned(&wnodes_bus::roles::ACCOUNTING, "", &tuning)
+        .await
+        .unwrap();
+    ServiceProcess::builder(env!("CARGO_BIN_EXE_wnodes-accounting"), state)
+        .runtime_env(&identity, "INFN-T1", "central.example.org", state)
+        .wnodes_env("CONSUMER__ACK_WAIT", "3s")
+        .wnodes_env("CONSUMER__HANDLER_TIMEOUT", "2s")
+        .wnodes_env("CONSUMER__BACKOFF_BASE", "100ms")
+        .wnodes_env("CONSUMER__BACKOFF_MAX", "300ms")
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn serve_records_usage_and_records_prints_it() {
     let nats = NatsServer::start().await.unwrap();
@@ -110,4 +132,145 @@ async fn serve_records_usage_and_records_prints_it() {
 
     let status = service.terminate(Duration::from_secs(20)).await.unwrap();
     assert_eq!(status.code(), Some(0), "{}", service.stderr());
+}
+
+/// The service killed between committing a record and acking its event (the bus's
+/// `after-commit` failpoint aborts the process there): started again, it finds the event's key,
+/// republishes the `UsageRecorded` it had staged and acks; one record, one `UsageRecorded`. On
+/// both stores: `<test>::sqlite`, `<test>::postgres`.
+async fn killed_between_storing_and_acking_records_once(store: Option<String>) {
+    let nats = NatsServer::start().await.unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let with_store = |b: ProcessBuilder| match &store {
+        Some(url) => b.wnodes_env("ACCOUNTING__DATABASE", url.as_str()),
+        None => b,
+    };
+    let mut crashing = with_store(quick_accounting(&nats, state.path()).await)
+        .env("WNODES_FAILPOINT", "after-commit")
+        .arg("serve")
+        .spawn()
+        .unwrap();
+    let bus = connect(&nats.admin(), "test@hv1.example.org")
+        .await
+        .unwrap();
+    let run = run("4242").site("INFN-T1");
+    let events = Events::new(HOST, "test");
+    // vm.stopped alone: after its waits for job.started, the record is written without the
+    // job's identity, committed, and the process aborts before publishing or acking.
+    bus.publish(&events.build(
+        &run,
+        Body::VmStopped(proto::VmStopped {
+            exit_code: 0,
+            usage: Some(vm_usage(4.0, 1 << 20, Duration::from_secs(5), 1)),
+            ..vm_stopped("vm-0123456789ab")
+        }),
+    ))
+    .await
+    .unwrap();
+    let status = crashing.wait_exit(Duration::from_secs(60)).await.unwrap();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(6),
+        "the failpoint aborts: {}",
+        crashing.stderr()
+    );
+    let filter = wnodes_bus::subject::event_filter(None, "usage.recorded").unwrap();
+    let usage_events = || async {
+        let mut stored = wnodes_testkit::bus::stored_messages(&bus, &filter)
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        while let Some(ev) = stored.next_event(Duration::from_millis(300)).await.unwrap() {
+            out.push(ev);
+        }
+        out
+    };
+    assert!(
+        usage_events().await.is_empty(),
+        "nothing published before the crash"
+    );
+    let records = || async {
+        let out = with_store(accounting(&nats, state.path()).await)
+            .arg("records")
+            .arg("--json")
+            .output()
+            .await
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        records().await.len(),
+        1,
+        "the record committed before the crash"
+    );
+
+    let mut service = with_store(quick_accounting(&nats, state.path()).await)
+        .arg("serve")
+        .spawn()
+        .unwrap();
+    let published = wait_until(
+        Duration::from_secs(30),
+        "the staged UsageRecorded",
+        || async {
+            let evs = usage_events().await;
+            (!evs.is_empty()).then_some(evs)
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(published.len(), 1, "{published:?}");
+    assert_eq!(published[0].id, "usage.recorded:INFN-T1/htcondor/4242/1");
+    // The job's identity, late, fills the record in; still one record.
+    let job = proto::JobDescription {
+        run: Some(run.clone()),
+        vo: "cms".into(),
+        owner: Some(proto::JobOwner {
+            user: "bob".into(),
+            uid: 1001,
+            gid: 1001,
+        }),
+        host: HOST.into(),
+        ..Default::default()
+    };
+    bus.publish(&events.build(
+        &run,
+        Body::JobStarted(proto::JobStarted {
+            job: Some(job),
+            started_at: None,
+        }),
+    ))
+    .await
+    .unwrap();
+    let recs = wait_until(
+        Duration::from_secs(30),
+        "the identity on the record",
+        || async {
+            let recs = records().await;
+            (recs.iter().any(|r| r["vo"] == "cms")).then_some(recs)
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(recs.len(), 1, "{recs:?}");
+    assert_eq!(recs[0]["cpu_seconds"], 4.0);
+    assert_eq!(usage_events().await.len(), 1, "one UsageRecorded");
+    let status = service.terminate(Duration::from_secs(20)).await.unwrap();
+    assert_eq!(status.code(), Some(0), "{}", service.stderr());
+}
+
+mod killed_between_storing_and_acking_records_once {
+    #[tokio::test(flavor = "multi_thread")]
+    async fn sqlite() {
+        super::killed_between_storing_and_acking_records_once(None).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn postgres() {
+        let db = wnodes_testkit::postgres::database().await;
+        super::killed_between_storing_and_acking_records_once(Some(db.url)).await;
+    }
 }
