@@ -42,6 +42,12 @@ impl Handler for AccountingHandler {
                 event.id
             )));
         };
+        if let Some(why) = impossible(&run, event.body.as_ref()) {
+            return Err(HandlerError::reject(format!(
+                "impossible usage event {}: {why}",
+                event.id
+            )));
+        }
         let key = wnodes_bus::event::run_key(&run);
         if matches!(
             &event.body,
@@ -92,9 +98,20 @@ impl Handler for AccountingHandler {
                 if !known {
                     tracing::warn!(run = %key, "Recording usage without the job's identity: its job.started never came.");
                 }
-                let recorded = vm_stopped(&mut db, &run, &key, &event.host, s)
+                let recorded = match vm_stopped(&mut db, &run, &key, &event.host, s)
                     .await
-                    .map_err(retry)?;
+                    .map_err(retry)?
+                {
+                    Stopped::Impossible(why) => {
+                        // Dead-lettered with the reason; the transaction rolls back.
+                        return Err(HandlerError::reject(format!(
+                            "impossible usage event {}: {why}",
+                            event.id
+                        )));
+                    }
+                    Stopped::Recorded(r) => Some(r),
+                    Stopped::Already => None,
+                };
                 if let Some(recorded) = recorded {
                     tracing::info!(run = %key, cpu_seconds = recorded.usage.as_ref().map(|u| u.cpu_seconds), "Usage recorded.");
                     self.metrics.records.inc();
@@ -155,6 +172,31 @@ impl Handler for AccountingHandler {
         }
         Ok(())
     }
+}
+
+/// Why an event cannot describe a real run (checked before anything is written): the event is
+/// dead-lettered with this reason.
+fn impossible(run: &proto::JobRunRef, body: Option<&Body>) -> Option<String> {
+    if run.job_id.is_empty() {
+        return Some("its run has no job id".into());
+    }
+    if run.site.is_empty() {
+        return Some("its run has no site".into());
+    }
+    let Some(Body::VmStopped(s)) = body else {
+        return None;
+    };
+    let usage = s.usage.unwrap_or_default();
+    if !usage.cpu_seconds.is_finite() || usage.cpu_seconds < 0.0 {
+        return Some(format!("CPU time {} s", usage.cpu_seconds));
+    }
+    if usage.wall.is_some_and(|w| w.seconds < 0 || w.nanos < 0) {
+        return Some(format!(
+            "negative wall time {} s",
+            time::duration_secs(usage.wall.as_ref())
+        ));
+    }
+    None
 }
 
 /// Serialises the transactions of one run: each reads what the others of the run wrote
@@ -257,15 +299,24 @@ struct JobRow {
     lrms_exit_code: Option<i64>,
 }
 
-/// Inserts the record; `Some(UsageRecorded)` when this call wrote it, `None` when the run
-/// already had one.
+/// What `vm.stopped` did.
+enum Stopped {
+    /// This call wrote the record.
+    Recorded(proto::UsageRecorded),
+    /// The run already had one.
+    Already,
+    /// The event contradicts what is stored of the run (it stopped before it started).
+    Impossible(String),
+}
+
+/// Inserts the record, unless the run already has one or the event is impossible.
 async fn vm_stopped(
     db: &mut Db<'_>,
     run: &proto::JobRunRef,
     key: &str,
     host: &str,
     s: &proto::VmStopped,
-) -> Result<Option<proto::UsageRecorded>, sqlx::Error> {
+) -> Result<Stopped, sqlx::Error> {
     let job: JobRow = on_db!(&mut *db, |c| {
         sqlx::query_as(
             "SELECT user_name, uid, gid, vo, x509_dn, fqans, queue, vm_started_ms, lrms_exit_code
@@ -279,6 +330,13 @@ async fn vm_stopped(
     let usage = s.usage.unwrap_or_default();
     let wall = time::duration_secs(usage.wall.as_ref());
     let stopped_ms = s.stopped_at.as_ref().map(time::timestamp_ms);
+    if let (Some(started), Some(stopped)) = (job.vm_started_ms, stopped_ms)
+        && stopped < started
+    {
+        return Ok(Stopped::Impossible(format!(
+            "the VM stopped at {stopped} ms, before it started at {started} ms (unix)"
+        )));
+    }
     let started_ms = job
         .vm_started_ms
         .or_else(|| stopped_ms.map(|t| t - (wall * 1000.0) as i64));
@@ -334,9 +392,9 @@ async fn vm_stopped(
         .map(|r| r.rows_affected())
     })?;
     if inserted == 0 {
-        return Ok(None);
+        return Ok(Stopped::Already);
     }
-    Ok(Some(proto::UsageRecorded {
+    Ok(Stopped::Recorded(proto::UsageRecorded {
         record_id: key.to_owned(),
         usage: Some(usage),
         exit_code: s.exit_code,

@@ -212,6 +212,7 @@ on_both_stores!(
     job_finished_before_or_after_vm_stopped_enriches_the_record,
     vm_stopped_before_job_started_is_recorded_and_filled_in,
     a_run_whose_vm_failed_gets_no_record_and_is_counted,
+    impossible_usage_events_are_dead_lettered_with_the_reason_and_never_stored,
 );
 
 /// Waits until the accounting consumer has acked everything in the stream for it.
@@ -495,5 +496,75 @@ async fn records_survive_a_postgres_restart_during_ingest() {
     )
     .await;
     assert_eq!(usage.len(), RUNS, "one UsageRecorded per run");
+    svc.stop().await;
+}
+
+/// A usage event with impossible values goes to the dead-letter stream with the reason, and
+/// nothing of it is stored: a VM that stopped before it started, negative CPU time, a run
+/// without a job id.
+async fn impossible_usage_events_are_dead_lettered_with_the_reason_and_never_stored(db: StoreUrl) {
+    let nats = NatsServer::start().await.unwrap();
+    let bus = connect(&nats).await;
+    let svc = start(&bus, &db).await;
+    let backwards = run("8001.0");
+    let mut stopped_early = vm_stopped(&backwards, 0);
+    if let Some(Body::VmStopped(s)) = &mut stopped_early.body {
+        s.stopped_at = ts(1_700_000_005); // vm_running says it started at 1_700_000_010
+    }
+    let negative = run("8002.0");
+    let mut negative_cpu = vm_stopped(&negative, 0);
+    if let Some(Body::VmStopped(s)) = &mut negative_cpu.body {
+        s.usage = Some(vm_usage(-3.0, 1 << 20, Duration::from_secs(30), 2));
+    }
+    let nameless = run("");
+    let fine = run("8004.0");
+    for ev in [
+        job_started(&backwards),
+        vm_running(&backwards),
+        stopped_early,
+        job_started(&negative),
+        negative_cpu,
+        vm_stopped(&nameless, 0),
+        job_started(&fine),
+        vm_running(&fine),
+        vm_stopped(&fine, 0),
+    ] {
+        bus.publish(&ev).await.unwrap();
+    }
+    wait_record(&db, "the record of the sound run", |r| r.job_id == "8004.0").await;
+    let letters = wait_until(WAIT, "three dead letters", || async {
+        let l = wnodes_bus::dlq::read_all(&bus, Some(Accounting::NAME))
+            .await
+            .ok()?;
+        (l.len() >= 3).then_some(l)
+    })
+    .await
+    .unwrap();
+    wait_caught_up(&bus).await;
+    assert_eq!(letters.len(), 3, "{letters:?}");
+    let errors: Vec<&str> = letters.iter().map(|l| l.error.as_str()).collect();
+    for (what, needle) in [
+        ("end before start", "before it started"),
+        ("negative CPU", "CPU time -3 s"),
+        ("no job id", "its run has no job id"),
+    ] {
+        assert!(
+            errors.iter().any(|e| e.contains(needle)),
+            "{what}: no dead letter says {needle:?}: {errors:?}"
+        );
+    }
+    assert!(
+        letters.iter().all(|l| l.reason == "rejected"),
+        "{letters:?}"
+    );
+    let recs = all_records(&db).await;
+    assert_eq!(recs.len(), 1, "only the sound run is recorded: {recs:?}");
+    assert_eq!(recs[0].job_id, "8004.0");
+    let usage = events_on(
+        &bus,
+        &subject::event_filter(None, "usage.recorded").unwrap(),
+    )
+    .await;
+    assert_eq!(usage.len(), 1, "{usage:?}");
     svc.stop().await;
 }
