@@ -9,9 +9,13 @@
 //! - `bridge`: a large generated HTCondor log replayed into JetStream through `wnodes-lrms`, vs
 //!   the same events pre-built and published raw with the bus's two headers (`bridge.rs`).
 //! - `vm-start`: one job through WNoDeS vs the same guest under a bare qemu.
+//! - `accounting`: usage events through NATS into SQLite and PostgreSQL by the accounting
+//!   consumer, vs raw JetStream consume+ack and a batched INSERT into each store
+//!   (`accounting.rs`).
 
 use clap::{Parser, Subcommand};
 
+mod accounting;
 mod bridge;
 mod bus;
 mod vm_start;
@@ -52,6 +56,22 @@ enum Cmd {
     VmStart(vm_start::VmStartArgs),
     /// An HTCondor log replayed into JetStream through wnodes-lrms vs the same events raw.
     Bridge(bridge::BridgeArgs),
+    /// Usage events into SQLite and PostgreSQL through the accounting consumer vs raw
+    /// JetStream consume+ack and a batched INSERT.
+    Accounting {
+        /// Job runs (records); two events each.
+        #[arg(long, default_value_t = 10_000)]
+        n: usize,
+        /// In-flight window (the consumer's max_in_flight and the publisher's).
+        #[arg(long, default_value_t = 256)]
+        window: usize,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// A PostgreSQL server to use (`postgres://…`; a database is created per round)
+        /// instead of a private cluster started for the run.
+        #[arg(long)]
+        postgres: Option<String>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -75,6 +95,12 @@ fn main() -> anyhow::Result<()> {
             // Runs on its own thread and runtime inside a private network namespace.
             Cmd::VmStart(args) => vm_start::run(args),
             Cmd::Bridge(args) => bridge::run(args).await,
+            Cmd::Accounting {
+                n,
+                window,
+                rounds,
+                postgres,
+            } => accounting::bench_accounting(n, window.max(1), rounds.max(1), postgres).await,
         }
     })
 }
