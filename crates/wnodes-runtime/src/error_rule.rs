@@ -4,7 +4,10 @@
 use wnodes_bus::BusError;
 use wnodes_testkit::error_rule::{SOURCE_TEXT, boxed_source, io_source};
 
-use crate::{config::ConfigError, service::StartError, start::HttpBind, telemetry::TelemetryError};
+use crate::{
+    config::ConfigError, grpc::GrpcTlsError, service::StartError, start::HttpBind,
+    telemetry::TelemetryError,
+};
 
 wnodes_testkit::error_rule! {
     ConfigError {
@@ -21,6 +24,15 @@ wnodes_testkit::error_rule! {
         ConfigError::EmptySite => ConfigError::EmptySite,
         ConfigError::Consumer(_) => ConfigError::Consumer(BusError::Config(SOURCE_TEXT.into())),
         ConfigError::Section { .. } => ConfigError::section("network", boxed_source()),
+    }
+    GrpcTlsError {
+        GrpcTlsError::Config(_) => GrpcTlsError::Config(
+            "accounting.tls_key: required with accounting.tls_cert".into(),
+        ),
+        GrpcTlsError::Read { .. } => GrpcTlsError::Read {
+            path: "/etc/wnodes/tls/accounting.key".into(),
+            source: io_source(),
+        },
     }
     StartError {
         StartError::Config(_) => StartError::Config(ConfigError::section("network", boxed_source())),

@@ -12,6 +12,7 @@
 //! | [`start`] | the fixed start-up order and graceful stop (below) |
 //! | [`telemetry`] | logs + OpenTelemetry (OTLP export when configured) |
 //! | [`http`] | `/healthz`, `/readyz`, `/metrics` |
+//! | [`grpc`] | a gRPC server's TLS settings (`tls_cert`, `tls_key`, `client_ca`), shared by the bridge and accounting |
 //! | [`shutdown`] | SIGTERM/SIGINT → a cancelled token |
 //!
 //! Start-up order (model: linkerd2-proxy's fixed order): config → telemetry → NATS and streams
@@ -22,6 +23,7 @@
 
 pub mod config;
 pub mod entry;
+pub mod grpc;
 #[cfg(test)]
 mod error_rule;
 pub mod http;

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{
     Code, Request, Response, Status,
     metadata::{KeyRef, MetadataMap},
-    transport::{Certificate, Identity, Server, ServerTlsConfig, server::TcpIncoming},
+    transport::{Server, ServerTlsConfig, server::TcpIncoming},
 };
 use tracing::{Instrument, field};
 use wnodes_bus::{
@@ -260,41 +260,19 @@ fn invalid_or_internal(e: &BridgeError) -> Status {
     }
 }
 
-fn read(path: &std::path::Path) -> Result<Vec<u8>, BridgeError> {
-    std::fs::read(path).map_err(|source| BridgeError::Read {
-        path: path.display().to_string(),
-        source,
-    })
-}
-
 /// The TLS settings of `[bridge]`: `None` for plain TCP. Errors name the key.
 pub fn tls_config(cfg: &Config) -> Result<Option<ServerTlsConfig>, BridgeError> {
-    let (cert, key) = match (&cfg.tls_cert, &cfg.tls_key) {
-        (None, None) => {
-            if cfg.client_ca.is_some() {
-                return Err(BridgeError::Config(
-                    "bridge.client_ca: needs bridge.tls_cert and bridge.tls_key".into(),
-                ));
-            }
-            return Ok(None);
-        }
-        (Some(c), Some(k)) => (c, k),
-        (Some(_), None) => {
-            return Err(BridgeError::Config(
-                "bridge.tls_key: required with bridge.tls_cert".into(),
-            ));
-        }
-        (None, Some(_)) => {
-            return Err(BridgeError::Config(
-                "bridge.tls_cert: required with bridge.tls_key".into(),
-            ));
-        }
-    };
-    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?));
-    if let Some(ca) = &cfg.client_ca {
-        tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
-    }
-    Ok(Some(tls))
+    use wnodes_runtime::grpc::{GrpcTlsError, server_tls};
+    server_tls(
+        "bridge",
+        cfg.tls_cert.as_deref(),
+        cfg.tls_key.as_deref(),
+        cfg.client_ca.as_deref(),
+    )
+    .map_err(|e| match e {
+        GrpcTlsError::Config(why) => BridgeError::Config(why),
+        GrpcTlsError::Read { path, source } => BridgeError::Read { path, source },
+    })
 }
 
 /// Binds `addr`.
