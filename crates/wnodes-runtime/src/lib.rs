@@ -23,9 +23,9 @@
 
 pub mod config;
 pub mod entry;
-pub mod grpc;
 #[cfg(test)]
 mod error_rule;
+pub mod grpc;
 pub mod http;
 pub mod service;
 pub mod shutdown;

@@ -9,7 +9,7 @@
 //! 70 another failure.
 //!
 //! `wnodesctl backlog` (as the monitor) and `wnodesctl dlq list|show|redrive` (as the admin):
-//! `docs/operations.md`.
+//! `docs/operations.md`. `wnodesctl accounting report`: usage from accounting's report API.
 //!
 //! | module | subcommand |
 //! |---|---|
@@ -17,11 +17,13 @@
 //! | `backlog` | `backlog` |
 //! | `dlq` | `dlq list`, `dlq show`, `dlq redrive` |
 //! | `job` | `job RUN` |
+//! | `accounting` | `accounting report` |
 
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 
+mod accounting;
 mod backlog;
 mod dlq;
 mod job;
@@ -45,6 +47,8 @@ enum Command {
     Dlq(DlqArgs),
     /// One run's events, per-phase durations and trace id (as the monitor).
     Job(JobArgs),
+    /// Usage reports from accounting's report API (gRPC).
+    Accounting(accounting::AccountingArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -188,6 +192,7 @@ fn main() -> ExitCode {
             Command::Backlog(args) => backlog::backlog(args).await,
             Command::Dlq(args) => dlq::dlq(args).await,
             Command::Job(args) => job::job(args).await,
+            Command::Accounting(args) => accounting::accounting(args).await,
         }
     });
     ExitCode::from(code)

@@ -20,6 +20,16 @@ pub struct Config {
     /// `[accounting.apel_export]`: export to APEL from the service, periodically; off when
     /// absent.
     pub apel_export: Option<PeriodicApelExport>,
+    /// Where the report API (gRPC, `proto/wnodes/v1/accounting.proto`; `wnodesctl accounting
+    /// report`) listens, e.g. `127.0.0.1:9651`; off when absent. Env
+    /// `WNODES_ACCOUNTING__GRPC_ADDR`.
+    pub grpc_addr: Option<std::net::SocketAddr>,
+    /// PEM server certificate chain of the report API; with `tls_key` it speaks TLS only.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificate(s): clients must present a certificate it signed (mTLS).
+    pub client_ca: Option<PathBuf>,
 }
 
 /// `[accounting.apel_export]`: what `serve` exports, and how often.

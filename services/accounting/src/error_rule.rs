@@ -4,7 +4,7 @@
 use wnodes_bus::BusError;
 use wnodes_testkit::error_rule::{SOURCE_TEXT, io_source};
 
-use crate::{AccountingError, apel::ApelExportError};
+use crate::{AccountingError, apel::ApelExportError, report::ReportError};
 
 wnodes_testkit::error_rule! {
     AccountingError {
@@ -21,6 +21,13 @@ wnodes_testkit::error_rule! {
             sqlx::migrate::MigrateError::VersionMissing(1),
         ),
         AccountingError::StoreUrl(_) => AccountingError::StoreUrl(store_url_error()),
+    }
+    ReportError {
+        ReportError::Period { .. } => ReportError::Period { from_ms: 10, to_ms: 5 },
+        ReportError::Missing(_) => ReportError::Missing("from"),
+        ReportError::Key(_) => ReportError::Key(42),
+        ReportError::Repeated(_) => ReportError::Repeated(wnodes_proto::v1::ReportKey::Vo),
+        ReportError::Sql(_) => ReportError::Sql(sqlx::Error::Protocol(SOURCE_TEXT.into())),
     }
     ApelExportError {
         ApelExportError::Date { .. } => ApelExportError::Date { value: "2026-13-01".into() },

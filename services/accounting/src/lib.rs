@@ -27,6 +27,7 @@
 //! | [`store`] | the store URL (`sqlite://`, `postgres://`), the embedded migrations, opening the store the keys share |
 //! | [`handler`] | the consumer's handler: one effect per event type, one record per run |
 //! | [`metrics`] | `wnodes_accounting_*` |
+//! | [`report`] | usage summed per VO, user, queue, day or month, on either store, and the gRPC report API that serves it |
 //! | [`records`] | reading records back (`records` subcommand) |
 //! | [`apel`] | the `apel-export` subcommand and the periodic export (`[accounting.apel_export]`): APEL messages into an SSM outgoing queue, exported once (jobs) or again when changed (summaries, cloud, sync) |
 //! | `service` | [`Accounting`], the service as the runtime runs it |
@@ -38,6 +39,7 @@ mod error_rule;
 pub mod handler;
 pub mod metrics;
 pub mod records;
+pub mod report;
 mod service;
 pub mod store;
 

@@ -62,6 +62,9 @@ impl Service for Accounting {
             metrics,
         })
         .with_store(store);
+        if let Some(addr) = ctx.config.grpc_addr {
+            parts = report_api(ctx, &url, addr, parts).await?;
+        }
         if let Some(periodic) = ctx.config.apel_export.clone() {
             ctx.config
                 .apel
@@ -190,4 +193,54 @@ async fn print_records(url: &crate::StoreUrl, json: bool) -> u8 {
             exit::UNAVAILABLE
         }
     }
+}
+
+/// Binds the report API and adds the task serving it.
+async fn report_api(
+    ctx: &ServiceCtx<Config>,
+    url: &crate::StoreUrl,
+    addr: std::net::SocketAddr,
+    parts: Parts<AccountingHandler>,
+) -> Result<Parts<AccountingHandler>, StartError> {
+    use tonic::transport::{Server, server::TcpIncoming};
+    use wnodes_proto::v1::accounting_server::AccountingServer;
+    let c = &ctx.config;
+    let tls = wnodes_runtime::grpc::server_tls(
+        "accounting",
+        c.tls_cert.as_deref(),
+        c.tls_key.as_deref(),
+        c.client_ca.as_deref(),
+    )
+    .map_err(|e| StartError::config(Accounting::NAME, e))?;
+    let pool = records::open_read_only(url)
+        .await
+        .map_err(|e| StartError::unavailable("the accounting store", e))?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| StartError::config(Accounting::NAME, ReportBind { addr, source: e }))?;
+    let local = listener.local_addr().unwrap_or(addr);
+    tracing::info!(addr = %local, tls = tls.is_some(), "Accounting report API listening.");
+    let mut server = Server::builder();
+    if let Some(tls) = tls {
+        server = server
+            .tls_config(tls)
+            .map_err(|e| StartError::config(Accounting::NAME, e))?;
+    }
+    let shutdown = ctx.shutdown.clone();
+    let router = server.add_service(AccountingServer::new(crate::report::ReportApi { pool }));
+    Ok(parts.task("report-api", async move {
+        router
+            .serve_with_incoming_shutdown(TcpIncoming::from(listener), shutdown.cancelled_owned())
+            .await
+            .map_err(Into::into)
+    }))
+}
+
+/// The report API's address cannot be bound.
+#[derive(Debug, thiserror::Error)]
+#[error("accounting.grpc_addr: cannot listen on {addr}")]
+struct ReportBind {
+    addr: std::net::SocketAddr,
+    #[source]
+    source: std::io::Error,
 }
