@@ -32,7 +32,15 @@ pub fn timestamp(t: SystemTime) -> prost_types::Timestamp {
     prost_types::Timestamp::from(t)
 }
 
-/// Milliseconds since the Unix epoch of a protobuf timestamp.
+/// A protobuf timestamp of Unix milliseconds (negative ones too).
+pub fn timestamp_from_ms(ms: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: ms.div_euclid(1000),
+        nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
+    }
+}
+
+/// Unix milliseconds of a protobuf timestamp.
 pub fn timestamp_ms(t: &prost_types::Timestamp) -> i64 {
     t.seconds
         .saturating_mul(1000)
@@ -70,6 +78,11 @@ mod tests {
     fn protobuf_values_convert_both_ways() {
         let t = from_unix_ms(1_700_000_000_123);
         assert_eq!(timestamp_ms(&timestamp(t)), 1_700_000_000_123);
+        for ms in [1_700_000_000_123, 0, -1, -1_500] {
+            assert_eq!(timestamp_ms(&timestamp_from_ms(ms)), ms, "{ms}");
+        }
+        let before = timestamp_from_ms(-1_500);
+        assert_eq!((before.seconds, before.nanos), (-2, 500_000_000));
         let d = duration(Duration::from_millis(2_500));
         assert_eq!((d.seconds, d.nanos), (2, 500_000_000));
         assert!((duration_secs(Some(&d)) - 2.5).abs() < 1e-9);

@@ -394,6 +394,39 @@ async fn vm_stopped(
     if inserted == 0 {
         return Ok(Stopped::Already);
     }
+    let voms_fqans: Vec<String> = serde_json::from_str(&fqans).unwrap_or_default();
+    let attributes = voms_fqans.first().and_then(|f| wnodes_apel::fqan::parse(f));
+    let record = proto::UsageRecord {
+        run_key: key.to_owned(),
+        site: run.site.clone(),
+        lrms: lrms.to_owned(),
+        job_id: run.job_id.clone(),
+        run_attempt: run.run_attempt,
+        host: host.to_owned(),
+        vm_id: s.vm_id.clone(),
+        vo: vo.clone(),
+        vo_group: attributes
+            .as_ref()
+            .map(|a| a.group.clone())
+            .unwrap_or_default(),
+        vo_role: attributes.and_then(|a| a.role).unwrap_or_default(),
+        user: user.clone(),
+        uid: job.uid.and_then(|u| u32::try_from(u).ok()),
+        gid: job.gid.and_then(|g| u32::try_from(g).ok()),
+        x509_dn: dn.clone(),
+        voms_fqans,
+        queue,
+        cores: usage.cores,
+        cpu_seconds: usage.cpu_seconds,
+        peak_memory_bytes: usage.peak_memory_bytes,
+        wall_seconds: wall,
+        exit_code: s.exit_code,
+        lrms_exit_code: job.lrms_exit_code.and_then(|c| i32::try_from(c).ok()),
+        stop_reason: s.stop_reason.clone(),
+        started_at: started_ms.map(time::timestamp_from_ms),
+        stopped_at: stopped_ms.map(time::timestamp_from_ms),
+        recorded_at: Some(time::timestamp_from_ms(now)),
+    };
     Ok(Stopped::Recorded(proto::UsageRecorded {
         record_id: key.to_owned(),
         usage: Some(usage),
@@ -401,5 +434,6 @@ async fn vm_stopped(
         vo,
         user,
         x509_dn: dn,
+        record: Some(record),
     }))
 }

@@ -278,6 +278,45 @@ async fn vm_stopped_writes_one_record_and_publishes_usage_recorded(db: StoreUrl)
         ("atlas", "alice", 3)
     );
     assert_eq!(u.usage.as_ref().map(|u| u.cores), Some(2));
+    // The whole record, as stored.
+    let r = u.record.as_ref().expect("the event carries the record");
+    assert_eq!(r.run_key, rec.run_key);
+    assert_eq!(
+        (
+            r.site.as_str(),
+            r.lrms.as_str(),
+            r.job_id.as_str(),
+            r.run_attempt
+        ),
+        ("INFN-T1", "htcondor", "1001.0", 1)
+    );
+    assert_eq!(
+        (r.vo.as_str(), r.vo_group.as_str(), r.vo_role.as_str()),
+        ("atlas", "/atlas", "Role=production")
+    );
+    assert_eq!(r.voms_fqans, ["/atlas/Role=production"]);
+    assert_eq!((r.uid, r.gid), (Some(1000), Some(100)));
+    assert_eq!((r.user.as_str(), r.queue.as_str()), ("alice", "grid"));
+    assert_eq!((r.cores, r.exit_code, r.lrms_exit_code), (2, 3, None));
+    assert_eq!(r.cpu_seconds, rec.cpu_seconds);
+    assert_eq!(r.wall_seconds, rec.wall_seconds);
+    assert_eq!(r.peak_memory_bytes, 256 << 20);
+    assert_eq!(
+        r.started_at.as_ref().map(wnodes_proto::time::timestamp_ms),
+        rec.started_ms
+    );
+    assert_eq!(
+        r.stopped_at.as_ref().map(wnodes_proto::time::timestamp_ms),
+        rec.stopped_ms
+    );
+    assert_eq!(
+        r.recorded_at.as_ref().map(wnodes_proto::time::timestamp_ms),
+        Some(rec.recorded_ms)
+    );
+    assert_eq!(
+        (r.host.as_str(), r.vm_id.as_str()),
+        (HOST, rec.vm_id.as_str())
+    );
     svc.stop().await;
 }
 
