@@ -26,6 +26,9 @@ pub struct Role {
     /// Whether it follows a run's events through short-lived ordered consumers (the job
     /// starter's wait, the bridge's `WaitJob`): on its own host when per host.
     pub watches_runs: bool,
+    /// A role a site opts into (its site description's `optional`): not provisioned
+    /// otherwise, so that no durable waits for a consumer the site does not run.
+    pub optional: bool,
 }
 
 impl Role {
@@ -80,6 +83,7 @@ pub const LAUNCHER: Role = Role {
     ],
     publishes: &[VmRequested, VmRunning, VmStopped, VmFailed],
     watches_runs: false,
+    optional: false,
 };
 
 pub const IMAGE: Role = Role {
@@ -88,6 +92,7 @@ pub const IMAGE: Role = Role {
     consumes: &[VmRequested, JobQueued],
     publishes: &[ImageReady, ImageFailed],
     watches_runs: false,
+    optional: false,
 };
 
 pub const SCRATCH: Role = Role {
@@ -96,6 +101,7 @@ pub const SCRATCH: Role = Role {
     consumes: &[VmRequested, VmStopped, VmFailed],
     publishes: &[ScratchReady, ScratchFailed, ResourceReleased],
     watches_runs: false,
+    optional: false,
 };
 
 pub const NETWORK: Role = Role {
@@ -104,6 +110,7 @@ pub const NETWORK: Role = Role {
     consumes: &[VmRequested, VmStopped, VmFailed],
     publishes: &[NetworkReady, NetworkFailed, ResourceReleased],
     watches_runs: false,
+    optional: false,
 };
 
 pub const GATEWAY: Role = Role {
@@ -112,6 +119,7 @@ pub const GATEWAY: Role = Role {
     consumes: &[VmRequested, NetworkReady, VmStopped, VmFailed],
     publishes: &[StorageReady, StorageFailed, ResourceReleased],
     watches_runs: false,
+    optional: false,
 };
 
 pub const ACCOUNTING: Role = Role {
@@ -120,6 +128,18 @@ pub const ACCOUNTING: Role = Role {
     consumes: &[JobStarted, VmRunning, VmStopped, JobFinished, VmFailed],
     publishes: &[UsageRecorded],
     watches_runs: false,
+    optional: false,
+};
+
+/// The usage exporter (an example consumer of usage events for sites): usage counters on
+/// Prometheus from every host's `usage.recorded`.
+pub const USAGE: Role = Role {
+    name: "usage",
+    scope: Scope::Central,
+    consumes: &[UsageRecorded],
+    publishes: &[],
+    watches_runs: false,
+    optional: true,
 };
 
 /// The central bridge: job events from LRMS records and its gRPC API, for every host.
@@ -138,6 +158,7 @@ pub const BRIDGE: Role = Role {
         JobStartObserved,
     ],
     watches_runs: true,
+    optional: false,
 };
 
 /// The job starter on a hypervisor (`wnodes-bridge submit`, run by the LRMS): its own host's
@@ -148,16 +169,18 @@ pub const AGENT: Role = Role {
     consumes: &[],
     publishes: &[JobStarted, JobFinished, JobCancelled],
     watches_runs: true,
+    optional: false,
 };
 
 /// Every participant: the services and the job starter.
-pub const ALL: [&Role; 8] = [
+pub const ALL: [&Role; 9] = [
     &IMAGE,
     &SCRATCH,
     &NETWORK,
     &GATEWAY,
     &LAUNCHER,
     &ACCOUNTING,
+    &USAGE,
     &BRIDGE,
     &AGENT,
 ];

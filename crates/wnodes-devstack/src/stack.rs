@@ -470,7 +470,8 @@ impl Stack {
             .with_context(|| format!("writing {}", config_path.display()))?;
 
         let mut creds = BTreeMap::new();
-        for role in wnodes_bus::roles::ALL {
+        // The optional roles (the usage exporter) are not part of the stack.
+        for role in wnodes_bus::roles::ALL.into_iter().filter(|r| !r.optional) {
             let c = nats
                 .identity(role, &opts.host)
                 .await

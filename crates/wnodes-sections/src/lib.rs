@@ -47,6 +47,7 @@ pub const SECTIONS: &[Section] = &[
     service("network", "wnodes-network"),
     service("gateway", "wnodes-gateway"),
     service("accounting", "wnodes-accounting"),
+    service("usage", "wnodes-usage"),
     Section {
         name: "node",
         crate_name: "wnodes-integration-tests (bus-node)",

@@ -4,6 +4,7 @@
 //! ```toml
 //! site = "INFN-T1"
 //! hosts = ["hv01.cnaf.infn.it", "hv02.cnaf.infn.it"]
+//! optional = ["usage"]  # roles the site opts into (default none): the usage exporter
 //!
 //! [streams]            # defaults shown
 //! replicas = 1         # 3 on a site's NATS cluster
@@ -37,6 +38,10 @@ pub struct SiteDescription {
     /// starter identity.
     #[serde(default)]
     pub hosts: Vec<String>,
+    /// The optional roles the site runs (`usage`: the usage exporter): only these get an
+    /// identity and a durable, so that no durable waits for a consumer that is not there.
+    #[serde(default)]
+    pub optional: Vec<String>,
     #[serde(default)]
     pub streams: StreamSettings,
     /// The services' consumer tuning (their `[consumer]`): the durables are made with its
@@ -92,6 +97,7 @@ impl SiteDescription {
         Self {
             site: site.into(),
             hosts: hosts.iter().map(|h| (*h).to_owned()).collect(),
+            optional: Vec::new(),
             streams: StreamSettings::default(),
             consumer: ConsumerTuning::default(),
         }
@@ -119,6 +125,19 @@ impl SiteDescription {
             subject::validate_host(h).map_err(|e| SiteError::Invalid(format!("hosts: {e}")))?;
             if !seen.insert(h) {
                 return Err(SiteError::Invalid(format!("hosts: {h:?} is listed twice")));
+            }
+        }
+        for name in &self.optional {
+            if !roles::ALL.iter().any(|r| r.optional && r.name == name) {
+                let known: Vec<&str> = roles::ALL
+                    .iter()
+                    .filter(|r| r.optional)
+                    .map(|r| r.name)
+                    .collect();
+                return Err(SiteError::Invalid(format!(
+                    "optional: {name:?} is not an optional role (those are: {})",
+                    known.join(", ")
+                )));
             }
         }
         self.consumer
@@ -160,10 +179,17 @@ impl SiteDescription {
         }
     }
 
+    /// The roles this site provisions: every role but the optional ones it does not list.
+    pub fn roles(&self) -> impl Iterator<Item = &'static roles::Role> + '_ {
+        roles::ALL
+            .into_iter()
+            .filter(|r| !r.optional || self.optional.iter().any(|o| o == r.name))
+    }
+
     /// Every durable consumer: the per-host roles' on each host, then the central ones.
     pub fn durables(&self) -> Result<Vec<Durable>, SiteError> {
         let mut out = Vec::new();
-        for role in roles::ALL {
+        for role in self.roles() {
             match role.scope {
                 roles::Scope::PerHost => {
                     for h in &self.hosts {
@@ -193,17 +219,11 @@ impl SiteDescription {
     pub fn identities(&self) -> Result<Vec<Identity>, SiteError> {
         let mut out = Vec::new();
         for h in &self.hosts {
-            for role in roles::ALL
-                .iter()
-                .filter(|r| r.scope == roles::Scope::PerHost)
-            {
+            for role in self.roles().filter(|r| r.scope == roles::Scope::PerHost) {
                 out.push(Identity::role(role, h)?);
             }
         }
-        for role in roles::ALL
-            .iter()
-            .filter(|r| r.scope == roles::Scope::Central)
-        {
+        for role in self.roles().filter(|r| r.scope == roles::Scope::Central) {
             out.push(Identity::role(role, "")?);
         }
         out.push(Identity::monitor());
@@ -227,6 +247,35 @@ mod tests {
         assert!(durables.iter().any(|c| c.name == "accounting"));
         // 6 per host (5 services + the job starter) + accounting, bridge, monitor, admin.
         assert_eq!(d.identities().unwrap().len(), 16);
+        assert!(
+            !durables.iter().any(|c| c.name == "usage"),
+            "not opted into"
+        );
+        // Opting into the usage exporter: its durable and identity.
+        let with = SiteDescription {
+            optional: vec!["usage".into()],
+            ..d
+        };
+        with.validate().unwrap();
+        assert!(with.durables().unwrap().iter().any(|c| c.name == "usage"));
+        assert_eq!(with.identities().unwrap().len(), 17);
+    }
+
+    #[test]
+    fn only_optional_roles_can_be_opted_into() {
+        for name in ["launcher", "usag"] {
+            let d = SiteDescription {
+                optional: vec![name.into()],
+                ..SiteDescription::new("T1", &[])
+            };
+            let e = d.validate().unwrap_err().to_string();
+            assert!(
+                e.contains(&format!(
+                    "{name:?} is not an optional role (those are: usage)"
+                )),
+                "{e}"
+            );
+        }
     }
 
     #[test]

@@ -34,7 +34,15 @@ impl TestSite {
             .tempdir()
             .context("creating the test site's dir")?;
         let auth = AuthDir::new(dir.path());
-        let site = SiteDescription::new("T1", &[]);
+        // Every optional role too: tests may run any of them.
+        let site = SiteDescription {
+            optional: wnodes_bus::roles::ALL
+                .iter()
+                .filter(|r| r.optional)
+                .map(|r| r.name.to_owned())
+                .collect(),
+            ..SiteDescription::new("T1", &[])
+        };
         auth.provision(&site, Mode::Apply)
             .context("provisioning the test site's keys and creds")?;
         let conf = std::fs::read_to_string(auth.server_conf())

@@ -214,6 +214,7 @@ const NODE: Role = Role {
     consumes: &[],
     publishes: &[],
     watches_runs: false,
+    optional: false,
 };
 
 impl Service for Node {
