@@ -109,7 +109,7 @@ impl Handler for AccountingHandler {
                             event.id
                         )));
                     }
-                    Stopped::Recorded(r) => Some(r),
+                    Stopped::Recorded(r) => Some(*r),
                     Stopped::Already => None,
                 };
                 if let Some(recorded) = recorded {
@@ -302,7 +302,7 @@ struct JobRow {
 /// What `vm.stopped` did.
 enum Stopped {
     /// This call wrote the record.
-    Recorded(proto::UsageRecorded),
+    Recorded(Box<proto::UsageRecorded>),
     /// The run already had one.
     Already,
     /// The event contradicts what is stored of the run (it stopped before it started).
@@ -427,7 +427,7 @@ async fn vm_stopped(
         stopped_at: stopped_ms.map(time::timestamp_from_ms),
         recorded_at: Some(time::timestamp_from_ms(now)),
     };
-    Ok(Stopped::Recorded(proto::UsageRecorded {
+    Ok(Stopped::Recorded(Box::new(proto::UsageRecorded {
         record_id: key.to_owned(),
         usage: Some(usage),
         exit_code: s.exit_code,
@@ -435,5 +435,5 @@ async fn vm_stopped(
         user,
         x509_dn: dn,
         record: Some(record),
-    }))
+    })))
 }
