@@ -69,6 +69,14 @@ begin build
 echo "== cargo build (the service binaries the system tests start)" >&2
 cargo build --workspace --bins --locked
 
+# Before the systemd phase: the services' tests it runs include PostgreSQL ones.
+begin postgres
+echo "== PostgreSQL: one private cluster for the run" >&2
+pg_dir=$(mktemp -d /tmp/wnodes-test-pg.XXXXXX)
+TESTKIT_POSTGRES_URL=$(scripts/pg-cluster.sh start "$pg_dir")
+export TESTKIT_POSTGRES_URL
+echo "== PostgreSQL at $TESTKIT_POSTGRES_URL" >&2
+
 begin k8s
 echo "== k8s manifests (kubectl kustomize, kubernetes-validate, --check-config)" >&2
 scripts/check-k8s.sh
@@ -80,13 +88,6 @@ scripts/check-systemd.sh
 begin monitoring
 echo "== alert rules (promtool check rules, promtool test rules)" >&2
 scripts/check-monitoring.sh
-
-begin postgres
-echo "== PostgreSQL: one private cluster for the run" >&2
-pg_dir=$(mktemp -d /tmp/wnodes-test-pg.XXXXXX)
-TESTKIT_POSTGRES_URL=$(scripts/pg-cluster.sh start "$pg_dir")
-export TESTKIT_POSTGRES_URL
-echo "== PostgreSQL at $TESTKIT_POSTGRES_URL" >&2
 
 begin tests
 echo "== cargo nextest" >&2
