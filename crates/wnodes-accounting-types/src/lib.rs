@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 /// One usage record, as stored.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "sqlx", derive(sqlx::FromRow))]
 pub struct UsageRecord {
     /// `site/lrms/job_id/attempt`.
@@ -45,6 +45,30 @@ pub struct UsageRecord {
     pub stopped_ms: Option<i64>,
     /// Unix milliseconds.
     pub recorded_ms: i64,
+    /// When the LRMS accepted the job (Unix milliseconds), when known.
+    #[serde(default)]
+    pub submitted_ms: Option<i64>,
+    /// The image's catalog name (empty when unknown).
+    #[serde(default)]
+    pub image: String,
+    /// The image's verified SHA-256 (empty when unknown).
+    #[serde(default)]
+    pub image_sha256: String,
+    /// Guest RAM the VM was given (bytes), when known.
+    #[serde(default)]
+    pub memory_bytes: Option<i64>,
+    /// Scratch disk size (bytes), when known.
+    #[serde(default)]
+    pub scratch_bytes: Option<i64>,
+    /// `virtio_tap`, `sriov` or `user` (empty when unknown).
+    #[serde(default)]
+    pub network_mode: String,
+    /// The host's benchmark: `hepspec06`, `hepscore23` or `si2k` (empty when none configured).
+    #[serde(default)]
+    pub benchmark_kind: String,
+    /// The host's benchmark score per core, when configured.
+    #[serde(default)]
+    pub benchmark_per_core: Option<f64>,
 }
 
 #[cfg(test)]

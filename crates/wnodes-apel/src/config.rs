@@ -41,6 +41,22 @@ pub enum BenchmarkKind {
 }
 
 impl BenchmarkKind {
+    /// As in the configuration: `hepspec06`, `hepscore23`, `si2k`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Hepspec06 => "hepspec06",
+            Self::Hepscore23 => "hepscore23",
+            Self::Si2k => "si2k",
+        }
+    }
+
+    /// The kind `name` names.
+    pub fn from_name(name: &str) -> Option<Self> {
+        [Self::Hepspec06, Self::Hepscore23, Self::Si2k]
+            .into_iter()
+            .find(|k| k.name() == name)
+    }
+
     /// The job record's `ServiceLevelType` (APEL accepts `si2k`, `hepspec`, `hepscore23` in any case).
     pub fn service_level_type(self) -> &'static str {
         match self {

@@ -249,8 +249,9 @@ impl JobRecord {
             infrastructure_description: cfg.infrastructure_description.clone(),
             infrastructure_type: Some(if grid { "grid" } else { "local" }.into()),
             memory_real_kb: (u.peak_memory_bytes > 0).then_some(u.peak_memory_bytes / 1024),
-            memory_virtual_kb: None,
-            service_level: cfg.benchmark,
+            // The guest RAM the VM was given: the most the job could address.
+            memory_virtual_kb: u.memory_bytes.filter(|b| *b > 0).map(|b| b / 1024),
+            service_level: record_benchmark(u).or(cfg.benchmark),
         })
     }
 }
@@ -335,10 +336,13 @@ impl CloudRecord {
             network_outbound: None,
             public_ip_count: None,
             memory_mb: (u.peak_memory_bytes > 0).then_some(u.peak_memory_bytes / (1024 * 1024)),
-            disk_gb: None,
-            benchmark: cfg.benchmark,
+            disk_gb: u
+                .scratch_bytes
+                .filter(|b| *b > 0)
+                .map(|b| b.saturating_add((1 << 30) - 1) / (1 << 30)),
+            benchmark: record_benchmark(u).or(cfg.benchmark),
             storage_record_id: None,
-            image_id: None,
+            image_id: (!u.image.is_empty()).then(|| u.image.clone()),
             cloud_type: Some(CLOUD_TYPE.into()),
         })
     }
@@ -589,4 +593,13 @@ impl ApelRecord for SyncRecord {
             ("Year", Some(self.year.to_string())),
         ]
     }
+}
+
+/// The benchmark the record carries (its host's, from `[[accounting.host_benchmarks]]` or the
+/// site's when it was recorded), if any.
+fn record_benchmark(u: &UsageRecord) -> Option<Benchmark> {
+    Some(Benchmark {
+        kind: crate::BenchmarkKind::from_name(&u.benchmark_kind)?,
+        per_core: u.benchmark_per_core.filter(|p| p.is_finite() && *p > 0.0)?,
+    })
 }

@@ -82,6 +82,7 @@ fn usage(job_id: &str) -> UsageRecord {
         started_ms: Some(1_764_547_200_000),
         stopped_ms: Some(1_764_550_800_000),
         recorded_ms: 1_764_550_801_000,
+        ..Default::default()
     }
 }
 

@@ -53,6 +53,7 @@ fn atlas_run(job_id: &str, started_ms: i64, stopped_ms: i64) -> UsageRecord {
         started_ms: Some(started_ms),
         stopped_ms: Some(stopped_ms),
         recorded_ms: stopped_ms + 1500,
+        ..Default::default()
     }
 }
 
@@ -242,6 +243,7 @@ fn ral_jobs() -> Vec<JobRecord> {
                 started_ms: Some(start_ms),
                 stopped_ms: Some(start_ms + 2_398_000),
                 recorded_ms: start_ms + 2_400_000,
+                ..Default::default()
             };
             JobRecord::from_usage(&u, &cfg).unwrap()
         })
@@ -575,4 +577,56 @@ fn many_records_split_into_messages_under_one_megabyte_each_record_once() {
         );
     }
     assert_eq!(ids, (0..2500).map(|i| format!("{i}.0")).collect::<Vec<_>>());
+}
+
+/// A record that carries its host's benchmark and what its VM was given: the job record's
+/// `ServiceLevel` and the cloud record's `Benchmark` are the record's (not the site's), its guest
+/// RAM is `MemoryVirtual` (KiB), its scratch the cloud record's `Disk` (GB, rounded up), its
+/// image the cloud record's `ImageId`.
+#[test]
+fn a_record_with_its_hosts_benchmark_and_its_vms_details() {
+    let u = UsageRecord {
+        benchmark_kind: "hepscore23".into(),
+        benchmark_per_core: Some(18.5),
+        memory_bytes: Some(16 << 30),
+        scratch_bytes: Some((20 << 30) + 1),
+        image: "el9".into(),
+        image_sha256: "ab".repeat(32),
+        ..atlas_run("7001", 1_764_547_200_000, 1_764_590_400_000)
+    };
+    let cfg = cnaf();
+    assert_ne!(
+        cfg.benchmark.map(|b| b.per_core),
+        Some(18.5),
+        "the site's benchmark differs"
+    );
+    let job = JobRecord::from_usage(&u, &cfg).unwrap();
+    let fields: BTreeMap<String, Option<String>> = message::parse(&one_message(&[job]))
+        .unwrap()
+        .records[0]
+        .to_map();
+    assert_eq!(fields["ServiceLevelType"].as_deref(), Some("HEPscore23"));
+    assert_eq!(fields["ServiceLevel"].as_deref(), Some("18.5"));
+    assert_eq!(fields["MemoryVirtual"].as_deref(), Some("16777216"));
+    let cloud = CloudRecord::from_usage(&u, &cfg).unwrap();
+    let fields: BTreeMap<String, Option<String>> = message::parse(&one_message(&[cloud]))
+        .unwrap()
+        .records[0]
+        .to_map();
+    assert_eq!(fields["Benchmark"].as_deref(), Some("18.5"));
+    assert_eq!(fields["BenchmarkType"].as_deref(), Some("HEPscore23"));
+    assert_eq!(fields["Disk"].as_deref(), Some("21"));
+    assert_eq!(fields["ImageId"].as_deref(), Some("el9"));
+    // Without them, the site's benchmark and no VM details, as before.
+    let plain = atlas_run("7002", 1_764_547_200_000, 1_764_590_400_000);
+    let job = JobRecord::from_usage(&plain, &cfg).unwrap();
+    let fields: BTreeMap<String, Option<String>> = message::parse(&one_message(&[job]))
+        .unwrap()
+        .records[0]
+        .to_map();
+    assert_eq!(
+        fields["ServiceLevel"].as_deref().map(str::to_owned),
+        cfg.benchmark.map(|b| b.per_core.to_string())
+    );
+    assert_eq!(fields["MemoryVirtual"], None);
 }

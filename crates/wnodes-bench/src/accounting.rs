@@ -215,6 +215,7 @@ async fn accounting_round(
         inner: AccountingHandler {
             source: "accounting@bench".into(),
             metrics: Metrics::default(),
+            ..Default::default()
         },
         n: n.clone(),
         target: evs.len() as u64,

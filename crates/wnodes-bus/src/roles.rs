@@ -125,7 +125,15 @@ pub const GATEWAY: Role = Role {
 pub const ACCOUNTING: Role = Role {
     name: "accounting",
     scope: Scope::Central,
-    consumes: &[JobStarted, VmRunning, VmStopped, JobFinished, VmFailed],
+    consumes: &[
+        JobStarted,
+        VmRequested,
+        ImageReady,
+        VmRunning,
+        VmStopped,
+        JobFinished,
+        VmFailed,
+    ],
     publishes: &[UsageRecorded],
     watches_runs: false,
     optional: false,

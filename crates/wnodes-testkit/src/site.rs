@@ -34,15 +34,9 @@ impl TestSite {
             .tempdir()
             .context("creating the test site's dir")?;
         let auth = AuthDir::new(dir.path());
-        // Every optional role too: tests may run any of them.
-        let site = SiteDescription {
-            optional: wnodes_bus::roles::ALL
-                .iter()
-                .filter(|r| r.optional)
-                .map(|r| r.name.to_owned())
-                .collect(),
-            ..SiteDescription::new("T1", &[])
-        };
+        // No optional role: one joins when a test asks for its identity (so that no durable
+        // waits for a consumer the test does not run).
+        let site = SiteDescription::new("T1", &[]);
         auth.provision(&site, Mode::Apply)
             .context("provisioning the test site's keys and creds")?;
         let conf = std::fs::read_to_string(auth.server_conf())
@@ -110,6 +104,12 @@ impl TestSite {
             self.auth
                 .provision(&site, Mode::Apply)
                 .with_context(|| format!("adding host {host} to the test site"))?;
+        }
+        if role.optional && !site.optional.iter().any(|o| o == role.name) {
+            site.optional.push(role.name.to_owned());
+            self.auth
+                .provision(&site, Mode::Apply)
+                .with_context(|| format!("adding the optional role {} to the test site", role.name))?;
         }
         Ok(self.config(url, self.auth.creds(&id)))
     }

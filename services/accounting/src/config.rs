@@ -30,6 +30,66 @@ pub struct Config {
     pub tls_key: Option<PathBuf>,
     /// PEM CA certificate(s): clients must present a certificate it signed (mTLS).
     pub client_ca: Option<PathBuf>,
+    /// The benchmark of groups of hosts (`[[accounting.host_benchmarks]]`): a record gets the
+    /// first whose `hosts` pattern matches its hypervisor, else `[accounting.apel] benchmark`.
+    pub host_benchmarks: Vec<HostBenchmark>,
+}
+
+/// `[[accounting.host_benchmarks]]`: the benchmark of the hosts a pattern matches.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostBenchmark {
+    /// A host name, or a pattern where `*` matches any run of characters
+    /// (`hv*.cnaf.infn.it`).
+    pub hosts: String,
+    pub kind: wnodes_apel::BenchmarkKind,
+    /// Score per core.
+    pub per_core: f64,
+}
+
+/// Whether `text` matches `pattern`, where `*` matches any run of characters (none included).
+pub fn glob(pattern: &str, text: &str) -> bool {
+    let (p, t) = (pattern.as_bytes(), text.as_bytes());
+    // The last `*` seen and the text position it was tried at: backtrack there on a mismatch.
+    let (mut pi, mut ti, mut star, mut mark) = (0, 0, None, 0);
+    while ti < t.len() {
+        if pi < p.len() && p[pi] == b'*' {
+            star = Some(pi);
+            mark = ti;
+            pi += 1;
+        } else if pi < p.len() && p[pi] == t[ti] {
+            pi += 1;
+            ti += 1;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            ti = mark;
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|c| *c == b'*')
+}
+
+/// The benchmarks a record can get: per host group, then the site's.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Benchmarks {
+    pub by_host: Vec<HostBenchmark>,
+    pub site: Option<wnodes_apel::Benchmark>,
+}
+
+impl Benchmarks {
+    /// The benchmark of `host`.
+    pub fn of(&self, host: &str) -> Option<wnodes_apel::Benchmark> {
+        self.by_host
+            .iter()
+            .find(|b| glob(&b.hosts, host))
+            .map(|b| wnodes_apel::Benchmark {
+                kind: b.kind,
+                per_core: b.per_core,
+            })
+            .or(self.site)
+    }
 }
 
 /// `[accounting.apel_export]`: what `serve` exports, and how often.
@@ -61,6 +121,30 @@ impl PeriodicApelExport {
 }
 
 impl Config {
+    /// The benchmarks records get.
+    pub fn benchmarks(&self) -> Benchmarks {
+        Benchmarks {
+            by_host: self.host_benchmarks.clone(),
+            site: self.apel.benchmark,
+        }
+    }
+
+    /// Host patterns non-empty, scores positive. Errors name the key.
+    pub fn validate(&self) -> Result<(), String> {
+        for (i, b) in self.host_benchmarks.iter().enumerate() {
+            if b.hosts.trim().is_empty() {
+                return Err(format!("accounting.host_benchmarks[{i}].hosts: empty"));
+            }
+            if !b.per_core.is_finite() || b.per_core <= 0.0 {
+                return Err(format!(
+                    "accounting.host_benchmarks[{i}].per_core: {} is not a positive number",
+                    b.per_core
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// The store, given the service's state directory.
     pub fn store_url(&self, state_dir: &std::path::Path) -> StoreUrl {
         self.database
@@ -124,6 +208,42 @@ mod tests {
         .unwrap();
         let e = wnodes_runtime::config::load::<Config>("accounting", Some(&path)).unwrap_err();
         assert!(e.to_string().contains("databse"), "{e}");
+    }
+
+    #[test]
+    fn host_patterns_match_and_the_first_benchmark_wins() {
+        for (p, t, m) in [
+            ("hv*.cnaf.infn.it", "hv01.cnaf.infn.it", true),
+            ("hv*.cnaf.infn.it", "hv01.cnaf.infn.it.evil", false),
+            ("hv*.cnaf.infn.it", "wn01.cnaf.infn.it", false),
+            ("*", "anything", true),
+            ("hv01", "hv01", true),
+            ("hv01", "hv011", false),
+            ("*a*b", "xaxxb", true),
+            ("*a*b", "xaxxbc", false),
+        ] {
+            assert_eq!(glob(p, t), m, "{p} {t}");
+        }
+        let hs = |hosts: &str, per_core| HostBenchmark {
+            hosts: hosts.into(),
+            kind: wnodes_apel::BenchmarkKind::Hepscore23,
+            per_core,
+        };
+        let b = Benchmarks {
+            by_host: vec![hs("hv0*.x", 20.0), hs("hv*.x", 15.0)],
+            site: Some(wnodes_apel::Benchmark {
+                kind: wnodes_apel::BenchmarkKind::Hepspec06,
+                per_core: 10.0,
+            }),
+        };
+        assert_eq!(b.of("hv01.x").map(|b| b.per_core), Some(20.0));
+        assert_eq!(b.of("hv11.x").map(|b| b.per_core), Some(15.0));
+        assert_eq!(b.of("wn1.x").map(|b| (b.kind, b.per_core)), Some((wnodes_apel::BenchmarkKind::Hepspec06, 10.0)));
+        let bad = Config {
+            host_benchmarks: vec![hs("hv*", 0.0)],
+            ..Config::default()
+        };
+        assert!(bad.validate().unwrap_err().contains("host_benchmarks[0].per_core"));
     }
 
     #[test]

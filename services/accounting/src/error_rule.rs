@@ -4,7 +4,10 @@
 use wnodes_bus::BusError;
 use wnodes_testkit::error_rule::{SOURCE_TEXT, io_source};
 
-use crate::{AccountingError, apel::ApelExportError, report::ReportError};
+use crate::{
+    AccountingError, apel::ApelExportError, report::ReportError, service::ReportBind,
+    store::StoreUrlError,
+};
 
 wnodes_testkit::error_rule! {
     AccountingError {
@@ -21,6 +24,15 @@ wnodes_testkit::error_rule! {
             sqlx::migrate::MigrateError::VersionMissing(1),
         ),
         AccountingError::StoreUrl(_) => AccountingError::StoreUrl(store_url_error()),
+    }
+    StoreUrlError {
+        StoreUrlError { .. } => store_url_error(),
+    }
+    ReportBind {
+        ReportBind { .. } => ReportBind {
+            addr: "127.0.0.1:9651".parse().unwrap(),
+            source: io_source(),
+        },
     }
     ReportError {
         ReportError::Period { .. } => ReportError::Period { from_ms: 10, to_ms: 5 },

@@ -14,11 +14,23 @@ use crate::Metrics;
 pub const WAIT_FOR_JOB_ATTEMPTS: u32 = 3;
 
 /// The accounting handler.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct AccountingHandler {
     /// `"accounting@<host>"`, the source of `UsageRecorded`.
     pub source: String,
     pub metrics: Metrics,
+    /// The benchmark each record gets, by its host.
+    pub benchmarks: crate::config::Benchmarks,
+}
+
+/// `virtio_tap`, `sriov`, `user`; empty when unspecified.
+fn network_mode_name(mode: i32) -> &'static str {
+    match proto::NetworkMode::try_from(mode) {
+        Ok(proto::NetworkMode::VirtioTap) => "virtio_tap",
+        Ok(proto::NetworkMode::Sriov) => "sriov",
+        Ok(proto::NetworkMode::User) => "user",
+        _ => "",
+    }
 }
 
 /// Phases named in `VmFailed` (anything else is counted as `other`, keeping labels bounded).
@@ -53,6 +65,8 @@ impl Handler for AccountingHandler {
             &event.body,
             Some(
                 Body::JobStarted(_)
+                    | Body::VmRequested(_)
+                    | Body::ImageReady(_)
                     | Body::VmRunning(_)
                     | Body::VmStopped(_)
                     | Body::JobFinished(_)
@@ -65,6 +79,15 @@ impl Handler for AccountingHandler {
             Some(Body::JobStarted(js)) => {
                 let mut db = ctx.db().await?;
                 job_started(&mut db, &key, js).await.map_err(retry)?;
+            }
+            Some(Body::VmRequested(r)) => {
+                let spec = r.spec.clone().unwrap_or_default();
+                let mut db = ctx.db().await?;
+                vm_requested(&mut db, &key, &spec).await.map_err(retry)?;
+            }
+            Some(Body::ImageReady(r)) => {
+                let mut db = ctx.db().await?;
+                image_ready(&mut db, &key, r).await.map_err(retry)?;
             }
             Some(Body::VmRunning(r)) => {
                 let started = r
@@ -98,7 +121,8 @@ impl Handler for AccountingHandler {
                 if !known {
                     tracing::warn!(run = %key, "Recording usage without the job's identity: its job.started never came.");
                 }
-                let recorded = match vm_stopped(&mut db, &run, &key, &event.host, s)
+                let benchmark = self.benchmarks.of(&event.host);
+                let recorded = match vm_stopped(&mut db, &run, &key, &event.host, s, benchmark)
                     .await
                     .map_err(retry)?
                 {
@@ -230,15 +254,16 @@ async fn job_started(
         .unwrap_or_default();
     let (uid, gid) = (i64::from(owner.uid), i64::from(owner.gid));
     let started = js.started_at.as_ref().map(time::timestamp_ms);
+    let submitted = job.submitted_at.as_ref().map(time::timestamp_ms);
     on_db!(&mut *db, |c| {
         sqlx::query(
             "INSERT INTO accounting_jobs (run_key, user_name, uid, gid, vo, x509_dn, fqans, queue,
-                cores, lrms_started_ms)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+                cores, lrms_started_ms, submitted_ms)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
              ON CONFLICT (run_key) DO UPDATE SET user_name = excluded.user_name, uid = excluded.uid,
                 gid = excluded.gid, vo = excluded.vo, x509_dn = excluded.x509_dn,
                 fqans = excluded.fqans, queue = excluded.queue, cores = excluded.cores,
-                lrms_started_ms = excluded.lrms_started_ms",
+                lrms_started_ms = excluded.lrms_started_ms, submitted_ms = excluded.submitted_ms",
         )
         .bind(key)
         .bind(&owner.user)
@@ -250,6 +275,7 @@ async fn job_started(
         .bind(&job.queue)
         .bind(cores)
         .bind(started)
+        .bind(submitted)
         .execute(c)
         .await
         .map(|r| r.rows_affected())
@@ -258,7 +284,7 @@ async fn job_started(
     on_db!(&mut *db, |c| {
         sqlx::query(
             "UPDATE usage_records SET user_name = $1, uid = $2, gid = $3, vo = $4, x509_dn = $5,
-                fqans = $6, queue = $7
+                fqans = $6, queue = $7, submitted_ms = $9
              WHERE run_key = $8 AND vo = '' AND user_name = ''",
         )
         .bind(&owner.user)
@@ -269,6 +295,73 @@ async fn job_started(
         .bind(&fqans)
         .bind(&job.queue)
         .bind(key)
+        .bind(submitted)
+        .execute(c)
+        .await
+        .map(|r| r.rows_affected())
+    })?;
+    Ok(())
+}
+
+/// What the VM was given; also onto a record written before it came.
+async fn vm_requested(db: &mut Db<'_>, key: &str, spec: &proto::VmSpec) -> Result<(), sqlx::Error> {
+    let memory = i64::try_from(spec.memory_bytes).unwrap_or(i64::MAX);
+    let scratch = i64::try_from(spec.scratch_bytes).unwrap_or(i64::MAX);
+    let mode = network_mode_name(spec.network_mode);
+    on_db!(&mut *db, |c| {
+        sqlx::query(
+            "INSERT INTO accounting_jobs (run_key, image, memory_bytes, scratch_bytes, network_mode)
+             VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (run_key) DO UPDATE SET image = excluded.image,
+                memory_bytes = excluded.memory_bytes, scratch_bytes = excluded.scratch_bytes,
+                network_mode = excluded.network_mode",
+        )
+        .bind(key)
+        .bind(&spec.image)
+        .bind(memory)
+        .bind(scratch)
+        .bind(mode)
+        .execute(c)
+        .await
+        .map(|r| r.rows_affected())
+    })?;
+    on_db!(&mut *db, |c| {
+        sqlx::query(
+            "UPDATE usage_records SET image = $2, memory_bytes = $3, scratch_bytes = $4,
+                network_mode = $5
+             WHERE run_key = $1 AND image = ''",
+        )
+        .bind(key)
+        .bind(&spec.image)
+        .bind(memory)
+        .bind(scratch)
+        .bind(mode)
+        .execute(c)
+        .await
+        .map(|r| r.rows_affected())
+    })?;
+    Ok(())
+}
+
+/// The image's verified digest; also onto a record written before it came.
+async fn image_ready(db: &mut Db<'_>, key: &str, r: &proto::ImageReady) -> Result<(), sqlx::Error> {
+    on_db!(&mut *db, |c| {
+        sqlx::query(
+            "INSERT INTO accounting_jobs (run_key, image_sha256) VALUES ($1, $2)
+             ON CONFLICT (run_key) DO UPDATE SET image_sha256 = excluded.image_sha256",
+        )
+        .bind(key)
+        .bind(&r.sha256)
+        .execute(c)
+        .await
+        .map(|r| r.rows_affected())
+    })?;
+    on_db!(&mut *db, |c| {
+        sqlx::query(
+            "UPDATE usage_records SET image_sha256 = $2 WHERE run_key = $1 AND image_sha256 = ''",
+        )
+        .bind(key)
+        .bind(&r.sha256)
         .execute(c)
         .await
         .map(|r| r.rows_affected())
@@ -297,6 +390,12 @@ struct JobRow {
     queue: Option<String>,
     vm_started_ms: Option<i64>,
     lrms_exit_code: Option<i64>,
+    submitted_ms: Option<i64>,
+    image: Option<String>,
+    image_sha256: Option<String>,
+    memory_bytes: Option<i64>,
+    scratch_bytes: Option<i64>,
+    network_mode: Option<String>,
 }
 
 /// What `vm.stopped` did.
@@ -316,10 +415,12 @@ async fn vm_stopped(
     key: &str,
     host: &str,
     s: &proto::VmStopped,
+    benchmark: Option<wnodes_apel::Benchmark>,
 ) -> Result<Stopped, sqlx::Error> {
     let job: JobRow = on_db!(&mut *db, |c| {
         sqlx::query_as(
-            "SELECT user_name, uid, gid, vo, x509_dn, fqans, queue, vm_started_ms, lrms_exit_code
+            "SELECT user_name, uid, gid, vo, x509_dn, fqans, queue, vm_started_ms, lrms_exit_code,
+                submitted_ms, image, image_sha256, memory_bytes, scratch_bytes, network_mode
              FROM accounting_jobs WHERE run_key = $1",
         )
         .bind(key)
@@ -353,14 +454,20 @@ async fn vm_stopped(
     let peak = i64::try_from(usage.peak_memory_bytes).unwrap_or(i64::MAX);
     let exit = i64::from(s.exit_code);
     let now = time::now_ms();
+    let image = job.image.clone().unwrap_or_default();
+    let image_sha256 = job.image_sha256.clone().unwrap_or_default();
+    let network_mode = job.network_mode.clone().unwrap_or_default();
+    let bench_kind = benchmark.map(|b| b.kind.name()).unwrap_or_default();
+    let bench_per_core = benchmark.map(|b| b.per_core);
     let inserted = on_db!(&mut *db, |c| {
         sqlx::query(
             "INSERT INTO usage_records (run_key, site, lrms, job_id, run_attempt, host, vm_id, vo,
                 user_name, uid, gid, x509_dn, fqans, queue, cores, cpu_seconds, peak_memory_bytes,
                 wall_seconds, exit_code, lrms_exit_code, stop_reason, started_ms, stopped_ms,
-                recorded_ms)
+                recorded_ms, submitted_ms, image, image_sha256, memory_bytes, scratch_bytes,
+                network_mode, benchmark_kind, benchmark_per_core)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,
-                $18, $19, $20, $21, $22, $23, $24)
+                $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31, $32)
              ON CONFLICT (run_key) DO NOTHING",
         )
         .bind(key)
@@ -387,6 +494,14 @@ async fn vm_stopped(
         .bind(started_ms)
         .bind(stopped_ms)
         .bind(now)
+        .bind(job.submitted_ms)
+        .bind(&image)
+        .bind(&image_sha256)
+        .bind(job.memory_bytes)
+        .bind(job.scratch_bytes)
+        .bind(&network_mode)
+        .bind(bench_kind)
+        .bind(bench_per_core)
         .execute(c)
         .await
         .map(|r| r.rows_affected())
@@ -426,6 +541,14 @@ async fn vm_stopped(
         started_at: started_ms.map(time::timestamp_from_ms),
         stopped_at: stopped_ms.map(time::timestamp_from_ms),
         recorded_at: Some(time::timestamp_from_ms(now)),
+        submitted_at: job.submitted_ms.map(time::timestamp_from_ms),
+        image,
+        image_sha256,
+        memory_bytes: job.memory_bytes.and_then(|b| u64::try_from(b).ok()).unwrap_or_default(),
+        scratch_bytes: job.scratch_bytes.and_then(|b| u64::try_from(b).ok()).unwrap_or_default(),
+        network_mode,
+        benchmark_kind: bench_kind.to_owned(),
+        benchmark_per_core: bench_per_core.unwrap_or_default(),
     };
     Ok(Stopped::Recorded(Box::new(proto::UsageRecorded {
         record_id: key.to_owned(),

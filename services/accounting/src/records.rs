@@ -21,7 +21,9 @@ macro_rules! select_records {
         concat!(
             "SELECT run_key, site, lrms, job_id, run_attempt, host, vm_id, vo, user_name,
             uid, gid, x509_dn, fqans, queue, cores, cpu_seconds, peak_memory_bytes, wall_seconds,
-            exit_code, lrms_exit_code, stop_reason, started_ms, stopped_ms, recorded_ms ",
+            exit_code, lrms_exit_code, stop_reason, started_ms, stopped_ms, recorded_ms,
+            submitted_ms, image, image_sha256, memory_bytes, scratch_bytes, network_mode,
+            benchmark_kind, benchmark_per_core ",
             $rest
         )
     };

@@ -48,6 +48,12 @@ impl Service for Accounting {
     type Handler = AccountingHandler;
     type Command = AccountingCommand;
 
+    fn validate(config: &Config) -> Result<(), wnodes_runtime::ConfigError> {
+        config
+            .validate()
+            .map_err(|e| wnodes_runtime::ConfigError::section(Self::NAME, e))
+    }
+
     /// Opens the records database (which also holds the consumer's keys, so that a record
     /// commits with its key).
     async fn build(ctx: &ServiceCtx<Config>) -> Result<Parts<AccountingHandler>, StartError> {
@@ -60,6 +66,7 @@ impl Service for Accounting {
         let mut parts = Parts::consumer(AccountingHandler {
             source: ctx.source(),
             metrics,
+            benchmarks: ctx.config.benchmarks(),
         })
         .with_store(store);
         if let Some(addr) = ctx.config.grpc_addr {
@@ -239,8 +246,8 @@ async fn report_api(
 /// The report API's address cannot be bound.
 #[derive(Debug, thiserror::Error)]
 #[error("accounting.grpc_addr: cannot listen on {addr}")]
-struct ReportBind {
-    addr: std::net::SocketAddr,
+pub(crate) struct ReportBind {
+    pub(crate) addr: std::net::SocketAddr,
     #[source]
-    source: std::io::Error,
+    pub(crate) source: std::io::Error,
 }

@@ -9,7 +9,11 @@ use std::time::Duration;
 
 use prost::Message;
 use tokio_util::sync::CancellationToken;
-use wnodes_accounting::{Accounting, AccountingHandler, Metrics, StoreUrl, open_store, records};
+use wnodes_accounting::{
+    Accounting, AccountingHandler, Metrics, StoreUrl,
+    config::{Benchmarks, HostBenchmark},
+    open_store, records,
+};
 use wnodes_bus::{
     Bus, BusError, Consumer, ConsumerTuning, EventExt, proto, proto::event::Body, subject,
 };
@@ -69,6 +73,15 @@ async fn start_tuned(
     let handler = AccountingHandler {
         source: "accounting@central.example.org".into(),
         metrics,
+        // The hypervisors hv*.example.org score 18.5 HEPscore23 per core; others have none.
+        benchmarks: Benchmarks {
+            by_host: vec![HostBenchmark {
+                hosts: "hv*.example.org".into(),
+                kind: wnodes_apel::BenchmarkKind::Hepscore23,
+                per_core: 18.5,
+            }],
+            site: None,
+        },
     };
     // The test's bus is the site's admin: it provisions the durable as `wnodesctl provision`
     // does (with this test's tuning), then binds to it.
@@ -111,6 +124,7 @@ fn job_started(r: &proto::JobRunRef) -> proto::Event {
         vo: "atlas".into(),
         queue: "grid".into(),
         host: HOST.into(),
+        submitted_at: ts(1_699_999_000),
         ..Default::default()
     };
     Events::new(HOST, "bridge@test").build(
@@ -118,6 +132,33 @@ fn job_started(r: &proto::JobRunRef) -> proto::Event {
         Body::JobStarted(proto::JobStarted {
             job: Some(job),
             started_at: ts(1_700_000_000),
+        }),
+    )
+}
+
+fn vm_requested(r: &proto::JobRunRef) -> proto::Event {
+    Events::new(HOST, "launcher@test").build(
+        r,
+        events::vm_requested(proto::VmSpec {
+            image: "el9".into(),
+            memory_bytes: 2 << 30,
+            scratch_bytes: 10 << 30,
+            network_mode: proto::NetworkMode::VirtioTap as i32,
+            ..events::vm_spec("vm-0123456789ab")
+        }),
+    )
+}
+
+const EL9_SHA256: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+
+fn image_ready(r: &proto::JobRunRef) -> proto::Event {
+    Events::new(HOST, "image@test").build(
+        r,
+        Body::ImageReady(proto::ImageReady {
+            vm_id: "vm-0123456789ab".into(),
+            image: "el9".into(),
+            sha256: EL9_SHA256.into(),
+            ..Default::default()
         }),
     )
 }
@@ -238,7 +279,13 @@ async fn vm_stopped_writes_one_record_and_publishes_usage_recorded(db: StoreUrl)
     let bus = connect(&nats).await;
     let svc = start(&bus, &db).await;
     let r = run("1001.0");
-    for ev in [job_started(&r), vm_running(&r), vm_stopped(&r, 3)] {
+    for ev in [
+        job_started(&r),
+        vm_requested(&r),
+        image_ready(&r),
+        vm_running(&r),
+        vm_stopped(&r, 3),
+    ] {
         bus.publish(&ev).await.unwrap();
     }
     let rec = wait_record(&db, "the usage record", |_| true).await;
@@ -259,6 +306,15 @@ async fn vm_stopped_writes_one_record_and_publishes_usage_recorded(db: StoreUrl)
     assert_eq!(rec.started_ms, Some(1_700_000_010_000));
     assert_eq!(rec.stopped_ms, Some(1_700_000_040_000));
     assert_eq!(rec.host, HOST);
+    // What the VM was given, its image's digest, the job's submit time, the host's benchmark.
+    assert_eq!((rec.image.as_str(), rec.image_sha256.as_str()), ("el9", EL9_SHA256));
+    assert_eq!((rec.memory_bytes, rec.scratch_bytes), (Some(2 << 30), Some(10 << 30)));
+    assert_eq!(rec.network_mode, "virtio_tap");
+    assert_eq!(rec.submitted_ms, Some(1_699_999_000_000));
+    assert_eq!(
+        (rec.benchmark_kind.as_str(), rec.benchmark_per_core),
+        ("hepscore23", Some(18.5))
+    );
 
     let filter = subject::event_filter(None, "usage.recorded").unwrap();
     let evs = wait_until(WAIT, "UsageRecorded", || async {
@@ -316,6 +372,17 @@ async fn vm_stopped_writes_one_record_and_publishes_usage_recorded(db: StoreUrl)
     assert_eq!(
         (r.host.as_str(), r.vm_id.as_str()),
         (HOST, rec.vm_id.as_str())
+    );
+    assert_eq!((r.image.as_str(), r.image_sha256.as_str()), ("el9", EL9_SHA256));
+    assert_eq!((r.memory_bytes, r.scratch_bytes), (2 << 30, 10 << 30));
+    assert_eq!(r.network_mode, "virtio_tap");
+    assert_eq!(
+        r.submitted_at.as_ref().map(wnodes_proto::time::timestamp_ms),
+        rec.submitted_ms
+    );
+    assert_eq!(
+        (r.benchmark_kind.as_str(), r.benchmark_per_core),
+        ("hepscore23", 18.5)
     );
     svc.stop().await;
 }
@@ -426,9 +493,18 @@ async fn vm_stopped_before_job_started_is_recorded_and_filled_in(db: StoreUrl) {
     bus.publish(&vm_stopped(&r, 1)).await.unwrap();
     let rec = wait_record(&db, "the record without identity", |_| true).await;
     assert_eq!(rec.vo, "");
-    bus.publish(&job_started(&r)).await.unwrap();
-    wait_record(&db, "the identity filled in", |r| {
-        r.vo == "atlas" && r.user_name == "alice"
+    assert_eq!((rec.image.as_str(), rec.memory_bytes), ("", None));
+    // Everything the record lacked, late: the identity, what the VM was given, its image.
+    for ev in [job_started(&r), vm_requested(&r), image_ready(&r)] {
+        bus.publish(&ev).await.unwrap();
+    }
+    wait_record(&db, "the identity and the VM's details filled in", |r| {
+        r.vo == "atlas"
+            && r.user_name == "alice"
+            && r.image == "el9"
+            && r.image_sha256 == EL9_SHA256
+            && r.memory_bytes == Some(2 << 30)
+            && r.submitted_ms == Some(1_699_999_000_000)
     })
     .await;
     let recs = all_records(&db).await;
@@ -557,9 +633,13 @@ async fn impossible_usage_events_are_dead_lettered_with_the_reason_and_never_sto
     }
     let nameless = run("");
     let fine = run("8004.0");
+    // The VM's start is stored before its stop arrives (handlers of one consumer run
+    // concurrently: a stop handled first could not be known to be early).
+    for ev in [job_started(&backwards), vm_running(&backwards)] {
+        bus.publish(&ev).await.unwrap();
+    }
+    wait_caught_up(&bus).await;
     for ev in [
-        job_started(&backwards),
-        vm_running(&backwards),
         stopped_early,
         job_started(&negative),
         negative_cpu,
