@@ -69,6 +69,12 @@ pub struct UsageRecord {
     /// The host's benchmark score per core, when configured.
     #[serde(default)]
     pub benchmark_per_core: Option<f64>,
+    /// The part of `cpu_seconds` in user mode (seconds), when measured.
+    #[serde(default)]
+    pub cpu_user_seconds: Option<f64>,
+    /// The part in the kernel (seconds), when measured.
+    #[serde(default)]
+    pub cpu_system_seconds: Option<f64>,
 }
 
 #[cfg(test)]

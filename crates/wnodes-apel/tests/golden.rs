@@ -601,18 +601,14 @@ fn a_record_with_its_hosts_benchmark_and_its_vms_details() {
         "the site's benchmark differs"
     );
     let job = JobRecord::from_usage(&u, &cfg).unwrap();
-    let fields: BTreeMap<String, Option<String>> = message::parse(&one_message(&[job]))
-        .unwrap()
-        .records[0]
-        .to_map();
+    let fields: BTreeMap<String, Option<String>> =
+        message::parse(&one_message(&[job])).unwrap().records[0].to_map();
     assert_eq!(fields["ServiceLevelType"].as_deref(), Some("HEPscore23"));
     assert_eq!(fields["ServiceLevel"].as_deref(), Some("18.5"));
     assert_eq!(fields["MemoryVirtual"].as_deref(), Some("16777216"));
     let cloud = CloudRecord::from_usage(&u, &cfg).unwrap();
-    let fields: BTreeMap<String, Option<String>> = message::parse(&one_message(&[cloud]))
-        .unwrap()
-        .records[0]
-        .to_map();
+    let fields: BTreeMap<String, Option<String>> =
+        message::parse(&one_message(&[cloud])).unwrap().records[0].to_map();
     assert_eq!(fields["Benchmark"].as_deref(), Some("18.5"));
     assert_eq!(fields["BenchmarkType"].as_deref(), Some("HEPscore23"));
     assert_eq!(fields["Disk"].as_deref(), Some("21"));
@@ -620,10 +616,8 @@ fn a_record_with_its_hosts_benchmark_and_its_vms_details() {
     // Without them, the site's benchmark and no VM details, as before.
     let plain = atlas_run("7002", 1_764_547_200_000, 1_764_590_400_000);
     let job = JobRecord::from_usage(&plain, &cfg).unwrap();
-    let fields: BTreeMap<String, Option<String>> = message::parse(&one_message(&[job]))
-        .unwrap()
-        .records[0]
-        .to_map();
+    let fields: BTreeMap<String, Option<String>> =
+        message::parse(&one_message(&[job])).unwrap().records[0].to_map();
     assert_eq!(
         fields["ServiceLevel"].as_deref().map(str::to_owned),
         cfg.benchmark.map(|b| b.per_core.to_string())

@@ -87,6 +87,7 @@ fn run_events(i: usize) -> [proto::Event; 2] {
                     nanos: 0,
                 }),
                 cores: 8,
+                ..Default::default()
             }),
             stopped_at: ts(i as i64 + 3700),
             stop_reason: "guest-poweroff".into(),

@@ -207,6 +207,7 @@ pub fn vm_usage(
         peak_memory_bytes,
         wall: prost_types::Duration::try_from(wall).ok(),
         cores,
+        ..Default::default()
     }
 }
 

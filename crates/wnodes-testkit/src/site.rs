@@ -107,9 +107,9 @@ impl TestSite {
         }
         if role.optional && !site.optional.iter().any(|o| o == role.name) {
             site.optional.push(role.name.to_owned());
-            self.auth
-                .provision(&site, Mode::Apply)
-                .with_context(|| format!("adding the optional role {} to the test site", role.name))?;
+            self.auth.provision(&site, Mode::Apply).with_context(|| {
+                format!("adding the optional role {} to the test site", role.name)
+            })?;
         }
         Ok(self.config(url, self.auth.creds(&id)))
     }

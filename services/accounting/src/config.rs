@@ -238,12 +238,19 @@ mod tests {
         };
         assert_eq!(b.of("hv01.x").map(|b| b.per_core), Some(20.0));
         assert_eq!(b.of("hv11.x").map(|b| b.per_core), Some(15.0));
-        assert_eq!(b.of("wn1.x").map(|b| (b.kind, b.per_core)), Some((wnodes_apel::BenchmarkKind::Hepspec06, 10.0)));
+        assert_eq!(
+            b.of("wn1.x").map(|b| (b.kind, b.per_core)),
+            Some((wnodes_apel::BenchmarkKind::Hepspec06, 10.0))
+        );
         let bad = Config {
             host_benchmarks: vec![hs("hv*", 0.0)],
             ..Config::default()
         };
-        assert!(bad.validate().unwrap_err().contains("host_benchmarks[0].per_core"));
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .contains("host_benchmarks[0].per_core")
+        );
     }
 
     #[test]

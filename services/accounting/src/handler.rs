@@ -459,15 +459,24 @@ async fn vm_stopped(
     let network_mode = job.network_mode.clone().unwrap_or_default();
     let bench_kind = benchmark.map(|b| b.kind.name()).unwrap_or_default();
     let bench_per_core = benchmark.map(|b| b.per_core);
+    // Known when the launcher measured them (a split that does not add up is not kept).
+    let split = (usage.cpu_user_seconds + usage.cpu_system_seconds > 0.0
+        && usage.cpu_user_seconds >= 0.0
+        && usage.cpu_system_seconds >= 0.0
+        && usage.cpu_user_seconds + usage.cpu_system_seconds <= usage.cpu_seconds * 1.01 + 0.01)
+        .then_some((usage.cpu_user_seconds, usage.cpu_system_seconds));
+    let (cpu_user, cpu_system) = (split.map(|s| s.0), split.map(|s| s.1));
     let inserted = on_db!(&mut *db, |c| {
         sqlx::query(
             "INSERT INTO usage_records (run_key, site, lrms, job_id, run_attempt, host, vm_id, vo,
                 user_name, uid, gid, x509_dn, fqans, queue, cores, cpu_seconds, peak_memory_bytes,
                 wall_seconds, exit_code, lrms_exit_code, stop_reason, started_ms, stopped_ms,
                 recorded_ms, submitted_ms, image, image_sha256, memory_bytes, scratch_bytes,
-                network_mode, benchmark_kind, benchmark_per_core)
+                network_mode, benchmark_kind, benchmark_per_core, cpu_user_seconds,
+                cpu_system_seconds)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,
-                $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31, $32)
+                $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31, $32, $33,
+                $34)
              ON CONFLICT (run_key) DO NOTHING",
         )
         .bind(key)
@@ -502,6 +511,8 @@ async fn vm_stopped(
         .bind(&network_mode)
         .bind(bench_kind)
         .bind(bench_per_core)
+        .bind(cpu_user)
+        .bind(cpu_system)
         .execute(c)
         .await
         .map(|r| r.rows_affected())
@@ -544,11 +555,19 @@ async fn vm_stopped(
         submitted_at: job.submitted_ms.map(time::timestamp_from_ms),
         image,
         image_sha256,
-        memory_bytes: job.memory_bytes.and_then(|b| u64::try_from(b).ok()).unwrap_or_default(),
-        scratch_bytes: job.scratch_bytes.and_then(|b| u64::try_from(b).ok()).unwrap_or_default(),
+        memory_bytes: job
+            .memory_bytes
+            .and_then(|b| u64::try_from(b).ok())
+            .unwrap_or_default(),
+        scratch_bytes: job
+            .scratch_bytes
+            .and_then(|b| u64::try_from(b).ok())
+            .unwrap_or_default(),
         network_mode,
         benchmark_kind: bench_kind.to_owned(),
         benchmark_per_core: bench_per_core.unwrap_or_default(),
+        cpu_user_seconds: cpu_user,
+        cpu_system_seconds: cpu_system,
     };
     Ok(Stopped::Recorded(Box::new(proto::UsageRecorded {
         record_id: key.to_owned(),

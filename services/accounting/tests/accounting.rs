@@ -180,7 +180,11 @@ fn vm_stopped(r: &proto::JobRunRef, exit_code: i32) -> proto::Event {
         r,
         proto::VmStopped {
             exit_code,
-            usage: Some(vm_usage(12.5, 256 << 20, Duration::from_secs(30), 2)),
+            usage: Some(proto::VmUsage {
+                cpu_user_seconds: 10.0,
+                cpu_system_seconds: 2.5,
+                ..vm_usage(12.5, 256 << 20, Duration::from_secs(30), 2)
+            }),
             stopped_at: ts(1_700_000_040),
             ..events::vm_stopped("vm-0123456789ab")
         },
@@ -307,10 +311,20 @@ async fn vm_stopped_writes_one_record_and_publishes_usage_recorded(db: StoreUrl)
     assert_eq!(rec.stopped_ms, Some(1_700_000_040_000));
     assert_eq!(rec.host, HOST);
     // What the VM was given, its image's digest, the job's submit time, the host's benchmark.
-    assert_eq!((rec.image.as_str(), rec.image_sha256.as_str()), ("el9", EL9_SHA256));
-    assert_eq!((rec.memory_bytes, rec.scratch_bytes), (Some(2 << 30), Some(10 << 30)));
+    assert_eq!(
+        (rec.image.as_str(), rec.image_sha256.as_str()),
+        ("el9", EL9_SHA256)
+    );
+    assert_eq!(
+        (rec.memory_bytes, rec.scratch_bytes),
+        (Some(2 << 30), Some(10 << 30))
+    );
     assert_eq!(rec.network_mode, "virtio_tap");
     assert_eq!(rec.submitted_ms, Some(1_699_999_000_000));
+    assert_eq!(
+        (rec.cpu_user_seconds, rec.cpu_system_seconds),
+        (Some(10.0), Some(2.5))
+    );
     assert_eq!(
         (rec.benchmark_kind.as_str(), rec.benchmark_per_core),
         ("hepscore23", Some(18.5))
@@ -373,11 +387,20 @@ async fn vm_stopped_writes_one_record_and_publishes_usage_recorded(db: StoreUrl)
         (r.host.as_str(), r.vm_id.as_str()),
         (HOST, rec.vm_id.as_str())
     );
-    assert_eq!((r.image.as_str(), r.image_sha256.as_str()), ("el9", EL9_SHA256));
+    assert_eq!(
+        (r.image.as_str(), r.image_sha256.as_str()),
+        ("el9", EL9_SHA256)
+    );
     assert_eq!((r.memory_bytes, r.scratch_bytes), (2 << 30, 10 << 30));
     assert_eq!(r.network_mode, "virtio_tap");
     assert_eq!(
-        r.submitted_at.as_ref().map(wnodes_proto::time::timestamp_ms),
+        (r.cpu_user_seconds, r.cpu_system_seconds),
+        (Some(10.0), Some(2.5))
+    );
+    assert_eq!(
+        r.submitted_at
+            .as_ref()
+            .map(wnodes_proto::time::timestamp_ms),
         rec.submitted_ms
     );
     assert_eq!(

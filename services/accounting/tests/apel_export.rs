@@ -562,6 +562,7 @@ async fn serve_exports_to_apel_periodically() {
                     nanos: 0,
                 }),
                 cores: 1,
+                ..Default::default()
             }),
             stop_reason: "guest-poweroff".into(),
             stopped_at: Some(now),

@@ -104,6 +104,8 @@ pub fn vm_stopped(vm: &VmDir, exit: &VmExit, stop_reason: &str) -> VmStopped {
         output_location: vm.output_log().display().to_string(),
         usage: Some(VmUsage {
             cpu_seconds: exit.usage.cpu_seconds,
+            cpu_user_seconds: exit.usage.cpu_user_seconds,
+            cpu_system_seconds: exit.usage.cpu_system_seconds,
             peak_memory_bytes: exit.usage.peak_memory_bytes,
             wall: Some(time::duration(exit.wall())),
             cores: exit.cores,

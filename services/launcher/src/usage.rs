@@ -47,6 +47,12 @@ pub const GROUP_PARENT: &str = "wnodes";
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct UsageSample {
     pub cpu_seconds: f64,
+    /// The part of `cpu_seconds` spent in user mode (0 when the source does not say).
+    #[serde(default)]
+    pub cpu_user_seconds: f64,
+    /// The part spent in the kernel (0 when the source does not say).
+    #[serde(default)]
+    pub cpu_system_seconds: f64,
     pub peak_memory_bytes: u64,
     pub sampled_at_ms: u64,
 }
@@ -56,6 +62,8 @@ impl UsageSample {
     pub fn max(self, other: Self) -> Self {
         Self {
             cpu_seconds: self.cpu_seconds.max(other.cpu_seconds),
+            cpu_user_seconds: self.cpu_user_seconds.max(other.cpu_user_seconds),
+            cpu_system_seconds: self.cpu_system_seconds.max(other.cpu_system_seconds),
             peak_memory_bytes: self.peak_memory_bytes.max(other.peak_memory_bytes),
             sampled_at_ms: self.sampled_at_ms.max(other.sampled_at_ms),
         }
@@ -252,6 +260,34 @@ pub fn parse_cpu_stat_v2(text: &str) -> Option<f64> {
     Some(usec as f64 / 1e6)
 }
 
+/// Parses `user_usec` and `system_usec` out of a cgroup v2 `cpu.stat`, in seconds.
+pub fn parse_cpu_stat_v2_split(text: &str) -> Option<(f64, f64)> {
+    let field = |name: &str| -> Option<f64> {
+        let usec: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))?
+            .trim()
+            .parse()
+            .ok()?;
+        Some(usec as f64 / 1e6)
+    };
+    Some((field("user_usec")?, field("system_usec")?))
+}
+
+/// Parses a cgroup v1 `cpuacct.stat` (`user N`, `system N`, clock ticks), in seconds.
+pub fn parse_cpuacct_stat(text: &str) -> Option<(f64, f64)> {
+    let field = |name: &str| -> Option<f64> {
+        let ticks: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))?
+            .trim()
+            .parse()
+            .ok()?;
+        Some(ticks as f64 / clock_ticks())
+    };
+    Some((field("user")?, field("system")?))
+}
+
 /// Parses a cgroup v1 `cpuacct.usage` (nanoseconds), in seconds.
 pub fn parse_cpuacct_usage(text: &str) -> Option<f64> {
     let ns: u64 = text.trim().parse().ok()?;
@@ -260,13 +296,17 @@ pub fn parse_cpuacct_usage(text: &str) -> Option<f64> {
 
 /// Reads `cpu.stat` `usage_usec` and `memory.peak` of a cgroup v2 group.
 pub fn read_cgroup(group: &Path) -> Result<UsageSample, UsageError> {
-    let cpu_seconds = parse_cpu_stat_v2(&read_file(group, "cpu.stat")?).unwrap_or(0.0);
+    let stat = read_file(group, "cpu.stat")?;
+    let cpu_seconds = parse_cpu_stat_v2(&stat).unwrap_or(0.0);
+    let (user, system) = parse_cpu_stat_v2_split(&stat).unwrap_or_default();
     let peak = read_file(group, "memory.peak")
         .ok()
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(0);
     Ok(UsageSample {
         cpu_seconds,
+        cpu_user_seconds: user,
+        cpu_system_seconds: system,
         peak_memory_bytes: peak,
         sampled_at_ms: wnodes_proto::time::unix_ms(SystemTime::now()),
     })
@@ -285,8 +325,14 @@ pub fn read_cgroup_v1(cpuacct: &Path, memory: &Path) -> Result<UsageSample, Usag
         .trim()
         .parse()
         .unwrap_or(0);
+    let (user, system) = read_file(cpuacct, "cpuacct.stat")
+        .ok()
+        .and_then(|s| parse_cpuacct_stat(&s))
+        .unwrap_or_default();
     Ok(UsageSample {
         cpu_seconds,
+        cpu_user_seconds: user,
+        cpu_system_seconds: system,
         peak_memory_bytes: peak,
         sampled_at_ms: wnodes_proto::time::unix_ms(SystemTime::now()),
     })
@@ -357,13 +403,18 @@ fn clock_ticks() -> f64 {
 
 /// Parses utime + stime (clock ticks) out of `/proc/<pid>/stat` text.
 pub fn parse_proc_stat_ticks(stat: &str) -> Option<u64> {
+    parse_proc_stat_user_system(stat).map(|(u, s)| u + s)
+}
+
+/// Parses utime and stime (clock ticks) out of `/proc/<pid>/stat` text.
+pub fn parse_proc_stat_user_system(stat: &str) -> Option<(u64, u64)> {
     // Fields after the command (which may contain spaces and parentheses): state is field 3,
     // utime field 14, stime field 15.
     let rest = stat.rsplit_once(')')?.1;
     let fields: Vec<&str> = rest.split_whitespace().collect();
     let utime: u64 = fields.get(11)?.parse().ok()?;
     let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some(utime + stime)
+    Some((utime, stime))
 }
 
 /// Parses `VmHWM` (kB) out of `/proc/<pid>/status` text, in bytes.
@@ -377,11 +428,14 @@ pub fn parse_vm_hwm(status: &str) -> Option<u64> {
 pub fn sample_proc(pid: u32) -> Option<UsageSample> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let ticks = parse_proc_stat_ticks(&stat)?;
+    let (user, system) = parse_proc_stat_user_system(&stat)?;
     // A zombie has no VmHWM line; treat it as gone.
     let peak = parse_vm_hwm(&status)?;
+    let hz = clock_ticks();
     Some(UsageSample {
-        cpu_seconds: ticks as f64 / clock_ticks(),
+        cpu_seconds: (user + system) as f64 / hz,
+        cpu_user_seconds: user as f64 / hz,
+        cpu_system_seconds: system as f64 / hz,
         peak_memory_bytes: peak,
         sampled_at_ms: wnodes_proto::time::unix_ms(SystemTime::now()),
     })
@@ -424,6 +478,7 @@ mod tests {
     fn proc_files_are_parsed() {
         let stat = "1234 (qemu (x) y) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 3 0";
         assert_eq!(parse_proc_stat_ticks(stat), Some(300));
+        assert_eq!(parse_proc_stat_user_system(stat), Some((250, 50)));
         let status = "Name:\tqemu\nVmPeak:\t 9 kB\nVmHWM:\t   51200 kB\nVmRSS:\t 1 kB\n";
         assert_eq!(parse_vm_hwm(status), Some(51200 * 1024));
         assert_eq!(parse_vm_hwm("Name: x\n"), None);
@@ -436,6 +491,20 @@ mod tests {
             Some(2.5)
         );
         assert_eq!(parse_cpu_stat_v2("user_usec 1\n"), None);
+        assert_eq!(
+            parse_cpu_stat_v2_split("usage_usec 2500000\nuser_usec 2000000\nsystem_usec 500000\n"),
+            Some((2.0, 0.5))
+        );
+        assert_eq!(
+            parse_cpu_stat_v2_split("usage_usec 2500000\nuser_usec 2000000\n"),
+            None
+        );
+        let hz = clock_ticks();
+        assert_eq!(
+            parse_cpuacct_stat("user 300\nsystem 40\n"),
+            Some((300.0 / hz, 40.0 / hz))
+        );
+        assert_eq!(parse_cpuacct_stat("user 300\n"), None);
         assert_eq!(parse_cpuacct_usage("3400000000\n"), Some(3.4));
         assert_eq!(parse_cpuacct_usage("x"), None);
         assert_eq!(parse_pids("12\n345\n\n"), vec![12, 345]);
@@ -571,6 +640,7 @@ mod tests {
         std::fs::write(group.join("memory.peak"), "123456789\n").unwrap();
         let s = read_source("vm-0123456789ab", &source).unwrap();
         assert_eq!((s.cpu_seconds, s.peak_memory_bytes), (2.5, 123_456_789));
+        assert_eq!((s.cpu_user_seconds, s.cpu_system_seconds), (2.0, 0.5));
         assert!(attach("vm-0123456789ab", &UsageSource::Proc, 1).is_err());
     }
 
@@ -578,6 +648,10 @@ mod tests {
     fn this_process_can_be_sampled() {
         let s = sample_proc(std::process::id()).unwrap();
         assert!(s.peak_memory_bytes > 0);
+        assert!(
+            (s.cpu_user_seconds + s.cpu_system_seconds - s.cpu_seconds).abs() < 1e-9,
+            "user + system is the total: {s:?}"
+        );
         assert!(sample_proc(u32::MAX).is_none());
     }
 }
