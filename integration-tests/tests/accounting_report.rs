@@ -182,17 +182,12 @@ async fn report_matches_the_records(store: Option<String>) {
     .unwrap();
 
     // The records themselves, as `records --json` prints them.
-    let out = builder()
+    let records = builder()
         .arg("records")
         .arg("--json")
-        .output()
+        .json_lines()
         .await
         .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let records: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
     assert_eq!(records.len(), 4);
     let cpu_of = |pred: &dyn Fn(&serde_json::Value) -> bool| -> f64 {
         records

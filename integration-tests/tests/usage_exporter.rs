@@ -193,17 +193,12 @@ async fn counters_equal_the_store_after_a_killed_and_restarted_exporter() {
     .unwrap();
 
     // The store's sums, from the records themselves.
-    let out = accounting()
+    let records = accounting()
         .arg("records")
         .arg("--json")
-        .output()
+        .json_lines()
         .await
         .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let records: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
     assert_eq!(records.len(), 30);
     let mut expect: BTreeMap<(String, String, String), [f64; 4]> = BTreeMap::new();
     for r in &records {

@@ -57,6 +57,20 @@ pub fn redact(opts: &PgConnectOptions) -> String {
     )
 }
 
+/// A pool of at most `max_connections` whose every connection first runs `session` (e.g.
+/// `SET synchronous_commit = on`), waiting up to 30 s for a connection.
+pub fn pool_options(max_connections: u32, session: &'static str) -> PgPoolOptions {
+    PgPoolOptions::new()
+        .max_connections(max_connections.max(1))
+        .acquire_timeout(Duration::from_secs(30))
+        .after_connect(move |conn, _| {
+            Box::pin(async move {
+                conn.execute(session).await?;
+                Ok(())
+            })
+        })
+}
+
 impl PgKeyStore {
     /// Connects to `url` (`postgres://…` or `postgresql://…`), checks that commits are durable
     /// and creates the key table. `max_connections` bounds the pool (a consumer's in-flight
@@ -71,15 +85,7 @@ impl PgKeyStore {
             path: display.to_string(),
             source,
         };
-        let pool = PgPoolOptions::new()
-            .max_connections(max_connections.max(1))
-            .acquire_timeout(Duration::from_secs(30))
-            .after_connect(|conn, _| {
-                Box::pin(async move {
-                    conn.execute("SET synchronous_commit = on").await?;
-                    Ok(())
-                })
-            })
+        let pool = pool_options(max_connections, "SET synchronous_commit = on")
             .connect_with(opts)
             .await
             .map_err(err)?;

@@ -316,6 +316,27 @@ impl ProcessBuilder {
             .with_context(|| format!("running {}", self.bin.display()))
     }
 
+    /// Runs a one-shot command that prints one JSON object per line (`records --json`) to its
+    /// end; the objects.
+    ///
+    /// # Errors
+    /// When it cannot run, exits unsuccessfully (with its stderr), or prints a line that is
+    /// not JSON.
+    pub async fn json_lines(&self) -> anyhow::Result<Vec<serde_json::Value>> {
+        let out = self.output().await?;
+        anyhow::ensure!(
+            out.status.success(),
+            "{} exited with {}: {}",
+            self.bin.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).with_context(|| format!("not JSON: {l:?}")))
+            .collect()
+    }
+
     /// Starts the process; does not wait for anything. Its stdout is read line by line
     /// ([`ServiceProcess::wait_line`]); its stderr is appended to a file
     /// ([`ServiceProcess::stderr`], [`ServiceProcess::wait_stderr`]).

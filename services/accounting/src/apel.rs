@@ -37,8 +37,7 @@ use std::{
 };
 
 use sqlx::{
-    Executor as _,
-    postgres::{PgConnectOptions, PgPoolOptions},
+    postgres::PgConnectOptions,
     sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
 };
 use wnodes_apel::{
@@ -160,15 +159,8 @@ pub async fn open(url: &StoreUrl) -> Result<Pool, ApelExportError> {
         StoreUrl::Postgres(u) => {
             let opts = PgConnectOptions::from_str(u).map_err(err)?;
             Pool::Postgres(
-                PgPoolOptions::new()
-                    .max_connections(2)
+                wnodes_bus::pg_store::pool_options(2, "SET synchronous_commit = on")
                     .acquire_timeout(std::time::Duration::from_secs(10))
-                    .after_connect(|conn, _| {
-                        Box::pin(async move {
-                            conn.execute("SET synchronous_commit = on").await?;
-                            Ok(())
-                        })
-                    })
                     .connect_with(opts)
                     .await
                     .map_err(err)?,

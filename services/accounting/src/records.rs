@@ -4,8 +4,7 @@
 use std::str::FromStr;
 
 use sqlx::{
-    Executor as _,
-    postgres::{PgConnectOptions, PgPoolOptions},
+    postgres::PgConnectOptions,
     sqlite::{SqliteConnectOptions, SqlitePoolOptions},
 };
 use wnodes_bus::{db::Pool, on_pool};
@@ -77,16 +76,8 @@ pub async fn open_read_only(url: &StoreUrl) -> Result<Pool, AccountingError> {
         StoreUrl::Postgres(u) => {
             let opts = PgConnectOptions::from_str(u).map_err(err)?;
             Pool::Postgres(
-                PgPoolOptions::new()
-                    .max_connections(2)
+                wnodes_bus::pg_store::pool_options(2, "SET default_transaction_read_only = on")
                     .acquire_timeout(std::time::Duration::from_secs(10))
-                    .after_connect(|conn, _| {
-                        Box::pin(async move {
-                            conn.execute("SET default_transaction_read_only = on")
-                                .await?;
-                            Ok(())
-                        })
-                    })
                     .connect_with(opts)
                     .await
                     .map_err(err)?,

@@ -190,17 +190,12 @@ async fn killed_between_storing_and_acking_records_once(store: Option<String>) {
         "nothing published before the crash"
     );
     let records = || async {
-        let out = with_store(accounting(&nats, state.path()).await)
+        with_store(accounting(&nats, state.path()).await)
             .arg("records")
             .arg("--json")
-            .output()
+            .json_lines()
             .await
-            .unwrap();
-        assert!(out.status.success(), "{out:?}");
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-            .collect::<Vec<_>>()
+            .unwrap()
     };
     assert_eq!(
         records().await.len(),
