@@ -113,7 +113,7 @@ async fn start_and_run<S: Service>(
         .await
         .map_err(|e| StartError::config("state_dir", e))?;
     let prune = tokio::spawn(prune_keys(
-        store.clone(),
+        store.clone().into(),
         common.consumer.key_retention,
         shutdown.clone(),
     ));
@@ -164,6 +164,14 @@ async fn start_and_run<S: Service>(
 
     let mut tasks = JoinSet::new();
     let mut names = HashMap::new();
+    // A service's own store (accounting's) is pruned too, on the same schedule.
+    let own_prune = parts.store.clone().map(|own| {
+        tokio::spawn(prune_keys(
+            own,
+            ctx.common.consumer.key_retention,
+            shutdown.clone(),
+        ))
+    });
     if let (Some(handler), Some(spec)) = (parts.handler, spec) {
         let store = parts.store.unwrap_or_else(|| ctx.store.clone().into());
         let consumer = Consumer::bind(bus.clone(), store, spec, handler).await?;
@@ -185,6 +193,9 @@ async fn start_and_run<S: Service>(
         hook.await;
     }
     prune.abort();
+    if let Some(p) = own_prune {
+        p.abort();
+    }
     bus.flush().await;
     if failed {
         tracing::error!(service = S::NAME, "Service stopped after a failure.");
@@ -313,7 +324,7 @@ fn report(
     }
 }
 
-async fn prune_keys(store: KeyStore, retention: Duration, shutdown: CancellationToken) {
+async fn prune_keys(store: wnodes_bus::Store, retention: Duration, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(3600));
     loop {
         tokio::select! {

@@ -269,3 +269,103 @@ mod killed_between_storing_and_acking_records_once {
         super::killed_between_storing_and_acking_records_once(Some(db.url)).await;
     }
 }
+
+/// Accounting's own store (records and keys together) is pruned like every service's key store:
+/// started again with a key retention shorter than the keys' age, the service removes the keys
+/// and keeps the records. On both stores.
+async fn its_own_store_is_pruned_of_old_keys_and_keeps_the_records(store: Option<String>) {
+    let nats = NatsServer::start().await.unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let url: wnodes_accounting::StoreUrl = store
+        .clone()
+        .unwrap_or_else(|| {
+            state
+                .path()
+                .join("accounting/accounting.db")
+                .display()
+                .to_string()
+        })
+        .parse()
+        .unwrap();
+    let with_store = |b: ProcessBuilder| match &store {
+        Some(url) => b.wnodes_env("ACCOUNTING__DATABASE", url.as_str()),
+        None => b.wnodes_env(
+            "ACCOUNTING__DATABASE",
+            state.path().join("accounting/accounting.db"),
+        ),
+    };
+    let mut service = with_store(accounting(&nats, state.path()).await)
+        .arg("serve")
+        .spawn()
+        .unwrap();
+    let bus = connect(&nats.admin(), "test@hv1.example.org")
+        .await
+        .unwrap();
+    let run = run("777").site("INFN-T1");
+    bus.publish(&Events::new(HOST, "test").build(
+        &run,
+        Body::VmStopped(proto::VmStopped {
+            usage: Some(vm_usage(1.0, 1 << 20, Duration::from_secs(2), 1)),
+            ..vm_stopped("vm-0123456789ab")
+        }),
+    ))
+    .await
+    .unwrap();
+    // Nothing while the service is still creating its tables.
+    let records = || async {
+        with_store(accounting(&nats, state.path()).await)
+            .arg("records")
+            .arg("--json")
+            .json_lines()
+            .await
+            .unwrap_or_default()
+    };
+    wait_until(Duration::from_secs(30), "the record", || async {
+        (records().await.len() == 1).then_some(())
+    })
+    .await
+    .unwrap();
+    let status = service.terminate(Duration::from_secs(20)).await.unwrap();
+    assert_eq!(status.code(), Some(0), "{}", service.stderr());
+    let keys = || async {
+        let pool = wnodes_accounting::apel::open(&url).await.unwrap();
+        let n: i64 = wnodes_bus::on_pool!(&pool, |p| {
+            sqlx::query_scalar("SELECT COUNT(*) FROM wnodes_processed")
+                .fetch_one(p)
+                .await
+        })
+        .unwrap();
+        pool.close().await;
+        n
+    };
+    assert!(keys().await >= 1, "the event's key is stored");
+
+    // Keys older than 1 s go at start.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let mut service = with_store(accounting(&nats, state.path()).await)
+        .wnodes_env("CONSUMER__KEY_RETENTION", "1s")
+        .arg("serve")
+        .spawn()
+        .unwrap();
+    wait_until(Duration::from_secs(30), "the old keys pruned", || async {
+        (keys().await == 0).then_some(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(records().await.len(), 1, "the record stays");
+    let status = service.terminate(Duration::from_secs(20)).await.unwrap();
+    assert_eq!(status.code(), Some(0), "{}", service.stderr());
+}
+
+mod its_own_store_is_pruned_of_old_keys_and_keeps_the_records {
+    #[tokio::test(flavor = "multi_thread")]
+    async fn sqlite() {
+        super::its_own_store_is_pruned_of_old_keys_and_keeps_the_records(None).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn postgres() {
+        let db = wnodes_testkit::postgres::database().await;
+        super::its_own_store_is_pruned_of_old_keys_and_keeps_the_records(Some(db.url)).await;
+    }
+}
