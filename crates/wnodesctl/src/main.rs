@@ -73,6 +73,17 @@ struct Connection {
     /// The creds file (`<out>/creds/admin.creds`; `monitor.creds` is enough to read).
     #[arg(long)]
     creds: PathBuf,
+    /// PEM CA that signed the NATS servers' certificate (a `tls://` URL with a private CA).
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+}
+
+/// The `[nats] tls` of `--tls-ca`.
+fn tls_of(ca: Option<&PathBuf>) -> Option<wnodes_bus::TlsConfig> {
+    ca.map(|ca| wnodes_bus::TlsConfig {
+        ca_file: Some(ca.clone()),
+        ..Default::default()
+    })
 }
 
 impl Connection {
@@ -83,6 +94,7 @@ impl Connection {
         let cfg = wnodes_bus::NatsConfig {
             url: self.nats.clone(),
             creds_file: Some(self.creds.clone()),
+            tls: tls_of(self.tls_ca.as_ref()),
             ..Default::default()
         };
         wnodes_bus::Bus::connect(&cfg, name, wnodes_bus::BusMetrics::unregistered())
@@ -161,6 +173,9 @@ struct ProvisionArgs {
     /// The admin's creds (default `<out>/creds/admin.creds`).
     #[arg(long)]
     creds: Option<PathBuf>,
+    /// PEM CA that signed the NATS servers' certificate (a `tls://` URL with a private CA).
+    #[arg(long, requires = "nats")]
+    tls_ca: Option<PathBuf>,
     /// Say what would change; change nothing.
     #[arg(long, conflicts_with = "check")]
     dry_run: bool,

@@ -43,6 +43,7 @@ pub(crate) async fn provision(args: ProvisionArgs) -> u8 {
         let cfg = wnodes_bus::NatsConfig {
             url: url.clone(),
             creds_file: Some(creds),
+            tls: crate::tls_of(args.tls_ca.as_ref()),
             ..Default::default()
         };
         let client = match wnodes_bus::connect::connect(&cfg, "wnodesctl", None, None).await {

@@ -161,3 +161,41 @@ fn an_invalid_description_exits_65_naming_the_problem() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("listed twice"), "{err}");
 }
+
+/// Against a server that speaks TLS with a private CA: refused without `--tls-ca` (the
+/// certificate cannot be verified), provisioned with it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tls_server_with_a_private_ca_needs_tls_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let desc = dir.path().join("site.toml");
+    let out = dir.path().join("nats");
+    let (desc_s, out_s) = (desc.to_str().unwrap(), out.to_str().unwrap());
+    site(&desc, &["hv1.example.org"], "");
+    let o = wnodesctl(&["provision", "--site", desc_s, "--out", out_s]);
+    assert!(o.status.success(), "{o:?}");
+    let conf = std::fs::read_to_string(out.join("nats-auth.conf")).unwrap();
+    let pki = wnodes_testkit::TestPki::generate().unwrap();
+    let nats = NatsServer::start_with_config(&format!("{conf}\n{}", pki.nats_tls_block(false)))
+        .await
+        .unwrap();
+    let url = format!("tls://127.0.0.1:{}", nats.port());
+    let base = [
+        "provision",
+        "--site",
+        desc_s,
+        "--out",
+        out_s,
+        "--nats",
+        url.as_str(),
+    ];
+    let o = wnodesctl(&base);
+    assert_eq!(o.status.code(), Some(69), "{o:?}");
+    let ca = pki.ca_pem().to_str().unwrap();
+    let o = wnodesctl(&[&base[..], &["--tls-ca", ca]].concat());
+    assert!(o.status.success(), "{o:?}");
+    assert!(
+        stdout(&o).contains("create  stream WNODES_EVENTS"),
+        "{}",
+        stdout(&o)
+    );
+}
