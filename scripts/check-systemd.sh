@@ -46,10 +46,16 @@ echo "check-systemd: ${#units[@]} units pass systemd-analyze verify" >&2
 # hypervisor namespace, entered with setns: CAP_SYS_ADMIN), which a site does not use, so its
 # unit's set (CAP_NET_ADMIN) is not exercised here.
 declare -A tests=(
-    [image]=binary [scratch]=binary [gateway]=binary [launcher]=binary [bridge]=serve
-    [accounting]=cli
+    [image]="package(=wnodes-image) and binary(=binary)"
+    [scratch]="package(=wnodes-scratch) and binary(=binary)"
+    [gateway]="package(=wnodes-gateway) and binary(=binary)"
+    [launcher]="package(=wnodes-launcher) and binary(=binary)"
+    [bridge]="package(=wnodes-bridge) and binary(=serve)"
+    [accounting]="package(=wnodes-accounting) and binary(=cli)"
+    # The usage exporter's system test (it also starts accounting, whose set is the same).
+    [usage]="package(=wnodes-integration-tests) and binary(=usage_exporter)"
 )
-for svc in image scratch gateway launcher bridge accounting; do
+for svc in image scratch gateway launcher bridge accounting usage; do
     caps=$(sed -n 's/^CapabilityBoundingSet=//p' "systemd/wnodes-$svc.service")
     set="-all"
     for c in $caps; do set+=",+$(echo "${c#CAP_}" | tr 'A-Z' 'a-z')"; done
@@ -58,6 +64,6 @@ for svc in image scratch gateway launcher bridge accounting; do
     # nothing is compiled twice.
     TESTKIT_BOUNDING_SET="$set" WNODES_HOST_TESTS=required \
         cargo nextest run --workspace --locked --profile ci --no-tests=fail \
-        -E "package(=wnodes-$svc) and binary(=${tests[$svc]})" \
+        -E "${tests[$svc]}" \
         --status-level fail --final-status-level fail
 done
