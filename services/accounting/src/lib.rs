@@ -4,16 +4,20 @@
 //!
 //! | event | effect (in the same transaction as the idempotency key) |
 //! |---|---|
-//! | `job.started` | stores the job's identity (owner, VO, DN, FQANs, queue) in `accounting_jobs`; fills a record written before it |
+//! | `job.started` | stores the job's identity (owner, VO, DN, FQANs, queue, submit time) in `accounting_jobs`; fills a record written before it |
+//! | `vm.requested` | stores what the VM was given (image, guest RAM, scratch size, network mode); fills a record written before it |
+//! | `image.ready` | stores the image's verified digest; fills a record written before it |
 //! | `vm.running` | stores when the VM started |
-//! | `vm.stopped` | inserts the usage record (`usage_records`, PRIMARY KEY = run key) and stages `UsageRecorded` |
+//! | `vm.stopped` | rejects impossible usage (dead letter); inserts the usage record (`usage_records`, PRIMARY KEY = run key) with its host's benchmark, and stages `UsageRecorded` carrying the whole record |
 //! | `job.finished` | sets the record's LRMS exit code, or keeps it for the record still to come |
 //! | `vm.failed` | no record (the VM never ran): counted in `wnodes_accounting_vm_failed_total` by phase |
 //!
 //! The record is keyed by the run key (`site/lrms/job_id/attempt`, brief §7): a second insert
 //! is impossible (`INSERT ... ON CONFLICT DO NOTHING`), whatever `Nats-Msg-Id` a republished
 //! `VmStopped` carries. Accounting never waits for `JobFinished`; it enriches the record when it
-//! comes. A run that failed before its VM started (`VmFailed`) gets no record.
+//! comes. A run that failed before its VM started (`VmFailed`) gets no record. On PostgreSQL the
+//! transactions of one run are serialised by an advisory lock on its run key (SQLite serialises
+//! every write transaction anyway).
 //!
 //! The usage tables live in the consumer's idempotency store ([`Config::database`]: SQLite by
 //! default, PostgreSQL at a site), so each effect commits together with its key
