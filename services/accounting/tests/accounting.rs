@@ -288,10 +288,14 @@ async fn vm_stopped_writes_one_record_and_publishes_usage_recorded(db: StoreUrl)
         vm_requested(&r),
         image_ready(&r),
         vm_running(&r),
-        vm_stopped(&r, 3),
     ] {
         bus.publish(&ev).await.unwrap();
     }
+    // As in a real run, the VM stops after all that was handled (handlers of one consumer run
+    // concurrently: a stop handled first would publish a record without them; the store gets
+    // them later, the event does not).
+    wait_caught_up(&bus).await;
+    bus.publish(&vm_stopped(&r, 3)).await.unwrap();
     let rec = wait_record(&db, "the usage record", |_| true).await;
     assert_eq!(rec.run_key, "INFN-T1/htcondor/1001.0/1");
     assert_eq!(
