@@ -22,7 +22,7 @@ if validate k8s/testdata/unknown-field.yaml >"$tmp/bad.out" 2>&1; then
     exit 1
 fi
 
-services=(image scratch network gateway launcher bridge accounting)
+services=(image scratch network gateway launcher bridge accounting usage)
 dirs=(k8s/base)
 for d in k8s/overlays/*/; do dirs+=("${d%/}"); done
 for dir in "${dirs[@]}"; do
