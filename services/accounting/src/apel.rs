@@ -33,13 +33,8 @@
 use std::{
     collections::{BTreeMap, HashSet},
     path::{Path, PathBuf},
-    str::FromStr,
 };
 
-use sqlx::{
-    postgres::PgConnectOptions,
-    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
-};
 use wnodes_apel::{
     ApelConfig, ApelError, CloudRecord, JobRecord, Kind, OutgoingQueue, SummaryRecord, SyncRecord,
     message::{self, MAX_MESSAGE_BYTES, MAX_RECORDS},
@@ -135,38 +130,12 @@ pub fn parse_date(value: &str) -> Result<i64, ApelExportError> {
 /// # Errors
 /// [`ApelExportError::Open`], [`ApelExportError::Migrate`].
 pub async fn open(url: &StoreUrl) -> Result<Pool, ApelExportError> {
-    let err = |source| ApelExportError::Open {
-        store: url.to_string(),
-        source,
-    };
-    let pool = match url {
-        StoreUrl::Sqlite(path) => {
-            let opts = SqliteConnectOptions::from_str("sqlite:")
-                .map_err(err)?
-                .filename(path)
-                .create_if_missing(false)
-                .journal_mode(SqliteJournalMode::Wal)
-                .synchronous(SqliteSynchronous::Full)
-                .busy_timeout(std::time::Duration::from_secs(30));
-            Pool::Sqlite(
-                SqlitePoolOptions::new()
-                    .max_connections(1)
-                    .connect_with(opts)
-                    .await
-                    .map_err(err)?,
-            )
-        }
-        StoreUrl::Postgres(u) => {
-            let opts = PgConnectOptions::from_str(u).map_err(err)?;
-            Pool::Postgres(
-                wnodes_bus::pg_store::pool_options(2, "SET synchronous_commit = on")
-                    .acquire_timeout(std::time::Duration::from_secs(10))
-                    .connect_with(opts)
-                    .await
-                    .map_err(err)?,
-            )
-        }
-    };
+    let pool = crate::store::tool_pool(url, crate::store::Access::Write)
+        .await
+        .map_err(|source| ApelExportError::Open {
+            store: url.to_string(),
+            source,
+        })?;
     crate::migrate(&pool)
         .await
         .map_err(|source| ApelExportError::Migrate {

@@ -1,12 +1,6 @@
 //! Reading usage records back (the `records` subcommand, the APEL exporter, tests), from
 //! either store.
 
-use std::str::FromStr;
-
-use sqlx::{
-    postgres::PgConnectOptions,
-    sqlite::{SqliteConnectOptions, SqlitePoolOptions},
-};
 use wnodes_bus::{db::Pool, on_pool};
 
 use crate::{AccountingError, StoreUrl};
@@ -55,35 +49,12 @@ pub async fn stopped_between(
 /// Opens the store for reading only (SQLite read-only; PostgreSQL sessions with
 /// `default_transaction_read_only`).
 pub async fn open_read_only(url: &StoreUrl) -> Result<Pool, AccountingError> {
-    let err = |source| AccountingError::Database {
-        store: url.to_string(),
-        source,
-    };
-    Ok(match url {
-        StoreUrl::Sqlite(path) => {
-            let opts = SqliteConnectOptions::from_str("sqlite:")
-                .map_err(err)?
-                .filename(path)
-                .read_only(true);
-            Pool::Sqlite(
-                SqlitePoolOptions::new()
-                    .max_connections(1)
-                    .connect_with(opts)
-                    .await
-                    .map_err(err)?,
-            )
-        }
-        StoreUrl::Postgres(u) => {
-            let opts = PgConnectOptions::from_str(u).map_err(err)?;
-            Pool::Postgres(
-                wnodes_bus::pg_store::pool_options(2, "SET default_transaction_read_only = on")
-                    .acquire_timeout(std::time::Duration::from_secs(10))
-                    .connect_with(opts)
-                    .await
-                    .map_err(err)?,
-            )
-        }
-    })
+    crate::store::tool_pool(url, crate::store::Access::ReadOnly)
+        .await
+        .map_err(|source| AccountingError::Database {
+            store: url.to_string(),
+            source,
+        })
 }
 
 /// Renders records as an aligned text table.

@@ -96,6 +96,59 @@ impl fmt::Display for StoreUrl {
     }
 }
 
+/// What a tool's pool may do with the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Reads only: SQLite opened read-only; PostgreSQL sessions with
+    /// `default_transaction_read_only`.
+    ReadOnly,
+    /// Durable writes: SQLite WAL with `synchronous=FULL`; PostgreSQL `synchronous_commit = on`.
+    Write,
+}
+
+/// A small pool on an existing store for a tool beside the consumer (`records`, `apel-export`,
+/// the report API): one SQLite connection or two PostgreSQL ones, waiting up to 10 s for one.
+pub async fn tool_pool(url: &StoreUrl, access: Access) -> Result<Pool, sqlx::Error> {
+    use sqlx::{
+        postgres::PgConnectOptions,
+        sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
+    };
+    const WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+    Ok(match url {
+        StoreUrl::Sqlite(path) => {
+            let opts = SqliteConnectOptions::from_str("sqlite:")?
+                .filename(path)
+                .create_if_missing(false);
+            let opts = match access {
+                Access::ReadOnly => opts.read_only(true),
+                Access::Write => opts
+                    .journal_mode(SqliteJournalMode::Wal)
+                    .synchronous(SqliteSynchronous::Full)
+                    .busy_timeout(std::time::Duration::from_secs(30)),
+            };
+            Pool::Sqlite(
+                SqlitePoolOptions::new()
+                    .max_connections(1)
+                    .acquire_timeout(WAIT)
+                    .connect_with(opts)
+                    .await?,
+            )
+        }
+        StoreUrl::Postgres(u) => {
+            let session = match access {
+                Access::ReadOnly => "SET default_transaction_read_only = on",
+                Access::Write => "SET synchronous_commit = on",
+            };
+            Pool::Postgres(
+                wnodes_bus::pg_store::pool_options(2, session)
+                    .acquire_timeout(WAIT)
+                    .connect_with(PgConnectOptions::from_str(u)?)
+                    .await?,
+            )
+        }
+    })
+}
+
 /// Applies the migrations the database lacks (idempotent; run at every start; on PostgreSQL
 /// under sqlx's advisory lock, so several processes may start at once).
 pub async fn migrate(pool: &Pool) -> Result<(), AccountingError> {
