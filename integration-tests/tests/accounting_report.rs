@@ -277,15 +277,4 @@ async fn report_matches_the_records(store: Option<String>) {
     assert_eq!(status.code(), Some(0), "{}", service.stderr());
 }
 
-mod report_matches_the_records {
-    #[tokio::test(flavor = "multi_thread")]
-    async fn sqlite() {
-        super::report_matches_the_records(None).await;
-    }
-
-    #[tokio::test(flavor = "multi_thread")]
-    async fn postgres() {
-        let db = wnodes_testkit::postgres::database().await;
-        super::report_matches_the_records(Some(db.url)).await;
-    }
-}
+wnodes_testkit::on_both_stores!(report_matches_the_records);

@@ -138,3 +138,24 @@ fn run(args: &[&str], dir: &Path) -> String {
     );
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
+
+/// Runs each named `async fn(pg: Option<String>)` twice, as the tests `<name>::sqlite` (`None`:
+/// the test makes its SQLite store) and `<name>::postgres` (`Some(url)` of a fresh database on
+/// the run's cluster, [`database`]).
+#[macro_export]
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread")]
+            async fn sqlite() {
+                super::$name(None).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread")]
+            async fn postgres() {
+                let db = $crate::postgres::database().await;
+                super::$name(Some(db.url)).await;
+            }
+        }
+    )*};
+}

@@ -231,27 +231,15 @@ async fn events_on(bus: &Bus, filter: &str) -> Vec<proto::Event> {
     out
 }
 
-/// Each named test function, run once per store: `<name>::sqlite` (a file in a temp dir) and
-/// `<name>::postgres` (a fresh database on the run's cluster).
-macro_rules! on_both_stores {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test(flavor = "multi_thread")]
-            async fn sqlite() {
-                let dir = tempfile::tempdir().unwrap();
-                super::$name(super::StoreUrl::Sqlite(dir.path().join("accounting.db"))).await;
-            }
-
-            #[tokio::test(flavor = "multi_thread")]
-            async fn postgres() {
-                let db = wnodes_testkit::postgres::database().await;
-                super::$name(super::StoreUrl::Postgres(db.url)).await;
-            }
-        }
-    )*};
+/// The test's store: SQLite in `dir`, or the PostgreSQL database `pg` names.
+fn store_url(pg: Option<String>, dir: &tempfile::TempDir) -> StoreUrl {
+    match pg {
+        None => StoreUrl::Sqlite(dir.path().join("accounting.db")),
+        Some(url) => StoreUrl::Postgres(url),
+    }
 }
 
-on_both_stores!(
+wnodes_testkit::on_both_stores!(
     vm_stopped_writes_one_record_and_publishes_usage_recorded,
     redelivery_after_restart_and_new_message_ids_keep_one_record,
     job_finished_before_or_after_vm_stopped_enriches_the_record,
@@ -278,7 +266,9 @@ async fn wait_caught_up(bus: &Bus) {
     .unwrap();
 }
 
-async fn vm_stopped_writes_one_record_and_publishes_usage_recorded(db: StoreUrl) {
+async fn vm_stopped_writes_one_record_and_publishes_usage_recorded(pg: Option<String>) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = store_url(pg, &dir);
     let nats = NatsServer::start().await.unwrap();
     let bus = connect(&nats).await;
     let svc = start(&bus, &db).await;
@@ -414,7 +404,9 @@ async fn vm_stopped_writes_one_record_and_publishes_usage_recorded(db: StoreUrl)
     svc.stop().await;
 }
 
-async fn redelivery_after_restart_and_new_message_ids_keep_one_record(db: StoreUrl) {
+async fn redelivery_after_restart_and_new_message_ids_keep_one_record(pg: Option<String>) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = store_url(pg, &dir);
     let nats = NatsServer::start().await.unwrap();
     let bus = connect(&nats).await;
     let svc = start(&bus, &db).await;
@@ -470,7 +462,9 @@ async fn redelivery_after_restart_and_new_message_ids_keep_one_record(db: StoreU
     svc.stop().await;
 }
 
-async fn job_finished_before_or_after_vm_stopped_enriches_the_record(db: StoreUrl) {
+async fn job_finished_before_or_after_vm_stopped_enriches_the_record(pg: Option<String>) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = store_url(pg, &dir);
     let nats = NatsServer::start().await.unwrap();
     let bus = connect(&nats).await;
     let svc = start(&bus, &db).await;
@@ -511,7 +505,9 @@ async fn job_finished_before_or_after_vm_stopped_enriches_the_record(db: StoreUr
     svc.stop().await;
 }
 
-async fn vm_stopped_before_job_started_is_recorded_and_filled_in(db: StoreUrl) {
+async fn vm_stopped_before_job_started_is_recorded_and_filled_in(pg: Option<String>) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = store_url(pg, &dir);
     let nats = NatsServer::start().await.unwrap();
     let bus = connect(&nats).await;
     let svc = start(&bus, &db).await;
@@ -539,7 +535,9 @@ async fn vm_stopped_before_job_started_is_recorded_and_filled_in(db: StoreUrl) {
     svc.stop().await;
 }
 
-async fn a_run_whose_vm_failed_gets_no_record_and_is_counted(db: StoreUrl) {
+async fn a_run_whose_vm_failed_gets_no_record_and_is_counted(pg: Option<String>) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = store_url(pg, &dir);
     let nats = NatsServer::start().await.unwrap();
     let bus = connect(&nats).await;
     let metrics = Metrics::default();
@@ -643,7 +641,11 @@ async fn records_survive_a_postgres_restart_during_ingest() {
 /// A usage event with impossible values goes to the dead-letter stream with the reason, and
 /// nothing of it is stored: a VM that stopped before it started, negative CPU time, a run
 /// without a job id.
-async fn impossible_usage_events_are_dead_lettered_with_the_reason_and_never_stored(db: StoreUrl) {
+async fn impossible_usage_events_are_dead_lettered_with_the_reason_and_never_stored(
+    pg: Option<String>,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = store_url(pg, &dir);
     let nats = NatsServer::start().await.unwrap();
     let bus = connect(&nats).await;
     let svc = start(&bus, &db).await;

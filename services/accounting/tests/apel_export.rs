@@ -33,25 +33,19 @@ struct Site {
     store: StoreUrl,
 }
 
-/// Which store a test's site keeps its records in.
-#[derive(Debug, Clone, Copy)]
-enum On {
-    Sqlite,
-    Postgres,
-}
-
 impl Site {
     /// A site on SQLite.
     async fn new() -> Self {
-        Self::on(On::Sqlite).await
+        Self::on(None).await
     }
 
-    async fn on(on: On) -> Self {
+    /// A site on SQLite (`None`) or on the PostgreSQL database `pg` names.
+    async fn on(pg: Option<String>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("wnodes.toml"), CONFIG).unwrap();
-        let store = match on {
-            On::Sqlite => StoreUrl::Sqlite(dir.path().join("accounting.db")),
-            On::Postgres => StoreUrl::Postgres(wnodes_testkit::postgres::database().await.url),
+        let store = match pg {
+            None => StoreUrl::Sqlite(dir.path().join("accounting.db")),
+            Some(url) => StoreUrl::Postgres(url),
         };
         // The service's own tables, as `serve` creates them.
         drop(wnodes_accounting::open_store(&store).await.unwrap());
@@ -171,24 +165,7 @@ impl Site {
     }
 }
 
-/// Each named test function, run once per store: `<name>::sqlite` and `<name>::postgres`.
-macro_rules! on_both_stores {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test(flavor = "multi_thread")]
-            async fn sqlite() {
-                super::$name(super::On::Sqlite).await;
-            }
-
-            #[tokio::test(flavor = "multi_thread")]
-            async fn postgres() {
-                super::$name(super::On::Postgres).await;
-            }
-        }
-    )*};
-}
-
-on_both_stores!(
+wnodes_testkit::on_both_stores!(
     apel_export_writes_every_kind_then_only_what_changed,
     a_crash_after_queueing_never_queues_a_job_twice,
     a_crash_after_queueing_is_settled_even_once_ssmsend_took_the_message,
@@ -206,8 +183,8 @@ fn field<'a>(r: &'a Fields, k: &str) -> &'a str {
     r[k].as_deref().unwrap_or("None")
 }
 
-async fn apel_export_writes_every_kind_then_only_what_changed(on: On) {
-    let site = Site::on(on).await;
+async fn apel_export_writes_every_kind_then_only_what_changed(pg: Option<String>) {
+    let site = Site::on(pg).await;
     site.record("101", "2026-11-03T12").await;
     site.record("102", "2026-11-10T12").await;
     site.record("103", "2026-11-20T12").await; // after the period, same month
@@ -385,8 +362,8 @@ async fn apel_export_refuses_bad_arguments() {
     );
 }
 
-async fn four_jobs(on: On) -> Site {
-    let site = Site::on(on).await;
+async fn four_jobs(pg: Option<String>) -> Site {
+    let site = Site::on(pg).await;
     for (id, day) in [("1", "02"), ("2", "03"), ("3", "04"), ("4", "05")] {
         site.record(id, &format!("2026-11-{day}T08")).await;
     }
@@ -405,8 +382,8 @@ fn crashed(o: &Output) {
     );
 }
 
-async fn a_crash_after_queueing_never_queues_a_job_twice(on: On) {
-    let site = four_jobs(on).await;
+async fn a_crash_after_queueing_never_queues_a_job_twice(pg: Option<String>) {
+    let site = four_jobs(pg).await;
     let o = site.export(
         &[&JOBS[..], &["--kind", "job"]].concat(),
         Some("apel-after-queue"),
@@ -429,8 +406,8 @@ async fn a_crash_after_queueing_never_queues_a_job_twice(on: On) {
     assert_eq!(site.exported("job").await.len(), 4);
 }
 
-async fn a_crash_after_queueing_is_settled_even_once_ssmsend_took_the_message(on: On) {
-    let site = four_jobs(on).await;
+async fn a_crash_after_queueing_is_settled_even_once_ssmsend_took_the_message(pg: Option<String>) {
+    let site = four_jobs(pg).await;
     crashed(&site.export(
         &[&JOBS[..], &["--kind", "job"]].concat(),
         Some("apel-after-queue"),
@@ -449,8 +426,8 @@ async fn a_crash_after_queueing_is_settled_even_once_ssmsend_took_the_message(on
     assert_eq!(site.exported("job").await.len(), 4);
 }
 
-async fn a_crash_before_queueing_loses_no_job(on: On) {
-    let site = four_jobs(on).await;
+async fn a_crash_before_queueing_loses_no_job(pg: Option<String>) {
+    let site = four_jobs(pg).await;
     crashed(&site.export(
         &[&JOBS[..], &["--kind", "job"]].concat(),
         Some("apel-before-queue"),
@@ -471,8 +448,8 @@ async fn a_crash_before_queueing_loses_no_job(on: On) {
     assert_eq!(site.exported("job").await.len(), 4);
 }
 
-async fn a_crash_before_queueing_a_summary_sends_it_on_the_next_run(on: On) {
-    let site = four_jobs(on).await;
+async fn a_crash_before_queueing_a_summary_sends_it_on_the_next_run(pg: Option<String>) {
+    let site = four_jobs(pg).await;
     crashed(&site.export(
         &[&JOBS[..], &["--kind", "summary"]].concat(),
         Some("apel-before-queue"),

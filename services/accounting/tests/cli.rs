@@ -257,18 +257,7 @@ async fn killed_between_storing_and_acking_records_once(store: Option<String>) {
     assert_eq!(status.code(), Some(0), "{}", service.stderr());
 }
 
-mod killed_between_storing_and_acking_records_once {
-    #[tokio::test(flavor = "multi_thread")]
-    async fn sqlite() {
-        super::killed_between_storing_and_acking_records_once(None).await;
-    }
-
-    #[tokio::test(flavor = "multi_thread")]
-    async fn postgres() {
-        let db = wnodes_testkit::postgres::database().await;
-        super::killed_between_storing_and_acking_records_once(Some(db.url)).await;
-    }
-}
+wnodes_testkit::on_both_stores!(killed_between_storing_and_acking_records_once);
 
 /// Accounting's own store (records and keys together) is pruned like every service's key store:
 /// started again with a key retention shorter than the keys' age, the service removes the keys
@@ -357,15 +346,4 @@ async fn its_own_store_is_pruned_of_old_keys_and_keeps_the_records(store: Option
     assert_eq!(status.code(), Some(0), "{}", service.stderr());
 }
 
-mod its_own_store_is_pruned_of_old_keys_and_keeps_the_records {
-    #[tokio::test(flavor = "multi_thread")]
-    async fn sqlite() {
-        super::its_own_store_is_pruned_of_old_keys_and_keeps_the_records(None).await;
-    }
-
-    #[tokio::test(flavor = "multi_thread")]
-    async fn postgres() {
-        let db = wnodes_testkit::postgres::database().await;
-        super::its_own_store_is_pruned_of_old_keys_and_keeps_the_records(Some(db.url)).await;
-    }
-}
+wnodes_testkit::on_both_stores!(its_own_store_is_pruned_of_old_keys_and_keeps_the_records);
