@@ -24,8 +24,8 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use wnodes_accounting::{AccountingHandler, Metrics, StoreUrl, open_store, records};
 use wnodes_bus::{
-    Bus, BusMetrics, Consumer, ConsumerSpec, ConsumerTuning, EventExt, Handler, HandlerCtx,
-    HandlerError, on_pool, proto, proto::event::Body, roles,
+    BatchCtx, BatchItem, Bus, BusMetrics, Consumer, ConsumerSpec, ConsumerTuning, EventExt,
+    Handler, HandlerCtx, HandlerError, on_pool, proto, proto::event::Body, roles,
 };
 
 use crate::bus::median;
@@ -170,16 +170,35 @@ struct Counting {
     done: Arc<Notify>,
 }
 
+impl Counting {
+    fn count(&self, handled: u64) {
+        let before = self.n.fetch_add(handled, Ordering::SeqCst);
+        if before < self.target && before + handled >= self.target {
+            self.done.notify_one();
+        }
+    }
+}
+
 impl Handler for Counting {
+    const BATCHED: bool = AccountingHandler::BATCHED;
+
     fn name(&self) -> &'static str {
         self.inner.name()
     }
 
     async fn handle(&self, ctx: &mut HandlerCtx, e: proto::Event) -> Result<(), HandlerError> {
         self.inner.handle(ctx, e).await?;
-        if self.n.fetch_add(1, Ordering::SeqCst) + 1 == self.target {
-            self.done.notify_one();
-        }
+        self.count(1);
+        Ok(())
+    }
+
+    async fn handle_batch(
+        &self,
+        batch: &mut BatchCtx,
+        items: &mut [BatchItem],
+    ) -> Result<(), HandlerError> {
+        self.inner.handle_batch(batch, items).await?;
+        self.count(items.iter().filter(|i| !i.is_failed()).count() as u64);
         Ok(())
     }
 }
@@ -191,7 +210,7 @@ async fn accounting_round(
     store: &StoreUrl,
     evs: &[proto::Event],
     window: usize,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<(f64, f64)> {
     let site = nats
         .site()
         .context("the bench server runs with authorization")?;
@@ -222,7 +241,8 @@ async fn accounting_round(
         target: evs.len() as u64,
         done: done.clone(),
     };
-    let consumer = Consumer::bind(bus, opened.clone(), spec, handler).await?;
+    let durable = spec.durable.clone();
+    let consumer = Consumer::bind(bus.clone(), opened.clone(), spec, handler).await?;
     let t = Instant::now();
     let stop = CancellationToken::new();
     let task = tokio::spawn(consumer.run(stop.clone()));
@@ -241,7 +261,8 @@ async fn accounting_round(
     );
     let js = admin.jetstream();
     js.delete_stream(wnodes_bus::subject::EVENTS_STREAM).await?;
-    Ok(secs)
+    let (batches, messages) = bus.metrics().batch_counts(&durable);
+    Ok((secs, messages as f64 / batches.max(1) as f64))
 }
 
 /// The same N records, as the handler would write them, by multi-row INSERTs of 500 rows per
@@ -344,6 +365,7 @@ pub async fn bench_accounting(
     let evs = all_events(n);
     let (mut raw, mut sqlite, mut pg, mut sqlite_ins, mut pg_ins) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut sqlite_batch, mut pg_batch) = (Vec::new(), Vec::new());
     for r in 0..rounds {
         let s = raw_consume(&js, r, &evs, window).await?;
         eprintln!(
@@ -352,18 +374,21 @@ pub async fn bench_accounting(
         );
         raw.push(s);
         let url = StoreUrl::Sqlite(dir.path().join(format!("acct-{r}.db")));
-        let s = accounting_round(&nats, &admin, &url, &evs, window).await?;
+        let (s, mean) = accounting_round(&nats, &admin, &url, &evs, window).await?;
         eprintln!(
-            "round {r}: accounting into SQLite: {s:.3}s ({:.0} records/s)",
+            "round {r}: accounting into SQLite: {s:.3}s ({:.0} records/s, {mean:.0} messages per batch)",
             n as f64 / s
         );
+        sqlite_batch.push(mean);
         sqlite.push(s);
         let db = wnodes_testkit::postgres::create_database(&pg_admin).await;
-        let s = accounting_round(&nats, &admin, &StoreUrl::Postgres(db.url), &evs, window).await?;
+        let (s, mean) =
+            accounting_round(&nats, &admin, &StoreUrl::Postgres(db.url), &evs, window).await?;
         eprintln!(
-            "round {r}: accounting into PostgreSQL: {s:.3}s ({:.0} records/s)",
+            "round {r}: accounting into PostgreSQL: {s:.3}s ({:.0} records/s, {mean:.0} messages per batch)",
             n as f64 / s
         );
+        pg_batch.push(mean);
         pg.push(s);
         let url = StoreUrl::Sqlite(dir.path().join(format!("ins-{r}.db")));
         let s = insert_round(&url, n).await?;
@@ -393,6 +418,8 @@ pub async fn bench_accounting(
         "sqlite_vs_insert": ratio(sqlite_rate, sqlite_ins_rate),
         "postgres_vs_jetstream": ratio(pg_rate, raw_rate),
         "postgres_vs_insert": ratio(pg_rate, pg_ins_rate),
+        "sqlite_messages_per_batch": median(sqlite_batch).round(),
+        "postgres_messages_per_batch": median(pg_batch).round(),
         "durability": {
             "sqlite": "WAL, synchronous=FULL",
             "postgres": "synchronous_commit=on, fsync=on",

@@ -280,12 +280,44 @@ impl Bus {
     /// own, with the same `Nats-Msg-Id`, exactly as [`Self::publish`] does. Every event carries
     /// the trace context of the span current at the call.
     pub async fn publish_pipelined(&self, events: &[Event], window: usize) -> Result<(), BusError> {
-        let window = window.max(1);
         let trace = TraceHeaders::current();
-        let mut pending: Vec<(&Event, EventType, Result<PublishAckFuture, String>)> =
-            Vec::with_capacity(window.min(events.len()));
+        let events: Vec<(&Event, &TraceHeaders)> = events.iter().map(|e| (e, &trace)).collect();
+        self.pipeline(&events, window).await
+    }
+
+    /// [`Self::publish_pipelined`] with each event in the trace of its own span (a batch's
+    /// events, each in its message's trace).
+    pub async fn publish_pipelined_in(
+        &self,
+        events: &[(&Event, &tracing::Span)],
+        window: usize,
+    ) -> Result<(), BusError> {
+        let traces: Vec<TraceHeaders> = events
+            .iter()
+            .map(|(_, span)| span.in_scope(TraceHeaders::current))
+            .collect();
+        let events: Vec<(&Event, &TraceHeaders)> = events
+            .iter()
+            .zip(&traces)
+            .map(|((e, _), t)| (*e, t))
+            .collect();
+        self.pipeline(&events, window).await
+    }
+
+    async fn pipeline(
+        &self,
+        events: &[(&Event, &TraceHeaders)],
+        window: usize,
+    ) -> Result<(), BusError> {
+        let window = window.max(1);
+        let mut pending: Vec<(
+            &Event,
+            &TraceHeaders,
+            EventType,
+            Result<PublishAckFuture, String>,
+        )> = Vec::with_capacity(window.min(events.len()));
         for chunk in events.chunks(window) {
-            for event in chunk {
+            for &(event, trace) in chunk {
                 let ty = event.event_type().ok_or(BusError::EmptyEvent)?;
                 let subject = event.subject()?;
                 // A failed send is retried (with backoff) when the window's acks are awaited.
@@ -294,14 +326,14 @@ impl Bus {
                     .js
                     .publish_with_headers(
                         subject,
-                        event_headers(event, &trace),
+                        event_headers(event, trace),
                         Bytes::from(event.encode_to_vec()),
                     )
                     .await
                     .map_err(|e| e.to_string());
-                pending.push((event, ty, sent));
+                pending.push((event, trace, ty, sent));
             }
-            for (event, ty, sent) in pending.drain(..) {
+            for (event, trace, ty, sent) in pending.drain(..) {
                 let acked = match sent {
                     Ok(ack) => ack.await.map_err(|e| e.to_string()),
                     Err(e) => Err(e),
@@ -312,7 +344,7 @@ impl Bus {
                         // That was the first attempt; the retries keep the same id.
                         self.inner.metrics.publish_retry(ty.name());
                         tracing::warn!(id = %event.id, %error, "Publish not acknowledged; retrying with the same message id.");
-                        self.publish_prepared(event, &trace).await?;
+                        self.publish_prepared(event, trace).await?;
                     }
                 }
             }

@@ -9,10 +9,17 @@
 //! - a dead letter is stored (acked by JetStream) before the original is terminated.
 
 use parking_lot::Mutex;
-use std::{collections::HashSet, sync::Arc, time::Duration};
+use std::{
+    collections::HashSet,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
-use futures::{FutureExt, StreamExt, stream::FuturesUnordered};
+use futures::{FutureExt, StreamExt, future::Either, stream::FuturesUnordered};
 use prost::Message;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -25,7 +32,7 @@ use crate::{
     dlq::{self, DeadLetterReason},
     error::{BusError, ErrorChain},
     failpoint,
-    handler::{Handler, HandlerCtx, HandlerError},
+    handler::{BatchCtx, BatchItem, Handler, HandlerCtx, HandlerError},
     keys::Store,
     layout,
     metrics::ConsumerMetrics,
@@ -67,7 +74,21 @@ struct Shared<H> {
     handler: Arc<H>,
     in_progress: Mutex<HashSet<String>>,
     metrics: ConsumerMetrics,
+    /// Messages in the batches in flight (a batched handler's).
+    in_hand: AtomicUsize,
 }
+
+impl<H> Shared<H> {
+    fn in_hand(&self) -> usize {
+        self.in_hand.load(Ordering::Relaxed)
+    }
+}
+
+/// Batches a batched handler has in flight at once.
+const BATCHES_IN_FLIGHT: usize = 2;
+
+/// Publish acks a batch's events may have outstanding.
+const PUBLISH_WINDOW: usize = 256;
 
 enum Verdict {
     Ack,
@@ -124,11 +145,28 @@ impl<H: Handler> Consumer<H> {
             handler,
             in_progress: Mutex::new(HashSet::new()),
             metrics: bus.metrics().consumer(&durable_name),
+            in_hand: AtomicUsize::new(0),
         };
         let durable = shared.spec.durable.as_str();
         let abort_handlers = CancellationToken::new();
         let mut in_flight = FuturesUnordered::new();
         let mut messages = None;
+        // Handlers in flight; batches in flight for a batched handler (two: one fills while
+        // the other commits).
+        let slots = if H::BATCHED {
+            BATCHES_IN_FLIGHT
+        } else {
+            tuning.max_in_flight
+        };
+        // Messages per pull request. A batched handler's consumer asks for two batches' worth,
+        // so that the next pull is on its way while a batch is handled and the next batch
+        // finds a full one at hand (async-nats sends the next pull when half the last one was
+        // taken).
+        let pull_batch = if H::BATCHED {
+            (tuning.max_in_flight * 2).clamp(2, 1024)
+        } else {
+            tuning.max_in_flight.clamp(2, 256)
+        };
         tracing::info!(consumer = %durable, filters = ?shared.spec.filter_subjects, "Consumer started.");
         loop {
             if messages.is_none() {
@@ -137,7 +175,11 @@ impl<H: Handler> Consumer<H> {
                     () = keep_handling(&mut in_flight) => continue,
                     m = consumer
                         .stream()
-                        .max_messages_per_batch(tuning.max_in_flight.clamp(1, 256))
+                        // At least 2: with pull requests of one message, async-nats 0.51
+                        // can count a request's message before the request itself and then
+                        // wait for a request the server already served (a 10 s stall until
+                        // the missed heartbeats; seen with max_in_flight = 1).
+                        .max_messages_per_batch(pull_batch)
                         .heartbeat(Duration::from_secs(5))
                         .expires(Duration::from_secs(30))
                         .messages() => m,
@@ -165,14 +207,42 @@ impl<H: Handler> Consumer<H> {
                 biased;
                 _ = shutdown.cancelled() => break,
                 Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
-                next = stream.next(), if in_flight.len() < tuning.max_in_flight => match next {
-                    Some(Ok(msg)) => in_flight.push(process(&shared, msg, abort_handlers.clone())),
+                next = stream.next(), if in_flight.len() < slots && shared.in_hand() < tuning.max_in_flight => match next {
+                    Some(Ok(msg)) if H::BATCHED => {
+                        // Every message already at hand makes the batch, up to max_in_flight
+                        // messages in hand in all batches.
+                        let room = tuning.max_in_flight.saturating_sub(shared.in_hand());
+                        let mut batch = vec![msg];
+                        let mut broken = false;
+                        while batch.len() < room {
+                            match stream.next().now_or_never() {
+                                Some(Some(Ok(m))) => batch.push(m),
+                                Some(Some(Err(e))) => {
+                                    tracing::warn!(consumer = %durable, error = %ErrorChain(&e), "Pull stream error.");
+                                    broken = needs_new_stream(&e);
+                                    break;
+                                }
+                                Some(None) => {
+                                    broken = true;
+                                    break;
+                                }
+                                None => break,
+                            }
+                        }
+                        if broken {
+                            messages = None;
+                        }
+                        shared.in_hand.fetch_add(batch.len(), Ordering::Relaxed);
+                        in_flight.push(Either::Right(process_batch(
+                            &shared,
+                            batch,
+                            abort_handlers.clone(),
+                        )));
+                    }
+                    Some(Ok(msg)) => in_flight.push(Either::Left(process(&shared, msg, abort_handlers.clone()))),
                     Some(Err(e)) => {
                         tracing::warn!(consumer = %durable, error = %ErrorChain(&e), "Pull stream error.");
-                        if matches!(
-                            e.kind(),
-                            jetstream::consumer::pull::MessagesErrorKind::ConsumerDeleted
-                        ) {
+                        if needs_new_stream(&e) {
                             messages = None;
                         }
                     }
@@ -206,11 +276,29 @@ impl<H: Handler> Consumer<H> {
     }
 }
 
+/// Whether a pull stream error needs a new pull stream: the consumer was recreated, or the
+/// server no longer serves the stream's pull requests (no heartbeat for two intervals).
+fn needs_new_stream(e: &jetstream::consumer::pull::MessagesError) -> bool {
+    use jetstream::consumer::pull::MessagesErrorKind as Kind;
+    matches!(e.kind(), Kind::ConsumerDeleted | Kind::MissingHeartbeat)
+}
+
 /// Drives the in-flight handlers; never returns (pending once none is left), so it can sit in
 /// a `select!` next to whatever the consumer waits for.
 async fn keep_handling<F: Future<Output = ()>>(in_flight: &mut FuturesUnordered<F>) {
     while in_flight.next().await.is_some() {}
     std::future::pending::<()>().await;
+}
+
+/// The message's stream sequence and delivery count (1 when the server sent none).
+fn delivery(msg: &jetstream::Message) -> (u64, u32) {
+    match msg.info() {
+        Ok(i) => (
+            i.stream_sequence,
+            u32::try_from(i.delivered).unwrap_or(u32::MAX),
+        ),
+        Err(_) => (0, 1),
+    }
 }
 
 async fn process<H: Handler>(
@@ -219,14 +307,25 @@ async fn process<H: Handler>(
     abort: CancellationToken,
 ) {
     let started = Instant::now();
+    let (stream_seq, delivered) = delivery(&msg);
+    let span = message_span(shared, &msg, delivered);
+    // The whole handling, ack included, runs instrumented: a span is never held entered across
+    // an await (handlers share this task, so an entered guard would leak into the others).
+    let outcome = settle(shared, msg, stream_seq, delivered, abort)
+        .instrument(span)
+        .await;
+    shared
+        .metrics
+        .handled(outcome, started.elapsed().as_secs_f64());
+}
+
+/// The span of one message's handling, its parent the message's `traceparent`.
+fn message_span<H: Handler>(
+    shared: &Shared<H>,
+    msg: &jetstream::Message,
+    delivered: u32,
+) -> tracing::Span {
     let durable = shared.spec.durable.as_str();
-    let (stream_seq, delivered) = match msg.info() {
-        Ok(i) => (
-            i.stream_sequence,
-            u32::try_from(i.delivered).unwrap_or(u32::MAX),
-        ),
-        Err(_) => (0, 1),
-    };
     let span = tracing::info_span!(
         "handle",
         otel.name = shared.handler.name(),
@@ -240,14 +339,7 @@ async fn process<H: Handler>(
         wnodes.attempt = delivered,
     );
     crate::propagation::set_parent_from(&span, msg.headers.as_ref());
-    // The whole handling, ack included, runs instrumented: a span is never held entered across
-    // an await (handlers share this task, so an entered guard would leak into the others).
-    let outcome = settle(shared, msg, stream_seq, delivered, abort)
-        .instrument(span)
-        .await;
-    shared
-        .metrics
-        .handled(outcome, started.elapsed().as_secs_f64());
+    span
 }
 
 /// Decides, then acks, naks or dead-letters. Returns the outcome label for the metrics.
@@ -258,8 +350,20 @@ async fn settle<H: Handler>(
     delivered: u32,
     abort: CancellationToken,
 ) -> &'static str {
-    let durable = shared.spec.durable.as_str();
     let (verdict, outcome) = decide(shared, &msg, stream_seq, delivered, abort).await;
+    apply(shared, msg, stream_seq, delivered, verdict).await;
+    outcome
+}
+
+/// Acks, naks or dead-letters the message as `verdict` says.
+async fn apply<H: Handler>(
+    shared: &Shared<H>,
+    msg: jetstream::Message,
+    stream_seq: u64,
+    delivered: u32,
+    verdict: Verdict,
+) {
+    let durable = shared.spec.durable.as_str();
     let res = match verdict {
         Verdict::Ack => msg.ack().await,
         Verdict::Nak(d) => msg.ack_with(AckKind::Nak(Some(d))).await,
@@ -291,7 +395,6 @@ async fn settle<H: Handler>(
     if let Err(e) = res {
         tracing::warn!(error = %ErrorChain(&*e), "Cannot send the ack; the message will be redelivered.");
     }
-    outcome
 }
 
 struct KeyGuard<'a> {
@@ -305,36 +408,33 @@ impl Drop for KeyGuard<'_> {
     }
 }
 
-async fn decide<H: Handler>(
-    shared: &Shared<H>,
+/// What is decided before any handler runs: a body that decodes, attempts left, and no other
+/// delivery of the same key in hand. `Err` carries the verdict.
+#[allow(clippy::type_complexity)]
+fn precheck<'a, H: Handler>(
+    shared: &'a Shared<H>,
     msg: &jetstream::Message,
     stream_seq: u64,
     delivered: u32,
-    abort: CancellationToken,
-) -> (Verdict, &'static str) {
+) -> Result<(Event, String, KeyGuard<'a>), (Verdict, &'static str)> {
     let span = tracing::Span::current();
     let tuning = &shared.spec.tuning;
     let subject = msg.subject.as_str();
+    let dead = |reason, error: String| Err((Verdict::DeadLetter(reason, error), "dead_letter"));
     let event = match Event::decode(msg.payload.clone()) {
         Ok(e) if e.body.is_some() => e,
         Ok(_) => {
             tracing::error!(%subject, stream_seq, "Malformed event: no body; dead-lettering.");
-            return (
-                Verdict::DeadLetter(
-                    DeadLetterReason::Malformed,
-                    "malformed event: no body".into(),
-                ),
-                "dead_letter",
+            return dead(
+                DeadLetterReason::Malformed,
+                "malformed event: no body".into(),
             );
         }
         Err(e) => {
             tracing::error!(%subject, stream_seq, error = %e, "Malformed event payload; dead-lettering.");
-            return (
-                Verdict::DeadLetter(
-                    DeadLetterReason::Malformed,
-                    format!("malformed event payload on {subject}: {e}"),
-                ),
-                "dead_letter",
+            return dead(
+                DeadLetterReason::Malformed,
+                format!("malformed event payload on {subject}: {e}"),
             );
         }
     };
@@ -349,21 +449,32 @@ async fn decide<H: Handler>(
             tuning.max_attempts
         );
         tracing::error!(%subject, delivered, "{error}; dead-lettering.");
-        return (
-            Verdict::DeadLetter(DeadLetterReason::NoVerdict, error),
-            "dead_letter",
-        );
+        return dead(DeadLetterReason::NoVerdict, error);
     }
     let key = shared.handler.idempotency_key(&event);
-    let _guard = {
-        if !shared.in_progress.lock().insert(key.clone()) {
-            // The same key is being handled right now (a duplicate): look again shortly.
-            return (Verdict::Nak(tuning.backoff_base), "retry");
-        }
-        KeyGuard {
-            set: &shared.in_progress,
-            key: key.clone(),
-        }
+    if !shared.in_progress.lock().insert(key.clone()) {
+        // The same key is being handled right now (a duplicate): look again shortly.
+        return Err((Verdict::Nak(tuning.backoff_base), "retry"));
+    }
+    let guard = KeyGuard {
+        set: &shared.in_progress,
+        key: key.clone(),
+    };
+    Ok((event, key, guard))
+}
+
+async fn decide<H: Handler>(
+    shared: &Shared<H>,
+    msg: &jetstream::Message,
+    stream_seq: u64,
+    delivered: u32,
+    abort: CancellationToken,
+) -> (Verdict, &'static str) {
+    let tuning = &shared.spec.tuning;
+    let subject = msg.subject.as_str();
+    let (event, key, _guard) = match precheck(shared, msg, stream_seq, delivered) {
+        Ok(checked) => checked,
+        Err(verdict) => return verdict,
     };
     match shared.store.lookup(&shared.spec.durable, &key).await {
         Ok(Some(outbox)) => {
@@ -473,6 +584,339 @@ async fn decide<H: Handler>(
         return (Verdict::Nothing, "ok");
     }
     (Verdict::Ack, "ok")
+}
+
+/// One message of a batch, past its precheck.
+struct InBatch<'a> {
+    msg: jetstream::Message,
+    stream_seq: u64,
+    delivered: u32,
+    span: tracing::Span,
+    guard: KeyGuard<'a>,
+}
+
+/// How a batch ended before its verdicts.
+enum BatchEnd {
+    /// Committed: each message's verdict is its item's.
+    Committed,
+    /// Rolled back; each message is handled alone ([`Handler::handle`]).
+    HandleAlone(String),
+    /// Rolled back; every message is nacked with this delay (the store is unreachable, or
+    /// shutdown).
+    NakAll(Option<Duration>, String),
+}
+
+/// A batched handler's batch ([`Handler::handle_batch`]): prechecks and duplicates per
+/// message, then one transaction for the effects and keys of the rest, then a verdict per
+/// message. A batch that fails as a whole is handled message by message, as without batches.
+async fn process_batch<H: Handler>(
+    shared: &Shared<H>,
+    msgs: Vec<jetstream::Message>,
+    abort: CancellationToken,
+) {
+    let started = Instant::now();
+    let count = msgs.len();
+    let durable = shared.spec.durable.as_str();
+    let tuning = &shared.spec.tuning;
+    let mut settled: Vec<(
+        Verdict,
+        &'static str,
+        jetstream::Message,
+        u64,
+        u32,
+        tracing::Span,
+    )> = Vec::new();
+    let mut metas = Vec::with_capacity(msgs.len());
+    let mut items = Vec::with_capacity(msgs.len());
+    for msg in msgs {
+        let (stream_seq, delivered) = delivery(&msg);
+        let span = message_span(shared, &msg, delivered);
+        match span.in_scope(|| precheck(shared, &msg, stream_seq, delivered)) {
+            Err((verdict, outcome)) => {
+                settled.push((verdict, outcome, msg, stream_seq, delivered, span));
+            }
+            Ok((event, key, guard)) => {
+                items.push(BatchItem {
+                    key,
+                    attempt: delivered,
+                    event,
+                    failed: None,
+                    outbox: Vec::new(),
+                });
+                metas.push(InBatch {
+                    msg,
+                    stream_seq,
+                    delivered,
+                    span,
+                    guard,
+                });
+            }
+        }
+    }
+    // Already handled: republish their events and ack.
+    let keys: Vec<&str> = items.iter().map(|i| i.key.as_str()).collect();
+    let handled = if keys.is_empty() {
+        Ok(Default::default())
+    } else {
+        shared.store.lookup_many(durable, &keys).await
+    };
+    let end = match handled {
+        Err(e) => BatchEnd::NakAll(
+            None,
+            format!("idempotency store lookup failed: {}", ErrorChain(&e)),
+        ),
+        Ok(done) => {
+            let mut i = 0;
+            while i < items.len() {
+                let Some(outbox) = done.get(&items[i].key) else {
+                    i += 1;
+                    continue;
+                };
+                let (item, meta) = (items.remove(i), metas.remove(i));
+                let mut verdict = (Verdict::Ack, "duplicate");
+                for ev in outbox {
+                    if let Err(e) = shared.bus.publish(ev).await {
+                        meta.span.in_scope(|| tracing::warn!(error = %ErrorChain(&e), "Republishing a handled event failed."));
+                        verdict = (Verdict::Nak(tuning.backoff(item.attempt)), "retry");
+                        break;
+                    }
+                }
+                settled.push((
+                    verdict.0,
+                    verdict.1,
+                    meta.msg,
+                    meta.stream_seq,
+                    meta.delivered,
+                    meta.span,
+                ));
+            }
+            if items.is_empty() {
+                BatchEnd::Committed
+            } else {
+                failpoint::crash_at("before-handler");
+                let span = tracing::info_span!(
+                    "handle_batch",
+                    otel.name = shared.handler.name(),
+                    otel.kind = "consumer",
+                    messaging.system = "nats",
+                    messaging.operation.type = "process",
+                    messaging.consumer.group.name = durable,
+                    messaging.batch.message_count = items.len(),
+                );
+                for m in &metas {
+                    span.follows_from(&m.span);
+                }
+                shared.metrics.batch(items.len());
+                run_batch(shared, &mut items, abort.clone())
+                    .instrument(span)
+                    .await
+            }
+        }
+    };
+    match end {
+        BatchEnd::Committed => {
+            if items.iter().any(|i| !i.is_failed()) {
+                failpoint::crash_at("after-commit");
+            }
+            // Every event the batch staged, pipelined, each in its message's trace; if any
+            // is not stored, the batch's messages are retried (their keys are stored with
+            // their events: the redelivery republishes them).
+            let staged: Vec<(&Event, &tracing::Span)> = items
+                .iter()
+                .zip(&metas)
+                .filter(|(i, _)| i.failed.is_none())
+                .flat_map(|(i, m)| i.outbox.iter().map(move |e| (e, &m.span)))
+                .collect();
+            let published = if staged.is_empty() {
+                Ok(())
+            } else {
+                shared
+                    .bus
+                    .publish_pipelined_in(&staged, PUBLISH_WINDOW)
+                    .await
+            };
+            if let Err(e) = &published {
+                tracing::warn!(consumer = %durable, error = %ErrorChain(e), "Publishing the batch's events failed; its messages will be retried.");
+            }
+            for (item, meta) in items.into_iter().zip(metas) {
+                let verdict = match (&published, &item.failed) {
+                    (Err(_), None) => (Verdict::Nak(tuning.backoff(item.attempt)), "retry"),
+                    _ => meta
+                        .span
+                        .in_scope(|| item_verdict(shared, meta.msg.subject.as_str(), item)),
+                };
+                drop(meta.guard);
+                settled.push((
+                    verdict.0,
+                    verdict.1,
+                    meta.msg,
+                    meta.stream_seq,
+                    meta.delivered,
+                    meta.span,
+                ));
+            }
+        }
+        BatchEnd::NakAll(delay, error) => {
+            for meta in metas {
+                let delay = delay.unwrap_or_else(|| tuning.backoff(meta.delivered));
+                meta.span.in_scope(
+                    || tracing::warn!(%error, retry_in = ?delay, "Batch not handled; will retry."),
+                );
+                drop(meta.guard);
+                settled.push((
+                    Verdict::Nak(delay),
+                    "retry",
+                    meta.msg,
+                    meta.stream_seq,
+                    meta.delivered,
+                    meta.span,
+                ));
+            }
+        }
+        BatchEnd::HandleAlone(why) => {
+            tracing::warn!(consumer = %durable, messages = metas.len(), %why, "Batch rolled back; handling each message alone.");
+            for meta in metas {
+                drop(meta.guard);
+                let outcome = settle(
+                    shared,
+                    meta.msg,
+                    meta.stream_seq,
+                    meta.delivered,
+                    abort.clone(),
+                )
+                .instrument(meta.span)
+                .await;
+                shared
+                    .metrics
+                    .handled(outcome, started.elapsed().as_secs_f64());
+            }
+        }
+    }
+    let acks = settled.into_iter().map(
+        |(verdict, outcome, msg, stream_seq, delivered, span)| async move {
+            apply(shared, msg, stream_seq, delivered, verdict)
+                .instrument(span)
+                .await;
+            outcome
+        },
+    );
+    for outcome in futures::future::join_all(acks).await {
+        shared
+            .metrics
+            .handled(outcome, started.elapsed().as_secs_f64());
+    }
+    shared.in_hand.fetch_sub(count, Ordering::Relaxed);
+}
+
+/// Runs the handler on the batch and commits its effects with the keys of every message it
+/// did not fail.
+async fn run_batch<H: Handler>(
+    shared: &Shared<H>,
+    items: &mut [BatchItem],
+    abort: CancellationToken,
+) -> BatchEnd {
+    let tuning = &shared.spec.tuning;
+    let mut ctx = BatchCtx {
+        tx: None,
+        store: shared.store.clone(),
+    };
+    let handled =
+        std::panic::AssertUnwindSafe(Box::pin(shared.handler.handle_batch(&mut ctx, items)))
+            .catch_unwind();
+    let result = tokio::select! {
+        r = tokio::time::timeout(tuning.handler_timeout, handled) => r,
+        _ = abort.cancelled() => {
+            return BatchEnd::NakAll(Some(Duration::ZERO), "shutdown".into());
+        }
+    };
+    let failure = match result {
+        Ok(Ok(Ok(()))) => None,
+        Ok(Err(panic)) => Some(format!(
+            "batch handler panicked: {}",
+            panic_message(&*panic)
+        )),
+        Ok(Ok(Err(e))) => Some(ErrorChain(&e).to_string()),
+        Err(_) => Some(format!(
+            "batch handler timed out after {:?}",
+            tuning.handler_timeout
+        )),
+    };
+    if let Some(why) = failure {
+        return BatchEnd::HandleAlone(why);
+    }
+    let ok: Vec<(&str, &[Event])> = items
+        .iter()
+        .filter(|i| i.failed.is_none())
+        .map(|i| (i.key.as_str(), i.outbox.as_slice()))
+        .collect();
+    if ok.is_empty() {
+        return BatchEnd::Committed; // the transaction (if any) rolls back: nothing to keep
+    }
+    let mut tx = match ctx.tx.take() {
+        Some(tx) => tx,
+        None => match shared.store.begin().await {
+            Ok(tx) => tx,
+            Err(e) => return BatchEnd::NakAll(None, ErrorChain(&e).to_string()),
+        },
+    };
+    match shared
+        .store
+        .record_many_in(&mut tx, &shared.spec.durable, &ok)
+        .await
+    {
+        Ok(true) => match tx.commit().await {
+            Ok(()) => BatchEnd::Committed,
+            Err(e) => BatchEnd::NakAll(None, format!("commit failed: {}", ErrorChain(&e))),
+        },
+        // Another consumer of the same store committed one of the keys meanwhile.
+        Ok(false) => BatchEnd::HandleAlone("a key of the batch was handled elsewhere".into()),
+        Err(e) => BatchEnd::NakAll(None, ErrorChain(&e).to_string()),
+    }
+}
+
+/// A committed batch item's verdict (its events are published): an ack, or its failure.
+fn item_verdict<H: Handler>(
+    shared: &Shared<H>,
+    subject: &str,
+    item: BatchItem,
+) -> (Verdict, &'static str) {
+    let tuning = &shared.spec.tuning;
+    let BatchItem {
+        key,
+        attempt,
+        failed,
+        ..
+    } = item;
+    match failed {
+        None => {
+            if failpoint::fires("skip-ack") {
+                tracing::warn!(%key, "Failpoint skip-ack: withholding the ack.");
+                return (Verdict::Nothing, "ok");
+            }
+            (Verdict::Ack, "ok")
+        }
+        Some(HandlerError::Reject(e)) => {
+            let error = ErrorChain(&*e).to_string();
+            tracing::error!(%subject, %key, %error, "Handler rejected the message; dead-lettering.");
+            (
+                Verdict::DeadLetter(DeadLetterReason::Rejected, error),
+                "dead_letter",
+            )
+        }
+        Some(HandlerError::Retry(e)) => {
+            let error = ErrorChain(&*e).to_string();
+            if attempt >= tuning.max_attempts {
+                tracing::error!(%subject, %key, attempts = attempt, %error, "Handler failed on its last attempt; dead-lettering.");
+                return (
+                    Verdict::DeadLetter(DeadLetterReason::Exhausted, error),
+                    "dead_letter",
+                );
+            }
+            let delay = tuning.backoff(attempt);
+            tracing::warn!(%subject, %key, %attempt, retry_in = ?delay, %error, "Handler failed; will retry.");
+            (Verdict::Nak(delay), "retry")
+        }
+    }
 }
 
 /// The text of a panic payload (`panic!` with a literal or a formatted message).

@@ -123,8 +123,104 @@ impl HandlerCtx {
     }
 }
 
+/// One message of a batch ([`Handler::handle_batch`]): its event, and the verdict the handler
+/// gives it.
+#[derive(Debug)]
+pub struct BatchItem {
+    pub(crate) key: String,
+    pub(crate) attempt: u32,
+    pub(crate) event: Event,
+    pub(crate) failed: Option<HandlerError>,
+    pub(crate) outbox: Vec<Event>,
+}
+
+impl BatchItem {
+    /// An item outside a consumer: a handler whose [`Handler::handle`] runs its batch code on
+    /// one message builds one from its [`HandlerCtx`], then takes back the failure and the
+    /// events ([`BatchItem::into_outcome`]).
+    pub fn new(key: impl Into<String>, attempt: u32, event: Event) -> Self {
+        Self {
+            key: key.into(),
+            attempt,
+            event,
+            failed: None,
+            outbox: Vec::new(),
+        }
+    }
+
+    /// What the handler made of it: its events to publish, or its failure.
+    pub fn into_outcome(self) -> Result<Vec<Event>, HandlerError> {
+        match self.failed {
+            Some(e) => Err(e),
+            None => Ok(self.outbox),
+        }
+    }
+
+    /// The message's idempotency key.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// 1-based delivery attempt.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// The event.
+    pub fn event(&self) -> &Event {
+        &self.event
+    }
+
+    /// Fails this message alone (retried or dead-lettered as [`HandlerError`] says); the
+    /// others of the batch go on. Only before any of its effects were written: what was
+    /// written commits with the batch.
+    pub fn fail(&mut self, error: HandlerError) {
+        self.failed = Some(error);
+    }
+
+    /// Whether [`BatchItem::fail`] was called.
+    pub fn is_failed(&self) -> bool {
+        self.failed.is_some()
+    }
+
+    /// Stages an event for this message; published after the batch commits.
+    pub fn publish(&mut self, event: Event) {
+        self.outbox.push(event);
+    }
+}
+
+/// The transaction a batch's effects and all its keys commit in.
+#[derive(Debug)]
+pub struct BatchCtx {
+    pub(crate) tx: Option<Tx>,
+    pub(crate) store: Store,
+}
+
+impl BatchCtx {
+    /// The batch's transaction ([`crate::db`]); opened on first use.
+    pub async fn db(&mut self) -> Result<Db<'_>, BusError> {
+        if self.tx.is_none() {
+            self.tx = Some(self.store.begin().await?);
+        }
+        match self.tx.as_mut() {
+            Some(tx) => Ok(tx.db()),
+            None => Err(BusError::Config("transaction vanished".into())),
+        }
+    }
+}
+
 /// A message handler run by a durable consumer.
+///
+/// A handler may also take messages in batches ([`Handler::BATCHED`],
+/// [`Handler::handle_batch`]): the consumer hands it every message it has at hand (up to
+/// `max_in_flight`), and the effects of the whole batch commit in one transaction with all its
+/// keys, one commit (and one `fsync`) for the lot. Set-based statements make that the fast path
+/// of a store-bound consumer (accounting). [`Handler::handle`] stays the path of record: when a
+/// batch fails as a whole, it rolls back and every message of it is handled alone.
 pub trait Handler: Send + Sync + 'static {
+    /// Whether the consumer hands this handler batches ([`Handler::handle_batch`]).
+    const BATCHED: bool = false;
+
     /// Span name for each message, e.g. `"launcher.job_started"`.
     fn name(&self) -> &'static str;
 
@@ -140,4 +236,17 @@ pub trait Handler: Send + Sync + 'static {
         ctx: &mut HandlerCtx,
         event: Event,
     ) -> impl Future<Output = Result<(), HandlerError>> + Send;
+
+    /// Handles a batch in one transaction ([`BatchCtx::db`]), which commits with every key of
+    /// the batch. Per message: [`BatchItem::fail`] it *before* writing any of its effects, or
+    /// write them and leave it to succeed. An `Err` rolls the whole batch back; each message is
+    /// then handled alone by [`Handler::handle`]. Only called when [`Handler::BATCHED`].
+    fn handle_batch(
+        &self,
+        batch: &mut BatchCtx,
+        items: &mut [BatchItem],
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send {
+        let _ = (batch, items);
+        async { Err(HandlerError::retry("this handler takes no batches")) }
+    }
 }

@@ -1,7 +1,7 @@
 //! [`Store`]: a consumer's idempotency store, on SQLite ([`KeyStore`], every host service) or
 //! on PostgreSQL ([`PgKeyStore`], accounting at a site). The consumer only sees this type.
 
-use std::time::Duration;
+use std::{collections::HashMap, time::Duration};
 
 use wnodes_proto::v1::Event;
 
@@ -68,6 +68,35 @@ impl Store {
         match (self, tx) {
             (Self::Sqlite(s), Tx::Sqlite(t)) => s.record_in(t, consumer, key, outbox).await,
             (Self::Postgres(s), Tx::Postgres(t)) => s.record_in(t, consumer, key, outbox).await,
+            _ => Err(BusError::Config(
+                "a transaction of one database used with the other's store".into(),
+            )),
+        }
+    }
+
+    /// [`Store::lookup`] of many keys at once: the outbox of each key already handled.
+    pub async fn lookup_many(
+        &self,
+        consumer: &str,
+        keys: &[&str],
+    ) -> Result<HashMap<String, Vec<Event>>, BusError> {
+        match self {
+            Self::Sqlite(s) => s.lookup_many(consumer, keys).await,
+            Self::Postgres(s) => s.lookup_many(consumer, keys).await,
+        }
+    }
+
+    /// Records every key inside `tx` (begun by [`Store::begin`]). `false` when any was already
+    /// there: the caller must roll back.
+    pub async fn record_many_in(
+        &self,
+        tx: &mut Tx,
+        consumer: &str,
+        keys: &[(&str, &[Event])],
+    ) -> Result<bool, BusError> {
+        match (self, tx) {
+            (Self::Sqlite(s), Tx::Sqlite(t)) => s.record_many_in(t, consumer, keys).await,
+            (Self::Postgres(s), Tx::Postgres(t)) => s.record_many_in(t, consumer, keys).await,
             _ => Err(BusError::Config(
                 "a transaction of one database used with the other's store".into(),
             )),

@@ -11,8 +11,8 @@
 //! | [`bus`] | [`Bus`]: the stream check, traced and de-duplicated publishing with retries |
 //! | [`runs`] | a run's events read back from the stream, and its per-phase timeline |
 //! | [`denial`] | the server's permission violations, so a refused publish fails at once |
-//! | [`consumer`] | durable consumers: spans, idempotency, retries, dead letters, shutdown |
-//! | [`handler`] | the [`Handler`] trait and [`HandlerCtx`] |
+//! | [`consumer`] | durable consumers: spans, idempotency, retries, dead letters, shutdown, batches |
+//! | [`handler`] | the [`Handler`] trait, [`HandlerCtx`], and a batch's [`BatchCtx`] and [`BatchItem`] |
 //! | [`keys`] | [`Store`]: the consumer's idempotency store, SQLite or PostgreSQL |
 //! | [`store`] | [`KeyStore`]: durable idempotency keys and outbox on SQLite (every host service) |
 //! | [`pg_store`] | [`PgKeyStore`]: the same on PostgreSQL (a site's accounting) |
@@ -25,7 +25,8 @@
 //! message's `traceparent`, decodes the [`Event`](wnodes_proto::v1::Event) (malformed → dead
 //! letter), skips it if the handler's key is in the [`KeyStore`] (republishing the events that
 //! handler published), runs the handler, commits the key with the handler's store effects,
-//! publishes the handler's events, and acks.
+//! publishes the handler's events, and acks. A batched handler ([`Handler::BATCHED`]) gets
+//! every message at hand at once and commits their effects and keys in one transaction.
 
 pub mod bus;
 pub mod config;
@@ -55,7 +56,7 @@ pub use config::{ConsumerTuning, NatsConfig, TlsConfig};
 pub use consumer::{Consumer, ConsumerSpec};
 pub use error::{BusError, ErrorChain};
 pub use event::{CloudEventAttributes, EventExt, EventType};
-pub use handler::{Handler, HandlerCtx, HandlerError};
+pub use handler::{BatchCtx, BatchItem, Handler, HandlerCtx, HandlerError};
 pub use keys::Store;
 pub use metrics::BusMetrics;
 pub use pg_store::PgKeyStore;

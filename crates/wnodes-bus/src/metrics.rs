@@ -25,9 +25,17 @@ pub(crate) struct ConsumerMetrics {
     retry: Counter,
     dead_letter: Counter,
     seconds: Histogram,
+    batches: Counter,
+    batched: Counter,
 }
 
 impl ConsumerMetrics {
+    /// A batch of `messages` handed to a batched handler.
+    pub(crate) fn batch(&self, messages: usize) {
+        self.batches.inc();
+        self.batched.inc_by(messages as u64);
+    }
+
     pub(crate) fn handled(&self, outcome: &'static str, seconds: f64) {
         match outcome {
             "ok" => &self.ok,
@@ -48,6 +56,8 @@ pub struct BusMetrics {
     handled: Family<Labels, Counter>,
     dead_lettered: Family<Labels, Counter>,
     handle_seconds: Family<Labels, Histogram>,
+    batches: Family<Labels, Counter>,
+    batched: Family<Labels, Counter>,
     connected: Gauge,
     disconnects: Counter,
     published_by_type: Arc<PublishedByType>,
@@ -88,6 +98,16 @@ impl BusMetrics {
             m.handle_seconds.clone(),
         );
         r.register(
+            "batches",
+            "Batches handed to a batched handler, by consumer",
+            m.batches.clone(),
+        );
+        r.register(
+            "batched_messages",
+            "Messages in those batches, by consumer (divided by batches: the mean batch size)",
+            m.batched.clone(),
+        );
+        r.register(
             "connected",
             "1 while the NATS connection is up",
             m.connected.clone(),
@@ -108,6 +128,8 @@ impl BusMetrics {
             handled: Family::default(),
             dead_lettered: Family::default(),
             handle_seconds: Family::new_with_constructor(histogram),
+            batches: Family::default(),
+            batched: Family::default(),
             connected: Gauge::default(),
             disconnects: Counter::default(),
             published_by_type: Arc::default(),
@@ -150,7 +172,25 @@ impl BusMetrics {
                 .handle_seconds
                 .get_or_create(&vec![("consumer", consumer.to_owned())])
                 .clone(),
+            batches: self
+                .batches
+                .get_or_create(&vec![("consumer", consumer.to_owned())])
+                .clone(),
+            batched: self
+                .batched
+                .get_or_create(&vec![("consumer", consumer.to_owned())])
+                .clone(),
         }
+    }
+
+    /// Batches handed to `consumer`'s batched handler, and the messages in them (for tests
+    /// and status output).
+    pub fn batch_counts(&self, consumer: &str) -> (u64, u64) {
+        let labels = vec![("consumer", consumer.to_owned())];
+        (
+            self.batches.get_or_create(&labels).get(),
+            self.batched.get_or_create(&labels).get(),
+        )
     }
 
     pub(crate) fn publish_retry(&self, event_type: &str) {

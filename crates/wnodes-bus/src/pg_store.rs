@@ -10,7 +10,7 @@
 //! two deliveries of one key racing in two processes insert once (`ON CONFLICT DO NOTHING`;
 //! the second waits for the first's transaction and reports a duplicate).
 
-use std::{str::FromStr, sync::Arc, time::Duration};
+use std::{collections::HashMap, str::FromStr, sync::Arc, time::Duration};
 
 use sqlx::{
     Executor as _, PgPool, Postgres, Transaction,
@@ -161,6 +161,65 @@ impl PgKeyStore {
             .await
             .map_err(|e| self.err(e))?;
         Ok(res.rows_affected() == 1)
+    }
+
+    /// [`PgKeyStore::lookup`] of many keys at once: the outbox of each key already handled.
+    pub async fn lookup_many(
+        &self,
+        consumer: &str,
+        keys: &[&str],
+    ) -> Result<HashMap<String, Vec<Event>>, BusError> {
+        let keys: Vec<String> = keys.iter().map(|k| (*k).to_owned()).collect();
+        let rows: Vec<(String, Option<Vec<u8>>)> = sqlx::query_as(
+            // Driven by the keys (a nested loop on the primary key): `key = ANY($2)` got a
+            // generic plan that scanned the whole table once the statement was prepared.
+            "SELECT p.key, p.outbox FROM unnest($2::text[]) AS k(key)
+             JOIN wnodes_processed AS p ON p.consumer = $1 AND p.key = k.key",
+        )
+        .bind(consumer)
+        .bind(keys)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.err(e))?;
+        Ok(rows
+            .into_iter()
+            .map(|(k, blob)| (k, blob.as_deref().map(decode_outbox).unwrap_or_default()))
+            .collect())
+    }
+
+    /// Records every key (with its outbox) inside `tx`. `false` when any was already there: the
+    /// caller must roll back.
+    pub async fn record_many_in(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        consumer: &str,
+        keys: &[(&str, &[Event])],
+    ) -> Result<bool, BusError> {
+        // One array per column, so the statement's text (and plan) is the same for any
+        // number of keys.
+        let (names, outboxes): (Vec<String>, Vec<Option<Vec<u8>>>) = keys
+            .iter()
+            .map(|(key, outbox)| {
+                (
+                    (*key).to_owned(),
+                    (!outbox.is_empty()).then(|| encode_outbox(outbox)),
+                )
+            })
+            .unzip();
+        let inserted = sqlx::query(
+            "INSERT INTO wnodes_processed (consumer, key, processed_at, outbox)
+             SELECT $1, k, $2, o FROM unnest($3::text[], $4::bytea[]) AS t(k, o)
+             ON CONFLICT (consumer, key) DO NOTHING",
+        )
+        .bind(consumer)
+        .bind(unix_now())
+        .bind(names)
+        .bind(outboxes)
+        .execute(&mut **tx)
+        .await
+        .map_err(|e| self.err(e))?
+        .rows_affected();
+        Ok(inserted == keys.len() as u64)
     }
 
     /// Records `key` in a transaction of its own. `false` when it was already there.

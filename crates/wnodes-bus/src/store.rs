@@ -18,13 +18,19 @@
 //! of a group commit: `docs/benchmarks.md`, "Acknowledged means durable".
 
 use parking_lot::Mutex;
-use std::{collections::HashSet, path::Path, str::FromStr, sync::Arc, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    path::Path,
+    str::FromStr,
+    sync::Arc,
+    time::Duration,
+};
 
 use sha2::Digest;
 
 use prost::Message;
 use sqlx::{
-    Sqlite, SqlitePool, Transaction,
+    QueryBuilder, Sqlite, SqlitePool, Transaction,
     sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
 };
 use std::sync::mpsc;
@@ -43,6 +49,10 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS wnodes_processed (
 ) WITHOUT ROWID";
 
 const INSERT: &str = "INSERT OR IGNORE INTO wnodes_processed (consumer, key, processed_at, outbox) VALUES (?, ?, ?, ?)";
+
+/// Keys per statement of the many-key calls (4 binds each, far below SQLite's and PostgreSQL's
+/// limits on bound parameters).
+pub(crate) const BIND_CHUNK: usize = 500;
 
 struct CommitReq {
     consumer: String,
@@ -239,6 +249,78 @@ impl KeyStore {
         // it before the commit is safe even if the transaction rolls back.
         self.seen.lock().insert(key_hash(consumer, key));
         Ok(res.rows_affected() == 1)
+    }
+
+    /// [`KeyStore::lookup`] of many keys at once: the outbox of each key already handled.
+    pub async fn lookup_many(
+        &self,
+        consumer: &str,
+        keys: &[&str],
+    ) -> Result<HashMap<String, Vec<Event>>, BusError> {
+        let maybe: Vec<&str> = {
+            let seen = self.seen.lock();
+            keys.iter()
+                .copied()
+                .filter(|k| seen.contains(&key_hash(consumer, k)))
+                .collect()
+        };
+        let mut found = HashMap::new();
+        for chunk in maybe.chunks(BIND_CHUNK) {
+            let mut q = QueryBuilder::<Sqlite>::new(
+                "SELECT key, outbox FROM wnodes_processed WHERE consumer = ",
+            );
+            q.push_bind(consumer).push(" AND key IN (");
+            let mut list = q.separated(", ");
+            for k in chunk {
+                list.push_bind(*k);
+            }
+            list.push_unseparated(")");
+            let rows: Vec<(String, Option<Vec<u8>>)> = q
+                .build_query_as()
+                .fetch_all(&self.read)
+                .await
+                .map_err(|e| self.err(e))?;
+            found.extend(
+                rows.into_iter()
+                    .map(|(k, blob)| (k, blob.as_deref().map(decode_outbox).unwrap_or_default())),
+            );
+        }
+        Ok(found)
+    }
+
+    /// Records every key (with its outbox) inside `tx`. `false` when any was already there (a
+    /// concurrent duplicate): the caller must roll back.
+    pub async fn record_many_in(
+        &self,
+        tx: &mut Transaction<'static, Sqlite>,
+        consumer: &str,
+        keys: &[(&str, &[Event])],
+    ) -> Result<bool, BusError> {
+        let now = unix_now();
+        let mut inserted = 0;
+        for chunk in keys.chunks(BIND_CHUNK) {
+            let mut q = QueryBuilder::<Sqlite>::new(
+                "INSERT OR IGNORE INTO wnodes_processed (consumer, key, processed_at, outbox) ",
+            );
+            q.push_values(chunk, |mut row, (key, outbox)| {
+                row.push_bind(consumer)
+                    .push_bind(*key)
+                    .push_bind(now)
+                    .push_bind(encode_outbox(outbox));
+            });
+            inserted += q
+                .build()
+                .execute(&mut **tx)
+                .await
+                .map_err(|e| self.err(e))?
+                .rows_affected();
+        }
+        // As in record_in: a hash only means "maybe handled".
+        let mut seen = self.seen.lock();
+        for (key, _) in keys {
+            seen.insert(key_hash(consumer, key));
+        }
+        Ok(inserted == keys.len() as u64)
     }
 
     /// Records `key` through the group committer. `false` when it was already there.

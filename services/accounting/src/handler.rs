@@ -1,13 +1,21 @@
-//! The accounting handler: one effect per event type (see the crate's table), each in the
-//! same transaction as the message's idempotency key; one record per run. Every statement is
-//! one text for SQLite and PostgreSQL ([`wnodes_bus::db`]).
+//! The accounting handler: one effect per event type (see the crate's table), in the same
+//! transaction as the message's idempotency key; one record per run. It takes its messages in
+//! batches ([`Handler::BATCHED`]): per batch, each statement runs once for all events of its
+//! type ([`crate::ingest`]), and every key of the batch commits with the effects; a message
+//! alone goes through the same code as a batch of one.
+
+use std::collections::{HashMap, HashSet};
 
 use wnodes_bus::{
-    EventExt as _, Handler, HandlerCtx, HandlerError, db::Db, on_db, proto, proto::event::Body,
+    BatchCtx, BatchItem, EventExt as _, Handler, HandlerCtx, HandlerError, db::Db, proto,
+    proto::event::Body,
 };
 use wnodes_proto::time;
 
-use crate::Metrics;
+use crate::{
+    Metrics,
+    ingest::{self, Row, Val},
+};
 
 /// How many deliveries of a `VmStopped` wait for the run's `JobStarted` before the record is
 /// written without the job's identity (filled in when `JobStarted` comes).
@@ -43,156 +51,298 @@ fn retry(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> HandlerError
 }
 
 impl Handler for AccountingHandler {
+    const BATCHED: bool = true;
+
     fn name(&self) -> &'static str {
         "accounting.record"
     }
 
+    /// A message alone: a batch of one (the same statements as a batch).
     async fn handle(&self, ctx: &mut HandlerCtx, event: proto::Event) -> Result<(), HandlerError> {
-        let Some(run) = event.run.clone() else {
-            return Err(HandlerError::reject(format!(
-                "event {} has no run",
-                event.id
-            )));
-        };
-        if let Some(why) = impossible(&run, event.body.as_ref()) {
-            return Err(HandlerError::reject(format!(
-                "impossible usage event {}: {why}",
-                event.id
-            )));
-        }
-        let key = wnodes_bus::event::run_key(&run);
-        if matches!(
-            &event.body,
-            Some(
-                Body::JobStarted(_)
-                    | Body::VmRequested(_)
-                    | Body::ImageReady(_)
-                    | Body::VmRunning(_)
-                    | Body::VmStopped(_)
-                    | Body::JobFinished(_)
-            )
-        ) {
+        let mut items = [BatchItem::new(ctx.key(), ctx.attempt(), event)];
+        let plan = self.plan(&mut items);
+        if !plan.is_empty() {
             let mut db = ctx.db().await?;
-            lock_run(&mut db, &key).await.map_err(retry)?;
+            self.write(&mut db, plan, &mut items).await.map_err(retry)?;
         }
-        match &event.body {
-            Some(Body::JobStarted(js)) => {
-                let mut db = ctx.db().await?;
-                job_started(&mut db, &key, js).await.map_err(retry)?;
+        let [item] = items;
+        for ev in item.into_outcome()? {
+            ctx.publish(ev);
+        }
+        Ok(())
+    }
+
+    /// A batch: each statement once for all its events of one type.
+    async fn handle_batch(
+        &self,
+        batch: &mut BatchCtx,
+        items: &mut [BatchItem],
+    ) -> Result<(), HandlerError> {
+        let plan = self.plan(items);
+        if !plan.is_empty() {
+            let mut db = batch.db().await?;
+            self.write(&mut db, plan, items).await.map_err(retry)?;
+        }
+        Ok(())
+    }
+}
+
+/// What a batch writes, gathered before anything is: one row per run for each event type
+/// (the last event of a type in the batch wins, as it would one at a time), and the
+/// `vm.stopped` items in batch order.
+#[derive(Debug, Default)]
+struct Plan {
+    runs: Vec<String>,
+    job_started: HashMap<String, Vec<Val>>,
+    vm_requested: HashMap<String, Vec<Val>>,
+    image_ready: HashMap<String, Vec<Val>>,
+    vm_running: HashMap<String, Vec<Val>>,
+    job_finished: HashMap<String, Vec<Val>>,
+    /// (item index, run key).
+    stopped: Vec<(usize, String)>,
+}
+
+impl Plan {
+    fn is_empty(&self) -> bool {
+        self.runs.is_empty()
+    }
+}
+
+/// What an event type writes: its `accounting_jobs` columns (in its row's order), and what a
+/// record written before the event came gets from them (`SET` from `accounting_jobs AS j`,
+/// under a condition; none when `fill` is empty).
+struct Kind {
+    columns: &'static [&'static str],
+    fill: &'static str,
+    only_if: &'static str,
+}
+
+const JOB_STARTED: Kind = Kind {
+    columns: &[
+        "user_name",
+        "uid",
+        "gid",
+        "vo",
+        "x509_dn",
+        "fqans",
+        "queue",
+        "cores",
+        "lrms_started_ms",
+        "submitted_ms",
+    ],
+    fill: "user_name = j.user_name, uid = j.uid, gid = j.gid, vo = j.vo, x509_dn = j.x509_dn,
+           fqans = j.fqans, queue = j.queue, submitted_ms = j.submitted_ms",
+    only_if: "usage_records.vo = '' AND usage_records.user_name = ''",
+};
+
+const VM_REQUESTED: Kind = Kind {
+    columns: &["image", "memory_bytes", "scratch_bytes", "network_mode"],
+    fill: "image = j.image, memory_bytes = j.memory_bytes, scratch_bytes = j.scratch_bytes,
+           network_mode = j.network_mode",
+    only_if: "usage_records.image = ''",
+};
+
+const IMAGE_READY: Kind = Kind {
+    columns: &["image_sha256"],
+    fill: "image_sha256 = j.image_sha256",
+    only_if: "usage_records.image_sha256 = ''",
+};
+
+/// Read by the record when it is written; a record never gets it later.
+const VM_RUNNING: Kind = Kind {
+    columns: &["vm_started_ms"],
+    fill: "",
+    only_if: "",
+};
+
+const JOB_FINISHED: Kind = Kind {
+    columns: &["lrms_exit_code", "finished_ms"],
+    fill: "lrms_exit_code = j.lrms_exit_code",
+    only_if: "1 = 1",
+};
+
+fn rows(map: HashMap<String, Vec<Val>>) -> Vec<Row> {
+    map.into_iter().collect()
+}
+
+impl AccountingHandler {
+    /// Checks every item (failing those that can never describe a real run, before anything
+    /// is written), counts failed VMs, and gathers the rows to write.
+    fn plan(&self, items: &mut [BatchItem]) -> Plan {
+        let mut plan = Plan::default();
+        for (i, item) in items.iter_mut().enumerate() {
+            let event = item.event();
+            let Some(run) = event.run.as_ref() else {
+                let why = format!("event {} has no run", event.id);
+                item.fail(HandlerError::reject(why));
+                continue;
+            };
+            if let Some(why) = impossible(run, event.body.as_ref()) {
+                let why = format!("impossible usage event {}: {why}", event.id);
+                item.fail(HandlerError::reject(why));
+                continue;
             }
-            Some(Body::VmRequested(r)) => {
-                let spec = r.spec.clone().unwrap_or_default();
-                let mut db = ctx.db().await?;
-                vm_requested(&mut db, &key, &spec).await.map_err(retry)?;
-            }
-            Some(Body::ImageReady(r)) => {
-                let mut db = ctx.db().await?;
-                image_ready(&mut db, &key, r).await.map_err(retry)?;
-            }
-            Some(Body::VmRunning(r)) => {
-                let started = r
-                    .started_at
-                    .as_ref()
-                    .or(event.time.as_ref())
-                    .map(time::timestamp_ms);
-                let mut db = ctx.db().await?;
-                on_db!(&mut db, |c| {
-                    sqlx::query(
-                        "INSERT INTO accounting_jobs (run_key, vm_started_ms) VALUES ($1, $2)
-                         ON CONFLICT (run_key) DO UPDATE SET vm_started_ms = excluded.vm_started_ms",
-                    )
-                    .bind(&key)
-                    .bind(started)
-                    .execute(c)
-                    .await
-                    .map(|r| r.rows_affected())
-                })
-                .map_err(retry)?;
-            }
-            Some(Body::VmStopped(s)) => {
-                let attempt = ctx.attempt();
-                let mut db = ctx.db().await?;
-                let known = job_known(&mut db, &key).await.map_err(retry)?;
-                if !known && attempt < WAIT_FOR_JOB_ATTEMPTS {
-                    return Err(retry(format!(
-                        "job.started of run {key} not seen yet (attempt {attempt})"
-                    )));
+            let key = wnodes_bus::event::run_key(run);
+            let row = match &event.body {
+                Some(Body::JobStarted(js)) => Some((&mut plan.job_started, job_started_row(js))),
+                Some(Body::VmRequested(r)) => Some((
+                    &mut plan.vm_requested,
+                    vm_requested_row(&r.spec.clone().unwrap_or_default()),
+                )),
+                Some(Body::ImageReady(r)) => {
+                    Some((&mut plan.image_ready, vec![Val::Text(r.sha256.clone())]))
                 }
-                if !known {
-                    tracing::warn!(run = %key, "Recording usage without the job's identity: its job.started never came.");
+                Some(Body::VmRunning(r)) => {
+                    let started = r
+                        .started_at
+                        .as_ref()
+                        .or(event.time.as_ref())
+                        .map(time::timestamp_ms);
+                    Some((&mut plan.vm_running, vec![Val::Int(started)]))
                 }
-                let benchmark = self.benchmarks.of(&event.host);
-                let recorded = match vm_stopped(&mut db, &run, &key, &event.host, s, benchmark)
-                    .await
-                    .map_err(retry)?
-                {
-                    Stopped::Impossible(why) => {
-                        // Dead-lettered with the reason; the transaction rolls back.
-                        return Err(HandlerError::reject(format!(
-                            "impossible usage event {}: {why}",
-                            event.id
-                        )));
-                    }
-                    Stopped::Recorded(r) => Some(*r),
-                    Stopped::Already => None,
-                };
-                if let Some(recorded) = recorded {
-                    tracing::info!(run = %key, cpu_seconds = recorded.usage.as_ref().map(|u| u.cpu_seconds), "Usage recorded.");
-                    self.metrics.records.inc();
-                    ctx.publish(proto::Event::build(
-                        run,
-                        &event.host,
-                        &self.source,
-                        Body::UsageRecorded(recorded),
-                    ));
-                } else {
-                    tracing::info!(run = %key, "Usage of this run already recorded; ignoring.");
+                Some(Body::JobFinished(f)) => Some((
+                    &mut plan.job_finished,
+                    vec![
+                        Val::Int(Some(i64::from(f.exit_code))),
+                        Val::Int(f.finished_at.as_ref().map(time::timestamp_ms)),
+                    ],
+                )),
+                Some(Body::VmStopped(_)) => {
+                    plan.stopped.push((i, key.clone()));
+                    plan.runs.push(key);
+                    continue;
+                }
+                Some(Body::VmFailed(f)) => {
+                    let phase = PHASES
+                        .iter()
+                        .find(|p| **p == f.phase)
+                        .copied()
+                        .unwrap_or("other");
+                    tracing::info!(run = %key, phase, reason = %f.reason, "VM failed before it ran: no usage record.");
+                    self.metrics
+                        .vm_failed
+                        .get_or_create(&vec![("phase", phase.to_owned())])
+                        .inc();
+                    None
+                }
+                _ => {
+                    tracing::debug!(id = %event.id, "Not an accounting event; ignoring.");
+                    None
+                }
+            };
+            if let Some((map, vals)) = row {
+                map.insert(key.clone(), vals);
+                plan.runs.push(key);
+            }
+        }
+        plan
+    }
+
+    /// Writes the plan in the transaction `db`: the runs' locks, the per-type upserts, the
+    /// fill-ins of records written before their events, then the records of the stopped VMs.
+    async fn write(
+        &self,
+        db: &mut Db<'_>,
+        plan: Plan,
+        items: &mut [BatchItem],
+    ) -> Result<(), sqlx::Error> {
+        let Plan {
+            runs,
+            job_started,
+            vm_requested,
+            image_ready,
+            vm_running,
+            job_finished,
+            stopped,
+        } = plan;
+        let runs: Vec<&str> = runs.iter().map(String::as_str).collect();
+        ingest::lock_runs(db, &runs).await?;
+        let kinds = [
+            (job_started, &JOB_STARTED),
+            (vm_requested, &VM_REQUESTED),
+            (image_ready, &IMAGE_READY),
+            (vm_running, &VM_RUNNING),
+            (job_finished, &JOB_FINISHED),
+        ];
+        for (map, kind) in kinds {
+            if map.is_empty() {
+                continue;
+            }
+            let rows = rows(map);
+            ingest::upsert_jobs(db, kind.columns, &rows).await?;
+            if !kind.fill.is_empty() {
+                let keys: Vec<&str> = rows.iter().map(|(k, _)| k.as_str()).collect();
+                ingest::backfill(db, kind.fill, kind.only_if, &keys).await?;
+            }
+        }
+        if stopped.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<&str> = stopped.iter().map(|(_, k)| k.as_str()).collect();
+        let jobs: HashMap<String, ingest::JobRow> = ingest::job_rows(db, &keys)
+            .await?
+            .into_iter()
+            .map(|j| (j.run_key.clone(), j))
+            .collect();
+        let mut records = Vec::new();
+        let mut staged: Vec<(usize, proto::UsageRecorded)> = Vec::new();
+        let mut in_batch = HashSet::new();
+        let now = time::now_ms();
+        for (i, key) in stopped {
+            let item = &mut items[i];
+            if in_batch.contains(&key) {
+                tracing::info!(run = %key, "Usage of this run already recorded; ignoring.");
+                continue;
+            }
+            let job = jobs.get(&key);
+            let known = job.is_some_and(|j| j.vo.is_some());
+            let attempt = item.attempt();
+            if !known && attempt < WAIT_FOR_JOB_ATTEMPTS {
+                item.fail(retry(format!(
+                    "job.started of run {key} not seen yet (attempt {attempt})"
+                )));
+                continue;
+            }
+            if !known {
+                tracing::warn!(run = %key, "Recording usage without the job's identity: its job.started never came.");
+            }
+            let event = item.event();
+            let (Some(run), Some(Body::VmStopped(s))) = (event.run.as_ref(), event.body.as_ref())
+            else {
+                continue; // planned as a vm.stopped with a run
+            };
+            let benchmark = self.benchmarks.of(&event.host);
+            let job = job.cloned().unwrap_or_default();
+            match usage_record(run, &key, &event.host, s, benchmark, job, now) {
+                Err(why) => {
+                    // Dead-lettered with the reason; nothing of it is written.
+                    let why = format!("impossible usage event {}: {why}", event.id);
+                    item.fail(HandlerError::reject(why));
+                }
+                Ok((vals, recorded)) => {
+                    in_batch.insert(key.clone());
+                    records.push((key, vals));
+                    staged.push((i, recorded));
                 }
             }
-            Some(Body::JobFinished(f)) => {
-                let finished = f.finished_at.as_ref().map(time::timestamp_ms);
-                let exit = i64::from(f.exit_code);
-                let mut db = ctx.db().await?;
-                on_db!(&mut db, |c| {
-                    sqlx::query(
-                        "INSERT INTO accounting_jobs (run_key, lrms_exit_code, finished_ms)
-                         VALUES ($1, $2, $3)
-                         ON CONFLICT (run_key) DO UPDATE SET lrms_exit_code = excluded.lrms_exit_code,
-                            finished_ms = excluded.finished_ms",
-                    )
-                    .bind(&key)
-                    .bind(exit)
-                    .bind(finished)
-                    .execute(c)
-                    .await
-                    .map(|r| r.rows_affected())
-                })
-                .map_err(retry)?;
-                on_db!(&mut db, |c| {
-                    sqlx::query("UPDATE usage_records SET lrms_exit_code = $1 WHERE run_key = $2")
-                        .bind(exit)
-                        .bind(&key)
-                        .execute(c)
-                        .await
-                        .map(|r| r.rows_affected())
-                })
-                .map_err(retry)?;
+        }
+        let inserted = ingest::insert_records(db, &records).await?;
+        for (i, recorded) in staged {
+            let item = &mut items[i];
+            let key = &recorded.record_id;
+            if !inserted.contains(key) {
+                tracing::info!(run = %key, "Usage of this run already recorded; ignoring.");
+                continue;
             }
-            Some(Body::VmFailed(f)) => {
-                let phase = PHASES
-                    .iter()
-                    .find(|p| **p == f.phase)
-                    .copied()
-                    .unwrap_or("other");
-                tracing::info!(run = %key, phase, reason = %f.reason, "VM failed before it ran: no usage record.");
-                self.metrics
-                    .vm_failed
-                    .get_or_create(&vec![("phase", phase.to_owned())])
-                    .inc();
-            }
-            _ => {
-                tracing::debug!(id = %event.id, "Not an accounting event; ignoring.");
-            }
+            tracing::info!(run = %key, cpu_seconds = recorded.usage.as_ref().map(|u| u.cpu_seconds), "Usage recorded.");
+            self.metrics.records.inc();
+            let (run, host) = (item.event().run.clone(), item.event().host.clone());
+            item.publish(proto::Event::build(
+                run.unwrap_or_default(),
+                &host,
+                &self.source,
+                Body::UsageRecorded(recorded),
+            ));
         }
         Ok(())
     }
@@ -223,27 +373,8 @@ fn impossible(run: &proto::JobRunRef, body: Option<&Body>) -> Option<String> {
     None
 }
 
-/// Serialises the transactions of one run: each reads what the others of the run wrote
-/// (`vm.stopped` reads what `job.started` and `job.finished` stored, `job.finished` updates the
-/// record `vm.stopped` wrote), so two of them interleaving could lose an update. On SQLite
-/// every write transaction is already serial (`BEGIN IMMEDIATE` on one connection); on
-/// PostgreSQL a transaction-scoped advisory lock on the run key does it, leaving other runs
-/// parallel. Under READ COMMITTED each later statement sees what the previous holder committed.
-async fn lock_run(db: &mut Db<'_>, key: &str) -> Result<(), sqlx::Error> {
-    if let Db::Postgres(c) = db {
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
-            .bind(key)
-            .execute(&mut **c)
-            .await?;
-    }
-    Ok(())
-}
-
-async fn job_started(
-    db: &mut Db<'_>,
-    key: &str,
-    js: &proto::JobStarted,
-) -> Result<(), sqlx::Error> {
+/// The job's identity, as `accounting_jobs` columns (`user_name` … `submitted_ms`).
+fn job_started_row(js: &proto::JobStarted) -> Vec<Val> {
     let job = js.job.clone().unwrap_or_default();
     let owner = job.owner.unwrap_or_default();
     let identity = job.identity.unwrap_or_default();
@@ -252,191 +383,51 @@ async fn job_started(
         .resources
         .map(|r| i64::from(r.cores))
         .unwrap_or_default();
-    let (uid, gid) = (i64::from(owner.uid), i64::from(owner.gid));
-    let started = js.started_at.as_ref().map(time::timestamp_ms);
-    let submitted = job.submitted_at.as_ref().map(time::timestamp_ms);
-    on_db!(&mut *db, |c| {
-        sqlx::query(
-            "INSERT INTO accounting_jobs (run_key, user_name, uid, gid, vo, x509_dn, fqans, queue,
-                cores, lrms_started_ms, submitted_ms)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
-             ON CONFLICT (run_key) DO UPDATE SET user_name = excluded.user_name, uid = excluded.uid,
-                gid = excluded.gid, vo = excluded.vo, x509_dn = excluded.x509_dn,
-                fqans = excluded.fqans, queue = excluded.queue, cores = excluded.cores,
-                lrms_started_ms = excluded.lrms_started_ms, submitted_ms = excluded.submitted_ms",
-        )
-        .bind(key)
-        .bind(&owner.user)
-        .bind(uid)
-        .bind(gid)
-        .bind(&job.vo)
-        .bind(&identity.x509_dn)
-        .bind(&fqans)
-        .bind(&job.queue)
-        .bind(cores)
-        .bind(started)
-        .bind(submitted)
-        .execute(c)
-        .await
-        .map(|r| r.rows_affected())
-    })?;
-    // A record written before the job's identity was known gets it now.
-    on_db!(&mut *db, |c| {
-        sqlx::query(
-            "UPDATE usage_records SET user_name = $1, uid = $2, gid = $3, vo = $4, x509_dn = $5,
-                fqans = $6, queue = $7, submitted_ms = $9
-             WHERE run_key = $8 AND vo = '' AND user_name = ''",
-        )
-        .bind(&owner.user)
-        .bind(uid)
-        .bind(gid)
-        .bind(&job.vo)
-        .bind(&identity.x509_dn)
-        .bind(&fqans)
-        .bind(&job.queue)
-        .bind(key)
-        .bind(submitted)
-        .execute(c)
-        .await
-        .map(|r| r.rows_affected())
-    })?;
-    Ok(())
+    vec![
+        Val::Text(owner.user),
+        Val::Int(Some(i64::from(owner.uid))),
+        Val::Int(Some(i64::from(owner.gid))),
+        Val::Text(job.vo),
+        Val::Text(identity.x509_dn),
+        Val::Text(fqans),
+        Val::Text(job.queue),
+        Val::Int(Some(cores)),
+        Val::Int(js.started_at.as_ref().map(time::timestamp_ms)),
+        Val::Int(job.submitted_at.as_ref().map(time::timestamp_ms)),
+    ]
 }
 
-/// What the VM was given; also onto a record written before it came.
-async fn vm_requested(db: &mut Db<'_>, key: &str, spec: &proto::VmSpec) -> Result<(), sqlx::Error> {
-    let memory = i64::try_from(spec.memory_bytes).unwrap_or(i64::MAX);
-    let scratch = i64::try_from(spec.scratch_bytes).unwrap_or(i64::MAX);
-    let mode = network_mode_name(spec.network_mode);
-    on_db!(&mut *db, |c| {
-        sqlx::query(
-            "INSERT INTO accounting_jobs (run_key, image, memory_bytes, scratch_bytes, network_mode)
-             VALUES ($1, $2, $3, $4, $5)
-             ON CONFLICT (run_key) DO UPDATE SET image = excluded.image,
-                memory_bytes = excluded.memory_bytes, scratch_bytes = excluded.scratch_bytes,
-                network_mode = excluded.network_mode",
-        )
-        .bind(key)
-        .bind(&spec.image)
-        .bind(memory)
-        .bind(scratch)
-        .bind(mode)
-        .execute(c)
-        .await
-        .map(|r| r.rows_affected())
-    })?;
-    on_db!(&mut *db, |c| {
-        sqlx::query(
-            "UPDATE usage_records SET image = $2, memory_bytes = $3, scratch_bytes = $4,
-                network_mode = $5
-             WHERE run_key = $1 AND image = ''",
-        )
-        .bind(key)
-        .bind(&spec.image)
-        .bind(memory)
-        .bind(scratch)
-        .bind(mode)
-        .execute(c)
-        .await
-        .map(|r| r.rows_affected())
-    })?;
-    Ok(())
+/// What the VM was given, as `accounting_jobs` columns (`image` … `network_mode`).
+fn vm_requested_row(spec: &proto::VmSpec) -> Vec<Val> {
+    vec![
+        Val::Text(spec.image.clone()),
+        Val::Int(Some(i64::try_from(spec.memory_bytes).unwrap_or(i64::MAX))),
+        Val::Int(Some(i64::try_from(spec.scratch_bytes).unwrap_or(i64::MAX))),
+        Val::Text(network_mode_name(spec.network_mode).to_owned()),
+    ]
 }
 
-/// The image's verified digest; also onto a record written before it came.
-async fn image_ready(db: &mut Db<'_>, key: &str, r: &proto::ImageReady) -> Result<(), sqlx::Error> {
-    on_db!(&mut *db, |c| {
-        sqlx::query(
-            "INSERT INTO accounting_jobs (run_key, image_sha256) VALUES ($1, $2)
-             ON CONFLICT (run_key) DO UPDATE SET image_sha256 = excluded.image_sha256",
-        )
-        .bind(key)
-        .bind(&r.sha256)
-        .execute(c)
-        .await
-        .map(|r| r.rows_affected())
-    })?;
-    on_db!(&mut *db, |c| {
-        sqlx::query(
-            "UPDATE usage_records SET image_sha256 = $2 WHERE run_key = $1 AND image_sha256 = ''",
-        )
-        .bind(key)
-        .bind(&r.sha256)
-        .execute(c)
-        .await
-        .map(|r| r.rows_affected())
-    })?;
-    Ok(())
-}
-
-async fn job_known(db: &mut Db<'_>, key: &str) -> Result<bool, sqlx::Error> {
-    let row: Option<(Option<String>,)> = on_db!(&mut *db, |c| {
-        sqlx::query_as("SELECT vo FROM accounting_jobs WHERE run_key = $1")
-            .bind(key)
-            .fetch_optional(c)
-            .await
-    })?;
-    Ok(matches!(row, Some((Some(_),))))
-}
-
-#[derive(sqlx::FromRow, Default)]
-struct JobRow {
-    user_name: Option<String>,
-    uid: Option<i64>,
-    gid: Option<i64>,
-    vo: Option<String>,
-    x509_dn: Option<String>,
-    fqans: Option<String>,
-    queue: Option<String>,
-    vm_started_ms: Option<i64>,
-    lrms_exit_code: Option<i64>,
-    submitted_ms: Option<i64>,
-    image: Option<String>,
-    image_sha256: Option<String>,
-    memory_bytes: Option<i64>,
-    scratch_bytes: Option<i64>,
-    network_mode: Option<String>,
-}
-
-/// What `vm.stopped` did.
-enum Stopped {
-    /// This call wrote the record.
-    Recorded(Box<proto::UsageRecorded>),
-    /// The run already had one.
-    Already,
-    /// The event contradicts what is stored of the run (it stopped before it started).
-    Impossible(String),
-}
-
-/// Inserts the record, unless the run already has one or the event is impossible.
-async fn vm_stopped(
-    db: &mut Db<'_>,
+/// The record of a stopped VM from its event and what is stored of its run: the values of
+/// `usage_records` ([`ingest::RECORD_COLUMNS`]) and the `UsageRecorded` that carries it. `Err`
+/// when the event contradicts what is stored (the VM stopped before it started).
+fn usage_record(
     run: &proto::JobRunRef,
     key: &str,
     host: &str,
     s: &proto::VmStopped,
     benchmark: Option<wnodes_apel::Benchmark>,
-) -> Result<Stopped, sqlx::Error> {
-    let job: JobRow = on_db!(&mut *db, |c| {
-        sqlx::query_as(
-            "SELECT user_name, uid, gid, vo, x509_dn, fqans, queue, vm_started_ms, lrms_exit_code,
-                submitted_ms, image, image_sha256, memory_bytes, scratch_bytes, network_mode
-             FROM accounting_jobs WHERE run_key = $1",
-        )
-        .bind(key)
-        .fetch_optional(c)
-        .await
-    })?
-    .unwrap_or_default();
+    job: ingest::JobRow,
+    now: i64,
+) -> Result<(Vec<Val>, proto::UsageRecorded), String> {
     let usage = s.usage.unwrap_or_default();
     let wall = time::duration_secs(usage.wall.as_ref());
     let stopped_ms = s.stopped_at.as_ref().map(time::timestamp_ms);
     if let (Some(started), Some(stopped)) = (job.vm_started_ms, stopped_ms)
         && stopped < started
     {
-        return Ok(Stopped::Impossible(format!(
+        return Err(format!(
             "the VM stopped at {stopped} ms, before it started at {started} ms (unix)"
-        )));
+        ));
     }
     let started_ms = job
         .vm_started_ms
@@ -449,14 +440,9 @@ async fn vm_stopped(
     let fqans = job.fqans.unwrap_or_else(|| "[]".into());
     let queue = job.queue.unwrap_or_default();
     let lrms = wnodes_bus::event::lrms_name(run.lrms);
-    let attempt = i64::from(run.run_attempt);
-    let cores = i64::from(usage.cores);
-    let peak = i64::try_from(usage.peak_memory_bytes).unwrap_or(i64::MAX);
-    let exit = i64::from(s.exit_code);
-    let now = time::now_ms();
-    let image = job.image.clone().unwrap_or_default();
-    let image_sha256 = job.image_sha256.clone().unwrap_or_default();
-    let network_mode = job.network_mode.clone().unwrap_or_default();
+    let image = job.image.unwrap_or_default();
+    let image_sha256 = job.image_sha256.unwrap_or_default();
+    let network_mode = job.network_mode.unwrap_or_default();
     let bench_kind = benchmark.map(|b| b.kind.name()).unwrap_or_default();
     let bench_per_core = benchmark.map(|b| b.per_core);
     // Known when the launcher measured them (a split that does not add up is not kept).
@@ -466,60 +452,44 @@ async fn vm_stopped(
         && usage.cpu_user_seconds + usage.cpu_system_seconds <= usage.cpu_seconds * 1.01 + 0.01)
         .then_some((usage.cpu_user_seconds, usage.cpu_system_seconds));
     let (cpu_user, cpu_system) = (split.map(|s| s.0), split.map(|s| s.1));
-    let inserted = on_db!(&mut *db, |c| {
-        sqlx::query(
-            "INSERT INTO usage_records (run_key, site, lrms, job_id, run_attempt, host, vm_id, vo,
-                user_name, uid, gid, x509_dn, fqans, queue, cores, cpu_seconds, peak_memory_bytes,
-                wall_seconds, exit_code, lrms_exit_code, stop_reason, started_ms, stopped_ms,
-                recorded_ms, submitted_ms, image, image_sha256, memory_bytes, scratch_bytes,
-                network_mode, benchmark_kind, benchmark_per_core, cpu_user_seconds,
-                cpu_system_seconds)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,
-                $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31, $32, $33,
-                $34)
-             ON CONFLICT (run_key) DO NOTHING",
-        )
-        .bind(key)
-        .bind(&run.site)
-        .bind(lrms)
-        .bind(&run.job_id)
-        .bind(attempt)
-        .bind(host)
-        .bind(&s.vm_id)
-        .bind(&vo)
-        .bind(&user)
-        .bind(job.uid)
-        .bind(job.gid)
-        .bind(&dn)
-        .bind(&fqans)
-        .bind(&queue)
-        .bind(cores)
-        .bind(usage.cpu_seconds)
-        .bind(peak)
-        .bind(wall)
-        .bind(exit)
-        .bind(job.lrms_exit_code)
-        .bind(&s.stop_reason)
-        .bind(started_ms)
-        .bind(stopped_ms)
-        .bind(now)
-        .bind(job.submitted_ms)
-        .bind(&image)
-        .bind(&image_sha256)
-        .bind(job.memory_bytes)
-        .bind(job.scratch_bytes)
-        .bind(&network_mode)
-        .bind(bench_kind)
-        .bind(bench_per_core)
-        .bind(cpu_user)
-        .bind(cpu_system)
-        .execute(c)
-        .await
-        .map(|r| r.rows_affected())
-    })?;
-    if inserted == 0 {
-        return Ok(Stopped::Already);
-    }
+    let vals = vec![
+        Val::Text(run.site.clone()),
+        Val::Text(lrms.to_owned()),
+        Val::Text(run.job_id.clone()),
+        Val::Int(Some(i64::from(run.run_attempt))),
+        Val::Text(host.to_owned()),
+        Val::Text(s.vm_id.clone()),
+        Val::Text(vo.clone()),
+        Val::Text(user.clone()),
+        Val::Int(job.uid),
+        Val::Int(job.gid),
+        Val::Text(dn.clone()),
+        Val::Text(fqans.clone()),
+        Val::Text(queue.clone()),
+        Val::Int(Some(i64::from(usage.cores))),
+        Val::Real(Some(usage.cpu_seconds)),
+        Val::Int(Some(
+            i64::try_from(usage.peak_memory_bytes).unwrap_or(i64::MAX),
+        )),
+        Val::Real(Some(wall)),
+        Val::Int(Some(i64::from(s.exit_code))),
+        Val::Int(job.lrms_exit_code),
+        Val::Text(s.stop_reason.clone()),
+        Val::Int(started_ms),
+        Val::Int(stopped_ms),
+        Val::Int(Some(now)),
+        Val::Int(job.submitted_ms),
+        Val::Text(image.clone()),
+        Val::Text(image_sha256.clone()),
+        Val::Int(job.memory_bytes),
+        Val::Int(job.scratch_bytes),
+        Val::Text(network_mode.clone()),
+        Val::Text(bench_kind.to_owned()),
+        Val::Real(bench_per_core),
+        Val::Real(cpu_user),
+        Val::Real(cpu_system),
+    ];
+    debug_assert_eq!(vals.len(), ingest::RECORD_COLUMNS.len());
     let voms_fqans: Vec<String> = serde_json::from_str(&fqans).unwrap_or_default();
     let attributes = voms_fqans.first().and_then(|f| wnodes_apel::fqan::parse(f));
     let record = proto::UsageRecord {
@@ -569,13 +539,16 @@ async fn vm_stopped(
         cpu_user_seconds: cpu_user,
         cpu_system_seconds: cpu_system,
     };
-    Ok(Stopped::Recorded(Box::new(proto::UsageRecorded {
-        record_id: key.to_owned(),
-        usage: Some(usage),
-        exit_code: s.exit_code,
-        vo,
-        user,
-        x509_dn: dn,
-        record: Some(record),
-    })))
+    Ok((
+        vals,
+        proto::UsageRecorded {
+            record_id: key.to_owned(),
+            usage: Some(usage),
+            exit_code: s.exit_code,
+            vo,
+            user,
+            x509_dn: dn,
+            record: Some(record),
+        },
+    ))
 }

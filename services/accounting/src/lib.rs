@@ -23,13 +23,21 @@
 //! default, PostgreSQL at a site), so each effect commits together with its key
 //! ([`wnodes_bus::HandlerCtx::db`]); the handler's SQL is the same text on both
 //! ([`wnodes_bus::db`]).
+//!
+//! The handler takes its events in batches ([`wnodes_bus::Handler::BATCHED`]): a batch is one
+//! transaction, each statement runs once for all the batch's events of its type, and every
+//! key of the batch commits with the effects (a message alone runs the same code as a batch
+//! of one). Within a batch the effects are ordered by kind, not by arrival: the job rows
+//! first, then the fill-ins of records written earlier, then the new records, which read what
+//! the same batch stored; what the table above says holds for any order.
 
 //!
 //! | module | what it holds |
 //! |---|---|
 //! | [`config`] | the `[accounting]` section (with `[accounting.apel]` and `[accounting.apel_export]`) |
 //! | [`store`] | the store URL (`sqlite://`, `postgres://`), the embedded migrations, opening the store the keys share |
-//! | [`handler`] | the consumer's handler: one effect per event type, one record per run |
+//! | [`handler`] | the consumer's handler: one effect per event type, one record per run, a batch of events at a time |
+//! | `ingest` | its set-based statements: multi-row upserts per event type, fill-ins, the records' insert |
 //! | [`metrics`] | `wnodes_accounting_*` |
 //! | [`report`] | usage summed per VO, user, queue, day or month, on either store, and the gRPC report API that serves it |
 //! | [`records`] | reading records back (`records` subcommand) |
@@ -41,6 +49,7 @@ pub mod config;
 #[cfg(test)]
 mod error_rule;
 pub mod handler;
+mod ingest;
 pub mod metrics;
 pub mod records;
 pub mod report;

@@ -246,6 +246,7 @@ wnodes_testkit::on_both_stores!(
     vm_stopped_before_job_started_is_recorded_and_filled_in,
     a_run_whose_vm_failed_gets_no_record_and_is_counted,
     impossible_usage_events_are_dead_lettered_with_the_reason_and_never_stored,
+    batches_write_what_one_message_at_a_time_writes,
 );
 
 /// Waits until the accounting consumer has acked everything in the stream for it.
@@ -714,4 +715,116 @@ async fn impossible_usage_events_are_dead_lettered_with_the_reason_and_never_sto
     .await;
     assert_eq!(usage.len(), 1, "{usage:?}");
     svc.stop().await;
+}
+
+/// The events of `runs` runs, in an order that exercises every path: runs whose VM stopped
+/// before their job started, `job.finished` before and after `vm.stopped`, a `vm.stopped`
+/// republished under a new event id, and one impossible event (negative CPU time).
+fn mixed_events(runs: usize) -> Vec<proto::Event> {
+    let mut evs = Vec::new();
+    for i in 0..runs {
+        let r = run(&format!("9{i:03}.0"));
+        let mut stopped = vm_stopped(&r, i32::try_from(i % 3).unwrap());
+        if let Some(Body::VmStopped(s)) = &mut stopped.body {
+            s.usage = Some(vm_usage(
+                i as f64 + 0.5,
+                (i as u64 + 1) << 20,
+                Duration::from_secs(60 + i as u64),
+                2,
+            ));
+        }
+        let (started, requested, ready, running) = (
+            job_started(&r),
+            vm_requested(&r),
+            image_ready(&r),
+            vm_running(&r),
+        );
+        let finished = job_finished(&r, i32::try_from(i % 5).unwrap());
+        match i % 4 {
+            // In order.
+            0 => evs.extend([started, requested, ready, running, stopped, finished]),
+            // The stop and the finish first, the job's identity last.
+            1 => evs.extend([stopped, finished, running, requested, ready, started]),
+            // The finish before the stop.
+            2 => evs.extend([started, running, finished, requested, ready, stopped]),
+            // The stop twice: once more under another event id.
+            _ => {
+                let mut again = stopped.clone();
+                again.id = format!("{}#again", again.id);
+                evs.extend([started, requested, ready, running, stopped, again, finished]);
+            }
+        }
+    }
+    let bad = run("9999.0");
+    let mut negative = vm_stopped(&bad, 0);
+    if let Some(Body::VmStopped(s)) = &mut negative.body {
+        s.usage = Some(vm_usage(-1.0, 1 << 20, Duration::from_secs(30), 2));
+    }
+    evs.insert(evs.len() / 2, negative);
+    evs
+}
+
+/// Ingests `evs` (all published before the consumer starts, so they are at hand together) into
+/// a fresh store; returns the records and the consumer's (batches, messages in them).
+async fn ingest_all(
+    db: &StoreUrl,
+    evs: &[proto::Event],
+    max_in_flight: usize,
+) -> (Vec<records::UsageRecord>, (u64, u64)) {
+    let _ = tracing_subscriber::fmt().with_env_filter("warn").try_init();
+    let nats = NatsServer::start().await.unwrap();
+    let bus = connect(&nats).await;
+    bus.publish_pipelined(evs, 64).await.unwrap();
+    let tuning = ConsumerTuning {
+        max_in_flight,
+        ..tuning()
+    };
+    let svc = start_tuned(&bus, db, Metrics::default(), tuning).await;
+    wait_caught_up(&bus).await;
+    svc.stop().await;
+    let letters = wnodes_bus::dlq::read_all(&bus, Some(Accounting::NAME))
+        .await
+        .unwrap();
+    assert_eq!(letters.len(), 1, "the negative CPU time only: {letters:?}");
+    assert!(letters[0].error.contains("CPU time -1 s"), "{letters:?}");
+    let mut recs = all_records(db).await;
+    recs.sort_by(|a, b| a.run_key.cmp(&b.run_key));
+    for r in &mut recs {
+        r.recorded_ms = 0; // when it was written, the one column that differs
+    }
+    (recs, bus.metrics().batch_counts(Accounting::NAME))
+}
+
+/// The same events, handled in batches (every message at hand, up to 256) and one message at
+/// a time, leave the same records: set-based statements write what the per-event ones do,
+/// whatever the order of a run's events.
+async fn batches_write_what_one_message_at_a_time_writes(pg: Option<String>) {
+    let evs = mixed_events(40);
+    let (one_dir, many_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let one_db = match &pg {
+        Some(_) => StoreUrl::Postgres(wnodes_testkit::postgres::database().await.url),
+        None => store_url(None, &one_dir),
+    };
+    let many_db = store_url(pg, &many_dir);
+    let (alone, (batches, in_batches)) = ingest_all(&one_db, &evs, 1).await;
+    assert_eq!(
+        batches, in_batches,
+        "max_in_flight = 1: batches of one message"
+    );
+    let (batched, (batches, in_batches)) = ingest_all(&many_db, &evs, 256).await;
+    assert!(
+        in_batches >= 2 * batches,
+        "the events were at hand together: {in_batches} messages in {batches} batches"
+    );
+    assert_eq!(alone.len(), 40, "{alone:?}");
+    for (a, b) in alone.iter().zip(&batched) {
+        assert_eq!(a, b);
+    }
+    assert_eq!(alone.len(), batched.len());
+    // Complete records: the identity, the image and the LRMS exit code of every run.
+    for r in &batched {
+        assert_eq!(r.vo, "atlas", "{r:?}");
+        assert_eq!(r.image_sha256, EL9_SHA256, "{r:?}");
+        assert!(r.lrms_exit_code.is_some(), "{r:?}");
+    }
 }

@@ -1,0 +1,294 @@
+//! Batched handling ([`Handler::BATCHED`]) against a real nats-server and a real SQLite store:
+//! a verdict per message inside a batch, one transaction for the batch's effects and keys, and
+//! a batch that fails as a whole handled message by message.
+
+// Test helpers outside #[test] functions panic on failure too: that is the point of a test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::{sync::Arc, time::Duration};
+
+use parking_lot::Mutex;
+use prost::Message;
+use tokio_util::sync::CancellationToken;
+use wnodes_bus::{
+    BatchCtx, BatchItem, Bus, BusError, Consumer, ConsumerSpec, ConsumerTuning, EventExt, Handler,
+    HandlerCtx, HandlerError, KeyStore, db::Db, dlq, on_db, proto, proto::event::Body, roles,
+    subject,
+};
+use wnodes_testkit::{
+    NatsServer,
+    bus::connect,
+    events::{Events, run, vm_requested, vm_spec},
+    wait_until,
+};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// What the test handler does with a `vm.requested`, by its image name: `ok` (an effect),
+/// `reject` (dead-lettered), `retry-once` (fails its first attempt), `poison` (fails the
+/// whole batch after the others' effects were written; rejected when alone).
+#[derive(Clone, Default)]
+struct Scripted {
+    /// Each batch handed over: its messages' (key, image).
+    batches: Arc<Mutex<Vec<Batch>>>,
+}
+
+type Batch = Vec<(String, String)>;
+
+fn image(item: &proto::Event) -> String {
+    match &item.body {
+        Some(Body::VmRequested(r)) => r.spec.as_ref().map(|s| s.image.clone()).unwrap_or_default(),
+        _ => String::new(),
+    }
+}
+
+async fn effect(db: &mut Db<'_>, key: &str, via: &str) -> Result<(), sqlx::Error> {
+    on_db!(db, |c| {
+        sqlx::query("INSERT INTO effects (key, via) VALUES ($1, $2)")
+            .bind(key)
+            .bind(via)
+            .execute(c)
+            .await
+            .map(|r| r.rows_affected())
+    })?;
+    Ok(())
+}
+
+impl Handler for Scripted {
+    const BATCHED: bool = true;
+
+    fn name(&self) -> &'static str {
+        "test.scripted"
+    }
+
+    async fn handle(&self, ctx: &mut HandlerCtx, event: proto::Event) -> Result<(), HandlerError> {
+        match image(&event).as_str() {
+            "reject" | "poison" => Err(HandlerError::reject("told to reject")),
+            "retry-once" if ctx.attempt() == 1 => Err(HandlerError::retry("told to retry once")),
+            _ => {
+                let key = ctx.key().to_owned();
+                let mut db = ctx.db().await?;
+                effect(&mut db, &key, "alone")
+                    .await
+                    .map_err(HandlerError::retry)
+            }
+        }
+    }
+
+    async fn handle_batch(
+        &self,
+        batch: &mut BatchCtx,
+        items: &mut [BatchItem],
+    ) -> Result<(), HandlerError> {
+        self.batches.lock().push(
+            items
+                .iter()
+                .map(|i| (i.key().to_owned(), image(i.event())))
+                .collect(),
+        );
+        let mut poisoned = false;
+        for item in items.iter_mut() {
+            match image(item.event()).as_str() {
+                "reject" => item.fail(HandlerError::reject("told to reject")),
+                "retry-once" if item.attempt() == 1 => {
+                    item.fail(HandlerError::retry("told to retry once"));
+                }
+                "poison" => poisoned = true,
+                _ => {
+                    let key = item.key().to_owned();
+                    let mut db = batch.db().await?;
+                    effect(&mut db, &key, "batch")
+                        .await
+                        .map_err(HandlerError::retry)?;
+                }
+            }
+        }
+        if poisoned {
+            return Err(HandlerError::retry("a statement of the batch failed"));
+        }
+        Ok(())
+    }
+}
+
+struct Running {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), BusError>>,
+}
+
+impl Running {
+    async fn stop(self) {
+        self.stop.cancel();
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+fn spec() -> ConsumerSpec {
+    ConsumerSpec {
+        durable: roles::ACCOUNTING.durable("").unwrap().unwrap(),
+        filter_subjects: roles::ACCOUNTING.filters("").unwrap(),
+        tuning: ConsumerTuning {
+            backoff_base: Duration::from_millis(50),
+            backoff_max: Duration::from_millis(200),
+            ..Default::default()
+        },
+    }
+}
+
+async fn start(bus: &Bus, store: &KeyStore, handler: Scripted) -> Running {
+    let spec = spec();
+    wnodes_site::streams::provision_durable(
+        bus.jetstream(),
+        spec.expected(),
+        wnodes_site::Mode::Apply,
+    )
+    .await
+    .unwrap();
+    let consumer = Consumer::bind(bus.clone(), store.clone(), spec, handler)
+        .await
+        .unwrap();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(consumer.run(stop.clone()));
+    Running { stop, task }
+}
+
+fn requested(job: &str, image: &str) -> proto::Event {
+    Events::new("hv1.example.org", "test@local").build(
+        &run(job),
+        vm_requested(proto::VmSpec {
+            image: image.into(),
+            ..vm_spec(&format!("vm-{job}"))
+        }),
+    )
+}
+
+async fn effects(store: &KeyStore) -> Vec<(String, String)> {
+    sqlx::query_as("SELECT key, via FROM effects ORDER BY key")
+        .fetch_all(store.pool())
+        .await
+        .unwrap()
+}
+
+async fn wait_caught_up(bus: &Bus) {
+    let durable = spec().durable;
+    let stream = bus
+        .jetstream()
+        .get_stream(subject::EVENTS_STREAM)
+        .await
+        .unwrap();
+    wait_until(WAIT, "the consumer to catch up", || {
+        let (stream, durable) = (stream.clone(), durable.clone());
+        async move {
+            let info = stream.consumer_info(&durable).await.ok()?;
+            (info.num_pending == 0 && info.num_ack_pending == 0).then_some(())
+        }
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn verdicts_are_per_message_and_a_failed_batch_is_handled_alone() {
+    let nats = NatsServer::start().await.unwrap();
+    let bus = connect(&nats.admin(), "test@local").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = KeyStore::open(&dir.path().join("keys.db")).await.unwrap();
+    sqlx::query("CREATE TABLE effects (key TEXT PRIMARY KEY, via TEXT NOT NULL)")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    let durable = spec().durable;
+
+    // 1. Twenty sound messages, one to reject and one that fails once, all at hand together.
+    let mut first: Vec<proto::Event> = (0..20)
+        .map(|i| requested(&format!("1{i:02}"), "ok"))
+        .collect();
+    first.insert(7, requested("reject", "reject"));
+    first.insert(13, requested("retry", "retry-once"));
+    bus.publish_pipelined(&first, 64).await.unwrap();
+    let handler = Scripted::default();
+    let svc = start(&bus, &store, handler.clone()).await;
+    wait_caught_up(&bus).await;
+    let rows = effects(&store).await;
+    assert_eq!(rows.len(), 21, "20 sound + the retried one: {rows:?}");
+    assert!(rows.iter().all(|(_, via)| via == "batch"), "{rows:?}");
+    let letters = dlq::read_all(&bus, Some(&durable)).await.unwrap();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0].reason, "rejected");
+    assert!(letters[0].error.contains("told to reject"), "{letters:?}");
+    let sizes: Vec<usize> = handler.batches.lock().iter().map(Vec::len).collect();
+    assert!(
+        sizes.iter().any(|n| *n > 1),
+        "the messages were at hand together, yet every batch had one: {sizes:?}"
+    );
+    assert_eq!(
+        bus.metrics().handled_count(&durable, "retry"),
+        1,
+        "only the retry-once message was retried"
+    );
+    svc.stop().await;
+
+    // 2. A batch that fails as a whole (after writing the others' effects) rolls back, and
+    //    each of its messages is handled alone: the sound ones once, the poison dead-lettered.
+    let mut second: Vec<proto::Event> = (0..10)
+        .map(|i| requested(&format!("2{i:02}"), "ok"))
+        .collect();
+    second.insert(4, requested("poison", "poison"));
+    bus.publish_pipelined(&second, 64).await.unwrap();
+    let handler = Scripted::default();
+    let svc = start(&bus, &store, handler.clone()).await;
+    wait_caught_up(&bus).await;
+    let rows = effects(&store).await;
+    assert_eq!(rows.len(), 31, "every sound message once: {rows:?}");
+    let batches = handler.batches.lock().clone();
+    let poisoned = batches
+        .iter()
+        .find(|b| b.iter().any(|(_, image)| image == "poison"))
+        .expect("the poison came in a batch");
+    assert!(
+        poisoned.len() > 1,
+        "the poison came with others: {batches:?}"
+    );
+    for (key, image) in poisoned.iter().filter(|(_, image)| image == "ok") {
+        let via = rows
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, via)| via.as_str());
+        assert_eq!(
+            via,
+            Some("alone"),
+            "{key} ({image}) of the rolled-back batch"
+        );
+    }
+    let letters = dlq::read_all(&bus, Some(&durable)).await.unwrap();
+    assert_eq!(letters.len(), 2, "{letters:?}");
+    assert!(
+        letters
+            .iter()
+            .all(|l| l.error.contains("told to reject") && l.reason == "rejected"),
+        "{letters:?}"
+    );
+
+    // 3. The same sound events again under new message ids: the keys committed with the
+    //    batch's effects, so nothing is applied twice.
+    for ev in first.iter().filter(|e| image(e) == "ok") {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(
+            async_nats::header::NATS_MESSAGE_ID,
+            format!("again-{}", ev.id).as_str(),
+        );
+        let p = bus
+            .publish_raw(
+                &ev.subject().unwrap(),
+                headers,
+                bytes::Bytes::from(ev.encode_to_vec()),
+                "vm.requested",
+            )
+            .await
+            .unwrap();
+        assert!(!p.duplicate);
+    }
+    wait_caught_up(&bus).await;
+    assert_eq!(effects(&store).await.len(), 31);
+    assert_eq!(bus.metrics().handled_count(&durable, "duplicate"), 20);
+    svc.stop().await;
+}
