@@ -75,6 +75,12 @@ pub struct UsageRecord {
     /// The part in the kernel (seconds), when measured.
     #[serde(default)]
     pub cpu_system_seconds: Option<f64>,
+    /// Bytes the storage gateway carried to the VM, when it counted all of them.
+    #[serde(default)]
+    pub gateway_bytes_to_vm: Option<i64>,
+    /// Bytes the storage gateway carried from the VM, when it counted all of them.
+    #[serde(default)]
+    pub gateway_bytes_from_vm: Option<i64>,
 }
 
 #[cfg(test)]

@@ -133,6 +133,7 @@ pub const ACCOUNTING: Role = Role {
         VmStopped,
         JobFinished,
         VmFailed,
+        ResourceReleased,
     ],
     publishes: &[UsageRecorded],
     watches_runs: false,

@@ -132,12 +132,24 @@ impl<'a, R: ReadyBody> Events<'a, R> {
 
     /// `resource.released` of this kind, saying what was removed.
     pub fn released(&self, cause: &proto::Event, vm_id: &str, detail: String) -> proto::Event {
+        self.released_counted(cause, vm_id, detail, None)
+    }
+
+    /// [`Events::released`] with what the storage gateway carried, when it counted it all.
+    pub fn released_counted(
+        &self,
+        cause: &proto::Event,
+        vm_id: &str,
+        detail: String,
+        traffic: Option<proto::GatewayTraffic>,
+    ) -> proto::Event {
         cause.derive(
             self.source,
             Body::ResourceReleased(proto::ResourceReleased {
                 vm_id: vm_id.to_owned(),
                 kind: R::KIND.proto() as i32,
                 detail,
+                traffic,
             }),
         )
     }
@@ -155,6 +167,22 @@ impl<'a, R: ReadyBody> Events<'a, R> {
         tombstone: &D,
         detail: String,
     ) -> Result<Released<D>, HandlerError> {
+        self.release_counted(ctx, table, cause, vm_id, tombstone, detail, None)
+            .await
+    }
+
+    /// [`Events::release`] whose event carries what the storage gateway carried.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn release_counted<D: Serialize + DeserializeOwned>(
+        &self,
+        ctx: &mut HandlerCtx,
+        table: &Table<D>,
+        cause: &proto::Event,
+        vm_id: &str,
+        tombstone: &D,
+        detail: String,
+        traffic: Option<proto::GatewayTraffic>,
+    ) -> Result<Released<D>, HandlerError> {
         debug_assert_eq!(
             table.kind(),
             R::KIND,
@@ -166,7 +194,7 @@ impl<'a, R: ReadyBody> Events<'a, R> {
             .await
             .map_err(HandlerError::retry)?;
         tracing::info!(vm_id, kind = %R::KIND, %detail, "Resource released.");
-        ctx.publish(self.released(cause, vm_id, detail));
+        ctx.publish(self.released_counted(cause, vm_id, detail, traffic));
         Ok(released)
     }
 }

@@ -98,6 +98,7 @@ struct Plan {
     image_ready: HashMap<String, Vec<Val>>,
     vm_running: HashMap<String, Vec<Val>>,
     job_finished: HashMap<String, Vec<Val>>,
+    gateway: HashMap<String, Vec<Val>>,
     /// (item index, run key).
     stopped: Vec<(usize, String)>,
 }
@@ -161,6 +162,14 @@ const JOB_FINISHED: Kind = Kind {
     only_if: "1 = 1",
 };
 
+/// `resource.released` of the storage gateway, with what it carried.
+const GATEWAY: Kind = Kind {
+    columns: &["gateway_bytes_to_vm", "gateway_bytes_from_vm"],
+    fill: "gateway_bytes_to_vm = j.gateway_bytes_to_vm,
+           gateway_bytes_from_vm = j.gateway_bytes_from_vm",
+    only_if: "1 = 1",
+};
+
 fn rows(map: HashMap<String, Vec<Val>>) -> Vec<Row> {
     map.into_iter().collect()
 }
@@ -207,6 +216,16 @@ impl AccountingHandler {
                         Val::Int(f.finished_at.as_ref().map(time::timestamp_ms)),
                     ],
                 )),
+                Some(Body::ResourceReleased(r))
+                    if r.kind == proto::ResourceKind::Storage as i32 && r.traffic.is_some() =>
+                {
+                    let t = r.traffic.unwrap_or_default();
+                    let bytes = |b: u64| Val::Int(Some(i64::try_from(b).unwrap_or(i64::MAX)));
+                    Some((
+                        &mut plan.gateway,
+                        vec![bytes(t.to_vm_bytes), bytes(t.from_vm_bytes)],
+                    ))
+                }
                 Some(Body::VmStopped(_)) => {
                     plan.stopped.push((i, key.clone()));
                     plan.runs.push(key);
@@ -253,6 +272,7 @@ impl AccountingHandler {
             image_ready,
             vm_running,
             job_finished,
+            gateway,
             stopped,
         } = plan;
         let runs: Vec<&str> = runs.iter().map(String::as_str).collect();
@@ -263,6 +283,7 @@ impl AccountingHandler {
             (image_ready, &IMAGE_READY),
             (vm_running, &VM_RUNNING),
             (job_finished, &JOB_FINISHED),
+            (gateway, &GATEWAY),
         ];
         for (map, kind) in kinds {
             if map.is_empty() {
@@ -488,6 +509,8 @@ fn usage_record(
         Val::Real(bench_per_core),
         Val::Real(cpu_user),
         Val::Real(cpu_system),
+        Val::Int(job.gateway_bytes_to_vm),
+        Val::Int(job.gateway_bytes_from_vm),
     ];
     debug_assert_eq!(vals.len(), ingest::RECORD_COLUMNS.len());
     let voms_fqans: Vec<String> = serde_json::from_str(&fqans).unwrap_or_default();
@@ -538,6 +561,10 @@ fn usage_record(
         benchmark_per_core: bench_per_core.unwrap_or_default(),
         cpu_user_seconds: cpu_user,
         cpu_system_seconds: cpu_system,
+        gateway_bytes_to_vm: job.gateway_bytes_to_vm.and_then(|b| u64::try_from(b).ok()),
+        gateway_bytes_from_vm: job
+            .gateway_bytes_from_vm
+            .and_then(|b| u64::try_from(b).ok()),
     };
     Ok((
         vals,

@@ -241,13 +241,16 @@ pub(crate) struct JobRow {
     pub memory_bytes: Option<i64>,
     pub scratch_bytes: Option<i64>,
     pub network_mode: Option<String>,
+    pub gateway_bytes_to_vm: Option<i64>,
+    pub gateway_bytes_from_vm: Option<i64>,
 }
 
 /// The stored rows of `keys` (those that have one).
 pub(crate) async fn job_rows(db: &mut Db<'_>, keys: &[&str]) -> Result<Vec<JobRow>, sqlx::Error> {
     const COLUMNS: &str = "j.run_key, j.user_name, j.uid, j.gid, j.vo, j.x509_dn, j.fqans,
         j.queue, j.vm_started_ms, j.lrms_exit_code, j.submitted_ms, j.image, j.image_sha256,
-        j.memory_bytes, j.scratch_bytes, j.network_mode";
+        j.memory_bytes, j.scratch_bytes, j.network_mode, j.gateway_bytes_to_vm,
+        j.gateway_bytes_from_vm";
     if keys.is_empty() {
         return Ok(Vec::new());
     }
@@ -313,6 +316,8 @@ pub(crate) const RECORD_COLUMNS: &[&str] = &[
     "benchmark_per_core",
     "cpu_user_seconds",
     "cpu_system_seconds",
+    "gateway_bytes_to_vm",
+    "gateway_bytes_from_vm",
 ];
 
 /// Inserts the records (a run key once in `rows`); returns the run keys inserted: a run that

@@ -10,6 +10,7 @@
 //! | `vm.running` | stores when the VM started |
 //! | `vm.stopped` | rejects impossible usage (dead letter); inserts the usage record (`usage_records`, PRIMARY KEY = run key) with its host's benchmark, and stages `UsageRecorded` carrying the whole record |
 //! | `job.finished` | sets the record's LRMS exit code, or keeps it for the record still to come |
+//! | `resource.released` (storage) | the bytes the gateway carried to and from the VM, when it counted them all; onto the record, or kept for it (other kinds: ignored) |
 //! | `vm.failed` | no record (the VM never ran): counted in `wnodes_accounting_vm_failed_total` by phase |
 //!
 //! The record is keyed by the run key (`site/lrms/job_id/attempt`, brief §7): a second insert

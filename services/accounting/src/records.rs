@@ -16,7 +16,8 @@ macro_rules! select_records {
             uid, gid, x509_dn, fqans, queue, cores, cpu_seconds, peak_memory_bytes, wall_seconds,
             exit_code, lrms_exit_code, stop_reason, started_ms, stopped_ms, recorded_ms,
             submitted_ms, image, image_sha256, memory_bytes, scratch_bytes, network_mode,
-            benchmark_kind, benchmark_per_core, cpu_user_seconds, cpu_system_seconds ",
+            benchmark_kind, benchmark_per_core, cpu_user_seconds, cpu_system_seconds,
+            gateway_bytes_to_vm, gateway_bytes_from_vm ",
             $rest
         )
     };

@@ -717,6 +717,29 @@ async fn impossible_usage_events_are_dead_lettered_with_the_reason_and_never_sto
     svc.stop().await;
 }
 
+fn traffic(i: usize) -> proto::GatewayTraffic {
+    proto::GatewayTraffic {
+        to_vm_bytes: 1_000_000 + i as u64,
+        from_vm_bytes: 2_000_000 + i as u64,
+    }
+}
+
+fn released(
+    r: &proto::JobRunRef,
+    kind: proto::ResourceKind,
+    traffic: Option<proto::GatewayTraffic>,
+) -> proto::Event {
+    Events::new(HOST, "gateway@test").build(
+        r,
+        Body::ResourceReleased(proto::ResourceReleased {
+            vm_id: "vm-0123456789ab".into(),
+            kind: kind as i32,
+            detail: "released".into(),
+            traffic,
+        }),
+    )
+}
+
 /// The events of `runs` runs, in an order that exercises every path: runs whose VM stopped
 /// before their job started, `job.finished` before and after `vm.stopped`, a `vm.stopped`
 /// republished under a new event id, and one impossible event (negative CPU time).
@@ -740,6 +763,18 @@ fn mixed_events(runs: usize) -> Vec<proto::Event> {
             vm_running(&r),
         );
         let finished = job_finished(&r, i32::try_from(i % 5).unwrap());
+        // The gateway's release: what it carried (unknown for every fifth run: a gateway
+        // restarted during the job), and the scratch release, which carries nothing.
+        let storage = released(
+            &r,
+            proto::ResourceKind::Storage,
+            (i % 5 != 4).then(|| traffic(i)),
+        );
+        let scratch = released(&r, proto::ResourceKind::Scratch, None);
+        evs.push(scratch);
+        if i % 2 == 0 {
+            evs.push(storage.clone()); // before the record is written
+        }
         match i % 4 {
             // In order.
             0 => evs.extend([started, requested, ready, running, stopped, finished]),
@@ -753,6 +788,9 @@ fn mixed_events(runs: usize) -> Vec<proto::Event> {
                 again.id = format!("{}#again", again.id);
                 evs.extend([started, requested, ready, running, stopped, again, finished]);
             }
+        }
+        if i % 2 == 1 {
+            evs.push(storage); // after it
         }
     }
     let bad = run("9999.0");
@@ -821,10 +859,21 @@ async fn batches_write_what_one_message_at_a_time_writes(pg: Option<String>) {
         assert_eq!(a, b);
     }
     assert_eq!(alone.len(), batched.len());
-    // Complete records: the identity, the image and the LRMS exit code of every run.
+    // Complete records: the identity, the image, the LRMS exit code and the gateway's
+    // traffic (when it was counted) of every run.
     for r in &batched {
         assert_eq!(r.vo, "atlas", "{r:?}");
         assert_eq!(r.image_sha256, EL9_SHA256, "{r:?}");
         assert!(r.lrms_exit_code.is_some(), "{r:?}");
+        let i: usize = r.job_id[1..4].parse().unwrap();
+        let expected = (i % 5 != 4).then(|| traffic(i));
+        assert_eq!(
+            (r.gateway_bytes_to_vm, r.gateway_bytes_from_vm),
+            (
+                expected.map(|t| t.to_vm_bytes as i64),
+                expected.map(|t| t.from_vm_bytes as i64)
+            ),
+            "{r:?}"
+        );
     }
 }

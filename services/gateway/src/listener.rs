@@ -12,19 +12,27 @@
 //! ```
 //!
 //! Stopping a listener closes it and kills its `sftp-server` children (and waits for them).
+//! The bytes piped each way are counted per listener ([`Traffic`]): what the gateway carried
+//! for the VM, reported when the listener stops (when it ran for the VM's whole life in this
+//! process; a listener re-opened after a restart does not know what went before).
 
 use parking_lot::Mutex;
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
     path::PathBuf,
+    pin::Pin,
     process::Stdio,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    task::{Context, Poll},
     time::Duration,
 };
 
 use tokio::{
-    io::{AsyncBufReadExt, BufReader},
+    io::{AsyncBufReadExt, AsyncRead, BufReader, ReadBuf},
     net::{TcpListener, TcpStream},
     process::Command,
     task::{JoinHandle, JoinSet},
@@ -85,11 +93,65 @@ impl Programs {
     }
 }
 
+/// Bytes a listener's sessions piped, each way (SFTP on the wire).
+#[derive(Debug, Default)]
+pub struct Counters {
+    to_vm: AtomicU64,
+    from_vm: AtomicU64,
+}
+
+/// What a listener carried: bytes to the VM and from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Traffic {
+    pub to_vm: u64,
+    pub from_vm: u64,
+}
+
+/// A stopped listener: where it listened, how many connections it served, and what it
+/// carried when it counted all of it (`None` for a listener re-opened after a restart).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stopped {
+    pub addr: SocketAddr,
+    pub served: usize,
+    pub traffic: Option<Traffic>,
+}
+
+/// An `AsyncRead` that adds what it reads to a counter.
+struct Counted<R> {
+    inner: R,
+    counter: Arc<Counters>,
+    to_vm: bool,
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for Counted<R> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = polled {
+            let n = (buf.filled().len() - before) as u64;
+            let c = if self.to_vm {
+                &self.counter.to_vm
+            } else {
+                &self.counter.from_vm
+            };
+            c.fetch_add(n, Ordering::Relaxed);
+        }
+        polled
+    }
+}
+
 struct Running {
     addr: SocketAddr,
     spec: ServeSpec,
     cancel: CancellationToken,
     task: JoinHandle<usize>,
+    counters: Arc<Counters>,
+    /// Started when the VM's storage was prepared (not re-opened after a restart).
+    whole: bool,
 }
 
 /// The running listeners, by VM id.
@@ -127,14 +189,23 @@ impl Listeners {
     }
 
     /// Starts serving `spec` on an already bound listener (replacing a previous one of the VM).
-    pub fn start(&self, listener: TcpListener, spec: ServeSpec) -> std::io::Result<SocketAddr> {
+    /// `whole`: the VM's first listener, whose count of bytes is the VM's whole traffic (not
+    /// one re-opened after a restart).
+    pub fn start(
+        &self,
+        listener: TcpListener,
+        spec: ServeSpec,
+        whole: bool,
+    ) -> std::io::Result<SocketAddr> {
         let addr = listener.local_addr()?;
         let cancel = CancellationToken::new();
+        let counters = Arc::new(Counters::default());
         let task = tokio::spawn(serve(
             listener,
             spec.clone(),
             self.programs.clone(),
             cancel.clone(),
+            counters.clone(),
         ));
         tracing::info!(vm_id = %spec.vm_id, %addr, allowed = %spec.allowed, path = %spec.path.display(), read_only = spec.read_only, uid = spec.uid, gid = spec.gid, "SFTP listener started.");
         let old = {
@@ -146,6 +217,8 @@ impl Listeners {
                     spec,
                     cancel,
                     task,
+                    counters,
+                    whole,
                 },
             )
         };
@@ -161,14 +234,21 @@ impl Listeners {
     }
 
     /// Stops `vm_id`'s listener: closes it, kills its sftp-server processes and waits for them.
-    /// Returns the listener's address and how many connections it had served, or `None` when
-    /// none ran.
-    pub async fn stop(&self, vm_id: &str) -> Option<(SocketAddr, usize)> {
+    /// Returns what it did, or `None` when none ran.
+    pub async fn stop(&self, vm_id: &str) -> Option<Stopped> {
         let running = self.running.lock().remove(vm_id)?;
         running.cancel.cancel();
         let served = running.task.await.unwrap_or_default();
-        tracing::info!(%vm_id, addr = %running.addr, served, "SFTP listener stopped.");
-        Some((running.addr, served))
+        let traffic = Traffic {
+            to_vm: running.counters.to_vm.load(Ordering::Relaxed),
+            from_vm: running.counters.from_vm.load(Ordering::Relaxed),
+        };
+        tracing::info!(%vm_id, addr = %running.addr, served, bytes_to_vm = traffic.to_vm, bytes_from_vm = traffic.from_vm, whole = running.whole, "SFTP listener stopped.");
+        Some(Stopped {
+            addr: running.addr,
+            served,
+            traffic: running.whole.then_some(traffic),
+        })
     }
 
     /// Stops every listener (service shutdown).
@@ -186,6 +266,7 @@ async fn serve(
     spec: ServeSpec,
     programs: Programs,
     cancel: CancellationToken,
+    counters: Arc<Counters>,
 ) -> usize {
     let mut sessions = JoinSet::new();
     let mut served = 0usize;
@@ -197,7 +278,7 @@ async fn serve(
                 Ok((sock, peer)) if peer.ip() == spec.allowed => {
                     served += 1;
                     tracing::info!(vm_id = %spec.vm_id, %peer, "SFTP connection accepted.");
-                    sessions.spawn(session(sock, peer, spec.clone(), programs.clone(), cancel.clone()));
+                    sessions.spawn(session(sock, peer, spec.clone(), programs.clone(), cancel.clone(), counters.clone()));
                 }
                 Ok((sock, peer)) => {
                     tracing::warn!(vm_id = %spec.vm_id, %peer, allowed = %spec.allowed, "SFTP connection from a foreign address refused.");
@@ -222,6 +303,7 @@ async fn session(
     spec: ServeSpec,
     programs: Programs,
     cancel: CancellationToken,
+    counters: Arc<Counters>,
 ) {
     let vm_id = spec.vm_id.as_str();
     let mut cmd = Command::new(&programs.setpriv);
@@ -239,7 +321,7 @@ async fn session(
             return;
         }
     };
-    let (Some(mut cin), Some(mut cout)) = (child.stdin.take(), child.stdout.take()) else {
+    let (Some(mut cin), Some(cout)) = (child.stdin.take(), child.stdout.take()) else {
         let _ = child.kill().await;
         return;
     };
@@ -252,7 +334,17 @@ async fn session(
             }
         });
     }
-    let (mut rd, mut wr) = sock.into_split();
+    let (rd, mut wr) = sock.into_split();
+    let mut rd = Counted {
+        inner: rd,
+        counter: counters.clone(),
+        to_vm: false,
+    };
+    let mut cout = Counted {
+        inner: cout,
+        counter: counters,
+        to_vm: true,
+    };
     let up = tokio::spawn(async move {
         let r = tokio::io::copy(&mut rd, &mut cin).await;
         drop(cin); // EOF to sftp-server: it exits

@@ -263,7 +263,7 @@ impl GatewayHandler {
                             }
                         };
                         self.listeners
-                            .start(bound, serve.clone())
+                            .start(bound, serve.clone(), true)
                             .map_err(HandlerError::retry)?
                     }
                 };
@@ -321,7 +321,8 @@ impl GatewayHandler {
         let addr = SocketAddr::new(bind, *port);
         match TcpListener::bind(addr).await {
             Ok(l) => {
-                if let Err(e) = self.listeners.start(l, serve) {
+                // Re-opened (restart, redelivery): what went before is not counted.
+                if let Err(e) = self.listeners.start(l, serve, false) {
                     tracing::error!(vm_id = %row.vm_id, %addr, error = %e, "Cannot re-open the SFTP listener.");
                 }
             }
@@ -339,14 +340,22 @@ impl GatewayHandler {
     ) -> Result<(), HandlerError> {
         let conn = ctx.tx().await?;
         let row = table::get(conn, vm_id).await.map_err(store_err)?;
-        let mut detail = match self.listeners.stop(vm_id).await {
-            Some((addr, served)) => {
+        let stopped = self.listeners.stop(vm_id).await;
+        let mut detail = match &stopped {
+            Some(s) => {
                 format!(
-                    "SFTP listener {addr} closed, {served} connection(s), sftp-server processes ended"
+                    "SFTP listener {} closed, {} connection(s), sftp-server processes ended",
+                    s.addr, s.served
                 )
             }
             None => String::new(),
         };
+        let traffic = stopped
+            .and_then(|s| s.traffic)
+            .map(|t| proto::GatewayTraffic {
+                to_vm_bytes: t.to_vm,
+                from_vm_bytes: t.from_vm,
+            });
         if detail.is_empty() {
             detail = match row.map(|r| r.state) {
                 Some(State::Released) => "already released".into(),
@@ -355,7 +364,15 @@ impl GatewayHandler {
             };
         }
         self.events()
-            .release(ctx, &table::TABLE, ev, vm_id, &Storage::default(), detail)
+            .release_counted(
+                ctx,
+                &table::TABLE,
+                ev,
+                vm_id,
+                &Storage::default(),
+                detail,
+                traffic,
+            )
             .await?;
         Ok(())
     }

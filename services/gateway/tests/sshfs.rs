@@ -251,6 +251,28 @@ async fn export_served_as_the_job_user_only_to_the_vm_and_closed_on_release() {
         tb.publish(&ev(&run("1"), vm_stopped(vm))).await;
         let detail = tb.wait_released(vm, proto::ResourceKind::Storage).await;
         assert!(detail.contains("closed"), "{detail}");
+        // What the gateway carried, counted on the wire: at least the file read (14 bytes)
+        // and the file written (19 bytes) with their SFTP requests and replies, and the two
+        // SFTP hellos (9 bytes out, a version reply back).
+        let traffic = tb
+            .wait_for("the storage release's traffic", |e| match &e.body {
+                Some(Body::ResourceReleased(r))
+                    if r.vm_id == vm && r.kind == proto::ResourceKind::Storage as i32 =>
+                {
+                    Some(r.traffic)
+                }
+                _ => None,
+            })
+            .await
+            .expect("the listener ran for the VM's whole life: its traffic is known");
+        assert!(
+            traffic.to_vm_bytes > "from the host\n".len() as u64 + 9,
+            "{traffic:?}"
+        );
+        assert!(
+            traffic.from_vm_bytes > "written by the job\n".len() as u64 + 18,
+            "{traffic:?}"
+        );
         assert!(
             sftp_servers(ex.dir.path()).is_empty(),
             "sftp-server left running"
@@ -395,6 +417,15 @@ async fn read_only_root_owner_no_exports_and_restart() {
         let m = Mount::new(r.port, &r.remote_path, ex.mnt("ro2"));
         assert!(m.0.join("input.txt").exists());
     }
+    // A re-opened listener counts what it carries, but cannot know what went before it: its
+    // release reports no traffic rather than a part of it.
+    let stopped = h2
+        .listeners
+        .stop(vm)
+        .await
+        .expect("the re-opened listener ran");
+    assert!(stopped.served >= 1, "{stopped:?}");
+    assert_eq!(stopped.traffic, None, "{stopped:?}");
     h2.listeners.stop_all().await;
     assert!(
         sftp_servers(ex.dir.path()).is_empty(),
