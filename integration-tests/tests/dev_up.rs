@@ -141,6 +141,36 @@ async fn vm_wnodes_dev_up_serves_jobs_and_wnodesctl_until_down() {
         "{report}"
     );
 
+    // wnodesctl vms: the job's VM, stopped (none left running).
+    let vms = |all: bool| {
+        let mut c = command(netns, &bin.join("wnodesctl"));
+        c.args([
+            "vms",
+            "--nats",
+            &s("nats_url"),
+            "--creds",
+            &s("monitor_creds"),
+            "--json",
+        ]);
+        if all {
+            c.arg("--all");
+        }
+        let (code, stdout, stderr) = output(c);
+        assert_eq!(code, 0, "{stderr}");
+        serde_json::from_str::<serde_json::Value>(&stdout).unwrap()
+    };
+    let ended = vms(true);
+    let ours: Vec<&serde_json::Value> = ended
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["run"] == run.as_str())
+        .collect();
+    assert_eq!(ours.len(), 1, "{ended}");
+    assert_eq!(ours[0]["state"], "stopped", "{ended}");
+    assert_eq!(ours[0]["exit_code"], 0, "{ended}");
+    assert_eq!(vms(false), serde_json::json!([]), "no VM left running");
+
     // wnodesctl, as the monitor and as the admin.
     let mut backlog = command(netns, &bin.join("wnodesctl"));
     backlog.args([

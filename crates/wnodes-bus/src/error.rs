@@ -61,9 +61,10 @@ pub enum BusError {
         #[source]
         source: std::sync::Arc<rusqlite::Error>,
     },
-    #[error("reading the events of run {run}")]
-    RunRead {
-        run: String,
+    /// `what`: "run SITE/lrms/JOB/ATTEMPT", "the VMs", …
+    #[error("reading the events of {what}")]
+    EventsRead {
+        what: String,
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },

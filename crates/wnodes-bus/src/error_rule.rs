@@ -44,8 +44,8 @@ wnodes_testkit::error_rule! {
             source: Arc::new(rusqlite::Error::InvalidParameterName(SOURCE_TEXT.into())),
         },
         BusError::DeadLetterRead(_) => BusError::DeadLetterRead(boxed_source()),
-        BusError::RunRead { .. } => BusError::RunRead {
-            run: "INFN-T1/htcondor/1001.0/1".into(),
+        BusError::EventsRead { .. } => BusError::EventsRead {
+            what: "run INFN-T1/htcondor/1001.0/1".into(),
             source: boxed_source(),
         },
         BusError::DeadLetterDelete { .. } => BusError::DeadLetterDelete {

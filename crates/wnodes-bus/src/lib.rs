@@ -10,6 +10,7 @@
 //! | [`layout`] | the streams and durable consumers as provisioned, and the check that names each difference |
 //! | [`bus`] | [`Bus`]: the stream check, traced and de-duplicated publishing with retries |
 //! | [`runs`] | a run's events read back from the stream, and its per-phase timeline |
+//! | [`vms`] | the VMs the stream knows of, each in the state of its last `vm.*` event |
 //! | [`denial`] | the server's permission violations, so a refused publish fails at once |
 //! | [`consumer`] | durable consumers: spans, idempotency, retries, dead letters, shutdown, batches |
 //! | [`handler`] | the [`Handler`] trait, [`HandlerCtx`], and a batch's [`BatchCtx`] and [`BatchItem`] |
@@ -50,6 +51,7 @@ pub mod roles;
 pub mod runs;
 pub mod store;
 pub mod subject;
+pub mod vms;
 
 pub use bus::{Bus, Published};
 pub use config::{ConsumerTuning, NatsConfig, TlsConfig};

@@ -52,14 +52,6 @@ pub async fn read(
     run_key: &str,
     host: Option<&str>,
 ) -> Result<Vec<RunEvent>, BusError> {
-    let err = |e: Box<dyn std::error::Error + Send + Sync>| BusError::RunRead {
-        run: run_key.to_owned(),
-        source: e,
-    };
-    let stream = js
-        .get_stream(subject::EVENTS_STREAM)
-        .await
-        .map_err(|e| err(Box::new(e)))?;
     let filters = match host {
         Some(h) => vec![
             subject::host_filter(h)?,
@@ -67,6 +59,28 @@ pub async fn read(
         ],
         None => vec![subject::EVENTS_SUBJECTS.to_owned()],
     };
+    read_subjects(js, &format!("run {run_key}"), filters, |event| {
+        event.run.as_ref().map(crate::event::run_key).as_deref() == Some(run_key)
+    })
+    .await
+}
+
+/// The events on `filters` that `keep` keeps, in stream order (each message once), walked
+/// with one direct get per message. `what` names them in an error.
+pub async fn read_subjects(
+    js: &jetstream::Context,
+    what: &str,
+    filters: Vec<String>,
+    keep: impl Fn(&proto::Event) -> bool,
+) -> Result<Vec<RunEvent>, BusError> {
+    let err = |e: Box<dyn std::error::Error + Send + Sync>| BusError::EventsRead {
+        what: what.to_owned(),
+        source: e,
+    };
+    let stream = js
+        .get_stream(subject::EVENTS_STREAM)
+        .await
+        .map_err(|e| err(Box::new(e)))?;
     let mut out = Vec::new();
     for filter in filters {
         let mut next = 1u64;
@@ -83,7 +97,7 @@ pub async fn read(
             let Ok(event) = proto::Event::decode(msg.payload.as_ref()) else {
                 continue;
             };
-            if event.run.as_ref().map(crate::event::run_key).as_deref() != Some(run_key) {
+            if !keep(&event) {
                 continue;
             }
             let Some(event_type) = event.event_type() else {

@@ -18,6 +18,7 @@
 //! | `dlq` | `dlq list`, `dlq show`, `dlq redrive` |
 //! | `job` | `job RUN` |
 //! | `accounting` | `accounting report` |
+//! | `vms` | `vms [--host H] [--all]` |
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -28,6 +29,7 @@ mod backlog;
 mod dlq;
 mod job;
 mod provision;
+mod vms;
 
 #[derive(Debug, Parser)]
 #[command(name = "wnodesctl", version, about = "Operate a WNoDeS site")]
@@ -49,6 +51,22 @@ enum Command {
     Job(JobArgs),
     /// Usage reports from accounting's report API (gRPC).
     Accounting(accounting::AccountingArgs),
+    /// The VMs in the events stream: run, host, state, age, image, resources (as the monitor).
+    Vms(VmsArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct VmsArgs {
+    #[command(flatten)]
+    connection: Connection,
+    /// Only this host's VMs.
+    #[arg(long)]
+    host: Option<String>,
+    /// Also the VMs that stopped or failed (within the stream's retention).
+    #[arg(long)]
+    all: bool,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -208,6 +226,7 @@ fn main() -> ExitCode {
             Command::Dlq(args) => dlq::dlq(args).await,
             Command::Job(args) => job::job(args).await,
             Command::Accounting(args) => accounting::accounting(args).await,
+            Command::Vms(args) => vms::vms(args).await,
         }
     });
     ExitCode::from(code)
