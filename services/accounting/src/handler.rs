@@ -290,11 +290,8 @@ impl AccountingHandler {
                 continue;
             }
             let rows = rows(map);
-            ingest::upsert_jobs(db, kind.columns, &rows).await?;
-            if !kind.fill.is_empty() {
-                let keys: Vec<&str> = rows.iter().map(|(k, _)| k.as_str()).collect();
-                ingest::backfill(db, kind.fill, kind.only_if, &keys).await?;
-            }
+            let fill = (!kind.fill.is_empty()).then_some((kind.fill, kind.only_if));
+            ingest::upsert_jobs(db, kind.columns, &rows, fill).await?;
         }
         if stopped.is_empty() {
             return Ok(());

@@ -6,7 +6,8 @@
 //! ```text
 //! lock_runs        PostgreSQL: the batch's runs' advisory locks, in one order
 //! upsert_jobs      accounting_jobs: one INSERT … ON CONFLICT DO UPDATE per event type
-//! backfill         usage_records written before the event came get its columns
+//! backfill         usage_records written before the event came get its columns (SQLite;
+//!                  on PostgreSQL part of the upsert's statement)
 //! job_rows         what is stored of the runs whose VM stopped
 //! insert_records   usage_records … ON CONFLICT DO NOTHING RETURNING the run keys inserted
 //! ```
@@ -135,10 +136,15 @@ fn key_array(keys: &[&str]) -> Vec<String> {
 /// `INSERT INTO accounting_jobs (run_key, columns…) VALUES … ON CONFLICT (run_key) DO UPDATE`
 /// of `columns`. A run key must appear once in `rows` (PostgreSQL refuses to update a row
 /// twice in one statement).
+///
+/// `fill` (`SET` from `j`, a condition): then the records written before these rows' events
+/// get them too ([`backfill`]): on PostgreSQL in the same statement (the upsert's `RETURNING`
+/// rows as `j` of the `UPDATE`), on SQLite right after it.
 pub(crate) async fn upsert_jobs(
     db: &mut Db<'_>,
     columns: &[&str],
     rows: &[Row],
+    fill: Option<(&str, &str)>,
 ) -> Result<(), sqlx::Error> {
     if rows.is_empty() {
         return Ok(());
@@ -156,10 +162,19 @@ pub(crate) async fn upsert_jobs(
             .join(", ")
     );
     if let Db::Postgres(c) = db {
-        let mut q = sqlx::QueryBuilder::new(head.as_str());
+        let mut q = sqlx::QueryBuilder::new(match fill {
+            Some(_) => format!("WITH j AS ({head}"),
+            None => head.clone(),
+        });
         q.push("SELECT * FROM ");
         push_unnest(&mut q, array_columns(rows));
         q.push(tail.as_str());
+        if let Some((set, only_if)) = fill {
+            q.push(format!(
+                " RETURNING *) UPDATE usage_records SET {set} FROM j
+                 WHERE usage_records.run_key = j.run_key AND {only_if}"
+            ));
+        }
         q.build().execute(&mut **c).await?;
         return Ok(());
     }
@@ -176,12 +191,17 @@ pub(crate) async fn upsert_jobs(
             q.build().execute(c).await.map(|r| r.rows_affected())
         })?;
     }
+    if let Some((set, only_if)) = fill {
+        let keys: Vec<&str> = rows.iter().map(|(k, _)| k.as_str()).collect();
+        backfill(db, set, only_if, &keys).await?;
+    }
     Ok(())
 }
 
 /// `UPDATE usage_records SET <set> FROM accounting_jobs AS j WHERE j.run_key =
 /// usage_records.run_key AND <only_if> AND usage_records.run_key IN (keys)`: a record written
-/// before an event of its run came gets what the event stored in `accounting_jobs`.
+/// before an event of its run came gets what the event stored in `accounting_jobs` (SQLite;
+/// PostgreSQL does it in the upsert's statement, [`upsert_jobs`]).
 pub(crate) async fn backfill(
     db: &mut Db<'_>,
     set: &str,
@@ -189,18 +209,6 @@ pub(crate) async fn backfill(
     keys: &[&str],
 ) -> Result<(), sqlx::Error> {
     if keys.is_empty() {
-        return Ok(());
-    }
-    if let Db::Postgres(c) = db {
-        // Driven by the keys, as in job_rows.
-        let mut q = sqlx::QueryBuilder::new(format!(
-            "UPDATE usage_records SET {set} FROM accounting_jobs AS j, unnest("
-        ));
-        q.push_bind(key_array(keys)).push(format!(
-            "::text[]) AS k(run_key)
-             WHERE usage_records.run_key = k.run_key AND j.run_key = k.run_key AND {only_if}"
-        ));
-        q.build().execute(&mut **c).await?;
         return Ok(());
     }
     let head = format!(
