@@ -8,18 +8,15 @@
 use std::{sync::Arc, time::Duration};
 
 use parking_lot::Mutex;
-use prost::Message;
 use tokio_util::sync::CancellationToken;
 use wnodes_bus::{
-    BatchCtx, BatchItem, Bus, BusError, Consumer, ConsumerSpec, ConsumerTuning, EventExt, Handler,
+    BatchCtx, BatchItem, Bus, BusError, Consumer, ConsumerSpec, ConsumerTuning, Handler,
     HandlerCtx, HandlerError, KeyStore, db::Db, dlq, on_db, proto, proto::event::Body, roles,
-    subject,
 };
 use wnodes_testkit::{
     NatsServer,
     bus::connect,
     events::{Events, run, vm_requested, vm_spec},
-    wait_until,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -169,21 +166,9 @@ async fn effects(store: &KeyStore) -> Vec<(String, String)> {
 }
 
 async fn wait_caught_up(bus: &Bus) {
-    let durable = spec().durable;
-    let stream = bus
-        .jetstream()
-        .get_stream(subject::EVENTS_STREAM)
+    wnodes_testkit::bus::wait_caught_up(bus, &spec().durable, WAIT)
         .await
         .unwrap();
-    wait_until(WAIT, "the consumer to catch up", || {
-        let (stream, durable) = (stream.clone(), durable.clone());
-        async move {
-            let info = stream.consumer_info(&durable).await.ok()?;
-            (info.num_pending == 0 && info.num_ack_pending == 0).then_some(())
-        }
-    })
-    .await
-    .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -271,21 +256,11 @@ async fn verdicts_are_per_message_and_a_failed_batch_is_handled_alone() {
     // 3. The same sound events again under new message ids: the keys committed with the
     //    batch's effects, so nothing is applied twice.
     for ev in first.iter().filter(|e| image(e) == "ok") {
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert(
-            async_nats::header::NATS_MESSAGE_ID,
-            format!("again-{}", ev.id).as_str(),
-        );
-        let p = bus
-            .publish_raw(
-                &ev.subject().unwrap(),
-                headers,
-                bytes::Bytes::from(ev.encode_to_vec()),
-                "vm.requested",
-            )
+        let again = format!("again-{}", ev.id);
+        let duplicate = wnodes_testkit::bus::publish_again(&bus, ev, &again)
             .await
             .unwrap();
-        assert!(!p.duplicate);
+        assert!(!duplicate);
     }
     wait_caught_up(&bus).await;
     assert_eq!(effects(&store).await.len(), 31);

@@ -298,3 +298,39 @@ pub async fn pull_one(bus: &Bus, durable: &str) -> anyhow::Result<async_nats::je
         .ok_or_else(|| anyhow::anyhow!("no message for {durable} within 2 s"))?
         .map_err(|e| anyhow::anyhow!("pulling from {durable}: {e}"))
 }
+
+/// Waits up to `within` until `durable` has taken and acknowledged everything in the event
+/// stream for it (nothing pending, nothing awaiting an ack).
+///
+/// # Errors
+/// When it has not caught up within `within`.
+pub async fn wait_caught_up(bus: &Bus, durable: &str, within: Duration) -> anyhow::Result<()> {
+    wait_until(within, &format!("{durable} to catch up"), || async {
+        let s = consumer_state(bus.jetstream(), durable).await.ok()?;
+        (s.pending == 0 && s.ack_pending == 0).then_some(())
+    })
+    .await
+}
+
+/// Publishes `event` again under the message id `msg_id`, so that JetStream stores it again
+/// whatever its de-duplication window (a producer's late retry, a redrive). Returns whether
+/// the server still took it for a duplicate.
+///
+/// # Errors
+/// When the publish is not acknowledged.
+pub async fn publish_again(bus: &Bus, event: &proto::Event, msg_id: &str) -> anyhow::Result<bool> {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(async_nats::header::NATS_MESSAGE_ID, msg_id);
+    let ty = event
+        .event_type()
+        .ok_or_else(|| anyhow::anyhow!("event {} has no body", event.id))?;
+    let published = bus
+        .publish_raw(
+            &event.subject()?,
+            headers,
+            bytes::Bytes::from(event.encode_to_vec()),
+            ty.name(),
+        )
+        .await?;
+    Ok(published.duplicate)
+}

@@ -7,16 +7,13 @@
 
 use std::time::Duration;
 
-use prost::Message;
 use tokio_util::sync::CancellationToken;
 use wnodes_accounting::{
     Accounting, AccountingHandler, Metrics, StoreUrl,
     config::{Benchmarks, HostBenchmark},
     open_store, records,
 };
-use wnodes_bus::{
-    Bus, BusError, Consumer, ConsumerTuning, EventExt, proto, proto::event::Body, subject,
-};
+use wnodes_bus::{Bus, BusError, Consumer, ConsumerTuning, proto, proto::event::Body, subject};
 use wnodes_runtime::Service as _;
 use wnodes_testkit::{
     NatsServer,
@@ -251,20 +248,9 @@ wnodes_testkit::on_both_stores!(
 
 /// Waits until the accounting consumer has acked everything in the stream for it.
 async fn wait_caught_up(bus: &Bus) {
-    let stream = bus
-        .jetstream()
-        .get_stream(subject::EVENTS_STREAM)
+    wnodes_testkit::bus::wait_caught_up(bus, Accounting::NAME, WAIT)
         .await
         .unwrap();
-    wait_until(WAIT, "the accounting consumer to catch up", || {
-        let stream = stream.clone();
-        async move {
-            let info = stream.consumer_info(Accounting::NAME).await.ok()?;
-            (info.num_pending == 0 && info.num_ack_pending == 0).then_some(())
-        }
-    })
-    .await
-    .unwrap();
 }
 
 async fn vm_stopped_writes_one_record_and_publishes_usage_recorded(pg: Option<String>) {
@@ -431,18 +417,10 @@ async fn redelivery_after_restart_and_new_message_ids_keep_one_record(pg: Option
     let svc = start(&bus, &db).await;
 
     // The same VmStopped republished with another Nats-Msg-Id (JetStream stores it again).
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert(async_nats::header::NATS_MESSAGE_ID, "republished-by-hand-1");
-    let published = bus
-        .publish_raw(
-            &stopped.subject().unwrap(),
-            headers,
-            bytes::Bytes::from(stopped.encode_to_vec()),
-            "vm.stopped",
-        )
+    let duplicate = wnodes_testkit::bus::publish_again(&bus, &stopped, "republished-by-hand-1")
         .await
         .unwrap();
-    assert!(!published.duplicate);
+    assert!(!duplicate);
 
     // A VmStopped for the same run under another event id (a producer bug): the handler runs,
     // and the run key (the PRIMARY KEY) still refuses a second record.
