@@ -9,20 +9,64 @@ use std::{process::ExitCode, time::Duration};
 use wnodes_bus::proto::{self, event::Body};
 use wnodes_testkit::{ServiceConfig, ServiceProcess, host, host_test, service::*};
 
+/// Set (to 1) by scripts/check-systemd.sh, which runs this test inside a network namespace of
+/// its own (`unshare --net`): the service then works in the test's namespace, as on a
+/// hypervisor, with no `[network] netns` (whose `setns` needs CAP_SYS_ADMIN), so that it runs
+/// with nothing but its unit's CAP_NET_ADMIN.
+const IN_PLACE_ENV: &str = "TESTKIT_NETWORK_IN_PLACE";
+
+/// Where the test builds the hypervisor's bridge: a namespace of its own (`Some`), or, with
+/// [`IN_PLACE_ENV`], the one the test runs in, which must not be the machine's.
+fn hypervisor() -> Option<Netns> {
+    if std::env::var_os(IN_PLACE_ENV).is_none() {
+        return Some(Netns::new("bin"));
+    }
+    // A fresh namespace has nothing but its loopback: never build bridges on the machine's.
+    let links = std::process::Command::new("ip")
+        .args(["-o", "link", "show"])
+        .output()
+        .unwrap();
+    let links = String::from_utf8_lossy(&links.stdout).into_owned();
+    assert!(
+        links.lines().count() == 1 && links.contains(": lo:"),
+        "{IN_PLACE_ENV} is set but this network namespace is not a fresh one (run under \
+         `unshare --net`): {links}"
+    );
+    None
+}
+
+fn in_ns(hv: &Option<Netns>, argv: &[&str]) {
+    match hv {
+        Some(ns) => {
+            ns.exec(argv);
+        }
+        None => {
+            let out = std::process::Command::new(argv[0])
+                .args(&argv[1..])
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{argv:?}: {out:?}");
+        }
+    }
+}
+
 async fn binary_reconciles_serves_and_stops_on_sigterm() {
-    let hv = Netns::new("bin");
-    hv.ip(&["link", "add", "wnbr0", "type", "bridge"]);
-    hv.ip(&["addr", "add", "10.231.7.1/24", "dev", "wnbr0"]);
-    hv.ip(&["link", "set", "wnbr0", "up"]);
-    hv.exec(&[
-        "ip",
-        "tuntap",
-        "add",
-        "mode",
-        "tap",
-        "name",
-        "wn-deadbeef0000",
-    ]);
+    let hv = hypervisor();
+    in_ns(&hv, &["ip", "link", "add", "wnbr0", "type", "bridge"]);
+    in_ns(&hv, &["ip", "addr", "add", "10.231.7.1/24", "dev", "wnbr0"]);
+    in_ns(&hv, &["ip", "link", "set", "wnbr0", "up"]);
+    in_ns(
+        &hv,
+        &[
+            "ip",
+            "tuntap",
+            "add",
+            "mode",
+            "tap",
+            "name",
+            "wn-deadbeef0000",
+        ],
+    );
     let tb = TestBus::start().await;
     let dir = tempfile::tempdir().unwrap();
     let conf = ServiceConfig::new(
@@ -35,8 +79,11 @@ async fn binary_reconciles_serves_and_stops_on_sigterm() {
     )
     .set("network", "mode", "tap")
     .set("network", "bridge", "wnbr0")
-    .set("network", "pool", "10.231.7.0/24")
-    .set("network", "netns", hv.0.as_str());
+    .set("network", "pool", "10.231.7.0/24");
+    let conf = match &hv {
+        Some(ns) => conf.set("network", "netns", ns.0.as_str()),
+        None => conf,
+    };
     let mut network = ServiceProcess::builder(env!("CARGO_BIN_EXE_wnodes-network"), dir.path())
         .config(&conf)
         .spawn()
@@ -61,7 +108,7 @@ async fn binary_reconciles_serves_and_stops_on_sigterm() {
     assert_eq!(source, format!("network@{HOST}"));
     assert_eq!(r.address, "10.231.7.2/24");
     assert_eq!(r.gateway, "10.231.7.1");
-    let taps = wnodes_network::host::Host::new(Some(hv.0.clone()))
+    let taps = wnodes_network::host::Host::new(hv.as_ref().map(|ns| ns.0.clone()))
         .unwrap()
         .list_taps()
         .await
