@@ -1,5 +1,6 @@
 //! `wnodes-dev up` keeps the stack running: a job submitted with the command line it prints
-//! runs, `wnodesctl` pointed at it as it says reads the durables and the dead letters, and
+//! runs, `wnodesctl` pointed at it as it says reads the VMs, the durables and the dead letters,
+//! a `vm.stopped` dead-lettered on purpose is redriven once and the VM's scratch released, and
 //! `wnodes-dev down` stops it and finds nothing left behind.
 //!
 //! Needs what `job_flow.rs` needs (`wnodes_testkit::vm::JOB_NEEDS`) and the binaries
@@ -23,6 +24,45 @@ fn command(netns: Option<&str>, program: &Path) -> std::process::Command {
             c
         }
         None => std::process::Command::new(program),
+    }
+}
+
+/// Polls `f` every 200 ms until it gives a value; panics naming `what` after `within`.
+fn wait_for<T>(within: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no {what} within {within:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A directory made immutable (`chattr +i`: nothing in it can be removed) until dropped.
+struct Immutable(std::path::PathBuf);
+
+impl Immutable {
+    fn new(dir: &Path) -> Self {
+        let st = std::process::Command::new("chattr")
+            .arg("+i")
+            .arg(dir)
+            .status()
+            .unwrap();
+        assert!(st.success(), "chattr +i {}", dir.display());
+        Self(dir.to_owned())
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("chattr")
+            .arg("-i")
+            .arg(&self.0)
+            .status();
     }
 }
 
@@ -205,6 +245,88 @@ async fn vm_wnodes_dev_up_serves_jobs_and_wnodesctl_until_down() {
     let (code, stdout, stderr) = output(dlq);
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(stdout.trim(), "[]", "no dead letters after a good job");
+
+    // A vm.stopped dead-lettered on purpose: while a second job's VM runs, its scratch
+    // directory is made immutable (chattr +i), so scratch cannot remove the volume and its
+    // release fails until its attempts are spent. Then the directory is mended, `dlq redrive`
+    // gives scratch the vm.stopped again and the volume goes; a second redrive finds nothing.
+    let volumes = work.join("state/scratch/volumes");
+    let mut second = command(netns, &bin.join("wnodes-bridge"));
+    second
+        .env("WNODES_CONFIG", s("config"))
+        .env("WNODES_NATS__CREDS_FILE", s("agent_creds"))
+        .args([
+            "submit", "--vo", "demo", "--user", &user, "--uid", &uid, "--gid", &uid,
+        ])
+        .args(["--job-id", "up-2", "--", "/bin/sleep", "3"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let second = second.spawn().unwrap();
+    let volume = wait_for(
+        Duration::from_secs(60),
+        "the second job's scratch volume",
+        || {
+            std::fs::read_dir(&volumes)
+                .ok()?
+                .flatten()
+                .map(|e| e.path())
+                .next()
+        },
+    );
+    let immutable = Immutable::new(&volumes);
+    let o = second.wait_with_output().unwrap();
+    assert!(o.status.success(), "{o:?}");
+    let dlq = |args: &[&str]| {
+        let mut c = command(netns, &bin.join("wnodesctl"));
+        c.args([
+            "dlq",
+            "--nats",
+            &s("nats_url"),
+            "--creds",
+            &s("admin_creds"),
+        ])
+        .args(args);
+        output(c)
+    };
+    let letter = wait_for(Duration::from_secs(60), "scratch's dead letter", || {
+        let (code, stdout, _) = dlq(&["list", "--json"]);
+        let list: serde_json::Value = serde_json::from_str(&stdout).ok().filter(|_| code == 0)?;
+        list.as_array()?
+            .iter()
+            .find(|d| {
+                d["subject"]
+                    .as_str()
+                    .is_some_and(|s| s.ends_with(".vm.stopped"))
+                    && d["consumer"]
+                        .as_str()
+                        .is_some_and(|c| c.starts_with("scratch"))
+            })
+            .cloned()
+    });
+    assert_eq!(letter["reason"], "exhausted", "{letter}");
+    assert!(
+        volume.exists(),
+        "the volume stays while its release is dead-lettered"
+    );
+    drop(immutable);
+    let seq = letter["sequence"].as_u64().unwrap().to_string();
+    let (code, stdout, stderr) = dlq(&["redrive", &seq, "--yes"]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stdout.contains("redriven 1 of 1"), "{stdout}{stderr}");
+    wait_for(Duration::from_secs(30), "the redriven release", || {
+        (!volume.exists()).then_some(())
+    });
+    let (code, stdout, stderr) = dlq(&["redrive", &seq, "--yes"]);
+    assert_eq!(
+        code, 1,
+        "a second redrive of the same entry: {stdout}{stderr}"
+    );
+    assert!(stderr.contains("not found"), "{stderr}");
+    assert!(stdout.contains("redriven 0 of 1"), "{stdout}");
+    let (code, stdout, stderr) = dlq(&["list", "--json"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(stdout.trim(), "[]", "the redriven entry is gone");
 
     // down: the stack stops and nothing is left behind.
     let (code, stdout, stderr) = output({
