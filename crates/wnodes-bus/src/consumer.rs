@@ -516,44 +516,14 @@ async fn decide<H: Handler>(
         tx: None,
         store: shared.store.clone(),
     };
-    let handled = std::panic::AssertUnwindSafe(Box::pin(shared.handler.handle(&mut ctx, event)))
-        .catch_unwind();
-    let result = tokio::select! {
-        r = tokio::time::timeout(tuning.handler_timeout, handled) => r,
-        _ = abort.cancelled() => {
-            tracing::warn!(%key, "Shutdown: nacking the message for immediate redelivery.");
-            return (Verdict::Nak(Duration::ZERO), "retry");
-        }
+    let Some(outcome) = run_attempt(shared.handler.handle(&mut ctx, event), tuning, &abort).await
+    else {
+        tracing::warn!(%key, "Shutdown: nacking the message for immediate redelivery.");
+        return (Verdict::Nak(Duration::ZERO), "retry");
     };
-    let failure = match result {
-        Ok(Ok(Ok(()))) => None,
-        Ok(Err(panic)) => Some(format!("handler panicked: {}", panic_message(&*panic))),
-        Ok(Ok(Err(HandlerError::Reject(e)))) => {
-            let error = ErrorChain(&*e).to_string();
-            tracing::error!(%subject, %key, %error, "Handler rejected the message; dead-lettering.");
-            return (
-                Verdict::DeadLetter(DeadLetterReason::Rejected, error),
-                "dead_letter",
-            );
-        }
-        Ok(Ok(Err(HandlerError::Retry(e)))) => Some(ErrorChain(&*e).to_string()),
-        Err(_) => Some(format!(
-            "handler timed out after {:?}",
-            tuning.handler_timeout
-        )),
-    };
-    if let Some(error) = failure {
+    if let Err(failure) = outcome {
         drop(ctx); // rolls back the handler's transaction
-        if delivered >= tuning.max_attempts {
-            tracing::error!(%subject, %key, attempts = delivered, %error, "Handler failed on its last attempt; dead-lettering.");
-            return (
-                Verdict::DeadLetter(DeadLetterReason::Exhausted, error),
-                "dead_letter",
-            );
-        }
-        let delay = tuning.backoff(delivered);
-        tracing::warn!(%subject, %key, attempt = delivered, retry_in = ?delay, %error, "Handler failed; will retry.");
-        return (Verdict::Nak(delay), "retry");
+        return failed_verdict(tuning, subject, &key, delivered, failure);
     }
     // Commit the key (with the handler's transaction, if it opened one) and the outbox.
     let outbox = std::mem::take(&mut ctx.outbox);
@@ -600,12 +570,17 @@ async fn decide<H: Handler>(
     (Verdict::Ack, "ok")
 }
 
-/// One message of a batch, past its precheck.
-struct InBatch<'a> {
+/// A message in hand: what its verdict is applied to, and its span.
+struct Delivered {
     msg: jetstream::Message,
     stream_seq: u64,
     delivered: u32,
     span: tracing::Span,
+}
+
+/// One message of a batch, past its precheck.
+struct InBatch<'a> {
+    d: Delivered,
     guard: KeyGuard<'a>,
 }
 
@@ -632,23 +607,21 @@ async fn process_batch<H: Handler>(
     let count = msgs.len();
     let durable = shared.spec.durable.as_str();
     let tuning = &shared.spec.tuning;
-    let mut settled: Vec<(
-        Verdict,
-        &'static str,
-        jetstream::Message,
-        u64,
-        u32,
-        tracing::Span,
-    )> = Vec::new();
+    let mut settled: Vec<((Verdict, &'static str), Delivered)> = Vec::new();
     let mut metas = Vec::with_capacity(msgs.len());
     let mut items = Vec::with_capacity(msgs.len());
     for msg in msgs {
         let (stream_seq, delivered) = delivery(&msg);
         let span = message_span(shared, &msg, delivered);
-        match span.in_scope(|| precheck(shared, &msg, stream_seq, delivered)) {
-            Err((verdict, outcome)) => {
-                settled.push((verdict, outcome, msg, stream_seq, delivered, span));
-            }
+        let checked = span.in_scope(|| precheck(shared, &msg, stream_seq, delivered));
+        let d = Delivered {
+            msg,
+            stream_seq,
+            delivered,
+            span,
+        };
+        match checked {
+            Err(verdict) => settled.push((verdict, d)),
             Ok((event, key, guard)) => {
                 items.push(BatchItem {
                     key,
@@ -657,13 +630,7 @@ async fn process_batch<H: Handler>(
                     failed: None,
                     outbox: Vec::new(),
                 });
-                metas.push(InBatch {
-                    msg,
-                    stream_seq,
-                    delivered,
-                    span,
-                    guard,
-                });
+                metas.push(InBatch { d, guard });
             }
         }
     }
@@ -690,19 +657,12 @@ async fn process_batch<H: Handler>(
                 let mut verdict = (Verdict::Ack, "duplicate");
                 for ev in outbox {
                     if let Err(e) = shared.bus.publish(ev).await {
-                        meta.span.in_scope(|| tracing::warn!(error = %ErrorChain(&e), "Republishing a handled event failed."));
+                        meta.d.span.in_scope(|| tracing::warn!(error = %ErrorChain(&e), "Republishing a handled event failed."));
                         verdict = (Verdict::Nak(tuning.backoff(item.attempt)), "retry");
                         break;
                     }
                 }
-                settled.push((
-                    verdict.0,
-                    verdict.1,
-                    meta.msg,
-                    meta.stream_seq,
-                    meta.delivered,
-                    meta.span,
-                ));
+                settled.push((verdict, meta.d));
             }
             if items.is_empty() {
                 BatchEnd::Committed
@@ -718,7 +678,7 @@ async fn process_batch<H: Handler>(
                     messaging.batch.message_count = items.len(),
                 );
                 for m in &metas {
-                    span.follows_from(&m.span);
+                    span.follows_from(&m.d.span);
                 }
                 shared.metrics.batch(items.len());
                 run_batch(shared, &mut items, abort.clone())
@@ -739,7 +699,7 @@ async fn process_batch<H: Handler>(
                 .iter()
                 .zip(&metas)
                 .filter(|(i, _)| i.failed.is_none())
-                .flat_map(|(i, m)| i.outbox.iter().map(move |e| (e, &m.span)))
+                .flat_map(|(i, m)| i.outbox.iter().map(move |e| (e, &m.d.span)))
                 .collect();
             let published = if staged.is_empty() {
                 Ok(())
@@ -756,64 +716,45 @@ async fn process_batch<H: Handler>(
                 let verdict = match (&published, &item.failed) {
                     (Err(_), None) => (Verdict::Nak(tuning.backoff(item.attempt)), "retry"),
                     _ => meta
+                        .d
                         .span
-                        .in_scope(|| item_verdict(shared, meta.msg.subject.as_str(), item)),
+                        .in_scope(|| item_verdict(shared, meta.d.msg.subject.as_str(), item)),
                 };
                 drop(meta.guard);
-                settled.push((
-                    verdict.0,
-                    verdict.1,
-                    meta.msg,
-                    meta.stream_seq,
-                    meta.delivered,
-                    meta.span,
-                ));
+                settled.push((verdict, meta.d));
             }
         }
         BatchEnd::NakAll(delay, error) => {
             for meta in metas {
-                let delay = delay.unwrap_or_else(|| tuning.backoff(meta.delivered));
-                meta.span.in_scope(
+                let delay = delay.unwrap_or_else(|| tuning.backoff(meta.d.delivered));
+                meta.d.span.in_scope(
                     || tracing::warn!(%error, retry_in = ?delay, "Batch not handled; will retry."),
                 );
                 drop(meta.guard);
-                settled.push((
-                    Verdict::Nak(delay),
-                    "retry",
-                    meta.msg,
-                    meta.stream_seq,
-                    meta.delivered,
-                    meta.span,
-                ));
+                settled.push(((Verdict::Nak(delay), "retry"), meta.d));
             }
         }
         BatchEnd::HandleAlone(why) => {
             tracing::warn!(consumer = %durable, messages = metas.len(), %why, "Batch rolled back; handling each message alone.");
-            for meta in metas {
-                drop(meta.guard);
-                let outcome = settle(
-                    shared,
-                    meta.msg,
-                    meta.stream_seq,
-                    meta.delivered,
-                    abort.clone(),
-                )
-                .instrument(meta.span)
-                .await;
+            for InBatch { d, guard } in metas {
+                drop(guard);
+                let outcome = settle(shared, d.msg, d.stream_seq, d.delivered, abort.clone())
+                    .instrument(d.span)
+                    .await;
                 shared
                     .metrics
                     .handled(outcome, started.elapsed().as_secs_f64());
             }
         }
     }
-    let acks = settled.into_iter().map(
-        |(verdict, outcome, msg, stream_seq, delivered, span)| async move {
-            apply(shared, msg, stream_seq, delivered, verdict)
-                .instrument(span)
+    let acks = settled
+        .into_iter()
+        .map(|((verdict, outcome), d)| async move {
+            apply(shared, d.msg, d.stream_seq, d.delivered, verdict)
+                .instrument(d.span)
                 .await;
             outcome
-        },
-    );
+        });
     for outcome in futures::future::join_all(acks).await {
         shared
             .metrics
@@ -834,29 +775,13 @@ async fn run_batch<H: Handler>(
         tx: None,
         store: shared.store.clone(),
     };
-    let handled =
-        std::panic::AssertUnwindSafe(Box::pin(shared.handler.handle_batch(&mut ctx, items)))
-            .catch_unwind();
-    let result = tokio::select! {
-        r = tokio::time::timeout(tuning.handler_timeout, handled) => r,
-        _ = abort.cancelled() => {
-            return BatchEnd::NakAll(Some(Duration::ZERO), "shutdown".into());
-        }
+    let Some(outcome) =
+        run_attempt(shared.handler.handle_batch(&mut ctx, items), tuning, &abort).await
+    else {
+        return BatchEnd::NakAll(Some(Duration::ZERO), "shutdown".into());
     };
-    let failure = match result {
-        Ok(Ok(Ok(()))) => None,
-        Ok(Err(panic)) => Some(format!(
-            "batch handler panicked: {}",
-            panic_message(&*panic)
-        )),
-        Ok(Ok(Err(e))) => Some(ErrorChain(&e).to_string()),
-        Err(_) => Some(format!(
-            "batch handler timed out after {:?}",
-            tuning.handler_timeout
-        )),
-    };
-    if let Some(why) = failure {
-        return BatchEnd::HandleAlone(why);
+    if let Err(failure) = outcome {
+        return BatchEnd::HandleAlone(failure.into_message());
     }
     let ok: Vec<(&str, &[Event])> = items
         .iter()
@@ -909,23 +834,85 @@ fn item_verdict<H: Handler>(
             }
             (Verdict::Ack, "ok")
         }
-        Some(HandlerError::Reject(e)) => {
-            let error = ErrorChain(&*e).to_string();
+        Some(e) => failed_verdict(tuning, subject, &key, attempt, Failure::from(e)),
+    }
+}
+
+/// Why an attempt failed, as its dead letter or log would say.
+enum Failure {
+    /// Never retried.
+    Reject(String),
+    /// Retried until the attempts are spent (a handler's error, panic or timeout).
+    Retry(String),
+}
+
+impl Failure {
+    fn into_message(self) -> String {
+        match self {
+            Self::Reject(m) | Self::Retry(m) => m,
+        }
+    }
+}
+
+impl From<HandlerError> for Failure {
+    fn from(e: HandlerError) -> Self {
+        match e {
+            HandlerError::Reject(e) => Self::Reject(ErrorChain(&*e).to_string()),
+            HandlerError::Retry(e) => Self::Retry(ErrorChain(&*e).to_string()),
+        }
+    }
+}
+
+/// Runs a handler's attempt (one message's, or a batch's) under the consumer's timeout,
+/// catching a panic; `None` when shutdown aborted it first.
+async fn run_attempt(
+    attempt: impl Future<Output = Result<(), HandlerError>> + Send,
+    tuning: &ConsumerTuning,
+    abort: &CancellationToken,
+) -> Option<Result<(), Failure>> {
+    let handled = std::panic::AssertUnwindSafe(Box::pin(attempt)).catch_unwind();
+    let result = tokio::select! {
+        r = tokio::time::timeout(tuning.handler_timeout, handled) => r,
+        _ = abort.cancelled() => return None,
+    };
+    Some(match result {
+        Ok(Ok(r)) => r.map_err(Failure::from),
+        Ok(Err(panic)) => Err(Failure::Retry(format!(
+            "handler panicked: {}",
+            panic_message(&*panic)
+        ))),
+        Err(_) => Err(Failure::Retry(format!(
+            "handler timed out after {:?}",
+            tuning.handler_timeout
+        ))),
+    })
+}
+
+/// The verdict on a failed attempt: a rejection is dead-lettered at once; anything else is
+/// retried with backoff, and dead-lettered after the last attempt.
+fn failed_verdict(
+    tuning: &ConsumerTuning,
+    subject: &str,
+    key: &str,
+    attempt: u32,
+    failure: Failure,
+) -> (Verdict, &'static str) {
+    match failure {
+        Failure::Reject(error) => {
             tracing::error!(%subject, %key, %error, "Handler rejected the message; dead-lettering.");
             (
                 Verdict::DeadLetter(DeadLetterReason::Rejected, error),
                 "dead_letter",
             )
         }
-        Some(HandlerError::Retry(e)) => {
-            let error = ErrorChain(&*e).to_string();
-            if attempt >= tuning.max_attempts {
-                tracing::error!(%subject, %key, attempts = attempt, %error, "Handler failed on its last attempt; dead-lettering.");
-                return (
-                    Verdict::DeadLetter(DeadLetterReason::Exhausted, error),
-                    "dead_letter",
-                );
-            }
+        Failure::Retry(error) if attempt >= tuning.max_attempts => {
+            tracing::error!(%subject, %key, attempts = attempt, %error, "Handler failed on its last attempt; dead-lettering.");
+            (
+                Verdict::DeadLetter(DeadLetterReason::Exhausted, error),
+                "dead_letter",
+            )
+        }
+        Failure::Retry(error) => {
             let delay = tuning.backoff(attempt);
             tracing::warn!(%subject, %key, %attempt, retry_in = ?delay, %error, "Handler failed; will retry.");
             (Verdict::Nak(delay), "retry")

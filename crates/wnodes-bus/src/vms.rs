@@ -10,7 +10,7 @@ use wnodes_proto::v1::event::Body;
 
 use crate::{
     error::BusError,
-    event::{EventType, run_key},
+    event::run_key,
     runs::{RunEvent, read_subjects},
     subject,
 };
@@ -130,15 +130,8 @@ pub fn fold(events: &[RunEvent]) -> Vec<VmView> {
 
 /// Every VM in the events stream, or `host`'s only.
 pub async fn read(js: &jetstream::Context, host: Option<&str>) -> Result<Vec<VmView>, BusError> {
-    let filters = [
-        EventType::VmRequested,
-        EventType::VmRunning,
-        EventType::VmStopped,
-        EventType::VmFailed,
-    ]
-    .iter()
-    .map(|t| subject::event_filter(host, t.name()))
-    .collect::<Result<Vec<_>, _>>()?;
+    // `vm.requested`, `vm.running`, `vm.stopped`, `vm.failed`: every `vm.*` type, one walk.
+    let filters = vec![subject::event_filter(host, "vm.*")?];
     let what = match host {
         Some(h) => format!("the VMs of {h}"),
         None => "the VMs".to_owned(),
