@@ -34,6 +34,16 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS wnodes_processed (
 const INSERT: &str = "INSERT INTO wnodes_processed (consumer, key, processed_at, outbox)
     VALUES ($1, $2, $3, $4) ON CONFLICT (consumer, key) DO NOTHING";
 
+/// The keys among `$2` that consumer `$1` handled, with their outboxes. Driven by the keys: one
+/// primary-key probe per key. A plain join (or `key = ANY($2)`) gets a generic plan, made while
+/// the table was small, that reads every key of the consumer once the table has grown (12.8 ms
+/// a batch at 100,000 keys, `docs/benchmarks.md`); a correlated subquery with `LIMIT 1` cannot
+/// be turned into that join.
+const LOOKUP_MANY: &str = "SELECT k.key, p.outbox FROM unnest($2::text[]) AS k(key)
+     CROSS JOIN LATERAL (
+         SELECT outbox FROM wnodes_processed WHERE consumer = $1 AND key = k.key LIMIT 1
+     ) AS p";
+
 /// Arbitrary, fixed: serialises `CREATE TABLE IF NOT EXISTS` between processes (PostgreSQL's
 /// is not safe against a concurrent one).
 const SCHEMA_LOCK: i64 = 0x776e_6f64_6573_6b65; // "wnodeske"
@@ -170,17 +180,12 @@ impl PgKeyStore {
         keys: &[&str],
     ) -> Result<HashMap<String, Vec<Event>>, BusError> {
         let keys: Vec<String> = keys.iter().map(|k| (*k).to_owned()).collect();
-        let rows: Vec<(String, Option<Vec<u8>>)> = sqlx::query_as(
-            // Driven by the keys (a nested loop on the primary key): `key = ANY($2)` got a
-            // generic plan that scanned the whole table once the statement was prepared.
-            "SELECT p.key, p.outbox FROM unnest($2::text[]) AS k(key)
-             JOIN wnodes_processed AS p ON p.consumer = $1 AND p.key = k.key",
-        )
-        .bind(consumer)
-        .bind(keys)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| self.err(e))?;
+        let rows: Vec<(String, Option<Vec<u8>>)> = sqlx::query_as(LOOKUP_MANY)
+            .bind(consumer)
+            .bind(keys)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| self.err(e))?;
         Ok(rows
             .into_iter()
             .map(|(k, blob)| (k, blob.as_deref().map(decode_outbox).unwrap_or_default()))
@@ -291,6 +296,52 @@ mod tests {
             s.prune(Duration::ZERO).await.unwrap(),
             0,
             "keys of this second stay"
+        );
+    }
+
+    /// The batch lookup finds exactly the handled keys with their outboxes, and its generic
+    /// plan (the one a prepared statement ends up with) probes the primary key per key
+    /// instead of reading every key of the consumer.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn lookup_many_probes_the_key_index_under_a_generic_plan() {
+        let s = store().await;
+        let ev = Event {
+            id: "usage.recorded:r1".into(),
+            ..Default::default()
+        };
+        assert!(
+            s.record("c", "k1", std::slice::from_ref(&ev))
+                .await
+                .unwrap()
+        );
+        assert!(s.record("c", "k2", &[]).await.unwrap());
+        assert!(s.record("other", "k3", &[]).await.unwrap());
+        let found = s.lookup_many("c", &["k1", "k2", "k3", "k4"]).await.unwrap();
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert_eq!(found["k1"], vec![ev]);
+        assert!(found["k2"].is_empty());
+
+        let mut c = s.pool().acquire().await.unwrap();
+        sqlx::query("SET plan_cache_mode = force_generic_plan")
+            .execute(&mut *c)
+            .await
+            .unwrap();
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "PREPARE lookup_many(text, text[]) AS {LOOKUP_MANY}"
+        )))
+        .execute(&mut *c)
+        .await
+        .unwrap();
+        let lines: Vec<(String,)> =
+            sqlx::query_as("EXPLAIN (COSTS OFF) EXECUTE lookup_many('c', ARRAY['k1'])")
+                .fetch_all(&mut *c)
+                .await
+                .unwrap();
+        let plan: Vec<String> = lines.into_iter().map(|(l,)| l).collect();
+        assert!(
+            plan.iter()
+                .any(|l| l.contains("Index Cond: ((consumer = $1) AND (key = k.key))")),
+            "the lookup must probe (consumer, key) per key: {plan:#?}"
         );
     }
 

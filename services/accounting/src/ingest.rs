@@ -263,11 +263,15 @@ pub(crate) async fn job_rows(db: &mut Db<'_>, keys: &[&str]) -> Result<Vec<JobRo
         return Ok(Vec::new());
     }
     if let Db::Postgres(c) = db {
-        // Driven by the keys (a nested loop on the primary key): `run_key = ANY($1)` can get
-        // a generic plan that scans the whole table once the statement is prepared.
+        // Driven by the keys, one primary-key probe each: a join (or `run_key = ANY($1)`)
+        // can get a generic plan, made while the table was small, that scans it whole once
+        // it has grown; a correlated subquery with `LIMIT 1` cannot become that join.
         let mut q = sqlx::QueryBuilder::new(format!("SELECT {COLUMNS} FROM unnest("));
-        q.push_bind(key_array(keys))
-            .push("::text[]) AS k(run_key) JOIN accounting_jobs AS j ON j.run_key = k.run_key");
+        q.push_bind(key_array(keys)).push(
+            "::text[]) AS k(run_key) CROSS JOIN LATERAL (
+                 SELECT * FROM accounting_jobs WHERE run_key = k.run_key LIMIT 1
+             ) AS j",
+        );
         return q.build_query_as().fetch_all(&mut **c).await;
     }
     let select = format!("SELECT {COLUMNS} FROM accounting_jobs AS j WHERE j.run_key ");
