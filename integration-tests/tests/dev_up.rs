@@ -1,7 +1,7 @@
 //! `wnodes-dev up` keeps the stack running: a job submitted with the command line it prints
-//! runs, `wnodesctl` pointed at it as it says reads the VMs, the durables and the dead letters,
-//! a `vm.stopped` dead-lettered on purpose is redriven once and the VM's scratch released, and
-//! `wnodes-dev down` stops it and finds nothing left behind.
+//! runs, `wnodesctl` pointed at it as it says reads the services' heartbeats, the VMs, the
+//! durables and the dead letters, a `vm.stopped` dead-lettered on purpose is redriven once and
+//! the VM's scratch released, and `wnodes-dev down` stops it and finds nothing left behind.
 //!
 //! Needs what `job_flow.rs` needs (`wnodes_testkit::vm::JOB_NEEDS`) and the binaries
 //! (`cargo build --workspace --bins`); named `vm_*`: it boots a VM. A host test: skipped where a
@@ -210,6 +210,73 @@ async fn vm_wnodes_dev_up_serves_jobs_and_wnodesctl_until_down() {
     assert_eq!(ours[0]["state"], "stopped", "{ended}");
     assert_eq!(ours[0]["exit_code"], 0, "{ended}");
     assert_eq!(vms(false), serde_json::json!([]), "no VM left running");
+
+    // wnodesctl hosts: every service of the stack beating, running and ready.
+    let mut hosts = command(netns, &bin.join("wnodesctl"));
+    hosts.args([
+        "hosts",
+        "--check",
+        "--json",
+        "--nats",
+        &s("nats_url"),
+        "--creds",
+        &s("monitor_creds"),
+    ]);
+    let (code, stdout, stderr) = output(hosts);
+    assert_eq!(code, 0, "every service running and ready: {stdout}{stderr}");
+    let beats: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let mut services: Vec<&str> = beats
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            assert_eq!(b["state"], "running", "{b}");
+            assert_eq!(b["ready"], true, "{b}");
+            b["service"].as_str().unwrap()
+        })
+        .collect();
+    services.sort_unstable();
+    assert_eq!(
+        services,
+        [
+            "accounting",
+            "bridge",
+            "gateway",
+            "image",
+            "launcher",
+            "network",
+            "scratch"
+        ],
+        "{beats}"
+    );
+    // The table: a row per service, by host, and the summary.
+    let mut table = command(netns, &bin.join("wnodesctl"));
+    table.args([
+        "hosts",
+        "--nats",
+        &s("nats_url"),
+        "--creds",
+        &s("monitor_creds"),
+    ]);
+    let (code, stdout, stderr) = output(table);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.lines().any(|l| l.starts_with("hv1.wnodes.dev")
+            && l.contains(" launcher ")
+            && l.contains(" running ")
+            && l.contains(" yes ")),
+        "{stdout}"
+    );
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("(central)") && l.contains(" accounting ")),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("7 service(s) on 1 host(s) and central; 0 stale, stopped or not ready"),
+        "{stdout}"
+    );
 
     // wnodesctl, as the monitor and as the admin.
     let mut backlog = command(netns, &bin.join("wnodesctl"));

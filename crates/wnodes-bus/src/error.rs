@@ -68,6 +68,12 @@ pub enum BusError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    #[error("putting the heartbeat of {identity}")]
+    Heartbeat {
+        identity: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("reading the dead-letter stream")]
     DeadLetterRead(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("deleting dead letter {sequence} after its redrive")]

@@ -44,6 +44,10 @@ wnodes_testkit::error_rule! {
             source: Arc::new(rusqlite::Error::InvalidParameterName(SOURCE_TEXT.into())),
         },
         BusError::DeadLetterRead(_) => BusError::DeadLetterRead(boxed_source()),
+        BusError::Heartbeat { .. } => BusError::Heartbeat {
+            identity: "launcher-hv1_example_org".into(),
+            source: boxed_source(),
+        },
         BusError::EventsRead { .. } => BusError::EventsRead {
             what: "run INFN-T1/htcondor/1001.0/1".into(),
             source: boxed_source(),

@@ -11,6 +11,7 @@
 //! | [`bus`] | [`Bus`]: the stream check, traced and de-duplicated publishing with retries |
 //! | [`runs`] | a run's events read back from the stream, and its per-phase timeline |
 //! | [`vms`] | the VMs the stream knows of, each in the state of its last `vm.*` event |
+//! | [`heartbeat`] | each service's heartbeat in the hosts key-value bucket, and reading them back |
 //! | [`denial`] | the server's permission violations, so a refused publish fails at once |
 //! | [`consumer`] | durable consumers: spans, idempotency, retries, dead letters, shutdown, batches |
 //! | [`handler`] | the [`Handler`] trait, [`HandlerCtx`], and a batch's [`BatchCtx`] and [`BatchItem`] |
@@ -42,6 +43,7 @@ mod error_rule;
 pub mod event;
 mod failpoint;
 pub mod handler;
+pub mod heartbeat;
 pub mod keys;
 pub mod layout;
 pub mod metrics;

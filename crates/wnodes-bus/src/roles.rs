@@ -57,6 +57,12 @@ impl Role {
         }
     }
 
+    /// Whether it is a long-running service (every role but the job starter): it puts its
+    /// heartbeat into the hosts bucket ([`crate::heartbeat`]).
+    pub fn is_service(&self) -> bool {
+        self.name != AGENT.name
+    }
+
     /// The name of its identity on `host`: `<name>-<host token>` per host, `<name>` central
     /// (the same as its durable name, and its inbox token: `_INBOX.<identity>.`).
     pub fn identity(&self, host: &str) -> Result<String, BusError> {

@@ -45,6 +45,10 @@ pub struct CommonConfig {
     pub log_level: String,
     /// Retry, concurrency and shutdown settings of every durable consumer.
     pub consumer: ConsumerTuning,
+    /// How often the service puts its heartbeat into the hosts bucket (`wnodesctl hosts`);
+    /// past three intervals without one it shows as stale. Env `WNODES_HEARTBEAT_INTERVAL`.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: std::time::Duration,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,6 +71,7 @@ impl Default for CommonConfig {
             log_format: LogFormat::Text,
             log_level: "info".into(),
             consumer: ConsumerTuning::default(),
+            heartbeat_interval: std::time::Duration::from_secs(15),
         }
     }
 }
@@ -130,6 +135,8 @@ pub enum ConfigError {
     EmptySite,
     #[error("[consumer]: invalid settings")]
     Consumer(#[source] BusError),
+    #[error("heartbeat_interval: {0:?} is shorter than the shortest allowed, 1s")]
+    HeartbeatInterval(std::time::Duration),
     /// A value of the service's own section that its type accepts but the service cannot use
     /// (the source names the key).
     #[error("[{section}]: invalid value")]
@@ -259,6 +266,9 @@ where
         return Err(ConfigError::EmptySite);
     }
     common.consumer.validate().map_err(ConfigError::Consumer)?;
+    if common.heartbeat_interval < std::time::Duration::from_secs(1) {
+        return Err(ConfigError::HeartbeatInterval(common.heartbeat_interval));
+    }
     if common.otlp_endpoint.is_none() {
         common.otlp_endpoint = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT")
             .ok()

@@ -23,6 +23,7 @@ wnodes_testkit::error_rule! {
         ConfigError::Host(_) => ConfigError::Host(BusError::InvalidName(SOURCE_TEXT.into())),
         ConfigError::EmptySite => ConfigError::EmptySite,
         ConfigError::Consumer(_) => ConfigError::Consumer(BusError::Config(SOURCE_TEXT.into())),
+        ConfigError::HeartbeatInterval(_) => ConfigError::HeartbeatInterval(std::time::Duration::from_millis(200)),
         ConfigError::Section { .. } => ConfigError::section("network", boxed_source()),
     }
     GrpcTlsError {

@@ -139,12 +139,25 @@ async fn start_and_run<S: Service>(
         "Service starting."
     );
 
+    let beating = crate::heartbeat::Beating::start(
+        bus.clone(),
+        crate::heartbeat::Who {
+            service: S::NAME,
+            host: S::ROLE.host_of(&common.host).map(str::to_owned),
+            identity: identity.clone(),
+            http_addr,
+            interval: common.heartbeat_interval,
+        },
+        ready.clone(),
+    );
+
     let spec = if S::CONSUMES.is_empty() {
         None
     } else {
         Some(consumer_spec::<S>(&common.host, common.consumer.clone())?)
     };
     if !wait_provisioned(&bus, spec.as_ref(), &ready, &shutdown).await {
+        beating.finish().await;
         return Ok(exit::OK);
     }
 
@@ -196,6 +209,7 @@ async fn start_and_run<S: Service>(
     if let Some(p) = own_prune {
         p.abort();
     }
+    beating.finish().await;
     bus.flush().await;
     if failed {
         tracing::error!(service = S::NAME, "Service stopped after a failure.");

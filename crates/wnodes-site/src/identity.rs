@@ -8,6 +8,7 @@
 use serde::Serialize;
 use wnodes_bus::{
     EventType, Role,
+    heartbeat::{self, HOSTS_STREAM},
     roles::Scope,
     subject::{self, DLQ_STREAM, EVENTS_STREAM},
 };
@@ -98,6 +99,9 @@ impl Identity {
                     format!("$JS.API.CONSUMER.LIST.{EVENTS_STREAM}"),
                     format!("$JS.API.CONSUMER.INFO.{EVENTS_STREAM}.*"),
                     format!("$JS.API.DIRECT.GET.{EVENTS_STREAM}"),
+                    // `wnodesctl hosts`: every service's last heartbeat.
+                    format!("$JS.API.STREAM.INFO.{HOSTS_STREAM}"),
+                    format!("$JS.API.DIRECT.GET.{HOSTS_STREAM}"),
                 ]);
             }
             Kind::Role(role) => {
@@ -107,6 +111,10 @@ impl Identity {
                     format!("$JS.API.STREAM.INFO.{EVENTS_STREAM}"),
                     format!("$JS.API.STREAM.INFO.{DLQ_STREAM}"),
                 ]);
+                if role.is_service() {
+                    // Its own heartbeat key, nothing else of the bucket.
+                    publish.push(heartbeat::key_subject(&self.name));
+                }
                 for t in role.publishes {
                     publish.push(publish_subject(*t, role.scope, host)?);
                 }
@@ -178,6 +186,17 @@ mod tests {
                 .any(|s| s.contains('>') && s.starts_with("wnodes.evt"))
         );
         assert_eq!(p.subscribe, ["_INBOX.scratch-hv1_x.>"]);
+        // Its own heartbeat key, and no other key or API of the bucket.
+        assert!(p.publish.contains(&"$KV.wnodes_hosts.scratch-hv1_x".into()));
+        assert_eq!(
+            p.publish
+                .iter()
+                .filter(|s| s.contains("wnodes_hosts"))
+                .count(),
+            1,
+            "{:?}",
+            p.publish
+        );
     }
 
     #[test]
@@ -198,6 +217,10 @@ mod tests {
                 .contains(&"$JS.API.CONSUMER.CREATE.WNODES_EVENTS.*.wnodes.evt.hv2_x.>".into())
         );
         assert!(!p.publish.iter().any(|s| s.contains("MSG.NEXT")));
+        assert!(
+            !p.publish.iter().any(|s| s.contains("wnodes_hosts")),
+            "the job starter does not beat"
+        );
         let bridge = Identity::role(&roles::BRIDGE, "").unwrap();
         let p = bridge.permissions().unwrap();
         assert!(p.publish.contains(&"wnodes.evt._queued.job.queued".into()));

@@ -1,4 +1,4 @@
-//! The streams and durable consumers on the server: made, checked or updated from the site
+//! The streams (events, dead letters, the heartbeats' bucket) and durable consumers on the server: made, checked or updated from the site
 //! description, with the same definitions the services check against
 //! ([`wnodes_bus::layout`]).
 
@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use async_nats::jetstream::{self, consumer, stream};
 use futures::TryStreamExt;
 use wnodes_bus::{
+    heartbeat,
     layout::{self, Coverage},
     subject::EVENTS_STREAM,
 };
@@ -34,6 +35,8 @@ pub async fn provision(
     let events = layout::events_stream(&l, site.streams.max_consumers);
     let events_exists = provision_stream(js, events, mode, &mut report).await?;
     provision_stream(js, layout::dlq_stream(&l), mode, &mut report).await?;
+    // The services' heartbeats (`wnodesctl hosts`): a key-value bucket's stream.
+    provision_stream(js, heartbeat::hosts_stream(&l), mode, &mut report).await?;
 
     // Every consumer of the events stream, listed in pages (one request per 256, not one per
     // durable: a site has tens of thousands).

@@ -231,3 +231,66 @@ async fn the_job_starter_watches_only_its_own_host() {
         "the job starter of {H1} watched {H2}"
     );
 }
+
+/// A service puts only its own heartbeat key; the job starter none; the monitor reads them.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_service_puts_only_its_own_heartbeat() {
+    use wnodes_bus::heartbeat::{self, Heartbeat, ServiceState};
+    let nats = NatsServer::start().await.unwrap();
+    let beat = |service: &str, identity: &str| Heartbeat {
+        service: service.into(),
+        host: H1.into(),
+        identity: identity.into(),
+        version: "0.1.0".into(),
+        state: ServiceState::Running,
+        ready: true,
+        reason: None,
+        http_addr: "127.0.0.1:1".into(),
+        pid: 1,
+        started_ms: 0,
+        sent_ms: 0,
+        interval_ms: 1000,
+    };
+    let short = Duration::from_secs(3);
+    let scratch = bus(
+        &nats.identity(&roles::SCRATCH, H1).await.unwrap(),
+        "scratch@h1",
+    )
+    .await;
+    heartbeat::put(
+        scratch.jetstream(),
+        &beat("scratch", "scratch-hv1_example_org"),
+        short,
+    )
+    .await
+    .unwrap();
+    // Another service's key, on its host or another: refused (no ack comes).
+    for other in ["launcher-hv1_example_org", "scratch-hv2_example_org"] {
+        assert!(
+            heartbeat::put(scratch.jetstream(), &beat("launcher", other), short)
+                .await
+                .is_err(),
+            "scratch put {other}'s heartbeat"
+        );
+    }
+    let agent = bus(&nats.creds(&roles::AGENT, H1).unwrap(), "agent@h1").await;
+    assert!(
+        heartbeat::put(
+            agent.jetstream(),
+            &beat("agent", "agent-hv1_example_org"),
+            short
+        )
+        .await
+        .is_err(),
+        "the job starter put a heartbeat"
+    );
+    let monitor = bus(&nats.monitor(), "monitor").await;
+    let read = heartbeat::read(monitor.jetstream()).await.unwrap();
+    let keys: Vec<&str> = read
+        .beats
+        .iter()
+        .map(|s| s.beat.identity.as_str())
+        .collect();
+    assert_eq!(keys, ["scratch-hv1_example_org"]);
+    assert!(read.unreadable.is_empty());
+}

@@ -19,6 +19,7 @@
 //! | `job` | `job RUN` |
 //! | `accounting` | `accounting report` |
 //! | `vms` | `vms [--host H] [--all]` |
+//! | `hosts` | `hosts [--host H] [--check]` |
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -27,6 +28,7 @@ use clap::{Parser, Subcommand};
 mod accounting;
 mod backlog;
 mod dlq;
+mod hosts;
 mod job;
 mod provision;
 mod vms;
@@ -53,6 +55,22 @@ enum Command {
     Accounting(accounting::AccountingArgs),
     /// The VMs in the events stream: run, host, state, age, image, resources (as the monitor).
     Vms(VmsArgs),
+    /// Every service's last heartbeat, by host: state, readiness, version (as the monitor).
+    Hosts(HostsArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct HostsArgs {
+    #[command(flatten)]
+    connection: Connection,
+    /// Only this host's services.
+    #[arg(long)]
+    host: Option<String>,
+    /// Exit 1 when any service shown is stale, stopped or not ready.
+    #[arg(long)]
+    check: bool,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -227,6 +245,7 @@ fn main() -> ExitCode {
             Command::Job(args) => job::job(args).await,
             Command::Accounting(args) => accounting::accounting(args).await,
             Command::Vms(args) => vms::vms(args).await,
+            Command::Hosts(args) => hosts::hosts(args).await,
         }
     });
     ExitCode::from(code)

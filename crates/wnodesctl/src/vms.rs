@@ -98,7 +98,7 @@ fn view_json(v: &VmView, now: SystemTime) -> serde_json::Value {
 }
 
 /// `42s`, `7m`, `3h`, `2d`.
-fn age(now: SystemTime, since: SystemTime) -> String {
+pub(crate) fn age(now: SystemTime, since: SystemTime) -> String {
     let s = now
         .duration_since(since)
         .unwrap_or(Duration::ZERO)
