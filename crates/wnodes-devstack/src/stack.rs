@@ -257,8 +257,10 @@ pub fn render_config(opts: &StackOptions, c: &ConfigInputs<'_>) -> String {
     );
     let _ = writeln!(
         cfg,
-        "\n[gateway]\nport_range = \"{}-{}\"",
-        opts.gateway_ports.0, opts.gateway_ports.1
+        "\n[gateway]\nport_range = \"{}-{}\"\nexport_roots = [{}]",
+        opts.gateway_ports.0,
+        opts.gateway_ports.1,
+        qp(export)
     );
     cfg
 }

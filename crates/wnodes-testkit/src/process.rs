@@ -34,6 +34,8 @@ pub enum TomlValue {
     Int(i64),
     /// A boolean.
     Bool(bool),
+    /// An array of values.
+    Array(Vec<TomlValue>),
 }
 
 impl From<&str> for TomlValue {
@@ -66,6 +68,12 @@ impl From<i64> for TomlValue {
     }
 }
 
+impl<T: Into<TomlValue>> From<Vec<T>> for TomlValue {
+    fn from(v: Vec<T>) -> Self {
+        Self::Array(v.into_iter().map(Into::into).collect())
+    }
+}
+
 impl From<bool> for TomlValue {
     fn from(b: bool) -> Self {
         Self::Bool(b)
@@ -89,6 +97,16 @@ impl std::fmt::Display for TomlValue {
             }
             Self::Int(i) => write!(f, "{i}"),
             Self::Bool(b) => write!(f, "{b}"),
+            Self::Array(v) => {
+                f.write_char('[')?;
+                for (i, x) in v.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(", ")?;
+                    }
+                    write!(f, "{x}")?;
+                }
+                f.write_char(']')
+            }
         }
     }
 }

@@ -18,6 +18,14 @@ pub struct GatewayConfig {
     pub bind_address: Option<IpAddr>,
     /// Ports handed to VMs, `"first-last"` inclusive.
     pub port_range: String,
+    /// Host policy: the directories under which an export may lie, checked after resolving
+    /// symlinks (`/` is refused). Empty (the default): the gateway serves no export at all.
+    pub export_roots: Vec<PathBuf>,
+    /// Host policy: the uids a job may own its export as, `"first-last"` inclusive; 0 is
+    /// refused. The default leaves out Debian's system accounts (below 1000).
+    pub job_uids: String,
+    /// Host policy: the same for gids.
+    pub job_gids: String,
 }
 
 impl Default for GatewayConfig {
@@ -27,6 +35,9 @@ impl Default for GatewayConfig {
             setpriv: PathBuf::from("/usr/bin/setpriv"),
             bind_address: None,
             port_range: "20000-20999".into(),
+            export_roots: Vec::new(),
+            job_uids: "1000-65534".into(),
+            job_gids: "1000-65534".into(),
         }
     }
 }
@@ -38,6 +49,12 @@ pub enum GatewayConfigError {
     PortRange(#[source] PortRangeError),
     #[error("{key} must be an absolute path, got {path:?}")]
     NotAbsolute { key: &'static str, path: PathBuf },
+    #[error(
+        "{key}: invalid range {value:?}: expected \"first-last\" with 1 <= first <= last (0 is root)"
+    )]
+    IdRange { key: &'static str, value: String },
+    #[error("export_roots: {path:?} is not allowed (it would export the whole host)")]
+    RootExport { path: PathBuf },
 }
 
 impl GatewayConfig {
@@ -48,9 +65,35 @@ impl GatewayConfig {
             .map_err(GatewayConfigError::PortRange)
     }
 
+    /// The job uid and gid ranges, parsed.
+    pub fn id_ranges(&self) -> Result<(IdRange, IdRange), GatewayConfigError> {
+        let parse = |key: &'static str, value: &str| {
+            value.parse().map_err(|()| GatewayConfigError::IdRange {
+                key,
+                value: value.to_owned(),
+            })
+        };
+        Ok((
+            parse("job_uids", &self.job_uids)?,
+            parse("job_gids", &self.job_gids)?,
+        ))
+    }
+
     /// Checks every value.
     pub fn validate(&self) -> Result<(), GatewayConfigError> {
         self.ports()?;
+        self.id_ranges()?;
+        for root in &self.export_roots {
+            if !root.is_absolute() {
+                return Err(GatewayConfigError::NotAbsolute {
+                    key: "export_roots",
+                    path: root.clone(),
+                });
+            }
+            if root.parent().is_none() {
+                return Err(GatewayConfigError::RootExport { path: root.clone() });
+            }
+        }
         for (key, p) in [
             ("setpriv", &self.setpriv),
             ("sftp_server", &self.sftp_server),
@@ -63,6 +106,39 @@ impl GatewayConfig {
             }
         }
         Ok(())
+    }
+}
+
+/// An inclusive range of uids or gids, never containing 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdRange {
+    pub first: u32,
+    pub last: u32,
+}
+
+impl FromStr for IdRange {
+    type Err = ();
+
+    fn from_str(s: &str) -> Result<Self, ()> {
+        let (a, b) = s.split_once('-').ok_or(())?;
+        let first: u32 = a.trim().parse().map_err(drop)?;
+        let last: u32 = b.trim().parse().map_err(drop)?;
+        if first == 0 || first > last {
+            return Err(());
+        }
+        Ok(Self { first, last })
+    }
+}
+
+impl IdRange {
+    pub fn contains(self, id: u32) -> bool {
+        (self.first..=self.last).contains(&id)
+    }
+}
+
+impl std::fmt::Display for IdRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.first, self.last)
     }
 }
 
@@ -103,6 +179,34 @@ impl PortRange {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn id_ranges_never_hold_root() {
+        let r: IdRange = "1000-65534".parse().unwrap();
+        assert!(r.contains(1000) && r.contains(65534) && !r.contains(999));
+        for bad in ["", "0-10", "0-0", "5-4", "a-b", "1000"] {
+            assert!(bad.parse::<IdRange>().is_err(), "{bad}");
+        }
+        let cfg = GatewayConfig {
+            export_roots: vec!["/".into()],
+            ..Default::default()
+        };
+        assert!(matches!(
+            cfg.validate(),
+            Err(GatewayConfigError::RootExport { .. })
+        ));
+        let cfg = GatewayConfig {
+            job_uids: "0-100".into(),
+            ..Default::default()
+        };
+        assert!(
+            cfg.validate()
+                .unwrap_err()
+                .to_string()
+                .starts_with("job_uids:"),
+            "the key is named"
+        );
+    }
 
     #[test]
     fn port_ranges() {

@@ -13,5 +13,10 @@ wnodes_testkit::error_rule! {
             key: "sftp_server",
             path: "sftp-server".into(),
         },
+        GatewayConfigError::IdRange { .. } => GatewayConfigError::IdRange {
+            key: "job_uids",
+            value: "0-100".into(),
+        },
+        GatewayConfigError::RootExport { .. } => GatewayConfigError::RootExport { path: "/".into() },
     }
 }

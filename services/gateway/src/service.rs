@@ -14,7 +14,7 @@ use wnodes_bus::{
 use wnodes_preparer::{Events, Incoming, State, TableError};
 
 use crate::{
-    config::{GatewayConfig, GatewayConfigError, PortRange},
+    config::{GatewayConfig, GatewayConfigError, IdRange, PortRange},
     listener::{Listeners, Programs, ServeSpec},
     table::{self, Row, Storage},
 };
@@ -25,8 +25,37 @@ pub struct GatewayHandler {
     pub listeners: Listeners,
     pub bind_address: Option<IpAddr>,
     pub ports: PortRange,
+    /// Host policy: where exports may lie, and whose they may be ([`GatewayConfig`]).
+    pub export_roots: Vec<PathBuf>,
+    pub job_uids: IdRange,
+    pub job_gids: IdRange,
     /// `"gateway@<host>"`.
     pub source: String,
+}
+
+/// Why a VM's storage is not served: a rule of the host's policy the spec breaks (logged as
+/// an error: the event asked for something this host never allows), or a failure to serve
+/// an allowed spec (a warning).
+#[derive(Debug)]
+enum Refusal {
+    Policy { rule: &'static str, reason: String },
+    Cannot(String),
+}
+
+impl From<String> for Refusal {
+    fn from(reason: String) -> Self {
+        Self::Cannot(reason)
+    }
+}
+
+impl From<&str> for Refusal {
+    fn from(reason: &str) -> Self {
+        Self::Cannot(reason.to_owned())
+    }
+}
+
+fn policy(rule: &'static str, reason: String) -> Refusal {
+    Refusal::Policy { rule, reason }
 }
 
 fn store_err(e: TableError) -> HandlerError {
@@ -49,7 +78,11 @@ impl GatewayHandler {
     pub fn new(cfg: &GatewayConfig, source: String) -> Result<Self, GatewayConfigError> {
         cfg.validate()?;
         let ports = cfg.ports()?;
+        let (job_uids, job_gids) = cfg.id_ranges()?;
         Ok(Self {
+            export_roots: cfg.export_roots.clone(),
+            job_uids,
+            job_gids,
             listeners: Listeners::new(Programs {
                 setpriv: cfg.setpriv.clone(),
                 sftp_server: cfg.sftp_server.clone(),
@@ -64,33 +97,51 @@ impl GatewayHandler {
         Events::new(&self.source)
     }
 
-    /// Checks the spec against the network: what to serve, where, to whom.
-    fn plan(&self, spec: &proto::VmSpec, net: &proto::NetworkReady) -> Result<Plan, String> {
+    /// Checks the spec against the host's policy and the network: what to serve, where, to
+    /// whom.
+    fn plan(&self, spec: &proto::VmSpec, net: &proto::NetworkReady) -> Result<Plan, Refusal> {
         let Some(export) = spec.exports.first() else {
             return Ok(Plan::Nothing);
         };
         if spec.exports.len() > 1 {
-            return Err(format!(
-                "{} exports requested; the sshfs gateway serves one export per VM",
-                spec.exports.len()
+            return Err(policy(
+                "exports.count",
+                format!(
+                    "{} exports requested; the sshfs gateway serves one export per VM",
+                    spec.exports.len()
+                ),
             ));
         }
         let owner = spec
             .owner
             .as_ref()
-            .ok_or("the spec names no owner (uid/gid)")?;
-        if owner.uid == 0 || owner.gid == 0 {
-            return Err(format!(
-                "owner uid {} gid {}: the gateway never serves files as root",
-                owner.uid, owner.gid
+            .ok_or_else(|| policy("owner.required", "the spec names no owner (uid/gid)".into()))?;
+        if !self.job_uids.contains(owner.uid) {
+            return Err(policy(
+                "owner.job_uids",
+                format!(
+                    "owner uid {} is outside the job uids {} ([gateway] job_uids): never root or a system account",
+                    owner.uid, self.job_uids
+                ),
             ));
         }
+        if !self.job_gids.contains(owner.gid) {
+            return Err(policy(
+                "owner.job_gids",
+                format!(
+                    "owner gid {} is outside the job gids {} ([gateway] job_gids)",
+                    owner.gid, self.job_gids
+                ),
+            ));
+        }
+        let path = self.export_path(&export.name, &export.host_path)?;
         let me = nix::unistd::geteuid();
         if !me.is_root() && me.as_raw() != owner.uid {
             return Err(format!(
                 "the gateway runs as uid {me}, not root: it cannot run sftp-server as uid {}",
                 owner.uid
-            ));
+            )
+            .into());
         }
         // sftp-server exits at once ("No user found for uid N") without a passwd entry.
         match nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(owner.uid)) {
@@ -99,16 +150,10 @@ impl GatewayHandler {
                 return Err(format!(
                     "owner uid {} has no passwd entry on this host (sftp-server needs one)",
                     owner.uid
-                ));
+                )
+                .into());
             }
-            Err(e) => return Err(format!("cannot look up owner uid {}: {e}", owner.uid)),
-        }
-        let path = PathBuf::from(&export.host_path);
-        if !path.is_absolute() || !Path::new(&path).is_dir() {
-            return Err(format!(
-                "export {:?}: host path {:?} is not an existing directory",
-                export.name, export.host_path
-            ));
+            Err(e) => return Err(format!("cannot look up owner uid {}: {e}", owner.uid).into()),
         }
         let user_mode = net.mode == proto::NetworkMode::User as i32;
         let allowed: IpAddr = if user_mode {
@@ -144,6 +189,55 @@ impl GatewayHandler {
             bind,
             guest_path: export.guest_path.clone(),
         })
+    }
+
+    /// The export's directory with every symlink resolved, when it lies under an export root
+    /// (itself resolved): a link placed anywhere on the way cannot lead out of the roots.
+    fn export_path(&self, name: &str, host_path: &str) -> Result<PathBuf, Refusal> {
+        let asked = Path::new(host_path);
+        if !asked.is_absolute() {
+            return Err(policy(
+                "exports.absolute",
+                format!("export {name:?}: host path {host_path:?} is not absolute"),
+            ));
+        }
+        let roots: Vec<PathBuf> = self
+            .export_roots
+            .iter()
+            .filter_map(|r| std::fs::canonicalize(r).ok())
+            .collect();
+        if roots.is_empty() {
+            return Err(policy(
+                "exports.roots",
+                format!(
+                    "export {name:?}: no export root of this host exists ([gateway] export_roots = {:?}); it serves no export",
+                    self.export_roots
+                ),
+            ));
+        }
+        let real = std::fs::canonicalize(asked).map_err(|e| {
+            policy(
+                "exports.directory",
+                format!("export {name:?}: host path {host_path:?} cannot be resolved: {e}"),
+            )
+        })?;
+        if !roots.iter().any(|r| real.starts_with(r)) {
+            return Err(policy(
+                "exports.roots",
+                format!(
+                    "export {name:?}: host path {host_path:?} (resolved: {}) is outside the export roots {:?} ([gateway] export_roots)",
+                    real.display(),
+                    self.export_roots
+                ),
+            ));
+        }
+        if !real.is_dir() {
+            return Err(policy(
+                "exports.directory",
+                format!("export {name:?}: host path {host_path:?} is not a directory"),
+            ));
+        }
+        Ok(real)
     }
 
     /// Binds the first free port of the range on `bind` (skipping `used`).
@@ -226,7 +320,16 @@ impl GatewayHandler {
         };
         let plan = match self.plan(spec, net) {
             Ok(p) => p,
-            Err(reason) => {
+            Err(Refusal::Policy { rule, reason }) => {
+                tracing::error!(vm_id, rule, %reason, "Refused by host policy: nothing served.");
+                ctx.publish(self.events().failed(
+                    ev,
+                    vm_id,
+                    format!("host policy {rule}: {reason}"),
+                ));
+                return Ok(());
+            }
+            Err(Refusal::Cannot(reason)) => {
                 tracing::warn!(vm_id, %reason, "Cannot serve the VM's storage.");
                 ctx.publish(self.events().failed(ev, vm_id, reason));
                 return Ok(());
@@ -310,10 +413,22 @@ impl GatewayHandler {
             tracing::error!(vm_id = %row.vm_id, "Stored listener address is corrupt; not re-opened.");
             return;
         };
+        // The policy again: the host's configuration may have changed since.
+        let path = match self.export_path(&export.name, &export.host_path) {
+            Ok(p) => p,
+            Err(Refusal::Policy { rule, reason }) => {
+                tracing::error!(vm_id = %row.vm_id, rule, %reason, "Refused by host policy: the listener is not re-opened.");
+                return;
+            }
+            Err(Refusal::Cannot(reason)) => {
+                tracing::error!(vm_id = %row.vm_id, %reason, "Cannot re-open the SFTP listener.");
+                return;
+            }
+        };
         let serve = ServeSpec {
             vm_id: row.vm_id.clone(),
             allowed,
-            path: PathBuf::from(&export.host_path),
+            path,
             read_only: export.read_only,
             uid: owner.uid,
             gid: owner.gid,

@@ -1,5 +1,8 @@
 //! The `wnodes-gateway` binary as deployed: config file with a `[gateway]` section, a VM
-//! served, SIGTERM → exit 0 with the listener closed, and a restart that re-opens it.
+//! served, SIGTERM → exit 0 with the listener closed, and a restart that re-opens it; and
+//! events that break the host's policy (exports outside the export roots, through a symlink or
+//! `..`, as root or a system account), each refused with `storage.failed` naming the rule and
+//! an error log line, with no listener opened.
 //! A host test (`wnodes_testkit::host`): needs root, `sftp-server` and `setpriv`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a failure is a test failure
@@ -13,11 +16,9 @@ use wnodes_testkit::{
 };
 
 fn gateway(nats: &wnodes_bus::NatsConfig, dir: &Path) -> ProcessBuilder {
-    let conf = ServiceConfig::new(HOST, nats, &dir.join("state")).set(
-        "gateway",
-        "port_range",
-        "32000-32999",
-    );
+    let conf = ServiceConfig::new(HOST, nats, &dir.join("state"))
+        .set("gateway", "port_range", "32000-32999")
+        .set("gateway", "export_roots", vec![dir]);
     ServiceProcess::builder(env!("CARGO_BIN_EXE_wnodes-gateway"), dir).config(&conf)
 }
 
@@ -118,9 +119,198 @@ async fn wait_until_hello(port: u16) {
     .unwrap();
 }
 
+/// One attack: a VM whose spec breaks `rule`.
+struct Attack {
+    vm: &'static str,
+    host_path: String,
+    uid: u32,
+    gid: u32,
+    rule: &'static str,
+}
+
+async fn binary_refuses_what_host_policy_forbids_and_opens_nothing() {
+    let tb = TestBus::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    // The export root, a job's directory in it, and links a job could have planted there.
+    let root = dir.path().join("exports");
+    let job = root.join("job");
+    std::fs::create_dir_all(&job).unwrap();
+    std::os::unix::fs::chown(&job, Some(65534), Some(65534)).unwrap();
+    std::os::unix::fs::symlink("/root", root.join("to-root")).unwrap();
+    std::os::unix::fs::symlink("../../../../../../../../etc", job.join("to-etc")).unwrap();
+    let conf = ServiceConfig::new(
+        HOST,
+        &tb.server
+            .identity(&wnodes_bus::roles::GATEWAY, HOST)
+            .await
+            .unwrap(),
+        &dir.path().join("state"),
+    )
+    .set("gateway", "port_range", "32100-32109")
+    .set("gateway", "export_roots", vec![&root]);
+    let mut child = ServiceProcess::builder(env!("CARGO_BIN_EXE_wnodes-gateway"), dir.path())
+        .config(&conf)
+        .spawn()
+        .unwrap();
+
+    let path = |p: &Path| p.display().to_string();
+    let attacks = [
+        Attack {
+            vm: "vm-a00000000001",
+            host_path: "/".into(),
+            uid: 65534,
+            gid: 65534,
+            rule: "exports.roots",
+        },
+        Attack {
+            vm: "vm-a00000000002",
+            host_path: "/etc".into(),
+            uid: 65534,
+            gid: 65534,
+            rule: "exports.roots",
+        },
+        Attack {
+            vm: "vm-a00000000003",
+            host_path: path(&root.join("to-root")),
+            uid: 65534,
+            gid: 65534,
+            rule: "exports.roots",
+        },
+        Attack {
+            vm: "vm-a00000000004",
+            host_path: path(&job.join("to-etc")),
+            uid: 65534,
+            gid: 65534,
+            rule: "exports.roots",
+        },
+        Attack {
+            vm: "vm-a00000000005",
+            host_path: format!("{}/../..", path(&job)),
+            uid: 65534,
+            gid: 65534,
+            rule: "exports.roots",
+        },
+        Attack {
+            vm: "vm-a00000000006",
+            host_path: path(&job),
+            uid: 0,
+            gid: 0,
+            rule: "owner.job_uids",
+        },
+        Attack {
+            vm: "vm-a00000000007",
+            host_path: path(&job),
+            uid: 100,
+            gid: 65534,
+            rule: "owner.job_uids",
+        },
+        Attack {
+            vm: "vm-a00000000008",
+            host_path: path(&job),
+            uid: 65534,
+            gid: 0,
+            rule: "owner.job_gids",
+        },
+        Attack {
+            vm: "vm-a00000000009",
+            host_path: "etc".into(),
+            uid: 65534,
+            gid: 65534,
+            rule: "exports.absolute",
+        },
+    ];
+    let spec = |vm: &str, host_path: &str, uid: u32, gid: u32| proto::VmSpec {
+        vm_id: vm.into(),
+        exports: vec![proto::StorageExport {
+            name: "home".into(),
+            host_path: host_path.into(),
+            guest_path: "/shared".into(),
+            read_only: false,
+        }],
+        owner: Some(proto::JobOwner {
+            user: "nobody".into(),
+            uid,
+            gid,
+        }),
+        ..Default::default()
+    };
+    let network_ready = |vm: &str| {
+        Body::NetworkReady(proto::NetworkReady {
+            vm_id: vm.into(),
+            mode: proto::NetworkMode::VirtioTap as i32,
+            address: "127.0.0.1/8".into(),
+            gateway: "127.0.0.1".into(),
+            ..Default::default()
+        })
+    };
+    for (i, a) in attacks.iter().enumerate() {
+        let r = run(&format!("attack-{i}"));
+        tb.publish(&ev(
+            &r,
+            vm_requested(spec(a.vm, &a.host_path, a.uid, a.gid)),
+        ))
+        .await;
+        tb.publish(&ev(&r, network_ready(a.vm))).await;
+    }
+    for a in &attacks {
+        let reason = tb.wait_payload::<proto::StorageFailed>(a.vm).await.reason;
+        assert!(
+            reason.starts_with(&format!("host policy {}: ", a.rule)),
+            "{}: {reason}",
+            a.vm
+        );
+        let log = child.stderr();
+        assert!(
+            log.lines().any(|l| l.contains("ERROR")
+                && l.contains("Refused by host policy")
+                && l.contains(a.vm)
+                && l.contains(a.rule)),
+            "no error line for {}:\n{log}",
+            a.vm
+        );
+    }
+    for a in &attacks {
+        assert!(
+            tb.events_of(a.vm)
+                .iter()
+                .all(|e| !matches!(e.body, Some(Body::StorageReady(_)))),
+            "{} was served",
+            a.vm
+        );
+    }
+    // No listener on any port of the range.
+    for port in 32100..=32109 {
+        assert!(
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_err(),
+            "a listener on {port}"
+        );
+    }
+
+    // The same gateway serves the job's own directory: the refusals were the policy's.
+    let vm = "vm-a0000000000a";
+    let r = run("allowed");
+    tb.publish(&ev(&r, vm_requested(spec(vm, &path(&job), 65534, 65534))))
+        .await;
+    tb.publish(&ev(&r, network_ready(vm))).await;
+    let ready = tb.wait_payload::<proto::StorageReady>(vm).await;
+    let port = u16::try_from(ready.port).unwrap();
+    assert_eq!(hello(port).await.and_then(|b| b.get(4).copied()), Some(2));
+    let status = child.terminate(Duration::from_secs(15)).await.unwrap();
+    assert!(status.success(), "{status}: {}", child.stderr());
+}
+
 fn main() -> ExitCode {
-    host::main(vec![host_test!(
-        multi_thread binary_serves_stops_and_reopens_after_restart
-        needs [Root, SftpServer, Setpriv]
-    )])
+    host::main(vec![
+        host_test!(
+            multi_thread binary_serves_stops_and_reopens_after_restart
+            needs [Root, SftpServer, Setpriv]
+        ),
+        host_test!(
+            multi_thread binary_refuses_what_host_policy_forbids_and_opens_nothing
+            needs [Root, SftpServer, Setpriv]
+        ),
+    ])
 }

@@ -72,6 +72,7 @@ async fn run_guest(guest: PathBuf) {
     let gateway = GatewayHandler::new(
         &GatewayConfig {
             port_range: "33000-33999".into(),
+            export_roots: vec![std::env::temp_dir()],
             ..Default::default()
         },
         "gateway@hv1.test".into(),

@@ -26,6 +26,8 @@ fn handler(bind: Option<&str>) -> GatewayHandler {
         bind_address: bind.map(|b| b.parse().unwrap()),
         // Ephemeral-looking range away from other tests' fixed ports; a taken port is skipped.
         port_range: "31000-31999".into(),
+        // Every test's export is a temp dir.
+        export_roots: vec![std::env::temp_dir()],
         ..Default::default()
     };
     GatewayHandler::new(&cfg, "gateway@hv1.test".into()).unwrap()
@@ -374,13 +376,18 @@ async fn read_only_root_owner_no_exports_and_restart() {
         .wait_payload::<proto::StorageFailed>(vm_root)
         .await
         .reason;
-    assert!(reason.contains("never serves files as root"), "{reason}");
+    assert!(
+        reason.starts_with(
+            "host policy owner.job_uids: owner uid 0 is outside the job uids 1000-65534"
+        ),
+        "{reason}"
+    );
 
     // A uid unknown to the host cannot be served (sftp-server would exit at once).
     let vm_ghost = "vm-000000000003";
     tb.publish(&ev(
         &run("4"),
-        vm_requested(spec(vm_ghost, &ex.job(), false, 4_000_017)),
+        vm_requested(spec(vm_ghost, &ex.job(), false, 64_017)),
     ))
     .await;
     tb.publish(&network_ready(run("4"), vm_ghost, "127.0.0.1/8"))
