@@ -170,7 +170,10 @@ pub fn render_config(opts: &StackOptions, c: &ConfigInputs<'_>) -> String {
     );
     let _ = writeln!(
         cfg,
-        "\n[launcher]\naccel = \"tcg\"\nprepare_deadline = \"120s\""
+        "\n[launcher]\naccel = \"tcg\"\nprepare_deadline = \"120s\"\n\
+         image_roots = [{}]\nscratch_roots = [{}]",
+        qp(&work.join("state/image/cache")),
+        qp(&work.join("state/scratch/volumes")),
     );
     let _ = writeln!(
         cfg,

@@ -78,6 +78,12 @@ pub struct LauncherConfig {
     pub prepare_deadline: Duration,
     /// Site policy.
     pub policy: PolicyConfig,
+    /// Host policy: the directories the disk images, kernels and initrds named in
+    /// `image.ready` must lie in (after resolving symlinks); the image service's cache.
+    pub image_roots: Vec<PathBuf>,
+    /// Host policy: the same for the scratch volumes named in `scratch.ready`; the scratch
+    /// service's volume directory.
+    pub scratch_roots: Vec<PathBuf>,
 }
 
 impl Default for LauncherConfig {
@@ -88,6 +94,10 @@ impl Default for LauncherConfig {
             vms_dir: None,
             prepare_deadline: Duration::from_secs(120),
             policy: PolicyConfig::default(),
+            // The image and scratch services' defaults (state directories under
+            // /var/lib/wnodes).
+            image_roots: vec![PathBuf::from("/var/lib/wnodes/image/cache")],
+            scratch_roots: vec![PathBuf::from("/var/lib/wnodes/scratch/volumes")],
         }
     }
 }

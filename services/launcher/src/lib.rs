@@ -5,6 +5,7 @@
 //! |---|---|
 //! | [`config`] | the `[launcher]` config section, accelerator choice |
 //! | [`policy`] | site policy: job request → [`VmSpec`](wnodes_proto::v1::VmSpec), VM ids |
+//! | [`host_paths`] | host policy: the image and scratch paths qemu gets lie under their roots, symlinks resolved |
 //! | [`vm_table`] | the VM table (`launcher_vms`) and its state machine (joins the four preparation results) |
 //! | [`vm_dir`] | the VM's state directory: `job.json`, `running.json`, serial files, liveness |
 //! | [`qemu`] | the qemu command line, the payload script, spawning qemu detached (`-daemonize`) |
@@ -63,6 +64,7 @@ mod deadline;
 mod error_rule;
 mod finish;
 pub mod handler;
+pub mod host_paths;
 mod outbox;
 pub mod policy;
 pub mod qemu;

@@ -87,12 +87,35 @@ impl LauncherState {
                         .await?;
                     return Ok(());
                 };
+                // Host policy: only images from the cache and volumes from the scratch
+                // directory, as resolved here (qemu gets these paths).
+                let (image, scratch) = match crate::host_paths::check(
+                    &self.config.image_roots,
+                    &self.config.scratch_roots,
+                    image,
+                    scratch,
+                ) {
+                    Ok(checked) => checked,
+                    Err(v) => {
+                        tracing::error!(vm_id = %row.vm_id, rule = v.rule, reason = %v.reason, "Refused by host policy: qemu not started.");
+                        let ev = fail(format!("host policy {}: {}", v.rule, v.reason), "policy");
+                        self.transition_and_emit(
+                            &row,
+                            VmState::Launching,
+                            VmState::Failed,
+                            ev,
+                            None,
+                        )
+                        .await?;
+                        return Ok(());
+                    }
+                };
                 let inputs = LaunchInputs {
                     accel: self.accel,
                     vm: &vm,
                     spec: &row.spec,
-                    image,
-                    scratch: Some(scratch),
+                    image: &image,
+                    scratch: Some(&scratch),
                     // A tap without a MAC or name fails validation: a clear vm.failed (launch).
                     network: Some(network),
                     storage: Some(storage),

@@ -19,6 +19,17 @@ use wnodes_testkit::{ServiceProcess, host, host_test, nats::NatsServer, process:
 /// The launcher binary configured by environment alone; both launchers of the test append
 /// to one log.
 fn launcher(nats: &wnodes_bus::NatsConfig, dir: &Path) -> ProcessBuilder {
+    launcher_with_roots(nats, dir, &guest_dir(), &dir.join("volumes"))
+}
+
+/// The same, with the host policy's image and scratch roots.
+fn launcher_with_roots(
+    nats: &wnodes_bus::NatsConfig,
+    dir: &Path,
+    image_root: &Path,
+    scratch_root: &Path,
+) -> ProcessBuilder {
+    let list = |p: &Path| format!("[\"{}\"]", p.display());
     ServiceProcess::builder(env!("CARGO_BIN_EXE_wnodes-launcher"), dir)
         .env_clear()
         .runtime_env(nats, "INFN-T1", HOST, &dir.join("state"))
@@ -27,6 +38,8 @@ fn launcher(nats: &wnodes_bus::NatsConfig, dir: &Path) -> ProcessBuilder {
         .wnodes_env("LAUNCHER__PREPARE_DEADLINE", "60s")
         .wnodes_env("LAUNCHER__POLICY__NETWORK_MODE", "user")
         .wnodes_env("LAUNCHER__POLICY__VO_IMAGES__ATLAS", "wnodes-test")
+        .wnodes_env("LAUNCHER__IMAGE_ROOTS", list(image_root))
+        .wnodes_env("LAUNCHER__SCRATCH_ROOTS", list(scratch_root))
         .stderr_to(&dir.join("launcher.log"))
 }
 
@@ -101,8 +114,148 @@ async fn vm_binary_sigterm_leaves_the_vm_running_and_the_next_launcher_reports_i
     assert!(dump().contains("Reattaching to a running VM"), "{}", dump());
 }
 
+/// Processes whose command line names `needle` (a qemu started for a VM names its id).
+fn processes_naming(needle: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(needle) {
+            out.push(cmdline);
+        }
+    }
+    out
+}
+
+/// Preparation results that break the host policy, as real events to the launcher binary:
+/// each VM fails in phase `policy` with the rule, an error line names it, and no qemu runs.
+async fn binary_refuses_images_and_volumes_outside_their_roots() {
+    let nats = NatsServer::start().await.unwrap();
+    let bus = wnodes_testkit::bus::connect(&nats.admin(), "test@local")
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, volumes) = (dir.path().join("cache"), dir.path().join("volumes"));
+    for d in [&cache, &volumes] {
+        std::fs::create_dir(d).unwrap();
+    }
+    std::fs::write(cache.join("disk.img"), "not a disk").unwrap();
+    std::os::unix::fs::symlink("/root", cache.join("to-root")).unwrap();
+    std::os::unix::fs::symlink("/etc/shadow", volumes.join("vm.img")).unwrap();
+    let mut launcher = launcher_with_roots(
+        &nats
+            .identity(&wnodes_bus::roles::LAUNCHER, HOST)
+            .await
+            .unwrap(),
+        dir.path(),
+        &cache,
+        &volumes,
+    )
+    .spawn()
+    .unwrap();
+    let _cleanup = Cleanup(dir.path().join("state/vms"));
+    let log = dir.path().join("launcher.log");
+    let dump = || std::fs::read_to_string(&log).unwrap_or_default();
+
+    let disk = cache.join("disk.img").display().to_string();
+    // (job, image path, kernel path, scratch path, rule)
+    let attacks = [
+        (
+            "pol-1",
+            "/etc/shadow".to_owned(),
+            String::new(),
+            String::new(),
+            "image.roots",
+        ),
+        (
+            "pol-2",
+            format!("{}/.bashrc", cache.join("to-root").display()),
+            String::new(),
+            String::new(),
+            "image.roots",
+        ),
+        (
+            "pol-3",
+            disk.clone(),
+            "/etc/shadow".into(),
+            String::new(),
+            "image.roots",
+        ),
+        (
+            "pol-4",
+            format!("{}/../../../etc/passwd", cache.display()),
+            String::new(),
+            String::new(),
+            "image.roots",
+        ),
+        (
+            "pol-5",
+            disk.clone(),
+            String::new(),
+            "/etc/passwd".into(),
+            "scratch.roots",
+        ),
+        (
+            "pol-6",
+            disk.clone(),
+            String::new(),
+            volumes.join("vm.img").display().to_string(),
+            "scratch.roots",
+        ),
+    ];
+    for (job, image, kernel, scratch, rule) in &attacks {
+        let r = run(job);
+        bus.publish(&job_started(&r, "atlas", "true"))
+            .await
+            .unwrap();
+        let vm_id = vm_id_of(&wait_event(&bus, "vm.requested", &r).await);
+        for mut b in ready_bodies(&guest_dir(), &vm_id) {
+            match &mut b {
+                Body::ImageReady(i) => {
+                    i.path = image.clone();
+                    i.kernel_path = kernel.clone();
+                    i.initrd_path = String::new();
+                }
+                Body::ScratchReady(s) => {
+                    s.path = scratch.clone();
+                    s.backend = "file".into();
+                }
+                _ => {}
+            }
+            bus.publish(&ev(&r, b)).await.unwrap();
+        }
+        let failed = wait_event(&bus, "vm.failed", &r).await;
+        let Some(Body::VmFailed(f)) = failed.body else {
+            panic!("{}", dump())
+        };
+        assert_eq!(f.phase, "policy", "{job}: {}", f.reason);
+        assert!(
+            f.reason.starts_with(&format!("host policy {rule}: ")),
+            "{job}: {}",
+            f.reason
+        );
+        let text = dump();
+        assert!(
+            text.lines().any(|l| l.contains("ERROR")
+                && l.contains("Refused by host policy")
+                && l.contains(&vm_id)
+                && l.contains(rule)),
+            "{job}: no error line:\n{text}"
+        );
+        assert_eq!(
+            processes_naming(&vm_id),
+            Vec::<String>::new(),
+            "{job}: a process for the VM"
+        );
+    }
+    sigterm_and_wait(&mut launcher).await;
+}
+
 fn main() -> std::process::ExitCode {
     host::main(vec![
         host_test!(multi_thread vm_binary_sigterm_leaves_the_vm_running_and_the_next_launcher_reports_it needs [Qemu, TestGuest]),
+        host_test!(multi_thread binary_refuses_images_and_volumes_outside_their_roots needs [TestGuest]),
     ])
 }

@@ -74,6 +74,8 @@ fn deps(env: &Env, prepare_deadline: Duration) -> Config<LauncherConfig> {
             network_mode: NetworkModeConfig::User,
             ..Default::default()
         },
+        image_roots: vec![env.guest.clone()],
+        scratch_roots: vec![env.dir.path().to_owned()],
         ..Default::default()
     };
     let mut cfg = Config::local(&env.identity, HOST, env.dir.path(), config);

@@ -1,0 +1,193 @@
+//! Host policy on the paths the launcher hands qemu: the disk image, kernel and initrd named
+//! in `image.ready` must lie under `[launcher] image_roots` and the scratch volume named in
+//! `scratch.ready` under `scratch_roots`, each a regular file, checked after resolving every
+//! symlink and `..`. qemu then gets the resolved paths, so a link swapped after the check
+//! changes nothing. A violation names its rule; nothing is started.
+//!
+//! Only file scratch volumes are allowed: an LVM volume (a block device) will need a rule of
+//! its own (issue 14).
+
+use std::path::{Path, PathBuf};
+
+use wnodes_proto::v1::{ImageReady, ScratchReady};
+
+/// A rule of the host's policy that a preparation result breaks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation {
+    pub rule: &'static str,
+    pub reason: String,
+}
+
+/// `path` resolved, when it is a regular file under one of `roots` (themselves resolved).
+fn resolve_under(
+    what: &str,
+    path: &str,
+    roots: &[PathBuf],
+    key: &'static str,
+    rule_roots: &'static str,
+    rule_file: &'static str,
+) -> Result<String, Violation> {
+    let v = |rule, reason| Violation { rule, reason };
+    if !Path::new(path).is_absolute() {
+        return Err(v(
+            rule_file,
+            format!("{what} {path:?} is not an absolute path"),
+        ));
+    }
+    let real = std::fs::canonicalize(path).map_err(|e| {
+        v(
+            rule_file,
+            format!("{what} {path:?} cannot be resolved: {e}"),
+        )
+    })?;
+    let resolved: Vec<PathBuf> = roots
+        .iter()
+        .filter_map(|r| std::fs::canonicalize(r).ok())
+        .collect();
+    if !resolved.iter().any(|r| real.starts_with(r)) {
+        return Err(v(
+            rule_roots,
+            format!(
+                "{what} {path:?} (resolved: {}) is outside {roots:?} ([launcher] {key})",
+                real.display()
+            ),
+        ));
+    }
+    if !real.is_file() {
+        return Err(v(
+            rule_file,
+            format!("{what} {path:?} is not a regular file"),
+        ));
+    }
+    Ok(real.display().to_string())
+}
+
+/// The image and scratch results with every path resolved and checked.
+pub fn check(
+    image_roots: &[PathBuf],
+    scratch_roots: &[PathBuf],
+    image: &ImageReady,
+    scratch: &ScratchReady,
+) -> Result<(ImageReady, ScratchReady), Violation> {
+    let img = |what, p: &str| {
+        resolve_under(
+            what,
+            p,
+            image_roots,
+            "image_roots",
+            "image.roots",
+            "image.file",
+        )
+    };
+    let mut image = image.clone();
+    image.path = img("disk image", &image.path)?;
+    if !image.kernel_path.is_empty() {
+        image.kernel_path = img("kernel", &image.kernel_path)?;
+    }
+    if !image.initrd_path.is_empty() {
+        image.initrd_path = img("initrd", &image.initrd_path)?;
+    }
+    let mut scratch = scratch.clone();
+    if !scratch.path.is_empty() {
+        if !(scratch.backend.is_empty() || scratch.backend == "file") {
+            return Err(Violation {
+                rule: "scratch.backend",
+                reason: format!(
+                    "scratch backend {:?}: this launcher starts VMs on file volumes only",
+                    scratch.backend
+                ),
+            });
+        }
+        scratch.path = resolve_under(
+            "scratch volume",
+            &scratch.path,
+            scratch_roots,
+            "scratch_roots",
+            "scratch.roots",
+            "scratch.file",
+        )?;
+    }
+    Ok((image, scratch))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ready(dir: &Path) -> (ImageReady, ScratchReady) {
+        (
+            ImageReady {
+                path: dir.join("cache/disk.img").display().to_string(),
+                kernel_path: dir.join("cache/vmlinux").display().to_string(),
+                ..Default::default()
+            },
+            ScratchReady {
+                path: dir.join("volumes/vm.img").display().to_string(),
+                backend: "file".into(),
+                ..Default::default()
+            },
+        )
+    }
+
+    #[test]
+    fn paths_resolve_under_their_roots_and_links_out_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        for sub in ["cache", "volumes"] {
+            std::fs::create_dir(d.join(sub)).unwrap();
+        }
+        for f in ["cache/disk.img", "cache/vmlinux", "volumes/vm.img"] {
+            std::fs::write(d.join(f), "x").unwrap();
+        }
+        let roots = (vec![d.join("cache")], vec![d.join("volumes")]);
+        let (img, scr) = ready(d);
+        let (i, s) = check(&roots.0, &roots.1, &img, &scr).unwrap();
+        assert_eq!(
+            i.path,
+            d.join("cache/disk.img")
+                .canonicalize()
+                .unwrap()
+                .display()
+                .to_string()
+        );
+        assert_eq!(
+            s.path,
+            d.join("volumes/vm.img")
+                .canonicalize()
+                .unwrap()
+                .display()
+                .to_string()
+        );
+
+        let refused =
+            |img: &ImageReady, scr: &ScratchReady| check(&roots.0, &roots.1, img, scr).unwrap_err();
+        // A link in the cache to a host file.
+        std::os::unix::fs::symlink("/etc/passwd", d.join("cache/evil")).unwrap();
+        let mut bad = img.clone();
+        bad.path = d.join("cache/evil").display().to_string();
+        assert_eq!(refused(&bad, &scr).rule, "image.roots");
+        // `..` out of the cache.
+        bad.path = format!("{}/../volumes/vm.img", d.join("cache").display());
+        assert_eq!(refused(&bad, &scr).rule, "image.roots");
+        // The kernel too.
+        let mut bad = img.clone();
+        bad.kernel_path = "/etc/shadow".into();
+        assert_eq!(refused(&bad, &scr).rule, "image.roots");
+        // A directory, a relative path, a missing file.
+        let mut bad = img.clone();
+        bad.path = d.join("cache").display().to_string();
+        assert_eq!(refused(&bad, &scr).rule, "image.file");
+        bad.path = "disk.img".into();
+        assert_eq!(refused(&bad, &scr).rule, "image.file");
+        // Scratch outside its root, or on a backend this launcher does not start.
+        let mut bad = scr.clone();
+        bad.path = d.join("cache/disk.img").display().to_string();
+        assert_eq!(refused(&img, &bad).rule, "scratch.roots");
+        let mut bad = scr.clone();
+        bad.backend = "lvm".into();
+        assert_eq!(refused(&img, &bad).rule, "scratch.backend");
+        // No scratch disk: nothing to check.
+        let none = ScratchReady::default();
+        assert!(check(&roots.0, &roots.1, &img, &none).is_ok());
+    }
+}
