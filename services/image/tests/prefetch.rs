@@ -224,7 +224,7 @@ async fn a_catalog_image_is_fetched_with_progress_then_found_cached() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_prefetches_and_a_vm_request_download_once() {
     let data = b"shared image".repeat(50_000);
-    let (base, count) = serve_slowly(data.clone(), 5, Duration::from_millis(300)).await;
+    let (base, count) = serve_slowly(data.clone(), 10, Duration::from_millis(300)).await;
     let svc = Svc::start(BTreeMap::from([(
         "sl6".to_owned(),
         raw(format!("{base}/img"), digest(&data)),
