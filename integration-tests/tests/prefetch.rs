@@ -1,7 +1,8 @@
 //! `wnodesctl prefetch` against the real `wnodes-image` binary on a nats-server with the site's
 //! authorization: the image is fetched into the host's cache and reported per host as JSON, a
 //! host without an image service is named with its reason (exit 1), a second run finds the
-//! image cached, and an image not in the catalog is refused with the service's reason.
+//! image cached (also for every host of a site description), and an image not in the catalog
+//! is refused with the service's reason.
 //!
 //! The binaries are those `cargo build --workspace --bins` (or `-p wnodesctl -p wnodes-image
 //! --bins`) put in `target/debug`.
@@ -126,6 +127,22 @@ async fn wnodesctl_prefetch_fills_a_hosts_cache_and_names_the_hosts_that_failed(
     let hosts = json(&o);
     assert_eq!(hosts[0]["status"], "cached", "{hosts:?}");
     assert_eq!(hosts[0]["artifacts"][0]["cached"], true);
+
+    // Every host of the site description: hv1 cached, hv2 without an image service.
+    let site = tmp.path().join("site.toml");
+    std::fs::write(
+        &site,
+        format!("site = \"T1\"\nhosts = [\"{HOST}\", \"{ABSENT}\"]\n"),
+    )
+    .unwrap();
+    let o = prefetch(&nats, &["--image", "el9", "--site", site.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let hosts = json(&o);
+    let status: Vec<(&str, &str)> = hosts
+        .iter()
+        .map(|h| (h["host"].as_str().unwrap(), h["status"].as_str().unwrap()))
+        .collect();
+    assert_eq!(status, [(HOST, "cached"), (ABSENT, "failed")], "{hosts:?}");
 
     // An image the host does not know: the service's reason.
     let o = prefetch(&nats, &["--image", "centos9", "--hosts", HOST]);
