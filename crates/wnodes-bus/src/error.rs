@@ -43,6 +43,14 @@ pub enum BusError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// A control request or its answer (`what`: "subscribe to", "answer on", …).
+    #[error("cannot {what} `{subject}`")]
+    Control {
+        what: &'static str,
+        subject: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("invalid name: {0}")]
     InvalidName(String),
     #[error("event has no body")]

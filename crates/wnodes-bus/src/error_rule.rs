@@ -29,6 +29,11 @@ wnodes_testkit::error_rule! {
             elapsed_ms: 60_000,
             source: boxed_source(),
         },
+        BusError::Control { .. } => BusError::Control {
+            what: "answer on",
+            subject: "_INBOX.admin.abc".into(),
+            source: boxed_source(),
+        },
         BusError::InvalidName(_) => BusError::InvalidName("host `HV 01`".into()),
         BusError::EmptyEvent => BusError::EmptyEvent,
         BusError::Store { .. } => BusError::Store {

@@ -6,6 +6,7 @@
 //! | [`event`] | event type names, run keys, deterministic event ids (`Nats-Msg-Id`) |
 //! | [`config`] | NATS connection, credentials, TLS, stream and consumer settings |
 //! | [`connect`] | connecting: credentials, rustls, reconnects |
+//! | [`control`] | control requests to one host's service: core NATS request/reply with a stream of answers |
 //! | [`roles`] | who publishes and consumes what: the table services, provisioning and permissions share |
 //! | [`layout`] | the streams and durable consumers as provisioned, and the check that names each difference |
 //! | [`bus`] | [`Bus`]: the stream check, traced and de-duplicated publishing with retries |
@@ -34,6 +35,7 @@ pub mod bus;
 pub mod config;
 pub mod connect;
 pub mod consumer;
+pub mod control;
 pub mod db;
 pub mod denial;
 pub mod dlq;

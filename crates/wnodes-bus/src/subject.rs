@@ -6,6 +6,7 @@
 //! wnodes.evt.<host>.<domain>.<event>     per-run events, e.g. wnodes.evt.hv01_cnaf_infn_it.vm.requested
 //! wnodes.evt._queued.job.queued          JobQueued (no host yet)
 //! wnodes.dlq.<consumer>                  dead letters of one durable consumer
+//! wnodes.ctl.<host>.<service>.<verb>     control requests to one host's service (core NATS, not stored)
 //! ```
 //!
 //! Host names contain dots, which separate NATS tokens. A host name is validated as an RFC 1123
@@ -27,6 +28,8 @@ pub const DLQ_SUBJECTS: &str = "wnodes.dlq.>";
 pub const QUEUED_HOST_TOKEN: &str = "_queued";
 
 const EVT_PREFIX: &str = "wnodes.evt";
+/// Prefix of control requests: core NATS request/reply, never in a stream ([`crate::control`]).
+pub const CTL_PREFIX: &str = "wnodes.ctl";
 
 /// Checks that `host` is a valid RFC 1123 host name (lowercase) and returns it encoded as one
 /// NATS subject token.
@@ -124,6 +127,22 @@ pub fn dlq_subject(consumer: &str) -> String {
     format!("wnodes.dlq.{consumer}")
 }
 
+/// The subject on which `service` on `host` takes `verb` control requests:
+/// `wnodes.ctl.<host token>.<service>.<verb>`.
+pub fn control_subject(host: &str, service: &str, verb: &str) -> Result<String, BusError> {
+    validate_token("service name", service)?;
+    validate_token("control verb", verb)?;
+    Ok(format!(
+        "{CTL_PREFIX}.{}.{service}.{verb}",
+        encode_host(host)?
+    ))
+}
+
+/// The subject on which the image service of `host` takes prefetch requests.
+pub fn image_prefetch_subject(host: &str) -> Result<String, BusError> {
+    control_subject(host, "image", "prefetch")
+}
+
 /// Durable consumer name of a service: `<service>` for a central service, `<service>-<host>`
 /// (host encoded) for a per-hypervisor one.
 pub fn durable_name(service: &str, host: Option<&str>) -> Result<String, BusError> {
@@ -177,6 +196,12 @@ mod tests {
             "launcher-hv_x"
         );
         assert!(durable_name("bad.name", None).is_err());
+        assert_eq!(
+            image_prefetch_subject("hv01.example.org").unwrap(),
+            "wnodes.ctl.hv01_example_org.image.prefetch"
+        );
+        assert!(control_subject("hv.x", "image", "pre.fetch").is_err());
+        assert!(image_prefetch_subject("hv.*").is_err());
         use crate::EventType;
         assert_eq!(
             consumer_filter(EventType::VmStopped, Some("hv.x")).unwrap(),

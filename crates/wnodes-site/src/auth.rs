@@ -220,7 +220,7 @@ fn user_claims(id: &Identity) -> Result<Value, SiteError> {
         json!({ "allow": p.publish }),
         json!({ "allow": p.subscribe }),
     );
-    Ok(json!({
+    let mut claims = json!({
         "type": "user",
         "version": 2,
         "pub": publish,
@@ -228,7 +228,15 @@ fn user_claims(id: &Identity) -> Result<Value, SiteError> {
         "subs": -1,
         "data": -1,
         "payload": -1,
-    }))
+    });
+    if let Some(r) = p.responses {
+        // nats-server's `ResponsePermission`: `ttl` is a Go duration, in nanoseconds.
+        claims["resp"] = json!({
+            "max": r.max_msgs,
+            "ttl": u64::try_from(r.ttl.as_nanos()).unwrap_or(u64::MAX),
+        });
+    }
+    Ok(claims)
 }
 
 /// Account limits: everything unlimited; with `jetstream`, JetStream enabled.
@@ -341,6 +349,28 @@ fn write_file(path: &Path, content: &str, secret: bool) -> Result<(), SiteError>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_serving_identity_may_answer_requests_and_only_as_many_as_its_permission_says() {
+        let image = Identity::role(&wnodes_bus::roles::IMAGE, "hv1.x").unwrap();
+        let claims = user_claims(&image).unwrap();
+        assert_eq!(
+            claims["resp"],
+            json!({ "max": 4096, "ttl": 3_600_000_000_000u64 })
+        );
+        assert_eq!(
+            claims["sub"]["allow"],
+            json!(["_INBOX.image-hv1_x.>", "wnodes.ctl.hv1_x.image.prefetch"])
+        );
+        let scratch = Identity::role(&wnodes_bus::roles::SCRATCH, "hv1.x").unwrap();
+        assert!(user_claims(&scratch).unwrap().get("resp").is_none());
+        assert!(
+            user_claims(&Identity::admin())
+                .unwrap()
+                .get("resp")
+                .is_none()
+        );
+    }
 
     #[test]
     fn second_run_writes_nothing_and_a_new_host_is_one_change_per_identity() {

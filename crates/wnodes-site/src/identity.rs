@@ -7,7 +7,7 @@
 
 use serde::Serialize;
 use wnodes_bus::{
-    EventType, Role,
+    EventType, Role, control,
     heartbeat::{self, HOSTS_STREAM},
     roles::Scope,
     subject::{self, DLQ_STREAM, EVENTS_STREAM},
@@ -43,6 +43,17 @@ pub struct Identity {
 pub struct Permissions {
     pub publish: Vec<String>,
     pub subscribe: Vec<String>,
+    /// May answer requests it receives (NATS `allow_responses`): only an identity that serves
+    /// control requests ([`wnodes_bus::control`]).
+    pub responses: Option<Responses>,
+}
+
+/// The NATS `resp` permission: publish to the reply subject of each message received, at most
+/// `max_msgs` times within `ttl` of its arrival.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Responses {
+    pub max_msgs: u32,
+    pub ttl: std::time::Duration,
 }
 
 impl Identity {
@@ -84,12 +95,14 @@ impl Identity {
     pub fn permissions(&self) -> Result<Permissions, SiteError> {
         let inbox = format!("_INBOX.{}.>", self.name);
         let mut publish = Vec::new();
-        let subscribe = vec![inbox];
+        let mut subscribe = vec![inbox];
+        let mut responses = None;
         match self.kind {
             Kind::Admin => {
                 return Ok(Permissions {
                     publish: vec![">".into()],
                     subscribe: vec![">".into()],
+                    responses: None,
                 });
             }
             Kind::Monitor => {
@@ -141,9 +154,23 @@ impl Identity {
                         format!("$JS.FC.{EVENTS_STREAM}.>"),
                     ]);
                 }
+                // Control requests to this host's service: it hears them and answers only
+                // on each request's reply subject.
+                let served = control::served_subjects(role, host)?;
+                if !served.is_empty() {
+                    subscribe.extend(served);
+                    responses = Some(Responses {
+                        max_msgs: control::RESPONSE_MAX_MSGS,
+                        ttl: control::RESPONSE_TTL,
+                    });
+                }
             }
         }
-        Ok(Permissions { publish, subscribe })
+        Ok(Permissions {
+            publish,
+            subscribe,
+            responses,
+        })
     }
 }
 
@@ -197,6 +224,38 @@ mod tests {
             "{:?}",
             p.publish
         );
+        assert_eq!(p.responses, None);
+    }
+
+    #[test]
+    fn the_image_service_hears_its_own_hosts_control_requests_and_may_only_answer_them() {
+        let p = Identity::role(&roles::IMAGE, "hv1.x")
+            .unwrap()
+            .permissions()
+            .unwrap();
+        assert_eq!(
+            p.subscribe,
+            ["_INBOX.image-hv1_x.>", "wnodes.ctl.hv1_x.image.prefetch"]
+        );
+        assert!(!p.publish.iter().any(|s| s.starts_with("wnodes.ctl")));
+        assert_eq!(
+            p.responses,
+            Some(Responses {
+                max_msgs: 4096,
+                ttl: std::time::Duration::from_secs(3600)
+            })
+        );
+        let launcher = Identity::role(&roles::LAUNCHER, "hv1.x")
+            .unwrap()
+            .permissions()
+            .unwrap();
+        assert!(
+            !launcher
+                .subscribe
+                .iter()
+                .any(|s| s.starts_with("wnodes.ctl"))
+        );
+        assert_eq!(launcher.responses, None);
     }
 
     #[test]

@@ -29,5 +29,5 @@ pub mod streams;
 pub use auth::{AuthDir, Mode};
 pub use description::SiteDescription;
 pub use error::SiteError;
-pub use identity::{Identity, Permissions};
+pub use identity::{Identity, Permissions, Responses};
 pub use report::{Action, Change, Report};

@@ -294,3 +294,124 @@ async fn a_service_puts_only_its_own_heartbeat() {
     assert_eq!(keys, ["scratch-hv1_example_org"]);
     assert!(read.unreadable.is_empty());
 }
+
+/// The next answer in `replies`, or `None` after `within`.
+async fn answer(
+    replies: &mut wnodes_bus::control::Replies,
+    within: Duration,
+) -> Option<wnodes_bus::control::Reply> {
+    tokio::time::timeout(within, replies.next())
+        .await
+        .ok()
+        .flatten()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_image_service_answers_its_own_hosts_control_requests_and_publishes_nothing_else() {
+    use prost::Message;
+    use wnodes_bus::control::{self, Reply};
+
+    let nats = NatsServer::start().await.unwrap();
+    let image = bus(&nats.identity(&roles::IMAGE, H1).await.unwrap(), "image@h1").await;
+    let scratch = bus(
+        &nats.identity(&roles::SCRATCH, H1).await.unwrap(),
+        "scratch@h1",
+    )
+    .await;
+    let admin = bus(&nats.admin(), "wnodesctl@test").await;
+    let h1 = wnodes_bus::subject::image_prefetch_subject(H1).unwrap();
+    let h2 = wnodes_bus::subject::image_prefetch_subject(H2).unwrap();
+
+    // The image service of H1 hears H1's requests and may answer each, several times.
+    let mut served = control::serve(&image, &h1).await.unwrap();
+    // Neither the scratch service of H1 nor the image service of H1 for H2 may listen.
+    let mut eavesdrop = control::serve(&scratch, &h1).await.unwrap();
+    let mut other_host = control::serve(&image, &h2).await.unwrap();
+
+    let mut replies = control::request(
+        &admin,
+        &h1,
+        &proto::PrefetchRequest {
+            image: "el9".into(),
+            wait: None,
+        },
+    )
+    .await
+    .unwrap();
+    let req = tokio::time::timeout(Duration::from_secs(5), served.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        proto::PrefetchRequest::decode(req.payload).unwrap().image,
+        "el9"
+    );
+    let replier = req.replier.unwrap();
+    for n in 0..3u64 {
+        replier
+            .send(&proto::PrefetchProgress {
+                host: H1.into(),
+                image: "el9".into(),
+                artifacts: vec![proto::PrefetchArtifact {
+                    bytes_done: n,
+                    ..Default::default()
+                }],
+                outcome: None,
+            })
+            .await
+            .unwrap();
+    }
+    replier.flush().await.unwrap();
+    for n in 0..3u64 {
+        let Some(Reply::Answer(body)) = answer(&mut replies, Duration::from_secs(5)).await else {
+            panic!("answer {n} did not arrive")
+        };
+        let p = proto::PrefetchProgress::decode(body).unwrap();
+        assert_eq!(p.artifacts[0].bytes_done, n);
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), eavesdrop.next())
+            .await
+            .is_err(),
+        "the scratch service heard the image service's request"
+    );
+
+    // Another host's requests: nobody may listen there, so the server says so at once.
+    let mut replies = control::request(&admin, &h2, &proto::PrefetchRequest::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        answer(&mut replies, Duration::from_secs(5)).await,
+        Some(Reply::NoResponders)
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), other_host.next())
+            .await
+            .is_err()
+    );
+
+    // Anywhere but a reply subject it was given: nothing arrives.
+    let probe = "_INBOX.admin.probe";
+    let mut sub = admin.client().subscribe(probe).await.unwrap();
+    admin.client().flush().await.unwrap();
+    for subject in [probe, h1.as_str()] {
+        image
+            .client()
+            .publish(subject.to_owned(), "not an answer".into())
+            .await
+            .unwrap();
+    }
+    image.client().flush().await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), futures::StreamExt::next(&mut sub))
+            .await
+            .is_err(),
+        "the image service published to another identity's inbox"
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), served.next())
+            .await
+            .is_err(),
+        "the image service published a request to itself"
+    );
+}

@@ -10,6 +10,7 @@
 //!
 //! `wnodesctl backlog` (as the monitor) and `wnodesctl dlq list|show|redrive` (as the admin):
 //! `docs/operations.md`. `wnodesctl accounting report`: usage from accounting's report API.
+//! `wnodesctl prefetch` (as the admin): asks hosts' image services to fetch an image now.
 //!
 //! | module | subcommand |
 //! |---|---|
@@ -20,6 +21,7 @@
 //! | `accounting` | `accounting report` |
 //! | `vms` | `vms [--host H] [--all]` |
 //! | `hosts` | `hosts [--host H] [--check]` |
+//! | `prefetch` | `prefetch --image I --hosts H1,H2` |
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -30,6 +32,7 @@ mod backlog;
 mod dlq;
 mod hosts;
 mod job;
+mod prefetch;
 mod provision;
 mod vms;
 
@@ -57,6 +60,9 @@ enum Command {
     Vms(VmsArgs),
     /// Every service's last heartbeat, by host: state, readiness, version (as the monitor).
     Hosts(HostsArgs),
+    /// Ask hosts' image services to fetch an image into their caches now, with progress (as
+    /// the admin).
+    Prefetch(PrefetchArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -69,6 +75,30 @@ struct HostsArgs {
     /// Exit 1 when any service shown is stale, stopped or not ready.
     #[arg(long)]
     check: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct PrefetchArgs {
+    #[command(flatten)]
+    connection: Connection,
+    /// The image's catalog name.
+    #[arg(long)]
+    image: String,
+    /// The hosts, comma-separated.
+    #[arg(long, value_delimiter = ',', conflicts_with = "site")]
+    hosts: Option<Vec<String>>,
+    /// Every host of this site description.
+    #[arg(long)]
+    site: Option<PathBuf>,
+    /// How long to wait for each host to finish.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    timeout: std::time::Duration,
+    /// A host whose image service does not answer within this long has none running.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    answer_within: std::time::Duration,
+    /// One JSON array (one object per host) on stdout instead of lines.
     #[arg(long)]
     json: bool,
 }
@@ -246,6 +276,7 @@ fn main() -> ExitCode {
             Command::Accounting(args) => accounting::accounting(args).await,
             Command::Vms(args) => vms::vms(args).await,
             Command::Hosts(args) => hosts::hosts(args).await,
+            Command::Prefetch(args) => prefetch::prefetch(args).await,
         }
     });
     ExitCode::from(code)

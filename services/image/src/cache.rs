@@ -9,7 +9,9 @@
 //!
 //! Single flight: every fetch runs in its own task registered under its digest; a request for a
 //! digest that is being fetched waits for that task instead of starting another download, and
-//! a caller that gives up (handler timeout) does not cancel the fetch for the others.
+//! a caller that gives up (handler timeout) does not cancel the fetch for the others. The
+//! flight counts its bytes ([`FetchProgress`]), so every request that joins it, however late,
+//! can report how far it is.
 
 use parking_lot::Mutex;
 use std::{
@@ -108,9 +110,94 @@ pub struct Cached {
 type FetchResult = Result<u64, Arc<CacheError>>;
 type SharedFetch = Shared<BoxFuture<'static, FetchResult>>;
 
-enum Lookup {
-    Hit(u64),
-    Wait(SharedFetch),
+/// How far one fetch is: bytes written so far, and the size expected (the source file's size,
+/// or the HTTP answer's `Content-Length`) once known. Shared by every request waiting for it.
+#[derive(Debug)]
+pub struct FetchProgress {
+    done: AtomicU64,
+    /// `UNKNOWN` until the source told.
+    total: AtomicU64,
+}
+
+const UNKNOWN: u64 = u64::MAX;
+
+impl FetchProgress {
+    fn new() -> Self {
+        Self {
+            done: AtomicU64::new(0),
+            total: AtomicU64::new(UNKNOWN),
+        }
+    }
+
+    /// Bytes fetched so far.
+    pub fn done(&self) -> u64 {
+        self.done.load(Ordering::Relaxed)
+    }
+
+    /// The expected size, when the source said.
+    pub fn total(&self) -> Option<u64> {
+        Some(self.total.load(Ordering::Relaxed)).filter(|t| *t != UNKNOWN)
+    }
+
+    fn set_total(&self, total: Option<u64>) {
+        if let Some(t) = total {
+            self.total.store(t, Ordering::Relaxed);
+        }
+    }
+
+    fn add(&self, n: usize) {
+        self.done.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+/// A fetch registered under its digest: what its waiters await, and its progress.
+#[derive(Clone)]
+struct Flight {
+    result: SharedFetch,
+    progress: Arc<FetchProgress>,
+}
+
+/// What [`Cache::start`] found.
+#[derive(Debug)]
+pub enum Started {
+    /// Already in the cache.
+    Cached(Cached),
+    /// Being fetched (by this call or an earlier one).
+    Fetching(Fetch),
+}
+
+/// A request's handle on a running fetch: its progress, and the wait for its end.
+pub struct Fetch {
+    flight: Flight,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for Fetch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fetch")
+            .field("path", &self.path)
+            .field("progress", &self.flight.progress)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Fetch {
+    /// How far the fetch is (shared with every other request for the same digest).
+    pub fn progress(&self) -> &FetchProgress {
+        &self.flight.progress
+    }
+
+    /// Waits for the fetch's end; dropping the wait does not cancel the fetch.
+    pub fn wait(&self) -> impl Future<Output = Result<Cached, Arc<CacheError>>> + Send + 'static {
+        let (result, path) = (self.flight.result.clone(), self.path.clone());
+        async move {
+            result.await.map(|size_bytes| Cached {
+                path,
+                size_bytes,
+                hit: false,
+            })
+        }
+    }
 }
 
 /// Handle to the cache; cheap to clone.
@@ -122,7 +209,7 @@ pub struct Cache {
 struct Inner {
     dir: PathBuf,
     client: reqwest::Client,
-    in_flight: Mutex<HashMap<String, SharedFetch>>,
+    in_flight: Mutex<HashMap<String, Flight>>,
     downloads: AtomicU64,
 }
 
@@ -175,27 +262,20 @@ impl Cache {
     /// Makes sure `artifact` is in the cache: a hit returns at once, otherwise waits for the
     /// (single) fetch of its digest, starting it if nobody has.
     pub async fn ensure(&self, artifact: &Artifact) -> Result<Cached, Arc<CacheError>> {
-        let path = self.path_of(&artifact.sha256);
-        match self.lookup(artifact).map_err(Arc::new)? {
-            Lookup::Hit(size_bytes) => Ok(Cached {
-                path,
-                size_bytes,
-                hit: true,
-            }),
-            Lookup::Wait(fetch) => fetch.await.map(|size_bytes| Cached {
-                path,
-                size_bytes,
-                hit: false,
-            }),
+        match self.start(artifact).map_err(Arc::new)? {
+            Started::Cached(cached) => Ok(cached),
+            Started::Fetching(fetch) => fetch.wait().await,
         }
     }
 
     /// Starts fetching `artifact` unless it is cached or being fetched; does not wait.
     pub fn prefetch(&self, artifact: &Artifact) -> Result<(), CacheError> {
-        self.lookup(artifact).map(drop)
+        self.start(artifact).map(drop)
     }
 
-    fn lookup(&self, artifact: &Artifact) -> Result<Lookup, CacheError> {
+    /// A hit, or a handle on the (single) fetch of `artifact`'s digest, started by this call
+    /// unless one is running; does not wait.
+    pub fn start(&self, artifact: &Artifact) -> Result<Started, CacheError> {
         let digest = artifact.sha256.as_str();
         if !is_sha256_hex(digest) {
             return Err(CacheError::BadDigest {
@@ -206,20 +286,31 @@ impl Cache {
         // The map lock is held across the existence check, so a fetch that finishes (renames
         // and deregisters) in between cannot make us start a second download.
         let mut in_flight = self.inner.in_flight.lock();
-        if let Some(fetch) = in_flight.get(digest) {
-            return Ok(Lookup::Wait(fetch.clone()));
+        if let Some(flight) = in_flight.get(digest) {
+            return Ok(Started::Fetching(Fetch {
+                flight: flight.clone(),
+                path,
+            }));
         }
         match std::fs::metadata(&path) {
-            Ok(m) => return Ok(Lookup::Hit(m.len())),
+            Ok(m) => {
+                return Ok(Started::Cached(Cached {
+                    path,
+                    size_bytes: m.len(),
+                    hit: true,
+                }));
+            }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_err("inspect", &path)(e)),
         }
         self.inner.downloads.fetch_add(1, Ordering::Relaxed);
         let inner = self.inner.clone();
         let art = artifact.clone();
+        let progress = Arc::new(FetchProgress::new());
+        let counter = progress.clone();
         let task = tokio::spawn(async move {
             let started = tokio::time::Instant::now();
-            let res = fetch(&inner, &art).await;
+            let res = fetch(&inner, &art, &counter).await;
             match &res {
                 Ok(size) => {
                     tracing::info!(url = %art.url, sha256 = %art.sha256, size, elapsed = ?started.elapsed(), "Fetched into the cache.")
@@ -232,7 +323,7 @@ impl Cache {
             res.map_err(Arc::new)
         });
         let owned_digest = digest.to_owned();
-        let shared = async move {
+        let result = async move {
             match task.await {
                 Ok(r) => r,
                 Err(e) => Err(Arc::new(CacheError::Task {
@@ -243,8 +334,9 @@ impl Cache {
         }
         .boxed()
         .shared();
-        in_flight.insert(digest.to_owned(), shared.clone());
-        Ok(Lookup::Wait(shared))
+        let flight = Flight { result, progress };
+        in_flight.insert(digest.to_owned(), flight.clone());
+        Ok(Started::Fetching(Fetch { flight, path }))
     }
 
     /// Removes temporary files a crash left in the cache directory; returns how many.
@@ -270,13 +362,13 @@ impl Cache {
     }
 }
 
-async fn fetch(inner: &Inner, art: &Artifact) -> Result<u64, CacheError> {
+async fn fetch(inner: &Inner, art: &Artifact, progress: &FetchProgress) -> Result<u64, CacheError> {
     let tmp = inner.dir.join(format!(
         "{TMP_PREFIX}{}-{}",
         art.sha256,
         uuid::Uuid::new_v4().simple()
     ));
-    let res = fetch_into(inner, art, &tmp).await;
+    let res = fetch_into(inner, art, &tmp, progress).await;
     if res.is_err()
         && let Err(e) = tokio::fs::remove_file(&tmp).await
         && e.kind() != io::ErrorKind::NotFound
@@ -286,7 +378,12 @@ async fn fetch(inner: &Inner, art: &Artifact) -> Result<u64, CacheError> {
     res
 }
 
-async fn fetch_into(inner: &Inner, art: &Artifact, tmp: &Path) -> Result<u64, CacheError> {
+async fn fetch_into(
+    inner: &Inner,
+    art: &Artifact,
+    tmp: &Path,
+    progress: &FetchProgress,
+) -> Result<u64, CacheError> {
     let mut out = tokio::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -307,6 +404,7 @@ async fn fetch_into(inner: &Inner, art: &Artifact, tmp: &Path) -> Result<u64, Ca
         let mut input = tokio::fs::File::open(&src)
             .await
             .map_err(io_err("open the source", &src))?;
+        progress.set_total(input.metadata().await.ok().map(|m| m.len()));
         let mut buf = vec![0u8; FILE_CHUNK];
         loop {
             let n = input.read(&mut buf).await.map_err(io_err("read", &src))?;
@@ -317,6 +415,7 @@ async fn fetch_into(inner: &Inner, art: &Artifact, tmp: &Path) -> Result<u64, Ca
             hasher.update(chunk);
             out.write_all(chunk).await.map_err(io_err("write", tmp))?;
             size += n as u64;
+            progress.add(n);
         }
     } else if art.url.starts_with("http://") || art.url.starts_with("https://") {
         let http = |source| CacheError::Http {
@@ -331,12 +430,14 @@ async fn fetch_into(inner: &Inner, art: &Artifact, tmp: &Path) -> Result<u64, Ca
                 status: status.as_u16(),
             });
         }
+        progress.set_total(resp.content_length());
         let mut body = resp.bytes_stream();
         while let Some(chunk) = body.next().await {
             let chunk = chunk.map_err(http)?;
             hasher.update(&chunk);
             out.write_all(&chunk).await.map_err(io_err("write", tmp))?;
             size += chunk.len() as u64;
+            progress.add(chunk.len());
         }
     } else {
         return Err(CacheError::BadUrl {
