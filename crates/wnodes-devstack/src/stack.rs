@@ -31,6 +31,9 @@ pub const SERVICES: [&str; 7] = [
     "bridge",
 ];
 
+/// The optional service [`StackOptions::usage_exporter`] adds (started last).
+pub const USAGE_EXPORTER: &str = "usage";
+
 /// The bridge and address the tap mode creates in the private namespace.
 pub const BRIDGE: &str = "wnbr0";
 pub const BRIDGE_ADDR: &str = "10.231.1.1/24";
@@ -48,6 +51,8 @@ pub struct Stack {
     pub(crate) config_path: PathBuf,
     pub(crate) nats: NatsServer,
     pub(crate) http_ports: BTreeMap<&'static str, u16>,
+    /// [`SERVICES`], then [`USAGE_EXPORTER`] when asked for.
+    services: Vec<&'static str>,
     pub(crate) grpc_addr: SocketAddr,
     /// Each service's NATS credentials, and the job starter's (`agent`): authorization is on,
     /// provisioned as `wnodesctl provision` does it.
@@ -392,8 +397,8 @@ impl Stack {
     /// Starts the stack described by `opts`: checks the binaries and the guest, (tap mode)
     /// creates bridge `wnbr0` 10.231.1.1/24 in the current network namespace, (with
     /// [`StackOptions::otlp_netns`]) starts the [`OtlpRelay`] to the OTLP endpoint, writes
-    /// `<work_dir>/wnodes.toml`, starts nats-server and the seven services and waits until each
-    /// answers `/readyz` with 200.
+    /// `<work_dir>/wnodes.toml`, starts nats-server and the seven services (and the usage exporter
+    /// with [`StackOptions::usage_exporter`]) and waits until each answers `/readyz` with 200.
     pub async fn start(opts: StackOptions) -> anyhow::Result<Self> {
         let network = opts.network.resolve();
         let bin_dir = opts.resolve_bin_dir()?;
@@ -452,9 +457,13 @@ impl Stack {
         let nats = NatsServer::start()
             .await
             .context("starting nats-server (scripts/install-deps.sh nats)")?;
-        let mut ports = free_ports(SERVICES.len() + 1)?;
+        let mut services = SERVICES.to_vec();
+        if opts.usage_exporter {
+            services.push(USAGE_EXPORTER);
+        }
+        let mut ports = free_ports(services.len() + 1)?;
         let grpc_addr: SocketAddr = format!("127.0.0.1:{}", ports.remove(0)).parse()?;
-        let http_ports: BTreeMap<_, _> = SERVICES.iter().copied().zip(ports).collect();
+        let http_ports: BTreeMap<_, _> = services.iter().copied().zip(ports).collect();
 
         let cfg = render_config(
             &opts,
@@ -475,8 +484,11 @@ impl Stack {
             .with_context(|| format!("writing {}", config_path.display()))?;
 
         let mut creds = BTreeMap::new();
-        // The optional roles (the usage exporter) are not part of the stack.
-        for role in wnodes_bus::roles::ALL.into_iter().filter(|r| !r.optional) {
+        // The optional roles are not part of the stack, unless the usage exporter is asked for.
+        for role in wnodes_bus::roles::ALL
+            .into_iter()
+            .filter(|r| !r.optional || (opts.usage_exporter && r.name == USAGE_EXPORTER))
+        {
             let c = nats
                 .identity(role, &opts.host)
                 .await
@@ -493,13 +505,14 @@ impl Stack {
             config_path,
             nats,
             http_ports,
+            services,
             grpc_addr,
             creds,
             children: BTreeMap::new(),
             image_server,
             otlp_relay,
         };
-        for s in SERVICES {
+        for s in stack.services.clone() {
             stack.start_service(s).await?;
         }
         Ok(stack)
@@ -532,6 +545,19 @@ impl Stack {
     /// `nats://127.0.0.1:<port>`.
     pub fn nats_url(&self) -> String {
         self.nats.url()
+    }
+
+    /// The services this stack runs: [`SERVICES`], and [`USAGE_EXPORTER`] with
+    /// [`StackOptions::usage_exporter`].
+    pub fn services(&self) -> &[&'static str] {
+        &self.services
+    }
+
+    /// `127.0.0.1:<port>`: where `service` serves `/metrics`, `/readyz` and `/healthz`.
+    pub fn http_addr(&self, service: &str) -> Option<SocketAddr> {
+        self.http_ports
+            .get(service)
+            .map(|p| SocketAddr::from(([127, 0, 0, 1], *p)))
     }
 
     /// The bridge's gRPC address.
@@ -599,23 +625,23 @@ impl Stack {
 
     /// Stops every service (SIGTERM, then SIGKILL after 10 s each), leaving nats-server up.
     pub fn stop_services(&mut self) {
-        for name in SERVICES {
+        for name in self.services.clone() {
             let _ = self.stop_service(name);
         }
     }
 
-    fn service_name(name: &str) -> anyhow::Result<&'static str> {
-        SERVICES
+    fn service_name(&self, name: &str) -> anyhow::Result<&'static str> {
+        self.services
             .iter()
             .copied()
             .find(|s| *s == name)
-            .ok_or_else(|| anyhow::anyhow!("unknown service {name:?} (one of {SERVICES:?})"))
+            .ok_or_else(|| anyhow::anyhow!("unknown service {name:?} (one of {:?})", self.services))
     }
 
     /// Starts (or restarts) one service and waits for `/readyz` = 200. Its output is appended
     /// to [`Stack::log_path`].
     pub async fn start_service(&mut self, name: &str) -> anyhow::Result<()> {
-        let name = Self::service_name(name)?;
+        let name = self.service_name(name)?;
         if let Some(mut old) = self.children.remove(name) {
             stop_child(&mut old, Duration::from_secs(10));
         }
@@ -627,7 +653,7 @@ impl Stack {
             .open(&log_path)
             .with_context(|| format!("opening {}", log_path.display()))?;
         let mut cmd = self.command(name);
-        if matches!(name, "bridge" | "accounting") {
+        if matches!(name, "bridge" | "accounting" | USAGE_EXPORTER) {
             cmd.arg("serve");
         }
         let mut child = cmd
@@ -664,7 +690,7 @@ impl Stack {
 
     /// SIGTERM (a clean drain), SIGKILL after 10 s; the service stays down.
     pub fn stop_service(&mut self, name: &str) -> anyhow::Result<()> {
-        let name = Self::service_name(name)?;
+        let name = self.service_name(name)?;
         if let Some(mut c) = self.children.remove(name) {
             stop_child(&mut c, Duration::from_secs(10));
         }
@@ -673,7 +699,7 @@ impl Stack {
 
     /// SIGKILL (a crash); the service stays down.
     pub fn kill_service(&mut self, name: &str) -> anyhow::Result<()> {
-        let name = Self::service_name(name)?;
+        let name = self.service_name(name)?;
         if let Some(mut c) = self.children.remove(name) {
             let _ = c.kill();
             let _ = c.wait();

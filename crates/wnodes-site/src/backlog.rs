@@ -7,13 +7,21 @@
 //! unprocessed message gets near that age is about to lose events silently; the exporter's
 //! `wnodes_consumer_oldest_unprocessed_age_seconds` against `wnodes_events_max_age_seconds`
 //! is the alert (recovery: `docs/operations.md`, "A consumer fell behind the retention").
+//!
+//! The same measurement also gives the dead-letter stream's depth and, per host, how many VMs
+//! are preparing or running by their `vm.*` events ([`wnodes_bus::vms`]: one walk of the
+//! events stream's `vm.*` messages per measurement): the exporter's `wnodes_dead_letters` and
+//! `wnodes_vms`.
 
 use std::time::{Duration, SystemTime};
 
 use async_nats::jetstream::{self, consumer};
 use futures::TryStreamExt;
 use serde::Serialize;
-use wnodes_bus::subject::EVENTS_STREAM;
+use wnodes_bus::{
+    subject::{DLQ_STREAM, EVENTS_STREAM},
+    vms::VmState,
+};
 
 use crate::error::SiteError;
 
@@ -32,12 +40,26 @@ pub struct Backlog {
     pub behind_retention: bool,
 }
 
-/// The stream's retention and every durable's backlog, by name.
+/// VMs not ended on one host, by their last `vm.*` event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HostVms {
+    pub host: String,
+    /// Requested, not yet running.
+    pub preparing: u64,
+    pub running: u64,
+}
+
+/// The stream's retention, every durable's backlog by name, the dead letters and the VMs per
+/// host.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Report {
     pub events_max_age_seconds: f64,
     pub first_sequence: u64,
     pub consumers: Vec<Backlog>,
+    /// Messages in the dead-letter stream.
+    pub dead_letters: u64,
+    /// Every host with a `vm.*` event in the events stream, by name (zero counts included).
+    pub vms: Vec<HostVms>,
 }
 
 /// Measures every durable of the events stream.
@@ -77,10 +99,44 @@ pub async fn measure(js: &jetstream::Context) -> Result<Report, SiteError> {
             behind_retention: floor + 1 < first_sequence,
         });
     }
+    let dead_letters = js
+        .get_stream(DLQ_STREAM)
+        .await
+        .map_err(|e| SiteError::js("read", format!("stream {DLQ_STREAM}"), e))?
+        .info()
+        .await
+        .map_err(|e| SiteError::js("read", format!("stream {DLQ_STREAM}"), e))?
+        .state
+        .messages;
+    let views = wnodes_bus::vms::read(js, None)
+        .await
+        .map_err(|e| SiteError::js("read", "the VMs (vm.* events)", e))?;
+    let mut vms: Vec<HostVms> = Vec::new();
+    for v in views {
+        let i = match vms.iter().position(|h| h.host == v.host) {
+            Some(i) => i,
+            None => {
+                vms.push(HostVms {
+                    host: v.host.clone(),
+                    preparing: 0,
+                    running: 0,
+                });
+                vms.len() - 1
+            }
+        };
+        match v.state {
+            VmState::Preparing => vms[i].preparing += 1,
+            VmState::Running => vms[i].running += 1,
+            VmState::Stopped | VmState::Failed => {}
+        }
+    }
+    vms.sort_by(|a, b| a.host.cmp(&b.host));
     Ok(Report {
         events_max_age_seconds: info.config.max_age.as_secs_f64(),
         first_sequence,
         consumers,
+        dead_letters,
+        vms,
     })
 }
 
@@ -157,5 +213,53 @@ pub fn prometheus_text(r: &Report) -> String {
             u8::from(c.behind_retention)
         ));
     }
+    line("# HELP wnodes_dead_letters Messages in the dead-letter stream.".into());
+    line("# TYPE wnodes_dead_letters gauge".into());
+    line(format!("wnodes_dead_letters {}", r.dead_letters));
+    line("# HELP wnodes_vms VMs not ended, per host and state (preparing, running), by their vm.* events.".into());
+    line("# TYPE wnodes_vms gauge".into());
+    for h in &r.vms {
+        for (state, n) in [("preparing", h.preparing), ("running", h.running)] {
+            line(format!(
+                "wnodes_vms{{host=\"{}\",state=\"{state}\"}} {n}",
+                h.host
+            ));
+        }
+    }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_text_has_the_dead_letters_and_each_hosts_vms() {
+        let r = Report {
+            events_max_age_seconds: 60.0,
+            first_sequence: 1,
+            consumers: vec![Backlog {
+                durable: "image-hv1".into(),
+                pending: 2,
+                ack_pending: 0,
+                oldest_unprocessed_age_seconds: Some(3.5),
+                behind_retention: false,
+            }],
+            dead_letters: 4,
+            vms: vec![HostVms {
+                host: "hv1.example.org".into(),
+                preparing: 1,
+                running: 0,
+            }],
+        };
+        let text = prometheus_text(&r);
+        for l in [
+            "wnodes_consumer_oldest_unprocessed_age_seconds{durable=\"image-hv1\"} 3.5",
+            "wnodes_dead_letters 4",
+            "wnodes_vms{host=\"hv1.example.org\",state=\"preparing\"} 1",
+            "wnodes_vms{host=\"hv1.example.org\",state=\"running\"} 0",
+        ] {
+            assert!(text.lines().any(|x| x == l), "{l} not in:\n{text}");
+        }
+    }
 }

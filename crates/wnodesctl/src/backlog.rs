@@ -1,4 +1,5 @@
-//! `wnodesctl backlog`: how far behind each durable is, once or as a Prometheus exporter.
+//! `wnodesctl backlog`: how far behind each durable is, the dead letters and the VMs per host,
+//! once or as a Prometheus exporter.
 
 use wnodes_bus::ErrorChain;
 
@@ -51,6 +52,13 @@ pub(crate) async fn backlog(args: BacklogArgs) -> u8 {
             "events stream keeps messages {:.0} s",
             report.events_max_age_seconds
         );
+        println!("dead letters: {}", report.dead_letters);
+        for h in &report.vms {
+            println!(
+                "VMs on {}: {} preparing, {} running",
+                h.host, h.preparing, h.running
+            );
+        }
     }
     0
 }

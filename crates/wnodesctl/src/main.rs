@@ -47,8 +47,8 @@ struct Cli {
 enum Command {
     /// Make or check the site's NATS identities, authorization file, streams and durables.
     Provision(ProvisionArgs),
-    /// How far behind each durable consumer is (as the `monitor` identity); with `--serve`, a
-    /// Prometheus exporter of the same.
+    /// How far behind each durable consumer is, the dead letters and the VMs per host (as the
+    /// `monitor` identity); with `--serve`, a Prometheus exporter of the same.
     Backlog(BacklogArgs),
     /// Dead letters: list, show, redrive (as the admin).
     Dlq(DlqArgs),

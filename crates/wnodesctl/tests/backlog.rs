@@ -1,5 +1,6 @@
 //! `wnodesctl backlog` as the monitor identity against a real nats-server: the oldest
-//! unprocessed message's age per durable, and a consumer the retention overtook.
+//! unprocessed message's age per durable, a consumer the retention overtook, the VMs per host
+//! and the dead letters.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -70,6 +71,13 @@ async fn the_oldest_unprocessed_age_and_a_consumer_overtaken_by_the_retention() 
     assert!((1.0..60.0).contains(&age), "{r}");
     assert_eq!(image["behind_retention"], false);
     assert_eq!(r["events_max_age_seconds"], 7.0 * 86400.0);
+    // Two VMs requested on H1, none running; no dead letter.
+    assert_eq!(
+        r["vms"],
+        serde_json::json!([{ "host": H1, "preparing": 2, "running": 0 }]),
+        "{r}"
+    );
+    assert_eq!(r["dead_letters"], 0, "{r}");
 
     // The image service handles the first message; the second is now the oldest.
     let image = Bus::connect(&image_cfg, "image@h1", BusMetrics::unregistered())

@@ -1,6 +1,7 @@
 //! `wnodes-dev demo`: the whole stack on this machine and one batch job through it.
 //! `wnodes-dev up` / `down`: the same stack kept running until `down` stops it and checks
-//! nothing was left behind (`up` prints how to submit jobs and point `wnodesctl` at it).
+//! nothing was left behind (`up` prints how to submit jobs, point `wnodesctl` at it and where
+//! each service's `/metrics` is; `--usage-exporter` adds `wnodes-usage`).
 //!
 //! As root it enters a private network namespace first (tap networking, the nftables filter,
 //! the gateway on the bridge address); otherwise it uses qemu user-mode networking and says so.
@@ -51,6 +52,9 @@ enum Cmd {
         /// OTLP/gRPC endpoint for every service's spans (as for `demo`).
         #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
         otlp_endpoint: Option<String>,
+        /// Also run the usage exporter (`wnodes-usage`: usage counters per VO on `/metrics`).
+        #[arg(long)]
+        usage_exporter: bool,
     },
     /// Stop the stack `up` started and say whether anything was left behind.
     Down {
@@ -79,7 +83,8 @@ fn main() -> ExitCode {
         Cmd::Up {
             work_dir,
             otlp_endpoint,
-        } => run_up(work_dir, otlp_endpoint),
+            usage_exporter,
+        } => run_up(work_dir, otlp_endpoint, usage_exporter),
         Cmd::Down { work_dir } => down(&work_dir),
     }
 }
@@ -182,7 +187,7 @@ fn run_demo(keep: bool, work_dir: Option<PathBuf>, otlp_endpoint: Option<String>
     }
 }
 
-fn run_up(work: PathBuf, otlp_endpoint: Option<String>) -> ExitCode {
+fn run_up(work: PathBuf, otlp_endpoint: Option<String>, usage_exporter: bool) -> ExitCode {
     if let Some(pid) = up_pid(&work)
         && alive(pid)
     {
@@ -198,7 +203,7 @@ fn run_up(work: PathBuf, otlp_endpoint: Option<String>) -> ExitCode {
         Ok(p) => p,
         Err(code) => return code,
     };
-    match rt.block_on(up(work, network, otlp)) {
+    match rt.block_on(up(work, network, otlp, usage_exporter)) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {
@@ -231,10 +236,16 @@ fn alive(pid: i32) -> bool {
 /// Starts the stack, says how to use it, and waits for SIGTERM/SIGINT; then stops the
 /// services, checks what was left behind (in this process: as root the stack's network
 /// namespace is this thread's), writes [`DOWN_FILE`] and stops nats-server.
-async fn up(work: PathBuf, network: NetworkChoice, otlp: Otlp) -> anyhow::Result<bool> {
+async fn up(
+    work: PathBuf,
+    network: NetworkChoice,
+    otlp: Otlp,
+    usage_exporter: bool,
+) -> anyhow::Result<bool> {
     use anyhow::Context;
     let mut opts = StackOptions::new(&work);
     opts.network = network;
+    opts.usage_exporter = usage_exporter;
     opts.otlp_netns = otlp.endpoint.is_some().then_some(otlp.netns).flatten();
     opts.otlp_endpoint = otlp.endpoint;
     run_jobs_as_the_caller_unless_root(&mut opts);
@@ -248,6 +259,12 @@ async fn up(work: PathBuf, network: NetworkChoice, otlp: Otlp) -> anyhow::Result
     let netns = (network == NetworkChoice::Tap)
         .then(|| stack.nats_pid().map(|p| format!("/proc/{p}/ns/net")))
         .flatten();
+    // Each service's `/metrics` (and `/readyz`), by service name.
+    let metrics: serde_json::Map<String, serde_json::Value> = stack
+        .services()
+        .iter()
+        .filter_map(|s| Some(((*s).to_owned(), stack.http_addr(s)?.to_string().into())))
+        .collect();
     let info = serde_json::json!({
         "pid": std::process::id(),
         "nats_url": admin.url,
@@ -258,6 +275,7 @@ async fn up(work: PathBuf, network: NetworkChoice, otlp: Otlp) -> anyhow::Result
         "netns": netns,
         "grpc_addr": stack.grpc_addr().to_string(),
         "bin_dir": stack.bin("x").parent(),
+        "metrics": metrics,
     });
     let info_path = work.join(UP_FILE);
     std::fs::write(&info_path, serde_json::to_vec_pretty(&info)?)
@@ -277,6 +295,14 @@ async fn up(work: PathBuf, network: NetworkChoice, otlp: Otlp) -> anyhow::Result
     );
     println!("   config:  {}", stack.config_path().display());
     println!("   details: {}", info_path.display());
+    println!(
+        "   metrics: {}",
+        metrics
+            .iter()
+            .map(|(s, a)| format!("{s} http://{}/metrics", a.as_str().unwrap_or_default()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     let o = stack.options();
     println!(
         "   submit:  {enter}env WNODES_CONFIG={} WNODES_NATS__CREDS_FILE={} {bin}/wnodes-bridge submit --vo {} --user {} --uid {} --gid {} --job-id J1 -- /bin/echo hello",
