@@ -1,7 +1,8 @@
 //! `wnodes-dev up` keeps the stack running: a job submitted with the command line it prints
-//! runs, `wnodesctl` pointed at it as it says reads the services' heartbeats, the VMs, the
-//! durables and the dead letters, a `vm.stopped` dead-lettered on purpose is redriven once and
-//! the VM's scratch released, and `wnodes-dev down` stops it and finds nothing left behind.
+//! runs, `wnodesctl` pointed at it as it says reads the services' heartbeats, prefetches the
+//! job's image (found cached), reads the VMs, the durables and the dead letters, a `vm.stopped`
+//! dead-lettered on purpose is redriven once and the VM's scratch released, and `wnodes-dev
+//! down` stops it and finds nothing left behind.
 //!
 //! Needs what `job_flow.rs` needs (`wnodes_testkit::vm::JOB_NEEDS`) and the binaries
 //! (`cargo build --workspace --bins`); named `vm_*`: it boots a VM. A host test: skipped where a
@@ -277,6 +278,27 @@ async fn vm_wnodes_dev_up_serves_jobs_and_wnodesctl_until_down() {
         stdout.contains("7 service(s) on 1 host(s) and central; 0 stale, stopped or not ready"),
         "{stdout}"
     );
+
+    // wnodesctl prefetch (as the admin): the job's image is already in the host's cache.
+    let mut prefetch = command(netns, &bin.join("wnodesctl"));
+    prefetch.args([
+        "prefetch",
+        "--image",
+        "demo",
+        "--hosts",
+        "hv1.wnodes.dev",
+        "--json",
+        "--nats",
+        &s("nats_url"),
+        "--creds",
+        &s("admin_creds"),
+    ]);
+    let (code, stdout, stderr) = output(prefetch);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let answers: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(answers[0]["host"], "hv1.wnodes.dev", "{answers}");
+    assert_eq!(answers[0]["status"], "cached", "{answers}");
+    assert_eq!(answers[0]["ok"], true, "{answers}");
 
     // wnodesctl, as the monitor and as the admin.
     let mut backlog = command(netns, &bin.join("wnodesctl"));
