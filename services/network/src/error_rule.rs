@@ -95,6 +95,7 @@ wnodes_testkit::error_rule! {
             source: host_error(),
         },
         PrepareError::Unsupported(_) => PrepareError::Unsupported("SR-IOV"),
+        PrepareError::TapUnavailable => PrepareError::TapUnavailable,
         PrepareError::NoPool => PrepareError::NoPool,
         PrepareError::PoolOutsideBridge { .. } => PrepareError::PoolOutsideBridge {
             pool: net([10, 231, 2, 0], 24),

@@ -54,6 +54,10 @@ pub(crate) enum PrepareError {
     },
     #[error("{0} networking is not available on this host")]
     Unsupported(&'static str),
+    #[error(
+        "the spec asks for a tap, and this host's network service runs in user mode ([network] mode = \"user\", or \"auto\" without root or /dev/net/tun): no tap can be made, and user mode is used only when the spec or the configuration asks for it"
+    )]
+    TapUnavailable,
     #[error("no address pool configured ([network] pool)")]
     NoPool,
     #[error("address pool {pool} is not inside the bridge's subnet {bridge}")]
@@ -136,6 +140,8 @@ impl NetworkHandler {
             .unwrap_or(proto::NetworkMode::Unspecified);
         let plan = match (requested, self.mode) {
             (proto::NetworkMode::Sriov, _) => Err(PrepareError::Unsupported("SR-IOV")),
+            // No silent fallback: a tap asked for is a tap or a failure.
+            (proto::NetworkMode::VirtioTap, Mode::User) => Err(PrepareError::TapUnavailable),
             (proto::NetworkMode::User, _) | (_, Mode::User) => Ok(None),
             (_, Mode::Tap) => self.bridge_address().await.map(Some),
         };

@@ -123,9 +123,75 @@ async fn binary_reconciles_serves_and_stops_on_sigterm() {
     assert!(status.success(), "{status}: {}", network.stderr());
 }
 
+/// No silent fallback: in user mode, a spec that asks for a tap fails with the reason (and
+/// nothing is made on the host), while a spec that leaves the mode to the host gets user mode.
+async fn binary_in_user_mode_refuses_a_tap_instead_of_falling_back() {
+    let tb = TestBus::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let conf = ServiceConfig::new(
+        HOST,
+        &tb.server
+            .identity(&wnodes_bus::roles::NETWORK, HOST)
+            .await
+            .unwrap(),
+        &dir.path().join("state"),
+    )
+    .set("network", "mode", "user");
+    let mut network = ServiceProcess::builder(env!("CARGO_BIN_EXE_wnodes-network"), dir.path())
+        .config(&conf)
+        .spawn()
+        .unwrap();
+    let links_before = std::fs::read_dir("/sys/class/net").unwrap().count();
+
+    let (tap_vm, any_vm) = ("vm-c1c1c1c1c1c1", "vm-c2c2c2c2c2c2");
+    for (job, vm, mode) in [
+        ("1", tap_vm, proto::NetworkMode::VirtioTap),
+        ("2", any_vm, proto::NetworkMode::Unspecified),
+    ] {
+        tb.publish(&ev(
+            &run(job),
+            vm_requested(proto::VmSpec {
+                vm_id: vm.into(),
+                network_mode: mode as i32,
+                ..Default::default()
+            }),
+        ))
+        .await;
+    }
+    let failed = tb.wait_payload::<proto::NetworkFailed>(tap_vm).await;
+    assert!(
+        failed.reason.starts_with(
+            "the spec asks for a tap, and this host's network service runs in user mode"
+        ),
+        "{}",
+        failed.reason
+    );
+    let ready = tb.wait_payload::<proto::NetworkReady>(any_vm).await;
+    assert_eq!(ready.mode, proto::NetworkMode::User as i32);
+    assert!(
+        tb.events_of(tap_vm)
+            .iter()
+            .all(|e| !matches!(e.body, Some(Body::NetworkReady(_)))),
+        "the tap VM got a network"
+    );
+    assert_eq!(
+        std::fs::read_dir("/sys/class/net").unwrap().count(),
+        links_before,
+        "a link appeared"
+    );
+    let status = network.terminate(Duration::from_secs(15)).await.unwrap();
+    assert!(status.success(), "{status}: {}", network.stderr());
+}
+
 fn main() -> ExitCode {
-    host::main(vec![host_test!(
-        multi_thread binary_reconciles_serves_and_stops_on_sigterm
-        needs [Root, Nft]
-    )])
+    host::main(vec![
+        host_test!(
+            multi_thread binary_reconciles_serves_and_stops_on_sigterm
+            needs [Root, Nft]
+        ),
+        host_test!(
+            multi_thread binary_in_user_mode_refuses_a_tap_instead_of_falling_back
+            needs []
+        ),
+    ])
 }
