@@ -198,6 +198,8 @@ ensure_bpo() {
 # python3 first: the side-config writer and guest/build.sh use it.
 ensure_apt python3
 ensure_bpo qemu-system-x86 "1:10.0."
+# qemu-img: the launcher inspects qcow2 images with it before starting them.
+ensure_bpo qemu-utils "1:10.0."
 ensure_apt sshfs fuse3 openssh-sftp-server
 ensure_apt nftables iproute2
 ensure_apt e2fsprogs cpio
@@ -205,4 +207,5 @@ ensure_apt e2fsprogs cpio
 # util-linux: setpriv (the gateway drops to the job's uid), unshare.
 ensure_apt socat util-linux
 command -v qemu-system-x86_64 >/dev/null || die "qemu-system-x86_64 not on PATH after install"
+command -v qemu-img >/dev/null || die "qemu-img not on PATH after install"
 log "done: $(qemu-system-x86_64 --version | head -n1)"

@@ -71,6 +71,9 @@ pub struct LauncherConfig {
     pub accel: AccelMode,
     /// The qemu binary (looked up in `PATH` when relative).
     pub qemu_binary: PathBuf,
+    /// `qemu-img`, which inspects a qcow2 image before it is started (looked up in `PATH`
+    /// when relative).
+    pub qemu_img_binary: PathBuf,
     /// Per-VM state directories; default `<state_dir>/vms`.
     pub vms_dir: Option<PathBuf>,
     /// A VM not started this long after `vm.requested` fails with phase `deadline`.
@@ -91,6 +94,7 @@ impl Default for LauncherConfig {
         Self {
             accel: AccelMode::Kvm,
             qemu_binary: PathBuf::from("qemu-system-x86_64"),
+            qemu_img_binary: PathBuf::from("qemu-img"),
             vms_dir: None,
             prepare_deadline: Duration::from_secs(120),
             policy: PolicyConfig::default(),

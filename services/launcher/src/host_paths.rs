@@ -2,7 +2,8 @@
 //! in `image.ready` must lie under `[launcher] image_roots` and the scratch volume named in
 //! `scratch.ready` under `scratch_roots`, each a regular file, checked after resolving every
 //! symlink and `..`. qemu then gets the resolved paths, so a link swapped after the check
-//! changes nothing. A violation names its rule; nothing is started.
+//! changes nothing. A qcow2 image must be one, without a backing file ([`inspect_image`]). A
+//! violation names its rule; nothing is started.
 //!
 //! Only file scratch volumes are allowed: an LVM volume (a block device) will need a rule of
 //! its own (issue 14).
@@ -110,6 +111,79 @@ pub fn check(
     Ok((image, scratch))
 }
 
+/// How long `qemu-img info` may take.
+const INSPECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// A qcow2 image is opened only without a backing file (qemu would open it as the qemu user,
+/// wherever it points), and only when it is qcow2: `qemu-img info` with the declared format
+/// (never probed) and without opening any backing file tells. A raw image has no backing
+/// file and qemu is told its format: nothing to inspect.
+pub async fn inspect_image(qemu_img: &Path, image: &ImageReady) -> Result<(), Violation> {
+    if image.format != "qcow2" {
+        return Ok(());
+    }
+    let v = |rule, reason| Violation { rule, reason };
+    let out = tokio::time::timeout(
+        INSPECT_TIMEOUT,
+        tokio::process::Command::new(qemu_img)
+            .args(["info", "--output=json", "--force-share", "-f", "qcow2"])
+            .arg(&image.path)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .map_err(|_| {
+        v(
+            "image.format",
+            format!(
+                "`qemu-img info` of {:?} took longer than {INSPECT_TIMEOUT:?}",
+                image.path
+            ),
+        )
+    })?
+    .map_err(|e| {
+        v(
+            "image.format",
+            format!("cannot run {}: {e}", qemu_img.display()),
+        )
+    })?;
+    if !out.status.success() {
+        return Err(v(
+            "image.format",
+            format!(
+                "{:?} is not a qcow2 image qemu-img can read: {}",
+                image.path,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        ));
+    }
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| {
+        v(
+            "image.format",
+            format!("`qemu-img info` of {:?} is not JSON: {e}", image.path),
+        )
+    })?;
+    if info["format"] != "qcow2" {
+        return Err(v(
+            "image.format",
+            format!(
+                "{:?}: qemu-img reads format {}, not qcow2",
+                image.path, info["format"]
+            ),
+        ));
+    }
+    if let Some(backing) = info.get("backing-filename") {
+        return Err(v(
+            "image.backing_file",
+            format!(
+                "{:?} is a qcow2 image with backing file {backing}: only images without a backing file are started",
+                image.path
+            ),
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,6 +201,45 @@ mod tests {
                 ..Default::default()
             },
         )
+    }
+
+    /// With Debian's qemu-img (the launcher's tests need qemu anyway).
+    #[tokio::test]
+    async fn a_qcow2_with_a_backing_file_or_of_another_format_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = |name: &str, args: &[&str]| {
+            let path = dir.path().join(name);
+            let ok = std::process::Command::new("qemu-img")
+                .arg("create")
+                .args(args)
+                .arg(&path)
+                .arg("1M")
+                .output()
+                .expect("qemu-img (Debian's qemu-utils) is installed")
+                .status
+                .success();
+            assert!(ok, "qemu-img create {name}");
+            ImageReady {
+                path: path.display().to_string(),
+                format: "qcow2".into(),
+                ..Default::default()
+            }
+        };
+        let qemu_img = Path::new("qemu-img");
+        let plain = img("plain.qcow2", &["-f", "qcow2"]);
+        inspect_image(qemu_img, &plain).await.unwrap();
+        let evil = img(
+            "evil.qcow2",
+            &["-f", "qcow2", "-u", "-b", "/etc/shadow", "-F", "raw"],
+        );
+        let v = inspect_image(qemu_img, &evil).await.unwrap_err();
+        assert_eq!(v.rule, "image.backing_file", "{v:?}");
+        assert!(v.reason.contains("/etc/shadow"), "{v:?}");
+        let mut raw = img("raw.img", &["-f", "raw"]);
+        let v = inspect_image(qemu_img, &raw).await.unwrap_err();
+        assert_eq!(v.rule, "image.format", "{v:?}");
+        raw.format = "raw".into();
+        inspect_image(qemu_img, &raw).await.unwrap();
     }
 
     #[test]

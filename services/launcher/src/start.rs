@@ -89,12 +89,20 @@ impl LauncherState {
                 };
                 // Host policy: only images from the cache and volumes from the scratch
                 // directory, as resolved here (qemu gets these paths).
-                let (image, scratch) = match crate::host_paths::check(
+                let checked = match crate::host_paths::check(
                     &self.config.image_roots,
                     &self.config.scratch_roots,
                     image,
                     scratch,
                 ) {
+                    Ok((image, scratch)) => {
+                        crate::host_paths::inspect_image(&self.config.qemu_img_binary, &image)
+                            .await
+                            .map(|()| (image, scratch))
+                    }
+                    Err(v) => Err(v),
+                };
+                let (image, scratch) = match checked {
                     Ok(checked) => checked,
                     Err(v) => {
                         tracing::error!(vm_id = %row.vm_id, rule = v.rule, reason = %v.reason, "Refused by host policy: qemu not started.");

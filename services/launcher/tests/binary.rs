@@ -160,7 +160,25 @@ async fn binary_refuses_images_and_volumes_outside_their_roots() {
     let dump = || std::fs::read_to_string(&log).unwrap_or_default();
 
     let disk = cache.join("disk.img").display().to_string();
-    // (job, image path, kernel path, scratch path, rule)
+    // A qcow2 image in the cache whose backing file is a host secret (qemu would open it).
+    let evil_qcow2 = cache.join("evil.qcow2").display().to_string();
+    let made = std::process::Command::new("qemu-img")
+        .args([
+            "create",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            "/etc/shadow",
+            "-F",
+            "raw",
+        ])
+        .arg(&evil_qcow2)
+        .arg("1M")
+        .status()
+        .unwrap();
+    assert!(made.success());
+    // (job, image path, kernel path, scratch path, rule); a .qcow2 is declared qcow2.
     let attacks = [
         (
             "pol-1",
@@ -204,6 +222,13 @@ async fn binary_refuses_images_and_volumes_outside_their_roots() {
             volumes.join("vm.img").display().to_string(),
             "scratch.roots",
         ),
+        (
+            "pol-7",
+            evil_qcow2.clone(),
+            String::new(),
+            String::new(),
+            "image.backing_file",
+        ),
     ];
     for (job, image, kernel, scratch, rule) in &attacks {
         let r = run(job);
@@ -214,6 +239,9 @@ async fn binary_refuses_images_and_volumes_outside_their_roots() {
         for mut b in ready_bodies(&guest_dir(), &vm_id) {
             match &mut b {
                 Body::ImageReady(i) => {
+                    if image.ends_with(".qcow2") {
+                        i.format = "qcow2".into();
+                    }
                     i.path = image.clone();
                     i.kernel_path = kernel.clone();
                     i.initrd_path = String::new();
@@ -256,6 +284,6 @@ async fn binary_refuses_images_and_volumes_outside_their_roots() {
 fn main() -> std::process::ExitCode {
     host::main(vec![
         host_test!(multi_thread vm_binary_sigterm_leaves_the_vm_running_and_the_next_launcher_reports_it needs [Qemu, TestGuest]),
-        host_test!(multi_thread binary_refuses_images_and_volumes_outside_their_roots needs [TestGuest]),
+        host_test!(multi_thread binary_refuses_images_and_volumes_outside_their_roots needs [Qemu, TestGuest]),
     ])
 }
