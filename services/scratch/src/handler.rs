@@ -223,6 +223,30 @@ impl ScratchHandler {
             );
             return Ok(());
         }
+        // Sparse volumes must not promise more than the file system holds.
+        let space = match self.backend.space().await {
+            Ok(s) => s,
+            Err(e) => return self.create_failed(ctx, incoming, &vm_id, e),
+        };
+        if size > space.unpromised() {
+            tracing::warn!(
+                vm_id,
+                size,
+                available = space.available,
+                promised = space.promised,
+                "Not enough free space to back the scratch volume."
+            );
+            self.failed(
+                ctx,
+                incoming,
+                &vm_id,
+                format!(
+                    "requested scratch of {size} bytes cannot be backed: the volume directory's file system has {} bytes available, of which {} are promised to the volumes already there",
+                    space.available, space.promised
+                ),
+            );
+            return Ok(());
+        }
         let path = match self.backend.create(&vm_id, size).await {
             Ok(p) => p,
             Err(e) => return self.create_failed(ctx, incoming, &vm_id, e),

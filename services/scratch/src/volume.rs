@@ -6,7 +6,7 @@
 
 use std::{
     io,
-    os::unix::fs::OpenOptionsExt,
+    os::unix::fs::{MetadataExt, OpenOptionsExt},
     path::{Path, PathBuf},
     process::Stdio,
 };
@@ -61,6 +61,21 @@ pub fn derive_vm_id(run_key: &str) -> String {
     format!("vm-{}", hex.get(..12).unwrap_or_default())
 }
 
+/// Free space of the volume directory's file system, and how much of it the sparse volumes
+/// already there may still claim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Space {
+    pub available: u64,
+    pub promised: u64,
+}
+
+impl Space {
+    /// What a new volume may take.
+    pub fn unpromised(self) -> u64 {
+        self.available.saturating_sub(self.promised)
+    }
+}
+
 /// The file backend rooted at one directory.
 #[derive(Debug, Clone)]
 pub struct FileBackend {
@@ -97,6 +112,36 @@ impl FileBackend {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(io_err("inspect", &path)(e)),
         }
+    }
+
+    /// What the volume directory's file system can still back: its space available to
+    /// unprivileged writers less what the volumes already there may still claim (each a
+    /// sparse file: its size less the blocks it holds). A new volume larger than this could
+    /// fail its VM's writes with ENOSPC later, so it is refused now.
+    pub async fn space(&self) -> Result<Space, VolumeError> {
+        let dir = self.dir.clone();
+        tokio::task::spawn_blocking(move || -> Result<Space, VolumeError> {
+            let fs = nix::sys::statvfs::statvfs(&dir)
+                .map_err(|e| io_err("measure the file system of", &dir)(e.into()))?;
+            let available = u64::from(fs.blocks_available()) * u64::from(fs.fragment_size());
+            let mut promised = 0u64;
+            for entry in std::fs::read_dir(&dir).map_err(io_err("list", &dir))? {
+                let entry = entry.map_err(io_err("list", &dir))?;
+                let name = entry.file_name();
+                let name = name.to_string_lossy();
+                if !name.ends_with(".img") || name.starts_with('.') {
+                    continue;
+                }
+                let Ok(m) = entry.metadata() else { continue };
+                promised += m.len().saturating_sub(m.blocks() * 512);
+            }
+            Ok(Space {
+                available,
+                promised,
+            })
+        })
+        .await
+        .map_err(|e| io_err("measure", &self.dir)(io::Error::other(e)))?
     }
 
     /// Creates the VM's volume: a sparse file of `size_bytes`, formatted, renamed into place.
@@ -246,7 +291,6 @@ mod tests {
         // ext4 superblock magic 0xEF53 at byte 1024 + 56.
         let bytes = std::fs::read(&path).unwrap();
         assert_eq!(&bytes[1080..1082], &[0x53, 0xef]);
-        use std::os::unix::fs::MetadataExt;
         let allocated = std::fs::metadata(&path).unwrap().blocks() * 512;
         assert!(
             allocated < 32 << 20,

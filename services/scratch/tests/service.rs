@@ -264,6 +264,92 @@ async fn too_large_request_fails_naming_both_sizes_and_zero_means_default() {
     svc.stop().await.unwrap();
 }
 
+/// Unmounts the test's tmpfs.
+struct Tmpfs(std::path::PathBuf);
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Sparse volumes never promise more than the file system holds: on an 80 MiB tmpfs a second
+/// 48 MiB volume is refused while the first exists, and made once the first is released.
+/// Needs root (it mounts the tmpfs); fails without.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_free_space_cannot_back_is_refused() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test mounts a tmpfs: run it as root"
+    );
+    let mounted = std::sync::Mutex::new(None);
+    let mut svc = Svc::start(config(), |state| {
+        let dir = state.join("volumes");
+        std::fs::create_dir_all(&dir)?;
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=80m", "tmpfs"])
+            .arg(&dir)
+            .status()?
+            .success();
+        if !ok {
+            return Err(std::io::Error::other("mount -t tmpfs failed"));
+        }
+        *mounted.lock().unwrap() = Some(Tmpfs(dir));
+        Ok(())
+    })
+    .await
+    .unwrap();
+    let _tmpfs = mounted.lock().unwrap().take();
+
+    svc.bus
+        .publish(&vm_requested("big1", 48 * MIB))
+        .await
+        .unwrap();
+    svc.next("scratch.ready", is_ready("vm-big1"))
+        .await
+        .unwrap();
+    svc.bus
+        .publish(&vm_requested("big2", 48 * MIB))
+        .await
+        .unwrap();
+    let refused = svc
+        .next(
+            "scratch.failed",
+            |e| matches!(&e.body, Some(Body::ScratchFailed(f)) if f.vm_id == "vm-big2"),
+        )
+        .await
+        .unwrap();
+    let Some(Body::ScratchFailed(f)) = &refused.body else {
+        unreachable!()
+    };
+    assert!(
+        f.reason.starts_with(&format!(
+            "requested scratch of {} bytes cannot be backed: the volume directory's file system has",
+            48 * MIB
+        )),
+        "{}",
+        f.reason
+    );
+    assert!(!svc.volumes().join("vm-big2.img").exists());
+
+    // The first released, the same size fits.
+    svc.bus.publish(&vm_stopped("big1")).await.unwrap();
+    svc.next("resource.released", is_released("vm-big1"))
+        .await
+        .unwrap();
+    svc.bus
+        .publish(&vm_requested("big3", 48 * MIB))
+        .await
+        .unwrap();
+    svc.next("scratch.ready", is_ready("vm-big3"))
+        .await
+        .unwrap();
+    svc.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_after_release_creates_nothing_and_releases_again() {
     let mut svc = Svc::start(config(), |_| Ok(())).await.unwrap();
