@@ -123,7 +123,7 @@ impl FileBackend {
         tokio::task::spawn_blocking(move || -> Result<Space, VolumeError> {
             let fs = nix::sys::statvfs::statvfs(&dir)
                 .map_err(|e| io_err("measure the file system of", &dir)(e.into()))?;
-            let available = u64::from(fs.blocks_available()) * u64::from(fs.fragment_size());
+            let available = fs.blocks_available() * fs.fragment_size();
             let mut promised = 0u64;
             for entry in std::fs::read_dir(&dir).map_err(io_err("list", &dir))? {
                 let entry = entry.map_err(io_err("list", &dir))?;
