@@ -285,7 +285,7 @@ async fn a_volume_free_space_cannot_back_is_refused() {
         nix::unistd::geteuid().is_root(),
         "this test mounts a tmpfs: run it as root"
     );
-    let mounted = std::sync::Mutex::new(None);
+    let mut mounted = None;
     let mut svc = Svc::start(config(), |state| {
         let dir = state.join("volumes");
         std::fs::create_dir_all(&dir)?;
@@ -297,12 +297,12 @@ async fn a_volume_free_space_cannot_back_is_refused() {
         if !ok {
             return Err(std::io::Error::other("mount -t tmpfs failed"));
         }
-        *mounted.lock().unwrap() = Some(Tmpfs(dir));
+        mounted = Some(Tmpfs(dir));
         Ok(())
     })
     .await
     .unwrap();
-    let _tmpfs = mounted.lock().unwrap().take();
+    let _tmpfs = mounted;
 
     svc.bus
         .publish(&vm_requested("big1", 48 * MIB))
