@@ -302,7 +302,7 @@ async fn a_volume_free_space_cannot_back_is_refused() {
     })
     .await
     .unwrap();
-    let _tmpfs = mounted;
+    let tmpfs = mounted;
 
     svc.bus
         .publish(&vm_requested("big1", 48 * MIB))
@@ -347,6 +347,8 @@ async fn a_volume_free_space_cannot_back_is_refused() {
     svc.next("scratch.ready", is_ready("vm-big3"))
         .await
         .unwrap();
+    // Unmounted before the state directory goes (with the service).
+    drop(tmpfs);
     svc.stop().await.unwrap();
 }
 
