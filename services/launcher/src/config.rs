@@ -81,6 +81,10 @@ pub struct LauncherConfig {
     pub prepare_deadline: Duration,
     /// Site policy.
     pub policy: PolicyConfig,
+    /// How long a finished VM's state directory (its console and output logs, usage, job
+    /// record) is kept after its last write; then the housekeeping task removes it.
+    #[serde(with = "humantime_serde")]
+    pub vm_dir_retention: Duration,
     /// Host policy: the directories the disk images, kernels and initrds named in
     /// `image.ready` must lie in (after resolving symlinks); the image service's cache.
     pub image_roots: Vec<PathBuf>,
@@ -98,6 +102,7 @@ impl Default for LauncherConfig {
             vms_dir: None,
             prepare_deadline: Duration::from_secs(120),
             policy: PolicyConfig::default(),
+            vm_dir_retention: Duration::from_secs(7 * 24 * 3600),
             // The image and scratch services' defaults (state directories under
             // /var/lib/wnodes).
             image_roots: vec![PathBuf::from("/var/lib/wnodes/image/cache")],

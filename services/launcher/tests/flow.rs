@@ -116,6 +116,8 @@ async fn vm_nats_job_runs_to_vm_stopped_and_refusals_fail() {
         .local_addr()
         .unwrap();
     cfg.common.http_addr = Some(http);
+    // Long enough for the checks below to read the VM's files first.
+    cfg.service.vm_dir_retention = Duration::from_secs(8);
     let launcher = start(cfg).await;
 
     // The happy path: a real VM.
@@ -248,6 +250,20 @@ async fn vm_nats_job_runs_to_vm_stopped_and_refusals_fail() {
         f.reason.ends_with("missing: scratch, network, storage"),
         "{}",
         f.reason
+    );
+
+    // Past vm_dir_retention the finished VM's state directory goes; its row stays.
+    let dir = env.dir.path().join("vms").join(&vm_id);
+    wait_until(
+        Duration::from_secs(40),
+        "the finished VM's state directory removed",
+        || async { (!dir.exists()).then_some(()) },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        row_state(&env.store, &vm_id).await.map(|r| r.state),
+        Some(VmState::Stopped)
     );
 
     assert_eq!(launcher.stop().await, 0);
