@@ -81,6 +81,10 @@ pub struct LauncherConfig {
     pub prepare_deadline: Duration,
     /// Site policy.
     pub policy: PolicyConfig,
+    /// What a VM's cgroup allows qemu beyond the guest's RAM (its own code, device
+    /// emulation, and under TCG the translation cache); the group's memory limit is the
+    /// spec's memory plus this, and a qemu that crosses it is killed (`stop_reason` `oom`).
+    pub memory_overhead_bytes: u64,
     /// How long a finished VM's state directory (its console and output logs, usage, job
     /// record) is kept after its last write; then the housekeeping task removes it.
     #[serde(with = "humantime_serde")]
@@ -103,6 +107,7 @@ impl Default for LauncherConfig {
             prepare_deadline: Duration::from_secs(120),
             policy: PolicyConfig::default(),
             vm_dir_retention: Duration::from_secs(7 * 24 * 3600),
+            memory_overhead_bytes: 1 << 30,
             // The image and scratch services' defaults (state directories under
             // /var/lib/wnodes).
             image_roots: vec![PathBuf::from("/var/lib/wnodes/image/cache")],

@@ -128,7 +128,14 @@ impl LauncherState {
                     network: Some(network),
                     storage: Some(storage),
                 };
-                match qemu::launch(&self.config.qemu_binary, &inputs, self.cgroups.as_ref()).await {
+                match qemu::launch(
+                    &self.config.qemu_binary,
+                    &inputs,
+                    self.cgroups.as_ref(),
+                    self.config.memory_overhead_bytes,
+                )
+                .await
+                {
                     Ok(r) => r,
                     Err(e) => {
                         tracing::warn!(vm_id = %row.vm_id, error = %ErrorChain(&e), "qemu did not start.");

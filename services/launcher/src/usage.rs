@@ -171,10 +171,11 @@ impl CgroupHost {
         }
     }
 
-    /// Creates the VM's group(s), parents included, holding no process yet. v2: enables the
-    /// cpu and memory controllers on the way (best effort). v1: sets
-    /// `memory.move_charge_at_immigrate` to 3 (best effort: newer kernels deprecate it).
-    pub fn create(&self, vm_id: &str) -> Result<UsageSource, UsageError> {
+    /// Creates the VM's group(s), parents included, holding no process yet, with `limits`
+    /// ([`apply_limits`]). v2: enables the cpu and memory controllers on the way (best
+    /// effort). v1: sets `memory.move_charge_at_immigrate` to 3 (best effort: newer kernels
+    /// deprecate it).
+    pub fn create(&self, vm_id: &str, limits: Option<Limits>) -> Result<UsageSource, UsageError> {
         let source = self.source_for(vm_id);
         match (&source, self) {
             (UsageSource::Cgroup { path }, Self::V2 { root }) => {
@@ -199,8 +200,73 @@ impl CgroupHost {
             }
             _ => unreachable!("source_for matches the host"),
         }
+        if let Some(l) = limits {
+            apply_limits(vm_id, &source, l);
+        }
         Ok(source)
     }
+}
+
+/// What a VM's cgroup enforces: its memory (the guest's RAM plus qemu's own overhead) and, on
+/// cgroup v2, its cores as CPU bandwidth.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub memory_bytes: u64,
+    pub cores: u32,
+}
+
+/// cgroup v2's CPU bandwidth period (`cpu.max`), microseconds.
+const CPU_PERIOD_US: u64 = 100_000;
+
+/// Writes the limits into the VM's group(s): v2 `memory.max` and `cpu.max` (`cores` ×
+/// the period per period); v1 `memory.limit_in_bytes` (the v1 `cpu` hierarchy is not one the
+/// launcher joins, so cores are not enforced on v1). A limit the host refuses is logged and
+/// the VM runs without it: the log says so.
+pub fn apply_limits(vm_id: &str, source: &UsageSource, limits: Limits) {
+    let writes: Vec<(PathBuf, String)> = match source {
+        UsageSource::Cgroup { path } => vec![
+            (path.join("memory.max"), limits.memory_bytes.to_string()),
+            (
+                path.join("cpu.max"),
+                format!(
+                    "{} {CPU_PERIOD_US}",
+                    u64::from(limits.cores.max(1)) * CPU_PERIOD_US
+                ),
+            ),
+        ],
+        UsageSource::CgroupV1 { memory, .. } => vec![(
+            memory.join("memory.limit_in_bytes"),
+            limits.memory_bytes.to_string(),
+        )],
+        UsageSource::Proc => Vec::new(),
+    };
+    for (file, value) in writes {
+        if let Err(e) = std::fs::write(&file, &value) {
+            tracing::warn!(vm_id, file = %file.display(), value, error = %e, "Cannot set a cgroup limit: the VM runs without it.");
+        }
+    }
+}
+
+/// How many processes of the VM's group the kernel's OOM killer killed because the group hit
+/// its memory limit (v2 `memory.events`, v1 `memory.oom_control`: `oom_kill N`); 0 when it
+/// cannot be read.
+pub fn oom_kills(source: &UsageSource) -> u64 {
+    let file = match source {
+        UsageSource::Cgroup { path } => path.join("memory.events"),
+        UsageSource::CgroupV1 { memory, .. } => memory.join("memory.oom_control"),
+        UsageSource::Proc => return 0,
+    };
+    std::fs::read_to_string(file)
+        .ok()
+        .and_then(|text| parse_oom_kill(&text))
+        .unwrap_or(0)
+}
+
+/// The `oom_kill N` line of `memory.events` or `memory.oom_control`.
+pub fn parse_oom_kill(text: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix("oom_kill "))
+        .and_then(|n| n.trim().parse().ok())
 }
 
 fn create_dir(path: &Path) -> Result<(), UsageError> {
@@ -485,6 +551,15 @@ mod tests {
     }
 
     #[test]
+    fn oom_kill_counts_are_parsed_from_both_versions() {
+        let v2 = "low 0\nhigh 0\nmax 12\noom 1\noom_kill 1\noom_group_kill 0\n";
+        assert_eq!(parse_oom_kill(v2), Some(1));
+        let v1 = "oom_kill_disable 0\nunder_oom 0\noom_kill 3\n";
+        assert_eq!(parse_oom_kill(v1), Some(3));
+        assert_eq!(parse_oom_kill("oom_kill_disable 0\n"), None);
+    }
+
+    #[test]
     fn cgroup_files_are_parsed() {
         assert_eq!(
             parse_cpu_stat_v2("usage_usec 2500000\nuser_usec 2000000\n"),
@@ -558,7 +633,7 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         fake_v1(root.path());
         let host = CgroupHost::detect(root.path()).unwrap();
-        let source = host.create("vm-0123456789ab").unwrap();
+        let source = host.create("vm-0123456789ab", None).unwrap();
         let (cpuacct, memory) = match &source {
             UsageSource::CgroupV1 { cpuacct, memory } => (cpuacct.clone(), memory.clone()),
             other => panic!("{other:?}"),
@@ -619,7 +694,7 @@ mod tests {
         // A plain directory stands in for the cgroup2 mount (this host has cgroup v1).
         let root = tempfile::tempdir().unwrap();
         let host = CgroupHost::choose(root.path(), true).unwrap();
-        let source = host.create("vm-0123456789ab").unwrap();
+        let source = host.create("vm-0123456789ab", None).unwrap();
         let group = root.path().join("wnodes/vm-0123456789ab");
         assert_eq!(
             source,

@@ -40,6 +40,8 @@ pub const STOP_GUEST_POWEROFF: &str = "guest-poweroff";
 pub const STOP_QEMU_EXITED: &str = "qemu-exited";
 pub const STOP_WALLTIME: &str = "walltime";
 pub const STOP_CANCELLED: &str = "cancelled";
+/// qemu was killed by the kernel when its cgroup crossed its memory limit.
+pub const STOP_OOM: &str = "oom";
 
 /// The result of a VM run.
 #[derive(Debug, Clone, PartialEq)]
@@ -193,6 +195,14 @@ pub async fn watch(vm: &VmDir, opts: &WatchOptions) -> Result<VmExit, WatchError
         tracing::warn!(vm_id = vm.vm_id(), error = %wnodes_bus::ErrorChain(&e), "Cannot persist usage.");
     }
     usage.cpu_seconds = (usage.cpu_seconds - cpu_at_start).max(0.0);
+    // Killed for crossing its cgroup's memory limit? Read before the group goes.
+    let oom_killed = usage::oom_kills(&running.usage) > 0;
+    if oom_killed {
+        tracing::warn!(
+            vm_id = vm.vm_id(),
+            "qemu was killed by the kernel: its cgroup crossed its memory limit."
+        );
+    }
     // The group(s) are empty now: the usage is read, they can go.
     usage::remove_groups(vm.vm_id(), &running.usage);
     let stopped_at = if observed {
@@ -201,7 +211,9 @@ pub async fn watch(vm: &VmDir, opts: &WatchOptions) -> Result<VmExit, WatchError
         vm.last_serial_write().unwrap_or_else(SystemTime::now)
     };
     let guest = vm.guest_status();
-    let stop_reason = forced.unwrap_or(if guest.exit_code.is_some() || guest_shutdown {
+    let stop_reason = forced.unwrap_or(if oom_killed {
+        STOP_OOM
+    } else if guest.exit_code.is_some() || guest_shutdown {
         STOP_GUEST_POWEROFF
     } else {
         STOP_QEMU_EXITED

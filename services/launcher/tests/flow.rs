@@ -308,7 +308,7 @@ async fn vm_nats_launcher_restart_reattaches_to_a_running_vm() {
     assert_eq!(source, host.source_for(&vm_id));
     assert!(usage::contains(&source, running.pid));
     // Leftovers of a VM this launcher does not know: removed when it starts.
-    let stale = host.create("vm-fffffffffff1").unwrap();
+    let stale = host.create("vm-fffffffffff1", None).unwrap();
 
     // A new launcher reattaches and reports the end.
     let launcher = start(deps(&env, Duration::from_secs(120))).await;
@@ -373,8 +373,72 @@ async fn vm_nats_cancel_stops_a_running_vm() {
     assert_eq!(launcher.stop().await, 0);
 }
 
+/// The VM's cgroup enforces its memory: the limit is the spec's memory plus the configured
+/// overhead, and a qemu whose limit the test lowers to just above what it uses is killed by
+/// the kernel as it grows (the guest booting, then the payload's 100 MiB); the VM stops as
+/// `oom`, which the kernel's count of OOM kills in the group tells.
+async fn vm_nats_a_vm_over_its_cgroup_memory_limit_is_killed_and_stops_as_oom() {
+    let _lock = vm_lock();
+    let env = env().await;
+    let mut cfg = deps(&env, Duration::from_secs(60));
+    cfg.service.memory_overhead_bytes = 512 << 20;
+    let launcher = start(cfg).await;
+    let r = run("oom-1");
+    env.bus
+        .publish(&job_started(
+            &r,
+            "atlas",
+            "sleep 2; dd if=/dev/zero of=/tmp/fill bs=1M count=100; echo survived",
+        ))
+        .await
+        .unwrap();
+    let requested = wait_event(&env.bus, "vm.requested", &r).await;
+    let vm_id = vm_id_of(&requested);
+    let Some(Body::VmRequested(req)) = requested.body else {
+        panic!()
+    };
+    let spec_memory = req.spec.unwrap().memory_bytes;
+    publish_ready(&env, &r, &vm_id).await;
+    wait_event(&env.bus, "vm.running", &r).await;
+    let vm = wnodes_launcher::vm_dir::VmDir::new(&env.dir.path().join("vms"), &vm_id).unwrap();
+    let source = vm.read_running().unwrap().unwrap().usage;
+    let (limit_file, usage_file) = match &source {
+        wnodes_launcher::vm_dir::UsageSource::Cgroup { path } => {
+            (path.join("memory.max"), path.join("memory.current"))
+        }
+        wnodes_launcher::vm_dir::UsageSource::CgroupV1 { memory, .. } => (
+            memory.join("memory.limit_in_bytes"),
+            memory.join("memory.usage_in_bytes"),
+        ),
+        wnodes_launcher::vm_dir::UsageSource::Proc => panic!("the VM has no cgroup"),
+    };
+    let read = |f: &std::path::Path| -> u64 {
+        std::fs::read_to_string(f).unwrap().trim().parse().unwrap()
+    };
+    assert_eq!(
+        read(&limit_file),
+        spec_memory + (512 << 20),
+        "the launcher set the spec's memory plus the overhead"
+    );
+    // Just above what qemu holds now: the payload's 100 MiB cannot fit.
+    let tight = read(&usage_file) + (24 << 20);
+    std::fs::write(&limit_file, tight.to_string()).unwrap();
+    let stopped = wait_event(&env.bus, "vm.stopped", &r).await;
+    let Some(Body::VmStopped(stopped)) = stopped.body else {
+        panic!()
+    };
+    assert_eq!(stopped.stop_reason, "oom", "{stopped:?}");
+    assert_ne!(stopped.output_tail, "survived\n");
+    assert_eq!(
+        stopped.exit_code, -1,
+        "the guest never reported: {stopped:?}"
+    );
+    assert_eq!(launcher.stop().await, 0);
+}
+
 fn main() -> std::process::ExitCode {
     host::main(vec![
+        host_test!(multi_thread vm_nats_a_vm_over_its_cgroup_memory_limit_is_killed_and_stops_as_oom needs [Qemu, TestGuest, Cgroups]),
         host_test!(multi_thread vm_nats_job_runs_to_vm_stopped_and_refusals_fail needs [Qemu, TestGuest]),
         host_test!(multi_thread vm_nats_launcher_restart_reattaches_to_a_running_vm needs [Qemu, TestGuest, Cgroups]),
         host_test!(multi_thread vm_nats_cancel_stops_a_running_vm needs [Qemu, TestGuest]),

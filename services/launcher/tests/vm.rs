@@ -132,7 +132,7 @@ async fn boot(f: &Fixture) -> RunningRecord {
     let scratch = ScratchReady::default();
     let storage = StorageReady::default();
     let inputs = f.inputs(Some(&scratch), Some(&f.network), Some(&storage));
-    let running = qemu::launch(Path::new("qemu-system-x86_64"), &inputs, None)
+    let running = qemu::launch(Path::new("qemu-system-x86_64"), &inputs, None, 0)
         .await
         .expect("qemu starts");
     assert_eq!(running.usage, UsageSource::Proc);
@@ -310,7 +310,7 @@ async fn vm_scratch_disk_and_owner_uid_reach_the_guest() {
     };
     let storage = StorageReady::default();
     let inputs = f.inputs(Some(&scratch), None, Some(&storage));
-    qemu::launch(Path::new("qemu-system-x86_64"), &inputs, None)
+    qemu::launch(Path::new("qemu-system-x86_64"), &inputs, None, 0)
         .await
         .unwrap();
     let exit = watch_to_end(&f.vm).await;
@@ -325,14 +325,14 @@ async fn vm_launch_failure_reports_why() {
     let scratch = ScratchReady::default();
     let storage = StorageReady::default();
     let inputs = f.inputs(Some(&scratch), None, Some(&storage));
-    let err = qemu::launch(Path::new("qemu-system-x86_64"), &inputs, None)
+    let err = qemu::launch(Path::new("qemu-system-x86_64"), &inputs, None, 0)
         .await
         .unwrap_err();
     assert!(
         err.to_string().contains("/nonexistent/rootfs.ext4"),
         "{err}"
     );
-    let err = qemu::launch(Path::new("/nonexistent/qemu"), &inputs, None)
+    let err = qemu::launch(Path::new("/nonexistent/qemu"), &inputs, None, 0)
         .await
         .unwrap_err();
     assert!(
@@ -374,7 +374,7 @@ async fn vm_user_mode_storage_is_mounted_from_the_host() {
         ..Default::default()
     };
     let inputs = f.inputs(Some(&scratch), Some(&f.network), Some(&storage));
-    qemu::launch(Path::new("qemu-system-x86_64"), &inputs, None)
+    qemu::launch(Path::new("qemu-system-x86_64"), &inputs, None, 0)
         .await
         .unwrap();
     let exit = watch_to_end(&f.vm).await;
@@ -416,6 +416,7 @@ async fn vm_cgroup_the_qemu_daemon_inherits_the_foreground_group() {
         f.spec.payload.as_ref().unwrap(),
         &args,
         Some(&host),
+        None,
     )
     .await
     .expect("qemu starts");
@@ -452,9 +453,14 @@ async fn vm_cgroup_cpu_time_after_the_last_watch_is_counted() {
     let scratch = ScratchReady::default();
     let storage = StorageReady::default();
     let inputs = f.inputs(Some(&scratch), None, Some(&storage));
-    let running = qemu::launch(Path::new("qemu-system-x86_64"), &inputs, Some(&host))
-        .await
-        .expect("qemu starts");
+    let running = qemu::launch(
+        Path::new("qemu-system-x86_64"),
+        &inputs,
+        Some(&host),
+        1 << 30,
+    )
+    .await
+    .expect("qemu starts");
     // running.json records the source and its paths.
     assert_eq!(running.usage, host.source_for(f.vm.vm_id()));
     assert_eq!(f.vm.read_running().unwrap().unwrap().usage, running.usage);

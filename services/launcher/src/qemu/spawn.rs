@@ -56,13 +56,14 @@ pub async fn spawn_detached(
     payload: &JobPayload,
     args: &[String],
     cgroups: Option<&CgroupHost>,
+    limits: Option<usage::Limits>,
 ) -> Result<Spawned, QemuError> {
     let script = payload_script(payload)?;
     crate::vm_dir::write_atomic(&vm.payload(), &script)?;
     // A stale pid file from an earlier attempt must not be taken for this qemu.
     let _ = std::fs::remove_file(vm.pid_file());
     let vm_id = vm.vm_id();
-    let group = cgroups.and_then(|host| match host.create(vm_id) {
+    let group = cgroups.and_then(|host| match host.create(vm_id, limits) {
         Ok(source) => Some(source),
         Err(e) => {
             tracing::warn!(vm_id, error = %wnodes_bus::ErrorChain(&e), "No cgroup for the VM; sampling /proc.");
@@ -168,12 +169,14 @@ pub async fn spawn_detached(
 }
 
 /// Starts a VM: writes the payload, runs qemu detached inside its own cgroup(s) when the host
-/// allows (else usage comes from `/proc` samples, see [`crate::usage`]), and writes
+/// allows (else usage comes from `/proc` samples, see [`crate::usage`]), limited to the spec's
+/// memory plus `memory_overhead_bytes` and its cores ([`usage::apply_limits`]), and writes
 /// `running.json`.
 pub async fn launch(
     binary: &Path,
     inputs: &LaunchInputs<'_>,
     cgroups: Option<&CgroupHost>,
+    memory_overhead_bytes: u64,
 ) -> Result<RunningRecord, QemuError> {
     let vm = inputs.vm;
     vm.create()?;
@@ -183,7 +186,14 @@ pub async fn launch(
         .as_ref()
         .ok_or_else(|| QemuError::Payload("the job has no payload".into()))?;
     let args = build_args(inputs)?;
-    let spawned = spawn_detached(binary, vm, payload, &args, cgroups).await?;
+    let limits = usage::Limits {
+        memory_bytes: inputs
+            .spec
+            .memory_bytes
+            .saturating_add(memory_overhead_bytes),
+        cores: inputs.spec.cores.max(1),
+    };
+    let spawned = spawn_detached(binary, vm, payload, &args, cgroups, Some(limits)).await?;
     // The VM runs from the moment qemu has initialised and detached (what `vm.running`
     // reports): the usage record's wall time is measured from here, and qemu's start-up CPU
     // time still counts in its CPU seconds.
