@@ -1,8 +1,8 @@
 //! `wnodes-dev up` keeps the stack running: a job submitted with the command line it prints
 //! runs, `wnodesctl` pointed at it as it says reads the services' heartbeats, prefetches the
 //! job's image (found cached), reads the VMs, the durables and the dead letters, a `vm.stopped`
-//! dead-lettered on purpose is redriven once and the VM's scratch released, and `wnodes-dev
-//! down` stops it and finds nothing left behind.
+//! dead-lettered on purpose is shown, redriven once and the VM's scratch released, and
+//! `wnodes-dev down` stops it and finds nothing left behind.
 //!
 //! Needs what `job_flow.rs` needs (`wnodes_testkit::vm::JOB_NEEDS`) and the binaries
 //! (`cargo build --workspace --bins`); named `vm_*`: it boots a VM. A host test: skipped where a
@@ -400,6 +400,18 @@ async fn vm_wnodes_dev_up_serves_jobs_and_wnodesctl_until_down() {
     );
     drop(immutable);
     let seq = letter["sequence"].as_u64().unwrap().to_string();
+    // dlq show: the entry whole, with the message's headers and its event.
+    let (code, stdout, stderr) = dlq(&["show", &seq, "--json"]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let shown: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(shown["sequence"], letter["sequence"], "{shown}");
+    assert_eq!(shown["reason"], "exhausted", "{shown}");
+    assert_eq!(shown["run"], letter["run"], "{shown}");
+    assert_eq!(shown["consumer"], "scratch-hv1_wnodes_dev", "{shown}");
+    assert!(
+        shown["subject"].as_str().unwrap().ends_with(".vm.stopped"),
+        "{shown}"
+    );
     let (code, stdout, stderr) = dlq(&["redrive", &seq, "--yes"]);
     assert_eq!(code, 0, "{stdout}{stderr}");
     assert!(stdout.contains("redriven 1 of 1"), "{stdout}{stderr}");
@@ -416,6 +428,12 @@ async fn vm_wnodes_dev_up_serves_jobs_and_wnodesctl_until_down() {
     let (code, stdout, stderr) = dlq(&["list", "--json"]);
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(stdout.trim(), "[]", "the redriven entry is gone");
+    let (code, _, stderr) = dlq(&["show", &seq]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains(&format!("no dead letter {seq}")),
+        "{stderr}"
+    );
 
     // down: the stack stops and nothing is left behind.
     let (code, stdout, stderr) = output({
