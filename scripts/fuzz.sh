@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
-# Fuzz the wnodes-lrms parsers with cargo fuzz (libFuzzer), on the stable toolchain.
+# Fuzz with cargo fuzz (libFuzzer), on the stable toolchain: the wnodes-lrms parsers and the
+# wnodes-bus event decoder and name validators.
 #
-#   scripts/fuzz.sh [htcondor|pbs|lsf|slurm|all] [seconds per target]     (default: all, 60)
+#   scripts/fuzz.sh [htcondor|pbs|lsf|slurm|event|names|all] [seconds per target]
+#                                                   (default: all, 60)
 #
-# Layout (crates/wnodes-lrms/fuzz/):
+# Layout (crates/wnodes-lrms/fuzz/ for htcondor, pbs, lsf, slurm; crates/wnodes-bus/fuzz/ for
+# event, names):
 #   seeds/<target>        hand-written inputs and copies of the test fixtures (committed)
 #   corpus/<target>       the minimised corpus (committed; rewritten by this script)
 #   corpus-work/<target>  the growing corpus of every campaign (git-ignored, kept between runs)
 #   artifacts/<target>    crash inputs libFuzzer found: commit them
 # A campaign fuzzes corpus-work (seeded from seeds/ and corpus/), then minimises seeds + corpus +
 # corpus-work into corpus/ (libFuzzer -set_cover_merge, inputs up to 1 KiB, edge features only),
-# so the committed corpus stays small. `cargo nextest run -p wnodes-lrms` (tests/fuzz_corpus.rs)
-# replays seeds, corpus and artifacts through the same checks as regression tests, without fuzzing.
+# so the committed corpus stays small. The crates' tests (wnodes-lrms tests/fuzz_corpus.rs,
+# wnodes-bus tests/fuzz_corpus.rs) replay seeds, corpus and artifacts through the same checks as
+# regression tests, without fuzzing.
 #
 # cargo-fuzz is installed on first use into .tools/ (git-ignored):
 #   CARGO_INSTALL_ROOT=.tools cargo install cargo-fuzz --locked
@@ -24,10 +28,18 @@ target=${1:-all}
 secs=${2:-60}
 case "$secs" in (*[!0-9]*|'') echo "seconds must be a number: $secs" >&2; exit 64;; esac
 case "$target" in
-  all) targets=(htcondor pbs lsf slurm) ;;
-  htcondor|pbs|lsf|slurm) targets=("$target") ;;
-  *) echo "unknown target: $target (htcondor, pbs, lsf, slurm, all)" >&2; exit 64 ;;
+  all) targets=(htcondor pbs lsf slurm event names) ;;
+  htcondor|pbs|lsf|slurm|event|names) targets=("$target") ;;
+  *) echo "unknown target: $target (htcondor, pbs, lsf, slurm, event, names, all)" >&2; exit 64 ;;
 esac
+
+# The fuzz crate of a target.
+crate_of() {
+  case "$1" in
+    event|names) echo "$root/crates/wnodes-bus/fuzz" ;;
+    *) echo "$root/crates/wnodes-lrms/fuzz" ;;
+  esac
+}
 
 tools="$root/.tools"
 mkdir -p "$tools"
@@ -37,8 +49,8 @@ if ! command -v cargo-fuzz >/dev/null; then
 fi
 
 export RUSTC_BOOTSTRAP=1
-cd "$root/crates/wnodes-lrms/fuzz"
 for t in "${targets[@]}"; do
+  cd "$(crate_of "$t")"
   work="corpus-work/$t"
   mkdir -p "$work" "corpus/$t" "artifacts/$t"
   cp -n seeds/"$t"/* corpus/"$t"/* "$work"/ 2>/dev/null || true

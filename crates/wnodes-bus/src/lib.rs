@@ -23,6 +23,7 @@
 //! | [`dlq`] | dead-letter entries: writing and reading back |
 //! | [`propagation`] | W3C trace context in NATS headers |
 //! | [`metrics`] | Prometheus metrics |
+//! | [`fuzzing`] | what the fuzz targets (`fuzz/`) check, shared with the corpus replay test |
 //!
 //! The flow of one message: [`consumer`] pulls it, opens a span whose parent is the
 //! message's `traceparent`, decodes the [`Event`](wnodes_proto::v1::Event) (malformed → dead
@@ -44,6 +45,7 @@ pub mod error;
 mod error_rule;
 pub mod event;
 mod failpoint;
+pub mod fuzzing;
 pub mod handler;
 pub mod heartbeat;
 pub mod keys;
