@@ -436,8 +436,41 @@ async fn vm_nats_a_vm_over_its_cgroup_memory_limit_is_killed_and_stops_as_oom() 
     assert_eq!(launcher.stop().await, 0);
 }
 
+/// A payload that allocates past the guest's memory is ended by the guest's OOM killer: the
+/// job exits non-zero, the VM powers off normally, and qemu (well inside its cgroup limit) is
+/// not what gets killed.
+async fn vm_nats_a_payload_past_the_guests_memory_ends_by_the_guests_oom_killer() {
+    let _lock = vm_lock();
+    let env = env().await;
+    let launcher = start(deps(&env, Duration::from_secs(60))).await;
+    let r = run("guest-oom-1");
+    // The guest has 256 MiB: a 300 MiB buffer, allocated (the payload, root in the guest,
+    // lets the guest overcommit) and then filled, cannot fit.
+    env.bus
+        .publish(&job_started(
+            &r,
+            "atlas",
+            "echo 1 > /proc/sys/vm/overcommit_memory; \
+             dd if=/dev/zero of=/dev/null bs=300M count=1 && echo survived",
+        ))
+        .await
+        .unwrap();
+    let vm_id = vm_id_of(&wait_event(&env.bus, "vm.requested", &r).await);
+    publish_ready(&env, &r, &vm_id).await;
+    let stopped = wait_event(&env.bus, "vm.stopped", &r).await;
+    let Some(Body::VmStopped(stopped)) = stopped.body else {
+        panic!()
+    };
+    // 128 + SIGKILL: the guest's OOM killer, not a failed allocation (dd would exit 1).
+    assert_eq!(stopped.exit_code, 137, "{stopped:?}");
+    assert!(!stopped.output_tail.contains("survived"), "{stopped:?}");
+    assert_eq!(stopped.stop_reason, "guest-poweroff", "{stopped:?}");
+    assert_eq!(launcher.stop().await, 0);
+}
+
 fn main() -> std::process::ExitCode {
     host::main(vec![
+        host_test!(multi_thread vm_nats_a_payload_past_the_guests_memory_ends_by_the_guests_oom_killer needs [Qemu, TestGuest]),
         host_test!(multi_thread vm_nats_a_vm_over_its_cgroup_memory_limit_is_killed_and_stops_as_oom needs [Qemu, TestGuest, Cgroups]),
         host_test!(multi_thread vm_nats_job_runs_to_vm_stopped_and_refusals_fail needs [Qemu, TestGuest]),
         host_test!(multi_thread vm_nats_launcher_restart_reattaches_to_a_running_vm needs [Qemu, TestGuest, Cgroups]),
