@@ -255,7 +255,14 @@ impl LauncherHandler {
         let conn = ctx.tx().await?;
         let row = vm_table::load(&mut *conn, vm_id).await.map_err(retry)?;
         let failure = outcome.as_ref().err().map(String::as_str);
-        match vm_table::decide(row.as_ref(), resource, failure) {
+        let decision = vm_table::decide(row.as_ref(), resource, failure);
+        if let (Some(row), Decision::Wait | Decision::Launch, Ok(_)) = (&row, &decision, &outcome)
+            && !row.has(resource)
+        {
+            let ms = wnodes_proto::time::now_ms().saturating_sub(row.requested_at_ms);
+            l.observe_phase(resource.name(), ms as f64 / 1000.0);
+        }
+        match decision {
             Decision::Ignore(why) => {
                 tracing::info!(vm_id, resource = resource.name(), why, "Result ignored.");
             }

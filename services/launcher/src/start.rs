@@ -128,14 +128,18 @@ impl LauncherState {
                     network: Some(network),
                     storage: Some(storage),
                 };
-                match qemu::launch(
+                let launch_started = std::time::Instant::now();
+                let launched = qemu::launch(
                     &self.config.qemu_binary,
                     &inputs,
                     self.cgroups.as_ref(),
                     self.config.memory_overhead_bytes,
                 )
-                .await
-                {
+                .await;
+                if launched.is_ok() {
+                    self.observe_phase("launch", launch_started.elapsed().as_secs_f64());
+                }
+                match launched {
                     Ok(r) => r,
                     Err(e) => {
                         tracing::warn!(vm_id = %row.vm_id, error = %ErrorChain(&e), "qemu did not start.");

@@ -4,6 +4,7 @@
 use std::{collections::HashSet, path::PathBuf, sync::Arc};
 
 use parking_lot::Mutex;
+use prometheus_client::metrics::{family::Family, histogram::Histogram};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use wnodes_bus::{Bus, EventExt, KeyStore, proto::event::Body};
@@ -49,26 +50,51 @@ pub struct LauncherState {
     pub(crate) watching: Mutex<HashSet<String>>,
     /// `wnodes_launcher_vm_start_seconds`: from `vm.requested` to `vm.running` (the four
     /// preparations and qemu's start), per VM that reached running.
-    pub(crate) vm_start_seconds: prometheus_client::metrics::histogram::Histogram,
+    pub(crate) vm_start_seconds: Histogram,
+    /// `wnodes_launcher_vm_phase_seconds{phase}`: per VM, from `vm.requested` to each
+    /// preparation result (`image`, `scratch`, `network`, `storage`) as the launcher records
+    /// it, and qemu's own start (`launch`).
+    pub(crate) vm_phase_seconds: Family<Vec<(&'static str, &'static str)>, Histogram>,
 }
 
+/// Buckets of `vm_start_seconds` (seconds).
+const START_BUCKETS: [f64; 10] = [1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0];
+/// Buckets of `vm_phase_seconds` (seconds): a cached image is ready in milliseconds, a fetch
+/// can take minutes.
+const PHASE_BUCKETS: [f64; 12] = [
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+];
+
 impl LauncherState {
+    /// Counts `seconds` of `phase` in `wnodes_launcher_vm_phase_seconds`.
+    pub(crate) fn observe_phase(&self, phase: &'static str, seconds: f64) {
+        self.vm_phase_seconds
+            .get_or_create(&vec![("phase", phase)])
+            .observe(seconds.max(0.0));
+    }
+
     /// Builds the shared state; the receiver feeds [`LauncherState::run_starter`].
     pub fn new(ctx: &ServiceCtx<LauncherConfig>) -> (Arc<Self>, mpsc::UnboundedReceiver<String>) {
         let shutdown = ctx.shutdown.clone();
         let (tx, rx) = mpsc::unbounded_channel();
         let cgroups = CgroupHost::detect(std::path::Path::new(CGROUP_ROOT));
-        let vm_start_seconds = prometheus_client::metrics::histogram::Histogram::new([
-            1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0,
-        ]);
-        ctx.registry
-            .lock()
-            .sub_registry_with_prefix("wnodes_launcher")
-            .register(
+        let vm_start_seconds = Histogram::new(START_BUCKETS);
+        let vm_phase_seconds: Family<Vec<(&'static str, &'static str)>, Histogram> =
+            Family::new_with_constructor(|| Histogram::new(PHASE_BUCKETS));
+        {
+            let mut registry = ctx.registry.lock();
+            let launcher = registry.sub_registry_with_prefix("wnodes_launcher");
+            launcher.register(
                 "vm_start_seconds",
                 "Time from vm.requested to vm.running (preparations and qemu's start)",
                 vm_start_seconds.clone(),
             );
+            launcher.register(
+                "vm_phase_seconds",
+                "Per VM: time from vm.requested to each preparation result as the launcher records it (phase image, scratch, network, storage), and qemu's start (phase launch)",
+                vm_phase_seconds.clone(),
+            );
+        }
         let launcher = Self {
             accel: ctx.config.accel.resolve_here(),
             // qemu's command line must name absolute paths (and liveness checks look for them).
@@ -87,6 +113,7 @@ impl LauncherState {
             starter: tx,
             watching: Mutex::new(HashSet::new()),
             vm_start_seconds,
+            vm_phase_seconds,
         };
         (Arc::new(launcher), rx)
     }

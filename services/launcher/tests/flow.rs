@@ -144,6 +144,15 @@ async fn vm_nats_job_runs_to_vm_stopped_and_refusals_fail() {
         metrics.contains("\nwnodes_launcher_vm_start_seconds_count 1\n"),
         "{metrics}"
     );
+    // And each phase of it, once.
+    for phase in ["image", "scratch", "network", "storage", "launch"] {
+        assert!(
+            metrics.contains(&format!(
+                "\nwnodes_launcher_vm_phase_seconds_count{{phase=\"{phase}\"}} 1\n"
+            )),
+            "{phase}: {metrics}"
+        );
+    }
     let stopped = wait_event(&env.bus, "vm.stopped", &r1).await;
     assert_eq!(
         stopped.id,
