@@ -12,6 +12,7 @@
 //! | [`start`] | the fixed start-up order and graceful stop (below) |
 //! | [`telemetry`] | logs + OpenTelemetry (OTLP export when configured) |
 //! | [`http`] | `/healthz`, `/readyz`, `/metrics` |
+//! | [`host_paths`] | host policy on a path an event names: resolved, under a configured root |
 //! | `heartbeat` | the service's heartbeat in the hosts bucket (`wnodesctl hosts`), and its last one at stop |
 //! | [`grpc`] | a gRPC server's TLS settings (`tls_cert`, `tls_key`, `client_ca`), shared by the bridge and accounting |
 //! | [`shutdown`] | SIGTERM/SIGINT → a cancelled token |
@@ -28,6 +29,7 @@ pub mod entry;
 mod error_rule;
 pub mod grpc;
 mod heartbeat;
+pub mod host_paths;
 pub mod http;
 pub mod service;
 pub mod shutdown;

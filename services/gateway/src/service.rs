@@ -4,7 +4,7 @@
 
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
-    path::{Path, PathBuf},
+    path::PathBuf,
 };
 
 use tokio::net::TcpListener;
@@ -12,6 +12,7 @@ use wnodes_bus::{
     EventExt, Handler, HandlerCtx, HandlerError, KeyStore, proto, proto::event::Body,
 };
 use wnodes_preparer::{Events, Incoming, State, TableError};
+use wnodes_runtime::host_paths::{PathRefusal, resolve_under};
 
 use crate::{
     config::{GatewayConfig, GatewayConfigError, IdRange, PortRange},
@@ -194,43 +195,31 @@ impl GatewayHandler {
     /// The export's directory with every symlink resolved, when it lies under an export root
     /// (itself resolved): a link placed anywhere on the way cannot lead out of the roots.
     fn export_path(&self, name: &str, host_path: &str) -> Result<PathBuf, Refusal> {
-        let asked = Path::new(host_path);
-        if !asked.is_absolute() {
-            return Err(policy(
+        let real = resolve_under(host_path, &self.export_roots).map_err(|r| match r {
+            PathRefusal::NotAbsolute => policy(
                 "exports.absolute",
                 format!("export {name:?}: host path {host_path:?} is not absolute"),
-            ));
-        }
-        let roots: Vec<PathBuf> = self
-            .export_roots
-            .iter()
-            .filter_map(|r| std::fs::canonicalize(r).ok())
-            .collect();
-        if roots.is_empty() {
-            return Err(policy(
+            ),
+            PathRefusal::Unresolvable(e) => policy(
+                "exports.directory",
+                format!("export {name:?}: host path {host_path:?} cannot be resolved: {e}"),
+            ),
+            PathRefusal::NoRoot => policy(
                 "exports.roots",
                 format!(
                     "export {name:?}: no export root of this host exists ([gateway] export_roots = {:?}); it serves no export",
                     self.export_roots
                 ),
-            ));
-        }
-        let real = std::fs::canonicalize(asked).map_err(|e| {
-            policy(
-                "exports.directory",
-                format!("export {name:?}: host path {host_path:?} cannot be resolved: {e}"),
-            )
-        })?;
-        if !roots.iter().any(|r| real.starts_with(r)) {
-            return Err(policy(
+            ),
+            PathRefusal::Outside { real } => policy(
                 "exports.roots",
                 format!(
                     "export {name:?}: host path {host_path:?} (resolved: {}) is outside the export roots {:?} ([gateway] export_roots)",
                     real.display(),
                     self.export_roots
                 ),
-            ));
-        }
+            ),
+        })?;
         if !real.is_dir() {
             return Err(policy(
                 "exports.directory",

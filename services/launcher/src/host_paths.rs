@@ -11,6 +11,7 @@
 use std::path::{Path, PathBuf};
 
 use wnodes_proto::v1::{ImageReady, ScratchReady};
+use wnodes_runtime::host_paths::{self, PathRefusal};
 
 /// A rule of the host's policy that a preparation result breaks.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,7 +20,8 @@ pub struct Violation {
     pub reason: String,
 }
 
-/// `path` resolved, when it is a regular file under one of `roots` (themselves resolved).
+/// `path` resolved, when it is a regular file under one of `roots`
+/// ([`wnodes_runtime::host_paths::resolve_under`]).
 fn resolve_under(
     what: &str,
     path: &str,
@@ -29,31 +31,27 @@ fn resolve_under(
     rule_file: &'static str,
 ) -> Result<String, Violation> {
     let v = |rule, reason| Violation { rule, reason };
-    if !Path::new(path).is_absolute() {
-        return Err(v(
+    let real = host_paths::resolve_under(path, roots).map_err(|r| match r {
+        PathRefusal::NotAbsolute => v(
             rule_file,
             format!("{what} {path:?} is not an absolute path"),
-        ));
-    }
-    let real = std::fs::canonicalize(path).map_err(|e| {
-        v(
+        ),
+        PathRefusal::Unresolvable(e) => v(
             rule_file,
             format!("{what} {path:?} cannot be resolved: {e}"),
-        )
-    })?;
-    let resolved: Vec<PathBuf> = roots
-        .iter()
-        .filter_map(|r| std::fs::canonicalize(r).ok())
-        .collect();
-    if !resolved.iter().any(|r| real.starts_with(r)) {
-        return Err(v(
+        ),
+        PathRefusal::NoRoot => v(
+            rule_roots,
+            format!("{what} {path:?}: none of {roots:?} exists on this host ([launcher] {key})"),
+        ),
+        PathRefusal::Outside { real } => v(
             rule_roots,
             format!(
                 "{what} {path:?} (resolved: {}) is outside {roots:?} ([launcher] {key})",
                 real.display()
             ),
-        ));
-    }
+        ),
+    })?;
     if !real.is_file() {
         return Err(v(
             rule_file,

@@ -50,6 +50,18 @@ fn in_ns(hv: &Option<Netns>, argv: &[&str]) {
     }
 }
 
+/// The network service's config file in `dir`, as its own identity on [`HOST`].
+async fn config(tb: &TestBus, dir: &std::path::Path) -> ServiceConfig {
+    ServiceConfig::new(
+        HOST,
+        &tb.server
+            .identity(&wnodes_bus::roles::NETWORK, HOST)
+            .await
+            .unwrap(),
+        &dir.join("state"),
+    )
+}
+
 async fn binary_reconciles_serves_and_stops_on_sigterm() {
     let hv = hypervisor();
     in_ns(&hv, &["ip", "link", "add", "wnbr0", "type", "bridge"]);
@@ -69,17 +81,11 @@ async fn binary_reconciles_serves_and_stops_on_sigterm() {
     );
     let tb = TestBus::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let conf = ServiceConfig::new(
-        HOST,
-        &tb.server
-            .identity(&wnodes_bus::roles::NETWORK, HOST)
-            .await
-            .unwrap(),
-        &dir.path().join("state"),
-    )
-    .set("network", "mode", "tap")
-    .set("network", "bridge", "wnbr0")
-    .set("network", "pool", "10.231.7.0/24");
+    let conf = config(&tb, dir.path())
+        .await
+        .set("network", "mode", "tap")
+        .set("network", "bridge", "wnbr0")
+        .set("network", "pool", "10.231.7.0/24");
     let conf = match &hv {
         Some(ns) => conf.set("network", "netns", ns.0.as_str()),
         None => conf,
@@ -128,15 +134,7 @@ async fn binary_reconciles_serves_and_stops_on_sigterm() {
 async fn binary_in_user_mode_refuses_a_tap_instead_of_falling_back() {
     let tb = TestBus::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let conf = ServiceConfig::new(
-        HOST,
-        &tb.server
-            .identity(&wnodes_bus::roles::NETWORK, HOST)
-            .await
-            .unwrap(),
-        &dir.path().join("state"),
-    )
-    .set("network", "mode", "user");
+    let conf = config(&tb, dir.path()).await.set("network", "mode", "user");
     let mut network = ServiceProcess::builder(env!("CARGO_BIN_EXE_wnodes-network"), dir.path())
         .config(&conf)
         .spawn()
