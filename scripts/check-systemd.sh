@@ -39,9 +39,10 @@ echo "check-systemd: ${#units[@]} units pass systemd-analyze verify" >&2
 
 # Each service's tests that start its binary, and the unit's bounding set in setpriv's syntax.
 # What the tests exercise: the gateway's test fails with no capability at all (it starts
-# sftp-server as the job's uid); the launcher's runs qemu with user-mode networking, so its
-# CAP_NET_ADMIN (taps) is not exercised, and it shows that SIGTERM to the launcher's process
-# alone (what KillMode=process sends) leaves the VM running for the next launcher.
+# sftp-server as the job's uid); the launcher's runs qemu as the VM's own uid (setpriv: CAP_SETUID,
+# CAP_SETGID; handing over its files: CAP_CHOWN) with user-mode networking, and shows that SIGTERM
+# to the launcher's process alone (what KillMode=process sends) leaves the VM running for the next
+# launcher.
 # wnodes-network: its binary test runs inside a network namespace of its own (`unshare --net`,
 # TESTKIT_NETWORK_IN_PLACE), where the service builds its taps and nft rules in the namespace it
 # runs in, as on a hypervisor, without `[network] netns` (whose setns needs CAP_SYS_ADMIN): so

@@ -459,7 +459,7 @@ fn vm_sigterm_to_submit_while_preparing_fails_the_vm_as_cancelled_and_releases_l
         assert!(stack.leftovers().qemus.is_empty());
         let vm_dir = stack.state_dir("launcher").join("vms").join(&f.vm_id);
         assert!(
-            !vm_dir.join("qemu.pid").exists() && !vm_dir.join("running.json").exists(),
+            !vm_dir.join("qemu/qemu.pid").exists() && !vm_dir.join("running.json").exists(),
             "qemu was started in {}",
             vm_dir.display()
         );

@@ -179,8 +179,10 @@ impl Bare {
             scratch: Some(&scratch),
             network: Some(&network),
             storage: Some(&t.storage),
+            // The bare baseline is plain qemu as root, as a hand-written script would run it.
+            sandbox: false,
         })?;
-        // What only the launcher needs: the QMP socket, the pid file, detaching.
+        // What only the launcher needs: the QMP socket, the pid file.
         let mut args = Vec::with_capacity(full.len());
         let mut it = full.into_iter();
         while let Some(a) = it.next() {
@@ -188,7 +190,6 @@ impl Bare {
                 "-qmp" | "-pidfile" => {
                     it.next();
                 }
-                "-daemonize" => {}
                 _ => args.push(a),
             }
         }

@@ -26,6 +26,18 @@ pub struct GatewayConfig {
     pub job_uids: String,
     /// Host policy: the same for gids.
     pub job_gids: String,
+    /// Run each `sftp-server` in a jail of its own (a mount namespace whose root holds only
+    /// the export, see [`crate::listener::Jail`]); needs root. Without root the gateway serves
+    /// as its own user, unjailed, and says so at start.
+    pub jail: bool,
+    /// The jail's mount point (an empty directory, created at start).
+    pub jail_dir: PathBuf,
+    /// util-linux `unshare`.
+    pub unshare: PathBuf,
+    /// coreutils `chroot`.
+    pub chroot: PathBuf,
+    /// glibc's `ldd`, which lists what `sftp-server` loads (bound into the jail).
+    pub ldd: PathBuf,
 }
 
 impl Default for GatewayConfig {
@@ -38,6 +50,11 @@ impl Default for GatewayConfig {
             export_roots: Vec::new(),
             job_uids: "1000-65534".into(),
             job_gids: "1000-65534".into(),
+            jail: true,
+            jail_dir: PathBuf::from("/run/wnodes-gateway/jail"),
+            unshare: PathBuf::from("/usr/bin/unshare"),
+            chroot: PathBuf::from("/usr/sbin/chroot"),
+            ldd: PathBuf::from("/usr/bin/ldd"),
         }
     }
 }
@@ -55,6 +72,8 @@ pub enum GatewayConfigError {
     IdRange { key: &'static str, value: String },
     #[error("export_roots: {path:?} is not allowed (it would export the whole host)")]
     RootExport { path: PathBuf },
+    #[error("jail: {0}")]
+    Jail(String),
 }
 
 impl GatewayConfig {
@@ -97,6 +116,10 @@ impl GatewayConfig {
         for (key, p) in [
             ("setpriv", &self.setpriv),
             ("sftp_server", &self.sftp_server),
+            ("jail_dir", &self.jail_dir),
+            ("unshare", &self.unshare),
+            ("chroot", &self.chroot),
+            ("ldd", &self.ldd),
         ] {
             if !p.is_absolute() {
                 return Err(GatewayConfigError::NotAbsolute {
@@ -173,6 +196,46 @@ impl PortRange {
     /// Every port of the range.
     pub fn ports(self) -> impl Iterator<Item = u16> {
         self.first..=self.last
+    }
+}
+
+impl GatewayConfig {
+    /// The jail each `sftp-server` runs in: `None` when `jail` is off or the gateway is not
+    /// root. Creates `jail_dir` and asks `ldd` what `sftp-server` loads.
+    pub fn prepare_jail(&self) -> Result<Option<crate::listener::Jail>, GatewayConfigError> {
+        if !self.jail || !nix::unistd::geteuid().is_root() {
+            return Ok(None);
+        }
+        let fail = |what: String| GatewayConfigError::Jail(what);
+        std::fs::create_dir_all(&self.jail_dir)
+            .map_err(|e| fail(format!("cannot create {}: {e}", self.jail_dir.display())))?;
+        let out = std::process::Command::new(&self.ldd)
+            .arg(&self.sftp_server)
+            .output()
+            .map_err(|e| fail(format!("cannot run {}: {e}", self.ldd.display())))?;
+        if !out.status.success() {
+            return Err(fail(format!(
+                "{} {} failed ({}): {}",
+                self.ldd.display(),
+                self.sftp_server.display(),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        let libs =
+            crate::listener::parse_ldd(&String::from_utf8_lossy(&out.stdout)).map_err(|e| {
+                fail(format!(
+                    "{} {}: {e}",
+                    self.ldd.display(),
+                    self.sftp_server.display()
+                ))
+            })?;
+        Ok(Some(crate::listener::Jail {
+            unshare: self.unshare.clone(),
+            chroot: self.chroot.clone(),
+            root: self.jail_dir.clone(),
+            libs,
+        }))
     }
 }
 

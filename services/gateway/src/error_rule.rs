@@ -18,5 +18,6 @@ wnodes_testkit::error_rule! {
             value: "0-100".into(),
         },
         GatewayConfigError::RootExport { .. } => GatewayConfigError::RootExport { path: "/".into() },
+        GatewayConfigError::Jail(_) => GatewayConfigError::Jail("ldd /usr/lib/openssh/sftp-server: ldd listed no library".into()),
     }
 }

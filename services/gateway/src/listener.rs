@@ -58,12 +58,110 @@ pub struct ServeSpec {
 pub struct Programs {
     pub setpriv: PathBuf,
     pub sftp_server: PathBuf,
+    /// Each `sftp-server` in a jail of its own (root only); `None`: `setpriv` alone.
+    pub jail: Option<Jail>,
+}
+
+/// Where each `sftp-server` runs: a mount namespace of its own (`unshare --mount`), whose root
+/// (`chroot`) is a small tmpfs holding only the export (bound at its host path, `nosuid`,
+/// `nodev`, read-only for a read-only export), `/dev/null`, an `/etc/passwd` and `/etc/group`
+/// holding only the job's own entries (`sftp-server` looks its user up), and, read-only,
+/// `sftp-server` and the libraries it loads ([`parse_ldd`]). `..` from the export and symlinks placed in it (absolute or
+/// relative) end inside that tmpfs; `/etc`, `/root` or another VM's export do not exist there.
+/// `chroot --userspec --groups` drops to the job's uid and gid before `sftp-server` runs.
+#[derive(Debug, Clone)]
+pub struct Jail {
+    /// util-linux `unshare`.
+    pub unshare: PathBuf,
+    /// coreutils `chroot`.
+    pub chroot: PathBuf,
+    /// An empty directory: each session mounts its own tmpfs on it, in its own namespace.
+    pub root: PathBuf,
+    /// What `sftp-server` loads (`ldd`): bound read-only into the jail at the same paths.
+    pub libs: Vec<PathBuf>,
+}
+
+/// `sh -c JAIL_PROGRAM wnodes-sftp-jail <root> <export> <ro 0|1> <uid> <gid> <chroot>
+/// <sftp-server> <lib>...`, run inside `unshare --mount` (propagation private): builds the
+/// jail (see [`Jail`]) and execs `chroot` into it as the job's uid and gid. Every path and id
+/// is a positional parameter, never part of the program text. stdout is kept for SFTP: the
+/// setup's own output goes to stderr.
+pub const JAIL_PROGRAM: &str = r#"set -eu
+exec 3>&1 1>&2
+root=$1 export=$2 ro=$3 uid=$4 gid=$5 chroot=$6 sftp=$7; shift 7
+mount -t tmpfs -o mode=0755,size=1m,nosuid,nodev wnodes-sftp "$root"
+for f in "$sftp" "$@"; do
+  mkdir -p "$root${f%/*}"; : > "$root$f"
+  mount --bind "$f" "$root$f"; mount -o remount,bind,ro,nosuid,nodev "$root$f"
+done
+mkdir -p "$root/dev"; : > "$root/dev/null"; mount --bind /dev/null "$root/dev/null"
+mkdir -p "$root/etc"; getent passwd "$uid" > "$root/etc/passwd"; getent group "$gid" > "$root/etc/group" || :
+mkdir -p "$root$export"
+mount --bind "$export" "$root$export"
+if [ "$ro" = 1 ]; then
+  mount -o remount,bind,ro,nosuid,nodev "$root$export"
+  exec "$chroot" --userspec="$uid:$gid" --groups="$gid" "$root" "$sftp" -d "$export" -R 1>&3 3>&-
+fi
+mount -o remount,bind,nosuid,nodev "$root$export"
+exec "$chroot" --userspec="$uid:$gid" --groups="$gid" "$root" "$sftp" -d "$export" 1>&3 3>&-
+"#;
+
+/// The files a dynamically linked program loads, from `ldd`'s output: `name => /path (addr)`
+/// and `/path (addr)` lines; the vDSO (no path) is skipped. An error names a line that is
+/// neither (`not found`, or `not a dynamic executable`).
+pub fn parse_ldd(text: &str) -> Result<Vec<PathBuf>, String> {
+    let mut libs = Vec::new();
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let path = match line.split_once(" => ") {
+            Some((_, rest)) => rest.split_whitespace().next().unwrap_or(""),
+            None => line.split_whitespace().next().unwrap_or(""),
+        };
+        if path.starts_with('/') {
+            libs.push(PathBuf::from(path));
+        } else if line.starts_with("linux-vdso") || line.starts_with("linux-gate") {
+            continue;
+        } else {
+            return Err(format!("unexpected ldd line {line:?}"));
+        }
+    }
+    if libs.is_empty() {
+        return Err("ldd listed no library".into());
+    }
+    Ok(libs)
 }
 
 impl Programs {
-    /// The argv run for one connection (`setpriv`'s arguments).
-    pub fn args(&self, spec: &ServeSpec) -> Vec<std::ffi::OsString> {
-        self.args_as(spec, nix::unistd::geteuid().is_root())
+    /// The program and argv run for one connection: the jail when configured and root, else
+    /// `setpriv` (with its arguments).
+    pub fn command(&self, spec: &ServeSpec) -> (PathBuf, Vec<std::ffi::OsString>) {
+        let root = nix::unistd::geteuid().is_root();
+        match &self.jail {
+            Some(jail) if root => (jail.unshare.clone(), self.jail_args(jail, spec)),
+            _ => (self.setpriv.clone(), self.args_as(spec, root)),
+        }
+    }
+
+    /// `unshare`'s arguments for one jailed session.
+    pub fn jail_args(&self, jail: &Jail, spec: &ServeSpec) -> Vec<std::ffi::OsString> {
+        let mut a: Vec<std::ffi::OsString> = vec![
+            "--mount".into(),
+            "--propagation".into(),
+            "private".into(),
+            "--".into(),
+            "/bin/sh".into(),
+            "-c".into(),
+            JAIL_PROGRAM.into(),
+            "wnodes-sftp-jail".into(),
+            jail.root.clone().into(),
+            spec.path.clone().into(),
+            if spec.read_only { "1" } else { "0" }.into(),
+            spec.uid.to_string().into(),
+            spec.gid.to_string().into(),
+            jail.chroot.clone().into(),
+            self.sftp_server.clone().into(),
+        ];
+        a.extend(jail.libs.iter().map(|l| l.clone().into()));
+        a
     }
 
     /// The argv for a gateway running as root (`privileged`) or not. Without root,
@@ -306,8 +404,9 @@ async fn session(
     counters: Arc<Counters>,
 ) {
     let vm_id = spec.vm_id.as_str();
-    let mut cmd = Command::new(&programs.setpriv);
-    cmd.args(programs.args(&spec))
+    let (program, args) = programs.command(&spec);
+    let mut cmd = Command::new(&program);
+    cmd.args(args)
         .env_clear()
         .current_dir("/")
         .stdin(Stdio::piped())
@@ -317,7 +416,7 @@ async fn session(
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
-            tracing::error!(%vm_id, %peer, program = %programs.setpriv.display(), error = %e, "Cannot start sftp-server.");
+            tracing::error!(%vm_id, %peer, program = %program.display(), error = %e, "Cannot start sftp-server.");
             return;
         }
     };
@@ -373,10 +472,78 @@ mod tests {
     use super::*;
 
     #[test]
+    fn ldd_output_is_parsed() {
+        // Debian 12's `ldd /usr/lib/openssh/sftp-server`.
+        let text = "\tlinux-vdso.so.1 (0x00007ffd1b3e5000)\n\tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007f0e4c1f3000)\n\t/lib64/ld-linux-x86-64.so.2 (0x00007f0e4c416000)\n";
+        assert_eq!(
+            parse_ldd(text).unwrap(),
+            [
+                PathBuf::from("/lib/x86_64-linux-gnu/libc.so.6"),
+                PathBuf::from("/lib64/ld-linux-x86-64.so.2")
+            ]
+        );
+        let err = parse_ldd("\tlibfoo.so.1 => not found\n").unwrap_err();
+        assert!(err.contains("libfoo"), "{err}");
+        assert!(parse_ldd("\tnot a dynamic executable\n").is_err());
+        assert!(parse_ldd("").is_err());
+    }
+
+    #[test]
+    fn a_jailed_session_passes_every_value_as_a_parameter() {
+        let p = Programs {
+            setpriv: "/usr/bin/setpriv".into(),
+            sftp_server: "/usr/lib/openssh/sftp-server".into(),
+            jail: Some(Jail {
+                unshare: "/usr/bin/unshare".into(),
+                chroot: "/usr/sbin/chroot".into(),
+                root: "/var/lib/wnodes/gateway/jail".into(),
+                libs: vec!["/lib/x86_64-linux-gnu/libc.so.6".into()],
+            }),
+        };
+        let spec = ServeSpec {
+            vm_id: "vm-000000000001".into(),
+            allowed: IpAddr::from([127, 0, 0, 1]),
+            path: "/export/it's $(id)".into(),
+            read_only: false,
+            uid: 1000,
+            gid: 1001,
+        };
+        let args = p.jail_args(p.jail.as_ref().unwrap(), &spec);
+        let args: Vec<String> = args
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            &args[..6],
+            ["--mount", "--propagation", "private", "--", "/bin/sh", "-c"]
+        );
+        assert_eq!(args[6], JAIL_PROGRAM);
+        assert!(
+            !JAIL_PROGRAM.contains("/export"),
+            "no value in the program text"
+        );
+        assert_eq!(
+            &args[7..],
+            [
+                "wnodes-sftp-jail",
+                "/var/lib/wnodes/gateway/jail",
+                "/export/it's $(id)",
+                "0",
+                "1000",
+                "1001",
+                "/usr/sbin/chroot",
+                "/usr/lib/openssh/sftp-server",
+                "/lib/x86_64-linux-gnu/libc.so.6"
+            ]
+        );
+    }
+
+    #[test]
     fn groups_are_cleared_as_root_and_kept_without_root() {
         let p = Programs {
             setpriv: "/usr/bin/setpriv".into(),
             sftp_server: "/usr/lib/openssh/sftp-server".into(),
+            jail: None,
         };
         let spec = ServeSpec {
             vm_id: "vm-000000000001".into(),

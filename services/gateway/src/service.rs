@@ -87,6 +87,7 @@ impl GatewayHandler {
             listeners: Listeners::new(Programs {
                 setpriv: cfg.setpriv.clone(),
                 sftp_server: cfg.sftp_server.clone(),
+                jail: cfg.prepare_jail()?,
             }),
             bind_address: cfg.bind_address,
             ports,

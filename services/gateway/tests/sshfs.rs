@@ -135,6 +135,23 @@ impl Mount {
     }
 }
 
+impl Mount {
+    /// sshfs with extra `-o` options; the error is sshfs's stderr.
+    fn try_new(port: u32, remote: &str, mnt: PathBuf, opts: &str) -> Result<Self, String> {
+        let out = Command::new("sshfs")
+            .args(["-o", &format!("directport={port},{opts}")])
+            .arg(format!("127.0.0.1:{remote}"))
+            .arg(&mnt)
+            .output()
+            .unwrap();
+        if out.status.success() {
+            Ok(Self(mnt))
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+}
+
 impl Drop for Mount {
     fn drop(&mut self) {
         let _ = Command::new("fusermount3").arg("-uz").arg(&self.0).status();
@@ -440,6 +457,95 @@ async fn read_only_root_owner_no_exports_and_restart() {
     );
 }
 
+/// The attacks a job can make over SFTP (what its guest's sshfs sends): the export's parent,
+/// an absolute path elsewhere on the host, and symlinks it placed in the export (absolute and
+/// relative, resolved server-side). Each stays inside the jail: the sftp-server runs as the
+/// job's uid with a root of its own, where nothing but the export exists.
+async fn escapes_by_dotdot_absolute_paths_and_symlinks_stay_in_the_export() {
+    let ex = Export::new();
+    // Symlinks the job plants in its export.
+    std::os::unix::fs::symlink("/etc", ex.job().join("etc-abs")).unwrap();
+    std::os::unix::fs::symlink("../../../../../../../../etc", ex.job().join("etc-rel")).unwrap();
+    std::fs::write(ex.dir.path().join("beside.txt"), "outside the export\n").unwrap();
+    let tb = TestBus::start().await;
+    start(&tb, handler(None)).await;
+    let vm = "vm-e5ca9e000001";
+    tb.publish(&ev(
+        &run("1"),
+        vm_requested(spec(vm, &ex.job(), false, UID)),
+    ))
+    .await;
+    tb.publish(&network_ready(run("1"), vm, "127.0.0.1/8"))
+        .await;
+    let r = tb.wait_payload::<proto::StorageReady>(vm).await;
+
+    // The export itself, symlinks resolved by the server.
+    let m = Mount::try_new(r.port, &r.remote_path, ex.mnt("follow"), "follow_symlinks").unwrap();
+    assert_eq!(
+        std::fs::read_to_string(m.0.join("input.txt")).unwrap(),
+        "from the host\n"
+    );
+    for link in ["etc-abs", "etc-rel"] {
+        // The jail's /etc holds only the job's own passwd and group lines.
+        let read = std::fs::read_to_string(m.0.join(link).join("hostname"));
+        assert!(read.is_err(), "{link}/hostname was read: {read:?}");
+        let passwd = std::fs::read_to_string(m.0.join(link).join("passwd")).unwrap_or_default();
+        assert!(
+            !passwd.contains("root:"),
+            "{link}/passwd is the host's: {passwd}"
+        );
+    }
+    // The sftp-server: the job's uid, and a root of its own.
+    let needle = ex.job().display().to_string();
+    let pid = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .find(|e| {
+            std::fs::read(e.path().join("cmdline")).is_ok_and(|c| {
+                let c = String::from_utf8_lossy(&c);
+                c.contains("sftp-server") && c.contains(&needle) && !c.contains("wnodes-sftp-jail")
+            })
+        })
+        .map(|e| e.path())
+        .expect("the session's sftp-server");
+    let status = std::fs::read_to_string(pid.join("status")).unwrap();
+    let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    assert_eq!(
+        uid_line.split_whitespace().nth(1),
+        Some(UID.to_string().as_str()),
+        "{uid_line}"
+    );
+    let root = std::fs::read_link(pid.join("root")).unwrap();
+    assert_ne!(root, Path::new("/"), "sftp-server has a root of its own");
+    drop(m);
+
+    // The export's parent: only the way down to the export exists there.
+    let up = format!("{}/..", r.remote_path);
+    let m = Mount::try_new(r.port, &up, ex.mnt("up"), "follow_symlinks").unwrap();
+    let names: Vec<String> = std::fs::read_dir(&m.0)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["job"], "the export's parent holds nothing else");
+    assert!(std::fs::read_to_string(m.0.join("beside.txt")).is_err());
+    drop(m);
+
+    // An absolute path elsewhere on the host does not exist for the session.
+    match Mount::try_new(r.port, "/etc", ex.mnt("etc"), "follow_symlinks") {
+        Err(e) => assert!(e.contains("No such file"), "{e}"),
+        Ok(m) => {
+            let read = std::fs::read_to_string(m.0.join("hostname"));
+            assert!(read.is_err(), "/etc/hostname was read: {read:?}");
+            let passwd = std::fs::read_to_string(m.0.join("passwd")).unwrap_or_default();
+            assert!(
+                !passwd.contains("root:"),
+                "the host's /etc/passwd: {passwd}"
+            );
+        }
+    }
+}
+
 fn main() -> ExitCode {
     host::main(vec![
         host_test!(
@@ -448,6 +554,10 @@ fn main() -> ExitCode {
         ),
         host_test!(
             multi_thread read_only_root_owner_no_exports_and_restart
+            needs [Root, Sshfs, SftpServer, Setpriv, DevFuse]
+        ),
+        host_test!(
+            multi_thread escapes_by_dotdot_absolute_paths_and_symlinks_stay_in_the_export
             needs [Root, Sshfs, SftpServer, Setpriv, DevFuse]
         ),
     ])

@@ -31,7 +31,9 @@ impl LauncherState {
                     tracing::info!(vm_id = %row.vm_id, "Reattaching to a running VM.");
                     self.spawn_watcher(row.vm_id.clone());
                 }
-                _ => {}
+                // Finished: its files go back to root (again, if a crash came between).
+                VmState::Failed | VmState::Stopped => self.reclaim(&row),
+                VmState::Preparing => {}
             }
         }
         self.flush_pending().await

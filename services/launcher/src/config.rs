@@ -7,7 +7,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::policy::PolicyConfig;
+use crate::{confine::ConfinementConfig, policy::PolicyConfig};
 
 /// Which accelerator qemu uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -95,6 +95,8 @@ pub struct LauncherConfig {
     /// Host policy: the same for the scratch volumes named in `scratch.ready`; the scratch
     /// service's volume directory.
     pub scratch_roots: Vec<PathBuf>,
+    /// How each VM's qemu is confined: its own uid, `-sandbox`.
+    pub confinement: ConfinementConfig,
 }
 
 impl Default for LauncherConfig {
@@ -112,6 +114,7 @@ impl Default for LauncherConfig {
             // /var/lib/wnodes).
             image_roots: vec![PathBuf::from("/var/lib/wnodes/image/cache")],
             scratch_roots: vec![PathBuf::from("/var/lib/wnodes/scratch/volumes")],
+            confinement: ConfinementConfig::default(),
         }
     }
 }

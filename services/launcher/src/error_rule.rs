@@ -8,6 +8,7 @@ use wnodes_bus::BusError;
 use wnodes_testkit::error_rule::{SOURCE_TEXT, io_source};
 
 use crate::{
+    confine::ConfineError,
     policy::{PolicyConfigError, PolicyError},
     qemu::QemuError,
     qmp::QmpError,
@@ -91,6 +92,39 @@ wnodes_testkit::error_rule! {
         },
         QemuError::NoPid(_) => QemuError::NoPid("/var/lib/wnodes/vms/vm-0123456789ab/qemu.pid".into()),
         QemuError::State(_) => QemuError::State(state_error()),
+        QemuError::Confine(_) => QemuError::Confine(ConfineError::Exhausted { first: 3_000_000_000, last: 3_000_000_009 }),
+        QemuError::Io { .. } => QemuError::Io {
+            op: "create",
+            path: "/var/lib/wnodes/vms/vm-0123456789ab/qemu/qemu.log".into(),
+            source: io_source(),
+        },
+    }
+    ConfineError {
+        ConfineError::BadRange { .. } => ConfineError::BadRange { first: 0, count: 10 },
+        ConfineError::NotRoot { .. } => ConfineError::NotRoot { euid: 1000 },
+        ConfineError::Exhausted { .. } => ConfineError::Exhausted { first: 3_000_000_000, last: 3_000_000_009 },
+        ConfineError::Io { .. } => ConfineError::Io {
+            op: "change the owner of",
+            path: "/var/lib/wnodes/vms/vm-0123456789ab/qemu".into(),
+            source: io_source(),
+        },
+        ConfineError::Inspect { .. } => ConfineError::Inspect {
+            what: "image",
+            path: "/var/lib/wnodes/image/cache/el9.img".into(),
+            at: "/var/lib/wnodes/image/cache".into(),
+            source: io_source(),
+        },
+        ConfineError::Unreachable { .. } => ConfineError::Unreachable {
+            what: "image",
+            path: "/var/lib/wnodes/image/cache/el9.img".into(),
+            how: "read",
+            uid: 3_000_000_000,
+            gid: 3_000_000_000,
+            blocker: "cannot enter /var/lib/wnodes/image".into(),
+            mode: 0o700,
+            owner: 0,
+            group: 0,
+        },
     }
     QmpError {
         QmpError::Io { .. } => QmpError::Io {

@@ -6,9 +6,10 @@ use std::sync::Arc;
 
 use prost::Message;
 use wnodes_bus::{Handler, HandlerCtx, HandlerError, proto::event::Body};
-use wnodes_proto::v1::{Event, JobCancelled, JobStarted, VmFailed, VmRequested, VmSpec};
+use wnodes_proto::v1::{Event, HostUser, JobCancelled, JobStarted, VmFailed, VmRequested, VmSpec};
 
 use crate::{
+    confine::{self, ConfineError, ConfinementConfig},
     policy,
     state::LauncherState,
     vm_dir::{JobRecord, StateError, VmDir},
@@ -40,6 +41,21 @@ fn failed(l: &LauncherState, row: &VmRow, phase: &str, reason: String) -> Event 
             phase: phase.into(),
         }),
     )
+}
+
+/// Picks the VM's host user (uid = gid) within the configured range: the lowest uid no live
+/// VM of this host holds (in the handler's transaction) and no process runs as.
+async fn allocate_vm_user(
+    confinement: &ConfinementConfig,
+    conn: &mut sqlx::SqliteConnection,
+) -> Result<Result<HostUser, ConfineError>, HandlerError> {
+    let range = match confinement.range() {
+        Ok(r) => r,
+        Err(e) => return Ok(Err(e)),
+    };
+    let taken = vm_table::live_vm_uids(conn).await.map_err(retry)?;
+    let busy = confine::process_uids();
+    Ok(confine::pick_uid(range, &taken, &busy).map(|uid| HostUser { uid, gid: uid }))
 }
 
 impl Handler for LauncherHandler {
@@ -111,7 +127,7 @@ impl LauncherHandler {
             event.host.clone()
         };
         match l.config.policy.apply(&job) {
-            Ok(spec) => {
+            Ok(mut spec) => {
                 // Host effect, named after the VM and checked before it is made.
                 let vm = VmDir::new(&l.vms_dir, &spec.vm_id).map_err(HandlerError::reject)?;
                 vm.create().map_err(retry)?;
@@ -119,18 +135,38 @@ impl LauncherHandler {
                     vm.write_job(&JobRecord::new(&run, &host, &spec, trace.clone()))
                         .map_err(retry)?;
                 }
-                let row = VmRow::new(&run, &host, spec.clone(), VmState::Preparing, trace);
                 let conn = ctx.tx().await?;
-                if let Some(existing) = vm_table::load(&mut *conn, &vm_id).await.map_err(retry)?
-                    && existing.state.is_final()
-                {
-                    tracing::info!(
-                        vm_id,
-                        state = existing.state.as_str(),
-                        "Job started for a VM already finished (cancelled first?); ignored."
-                    );
-                    return Ok(());
+                match vm_table::load(&mut *conn, &vm_id).await.map_err(retry)? {
+                    Some(existing) if existing.state.is_final() => {
+                        tracing::info!(
+                            vm_id,
+                            state = existing.state.as_str(),
+                            "Job started for a VM already finished (cancelled first?); ignored."
+                        );
+                        return Ok(());
+                    }
+                    // A redelivery: the same request again, with the user already chosen.
+                    Some(existing) => spec = existing.spec,
+                    None if l.config.confinement.vm_users => {
+                        match allocate_vm_user(&l.config.confinement, &mut *conn).await? {
+                            Ok(user) => spec.vm_user = Some(user),
+                            Err(e) => {
+                                tracing::error!(vm_id, error = %e, "No VM user for the job.");
+                                let spec = VmSpec {
+                                    vm_id: vm_id.clone(),
+                                    vo: job.vo.clone(),
+                                    ..Default::default()
+                                };
+                                let row = VmRow::new(&run, &host, spec, VmState::Failed, trace);
+                                vm_table::insert(&mut *conn, &row).await.map_err(retry)?;
+                                ctx.publish(failed(l, &row, "policy", e.to_string()));
+                                return Ok(());
+                            }
+                        }
+                    }
+                    None => {}
                 }
+                let row = VmRow::new(&run, &host, spec.clone(), VmState::Preparing, trace);
                 vm_table::insert(&mut *conn, &row).await.map_err(retry)?;
                 tracing::info!(vm_id, image = %spec.image, cores = spec.cores, memory = spec.memory_bytes, "VM requested.");
                 ctx.publish(l.event(&row, Body::VmRequested(VmRequested { spec: Some(spec) })));

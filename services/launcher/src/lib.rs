@@ -8,7 +8,8 @@
 //! | [`host_paths`] | host policy: the image and scratch paths qemu gets lie under their roots, symlinks resolved |
 //! | [`vm_table`] | the VM table (`launcher_vms`) and its state machine (joins the four preparation results) |
 //! | [`vm_dir`] | the VM's state directory: `job.json`, `running.json`, serial files, liveness |
-//! | [`qemu`] | the qemu command line, the payload script, spawning qemu detached (`-daemonize`) |
+//! | [`confine`] | each VM's qemu confined: a uid of its own (allocation, file ownership, giving back), the `setpriv` wrapper, `-sandbox` |
+//! | [`qemu`] | the qemu command line, the payload script, starting qemu detached through the wrapper |
 //! | [`qmp`] | a minimal QMP client (powerdown / quit) over the VM's unix socket |
 //! | [`usage`] | CPU and peak memory: per-VM cgroup (v2, else v1 `cpuacct`+`memory`) when usable, else `/proc` samples in `usage.json` |
 //! | [`watch`] | waits for a VM's qemu to exit (also after a launcher restart) and collects the result |
@@ -37,14 +38,13 @@
 //!
 //! What survives a launcher crash lives in `<vms_dir>/<vm_id>/` (qemu's pid file, QMP socket,
 //! serial files, the persisted job and trace context, usage samples) and in the `launcher_vms`
-//! table; qemu runs detached (`-daemonize`, its own session) and is never killed when the
-//! launcher stops. On start the launcher reattaches a watcher to every VM marked running (a
+//! table; qemu runs detached (its own session, through the launcher's wrapper) and is never
+//! killed when the launcher stops. On start the launcher reattaches a watcher to every VM marked running (a
 //! qemu that exited meanwhile is finished from its state directory at once), adopts a qemu
 //! started just before a crash, and republishes events that were not acknowledged.
 //!
-//! Usage accounting ([`usage`]) survives a launcher that is down when qemu exits: qemu is moved
-//! into a per-VM cgroup as the foreground process, before it daemonizes, so the daemon inherits
-//! it; the group keeps the counters after qemu's exit and is read (then removed) by whichever
+//! Usage accounting ([`usage`]) survives a launcher that is down when qemu exits: the wrapper
+//! joins a per-VM cgroup before it execs qemu, so qemu is in it from its first instruction; the group keeps the counters after qemu's exit and is read (then removed) by whichever
 //! launcher finishes the VM; leftover groups of finished or unknown VMs are removed on start.
 //! Sources, in order of preference: cgroup v2 (`/sys/fs/cgroup` a writable cgroup2 mount), cgroup
 //! v1 (writable `cpuacct` and `memory` hierarchies), `/proc` samples (which miss the CPU time
@@ -59,6 +59,7 @@
 mod adopt;
 mod cgroups;
 pub mod config;
+pub mod confine;
 mod deadline;
 #[cfg(test)]
 mod error_rule;
@@ -95,6 +96,10 @@ impl Service for Launcher {
     fn validate(config: &LauncherConfig) -> Result<(), ConfigError> {
         config
             .policy
+            .validate()
+            .map_err(|e| ConfigError::section(Self::NAME, e))?;
+        config
+            .confinement
             .validate()
             .map_err(|e| ConfigError::section(Self::NAME, e))
     }

@@ -29,10 +29,32 @@ impl LauncherState {
             let mut conn = self.store.pool().acquire().await?;
             vm_table::transition(&mut conn, &row.vm_id, from, to, Some(&event), pid).await?
         };
+        if moved && to.is_final() {
+            self.reclaim(row);
+        }
         if moved {
             self.emit(&row.vm_id, &event, &row.trace).await;
         }
         Ok(moved)
+    }
+
+    /// Gives a finished VM's files (and scratch volume) back to root, so that its uid can go
+    /// to the next VM ([`crate::confine::reclaim`]); only for VMs that had a user of their own.
+    pub(crate) fn reclaim(&self, row: &VmRow) {
+        if row.spec.vm_user.is_none() {
+            return;
+        }
+        let Ok(vm) = crate::vm_dir::VmDir::new(&self.vms_dir, &row.vm_id) else {
+            return;
+        };
+        let scratch = row
+            .scratch
+            .as_ref()
+            .filter(|s| !s.path.is_empty())
+            .map(|s| std::path::PathBuf::from(&s.path));
+        if let Err(e) = crate::confine::reclaim(&vm, scratch.as_deref()) {
+            tracing::warn!(vm_id = %row.vm_id, error = %ErrorChain(&e), "Cannot give the VM's files back to root.");
+        }
     }
 
     /// Publishes a pending event in a span under the job's trace, then clears it. On failure

@@ -248,6 +248,8 @@ impl PolicyConfig {
             owner: job.owner.clone(),
             payload: Some(payload),
             vo: job.vo.clone(),
+            // Chosen by the handler, within its transaction.
+            vm_user: None,
         })
     }
 }

@@ -126,7 +126,20 @@ impl Qmp {
 
     /// Runs a command without arguments and returns its `return` value.
     pub async fn execute(&mut self, command: &str) -> Result<Value, QmpError> {
-        let mut msg = json!({ "execute": command }).to_string();
+        self.execute_with(command, None).await
+    }
+
+    /// Runs a command with `arguments` (an object) and returns its `return` value.
+    pub async fn execute_with(
+        &mut self,
+        command: &str,
+        arguments: Option<Value>,
+    ) -> Result<Value, QmpError> {
+        let mut msg = match arguments {
+            Some(a) => json!({ "execute": command, "arguments": a }),
+            None => json!({ "execute": command }),
+        }
+        .to_string();
         msg.push('\n');
         self.writer
             .write_all(msg.as_bytes())

@@ -127,6 +127,7 @@ impl LauncherState {
                     // A tap without a MAC or name fails validation: a clear vm.failed (launch).
                     network: Some(network),
                     storage: Some(storage),
+                    sandbox: self.config.confinement.sandbox,
                 };
                 let launch_started = std::time::Instant::now();
                 let launched = qemu::launch(
@@ -134,6 +135,7 @@ impl LauncherState {
                     &inputs,
                     self.cgroups.as_ref(),
                     self.config.memory_overhead_bytes,
+                    &self.config.confinement,
                 )
                 .await;
                 if launched.is_ok() {

@@ -217,35 +217,57 @@ impl VmDir {
     pub fn payload(&self) -> PathBuf {
         self.dir.join("job.sh")
     }
+    /// What qemu itself writes (owned by the VM's user when qemu runs as one, see
+    /// [`crate::confine`]): pid file, QMP sockets, serial files, its stderr and the
+    /// `-snapshot` overlay. The launcher's own records stay one level up, out of qemu's reach.
+    pub fn qemu_dir(&self) -> PathBuf {
+        self.dir.join("qemu")
+    }
     pub fn pid_file(&self) -> PathBuf {
-        self.dir.join("qemu.pid")
+        self.qemu_dir().join("qemu.pid")
+    }
+    /// qemu's stdout and stderr.
+    pub fn qemu_log(&self) -> PathBuf {
+        self.qemu_dir().join("qemu.log")
     }
     pub fn qmp_socket(&self) -> PathBuf {
-        self.dir.join("qmp.sock")
+        self.qemu_dir().join("qmp.sock")
     }
     /// A second QMP monitor, only for watching events (the first serves commands: a QMP
     /// socket takes one client at a time).
     pub fn qmp_events_socket(&self) -> PathBuf {
-        self.dir.join("qmp-events.sock")
+        self.qemu_dir().join("qmp-events.sock")
     }
     pub fn console_log(&self) -> PathBuf {
-        self.dir.join("console.log")
+        self.qemu_dir().join("console.log")
     }
     pub fn output_log(&self) -> PathBuf {
-        self.dir.join("output.log")
+        self.qemu_dir().join("output.log")
     }
     pub fn status_log(&self) -> PathBuf {
-        self.dir.join("status.log")
+        self.qemu_dir().join("status.log")
     }
 
-    /// Creates the directory (mode 0700: payloads and output are private).
+    /// Creates the directory and its `qemu/` (mode 0700: payloads and output are private).
+    /// The VM directories' parent, when it is made here, gets mode 0711: each VM's qemu (its
+    /// own uid) must pass through it to its own directory, and may not list the others.
     pub fn create(&self) -> Result<(), StateError> {
         use std::os::unix::fs::DirBuilderExt;
+        if let Some(parent) = self.dir.parent()
+            && !parent.exists()
+        {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o711)
+                .create(parent)
+                .map_err(io_err("create directory", parent))?;
+        }
+        let qemu = self.qemu_dir();
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
-            .create(&self.dir)
-            .map_err(io_err("create directory", &self.dir))
+            .create(&qemu)
+            .map_err(io_err("create directory", &qemu))
     }
 
     pub fn write_job(&self, job: &JobRecord) -> Result<(), StateError> {
@@ -399,7 +421,18 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
-    std::fs::write(&tmp, bytes).map_err(io_err("write", &tmp))?;
+    // Mode 0600: the launcher's records are its own (a VM's qemu may enter the directory).
+    let write = || {
+        use std::{io::Write, os::unix::fs::OpenOptionsExt};
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(bytes)
+    };
+    write().map_err(io_err("write", &tmp))?;
     std::fs::rename(&tmp, path).map_err(io_err("rename", path))
 }
 

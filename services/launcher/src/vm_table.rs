@@ -331,6 +331,25 @@ pub async fn list(pool: &SqlitePool, states: &[VmState]) -> Result<Vec<VmRow>, V
     Ok(out)
 }
 
+/// The VM uids (`VmSpec.vm_user`) held by VMs not yet finished.
+pub async fn live_vm_uids(
+    conn: &mut SqliteConnection,
+) -> Result<std::collections::BTreeSet<u32>, VmTableError> {
+    let rows = sqlx::query(
+        "SELECT vm_id, spec FROM launcher_vms WHERE state IN ('preparing', 'launching', 'running')",
+    )
+    .fetch_all(conn)
+    .await
+    .map_err(sql("list live VM users"))?;
+    let mut uids = std::collections::BTreeSet::new();
+    for r in &rows {
+        let vm_id: String = r.try_get("vm_id").map_err(sql("read column"))?;
+        let spec: Option<VmSpec> = decode(r, &vm_id, "spec")?;
+        uids.extend(spec.and_then(|s| s.vm_user).map(|u| u.uid));
+    }
+    Ok(uids)
+}
+
 /// Rows with an event waiting to be published.
 pub async fn list_pending(pool: &SqlitePool) -> Result<Vec<VmRow>, VmTableError> {
     let rows = sqlx::query("SELECT * FROM launcher_vms WHERE pending IS NOT NULL ORDER BY vm_id")

@@ -1,5 +1,6 @@
 //! The `wnodes-launcher` binary itself (runtime config from `WNODES_*`, NATS, SIGTERM): a
-//! SIGTERM leaves the VM running and the next launcher reports its end. Boots a VM, so it is
+//! SIGTERM leaves the VM running (its qemu as the VM's own uid, sandboxed) and the next launcher
+//! reports its end and gives the VM's files back to root. Boots a VM, so it is
 //! named `vm_*` (see `tests/vm.rs`). A host test (`wnodes_testkit::host`): needs qemu and the
 //! test guest.
 
@@ -9,11 +10,15 @@ mod common;
 
 use wnodes_testkit::{events::ready_bodies, events::vm_id_of, host::guest_dir, vm::vm_lock};
 
-use std::{path::Path, time::Duration};
+use std::{
+    os::unix::fs::{MetadataExt, PermissionsExt},
+    path::Path,
+    time::Duration,
+};
 
 use common::{HOST, ev, job_started, run, wait_event};
 use wnodes_bus::proto::event::Body;
-use wnodes_launcher::vm_dir::VmDir;
+use wnodes_launcher::{confine::ConfinementConfig, vm_dir::VmDir};
 use wnodes_testkit::{ServiceProcess, host, host_test, nats::NatsServer, process::ProcessBuilder};
 
 /// The launcher binary configured by environment alone; both launchers of the test append
@@ -68,6 +73,8 @@ async fn vm_binary_sigterm_leaves_the_vm_running_and_the_next_launcher_reports_i
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
+    // Each VM's qemu runs as a uid of its own, which must be able to enter the state directory.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
     let state = dir.path().join("state");
     let _cleanup = Cleanup(state.join("vms"));
     let launcher = launcher(
@@ -86,7 +93,18 @@ async fn vm_binary_sigterm_leaves_the_vm_running_and_the_next_launcher_reports_i
     bus.publish(&job_started(&r, "atlas", "sleep 3; echo bin; exit 6"))
         .await
         .unwrap();
-    let vm_id = vm_id_of(&wait_event(&bus, "vm.requested", &r).await);
+    let requested = wait_event(&bus, "vm.requested", &r).await;
+    let vm_id = vm_id_of(&requested);
+    let Some(Body::VmRequested(req)) = requested.body else {
+        panic!("{}", dump())
+    };
+    // The VM's own host user, from the default range.
+    let user = req.spec.and_then(|s| s.vm_user).expect("a VM user");
+    let range = ConfinementConfig::default().range().unwrap();
+    assert!(
+        range.contains(&user.uid) && user.gid == user.uid,
+        "{user:?}"
+    );
     for b in ready_bodies(&guest, &vm_id) {
         bus.publish(&ev(&r, b)).await.unwrap();
     }
@@ -95,6 +113,13 @@ async fn vm_binary_sigterm_leaves_the_vm_running_and_the_next_launcher_reports_i
         panic!("{}", dump())
     };
     assert_eq!(running.accel, "tcg", "auto resolves to TCG on this host");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", running.pid)).unwrap();
+    assert_eq!(
+        wnodes_launcher::confine::parse_status_uids(&status),
+        [user.uid, user.uid],
+        "qemu runs as the VM's user"
+    );
+    assert!(status.contains("\nSeccomp:\t2\n"), "{status}");
 
     sigterm_and_wait(&mut first).await;
     let vm = VmDir::new(&state.join("vms"), &vm_id).unwrap();
@@ -110,6 +135,9 @@ async fn vm_binary_sigterm_leaves_the_vm_running_and_the_next_launcher_reports_i
     };
     assert_eq!(stopped.exit_code, 6, "{}", dump());
     assert_eq!(stopped.output_tail, "bin\n");
+    // Finished: the VM's files are root's again, its uid free for the next VM.
+    let qemu_dir = std::fs::metadata(vm.qemu_dir()).unwrap();
+    assert_eq!((qemu_dir.uid(), qemu_dir.gid()), (0, 0), "{}", dump());
     sigterm_and_wait(&mut second).await;
     assert!(dump().contains("Reattaching to a running VM"), "{}", dump());
 }
@@ -283,7 +311,7 @@ async fn binary_refuses_images_and_volumes_outside_their_roots() {
 
 fn main() -> std::process::ExitCode {
     host::main(vec![
-        host_test!(multi_thread vm_binary_sigterm_leaves_the_vm_running_and_the_next_launcher_reports_it needs [Qemu, TestGuest]),
+        host_test!(multi_thread vm_binary_sigterm_leaves_the_vm_running_and_the_next_launcher_reports_it needs [Qemu, TestGuest, Root, Setpriv]),
         host_test!(multi_thread binary_refuses_images_and_volumes_outside_their_roots needs [Qemu, TestGuest]),
     ])
 }

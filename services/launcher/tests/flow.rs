@@ -43,6 +43,12 @@ async fn env() -> Env {
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
+    // Each VM's qemu runs as a uid of its own, which must be able to enter the state directory.
+    std::fs::set_permissions(
+        dir.path(),
+        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o711),
+    )
+    .unwrap();
     let store = KeyStore::open(&dir.path().join("keys.db")).await.unwrap();
     let identity = nats
         .identity(&wnodes_bus::roles::LAUNCHER, HOST)
@@ -167,7 +173,7 @@ async fn vm_nats_job_runs_to_vm_stopped_and_refusals_fail() {
     assert!(
         stopped
             .output_location
-            .ends_with(&format!("{vm_id}/output.log"))
+            .ends_with(&format!("{vm_id}/qemu/output.log"))
     );
     let usage = stopped.usage.unwrap();
     assert!(usage.cpu_seconds > 0.1, "{usage:?}");
@@ -479,10 +485,10 @@ async fn vm_nats_a_payload_past_the_guests_memory_ends_by_the_guests_oom_killer(
 
 fn main() -> std::process::ExitCode {
     host::main(vec![
-        host_test!(multi_thread vm_nats_a_payload_past_the_guests_memory_ends_by_the_guests_oom_killer needs [Qemu, TestGuest]),
-        host_test!(multi_thread vm_nats_a_vm_over_its_cgroup_memory_limit_is_killed_and_stops_as_oom needs [Qemu, TestGuest, Cgroups]),
-        host_test!(multi_thread vm_nats_job_runs_to_vm_stopped_and_refusals_fail needs [Qemu, TestGuest]),
-        host_test!(multi_thread vm_nats_launcher_restart_reattaches_to_a_running_vm needs [Qemu, TestGuest, Cgroups]),
-        host_test!(multi_thread vm_nats_cancel_stops_a_running_vm needs [Qemu, TestGuest]),
+        host_test!(multi_thread vm_nats_a_payload_past_the_guests_memory_ends_by_the_guests_oom_killer needs [Qemu, TestGuest, Root, Setpriv]),
+        host_test!(multi_thread vm_nats_a_vm_over_its_cgroup_memory_limit_is_killed_and_stops_as_oom needs [Qemu, TestGuest, Root, Setpriv, Cgroups]),
+        host_test!(multi_thread vm_nats_job_runs_to_vm_stopped_and_refusals_fail needs [Qemu, TestGuest, Root, Setpriv]),
+        host_test!(multi_thread vm_nats_launcher_restart_reattaches_to_a_running_vm needs [Qemu, TestGuest, Root, Setpriv, Cgroups]),
+        host_test!(multi_thread vm_nats_cancel_stops_a_running_vm needs [Qemu, TestGuest, Root, Setpriv]),
     ])
 }

@@ -1,6 +1,6 @@
 //! Boots real VMs (qemu, TCG, the test guest from `guest/build.sh`, user-mode networking; no
-//! NATS). Every VM-booting test is named `vm_*` so a runner can group them (e.g. a nextest
-//! test group with `max-threads = 1` on `test(/^vm_/)`); they also take a host-wide file lock,
+//! NATS), each qemu confined as in production (its own uid, `-sandbox`). Every VM-booting
+//! test is named `vm_*` so a runner can group them (e.g. a nextest test group with `max-threads = 1` on `test(/^vm_/)`); they also take a host-wide file lock,
 //! so they boot one VM at a time even without that. Host tests (`wnodes_testkit::host`): they
 //! need qemu and the test guest (and some more, listed in `main`).
 
@@ -10,10 +10,11 @@ mod common;
 
 use wnodes_testkit::{host::guest_dir, vm::vm_lock};
 
-use std::{path::Path, time::Duration};
+use std::{os::unix::fs::PermissionsExt, path::Path, time::Duration};
 
 use wnodes_launcher::{
     config::Accel,
+    confine::ConfinementConfig,
     qemu::{self, LaunchInputs},
     qmp,
     usage::{self, CGROUP_ROOT, CgroupHost},
@@ -21,8 +22,8 @@ use wnodes_launcher::{
     watch::{self, STOP_GUEST_POWEROFF, WatchOptions},
 };
 use wnodes_proto::v1::{
-    ImageReady, JobPayload, NetworkMode, NetworkReady, ScratchReady, StorageReady, VmSpec,
-    job_payload,
+    HostUser, ImageReady, JobPayload, NetworkMode, NetworkReady, ScratchReady, StorageReady,
+    VmSpec, job_payload,
 };
 use wnodes_testkit::{host, host_test};
 
@@ -33,7 +34,11 @@ struct Fixture {
     spec: VmSpec,
     image: ImageReady,
     network: NetworkReady,
+    confinement: ConfinementConfig,
 }
+
+/// The host user the fixture's qemu runs as (one VM at a time: the tests hold the VM lock).
+const VM_UID: u32 = 3_999_000_001;
 
 impl Drop for Fixture {
     /// A failed test must not leave its VM running (nor its cgroups behind).
@@ -66,6 +71,8 @@ fn fixture(script: &str) -> Fixture {
     let lock = vm_lock();
     let guest = guest_dir();
     let dir = tempfile::tempdir().unwrap();
+    // qemu runs as VM_UID: it must be able to enter the state directory's parents.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
     let vm = VmDir::new(dir.path(), "vm-00000000a0b1").unwrap();
     let spec = VmSpec {
         vm_id: vm.vm_id().into(),
@@ -78,6 +85,10 @@ fn fixture(script: &str) -> Fixture {
         payload: Some(JobPayload {
             kind: Some(job_payload::Kind::InlineScript(script.as_bytes().to_vec())),
             ..Default::default()
+        }),
+        vm_user: Some(HostUser {
+            uid: VM_UID,
+            gid: VM_UID,
         }),
         ..Default::default()
     };
@@ -104,6 +115,7 @@ fn fixture(script: &str) -> Fixture {
         spec,
         image,
         network,
+        confinement: ConfinementConfig::default(),
     }
 }
 
@@ -124,6 +136,7 @@ impl Fixture {
             scratch,
             network,
             storage,
+            sandbox: self.confinement.sandbox,
         }
     }
 }
@@ -132,9 +145,15 @@ async fn boot(f: &Fixture) -> RunningRecord {
     let scratch = ScratchReady::default();
     let storage = StorageReady::default();
     let inputs = f.inputs(Some(&scratch), Some(&f.network), Some(&storage));
-    let running = qemu::launch(Path::new("qemu-system-x86_64"), &inputs, None, 0)
-        .await
-        .expect("qemu starts");
+    let running = qemu::launch(
+        Path::new("qemu-system-x86_64"),
+        &inputs,
+        None,
+        0,
+        &f.confinement,
+    )
+    .await
+    .expect("qemu starts");
     assert_eq!(running.usage, UsageSource::Proc);
     assert!(f.vm.qemu_alive(running.pid), "qemu runs detached");
     running
@@ -310,9 +329,15 @@ async fn vm_scratch_disk_and_owner_uid_reach_the_guest() {
     };
     let storage = StorageReady::default();
     let inputs = f.inputs(Some(&scratch), None, Some(&storage));
-    qemu::launch(Path::new("qemu-system-x86_64"), &inputs, None, 0)
-        .await
-        .unwrap();
+    qemu::launch(
+        Path::new("qemu-system-x86_64"),
+        &inputs,
+        None,
+        0,
+        &f.confinement,
+    )
+    .await
+    .unwrap();
     let exit = watch_to_end(&f.vm).await;
     assert_eq!(exit.exit_code, 0, "console:\n{}", console(&f.vm));
     assert_eq!(exit.output_tail, "1000\n1001\ndata\n/scratch\n");
@@ -325,20 +350,51 @@ async fn vm_launch_failure_reports_why() {
     let scratch = ScratchReady::default();
     let storage = StorageReady::default();
     let inputs = f.inputs(Some(&scratch), None, Some(&storage));
-    let err = qemu::launch(Path::new("qemu-system-x86_64"), &inputs, None, 0)
-        .await
-        .unwrap_err();
+    let err = qemu::launch(
+        Path::new("qemu-system-x86_64"),
+        &inputs,
+        None,
+        0,
+        &f.confinement,
+    )
+    .await
+    .unwrap_err();
     assert!(
         err.to_string().contains("/nonexistent/rootfs.ext4"),
         "{err}"
     );
-    let err = qemu::launch(Path::new("/nonexistent/qemu"), &inputs, None, 0)
-        .await
-        .unwrap_err();
+    // Unconfined, qemu itself refuses the missing image, and says why (from its stderr).
+    let unconfined = ConfinementConfig {
+        vm_users: false,
+        ..ConfinementConfig::default()
+    };
+    let err = qemu::launch(
+        Path::new("qemu-system-x86_64"),
+        &inputs,
+        None,
+        0,
+        &unconfined,
+    )
+    .await
+    .unwrap_err();
+    let text = err.to_string();
     assert!(
-        err.to_string().starts_with("cannot run /nonexistent/qemu"),
-        "{err}"
+        text.starts_with("qemu failed to start") && text.contains("/nonexistent/rootfs.ext4"),
+        "{text}"
     );
+    // A missing qemu: the wrapper cannot exec it, and says so.
+    f.image.path = guest_dir().join("rootfs.ext4").display().to_string();
+    let inputs = f.inputs(Some(&scratch), None, Some(&storage));
+    let err = qemu::launch(
+        Path::new("/nonexistent/qemu"),
+        &inputs,
+        None,
+        0,
+        &f.confinement,
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("/nonexistent/qemu"), "{err}");
     assert!(f.vm.read_running().unwrap().is_none());
 }
 
@@ -374,9 +430,15 @@ async fn vm_user_mode_storage_is_mounted_from_the_host() {
         ..Default::default()
     };
     let inputs = f.inputs(Some(&scratch), Some(&f.network), Some(&storage));
-    qemu::launch(Path::new("qemu-system-x86_64"), &inputs, None, 0)
-        .await
-        .unwrap();
+    qemu::launch(
+        Path::new("qemu-system-x86_64"),
+        &inputs,
+        None,
+        0,
+        &f.confinement,
+    )
+    .await
+    .unwrap();
     let exit = watch_to_end(&f.vm).await;
     assert_eq!(exit.exit_code, 0, "console:\n{}", console(&f.vm));
     assert_eq!(exit.output_tail, "from host\n/shared\n");
@@ -384,6 +446,110 @@ async fn vm_user_mode_storage_is_mounted_from_the_host() {
         std::fs::read_to_string(export.path().join("written")).unwrap(),
         "out\n"
     );
+}
+
+/// `/proc/<pid>/status` field `name` (e.g. `"Uid:"`), split into words.
+fn status_field(pid: u32, name: &str) -> Vec<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .map(|v| v.split_whitespace().map(str::to_owned).collect())
+        .unwrap_or_else(|| panic!("no {name} in {status}"))
+}
+
+fn owner_and_mode(path: &Path) -> (u32, u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::symlink_metadata(path).unwrap();
+    (m.uid(), m.gid(), m.mode() & 0o7777)
+}
+
+async fn vm_qemu_runs_as_its_own_user_sandboxed_and_cannot_spawn() {
+    let f = fixture("sleep 600");
+    let running = boot(&f).await;
+    let pid = running.pid;
+    let uid = VM_UID.to_string();
+    assert_eq!(status_field(pid, "Uid:"), vec![uid.clone(); 4]);
+    assert_eq!(status_field(pid, "Gid:"), vec![uid.clone(); 4]);
+    assert!(
+        status_field(pid, "Groups:").is_empty(),
+        "no supplementary groups"
+    );
+    assert_eq!(status_field(pid, "Seccomp:"), ["2"], "a seccomp filter");
+    assert_eq!(status_field(pid, "NoNewPrivs:"), ["1"]);
+    // Detached: a session of its own (field 6 of /proc/<pid>/stat).
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after_comm: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        after_comm[3],
+        pid.to_string(),
+        "session id = qemu's pid: {stat}"
+    );
+    // The files: the launcher's records out of qemu's reach, qemu's own in qemu/.
+    assert_eq!(owner_and_mode(f.vm.dir()), (0, VM_UID, 0o750));
+    assert_eq!(owner_and_mode(&f.vm.qemu_dir()), (VM_UID, 0, 0o2770));
+    assert_eq!(owner_and_mode(&f.vm.payload()), (0, VM_UID, 0o640));
+    assert_eq!(owner_and_mode(&f.vm.running_json()).0, 0);
+    assert_eq!(
+        owner_and_mode(&f.vm.running_json()).2 & 0o077,
+        0,
+        "running.json is root's alone"
+    );
+    assert_eq!(owner_and_mode(&f.vm.console_log()).0, VM_UID);
+    // A QMP command that makes qemu fork a helper fails, and no process ran.
+    let marker = f.vm.qemu_dir().join("spawned");
+    let mut q = qmp::Qmp::connect(&f.vm.qmp_socket()).await.unwrap();
+    let uri = format!("exec:touch {}", marker.display());
+    let refused = q
+        .execute_with("migrate", Some(serde_json::json!({ "uri": uri })))
+        .await;
+    let status = q.execute("query-migrate").await.unwrap();
+    eprintln!("migrate: {refused:?}; query-migrate: {status}");
+    let err = refused.expect_err("migrate to exec: must fail");
+    assert!(err.to_string().contains("fork"), "{err}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!marker.exists(), "the helper process never ran");
+    assert!(f.vm.qemu_alive(pid), "qemu survives the refused fork");
+    let _ = q.execute("quit").await;
+    drop(q);
+    wait_gone(&f.vm, pid).await;
+    // Given back to root, so that the next VM with this uid finds nothing of this one.
+    wnodes_launcher::confine::reclaim(&f.vm, None).unwrap();
+    assert_eq!(owner_and_mode(f.vm.dir()), (0, 0, 0o700));
+    assert_eq!(owner_and_mode(&f.vm.qemu_dir()), (0, 0, 0o700));
+    assert_eq!(owner_and_mode(&f.vm.console_log()).0, 0);
+    assert_eq!(owner_and_mode(&f.vm.payload()).1, 0);
+}
+
+async fn vm_a_state_directory_the_vm_user_cannot_enter_is_named() {
+    let f = fixture("true");
+    let parent = f.vm.dir().parent().unwrap().to_path_buf();
+    std::fs::set_permissions(&parent, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let scratch = ScratchReady::default();
+    let storage = StorageReady::default();
+    let inputs = f.inputs(Some(&scratch), None, Some(&storage));
+    let err = qemu::launch(
+        Path::new("qemu-system-x86_64"),
+        &inputs,
+        None,
+        0,
+        &f.confinement,
+    )
+    .await
+    .unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("cannot enter") && text.contains(&parent.display().to_string()),
+        "{text}"
+    );
+    assert!(text.contains(&VM_UID.to_string()), "{text}");
+    assert!(f.vm.read_running().unwrap().is_none(), "qemu never started");
+    std::fs::set_permissions(&parent, std::fs::Permissions::from_mode(0o711)).unwrap();
 }
 
 /// The cgroup layout this host offers; these machines (tmpfs `/sys/fs/cgroup` with v1
@@ -417,12 +583,17 @@ async fn vm_cgroup_the_qemu_daemon_inherits_the_foreground_group() {
         &args,
         Some(&host),
         None,
+        qemu::Wrapper {
+            config: &f.confinement,
+            user: f.spec.vm_user.as_ref(),
+            kvm_gid: None,
+        },
     )
     .await
     .expect("qemu starts");
     assert_eq!(spawned.usage, host.source_for(f.vm.vm_id()));
-    // Moved in as the foreground process, before daemonizing: the daemon (pid file) is in
-    // every group without having been moved there itself.
+    // The wrapper joined the groups before it execed qemu: qemu is in every group without
+    // having been moved there itself.
     assert!(spawned.daemon_inherited, "{spawned:?}");
     for dir in usage::group_dirs(&spawned.usage) {
         let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap();
@@ -458,6 +629,7 @@ async fn vm_cgroup_cpu_time_after_the_last_watch_is_counted() {
         &inputs,
         Some(&host),
         1 << 30,
+        &f.confinement,
     )
     .await
     .expect("qemu starts");
@@ -490,16 +662,18 @@ async fn vm_cgroup_cpu_time_after_the_last_watch_is_counted() {
 
 fn main() -> std::process::ExitCode {
     host::main(vec![
-        host_test!(current_thread vm_payload_exit_code_output_and_usage_are_read_back needs [Qemu, TestGuest]),
-        host_test!(current_thread vm_a_guest_power_off_is_seen_through_the_qmp_event_monitor needs [Qemu, TestGuest]),
-        host_test!(current_thread vm_reattach_from_state_dir_after_the_watcher_is_dropped needs [Qemu, TestGuest]),
-        host_test!(current_thread vm_finished_while_nobody_watched_is_finished_from_the_state_dir needs [Qemu, TestGuest]),
-        host_test!(current_thread vm_is_stopped_through_qmp needs [Qemu, TestGuest]),
-        host_test!(current_thread vm_walltime_is_enforced needs [Qemu, TestGuest]),
-        host_test!(current_thread vm_scratch_disk_and_owner_uid_reach_the_guest needs [Qemu, TestGuest]),
-        host_test!(current_thread vm_launch_failure_reports_why needs [Qemu, TestGuest]),
-        host_test!(current_thread vm_user_mode_storage_is_mounted_from_the_host needs [Qemu, TestGuest, Socat, SftpServer]),
-        host_test!(current_thread vm_cgroup_the_qemu_daemon_inherits_the_foreground_group needs [Qemu, TestGuest, Cgroups]),
-        host_test!(current_thread vm_cgroup_cpu_time_after_the_last_watch_is_counted needs [Qemu, TestGuest, Cgroups]),
+        host_test!(current_thread vm_payload_exit_code_output_and_usage_are_read_back needs [Qemu, TestGuest, Root, Setpriv]),
+        host_test!(current_thread vm_a_guest_power_off_is_seen_through_the_qmp_event_monitor needs [Qemu, TestGuest, Root, Setpriv]),
+        host_test!(current_thread vm_reattach_from_state_dir_after_the_watcher_is_dropped needs [Qemu, TestGuest, Root, Setpriv]),
+        host_test!(current_thread vm_finished_while_nobody_watched_is_finished_from_the_state_dir needs [Qemu, TestGuest, Root, Setpriv]),
+        host_test!(current_thread vm_is_stopped_through_qmp needs [Qemu, TestGuest, Root, Setpriv]),
+        host_test!(current_thread vm_walltime_is_enforced needs [Qemu, TestGuest, Root, Setpriv]),
+        host_test!(current_thread vm_scratch_disk_and_owner_uid_reach_the_guest needs [Qemu, TestGuest, Root, Setpriv]),
+        host_test!(current_thread vm_launch_failure_reports_why needs [Qemu, TestGuest, Root, Setpriv]),
+        host_test!(current_thread vm_qemu_runs_as_its_own_user_sandboxed_and_cannot_spawn needs [Qemu, TestGuest, Root, Setpriv]),
+        host_test!(current_thread vm_a_state_directory_the_vm_user_cannot_enter_is_named needs [Qemu, TestGuest, Root, Setpriv]),
+        host_test!(current_thread vm_user_mode_storage_is_mounted_from_the_host needs [Qemu, TestGuest, Root, Setpriv, Socat, SftpServer]),
+        host_test!(current_thread vm_cgroup_the_qemu_daemon_inherits_the_foreground_group needs [Qemu, TestGuest, Root, Setpriv, Cgroups]),
+        host_test!(current_thread vm_cgroup_cpu_time_after_the_last_watch_is_counted needs [Qemu, TestGuest, Root, Setpriv, Cgroups]),
     ])
 }

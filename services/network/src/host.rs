@@ -207,13 +207,21 @@ impl Host {
             .collect())
     }
 
-    /// Creates tap `tap` (if missing), makes it a port of `bridge` and sets it up.
-    pub async fn create_tap(&self, tap: &str, bridge: &str) -> Result<(), HostError> {
+    /// Creates tap `tap` (if missing), makes it a port of `bridge` and sets it up. With an
+    /// `owner` (the VM's own host user, under which its qemu runs) the tap belongs to that uid
+    /// and gid: that qemu may attach it, no other unprivileged process may.
+    pub async fn create_tap(
+        &self,
+        tap: &str,
+        bridge: &str,
+        owner: Option<&wnodes_proto::v1::HostUser>,
+    ) -> Result<(), HostError> {
         check_tap(tap)?;
         check_ifname(bridge)?;
         if self.netlink.link(tap).await?.is_none() {
-            self.run("ip", &["tuntap", "add", "mode", "tap", "name", tap], None)
-                .await?;
+            let args = tap_add_args(tap, owner)?;
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            self.run("ip", &args, None).await?;
         }
         self.netlink.attach_to_bridge(tap, bridge).await?;
         Ok(())
@@ -271,6 +279,33 @@ fn check_ifname(name: &str) -> Result<(), HostError> {
     }
 }
 
+/// `ip tuntap add` arguments for tap `tap`, owned by `owner` when given (never uid or gid 0
+/// or a system account: such an owner is refused).
+pub fn tap_add_args(
+    tap: &str,
+    owner: Option<&wnodes_proto::v1::HostUser>,
+) -> Result<Vec<String>, HostError> {
+    let mut args: Vec<String> = ["tuntap", "add", "mode", "tap", "name", tap]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+    if let Some(o) = owner {
+        if o.uid < 1000 || o.gid < 1000 {
+            return Err(HostError::InvalidName {
+                kind: "tap owner (uid:gid below 1000)",
+                name: format!("{}:{}", o.uid, o.gid),
+            });
+        }
+        args.extend([
+            "user".to_owned(),
+            o.uid.to_string(),
+            "group".to_owned(),
+            o.gid.to_string(),
+        ]);
+    }
+    Ok(args)
+}
+
 fn check_tap(name: &str) -> Result<(), HostError> {
     if valid_tap_name(name) {
         Ok(())
@@ -285,6 +320,32 @@ fn check_tap(name: &str) -> Result<(), HostError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tap_is_made_for_the_vm_user_and_never_for_root() {
+        let owner = wnodes_proto::v1::HostUser {
+            uid: 3_000_000_004,
+            gid: 3_000_000_004,
+        };
+        assert_eq!(
+            tap_add_args("wn-0123456789ab", Some(&owner))
+                .unwrap()
+                .join(" "),
+            "tuntap add mode tap name wn-0123456789ab user 3000000004 group 3000000004"
+        );
+        assert_eq!(
+            tap_add_args("wn-0123456789ab", None).unwrap().join(" "),
+            "tuntap add mode tap name wn-0123456789ab"
+        );
+        for (uid, gid) in [(0, 3_000_000_004), (3_000_000_004, 0), (999, 1000)] {
+            let err = tap_add_args(
+                "wn-0123456789ab",
+                Some(&wnodes_proto::v1::HostUser { uid, gid }),
+            )
+            .unwrap_err();
+            assert!(err.to_string().contains("tap owner"), "{err}");
+        }
+    }
 
     #[test]
     fn names_are_validated() {

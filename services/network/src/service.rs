@@ -116,8 +116,14 @@ impl NetworkHandler {
     }
 
     /// Makes the tap and its filter (idempotent: checked against host state).
-    async fn make_tap(&self, tap: &str, mac: Mac, ip: Ipv4Addr) -> Result<(), HostError> {
-        self.host.create_tap(tap, &self.bridge).await?;
+    async fn make_tap(
+        &self,
+        tap: &str,
+        mac: Mac,
+        ip: Ipv4Addr,
+        owner: Option<&proto::HostUser>,
+    ) -> Result<(), HostError> {
+        self.host.create_tap(tap, &self.bridge, owner).await?;
         self.host.nft_apply(&nft::vm_script(tap, mac, ip)).await
     }
 
@@ -174,7 +180,7 @@ impl NetworkHandler {
         let ready = match bridge {
             Some((pool, bridge)) => {
                 match self
-                    .prepare_tap(ctx, vm_id, &run_key, existing, pool, bridge)
+                    .prepare_tap(ctx, spec, &run_key, existing, pool, bridge)
                     .await?
                 {
                     Ok(r) => r,
@@ -211,12 +217,13 @@ impl NetworkHandler {
     async fn prepare_tap(
         &self,
         ctx: &mut HandlerCtx,
-        vm_id: &str,
+        spec: &proto::VmSpec,
         run_key: &str,
         existing: Option<LeaseRow>,
         pool: Ipv4Net,
         bridge: Ipv4Net,
     ) -> Result<Result<proto::NetworkReady, PrepareError>, HandlerError> {
+        let vm_id = spec.vm_id.as_str();
         let Some(tap) = tap_name(vm_id) else {
             return Ok(Err(PrepareError::BadVmId(vm_id.to_owned())));
         };
@@ -249,7 +256,7 @@ impl NetworkHandler {
                 "lease of {vm_id} in the store is corrupt: {lease:?}"
             )));
         };
-        if let Err(source) = self.make_tap(&tap, mac, ip).await {
+        if let Err(source) = self.make_tap(&tap, mac, ip, spec.vm_user.as_ref()).await {
             // Undo what was made; the lease goes with it (same transaction).
             if let Err(e) = self.remove_tap(&tap).await {
                 tracing::warn!(vm_id, %tap, error = %ErrorChain(&e), "Cannot undo a half-made tap.");

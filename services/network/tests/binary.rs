@@ -100,6 +100,11 @@ async fn binary_reconciles_serves_and_stops_on_sigterm() {
         &run("1"),
         vm_requested(proto::VmSpec {
             vm_id: vm.into(),
+            // The launcher's VM user: the tap is made that uid's, so its qemu may attach it.
+            vm_user: Some(proto::HostUser {
+                uid: 3_000_000_004,
+                gid: 3_000_000_004,
+            }),
             ..Default::default()
         }),
     ))
@@ -123,6 +128,19 @@ async fn binary_reconciles_serves_and_stops_on_sigterm() {
         taps,
         vec!["wn-b1b1b1b1b1b1".to_owned()],
         "the stray tap was reconciled away"
+    );
+    let mut ip = std::process::Command::new("ip");
+    if let Some(ns) = &hv {
+        ip.args(["-n", &ns.0]);
+    }
+    let out = ip
+        .args(["-d", "link", "show", "dev", "wn-b1b1b1b1b1b1"])
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        shown.contains("user 3000000004 group 3000000004"),
+        "the tap belongs to the VM's user: {shown}"
     );
 
     let status = network.terminate(Duration::from_secs(15)).await.unwrap();

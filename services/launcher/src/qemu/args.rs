@@ -104,6 +104,8 @@ pub struct LaunchInputs<'a> {
     pub network: Option<&'a NetworkReady>,
     /// `None` or port 0: nothing to mount.
     pub storage: Option<&'a StorageReady>,
+    /// Start qemu with `-sandbox` ([`crate::confine::SANDBOX`]).
+    pub sandbox: bool,
 }
 
 /// The qemu arguments (without the binary) for `inputs`.
@@ -121,6 +123,9 @@ pub fn build_args(inputs: &LaunchInputs<'_>) -> Result<Vec<String>, QemuError> {
         &spec.cores.max(1).to_string(),
     ]);
     push(&["-nodefaults", "-display", "none", "-no-reboot", "-snapshot"]);
+    if inputs.sandbox {
+        push(&["-sandbox", crate::confine::SANDBOX]);
+    }
     push(&["-name", &format!("wnodes-{}", vm.vm_id())]);
 
     // Kernel parameters.
@@ -228,6 +233,8 @@ pub fn build_args(inputs: &LaunchInputs<'_>) -> Result<Vec<String>, QemuError> {
         ),
     ]);
     let pid = vm.pid_file();
-    push(&["-pidfile", option_path("pid file", &pid)?, "-daemonize"]);
+    // No `-daemonize`: the launcher's wrapper has detached qemu already (and `-daemonize`'s
+    // fork would be refused by `-sandbox ...,spawn=deny`).
+    push(&["-pidfile", option_path("pid file", &pid)?]);
     Ok(a)
 }

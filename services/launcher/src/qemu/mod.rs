@@ -1,18 +1,19 @@
 //! The qemu command line (`guest/README.md`, "Guest contract"), the payload script, and
 //! starting qemu detached.
 //!
-//! qemu is started with `-daemonize`: it detaches itself (`setsid`) once initialised, writes
-//! `qemu.pid`, and is reparented away from the launcher, so it survives a launcher crash or
-//! restart. The launcher never kills it on drop. No shell is involved anywhere: qemu gets an
-//! argument vector, and every value spliced into an option string (paths, tap names, MACs,
-//! kernel parameters) is validated first.
-
+//! qemu is started through the launcher's wrapper (`sh` joining the VM's cgroup, `setsid`,
+//! `setpriv` to the VM's own user, see [`crate::confine`]), which execs it already detached
+//! (its own session) and unprivileged; no `-daemonize`, no `-runas` (both conflict with
+//! `-sandbox`'s denials). It survives a launcher crash or restart: the launcher never kills it
+//! on drop, and a new launcher finds it through its pid file and QMP socket. No shell
+//! interpolation anywhere: qemu gets an argument vector, and every value spliced into an
+//! option string (paths, tap names, MACs, kernel parameters) is validated first.
 //!
 //! | module | what it holds |
 //! |---|---|
 //! | [`args`] | [`LaunchInputs`] → qemu's argument vector, every spliced value checked |
 //! | [`payload`] | the job's payload script (`opt/wnodes/job.sh`), shell-quoted |
-//! | [`spawn`] | starting qemu detached in the VM's cgroup, [`launch`] |
+//! | [`spawn`] | starting qemu through the wrapper in the VM's cgroup as the VM's user, [`launch`] |
 
 mod args;
 mod payload;
@@ -22,7 +23,7 @@ use std::{path::PathBuf, time::Duration};
 
 pub use args::{LaunchInputs, build_args, option_path};
 pub use payload::{payload_script, sh_quote};
-pub use spawn::{JOIN_CGROUPS_AND_EXEC, Spawned, launch, spawn_detached};
+pub use spawn::{JOIN_CGROUPS_AND_EXEC, Spawned, Wrapper, launch, spawn_detached};
 
 /// A launch problem.
 #[derive(Debug, thiserror::Error)]
@@ -41,7 +42,7 @@ pub enum QemuError {
         #[source]
         source: std::io::Error,
     },
-    #[error("qemu did not finish initialising within {0:?}")]
+    #[error("qemu did not finish initialising (its QMP monitor did not greet) within {0:?}")]
     Timeout(Duration),
     #[error("qemu failed to start ({status}): {stderr}")]
     Failed { status: String, stderr: String },
@@ -49,6 +50,15 @@ pub enum QemuError {
     NoPid(PathBuf),
     #[error(transparent)]
     State(#[from] crate::vm_dir::StateError),
+    #[error(transparent)]
+    Confine(#[from] crate::confine::ConfineError),
+    #[error("cannot {op} {path}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 #[cfg(test)]
@@ -116,25 +126,29 @@ mod tests {
             scratch: Some(&scratch),
             network: Some(&net),
             storage: Some(&storage),
+            sandbox: true,
         })
         .unwrap();
         let d = "/state/vms/vm-0123456789ab";
+        let q = "/state/vms/vm-0123456789ab/qemu";
         let expected: Vec<String> = [
             "-accel", "tcg", "-M", "pc", "-m", "256M", "-smp", "2", "-nodefaults", "-display",
-            "none", "-no-reboot", "-snapshot", "-name", "wnodes-vm-0123456789ab",
+            "none", "-no-reboot", "-snapshot",
+            "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+            "-name", "wnodes-vm-0123456789ab",
             "-kernel", "/img/vmlinux", "-initrd", "/img/initrd.img", "-append",
             "console=ttyS0 root=/dev/vda panic=-1 quiet wnodes.ip=10.231.1.2/24 wnodes.gw=10.231.1.1 wnodes.sshfs=10.231.1.1:2222:/home/alice wnodes.scratch=/dev/vdb wnodes.uid=1000 wnodes.gid=100",
             "-drive", "file=/img/rootfs.ext4,format=raw,if=virtio,readonly=on",
             "-drive", "file=/state/scratch/vm-0123456789ab.img,format=raw,if=virtio,snapshot=off",
             "-fw_cfg", &format!("name=opt/wnodes/job.sh,file={d}/job.sh"),
-            "-serial", &format!("file:{d}/console.log"),
-            "-serial", &format!("file:{d}/output.log"),
-            "-serial", &format!("file:{d}/status.log"),
+            "-serial", &format!("file:{q}/console.log"),
+            "-serial", &format!("file:{q}/output.log"),
+            "-serial", &format!("file:{q}/status.log"),
             "-netdev", "tap,id=n0,ifname=wn-0123456789ab,script=no,downscript=no",
             "-device", "virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56",
-            "-qmp", &format!("unix:{d}/qmp.sock,server=on,wait=off"),
-            "-qmp", &format!("unix:{d}/qmp-events.sock,server=on,wait=off"),
-            "-pidfile", &format!("{d}/qemu.pid"), "-daemonize",
+            "-qmp", &format!("unix:{q}/qmp.sock,server=on,wait=off"),
+            "-qmp", &format!("unix:{q}/qmp-events.sock,server=on,wait=off"),
+            "-pidfile", &format!("{q}/qemu.pid"),
         ]
         .iter()
         .map(|s| s.to_string())
@@ -167,8 +181,10 @@ mod tests {
             scratch: None,
             network: Some(&net),
             storage: Some(&storage),
+            sandbox: false,
         })
         .unwrap();
+        assert!(!args.iter().any(|a| a == "-sandbox" || a == "-daemonize"));
         let append = &args[args.iter().position(|a| a == "-append").unwrap() + 1];
         assert!(append.ends_with(
             "wnodes.ip=10.0.2.15/24 wnodes.gw=10.0.2.2 wnodes.sshfs=10.0.2.2:40000:/export"
@@ -191,6 +207,7 @@ mod tests {
                 scratch: None,
                 network: net,
                 storage: None,
+                sandbox: true,
             })
         };
         image.path = "/img/a,file=/etc/shadow".into();

@@ -1,34 +1,50 @@
-//! Starting qemu detached (`-daemonize`), first in the VM's cgroup, and [`launch`]: payload,
-//! arguments, spawn, `running.json`.
+//! Starting qemu detached through the launcher's wrapper, first in the VM's cgroup and as
+//! the VM's own user, and [`launch`]: payload, arguments, spawn, `running.json`.
 
 use std::{path::Path, process::Stdio, time::Duration};
 
-use wnodes_proto::v1::JobPayload;
+use wnodes_proto::v1::{HostUser, JobPayload};
 
 use super::{LaunchInputs, QemuError, build_args, payload_script};
 use crate::{
+    confine::{self, ConfinementConfig},
+    qmp::Qmp,
     usage::{self, CgroupHost},
     vm_dir::{RunningRecord, UsageSource, VmDir},
 };
 
-/// How long qemu may take to initialise before `-daemonize` returns.
-const DAEMONIZE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long qemu may take to initialise (until its QMP monitor greets).
+const INIT_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often a starting qemu is looked at.
+const INIT_POLL: Duration = Duration::from_millis(20);
 
-/// `sh -c` program run as `sh -c JOIN_CGROUPS_AND_EXEC wnodes-qemu <cgroup.procs>... -- <qemu>
-/// <args>...`: joins each group (re-creating a directory that vanished) and execs qemu. Paths
-/// and arguments are positional parameters, never interpolated into the program text. A group
-/// it cannot join is skipped silently: the launcher checks the daemon's membership afterwards.
-pub const JOIN_CGROUPS_AND_EXEC: &str = r#"for f; do shift; [ "$f" = -- ] && break; { mkdir -p "${f%/*}"; echo $$ > "$f"; } 2>/dev/null; done; exec "$@""#;
-/// A qemu that initialised and daemonized.
+/// `sh -c` program run as `sh -c JOIN_CGROUPS_AND_EXEC wnodes-qemu <cgroup.procs>... --
+/// <wrapper>... <qemu> <args>...`: sets umask 007 (qemu's sockets and files stay with its
+/// user and group root, see [`crate::confine`]), joins each group (re-creating a directory
+/// that vanished) and execs the wrapper, which execs qemu. Paths and arguments are positional
+/// parameters, never interpolated into the program text. A group it cannot join is skipped
+/// silently: the launcher checks qemu's membership afterwards.
+pub const JOIN_CGROUPS_AND_EXEC: &str = r#"umask 007; for f; do shift; [ "$f" = -- ] && break; { mkdir -p "${f%/*}"; echo $$ > "$f"; } 2>/dev/null; done; exec "$@""#;
+
+/// How qemu is wrapped: the confinement settings and the VM's user (`None`: qemu runs as
+/// the launcher's own user, only in its own session).
+#[derive(Debug, Clone, Copy)]
+pub struct Wrapper<'a> {
+    pub config: &'a ConfinementConfig,
+    pub user: Option<&'a HostUser>,
+    /// The group of `/dev/kvm`, kept as qemu's one supplementary group (KVM only).
+    pub kvm_gid: Option<u32>,
+}
+
+/// A qemu that initialised.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Spawned {
-    /// The daemon's pid (from qemu's pid file).
+    /// qemu's pid.
     pub pid: u32,
     /// Where its usage is measured.
     pub usage: UsageSource,
-    /// With a cgroup: the daemon was already in the group(s) when checked, i.e. it inherited
-    /// them from the foreground qemu (otherwise it was moved there afterwards, and the CPU
-    /// time it used before that is not counted).
+    /// With a cgroup: qemu was in the group(s) from its first instruction (otherwise it was
+    /// moved there afterwards, and the CPU time it used before that is not counted).
     pub daemon_inherited: bool,
 }
 
@@ -41,15 +57,24 @@ fn kill(pid: u32) {
     }
 }
 
-/// Writes the payload file, runs qemu (which daemonizes) and returns qemu's pid. qemu's
-/// `-snapshot` overlay goes to the VM directory (`TMPDIR`).
+/// The last 2,000 characters qemu wrote to its stdout/stderr.
+fn qemu_log_tail(vm: &VmDir) -> String {
+    let text = std::fs::read(vm.qemu_log()).unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let text = text.trim();
+    let skip = text.chars().count().saturating_sub(2000);
+    text.chars().skip(skip).collect()
+}
+
+/// Writes the payload file, starts qemu through the wrapper and returns once qemu's QMP
+/// monitor greets (qemu has initialised). qemu's `-snapshot` overlay goes to the VM's
+/// `qemu/` directory (`TMPDIR`).
 ///
-/// With `cgroups`, the VM's group(s) are created first and qemu is started in them: a `sh`
-/// ([`JOIN_CGROUPS_AND_EXEC`]) writes its own pid into each group's `cgroup.procs` and then
-/// execs qemu, so qemu and the daemon it forks are in the groups from their first instruction
-/// and all of qemu's CPU time and memory is counted (moving the foreground qemu after `spawn()`
-/// raced with its fork). The daemon's membership is checked (and, if it is missing, the
-/// daemon is moved in). Any cgroup failure falls back to `/proc` samples.
+/// The launcher's direct child is `sh` ([`JOIN_CGROUPS_AND_EXEC`]), which joins the VM's
+/// group(s) and execs the wrapper (`setsid`, then `setpriv` when the VM has a user of its
+/// own), which execs qemu: one pid throughout, already in its own session, in its cgroup and
+/// unprivileged before qemu's first instruction. qemu stays the launcher's child until the
+/// launcher exits (tokio reaps it when it exits first); it is never killed with the launcher.
 pub async fn spawn_detached(
     binary: &Path,
     vm: &VmDir,
@@ -57,11 +82,26 @@ pub async fn spawn_detached(
     args: &[String],
     cgroups: Option<&CgroupHost>,
     limits: Option<usage::Limits>,
+    wrapper: Wrapper<'_>,
 ) -> Result<Spawned, QemuError> {
     let script = payload_script(payload)?;
     crate::vm_dir::write_atomic(&vm.payload(), &script)?;
     // A stale pid file from an earlier attempt must not be taken for this qemu.
     let _ = std::fs::remove_file(vm.pid_file());
+    if let Some(user) = wrapper.user {
+        confine::prepare_dirs(vm, user)?;
+        confine::check_reachable("VM state directory", &vm.qemu_dir(), user, true)?;
+    }
+    let log = std::fs::File::create(vm.qemu_log()).map_err(|source| QemuError::Io {
+        op: "create",
+        path: vm.qemu_log(),
+        source,
+    })?;
+    let log_err = log.try_clone().map_err(|source| QemuError::Io {
+        op: "duplicate the handle of",
+        path: vm.qemu_log(),
+        source,
+    })?;
     let vm_id = vm.vm_id();
     let group = cgroups.and_then(|host| match host.create(vm_id, limits) {
         Ok(source) => Some(source),
@@ -70,67 +110,98 @@ pub async fn spawn_detached(
             None
         }
     });
-    let mut command = match &group {
-        Some(g) => {
-            let mut c = tokio::process::Command::new("sh");
-            c.arg("-c").arg(JOIN_CGROUPS_AND_EXEC).arg("wnodes-qemu");
-            c.args(usage::group_dirs(g).iter().map(|d| d.join("cgroup.procs")));
-            c.arg("--").arg(binary);
-            c
-        }
-        None => tokio::process::Command::new(binary),
-    };
-    let spawned = command
+    let mut command = tokio::process::Command::new("sh");
+    command
+        .arg("-c")
+        .arg(JOIN_CGROUPS_AND_EXEC)
+        .arg("wnodes-qemu");
+    if let Some(g) = &group {
+        command.args(usage::group_dirs(g).iter().map(|d| d.join("cgroup.procs")));
+    }
+    command
+        .arg("--")
+        .args(confine::wrapper_args(
+            wrapper.config,
+            wrapper.user,
+            wrapper.kvm_gid,
+        ))
+        .arg(binary)
         .args(args)
-        .env("TMPDIR", vm.dir())
-        .current_dir(vm.dir())
+        .env("TMPDIR", vm.qemu_dir())
+        .current_dir(vm.qemu_dir())
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn();
-    let child = match spawned {
+        .stdout(log)
+        .stderr(log_err);
+    let remove_group = || {
+        if let Some(g) = &group {
+            usage::remove_groups(vm_id, g);
+        }
+    };
+    let mut child = match command.spawn() {
         Ok(c) => c,
         Err(source) => {
-            if let Some(g) = &group {
-                usage::remove_groups(vm_id, g);
-            }
+            remove_group();
             return Err(QemuError::Spawn {
                 binary: binary.to_path_buf(),
                 source,
             });
         }
     };
-    // The foreground qemu exits once the daemon is initialised; the daemon itself has its
-    // stdio on /dev/null by then, so the pipes close.
-    let waited = tokio::time::timeout(DAEMONIZE_TIMEOUT, child.wait_with_output()).await;
-    match waited {
-        Ok(Ok(out)) if out.status.success() => {}
-        other => {
-            // The group goes too; one still busy (a qemu stuck initialising) is left to the
-            // reconciliation at the next launcher start.
-            if let Some(g) = &group {
-                usage::remove_groups(vm_id, g);
+    let Some(pid) = child.id() else {
+        remove_group();
+        return Err(QemuError::Failed {
+            status: "exited at once".into(),
+            stderr: qemu_log_tail(vm),
+        });
+    };
+    let deadline = tokio::time::Instant::now() + INIT_TIMEOUT;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => {
+                // The group goes too; one still busy is left to the reconciliation at the
+                // next launcher start.
+                remove_group();
+                return Err(QemuError::Failed {
+                    status: status.to_string(),
+                    stderr: qemu_log_tail(vm),
+                });
             }
-            return Err(match other {
-                Err(_) => QemuError::Timeout(DAEMONIZE_TIMEOUT),
-                Ok(Err(source)) => QemuError::Spawn {
+            Ok(None) => {}
+            Err(source) => {
+                kill(pid);
+                remove_group();
+                return Err(QemuError::Spawn {
                     binary: binary.to_path_buf(),
                     source,
-                },
-                Ok(Ok(out)) => {
-                    let stderr = String::from_utf8_lossy(&out.stderr);
-                    let stderr: String = stderr.trim().chars().take(2000).collect();
-                    QemuError::Failed {
-                        status: out.status.to_string(),
-                        stderr,
-                    }
-                }
+                });
+            }
+        }
+        if vm.qmp_socket().exists() && Qmp::connect(&vm.qmp_socket()).await.is_ok() {
+            break;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            kill(pid);
+            let _ = child.wait().await;
+            remove_group();
+            return Err(QemuError::Timeout(INIT_TIMEOUT));
+        }
+        tokio::time::sleep(INIT_POLL).await;
+    }
+    // qemu is the launcher's child until the launcher exits: dropping the handle leaves it
+    // running, and tokio reaps it if it exits first.
+    drop(child);
+    if let Some(user) = wrapper.user {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let uids = confine::parse_status_uids(&status);
+        if uids != [user.uid, user.uid] {
+            kill(pid);
+            remove_group();
+            return Err(QemuError::Failed {
+                status: format!("running as uids {uids:?}, not the VM's user {}", user.uid),
+                stderr: qemu_log_tail(vm),
             });
         }
     }
-    let pid = vm
-        .read_pid_file()
-        .ok_or_else(|| QemuError::NoPid(vm.pid_file()))?;
     let Some(source) = group else {
         return Ok(Spawned {
             pid,
@@ -148,7 +219,7 @@ pub async fn spawn_detached(
     tracing::warn!(
         vm_id,
         pid,
-        "The qemu daemon did not inherit its cgroup; moving it there now (its start-up is not counted)."
+        "qemu did not start in its cgroup; moving it there now (its start-up is not counted)."
     );
     match usage::attach(vm_id, &source, pid) {
         Ok(()) => Ok(Spawned {
@@ -172,14 +243,49 @@ pub async fn spawn_detached(
 /// allows (else usage comes from `/proc` samples, see [`crate::usage`]), limited to the spec's
 /// memory plus `memory_overhead_bytes` and its cores ([`usage::apply_limits`]), and writes
 /// `running.json`.
+///
+/// With a VM user (`confinement`, and the spec's `vm_user`), every file qemu opens is
+/// checked to be reachable by that user first ([`confine::check_reachable`]: the error names
+/// the directory in the way), and the scratch volume is handed to it.
 pub async fn launch(
     binary: &Path,
     inputs: &LaunchInputs<'_>,
     cgroups: Option<&CgroupHost>,
     memory_overhead_bytes: u64,
+    confinement: &ConfinementConfig,
 ) -> Result<RunningRecord, QemuError> {
     let vm = inputs.vm;
     vm.create()?;
+    let user = inputs
+        .spec
+        .vm_user
+        .as_ref()
+        .filter(|_| confinement.vm_users);
+    if let Some(user) = user {
+        let image = inputs.image;
+        for (what, path) in [
+            ("image", &image.path),
+            ("kernel", &image.kernel_path),
+            ("initrd", &image.initrd_path),
+        ] {
+            if !path.is_empty() {
+                confine::check_reachable(what, Path::new(path), user, false)?;
+            }
+        }
+        if let Some(s) = inputs.scratch.filter(|s| !s.path.is_empty()) {
+            confine::give(Path::new(&s.path), user)?;
+            confine::check_reachable("scratch volume", Path::new(&s.path), user, true)?;
+        }
+    }
+    let wrapper = Wrapper {
+        config: confinement,
+        user,
+        kvm_gid: if inputs.accel == crate::config::Accel::Kvm {
+            confine::kvm_gid()
+        } else {
+            None
+        },
+    };
     let payload = inputs
         .spec
         .payload
@@ -193,7 +299,8 @@ pub async fn launch(
             .saturating_add(memory_overhead_bytes),
         cores: inputs.spec.cores.max(1),
     };
-    let spawned = spawn_detached(binary, vm, payload, &args, cgroups, Some(limits)).await?;
+    let spawned =
+        spawn_detached(binary, vm, payload, &args, cgroups, Some(limits), wrapper).await?;
     // The VM runs from the moment qemu has initialised and detached (what `vm.running`
     // reports): the usage record's wall time is measured from here, and qemu's start-up CPU
     // time still counts in its CPU seconds.
