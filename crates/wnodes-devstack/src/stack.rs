@@ -432,6 +432,7 @@ impl Stack {
                 run_cmd(&["ip", "addr", "add", BRIDGE_ADDR, "dev", BRIDGE])?;
             }
             run_cmd(&["ip", "link", "set", BRIDGE, "up"])?;
+            open_tun_device()?;
         }
 
         let (image_base, image_server) = match opts.image_serving {
@@ -753,6 +754,28 @@ impl Drop for Stack {
             t.abort();
         }
     }
+}
+
+/// Each VM's qemu runs as a uid of its own and opens `/dev/net/tun` itself (the tap it then
+/// attaches is that uid's): the device must be open to everyone, mode 0666, as udev's default
+/// rule makes it on a standard host (`KERNEL=="tun", MODE="0666"`). Hosts without udev (this
+/// project's machines) have it 0600: the stack sets 0666, as udev would, and says so.
+fn open_tun_device() -> anyhow::Result<()> {
+    let tun = std::path::Path::new("/dev/net/tun");
+    let mode = std::fs::metadata(tun)
+        .with_context(|| format!("inspecting {}", tun.display()))?
+        .permissions()
+        .mode();
+    if mode & 0o666 != 0o666 {
+        std::fs::set_permissions(tun, std::fs::Permissions::from_mode(0o666))
+            .with_context(|| format!("chmod 0666 {}", tun.display()))?;
+        eprintln!(
+            "wnodes-dev: {} was mode {:o}; set to 0666 as udev's default rule does (each VM's qemu runs as its own uid and opens it)",
+            tun.display(),
+            mode & 0o7777
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -272,6 +272,13 @@ pub async fn launch(
                 confine::check_reachable(what, Path::new(path), user, false)?;
             }
         }
+        if inputs
+            .network
+            .is_some_and(|n| n.mode == wnodes_proto::v1::NetworkMode::VirtioTap as i32)
+        {
+            // qemu opens the tun device itself, as the VM's user (the tap is that user's).
+            confine::check_reachable("tun device", Path::new("/dev/net/tun"), user, true)?;
+        }
         if let Some(s) = inputs.scratch.filter(|s| !s.path.is_empty()) {
             confine::give(Path::new(&s.path), user)?;
             confine::check_reachable("scratch volume", Path::new(&s.path), user, true)?;
