@@ -81,6 +81,55 @@ fn sftp_server_pids(work_dir: &Path, private_netns: bool) -> Vec<u32> {
         .collect()
 }
 
+/// How a process of the stack is confined, as `/proc` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Confined {
+    pub pid: u32,
+    /// `qemu-system-x86_64` or `sftp-server`.
+    pub what: &'static str,
+    /// Real uid.
+    pub uid: u32,
+    /// `Seccomp:` (2: a filter).
+    pub seccomp: u32,
+    pub no_new_privs: bool,
+    /// Where `/proc/<pid>/root` points (`/`: the host's root).
+    pub root: String,
+}
+
+fn confined(pid: u32, what: &'static str) -> Option<Confined> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| -> Option<u32> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    };
+    Some(Confined {
+        pid,
+        what,
+        uid: field("Uid:")?,
+        seccomp: field("Seccomp:").unwrap_or(0),
+        no_new_privs: field("NoNewPrivs:") == Some(1),
+        root: std::fs::read_link(format!("/proc/{pid}/root"))
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
+    })
+}
+
+/// The stack's qemu and `sftp-server` processes running now, with their confinement.
+pub fn confinement(work_dir: &Path, private_netns: bool) -> Vec<Confined> {
+    let qemus = qemu_pids(work_dir)
+        .into_iter()
+        .filter_map(|p| confined(p, "qemu-system-x86_64"));
+    let sftp = sftp_server_pids(work_dir, private_netns)
+        .into_iter()
+        .filter_map(|p| confined(p, "sftp-server"));
+    qemus.chain(sftp).collect()
+}
+
 fn listening_ports(first: u16, last: u16) -> Vec<u16> {
     let mut out = Vec::new();
     for f in ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"] {

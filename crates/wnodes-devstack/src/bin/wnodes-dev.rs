@@ -486,7 +486,28 @@ async fn demo(work: PathBuf, network: NetworkChoice, otlp: Otlp) -> anyhow::Resu
     }
     let mut args = SubmitArgs::script(&job_id, PAYLOAD);
     args.timeout = Duration::from_secs(300);
-    let out = stack.submit(&args).await?;
+    // While the job runs: how its qemu and its gateway's sftp-server are confined.
+    let watch_dir = stack.options().work_dir.clone();
+    let private_netns = network == NetworkChoice::Tap;
+    let (stop_watch, mut stopped) = tokio::sync::oneshot::channel::<()>();
+    let watcher = tokio::spawn(async move {
+        let mut seen: Vec<wnodes_devstack::leftovers::Confined> = Vec::new();
+        loop {
+            for c in wnodes_devstack::leftovers::confinement(&watch_dir, private_netns) {
+                if !seen.iter().any(|s| s.pid == c.pid) {
+                    seen.push(c);
+                }
+            }
+            tokio::select! {
+                _ = &mut stopped => return seen,
+                () = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+        }
+    });
+    let out = stack.submit(&args).await;
+    let _ = stop_watch.send(());
+    let seen = watcher.await.unwrap_or_default();
+    let out = out?;
     println!("== job starter progress (stderr):");
     for l in out.stderr.lines() {
         println!("   {l}");
@@ -501,6 +522,34 @@ async fn demo(work: PathBuf, network: NetworkChoice, otlp: Otlp) -> anyhow::Resu
         out.wall.as_secs_f64()
     );
     let mut ok = out.exit_code == 0;
+    println!("== confinement (seen while the job ran):");
+    for c in &seen {
+        println!(
+            "   {} pid {}: uid {}, seccomp {}, no_new_privs {}, root {}",
+            c.what,
+            c.pid,
+            c.uid,
+            c.seccomp,
+            u8::from(c.no_new_privs),
+            c.root
+        );
+    }
+    let qemus: Vec<_> = seen.iter().filter(|c| c.what.starts_with("qemu")).collect();
+    let sftp: Vec<_> = seen.iter().filter(|c| c.what == "sftp-server").collect();
+    if nix::unistd::geteuid().is_root() {
+        // As root, each qemu has a uid of its own and a seccomp filter; each sftp-server runs
+        // as the job's uid in its jail.
+        let confined = !qemus.is_empty()
+            && qemus
+                .iter()
+                .all(|c| c.uid != 0 && c.seccomp == 2 && c.no_new_privs)
+            && !sftp.is_empty()
+            && sftp.iter().all(|c| c.uid != 0 && c.root != "/");
+        if !confined {
+            println!("   NOT CONFINED as expected");
+        }
+        ok &= confined;
+    }
 
     // Accounting records after vm.stopped; give it a moment.
     let mut records = Vec::new();
