@@ -51,6 +51,55 @@ pub struct ServeSpec {
     pub read_only: bool,
     pub uid: u32,
     pub gid: u32,
+    /// User-mode networking: the VM's own host uid (its qemu's, `VmSpec.vm_user`). On
+    /// loopback every local process and every other user-mode guest (slirp connects from
+    /// 127.0.0.1) shares the allowed address, so a connection is served only when the socket at
+    /// its other end belongs to this uid ([`peer_socket_uid`]): the VM's qemu, no one else.
+    pub peer_uid: Option<u32>,
+}
+
+/// The uid owning the local TCP socket `peer` that is connected to `local` (this host, this
+/// network namespace), from `/proc/thread-self/net/tcp` and `tcp6`.
+pub fn peer_socket_uid(peer: SocketAddr, local: SocketAddr) -> Option<u32> {
+    ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"]
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(f).ok())
+        .find_map(|text| find_socket_uid(&text, peer, local))
+}
+
+/// In a `/proc/net/tcp{,6}` text, the uid of the socket whose local address is `sock` and
+/// remote address `remote`.
+pub fn find_socket_uid(text: &str, sock: SocketAddr, remote: SocketAddr) -> Option<u32> {
+    text.lines().skip(1).find_map(|line| {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        if cols.len() < 8 {
+            return None;
+        }
+        (parse_proc_addr(cols[1])? == sock && parse_proc_addr(cols[2])? == remote)
+            .then(|| cols[7].parse().ok())
+            .flatten()
+    })
+}
+
+/// `0100007F:1F90` (IPv4, the kernel's byte order) or a 32-digit IPv6 address and a port, as
+/// `/proc/net/tcp{,6}` writes them.
+fn parse_proc_addr(s: &str) -> Option<SocketAddr> {
+    let (ip, port) = s.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let ip: IpAddr = match ip.len() {
+        8 => std::net::Ipv4Addr::from(u32::from_str_radix(ip, 16).ok()?.to_le_bytes()).into(),
+        32 => {
+            let mut bytes = [0u8; 16];
+            for (i, word) in bytes.chunks_mut(4).enumerate() {
+                let w = u32::from_str_radix(ip.get(i * 8..i * 8 + 8)?, 16).ok()?;
+                word.copy_from_slice(&w.to_le_bytes());
+            }
+            let v6 = std::net::Ipv6Addr::from(bytes);
+            v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
+        }
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
 }
 
 /// The programs run per connection.
@@ -373,6 +422,10 @@ async fn serve(
             _ = cancel.cancelled() => break,
             Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
             accepted = listener.accept() => match accepted {
+                Ok((sock, peer)) if peer.ip() == spec.allowed && !peer_uid_matches(&sock, peer, spec.peer_uid) => {
+                    tracing::warn!(vm_id = %spec.vm_id, %peer, vm_uid = spec.peer_uid, "SFTP connection from a process that is not the VM's qemu refused.");
+                    drop(sock);
+                }
                 Ok((sock, peer)) if peer.ip() == spec.allowed => {
                     served += 1;
                     tracing::info!(vm_id = %spec.vm_id, %peer, "SFTP connection accepted.");
@@ -392,6 +445,17 @@ async fn serve(
     drop(listener);
     while sessions.join_next().await.is_some() {}
     served
+}
+
+/// True when no peer uid is required, or the peer's socket belongs to `want`.
+fn peer_uid_matches(sock: &TcpStream, peer: SocketAddr, want: Option<u32>) -> bool {
+    let Some(want) = want else {
+        return true;
+    };
+    let Ok(local) = sock.local_addr() else {
+        return false;
+    };
+    peer_socket_uid(peer, local) == Some(want)
 }
 
 /// One connection: an sftp-server as the job's user, piped to the socket.
@@ -472,6 +536,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_peer_socket_is_found_in_proc_net_tcp() {
+        // /proc/net/tcp of this host: a listener on 127.0.0.1:20001 and both ends of a
+        // connection to it from 127.0.0.1:45678, the client's socket owned by uid 3000000000.
+        let text = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   0: 0100007F:4E21 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4011 1 0000000000000000 100 0 0 10 0\n   1: 0100007F:B26E 0100007F:4E21 01 00000000:00000000 00:00000000 00000000 3000000000        0 4012 1 0000000000000000 20 4 30 10 -1\n   2: 0100007F:4E21 0100007F:B26E 01 00000000:00000000 00:00000000 00000000     0        0 4013 1 0000000000000000 20 4 30 10 -1\n";
+        let client: SocketAddr = "127.0.0.1:45678".parse().unwrap();
+        let server: SocketAddr = "127.0.0.1:20001".parse().unwrap();
+        assert_eq!(find_socket_uid(text, client, server), Some(3_000_000_000));
+        assert_eq!(find_socket_uid(text, server, client), Some(0));
+        let other: SocketAddr = "127.0.0.1:45679".parse().unwrap();
+        assert_eq!(find_socket_uid(text, other, server), None);
+        // tcp6: an IPv4-mapped loopback address.
+        let v6 = "  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   0: 0000000000000000FFFF00000100007F:B26E 0000000000000000FFFF00000100007F:4E21 01 00000000:00000000 00:00000000 00000000  1000        0 5 1 0 20 4 30 10 -1\n";
+        assert_eq!(find_socket_uid(v6, client, server), Some(1000));
+    }
+
+    #[test]
     fn ldd_output_is_parsed() {
         // Debian 12's `ldd /usr/lib/openssh/sftp-server`.
         let text = "\tlinux-vdso.so.1 (0x00007ffd1b3e5000)\n\tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007f0e4c1f3000)\n\t/lib64/ld-linux-x86-64.so.2 (0x00007f0e4c416000)\n";
@@ -507,6 +587,7 @@ mod tests {
             read_only: false,
             uid: 1000,
             gid: 1001,
+            peer_uid: None,
         };
         let args = p.jail_args(p.jail.as_ref().unwrap(), &spec);
         let args: Vec<String> = args
@@ -552,6 +633,7 @@ mod tests {
             read_only: true,
             uid: 1000,
             gid: 1000,
+            peer_uid: None,
         };
         let s = |a: Vec<std::ffi::OsString>| -> Vec<String> {
             a.into_iter()

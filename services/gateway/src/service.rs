@@ -187,6 +187,9 @@ impl GatewayHandler {
                 read_only: export.read_only,
                 uid: owner.uid,
                 gid: owner.gid,
+                peer_uid: user_mode
+                    .then(|| spec.vm_user.as_ref().map(|u| u.uid))
+                    .flatten(),
             },
             bind,
             guest_path: export.guest_path.clone(),
@@ -422,6 +425,11 @@ impl GatewayHandler {
             read_only: export.read_only,
             uid: owner.uid,
             gid: owner.gid,
+            peer_uid: spec
+                .vm_user
+                .as_ref()
+                .map(|u| u.uid)
+                .filter(|_| allowed == IpAddr::V4(Ipv4Addr::LOCALHOST)),
         };
         let addr = SocketAddr::new(bind, *port);
         match TcpListener::bind(addr).await {

@@ -546,6 +546,87 @@ async fn escapes_by_dotdot_absolute_paths_and_symlinks_stay_in_the_export() {
     }
 }
 
+/// The SFTP greeting to `port` on 127.0.0.1 from a process running as `uid` (socat through
+/// setpriv): what came back.
+fn sftp_hello_as(uid: u32, port: u32) -> Vec<u8> {
+    use std::io::Write;
+    let mut child = Command::new("setpriv")
+        .args([
+            format!("--reuid={uid}"),
+            format!("--regid={uid}"),
+            "--clear-groups".into(),
+            "--".into(),
+            "socat".into(),
+            "-t2".into(),
+            "-T5".into(),
+            "-".into(),
+            format!("TCP:127.0.0.1:{port}"),
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // SSH_FXP_INIT, version 3; stdin stays open until socat's -t2 after the peer closes.
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(&[0, 0, 0, 5, 1, 0, 0, 0, 3]).unwrap();
+    let out = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(2));
+        drop(stdin);
+    });
+    let output = child.wait_with_output().unwrap();
+    out.join().unwrap();
+    output.stdout
+}
+
+/// User-mode networking: the VM's gateway listens on 127.0.0.1, which every local process and
+/// every other user-mode guest shares. A connection is served only when its socket belongs
+/// to the VM's own uid (its qemu's); root and another uid get nothing.
+async fn user_mode_serves_only_the_vm_users_own_sockets() {
+    let ex = Export::new();
+    let tb = TestBus::start().await;
+    start(&tb, handler(None)).await;
+    let vm = "vm-10c411000001";
+    let vm_uid = 3_000_000_007;
+    let mut s = spec(vm, &ex.job(), false, UID);
+    s.vm_user = Some(proto::HostUser {
+        uid: vm_uid,
+        gid: vm_uid,
+    });
+    tb.publish(&ev(&run("1"), vm_requested(s))).await;
+    tb.publish(&ev(
+        &run("1"),
+        Body::NetworkReady(proto::NetworkReady {
+            vm_id: vm.into(),
+            mode: proto::NetworkMode::User as i32,
+            mac: "52:54:00:00:00:01".into(),
+            address: "10.0.2.15/24".into(),
+            gateway: "10.0.2.2".into(),
+            ..Default::default()
+        }),
+    ))
+    .await;
+    let r = tb.wait_payload::<proto::StorageReady>(vm).await;
+    assert_eq!(r.allowed_client, "127.0.0.1");
+    let addr: SocketAddr = format!("127.0.0.1:{}", r.port).parse().unwrap();
+    // Root (this test) and another local user: closed without an answer.
+    assert!(
+        sftp_hello("127.0.0.1", addr).await.is_empty(),
+        "root was served"
+    );
+    assert!(
+        sftp_hello_as(65534, r.port).is_empty(),
+        "uid 65534 was served"
+    );
+    // The VM's own uid (what its qemu runs as): served.
+    let hello = sftp_hello_as(vm_uid, r.port);
+    assert_eq!(
+        hello.get(4),
+        Some(&2u8),
+        "SSH_FXP_VERSION expected, got {hello:?}"
+    );
+}
+
 fn main() -> ExitCode {
     host::main(vec![
         host_test!(
@@ -555,6 +636,10 @@ fn main() -> ExitCode {
         host_test!(
             multi_thread read_only_root_owner_no_exports_and_restart
             needs [Root, Sshfs, SftpServer, Setpriv, DevFuse]
+        ),
+        host_test!(
+            multi_thread user_mode_serves_only_the_vm_users_own_sockets
+            needs [Root, SftpServer, Setpriv, Socat]
         ),
         host_test!(
             multi_thread escapes_by_dotdot_absolute_paths_and_symlinks_stay_in_the_export
