@@ -97,6 +97,10 @@ pub struct LauncherConfig {
     pub scratch_roots: Vec<PathBuf>,
     /// How each VM's qemu is confined: its own uid, `-sandbox`.
     pub confinement: ConfinementConfig,
+    /// The most serial output (console and payload output together) a VM may leave on the
+    /// host, in bytes; a VM that writes more is stopped (`stop_reason` `output-limit`) and
+    /// what is kept ends with a truncation marker. 0: no limit.
+    pub output_limit_bytes: u64,
 }
 
 impl Default for LauncherConfig {
@@ -115,6 +119,7 @@ impl Default for LauncherConfig {
             image_roots: vec![PathBuf::from("/var/lib/wnodes/image/cache")],
             scratch_roots: vec![PathBuf::from("/var/lib/wnodes/scratch/volumes")],
             confinement: ConfinementConfig::default(),
+            output_limit_bytes: 64 << 20,
         }
     }
 }

@@ -108,7 +108,10 @@ impl LauncherState {
             store: ctx.store.clone(),
             bus: ctx.bus.clone(),
             cgroups,
-            watch: WatchOptions::default(),
+            watch: WatchOptions {
+                output_limit_bytes: ctx.config.output_limit_bytes,
+                ..WatchOptions::default()
+            },
             shutdown,
             starter: tx,
             watching: Mutex::new(HashSet::new()),

@@ -22,6 +22,10 @@ pub struct WatchOptions {
     pub persist_every: Duration,
     /// Grace between `system_powerdown` and `quit` when the walltime is over.
     pub powerdown_grace: Duration,
+    /// The most a VM's serial files (console and payload output) may hold on the host, in
+    /// bytes; a VM that writes more is stopped (`stop_reason` `output-limit`) and its files are
+    /// cut to this size with a visible marker. 0: no limit.
+    pub output_limit_bytes: u64,
 }
 
 impl Default for WatchOptions {
@@ -31,6 +35,7 @@ impl Default for WatchOptions {
             sample_every: Duration::from_millis(250),
             persist_every: Duration::from_secs(1),
             powerdown_grace: Duration::from_secs(5),
+            output_limit_bytes: 64 << 20,
         }
     }
 }
@@ -42,6 +47,43 @@ pub const STOP_WALLTIME: &str = "walltime";
 pub const STOP_CANCELLED: &str = "cancelled";
 /// qemu was killed by the kernel when its cgroup crossed its memory limit.
 pub const STOP_OOM: &str = "oom";
+/// The VM wrote more serial output than the host keeps ([`WatchOptions::output_limit_bytes`]).
+pub const STOP_OUTPUT_LIMIT: &str = "output-limit";
+
+/// The serial files' sizes together, in bytes.
+fn serial_bytes(vm: &VmDir) -> u64 {
+    [vm.console_log(), vm.output_log()]
+        .iter()
+        .filter_map(|p| std::fs::metadata(p).ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+/// Cuts a serial file to `limit` bytes and appends a marker saying how much was dropped
+/// (idempotent: a cut file is at most the limit plus its marker).
+pub fn cap_file(path: &std::path::Path, limit: u64) -> std::io::Result<Option<u64>> {
+    use std::io::Write;
+    let len = match std::fs::metadata(path) {
+        Ok(m) => m.len(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    if limit == 0 || len <= limit + MARKER_ROOM {
+        return Ok(None);
+    }
+    let f = std::fs::OpenOptions::new().write(true).open(path)?;
+    f.set_len(limit)?;
+    let mut f = std::fs::OpenOptions::new().append(true).open(path)?;
+    let dropped = len - limit;
+    write!(
+        f,
+        "\n[wnodes: output truncated: {dropped} bytes beyond the host's {limit}-byte limit were dropped]\n"
+    )?;
+    Ok(Some(dropped))
+}
+
+/// Room left for a marker, so that a cut file is not cut again.
+const MARKER_ROOM: u64 = 256;
 
 /// The result of a VM run.
 #[derive(Debug, Clone, PartialEq)]
@@ -155,6 +197,24 @@ pub async fn watch(vm: &VmDir, opts: &WatchOptions) -> Result<VmExit, WatchError
             }
         }
         if forced.is_none()
+            && opts.output_limit_bytes > 0
+            && serial_bytes(vm) > opts.output_limit_bytes
+        {
+            tracing::warn!(
+                vm_id = vm.vm_id(),
+                limit = opts.output_limit_bytes,
+                "The VM wrote more output than the host keeps; stopping it."
+            );
+            forced = Some(STOP_OUTPUT_LIMIT);
+            if let Err(e) = qmp::stop_vm(&vm.qmp_socket(), opts.powerdown_grace, || {
+                vm.qemu_alive(pid)
+            })
+            .await
+            {
+                tracing::warn!(vm_id = vm.vm_id(), error = %wnodes_bus::ErrorChain(&e), "Cannot stop the VM through QMP.");
+            }
+        }
+        if forced.is_none()
             && let Some(w) = walltime
             && SystemTime::now()
                 .duration_since(started_at)
@@ -211,6 +271,18 @@ pub async fn watch(vm: &VmDir, opts: &WatchOptions) -> Result<VmExit, WatchError
         vm.last_serial_write().unwrap_or_else(SystemTime::now)
     };
     let guest = vm.guest_status();
+    // What the host keeps of the output is bounded, with a visible marker where it was cut.
+    for path in [vm.console_log(), vm.output_log()] {
+        match cap_file(&path, opts.output_limit_bytes) {
+            Ok(Some(dropped)) => {
+                tracing::warn!(vm_id = vm.vm_id(), path = %path.display(), dropped, "Output cut to the host's limit.");
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(vm_id = vm.vm_id(), path = %path.display(), error = %e, "Cannot cut the output to the host's limit.");
+            }
+        }
+    }
     let stop_reason = forced.unwrap_or(if oom_killed {
         STOP_OOM
     } else if guest.exit_code.is_some() || guest_shutdown {
@@ -229,4 +301,26 @@ pub async fn watch(vm: &VmDir, opts: &WatchOptions) -> Result<VmExit, WatchError
         output_tail: vm.output_tail()?,
         observed_exit: observed,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_past_the_limit_is_cut_once_with_a_marker() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("output.log");
+        std::fs::write(&path, vec![b'x'; 10_000]).unwrap();
+        assert_eq!(cap_file(&path, 4000).unwrap(), Some(6000));
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.starts_with(&"x".repeat(4000)));
+        assert!(text.ends_with(
+            "\n[wnodes: output truncated: 6000 bytes beyond the host's 4000-byte limit were dropped]\n"
+        ), "{}", &text[4000..]);
+        // Cut already: left alone; small files and no limit too.
+        assert_eq!(cap_file(&path, 4000).unwrap(), None);
+        assert_eq!(cap_file(&path, 0).unwrap(), None);
+        assert_eq!(cap_file(&dir.path().join("missing"), 10).unwrap(), None);
+    }
 }

@@ -448,6 +448,38 @@ async fn vm_user_mode_storage_is_mounted_from_the_host() {
     );
 }
 
+async fn vm_output_past_the_limit_stops_the_vm_and_is_cut_with_a_marker() {
+    let f = fixture("head -c 1500000 /dev/zero | tr '\\0' x; echo; sleep 600");
+    let running = boot(&f).await;
+    let limit = 512 * 1024;
+    let opts = WatchOptions {
+        poll: Duration::from_millis(100),
+        powerdown_grace: Duration::from_secs(1),
+        output_limit_bytes: limit,
+        ..Default::default()
+    };
+    let exit = tokio::time::timeout(Duration::from_secs(120), watch::watch(&f.vm, &opts))
+        .await
+        .expect("stopped in time")
+        .expect("watch");
+    assert!(!f.vm.qemu_alive(running.pid));
+    assert_eq!(
+        exit.stop_reason,
+        watch::STOP_OUTPUT_LIMIT,
+        "console:\n{}",
+        console(&f.vm)
+    );
+    let kept = std::fs::metadata(f.vm.output_log()).unwrap().len();
+    assert!(kept <= limit + 256, "{kept} bytes kept");
+    assert!(
+        exit.output_tail
+            .trim_end()
+            .ends_with("-byte limit were dropped]"),
+        "{:?}",
+        &exit.output_tail[exit.output_tail.len().saturating_sub(200)..]
+    );
+}
+
 /// `/proc/<pid>/status` field `name` (e.g. `"Uid:"`), split into words.
 fn status_field(pid: u32, name: &str) -> Vec<String> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -669,6 +701,7 @@ fn main() -> std::process::ExitCode {
         host_test!(current_thread vm_is_stopped_through_qmp needs [Qemu, TestGuest, Root, Setpriv]),
         host_test!(current_thread vm_walltime_is_enforced needs [Qemu, TestGuest, Root, Setpriv]),
         host_test!(current_thread vm_scratch_disk_and_owner_uid_reach_the_guest needs [Qemu, TestGuest, Root, Setpriv]),
+        host_test!(current_thread vm_output_past_the_limit_stops_the_vm_and_is_cut_with_a_marker needs [Qemu, TestGuest, Root, Setpriv]),
         host_test!(current_thread vm_launch_failure_reports_why needs [Qemu, TestGuest, Root, Setpriv]),
         host_test!(current_thread vm_qemu_runs_as_its_own_user_sandboxed_and_cannot_spawn needs [Qemu, TestGuest, Root, Setpriv]),
         host_test!(current_thread vm_a_state_directory_the_vm_user_cannot_enter_is_named needs [Qemu, TestGuest, Root, Setpriv]),
