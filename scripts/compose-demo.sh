@@ -43,7 +43,7 @@ t_built=$SECONDS
 finish() {
     local rc=$?
     if [[ $keep == 1 ]]; then
-        echo "== stack kept: docker-compose -p $COMPOSE_PROJECT -f compose/docker-compose.yml -f compose/docker-compose.build.yml down -v  (then rm -rf compose/run)"
+        echo "== stack kept; to remove it: $(dc_hint) down -v; rm -rf compose/run"
     else
         stack_down
         echo "== stack down"
@@ -173,5 +173,5 @@ if [[ $ok == 1 ]]; then
     echo "== compose demo OK"
     exit 0
 fi
-echo "== compose demo FAILED (see above; logs: docker-compose -p $COMPOSE_PROJECT logs, with --keep)"
+echo "== compose demo FAILED (see above; with --keep: $(dc_hint) logs)"
 exit 1

@@ -19,14 +19,35 @@ die() { printf '%s: error: %s\n' "${0##*/}" "$*" >&2; exit 1; }
 
 # docker-compose (v1) or `docker compose`, with the build override unless WNODES_COMPOSE_PUBLIC=1
 # (then the public images of docker-compose.yml are used as they are).
+# Where root's capability bounding set is not full, docker-compose.caps.yml replaces the
+# hypervisors' `privileged: true` (which would fail) by the capabilities they use.
 dc() {
     local files=(-f "$COMPOSE_DIR/docker-compose.yml")
     [[ ${WNODES_COMPOSE_PUBLIC:-0} == 1 ]] || files+=(-f "$COMPOSE_DIR/docker-compose.build.yml")
+    full_caps || files+=(-f "$COMPOSE_DIR/docker-compose.caps.yml")
     if [[ -n ${DC_V2:-} ]]; then
         docker compose -p "$COMPOSE_PROJECT" "${files[@]}" "$@"
     else
         docker-compose -p "$COMPOSE_PROJECT" "${files[@]}" "$@"
     fi
+}
+
+# Whether this process holds every capability the kernel knows (CapBnd = 2^(last+1) - 1).
+full_caps() {
+    local bnd last
+    bnd=$(awk '/^CapBnd:/ { print $2 }' /proc/self/status)
+    last=$(cat /proc/sys/kernel/cap_last_cap)
+    [[ $((16#$bnd)) == $(((1 << (last + 1)) - 1)) ]]
+}
+
+# The compose command line dc runs, for the user (relative to the repository).
+dc_hint() {
+    local cmd="docker-compose"
+    [[ -n ${DC_V2:-} ]] && cmd="docker compose"
+    cmd+=" -p $COMPOSE_PROJECT -f compose/docker-compose.yml"
+    [[ ${WNODES_COMPOSE_PUBLIC:-0} == 1 ]] || cmd+=" -f compose/docker-compose.build.yml"
+    full_caps || cmd+=" -f compose/docker-compose.caps.yml"
+    echo "$cmd"
 }
 
 # Docker Engine and Compose from Debian's packages when missing; dockerd started when not

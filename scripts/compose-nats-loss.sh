@@ -48,7 +48,7 @@ build_images
 finish() {
     local rc=$?
     if [[ $keep == 1 ]]; then
-        echo "== stack kept: docker-compose -p $COMPOSE_PROJECT -f compose/docker-compose.yml -f compose/docker-compose.build.yml down -v  (then rm -rf compose/run)"
+        echo "== stack kept; to remove it: $(dc_hint) down -v; rm -rf compose/run"
     else
         stack_down
         echo "== stack down"
@@ -77,22 +77,25 @@ for a in d.get("account_details", []):
     done
     return 1
 }
-# Each stream's replicas as the servers see them: "WNODES_EVENTS leader nats-1, nats-2 current, …".
+# Each stream's replicas as its leader sees them ("WNODES_EVENTS leader nats-1; replicas:
+# nats-2 current, nats-3 current; messages N").
 replicas() {
     local n
     for n in 1 2 3; do
         dc exec -T backlog curl -fsS "http://nats-$n:8222/jsz?accounts=true&streams=true" 2>/dev/null |
             python3 -c '
 import json, sys
+me = sys.argv[1]
 d = json.load(sys.stdin)
 for a in d.get("account_details", []):
     for s in a.get("stream_detail", []):
         c = s.get("cluster", {})
-        reps = ", ".join(f"{r['"'"'name'"'"']} {'"'"'current'"'"' if r.get('"'"'current'"'"') else '"'"'behind'"'"'}" for r in c.get("replicas", []))
-        print(f"   {s['"'"'name'"'"']:<16} leader {c.get('"'"'leader'"'"', '"'"'-'"'"')}; replicas: {reps}; messages {s['"'"'state'"'"']['"'"'messages'"'"']}")
-' && return 0
+        if c.get("leader") != me:
+            continue
+        reps = ", ".join(r["name"] + (" current" if r.get("current") else " behind") for r in c.get("replicas", []))
+        print(f"   {s['name']:<16} leader {me}; replicas: {reps}; messages {s['state']['messages']}")
+' "nats-$n" || true
     done
-    return 1
 }
 
 victim=$(leader_of WNODES_EVENTS || true)
