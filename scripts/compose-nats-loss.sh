@@ -79,11 +79,7 @@ for a in d.get("account_details", []):
 }
 # Each stream's replicas as its leader sees them ("WNODES_EVENTS leader nats-1; replicas:
 # nats-2 current, nats-3 current; messages N").
-replicas() {
-    local n
-    for n in 1 2 3; do
-        dc exec -T backlog curl -fsS "http://nats-$n:8222/jsz?accounts=true&streams=true" 2>/dev/null |
-            python3 -c '
+read -r -d '' REPLICAS_PY <<'PY' || true
 import json, sys
 me = sys.argv[1]
 d = json.load(sys.stdin)
@@ -94,7 +90,12 @@ for a in d.get("account_details", []):
             continue
         reps = ", ".join(r["name"] + (" current" if r.get("current") else " behind") for r in c.get("replicas", []))
         print(f"   {s['name']:<16} leader {me}; replicas: {reps}; messages {s['state']['messages']}")
-' "nats-$n" || true
+PY
+replicas() {
+    local n
+    for n in 1 2 3; do
+        dc exec -T backlog curl -fsS "http://nats-$n:8222/jsz?accounts=true&streams=true" 2>/dev/null |
+            python3 -c "$REPLICAS_PY" "nats-$n" || true
     done
 }
 
@@ -186,7 +187,7 @@ python3 - "$work" "$jobs" >"$work/events.txt" <<'PY' || events_ok=0
 import collections, json, sys
 work, jobs = sys.argv[1], int(sys.argv[2])
 once = ["job.started", "vm.requested", "image.ready", "scratch.ready", "network.ready",
-        "storage.ready", "vm.running", "vm.stopped", "usage.recorded"]
+        "storage.ready", "vm.running", "vm.stopped", "usage.recorded", "job.finished"]
 bad, totals, usage_events = 0, [], 0
 for i in range(1, jobs + 1):
     try:
@@ -210,21 +211,15 @@ sys.exit(1 if bad else 0)
 PY
 summary=$(sed -n 's/^SUMMARY //p' "$work/events.txt")
 
-# Dead letters (the backlog's view, as the monitor).
-dead=$(dc exec -T backlog wnodesctl backlog --nats "nats://$live:4222" \
+# Dead letters, and what every durable still has to process (the backlog, as the monitor).
+read -r dead stuck < <(dc exec -T backlog wnodesctl backlog --nats "nats://$live:4222" \
     --creds /etc/wnodes/nats/creds/monitor.creds --json 2>/dev/null |
     python3 -c '
 import json, sys
 d = json.load(sys.stdin)
-dl = d.get("dead_letters", d.get("dlq", {}))
-if isinstance(dl, dict):
-    print(dl.get("messages", dl.get("count", 0)))
-elif isinstance(dl, list):
-    print(len(dl))
-else:
-    print(dl)
-' 2>/dev/null || echo "?")
-[[ $dead == 0 ]] || ok=0
+print(d["dead_letters"], sum(c["pending"] + c["ack_pending"] for c in d["consumers"]))
+' 2>/dev/null || echo "? ?")
+[[ $dead == 0 && $stuck == 0 ]] || ok=0
 
 echo "== events per run (from WNODES_EVENTS):"
 grep -v '^SUMMARY' "$work/events.txt"
@@ -232,7 +227,7 @@ grep -v '^SUMMARY' "$work/events.txt"
 echo "== streams after $victim's restart:"
 sleep 2
 replicas || true
-echo "== counts: jobs $jobs, completed (exit 0) $completed; usage records in PostgreSQL $rows (distinct runs $distinct); ${summary:-events ?}; dead letters $dead"
+echo "== counts: jobs $jobs, completed (exit 0) $completed; usage records in PostgreSQL $rows (distinct runs $distinct); ${summary:-events ?}; dead letters $dead; messages pending or unacknowledged on the durables $stuck"
 echo "== $victim down from t=${killed_at}s to t=${restarted_at}s; total $((SECONDS - t_start)) s"
 if [[ $ok == 1 ]]; then
     echo "== NATS node loss: nothing lost, every usage record written once"

@@ -262,6 +262,29 @@ pub async fn check_stream(
     }
 }
 
+/// Whether `err` is a stream or consumer check that got no answer (the request timed out or
+/// found no responder), rather than an answer that the thing is missing or differs: the
+/// state of a NATS cluster that lost the server leading that stream, until a new leader is
+/// elected.
+pub fn is_unanswered(err: &BusError) -> bool {
+    use async_nats::jetstream::context::{
+        GetStreamError, GetStreamErrorKind, RequestError, RequestErrorKind,
+    };
+    let BusError::NotProvisioned { source, .. } = err else {
+        return false;
+    };
+    if let Some(e) = source.downcast_ref::<GetStreamError>() {
+        return matches!(e.kind(), GetStreamErrorKind::Request);
+    }
+    if let Some(e) = source.downcast_ref::<RequestError>() {
+        return matches!(
+            e.kind(),
+            RequestErrorKind::TimedOut | RequestErrorKind::NoResponders
+        );
+    }
+    false
+}
+
 /// Checks that durable `expected.durable_name` exists on the events stream with the settings
 /// the service relies on, and returns it.
 pub async fn check_consumer(
@@ -295,6 +318,40 @@ pub async fn check_consumer(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_checks_that_got_no_answer_are_unanswered() {
+        use async_nats::jetstream::context::{
+            GetStreamError, GetStreamErrorKind, RequestError, RequestErrorKind,
+        };
+        let not_provisioned =
+            |source: Box<dyn std::error::Error + Send + Sync>| BusError::NotProvisioned {
+                what: "stream `WNODES_EVENTS`".into(),
+                source,
+            };
+        let unanswered = [
+            not_provisioned(Box::new(GetStreamError::new(GetStreamErrorKind::Request))),
+            not_provisioned(Box::new(RequestError::new(RequestErrorKind::TimedOut))),
+            not_provisioned(Box::new(RequestError::new(RequestErrorKind::NoResponders))),
+        ];
+        for e in &unanswered {
+            assert!(is_unanswered(e), "{e:?}");
+        }
+        let answered = [
+            not_provisioned(Box::new(GetStreamError::new(
+                GetStreamErrorKind::InvalidStreamName,
+            ))),
+            not_provisioned(Box::new(RequestError::new(RequestErrorKind::Other))),
+            not_provisioned(Box::new(std::io::Error::other("anything else"))),
+            BusError::Mismatch {
+                what: "stream `WNODES_EVENTS`".into(),
+                differences: "max_age".into(),
+            },
+        ];
+        for e in &answered {
+            assert!(!is_unanswered(e), "{e:?}");
+        }
+    }
 
     #[test]
     fn differences_name_the_field_and_both_values() {

@@ -84,10 +84,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-async fn answer(
-    mut sock: tokio::net::TcpStream,
-    collector: &OtlpCollector,
-) -> std::io::Result<()> {
+async fn answer(mut sock: tokio::net::TcpStream, collector: &OtlpCollector) -> std::io::Result<()> {
     let mut buf = vec![0u8; 8192];
     let mut n = 0;
     while n < buf.len() {
@@ -104,7 +101,11 @@ async fn answer(
     let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or("/"));
     let path = path.split('?').next().unwrap_or("/");
     let (status, ctype, body) = if method != "GET" {
-        ("405 Method Not Allowed", "text/plain", "GET only\n".to_owned())
+        (
+            "405 Method Not Allowed",
+            "text/plain",
+            "GET only\n".to_owned(),
+        )
     } else if path == "/api/services" {
         let spans = collector.spans();
         let names: std::collections::BTreeSet<&str> =
