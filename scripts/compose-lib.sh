@@ -1,3 +1,4 @@
+# shellcheck shell=bash disable=SC2154  # $root comes from the caller
 # Shared by scripts/compose-demo.sh and scripts/compose-nats-loss.sh (sourced, not run):
 # Docker from Debian's packages, the images (base from debootstrap, stand-ins, the project's
 # image from host-built release binaries), the stack up and down, one job submitted through a
