@@ -160,12 +160,12 @@ impl Bus {
         layout::check_stream(&self.inner.js, &layout::dlq_stream(&l)).await
     }
 
-    /// [`Bus::check_streams`], asked again every 500 ms while the servers do not answer (a
-    /// JetStream request that timed out or found no responder: a NATS cluster that lost a
-    /// server answers nothing about a stream until the stream has elected a new leader), for
-    /// up to `patience`. Any other outcome (the stream is missing, differs, or access is
-    /// refused) returns at once. For a short-lived client that checks once, such as the job
-    /// starter; a service's readiness check asks again anyway.
+    /// [`Bus::check_streams`], asked again every 500 ms while the check times out (a NATS
+    /// cluster that lost a server answers nothing about a stream until the stream has elected a
+    /// new leader; [`layout::is_unanswered`]), for up to `patience`. Any other outcome (the
+    /// stream is missing or differs, no JetStream, access refused) returns at once. For a
+    /// short-lived client that checks once, such as the job starter; a service's readiness
+    /// check asks again anyway.
     pub async fn check_streams_within(&self, patience: Duration) -> Result<(), BusError> {
         let deadline = Instant::now() + patience;
         loop {

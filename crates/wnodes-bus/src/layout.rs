@@ -262,27 +262,27 @@ pub async fn check_stream(
     }
 }
 
-/// Whether `err` is a stream or consumer check that got no answer (the request timed out or
-/// found no responder), rather than an answer that the thing is missing or differs: the
-/// state of a NATS cluster that lost the server leading that stream, until a new leader is
-/// elected.
+/// Whether `err` is a stream check whose request timed out, rather than an answer (the stream
+/// is missing or differs) or a server without JetStream (no responders): the state of a NATS
+/// cluster that lost the server leading that stream, until a new leader is elected.
 pub fn is_unanswered(err: &BusError) -> bool {
     use async_nats::jetstream::context::{
         GetStreamError, GetStreamErrorKind, RequestError, RequestErrorKind,
     };
+    fn timed_out(e: &(dyn std::error::Error + 'static)) -> bool {
+        e.downcast_ref::<RequestError>()
+            .is_some_and(|r| r.kind() == RequestErrorKind::TimedOut)
+    }
     let BusError::NotProvisioned { source, .. } = err else {
         return false;
     };
-    if let Some(e) = source.downcast_ref::<GetStreamError>() {
-        return matches!(e.kind(), GetStreamErrorKind::Request);
+    match source.downcast_ref::<GetStreamError>() {
+        Some(e) => {
+            e.kind() == GetStreamErrorKind::Request
+                && std::error::Error::source(e).is_some_and(timed_out)
+        }
+        None => timed_out(source.as_ref()),
     }
-    if let Some(e) = source.downcast_ref::<RequestError>() {
-        return matches!(
-            e.kind(),
-            RequestErrorKind::TimedOut | RequestErrorKind::NoResponders
-        );
-    }
-    false
 }
 
 /// Checks that durable `expected.durable_name` exists on the events stream with the settings
@@ -329,15 +329,25 @@ mod tests {
                 what: "stream `WNODES_EVENTS`".into(),
                 source,
             };
+        let timed_out = || RequestError::new(RequestErrorKind::TimedOut);
         let unanswered = [
-            not_provisioned(Box::new(GetStreamError::new(GetStreamErrorKind::Request))),
-            not_provisioned(Box::new(RequestError::new(RequestErrorKind::TimedOut))),
-            not_provisioned(Box::new(RequestError::new(RequestErrorKind::NoResponders))),
+            not_provisioned(Box::new(GetStreamError::with_source(
+                GetStreamErrorKind::Request,
+                timed_out(),
+            ))),
+            not_provisioned(Box::new(timed_out())),
         ];
         for e in &unanswered {
             assert!(is_unanswered(e), "{e:?}");
         }
         let answered = [
+            // A server without JetStream: nobody will ever answer.
+            not_provisioned(Box::new(GetStreamError::with_source(
+                GetStreamErrorKind::Request,
+                RequestError::new(RequestErrorKind::NoResponders),
+            ))),
+            not_provisioned(Box::new(RequestError::new(RequestErrorKind::NoResponders))),
+            not_provisioned(Box::new(GetStreamError::new(GetStreamErrorKind::Request))),
             not_provisioned(Box::new(GetStreamError::new(
                 GetStreamErrorKind::InvalidStreamName,
             ))),

@@ -2,6 +2,8 @@
 //! back from its Jaeger-shaped query API, one trace with both services' processes; an unknown
 //! trace is 404 and a malformed id 400.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failure is a test failure
+
 use std::{
     io::{Read, Write},
     net::TcpStream,
