@@ -160,6 +160,28 @@ impl Bus {
         layout::check_stream(&self.inner.js, &layout::dlq_stream(&l)).await
     }
 
+    /// [`Bus::check_streams`], asked again every 500 ms while the check times out (a NATS
+    /// cluster that lost a server answers nothing about a stream until the stream has elected a
+    /// new leader; [`layout::is_unanswered`]), for up to `patience`. Any other outcome (the
+    /// stream is missing or differs, no JetStream, access refused) returns at once. For a
+    /// short-lived client that checks once, such as the job starter; a service's readiness
+    /// check asks again anyway.
+    pub async fn check_streams_within(&self, patience: Duration) -> Result<(), BusError> {
+        let deadline = Instant::now() + patience;
+        loop {
+            match self.check_streams().await {
+                Err(e) if layout::is_unanswered(&e) && Instant::now() < deadline => {
+                    tracing::info!(
+                        error = %crate::ErrorChain(&e),
+                        "The streams are not answering (a NATS server lost?); asking again."
+                    );
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// Sends one publish and waits for its ack, or for the server to refuse it.
     async fn send(
         &self,

@@ -262,6 +262,29 @@ pub async fn check_stream(
     }
 }
 
+/// Whether `err` is a stream check whose request timed out, rather than an answer (the stream
+/// is missing or differs) or a server without JetStream (no responders): the state of a NATS
+/// cluster that lost the server leading that stream, until a new leader is elected.
+pub fn is_unanswered(err: &BusError) -> bool {
+    use async_nats::jetstream::context::{
+        GetStreamError, GetStreamErrorKind, RequestError, RequestErrorKind,
+    };
+    fn timed_out(e: &(dyn std::error::Error + 'static)) -> bool {
+        e.downcast_ref::<RequestError>()
+            .is_some_and(|r| r.kind() == RequestErrorKind::TimedOut)
+    }
+    let BusError::NotProvisioned { source, .. } = err else {
+        return false;
+    };
+    match source.downcast_ref::<GetStreamError>() {
+        Some(e) => {
+            e.kind() == GetStreamErrorKind::Request
+                && std::error::Error::source(e).is_some_and(timed_out)
+        }
+        None => timed_out(source.as_ref()),
+    }
+}
+
 /// Checks that durable `expected.durable_name` exists on the events stream with the settings
 /// the service relies on, and returns it.
 pub async fn check_consumer(
@@ -295,6 +318,50 @@ pub async fn check_consumer(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_checks_that_got_no_answer_are_unanswered() {
+        use async_nats::jetstream::context::{
+            GetStreamError, GetStreamErrorKind, RequestError, RequestErrorKind,
+        };
+        let not_provisioned =
+            |source: Box<dyn std::error::Error + Send + Sync>| BusError::NotProvisioned {
+                what: "stream `WNODES_EVENTS`".into(),
+                source,
+            };
+        let timed_out = || RequestError::new(RequestErrorKind::TimedOut);
+        let unanswered = [
+            not_provisioned(Box::new(GetStreamError::with_source(
+                GetStreamErrorKind::Request,
+                timed_out(),
+            ))),
+            not_provisioned(Box::new(timed_out())),
+        ];
+        for e in &unanswered {
+            assert!(is_unanswered(e), "{e:?}");
+        }
+        let answered = [
+            // A server without JetStream: nobody will ever answer.
+            not_provisioned(Box::new(GetStreamError::with_source(
+                GetStreamErrorKind::Request,
+                RequestError::new(RequestErrorKind::NoResponders),
+            ))),
+            not_provisioned(Box::new(RequestError::new(RequestErrorKind::NoResponders))),
+            not_provisioned(Box::new(GetStreamError::new(GetStreamErrorKind::Request))),
+            not_provisioned(Box::new(GetStreamError::new(
+                GetStreamErrorKind::InvalidStreamName,
+            ))),
+            not_provisioned(Box::new(RequestError::new(RequestErrorKind::Other))),
+            not_provisioned(Box::new(std::io::Error::other("anything else"))),
+            BusError::Mismatch {
+                what: "stream `WNODES_EVENTS`".into(),
+                differences: "max_age".into(),
+            },
+        ];
+        for e in &answered {
+            assert!(!is_unanswered(e), "{e:?}");
+        }
+    }
 
     #[test]
     fn differences_name_the_field_and_both_values() {

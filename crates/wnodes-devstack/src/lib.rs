@@ -14,6 +14,10 @@
 //! | [`usage`] | [`Stack::usage_records`] / [`Stack::usage_record`] (via `wnodes-accounting records --json`). |
 //! | [`leftovers`] | [`Stack::leftovers`]: scratch files, taps, nft chains, gateway listeners, `sftp-server` and qemu processes that outlive a job. |
 //!
+//! Binaries: `wnodes-dev` (`demo`, `up`, `down`) and `wnodes-trace-sink` (an OTLP/gRPC receiver
+//! with a Jaeger-shaped query API: the compose stack's trace backend where no Jaeger image can be
+//! pulled, `compose/docker-compose.build.yml`).
+//!
 //! Everything the stack starts logs into `<work_dir>/logs/<service>.log`; state lives in
 //! `<work_dir>/state/<service>`; the export every VM mounts on `/shared` is `<work_dir>/export`.
 

@@ -338,7 +338,10 @@ async fn start(
         BusMetrics::unregistered(),
     )
     .await?;
-    bus.check_streams().await?;
+    // As patient as a publish: a NATS cluster that just lost a server answers nothing about
+    // the stream until it has elected a new leader.
+    bus.check_streams_within(common.nats.publish_timeout)
+        .await?;
     let root = tracing::info_span!(
         "bridge.job_started",
         otel.kind = "producer",
