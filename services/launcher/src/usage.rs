@@ -114,8 +114,13 @@ fn v1_usable(dir: &Path, marker: &str) -> bool {
 pub enum CgroupHost {
     /// A writable cgroup2 mount.
     V2 { root: PathBuf },
-    /// Writable v1 `cpuacct` and `memory` hierarchies.
-    V1 { cpuacct: PathBuf, memory: PathBuf },
+    /// Writable v1 `cpuacct` and `memory` hierarchies, and `cpu` when it is a hierarchy of
+    /// its own with `cpu.cfs_quota_us` (where the cores are enforced).
+    V1 {
+        cpuacct: PathBuf,
+        memory: PathBuf,
+        cpu: Option<PathBuf>,
+    },
 }
 
 impl CgroupHost {
@@ -135,15 +140,28 @@ impl CgroupHost {
         }
         let cpuacct = root.join("cpuacct");
         let memory = root.join("memory");
+        let cpu = root.join("cpu");
+        // A `cpu` co-mounted with `cpuacct` (one hierarchy) is the same directory: not a
+        // second group.
+        let cpu = (v1_usable(&cpu, "cpu.cfs_quota_us")
+            && std::fs::canonicalize(&cpu).ok() != std::fs::canonicalize(&cpuacct).ok())
+        .then_some(cpu);
         (v1_usable(&cpuacct, "cpuacct.usage") && v1_usable(&memory, "memory.max_usage_in_bytes"))
-            .then_some(Self::V1 { cpuacct, memory })
+            .then_some(Self::V1 {
+                cpuacct,
+                memory,
+                cpu,
+            })
     }
 
     /// For logs.
     pub fn describe(host: Option<&Self>) -> &'static str {
         match host {
             Some(Self::V2 { .. }) => "cgroup v2",
-            Some(Self::V1 { .. }) => "cgroup v1 (cpuacct, memory)",
+            Some(Self::V1 { cpu: Some(_), .. }) => "cgroup v1 (cpuacct, memory, cpu)",
+            Some(Self::V1 { .. }) => {
+                "cgroup v1 (cpuacct, memory; no cpu hierarchy: cores not enforced)"
+            }
             None => "/proc samples",
         }
     }
@@ -152,8 +170,14 @@ impl CgroupHost {
     pub fn parents(&self) -> Vec<PathBuf> {
         match self {
             Self::V2 { root } => vec![root.join(GROUP_PARENT)],
-            Self::V1 { cpuacct, memory } => {
-                vec![cpuacct.join(GROUP_PARENT), memory.join(GROUP_PARENT)]
+            Self::V1 {
+                cpuacct,
+                memory,
+                cpu,
+            } => {
+                let mut p = vec![cpuacct.join(GROUP_PARENT), memory.join(GROUP_PARENT)];
+                p.extend(cpu.iter().map(|c| c.join(GROUP_PARENT)));
+                p
             }
         }
     }
@@ -164,9 +188,14 @@ impl CgroupHost {
             Self::V2 { root } => UsageSource::Cgroup {
                 path: root.join(GROUP_PARENT).join(vm_id),
             },
-            Self::V1 { cpuacct, memory } => UsageSource::CgroupV1 {
+            Self::V1 {
+                cpuacct,
+                memory,
+                cpu,
+            } => UsageSource::CgroupV1 {
                 cpuacct: cpuacct.join(GROUP_PARENT).join(vm_id),
                 memory: memory.join(GROUP_PARENT).join(vm_id),
+                cpu: cpu.as_ref().map(|c| c.join(GROUP_PARENT).join(vm_id)),
             },
         }
     }
@@ -187,9 +216,19 @@ impl CgroupHost {
                 }
                 create_dir(path)?;
             }
-            (UsageSource::CgroupV1 { cpuacct, memory }, Self::V1 { .. }) => {
+            (
+                UsageSource::CgroupV1 {
+                    cpuacct,
+                    memory,
+                    cpu,
+                },
+                Self::V1 { .. },
+            ) => {
                 create_dir(cpuacct)?;
                 create_dir(memory)?;
+                if let Some(cpu) = cpu {
+                    create_dir(cpu)?;
+                }
                 // Kernels since 6.x reject it (EINVAL: charge moving was removed); then the
                 // little the foreground qemu has charged before the move stays with its old
                 // group, and everything after is counted here.
@@ -207,8 +246,8 @@ impl CgroupHost {
     }
 }
 
-/// What a VM's cgroup enforces: its memory (the guest's RAM plus qemu's own overhead) and, on
-/// cgroup v2, its cores as CPU bandwidth.
+/// What a VM's cgroup enforces: its memory (the guest's RAM plus qemu's own overhead) and its
+/// cores as CPU bandwidth (v2, or v1 with a `cpu` hierarchy).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     pub memory_bytes: u64,
@@ -219,9 +258,9 @@ pub struct Limits {
 const CPU_PERIOD_US: u64 = 100_000;
 
 /// Writes the limits into the VM's group(s): v2 `memory.max` and `cpu.max` (`cores` ×
-/// the period per period); v1 `memory.limit_in_bytes` (the v1 `cpu` hierarchy is not one the
-/// launcher joins, so cores are not enforced on v1). A limit the host refuses is logged and
-/// the VM runs without it: the log says so.
+/// the period per period); v1 `memory.limit_in_bytes` and, with a `cpu` group,
+/// `cpu.cfs_period_us` and `cpu.cfs_quota_us` (the same bandwidth). A limit the host refuses
+/// is logged and the VM runs without it: the log says so.
 pub fn apply_limits(vm_id: &str, source: &UsageSource, limits: Limits) {
     let writes: Vec<(PathBuf, String)> = match source {
         UsageSource::Cgroup { path } => vec![
@@ -234,10 +273,20 @@ pub fn apply_limits(vm_id: &str, source: &UsageSource, limits: Limits) {
                 ),
             ),
         ],
-        UsageSource::CgroupV1 { memory, .. } => vec![(
-            memory.join("memory.limit_in_bytes"),
-            limits.memory_bytes.to_string(),
-        )],
+        UsageSource::CgroupV1 { memory, cpu, .. } => {
+            let mut w = vec![(
+                memory.join("memory.limit_in_bytes"),
+                limits.memory_bytes.to_string(),
+            )];
+            if let Some(cpu) = cpu {
+                w.push((cpu.join("cpu.cfs_period_us"), CPU_PERIOD_US.to_string()));
+                w.push((
+                    cpu.join("cpu.cfs_quota_us"),
+                    (u64::from(limits.cores.max(1)) * CPU_PERIOD_US).to_string(),
+                ));
+            }
+            w
+        }
         UsageSource::Proc => Vec::new(),
     };
     for (file, value) in writes {
@@ -277,7 +326,15 @@ fn create_dir(path: &Path) -> Result<(), UsageError> {
 pub fn group_dirs(source: &UsageSource) -> Vec<&Path> {
     match source {
         UsageSource::Cgroup { path } => vec![path.as_path()],
-        UsageSource::CgroupV1 { cpuacct, memory } => vec![cpuacct.as_path(), memory.as_path()],
+        UsageSource::CgroupV1 {
+            cpuacct,
+            memory,
+            cpu,
+        } => {
+            let mut d = vec![cpuacct.as_path(), memory.as_path()];
+            d.extend(cpu.as_deref());
+            d
+        }
         UsageSource::Proc => Vec::new(),
     }
 }
@@ -408,7 +465,9 @@ pub fn read_cgroup_v1(cpuacct: &Path, memory: &Path) -> Result<UsageSample, Usag
 pub fn read_source(vm_id: &str, source: &UsageSource) -> Result<UsageSample, UsageError> {
     match source {
         UsageSource::Cgroup { path } => read_cgroup(path),
-        UsageSource::CgroupV1 { cpuacct, memory } => read_cgroup_v1(cpuacct, memory),
+        UsageSource::CgroupV1 {
+            cpuacct, memory, ..
+        } => read_cgroup_v1(cpuacct, memory),
         UsageSource::Proc => Err(UsageError::NoCgroup(vm_id.to_owned())),
     }
 }
@@ -618,9 +677,42 @@ mod tests {
         let v1 = CgroupHost::V1 {
             cpuacct: r.join("cpuacct"),
             memory: r.join("memory"),
+            cpu: None,
         };
         assert_eq!(CgroupHost::choose(r, false), Some(v1.clone()));
         assert_eq!(CgroupHost::detect(r), Some(v1));
+        // A `cpu` hierarchy of its own: the cores are enforced there.
+        std::fs::create_dir(r.join("cpu")).unwrap();
+        std::fs::write(r.join("cpu/cpu.cfs_quota_us"), "-1\n").unwrap();
+        let with_cpu = CgroupHost::choose(r, false).unwrap();
+        assert_eq!(
+            with_cpu,
+            CgroupHost::V1 {
+                cpuacct: r.join("cpuacct"),
+                memory: r.join("memory"),
+                cpu: Some(r.join("cpu")),
+            }
+        );
+        let source = with_cpu
+            .create(
+                "vm-0123456789ab",
+                Some(Limits {
+                    memory_bytes: 1 << 30,
+                    cores: 2,
+                }),
+            )
+            .unwrap();
+        let group = r.join("cpu/wnodes/vm-0123456789ab");
+        assert!(group_dirs(&source).contains(&group.as_path()));
+        assert_eq!(
+            std::fs::read_to_string(group.join("cpu.cfs_quota_us")).unwrap(),
+            "200000"
+        );
+        assert_eq!(
+            std::fs::read_to_string(group.join("cpu.cfs_period_us")).unwrap(),
+            "100000"
+        );
+        std::fs::remove_dir_all(r.join("cpu")).unwrap();
         // v2 wins when both are there.
         assert!(matches!(
             CgroupHost::choose(r, true),
@@ -635,7 +727,9 @@ mod tests {
         let host = CgroupHost::detect(root.path()).unwrap();
         let source = host.create("vm-0123456789ab", None).unwrap();
         let (cpuacct, memory) = match &source {
-            UsageSource::CgroupV1 { cpuacct, memory } => (cpuacct.clone(), memory.clone()),
+            UsageSource::CgroupV1 {
+                cpuacct, memory, ..
+            } => (cpuacct.clone(), memory.clone()),
             other => panic!("{other:?}"),
         };
         assert_eq!(cpuacct, root.path().join("cpuacct/wnodes/vm-0123456789ab"));

@@ -157,8 +157,14 @@ pub enum UsageSource {
     /// A cgroup v2 directory holding qemu (`cpu.stat`, `memory.peak`).
     Cgroup { path: PathBuf },
     /// cgroup v1 groups holding qemu: `cpuacct` (`cpuacct.usage`) and `memory`
-    /// (`memory.max_usage_in_bytes`).
-    CgroupV1 { cpuacct: PathBuf, memory: PathBuf },
+    /// (`memory.max_usage_in_bytes`), and `cpu` (`cpu.cfs_quota_us`: the VM's cores) when the
+    /// host has that hierarchy.
+    CgroupV1 {
+        cpuacct: PathBuf,
+        memory: PathBuf,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cpu: Option<PathBuf>,
+    },
     /// `/proc/<pid>` samples persisted in `usage.json`.
     Proc,
 }
@@ -495,6 +501,7 @@ mod tests {
         let v1 = UsageSource::CgroupV1 {
             cpuacct: "/sys/fs/cgroup/cpuacct/wnodes/vm-0123456789ab".into(),
             memory: "/sys/fs/cgroup/memory/wnodes/vm-0123456789ab".into(),
+            cpu: None,
         };
         let json = serde_json::to_string(&v1).unwrap();
         assert!(json.starts_with(r#"{"kind":"cgroup_v1","#), "{json}");

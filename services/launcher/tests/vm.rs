@@ -667,6 +667,18 @@ async fn vm_cgroup_cpu_time_after_the_last_watch_is_counted() {
     .expect("qemu starts");
     // running.json records the source and its paths.
     assert_eq!(running.usage, host.source_for(f.vm.vm_id()));
+    // The spec's one core is enforced as CPU bandwidth (this host: a v1 `cpu` hierarchy).
+    let quota = match &running.usage {
+        UsageSource::Cgroup { path } => std::fs::read_to_string(path.join("cpu.max")).unwrap(),
+        UsageSource::CgroupV1 { cpu: Some(cpu), .. } => {
+            std::fs::read_to_string(cpu.join("cpu.cfs_quota_us")).unwrap()
+        }
+        other => panic!("no CPU controller to enforce the cores in: {other:?}"),
+    };
+    assert!(
+        quota.trim() == "100000" || quota.trim() == "100000 100000",
+        "{quota}"
+    );
     assert_eq!(f.vm.read_running().unwrap().unwrap().usage, running.usage);
     assert!(usage::contains(&running.usage, running.pid));
     // A watcher looks for a moment, then "the launcher dies" while the guest spins.
