@@ -229,9 +229,11 @@ pub fn prepare_dirs(vm: &VmDir, user: &HostUser) -> Result<(), ConfineError> {
         chown(&payload, 0, user.gid)?;
         chmod(&payload, 0o640)?;
     }
+    // Mode first: once the directory is the VM user's, changing its mode would need
+    // CAP_FOWNER, which the launcher's unit does not grant.
     let qemu = vm.qemu_dir();
-    chown(&qemu, user.uid, 0)?;
     chmod(&qemu, 0o2770)?;
+    chown(&qemu, user.uid, 0)?;
     Ok(())
 }
 

@@ -166,6 +166,7 @@ wnodes_testkit::error_rule! {
         LauncherError::Table(_) => LauncherError::Table(join_error()),
         LauncherError::State(_) => LauncherError::State(state_error()),
         LauncherError::Store(_) => LauncherError::Store(sqlx::Error::Protocol(SOURCE_TEXT.into())),
+        LauncherError::Confine(_) => LauncherError::Confine(ConfineError::NotRoot { euid: 1000 }),
         LauncherError::Bus(_) => LauncherError::Bus(BusError::NotProvisioned {
             what: "WNODES_EVENTS".into(),
             source: Box::new(io_source()),

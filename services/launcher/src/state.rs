@@ -30,6 +30,8 @@ pub enum LauncherError {
     Store(#[from] sqlx::Error),
     #[error(transparent)]
     Bus(#[from] wnodes_bus::BusError),
+    #[error(transparent)]
+    Confine(#[from] crate::confine::ConfineError),
 }
 
 /// State shared by the handler and the background tasks.
