@@ -180,6 +180,12 @@ pub fn render_config(opts: &StackOptions, c: &ConfigInputs<'_>) -> String {
         qp(&work.join("state/image/cache")),
         qp(&work.join("state/scratch/volumes")),
     );
+    // Each VM's qemu as a uid of its own needs root; without it qemu runs as the caller.
+    let _ = writeln!(
+        cfg,
+        "\n[launcher.confinement]\nvm_users = {}",
+        crate::netns::is_root()
+    );
     let _ = writeln!(
         cfg,
         "\n[launcher.policy]\nvo_images = {{ {} }}\nnetwork_mode = {}\n\

@@ -1,0 +1,206 @@
+//! What the launcher's fuzz target checks (`fuzz/`, run by hand with `scripts/fuzz.sh launch`),
+//! shared with the test that replays its committed corpus (`tests/fuzz_corpus.rs`), so a crash
+//! input stays a regression test.
+//!
+//! [`exercise_launch`] takes the values an event hands the launcher (the VM id of a spec; the
+//! paths, format, tap, MAC and addresses of the four preparation results; a host path against
+//! the host policy's roots) as newline-separated fields and runs them through the validators
+//! that guard qemu's command line and the host: [`VmDir::new`], [`build_args`] and
+//! [`wnodes_runtime::host_paths::resolve_under`]. Nothing may panic, and whatever is accepted
+//! must be harmless: every option qemu gets carries only the keys the launcher means to set
+//! (no `,file=/etc/shadow` smuggled in a path), the kernel command line only the launcher's
+//! parameters, the VM id is one path component, and a resolved host path lies under a root.
+
+use std::path::{Component, Path, PathBuf};
+
+use wnodes_proto::v1::{ImageReady, NetworkMode, NetworkReady, ScratchReady, StorageReady, VmSpec};
+
+use crate::{
+    config::Accel,
+    qemu::{LaunchInputs, build_args},
+    vm_dir::VmDir,
+};
+
+/// The keys each qemu option may carry, the first item's fixed value where it has one.
+fn allowed_keys(
+    option: &str,
+) -> Option<(&'static [&'static str], Option<&'static [&'static str]>)> {
+    Some(match option {
+        "-drive" => (&["file", "format", "if", "readonly", "snapshot"], None),
+        "-netdev" => (
+            &["id", "ifname", "script", "downscript"],
+            Some(&["user", "tap"]),
+        ),
+        "-device" => (&["netdev", "mac"], Some(&["virtio-net-pci"])),
+        "-fw_cfg" => (&["name", "file"], None),
+        "-qmp" => (&["server", "wait"], None),
+        _ => return None,
+    })
+}
+
+/// The kernel parameters the launcher sets.
+const KERNEL_KEYS: [&str; 10] = [
+    "console",
+    "root",
+    "panic",
+    "quiet",
+    "wnodes.ip",
+    "wnodes.gw",
+    "wnodes.sshfs",
+    "wnodes.scratch",
+    "wnodes.uid",
+    "wnodes.gid",
+];
+
+fn check_option(option: &str, value: &str) {
+    match option {
+        "-serial" => assert!(
+            value.starts_with("file:") && !value.contains(','),
+            "-serial {value:?}"
+        ),
+        "-append" => {
+            assert!(
+                !value.contains(['"', '\'', '\\', '\n']),
+                "kernel command line {value:?}"
+            );
+            for word in value.split(' ') {
+                let key = word.split_once('=').map_or(word, |(k, _)| k);
+                assert!(
+                    KERNEL_KEYS.contains(&key),
+                    "kernel parameter {word:?} in {value:?}"
+                );
+            }
+        }
+        _ => {
+            let Some((keys, first)) = allowed_keys(option) else {
+                return;
+            };
+            let mut items = value.split(',');
+            if let Some(first) = first {
+                let head = items.next().unwrap_or_default();
+                assert!(first.contains(&head), "{option} {value:?}");
+            } else if option == "-qmp" {
+                let head = items.next().unwrap_or_default();
+                assert!(head.starts_with("unix:"), "{option} {value:?}");
+            }
+            let mut files = 0;
+            for item in items {
+                let key = item.split_once('=').map_or(item, |(k, _)| k);
+                assert!(keys.contains(&key), "{option} {value:?}: key {key:?}");
+                files += usize::from(key == "file");
+            }
+            assert!(files <= 1, "{option} {value:?} names more than one file");
+        }
+    }
+}
+
+/// Field `i` of the newline-separated input (empty when missing).
+fn field<'a>(fields: &[&'a str], i: usize) -> &'a str {
+    fields.get(i).copied().unwrap_or_default()
+}
+
+/// Runs `data` through the launcher's validators (see the module doc). Returns whether qemu's
+/// command line was built.
+pub fn exercise_launch(data: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(data);
+    let fields: Vec<&str> = text.split('\n').collect();
+    let vm_id = field(&fields, 0);
+    let vms = Path::new("/var/lib/wnodes/launcher/vms");
+    let vm = match VmDir::new(vms, vm_id) {
+        Ok(vm) => {
+            let mut parts = Path::new(vm_id).components();
+            assert!(
+                matches!(parts.next(), Some(Component::Normal(_))) && parts.next().is_none(),
+                "VM id {vm_id:?} is not one path component"
+            );
+            vm
+        }
+        // Refused: the rest runs on a valid id.
+        Err(_) => match VmDir::new(vms, "vm-0123456789ab") {
+            Ok(vm) => vm,
+            Err(_) => return false,
+        },
+    };
+
+    // The host policy's path check.
+    let roots = [
+        PathBuf::from("/var/lib/wnodes/image/cache"),
+        PathBuf::from("/tmp"),
+    ];
+    if let Ok(resolved) = wnodes_runtime::host_paths::resolve_under(field(&fields, 13), &roots) {
+        assert!(
+            roots.iter().any(|r| resolved.starts_with(r)),
+            "{resolved:?} is not under a root"
+        );
+        assert!(
+            !resolved.components().any(|c| c == Component::ParentDir),
+            "{resolved:?} keeps a .."
+        );
+    }
+
+    let spec = VmSpec {
+        vm_id: vm.vm_id().to_owned(),
+        cores: u32::from(data.first().copied().unwrap_or(1)),
+        memory_bytes: 256 << 20,
+        ..Default::default()
+    };
+    let image = ImageReady {
+        path: field(&fields, 1).into(),
+        kernel_path: field(&fields, 2).into(),
+        initrd_path: field(&fields, 3).into(),
+        format: field(&fields, 4).into(),
+        ..Default::default()
+    };
+    let scratch = ScratchReady {
+        path: field(&fields, 5).into(),
+        ..Default::default()
+    };
+    let user_mode = field(&fields, 6).starts_with('u');
+    let network = NetworkReady {
+        mode: if user_mode {
+            NetworkMode::User
+        } else {
+            NetworkMode::VirtioTap
+        } as i32,
+        tap: field(&fields, 7).into(),
+        mac: field(&fields, 8).into(),
+        address: field(&fields, 9).into(),
+        gateway: field(&fields, 10).into(),
+        ..Default::default()
+    };
+    let storage = StorageReady {
+        address: field(&fields, 11).into(),
+        port: 2222,
+        remote_path: field(&fields, 12).into(),
+        ..Default::default()
+    };
+    let inputs = LaunchInputs {
+        accel: Accel::Tcg,
+        vm: &vm,
+        spec: &spec,
+        image: &image,
+        scratch: Some(&scratch),
+        network: Some(&network),
+        storage: Some(&storage),
+        sandbox: true,
+    };
+    let Ok(args) = build_args(&inputs) else {
+        return false;
+    };
+    let mut it = args.iter();
+    while let Some(option) = it.next() {
+        assert!(
+            option.starts_with('-'),
+            "a value where an option belongs: {option:?}"
+        );
+        if matches!(option.as_str(), "-nodefaults" | "-no-reboot" | "-snapshot") {
+            continue;
+        }
+        let value = it.next();
+        assert!(value.is_some(), "option {option} without its value");
+        if let Some(value) = value {
+            check_option(option, value);
+        }
+    }
+    true
+}
