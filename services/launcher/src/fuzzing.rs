@@ -204,3 +204,34 @@ pub fn exercise_launch(data: &[u8]) -> bool {
     }
     true
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[should_panic(expected = "key \"cache\"")]
+    fn a_key_smuggled_into_an_option_is_caught() {
+        check_option("-drive", "file=/img/a,if=virtio,cache=unsafe");
+    }
+
+    #[test]
+    #[should_panic(expected = "kernel parameter")]
+    fn a_kernel_parameter_smuggled_in_is_caught() {
+        check_option("-append", "console=ttyS0 init=/bin/sh");
+    }
+
+    #[test]
+    fn the_launchers_own_options_pass() {
+        check_option("-drive", "file=/img/a,format=raw,if=virtio,readonly=on");
+        check_option(
+            "-netdev",
+            "tap,id=n0,ifname=wn-0123456789ab,script=no,downscript=no",
+        );
+        check_option("-qmp", "unix:/s/qmp.sock,server=on,wait=off");
+        check_option(
+            "-append",
+            "console=ttyS0 root=/dev/vda wnodes.sshfs=10.0.2.2:2222:/e",
+        );
+    }
+}
