@@ -10,17 +10,11 @@ use std::path::PathBuf;
 use wnodes_bus::fuzzing::{exercise_event, exercise_names};
 
 fn inputs(dir: &str, target: &str) -> Vec<PathBuf> {
-    let d = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("fuzz")
-        .join(dir)
-        .join(target);
-    match std::fs::read_dir(&d) {
-        Ok(entries) => entries
-            .map(|e| e.unwrap().path())
-            .filter(|p| p.is_file())
-            .collect(),
-        Err(_) => Vec::new(),
-    }
+    wnodes_testkit::files::fuzz_inputs(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")),
+        dir,
+        target,
+    )
 }
 
 fn all(target: &str) -> Vec<Vec<u8>> {

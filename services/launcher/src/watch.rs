@@ -163,6 +163,17 @@ fn watch_shutdown_events(
     (rx, task)
 }
 
+/// Stops a VM the host ends (walltime, output limit): powerdown, then `quit` after the grace.
+async fn force_stop(vm: &VmDir, pid: u32, opts: &WatchOptions) {
+    if let Err(e) = qmp::stop_vm(&vm.qmp_socket(), opts.powerdown_grace, || {
+        vm.qemu_alive(pid)
+    })
+    .await
+    {
+        tracing::warn!(vm_id = vm.vm_id(), error = %wnodes_bus::ErrorChain(&e), "Cannot stop the VM through QMP.");
+    }
+}
+
 /// Waits until the VM's qemu has exited, enforcing the walltime, then returns the result.
 pub async fn watch(vm: &VmDir, opts: &WatchOptions) -> Result<VmExit, WatchError> {
     let running = vm
@@ -206,13 +217,7 @@ pub async fn watch(vm: &VmDir, opts: &WatchOptions) -> Result<VmExit, WatchError
                 "The VM wrote more output than the host keeps; stopping it."
             );
             forced = Some(STOP_OUTPUT_LIMIT);
-            if let Err(e) = qmp::stop_vm(&vm.qmp_socket(), opts.powerdown_grace, || {
-                vm.qemu_alive(pid)
-            })
-            .await
-            {
-                tracing::warn!(vm_id = vm.vm_id(), error = %wnodes_bus::ErrorChain(&e), "Cannot stop the VM through QMP.");
-            }
+            force_stop(vm, pid, opts).await;
         }
         if forced.is_none()
             && let Some(w) = walltime
@@ -223,13 +228,7 @@ pub async fn watch(vm: &VmDir, opts: &WatchOptions) -> Result<VmExit, WatchError
         {
             tracing::info!(vm_id = vm.vm_id(), walltime = ?w, "Walltime over; stopping the VM.");
             forced = Some(STOP_WALLTIME);
-            if let Err(e) = qmp::stop_vm(&vm.qmp_socket(), opts.powerdown_grace, || {
-                vm.qemu_alive(pid)
-            })
-            .await
-            {
-                tracing::warn!(vm_id = vm.vm_id(), error = %wnodes_bus::ErrorChain(&e), "Cannot stop the VM through QMP.");
-            }
+            force_stop(vm, pid, opts).await;
         }
         tokio::select! {
             _ = tokio::time::sleep(opts.poll) => {}
