@@ -40,16 +40,6 @@ t_start=$SECONDS
 ensure_docker
 build_images
 t_built=$SECONDS
-finish() {
-    local rc=$?
-    if [[ $keep == 1 ]]; then
-        echo "== stack kept; to remove it: $(dc_hint) down -v; rm -rf compose/run"
-    else
-        stack_down
-        echo "== stack down"
-    fi
-    exit "$rc"
-}
 trap finish EXIT
 echo "== starting the stack: 3 nats-server, postgres, traces, prometheus, bridge, accounting, backlog, hv1, hv2 (5 services each)"
 stack_up 300

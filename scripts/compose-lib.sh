@@ -108,6 +108,20 @@ stack_down() {
     rm -rf "$COMPOSE_DIR/run"
 }
 
+# The scripts' EXIT trap: takes the stack down unless $keep is 1 (then says how), removes the
+# script's scratch directory $work when it made one, and exits with the script's status.
+finish() {
+    local rc=$?
+    if [[ ${keep:-0} == 1 ]]; then
+        echo "== stack kept; to remove it: $(dc_hint) down -v; rm -rf compose/run"
+    else
+        stack_down
+        echo "== stack down"
+    fi
+    [[ -n ${work:-} ]] && rm -rf "$work"
+    exit "$rc"
+}
+
 # `up -d`, then waits until every service answers /readyz with 200 (at most $1 seconds).
 stack_up() {
     local limit=${1:-300} t0=$SECONDS

@@ -45,17 +45,6 @@ done
 t_start=$SECONDS
 ensure_docker
 build_images
-finish() {
-    local rc=$?
-    if [[ $keep == 1 ]]; then
-        echo "== stack kept; to remove it: $(dc_hint) down -v; rm -rf compose/run"
-    else
-        stack_down
-        echo "== stack down"
-    fi
-    [[ -n ${work:-} ]] && rm -rf "$work"
-    exit "$rc"
-}
 trap finish EXIT
 stack_up 300
 echo "== stack ready in $((SECONDS - t_start)) s (with the image builds)"

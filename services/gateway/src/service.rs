@@ -74,6 +74,12 @@ enum Plan {
     },
 }
 
+/// In user-mode networking, the uid a connection's socket must belong to: the VM's own
+/// (its qemu's, `VmSpec.vm_user`), when the launcher gave it one.
+fn vm_peer_uid(spec: &proto::VmSpec, user_mode: bool) -> Option<u32> {
+    spec.vm_user.as_ref().map(|u| u.uid).filter(|_| user_mode)
+}
+
 impl GatewayHandler {
     /// Builds the handler from its configuration.
     pub fn new(cfg: &GatewayConfig, source: String) -> Result<Self, GatewayConfigError> {
@@ -187,9 +193,7 @@ impl GatewayHandler {
                 read_only: export.read_only,
                 uid: owner.uid,
                 gid: owner.gid,
-                peer_uid: user_mode
-                    .then(|| spec.vm_user.as_ref().map(|u| u.uid))
-                    .flatten(),
+                peer_uid: vm_peer_uid(spec, user_mode),
             },
             bind,
             guest_path: export.guest_path.clone(),
@@ -425,11 +429,8 @@ impl GatewayHandler {
             read_only: export.read_only,
             uid: owner.uid,
             gid: owner.gid,
-            peer_uid: spec
-                .vm_user
-                .as_ref()
-                .map(|u| u.uid)
-                .filter(|_| allowed == IpAddr::V4(Ipv4Addr::LOCALHOST)),
+            // Served on loopback: user-mode networking.
+            peer_uid: vm_peer_uid(spec, allowed == IpAddr::V4(Ipv4Addr::LOCALHOST)),
         };
         let addr = SocketAddr::new(bind, *port);
         match TcpListener::bind(addr).await {

@@ -120,6 +120,18 @@ fn fixture(script: &str) -> Fixture {
 }
 
 impl Fixture {
+    /// Launches qemu (from `PATH`) on `inputs`, without a cgroup, confined as configured.
+    async fn launch(&self, inputs: &LaunchInputs<'_>) -> Result<RunningRecord, qemu::QemuError> {
+        qemu::launch(
+            Path::new("qemu-system-x86_64"),
+            inputs,
+            None,
+            0,
+            &self.confinement,
+        )
+        .await
+    }
+
     /// What qemu is launched with: this fixture's VM, spec and image (TCG), and the given
     /// preparation results.
     fn inputs<'a>(
@@ -145,15 +157,7 @@ async fn boot(f: &Fixture) -> RunningRecord {
     let scratch = ScratchReady::default();
     let storage = StorageReady::default();
     let inputs = f.inputs(Some(&scratch), Some(&f.network), Some(&storage));
-    let running = qemu::launch(
-        Path::new("qemu-system-x86_64"),
-        &inputs,
-        None,
-        0,
-        &f.confinement,
-    )
-    .await
-    .expect("qemu starts");
+    let running = f.launch(&inputs).await.expect("qemu starts");
     assert_eq!(running.usage, UsageSource::Proc);
     assert!(f.vm.qemu_alive(running.pid), "qemu runs detached");
     running
@@ -329,15 +333,7 @@ async fn vm_scratch_disk_and_owner_uid_reach_the_guest() {
     };
     let storage = StorageReady::default();
     let inputs = f.inputs(Some(&scratch), None, Some(&storage));
-    qemu::launch(
-        Path::new("qemu-system-x86_64"),
-        &inputs,
-        None,
-        0,
-        &f.confinement,
-    )
-    .await
-    .unwrap();
+    f.launch(&inputs).await.unwrap();
     let exit = watch_to_end(&f.vm).await;
     assert_eq!(exit.exit_code, 0, "console:\n{}", console(&f.vm));
     assert_eq!(exit.output_tail, "1000\n1001\ndata\n/scratch\n");
@@ -350,15 +346,7 @@ async fn vm_launch_failure_reports_why() {
     let scratch = ScratchReady::default();
     let storage = StorageReady::default();
     let inputs = f.inputs(Some(&scratch), None, Some(&storage));
-    let err = qemu::launch(
-        Path::new("qemu-system-x86_64"),
-        &inputs,
-        None,
-        0,
-        &f.confinement,
-    )
-    .await
-    .unwrap_err();
+    let err = f.launch(&inputs).await.unwrap_err();
     assert!(
         err.to_string().contains("/nonexistent/rootfs.ext4"),
         "{err}"
@@ -430,15 +418,7 @@ async fn vm_user_mode_storage_is_mounted_from_the_host() {
         ..Default::default()
     };
     let inputs = f.inputs(Some(&scratch), Some(&f.network), Some(&storage));
-    qemu::launch(
-        Path::new("qemu-system-x86_64"),
-        &inputs,
-        None,
-        0,
-        &f.confinement,
-    )
-    .await
-    .unwrap();
+    f.launch(&inputs).await.unwrap();
     let exit = watch_to_end(&f.vm).await;
     assert_eq!(exit.exit_code, 0, "console:\n{}", console(&f.vm));
     assert_eq!(exit.output_tail, "from host\n/shared\n");
@@ -565,15 +545,7 @@ async fn vm_a_state_directory_the_vm_user_cannot_enter_is_named() {
     let scratch = ScratchReady::default();
     let storage = StorageReady::default();
     let inputs = f.inputs(Some(&scratch), None, Some(&storage));
-    let err = qemu::launch(
-        Path::new("qemu-system-x86_64"),
-        &inputs,
-        None,
-        0,
-        &f.confinement,
-    )
-    .await
-    .unwrap_err();
+    let err = f.launch(&inputs).await.unwrap_err();
     let text = err.to_string();
     assert!(
         text.contains("cannot enter") && text.contains(&parent.display().to_string()),
