@@ -16,10 +16,9 @@
 //!   before exit is the result. While the launcher is down nothing is sampled, so CPU time
 //!   after the last sample is missed.
 //!
-//! With a cgroup, the *foreground* qemu is moved into the group(s) right after `spawn()`,
-//! before it daemonizes: the daemon forks from it and inherits the group, so qemu's whole life
-//! is counted (the daemon's pid is checked to be in the group afterwards, and moved there if it
-//! is not). The group keeps counting after qemu exits and stays readable until the launcher
+//! With a cgroup, the launcher's wrapper joins the group(s) before it execs qemu, so qemu's
+//! whole life is counted (qemu's pid is checked to be in the group afterwards, and moved there
+//! if it is not). The group keeps counting after qemu exits and stays readable until the launcher
 //! removes it, also after a launcher restart; [`final_usage`] reads it and the watcher then
 //! removes it (`rmdir`). On start the launcher removes the groups of VMs that are finished or
 //! unknown to its state directory ([`list_groups`]).

@@ -180,7 +180,7 @@ pub struct RunningRecord {
     pub walltime_secs: u64,
     pub usage: UsageSource,
     /// CPU time qemu had already used when the VM started running (its start-up, counted by a
-    /// cgroup it joined before daemonizing), in nanoseconds: subtracted at the end, so that CPU
+    /// cgroup it was started in), in nanoseconds: subtracted at the end, so that CPU
     /// time and wall time cover the same interval (`vm.running` → `vm.stopped`).
     #[serde(default)]
     pub cpu_at_start_ns: u64,
