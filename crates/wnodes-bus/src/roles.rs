@@ -95,7 +95,8 @@ pub const LAUNCHER: Role = Role {
 pub const IMAGE: Role = Role {
     name: "image",
     scope: Scope::PerHost,
-    consumes: &[VmRequested, JobQueued],
+    // vm.stopped / vm.failed: a VM's image may be evicted from the cache again.
+    consumes: &[VmRequested, VmStopped, VmFailed, JobQueued],
     publishes: &[ImageReady, ImageFailed],
     watches_runs: false,
     optional: false,
@@ -240,6 +241,8 @@ mod tests {
             IMAGE.filters("hv1.x").unwrap(),
             [
                 "wnodes.evt.hv1_x.vm.requested",
+                "wnodes.evt.hv1_x.vm.stopped",
+                "wnodes.evt.hv1_x.vm.failed",
                 "wnodes.evt._queued.job.queued"
             ]
         );

@@ -12,10 +12,21 @@
 //! a caller that gives up (handler timeout) does not cancel the fetch for the others. The
 //! flight counts its bytes ([`FetchProgress`]), so every request that joins it, however late,
 //! can report how far it is.
+//!
+//! Within its disk: with a cap ([`Watermarks`]), [`Cache::enforce`] removes the least recently
+//! used files once the cached files exceed the high watermark, until they are within the low
+//! one. A file is used when it is fetched or found (its mtime is set to that moment, so the
+//! order survives a restart). A file some holder has pinned ([`Cache::pin`]: the image service
+//! pins a VM's image, kernel and initrd from its `vm.requested` until its `vm.stopped` or
+//! `vm.failed`) is never removed; pins are taken before the lookup and eviction holds the pin
+//! lock while it removes, so a file is either pinned before eviction looks or looked up again
+//! (and fetched again) after it. Enforcement runs after every fetch, after an unpin and at
+//! start; the cap is the point where eviction starts, not a reservation (a fetch may take the
+//! files above it until it ends).
 
 use parking_lot::Mutex;
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     io,
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
@@ -23,7 +34,7 @@ use std::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use futures::{
@@ -33,7 +44,10 @@ use futures::{
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::config::{Artifact, is_sha256_hex};
+use crate::{
+    config::{Artifact, Watermarks, is_sha256_hex},
+    metrics::CacheMetrics,
+};
 
 /// Prefix of temporary files in the cache directory.
 const TMP_PREFIX: &str = ".tmp-";
@@ -211,6 +225,19 @@ struct Inner {
     client: reqwest::Client,
     in_flight: Mutex<HashMap<String, Flight>>,
     downloads: AtomicU64,
+    limits: Option<Watermarks>,
+    /// Holder (a run key) → the digests it pinned.
+    pins: Mutex<HashMap<String, Vec<String>>>,
+    metrics: CacheMetrics,
+}
+
+/// What one [`Cache::enforce`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Evicted {
+    /// The digests removed, least recently used first, with their sizes.
+    pub removed: Vec<(String, u64)>,
+    /// Bytes of cached files afterwards.
+    pub bytes_after: u64,
 }
 
 impl std::fmt::Debug for Inner {
@@ -223,8 +250,18 @@ impl std::fmt::Debug for Inner {
 }
 
 impl Cache {
-    /// Opens the cache under `cache_dir` (creating `<cache_dir>/sha256`).
+    /// Opens the cache under `cache_dir` (creating `<cache_dir>/sha256`), without a cap.
     pub fn open(cache_dir: &Path) -> Result<Self, CacheError> {
+        Self::open_with(cache_dir, None, CacheMetrics::default())
+    }
+
+    /// Opens the cache under `cache_dir` with its cap (`None`: no eviction) and the metrics it
+    /// counts into.
+    pub fn open_with(
+        cache_dir: &Path,
+        limits: Option<Watermarks>,
+        metrics: CacheMetrics,
+    ) -> Result<Self, CacheError> {
         let dir = cache_dir.join("sha256");
         std::fs::create_dir_all(&dir).map_err(io_err("create the cache directory", &dir))?;
         wnodes_bus::connect::install_crypto_provider();
@@ -240,6 +277,9 @@ impl Cache {
                 client,
                 in_flight: Mutex::new(HashMap::new()),
                 downloads: AtomicU64::new(0),
+                limits,
+                pins: Mutex::new(HashMap::new()),
+                metrics,
             }),
         })
     }
@@ -287,6 +327,7 @@ impl Cache {
         // and deregisters) in between cannot make us start a second download.
         let mut in_flight = self.inner.in_flight.lock();
         if let Some(flight) = in_flight.get(digest) {
+            self.inner.metrics.misses.inc();
             return Ok(Started::Fetching(Fetch {
                 flight: flight.clone(),
                 path,
@@ -294,6 +335,8 @@ impl Cache {
         }
         match std::fs::metadata(&path) {
             Ok(m) => {
+                self.inner.metrics.hits.inc();
+                touch(&path);
                 return Ok(Started::Cached(Cached {
                     path,
                     size_bytes: m.len(),
@@ -303,23 +346,30 @@ impl Cache {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_err("inspect", &path)(e)),
         }
+        self.inner.metrics.misses.inc();
         self.inner.downloads.fetch_add(1, Ordering::Relaxed);
-        let inner = self.inner.clone();
+        let cache = self.clone();
         let art = artifact.clone();
         let progress = Arc::new(FetchProgress::new());
         let counter = progress.clone();
         let task = tokio::spawn(async move {
             let started = tokio::time::Instant::now();
-            let res = fetch(&inner, &art, &counter).await;
+            let res = fetch(&cache.inner, &art, &counter).await;
             match &res {
                 Ok(size) => {
+                    cache.inner.metrics.fetched_bytes.inc_by(*size);
                     tracing::info!(url = %art.url, sha256 = %art.sha256, size, elapsed = ?started.elapsed(), "Fetched into the cache.")
                 }
                 Err(e) => {
                     tracing::warn!(url = %art.url, sha256 = %art.sha256, error = %wnodes_bus::ErrorChain(e), "Fetch failed.")
                 }
             }
-            inner.in_flight.lock().remove(&art.sha256);
+            cache.inner.in_flight.lock().remove(&art.sha256);
+            if res.is_ok()
+                && let Err(e) = cache.enforce().await
+            {
+                tracing::warn!(error = %wnodes_bus::ErrorChain(&e), "Cannot keep the image cache within its cap.");
+            }
             res.map_err(Arc::new)
         });
         let owned_digest = digest.to_owned();
@@ -337,6 +387,111 @@ impl Cache {
         let flight = Flight { result, progress };
         in_flight.insert(digest.to_owned(), flight.clone());
         Ok(Started::Fetching(Fetch { flight, path }))
+    }
+
+    /// Pins `digests` for `holder` (replacing what it pinned before): [`Cache::enforce`] never
+    /// removes them until [`Cache::unpin`]. Pin before looking an image up.
+    pub fn pin(&self, holder: &str, digests: Vec<String>) {
+        self.inner.pins.lock().insert(holder.to_owned(), digests);
+        self.inner.metrics.pinned.set(self.pinned().len() as i64);
+    }
+
+    /// Drops `holder`'s pins; true when it had some.
+    pub fn unpin(&self, holder: &str) -> bool {
+        let had = self.inner.pins.lock().remove(holder).is_some();
+        self.inner.metrics.pinned.set(self.pinned().len() as i64);
+        had
+    }
+
+    /// Every digest some holder pinned.
+    pub fn pinned(&self) -> HashSet<String> {
+        self.inner.pins.lock().values().flatten().cloned().collect()
+    }
+
+    /// The cap's watermarks, `None` without a cap.
+    pub fn limits(&self) -> Option<Watermarks> {
+        self.inner.limits
+    }
+
+    /// Keeps the cache within its cap: when the cached files exceed the high watermark,
+    /// removes unpinned files, least recently used first, until they are within the low one
+    /// (or only pinned files are left, which is logged). Without a cap it only measures.
+    pub async fn enforce(&self) -> Result<Evicted, CacheError> {
+        let cache = self.clone();
+        tokio::task::spawn_blocking(move || cache.enforce_now())
+            .await
+            .map_err(|e| io_err("keep within its cap", &self.inner.dir)(io::Error::other(e)))?
+    }
+
+    fn enforce_now(&self) -> Result<Evicted, CacheError> {
+        let inner = &self.inner;
+        // Held while removing: a pin taken meanwhile waits, then finds the file gone and
+        // fetches it again.
+        let pins = inner.pins.lock();
+        let mut files = self.files()?;
+        let mut total: u64 = files.iter().map(|f| f.size).sum();
+        let mut done = Evicted::default();
+        if let Some(limits) = inner.limits
+            && total > limits.high
+        {
+            let pinned: HashSet<&str> = pins.values().flatten().map(String::as_str).collect();
+            files.sort_by(|a, b| a.used.cmp(&b.used).then_with(|| a.digest.cmp(&b.digest)));
+            for f in &files {
+                if total <= limits.low {
+                    break;
+                }
+                if pinned.contains(f.digest.as_str()) {
+                    continue;
+                }
+                let path = inner.dir.join(&f.digest);
+                match std::fs::remove_file(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(io_err("evict", &path)(e)),
+                }
+                total = total.saturating_sub(f.size);
+                inner.metrics.evictions.inc();
+                inner.metrics.evicted_bytes.inc_by(f.size);
+                tracing::info!(sha256 = %f.digest, size = f.size, "Evicted the least recently used image from the cache.");
+                done.removed.push((f.digest.clone(), f.size));
+            }
+            if total > limits.low {
+                tracing::warn!(
+                    bytes = total,
+                    low_watermark = limits.low,
+                    pinned = pinned.len(),
+                    "The image cache stays above its low watermark: what is left is in use."
+                );
+            }
+        }
+        drop(pins);
+        inner
+            .metrics
+            .bytes
+            .set(i64::try_from(total).unwrap_or(i64::MAX));
+        done.bytes_after = total;
+        Ok(done)
+    }
+
+    /// The complete files in the cache: digest, size, last use.
+    fn files(&self) -> Result<Vec<CachedFile>, CacheError> {
+        let dir = &self.inner.dir;
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(dir).map_err(io_err("list", dir))? {
+            let entry = entry.map_err(io_err("list", dir))?;
+            let name = entry.file_name();
+            let Some(digest) = name.to_str().filter(|n| is_sha256_hex(n)) else {
+                continue;
+            };
+            // Removed meanwhile: not there any more.
+            let Ok(m) = entry.metadata() else { continue };
+            out.push(CachedFile {
+                digest: digest.to_owned(),
+                size: m.len(),
+                used: m.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+            });
+        }
+        Ok(out)
     }
 
     /// Removes temporary files a crash left in the cache directory; returns how many.
@@ -359,6 +514,22 @@ impl Cache {
             }
         }
         Ok(removed)
+    }
+}
+
+/// A complete file in the cache.
+struct CachedFile {
+    digest: String,
+    size: u64,
+    used: SystemTime,
+}
+
+/// Records a use of a cached file: its mtime becomes now (the LRU order, kept across restarts).
+/// The file is read-only; its owner may still set its times.
+fn touch(path: &Path) {
+    let res = std::fs::File::open(path).and_then(|f| f.set_modified(SystemTime::now()));
+    if let Err(e) = res {
+        tracing::warn!(path = %path.display(), error = %e, "Cannot record the use of a cached image.");
     }
 }
 

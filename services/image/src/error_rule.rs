@@ -3,7 +3,11 @@
 
 use wnodes_testkit::error_rule::io_source;
 
-use crate::{cache::CacheError, config::CatalogError};
+use crate::{
+    cache::CacheError,
+    config::{CatalogError, ConfigError},
+    pins::PinsError,
+};
 
 /// A `reqwest::Error` as a request to a malformed URL gives it.
 fn reqwest_error() -> reqwest::Error {
@@ -57,5 +61,15 @@ wnodes_testkit::error_rule! {
     }
     CatalogError {
         CatalogError { .. } => catalog_error(),
+    }
+    ConfigError {
+        ConfigError::Catalog(_) => ConfigError::Catalog(catalog_error()),
+        ConfigError::Limits { .. } => ConfigError::Limits {
+            key: "low_watermark_percent",
+            problem: "95 must be below high_watermark_percent (90)".into(),
+        },
+    }
+    PinsError {
+        PinsError { .. } => crate::pins::sample_error(),
     }
 }

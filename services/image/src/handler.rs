@@ -1,6 +1,12 @@
 //! The one handler of the `image-<host>` consumer: `vm.requested` → make sure the image (and
 //! kernel/initrd) is cached → `image.ready` / `image.failed`; `job.queued` with an
-//! `image_hint` → start a prefetch (no event).
+//! `image_hint` → start a prefetch (no event); `vm.stopped` / `vm.failed` → the run's files may
+//! be evicted again (no event).
+//!
+//! A `vm.requested` pins the image's files in the cache (under the run key) before it looks
+//! them up, and records the pin in the `image_pins` table in its transaction; the VM's end
+//! releases it (a tombstone: a late `vm.requested` of that run pins nothing) and lets the
+//! cache evict down to its low watermark if it is above the high one.
 //!
 //! Failures are events: an unknown image, a digest mismatch or a missing source is answered
 //! with `image.failed` at once. Transient trouble (network, 5xx, a fetch still running when the
@@ -17,6 +23,7 @@ use wnodes_bus::{
 use crate::{
     cache::{Cache, CacheError, Cached},
     config::{Artifact, CatalogEntry},
+    pins,
 };
 
 /// Handles `vm.requested` and `job.queued` for one host.
@@ -113,13 +120,37 @@ impl ImageHandler {
             return Ok(());
         };
         let disk = entry.disk();
+        let run_key = incoming.run_key();
+        let digests: Vec<String> = std::iter::once(&disk)
+            .chain(entry.kernel.iter())
+            .chain(entry.initrd.iter())
+            .map(|a| a.sha256.clone())
+            .collect();
+        let released = pins::is_released(ctx.sqlite_store()?.read_pool(), &run_key)
+            .await
+            .map_err(HandlerError::retry)?;
+        // Pinned before the lookup, so eviction cannot take a file between the two.
+        if !released {
+            self.cache.pin(&run_key, digests.clone());
+        }
         let parts = futures::future::try_join3(
             self.ensure_part(format!("image '{image}'"), &disk),
             self.ensure_optional(format!("kernel of image '{image}'"), entry.kernel.as_ref()),
             self.ensure_optional(format!("initrd of image '{image}'"), entry.initrd.as_ref()),
         );
         let last_attempt = ctx.attempt() >= self.max_attempts;
-        match tokio::time::timeout(self.wait, parts).await {
+        let outcome = tokio::time::timeout(self.wait, parts).await;
+        if !released {
+            let conn = ctx.tx().await?;
+            let using = pins::mark_using(conn, &run_key, vm_id, &digests)
+                .await
+                .map_err(HandlerError::retry)?;
+            // The VM ended while its image was being looked up: its release wins.
+            if !using {
+                self.cache.unpin(&run_key);
+            }
+        }
+        match outcome {
             Ok(Ok((disk, kernel, initrd))) => {
                 let cache_hit = disk.hit
                     && kernel.as_ref().is_none_or(|k| k.hit)
@@ -168,6 +199,41 @@ impl ImageHandler {
         }
     }
 
+    /// The VM of the run ended: its files are no longer in use.
+    async fn on_vm_ended(
+        &self,
+        ctx: &mut HandlerCtx,
+        incoming: &proto::Event,
+        vm_id: &str,
+    ) -> Result<(), HandlerError> {
+        let run_key = incoming.run_key();
+        let conn = ctx.tx().await?;
+        pins::mark_released(conn, &run_key, vm_id)
+            .await
+            .map_err(HandlerError::retry)?;
+        if self.cache.unpin(&run_key) {
+            tracing::info!(
+                vm_id,
+                run_key,
+                "The VM ended; its image may be evicted again."
+            );
+            match self.cache.enforce().await {
+                Ok(e) if !e.removed.is_empty() => {
+                    tracing::info!(
+                        evicted = e.removed.len(),
+                        bytes = e.bytes_after,
+                        "Image cache back within its cap."
+                    )
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %ErrorChain(&e), "Cannot keep the image cache within its cap.")
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn on_job_queued(&self, q: &proto::JobQueued) {
         let Some(job) = q.job.as_ref() else { return };
         let hint = job.image_hint.as_str();
@@ -214,6 +280,15 @@ impl Handler for ImageHandler {
             Some(Body::JobQueued(q)) => {
                 self.on_job_queued(q);
                 Ok(())
+            }
+            Some(Body::VmStopped(s)) if event.run.is_some() => {
+                self.on_vm_ended(ctx, &event, &s.vm_id).await
+            }
+            Some(Body::VmFailed(f)) if event.run.is_some() => {
+                self.on_vm_ended(ctx, &event, &f.vm_id).await
+            }
+            Some(Body::VmStopped(_) | Body::VmFailed(_)) => {
+                Err(HandlerError::reject("a VM's end without a run"))
             }
             other => {
                 tracing::debug!(event_type = ?other.as_ref().map(wnodes_bus::EventType::of), "Not for the image service; ignored.");

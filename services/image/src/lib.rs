@@ -4,13 +4,16 @@
 //!
 //! | module | what it holds |
 //! |---|---|
-//! | [`config`] | the `[image]` section: cache directory and image catalog |
-//! | [`cache`] | [`Cache`]: `<cache_dir>/sha256/<hex>`, verified streaming fetches, single flight |
-//! | [`handler`] | [`ImageHandler`]: `vm.requested` → ready/failed, `job.queued` → prefetch |
+//! | [`config`] | the `[image]` section: cache directory, cap and watermarks, image catalog |
+//! | [`cache`] | [`Cache`]: `<cache_dir>/sha256/<hex>`, verified streaming fetches, single flight, pins and LRU eviction |
+//! | [`pins`] | which runs use which cached files (`image_pins`, in the key store) |
+//! | [`metrics`] | [`CacheMetrics`]: hits, misses, evictions, bytes |
+//! | [`handler`] | [`ImageHandler`]: `vm.requested` → pin, ready/failed; `job.queued` → prefetch; `vm.stopped`/`vm.failed` → unpin |
 //! | [`prefetch`] | [`PrefetchServer`]: the operator's prefetch requests, answered with progress |
 //!
 //! [`Image`] is the service as the runtime runs it (`wnodes_runtime::main::<Image>()`): a durable
-//! consumer `image-<host>` on the host's `vm.requested` and every `job.queued`, and a task
+//! consumer `image-<host>` on the host's `vm.requested`, `vm.stopped`, `vm.failed` and every
+//! `job.queued`, and a task
 //! answering `wnodes.ctl.<host>.image.prefetch`.
 
 pub mod cache;
@@ -18,13 +21,20 @@ pub mod config;
 #[cfg(test)]
 mod error_rule;
 pub mod handler;
+pub mod metrics;
+pub mod pins;
 pub mod prefetch;
 
 use wnodes_runtime::{ConfigError, NoCommand, Parts, Service, ServiceCtx, StartError};
 
-pub use cache::{Cache, CacheError, Cached, Fetch, FetchProgress, Started};
-pub use config::{Artifact, CatalogEntry, CatalogError, DiskFormat, ImageConfig};
+pub use cache::{Cache, CacheError, Cached, Evicted, Fetch, FetchProgress, Started};
+pub use config::{
+    Artifact, CatalogEntry, CatalogError, ConfigError as ImageConfigError, DiskFormat, ImageConfig,
+    Watermarks,
+};
 pub use handler::ImageHandler;
+pub use metrics::CacheMetrics;
+pub use pins::PinsError;
 pub use prefetch::PrefetchServer;
 
 /// The image service.
@@ -46,20 +56,43 @@ impl Service for Image {
     }
 
     /// Opens the cache (default `<state_dir>/cache`), removes the temporary files a crash left
-    /// behind, and subscribes to this host's prefetch requests.
+    /// behind, pins again what the runs still using files hold, keeps the cache within its
+    /// cap, and subscribes to this host's prefetch requests.
     async fn build(ctx: &ServiceCtx<ImageConfig>) -> Result<Parts<ImageHandler>, StartError> {
         let config = &ctx.config;
         let cache_dir = config
             .cache_dir
             .clone()
             .unwrap_or_else(|| ctx.state_dir.join("cache"));
-        let cache =
-            Cache::open(&cache_dir).map_err(|e| StartError::failed("open the image cache", e))?;
+        let metrics = CacheMetrics::register(&mut ctx.registry.lock());
+        let cache = Cache::open_with(&cache_dir, config.watermarks(), metrics)
+            .map_err(|e| StartError::failed("open the image cache", e))?;
         let stale = cache
             .remove_stale_temp_files()
             .await
             .map_err(|e| StartError::failed("clean the image cache", e))?;
-        tracing::info!(cache = %cache.dir().display(), images = config.catalog.len(), stale, "Image cache open.");
+        pins::init(ctx.store.pool())
+            .await
+            .map_err(|e| StartError::failed("create the image pins table", e))?;
+        let using = pins::using(ctx.store.read_pool())
+            .await
+            .map_err(|e| StartError::failed("read the image pins", e))?;
+        for (run_key, digests) in &using {
+            cache.pin(run_key, digests.clone());
+        }
+        let evicted = cache
+            .enforce()
+            .await
+            .map_err(|e| StartError::failed("keep the image cache within its cap", e))?;
+        tracing::info!(
+            cache = %cache.dir().display(),
+            images = config.catalog.len(),
+            stale,
+            runs_using = using.len(),
+            evicted = evicted.removed.len(),
+            bytes = evicted.bytes_after,
+            "Image cache open."
+        );
         let requests = wnodes_bus::control::serve(
             &ctx.bus,
             &wnodes_bus::subject::image_prefetch_subject(&ctx.common.host)?,

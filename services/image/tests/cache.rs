@@ -1,5 +1,7 @@
 //! The content-addressed cache against real files and a loopback HTTP server.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a failure is a test failure
+
 use std::{os::unix::fs::PermissionsExt, path::Path, sync::atomic::Ordering, time::Duration};
 
 use wnodes_testkit::http::serve;
@@ -174,4 +176,98 @@ async fn stale_temp_files_are_removed_at_start() {
     std::fs::write(cache.dir().join(digest(b"k")), b"k").unwrap();
     assert_eq!(cache.remove_stale_temp_files().await.unwrap(), 1);
     assert_eq!(cache_entries(cache.dir()), vec![digest(b"k")]);
+}
+
+/// An image of `size` bytes made of `tag`, written as `<name>.raw` under `dir`.
+fn image_file(dir: &Path, name: &str, tag: u8, size: usize) -> Artifact {
+    let data = vec![tag; size];
+    let src = dir.join(format!("{name}.raw"));
+    std::fs::write(&src, &data).unwrap();
+    Artifact {
+        url: format!("file://{}", src.display()),
+        sha256: digest(&data),
+    }
+}
+
+/// A cap of 1000 bytes, evicting above 900 down to 600; four images of 300 bytes. The oldest
+/// image is pinned (a VM uses it): under pressure the least recently used *unpinned* image
+/// goes, the pinned one stays however old it is, and a looked-up image counts as used.
+#[tokio::test]
+async fn eviction_removes_the_least_recently_used_and_never_a_pinned_image() {
+    let tmp = tempfile::tempdir().unwrap();
+    let metrics = wnodes_image::CacheMetrics::default();
+    let limits = wnodes_image::Watermarks::of(1000, 90, 60);
+    assert_eq!(
+        limits,
+        wnodes_image::Watermarks {
+            high: 900,
+            low: 600
+        }
+    );
+    let cache = Cache::open_with(&tmp.path().join("cache"), Some(limits), metrics.clone()).unwrap();
+    let [a, b, c, d] =
+        [("a", 1u8), ("b", 2), ("c", 3), ("d", 4)].map(|(n, t)| image_file(tmp.path(), n, t, 300));
+    // mtimes have nanoseconds, but the file system's clock ticks: leave a gap between uses.
+    let gap = || tokio::time::sleep(Duration::from_millis(20));
+
+    cache.pin("run-a", vec![a.sha256.clone()]);
+    assert!(!cache.ensure(&a).await.unwrap().hit);
+    gap().await;
+    cache.ensure(&b).await.unwrap();
+    gap().await;
+    cache.ensure(&c).await.unwrap();
+    gap().await;
+    // 900 bytes: at the high watermark, not above it; nothing goes.
+    assert_eq!(metrics.evictions(), 0);
+    assert_eq!(metrics.bytes(), 900);
+    // b is used again: c is now the least recently used unpinned image.
+    assert!(cache.ensure(&b).await.unwrap().hit);
+    gap().await;
+    // d takes the cache to 1200 > 900: evict down to 600, least recently used first (a, c,
+    // b, d), skipping a (pinned): c goes (900 left), then b (600 left), leaving a and d.
+    cache.ensure(&d).await.unwrap();
+    let mut left = cache_entries(cache.dir());
+    left.sort();
+    let mut want = vec![a.sha256.clone(), d.sha256.clone()];
+    want.sort();
+    assert_eq!(left, want);
+    assert_eq!(metrics.evictions(), 2);
+    assert_eq!(metrics.evicted_bytes(), 600);
+    assert_eq!(metrics.bytes(), 600);
+    assert_eq!(metrics.hits(), 1);
+    assert_eq!(metrics.misses(), 4);
+    assert_eq!(metrics.fetched_bytes(), 1200);
+
+    // The VM using a ends: at 600 bytes the cache is within its cap, nothing goes.
+    assert!(cache.unpin("run-a"));
+    let e = cache.enforce().await.unwrap();
+    assert!(e.removed.is_empty(), "{e:?}");
+    assert_eq!(e.bytes_after, 600);
+    // Pressure again: b (900, not above the high watermark), then c (1200): now a, unpinned
+    // and the least recently used, goes first, then d.
+    cache.ensure(&b).await.unwrap();
+    gap().await;
+    cache.ensure(&c).await.unwrap();
+    let mut left = cache_entries(cache.dir());
+    left.sort();
+    let mut want = vec![b.sha256.clone(), c.sha256.clone()];
+    want.sort();
+    assert_eq!(left, want);
+    assert_eq!(metrics.evictions(), 4);
+}
+
+/// Without a cap nothing is evicted, however large the cache grows.
+#[tokio::test]
+async fn without_a_cap_nothing_is_evicted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let metrics = wnodes_image::CacheMetrics::default();
+    let cache = Cache::open_with(&tmp.path().join("cache"), None, metrics.clone()).unwrap();
+    for (n, t) in [("a", 1u8), ("b", 2), ("c", 3)] {
+        cache
+            .ensure(&image_file(tmp.path(), n, t, 4000))
+            .await
+            .unwrap();
+    }
+    assert_eq!(cache_entries(cache.dir()).len(), 3);
+    assert_eq!((metrics.evictions(), metrics.bytes()), (0, 12000));
 }

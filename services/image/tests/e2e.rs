@@ -64,6 +64,7 @@ async fn vm_requested_is_answered_with_ready_or_failed() {
                 raw(format!("file://{}", src.display()), wrong.clone()),
             ),
         ]),
+        ..Default::default()
     };
     let bus = connect(&nats.admin(), &format!("image@{HOST}"))
         .await
@@ -186,6 +187,7 @@ async fn job_queued_with_an_image_hint_prefetches_without_an_event() {
             "el9".to_owned(),
             raw(format!("file://{}", src.display()), sha.clone()),
         )]),
+        ..Default::default()
     };
     let bus = connect(&nats.admin(), &format!("image@{HOST}"))
         .await
@@ -296,6 +298,7 @@ fn one_image(url: String, sha256: String) -> ImageConfig {
     ImageConfig {
         cache_dir: None,
         catalog: BTreeMap::from([("sl6".to_owned(), raw(url, sha256))]),
+        ..Default::default()
     }
 }
 

@@ -87,6 +87,7 @@ impl Svc {
         let config = ImageConfig {
             cache_dir: None,
             catalog,
+            ..Default::default()
         };
         let running = InProcess::start::<Image>(Config::local(
             &nats
