@@ -206,6 +206,9 @@ ensure_apt e2fsprogs cpio
 # socat: the launcher's user-mode storage test pipes a port to sftp-server with it.
 # util-linux: setpriv (the gateway drops to the job's uid), unshare.
 ensure_apt socat util-linux
+# lvm2: the scratch service's LVM backend (its tests run lvm in metadata-only mode on a loop
+# device: docs/scratch-lvm.md).
+ensure_apt lvm2
 command -v qemu-system-x86_64 >/dev/null || die "qemu-system-x86_64 not on PATH after install"
 command -v qemu-img >/dev/null || die "qemu-img not on PATH after install"
 log "done: $(qemu-system-x86_64 --version | head -n1)"

@@ -2,17 +2,28 @@
 //!
 //! ```toml
 //! [scratch]
-//! backend = "file"              # "lvm" is reserved for later
-//! dir = "/var/lib/wnodes/scratch/volumes"   # default: <state_dir>/volumes
+//! backend = "file"              # or "lvm": one logical volume per VM ([scratch.lvm])
+//! dir = "/var/lib/wnodes/scratch/volumes"   # file backend; default: <state_dir>/volumes
 //! max_bytes = 68719476736       # largest volume one VM may get (64 GiB)
 //! default_bytes = 1073741824    # size when the VmSpec asks for 0 (1 GiB)
-//! mkfs = true                   # format new volumes as ext4 (works on the file, no mount)
+//! mkfs = true                   # format new volumes as ext4 (the file or the LV's device, no mount)
 //! mkfs_program = "mkfs.ext4"    # looked up in PATH unless absolute
+//!
+//! [scratch.lvm]                 # backend = "lvm" (see the lvm module)
+//! vg = "vg_scratch"             # the volume group (it must exist)
+//! lvm_program = "lvm"           # run as `lvm lvcreate ...`
+//! losetup_program = "losetup"   # metadata-only mode
+//! system_dir = "/etc/wnodes/lvm" # LVM_SYSTEM_DIR for the commands; default: lvm's own
+//! wipe = true                   # zero the first MiB of a new LV
+//! metadata_only = false         # hosts without device-mapper (tests): --driverloaded n, -an, -Zn,
+//!                               # the LV's extents mapped through a loop device
 //! ```
 
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
+
+use crate::lvm::{LvmConfig, is_valid_vg_name};
 
 const GIB: u64 = 1 << 30;
 
@@ -23,7 +34,7 @@ pub enum Backend {
     /// A sparse raw file per VM in `dir`.
     #[default]
     File,
-    /// A logical volume per VM (not implemented yet: start-up fails naming it).
+    /// A logical volume per VM in `[scratch.lvm] vg`.
     Lvm,
 }
 
@@ -52,6 +63,8 @@ pub struct ScratchConfig {
     pub mkfs: bool,
     /// The mkfs program (run with arguments, never through a shell).
     pub mkfs_program: PathBuf,
+    /// The LVM backend's settings.
+    pub lvm: LvmConfig,
 }
 
 impl Default for ScratchConfig {
@@ -63,6 +76,7 @@ impl Default for ScratchConfig {
             default_bytes: GIB,
             mkfs: true,
             mkfs_program: PathBuf::from("mkfs.ext4"),
+            lvm: LvmConfig::default(),
         }
     }
 }
@@ -78,12 +92,12 @@ pub struct ConfigError {
 impl ScratchConfig {
     /// Checks the values against each other.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.backend != Backend::File {
+        if self.backend == Backend::Lvm && !is_valid_vg_name(&self.lvm.vg) {
             return Err(ConfigError {
-                key: "backend",
+                key: "lvm.vg",
                 problem: format!(
-                    "backend {:?} is not implemented yet; use \"file\"",
-                    self.backend.as_str()
+                    "{:?} is not a volume group name (1 to 127 of [A-Za-z0-9_+.-], not starting with -)",
+                    self.lvm.vg
                 ),
             });
         }
@@ -110,8 +124,12 @@ impl ScratchConfig {
 mod tests {
     use super::*;
 
+    fn toml_like(json: &str) -> ScratchConfig {
+        serde_json::from_str(json).unwrap()
+    }
+
     #[test]
-    fn defaults_are_valid_and_lvm_is_refused_by_name() {
+    fn defaults_are_valid_and_lvm_needs_a_volume_group() {
         let c = ScratchConfig::default();
         c.validate().unwrap();
         assert_eq!(c.max_bytes, 64 << 30);
@@ -123,7 +141,11 @@ mod tests {
         .validate()
         .unwrap_err()
         .to_string();
-        assert!(e.contains("scratch.backend") && e.contains("lvm"), "{e}");
+        assert!(e.contains("scratch.lvm.vg"), "{e}");
+        let lvm: ScratchConfig =
+            toml_like(r#"{"backend": "lvm", "lvm": {"vg": "vg_scratch", "metadata_only": true}}"#);
+        lvm.validate().unwrap();
+        assert!(lvm.lvm.metadata_only && lvm.lvm.wipe);
         let e = ScratchConfig {
             default_bytes: 128 << 30,
             ..Default::default()

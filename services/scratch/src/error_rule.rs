@@ -7,8 +7,8 @@ use crate::{ConfigError, ReconcileError, VolumeError};
 
 fn config_error() -> ConfigError {
     ConfigError {
-        key: "backend",
-        problem: "\"lvm\" is not built yet; use \"file\"".into(),
+        key: "lvm.vg",
+        problem: "\"vg;rm\" is not a volume group name".into(),
     }
 }
 
@@ -44,6 +44,23 @@ wnodes_testkit::error_rule! {
             path: "/var/lib/wnodes/scratch/vm-0123456789ab.img".into(),
             status: "exit status: 1".into(),
             stderr: "mkfs.ext4: Device size reported to be zero.".into(),
+        },
+        VolumeError::Run { .. } => VolumeError::Run {
+            program: "lvm".into(),
+            source: io_source(),
+        },
+        VolumeError::Failed { .. } => VolumeError::Failed {
+            command: "lvm lvcreate -L 1073741824b -n vm-0123456789ab vg_scratch".into(),
+            status: "exit status: 5".into(),
+            stderr: "Volume group \"vg_scratch\" has insufficient free space".into(),
+        },
+        VolumeError::Report { .. } => VolumeError::Report {
+            command: "lvs".into(),
+            problem: "lv_size \"1G\" is not a number of bytes".into(),
+        },
+        VolumeError::BadName { .. } => VolumeError::BadName {
+            what: "volume group",
+            name: "vg;rm".into(),
         },
     }
     // The table's own errors are sampled in wnodes-preparer; here the instance this crate

@@ -3,25 +3,26 @@
 //!
 //! | event | effect | publishes |
 //! |---|---|---|
-//! | `vm.requested` | create `<dir>/<vm_id>.img` (sparse, ext4), row `prepared` | `scratch.ready`, or `scratch.failed` (too large, bad id, mkfs failed) |
+//! | `vm.requested` | create `<dir>/<vm_id>.img` (sparse, ext4) or the VM's LV, row `prepared` | `scratch.ready`, or `scratch.failed` (too large, no space: the file system or the VG is full, bad id, mkfs or lvm failed) |
 //! | `vm.requested` again (redelivery, another key) | nothing: the prepared volume is kept | `scratch.ready` again, same id; `scratch.failed` if the size differs |
 //! | `vm.requested` after the release | nothing (tombstone) | `resource.released` again |
-//! | `vm.stopped`, `vm.failed` | remove the file, row `released` | `resource.released` (kind SCRATCH) |
+//! | `vm.stopped`, `vm.failed` | remove the file or LV, row `released` | `resource.released` (kind SCRATCH) |
 //!
 //! Events about one VM are handled one at a time (a per-VM lock); the row is read again inside
 //! the store transaction before it is written, so a release that committed while a volume was
 //! being made wins and the new volume is removed.
 
 use parking_lot::Mutex;
-use std::{collections::HashMap, path::PathBuf, sync::Arc};
+use std::{collections::HashMap, sync::Arc};
 
 use tokio::sync::OwnedMutexGuard;
 use wnodes_bus::{ErrorChain, EventExt, Handler, HandlerCtx, HandlerError, proto};
 use wnodes_preparer::{Events, Incoming, TableError};
 
 use crate::{
+    backend::Volumes,
     state,
-    volume::{FileBackend, VolumeError, derive_vm_id, is_valid_vm_id},
+    volume::{VolumeError, derive_vm_id, is_valid_vm_id},
 };
 
 /// Sizes the handler enforces.
@@ -36,7 +37,7 @@ pub struct Limits {
 /// Handles `vm.requested`, `vm.stopped` and `vm.failed` for one host.
 #[derive(Debug)]
 pub struct ScratchHandler {
-    backend: FileBackend,
+    backend: Volumes,
     limits: Limits,
     source: String,
     max_attempts: u32,
@@ -84,7 +85,7 @@ fn store_err(e: TableError) -> HandlerError {
 impl ScratchHandler {
     /// `source` is `"scratch@<host>"`; `max_attempts` is the consumer's (transient trouble on
     /// the last attempt becomes `scratch.failed`).
-    pub fn new(backend: FileBackend, limits: Limits, source: String, max_attempts: u32) -> Self {
+    pub fn new(backend: Volumes, limits: Limits, source: String, max_attempts: u32) -> Self {
         Self {
             backend,
             limits,
@@ -117,7 +118,7 @@ impl ScratchHandler {
                 vm_id: vm_id.to_owned(),
                 path: path.to_owned(),
                 size_bytes,
-                backend: "file".into(),
+                backend: self.backend.name().into(),
                 format: "raw".into(),
             },
         ));
@@ -236,18 +237,15 @@ impl ScratchHandler {
                 promised = space.promised,
                 "Not enough free space to back the scratch volume."
             );
-            self.failed(
-                ctx,
-                incoming,
-                &vm_id,
-                format!(
-                    "requested scratch of {size} bytes cannot be backed: the volume directory's file system has {} bytes available, of which {} are promised to the volumes already there",
-                    space.available, space.promised
-                ),
-            );
+            let reason = self.backend.refusal(size, space);
+            self.failed(ctx, incoming, &vm_id, reason);
             return Ok(());
         }
-        let path = match self.backend.create(&vm_id, size).await {
+        let path = match self
+            .backend
+            .create(&vm_id, &run_key, size, spec.vm_user.as_ref())
+            .await
+        {
             Ok(p) => p,
             Err(e) => return self.create_failed(ctx, incoming, &vm_id, e),
         };
@@ -300,18 +298,18 @@ impl ScratchHandler {
             )));
         }
         let _guard = self.locks.lock(&vm_id).await;
-        let path: PathBuf = self.backend.path_of(&vm_id);
+        let name = self.backend.name_of(&vm_id);
         let existed = self
             .backend
             .remove(&vm_id)
             .await
             .map_err(HandlerError::retry)?;
         let detail = if existed {
-            format!("removed scratch volume {}", path.display())
+            format!("removed scratch volume {name}")
         } else {
             format!("no scratch volume for {vm_id}; nothing to remove")
         };
-        let tombstone = state::tombstone(&path.display().to_string());
+        let tombstone = state::tombstone(&name);
         self.events()
             .release(ctx, &state::TABLE, incoming, &vm_id, &tombstone, detail)
             .await?;

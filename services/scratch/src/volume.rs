@@ -36,6 +36,22 @@ pub enum VolumeError {
         status: String,
         stderr: String,
     },
+    #[error("cannot run {program}")]
+    Run {
+        program: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{command} failed ({status}): {stderr}")]
+    Failed {
+        command: String,
+        status: String,
+        stderr: String,
+    },
+    #[error("cannot read the report of {command}: {problem}")]
+    Report { command: String, problem: String },
+    #[error("{name:?} cannot name a {what}")]
+    BadName { what: &'static str, name: String },
 }
 
 fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> VolumeError + use<> {
@@ -174,28 +190,7 @@ impl FileBackend {
             .await
             .map_err(io_err("size", partial))?;
         if let Some(program) = &self.mkfs {
-            let out = tokio::process::Command::new(program)
-                .args(["-q", "-F", "-E", "lazy_itable_init=1,lazy_journal_init=1"])
-                .arg(partial)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .kill_on_drop(true)
-                .output()
-                .await
-                .map_err(|source| VolumeError::MkfsSpawn {
-                    program: program.display().to_string(),
-                    source,
-                })?;
-            if !out.status.success() {
-                let stderr = String::from_utf8_lossy(&out.stderr);
-                return Err(VolumeError::Mkfs {
-                    program: program.display().to_string(),
-                    path: partial.display().to_string(),
-                    status: out.status.to_string(),
-                    stderr: stderr.trim().chars().take(500).collect(),
-                });
-            }
+            run_mkfs(program, partial).await?;
         }
         file.sync_all().await.map_err(io_err("fsync", partial))?;
         Ok(())
@@ -256,6 +251,33 @@ impl FileBackend {
             .map_err(io_err("open", &self.dir))?;
         dir.sync_all().await.map_err(io_err("fsync", &self.dir))
     }
+}
+
+/// Formats `path` as ext4 with `program` (`-q -F -E lazy_itable_init=1,lazy_journal_init=1`).
+pub(crate) async fn run_mkfs(program: &Path, path: &Path) -> Result<(), VolumeError> {
+    let out = tokio::process::Command::new(program)
+        .args(["-q", "-F", "-E", "lazy_itable_init=1,lazy_journal_init=1"])
+        .arg(path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .map_err(|source| VolumeError::MkfsSpawn {
+            program: program.display().to_string(),
+            source,
+        })?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        return Err(VolumeError::Mkfs {
+            program: program.display().to_string(),
+            path: path.display().to_string(),
+            status: out.status.to_string(),
+            stderr: stderr.trim().chars().take(500).collect(),
+        });
+    }
+    Ok(())
 }
 
 async fn remove_if_present(path: &Path) -> Result<bool, VolumeError> {

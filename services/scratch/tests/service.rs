@@ -403,13 +403,17 @@ async fn reconcile_removes_released_and_unknown_files_only() {
                 .unwrap()
         );
     }
-    let mut removed = wnodes_scratch::reconcile(&backend, store.read_pool())
+    let volumes = wnodes_scratch::Volumes::File(backend.clone());
+    let mut removed = wnodes_scratch::reconcile(&volumes, store.read_pool())
         .await
         .unwrap();
     removed.sort();
     assert_eq!(
         removed,
-        vec![backend.path_of("vm-leak"), backend.path_of("vm-rel")]
+        vec![
+            backend.path_of("vm-leak").display().to_string(),
+            backend.path_of("vm-rel").display().to_string()
+        ]
     );
     let mut left: Vec<_> = std::fs::read_dir(backend.dir())
         .unwrap()
