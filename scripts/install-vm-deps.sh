@@ -207,7 +207,7 @@ ensure_apt e2fsprogs cpio
 # util-linux: setpriv (the gateway drops to the job's uid), unshare.
 ensure_apt socat util-linux
 # lvm2: the scratch service's LVM backend (its tests run lvm in metadata-only mode on a loop
-# device: docs/scratch-lvm.md).
+# device: docs/scratch-and-image-cache.md).
 ensure_apt lvm2
 command -v qemu-system-x86_64 >/dev/null || die "qemu-system-x86_64 not on PATH after install"
 command -v qemu-img >/dev/null || die "qemu-img not on PATH after install"
