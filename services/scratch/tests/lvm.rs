@@ -113,7 +113,7 @@ impl Vg {
         std::fs::write(
             system_dir.join("lvm.conf"),
             format!(
-                "devices {{\n  filter = [ \"a|^{pv}$|\", \"r|.*|\" ]\n  obtain_device_list_from_udev = 0\n  external_device_info_source = \"none\"\n}}\n\
+                "devices {{\n  filter = [ \"a|^{pv}$|\", \"r|.*|\" ]\n  hints = \"none\"\n  obtain_device_list_from_udev = 0\n  external_device_info_source = \"none\"\n}}\n\
                  global {{\n  locking_dir = \"{}\"\n}}\n\
                  backup {{\n  backup = 0\n  archive = 0\n}}\n\
                  activation {{\n  udev_sync = 0\n  udev_rules = 0\n  monitoring = 0\n}}\n",
