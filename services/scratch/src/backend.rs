@@ -44,6 +44,18 @@ impl Volumes {
         }
     }
 
+    /// Whether a volume of `on_disk` bytes is what a request of `size` bytes made: the same
+    /// size for a file, `size` rounded up to whole extents for an LV.
+    pub async fn holds(&self, on_disk: u64, size: u64) -> Result<bool, VolumeError> {
+        match self {
+            Self::File(_) => Ok(on_disk == size),
+            Self::Lvm(l) => {
+                let (_, extent) = l.space().await?;
+                Ok(on_disk == crate::lvm::round_up(size, extent))
+            }
+        }
+    }
+
     /// What a new volume may take.
     pub async fn space(&self) -> Result<Space, VolumeError> {
         match self {

@@ -184,6 +184,19 @@ impl ScratchHandler {
                     .size_of(&vm_id)
                     .await
                     .map_err(HandlerError::retry)?;
+                // An LV is whole extents: what a request of `size` bytes allocates.
+                let on_disk = match on_disk {
+                    Some(n)
+                        if self
+                            .backend
+                            .holds(n, size)
+                            .await
+                            .map_err(HandlerError::retry)? =>
+                    {
+                        Some(size)
+                    }
+                    other => other,
+                };
                 match on_disk {
                     Some(n) if n == size && r.detail.size_bytes == size => {
                         tracing::info!(

@@ -89,6 +89,14 @@ pub fn is_valid_vg_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"_+.-".contains(&b))
 }
 
+/// `size` rounded up to whole extents of `extent` bytes (what `lvcreate -L` allocates).
+pub fn round_up(size: u64, extent: u64) -> u64 {
+    if extent == 0 {
+        return size;
+    }
+    size.div_ceil(extent).saturating_mul(extent)
+}
+
 /// A run key as an LVM tag value: characters LVM refuses in tags become `_`.
 pub fn tag_value(s: &str) -> String {
     s.chars()
@@ -775,6 +783,14 @@ mod tests {
                 "/dev/loop0"
             ]
         );
+    }
+
+    #[test]
+    fn sizes_round_up_to_whole_extents() {
+        assert_eq!(round_up(10 << 20, 4 << 20), 12 << 20);
+        assert_eq!(round_up(16 << 20, 4 << 20), 16 << 20);
+        assert_eq!(round_up(1, 4 << 20), 4 << 20);
+        assert_eq!(round_up(5, 0), 5);
     }
 
     #[test]

@@ -318,6 +318,32 @@ async fn lvm_create_list_full_vg_and_remove_through_the_service() {
     assert_eq!(lvs[0].run(), Some("T1/slurm/a/1"));
     assert_eq!(lvs[0].loop_device(), Some(ready.path.as_str()));
 
+    // 10 MiB take 3 extents (12 MiB); the same request again (another key, as a redelivery
+    // after a lost ack) finds that LV and answers ready again instead of refusing its size.
+    let odd = vm_requested("odd", 10 * MIB);
+    let mut again = odd.clone();
+    again.id = format!("{}#again", odd.id);
+    for ev in [&odd, &again] {
+        bus.publish(ev).await.unwrap();
+        let ev = next(&mut sub, "scratch.ready of vm-odd", |e| {
+            matches!(&e.body, Some(Body::ScratchReady(r)) if r.vm_id == "vm-odd")
+                || matches!(&e.body, Some(Body::ScratchFailed(f)) if f.vm_id == "vm-odd")
+        })
+        .await;
+        let Some(Body::ScratchReady(r)) = &ev.body else {
+            panic!("{ev:?}")
+        };
+        assert_eq!(r.size_bytes, 10 * MIB);
+    }
+    assert_eq!(vg.lv_names(), ["vm-a", "vm-odd"]);
+    bus.publish(&vm_stopped("odd")).await.unwrap();
+    next(
+        &mut sub,
+        "resource.released of vm-odd",
+        |e| matches!(&e.body, Some(Body::ResourceReleased(r)) if r.vm_id == "vm-odd"),
+    )
+    .await;
+
     // 48 MiB more do not fit in what is left (15 extents of 4 MiB, less 16 MiB: 44 MiB).
     bus.publish(&vm_requested("big", 48 * MIB)).await.unwrap();
     let ev = next(&mut sub, "scratch.failed of vm-big", |e| {
