@@ -34,8 +34,20 @@ for u in systemd/*.service; do
     sed "s|/usr/local/bin/|$root/target/debug/|" "$u" >"$tmp/$(basename "$u")"
     units+=("$tmp/$(basename "$u")")
 done
+# Drop-ins: the unit with the drop-in appended (a second [Service] section), as systemd merges
+# them.
+mkdir -p "$tmp/dropin"
+dropins=()
+for d in systemd/*-*.conf; do
+    base=${d%-*}
+    merged="$tmp/dropin/$(basename "$base").service"
+    { sed "s|/usr/local/bin/|$root/target/debug/|" "$base.service"; cat "$d"; } >"$merged"
+    dropins+=("$merged")
+done
 verify "${units[@]}"
-echo "check-systemd: ${#units[@]} units pass systemd-analyze verify" >&2
+# Apart: a merged unit has its unit's name.
+verify "${dropins[@]}"
+echo "check-systemd: ${#units[@]} units and ${#dropins[@]} drop-ins (merged into their unit) pass systemd-analyze verify" >&2
 
 # Each service's tests that start its binary, and the unit's bounding set in setpriv's syntax.
 # What the tests exercise: the gateway's test fails with no capability at all (it starts

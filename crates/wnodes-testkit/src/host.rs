@@ -79,6 +79,8 @@ pub enum Precondition {
     Cgroups,
     /// The test guest built by `guest/build.sh`, readable, in [`guest_dir`].
     TestGuest,
+    /// Loop devices (`/dev/loop-control`) and `losetup` on `PATH`.
+    LoopDevices,
     /// Something only one test file needs: its name, and a check that returns what is missing.
     Other(&'static str, fn() -> Result<(), String>),
 }
@@ -130,6 +132,13 @@ impl Precondition {
                     ))
                 }
             }
+            Self::LoopDevices => {
+                if Path::new("/dev/loop-control").exists() {
+                    on_path("losetup", "util-linux")
+                } else {
+                    Err("loop devices (/dev/loop-control is missing)".into())
+                }
+            }
             Self::Other(_, check) => check(),
         }
     }
@@ -149,6 +158,7 @@ impl fmt::Display for Precondition {
             Self::Socat => "socat",
             Self::Cgroups => "writable cgroups",
             Self::TestGuest => "the test guest",
+            Self::LoopDevices => "loop devices",
             Self::Other(name, _) => name,
         })
     }

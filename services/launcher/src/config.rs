@@ -95,6 +95,10 @@ pub struct LauncherConfig {
     /// Host policy: the same for the scratch volumes named in `scratch.ready`; the scratch
     /// service's volume directory.
     pub scratch_roots: Vec<PathBuf>,
+    /// Host policy: the volume groups whose logical volumes may be a VM's scratch device
+    /// (the scratch service's `lvm` backend); empty, no logical volume is. On a host without
+    /// device-mapper a loop device over a file under `scratch_roots` stands for one.
+    pub scratch_volume_groups: Vec<String>,
     /// How each VM's qemu is confined: its own uid, `-sandbox`.
     pub confinement: ConfinementConfig,
     /// The most serial output (console and payload output together) a VM may leave on the
@@ -118,6 +122,7 @@ impl Default for LauncherConfig {
             // /var/lib/wnodes).
             image_roots: vec![PathBuf::from("/var/lib/wnodes/image/cache")],
             scratch_roots: vec![PathBuf::from("/var/lib/wnodes/scratch/volumes")],
+            scratch_volume_groups: Vec::new(),
             confinement: ConfinementConfig::default(),
             output_limit_bytes: 64 << 20,
         }

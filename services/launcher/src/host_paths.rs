@@ -5,10 +5,17 @@
 //! changes nothing. A qcow2 image must be one, without a backing file ([`inspect_image`]). A
 //! violation names its rule; nothing is started.
 //!
-//! Only file scratch volumes are allowed: an LVM volume (a block device) will need a rule of
-//! its own (issue 14).
+//! A scratch volume of the `lvm` backend is a block device instead, allowed by a rule of its
+//! own ([`check_lvm_device`]): a device-mapper node of a logical volume in one of `[launcher]
+//! scratch_volume_groups` (the kernel's name for it, `<vg>-<lv>` in
+//! `/sys/dev/block/M:m/dm/name`, says which), or, on a host without device-mapper (the
+//! scratch service's `metadata_only` mode), a loop device whose backing file lies under
+//! `scratch_roots`. Any other device, or a file, is refused.
 
-use std::path::{Path, PathBuf};
+use std::{
+    os::unix::fs::{FileTypeExt, MetadataExt},
+    path::{Path, PathBuf},
+};
 
 use wnodes_proto::v1::{ImageReady, ScratchReady};
 use wnodes_runtime::host_paths::{self, PathRefusal};
@@ -65,6 +72,7 @@ fn resolve_under(
 pub fn check(
     image_roots: &[PathBuf],
     scratch_roots: &[PathBuf],
+    scratch_volume_groups: &[String],
     image: &ImageReady,
     scratch: &ScratchReady,
 ) -> Result<(ImageReady, ScratchReady), Violation> {
@@ -88,25 +96,135 @@ pub fn check(
     }
     let mut scratch = scratch.clone();
     if !scratch.path.is_empty() {
-        if !(scratch.backend.is_empty() || scratch.backend == "file") {
-            return Err(Violation {
-                rule: "scratch.backend",
-                reason: format!(
-                    "scratch backend {:?}: this launcher starts VMs on file volumes only",
-                    scratch.backend
-                ),
-            });
-        }
-        scratch.path = resolve_under(
-            "scratch volume",
-            &scratch.path,
-            scratch_roots,
-            "scratch_roots",
-            "scratch.roots",
-            "scratch.file",
-        )?;
+        scratch.path = match scratch.backend.as_str() {
+            "" | "file" => resolve_under(
+                "scratch volume",
+                &scratch.path,
+                scratch_roots,
+                "scratch_roots",
+                "scratch.roots",
+                "scratch.file",
+            )?,
+            "lvm" => check_lvm_device(
+                Path::new(SYS_DEV_BLOCK),
+                &scratch.path,
+                scratch_volume_groups,
+                scratch_roots,
+            )?,
+            other => {
+                return Err(Violation {
+                    rule: "scratch.backend",
+                    reason: format!(
+                        "scratch backend {other:?}: this launcher starts VMs on file volumes and LVM logical volumes only"
+                    ),
+                });
+            }
+        };
     }
     Ok((image, scratch))
+}
+
+/// Where the kernel describes each block device by `major:minor`.
+const SYS_DEV_BLOCK: &str = "/sys/dev/block";
+
+/// The volume group and logical volume of a device-mapper name (`<vg>-<lv>`, each `-` in
+/// either doubled): `None` when it is not one.
+fn split_dm_name(name: &str) -> Option<(String, String)> {
+    let b = name.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'-' {
+            if b.get(i + 1) == Some(&b'-') {
+                i += 2;
+                continue;
+            }
+            let (vg, lv) = (&name[..i], &name[i + 1..]);
+            if vg.is_empty() || lv.is_empty() {
+                return None;
+            }
+            return Some((vg.replace("--", "-"), lv.replace("--", "-")));
+        }
+        i += 1;
+    }
+    None
+}
+
+/// The `lvm` backend's scratch device `path`, resolved, when the host allows it: a block
+/// device that is a logical volume of one of `volume_groups` (by the device-mapper name the
+/// kernel gives it under `sys_dev_block`), or a loop device whose backing file lies under
+/// `scratch_roots` (metadata-only LVM, where the LV's extents are mapped through a loop).
+pub fn check_lvm_device(
+    sys_dev_block: &Path,
+    path: &str,
+    volume_groups: &[String],
+    scratch_roots: &[PathBuf],
+) -> Result<String, Violation> {
+    let v = |rule, reason| Violation { rule, reason };
+    let what = "scratch device";
+    if !Path::new(path).is_absolute() {
+        return Err(v(
+            "scratch.device",
+            format!("{what} {path:?} is not an absolute path"),
+        ));
+    }
+    let real = std::fs::canonicalize(path).map_err(|e| {
+        v(
+            "scratch.device",
+            format!("{what} {path:?} cannot be resolved: {e}"),
+        )
+    })?;
+    let meta = std::fs::metadata(&real).map_err(|e| {
+        v(
+            "scratch.device",
+            format!("{what} {path:?} cannot be read: {e}"),
+        )
+    })?;
+    if !meta.file_type().is_block_device() {
+        return Err(v(
+            "scratch.device",
+            format!("{what} {path:?} is not a block device"),
+        ));
+    }
+    let rdev = meta.rdev();
+    let (major, minor) = (nix::sys::stat::major(rdev), nix::sys::stat::minor(rdev));
+    let sys = sys_dev_block.join(format!("{major}:{minor}"));
+    let read = |rel: &str| {
+        std::fs::read_to_string(sys.join(rel))
+            .ok()
+            .map(|s| s.trim_end_matches('\n').to_owned())
+    };
+    if let Some(name) = read("dm/name") {
+        return match split_dm_name(&name) {
+            Some((vg, _)) if volume_groups.contains(&vg) => Ok(real.display().to_string()),
+            Some((vg, lv)) => Err(v(
+                "scratch.lvm",
+                format!(
+                    "{what} {path:?} is logical volume {lv:?} of volume group {vg:?}, not one of {volume_groups:?} ([launcher] scratch_volume_groups)"
+                ),
+            )),
+            None => Err(v(
+                "scratch.lvm",
+                format!("{what} {path:?} is device-mapper device {name:?}, not a logical volume"),
+            )),
+        };
+    }
+    if let Some(backing) = read("loop/backing_file") {
+        return match host_paths::resolve_under(&backing, scratch_roots) {
+            Ok(_) => Ok(real.display().to_string()),
+            Err(_) => Err(v(
+                "scratch.lvm",
+                format!(
+                    "{what} {path:?} is a loop device over {backing:?}, which is not under {scratch_roots:?} ([launcher] scratch_roots)"
+                ),
+            )),
+        };
+    }
+    Err(v(
+        "scratch.lvm",
+        format!(
+            "{what} {path:?} ({major}:{minor}) is neither a logical volume nor a loop device over a file under scratch_roots"
+        ),
+    ))
 }
 
 /// How long `qemu-img info` may take.
@@ -252,7 +370,7 @@ mod tests {
         }
         let roots = (vec![d.join("cache")], vec![d.join("volumes")]);
         let (img, scr) = ready(d);
-        let (i, s) = check(&roots.0, &roots.1, &img, &scr).unwrap();
+        let (i, s) = check(&roots.0, &roots.1, &[], &img, &scr).unwrap();
         assert_eq!(
             i.path,
             d.join("cache/disk.img")
@@ -270,8 +388,9 @@ mod tests {
                 .to_string()
         );
 
-        let refused =
-            |img: &ImageReady, scr: &ScratchReady| check(&roots.0, &roots.1, img, scr).unwrap_err();
+        let refused = |img: &ImageReady, scr: &ScratchReady| {
+            check(&roots.0, &roots.1, &[], img, scr).unwrap_err()
+        };
         // A link in the cache to a host file.
         std::os::unix::fs::symlink("/etc/passwd", d.join("cache/evil")).unwrap();
         let mut bad = img.clone();
@@ -295,10 +414,28 @@ mod tests {
         bad.path = d.join("cache/disk.img").display().to_string();
         assert_eq!(refused(&img, &bad).rule, "scratch.roots");
         let mut bad = scr.clone();
-        bad.backend = "lvm".into();
+        bad.backend = "zfs".into();
         assert_eq!(refused(&img, &bad).rule, "scratch.backend");
+        // An `lvm` volume must be a block device: the file volume is not one.
+        bad.backend = "lvm".into();
+        assert_eq!(refused(&img, &bad).rule, "scratch.device");
         // No scratch disk: nothing to check.
         let none = ScratchReady::default();
-        assert!(check(&roots.0, &roots.1, &img, &none).is_ok());
+        assert!(check(&roots.0, &roots.1, &[], &img, &none).is_ok());
+    }
+
+    #[test]
+    fn device_mapper_names_split_into_volume_group_and_volume() {
+        let split = |n: &str| split_dm_name(n);
+        assert_eq!(
+            split("vg_scratch-vm--0123"),
+            Some(("vg_scratch".into(), "vm-0123".into()))
+        );
+        assert_eq!(split("my--vg-lv"), Some(("my-vg".into(), "lv".into())));
+        // Not a logical volume: no single dash, or an empty half.
+        assert_eq!(split("mpatha"), None);
+        assert_eq!(split("a--b"), None);
+        assert_eq!(split("-lv"), None);
+        assert_eq!(split("vg-"), None);
     }
 }

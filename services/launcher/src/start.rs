@@ -92,6 +92,7 @@ impl LauncherState {
                 let checked = match crate::host_paths::check(
                     &self.config.image_roots,
                     &self.config.scratch_roots,
+                    &self.config.scratch_volume_groups,
                     image,
                     scratch,
                 ) {

@@ -483,6 +483,185 @@ async fn vm_nats_a_payload_past_the_guests_memory_ends_by_the_guests_oom_killer(
     assert_eq!(launcher.stop().await, 0);
 }
 
+/// A loop device over `file` (`losetup --find --show`), detached when dropped.
+struct LoopDevice(String);
+
+impl LoopDevice {
+    fn attach(file: &std::path::Path) -> Self {
+        let out = std::process::Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(file)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "losetup: {out:?}");
+        Self(String::from_utf8(out.stdout).unwrap().trim().to_owned())
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .args(["-d", &self.0])
+            .output();
+    }
+}
+
+/// A 64 MiB ext4 file system in `path`.
+fn ext4_file(path: &std::path::Path) {
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(64 << 20).unwrap();
+    let out = std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "mkfs.ext4: {out:?}");
+}
+
+/// The launcher's rule for the `lvm` backend's block devices. A device-mapper node (a node
+/// made here, with the kernel's description faked in a sysfs tree of the test's own: this
+/// host has no device-mapper) is allowed by its volume group. A real loop device over a file
+/// under `scratch_roots` (what the scratch service's metadata-only mode hands over) carries a
+/// real VM's scratch: the payload's file is on the device afterwards. A loop device over a
+/// file elsewhere is refused and no qemu starts.
+async fn vm_nats_scratch_on_a_block_device_and_the_device_rule() {
+    use std::os::unix::fs::PermissionsExt;
+    use wnodes_launcher::host_paths::check_lvm_device;
+
+    // The device-mapper rule, on a node and a sysfs of the test's own.
+    let fake = tempfile::tempdir().unwrap();
+    let node = fake.path().join("dm-7");
+    nix::sys::stat::mknod(
+        &node,
+        nix::sys::stat::SFlag::S_IFBLK,
+        nix::sys::stat::Mode::from_bits_truncate(0o600),
+        nix::sys::stat::makedev(253, 7),
+    )
+    .unwrap();
+    let sys = fake.path().join("sys");
+    std::fs::create_dir_all(sys.join("253:7/dm")).unwrap();
+    std::fs::write(sys.join("253:7/dm/name"), "vg--scratch-vm--1234\n").unwrap();
+    let dev = node.display().to_string();
+    let groups = ["vg-scratch".to_string()];
+    assert_eq!(
+        check_lvm_device(&sys, &dev, &groups, &[]).unwrap(),
+        node.canonicalize().unwrap().display().to_string()
+    );
+    let other = check_lvm_device(&sys, &dev, &["vg_other".to_string()], &[]).unwrap_err();
+    assert_eq!(other.rule, "scratch.lvm");
+    assert!(
+        other
+            .reason
+            .contains("logical volume \"vm-1234\" of volume group \"vg-scratch\""),
+        "{other:?}"
+    );
+    std::fs::write(sys.join("253:7/dm/name"), "mpatha\n").unwrap();
+    assert_eq!(
+        check_lvm_device(&sys, &dev, &groups, &[]).unwrap_err().rule,
+        "scratch.lvm"
+    );
+    // A regular file is not a device.
+    std::fs::write(fake.path().join("plain"), "x").unwrap();
+    let plain = fake.path().join("plain").display().to_string();
+    assert_eq!(
+        check_lvm_device(&sys, &plain, &groups, &[])
+            .unwrap_err()
+            .rule,
+        "scratch.device"
+    );
+
+    let _lock = vm_lock();
+    let env = env().await;
+    let mut cfg = deps(&env, Duration::from_secs(6));
+    cfg.service.scratch_volume_groups = vec!["vg_wnodes_test".into()];
+    let launcher = start(cfg).await;
+
+    // A loop device over a file under scratch_roots: the VM writes its scratch there.
+    let backing = env.dir.path().join("pv.img");
+    ext4_file(&backing);
+    let dev = LoopDevice::attach(&backing);
+    let r1 = run("blockdev-1");
+    env.bus
+        .publish(&job_started(
+            &r1,
+            "atlas",
+            "echo on-the-device > /scratch/written; sync; exit 0",
+        ))
+        .await
+        .unwrap();
+    let vm_id = vm_id_of(&wait_event(&env.bus, "vm.requested", &r1).await);
+    for b in ready_bodies(&env.guest, &vm_id) {
+        let b = match b {
+            Body::ScratchReady(mut s) => {
+                s.path = dev.0.clone();
+                s.backend = "lvm".into();
+                s.format = "raw".into();
+                s.size_bytes = 64 << 20;
+                Body::ScratchReady(s)
+            }
+            b => b,
+        };
+        env.bus.publish(&common::ev(&r1, b)).await.unwrap();
+    }
+    let stopped = wait_event(&env.bus, "vm.stopped", &r1).await;
+    let Some(Body::VmStopped(stopped)) = stopped.body else {
+        panic!()
+    };
+    assert_eq!(stopped.exit_code, 0, "{stopped:?}");
+    let out = std::process::Command::new("debugfs")
+        .args(["-R", "cat /written", &dev.0])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "on-the-device\n",
+        "{out:?}"
+    );
+    // Given back to root once the VM ended.
+    let meta = std::fs::metadata(&dev.0).unwrap();
+    assert_eq!(
+        (
+            std::os::unix::fs::MetadataExt::uid(&meta),
+            meta.permissions().mode() & 0o777
+        ),
+        (0, 0o600)
+    );
+
+    // A loop device over a file outside scratch_roots: refused, nothing started.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let outside = elsewhere.path().join("other.img");
+    ext4_file(&outside);
+    let dev2 = LoopDevice::attach(&outside);
+    let r2 = run("blockdev-2");
+    env.bus
+        .publish(&job_started(&r2, "atlas", "true"))
+        .await
+        .unwrap();
+    let vm_id = vm_id_of(&wait_event(&env.bus, "vm.requested", &r2).await);
+    for b in ready_bodies(&env.guest, &vm_id) {
+        let b = match b {
+            Body::ScratchReady(mut s) => {
+                s.path = dev2.0.clone();
+                s.backend = "lvm".into();
+                s.format = "raw".into();
+                Body::ScratchReady(s)
+            }
+            b => b,
+        };
+        env.bus.publish(&common::ev(&r2, b)).await.unwrap();
+    }
+    let failed = wait_event(&env.bus, "vm.failed", &r2).await;
+    let Some(Body::VmFailed(f)) = failed.body else {
+        panic!()
+    };
+    assert_eq!(f.phase, "policy", "{f:?}");
+    assert!(
+        f.reason.starts_with("host policy scratch.lvm:") && f.reason.contains("loop device over"),
+        "{f:?}"
+    );
+    assert_eq!(launcher.stop().await, 0);
+}
+
 fn main() -> std::process::ExitCode {
     host::main(vec![
         host_test!(multi_thread vm_nats_a_payload_past_the_guests_memory_ends_by_the_guests_oom_killer needs [Qemu, TestGuest, Root, Setpriv]),
@@ -490,5 +669,6 @@ fn main() -> std::process::ExitCode {
         host_test!(multi_thread vm_nats_job_runs_to_vm_stopped_and_refusals_fail needs [Qemu, TestGuest, Root, Setpriv]),
         host_test!(multi_thread vm_nats_launcher_restart_reattaches_to_a_running_vm needs [Qemu, TestGuest, Root, Setpriv, Cgroups]),
         host_test!(multi_thread vm_nats_cancel_stops_a_running_vm needs [Qemu, TestGuest, Root, Setpriv]),
+        host_test!(multi_thread vm_nats_scratch_on_a_block_device_and_the_device_rule needs [Qemu, TestGuest, Root, Setpriv, LoopDevices]),
     ])
 }

@@ -12,7 +12,7 @@
 
 use std::{
     os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt},
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::Command,
     sync::atomic::{AtomicU32, Ordering},
     time::Duration,
@@ -48,16 +48,8 @@ fn lvm2() -> Result<(), String> {
     }
 }
 
-fn loop_devices() -> Result<(), String> {
-    if Path::new("/dev/loop-control").exists() {
-        Ok(())
-    } else {
-        Err("loop devices (/dev/loop-control)".into())
-    }
-}
-
 const LVM: Precondition = Precondition::Other("lvm2", lvm2);
-const LOOP: Precondition = Precondition::Other("loop devices", loop_devices);
+const LOOP: Precondition = Precondition::LoopDevices;
 const NEEDS: &[Precondition] = &[Precondition::Root, LVM, LOOP];
 const VM_NEEDS: &[Precondition] = &[
     Precondition::Root,
