@@ -493,9 +493,13 @@ async fn demo(work: PathBuf, network: NetworkChoice, otlp: Otlp) -> anyhow::Resu
     let watcher = tokio::spawn(async move {
         let mut seen: Vec<wnodes_devstack::leftovers::Confined> = Vec::new();
         loop {
+            // The last sample of each process counts: the first may be taken between qemu's
+            // exec and its installing the seccomp filter (`-sandbox` is applied during its
+            // start-up).
             for c in wnodes_devstack::leftovers::confinement(&watch_dir, private_netns) {
-                if !seen.iter().any(|s| s.pid == c.pid) {
-                    seen.push(c);
+                match seen.iter_mut().find(|s| s.pid == c.pid) {
+                    Some(s) => *s = c,
+                    None => seen.push(c),
                 }
             }
             tokio::select! {
