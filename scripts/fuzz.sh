@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Fuzz with cargo fuzz (libFuzzer), on the stable toolchain: the wnodes-lrms parsers, the
 # wnodes-bus event decoder and name validators, and the launcher's validators (VM ids, host
-# paths, qemu's command line).
+# paths, qemu's command line) and site policy.
 #
-#   scripts/fuzz.sh [htcondor|pbs|lsf|slurm|event|names|launch|all] [seconds per target]
+#   scripts/fuzz.sh [htcondor|pbs|lsf|slurm|event|names|launch|policy|all] [seconds per target]
 #                                                   (default: all, 60)
 #
 # Layout (crates/wnodes-lrms/fuzz/ for htcondor, pbs, lsf, slurm; crates/wnodes-bus/fuzz/ for
-# event, names; services/launcher/fuzz/ for launch):
+# event, names; services/launcher/fuzz/ for launch, policy):
 #   seeds/<target>        hand-written inputs and copies of the test fixtures (committed)
 #   corpus/<target>       the minimised corpus (committed; rewritten by this script)
 #   corpus-work/<target>  the growing corpus of every campaign (git-ignored, kept between runs)
@@ -29,16 +29,16 @@ target=${1:-all}
 secs=${2:-60}
 case "$secs" in (*[!0-9]*|'') echo "seconds must be a number: $secs" >&2; exit 64;; esac
 case "$target" in
-  all) targets=(htcondor pbs lsf slurm event names launch) ;;
-  htcondor|pbs|lsf|slurm|event|names|launch) targets=("$target") ;;
-  *) echo "unknown target: $target (htcondor, pbs, lsf, slurm, event, names, launch, all)" >&2; exit 64 ;;
+  all) targets=(htcondor pbs lsf slurm event names launch policy) ;;
+  htcondor|pbs|lsf|slurm|event|names|launch|policy) targets=("$target") ;;
+  *) echo "unknown target: $target (htcondor, pbs, lsf, slurm, event, names, launch, policy, all)" >&2; exit 64 ;;
 esac
 
 # The fuzz crate of a target.
 crate_of() {
   case "$1" in
     event|names) echo "$root/crates/wnodes-bus/fuzz" ;;
-    launch) echo "$root/services/launcher/fuzz" ;;
+    launch|policy) echo "$root/services/launcher/fuzz" ;;
     *) echo "$root/crates/wnodes-lrms/fuzz" ;;
   esac
 }

@@ -158,6 +158,7 @@ wnodes_testkit::error_rule! {
         PolicyError::NoPayload => PolicyError::NoPayload,
         PolicyError::ScriptRefUnsupported => PolicyError::ScriptRefUnsupported,
         PolicyError::NoRun => PolicyError::NoRun,
+        PolicyError::BadWalltime { .. } => PolicyError::BadWalltime { seconds: -1, nanos: 0 },
     }
     PolicyConfigError {
         PolicyConfigError(_) => policy_config_error(),

@@ -10,13 +10,25 @@
 //! must be harmless: every option qemu gets carries only the keys the launcher means to set
 //! (no `,file=/etc/shadow` smuggled in a path), the kernel command line only the launcher's
 //! parameters, the VM id is one path component, and a resolved host path lies under a root.
+//!
+//! [`exercise_policy`] takes what a `job.started` asks for (VO, image hint, cores, memory,
+//! scratch, walltime, payload, job id) as newline-separated fields and runs it through the site
+//! policy ([`PolicyConfig::apply`]). Nothing may panic, and a spec it makes stays inside the
+//! policy: a configured image (the VO's own unless the job named another configured one), cores,
+//! memory and scratch within the maxima and never 0, a walltime of whole seconds and at least
+//! one, an inline or command payload, a valid VM id.
 
 use std::path::{Component, Path, PathBuf};
+
+use wnodes_proto::v1::{
+    JobCommand, JobDescription, JobPayload, JobRunRef, ResourceRequest, job_payload,
+};
 
 use wnodes_proto::v1::{ImageReady, NetworkMode, NetworkReady, ScratchReady, StorageReady, VmSpec};
 
 use crate::{
     config::Accel,
+    policy::{PolicyConfig, is_valid_vm_id},
     qemu::{LaunchInputs, build_args},
     vm_dir::VmDir,
 };
@@ -202,6 +214,119 @@ pub fn exercise_launch(data: &[u8]) -> bool {
             check_option(option, value);
         }
     }
+    true
+}
+
+/// The site policy [`exercise_policy`] applies: two VOs, each its own image.
+fn fuzz_policy() -> PolicyConfig {
+    PolicyConfig {
+        vo_images: [
+            ("atlas".to_string(), "el9".to_string()),
+            ("cms".to_string(), "cms-el8".to_string()),
+        ]
+        .into(),
+        max_cores: 8,
+        max_memory_bytes: 16 << 30,
+        max_scratch_bytes: 10 << 30,
+        ..PolicyConfig::default()
+    }
+}
+
+/// Runs a job's request (newline-separated fields: VO, image hint, cores, memory bytes, scratch
+/// bytes, walltime seconds, walltime nanoseconds, payload kind `command|inline|ref|none`,
+/// payload text, job id; a number that does not parse is 0, an empty job id means no run)
+/// through [`PolicyConfig::apply`]. Panics when an accepted spec breaks the policy. Returns
+/// whether a spec was made.
+pub fn exercise_policy(data: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(data);
+    let fields: Vec<&str> = text.split('\n').collect();
+    let num = |i: usize| field(&fields, i).trim().parse::<i128>().unwrap_or(0);
+    let clamp_u64 = |v: i128| u64::try_from(v.max(0)).unwrap_or(u64::MAX);
+    let (vo, hint) = (field(&fields, 0), field(&fields, 1));
+    let payload_text = field(&fields, 8).as_bytes().to_vec();
+    let kind = match field(&fields, 7) {
+        "command" => Some(job_payload::Kind::Command(JobCommand {
+            executable: String::from_utf8_lossy(&payload_text).into_owned(),
+            args: Vec::new(),
+        })),
+        "inline" => Some(job_payload::Kind::InlineScript(payload_text)),
+        "ref" => Some(job_payload::Kind::ScriptRef(Default::default())),
+        _ => None,
+    };
+    let job_id = field(&fields, 9);
+    let job = JobDescription {
+        run: (!job_id.is_empty()).then(|| JobRunRef {
+            site: "INFN-T1".into(),
+            job_id: job_id.into(),
+            run_attempt: 1,
+            ..Default::default()
+        }),
+        vo: vo.into(),
+        image_hint: hint.into(),
+        resources: Some(ResourceRequest {
+            cores: u32::try_from(clamp_u64(num(2))).unwrap_or(u32::MAX),
+            memory_bytes: clamp_u64(num(3)),
+            scratch_bytes: clamp_u64(num(4)),
+            walltime: Some(prost_types::Duration {
+                seconds: i64::try_from(num(5)).unwrap_or(i64::MAX),
+                nanos: i32::try_from(num(6)).unwrap_or(i32::MAX),
+            }),
+        }),
+        payload: (field(&fields, 7) != "absent").then_some(JobPayload {
+            kind,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let policy = fuzz_policy();
+    let Ok(spec) = policy.apply(&job) else {
+        return false;
+    };
+    let vo_image = policy.vo_images.get(vo);
+    assert!(
+        vo_image.is_some(),
+        "a spec for VO {vo:?}, which has no image"
+    );
+    assert!(
+        policy.vo_images.values().any(|i| *i == spec.image),
+        "image {:?} is not configured",
+        spec.image
+    );
+    if hint.is_empty() {
+        assert_eq!(Some(&spec.image), vo_image, "not the VO's own image");
+    }
+    assert_eq!(spec.vo, vo);
+    assert!(
+        (1..=policy.max_cores).contains(&spec.cores),
+        "cores {}",
+        spec.cores
+    );
+    assert!(
+        (1..=policy.max_memory_bytes).contains(&spec.memory_bytes),
+        "memory {}",
+        spec.memory_bytes
+    );
+    assert!(
+        (1..=policy.max_scratch_bytes).contains(&spec.scratch_bytes),
+        "scratch {}",
+        spec.scratch_bytes
+    );
+    let wall = spec.walltime.unwrap_or_default();
+    assert!(
+        wall.seconds >= 1 && wall.nanos == 0,
+        "walltime {wall:?} (requested {}, {})",
+        num(5),
+        num(6)
+    );
+    assert!(
+        matches!(
+            spec.payload.as_ref().and_then(|p| p.kind.as_ref()),
+            Some(job_payload::Kind::Command(_) | job_payload::Kind::InlineScript(_))
+        ),
+        "payload {:?}",
+        spec.payload
+    );
+    assert!(is_valid_vm_id(&spec.vm_id), "vm id {:?}", spec.vm_id);
     true
 }
 

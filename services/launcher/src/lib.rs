@@ -13,7 +13,7 @@
 //! | [`qmp`] | a minimal QMP client (powerdown / quit) over the VM's unix socket |
 //! | [`usage`] | CPU and peak memory: per-VM cgroup (v2, else v1 `cpuacct`+`memory`) when usable, else `/proc` samples in `usage.json` |
 //! | [`watch`] | waits for a VM's qemu to exit (also after a launcher restart) and collects the result |
-//! | [`fuzzing`] | what the fuzz target checks: event values through the VM id, path and qemu-argument validators |
+//! | [`fuzzing`] | what the fuzz targets check: event values through the VM id, path and qemu-argument validators; a job's request through the site policy |
 //! | [`handler`] | the bus handler (`job.started`, `job.cancelled`, the four results) |
 //! | [`state`] | [`LauncherState`](state::LauncherState), shared by the handler and the tasks; building events |
 //! | [`outbox`] | pending events: stored with the state change, published under the job's trace, cleared |

@@ -98,6 +98,10 @@ pub enum PolicyError {
     ScriptRefUnsupported,
     #[error("the job description has no run reference")]
     NoRun,
+    #[error(
+        "requested walltime {seconds} s + {nanos} ns is not a duration (negative, or nanoseconds out of 0..1e9)"
+    )]
+    BadWalltime { seconds: i64, nanos: i32 },
 }
 
 /// A policy configuration that cannot work.
@@ -207,13 +211,28 @@ impl PolicyConfig {
             self.default_scratch_bytes,
             self.max_scratch_bytes,
         )?;
-        let walltime = req
-            .walltime
-            .filter(|w| w.seconds > 0 || w.nanos > 0)
-            .unwrap_or_else(|| prost_types::Duration {
+        // Whole seconds (the watcher counts seconds), rounded up: a request under a second
+        // gets one, never none (a walltime of 0 s is no limit at all).
+        let walltime = match req.walltime {
+            None
+            | Some(prost_types::Duration {
+                seconds: 0,
+                nanos: 0,
+            }) => prost_types::Duration {
                 seconds: i64::try_from(self.default_walltime.as_secs()).unwrap_or(i64::MAX),
                 nanos: 0,
-            });
+            },
+            Some(w) if w.seconds < 0 || !(0..1_000_000_000).contains(&w.nanos) => {
+                return Err(PolicyError::BadWalltime {
+                    seconds: w.seconds,
+                    nanos: w.nanos,
+                });
+            }
+            Some(w) => prost_types::Duration {
+                seconds: w.seconds.saturating_add(i64::from(w.nanos > 0)),
+                nanos: 0,
+            },
+        };
         let payload = job.payload.clone().ok_or(PolicyError::NoPayload)?;
         match payload.kind {
             None => return Err(PolicyError::NoPayload),
@@ -311,6 +330,37 @@ mod tests {
         // Deterministic: sha256("INFN-T1/htcondor/1001.0/1").
         let d = sha2::Sha256::digest(b"INFN-T1/htcondor/1001.0/1");
         assert_eq!(spec.vm_id, format!("vm-{}", &hex::encode(d)[..12]));
+    }
+
+    /// A walltime under a second, or negative, once reached the watcher as 0 s: no limit.
+    #[test]
+    fn a_walltime_is_whole_seconds_never_zero_and_never_negative() {
+        let p = policy();
+        let wall = |seconds, nanos| {
+            p.apply(&job(
+                "atlas",
+                ResourceRequest {
+                    walltime: Some(prost_types::Duration { seconds, nanos }),
+                    ..Default::default()
+                },
+            ))
+            .map(|s| s.walltime.unwrap())
+        };
+        let secs = |d: prost_types::Duration| (d.seconds, d.nanos);
+        assert_eq!(wall(0, 0).map(secs), Ok((24 * 3600, 0)));
+        assert_eq!(wall(0, 1).map(secs), Ok((1, 0)));
+        assert_eq!(wall(90, 500_000_000).map(secs), Ok((91, 0)));
+        assert_eq!(wall(3600, 0).map(secs), Ok((3600, 0)));
+        assert_eq!(wall(i64::MAX, 1).map(secs), Ok((i64::MAX, 0)));
+        for (s, n) in [(-1, 0), (-5, 1), (0, -1), (1, 1_000_000_000)] {
+            assert_eq!(
+                wall(s, n),
+                Err(PolicyError::BadWalltime {
+                    seconds: s,
+                    nanos: n
+                })
+            );
+        }
     }
 
     #[test]

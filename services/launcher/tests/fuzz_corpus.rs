@@ -1,19 +1,23 @@
 //! Replays the committed fuzz seeds and corpus and every crash input ever found
-//! (`fuzz/{seeds,corpus,artifacts}/launch/`) through the fuzz target's checks
+//! (`fuzz/{seeds,corpus,artifacts}/{launch,policy}/`) through the fuzz targets' checks
 //! (`wnodes_launcher::fuzzing`). No fuzzing happens here: campaigns run by hand with
-//! `scripts/fuzz.sh launch`.
+//! `scripts/fuzz.sh launch` and `scripts/fuzz.sh policy`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a failure is a test failure
 
 use std::path::PathBuf;
 
-use wnodes_launcher::fuzzing::exercise_launch;
+use wnodes_launcher::fuzzing::{exercise_launch, exercise_policy};
 
 fn inputs(dir: &str) -> Vec<PathBuf> {
+    target_inputs(dir, "launch")
+}
+
+fn target_inputs(dir: &str, target: &str) -> Vec<PathBuf> {
     wnodes_testkit::files::fuzz_inputs(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")),
         dir,
-        "launch",
+        target,
     )
 }
 
@@ -52,4 +56,45 @@ fn the_seeded_attacks_are_refused_and_the_real_values_accepted() {
     assert!(exercise_launch(&read("user-ok")));
     assert!(!exercise_launch(&read("comma-injection")));
     assert!(!exercise_launch(&read("traversal")));
+}
+
+#[test]
+fn committed_policy_corpus_and_crash_inputs_pass_the_checks() {
+    let seeds = target_inputs("seeds", "policy");
+    assert!(seeds.len() >= 5, "the seeds are missing ({})", seeds.len());
+    let all: Vec<Vec<u8>> = seeds
+        .iter()
+        .chain(&target_inputs("corpus", "policy"))
+        .chain(&target_inputs("artifacts", "policy"))
+        .map(|p| std::fs::read(p).unwrap())
+        .collect();
+    let made = all.iter().filter(|d| exercise_policy(d)).count();
+    assert!(made > 0, "no input made a spec");
+    assert!(made < all.len(), "no input was refused");
+}
+
+#[test]
+fn the_seeded_requests_are_judged_as_the_policy_says() {
+    let read = |name: &str| {
+        std::fs::read(
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("fuzz/seeds/policy")
+                .join(name),
+        )
+        .unwrap()
+    };
+    for ok in ["defaults-ok", "maxima-ok", "other-image-subsecond-ok"] {
+        assert!(exercise_policy(&read(ok)), "{ok}");
+    }
+    for refused in [
+        "negative-walltime",
+        "unknown-image",
+        "vo-without-image",
+        "too-many-cores",
+        "script-ref",
+        "no-run",
+        "no-payload",
+    ] {
+        assert!(!exercise_policy(&read(refused)), "{refused}");
+    }
 }
