@@ -62,9 +62,15 @@ fn the_seeded_attacks_are_refused_and_the_real_values_accepted() {
 fn committed_policy_corpus_and_crash_inputs_pass_the_checks() {
     let seeds = target_inputs("seeds", "policy");
     assert!(seeds.len() >= 5, "the seeds are missing ({})", seeds.len());
+    let corpus = target_inputs("corpus", "policy");
+    assert!(
+        corpus.len() >= 5,
+        "the committed corpus is missing ({} files)",
+        corpus.len()
+    );
     let all: Vec<Vec<u8>> = seeds
         .iter()
-        .chain(&target_inputs("corpus", "policy"))
+        .chain(&corpus)
         .chain(&target_inputs("artifacts", "policy"))
         .map(|p| std::fs::read(p).unwrap())
         .collect();
