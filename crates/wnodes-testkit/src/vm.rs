@@ -1,10 +1,11 @@
 //! What tests that boot VMs share: what a whole job needs of the host ([`JOB_NEEDS`]), one
-//! VM-booting test at a time ([`vm_lock`]), and the host's memory ([`mem_total_bytes`]) that
-//! bounds a VM's measured peak.
+//! VM-booting test at a time ([`vm_lock`]), the host's memory ([`mem_total_bytes`]) that
+//! bounds a VM's measured peak, and the test guest's qemu command line for tests that boot it
+//! without the launcher ([`guest_qemu`]).
 
-use std::time::Duration;
+use std::{path::Path, time::Duration};
 
-use crate::host::Precondition;
+use crate::host::{Precondition, SETPRIV, guest_dir};
 
 /// How long a job-level wait may take on a loaded 2-core machine.
 pub const JOB_TIMEOUT: Duration = Duration::from_secs(90);
@@ -56,4 +57,62 @@ pub fn mem_total_bytes() -> f64 {
                 .and_then(|v| v.parse::<f64>().ok())
         })
         .map_or(0.0, |kb| kb * 1024.0)
+}
+
+/// qemu booting the test guest (`guest/README.md`) under TCG, as tests that do not go through
+/// the launcher start it: 256 MiB, no defaults, `-snapshot`, the guest's kernel, initrd and
+/// read-only root, `job_path` as the payload (`opt/wnodes/job.sh`), `params` appended to the
+/// kernel command line, and the three serial ports into `console.log`, `output.log` and
+/// `status.log` in `dir` (qemu's `TMPDIR` too). With `as_uid`, qemu runs as that uid and gid
+/// through `setpriv`, with no groups and no new privileges, as the launcher confines it.
+/// Callers add the network, any other disk, and how to wait. Killed when dropped.
+pub fn guest_qemu(
+    dir: &Path,
+    job_path: &Path,
+    params: &str,
+    as_uid: Option<u32>,
+) -> tokio::process::Command {
+    let guest = guest_dir();
+    let mut qemu = match as_uid {
+        Some(uid) => {
+            let mut c = tokio::process::Command::new(SETPRIV);
+            c.args([
+                format!("--reuid={uid}"),
+                format!("--regid={uid}"),
+                "--clear-groups".into(),
+                "--no-new-privs".into(),
+                "--".into(),
+                "qemu-system-x86_64".into(),
+            ]);
+            c
+        }
+        None => tokio::process::Command::new("qemu-system-x86_64"),
+    };
+    let serial = |n: &str| format!("file:{}", dir.join(n).display());
+    qemu.args(["-accel", "tcg", "-M", "pc", "-m", "256", "-nodefaults"])
+        .args(["-display", "none", "-no-reboot", "-snapshot"])
+        .arg("-kernel")
+        .arg(guest.join("vmlinux"))
+        .arg("-initrd")
+        .arg(guest.join("initrd.img"))
+        .arg("-append")
+        .arg(format!(
+            "console=ttyS0 root=/dev/vda panic=-1 quiet {params}"
+        ))
+        .arg("-drive")
+        .arg(format!(
+            "file={},format=raw,if=virtio,readonly=on",
+            guest.join("rootfs.ext4").display()
+        ))
+        .arg("-fw_cfg")
+        .arg(format!(
+            "name=opt/wnodes/job.sh,file={}",
+            job_path.display()
+        ))
+        .args(["-serial", &serial("console.log")])
+        .args(["-serial", &serial("output.log")])
+        .args(["-serial", &serial("status.log")])
+        .env("TMPDIR", dir)
+        .kill_on_drop(true);
+    qemu
 }

@@ -202,7 +202,6 @@ async fn boot(
     net: &Net<'_>,
     as_uid: Option<u32>,
 ) -> (std::process::ExitStatus, String, String) {
-    let guest = host::guest_dir();
     std::fs::create_dir_all(dir).unwrap();
     let job_path = dir.join("job.sh");
     std::fs::write(&job_path, job).unwrap();
@@ -211,43 +210,7 @@ async fn boot(
         std::os::unix::fs::chown(dir, Some(uid), Some(uid)).unwrap();
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).unwrap();
     }
-    let log = |n: &str| format!("file:{}", dir.join(n).display());
-    let g = |f: &str| guest.join(f).display().to_string();
-    let append = format!("console=ttyS0 root=/dev/vda panic=-1 quiet {params}");
-    let mut qemu = match as_uid {
-        Some(uid) => {
-            let mut c = tokio::process::Command::new("setpriv");
-            c.args([
-                format!("--reuid={uid}"),
-                format!("--regid={uid}"),
-                "--clear-groups".into(),
-                "--no-new-privs".into(),
-                "--".into(),
-                "qemu-system-x86_64".into(),
-            ]);
-            c
-        }
-        None => tokio::process::Command::new("qemu-system-x86_64"),
-    };
-    qemu.args(["-accel", "tcg", "-M", "pc", "-m", "256", "-nodefaults"])
-        .args(["-display", "none", "-no-reboot", "-snapshot"])
-        .args(["-kernel", &g("vmlinux"), "-initrd", &g("initrd.img")])
-        .args(["-append", &append])
-        .args([
-            "-drive",
-            &format!("file={},format=raw,if=virtio,readonly=on", g("rootfs.ext4")),
-        ])
-        .args([
-            "-fw_cfg",
-            &format!("name=opt/wnodes/job.sh,file={}", job_path.display()),
-        ])
-        .args([
-            "-serial",
-            &log("console.log"),
-            "-serial",
-            &log("output.log"),
-        ])
-        .args(["-serial", &log("status.log")]);
+    let mut qemu = wnodes_testkit::vm::guest_qemu(dir, &job_path, params, as_uid);
     match net {
         Net::Tap { tap, mac } => qemu
             .args([
@@ -259,10 +222,7 @@ async fn boot(
             .args(["-netdev", "user,id=n0"])
             .args(["-device", "virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56"]),
     };
-    qemu.env("TMPDIR", dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true);
+    qemu.stdout(Stdio::null()).stderr(Stdio::inherit());
     let status = tokio::time::timeout(Duration::from_secs(300), qemu.status())
         .await
         .expect("the guest did not power off within 300 s")

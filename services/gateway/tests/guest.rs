@@ -10,7 +10,7 @@
 
 use std::{
     os::unix::fs::{MetadataExt, PermissionsExt},
-    path::{Path, PathBuf},
+    path::Path,
     process::{ExitCode, Stdio},
     time::Duration,
 };
@@ -40,7 +40,6 @@ fn cmd(args: &[&str]) {
 }
 
 fn a_guest_mounts_its_export_through_the_filtered_tap() {
-    let guest = host::guest_dir();
     // A private network namespace for this process; threads and children made from here on
     // (the runtime's workers, nats-server, qemu) live in it.
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
@@ -52,10 +51,10 @@ fn a_guest_mounts_its_export_through_the_filtered_tap() {
         .enable_all()
         .build()
         .unwrap()
-        .block_on(run_guest(guest));
+        .block_on(run_guest());
 }
 
-async fn run_guest(guest: PathBuf) {
+async fn run_guest() {
     let tb = TestBus::start().await;
     let network = NetworkHandler {
         host: Host::new(None).unwrap(),
@@ -133,7 +132,7 @@ async fn run_guest(guest: PathBuf) {
     );
     let job =
         "echo \"uid=$(id -u)\"\ncat /shared/input.txt\necho from-the-guest > /shared/out.txt\n";
-    let (status, report) = boot(&guest, &a_dir, job, &append, &net.tap, &net.mac).await;
+    let (status, report) = boot(&a_dir, job, &append, &net.tap, &net.mac).await;
     assert!(status.success(), "qemu: {status}\n{report}");
     let read = |n: &str| std::fs::read_to_string(a_dir.join(n)).unwrap_or_default();
     assert!(
@@ -174,7 +173,7 @@ async fn run_guest(guest: PathBuf) {
     );
     let job_b = "echo stolen > /shared/stolen.txt\n";
     cmd(&["ip", "neigh", "flush", "all"]); // forget A's MAC: only the filter may stop B
-    let (status, report) = boot(&guest, &b_dir, job_b, &append_b, &net_b.tap, &net_b.mac).await;
+    let (status, report) = boot(&b_dir, job_b, &append_b, &net_b.tap, &net_b.mac).await;
     assert!(status.success(), "qemu: {status}\n{report}");
     let status_b = std::fs::read_to_string(b_dir.join("status.log")).unwrap_or_default();
     assert!(
@@ -187,7 +186,7 @@ async fn run_guest(guest: PathBuf) {
     cmd(&["nft", "delete", "table", "bridge", "wnodes"]);
     cmd(&["ip", "neigh", "flush", "all"]);
     let c_dir = work.path().join("control");
-    let (status, report) = boot(&guest, &c_dir, job_b, &append_b, &net_b.tap, &net_b.mac).await;
+    let (status, report) = boot(&c_dir, job_b, &append_b, &net_b.tap, &net_b.mac).await;
     assert!(status.success(), "qemu: {status}\n{report}");
     assert!(
         export.join("stolen.txt").exists(),
@@ -223,7 +222,6 @@ async fn run_guest(guest: PathBuf) {
 /// command line; logs and the snapshot overlay go to `dir`. Returns qemu's exit status and the
 /// three logs, for assertion messages.
 async fn boot(
-    guest: &Path,
     dir: &Path,
     job: &str,
     params: &str,
@@ -233,38 +231,14 @@ async fn boot(
     std::fs::create_dir_all(dir).unwrap();
     let job_path = dir.join("job.sh");
     std::fs::write(&job_path, job).unwrap();
-    let log = |n: &str| format!("file:{}", dir.join(n).display());
-    let g = |f: &str| guest.join(f).display().to_string();
-    let append = format!("console=ttyS0 root=/dev/vda panic=-1 quiet {params}");
-    let mut qemu = tokio::process::Command::new("qemu-system-x86_64");
-    qemu.args(["-accel", "tcg", "-M", "pc", "-m", "256", "-nodefaults"])
-        .args(["-display", "none", "-no-reboot", "-snapshot"])
-        .args(["-kernel", &g("vmlinux"), "-initrd", &g("initrd.img")])
-        .args(["-append", &append])
-        .args([
-            "-drive",
-            &format!("file={},format=raw,if=virtio,readonly=on", g("rootfs.ext4")),
-        ])
-        .args([
-            "-fw_cfg",
-            &format!("name=opt/wnodes/job.sh,file={}", job_path.display()),
-        ])
-        .args([
-            "-serial",
-            &log("console.log"),
-            "-serial",
-            &log("output.log"),
-        ])
-        .args(["-serial", &log("status.log")])
-        .args([
-            "-netdev",
-            &format!("tap,id=n0,ifname={tap},script=no,downscript=no"),
-        ])
-        .args(["-device", &format!("virtio-net-pci,netdev=n0,mac={mac}")])
-        .env("TMPDIR", dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true);
+    let mut qemu = wnodes_testkit::vm::guest_qemu(dir, &job_path, params, None);
+    qemu.args([
+        "-netdev",
+        &format!("tap,id=n0,ifname={tap},script=no,downscript=no"),
+    ])
+    .args(["-device", &format!("virtio-net-pci,netdev=n0,mac={mac}")])
+    .stdout(Stdio::null())
+    .stderr(Stdio::inherit());
     let status = tokio::time::timeout(Duration::from_secs(300), qemu.status())
         .await
         .expect("the guest did not power off within 300 s")

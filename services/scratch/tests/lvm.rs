@@ -30,7 +30,7 @@ use wnodes_testkit::{
     NatsServer,
     bus::{EventSub, connect, subscribe},
     events::{Events, RunRefExt, run},
-    host::{self, Precondition, guest_dir},
+    host::{self, Precondition},
     host_test,
     vm::vm_lock,
 };
@@ -463,56 +463,12 @@ async fn vm_writes_its_scratch_on_an_lv_mapped_through_a_loop_device() {
     )
     .unwrap();
     std::fs::set_permissions(&job, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let g = guest_dir();
-    let status = work.path().join("status.log");
-    let mut qemu = tokio::process::Command::new("setpriv");
-    qemu.args([
-        &format!("--reuid={VM_UID}"),
-        &format!("--regid={VM_UID}"),
-        "--clear-groups",
-        "--no-new-privs",
-        "qemu-system-x86_64",
-        "-accel",
-        "tcg",
-        "-M",
-        "pc",
-        "-m",
-        "256",
-        "-nodefaults",
-        "-display",
-        "none",
-        "-no-reboot",
-        "-snapshot",
-    ])
-    .arg("-kernel")
-    .arg(g.join("vmlinux"))
-    .arg("-initrd")
-    .arg(g.join("initrd.img"))
-    .arg("-drive")
-    .arg(format!(
-        "file={},format=raw,if=virtio,readonly=on",
-        g.join("rootfs.ext4").display()
-    ))
-    .arg("-fw_cfg")
-    .arg(format!("name=opt/wnodes/job.sh,file={}", job.display()))
-    .arg("-serial")
-    .arg(format!(
-        "file:{}",
-        work.path().join("console.log").display()
-    ))
-    .arg("-serial")
-    .arg(format!("file:{}", work.path().join("output.log").display()))
-    .arg("-serial")
-    .arg(format!("file:{}", status.display()))
-    .arg("-drive")
-    .arg(format!(
+    let mut qemu =
+        wnodes_testkit::vm::guest_qemu(work.path(), &job, "wnodes.scratch=/dev/vdb", Some(VM_UID));
+    qemu.arg("-drive").arg(format!(
         "file={},format=raw,if=virtio,snapshot=off,cache=none",
         dev.display()
-    ))
-    .arg("-append")
-    .arg("console=ttyS0 root=/dev/vda panic=-1 quiet wnodes.scratch=/dev/vdb")
-    .env("TMPDIR", work.path())
-    .kill_on_drop(true);
+    ));
     let out = tokio::time::timeout(Duration::from_secs(240), qemu.output())
         .await
         .expect("the VM ends within 4 minutes")
