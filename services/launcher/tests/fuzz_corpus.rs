@@ -9,10 +9,6 @@ use std::path::PathBuf;
 
 use wnodes_launcher::fuzzing::{exercise_launch, exercise_policy};
 
-fn inputs(dir: &str) -> Vec<PathBuf> {
-    target_inputs(dir, "launch")
-}
-
 fn target_inputs(dir: &str, target: &str) -> Vec<PathBuf> {
     wnodes_testkit::files::fuzz_inputs(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")),
@@ -21,11 +17,12 @@ fn target_inputs(dir: &str, target: &str) -> Vec<PathBuf> {
     )
 }
 
-#[test]
-fn committed_launch_corpus_and_crash_inputs_pass_the_checks() {
-    let seeds = inputs("seeds");
+/// Runs every committed input of `target` (seeds, corpus, crash inputs) through `check`;
+/// returns how many it accepted and how many there were.
+fn replay(target: &str, check: fn(&[u8]) -> bool) -> (usize, usize) {
+    let seeds = target_inputs("seeds", target);
     assert!(seeds.len() >= 5, "the seeds are missing ({})", seeds.len());
-    let corpus = inputs("corpus");
+    let corpus = target_inputs("corpus", target);
     assert!(
         corpus.len() >= 5,
         "the committed corpus is missing ({} files)",
@@ -34,12 +31,17 @@ fn committed_launch_corpus_and_crash_inputs_pass_the_checks() {
     let all: Vec<Vec<u8>> = seeds
         .iter()
         .chain(&corpus)
-        .chain(&inputs("artifacts"))
+        .chain(&target_inputs("artifacts", target))
         .map(|p| std::fs::read(p).unwrap())
         .collect();
-    let built = all.iter().filter(|d| exercise_launch(d)).count();
+    (all.iter().filter(|d| check(d)).count(), all.len())
+}
+
+#[test]
+fn committed_launch_corpus_and_crash_inputs_pass_the_checks() {
+    let (built, all) = replay("launch", exercise_launch);
     assert!(built > 0, "no input made a qemu command line");
-    assert!(built < all.len(), "no input was refused");
+    assert!(built < all, "no input was refused");
 }
 
 #[test]
@@ -60,23 +62,9 @@ fn the_seeded_attacks_are_refused_and_the_real_values_accepted() {
 
 #[test]
 fn committed_policy_corpus_and_crash_inputs_pass_the_checks() {
-    let seeds = target_inputs("seeds", "policy");
-    assert!(seeds.len() >= 5, "the seeds are missing ({})", seeds.len());
-    let corpus = target_inputs("corpus", "policy");
-    assert!(
-        corpus.len() >= 5,
-        "the committed corpus is missing ({} files)",
-        corpus.len()
-    );
-    let all: Vec<Vec<u8>> = seeds
-        .iter()
-        .chain(&corpus)
-        .chain(&target_inputs("artifacts", "policy"))
-        .map(|p| std::fs::read(p).unwrap())
-        .collect();
-    let made = all.iter().filter(|d| exercise_policy(d)).count();
+    let (made, all) = replay("policy", exercise_policy);
     assert!(made > 0, "no input made a spec");
-    assert!(made < all.len(), "no input was refused");
+    assert!(made < all, "no input was refused");
 }
 
 #[test]
