@@ -40,6 +40,27 @@ Exit codes:
   78     bad configuration
 A payload can itself exit with 125, 130 or 143; stderr says which case it was.";
 
+/// The storage mode a job asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StorageModeArg {
+    /// The VO's or the site's choice.
+    Site,
+    /// sshfs over the VM's private channel to the sftp gateway.
+    Sshfs,
+    /// An NFSv4 export restricted to the VM's address.
+    Nfs,
+}
+
+impl From<StorageModeArg> for proto::StorageMode {
+    fn from(m: StorageModeArg) -> Self {
+        match m {
+            StorageModeArg::Site => proto::StorageMode::Unspecified,
+            StorageModeArg::Sshfs => proto::StorageMode::Sshfs,
+            StorageModeArg::Nfs => proto::StorageMode::Nfs,
+        }
+    }
+}
+
 /// The batch system, for the run key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LrmsArg {
@@ -112,6 +133,10 @@ pub struct SubmitArgs {
     /// Image (catalog name); empty = the VO's default.
     #[arg(long, default_value = "")]
     pub image: String,
+    /// How the VM reaches the site's shared storage; `site` leaves it to the site's policy
+    /// (the launcher refuses a mode its `job_storage_modes` does not allow).
+    #[arg(long, value_enum, default_value = "site")]
+    pub storage_mode: StorageModeArg,
     /// Hypervisor host the job runs on (default: `host` of the configuration).
     #[arg(long)]
     pub host: Option<String>,
@@ -193,6 +218,7 @@ pub fn job_description(
             }),
         }),
         image_hint: args.image.clone(),
+        storage_mode: proto::StorageMode::from(args.storage_mode) as i32,
         host: args.host.clone().unwrap_or_else(|| common.host.clone()),
         payload: Some(proto::JobPayload {
             kind: Some(kind),

@@ -159,6 +159,10 @@ wnodes_testkit::error_rule! {
         PolicyError::ScriptRefUnsupported => PolicyError::ScriptRefUnsupported,
         PolicyError::NoRun => PolicyError::NoRun,
         PolicyError::BadWalltime { .. } => PolicyError::BadWalltime { seconds: -1, nanos: 0 },
+        PolicyError::StorageModeNotAllowed { .. } => PolicyError::StorageModeNotAllowed {
+            requested: "STORAGE_MODE_NFS".into(),
+            allowed: vec![crate::policy::StorageModeConfig::Sshfs],
+        },
     }
     PolicyConfigError {
         PolicyConfigError(_) => policy_config_error(),

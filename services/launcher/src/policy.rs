@@ -31,6 +31,33 @@ impl NetworkModeConfig {
     }
 }
 
+/// Storage mode names in the config: how a VM reaches its exports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StorageModeConfig {
+    /// SFTP over plain TCP, mounted with sshfs (the gateway's listener).
+    Sshfs,
+    /// NFSv4, to the VM's address only (the gateway's NFS server; needs a tap).
+    Nfs,
+}
+
+impl StorageModeConfig {
+    fn proto(self) -> StorageMode {
+        match self {
+            Self::Sshfs => StorageMode::Sshfs,
+            Self::Nfs => StorageMode::Nfs,
+        }
+    }
+
+    fn of(mode: StorageMode) -> Option<Self> {
+        match mode {
+            StorageMode::Sshfs => Some(Self::Sshfs),
+            StorageMode::Nfs => Some(Self::Nfs),
+            StorageMode::Unspecified => None,
+        }
+    }
+}
+
 /// One storage export every VM gets.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -58,6 +85,13 @@ pub struct PolicyConfig {
     pub default_walltime: Duration,
     pub network_mode: NetworkModeConfig,
     pub storage_exports: Vec<ExportConfig>,
+    /// How VMs reach the exports, unless their VO or the job says otherwise.
+    pub storage_mode: StorageModeConfig,
+    /// VO name → storage mode for that VO's VMs.
+    pub vo_storage_modes: BTreeMap<String, StorageModeConfig>,
+    /// The modes a job may ask for itself (`JobDescription.storage_mode`); empty (the
+    /// default): a job that asks is refused.
+    pub job_storage_modes: Vec<StorageModeConfig>,
 }
 
 impl Default for PolicyConfig {
@@ -73,6 +107,9 @@ impl Default for PolicyConfig {
             default_walltime: Duration::from_secs(24 * 3600),
             network_mode: NetworkModeConfig::VirtioTap,
             storage_exports: Vec::new(),
+            storage_mode: StorageModeConfig::Sshfs,
+            vo_storage_modes: BTreeMap::new(),
+            job_storage_modes: Vec::new(),
         }
     }
 }
@@ -102,6 +139,13 @@ pub enum PolicyError {
         "requested walltime {seconds} s + {nanos} ns is not a duration (negative, or nanoseconds out of 0..1e9)"
     )]
     BadWalltime { seconds: i64, nanos: i32 },
+    #[error(
+        "the job asks for storage mode {requested:?}; jobs may choose only {allowed:?} ([launcher.policy] job_storage_modes)"
+    )]
+    StorageModeNotAllowed {
+        requested: String,
+        allowed: Vec<StorageModeConfig>,
+    },
 }
 
 /// A policy configuration that cannot work.
@@ -161,6 +205,37 @@ impl PolicyConfig {
             }
         }
         Ok(())
+    }
+
+    /// The storage mode of a job's VM: the job's own request when the site lets jobs choose
+    /// it, else its VO's, else the site's.
+    fn storage_mode_for(&self, job: &JobDescription) -> Result<StorageModeConfig, PolicyError> {
+        let requested = StorageMode::try_from(job.storage_mode).ok();
+        match requested {
+            Some(StorageMode::Unspecified) => {}
+            Some(mode) => {
+                if let Some(m) =
+                    StorageModeConfig::of(mode).filter(|m| self.job_storage_modes.contains(m))
+                {
+                    return Ok(m);
+                }
+                return Err(PolicyError::StorageModeNotAllowed {
+                    requested: mode.as_str_name().to_owned(),
+                    allowed: self.job_storage_modes.clone(),
+                });
+            }
+            None => {
+                return Err(PolicyError::StorageModeNotAllowed {
+                    requested: format!("unknown value {}", job.storage_mode),
+                    allowed: self.job_storage_modes.clone(),
+                });
+            }
+        }
+        Ok(self
+            .vo_storage_modes
+            .get(&job.vo)
+            .copied()
+            .unwrap_or(self.storage_mode))
     }
 
     /// Applies the policy to a started job.
@@ -252,7 +327,7 @@ impl PolicyConfig {
         let storage_mode = if exports.is_empty() {
             StorageMode::Unspecified
         } else {
-            StorageMode::Sshfs
+            self.storage_mode_for(job)?.proto()
         };
         Ok(VmSpec {
             vm_id: vm_id(run),
@@ -330,6 +405,50 @@ mod tests {
         // Deterministic: sha256("INFN-T1/htcondor/1001.0/1").
         let d = sha2::Sha256::digest(b"INFN-T1/htcondor/1001.0/1");
         assert_eq!(spec.vm_id, format!("vm-{}", &hex::encode(d)[..12]));
+    }
+
+    #[test]
+    fn the_storage_mode_comes_from_the_job_the_vo_or_the_site() {
+        let mut p = policy();
+        p.vo_images.insert("cms".into(), "el9".into());
+        p.storage_exports = vec![ExportConfig {
+            name: "home".into(),
+            host_path: "/srv/home".into(),
+            guest_path: "/shared".into(),
+            read_only: false,
+        }];
+        p.vo_storage_modes
+            .insert("cms".into(), StorageModeConfig::Nfs);
+        let mode = |p: &PolicyConfig, vo: &str, asked: StorageMode| {
+            let mut j = job(vo, ResourceRequest::default());
+            j.storage_mode = asked as i32;
+            p.apply(&j).map(|s| s.storage_mode)
+        };
+        let (sshfs, nfs) = (StorageMode::Sshfs as i32, StorageMode::Nfs as i32);
+        assert_eq!(mode(&p, "atlas", StorageMode::Unspecified), Ok(sshfs));
+        assert_eq!(mode(&p, "cms", StorageMode::Unspecified), Ok(nfs));
+        // Jobs may not choose unless the site lets them.
+        assert!(matches!(
+            mode(&p, "atlas", StorageMode::Nfs),
+            Err(PolicyError::StorageModeNotAllowed { .. })
+        ));
+        p.job_storage_modes = vec![StorageModeConfig::Nfs];
+        assert_eq!(mode(&p, "atlas", StorageMode::Nfs), Ok(nfs));
+        assert!(mode(&p, "cms", StorageMode::Sshfs).is_err());
+        let mut odd = job("atlas", ResourceRequest::default());
+        odd.storage_mode = 7;
+        assert!(
+            p.apply(&odd)
+                .unwrap_err()
+                .to_string()
+                .contains("unknown value 7")
+        );
+        // Without exports there is nothing to mount.
+        p.storage_exports.clear();
+        assert_eq!(
+            mode(&p, "cms", StorageMode::Unspecified),
+            Ok(StorageMode::Unspecified as i32)
+        );
     }
 
     /// A walltime under a second, or negative, once reached the watcher as 0 s: no limit.
