@@ -135,6 +135,7 @@ PY
 #    base: needed to mount the root (virtio pci/blk, ext4 + crc32c) and read the payload (qemu_fw_cfg)
 #    net:  virtio_net (only loaded when wnodes.ip= is given)
 #    fuse: fuse (only loaded when wnodes.sshfs= is given)
+#    nfs:  the NFSv4 client, nfsv4 and what it needs (only loaded when wnodes.nfs= is given)
 log "initrd"
 IR="$WORK/initrd"
 mkdir -p "$IR/bin" "$IR/lib/modules" "$IR/proc" "$IR/sys" "$IR/dev" "$IR/newroot" "$IR/run"
@@ -176,6 +177,7 @@ groups = [
               ("qemu_fw_cfg", "CONFIG_FW_CFG_SYSFS")]),
     ("net", [("virtio_net", "CONFIG_VIRTIO_NET")]),
     ("fuse", [("fuse", "CONFIG_FUSE_FS")]),
+    ("nfs", [("nfsv4", "CONFIG_NFS_V4")]),
 ]
 loaded = set()
 for group, wanted in groups:
@@ -226,6 +228,7 @@ for arg in $(cat /proc/cmdline); do
     case "$arg" in
         wnodes.ip=*) NET=1 ;;
         wnodes.sshfs=*) FUSE=1 ;;
+        wnodes.nfs=*) NFS=1 ;;
         rw) ROOTMODE=rw ;;
     esac
 done
@@ -237,6 +240,7 @@ load() {
 load base
 [ -n "$NET" ] && load net
 [ -n "$FUSE" ] && load fuse
+[ -n "$NFS" ] && load nfs
 status "phase=modules"
 i=0
 while [ ! -b /dev/vda ]; do
@@ -331,12 +335,13 @@ fail() { # code message
     finish "$1"
 }
 
-IP= GW= SSHFS= SCRATCH= JUID= JGID=
+IP= GW= SSHFS= NFS= SCRATCH= JUID= JGID=
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         wnodes.ip=*) IP="${arg#wnodes.ip=}" ;;
         wnodes.gw=*) GW="${arg#wnodes.gw=}" ;;
         wnodes.sshfs=*) SSHFS="${arg#wnodes.sshfs=}" ;;
+        wnodes.nfs=*) NFS="${arg#wnodes.nfs=}" ;;
         wnodes.scratch=*) SCRATCH="${arg#wnodes.scratch=}" ;;
         wnodes.uid=*) JUID="${arg#wnodes.uid=}" ;;
         wnodes.gid=*) JGID="${arg#wnodes.gid=}" ;;
@@ -344,7 +349,8 @@ for arg in $(cat /proc/cmdline); do
 done
 say "started, kernel $(uname -r), uptime $(cut -d' ' -f1 /proc/uptime) s"
 
-# modules: the initrd loaded them (virtio_net only with wnodes.ip=, fuse only with wnodes.sshfs=)
+# modules: the initrd loaded them (virtio_net only with wnodes.ip=, fuse only with wnodes.sshfs=,
+# the NFSv4 client only with wnodes.nfs=)
 [ -d /sys/firmware/qemu_fw_cfg ] || fail 121 "qemu_fw_cfg driver not available"
 ip link set lo up 2>/dev/null
 
@@ -394,6 +400,26 @@ if [ -n "$SSHFS" ]; then
     done
     [ -n "$ok" ] || fail 124 "sshfs mount of $S_HOST:$S_PORT:$S_PATH failed"
     say "shared: $S_HOST:$S_PATH (port $S_PORT) on /shared"
+fi
+
+if [ -n "$NFS" ]; then
+    status "phase=shared"
+    N_HOST="${NFS%%:*}"; rest="${NFS#*:}"
+    N_PORT="${rest%%:*}"; N_PATH="${rest#*:}"
+    [ -n "$N_HOST" ] && [ -n "$N_PORT" ] && [ -n "$N_PATH" ] && [ "$rest" != "$N_PORT" ] \
+        || fail 124 "bad wnodes.nfs=$NFS (want host:port:/path)"
+    [ -n "$IP" ] || fail 124 "wnodes.nfs= needs wnodes.ip= (the export names this VM's address)"
+    # NFSv4.1 over TCP, text options straight to the kernel (no mount.nfs, no rpcbind)
+    opts="vers=4.1,proto=tcp,port=$N_PORT,addr=$N_HOST,clientaddr=${IP%%/*},hard,timeo=600"
+    ok=
+    for try in 1 2 3 4 5; do
+        if mount -t nfs4 -o "$opts" "$N_HOST:$N_PATH" /shared; then
+            ok=1; break
+        fi
+        sleep 1
+    done
+    [ -n "$ok" ] || fail 124 "nfs mount of $N_HOST:$N_PORT:$N_PATH failed"
+    say "shared: nfs4 $N_HOST:$N_PATH (port $N_PORT) on /shared"
 fi
 
 JOB=/sys/firmware/qemu_fw_cfg/by_name/opt/wnodes/job.sh/raw

@@ -209,6 +209,10 @@ ensure_apt socat util-linux
 # lvm2: the scratch service's LVM backend (its tests run lvm in metadata-only mode on a loop
 # device: docs/scratch-and-image-cache.md).
 ensure_apt lvm2
+# The gateway's NFS backends (docs/storage-gateway-nfs.md): nfs-ganesha (userspace, FSAL VFS) and
+# the private dbus-daemon its export manager talks on; nfs-kernel-server for `exportfs` (its
+# tests keep the export table in a private mount namespace; no nfsd runs on these hosts).
+ensure_apt nfs-ganesha nfs-ganesha-vfs dbus-daemon dbus-bin nfs-kernel-server
 command -v qemu-system-x86_64 >/dev/null || die "qemu-system-x86_64 not on PATH after install"
 command -v qemu-img >/dev/null || die "qemu-img not on PATH after install"
 log "done: $(qemu-system-x86_64 --version | head -n1)"

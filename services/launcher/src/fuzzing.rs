@@ -51,7 +51,7 @@ fn allowed_keys(
 }
 
 /// The kernel parameters the launcher sets.
-const KERNEL_KEYS: [&str; 10] = [
+const KERNEL_KEYS: [&str; 11] = [
     "console",
     "root",
     "panic",
@@ -59,6 +59,7 @@ const KERNEL_KEYS: [&str; 10] = [
     "wnodes.ip",
     "wnodes.gw",
     "wnodes.sshfs",
+    "wnodes.nfs",
     "wnodes.scratch",
     "wnodes.uid",
     "wnodes.gid",

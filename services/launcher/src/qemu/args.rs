@@ -4,7 +4,9 @@
 
 use std::{net::Ipv4Addr, path::Path};
 
-use wnodes_proto::v1::{ImageReady, NetworkMode, NetworkReady, ScratchReady, StorageReady, VmSpec};
+use wnodes_proto::v1::{
+    ImageReady, NetworkMode, NetworkReady, ScratchReady, StorageMode, StorageReady, VmSpec,
+};
 
 use super::QemuError;
 use crate::{config::Accel, vm_dir::VmDir};
@@ -155,7 +157,16 @@ pub fn build_args(inputs: &LaunchInputs<'_>) -> Result<Vec<String>, QemuError> {
             _ => check_ip(&s.address)?,
         };
         let path = kernel_value("storage remote path", &s.remote_path)?;
-        kparams.push(format!("wnodes.sshfs={host}:{}:{path}", s.port));
+        if s.mode == StorageMode::Nfs as i32 {
+            // NFSv4 to the VM's own address; the gateway never serves NFS in user mode.
+            kparams.push(format!(
+                "wnodes.nfs={}:{}:{path}",
+                check_ip(&s.address)?,
+                s.port
+            ));
+        } else {
+            kparams.push(format!("wnodes.sshfs={host}:{}:{path}", s.port));
+        }
     }
     let scratch = inputs.scratch.filter(|s| !s.path.is_empty());
     if scratch.is_some() {

@@ -195,6 +195,48 @@ mod tests {
     }
 
     #[test]
+    fn an_nfs_export_is_mounted_from_the_gateway_address() {
+        let (vm, spec, image) = fixture(Path::new("/s"));
+        let net = NetworkReady {
+            mode: NetworkMode::VirtioTap as i32,
+            tap: "wn-0123456789ab".into(),
+            mac: "52:54:00:12:34:56".into(),
+            address: "10.231.1.2/24".into(),
+            gateway: "10.231.1.1".into(),
+            ..Default::default()
+        };
+        let storage = StorageReady {
+            mode: wnodes_proto::v1::StorageMode::Nfs as i32,
+            address: "10.231.1.1".into(),
+            port: 2049,
+            remote_path: "/wnodes/vm-0123456789ab".into(),
+            ..Default::default()
+        };
+        let inputs = |storage| LaunchInputs {
+            accel: Accel::Tcg,
+            vm: &vm,
+            spec: &spec,
+            image: &image,
+            scratch: None,
+            network: Some(&net),
+            storage: Some(storage),
+            sandbox: true,
+        };
+        let args = build_args(&inputs(&storage)).unwrap();
+        let append = &args[args.iter().position(|a| a == "-append").unwrap() + 1];
+        assert!(
+            append.contains(" wnodes.nfs=10.231.1.1:2049:/wnodes/vm-0123456789ab "),
+            "{append}"
+        );
+        assert!(!append.contains("wnodes.sshfs"));
+        let hostile = StorageReady {
+            address: "10.231.1.1 init=/bin/sh".into(),
+            ..storage.clone()
+        };
+        assert!(build_args(&inputs(&hostile)).is_err());
+    }
+
+    #[test]
     fn hostile_values_are_refused() {
         let dir = Path::new("/s");
         let (vm, spec, mut image) = fixture(dir);
