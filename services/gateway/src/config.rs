@@ -38,6 +38,9 @@ pub struct GatewayConfig {
     pub chroot: PathBuf,
     /// glibc's `ldd`, which lists what `sftp-server` loads (bound into the jail).
     pub ldd: PathBuf,
+    /// The NFS gateway (`[gateway.nfs]`); unset: this host offers no NFS, and a VM whose spec
+    /// asks for NFS fails with rule `storage.nfs`.
+    pub nfs: Option<crate::nfs::NfsConfig>,
 }
 
 impl Default for GatewayConfig {
@@ -55,6 +58,7 @@ impl Default for GatewayConfig {
             unshare: PathBuf::from("/usr/bin/unshare"),
             chroot: PathBuf::from("/usr/sbin/chroot"),
             ldd: PathBuf::from("/usr/bin/ldd"),
+            nfs: None,
         }
     }
 }
@@ -74,6 +78,8 @@ pub enum GatewayConfigError {
     RootExport { path: PathBuf },
     #[error("jail: {0}")]
     Jail(String),
+    #[error("nfs")]
+    Nfs(#[source] crate::nfs::config::NfsConfigError),
 }
 
 impl GatewayConfig {
@@ -102,6 +108,9 @@ impl GatewayConfig {
     pub fn validate(&self) -> Result<(), GatewayConfigError> {
         self.ports()?;
         self.id_ranges()?;
+        if let Some(nfs) = &self.nfs {
+            nfs.validate().map_err(GatewayConfigError::Nfs)?;
+        }
         for root in &self.export_roots {
             if !root.is_absolute() {
                 return Err(GatewayConfigError::NotAbsolute {

@@ -1,7 +1,14 @@
 //! The error rule for this crate's error types (`docs/errors-and-logging.md`): one sample per
 //! variant; a new variant does not compile until it has one here.
 
-use crate::config::{GatewayConfigError, PortRangeError};
+use std::path::PathBuf;
+
+use wnodes_testkit::error_rule::io_source;
+
+use crate::{
+    config::{GatewayConfigError, PortRangeError},
+    nfs::{NfsError, config::NfsConfigError},
+};
 
 wnodes_testkit::error_rule! {
     PortRangeError {
@@ -19,5 +26,33 @@ wnodes_testkit::error_rule! {
         },
         GatewayConfigError::RootExport { .. } => GatewayConfigError::RootExport { path: "/".into() },
         GatewayConfigError::Jail(_) => GatewayConfigError::Jail("ldd /usr/lib/openssh/sftp-server: ldd listed no library".into()),
+        GatewayConfigError::Nfs(_) => GatewayConfigError::Nfs(NfsConfigError::Port),
+    }
+    NfsConfigError {
+        NfsConfigError::ExportIds(_) => NfsConfigError::ExportIds("0-10".into()),
+        NfsConfigError::NotAbsolute { .. } => NfsConfigError::NotAbsolute {
+            key: "exportfs.exportfs",
+            path: "exportfs".into(),
+        },
+        NfsConfigError::PseudoRoot(_) => NfsConfigError::PseudoRoot("wnodes".into()),
+        NfsConfigError::Port => NfsConfigError::Port,
+    }
+    NfsError {
+        NfsError::Spawn { .. } => NfsError::Spawn {
+            program: "/usr/bin/dbus-send".into(),
+            source: io_source(),
+        },
+        NfsError::Command { .. } => NfsError::Command {
+            program: "/usr/sbin/exportfs".into(),
+            action: "export".into(),
+            status: "exit status: 1".into(),
+            stderr: "exportfs: Failed to stat /srv/x: No such file or directory".into(),
+        },
+        NfsError::Write { .. } => NfsError::Write {
+            path: PathBuf::from("/var/lib/wnodes-gateway/ganesha/exports/export-100.conf"),
+            source: io_source(),
+        },
+        NfsError::Daemon(_) => NfsError::Daemon("ganesha.nfsd did not start".into()),
+        NfsError::PathChars { .. } => NfsError::PathChars { path: "/srv/a b".into() },
     }
 }

@@ -5,6 +5,7 @@
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::PathBuf,
+    sync::Arc,
 };
 
 use tokio::net::TcpListener;
@@ -17,7 +18,8 @@ use wnodes_runtime::host_paths::{PathRefusal, resolve_under};
 use crate::{
     config::{GatewayConfig, GatewayConfigError, IdRange, PortRange},
     listener::{Listeners, Programs, ServeSpec},
-    table::{self, Row, Storage},
+    nfs::{NfsError, NfsExport, NfsServer},
+    table::{self, NfsHeld, Row, Storage},
 };
 
 /// The gateway's handler.
@@ -32,6 +34,11 @@ pub struct GatewayHandler {
     pub job_gids: IdRange,
     /// `"gateway@<host>"`.
     pub source: String,
+    /// The host's NFS server (`[gateway.nfs]`), started by [`GatewayHandler::with_nfs`].
+    pub nfs: Option<Arc<NfsServer>>,
+    /// The NFS export ids this gateway hands out, and the port guests mount.
+    pub nfs_ids: IdRange,
+    pub nfs_port: u16,
 }
 
 /// Why a VM's storage is not served: a rule of the host's policy the spec breaks (logged as
@@ -72,6 +79,11 @@ enum Plan {
         bind: IpAddr,
         guest_path: String,
     },
+    /// An NFS export (its id is chosen when it is made).
+    Nfs {
+        export: NfsExport,
+        guest_path: String,
+    },
 }
 
 /// In user-mode networking, the uid a connection's socket must belong to: the VM's own
@@ -98,7 +110,25 @@ impl GatewayHandler {
             bind_address: cfg.bind_address,
             ports,
             source,
+            nfs: None,
+            nfs_ids: IdRange {
+                first: 100,
+                last: 9999,
+            },
+            nfs_port: 2049,
         })
+    }
+
+    /// Starts (or connects to) the NFS server of `[gateway.nfs]`, when the section is set.
+    pub async fn with_nfs(mut self, cfg: &GatewayConfig) -> Result<Self, NfsError> {
+        if let Some(nfs) = &cfg.nfs {
+            self.nfs_ids = nfs
+                .ids()
+                .map_err(|e| NfsError::Daemon(format!("configuration: {e}")))?;
+            self.nfs_port = nfs.port;
+            self.nfs = Some(Arc::new(NfsServer::start(nfs).await?));
+        }
+        Ok(self)
     }
 
     fn events(&self) -> Events<'_, proto::StorageReady> {
@@ -143,6 +173,42 @@ impl GatewayHandler {
             ));
         }
         let path = self.export_path(&export.name, &export.host_path)?;
+        let user_mode = net.mode == proto::NetworkMode::User as i32;
+        if spec.storage_mode == proto::StorageMode::Nfs as i32 {
+            if self.nfs.is_none() {
+                return Err(policy(
+                    "storage.nfs",
+                    "the spec asks for NFS and this host offers no NFS gateway ([gateway.nfs] is not set)".into(),
+                ));
+            }
+            if user_mode {
+                return Err(policy(
+                    "storage.nfs_user_mode",
+                    "the spec asks for NFS in user-mode networking, where every guest reaches the host from 127.0.0.1: an NFS export cannot be limited to one VM there".into(),
+                ));
+            }
+            crate::nfs::check_path(&path)
+                .map_err(|e| policy("exports.path_chars", e.to_string()))?;
+            let a = net.address.split('/').next().unwrap_or_default();
+            let client: IpAddr = a.parse().map_err(|_| {
+                format!(
+                    "network.ready address {:?} is not an IP address",
+                    net.address
+                )
+            })?;
+            return Ok(Plan::Nfs {
+                export: NfsExport {
+                    id: 0,
+                    vm_id: spec.vm_id.clone(),
+                    path,
+                    client,
+                    uid: owner.uid,
+                    gid: owner.gid,
+                    read_only: export.read_only,
+                },
+                guest_path: export.guest_path.clone(),
+            });
+        }
         let me = nix::unistd::geteuid();
         if !me.is_root() && me.as_raw() != owner.uid {
             return Err(format!(
@@ -163,7 +229,6 @@ impl GatewayHandler {
             }
             Err(e) => return Err(format!("cannot look up owner uid {}: {e}", owner.uid).into()),
         }
-        let user_mode = net.mode == proto::NetworkMode::User as i32;
         let allowed: IpAddr = if user_mode {
             IpAddr::V4(Ipv4Addr::LOCALHOST)
         } else {
@@ -303,7 +368,7 @@ impl GatewayHandler {
             }
             State::Prepared => {
                 if let Some(ready) = row.detail.ready.clone() {
-                    self.ensure_listener(&row).await;
+                    self.ensure_served(&row).await;
                     ctx.publish(self.events().ready(ev, ready));
                     return Ok(());
                 }
@@ -332,7 +397,7 @@ impl GatewayHandler {
                 return Ok(());
             }
         };
-        let (ready, listener) = match plan {
+        let (ready, listener, nfs) = match plan {
             Plan::Nothing => (
                 proto::StorageReady {
                     vm_id: vm_id.to_owned(),
@@ -341,7 +406,51 @@ impl GatewayHandler {
                     ..Default::default()
                 },
                 None,
+                None,
             ),
+            Plan::Nfs {
+                mut export,
+                guest_path,
+            } => {
+                let Some(server) = self.nfs.clone() else {
+                    return Err(HandlerError::reject("NFS planned without an NFS server"));
+                };
+                let used = table::nfs_ids_in_use(ctx.tx().await?, vm_id)
+                    .await
+                    .map_err(store_err)?;
+                let free = (self.nfs_ids.first..=self.nfs_ids.last)
+                    .filter_map(|i| u16::try_from(i).ok())
+                    .find(|i| !used.contains(i));
+                let Some(id) = free else {
+                    let reason = format!("no free NFS export id in {}", self.nfs_ids);
+                    tracing::warn!(vm_id, %reason, "Cannot export the VM's storage over NFS.");
+                    ctx.publish(self.events().failed(ev, vm_id, reason));
+                    return Ok(());
+                };
+                export.id = id;
+                if let Err(e) = server.add(&export).await {
+                    let reason = format!("NFS export of {}: {e}", export.path.display());
+                    tracing::warn!(vm_id, %reason, "Cannot export the VM's storage over NFS.");
+                    ctx.publish(self.events().failed(ev, vm_id, reason));
+                    return Ok(());
+                }
+                (
+                    proto::StorageReady {
+                        vm_id: vm_id.to_owned(),
+                        mode: proto::StorageMode::Nfs as i32,
+                        address: net.gateway.clone(),
+                        port: u32::from(self.nfs_port),
+                        remote_path: server.remote_path(&export),
+                        guest_path,
+                        allowed_client: export.client.to_string(),
+                    },
+                    None,
+                    Some(NfsHeld {
+                        id,
+                        path: export.path.clone(),
+                    }),
+                )
+            }
             Plan::Serve {
                 spec: serve,
                 bind,
@@ -378,15 +487,68 @@ impl GatewayHandler {
                         allowed_client: serve.allowed.to_string(),
                     },
                     Some((addr.ip().to_string(), addr.port())),
+                    None,
                 )
             }
         };
-        table::set_serving(ctx.tx().await?, &row, &ready, listener)
+        table::set_serving(ctx.tx().await?, &row, &ready, listener, nfs)
             .await
             .map_err(store_err)?;
         tracing::info!(vm_id, port = ready.port, remote_path = %ready.remote_path, allowed = %ready.allowed_client, "Storage ready.");
         ctx.publish(self.events().ready(ev, ready));
         Ok(())
+    }
+
+    /// Re-adds the NFS export of a prepared row (idempotent on the server); true when the
+    /// server holds it afterwards.
+    pub(crate) async fn ensure_export(&self, row: &Row, held: &NfsHeld) -> bool {
+        let (Some(spec), Some(ready)) = (&row.detail.spec, &row.detail.ready) else {
+            return false;
+        };
+        let (Some(export), Some(owner)) = (spec.exports.first(), spec.owner.as_ref()) else {
+            return false;
+        };
+        let Some(server) = &self.nfs else {
+            tracing::error!(vm_id = %row.vm_id, id = held.id, "The VM holds an NFS export and [gateway.nfs] is not set: not re-added.");
+            return false;
+        };
+        // The policy again: the host's configuration may have changed since.
+        let path = match self.export_path(&export.name, &export.host_path) {
+            Ok(p) => p,
+            Err(Refusal::Policy { reason, .. } | Refusal::Cannot(reason)) => {
+                tracing::error!(vm_id = %row.vm_id, %reason, "The NFS export is not re-added.");
+                return false;
+            }
+        };
+        let Ok(client) = ready.allowed_client.parse() else {
+            tracing::error!(vm_id = %row.vm_id, "Stored NFS client address is corrupt; not re-added.");
+            return false;
+        };
+        let e = NfsExport {
+            id: held.id,
+            vm_id: row.vm_id.clone(),
+            path,
+            client,
+            uid: owner.uid,
+            gid: owner.gid,
+            read_only: export.read_only,
+        };
+        match server.add(&e).await {
+            Ok(()) => true,
+            Err(err) => {
+                tracing::error!(vm_id = %row.vm_id, id = held.id, error = %err, "Cannot re-add the NFS export.");
+                false
+            }
+        }
+    }
+
+    /// Brings back what a prepared row serves: its listener or its NFS export.
+    pub(crate) async fn ensure_served(&self, row: &Row) -> bool {
+        if let Some(held) = &row.detail.nfs {
+            return self.ensure_export(row, held).await;
+        }
+        self.ensure_listener(row).await;
+        self.listeners.addr_of(&row.vm_id).is_some()
     }
 
     /// Starts the listener of a prepared row if it does not run (restart, redelivery).
@@ -396,6 +558,7 @@ impl GatewayHandler {
             ready: Some(ready),
             bind: Some(bind),
             port: Some(port),
+            ..
         } = &row.detail
         else {
             return; // serving without exports: nothing listens
@@ -454,6 +617,38 @@ impl GatewayHandler {
     ) -> Result<(), HandlerError> {
         let conn = ctx.tx().await?;
         let row = table::get(conn, vm_id).await.map_err(store_err)?;
+        let mut withdrawn = None;
+        if let Some(held) = row
+            .as_ref()
+            .filter(|r| !r.is_released())
+            .and_then(|r| r.detail.nfs.clone())
+        {
+            withdrawn = Some(match &self.nfs {
+                Some(server) => {
+                    server
+                        .remove(held.id, &held.path)
+                        .await
+                        .map_err(HandlerError::retry)?;
+                    format!(
+                        "NFS export {} of {} withdrawn",
+                        held.id,
+                        held.path.display()
+                    )
+                }
+                None => {
+                    tracing::error!(
+                        vm_id,
+                        id = held.id,
+                        "The VM holds an NFS export and [gateway.nfs] is not set: it cannot be withdrawn here."
+                    );
+                    format!(
+                        "NFS export {} of {} NOT withdrawn: [gateway.nfs] is not set",
+                        held.id,
+                        held.path.display()
+                    )
+                }
+            });
+        }
         let stopped = self.listeners.stop(vm_id).await;
         let mut detail = match &stopped {
             Some(s) => {
@@ -462,7 +657,7 @@ impl GatewayHandler {
                     s.addr, s.served
                 )
             }
-            None => String::new(),
+            None => withdrawn.unwrap_or_default(),
         };
         let traffic = stopped
             .and_then(|s| s.traffic)

@@ -29,6 +29,16 @@ pub struct Storage {
     pub bind: Option<String>,
     /// Listener port (prepared, with exports).
     pub port: Option<u16>,
+    /// The NFS export (prepared, NFS mode).
+    #[serde(default)]
+    pub nfs: Option<NfsHeld>,
+}
+
+/// An NFS export a VM holds: its id on the server and the directory exported.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NfsHeld {
+    pub id: u16,
+    pub path: std::path::PathBuf,
 }
 
 /// One VM's row.
@@ -94,6 +104,7 @@ pub async fn init(pool: &SqlitePool) -> Result<(), TableError> {
                         ready: ready.and_then(|b| proto::StorageReady::decode(b.as_slice()).ok()),
                         bind,
                         port: port.and_then(|p| u16::try_from(p).ok()),
+                        nfs: None,
                     },
                     created_at: at,
                     updated_at: at,
@@ -123,6 +134,20 @@ pub async fn ports_in_use(
         .collect())
 }
 
+/// NFS export ids held by prepared rows other than `vm_id`'s.
+pub async fn nfs_ids_in_use(
+    conn: &mut SqliteConnection,
+    vm_id: &str,
+) -> Result<Vec<u16>, TableError> {
+    Ok(TABLE
+        .prepared(conn)
+        .await?
+        .into_iter()
+        .filter(|r| r.vm_id != vm_id)
+        .filter_map(|r| r.detail.nfs.map(|n| n.id))
+        .collect())
+}
+
 /// Records the spec of a requested VM (keeps an existing row as it is).
 pub async fn remember(
     conn: &mut SqliteConnection,
@@ -140,12 +165,13 @@ pub async fn remember(
 }
 
 /// Marks the VM of `row` prepared with the published `ready` and the listener's `bind`/`port`
-/// (the spec stays).
+/// or its NFS export (the spec stays).
 pub async fn set_serving(
     conn: &mut SqliteConnection,
     row: &Row,
     ready: &proto::StorageReady,
     listener: Option<(String, u16)>,
+    nfs: Option<NfsHeld>,
 ) -> Result<(), TableError> {
     let (bind, port) = listener.unzip();
     let detail = Storage {
@@ -153,6 +179,7 @@ pub async fn set_serving(
         ready: Some(ready.clone()),
         bind,
         port,
+        nfs,
     };
     TABLE
         .prepare(conn, &row.vm_id, &row.run_key, &detail)
@@ -253,6 +280,7 @@ mod tests {
                 ready: Some(ready),
                 bind: Some("10.231.1.1".into()),
                 port: Some(20001),
+                nfs: None,
             }
         );
         let r = get(&mut conn, "vm-r").await.unwrap().unwrap();
@@ -269,6 +297,7 @@ mod tests {
             &r,
             &proto::StorageReady::default(),
             Some(("127.0.0.1".into(), 20002)),
+            None,
         )
         .await
         .unwrap();
@@ -288,6 +317,37 @@ mod tests {
         assert_eq!(
             get(&mut conn, "vm-r").await.unwrap().unwrap().detail.port,
             Some(20002)
+        );
+        // An NFS export id is held like a port: by prepared rows, until their release.
+        let n = get(&mut conn, "vm-r").await.unwrap().unwrap();
+        let held = NfsHeld {
+            id: 101,
+            path: "/srv/e".into(),
+        };
+        set_serving(
+            &mut conn,
+            &n,
+            &proto::StorageReady::default(),
+            None,
+            Some(held.clone()),
+        )
+        .await
+        .unwrap();
+        assert_eq!(nfs_ids_in_use(&mut conn, "vm-other").await.unwrap(), [101]);
+        assert!(nfs_ids_in_use(&mut conn, "vm-r").await.unwrap().is_empty());
+        assert_eq!(
+            get(&mut conn, "vm-r").await.unwrap().unwrap().detail.nfs,
+            Some(held)
+        );
+        TABLE
+            .release(&mut conn, "vm-r", "", &Storage::default())
+            .await
+            .unwrap();
+        assert!(
+            nfs_ids_in_use(&mut conn, "vm-other")
+                .await
+                .unwrap()
+                .is_empty()
         );
     }
 
