@@ -458,6 +458,9 @@ fn peer_uid_matches(sock: &TcpStream, peer: SocketAddr, want: Option<u32>) -> bo
     peer_socket_uid(peer, local) == Some(want)
 }
 
+/// The copy buffer each way: a pipe's default capacity.
+const COPY_BUFFER: usize = 64 * 1024;
+
 /// One connection: an sftp-server as the job's user, piped to the socket.
 async fn session(
     sock: TcpStream,
@@ -497,19 +500,31 @@ async fn session(
             }
         });
     }
+    // SFTP is request/response: a reply's last segment must not wait for the client's
+    // delayed ACK (Nagle).
+    if let Err(e) = sock.set_nodelay(true) {
+        tracing::debug!(%vm_id, %peer, error = %e, "Cannot set TCP_NODELAY.");
+    }
     let (rd, mut wr) = sock.into_split();
-    let mut rd = Counted {
-        inner: rd,
-        counter: counters.clone(),
-        to_vm: false,
-    };
-    let mut cout = Counted {
-        inner: cout,
-        counter: counters,
-        to_vm: true,
-    };
+    // Buffers as large as a pipe: one read per pipe-full rather than tokio's 8 KiB default.
+    let mut rd = BufReader::with_capacity(
+        COPY_BUFFER,
+        Counted {
+            inner: rd,
+            counter: counters.clone(),
+            to_vm: false,
+        },
+    );
+    let mut cout = BufReader::with_capacity(
+        COPY_BUFFER,
+        Counted {
+            inner: cout,
+            counter: counters,
+            to_vm: true,
+        },
+    );
     let up = tokio::spawn(async move {
-        let r = tokio::io::copy(&mut rd, &mut cin).await;
+        let r = tokio::io::copy_buf(&mut rd, &mut cin).await;
         drop(cin); // EOF to sftp-server: it exits
         r
     });
@@ -517,7 +532,7 @@ async fn session(
         _ = cancel.cancelled() => {
             tracing::info!(%vm_id, %peer, "Listener stopped: killing the session's sftp-server.");
         }
-        r = tokio::io::copy(&mut cout, &mut wr) => {
+        r = tokio::io::copy_buf(&mut cout, &mut wr) => {
             if let Err(e) = r {
                 tracing::debug!(%vm_id, %peer, error = %e, "Session ended with an error.");
             }
