@@ -12,12 +12,16 @@
 //! - `accounting`: usage events through NATS into SQLite and PostgreSQL by the accounting
 //!   consumer, vs raw JetStream consume+ack and a batched INSERT into each store
 //!   (`accounting.rs`).
+//! - `gateway`: a file read and written through the WNoDeS sftp gateway vs sshfs to
+//!   `sftp-server` behind a plain `socat` (the paper's fastest option), from a client network
+//!   namespace, and through the NFS gateway from the test guest (`gateway.rs`).
 
 use clap::{Parser, Subcommand};
 
 mod accounting;
 mod bridge;
 mod bus;
+mod gateway;
 mod vm_start;
 
 #[derive(Parser, Debug)]
@@ -54,6 +58,9 @@ enum Cmd {
     },
     /// A job through WNoDeS vs the same guest under a bare qemu (needs root).
     VmStart(vm_start::VmStartArgs),
+    /// A file through the WNoDeS sftp gateway vs sshfs over socat, and through the NFS
+    /// gateway from a guest (needs root).
+    Gateway(gateway::GatewayArgs),
     /// An HTCondor log replayed into JetStream through wnodes-lrms vs the same events raw.
     Bridge(bridge::BridgeArgs),
     /// Usage events into SQLite and PostgreSQL through the accounting consumer vs raw
@@ -94,6 +101,8 @@ fn main() -> anyhow::Result<()> {
             } => bus::bench_keys(n, concurrency.max(1), rounds.max(1)).await,
             // Runs on its own thread and runtime inside a private network namespace.
             Cmd::VmStart(args) => vm_start::run(args),
+            // Runs on its own thread and runtime inside a private network namespace.
+            Cmd::Gateway(args) => gateway::run(args),
             Cmd::Bridge(args) => bridge::run(args).await,
             Cmd::Accounting {
                 n,
