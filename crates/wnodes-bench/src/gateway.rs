@@ -431,44 +431,68 @@ async fn sshfs_round(
     let count = format!("count={}", size >> 20);
     let of = format!("of={}", file.display());
     let ifile = format!("if={}", file.display());
-    mount_sshfs(ns, port, mnt).await?;
+    let client = mount_sshfs(ns, port, mnt).await?;
     let w = timed(
         size,
         dd(&["if=/dev/zero", &of, "bs=1M", &count, "conv=fsync"]),
     )
     .await;
-    umount(mnt).await?;
+    umount(mnt, client).await?;
     let w = w?;
     let on_server = std::fs::metadata(export.join("bench.bin"))?.len();
     anyhow::ensure!(
         on_server == size,
         "the server holds {on_server} bytes after writing {size}"
     );
-    mount_sshfs(ns, port, mnt).await?;
+    let client = mount_sshfs(ns, port, mnt).await?;
     let r = timed(size, dd(&[&ifile, "of=/dev/null", "bs=1M"])).await;
-    umount(mnt).await?;
+    umount(mnt, client).await?;
     std::fs::remove_file(export.join("bench.bin"))?;
     Ok((w, r?))
 }
 
-async fn mount_sshfs(ns: &str, port: u16, mnt: &Path) -> anyhow::Result<()> {
-    sh(
-        "nsenter",
-        &[
-            &format!("--net=/run/netns/{ns}"),
-            "--",
-            "sshfs",
-            "-o",
-            &format!("directport={port},reconnect,allow_other"),
-            &format!("{HOST_ADDR}:"),
-            &mnt.display().to_string(),
-        ],
-    )
-    .await
+/// sshfs in the foreground (`-f`), as a child of this process, so that it is known to be gone
+/// after each transfer: sshfs outlives `umount` here and keeps its connection,
+/// and its server's `sftp-server`, open for the rest of the run.
+async fn mount_sshfs(ns: &str, port: u16, mnt: &Path) -> anyhow::Result<tokio::process::Child> {
+    let mut child = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{ns}"))
+        .args(["--", "sshfs", "-f", "-o"])
+        .arg(format!("directport={port},reconnect,allow_other"))
+        .arg(format!("{HOST_ADDR}:"))
+        .arg(mnt)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting sshfs")?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let target = format!(" {} ", mnt.display());
+    loop {
+        let mounted = std::fs::read_to_string("/proc/self/mounts")?
+            .lines()
+            .any(|l| l.contains(&target) && l.contains("fuse.sshfs"));
+        if mounted {
+            return Ok(child);
+        }
+        if let Some(status) = child.try_wait()? {
+            anyhow::bail!("sshfs exited ({status}) before mounting {}", mnt.display());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "sshfs did not mount {} within 10 s",
+            mnt.display()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
-async fn umount(mnt: &Path) -> anyhow::Result<()> {
-    sh("umount", &[&mnt.display().to_string()]).await
+async fn umount(mnt: &Path, mut client: tokio::process::Child) -> anyhow::Result<()> {
+    sh("umount", &[&mnt.display().to_string()]).await?;
+    // Unmounted, sshfs still waits on its connection here: end it.
+    let _ = client.start_kill();
+    let _ = client.wait().await;
+    Ok(())
 }
 
 fn dd(args: &[&str]) -> Command {
