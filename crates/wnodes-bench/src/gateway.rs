@@ -9,6 +9,8 @@
 //! - **socat** (baseline): `socat TCP-LISTEN:PORT,bind=HOST,reuseaddr,fork EXEC:"setpriv
 //!   --reuid=U --regid=G --clear-groups -- sftp-server -d EXPORT"` on the same address: the same
 //!   `sftp-server` as the same user, without the gateway's address check, jail or counting.
+//!   `--socat-tuned` gives it the gateway's copy settings (`-b 65536` and `,nodelay`): an
+//!   ablation comparing the two data paths, not the paper's listener.
 //! - **guest NFS**: nfs-ganesha started and managed by the gateway's NFS module (private
 //!   `dbus-daemon`, the VM's export added over D-Bus, restricted to the guest's address and
 //!   squashed to the job's uid/gid); the test guest boots under TCG on a tap, mounts it over
@@ -73,6 +75,10 @@ pub struct GatewayArgs {
     /// then null).
     #[arg(long)]
     pub no_guest: bool,
+    /// Give the baseline socat the gateway's settings (`-b 65536`, `nodelay`): an ablation
+    /// that compares the two data paths rather than the paper's plain listener.
+    #[arg(long)]
+    pub socat_tuned: bool,
     /// Keep the work dir (guest logs, ganesha's state) for inspection.
     #[arg(long)]
     pub keep: bool,
@@ -254,9 +260,15 @@ async fn bench_in(args: &GatewayArgs, work: &Path, cleanup: &mut Cleanup) -> any
         let l = std::net::TcpListener::bind(SocketAddr::new(IpAddr::V4(HOST_ADDR), 0))?;
         l.local_addr()?.port()
     };
-    let mut socat = Command::new("/usr/bin/socat")
+    let mut socat = Command::new("/usr/bin/socat");
+    if args.socat_tuned {
+        // The gateway's own settings: 64 KiB copies, no Nagle.
+        socat.args(["-b", "65536"]);
+    }
+    let mut socat = socat
         .arg(format!(
-            "TCP-LISTEN:{socat_port},bind={HOST_ADDR},reuseaddr,fork"
+            "TCP-LISTEN:{socat_port},bind={HOST_ADDR},reuseaddr,fork{}",
+            if args.socat_tuned { ",nodelay" } else { "" }
         ))
         .arg(format!(
             "EXEC:{SETPRIV} --reuid={UID} --regid={UID} --clear-groups -- {SFTP_SERVER} -d {}",
@@ -383,6 +395,7 @@ async fn bench_in(args: &GatewayArgs, work: &Path, cleanup: &mut Cleanup) -> any
         "bench": "gateway",
         "rounds": args.rounds,
         "size_mib": args.size_mib,
+        "socat_tuned": args.socat_tuned,
         "guest_size_mib": args.guest_size_mib,
         "host_cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "sftp_read_mb_s": r1(median(&rates(&sftp.read))),

@@ -49,7 +49,7 @@ wnodes_testkit::error_rule! {
             stderr: "exportfs: Failed to stat /srv/x: No such file or directory".into(),
         },
         NfsError::Write { .. } => NfsError::Write {
-            path: PathBuf::from("/var/lib/wnodes-gateway/ganesha/exports/export-100.conf"),
+            path: PathBuf::from("/var/lib/wnodes/gateway/ganesha/exports/export-100.conf"),
             source: io_source(),
         },
         NfsError::Daemon(_) => NfsError::Daemon("ganesha.nfsd did not start".into()),

@@ -85,7 +85,7 @@ impl Service for Gateway {
         let open = handler
             .reconcile(&ctx.store)
             .await
-            .map_err(|e| StartError::failed("re-open listeners", e))?;
+            .map_err(|e| StartError::failed("reconcile listeners and NFS exports", e))?;
         if !open.is_empty() {
             tracing::info!(?open, "Re-opened the listeners of serving VMs.");
         }

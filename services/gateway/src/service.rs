@@ -145,7 +145,7 @@ impl GatewayHandler {
             return Err(policy(
                 "exports.count",
                 format!(
-                    "{} exports requested; the sshfs gateway serves one export per VM",
+                    "{} exports requested; the gateway serves one export per VM",
                     spec.exports.len()
                 ),
             ));
@@ -175,12 +175,7 @@ impl GatewayHandler {
         let path = self.export_path(&export.name, &export.host_path)?;
         let user_mode = net.mode == proto::NetworkMode::User as i32;
         if spec.storage_mode == proto::StorageMode::Nfs as i32 {
-            if self.nfs.is_none() {
-                return Err(policy(
-                    "storage.nfs",
-                    "the spec asks for NFS and this host offers no NFS gateway ([gateway.nfs] is not set)".into(),
-                ));
-            }
+            // What the spec asks first, then what this host offers.
             if user_mode {
                 return Err(policy(
                     "storage.nfs_user_mode",
@@ -189,6 +184,12 @@ impl GatewayHandler {
             }
             crate::nfs::check_path(&path)
                 .map_err(|e| policy("exports.path_chars", e.to_string()))?;
+            if self.nfs.is_none() {
+                return Err(policy(
+                    "storage.nfs",
+                    "the spec asks for NFS and this host offers no NFS gateway ([gateway.nfs] is not set)".into(),
+                ));
+            }
             let a = net.address.split('/').next().unwrap_or_default();
             let client: IpAddr = a.parse().map_err(|_| {
                 format!(

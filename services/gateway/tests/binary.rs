@@ -1,7 +1,8 @@
 //! The `wnodes-gateway` binary as deployed: config file with a `[gateway]` section, a VM
 //! served, SIGTERM → exit 0 with the listener closed, and a restart that re-opens it; and
 //! events that break the host's policy (exports outside the export roots, through a symlink or
-//! `..`, as root or a system account), each refused with `storage.failed` naming the rule and
+//! `..`, as root or a system account; NFS from a host without it, to a user-mode guest, or of
+//! a path an export definition cannot carry), each refused with `storage.failed` naming the rule and
 //! an error log line, with no listener opened.
 //! A host test (`wnodes_testkit::host`): needs root, `sftp-server` and `setpriv`.
 
@@ -125,6 +126,10 @@ struct Attack {
     host_path: String,
     uid: u32,
     gid: u32,
+    /// NFS rather than sshfs.
+    nfs: bool,
+    /// qemu user-mode networking rather than a tap.
+    user_mode: bool,
     rule: &'static str,
 }
 
@@ -139,6 +144,10 @@ async fn binary_refuses_what_host_policy_forbids_and_opens_nothing() {
     std::os::unix::fs::chown(&job, Some(65534), Some(65534)).unwrap();
     std::os::unix::fs::symlink("/root", root.join("to-root")).unwrap();
     std::os::unix::fs::symlink("../../../../../../../../etc", job.join("to-etc")).unwrap();
+    // A job directory whose name an NFS export definition cannot carry.
+    let spaced = root.join("job two");
+    std::fs::create_dir_all(&spaced).unwrap();
+    std::os::unix::fs::chown(&spaced, Some(65534), Some(65534)).unwrap();
     let conf = ServiceConfig::new(
         HOST,
         &tb.server
@@ -161,6 +170,8 @@ async fn binary_refuses_what_host_policy_forbids_and_opens_nothing() {
             host_path: "/".into(),
             uid: 65534,
             gid: 65534,
+            nfs: false,
+            user_mode: false,
             rule: "exports.roots",
         },
         Attack {
@@ -168,6 +179,8 @@ async fn binary_refuses_what_host_policy_forbids_and_opens_nothing() {
             host_path: "/etc".into(),
             uid: 65534,
             gid: 65534,
+            nfs: false,
+            user_mode: false,
             rule: "exports.roots",
         },
         Attack {
@@ -175,6 +188,8 @@ async fn binary_refuses_what_host_policy_forbids_and_opens_nothing() {
             host_path: path(&root.join("to-root")),
             uid: 65534,
             gid: 65534,
+            nfs: false,
+            user_mode: false,
             rule: "exports.roots",
         },
         Attack {
@@ -182,6 +197,8 @@ async fn binary_refuses_what_host_policy_forbids_and_opens_nothing() {
             host_path: path(&job.join("to-etc")),
             uid: 65534,
             gid: 65534,
+            nfs: false,
+            user_mode: false,
             rule: "exports.roots",
         },
         Attack {
@@ -189,6 +206,8 @@ async fn binary_refuses_what_host_policy_forbids_and_opens_nothing() {
             host_path: format!("{}/../..", path(&job)),
             uid: 65534,
             gid: 65534,
+            nfs: false,
+            user_mode: false,
             rule: "exports.roots",
         },
         Attack {
@@ -196,6 +215,8 @@ async fn binary_refuses_what_host_policy_forbids_and_opens_nothing() {
             host_path: path(&job),
             uid: 0,
             gid: 0,
+            nfs: false,
+            user_mode: false,
             rule: "owner.job_uids",
         },
         Attack {
@@ -203,6 +224,8 @@ async fn binary_refuses_what_host_policy_forbids_and_opens_nothing() {
             host_path: path(&job),
             uid: 100,
             gid: 65534,
+            nfs: false,
+            user_mode: false,
             rule: "owner.job_uids",
         },
         Attack {
@@ -210,6 +233,8 @@ async fn binary_refuses_what_host_policy_forbids_and_opens_nothing() {
             host_path: path(&job),
             uid: 65534,
             gid: 0,
+            nfs: false,
+            user_mode: false,
             rule: "owner.job_gids",
         },
         Attack {
@@ -217,11 +242,47 @@ async fn binary_refuses_what_host_policy_forbids_and_opens_nothing() {
             host_path: "etc".into(),
             uid: 65534,
             gid: 65534,
+            nfs: false,
+            user_mode: false,
             rule: "exports.absolute",
         },
+        // NFS from a host with no [gateway.nfs].
+        Attack {
+            vm: "vm-a0000000000b",
+            host_path: path(&job),
+            uid: 65534,
+            gid: 65534,
+            nfs: true,
+            user_mode: false,
+            rule: "storage.nfs",
+        },
+        // NFS to a guest on user-mode networking: every guest is 127.0.0.1 there.
+        Attack {
+            vm: "vm-a0000000000c",
+            host_path: path(&job),
+            uid: 65534,
+            gid: 65534,
+            nfs: true,
+            user_mode: true,
+            rule: "storage.nfs_user_mode",
+        },
+        Attack {
+            vm: "vm-a0000000000d",
+            host_path: path(&spaced),
+            uid: 65534,
+            gid: 65534,
+            nfs: true,
+            user_mode: false,
+            rule: "exports.path_chars",
+        },
     ];
-    let spec = |vm: &str, host_path: &str, uid: u32, gid: u32| proto::VmSpec {
+    let spec = |vm: &str, host_path: &str, uid: u32, gid: u32, nfs: bool| proto::VmSpec {
         vm_id: vm.into(),
+        storage_mode: if nfs {
+            proto::StorageMode::Nfs as i32
+        } else {
+            proto::StorageMode::Sshfs as i32
+        },
         exports: vec![proto::StorageExport {
             name: "home".into(),
             host_path: host_path.into(),
@@ -235,10 +296,14 @@ async fn binary_refuses_what_host_policy_forbids_and_opens_nothing() {
         }),
         ..Default::default()
     };
-    let network_ready = |vm: &str| {
+    let network_ready = |vm: &str, user_mode: bool| {
         Body::NetworkReady(proto::NetworkReady {
             vm_id: vm.into(),
-            mode: proto::NetworkMode::VirtioTap as i32,
+            mode: if user_mode {
+                proto::NetworkMode::User as i32
+            } else {
+                proto::NetworkMode::VirtioTap as i32
+            },
             address: "127.0.0.1/8".into(),
             gateway: "127.0.0.1".into(),
             ..Default::default()
@@ -248,10 +313,10 @@ async fn binary_refuses_what_host_policy_forbids_and_opens_nothing() {
         let r = run(&format!("attack-{i}"));
         tb.publish(&ev(
             &r,
-            vm_requested(spec(a.vm, &a.host_path, a.uid, a.gid)),
+            vm_requested(spec(a.vm, &a.host_path, a.uid, a.gid, a.nfs)),
         ))
         .await;
-        tb.publish(&ev(&r, network_ready(a.vm))).await;
+        tb.publish(&ev(&r, network_ready(a.vm, a.user_mode))).await;
     }
     for a in &attacks {
         let reason = tb.wait_payload::<proto::StorageFailed>(a.vm).await.reason;
@@ -292,9 +357,12 @@ async fn binary_refuses_what_host_policy_forbids_and_opens_nothing() {
     // The same gateway serves the job's own directory: the refusals were the policy's.
     let vm = "vm-a0000000000a";
     let r = run("allowed");
-    tb.publish(&ev(&r, vm_requested(spec(vm, &path(&job), 65534, 65534))))
-        .await;
-    tb.publish(&ev(&r, network_ready(vm))).await;
+    tb.publish(&ev(
+        &r,
+        vm_requested(spec(vm, &path(&job), 65534, 65534, false)),
+    ))
+    .await;
+    tb.publish(&ev(&r, network_ready(vm, false))).await;
     let ready = tb.wait_payload::<proto::StorageReady>(vm).await;
     let port = u16::try_from(ready.port).unwrap();
     assert_eq!(hello(port).await.and_then(|b| b.get(4).copied()), Some(2));

@@ -3,12 +3,17 @@
 //! - `vm_nfs_guest_mounts_its_export_and_another_address_is_refused`: the network service makes
 //!   the VMs' taps, the gateway runs its own nfs-ganesha (and private dbus-daemon) and adds the
 //!   VM's export over D-Bus; the test guest boots under TCG on its tap, mounts the export with
-//!   the kernel's NFSv4 client and writes a file that lands on the host as the job's uid. A
+//!   the kernel's NFSv4 client and writes, as a uid that is not the job's, a file that lands on
+//!   the host as the job's uid (the export squashes every uid to the job's). A
 //!   second guest on its own tap and address, asking for the first VM's export, is refused.
 //!   After `vm.stopped` the export is gone from the server. Then a VM whose `vm.stopped` comes
 //!   while the gateway is down (its consumer stopped, its ganesha left running as after a
 //!   crash): the restarted gateway replaces the leftover daemon, and the export is gone once
 //!   it has caught up.
+//! - `ganesha_keeps_a_redelivered_export_and_replaces_another_vms`: a managed ganesha (no
+//!   guest) on the loopback: the same export added twice is kept; an export id still active
+//!   for one VM (as a gateway that crashed before recording it would leave it) and handed to
+//!   another VM is replaced, and ganesha's own `DisplayExport` names the new VM's address only.
 //! - `exportfs_adds_lists_and_removes_kernel_exports`: the kernel backend against the real
 //!   `exportfs`, its table (`/var/lib/nfs`) on a tmpfs in a private mount namespace. No nfsd
 //!   runs on these hosts, so nothing is served; the table is what `exportfs` keeps.
@@ -44,6 +49,9 @@ use wnodes_testkit::{
 
 /// `nobody`/`nogroup`: a non-root account every Debian host has.
 const UID: u32 = 65534;
+/// The uid the guest's payload runs as: not the export's, so that a file landing as [`UID`]
+/// shows the export squashes (the directory, `UID`'s and mode 0755, takes no other writer).
+const GUEST_UID: u32 = 4321;
 
 fn ganesha() -> Result<(), String> {
     for p in [
@@ -78,6 +86,7 @@ const VM_NEEDS: &[Precondition] = &[
     GANESHA,
 ];
 const EXPORTFS_NEEDS: &[Precondition] = &[Precondition::Root, EXPORTFS];
+const GANESHA_NEEDS: &[Precondition] = &[Precondition::Root, GANESHA];
 
 fn cmd(args: &[&str]) {
     let out = std::process::Command::new(args[0])
@@ -187,6 +196,7 @@ async fn run_guests() {
     std::fs::create_dir(&export).unwrap();
     std::fs::write(export.join("input.txt"), "from-the-host\n").unwrap();
     std::os::unix::fs::chown(&export, Some(UID), Some(UID)).unwrap();
+    std::fs::set_permissions(&export, std::fs::Permissions::from_mode(0o755)).unwrap();
 
     let vm = "vm-0f5000000001";
     tb.publish(&ev(&run("1"), vm_requested(nfs_spec(vm, &export))))
@@ -207,7 +217,7 @@ async fn run_guests() {
 
     let a_dir = work.path().join("a");
     let append = format!(
-        "wnodes.ip={} wnodes.gw={} wnodes.nfs={}:{}:{} wnodes.uid={UID} wnodes.gid={UID}",
+        "wnodes.ip={} wnodes.gw={} wnodes.nfs={}:{}:{} wnodes.uid={GUEST_UID} wnodes.gid={GUEST_UID}",
         net.address, net.gateway, st.address, st.port, st.remote_path
     );
     let job = "echo \"uid=$(id -u)\"\ncat /shared/input.txt\necho from-the-guest > /shared/out.txt\ngrep ' /shared ' /proc/mounts\n";
@@ -219,7 +229,7 @@ async fn run_guests() {
         "{report}"
     );
     let out = read(&a_dir, "output.log");
-    assert!(out.contains("uid=65534"), "{report}");
+    assert!(out.contains(&format!("uid={GUEST_UID}")), "{report}");
     assert!(out.contains("from-the-host"), "{report}");
     assert!(out.contains(" nfs4 "), "mounted over NFSv4: {report}");
     let written = export.join("out.txt");
@@ -231,7 +241,7 @@ async fn run_guests() {
     assert_eq!(
         (meta.uid(), meta.gid()),
         (UID, UID),
-        "written as the job's user"
+        "written by guest uid {GUEST_UID}, squashed to the job's user"
     );
 
     // Another VM, on its own tap with its own address, asks for the first VM's export.
@@ -390,6 +400,65 @@ async fn boot(
     (status, report)
 }
 
+fn ganesha_keeps_a_redelivered_export_and_replaces_another_vms() {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async {
+            let work = tempfile::tempdir().unwrap();
+            // A port of its own on the loopback: the VM test's daemon may run beside it.
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let cfg = NfsConfig {
+                backend: NfsBackend::Ganesha,
+                port,
+                export_ids: "100-199".into(),
+                ganesha: GaneshaConfig {
+                    state_dir: work.path().join("ganesha"),
+                    bind_address: Some("127.0.0.1".parse().unwrap()),
+                    ..Default::default()
+                },
+                ..Default::default()
+            };
+            let server = NfsServer::start(&cfg).await.unwrap();
+            let dir = work.path().join("job");
+            std::fs::create_dir_all(&dir).unwrap();
+            let export = |vm: &str, client: &str| NfsExport {
+                id: 100,
+                vm_id: vm.into(),
+                path: dir.clone(),
+                client: client.parse().unwrap(),
+                uid: UID,
+                gid: UID,
+                read_only: false,
+            };
+            let first = export("vm-000000000001", "10.79.0.2");
+            server.add(&first).await.unwrap();
+            assert_eq!(server.clients(100).await.unwrap(), ["10.79.0.2/32"]);
+            // Redelivered: ganesha says "already active"; the same block is kept.
+            server.add(&first).await.unwrap();
+            assert_eq!(server.clients(100).await.unwrap(), ["10.79.0.2/32"]);
+            // The same id and path for another VM: replaced, the first VM's address gone.
+            let second = export("vm-000000000002", "10.79.0.3");
+            server.add(&second).await.unwrap();
+            assert_eq!(server.clients(100).await.unwrap(), ["10.79.0.3/32"]);
+            let listed = server.list().await.unwrap();
+            assert_eq!(listed.len(), 1, "{listed:?}");
+            assert_eq!((listed[0].id, &listed[0].path), (100, &dir));
+            server.remove(100, &dir).await.unwrap();
+            assert!(server.list().await.unwrap().is_empty());
+            assert!(
+                server.clients(100).await.is_err(),
+                "export 100 still displayed"
+            );
+            server.stop().await;
+        });
+}
+
 fn exportfs_adds_lists_and_removes_kernel_exports() {
     // exportfs keeps its table in /var/lib/nfs: a tmpfs of this process's own.
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).unwrap();
@@ -492,6 +561,7 @@ fn exportfs_adds_lists_and_removes_kernel_exports() {
 fn main() -> ExitCode {
     host::main(vec![
         host_test!(sync vm_nfs_guest_mounts_its_export_and_another_address_is_refused needs VM_NEEDS),
+        host_test!(sync ganesha_keeps_a_redelivered_export_and_replaces_another_vms needs GANESHA_NEEDS),
         host_test!(sync exportfs_adds_lists_and_removes_kernel_exports needs EXPORTFS_NEEDS),
     ])
 }

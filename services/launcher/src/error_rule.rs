@@ -160,7 +160,7 @@ wnodes_testkit::error_rule! {
         PolicyError::NoRun => PolicyError::NoRun,
         PolicyError::BadWalltime { .. } => PolicyError::BadWalltime { seconds: -1, nanos: 0 },
         PolicyError::StorageModeNotAllowed { .. } => PolicyError::StorageModeNotAllowed {
-            requested: "STORAGE_MODE_NFS".into(),
+            requested: "nfs".into(),
             allowed: vec![crate::policy::StorageModeConfig::Sshfs],
         },
     }

@@ -49,6 +49,23 @@ impl StorageModeConfig {
         }
     }
 
+    /// The config spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Sshfs => "sshfs",
+            Self::Nfs => "nfs",
+        }
+    }
+
+    /// `only sshfs, nfs`, or `none` for an empty list.
+    fn list(modes: &[Self]) -> String {
+        if modes.is_empty() {
+            return "none".into();
+        }
+        let names: Vec<&str> = modes.iter().map(|m| m.name()).collect();
+        format!("only {}", names.join(", "))
+    }
+
     fn of(mode: StorageMode) -> Option<Self> {
         match mode {
             StorageMode::Sshfs => Some(Self::Sshfs),
@@ -140,9 +157,11 @@ pub enum PolicyError {
     )]
     BadWalltime { seconds: i64, nanos: i32 },
     #[error(
-        "the job asks for storage mode {requested:?}; jobs may choose only {allowed:?} ([launcher.policy] job_storage_modes)"
+        "the job asks for storage mode {requested}; jobs may choose {} ([launcher.policy] job_storage_modes)",
+        StorageModeConfig::list(allowed)
     )]
     StorageModeNotAllowed {
+        /// The config spelling (`nfs`), or the unknown proto value.
         requested: String,
         allowed: Vec<StorageModeConfig>,
     },
@@ -204,6 +223,30 @@ impl PolicyConfig {
                 ));
             }
         }
+        if self.network_mode == NetworkModeConfig::User {
+            // An NFS export is limited to the VM's address; in user mode every guest reaches
+            // the host from 127.0.0.1, so the gateway refuses every such VM.
+            let nfs = StorageModeConfig::Nfs;
+            let mut keys = Vec::new();
+            if self.storage_mode == nfs {
+                keys.push("storage_mode".to_owned());
+            }
+            keys.extend(
+                self.vo_storage_modes
+                    .iter()
+                    .filter(|(_, m)| **m == nfs)
+                    .map(|(vo, _)| format!("vo_storage_modes.{vo}")),
+            );
+            if self.job_storage_modes.contains(&nfs) {
+                keys.push("job_storage_modes".to_owned());
+            }
+            if !keys.is_empty() {
+                return err(format!(
+                    "network_mode \"user\" cannot serve NFS, which needs a tap (network_mode \"virtio_tap\"); nfs allowed by {}",
+                    keys.join(", ")
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -220,7 +263,8 @@ impl PolicyConfig {
                     return Ok(m);
                 }
                 return Err(PolicyError::StorageModeNotAllowed {
-                    requested: mode.as_str_name().to_owned(),
+                    requested: StorageModeConfig::of(mode)
+                        .map_or_else(|| mode.as_str_name().to_owned(), |m| m.name().to_owned()),
                     allowed: self.job_storage_modes.clone(),
                 });
             }
@@ -428,10 +472,15 @@ mod tests {
         assert_eq!(mode(&p, "atlas", StorageMode::Unspecified), Ok(sshfs));
         assert_eq!(mode(&p, "cms", StorageMode::Unspecified), Ok(nfs));
         // Jobs may not choose unless the site lets them.
-        assert!(matches!(
-            mode(&p, "atlas", StorageMode::Nfs),
-            Err(PolicyError::StorageModeNotAllowed { .. })
-        ));
+        assert_eq!(
+            mode(&p, "atlas", StorageMode::Nfs).unwrap_err().to_string(),
+            "the job asks for storage mode nfs; jobs may choose none ([launcher.policy] job_storage_modes)"
+        );
+        p.job_storage_modes = vec![StorageModeConfig::Sshfs];
+        assert_eq!(
+            mode(&p, "atlas", StorageMode::Nfs).unwrap_err().to_string(),
+            "the job asks for storage mode nfs; jobs may choose only sshfs ([launcher.policy] job_storage_modes)"
+        );
         p.job_storage_modes = vec![StorageModeConfig::Nfs];
         assert_eq!(mode(&p, "atlas", StorageMode::Nfs), Ok(nfs));
         assert!(mode(&p, "cms", StorageMode::Sshfs).is_err());
@@ -480,6 +529,32 @@ mod tests {
                 })
             );
         }
+    }
+
+    #[test]
+    fn nfs_with_user_mode_networking_is_a_config_error() {
+        let mut p = policy();
+        p.network_mode = NetworkModeConfig::User;
+        assert_eq!(p.validate(), Ok(()));
+        p.vo_storage_modes
+            .insert("cms".into(), StorageModeConfig::Nfs);
+        p.job_storage_modes = vec![StorageModeConfig::Sshfs, StorageModeConfig::Nfs];
+        assert_eq!(
+            p.validate().unwrap_err().to_string(),
+            "launcher.policy: network_mode \"user\" cannot serve NFS, which needs a tap (network_mode \"virtio_tap\"); nfs allowed by vo_storage_modes.cms, job_storage_modes"
+        );
+        p.vo_storage_modes.clear();
+        p.job_storage_modes.clear();
+        p.storage_mode = StorageModeConfig::Nfs;
+        assert!(
+            p.validate()
+                .unwrap_err()
+                .to_string()
+                .ends_with("nfs allowed by storage_mode")
+        );
+        // The same policy with taps is fine.
+        p.network_mode = NetworkModeConfig::VirtioTap;
+        assert_eq!(p.validate(), Ok(()));
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //!
 //! [gateway.nfs.ganesha]
 //! manage = true                # run ganesha.nfsd and a private dbus-daemon as children
-//! state_dir = "/var/lib/wnodes-gateway/ganesha"
+//! state_dir = "/var/lib/wnodes/gateway/ganesha"
 //! # bind_address = "10.231.1.1"   # a managed daemon's Bind_addr (default: every address)
 //! # bus_address = "unix:path=/run/dbus/system_bus_socket"   # manage = false: the daemon's bus
 //! ```
@@ -87,7 +87,7 @@ impl Default for GaneshaConfig {
             ganesha_nfsd: PathBuf::from("/usr/bin/ganesha.nfsd"),
             dbus_daemon: PathBuf::from("/usr/bin/dbus-daemon"),
             dbus_send: PathBuf::from("/usr/bin/dbus-send"),
-            state_dir: PathBuf::from("/var/lib/wnodes-gateway/ganesha"),
+            state_dir: PathBuf::from("/var/lib/wnodes/gateway/ganesha"),
             bind_address: None,
             bus_address: None,
             pseudo_root: "/wnodes".into(),

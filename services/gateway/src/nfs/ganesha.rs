@@ -203,8 +203,15 @@ impl Ganesha {
         format!("{}/{vm_id}", self.cfg.pseudo_root)
     }
 
+    /// The block last added under `id`: written only once ganesha has taken it, so it says
+    /// what the daemon serves under that id.
     fn export_file(&self, id: u16) -> PathBuf {
         self.state("exports").join(format!("export-{id}.conf"))
+    }
+
+    /// The block being added under `id` (what AddExport reads).
+    fn pending_file(&self, id: u16) -> PathBuf {
+        self.state("exports").join(format!("export-{id}.pending"))
     }
 
     async fn call(&self, method: &str, args: &[String], action: &str) -> Result<String, NfsError> {
@@ -226,31 +233,42 @@ impl Ganesha {
         .await
     }
 
-    /// Writes the export's file and adds it; an export already there under the same id is
-    /// kept when it has the same path and replaced when not.
+    /// Adds the export. An export already active under the same id is kept when it is this
+    /// very block (a redelivery: the VM's mount stays up) and replaced when anything differs:
+    /// path, client address, uid or gid (an id recorded by a gateway that crashed before it
+    /// kept the VM's row, now handed to another VM).
     pub async fn add(&self, e: &NfsExport) -> Result<(), NfsError> {
-        let file = self.export_file(e.id);
-        write_private(&file, &export_block(e, &self.pseudo_path(&e.vm_id)))?;
+        let block = export_block(e, &self.pseudo_path(&e.vm_id));
+        let pending = self.pending_file(e.id);
+        write_private(&pending, &block)?;
         let args = [
-            format!("string:{}", file.display()),
+            format!("string:{}", pending.display()),
             format!("string:EXPORT(Export_Id={})", e.id),
         ];
         match self.call("AddExport", &args, "add export").await {
-            Ok(_) => Ok(()),
+            Ok(_) => {}
             Err(NfsError::Command { stderr, .. }) if stderr.contains("already active") => {
-                let same = self
-                    .list()
-                    .await?
-                    .iter()
-                    .any(|p| p.id == e.id && p.path == e.path);
-                if same {
-                    return Ok(());
+                let active = std::fs::read_to_string(self.export_file(e.id)).ok();
+                if active.as_deref() != Some(block.as_str()) {
+                    self.remove_id(e.id).await?;
+                    self.call("AddExport", &args, "add export").await?;
                 }
-                self.remove_id(e.id).await?;
-                self.call("AddExport", &args, "add export").await.map(drop)
             }
-            Err(other) => Err(other),
+            Err(other) => return Err(other),
         }
+        std::fs::rename(&pending, self.export_file(e.id)).map_err(|source| NfsError::Write {
+            path: self.export_file(e.id),
+            source,
+        })
+    }
+
+    /// The client addresses ganesha serves export `id` to (`DisplayExport`): what it really
+    /// enforces, for checks and diagnostics.
+    pub async fn clients(&self, id: u16) -> Result<Vec<String>, NfsError> {
+        let text = self
+            .call("DisplayExport", &[format!("uint16:{id}")], "display export")
+            .await?;
+        Ok(parse_display_clients(&text))
     }
 
     async fn remove_id(&self, id: u16) -> Result<(), NfsError> {
@@ -266,17 +284,17 @@ impl Ganesha {
         }
     }
 
-    /// Removes export `id` (absent: nothing to do) and its file.
+    /// Removes export `id` (absent: nothing to do) and its files.
     pub async fn remove(&self, id: u16) -> Result<(), NfsError> {
         self.remove_id(id).await?;
-        match std::fs::remove_file(self.export_file(id)) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(source) => Err(NfsError::Write {
-                path: self.export_file(id),
-                source,
-            }),
+        for file in [self.export_file(id), self.pending_file(id)] {
+            match std::fs::remove_file(&file) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => return Err(NfsError::Write { path: file, source }),
+            }
         }
+        Ok(())
     }
 
     /// The daemon's exports whose id lies in the gateway's range.
@@ -308,6 +326,28 @@ pub fn parse_show_exports(text: &str) -> Vec<(u16, String)> {
             && let Some(path) = v.strip_suffix('"')
         {
             out.push((i, path.to_owned()));
+        }
+    }
+    out
+}
+
+/// The clients of a `dbus-send --print-reply` of `DisplayExport`: the first string of each
+/// struct in its array (`"10.231.1.2/32"`).
+pub fn parse_display_clients(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut in_struct = false;
+    for line in text.lines().map(str::trim) {
+        if line == "struct {" {
+            in_struct = true;
+        } else if in_struct
+            && let Some(v) = line
+                .strip_prefix("string \"")
+                .and_then(|v| v.strip_suffix('"'))
+        {
+            out.push(v.to_owned());
+            in_struct = false;
+        } else if line == "}" {
+            in_struct = false;
         }
     }
     out
@@ -491,6 +531,16 @@ mod tests {
             [(0, "/".to_owned()), (7, "/tmp/gn/export".to_owned())]
         );
         assert!(parse_show_exports("garbage\nuint16 x\nstring \"/a\"\n").is_empty());
+    }
+
+    /// `DisplayExport` of nfs-ganesha 4.3 (Debian 12), one export and one client, captured on
+    /// a development machine.
+    #[test]
+    fn display_export_gives_the_clients() {
+        let text = include_str!("../../tests/fixtures/ganesha-display-export.txt");
+        assert_eq!(parse_display_clients(text), ["10.9.0.2/32"]);
+        // The export's own strings (path, pseudo, tag) are not clients.
+        assert!(parse_display_clients("uint16 1\nstring \"/a\"\narray [\n]\n").is_empty());
     }
 
     #[test]

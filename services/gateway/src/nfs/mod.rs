@@ -42,7 +42,8 @@ pub struct NfsExport {
 pub struct Present {
     pub id: u16,
     pub path: PathBuf,
-    /// The client address (kernel exports; ganesha does not report it).
+    /// The client address (kernel exports; ganesha's ShowExports does not report it:
+    /// [`NfsServer::clients`] asks it per export).
     pub client: Option<String>,
 }
 
@@ -114,6 +115,21 @@ impl NfsServer {
         match self {
             Self::Ganesha(g) => g.list().await,
             Self::Exportfs(k) => k.list().await,
+        }
+    }
+
+    /// The clients the server serves export `id` to, as it reports them (ganesha only; the
+    /// kernel's table is read by [`Self::list`]).
+    pub async fn clients(&self, id: u16) -> Result<Vec<String>, NfsError> {
+        match self {
+            Self::Ganesha(g) => g.clients(id).await,
+            Self::Exportfs(k) => Ok(k
+                .list()
+                .await?
+                .into_iter()
+                .filter(|p| p.id == id)
+                .filter_map(|p| p.client)
+                .collect()),
         }
     }
 

@@ -158,7 +158,8 @@ pub fn build_args(inputs: &LaunchInputs<'_>) -> Result<Vec<String>, QemuError> {
         };
         let path = kernel_value("storage remote path", &s.remote_path)?;
         if s.mode == StorageMode::Nfs as i32 {
-            // NFSv4 to the VM's own address; the gateway never serves NFS in user mode.
+            // NFSv4 to the gateway's address on the VM's network (storage.ready's address);
+            // the gateway never serves NFS in user mode.
             kparams.push(format!(
                 "wnodes.nfs={}:{}:{path}",
                 check_ip(&s.address)?,
