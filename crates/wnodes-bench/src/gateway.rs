@@ -162,7 +162,11 @@ async fn bench(args: GatewayArgs) -> anyhow::Result<()> {
         .tempdir_in("/var/tmp")?;
     let work_path = work.path().to_owned();
     let mut cleanup = Cleanup::default();
-    let result = bench_in(&args, &work_path, &mut cleanup).await;
+    // SIGINT or SIGTERM drops the run (its children are killed on drop) and still cleans up.
+    let result = tokio::select! {
+        r = bench_in(&args, &work_path, &mut cleanup) => r,
+        signal = interrupted() => Err(anyhow::anyhow!("interrupted by {signal}")),
+    };
     cleanup.run().await;
     if args.keep {
         let kept = work.keep();
@@ -575,7 +579,8 @@ async fn guest_round(
         &format!("virtio-net-pci,netdev=n0,mac={GUEST_MAC}"),
     ])
     .stdout(Stdio::null())
-    .stderr(Stdio::null());
+    .stderr(Stdio::null())
+    .kill_on_drop(true);
     let cpu0 = cpu_times()?;
     let status = tokio::time::timeout(Duration::from_secs(600), qemu.status())
         .await
@@ -702,6 +707,21 @@ async fn sh(program: &str, args: &[&str]) -> anyhow::Result<()> {
         String::from_utf8_lossy(&out.stderr).trim()
     );
     Ok(())
+}
+
+/// The first SIGINT or SIGTERM (never, where the handlers cannot be installed).
+async fn interrupted() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
+    }
 }
 
 /// What the run set up on the host, undone at the end whatever happened.
