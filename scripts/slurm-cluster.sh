@@ -241,8 +241,9 @@ EOF
         "${root}/slurm/job_submit.lua" >"${etc}/job_submit.lua"
     cat >"${etc}/wnodes-job-starter.conf" <<EOF
 # Written by scripts/slurm-cluster.sh: the job starter's settings (sh syntax).
-# The job starter this checkout builds (cargo build --workspace --bins).
-bridge=${root}/target/debug/wnodes-bridge
+# wnodes-bridge is found on the job's PATH (a submitter's environment goes with the job), so
+# a test can point jobs at its own build; a site sets bridge=/usr/bin/wnodes-bridge.
+# bridge=${root}/target/debug/wnodes-bridge
 EOF
     chmod 0644 "${etc}/job_submit.lua" "${etc}/wnodes-job-starter.conf"
 }
