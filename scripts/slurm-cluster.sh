@@ -9,7 +9,9 @@
 #   scripts/slurm-cluster.sh start [STATE_DIR]  install what is missing (apt), configure, start
 #                                               everything; on a running cluster: say so
 #   scripts/slurm-cluster.sh stop [STATE_DIR]   stop everything `start` started (state is kept)
-#   scripts/slurm-cluster.sh env [STATE_DIR]    the exports a client needs (eval "$(... env)")
+#   scripts/slurm-cluster.sh env [STATE_DIR]    the export a client needs (eval "$(... env)"):
+#                                               SLURM_CONF; the munge socket, which Slurm's
+#                                               clients read from slurm.conf, as a comment
 #   scripts/slurm-cluster.sh status [STATE_DIR] which daemons run; exit 0 when all do
 #
 # STATE_DIR defaults to /var/tmp/wnodes-slurm. Every phase prints what it does (on stderr); a
@@ -80,8 +82,8 @@ status() {
 env_lines() {
     [[ -f "${conf}" ]] || die "no cluster configured in ${state} (run: $0 start ${state})"
     echo "export SLURM_CONF=${conf}"
-    echo "# munge socket (AuthInfo in slurm.conf): munge -S ${munge_socket}"
-    echo "export MUNGE_SOCKET=${munge_socket}"
+    # Slurm's clients find the munge socket in slurm.conf (AuthInfo, AccountingStoragePass).
+    echo "# munge socket: ${munge_socket} (munge -S ${munge_socket})"
 }
 
 # Waits up to $1 seconds for command "${@:2}" to succeed; the daemon's log on failure.
@@ -317,27 +319,40 @@ start_slurmd() {
     wait_for 30 "slurmd (node idle in sinfo)" "${log}/slurmd.log" node_idle
 }
 
-stop_one() { # daemon
-    local pf pid i
-    pf=$(pidfile "$1")
-    if ! alive "${pf}"; then return; fi
-    pid=$(cat "${pf}")
-    say "$1: stopping (pid ${pid})"
-    kill -TERM "${pid}" 2>/dev/null || true
-    for ((i = 0; i < 150; i++)); do
-        kill -0 "${pid}" 2>/dev/null || { rm -f "${pf}"; return; }
-        sleep 0.2
+# SIGTERM to each daemon named that runs, then waits for all of them (SIGKILL after 30 s).
+stop_group() { # daemon...
+    local d pf pid i waiting=()
+    for d in "$@"; do
+        pf=$(pidfile "$d")
+        alive "${pf}" || continue
+        pid=$(cat "${pf}")
+        say "${d}: stopping (pid ${pid})"
+        kill -TERM "${pid}" 2>/dev/null || true
+        waiting+=("${d}:${pid}")
     done
-    say "$1: still running after 30 s: SIGKILL"
-    kill -KILL "${pid}" 2>/dev/null || true
-    rm -f "${pf}"
+    for ((i = 0; i < 300 && ${#waiting[@]}; i++)); do
+        local left=()
+        for d in "${waiting[@]}"; do
+            if kill -0 "${d#*:}" 2>/dev/null; then left+=("$d"); else rm -f "$(pidfile "${d%%:*}")"; fi
+        done
+        waiting=("${left[@]}")
+        ((${#waiting[@]})) && sleep 0.1
+    done
+    for d in "${waiting[@]}"; do
+        say "${d%%:*}: still running after 30 s: SIGKILL"
+        kill -KILL "${d#*:}" 2>/dev/null || true
+        rm -f "$(pidfile "${d%%:*}")"
+    done
 }
 
 case "${cmd}" in
     env) env_lines ;;
     status) status ;;
     stop)
-        for d in slurmd slurmctld slurmdbd mariadbd munged; do stop_one "$d"; done
+        # The Slurm daemons first (slurmctld keeps what slurmdbd did not take in its state),
+        # then what they use.
+        stop_group slurmd slurmctld slurmdbd
+        stop_group mariadbd munged
         say "stopped (state kept in ${state})"
         ;;
     start)
