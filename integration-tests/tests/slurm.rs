@@ -19,20 +19,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a failure is a test failure
 
-use std::{
-    os::unix::fs::PermissionsExt,
-    path::{Path, PathBuf},
-    process::Command,
-    time::Duration,
-};
+use std::{process::Command, time::Duration};
 
-use wnodes_devstack::{NetworkChoice, Stack, StackOptions};
+use wnodes_devstack::{NetworkChoice, Stack, StackOptions, slurm::sacct_final};
 use wnodes_integration_tests::jobs::{no_leftovers, one_usage_record};
 use wnodes_testkit::{
     host::{self, Precondition},
     host_test,
     vm::JOB_NEEDS,
-    wait_until,
 };
 
 /// The job's user: `nobody`, as in the other whole-job tests.
@@ -105,106 +99,22 @@ fn job_script(code: i32) -> String {
     )
 }
 
-/// `sbatch` as uid [`JOB_UID`] with only the environment a user would have (`PATH` with the
-/// stack's binaries, `SLURM_CONF`) plus the stack's config and the agent's creds; the job id.
-fn sbatch(stack: &Stack, dir: &Path, creds: &Path, script: &Path) -> String {
-    let bin = stack.bin("bridge");
-    let path = format!(
-        "{}:/usr/local/bin:/usr/bin:/bin",
-        bin.parent().unwrap().display()
-    );
-    let mut c = Command::new("setpriv");
-    c.args([
-        format!("--reuid={JOB_UID}"),
-        format!("--regid={JOB_UID}"),
-        "--clear-groups".into(),
-    ])
-    .arg("sbatch")
-    .args(["--parsable", "--account=demo", "--chdir"])
-    .arg(dir)
-    .arg(format!("--output={}/slurm-%j.out", dir.display()))
-    .arg(script)
-    .current_dir(dir)
-    .env_clear()
-    .env("PATH", path)
-    .env("HOME", "/nonexistent")
-    .env("SLURM_CONF", std::env::var("SLURM_CONF").unwrap())
-    .env("WNODES_CONFIG", stack.config_path())
-    .env("WNODES_NATS__CREDS_FILE", creds);
-    let (ok, out) = run(&mut c);
-    assert!(ok, "sbatch failed: {out}");
-    let id = out.trim().split(';').next().unwrap().to_owned();
-    assert!(
-        !id.is_empty() && id.chars().all(|c| c.is_ascii_digit()),
-        "sbatch: {out}"
-    );
-    id
-}
-
-/// `sacct -X -n -P -j ID --format=JobID,State,ExitCode` once the job's state is final.
-async fn sacct_final(id: &str) -> String {
-    let sacct = || {
-        let (ok, out) = run(Command::new("sacct").args([
-            "-X",
-            "-n",
-            "-P",
-            "-j",
-            id,
-            "--format=JobID,State,ExitCode",
-        ]));
-        assert!(ok, "sacct: {out}");
-        out.trim().to_owned()
-    };
-    let r = wait_until(
-        SLURM_TIMEOUT,
-        &format!("a final state of Slurm job {id} in sacct"),
-        || async {
-            let line = sacct();
-            let state = line.split('|').nth(1).unwrap_or_default();
-            let running = state.is_empty()
-                || ["PENDING", "RUNNING", "REQUEUED", "SUSPENDED", "COMPLETING"]
-                    .iter()
-                    .any(|s| state.starts_with(s));
-            (!running).then_some(line)
-        },
-    )
-    .await;
-    match r {
-        Ok(line) => line,
-        Err(e) => panic!("{e}; last: {}", sacct()),
-    }
-}
-
-fn output_of(dir: &Path, id: &str) -> String {
-    let path: PathBuf = dir.join(format!("slurm-{id}.out"));
-    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
 async fn vm_sbatch_jobs_run_in_wnodes_vms_and_sacct_shows_the_payloads_exit_codes() {
     let work = tempfile::tempdir().unwrap();
     let mut opts = StackOptions::new(work.path().join("stack"));
     opts.network = NetworkChoice::User;
     let stack = Stack::start(opts).await.unwrap();
 
-    // What the job's user must read (the development path, docs/slurm.md): the config, and a
-    // copy of the agent's creds.
-    let jobs = work.path().join("jobs");
-    std::fs::create_dir(&jobs).unwrap();
-    std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let creds = jobs.join("agent.creds");
-    std::fs::copy(stack.creds("agent").unwrap(), &creds).unwrap();
-    std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o400)).unwrap();
-    std::os::unix::fs::chown(&creds, Some(JOB_UID), Some(JOB_UID)).unwrap();
-    std::os::unix::fs::chown(&jobs, Some(JOB_UID), Some(JOB_UID)).unwrap();
-
-    let mut ids = Vec::new();
+    // sbatch as uid 65534, with the stack's config and a copy of the agent's creds the job's
+    // user can read in the job's environment (the development path, docs/slurm.md).
+    let jobs_dir = work.path().join("jobs");
+    let mut jobs = Vec::new();
     for code in [0, 3] {
-        let script = jobs.join(format!("exit-{code}.sh"));
-        std::fs::write(&script, job_script(code)).unwrap();
-        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let id = sbatch(&stack, &jobs, &creds, &script);
-        eprintln!("Slurm job {id}: exit {code}");
-        ids.push((id, code));
+        let job = stack
+            .sbatch(&jobs_dir, &format!("exit-{code}.sh"), &job_script(code))
+            .unwrap();
+        eprintln!("Slurm job {}: exit {code}", job.id);
+        jobs.push((job, code));
     }
 
     let host_kernel = nix::sys::utsname::uname()
@@ -212,9 +122,11 @@ async fn vm_sbatch_jobs_run_in_wnodes_vms_and_sacct_shows_the_payloads_exit_code
         .release()
         .to_string_lossy()
         .into_owned();
-    for (id, code) in &ids {
-        let line = sacct_final(id).await;
-        let out = output_of(&jobs, id);
+    for (job, code) in &jobs {
+        let id = &job.id;
+        let line = sacct_final(id, SLURM_TIMEOUT).await.unwrap();
+        let out = std::fs::read_to_string(&job.output)
+            .unwrap_or_else(|e| panic!("{}: {e}", job.output.display()));
         eprintln!("sacct: {line}\n--- slurm-{id}.out:\n{out}");
         let want = if *code == 0 {
             format!("{id}|COMPLETED|0:0")
@@ -230,7 +142,8 @@ async fn vm_sbatch_jobs_run_in_wnodes_vms_and_sacct_shows_the_payloads_exit_code
             )),
             "{out}"
         );
-        let run_key = format!("WNODES-DEV/slurm/{id}/1");
+        let run_key = &job.run_key;
+        assert_eq!(run_key, &format!("WNODES-DEV/slurm/{id}/1"));
         assert!(out.contains(&format!("job {run_key} started on")), "{out}");
         let kernel = out
             .lines()
@@ -248,7 +161,7 @@ async fn vm_sbatch_jobs_run_in_wnodes_vms_and_sacct_shows_the_payloads_exit_code
         assert!(out.contains(&format!("in the VM: uid {JOB_UID}")), "{out}");
 
         // One usage record, under the Slurm run key, with the payload's exit code.
-        let r = one_usage_record(&stack, &run_key).await;
+        let r = one_usage_record(&stack, run_key).await;
         assert_eq!(r.exit_code, i64::from(*code), "{r:#?}");
         assert_eq!((r.lrms.as_str(), r.job_id.as_str()), ("slurm", id.as_str()));
         assert_eq!(r.queue, "wnodes", "{r:#?}");
