@@ -88,15 +88,25 @@ fn run(c: &mut Command) -> (bool, String) {
 }
 
 /// The payload: what it prints can only come from inside a WNoDeS VM (the guest's kernel, and
-/// the `wnodes.*` parameters the launcher puts on its kernel command line).
+/// the `wnodes.*` parameters the launcher puts on its kernel command line). It also holds a
+/// line equal to the filter's default here-document delimiter, inside a quoted here-document of
+/// its own, and the last script has no final newline: the script must reach the VM unchanged.
 fn job_script(code: i32) -> String {
-    format!(
+    let script = format!(
         "#!/bin/sh\n#SBATCH --job-name=wnodes-exit-{code}\n\
          echo \"in the VM: kernel $(uname -r)\"\n\
          echo \"in the VM: cmdline $(cat /proc/cmdline)\"\n\
          echo \"in the VM: uid $(id -u)\"\n\
+         cat <<'WNODES_PAYLOAD_EOF'\n\
+         unchanged: $HOME `stays` \\as written\n\
+         WNODES_PAYLOAD_EOF\n\
          exit {code}\n"
-    )
+    );
+    if code == 0 {
+        script
+    } else {
+        script.trim_end().to_owned()
+    }
 }
 
 async fn vm_sbatch_jobs_run_in_wnodes_vms_and_sacct_shows_the_payloads_exit_codes() {
@@ -159,6 +169,11 @@ async fn vm_sbatch_jobs_run_in_wnodes_vms_and_sacct_shows_the_payloads_exit_code
             "not the WNoDeS guest's kernel command line: {cmdline}"
         );
         assert!(out.contains(&format!("in the VM: uid {JOB_UID}")), "{out}");
+        assert!(
+            out.lines()
+                .any(|l| l == "unchanged: $HOME `stays` \\as written"),
+            "the script was changed on its way: {out}"
+        );
 
         // One usage record, under the Slurm run key, with the payload's exit code.
         let r = one_usage_record(&stack, run_key).await;
