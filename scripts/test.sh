@@ -7,9 +7,9 @@
 # `wnodes-dev up` during three jobs (scripts/check-dashboard.sh: root, qemu), starts one private
 # PostgreSQL cluster for the run (scripts/pg-cluster.sh; its URL in TESTKIT_POSTGRES_URL, each
 # test making its own database; it is stopped and removed at the end), and runs every test with
-# nextest. A private one-node Slurm cluster (scripts/slurm-cluster.sh: munge, MariaDB, slurmdbd,
-# slurmctld, slurmd, WNoDeS's job_submit.lua) runs for the run too, its SLURM_CONF exported for
-# integration-tests/tests/slurm.rs; it is stopped and removed at the end.
+# nextest. Just before nextest a private one-node Slurm cluster starts (scripts/slurm-cluster.sh:
+# munge, MariaDB, slurmdbd, slurmctld, slurmd, WNoDeS's job_submit.lua), its SLURM_CONF exported
+# for integration-tests/tests/slurm.rs; it is stopped and removed at the end.
 #
 # Host tests (wnodes_testkit::host: root, qemu, /dev/fuse, sftp-server, the test guest, ...) run
 # with WNODES_HOST_TESTS=required: a missing precondition fails them, naming it, instead of
@@ -88,13 +88,6 @@ TESTKIT_POSTGRES_URL=$(scripts/pg-cluster.sh start "$pg_dir")
 export TESTKIT_POSTGRES_URL
 echo "== PostgreSQL at $TESTKIT_POSTGRES_URL" >&2
 
-begin slurm
-echo "== Slurm: one private one-node cluster for the run (munge, MariaDB, slurmdbd, slurmctld, slurmd)" >&2
-slurm_dir=$(mktemp -d /tmp/wnodes-test-slurm.XXXXXX)
-scripts/slurm-cluster.sh start "$slurm_dir"
-eval "$(scripts/slurm-cluster.sh env "$slurm_dir")"
-echo "== Slurm: SLURM_CONF=$SLURM_CONF" >&2
-
 begin k8s
 echo "== k8s manifests (kubectl kustomize, kubernetes-validate, --check-config)" >&2
 scripts/check-k8s.sh
@@ -110,6 +103,15 @@ scripts/check-monitoring.sh
 begin dashboard
 echo "== dashboard (every expression against Prometheus scraping wnodes-dev up during 3 jobs)" >&2
 scripts/check-dashboard.sh
+
+# Just before the tests, its only users (integration-tests/tests/slurm.rs): its daemons do not
+# idle through the other phases.
+begin slurm
+echo "== Slurm: one private one-node cluster for the run (munge, MariaDB, slurmdbd, slurmctld, slurmd)" >&2
+slurm_dir=$(mktemp -d /tmp/wnodes-test-slurm.XXXXXX)
+scripts/slurm-cluster.sh start "$slurm_dir"
+eval "$(scripts/slurm-cluster.sh env "$slurm_dir")"
+echo "== Slurm: SLURM_CONF=$SLURM_CONF" >&2
 
 begin tests
 echo "== cargo nextest" >&2
