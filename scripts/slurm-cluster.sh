@@ -17,9 +17,12 @@
 # STATE_DIR defaults to /var/tmp/wnodes-slurm. Every phase prints what it does (on stderr); a
 # daemon that does not come up fails the script with the tail of its log.
 #
-# Machine-specific choices (this project's machines: cgroup v1, no systemd as PID 1):
-# ProctrackType=proctrack/linuxproc and TaskPlugin=task/none (the cgroup plugins need a
-# delegated cgroup tree), SlurmUser=root (the daemons and their state are this script's).
+# Choices for this project's machines (cgroup v1, no systemd as PID 1, several clusters at once:
+# scripts/test.sh starts its own): ProctrackType=proctrack/linuxproc and TaskPlugin=task/none.
+# proctrack/cgroup and task/cgroup did run a job here (slurmd made /sys/fs/cgroup/freezer/
+# slurm_<node>), but every cluster on the machine has the same node name and counts job ids from
+# 1, so their cgroups (slurm_<node>/uid_<uid>/job_<id>) would collide. SlurmUser=root (the
+# daemons and their state are this script's).
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -192,7 +195,7 @@ SlurmctldLogFile=${log}/slurmctld.log
 SlurmdLogFile=${log}/slurmd.log
 SlurmctldDebug=info
 SlurmdDebug=info
-# cgroup v1 without a delegated tree, no systemd as PID 1: no cgroup plugins.
+# No cgroup plugins: several clusters on one machine would share their cgroups (see the top).
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/linux
