@@ -7,7 +7,9 @@
 # `wnodes-dev up` during three jobs (scripts/check-dashboard.sh: root, qemu), starts one private
 # PostgreSQL cluster for the run (scripts/pg-cluster.sh; its URL in TESTKIT_POSTGRES_URL, each
 # test making its own database; it is stopped and removed at the end), and runs every test with
-# nextest.
+# nextest. Just before nextest a private one-node Slurm cluster starts (scripts/slurm-cluster.sh:
+# munge, MariaDB, slurmdbd, slurmctld, slurmd, WNoDeS's job_submit.lua), its SLURM_CONF exported
+# for integration-tests/tests/slurm.rs; it is stopped and removed at the end.
 #
 # Host tests (wnodes_testkit::host: root, qemu, /dev/fuse, sftp-server, the test guest, ...) run
 # with WNODES_HOST_TESTS=required: a missing precondition fails them, naming it, instead of
@@ -35,12 +37,19 @@ end_phase() {
 host_log="$root/target/host-tests.log"
 rm -f "$host_log"
 pg_dir=
+slurm_dir=
 report() {
     local rc=$?
     end_phase
     if [ -n "$pg_dir" ]; then
         scripts/pg-cluster.sh stop "$pg_dir" || true
         rm -rf "$pg_dir"
+    fi
+    if [ -n "$slurm_dir" ]; then
+        begin slurm-stop
+        scripts/slurm-cluster.sh stop "$slurm_dir" || true
+        rm -rf "$slurm_dir"
+        end_phase
     fi
     if [ -f "$host_log" ]; then
         local passed failed missing
@@ -94,6 +103,15 @@ scripts/check-monitoring.sh
 begin dashboard
 echo "== dashboard (every expression against Prometheus scraping wnodes-dev up during 3 jobs)" >&2
 scripts/check-dashboard.sh
+
+# Just before the tests, its only users (integration-tests/tests/slurm.rs): its daemons do not
+# idle through the other phases.
+begin slurm
+echo "== Slurm: one private one-node cluster for the run (munge, MariaDB, slurmdbd, slurmctld, slurmd)" >&2
+slurm_dir=$(mktemp -d /tmp/wnodes-test-slurm.XXXXXX)
+scripts/slurm-cluster.sh start "$slurm_dir"
+eval "$(scripts/slurm-cluster.sh env "$slurm_dir")"
+echo "== Slurm: SLURM_CONF=$SLURM_CONF" >&2
 
 begin tests
 echo "== cargo nextest" >&2

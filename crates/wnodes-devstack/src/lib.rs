@@ -12,6 +12,7 @@
 //! | [`submit`] | [`Stack::submit`] (`wnodes-bridge submit` as a process; [`Stack::spawn_submit`] to signal it while it runs) and [`Stack::grpc_submit`] (the bridge's gRPC API): [`SubmitArgs`] in, [`SubmitOutcome`] out. |
 //! | [`events`] | [`Stack::run_events`] (a run's events with their JetStream publish times) and [`timeline`] (per-phase durations). |
 //! | [`usage`] | [`Stack::usage_records`] / [`Stack::usage_record`] (via `wnodes-accounting records --json`). |
+//! | [`slurm`] | [`Stack::sbatch`]: a batch script through a real Slurm (`SLURM_CONF`, `scripts/slurm-cluster.sh`) whose `job_submit.lua` runs it in a VM of this stack; [`slurm::sacct_final`]: `sacct`'s final line for the job. |
 //! | [`leftovers`] | [`Stack::leftovers`]: scratch files, taps, nft chains, gateway listeners, `sftp-server` and qemu processes that outlive a job. |
 //!
 //! Binaries: `wnodes-dev` (`demo`, `up`, `down`) and `wnodes-trace-sink` (an OTLP/gRPC receiver
@@ -26,6 +27,7 @@ pub mod leftovers;
 pub mod netns;
 pub mod options;
 pub mod otlp_relay;
+pub mod slurm;
 pub mod stack;
 pub mod submit;
 pub mod usage;
@@ -35,6 +37,7 @@ pub use leftovers::Leftovers;
 pub use netns::{HostNetns, enter_private_netns};
 pub use options::{ExtraImage, ImageServing, NetworkChoice, PolicyLimits, StackOptions};
 pub use otlp_relay::OtlpRelay;
+pub use slurm::SlurmJob;
 pub use stack::{SERVICES, Stack};
 pub use submit::{Payload, RunningSubmit, SubmitArgs, SubmitOutcome};
 pub use usage::UsageRecord;

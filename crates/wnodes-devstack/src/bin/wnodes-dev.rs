@@ -15,7 +15,9 @@
 use std::{os::unix::fs::MetadataExt, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
 use clap::{Parser, Subcommand};
-use wnodes_devstack::{HostNetns, NetworkChoice, Stack, StackOptions, SubmitArgs, timeline};
+use wnodes_devstack::{
+    HostNetns, NetworkChoice, Stack, StackOptions, SubmitArgs, SubmitOutcome, slurm, timeline,
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -43,6 +45,12 @@ enum Cmd {
         /// namespace). Default: none, spans are not exported.
         #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
         otlp_endpoint: Option<String>,
+        /// Submit the job with `sbatch` to the Slurm cluster `SLURM_CONF` names
+        /// (`scripts/slurm-cluster.sh`), whose job_submit.lua hands it to the WNoDeS job
+        /// starter; print the Slurm job id and `sacct`'s line. The stack then uses qemu user-mode
+        /// networking in this network namespace, where slurmd runs its jobs.
+        #[arg(long)]
+        slurm: bool,
     },
     /// Start the stack and keep it running (in the foreground) until `down` or Ctrl-C.
     Up {
@@ -79,7 +87,8 @@ fn main() -> ExitCode {
             keep,
             work_dir,
             otlp_endpoint,
-        } => run_demo(keep, work_dir, otlp_endpoint),
+            slurm,
+        } => run_demo(keep, work_dir, otlp_endpoint, slurm),
         Cmd::Up {
             work_dir,
             otlp_endpoint,
@@ -90,13 +99,14 @@ fn main() -> ExitCode {
 }
 
 /// What `demo` and `up` share: the network choice (entering the private namespace as root,
-/// before any thread exists), the runtime and where spans go.
+/// before any thread exists, unless `stay_in_host_netns`), the runtime and where spans go.
 fn prepare(
     otlp_endpoint: Option<String>,
+    stay_in_host_netns: bool,
 ) -> Result<(NetworkChoice, Otlp, tokio::runtime::Runtime), ExitCode> {
     // An empty OTEL_EXPORTER_OTLP_ENDPOINT means none.
     let otlp_endpoint = otlp_endpoint.filter(|e| !e.trim().is_empty());
-    let root = nix::unistd::geteuid().is_root();
+    let root = nix::unistd::geteuid().is_root() && !stay_in_host_netns;
     // As root the endpoint is relayed: check it before starting anything.
     if root
         && let Some(e) = &otlp_endpoint
@@ -119,6 +129,11 @@ fn prepare(
             "== running as root: private network namespace, tap networking on wnbr0 (10.231.1.1/24)"
         );
         NetworkChoice::Tap
+    } else if stay_in_host_netns {
+        println!(
+            "== Slurm: qemu user-mode networking in this network namespace, where slurmd runs its jobs (no taps, no nftables filter; the gateway listens on 127.0.0.1)"
+        );
+        NetworkChoice::User
     } else {
         println!(
             "== not root: qemu user-mode networking (no taps, no nftables filter; the gateway listens on 127.0.0.1)"
@@ -151,8 +166,13 @@ fn prepare(
     Ok((network, otlp, rt))
 }
 
-fn run_demo(keep: bool, work_dir: Option<PathBuf>, otlp_endpoint: Option<String>) -> ExitCode {
-    let (network, otlp, rt) = match prepare(otlp_endpoint) {
+fn run_demo(
+    keep: bool,
+    work_dir: Option<PathBuf>,
+    otlp_endpoint: Option<String>,
+    slurm: bool,
+) -> ExitCode {
+    let (network, otlp, rt) = match prepare(otlp_endpoint, slurm) {
         Ok(p) => p,
         Err(code) => return code,
     };
@@ -160,7 +180,7 @@ fn run_demo(keep: bool, work_dir: Option<PathBuf>, otlp_endpoint: Option<String>
         Some(d) => d,
         None => std::env::temp_dir().join(format!("wnodes-demo-{}", std::process::id())),
     };
-    let result = rt.block_on(demo(work.clone(), network, otlp));
+    let result = rt.block_on(demo(work.clone(), network, otlp, slurm));
     let failed = !matches!(result, Ok(true));
     if keep || failed {
         println!(
@@ -199,7 +219,7 @@ fn run_up(work: PathBuf, otlp_endpoint: Option<String>, usage_exporter: bool) ->
         return ExitCode::FAILURE;
     }
     let _ = std::fs::remove_dir_all(&work);
-    let (network, otlp, rt) = match prepare(otlp_endpoint) {
+    let (network, otlp, rt) = match prepare(otlp_endpoint, false) {
         Ok(p) => p,
         Err(code) => return code,
     };
@@ -466,7 +486,39 @@ fn apel_export(stack: &Stack, job_id: &str) -> anyhow::Result<(String, PathBuf, 
     Ok((format!("sqlite://{}", store.display()), out, messages))
 }
 
-async fn demo(work: PathBuf, network: NetworkChoice, otlp: Otlp) -> anyhow::Result<bool> {
+/// The demo's job through Slurm: `sbatch` (as the job user), the Slurm job id, `sacct`'s final
+/// line; the output file's progress lines as the job starter's, the rest as the payload's.
+async fn slurm_job(stack: &Stack) -> anyhow::Result<SubmitOutcome> {
+    println!(
+        "== sbatch --account={} <payload> (SLURM_CONF={}; job_submit.lua hands the script to the WNoDeS job starter)",
+        stack.options().vo,
+        std::env::var("SLURM_CONF").unwrap_or_default()
+    );
+    let t = std::time::Instant::now();
+    let dir = stack.options().work_dir.join("slurm");
+    let job = stack.sbatch(&dir, "demo.sh", &format!("#!/bin/sh\n{PAYLOAD}"))?;
+    println!("== Slurm job id: {}", job.id);
+    let line = slurm::sacct_final(&job.id, Duration::from_secs(300)).await?;
+    println!("sacct: {line}");
+    let text = std::fs::read_to_string(&job.output).unwrap_or_default();
+    let progress =
+        |l: &&str| l.starts_with("wnodes-bridge: ") || l.starts_with("wnodes-slurm-job-starter: ");
+    let join = |lines: Vec<&str>| lines.iter().map(|l| format!("{l}\n")).collect::<String>();
+    Ok(SubmitOutcome {
+        exit_code: slurm::exit_code(&line).unwrap_or(-1),
+        stdout: join(text.lines().filter(|l| !progress(l)).collect()),
+        stderr: join(text.lines().filter(progress).collect()),
+        wall: t.elapsed(),
+        run_key: job.run_key,
+    })
+}
+
+async fn demo(
+    work: PathBuf,
+    network: NetworkChoice,
+    otlp: Otlp,
+    slurm: bool,
+) -> anyhow::Result<bool> {
     let mut opts = StackOptions::new(&work);
     opts.network = network;
     opts.otlp_netns = otlp.endpoint.is_some().then_some(otlp.netns).flatten();
@@ -480,7 +532,9 @@ async fn demo(work: PathBuf, network: NetworkChoice, otlp: Otlp) -> anyhow::Resu
     let stack = Stack::start(opts).await?;
     println!("   ready in {:.1} s", t.elapsed().as_secs_f64());
     let job_id = format!("demo-{}", std::process::id());
-    println!("== wnodes-bridge submit --vo demo --job-id {job_id} --script <payload>");
+    if !slurm {
+        println!("== wnodes-bridge submit --vo demo --job-id {job_id} --script <payload>");
+    }
     for l in PAYLOAD.lines() {
         println!("   payload: {l}");
     }
@@ -508,10 +562,21 @@ async fn demo(work: PathBuf, network: NetworkChoice, otlp: Otlp) -> anyhow::Resu
             }
         }
     });
-    let out = stack.submit(&args).await;
+    let out = if slurm {
+        slurm_job(&stack).await
+    } else {
+        stack.submit(&args).await
+    };
     let _ = stop_watch.send(());
     let seen = watcher.await.unwrap_or_default();
     let out = out?;
+    // The run the events and the usage record are looked up by: a job id's attempt 1, or the
+    // Slurm job's run key.
+    let run = if slurm {
+        out.run_key.clone()
+    } else {
+        job_id.clone()
+    };
     println!("== job starter progress (stderr):");
     for l in out.stderr.lines() {
         println!("   {l}");
@@ -521,8 +586,13 @@ async fn demo(work: PathBuf, network: NetworkChoice, otlp: Otlp) -> anyhow::Resu
         println!("   {l}");
     }
     println!(
-        "== exit code: {} (submit took {:.1} s)",
+        "== exit code: {} ({} took {:.1} s)",
         out.exit_code,
+        if slurm {
+            "sbatch to sacct's final state"
+        } else {
+            "submit"
+        },
         out.wall.as_secs_f64()
     );
     let mut ok = out.exit_code == 0;
@@ -558,13 +628,13 @@ async fn demo(work: PathBuf, network: NetworkChoice, otlp: Otlp) -> anyhow::Resu
     // Accounting records after vm.stopped; give it a moment.
     let mut records = Vec::new();
     for _ in 0..100 {
-        records = stack.usage_record(&job_id).await?;
+        records = stack.usage_record(&run).await?;
         if !records.is_empty() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let events = stack.run_events(&job_id).await?;
+    let events = stack.run_events(&run).await?;
     println!(
         "== timeline ({} events of run {}):",
         events.len(),
