@@ -1,9 +1,10 @@
 //! What tests that boot VMs share: what a whole job needs of the host ([`JOB_NEEDS`]), one
 //! VM-booting test at a time ([`vm_lock`]), the host's memory ([`mem_total_bytes`]) that
 //! bounds a VM's measured peak, and the test guest's qemu command line for tests that boot it
-//! without the launcher ([`guest_qemu`]).
+//! without the launcher ([`guest_qemu`]), with a whole boot on a tap or user-mode network
+//! ([`boot_guest`]).
 
-use std::{path::Path, time::Duration};
+use std::{os::unix::fs::PermissionsExt, path::Path, process::Stdio, time::Duration};
 
 use crate::host::{Precondition, SETPRIV, guest_dir};
 
@@ -115,4 +116,80 @@ pub fn guest_qemu(
         .env("TMPDIR", dir)
         .kill_on_drop(true);
     qemu
+}
+
+/// How a guest booted by [`boot_guest`] reaches the network.
+#[derive(Debug, Clone, Copy)]
+pub enum GuestNet<'a> {
+    /// A tap the test (or the network service) made, with the VM's MAC.
+    Tap { tap: &'a str, mac: &'a str },
+    /// `-netdev user` (slirp: the host is 10.0.2.2, its loopback behind it).
+    User,
+}
+
+/// What [`boot_guest`] saw: qemu's exit status, the payload's output, and the three logs for
+/// assertion messages.
+#[derive(Debug)]
+pub struct Booted {
+    pub status: std::process::ExitStatus,
+    pub output: String,
+    pub report: String,
+}
+
+/// Boots the test guest ([`guest_qemu`]) with `job` as its payload (written to `dir/job.sh`,
+/// mode 0644) and `params` on the kernel command line, on `net`, and waits up to 300 s for it
+/// to power off. With `as_uid`, qemu runs as that uid and `dir` is made that uid's (0700).
+/// Logs and the snapshot overlay go to `dir`.
+///
+/// # Panics
+/// When `dir` cannot be prepared, qemu cannot start, or the guest does not power off in time:
+/// the test fails.
+#[allow(clippy::expect_used)] // a test helper: failing is its job
+pub async fn boot_guest(
+    dir: &Path,
+    job: &str,
+    params: &str,
+    net: GuestNet<'_>,
+    as_uid: Option<u32>,
+) -> Booted {
+    std::fs::create_dir_all(dir).expect("creating the guest's directory");
+    let job_path = dir.join("job.sh");
+    std::fs::write(&job_path, job).expect("writing the payload");
+    std::fs::set_permissions(&job_path, std::fs::Permissions::from_mode(0o644))
+        .expect("making the payload readable");
+    if let Some(uid) = as_uid {
+        std::os::unix::fs::chown(dir, Some(uid), Some(uid))
+            .expect("giving the directory to qemu's uid");
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .expect("closing the directory");
+    }
+    let mut qemu = guest_qemu(dir, &job_path, params, as_uid);
+    match net {
+        GuestNet::Tap { tap, mac } => qemu
+            .args([
+                "-netdev",
+                &format!("tap,id=n0,ifname={tap},script=no,downscript=no"),
+            ])
+            .args(["-device", &format!("virtio-net-pci,netdev=n0,mac={mac}")]),
+        GuestNet::User => qemu
+            .args(["-netdev", "user,id=n0"])
+            .args(["-device", "virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56"]),
+    };
+    qemu.stdout(Stdio::null()).stderr(Stdio::inherit());
+    let status = tokio::time::timeout(Duration::from_secs(300), qemu.status())
+        .await
+        .expect("the guest did not power off within 300 s")
+        .expect("starting qemu");
+    let read = |n: &str| std::fs::read_to_string(dir.join(n)).unwrap_or_default();
+    let output = read("output.log");
+    let report = format!(
+        "status.log:\n{}\noutput.log:\n{output}\nconsole.log:\n{}",
+        read("status.log"),
+        read("console.log")
+    );
+    Booted {
+        status,
+        output,
+        report,
+    }
 }

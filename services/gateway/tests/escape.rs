@@ -35,6 +35,7 @@ use wnodes_network::{
     config::{Ipv4Net, Mode},
     host::Host,
 };
+use wnodes_testkit::vm::GuestNet as Net;
 use wnodes_testkit::{host, host_test, service::*};
 
 /// The job's uid/gid: `nobody`/`nogroup` (`sftp-server` needs a passwd entry).
@@ -183,18 +184,8 @@ fn leaked<'a>(output: &str, forbidden: &'a [String]) -> Option<&'a str> {
         .map(String::as_str)
 }
 
-/// How qemu reaches the network.
-enum Net<'a> {
-    /// The network service's tap, with the VM's MAC.
-    Tap { tap: &'a str, mac: &'a str },
-    /// `-netdev user` (slirp: the host is 10.0.2.2, its loopback behind it).
-    User,
-}
-
-/// Boots the test guest with `job` as its payload and `params` on the kernel command line;
-/// logs and the snapshot overlay go to `dir`. With `as_uid`, qemu runs as that uid (through
-/// `setpriv`, as the launcher's wrapper starts it) and `dir` is that uid's. Returns qemu's exit
-/// status, the payload's output and a report of the three logs.
+/// Boots the test guest (`wnodes_testkit::vm::boot_guest`) and checks it powered off cleanly;
+/// returns qemu's exit status, the payload's output and a report of the three logs.
 async fn boot(
     dir: &Path,
     job: &str,
@@ -202,40 +193,9 @@ async fn boot(
     net: &Net<'_>,
     as_uid: Option<u32>,
 ) -> (std::process::ExitStatus, String, String) {
-    std::fs::create_dir_all(dir).unwrap();
-    let job_path = dir.join("job.sh");
-    std::fs::write(&job_path, job).unwrap();
-    std::fs::set_permissions(&job_path, std::fs::Permissions::from_mode(0o644)).unwrap();
-    if let Some(uid) = as_uid {
-        std::os::unix::fs::chown(dir, Some(uid), Some(uid)).unwrap();
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).unwrap();
-    }
-    let mut qemu = wnodes_testkit::vm::guest_qemu(dir, &job_path, params, as_uid);
-    match net {
-        Net::Tap { tap, mac } => qemu
-            .args([
-                "-netdev",
-                &format!("tap,id=n0,ifname={tap},script=no,downscript=no"),
-            ])
-            .args(["-device", &format!("virtio-net-pci,netdev=n0,mac={mac}")]),
-        Net::User => qemu
-            .args(["-netdev", "user,id=n0"])
-            .args(["-device", "virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56"]),
-    };
-    qemu.stdout(Stdio::null()).stderr(Stdio::inherit());
-    let status = tokio::time::timeout(Duration::from_secs(300), qemu.status())
-        .await
-        .expect("the guest did not power off within 300 s")
-        .unwrap();
-    let read = |n: &str| std::fs::read_to_string(dir.join(n)).unwrap_or_default();
-    let output = read("output.log");
-    let report = format!(
-        "status.log:\n{}\noutput.log:\n{output}\nconsole.log:\n{}",
-        read("status.log"),
-        read("console.log")
-    );
-    assert!(status.success(), "qemu: {status}\n{report}");
-    (status, output, report)
+    let b = wnodes_testkit::vm::boot_guest(dir, job, params, *net, as_uid).await;
+    assert!(b.status.success(), "qemu: {}\n{}", b.status, b.report);
+    (b.status, b.output, b.report)
 }
 
 /// Tap mode: `..`, symlinks (the job's and the host's, absolute and relative) and the guest's

@@ -11,8 +11,7 @@
 use std::{
     os::unix::fs::{MetadataExt, PermissionsExt},
     path::Path,
-    process::{ExitCode, Stdio},
-    time::Duration,
+    process::ExitCode,
 };
 
 use wnodes_bus::{proto, proto::event::Body};
@@ -219,8 +218,7 @@ async fn run_guest() {
 }
 
 /// Boots the test guest on `tap` with `mac`, `job` as its payload and `params` on the kernel
-/// command line; logs and the snapshot overlay go to `dir`. Returns qemu's exit status and the
-/// three logs, for assertion messages.
+/// command line; returns qemu's exit status and the three logs, for assertion messages.
 async fn boot(
     dir: &Path,
     job: &str,
@@ -228,29 +226,9 @@ async fn boot(
     tap: &str,
     mac: &str,
 ) -> (std::process::ExitStatus, String) {
-    std::fs::create_dir_all(dir).unwrap();
-    let job_path = dir.join("job.sh");
-    std::fs::write(&job_path, job).unwrap();
-    let mut qemu = wnodes_testkit::vm::guest_qemu(dir, &job_path, params, None);
-    qemu.args([
-        "-netdev",
-        &format!("tap,id=n0,ifname={tap},script=no,downscript=no"),
-    ])
-    .args(["-device", &format!("virtio-net-pci,netdev=n0,mac={mac}")])
-    .stdout(Stdio::null())
-    .stderr(Stdio::inherit());
-    let status = tokio::time::timeout(Duration::from_secs(300), qemu.status())
-        .await
-        .expect("the guest did not power off within 300 s")
-        .unwrap();
-    let read = |n: &str| std::fs::read_to_string(dir.join(n)).unwrap_or_default();
-    let report = format!(
-        "status.log:\n{}\noutput.log:\n{}\nconsole.log:\n{}",
-        read("status.log"),
-        read("output.log"),
-        read("console.log")
-    );
-    (status, report)
+    let net = wnodes_testkit::vm::GuestNet::Tap { tap, mac };
+    let b = wnodes_testkit::vm::boot_guest(dir, job, params, net, None).await;
+    (b.status, b.report)
 }
 
 fn main() -> ExitCode {

@@ -26,7 +26,7 @@
 use std::{
     os::unix::fs::{MetadataExt, PermissionsExt},
     path::Path,
-    process::{ExitCode, Stdio},
+    process::ExitCode,
     sync::Arc,
     time::Duration,
 };
@@ -375,29 +375,9 @@ async fn boot(
     tap: &str,
     mac: &str,
 ) -> (std::process::ExitStatus, String) {
-    std::fs::create_dir_all(dir).unwrap();
-    let job_path = dir.join("job.sh");
-    std::fs::write(&job_path, job).unwrap();
-    let mut qemu = wnodes_testkit::vm::guest_qemu(dir, &job_path, params, None);
-    qemu.args([
-        "-netdev",
-        &format!("tap,id=n0,ifname={tap},script=no,downscript=no"),
-    ])
-    .args(["-device", &format!("virtio-net-pci,netdev=n0,mac={mac}")])
-    .stdout(Stdio::null())
-    .stderr(Stdio::inherit());
-    let status = tokio::time::timeout(Duration::from_secs(300), qemu.status())
-        .await
-        .expect("the guest did not power off within 300 s")
-        .unwrap();
-    let read = |n: &str| std::fs::read_to_string(dir.join(n)).unwrap_or_default();
-    let report = format!(
-        "status.log:\n{}\noutput.log:\n{}\nconsole.log:\n{}",
-        read("status.log"),
-        read("output.log"),
-        read("console.log")
-    );
-    (status, report)
+    let net = wnodes_testkit::vm::GuestNet::Tap { tap, mac };
+    let b = wnodes_testkit::vm::boot_guest(dir, job, params, net, None).await;
+    (b.status, b.report)
 }
 
 fn ganesha_keeps_a_redelivered_export_and_replaces_another_vms() {
