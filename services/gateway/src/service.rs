@@ -184,6 +184,8 @@ impl GatewayHandler {
             }
             crate::nfs::check_path(&path)
                 .map_err(|e| policy("exports.path_chars", e.to_string()))?;
+            crate::nfs::check_vm_id(&spec.vm_id)
+                .map_err(|e| policy("storage.nfs_vm_id", e.to_string()))?;
             if self.nfs.is_none() {
                 return Err(policy(
                     "storage.nfs",
