@@ -1,22 +1,24 @@
 #!/usr/bin/env bash
 # Fuzz with cargo fuzz (libFuzzer), on the stable toolchain: the wnodes-lrms parsers, the
-# wnodes-bus event decoder and name validators, and the launcher's validators (VM ids, host
-# paths, qemu's command line) and site policy.
+# wnodes-bus event decoder and name validators, the launcher's validators (VM ids, host
+# paths, qemu's command line) and site policy, and the storage gateway's own checks (host
+# policy on exports and owners, NFS rules, configuration ranges, the parsers of its programs'
+# output).
 #
-#   scripts/fuzz.sh [htcondor|pbs|lsf|slurm|event|names|launch|policy|all] [seconds per target]
-#                                                   (default: all, 60)
+#   scripts/fuzz.sh [htcondor|pbs|lsf|slurm|event|names|launch|policy|gateway|all]
+#                   [seconds per target]            (default: all, 60)
 #
 # Layout (crates/wnodes-lrms/fuzz/ for htcondor, pbs, lsf, slurm; crates/wnodes-bus/fuzz/ for
-# event, names; services/launcher/fuzz/ for launch, policy):
+# event, names; services/launcher/fuzz/ for launch, policy; services/gateway/fuzz/ for gateway):
 #   seeds/<target>        hand-written inputs and copies of the test fixtures (committed)
 #   corpus/<target>       the minimised corpus (committed; rewritten by this script)
 #   corpus-work/<target>  the growing corpus of every campaign (git-ignored, kept between runs)
 #   artifacts/<target>    crash inputs libFuzzer found: commit them
 # A campaign fuzzes corpus-work (seeded from seeds/ and corpus/), then minimises seeds + corpus +
 # corpus-work into corpus/ (libFuzzer -set_cover_merge, inputs up to 1 KiB, edge features only),
-# so the committed corpus stays small. The crates' tests (wnodes-lrms tests/fuzz_corpus.rs,
-# wnodes-bus tests/fuzz_corpus.rs) replay seeds, corpus and artifacts through the same checks as
-# regression tests, without fuzzing.
+# so the committed corpus stays small. The crates' tests (tests/fuzz_corpus.rs of wnodes-lrms,
+# wnodes-bus, the launcher and the gateway) replay seeds, corpus and artifacts through the same
+# checks as regression tests, without fuzzing.
 #
 # cargo-fuzz is installed on first use into .tools/ (git-ignored):
 #   CARGO_INSTALL_ROOT=.tools cargo install cargo-fuzz --locked
@@ -29,9 +31,9 @@ target=${1:-all}
 secs=${2:-60}
 case "$secs" in (*[!0-9]*|'') echo "seconds must be a number: $secs" >&2; exit 64;; esac
 case "$target" in
-  all) targets=(htcondor pbs lsf slurm event names launch policy) ;;
-  htcondor|pbs|lsf|slurm|event|names|launch|policy) targets=("$target") ;;
-  *) echo "unknown target: $target (htcondor, pbs, lsf, slurm, event, names, launch, policy, all)" >&2; exit 64 ;;
+  all) targets=(htcondor pbs lsf slurm event names launch policy gateway) ;;
+  htcondor|pbs|lsf|slurm|event|names|launch|policy|gateway) targets=("$target") ;;
+  *) echo "unknown target: $target (htcondor, pbs, lsf, slurm, event, names, launch, policy, gateway, all)" >&2; exit 64 ;;
 esac
 
 # The fuzz crate of a target.
@@ -39,6 +41,7 @@ crate_of() {
   case "$1" in
     event|names) echo "$root/crates/wnodes-bus/fuzz" ;;
     launch|policy) echo "$root/services/launcher/fuzz" ;;
+    gateway) echo "$root/services/gateway/fuzz" ;;
     *) echo "$root/crates/wnodes-lrms/fuzz" ;;
   esac
 }

@@ -19,7 +19,8 @@ pub struct GatewayConfig {
     /// Ports handed to VMs, `"first-last"` inclusive.
     pub port_range: String,
     /// Host policy: the directories under which an export may lie, checked after resolving
-    /// symlinks (`/` is refused). Empty (the default): the gateway serves no export at all.
+    /// symlinks (`/` is refused, also as `/..` or a symlink to it). Empty (the default): the
+    /// gateway serves no export at all.
     pub export_roots: Vec<PathBuf>,
     /// Host policy: the uids a job may own its export as, `"first-last"` inclusive; 0 is
     /// refused. The default leaves out Debian's system accounts (below 1000).
@@ -118,7 +119,9 @@ impl GatewayConfig {
                     path: root.clone(),
                 });
             }
-            if root.parent().is_none() {
+            // `/` itself, or a path that leads there (`/srv/..`, a symlink to `/`).
+            let resolved = std::fs::canonicalize(root).ok();
+            if root.parent().is_none() || resolved.is_some_and(|r| r.parent().is_none()) {
                 return Err(GatewayConfigError::RootExport { path: root.clone() });
             }
         }
@@ -267,6 +270,29 @@ mod tests {
             cfg.validate(),
             Err(GatewayConfigError::RootExport { .. })
         ));
+        // `/` by another name: `..`, a symlink.
+        let dir = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink("/", dir.path().join("slash")).unwrap();
+        let up = dir
+            .path()
+            .components()
+            .skip(1)
+            .fold(dir.path().to_owned(), |p, _| p.join(".."));
+        for root in [PathBuf::from("/.."), up, dir.path().join("slash")] {
+            let cfg = GatewayConfig {
+                export_roots: vec![dir.path().to_owned(), root.clone()],
+                ..Default::default()
+            };
+            assert!(
+                matches!(cfg.validate(), Err(GatewayConfigError::RootExport { .. })),
+                "{root:?}"
+            );
+        }
+        let cfg = GatewayConfig {
+            export_roots: vec![dir.path().to_owned(), "/srv/not-there-yet".into()],
+            ..Default::default()
+        };
+        assert!(cfg.validate().is_ok());
         let cfg = GatewayConfig {
             job_uids: "0-100".into(),
             ..Default::default()

@@ -54,5 +54,6 @@ wnodes_testkit::error_rule! {
         },
         NfsError::Daemon(_) => NfsError::Daemon("ganesha.nfsd did not start".into()),
         NfsError::PathChars { .. } => NfsError::PathChars { path: "/srv/a b".into() },
+        NfsError::VmId { .. } => NfsError::VmId { vm_id: "vm-1/..".into() },
     }
 }

@@ -16,6 +16,7 @@
 //! | [`table`] | the per-VM rows in the preparers' resource table: spec, listener or NFS export, tombstones |
 //! | [`service`] | the handler |
 //! | [`reconcile`] | start-up reconciliation: re-opening the listeners of prepared VMs, re-adding their NFS exports and removing the server's exports nobody holds |
+//! | [`fuzzing`] | what the fuzz target checks: a VM's spec and `network.ready` through the handler's checks (export roots, owner ranges, NFS rules) against a fixed directory tree, the configuration's ranges and roots, NFS path characters, and the parsers of `exportfs -v`, ganesha's replies, `/proc/net/tcp` and `ldd` |
 //!
 //! [`Gateway`] is the service as the runtime runs it.
 //!
@@ -42,6 +43,7 @@
 pub mod config;
 #[cfg(test)]
 mod error_rule;
+pub mod fuzzing;
 pub mod listener;
 pub mod nfs;
 pub mod reconcile;

@@ -45,7 +45,7 @@ pub struct GatewayHandler {
 /// an error: the event asked for something this host never allows), or a failure to serve
 /// an allowed spec (a warning).
 #[derive(Debug)]
-enum Refusal {
+pub(crate) enum Refusal {
     Policy { rule: &'static str, reason: String },
     Cannot(String),
 }
@@ -71,7 +71,7 @@ fn store_err(e: TableError) -> HandlerError {
 }
 
 /// What the VM asked for, checked; or why it cannot be served.
-enum Plan {
+pub(crate) enum Plan {
     /// No exports: nothing to serve.
     Nothing,
     Serve {
@@ -136,8 +136,12 @@ impl GatewayHandler {
     }
 
     /// Checks the spec against the host's policy and the network: what to serve, where, to
-    /// whom.
-    fn plan(&self, spec: &proto::VmSpec, net: &proto::NetworkReady) -> Result<Plan, Refusal> {
+    /// whom. Also what the fuzz target checks ([`crate::fuzzing`]).
+    pub(crate) fn plan(
+        &self,
+        spec: &proto::VmSpec,
+        net: &proto::NetworkReady,
+    ) -> Result<Plan, Refusal> {
         let Some(export) = spec.exports.first() else {
             return Ok(Plan::Nothing);
         };
@@ -184,6 +188,8 @@ impl GatewayHandler {
             }
             crate::nfs::check_path(&path)
                 .map_err(|e| policy("exports.path_chars", e.to_string()))?;
+            crate::nfs::check_vm_id(&spec.vm_id)
+                .map_err(|e| policy("storage.nfs_vm_id", e.to_string()))?;
             if self.nfs.is_none() {
                 return Err(policy(
                     "storage.nfs",

@@ -1,8 +1,8 @@
 //! The `wnodes-gateway` binary as deployed: config file with a `[gateway]` section, a VM
 //! served, SIGTERM → exit 0 with the listener closed, and a restart that re-opens it; and
 //! events that break the host's policy (exports outside the export roots, through a symlink or
-//! `..`, as root or a system account; NFS from a host without it, to a user-mode guest, or of
-//! a path an export definition cannot carry), each refused with `storage.failed` naming the rule and
+//! `..`, as root or a system account; NFS from a host without it, to a user-mode guest, of
+//! a path an export definition cannot carry, or for a VM id that cannot name it), each refused with `storage.failed` naming the rule and
 //! an error log line, with no listener opened.
 //! A host test (`wnodes_testkit::host`): needs root, `sftp-server` and `setpriv`.
 
@@ -274,6 +274,16 @@ async fn binary_refuses_what_host_policy_forbids_and_opens_nothing() {
             nfs: true,
             user_mode: false,
             rule: "exports.path_chars",
+        },
+        // A VM id that cannot name an NFS export (its pseudo path <pseudo_root>/<vm id>).
+        Attack {
+            vm: "vm-a0000000000e/..",
+            host_path: path(&job),
+            uid: 65534,
+            gid: 65534,
+            nfs: true,
+            user_mode: false,
+            rule: "storage.nfs_vm_id",
         },
     ];
     let spec = |vm: &str, host_path: &str, uid: u32, gid: u32, nfs: bool| proto::VmSpec {

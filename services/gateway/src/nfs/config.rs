@@ -161,19 +161,22 @@ impl NfsConfig {
                 });
             }
         }
-        let ok_part = |p: &str| {
-            !p.is_empty()
-                && p != "."
-                && p != ".."
-                && p.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-        };
         let root = &g.pseudo_root;
-        if !root.starts_with('/') || root.len() < 2 || !root[1..].split('/').all(ok_part) {
+        if !root.starts_with('/') || root.len() < 2 || !root[1..].split('/').all(is_name) {
             return Err(NfsConfigError::PseudoRoot(root.clone()));
         }
         Ok(())
     }
+}
+
+/// One name of `[A-Za-z0-9._-]`, not `.` or `..`: a part of the pseudo root, and the VM id
+/// that names an export under it.
+pub fn is_name(s: &str) -> bool {
+    !s.is_empty()
+        && s != "."
+        && s != ".."
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
 
 #[cfg(test)]

@@ -76,18 +76,23 @@ impl Exportfs {
 
     pub async fn list(&self) -> Result<Vec<Present>, NfsError> {
         let text = run(&self.exportfs, &["-v".into()], &[], "list").await?;
-        Ok(parse_exportfs_v(&text)
-            .into_iter()
-            .filter_map(|e| {
-                let id = e.option("fsid")?.parse::<u16>().ok()?;
-                self.ids.contains(u32::from(id)).then(|| Present {
-                    id,
-                    path: PathBuf::from(&e.path),
-                    client: Some(e.client.clone()),
-                })
-            })
-            .collect())
+        Ok(present(&text, self.ids))
     }
+}
+
+/// The exports of an `exportfs -v` text whose `fsid` lies in `ids`.
+pub fn present(text: &str, ids: IdRange) -> Vec<Present> {
+    parse_exportfs_v(text)
+        .into_iter()
+        .filter_map(|e| {
+            let id = e.option("fsid")?.parse::<u16>().ok()?;
+            ids.contains(u32::from(id)).then(|| Present {
+                id,
+                path: PathBuf::from(&e.path),
+                client: Some(e.client.clone()),
+            })
+        })
+        .collect()
 }
 
 /// One line of `exportfs -v`: a path, a client and its options.

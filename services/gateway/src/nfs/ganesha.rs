@@ -200,7 +200,7 @@ impl Ganesha {
 
     /// `<pseudo_root>/<vm id>`.
     pub fn pseudo_path(&self, vm_id: &str) -> String {
-        format!("{}/{vm_id}", self.cfg.pseudo_root)
+        pseudo_path(&self.cfg.pseudo_root, vm_id)
     }
 
     /// The block last added under `id`: written only once ganesha has taken it, so it says
@@ -300,16 +300,21 @@ impl Ganesha {
     /// The daemon's exports whose id lies in the gateway's range.
     pub async fn list(&self) -> Result<Vec<Present>, NfsError> {
         let text = self.call("ShowExports", &[], "show exports").await?;
-        Ok(parse_show_exports(&text)
-            .into_iter()
-            .filter(|(id, _)| self.ids.contains(u32::from(*id)))
-            .map(|(id, path)| Present {
-                id,
-                path: PathBuf::from(path),
-                client: None,
-            })
-            .collect())
+        Ok(present(&text, self.ids))
     }
+}
+
+/// The exports of a `ShowExports` reply whose id lies in `ids`.
+pub fn present(text: &str, ids: IdRange) -> Vec<Present> {
+    parse_show_exports(text)
+        .into_iter()
+        .filter(|(id, _)| ids.contains(u32::from(*id)))
+        .map(|(id, path)| Present {
+            id,
+            path: PathBuf::from(path),
+            client: None,
+        })
+        .collect()
 }
 
 /// `(Export_Id, path)` of each export in a `dbus-send --print-reply` of `ShowExports`: each
@@ -351,6 +356,11 @@ pub fn parse_display_clients(text: &str) -> Vec<String> {
         }
     }
     out
+}
+
+/// Where a VM's export appears in ganesha's pseudo filesystem: `<pseudo_root>/<vm id>`.
+pub fn pseudo_path(pseudo_root: &str, vm_id: &str) -> String {
+    format!("{pseudo_root}/{vm_id}")
 }
 
 /// The `EXPORT` block of one VM.

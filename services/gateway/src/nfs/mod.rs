@@ -75,6 +75,10 @@ pub enum NfsError {
         "export path {path:?} has a character an NFS export cannot carry (whitespace, quote, backslash or control character)"
     )]
     PathChars { path: PathBuf },
+    #[error(
+        "VM id {vm_id:?} cannot name an NFS export (its pseudo path is <pseudo_root>/<vm id>): it must be one name of [A-Za-z0-9._-]"
+    )]
+    VmId { vm_id: String },
 }
 
 /// The host's NFS server.
@@ -96,6 +100,7 @@ impl NfsServer {
     /// Exports `e` (idempotent).
     pub async fn add(&self, e: &NfsExport) -> Result<(), NfsError> {
         check_path(&e.path)?;
+        check_vm_id(&e.vm_id)?;
         match self {
             Self::Ganesha(g) => g.add(e).await,
             Self::Exportfs(k) => k.add(e).await,
@@ -166,6 +171,18 @@ pub fn check_path(path: &std::path::Path) -> Result<(), NfsError> {
     Ok(())
 }
 
+/// Refuses a VM id that cannot name an export: ganesha's export definition quotes its pseudo
+/// path `<pseudo_root>/<vm id>`, which must stay one name below the pseudo root.
+pub fn check_vm_id(vm_id: &str) -> Result<(), NfsError> {
+    if config::is_name(vm_id) {
+        Ok(())
+    } else {
+        Err(NfsError::VmId {
+            vm_id: vm_id.to_owned(),
+        })
+    }
+}
+
 /// Runs `program args…` and returns its stdout; a failure names the action and carries stderr.
 pub(crate) async fn run(
     program: &std::path::Path,
@@ -208,6 +225,22 @@ mod tests {
             "/srv/a\tb",
         ] {
             assert!(check_path(std::path::Path::new(bad)).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn vm_ids_that_cannot_name_an_export_are_refused() {
+        assert!(check_vm_id("vm-0123456789ab").is_ok());
+        for bad in [
+            "",
+            ".",
+            "..",
+            "vm-1/..",
+            "vm-1\"; Squash = None",
+            "vm-1\nEXPORT",
+            "vm 1",
+        ] {
+            assert!(check_vm_id(bad).is_err(), "{bad:?}");
         }
     }
 }
