@@ -6,6 +6,8 @@
 //! payload's exit code as its job's: `COMPLETED|0:0` and `FAILED|3:0`; each job's output file
 //! holds what the payload printed inside the VM (the guest's kernel and its WNoDeS kernel command
 //! line); each run has one usage record under its Slurm run key; the stack leaves nothing behind.
+//! `scancel` stops a running job's VM; `scontrol requeue` makes a new run attempt with a usage
+//! record of its own.
 //!
 //! The cluster is not started here: the test needs `SLURM_CONF` naming a running cluster's
 //! config (`scripts/test.sh` starts one per run and exports it; by hand: `scripts/slurm-cluster.sh
@@ -252,6 +254,107 @@ async fn vm_scancel_of_a_running_sbatch_job_stops_its_vm_and_leaves_nothing() {
     no_leftovers(&stack).await;
 }
 
+/// `scontrol requeue` of a running job: the first run is cancelled (its VM stopped, its own usage
+/// record), and the job runs again as a new run attempt (`SLURM_RESTART_COUNT` 1 → attempt 2, a
+/// run key of its own) to its own end: `sacct` shows the second run's result, never the first's,
+/// and each run has exactly one usage record.
+async fn vm_scontrol_requeue_makes_a_new_run_attempt_with_its_own_usage_record() {
+    let work = tempfile::tempdir().unwrap();
+    let mut opts = StackOptions::new(work.path().join("stack"));
+    opts.network = NetworkChoice::User;
+    let stack = Stack::start(opts).await.unwrap();
+    // Long enough for the requeue to land while the first run sleeps, short enough for the
+    // second run to finish.
+    let job = stack
+        .sbatch(
+            &work.path().join("jobs"),
+            "requeue.sh",
+            "#!/bin/sh
+echo payload started
+sleep 25
+echo payload done
+exit 0
+",
+        )
+        .unwrap();
+    let first = job.run_key.clone();
+    let second = first
+        .strip_suffix("/1")
+        .map(|k| format!("{k}/2"))
+        .expect("a first attempt's run key");
+    let vm_running = |key: String| {
+        let stack = &stack;
+        async move {
+            stack
+                .run_events(&key)
+                .await
+                .ok()?
+                .iter()
+                .any(|e| e.event_type == EventType::VmRunning)
+                .then_some(())
+        }
+    };
+    wait_until(SLURM_TIMEOUT, "the first run's VM", || {
+        vm_running(first.clone())
+    })
+    .await
+    .unwrap();
+
+    let (ok, out) = run(Command::new("scontrol").args(["requeue", &job.id]));
+    assert!(ok, "scontrol requeue: {out}");
+    // A requeued job waits for a begin time Slurm sets in the future: once it is pending
+    // again, let it start now.
+    wait_until(SLURM_TIMEOUT, "the requeued job eligible now", || async {
+        let (_, state) = run(Command::new("squeue").args(["-h", "-j", &job.id, "-o", "%T"]));
+        if state.trim() != "PENDING" {
+            return None;
+        }
+        let (ok, _) = run(Command::new("scontrol").args([
+            "update",
+            &format!("JobId={}", job.id),
+            "StartTime=now",
+        ]));
+        ok.then_some(())
+    })
+    .await
+    .unwrap();
+
+    // The first run: cancelled by the requeue, its VM stopped, one record of its own.
+    let r1 = one_usage_record(&stack, &first).await;
+    assert_eq!(r1.stop_reason, "cancelled", "{r1:#?}");
+    let types: Vec<EventType> = stack
+        .run_events(&first)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.event_type)
+        .collect();
+    for t in [EventType::JobCancelled, EventType::VmStopped] {
+        assert!(types.contains(&t), "first run: no {t:?} in {types:?}");
+    }
+
+    // The second run: a new attempt, to its own end.
+    let line = sacct_final(&job.id, SLURM_TIMEOUT).await.unwrap();
+    let out = std::fs::read_to_string(&job.output).unwrap_or_default();
+    eprintln!("sacct: {line}\n--- slurm-{}.out:\n{out}", job.id);
+    assert_eq!(line, format!("{}|COMPLETED|0:0", job.id), "{out}");
+    assert!(
+        out.contains(&format!("Slurm job {} (attempt 2)", job.id)),
+        "{out}"
+    );
+    assert!(out.contains("payload done"), "{out}");
+    let r2 = one_usage_record(&stack, &second).await;
+    assert_eq!(
+        (r2.exit_code, r2.stop_reason.as_str()),
+        (0, "guest-poweroff"),
+        "{r2:#?}"
+    );
+    assert_eq!(r2.job_id, job.id, "{r2:#?}");
+    // Still exactly one record for the first run.
+    assert_eq!(stack.usage_record(&first).await.unwrap().len(), 1);
+    no_leftovers(&stack).await;
+}
+
 fn main() -> std::process::ExitCode {
     host::main(vec![
         host_test!(
@@ -260,6 +363,10 @@ fn main() -> std::process::ExitCode {
         ),
         host_test!(
             multi_thread vm_scancel_of_a_running_sbatch_job_stops_its_vm_and_leaves_nothing
+            needs NEEDS
+        ),
+        host_test!(
+            multi_thread vm_scontrol_requeue_makes_a_new_run_attempt_with_its_own_usage_record
             needs NEEDS
         ),
     ])
