@@ -24,7 +24,10 @@
 use std::{process::Command, time::Duration};
 
 use wnodes_bus::EventType;
-use wnodes_devstack::{NetworkChoice, Stack, StackOptions, slurm::sacct_final};
+use wnodes_devstack::{
+    NetworkChoice, Stack, StackOptions,
+    slurm::{output as run, sacct_final},
+};
 use wnodes_integration_tests::jobs::{no_leftovers, one_usage_record};
 use wnodes_testkit::{
     host::{self, Precondition},
@@ -80,19 +83,27 @@ const NEEDS: &[Precondition] = &{
     all
 };
 
-/// Runs `c`; whether it succeeded, and its stdout and stderr.
-fn run(c: &mut Command) -> (bool, String) {
-    match c.output() {
-        Ok(o) => (
-            o.status.success(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&o.stderr)
-            ),
-        ),
-        Err(e) => (false, format!("{c:?}: {e}")),
-    }
+/// A stack as the Slurm jobs need it: in the host's network namespace, where slurmd runs
+/// them, so with qemu user-mode networking.
+async fn slurm_stack(work: &std::path::Path) -> Stack {
+    let mut opts = StackOptions::new(work.join("stack"));
+    opts.network = NetworkChoice::User;
+    Stack::start(opts).await.unwrap()
+}
+
+/// Waits until the VM of run `run_key` runs.
+async fn wait_vm_running(stack: &Stack, run_key: &str) {
+    wait_until(SLURM_TIMEOUT, &format!("the VM of {run_key}"), || async {
+        stack
+            .run_events(run_key)
+            .await
+            .ok()?
+            .iter()
+            .any(|e| e.event_type == EventType::VmRunning)
+            .then_some(())
+    })
+    .await
+    .unwrap();
 }
 
 /// The payload: what it prints can only come from inside a WNoDeS VM (the guest's kernel, and
@@ -119,9 +130,7 @@ fn job_script(code: i32) -> String {
 
 async fn vm_sbatch_jobs_run_in_wnodes_vms_and_sacct_shows_the_payloads_exit_codes() {
     let work = tempfile::tempdir().unwrap();
-    let mut opts = StackOptions::new(work.path().join("stack"));
-    opts.network = NetworkChoice::User;
-    let stack = Stack::start(opts).await.unwrap();
+    let stack = slurm_stack(work.path()).await;
 
     // sbatch as uid 65534, with the stack's config and a copy of the agent's creds the job's
     // user can read in the job's environment (the development path, docs/slurm.md).
@@ -199,9 +208,7 @@ async fn vm_sbatch_jobs_run_in_wnodes_vms_and_sacct_shows_the_payloads_exit_code
 /// starter leaving its VM running is issue 9, item 5, not built).
 async fn vm_scancel_of_a_running_sbatch_job_stops_its_vm_and_leaves_nothing() {
     let work = tempfile::tempdir().unwrap();
-    let mut opts = StackOptions::new(work.path().join("stack"));
-    opts.network = NetworkChoice::User;
-    let stack = Stack::start(opts).await.unwrap();
+    let stack = slurm_stack(work.path()).await;
     let job = stack
         .sbatch(
             &work.path().join("jobs"),
@@ -209,18 +216,7 @@ async fn vm_scancel_of_a_running_sbatch_job_stops_its_vm_and_leaves_nothing() {
             "#!/bin/sh\necho payload started\nsleep 300\n",
         )
         .unwrap();
-    // The job's VM runs.
-    wait_until(SLURM_TIMEOUT, "the Slurm job's VM", || async {
-        stack
-            .run_events(&job.run_key)
-            .await
-            .ok()?
-            .iter()
-            .any(|e| e.event_type == EventType::VmRunning)
-            .then_some(())
-    })
-    .await
-    .unwrap();
+    wait_vm_running(&stack, &job.run_key).await;
     assert!(!stack.leftovers().qemus.is_empty(), "no qemu while it runs");
 
     let (ok, out) = run(Command::new("scancel").arg(&job.id));
@@ -260,9 +256,7 @@ async fn vm_scancel_of_a_running_sbatch_job_stops_its_vm_and_leaves_nothing() {
 /// and each run has exactly one usage record.
 async fn vm_scontrol_requeue_makes_a_new_run_attempt_with_its_own_usage_record() {
     let work = tempfile::tempdir().unwrap();
-    let mut opts = StackOptions::new(work.path().join("stack"));
-    opts.network = NetworkChoice::User;
-    let stack = Stack::start(opts).await.unwrap();
+    let stack = slurm_stack(work.path()).await;
     // Long enough for the requeue to land while the first run sleeps, short enough for the
     // second run to finish.
     let job = stack
@@ -282,23 +276,7 @@ exit 0
         .strip_suffix("/1")
         .map(|k| format!("{k}/2"))
         .expect("a first attempt's run key");
-    let vm_running = |key: String| {
-        let stack = &stack;
-        async move {
-            stack
-                .run_events(&key)
-                .await
-                .ok()?
-                .iter()
-                .any(|e| e.event_type == EventType::VmRunning)
-                .then_some(())
-        }
-    };
-    wait_until(SLURM_TIMEOUT, "the first run's VM", || {
-        vm_running(first.clone())
-    })
-    .await
-    .unwrap();
+    wait_vm_running(&stack, &first).await;
 
     let (ok, out) = run(Command::new("scontrol").args(["requeue", &job.id]));
     assert!(ok, "scontrol requeue: {out}");

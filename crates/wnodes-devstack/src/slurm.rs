@@ -35,8 +35,8 @@ pub struct SlurmJob {
 /// `sacct`'s states of a job that has not ended yet (an empty state: not in slurmdbd yet).
 const NOT_FINAL: [&str; 5] = ["PENDING", "RUNNING", "REQUEUED", "SUSPENDED", "COMPLETING"];
 
-/// Runs `c`: whether it succeeded, and its stdout then stderr.
-fn output(c: &mut Command) -> (bool, String) {
+/// Runs `c` (a Slurm client, say): whether it succeeded, and its stdout then stderr.
+pub fn output(c: &mut Command) -> (bool, String) {
     match c.output() {
         Ok(o) => (
             o.status.success(),
