@@ -69,8 +69,10 @@ declare -A tests=(
     # The usage exporter's system test (it also starts accounting, whose set is the same).
     [usage]="package(=wnodes-integration-tests) and binary(=usage_exporter)"
     [network]="package(=wnodes-network) and binary(=binary)"
+    # The host agent: its socket, peer credentials and the starters' runs.
+    [agent]="package(=wnodes-agent) and binary(=agent)"
 )
-for svc in image scratch gateway launcher bridge accounting usage network; do
+for svc in image scratch gateway launcher bridge accounting usage network agent; do
     caps=$(sed -n 's/^CapabilityBoundingSet=//p' "systemd/wnodes-$svc.service")
     set="-all"
     for c in $caps; do set+=",+$(echo "${c#CAP_}" | tr 'A-Z' 'a-z')"; done

@@ -1,13 +1,16 @@
-//! A real Slurm drives WNoDeS (issue 9, item 1; `docs/slurm.md`): ordinary `sbatch` jobs,
-//! submitted by an unprivileged user (uid 65534) to the private one-node Slurm 22.05 cluster of
-//! `scripts/slurm-cluster.sh`, run inside WNoDeS VMs because the cluster's `job_submit/lua`
-//! filter (`slurm/job_submit.lua`) hands each script, unchanged, to the job starter
-//! (`slurm/wnodes-slurm-job-starter`, i.e. `wnodes-bridge submit`). `sacct` then shows each
+//! A real Slurm drives WNoDeS (issue 9, items 1, 2 and 5; `docs/slurm.md`,
+//! `docs/host-agent.md`): ordinary `sbatch` jobs, submitted by an unprivileged user (uid 65534)
+//! to the private one-node Slurm 22.05 cluster of `scripts/slurm-cluster.sh`, run inside WNoDeS
+//! VMs because the cluster's `job_submit/lua` filter (`slurm/job_submit.lua`) hands each script,
+//! unchanged, to the job starter (`slurm/wnodes-slurm-job-starter`, i.e. `wnodes-bridge
+//! job-starter`), which sends it to the stack's host agent (`wnodes-agent`) over its unix
+//! socket. The agent asks Slurm whose job the starter's process is. `sacct` then shows each
 //! payload's exit code as its job's: `COMPLETED|0:0` and `FAILED|3:0`; each job's output file
 //! holds what the payload printed inside the VM (the guest's kernel and its WNoDeS kernel command
 //! line); each run has one usage record under its Slurm run key; the stack leaves nothing behind.
 //! `scancel` stops a running job's VM; `scontrol requeue` makes a new run attempt with a usage
-//! record of its own.
+//! record of its own; a job starter killed with SIGKILL takes its VM with it. A job starter as
+//! user A cannot start a VM as another user or for another job, nor reach NATS.
 //!
 //! The cluster is not started here: the test needs `SLURM_CONF` naming a running cluster's
 //! config (`scripts/test.sh` starts one per run and exports it; by hand: `scripts/slurm-cluster.sh
@@ -16,8 +19,8 @@
 //! it). slurmd runs its jobs in the host's network namespace, so the stack runs there too, with
 //! qemu user-mode networking (no taps), unlike the other whole-job tests.
 //!
-//! Development path (what issue 9, item 2 replaces): the job's environment names the stack's
-//! config and a copy of the agent's NATS credentials readable by the job's user.
+//! The job's environment names only the agent's socket: no NATS credentials, no WNoDeS
+//! configuration.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a failure is a test failure
 
@@ -86,8 +89,11 @@ const NEEDS: &[Precondition] = &{
 /// A stack as the Slurm jobs need it: in the host's network namespace, where slurmd runs
 /// them, so with qemu user-mode networking.
 async fn slurm_stack(work: &std::path::Path) -> Stack {
+    // The job's user reaches its job directory and the agent's socket under `work`.
+    std::fs::set_permissions(work, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let mut opts = StackOptions::new(work.join("stack"));
     opts.network = NetworkChoice::User;
+    opts.host_agent = true;
     Stack::start(opts).await.unwrap()
 }
 
@@ -116,6 +122,7 @@ fn job_script(code: i32) -> String {
          echo \"in the VM: kernel $(uname -r)\"\n\
          echo \"in the VM: cmdline $(cat /proc/cmdline)\"\n\
          echo \"in the VM: uid $(id -u)\"\n\
+         echo \"from job $SLURM_JOB_ID\" > /shared/slurm-exit-{code}.txt\n\
          cat <<'WNODES_PAYLOAD_EOF'\n\
          unchanged: $HOME `stays` \\as written\n\
          WNODES_PAYLOAD_EOF\n\
@@ -132,8 +139,7 @@ async fn vm_sbatch_jobs_run_in_wnodes_vms_and_sacct_shows_the_payloads_exit_code
     let work = tempfile::tempdir().unwrap();
     let stack = slurm_stack(work.path()).await;
 
-    // sbatch as uid 65534, with the stack's config and a copy of the agent's creds the job's
-    // user can read in the job's environment (the development path, docs/slurm.md).
+    // sbatch as uid 65534; the job's environment names only the host agent's socket.
     let jobs_dir = work.path().join("jobs");
     let mut jobs = Vec::new();
     for code in [0, 3] {
@@ -162,16 +168,15 @@ async fn vm_sbatch_jobs_run_in_wnodes_vms_and_sacct_shows_the_payloads_exit_code
         };
         assert_eq!(line, want, "{out}");
 
-        // The job starter saw the job as Slurm describes it, and the payload ran in the VM.
+        // The agent saw the job as Slurm describes it, and the payload ran in the VM.
+        let run_key = &job.run_key;
+        assert_eq!(run_key, &format!("WNODES-DEV/slurm/{id}/1"));
         assert!(
             out.contains(&format!(
-                "Slurm job {id} (attempt 1) as nobody ({JOB_UID}:{JOB_UID}), vo 'demo'"
+                "job {run_key} of nobody ({JOB_UID}:{JOB_UID}), VO 'demo', started"
             )),
             "{out}"
         );
-        let run_key = &job.run_key;
-        assert_eq!(run_key, &format!("WNODES-DEV/slurm/{id}/1"));
-        assert!(out.contains(&format!("job {run_key} started on")), "{out}");
         let kernel = out
             .lines()
             .find_map(|l| l.strip_prefix("in the VM: kernel "))
@@ -198,14 +203,28 @@ async fn vm_sbatch_jobs_run_in_wnodes_vms_and_sacct_shows_the_payloads_exit_code
         assert_eq!((r.lrms.as_str(), r.job_id.as_str()), ("slurm", id.as_str()));
         assert_eq!(r.queue, "wnodes", "{r:#?}");
         assert_eq!(r.uid, Some(i64::from(JOB_UID)), "{r:#?}");
+        // What the payload wrote on the site's storage belongs to the job's user.
+        let written = stack.export_dir().join(format!("slurm-exit-{code}.txt"));
+        let meta = std::fs::metadata(&written)
+            .unwrap_or_else(|e| panic!("{}: {e}\n{out}", written.display()));
+        assert_eq!(
+            std::os::unix::fs::MetadataExt::uid(&meta),
+            JOB_UID,
+            "{}",
+            written.display()
+        );
+        assert_eq!(
+            std::fs::read_to_string(&written).unwrap(),
+            format!("from job {id}\n")
+        );
     }
     no_leftovers(&stack).await;
 }
 
-/// `scancel` of a running job: slurmstepd sends SIGTERM to the job's processes, which the job
-/// starter (`wnodes-bridge submit`) turns into `JobCancelled`; the VM is stopped and every
-/// resource released within [`KILL_WAIT`], before Slurm would SIGKILL the starter (a SIGKILLed
-/// starter leaving its VM running is issue 9, item 5, not built).
+/// `scancel` of a running job: slurmstepd sends SIGTERM to the job's processes; the job starter
+/// (`wnodes-bridge job-starter`) asks the host agent to cancel, which publishes `JobCancelled`;
+/// the VM is stopped and every resource released within [`KILL_WAIT`], before Slurm would
+/// SIGKILL the starter (for that, see the SIGKILL test).
 async fn vm_scancel_of_a_running_sbatch_job_stops_its_vm_and_leaves_nothing() {
     let work = tempfile::tempdir().unwrap();
     let stack = slurm_stack(work.path()).await;
@@ -316,10 +335,7 @@ exit 0
     let out = std::fs::read_to_string(&job.output).unwrap_or_default();
     eprintln!("sacct: {line}\n--- slurm-{}.out:\n{out}", job.id);
     assert_eq!(line, format!("{}|COMPLETED|0:0", job.id), "{out}");
-    assert!(
-        out.contains(&format!("Slurm job {} (attempt 2)", job.id)),
-        "{out}"
-    );
+    assert!(out.contains(&format!("job {second} of nobody")), "{out}");
     assert!(out.contains("payload done"), "{out}");
     let r2 = one_usage_record(&stack, &second).await;
     assert_eq!(
@@ -331,6 +347,230 @@ exit 0
     // Still exactly one record for the first run.
     assert_eq!(stack.usage_record(&first).await.unwrap().len(), 1);
     no_leftovers(&stack).await;
+}
+
+/// The pid of the job starter of Slurm job `id` (its command line names `job-starter`, its
+/// environment `SLURM_JOB_ID=<id>`).
+fn starter_pid(id: &str) -> Option<i32> {
+    let want = format!("SLURM_JOB_ID={id}");
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+        let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+        let is_starter = cmdline.split(|b| *b == 0).any(|w| w == b"job-starter");
+        let environ = std::fs::read(e.path().join("environ")).ok()?;
+        let in_job = environ.split(|b| *b == 0).any(|w| w == want.as_bytes());
+        (is_starter && in_job).then_some(pid)
+    })
+}
+
+/// SIGKILL of the job starter (no handler runs, nothing is said): the host agent sees its
+/// socket close and cancels the run. The bound: `JobCancelled` within 5 s of the kill, every
+/// resource released within [`KILL_WAIT`] (the VM's stop, as for `scancel`).
+async fn vm_a_job_starter_killed_with_sigkill_takes_its_vm_with_it() {
+    let work = tempfile::tempdir().unwrap();
+    let stack = slurm_stack(work.path()).await;
+    let job = stack
+        .sbatch(
+            &work.path().join("jobs"),
+            "killed.sh",
+            "#!/bin/sh\necho payload started\nsleep 300\n",
+        )
+        .unwrap();
+    wait_vm_running(&stack, &job.run_key).await;
+    let pid = starter_pid(&job.id).expect("the job starter's process");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL).unwrap();
+    let killed = std::time::Instant::now();
+    let cancelled = wait_until(
+        Duration::from_secs(5),
+        "JobCancelled after the SIGKILL",
+        || async {
+            stack
+                .run_events(&job.run_key)
+                .await
+                .ok()?
+                .iter()
+                .any(|e| e.event_type == EventType::JobCancelled)
+                .then(|| killed.elapsed())
+        },
+    )
+    .await
+    .unwrap();
+    if let Err(e) = wait_until(KILL_WAIT, "every resource released", || async {
+        stack.leftovers().is_empty().then_some(())
+    })
+    .await
+    {
+        panic!("{e}: {:#?}", stack.leftovers());
+    }
+    let released = killed.elapsed();
+    let line = sacct_final(&job.id, SLURM_TIMEOUT).await.unwrap();
+    eprintln!(
+        "SIGKILL of the job starter (pid {pid}): JobCancelled after {:.2} s, nothing left after {:.1} s; sacct: {line}",
+        cancelled.as_secs_f64(),
+        released.as_secs_f64()
+    );
+    assert!(!line.contains("COMPLETED"), "sacct: {line}");
+    let r = one_usage_record(&stack, &job.run_key).await;
+    assert_eq!(r.stop_reason, "cancelled", "{r:#?}");
+    no_leftovers(&stack).await;
+}
+
+/// `srun` (no batch script: the filter leaves it alone, so its command runs on the host) as
+/// `uid`, with `account`, running `sh -c SCRIPT`; returns its output (the exit status of the
+/// commands is printed by the script itself).
+fn srun_as(uid: u32, account: &str, script: &str, stack: &Stack) -> String {
+    let conf = std::env::var("SLURM_CONF").unwrap();
+    let mut c = Command::new("setpriv");
+    c.args([
+        format!("--reuid={uid}"),
+        format!("--regid={uid}"),
+        "--clear-groups".into(),
+        "srun".into(),
+        "--quiet".into(),
+        format!("--account={account}"),
+        "--time=5".into(),
+        "sh".into(),
+        "-c".into(),
+        script.into(),
+    ])
+    .current_dir("/tmp")
+    .env_clear()
+    .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+    .env("SLURM_CONF", conf)
+    .env("WNODES_AGENT__SOCKET", stack.agent_socket());
+    let (_, out) = run(&mut c);
+    out
+}
+
+/// A job starter as user A (uid 65534) tries every way the interface allows to act as another
+/// user or for another job, and each is refused with its reason; nothing reaches the bus:
+/// - outside any Slurm job, naming a running job of its own user in `SLURM_JOB_ID`;
+/// - inside its own job, with `SLURM_JOB_ID` forged to another user's running job;
+/// - with the development flags (`--dev-job-id`), which the agent refuses unless configured;
+/// - a process of uid A inside another user's (root's) job;
+/// - NATS directly: the job's environment holds no credentials, A can read none of the
+///   stack's, and a connection without them is refused.
+async fn vm_a_job_starter_cannot_act_as_another_user_or_for_another_job() {
+    let work = tempfile::tempdir().unwrap();
+    let stack = slurm_stack(work.path()).await;
+    let bridge = stack.bin("bridge");
+    let bridge = bridge.display();
+    let conf = std::env::var("SLURM_CONF").unwrap();
+
+    // Another user's running job (root's, account root): a target to claim.
+    let mut root_job = std::process::Command::new("srun")
+        .args(["--quiet", "--account=root", "--time=5", "sleep", "120"])
+        .env("SLURM_CONF", &conf)
+        .current_dir("/tmp")
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let other_id = wait_until(Duration::from_secs(60), "root's job running", || async {
+        let (_, out) =
+            run(Command::new("squeue").args(["-h", "-u", "root", "-t", "R", "-o", "%i"]));
+        out.lines()
+            .next()
+            .map(|l| l.trim().to_owned())
+            .filter(|l| !l.is_empty())
+    })
+    .await
+    .unwrap();
+
+    // Outside any job: the agent asks slurmd which job the process is in.
+    let out = std::process::Command::new("setpriv")
+        .args([
+            format!("--reuid={JOB_UID}"),
+            format!("--regid={JOB_UID}"),
+            "--clear-groups".into(),
+        ])
+        .arg(stack.bin("bridge"))
+        .args(["job-starter", "--lrms", "slurm", "--", "/bin/true"])
+        .env_clear()
+        .env("SLURM_JOB_ID", &other_id)
+        .env("WNODES_AGENT__SOCKET", stack.agent_socket())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(77), "{err}");
+    assert!(
+        err.contains("is not part of a Slurm job on this host"),
+        "{err}"
+    );
+
+    // Inside its own job (srun as A), with every other trick in one script.
+    let script = format!(
+        "echo \"own job $SLURM_JOB_ID\"; \
+         SLURM_JOB_ID={other_id} {bridge} job-starter --lrms slurm -- /bin/true; echo \"forged rc=$?\"; \
+         {bridge} job-starter --lrms slurm --dev-job-id {other_id} -- /bin/true; echo \"dev rc=$?\"; \
+         env | grep -c '^WNODES_NATS' ; \
+         for f in {creds}/*; do cat \"$f\" >/dev/null 2>&1 && echo \"readable: $f\"; done; \
+         echo done",
+        creds = stack.creds("agent").unwrap().parent().unwrap().display(),
+    );
+    let out = srun_as(JOB_UID, &stack.options().vo, &script, &stack);
+    eprintln!("--- srun as {JOB_UID}:\n{out}");
+    let own = out
+        .lines()
+        .find_map(|l| l.strip_prefix("own job "))
+        .unwrap_or_else(|| panic!("srun did not run: {out}"))
+        .to_owned();
+    assert!(out.contains("forged rc=77"), "{out}");
+    assert!(
+        out.contains(&format!("names Slurm job \"{other_id}\", but its process"))
+            && out.contains(&format!("belongs to job {own}")),
+        "{out}"
+    );
+    assert!(out.contains("dev rc=77"), "{out}");
+    assert!(out.contains("allow_dev_identity is off"), "{out}");
+    assert!(
+        out.lines().any(|l| l.trim() == "0"),
+        "WNODES_NATS* in the job's environment: {out}"
+    );
+    assert!(!out.contains("readable:"), "{out}");
+    assert!(out.contains("done"), "{out}");
+
+    // A process of uid A inside root's job: Slurm says the job is root's.
+    let script = format!(
+        "setpriv --reuid={JOB_UID} --regid={JOB_UID} --clear-groups {bridge} job-starter --lrms slurm -- /bin/true; echo \"rc=$?\""
+    );
+    let out = srun_as(0, "root", &script, &stack);
+    eprintln!("--- srun as root, starter as {JOB_UID}:\n{out}");
+    assert!(out.contains("rc=77"), "{out}");
+    assert!(
+        out.contains(&format!(
+            "belongs to uid 0, but the job starter runs as uid {JOB_UID}"
+        )),
+        "{out}"
+    );
+
+    // NATS without credentials (all a job's user could try): refused.
+    let anonymous = tokio::time::timeout(
+        Duration::from_secs(10),
+        async_nats::connect(stack.nats_url()),
+    )
+    .await;
+    assert!(
+        matches!(anonymous, Ok(Err(_))),
+        "an anonymous NATS connection was not refused: {anonymous:?}"
+    );
+
+    // Nothing was started: no event of either job's runs.
+    for id in [&own, &other_id] {
+        let key = format!("{}/slurm/{id}/1", stack.options().site);
+        let events = stack.run_events(&key).await.unwrap();
+        assert!(events.is_empty(), "{key}: {events:?}");
+    }
+    let _ = root_job.kill();
+    let _ = root_job.wait();
+    let _ = run(Command::new("scancel").arg(&other_id));
+    no_leftovers(&stack).await;
+    // The next test wants an idle node, not one still completing root's job.
+    wait_until(Duration::from_secs(120), "the node idle again", || async {
+        let (_, out) = run(Command::new("sinfo").args(["-h", "-o", "%T"]));
+        out.lines().any(|l| l.trim() == "idle").then_some(())
+    })
+    .await
+    .unwrap();
 }
 
 fn main() -> std::process::ExitCode {
@@ -345,6 +585,14 @@ fn main() -> std::process::ExitCode {
         ),
         host_test!(
             multi_thread vm_scontrol_requeue_makes_a_new_run_attempt_with_its_own_usage_record
+            needs NEEDS
+        ),
+        host_test!(
+            multi_thread vm_a_job_starter_killed_with_sigkill_takes_its_vm_with_it
+            needs NEEDS
+        ),
+        host_test!(
+            multi_thread vm_a_job_starter_cannot_act_as_another_user_or_for_another_job
             needs NEEDS
         ),
     ])

@@ -57,12 +57,6 @@ impl Role {
         }
     }
 
-    /// Whether it is a long-running service (every role but the job starter): it puts its
-    /// heartbeat into the hosts bucket ([`crate::heartbeat`]).
-    pub fn is_service(&self) -> bool {
-        self.name != AGENT.name
-    }
-
     /// The name of its identity on `host`: `<name>-<host token>` per host, `<name>` central
     /// (the same as its durable name, and its inbox token: `_INBOX.<identity>.`).
     pub fn identity(&self, host: &str) -> Result<String, BusError> {
@@ -177,8 +171,9 @@ pub const BRIDGE: Role = Role {
     optional: false,
 };
 
-/// The job starter on a hypervisor (`wnodes-bridge submit`, run by the LRMS): its own host's
-/// job events, and the outcome of its own host's runs.
+/// The host agent on a hypervisor (`wnodes-agent`, serving the LRMS's job starters over its
+/// unix socket; also the identity of the operator's `wnodes-bridge submit`): its own host's job
+/// events, and the outcome of its own host's runs.
 pub const AGENT: Role = Role {
     name: "agent",
     scope: Scope::PerHost,

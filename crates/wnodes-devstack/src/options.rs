@@ -137,6 +137,11 @@ pub struct StackOptions {
     /// Also run the usage exporter (`wnodes-usage serve`, the optional `usage` role: its
     /// identity and durable provisioned) after the seven services. Default `false`.
     pub usage_exporter: bool,
+    /// Also run the host agent (`wnodes-agent`, socket `<work_dir>/agent.sock`, mode 0666) that
+    /// LRMS job starters (`wnodes-bridge job-starter`) talk to; jobs then need no NATS
+    /// credentials. It takes Slurm jobs (`SLURM_CONF` from this process's environment).
+    /// Default `false`.
+    pub host_agent: bool,
 }
 
 /// The workspace root this crate was built in.
@@ -169,6 +174,7 @@ impl StackOptions {
             host: "hv1.wnodes.dev".into(),
             storage_export: true,
             usage_exporter: false,
+            host_agent: false,
         }
     }
 
@@ -184,8 +190,9 @@ impl StackOptions {
     }
 }
 
-const NEEDED_BINS: [&str; 7] = [
+const NEEDED_BINS: [&str; 8] = [
     "wnodes-bridge",
+    "wnodes-agent",
     "wnodes-launcher",
     "wnodes-image",
     "wnodes-scratch",

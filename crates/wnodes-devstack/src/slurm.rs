@@ -5,10 +5,9 @@
 //! `integration-tests/tests/slurm.rs`.
 //!
 //! slurmd runs jobs in the host's network namespace: the stack must run there too
-//! ([`crate::NetworkChoice::User`]).
-//!
-//! Development path (issue 9, item 2 replaces it): the job's environment names the stack's
-//! config and a copy of the agent's NATS credentials that the job's user can read.
+//! ([`crate::NetworkChoice::User`]), with its host agent ([`crate::StackOptions::host_agent`]):
+//! the job's environment names only the agent's socket (`WNODES_AGENT__SOCKET`). The job's user
+//! gets no NATS credentials and no WNoDeS configuration.
 
 use std::{
     os::unix::fs::PermissionsExt,
@@ -54,12 +53,30 @@ impl Stack {
     /// Submits `script` (named `name` in `dir`) with `sbatch --account=<the stack's VO>` as the
     /// stack's job user (through `setpriv` when root), with the environment a user would have
     /// (`PATH` with the stack's binaries first, `SLURM_CONF` from this process) plus
-    /// `WNODES_CONFIG` and `WNODES_NATS__CREDS_FILE`: a copy of the agent's creds in `dir`,
-    /// owned by the job user. The output goes to `dir/slurm-<id>.out`.
+    /// `WNODES_AGENT__SOCKET`, the stack's host agent. The output goes to `dir/slurm-<id>.out`.
     ///
     /// # Errors
-    /// `SLURM_CONF` unset, files that cannot be written, or `sbatch` failing (its message).
+    /// No host agent in the stack, `SLURM_CONF` unset, files that cannot be written, or
+    /// `sbatch` failing (its message).
     pub fn sbatch(&self, dir: &Path, name: &str, script: &str) -> anyhow::Result<SlurmJob> {
+        self.sbatch_with(dir, name, script, &[])
+    }
+
+    /// [`Stack::sbatch`] with more `sbatch` options (e.g. `--requeue`).
+    ///
+    /// # Errors
+    /// As [`Stack::sbatch`].
+    pub fn sbatch_with(
+        &self,
+        dir: &Path,
+        name: &str,
+        script: &str,
+        options: &[&str],
+    ) -> anyhow::Result<SlurmJob> {
+        anyhow::ensure!(
+            self.opts.host_agent,
+            "the stack runs no host agent (StackOptions::host_agent): Slurm's job starters need it"
+        );
         let conf = std::env::var("SLURM_CONF").context(
             "SLURM_CONF is not set (scripts/slurm-cluster.sh start; eval \"$(scripts/slurm-cluster.sh env)\")",
         )?;
@@ -67,23 +84,12 @@ impl Stack {
         let root = crate::netns::is_root();
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
-        let creds = dir.join("agent.creds");
-        if !creds.exists() {
-            let agent = self
-                .creds("agent")
-                .ok_or_else(|| anyhow::anyhow!("the stack has no agent creds"))?;
-            std::fs::copy(agent, &creds)
-                .with_context(|| format!("copying {} to {}", agent.display(), creds.display()))?;
-            std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o400))?;
-        }
         let path = dir.join(name);
         std::fs::write(&path, script).with_context(|| format!("writing {}", path.display()))?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))?;
         if root {
-            for p in [dir, creds.as_path()] {
-                std::os::unix::fs::chown(p, Some(uid), Some(gid))
-                    .with_context(|| format!("chown {}", p.display()))?;
-            }
+            std::os::unix::fs::chown(dir, Some(uid), Some(gid))
+                .with_context(|| format!("chown {}", dir.display()))?;
         }
         let bin_path = format!("{}:/usr/local/bin:/usr/bin:/bin", self.bin_dir.display());
         let mut c = if root {
@@ -105,14 +111,14 @@ impl Stack {
         ])
         .arg(dir)
         .arg(format!("--output={}/slurm-%j.out", dir.display()))
+        .args(options)
         .arg(&path)
         .current_dir(dir)
         .env_clear()
         .env("PATH", bin_path)
         .env("HOME", "/nonexistent")
         .env("SLURM_CONF", conf)
-        .env("WNODES_CONFIG", &self.config_path)
-        .env("WNODES_NATS__CREDS_FILE", &creds);
+        .env("WNODES_AGENT__SOCKET", self.agent_socket());
         let (ok, out) = output(&mut c);
         anyhow::ensure!(ok, "sbatch failed: {}", out.trim());
         let id = out.trim().split(';').next().unwrap_or_default().to_owned();

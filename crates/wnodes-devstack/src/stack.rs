@@ -34,6 +34,9 @@ pub const SERVICES: [&str; 7] = [
 /// The optional service [`StackOptions::usage_exporter`] adds (started last).
 pub const USAGE_EXPORTER: &str = "usage";
 
+/// The optional host agent [`StackOptions::host_agent`] adds (started last).
+pub const HOST_AGENT: &str = "agent";
+
 /// The bridge and address the tap mode creates in the private namespace.
 pub const BRIDGE: &str = "wnbr0";
 pub const BRIDGE_ADDR: &str = "10.231.1.1/24";
@@ -164,6 +167,8 @@ pub fn render_config(opts: &StackOptions, c: &ConfigInputs<'_>) -> String {
         let _ = writeln!(cfg, "creds_dir = {}", qp(dir));
     }
     let _ = writeln!(cfg, "\n[bridge]\ngrpc_addr = {}", q(grpc_addr.to_string()));
+    // The host agent's socket (read only by `wnodes-agent`, run with `host_agent`).
+    let _ = writeln!(cfg, "\n[agent]\nsocket = {}", qp(&work.join("agent.sock")));
     // What APEL messages need that a usage record does not say. The benchmark is a stand-in
     // (this machine was never benchmarked); a site sets its hosts' HS06 or HEPscore23 score.
     let _ = writeln!(
@@ -468,6 +473,9 @@ impl Stack {
         if opts.usage_exporter {
             services.push(USAGE_EXPORTER);
         }
+        if opts.host_agent {
+            services.push(HOST_AGENT);
+        }
         let mut ports = free_ports(services.len() + 1)?;
         let grpc_addr: SocketAddr = format!("127.0.0.1:{}", ports.remove(0)).parse()?;
         let http_ports: BTreeMap<_, _> = services.iter().copied().zip(ports).collect();
@@ -565,6 +573,12 @@ impl Stack {
         self.http_ports
             .get(service)
             .map(|p| SocketAddr::from(([127, 0, 0, 1], *p)))
+    }
+
+    /// The host agent's socket, `<work_dir>/agent.sock` (served with
+    /// [`StackOptions::host_agent`]).
+    pub fn agent_socket(&self) -> PathBuf {
+        self.opts.work_dir.join("agent.sock")
     }
 
     /// The bridge's gRPC address.

@@ -48,6 +48,7 @@ pub const SECTIONS: &[Section] = &[
     service("gateway", "wnodes-gateway"),
     service("accounting", "wnodes-accounting"),
     service("usage", "wnodes-usage"),
+    service("agent", "wnodes-agent"),
     Section {
         name: "node",
         crate_name: "wnodes-integration-tests (bus-node)",

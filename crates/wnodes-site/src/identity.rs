@@ -124,10 +124,9 @@ impl Identity {
                     format!("$JS.API.STREAM.INFO.{EVENTS_STREAM}"),
                     format!("$JS.API.STREAM.INFO.{DLQ_STREAM}"),
                 ]);
-                if role.is_service() {
-                    // Its own heartbeat key, nothing else of the bucket.
-                    publish.push(heartbeat::key_subject(&self.name));
-                }
+                // Every role is a long-running service (the host agent too: job starters hold
+                // no identity): its own heartbeat key, nothing else of the bucket.
+                publish.push(heartbeat::key_subject(&self.name));
                 for t in role.publishes {
                     publish.push(publish_subject(*t, role.scope, host)?);
                 }
@@ -259,7 +258,7 @@ mod tests {
     }
 
     #[test]
-    fn central_roles_cover_every_host_and_the_job_starter_only_its_own() {
+    fn central_roles_cover_every_host_and_the_host_agent_only_its_own() {
         let acc = Identity::role(&roles::ACCOUNTING, "ignored.x").unwrap();
         assert_eq!(acc.name, "accounting");
         assert!(
@@ -276,10 +275,13 @@ mod tests {
                 .contains(&"$JS.API.CONSUMER.CREATE.WNODES_EVENTS.*.wnodes.evt.hv2_x.>".into())
         );
         assert!(!p.publish.iter().any(|s| s.contains("MSG.NEXT")));
-        assert!(
-            !p.publish.iter().any(|s| s.contains("wnodes_hosts")),
-            "the job starter does not beat"
-        );
+        // The host agent beats like every service, under its own key only.
+        let beats: Vec<_> = p
+            .publish
+            .iter()
+            .filter(|s| s.contains("wnodes_hosts"))
+            .collect();
+        assert_eq!(beats, [&heartbeat::key_subject("agent-hv2_x")], "{beats:?}");
         let bridge = Identity::role(&roles::BRIDGE, "").unwrap();
         let p = bridge.permissions().unwrap();
         assert!(p.publish.contains(&"wnodes.evt._queued.job.queued".into()));

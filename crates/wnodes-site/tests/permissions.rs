@@ -273,16 +273,24 @@ async fn a_service_puts_only_its_own_heartbeat() {
             "scratch put {other}'s heartbeat"
         );
     }
+    // The host agent is a service like the others: its own key, and no other.
     let agent = bus(&nats.creds(&roles::AGENT, H1).unwrap(), "agent@h1").await;
+    heartbeat::put(
+        agent.jetstream(),
+        &beat("agent", "agent-hv1_example_org"),
+        short,
+    )
+    .await
+    .unwrap();
     assert!(
         heartbeat::put(
             agent.jetstream(),
-            &beat("agent", "agent-hv1_example_org"),
+            &beat("scratch", "scratch-hv1_example_org"),
             short
         )
         .await
         .is_err(),
-        "the job starter put a heartbeat"
+        "the host agent put scratch's heartbeat"
     );
     let monitor = bus(&nats.monitor(), "monitor").await;
     let read = heartbeat::read(monitor.jetstream()).await.unwrap();
@@ -291,7 +299,7 @@ async fn a_service_puts_only_its_own_heartbeat() {
         .iter()
         .map(|s| s.beat.identity.as_str())
         .collect();
-    assert_eq!(keys, ["scratch-hv1_example_org"]);
+    assert_eq!(keys, ["agent-hv1_example_org", "scratch-hv1_example_org"]);
     assert!(read.unreadable.is_empty());
 }
 

@@ -5,10 +5,15 @@
 //!   optionally over TLS (`tls_cert`, `tls_key`) with client certificates (`client_ca`). Each
 //!   call validates its input (`InvalidArgument` naming the field) and publishes `job.started`,
 //!   `job.finished` or `job.cancelled`; `WaitJob` returns how the run's VM ended.
-//! - [`submit`]: `wnodes-bridge submit`, the minimal job starter run by the LRMS on the
-//!   hypervisor: publishes `JobStarted`, prints progress to stderr, waits for the VM, prints the
+//! - [`submit`]: `wnodes-bridge submit`, the operator's and developer's job starter: it needs the
+//!   agent role's NATS credentials (never given to job users) and takes the job's identity from
+//!   flags. It publishes `JobStarted`, prints progress to stderr, waits for the VM, prints the
 //!   payload's output to stdout, publishes `JobFinished`, and exits with the payload's exit code.
 //! - [`watch`]: following one run's events (an ephemeral ordered consumer).
+//! - [`job_starter`]: `wnodes-bridge job-starter`, the job starter every LRMS runs as the job's
+//!   user: it holds no NATS credentials and sends the payload to the host agent
+//!   (`services/agent`, `wnodes-agent`) over its unix socket ([`agent_wire`] frames the messages
+//!   of `proto/wnodes/v1/agent.proto`); who the job is, the agent finds out itself.
 //!
 //! `JobStarted` opens the job's trace: the bridge's span `bridge.job_started` is its root (its
 //! parent is the caller's `traceparent` when a gRPC caller sends one).
@@ -28,8 +33,10 @@
 //!
 //! A payload can itself exit with 125, 130 or 143; stderr says which case it was.
 
+pub mod agent_wire;
 #[cfg(test)]
 mod error_rule;
+pub mod job_starter;
 pub mod server;
 pub mod submit;
 pub mod validate;

@@ -238,6 +238,11 @@ fn say(line: std::fmt::Arguments<'_>) {
 
 /// One progress line for an event of the run.
 fn progress(started: Instant, ev: &proto::Event) {
+    say(format_args!("{}", progress_line(started, ev)));
+}
+
+/// The progress line of an event of the run, `[   1.2s] ImageReady image … (cached)`.
+pub fn progress_line(started: Instant, ev: &proto::Event) -> String {
     let t = started.elapsed().as_secs_f64();
     let name = ev.event_type().map(|t| t.name()).unwrap_or("?");
     let detail = match &ev.body {
@@ -257,7 +262,7 @@ fn progress(started: Instant, ev: &proto::Event) {
         Some(Body::JobCancelled(c)) => format!(" {}", c.reason),
         _ => String::new(),
     };
-    say(format_args!("[{t:7.1}s] {name}{detail}"));
+    format!("[{t:7.1}s] {name}{detail}")
 }
 
 /// Writes the payload's output to stdout: the file at `output_location` when this host can read

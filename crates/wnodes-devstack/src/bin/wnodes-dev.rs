@@ -524,8 +524,11 @@ async fn demo(
     opts.otlp_netns = otlp.endpoint.is_some().then_some(otlp.netns).flatten();
     opts.otlp_endpoint = otlp.endpoint;
     run_jobs_as_the_caller_unless_root(&mut opts);
+    // Slurm's job starters talk to the host agent: they hold no NATS credentials.
+    opts.host_agent = slurm;
     println!(
-        "== starting nats-server and 7 services (logs: {}/logs)",
+        "== starting nats-server and 7 services{} (logs: {}/logs)",
+        if slurm { " and the host agent" } else { "" },
         work.display()
     );
     let t = std::time::Instant::now();
