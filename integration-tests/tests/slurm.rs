@@ -415,6 +415,85 @@ async fn vm_a_job_starter_killed_with_sigkill_takes_its_vm_with_it() {
     no_leftovers(&stack).await;
 }
 
+/// The payload's output reaches the unprivileged job starter whole, up to the host's cap (issue
+/// 13, item 4): the launcher keeps at most `output_limit_bytes` of the VM's serial output,
+/// ending with its truncation marker, in a file the job's user cannot read; the agent (root)
+/// hands that file to the starter, which runs as uid 65534, so the job's output file holds the
+/// very same bytes.
+async fn vm_an_unprivileged_job_starter_gets_the_whole_output_up_to_the_cap() {
+    const LIMIT: u64 = 256 << 10;
+    let work = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        work.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let mut opts = StackOptions::new(work.path().join("stack"));
+    opts.network = NetworkChoice::User;
+    opts.host_agent = true;
+    opts.output_limit_bytes = Some(LIMIT);
+    let stack = Stack::start(opts).await.unwrap();
+    // About 700 KB of numbered lines: well past the cap.
+    let job = stack
+        .sbatch(
+            &work.path().join("jobs"),
+            "chatty.sh",
+            "#!/bin/sh\ni=0\nwhile [ $i -lt 20000 ]; do echo \"line $i of the payload's output\"; i=$((i+1)); done\n",
+        )
+        .unwrap();
+    let line = sacct_final(&job.id, SLURM_TIMEOUT).await.unwrap();
+    let events = stack.run_events(&job.run_key).await.unwrap();
+    let stopped = events
+        .iter()
+        .find_map(|e| match &e.event.body {
+            Some(wnodes_bus::proto::event::Body::VmStopped(s)) => Some(s.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no vm.stopped: {events:?}"));
+    let kept = std::fs::read(&stopped.output_location)
+        .unwrap_or_else(|e| panic!("{}: {e}", stopped.output_location));
+    let out = std::fs::read(&job.output).unwrap();
+    // The job's output file: the starter's progress lines (stderr) and the output (stdout).
+    let stdout: Vec<u8> = out
+        .split_inclusive(|b| *b == b'\n')
+        .filter(|l| !l.starts_with(b"wnodes-bridge: "))
+        .flatten()
+        .copied()
+        .collect();
+    let text = String::from_utf8_lossy(&stdout);
+    eprintln!(
+        "sacct: {line}; stop reason {}; kept {} bytes, the starter printed {} bytes; last line: {:?}",
+        stopped.stop_reason,
+        kept.len(),
+        stdout.len(),
+        text.lines().last()
+    );
+    assert_eq!(stopped.stop_reason, "output-limit", "{stopped:?}");
+    assert!(
+        text.contains("[wnodes: output truncated:"),
+        "no truncation marker: {}",
+        &text[text.len().saturating_sub(500)..]
+    );
+    assert!(
+        text.contains("line 0 of the payload's output"),
+        "{text:.500}"
+    );
+    assert!(
+        u64::try_from(kept.len()).unwrap() <= LIMIT + 200,
+        "kept {} bytes past the cap",
+        kept.len()
+    );
+    assert!(
+        stdout == kept,
+        "the starter's output is not the kept output, byte for byte"
+    );
+    // The kept file is not readable by the job's user: only the agent could hand it over.
+    let meta = std::fs::metadata(&stopped.output_location).unwrap();
+    let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions());
+    assert_eq!(mode & 0o004, 0, "{:o}", mode);
+    no_leftovers(&stack).await;
+}
+
 /// `srun` (no batch script: the filter leaves it alone, so its command runs on the host) as
 /// `uid`, with `account`, running `sh -c SCRIPT`; returns its output (the exit status of the
 /// commands is printed by the script itself).
@@ -593,6 +672,10 @@ fn main() -> std::process::ExitCode {
         ),
         host_test!(
             multi_thread vm_a_job_starter_cannot_act_as_another_user_or_for_another_job
+            needs NEEDS
+        ),
+        host_test!(
+            multi_thread vm_an_unprivileged_job_starter_gets_the_whole_output_up_to_the_cap
             needs NEEDS
         ),
     ])

@@ -142,6 +142,9 @@ pub struct StackOptions {
     /// credentials. It takes Slurm jobs (`SLURM_CONF` from this process's environment).
     /// Default `false`.
     pub host_agent: bool,
+    /// `[launcher] output_limit_bytes` (the serial output a VM may leave on the host); `None`
+    /// keeps the launcher's default (64 MiB).
+    pub output_limit_bytes: Option<u64>,
 }
 
 /// The workspace root this crate was built in.
@@ -175,6 +178,7 @@ impl StackOptions {
             storage_export: true,
             usage_exporter: false,
             host_agent: false,
+            output_limit_bytes: None,
         }
     }
 

@@ -185,6 +185,9 @@ pub fn render_config(opts: &StackOptions, c: &ConfigInputs<'_>) -> String {
         qp(&work.join("state/image/cache")),
         qp(&work.join("state/scratch/volumes")),
     );
+    if let Some(limit) = opts.output_limit_bytes {
+        let _ = writeln!(cfg, "output_limit_bytes = {limit}");
+    }
     // Each VM's qemu as a uid of its own needs root; without it qemu runs as the caller.
     let _ = writeln!(
         cfg,

@@ -17,6 +17,8 @@
 //! What the job's user chooses: the payload, its environment and working directory, the
 //! storage mode and an image name (the launcher's policy still decides both). Nothing else.
 
+#[cfg(test)]
+mod error_rule;
 pub mod metrics;
 pub mod runs;
 pub mod session;

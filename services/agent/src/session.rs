@@ -551,7 +551,8 @@ impl Agent {
                     if connected {
                         connected = send_output(tx, s).await;
                     }
-                    let code = cancel_code.unwrap_or_else(|| s.exit_code.clamp(0, 255));
+                    let code = cancel_code
+                        .unwrap_or_else(|| u8::try_from(s.exit_code).map_or(255, i32::from));
                     let note = if cancel_code.is_some() {
                         " (cancelled)"
                     } else {

@@ -496,3 +496,24 @@ async fn a_cancel_request_ends_the_run_with_the_cancel_s_exit_code() {
     assert_eq!(done.exit_code, 143, "{}", done.message);
     assert!(done.message.contains("cancelled"), "{}", done.message);
 }
+
+/// A VM stopped without the payload's exit code (killed at its walltime or output limit: the
+/// launcher says -1) is no success: 255, as `submit` says.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_vm_stopped_without_an_exit_code_ends_the_job_with_255() {
+    let nats = NatsServer::start().await.unwrap();
+    let mut seen = fake_launcher(&nats, Answer::Stop(-1, "cut short\n")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let agent = start_agent(&nats, dir.path(), true).await;
+    let out = starter(&agent.socket, &["--dev-job-id", "dev-5", "--", "/bin/true"])
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(255), "{stderr}");
+    let finished = next_event(&mut seen, &agent, "job.finished").await;
+    let Some(Body::JobFinished(f)) = finished.body else {
+        unreachable!()
+    };
+    assert_eq!(f.exit_code, 255);
+}

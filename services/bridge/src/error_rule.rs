@@ -5,7 +5,7 @@ use tonic::transport::{Identity, Server, ServerTlsConfig};
 use wnodes_bus::BusError;
 use wnodes_testkit::error_rule::{boxed_source, io_source};
 
-use crate::{BridgeError, validate::InvalidInput};
+use crate::{BridgeError, agent_wire::WireError, validate::InvalidInput};
 
 fn invalid_input() -> InvalidInput {
     InvalidInput {
@@ -21,7 +21,18 @@ fn transport_error() -> tonic::transport::Error {
     Server::builder().tls_config(tls).err().unwrap()
 }
 
+/// A `prost::DecodeError` as bytes that are no message give it.
+fn decode_error() -> prost::DecodeError {
+    use prost::Message;
+    wnodes_bus::proto::AgentMessage::decode(&[0xff_u8, 0xff][..]).unwrap_err()
+}
+
 wnodes_testkit::error_rule! {
+    WireError {
+        WireError::Io(_) => WireError::Io(io_source()),
+        WireError::TooLarge(_) => WireError::TooLarge(1 << 30),
+        WireError::Decode(_) => WireError::Decode(decode_error()),
+    }
     InvalidInput {
         InvalidInput { .. } => invalid_input(),
     }
