@@ -128,7 +128,9 @@ install() {
         say "installed: slurmctld slurmd slurmdbd slurm-client munge mariadb-server, job_submit/lua ($(slurmctld -V))"
     fi
     # job_submit_lua.so links Lua 5.1 (liblua5.1-0, a dependency of the plugins' package).
-    ldd "${plugins}/job_submit_lua.so" | grep -q 'liblua5.1.so.0 => /' \
+    # grep reads all of ldd's output (not -q): with pipefail, an early exit of grep would fail
+    # the pipeline through ldd's SIGPIPE, at random.
+    ldd "${plugins}/job_submit_lua.so" | grep 'liblua5.1.so.0 => /' >/dev/null \
         || die "${plugins}/job_submit_lua.so cannot find liblua5.1 (apt-get install liblua5.1-0)"
 }
 
@@ -214,7 +216,9 @@ AccountingStorageHost=127.0.0.1
 AccountingStoragePort=${dbd}
 # The munge socket for slurmdbd connections (AuthInfo is only for slurmctld and slurmd).
 AccountingStoragePass=${munge_socket}
-JobCompType=jobcomp/none
+# WNoDeS: each job's end (or requeue) as a record in the spool file the bridge follows.
+JobCompType=jobcomp/script
+JobCompLoc=${etc}/wnodes-slurm-jobcomp
 # WNoDeS: every batch script is wrapped to run inside a WNoDeS VM (job_submit.lua next to
 # this file; the job starter ${starter}).
 JobSubmitPlugins=lua
@@ -244,6 +248,12 @@ EOF
     # The filter, with this checkout's job starter and its settings.
     sed "s|@JOB_STARTER@|${starter}|; s|@STARTER_CONF@|${etc}/wnodes-job-starter.conf|" \
         "${root}/slurm/job_submit.lua" >"${etc}/job_submit.lua"
+    # The jobcomp hook, writing into this cluster's spool file (jobcomp_spool).
+    sed "s|@SPOOL@|${state}/spool/wnodes-jobcomp.log|; s|@SLURM_CONF@|${conf}|" \
+        "${root}/slurm/wnodes-slurm-jobcomp" >"${etc}/wnodes-slurm-jobcomp"
+    chmod 0755 "${etc}/wnodes-slurm-jobcomp"
+    # The spool exists before any job ends: a bridge may start following it at once.
+    touch "${state}/spool/wnodes-jobcomp.log"
     cat >"${etc}/wnodes-job-starter.conf" <<EOF
 # Written by scripts/slurm-cluster.sh: the job starter's settings (sh syntax).
 # wnodes-bridge is found on the job's PATH (a submitter's environment goes with the job), so
@@ -293,7 +303,7 @@ start_slurmdbd() {
 }
 
 add_cluster() {
-    if ! SLURM_CONF=${conf} sacctmgr -n -P list cluster format=cluster | grep -qx wnodes; then
+    if ! SLURM_CONF=${conf} sacctmgr -n -P list cluster format=cluster | grep -x wnodes >/dev/null; then
         say "slurmdbd: adding cluster wnodes"
         SLURM_CONF=${conf} sacctmgr -i add cluster wnodes >/dev/null
     fi

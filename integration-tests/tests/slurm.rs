@@ -91,10 +91,19 @@ const NEEDS: &[Precondition] = &{
 async fn slurm_stack(work: &std::path::Path) -> Stack {
     // The job's user reaches its job directory and the agent's socket under `work`.
     std::fs::set_permissions(work, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    Stack::start(slurm_options(work)).await.unwrap()
+}
+
+/// The options of a stack Slurm drives: in the host's network namespace (user-mode
+/// networking), with its host agent, the Slurm node's name as its host, the cluster's jobcomp
+/// spool followed and its pending jobs polled.
+fn slurm_options(work: &std::path::Path) -> StackOptions {
     let mut opts = StackOptions::new(work.join("stack"));
     opts.network = NetworkChoice::User;
     opts.host_agent = true;
-    Stack::start(opts).await.unwrap()
+    opts.host = wnodes_devstack::slurm::node_name();
+    opts.slurm_events = wnodes_devstack::slurm::jobcomp_spool();
+    opts
 }
 
 /// Waits until the VM of run `run_key` runs.
@@ -329,6 +338,32 @@ exit 0
     for t in [EventType::JobCancelled, EventType::VmStopped] {
         assert!(types.contains(&t), "first run: no {t:?} in {types:?}");
     }
+    // Slurm's own record of the requeue (its jobcomp hook; the bridge follows the spool): the
+    // first run was evicted, in the first run's trace.
+    let evicted = wait_until(
+        Duration::from_secs(60),
+        "job.evicted of the first run",
+        || async {
+            stack
+                .run_events(&first)
+                .await
+                .ok()?
+                .into_iter()
+                .find(|e| e.event_type == EventType::JobEvicted)
+        },
+    )
+    .await
+    .unwrap();
+    assert!(
+        evicted.event.source.starts_with("bridge@"),
+        "{:?}",
+        evicted.event.source
+    );
+    let (trace, _) = wnodes_bus::propagation::run_ids(&first);
+    assert_eq!(
+        evicted.trace_id.as_deref(),
+        Some(trace.to_string().as_str())
+    );
 
     // The second run: a new attempt, to its own end.
     let line = sacct_final(&job.id, SLURM_TIMEOUT).await.unwrap();
@@ -347,6 +382,132 @@ exit 0
     // Still exactly one record for the first run.
     assert_eq!(stack.usage_record(&first).await.unwrap().len(), 1);
     no_leftovers(&stack).await;
+}
+
+/// One Slurm job is one trace (issue 9, item 3), whichever process publishes its events: the
+/// job waits 3 s (`--begin=now+3`), so the bridge's `squeue` poll publishes its `job.queued`;
+/// the host agent publishes `job.started` under the run's root span `wnodes.run`; Slurm's
+/// jobcomp hook records the end, which the bridge reads from the spool. Each event's trace
+/// context, and every span of the run, is in the trace whose id derives from the run key, and
+/// that trace holds spans of the seven services and the agent under one root.
+async fn vm_a_slurm_job_is_one_trace_with_slurm_s_events_and_the_seven_services() {
+    let collector = wnodes_testkit::OtlpCollector::start().await.unwrap();
+    let work = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        work.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let mut opts = slurm_options(work.path());
+    opts.otlp_endpoint = Some(collector.endpoint());
+    let mut stack = Stack::start(opts).await.unwrap();
+    let spool = wnodes_devstack::slurm::jobcomp_spool().unwrap();
+    let job = stack
+        .sbatch_with(
+            &work.path().join("jobs"),
+            "traced.sh",
+            "#!/bin/sh\necho traced\nexit 3\n",
+            &["--begin=now+3"],
+        )
+        .unwrap();
+    let line = sacct_final(&job.id, SLURM_TIMEOUT).await.unwrap();
+    assert_eq!(line, format!("{}|FAILED|3:0", job.id));
+    let key = &job.run_key;
+    let (trace, root) = wnodes_bus::propagation::run_ids(key);
+    let (trace, root) = (trace.to_string(), root.to_string());
+
+    // Slurm's jobcomp record of the job reached the spool (the bridge publishes it as the
+    // run's job.finished: the same event id as the agent's, so one event).
+    let record = format!("JOBID={}\n", job.id);
+    wait_until(
+        Duration::from_secs(60),
+        "the job's jobcomp record",
+        || async {
+            std::fs::read_to_string(&spool)
+                .ok()?
+                .split("\n\n")
+                .any(|r| {
+                    r.starts_with(&record)
+                        && r.contains("JOBSTATE=FAILED")
+                        && r.contains("RESTARTCNT=0")
+                })
+                .then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    let events = wait_until(
+        Duration::from_secs(60),
+        "the run's events up to job.finished",
+        || async {
+            let ev = stack.run_events(key).await.ok()?;
+            ev.iter()
+                .any(|e| e.event_type == EventType::JobFinished)
+                .then_some(ev)
+        },
+    )
+    .await
+    .unwrap();
+    let queued = events
+        .iter()
+        .find(|e| e.event_type == EventType::JobQueued)
+        .unwrap_or_else(|| panic!("no job.queued from the squeue poll: {events:#?}"));
+    assert!(
+        queued.event.source.starts_with("bridge@"),
+        "{:?}",
+        queued.event.source
+    );
+    for e in &events {
+        assert_eq!(
+            e.trace_id.as_deref(),
+            Some(trace.as_str()),
+            "{} from {} is not in the run's trace",
+            e.event_type.name(),
+            e.event.source
+        );
+    }
+    let types: Vec<&str> = events.iter().map(|e| e.event_type.name()).collect();
+    eprintln!("run {key}: trace {trace}; events {types:?}");
+
+    // The spans: stopping the stack flushes every service's exporter.
+    stack.stop_services();
+    let mut want = wnodes_integration_tests::jobs::seven_services();
+    want.insert("wnodes-agent".into());
+    let spans = collector
+        .wait_for(
+            Duration::from_secs(30),
+            "spans of the seven services and the agent",
+            |s| {
+                let seen: std::collections::BTreeSet<&str> = s
+                    .iter()
+                    .filter(|s| s.trace_id == trace)
+                    .map(|s| s.service_name.as_str())
+                    .collect();
+                want.iter().all(|svc| seen.contains(svc.as_str()))
+            },
+        )
+        .await
+        .unwrap();
+    let tree = wnodes_testkit::otlp::one_trace(&spans, &trace);
+    let run_span = tree
+        .iter()
+        .find(|s| s.parent_span_id.is_empty())
+        .expect("a root");
+    assert_eq!(
+        (
+            run_span.name.as_str(),
+            run_span.span_id.as_str(),
+            run_span.service_name.as_str()
+        ),
+        ("wnodes.run", root.as_str(), "wnodes-agent")
+    );
+    let by_service = wnodes_testkit::otlp::spans_by_service(&spans, &trace);
+    eprintln!(
+        "trace {trace}: {} spans by service {by_service:?}",
+        tree.len()
+    );
+    let services: std::collections::BTreeSet<String> = by_service.into_keys().collect();
+    assert_eq!(services, want);
 }
 
 /// The pid of the job starter of Slurm job `id` (its command line names `job-starter`, its
@@ -428,9 +589,7 @@ async fn vm_an_unprivileged_job_starter_gets_the_whole_output_up_to_the_cap() {
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )
     .unwrap();
-    let mut opts = StackOptions::new(work.path().join("stack"));
-    opts.network = NetworkChoice::User;
-    opts.host_agent = true;
+    let mut opts = slurm_options(work.path());
     opts.output_limit_bytes = Some(LIMIT);
     let stack = Stack::start(opts).await.unwrap();
     // About 700 KB of numbered lines: well past the cap.
@@ -676,6 +835,10 @@ fn main() -> std::process::ExitCode {
         ),
         host_test!(
             multi_thread vm_an_unprivileged_job_starter_gets_the_whole_output_up_to_the_cap
+            needs NEEDS
+        ),
+        host_test!(
+            multi_thread vm_a_slurm_job_is_one_trace_with_slurm_s_events_and_the_seven_services
             needs NEEDS
         ),
     ])

@@ -43,9 +43,19 @@ impl TraceHeaders {
 /// the type is in the subject, and the CloudEvents attributes are in the envelope
 /// ([`EventExt::cloudevent`]); every header costs the server and each consumer a parse per
 /// message (ARCHITECTURE.md, "CloudEvents").
+///
+/// Published outside any trace (an LRMS record read by the bridge, a replay), an event of a run
+/// gets its run's trace ([`propagation::run_traceparent`]), so that every event of one run is
+/// in one trace whichever process publishes it.
 fn event_headers(event: &Event, trace: &TraceHeaders) -> HeaderMap {
     let mut headers: HeaderMap = trace.0.iter().cloned().collect();
     headers.insert(async_nats::header::NATS_MESSAGE_ID, event.id.as_str());
+    if trace.0.is_empty()
+        && let Some(run) = &event.run
+    {
+        let key = crate::event::run_key(run);
+        headers.insert("traceparent", propagation::run_traceparent(&key).as_str());
+    }
     headers
 }
 
@@ -398,5 +408,48 @@ impl Bus {
         if let Err(e) = self.inner.client.flush().await {
             tracing::warn!(error = %crate::ErrorChain(&e), "Flushing the NATS connection failed.");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(run: Option<wnodes_proto::v1::JobRunRef>) -> Event {
+        Event {
+            id: "job.queued:T1/slurm/42/2".into(),
+            run,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn an_event_published_outside_a_trace_gets_its_run_s_trace() {
+        let run = wnodes_proto::v1::JobRunRef {
+            site: "T1".into(),
+            lrms: wnodes_proto::v1::Lrms::Slurm as i32,
+            job_id: "42".into(),
+            run_attempt: 2,
+        };
+        let h = event_headers(&event(Some(run)), &TraceHeaders::default());
+        assert_eq!(
+            h.get("traceparent").map(|v| v.as_str().to_owned()),
+            Some(propagation::run_traceparent("T1/slurm/42/2"))
+        );
+        assert_eq!(
+            h.get(async_nats::header::NATS_MESSAGE_ID)
+                .map(|v| v.as_str()),
+            Some("job.queued:T1/slurm/42/2")
+        );
+        // A current trace wins; an event of no run gets none.
+        let given = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let trace = TraceHeaders(vec![(
+            HeaderName::from_static("traceparent"),
+            HeaderValue::from(given),
+        )]);
+        let h = event_headers(&event(None), &trace);
+        assert_eq!(h.get("traceparent").map(|v| v.as_str()), Some(given));
+        let h = event_headers(&event(None), &TraceHeaders::default());
+        assert!(h.get("traceparent").is_none());
     }
 }

@@ -60,6 +60,58 @@ pub fn inject_current(headers: &mut async_nats::HeaderMap) {
     });
 }
 
+/// The trace of a run: its trace id and the id of its root span, both derived from the run key
+/// (SHA-256 of `wnodes-run-trace\0<run key>`: bytes 0–15 the trace id, 16–23 the span id).
+/// Every process that publishes an event of the run, the host agent, the bridge reading an
+/// LRMS record, a Slurm hook, starts from the same context, so one run is one trace whoever
+/// sees it first and however often. The root span itself (`wnodes.run`) is exported by the
+/// job starter's side (the host agent, `submit`, the bridge's `JobStarted` RPC) through
+/// `wnodes_runtime::telemetry::start_run_span`; a run that only LRMS records tell of has no
+/// exported root, and a trace viewer shows its top spans' parent as missing.
+pub fn run_context(run_key: &str) -> opentelemetry::Context {
+    use opentelemetry::trace::{SpanContext, TraceContextExt, TraceFlags, TraceState};
+    let (trace, span) = run_ids(run_key);
+    let cx = SpanContext::new(
+        trace,
+        span,
+        TraceFlags::SAMPLED,
+        true,
+        TraceState::default(),
+    );
+    opentelemetry::Context::new().with_remote_span_context(cx)
+}
+
+/// The trace id and root span id of a run (see [`run_context`]).
+pub fn run_ids(run_key: &str) -> (opentelemetry::trace::TraceId, opentelemetry::trace::SpanId) {
+    use opentelemetry::trace::{SpanId, TraceId};
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(b"wnodes-run-trace\0");
+    h.update(run_key.as_bytes());
+    let digest = h.finalize();
+    let mut trace = [0u8; 16];
+    trace.copy_from_slice(&digest[..16]);
+    let mut span = [0u8; 8];
+    span.copy_from_slice(&digest[16..24]);
+    // An all-zero id is invalid; a digest that starts with 16 (or 8) zero bytes does not occur
+    // in practice, but the ids stay valid if it does.
+    if trace == [0; 16] {
+        trace[15] = 1;
+    }
+    if span == [0; 8] {
+        span[7] = 1;
+    }
+    (TraceId::from_bytes(trace), SpanId::from_bytes(span))
+}
+
+/// The `traceparent` of [`run_context`]: `00-<trace id>-<virtual root span id>-01`.
+pub fn run_traceparent(run_key: &str) -> String {
+    use opentelemetry::trace::TraceContextExt;
+    let cx = run_context(run_key);
+    let sc = cx.span().span_context().clone();
+    format!("00-{}-{}-01", sc.trace_id(), sc.span_id())
+}
+
 /// Makes `span` a child of `parent`; with an empty `parent`, a root span (a new trace). Call
 /// right after creating the span, before entering it.
 pub fn set_parent(span: &tracing::Span, parent: opentelemetry::Context) {
@@ -105,4 +157,26 @@ pub fn current_trace_id() -> String {
         .span_context()
         .trace_id()
         .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_s_trace_ids_derive_from_its_run_key_alone() {
+        let (t1, s1) = run_ids("T1/slurm/42/1");
+        assert_eq!(run_ids("T1/slurm/42/1"), (t1, s1));
+        let (t2, s2) = run_ids("T1/slurm/42/2");
+        assert_ne!(t1, t2, "another attempt is another trace");
+        assert_ne!(s1, s2);
+        let tp = run_traceparent("T1/slurm/42/1");
+        assert_eq!(tp, format!("00-{t1}-{s1}-01"));
+        assert_eq!(tp.len(), 55);
+        use opentelemetry::trace::TraceContextExt;
+        let cx = run_context("T1/slurm/42/1");
+        let sc = cx.span().span_context().clone();
+        assert!(sc.is_valid() && sc.is_remote() && sc.is_sampled());
+        assert_eq!((sc.trace_id(), sc.span_id()), (t1, s1));
+    }
 }

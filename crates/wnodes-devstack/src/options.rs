@@ -145,6 +145,10 @@ pub struct StackOptions {
     /// `[launcher] output_limit_bytes` (the serial output a VM may leave on the host); `None`
     /// keeps the launcher's default (64 MiB).
     pub output_limit_bytes: Option<u64>,
+    /// Slurm's own events into this stack: the bridge follows this jobcomp spool file (written
+    /// by `slurm/wnodes-slurm-jobcomp`, see [`crate::slurm::jobcomp_spool`]) from its end and
+    /// polls `squeue` for pending jobs every second. `None` (default): neither.
+    pub slurm_events: Option<PathBuf>,
 }
 
 /// The workspace root this crate was built in.
@@ -179,6 +183,7 @@ impl StackOptions {
             usage_exporter: false,
             host_agent: false,
             output_limit_bytes: None,
+            slurm_events: None,
         }
     }
 

@@ -135,6 +135,25 @@ impl Stack {
     }
 }
 
+/// The jobcomp spool file of the cluster `SLURM_CONF` names: `scripts/slurm-cluster.sh`
+/// installs `slurm/wnodes-slurm-jobcomp` to write `<STATE_DIR>/spool/wnodes-jobcomp.log`
+/// (`SLURM_CONF` is `<STATE_DIR>/etc/slurm.conf`); `None` without `SLURM_CONF`.
+pub fn jobcomp_spool() -> Option<PathBuf> {
+    let conf = PathBuf::from(std::env::var_os("SLURM_CONF")?);
+    Some(conf.parent()?.parent()?.join("spool/wnodes-jobcomp.log"))
+}
+
+/// This machine's short host name: the Slurm node name `scripts/slurm-cluster.sh` gives the
+/// node (`hostname -s`), and the WNoDeS host of a stack whose jobs Slurm runs, so that
+/// Slurm's records of a job name the same host as its VM's events.
+pub fn node_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .and_then(|h| h.trim().split('.').next().map(str::to_owned))
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
 /// `sacct -X -n -P -j ID --format=JobID,State,ExitCode`.
 ///
 /// # Errors

@@ -167,6 +167,14 @@ pub fn render_config(opts: &StackOptions, c: &ConfigInputs<'_>) -> String {
         let _ = writeln!(cfg, "creds_dir = {}", qp(dir));
     }
     let _ = writeln!(cfg, "\n[bridge]\ngrpc_addr = {}", q(grpc_addr.to_string()));
+    if let Some(spool) = &opts.slurm_events {
+        let _ = writeln!(
+            cfg,
+            "\n[bridge.slurm_queue]\nenabled = true\nevery = \"1s\"\n\n[[bridge.sources]]\n\
+             lrms = \"slurm\"\npath = {}\nstart_at_end = true",
+            qp(spool)
+        );
+    }
     // The host agent's socket (read only by `wnodes-agent`, run with `host_agent`).
     let _ = writeln!(cfg, "\n[agent]\nsocket = {}", qp(&work.join("agent.sock")));
     // What APEL messages need that a usage record does not say. The benchmark is a stand-in

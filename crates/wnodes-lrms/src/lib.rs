@@ -17,6 +17,7 @@
 //! | [`pbs`] | PBS/Torque/OpenPBS accounting logs |
 //! | [`lsf`] | LSF `lsb.events` and `lsb.acct` |
 //! | [`slurm`] | Slurm jobcomp (kafka/elasticsearch JSON, script environment) and `sacct -P` |
+//! | [`slurm_cli`] | what Slurm's clients print: `scontrol pidinfo`, `squeue -O` with `\|` after each field |
 //! | [`time`] | local times in a zone (`$TZ` semantics, via jiff), durations |
 //! | [`convert`] | normalised events → `wnodes.v1.Event` with deterministic ids |
 //! | [`follow`] | [`Follower`]: a file followed as it grows and across rotation, with a resume [`Cursor`] |
@@ -43,6 +44,7 @@ pub mod pbs;
 pub mod publish;
 pub mod replay;
 pub mod slurm;
+pub mod slurm_cli;
 pub mod time;
 
 pub use event::{ImageHints, LrmsEvent, LrmsKind, State, Usage};

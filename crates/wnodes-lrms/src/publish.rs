@@ -55,10 +55,33 @@ impl Publisher {
             .collect()
     }
 
-    /// Publishes `events`; on `Ok` JetStream has stored (or de-duplicated) every one.
+    /// Publishes `events`; on `Ok` JetStream has stored (or de-duplicated) every one. Each is
+    /// published in a producer span of its own, `bridge.lrms_event`, in its run's trace (the
+    /// trace id derived from the run key: `wnodes_bus::propagation::run_context`), so that what
+    /// the LRMS reports joins the trace of the run's VM.
     pub async fn publish(&self, events: &[LrmsEvent]) -> Result<(), BusError> {
         let wire = self.events(events);
-        self.bus.publish_pipelined(&wire, self.window).await
+        let spans: Vec<tracing::Span> = wire
+            .iter()
+            .zip(events)
+            .map(|(w, e)| {
+                let key = w.run.as_ref().map(wnodes_bus::event::run_key).unwrap_or_default();
+                let span = tracing::info_span!(
+                    "bridge.lrms_event",
+                    otel.kind = "producer",
+                    wnodes.run = key.as_str(),
+                    lrms.record = e.lrms_record.as_str(),
+                    messaging.message.id = w.id.as_str(),
+                );
+                wnodes_bus::propagation::set_parent(
+                    &span,
+                    wnodes_bus::propagation::run_context(&key),
+                );
+                span
+            })
+            .collect();
+        let pairs: Vec<(&Event, &tracing::Span)> = wire.iter().zip(&spans).collect();
+        self.bus.publish_pipelined_in(&pairs, self.window).await
     }
 
     /// Publishes the events among `items`.

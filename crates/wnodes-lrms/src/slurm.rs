@@ -5,7 +5,9 @@
 //!   `src/plugins/jobcomp/common/jobcomp_common.c`): times `%FT%T` in UTC without `Z`; a start
 //!   record (Slurm ≥ 25.05 `enable_job_start`) has no `state` and maps to `started`.
 //! - **jobcomp/script** environment (`KEY=VALUE` lines, `JOBID=` … `JOBSTATE=`; a blank line or
-//!   a second `JOBID=` ends a record): epoch times.
+//!   a second `JOBID=` ends a record): epoch times. With `RESTARTCNT=` (added by WNoDeS's hook,
+//!   `slurm/wnodes-slurm-jobcomp`) the record names its run attempt, and `JOBSTATE=PENDING` is
+//!   a requeue (`evicted`) of attempt `RESTARTCNT`.
 //! - **`sacct -P`** (`|`-separated). Columns come from a header line (`JobID|JobName|…`) or a
 //!   `--format=` comment when present, else APEL's `JobID,JobName,User,Group,Start,End,Elapsed,
 //!   CPUTimeRAW,Partition,NCPUS,NNodes,NodeList,MaxRSS,MaxVMSize,State`. Start/End are local
@@ -314,6 +316,17 @@ impl SlurmParser {
         let Some(state) = slurm_state(st) else {
             return Some(Item::skipped(line, format!("jobcomp/script {st}")));
         };
+        // WNoDeS's jobcomp hook (`slurm/wnodes-slurm-jobcomp`) adds the job's restart count as
+        // squeue shows it when the record is written. jobcomp logs a requeue with
+        // `JOBSTATE=PENDING` (the job waits again) and the count already incremented: the run
+        // that ended is attempt `RESTARTCNT`, and it was requeued (evicted). Any other record
+        // ends attempt `RESTARTCNT + 1`. Without the field, attempt 1 as before.
+        let restarts = get("RESTARTCNT").and_then(|v| v.parse::<u32>().ok());
+        let (state, attempt) = match (state, restarts) {
+            (State::Queued | State::Evicted, Some(n)) => (State::Evicted, n.max(1)),
+            (s, Some(n)) => (s, n.saturating_add(1)),
+            (s, None) => (s, 1),
+        };
         let epoch = |k: &str| {
             get(k)
                 .and_then(|v| v.parse::<i64>().ok())
@@ -332,6 +345,7 @@ impl SlurmParser {
             ));
         };
         let mut e = LrmsEvent::new(LrmsKind::Slurm, jobid, state, t, "jobcomp/script");
+        e.run_attempt = attempt;
         let u = &mut e.usage;
         u.user = get("USERNAME").map(str::to_owned);
         u.group = get("GROUPNAME").map(str::to_owned);

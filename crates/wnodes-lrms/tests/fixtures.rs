@@ -491,6 +491,30 @@ fn slurm_jobcomp_json_and_script_environment() {
     }
 }
 
+/// WNoDeS's jobcomp hook adds the restart count: each record names its run attempt, and a
+/// requeue (jobcomp's `PENDING`) is the eviction of the attempt that ended.
+#[test]
+fn slurm_jobcomp_hook_records_name_their_run_attempt() {
+    let rel = "slurm/jobcomp_wnodes_hook_slurm2205.env";
+    let (ev, sum) = run(LrmsKind::Slurm, rel, TimeZone::UTC, None);
+    assert_eq!(sum.malformed, 0, "{sum}");
+    let got: Vec<(&str, State, u32, Option<i32>)> = ev
+        .iter()
+        .map(|e| (e.job_id.as_str(), e.state, e.run_attempt, e.usage.exit_code))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("28", State::Finished, 1, Some(3)),
+            ("29", State::Evicted, 1, Some(0)),
+            ("29", State::Cancelled, 2, Some(0)),
+            ("30", State::Finished, 1, Some(0)),
+        ]
+    );
+    assert_eq!(ev[1].usage.queue.as_deref(), Some("wnodes"));
+    assert_eq!(ev[1].usage.user.as_deref(), Some("nobody"));
+}
+
 #[test]
 fn jobcomp_start_record_is_started() {
     let rec = r#"{"jobid":77,"username":"u","@start":"2025-03-01T10:05:10","@submit":"2025-03-01T10:00:00","partition":"grid","nodes":"wn[003-004]","total_cpus":4}"#;

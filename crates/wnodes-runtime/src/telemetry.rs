@@ -38,6 +38,48 @@ pub struct Telemetry {
     provider: SdkTracerProvider,
 }
 
+thread_local! {
+    /// The ids the next span built on this thread gets ([`start_run_span`]).
+    static PRESET_IDS: std::cell::Cell<Option<(opentelemetry::trace::TraceId, opentelemetry::trace::SpanId)>> =
+        const { std::cell::Cell::new(None) };
+}
+
+/// Random ids, except for the one span [`start_run_span`] builds with its run's ids.
+#[derive(Debug, Default)]
+struct RunIdGenerator(opentelemetry_sdk::trace::RandomIdGenerator);
+
+impl opentelemetry_sdk::trace::IdGenerator for RunIdGenerator {
+    fn new_trace_id(&self) -> opentelemetry::trace::TraceId {
+        PRESET_IDS
+            .get()
+            .map_or_else(|| self.0.new_trace_id(), |(t, _)| t)
+    }
+
+    fn new_span_id(&self) -> opentelemetry::trace::SpanId {
+        PRESET_IDS
+            .get()
+            .map_or_else(|| self.0.new_span_id(), |(_, s)| s)
+    }
+}
+
+/// Starts the root span of a run's trace, `name` with the ids [`wnodes_bus::propagation::run_ids`]
+/// derives from `run_key`, in the global tracer provider (a no-op one when telemetry is not
+/// set up). The spans made under [`wnodes_bus::propagation::run_context`] are its children,
+/// whichever process makes them. Only the job starter's side of a run calls this (once per
+/// run); the span ends, and is exported, when dropped or ended.
+pub fn start_run_span(run_key: &str, name: &'static str) -> opentelemetry::global::BoxedSpan {
+    use opentelemetry::trace::{Tracer, TracerProvider};
+    let tracer = opentelemetry::global::tracer_provider().tracer("wnodes-run");
+    PRESET_IDS.set(Some(wnodes_bus::propagation::run_ids(run_key)));
+    let span = tracer
+        .span_builder(name)
+        .with_kind(opentelemetry::trace::SpanKind::Internal)
+        .with_attributes([KeyValue::new("wnodes.run", run_key.to_owned())])
+        .start_with_context(&tracer, &opentelemetry::Context::new());
+    PRESET_IDS.set(None);
+    span
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
     #[error("cannot build the OTLP exporter for {endpoint}")]
@@ -61,7 +103,9 @@ impl Telemetry {
                 KeyValue::new("wnodes.site", common.site.clone()),
             ])
             .build();
-        let mut builder = SdkTracerProvider::builder().with_resource(resource);
+        let mut builder = SdkTracerProvider::builder()
+            .with_resource(resource)
+            .with_id_generator(RunIdGenerator::default());
         if let Some(endpoint) = &common.otlp_endpoint {
             use opentelemetry_otlp::WithExportConfig;
             let exporter = opentelemetry_otlp::SpanExporter::builder()

@@ -406,13 +406,17 @@ impl Agent {
             .await;
             return;
         }
+        // The run's root span (its ids derived from the run key), ended when this session is.
+        let _run_span = wnodes_runtime::telemetry::start_run_span(&key, "wnodes.run");
         let root = tracing::info_span!(
             "bridge.job_started",
             otel.kind = "producer",
             wnodes.run = key.as_str(),
             uid = peer.uid
         );
-        wnodes_bus::propagation::set_parent(&root, opentelemetry::Context::new());
+        // The run's own trace (derived from its run key): the LRMS's events of the run, published
+        // by other processes, land in the same trace.
+        wnodes_bus::propagation::set_parent(&root, wnodes_bus::propagation::run_context(&key));
         let event = job_started_event(job, None, &self.source);
         let published = async {
             let trace_id = wnodes_bus::propagation::current_trace_id();

@@ -10,6 +10,9 @@
 //!   flags. It publishes `JobStarted`, prints progress to stderr, waits for the VM, prints the
 //!   payload's output to stdout, publishes `JobFinished`, and exits with the payload's exit code.
 //! - [`watch`]: following one run's events (an ephemeral ordered consumer).
+//! - [`slurm_queue`]: Slurm's pending jobs polled with `squeue` into `job.queued`
+//!   (`[bridge.slurm_queue]`); their ends come from Slurm's jobcomp hook
+//!   (`slurm/wnodes-slurm-jobcomp`) through a followed source.
 //! - [`job_starter`]: `wnodes-bridge job-starter`, the job starter every LRMS runs as the job's
 //!   user: it holds no NATS credentials and sends the payload to the host agent
 //!   (`services/agent`, `wnodes-agent`) over its unix socket ([`agent_wire`] frames the messages
@@ -38,6 +41,7 @@ pub mod agent_wire;
 mod error_rule;
 pub mod job_starter;
 pub mod server;
+pub mod slurm_queue;
 pub mod submit;
 pub mod validate;
 pub mod watch;
@@ -73,6 +77,8 @@ pub struct Config {
     /// (`[[bridge.sources]]`); each one's read position is kept in
     /// `<state_dir>/lrms-cursors/`, stored after the events it covers are acknowledged.
     pub sources: Vec<Source>,
+    /// Slurm's pending jobs, polled into `job.queued` (`[bridge.slurm_queue]`, off by default).
+    pub slurm_queue: slurm_queue::SlurmQueueConfig,
 }
 
 /// One followed LRMS file.
@@ -118,6 +124,7 @@ impl Default for Config {
             client_ca: None,
             image_hints: wnodes_lrms::ImageHints::default(),
             sources: Vec::new(),
+            slurm_queue: slurm_queue::SlurmQueueConfig::default(),
         }
     }
 }
@@ -211,6 +218,18 @@ impl wnodes_runtime::Service for Bridge {
         }
         let publisher = wnodes_lrms::Publisher::new(ctx.bus.clone(), ctx.common.site.clone(), 256)
             .with_image_hints(ctx.config.image_hints.clone());
+        if ctx.config.slurm_queue.enabled {
+            let (config, publisher, shutdown) = (
+                ctx.config.slurm_queue.clone(),
+                publisher.clone(),
+                ctx.shutdown.clone(),
+            );
+            tracing::info!(every = ?config.every, "Polling Slurm's pending jobs.");
+            parts = parts.task("slurm-queue", async move {
+                slurm_queue::run(config, publisher, shutdown).await?;
+                Ok(())
+            });
+        }
         for source in &ctx.config.sources {
             let store = wnodes_lrms::CursorFile::new(source.cursor_path(&ctx.state_dir));
             let resume = store

@@ -128,9 +128,13 @@ impl BridgeService {
     async fn publish(
         &self,
         event: proto::Event,
-        span: tracing::Span,
+        (span, traced): (tracing::Span, bool),
     ) -> Result<Response<proto::JobAck>, Status> {
-        span.record("wnodes.run", event.run_key().as_str());
+        let key = event.run_key();
+        if !traced {
+            wnodes_bus::propagation::set_parent(&span, wnodes_bus::propagation::run_context(&key));
+        }
+        span.record("wnodes.run", key.as_str());
         let bus = self.bus.clone();
         async move {
             let trace_id = wnodes_bus::propagation::current_trace_id();
@@ -180,8 +184,13 @@ macro_rules! rpc_span {
             rpc.method = $method,
             wnodes.run = field::Empty,
         );
-        wnodes_bus::propagation::set_parent_from_carrier(&span, &MetadataExtractor($meta));
-        span
+        // A caller's trace context wins; without one, the span joins its run's own trace
+        // (set in `publish`, once the run is known).
+        let traced = $meta.contains_key("traceparent");
+        if traced {
+            wnodes_bus::propagation::set_parent_from_carrier(&span, &MetadataExtractor($meta));
+        }
+        (span, traced)
     }};
 }
 
@@ -205,6 +214,10 @@ impl bridge_server::Bridge for BridgeService {
             return Err(Status::invalid_argument("job: is required"));
         };
         let event = job_started_event(job, req.started_at, &self.source);
+        // Without a caller's trace, the run's own: its root span, ended at once (the bridge
+        // does not follow the run).
+        let _run_span = (!span.1)
+            .then(|| wnodes_runtime::telemetry::start_run_span(&event.run_key(), "wnodes.run"));
         self.publish(event, span).await
     }
 
@@ -236,9 +249,12 @@ impl bridge_server::Bridge for BridgeService {
         &self,
         request: Request<proto::WaitJobRequest>,
     ) -> Result<Response<proto::JobOutcome>, Status> {
-        let span = rpc_span!("bridge.wait_job", "WaitJob", request.metadata());
+        let (span, traced) = rpc_span!("bridge.wait_job", "WaitJob", request.metadata());
         let req = request.into_inner();
         let key = run_key(&run_on_host(req.run, &req.host)?);
+        if !traced {
+            wnodes_bus::propagation::set_parent(&span, wnodes_bus::propagation::run_context(&key));
+        }
         span.record("wnodes.run", key.as_str());
         wnodes_bus::subject::validate_host(&req.host)
             .map_err(|e| invalid_or_internal(&crate::BridgeError::from(e)))?;

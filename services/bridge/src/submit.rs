@@ -309,6 +309,8 @@ struct Started {
     source: String,
     /// Context of the trace's root span (`bridge.job_started`).
     root: opentelemetry::Context,
+    /// The run's root span (`wnodes.run`), ended with the job starter.
+    _run_span: opentelemetry::global::BoxedSpan,
 }
 
 impl Started {
@@ -373,12 +375,16 @@ async fn start(
     // the stream until it has elected a new leader.
     bus.check_streams_within(common.nats.publish_timeout)
         .await?;
+    // The run's root span (its ids derived from the run key), ended when the job starter is.
+    let run_span = wnodes_runtime::telemetry::start_run_span(&key, "wnodes.run");
     let root = tracing::info_span!(
         "bridge.job_started",
         otel.kind = "producer",
         wnodes.run = key.as_str()
     );
-    wnodes_bus::propagation::set_parent(&root, opentelemetry::Context::new());
+    // The run's own trace (derived from its run key): the LRMS's events of the run, published
+    // by other processes, land in the same trace.
+    wnodes_bus::propagation::set_parent(&root, wnodes_bus::propagation::run_context(&key));
     let event = job_started_event(job, None, &source);
     let (published, trace_id) = async {
         let trace_id = wnodes_bus::propagation::current_trace_id();
@@ -400,6 +406,7 @@ async fn start(
         key,
         source,
         root,
+        _run_span: run_span,
     };
     Ok((started, published.sequence))
 }

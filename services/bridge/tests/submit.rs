@@ -260,18 +260,34 @@ async fn submit_exits_with_the_payload_exit_code_and_prints_its_output() {
     let finished = next_event(&mut seen, "job.finished").await;
     assert!(matches!(finished.body, Some(Body::JobFinished(ref f)) if f.exit_code == 3));
 
-    // `bridge.job_started` is the root of the job's trace; the trace id is the one printed.
+    // `wnodes.run` is the root of the job's trace, its ids derived from the run key;
+    // `bridge.job_started` is its child; the trace id is the one printed.
     let spans = otlp
         .wait_for(Duration::from_secs(10), "the bridge's spans", |s| {
             s.iter().any(|s| s.name == "bridge.job_finished")
+                && s.iter().any(|s| s.name == "wnodes.run")
         })
         .await
         .unwrap();
+    let run = spans
+        .iter()
+        .find(|s| s.name == "wnodes.run")
+        .expect("a wnodes.run span");
+    assert_eq!(run.parent_span_id, "", "not a root: {run:?}");
+    let (trace, span) = wnodes_bus::propagation::run_ids("INFN-T1/htcondor/77.0/1");
+    assert_eq!(
+        (run.trace_id.as_str(), run.span_id.as_str()),
+        (trace.to_string().as_str(), span.to_string().as_str()),
+        "the run's ids are derived from its run key"
+    );
     let root = spans
         .iter()
         .find(|s| s.name == "bridge.job_started")
         .expect("a bridge.job_started span");
-    assert_eq!(root.parent_span_id, "", "not a root: {root:?}");
+    assert_eq!(
+        (root.trace_id.as_str(), root.parent_span_id.as_str()),
+        (run.trace_id.as_str(), run.span_id.as_str())
+    );
     assert!(
         stderr.contains(&format!("(trace {})", root.trace_id)),
         "stderr:\n{stderr}"

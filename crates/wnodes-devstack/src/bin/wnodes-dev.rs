@@ -524,8 +524,13 @@ async fn demo(
     opts.otlp_netns = otlp.endpoint.is_some().then_some(otlp.netns).flatten();
     opts.otlp_endpoint = otlp.endpoint;
     run_jobs_as_the_caller_unless_root(&mut opts);
-    // Slurm's job starters talk to the host agent: they hold no NATS credentials.
+    // Slurm's job starters talk to the host agent: they hold no NATS credentials. The stack's
+    // host is the Slurm node's name, and the bridge reads Slurm's own records of the job.
     opts.host_agent = slurm;
+    if slurm {
+        opts.host = slurm::node_name();
+        opts.slurm_events = slurm::jobcomp_spool();
+    }
     println!(
         "== starting nats-server and 7 services{} (logs: {}/logs)",
         if slurm { " and the host agent" } else { "" },
