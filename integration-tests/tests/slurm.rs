@@ -106,6 +106,20 @@ fn slurm_options(work: &std::path::Path) -> StackOptions {
     opts
 }
 
+/// A stack and a job whose payload sleeps 300 s, once its VM runs.
+async fn sleeping_job(work: &std::path::Path, name: &str) -> (Stack, wnodes_devstack::SlurmJob) {
+    let stack = slurm_stack(work).await;
+    let job = stack
+        .sbatch(
+            &work.join("jobs"),
+            name,
+            "#!/bin/sh\necho payload started\nsleep 300\n",
+        )
+        .unwrap();
+    wait_vm_running(&stack, &job.run_key).await;
+    (stack, job)
+}
+
 /// Waits until the VM of run `run_key` runs.
 async fn wait_vm_running(stack: &Stack, run_key: &str) {
     wait_until(SLURM_TIMEOUT, &format!("the VM of {run_key}"), || async {
@@ -236,15 +250,7 @@ async fn vm_sbatch_jobs_run_in_wnodes_vms_and_sacct_shows_the_payloads_exit_code
 /// SIGKILL the starter (for that, see the SIGKILL test).
 async fn vm_scancel_of_a_running_sbatch_job_stops_its_vm_and_leaves_nothing() {
     let work = tempfile::tempdir().unwrap();
-    let stack = slurm_stack(work.path()).await;
-    let job = stack
-        .sbatch(
-            &work.path().join("jobs"),
-            "sleep.sh",
-            "#!/bin/sh\necho payload started\nsleep 300\n",
-        )
-        .unwrap();
-    wait_vm_running(&stack, &job.run_key).await;
+    let (stack, job) = sleeping_job(work.path(), "sleep.sh").await;
     assert!(!stack.leftovers().qemus.is_empty(), "no qemu while it runs");
 
     let (ok, out) = run(Command::new("scancel").arg(&job.id));
@@ -529,15 +535,7 @@ fn starter_pid(id: &str) -> Option<i32> {
 /// resource released within [`KILL_WAIT`] (the VM's stop, as for `scancel`).
 async fn vm_a_job_starter_killed_with_sigkill_takes_its_vm_with_it() {
     let work = tempfile::tempdir().unwrap();
-    let stack = slurm_stack(work.path()).await;
-    let job = stack
-        .sbatch(
-            &work.path().join("jobs"),
-            "killed.sh",
-            "#!/bin/sh\necho payload started\nsleep 300\n",
-        )
-        .unwrap();
-    wait_vm_running(&stack, &job.run_key).await;
+    let (stack, job) = sleeping_job(work.path(), "killed.sh").await;
     let pid = starter_pid(&job.id).expect("the job starter's process");
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL).unwrap();
     let killed = std::time::Instant::now();

@@ -65,7 +65,11 @@ impl Publisher {
             .iter()
             .zip(events)
             .map(|(w, e)| {
-                let key = w.run.as_ref().map(wnodes_bus::event::run_key).unwrap_or_default();
+                let key = w
+                    .run
+                    .as_ref()
+                    .map(wnodes_bus::event::run_key)
+                    .unwrap_or_default();
                 let span = tracing::info_span!(
                     "bridge.lrms_event",
                     otel.kind = "producer",

@@ -126,8 +126,8 @@ fn claimed_job_id(lrms: LrmsArg) -> String {
 /// # Errors
 /// The script cannot be read, or no payload was named.
 pub async fn start_request(args: &JobStarterArgs) -> Result<proto::StartRequest, String> {
-    let kind = match (&args.script, args.command.split_first()) {
-        (Some(p), _) if p.as_os_str() == "-" => {
+    let kind = match &args.script {
+        Some(p) if p.as_os_str() == "-" => {
             let read = tokio::task::spawn_blocking(|| {
                 let mut buf = Vec::new();
                 std::io::Read::read_to_end(&mut std::io::stdin().lock(), &mut buf).map(|_| buf)
@@ -138,16 +138,12 @@ pub async fn start_request(args: &JobStarterArgs) -> Result<proto::StartRequest,
                 read.map_err(|e| format!("--script -: cannot read the script from stdin: {e}"))?,
             )
         }
-        (Some(p), _) => proto::job_payload::Kind::InlineScript(
+        Some(p) => proto::job_payload::Kind::InlineScript(
             tokio::fs::read(p)
                 .await
                 .map_err(|e| format!("--script {}: {e}", p.display()))?,
         ),
-        (None, Some((exe, rest))) => proto::job_payload::Kind::Command(proto::JobCommand {
-            executable: exe.clone(),
-            args: rest.to_vec(),
-        }),
-        (None, None) => return Err("a command after `--`, or --script FILE, is required".into()),
+        None => crate::submit::command_payload(&args.command)?,
     };
     let lrms = args
         .lrms

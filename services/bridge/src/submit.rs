@@ -164,20 +164,30 @@ pub struct SubmitArgs {
     pub command: Vec<String>,
 }
 
+/// The payload of a command after `--` (run without a shell); the error when there is none.
+///
+/// # Errors
+/// An empty command.
+pub fn command_payload(command: &[String]) -> Result<proto::job_payload::Kind, String> {
+    match command.split_first() {
+        Some((exe, rest)) => Ok(proto::job_payload::Kind::Command(proto::JobCommand {
+            executable: exe.clone(),
+            args: rest.to_vec(),
+        })),
+        None => Err("a command after `--`, or --script FILE, is required".into()),
+    }
+}
+
 /// Builds the job description from the options; errors name the option or field.
 pub fn job_description(
     args: &SubmitArgs,
     common: &CommonConfig,
 ) -> Result<proto::JobDescription, String> {
-    let kind = match (&args.script, args.command.split_first()) {
-        (Some(path), _) => proto::job_payload::Kind::InlineScript(
+    let kind = match &args.script {
+        Some(path) => proto::job_payload::Kind::InlineScript(
             std::fs::read(path).map_err(|e| format!("--script {}: {e}", path.display()))?,
         ),
-        (None, Some((exe, rest))) => proto::job_payload::Kind::Command(proto::JobCommand {
-            executable: exe.clone(),
-            args: rest.to_vec(),
-        }),
-        (None, None) => return Err("a command after `--`, or --script FILE, is required".into()),
+        None => command_payload(&args.command)?,
     };
     let job_id = args
         .job_id
