@@ -10,6 +10,7 @@
 //!   back to the starter; `JobFinished`. A cancel request, the connection closing (the starter
 //!   killed, even by SIGKILL) or the agent stopping cancels the run.
 //! - [`slurm`]: `scontrol pidinfo` and `squeue`, and parsers of what they print.
+//! - [`token`]: WLCG bearer tokens verified offline against the configured issuers' keys.
 //! - [`runs`]: the runs whose starter is connected, on disk: an agent that restarts cancels
 //!   them (their starters lost the connection).
 //! - [`metrics`]: the Prometheus metrics (`wnodes_agent_*`).
@@ -23,6 +24,7 @@ pub mod metrics;
 pub mod runs;
 pub mod session;
 pub mod slurm;
+pub mod token;
 
 use std::{os::unix::fs::PermissionsExt, path::PathBuf, sync::Arc};
 
@@ -53,6 +55,20 @@ pub struct Config {
     pub allow_dev_identity: bool,
     /// `[agent.slurm]`.
     pub slurm: slurm::SlurmConfig,
+    /// `[agent.identity]`: grid credentials verified offline.
+    pub identity: IdentityConfig,
+}
+
+/// `[agent.identity]`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdentityConfig {
+    /// Refuse a job starter that brings no verified credential (default off: the VO is then the
+    /// LRMS's, e.g. the Slurm account).
+    pub require: bool,
+    /// Trusted token issuers (`[[agent.identity.token_issuers]]`: `issuer`, `vo`, `jwks`,
+    /// `audiences`).
+    pub token_issuers: Vec<token::TokenIssuer>,
 }
 
 impl Default for Config {
@@ -64,6 +80,7 @@ impl Default for Config {
             lrms: vec![LrmsKind::Slurm],
             allow_dev_identity: false,
             slurm: slurm::SlurmConfig::default(),
+            identity: IdentityConfig::default(),
         }
     }
 }
@@ -114,6 +131,8 @@ impl wnodes_runtime::Service for HostAgent {
         let metrics = metrics::Metrics::register(&mut ctx.registry.lock());
         let runs = runs::Runs::open(&ctx.state_dir.join("runs"))
             .map_err(|e| StartError::failed("create the live runs' directory", e))?;
+        let issuers = token::Issuers::load(&config.identity.token_issuers)
+            .map_err(|e| StartError::config("agent", wnodes_bus::ErrorChain(&e).to_string()))?;
         let listener = bind(&config)?;
         let agent = Arc::new(session::Agent::new(
             ctx.bus.clone(),
@@ -123,6 +142,7 @@ impl wnodes_runtime::Service for HostAgent {
             ctx.source(),
             runs.clone(),
             metrics,
+            issuers,
             ctx.shutdown.clone(),
         ));
         cancel_left_over(&agent, &runs).await;

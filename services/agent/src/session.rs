@@ -76,6 +76,8 @@ pub struct Agent {
     pub slurm: Slurm,
     pub runs: Runs,
     pub metrics: Metrics,
+    /// Trusted token issuers.
+    pub issuers: crate::token::Issuers,
     /// Run keys with a connected starter.
     live: parking_lot::Mutex<HashSet<String>>,
     pub shutdown: CancellationToken,
@@ -115,6 +117,7 @@ impl Agent {
         source: String,
         runs: Runs,
         metrics: Metrics,
+        issuers: crate::token::Issuers,
         shutdown: CancellationToken,
     ) -> Self {
         let slurm = Slurm::new(config.slurm.clone());
@@ -127,6 +130,7 @@ impl Agent {
             slurm,
             runs,
             metrics,
+            issuers,
             live: parking_lot::Mutex::new(HashSet::new()),
             shutdown,
         }
@@ -213,7 +217,6 @@ impl Agent {
             // The payload sees the job as Slurm describes it (these override what the starter
             // sent).
             if let Some(p) = payload.as_mut() {
-                let vo = self.slurm.vo(&job);
                 for (k, v) in [
                     ("SLURM_JOB_ID", id.clone()),
                     ("SLURM_JOB_USER", job.user.clone()),
@@ -222,7 +225,6 @@ impl Agent {
                     ("SLURM_JOB_ACCOUNT", job.account.clone()),
                     ("SLURM_RESTART_COUNT", job.restarts.to_string()),
                     ("SLURM_CPUS_ON_NODE", job.cpus.to_string()),
-                    ("WNODES_VO", vo),
                 ] {
                     p.environment.insert(k.to_owned(), v);
                 }
@@ -255,10 +257,15 @@ impl Agent {
                 resources,
             )
         };
+        // A grid credential, verified, names the VO (the LRMS's VO is the fallback).
+        let (identity, vo) = self.credential(req, vo)?;
+        if let Some(p) = payload.as_mut() {
+            p.environment.insert("WNODES_VO".to_owned(), vo.clone());
+        }
         let job = proto::JobDescription {
             run: Some(run),
             owner: Some(owner),
-            identity: Some(proto::GridIdentity::default()),
+            identity: Some(identity),
             vo,
             queue,
             resources: Some(resources),
@@ -274,6 +281,43 @@ impl Agent {
             kind: "invalid",
         })?;
         Ok(job)
+    }
+
+    /// The job's grid identity and VO: from a verified bearer token when the starter sent
+    /// one (refused with the reason when it does not verify), else none and `lrms_vo`
+    /// (refused when `[agent.identity] require` is on).
+    fn credential(
+        &self,
+        req: &proto::StartRequest,
+        lrms_vo: String,
+    ) -> Result<(proto::GridIdentity, String), Refusal> {
+        if req.bearer_token.trim().is_empty() {
+            if self.config.identity.require {
+                return Err(Refusal::not_permitted(
+                    "no_credential",
+                    "this site requires a grid credential (a WLCG bearer token) and the job starter found none".into(),
+                ));
+            }
+            return Ok((proto::GridIdentity::default(), lrms_vo));
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        let t = self.issuers.verify(&req.bearer_token, now).map_err(|e| {
+            Refusal::not_permitted(
+                "credential",
+                format!("the bearer token is refused: {}", ErrorChain(&e)),
+            )
+        })?;
+        Ok((
+            proto::GridIdentity {
+                token_subject: t.subject,
+                token_issuer: t.issuer,
+                token_groups: t.groups,
+                ..Default::default()
+            },
+            t.vo,
+        ))
     }
 
     /// Runs one connection to its end.

@@ -125,13 +125,25 @@ struct AgentProc {
 }
 
 async fn start_agent(nats: &NatsServer, dir: &Path, dev: bool) -> AgentProc {
+    start_agent_with(nats, dir, dev, |c| c).await
+}
+
+/// [`start_agent`] with more configuration.
+async fn start_agent_with(
+    nats: &NatsServer,
+    dir: &Path,
+    dev: bool,
+    more: impl FnOnce(ServiceConfig) -> ServiceConfig,
+) -> AgentProc {
     // The starters run as another user: they must reach the socket.
     std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let socket = dir.join("run/agent.sock");
     let creds = nats.creds(&wnodes_bus::roles::AGENT, HOST).unwrap();
-    let conf = ServiceConfig::new(HOST, &creds, &dir.join("state"))
-        .set("agent", "socket", socket.as_path())
-        .set("agent", "allow_dev_identity", dev);
+    let conf = more(
+        ServiceConfig::new(HOST, &creds, &dir.join("state"))
+            .set("agent", "socket", socket.as_path())
+            .set("agent", "allow_dev_identity", dev),
+    );
     let mut proc = ServiceProcess::builder(env!("CARGO_BIN_EXE_wnodes-agent"), dir)
         .config(&conf)
         .spawn()
@@ -516,4 +528,121 @@ async fn a_vm_stopped_without_an_exit_code_ends_the_job_with_255() {
         unreachable!()
     };
     assert_eq!(f.exit_code, 255);
+}
+
+/// A WLCG token, verified offline against the issuer's keys from the agent's configuration,
+/// names the job's VO (over any other) and its subject, issuer and groups; an expired token,
+/// one from an issuer the site does not trust, and a forged one are refused with their reason,
+/// and nothing is published for them.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_verified_token_names_the_vo_and_bad_tokens_are_refused_with_their_reason() {
+    use wnodes_agent::token::testing::TestIssuer;
+    let nats = NatsServer::start().await.unwrap();
+    let mut seen = fake_launcher(&nats, Answer::Stop(0, "ok\n")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let atlas = TestIssuer::new("https://atlas-auth.example/");
+    let jwks = dir.path().join("atlas.jwks");
+    std::fs::write(&jwks, atlas.jwks()).unwrap();
+    let agent = start_agent_with(&nats, dir.path(), true, |c| {
+        c.push(
+            "agent.identity.token_issuers",
+            &[
+                ("issuer", atlas.issuer.as_str().into()),
+                ("vo", "atlas".into()),
+                ("jwks", jwks.as_path().into()),
+            ],
+        )
+    })
+    .await;
+    let now = i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs(),
+    )
+    .unwrap();
+    // The starter reads its token from BEARER_TOKEN_FILE, a file of the job's user.
+    let with_token = |name: &str, token: &str, job: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, token).unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+            .unwrap();
+        let mut c = starter(
+            &agent.socket,
+            &[
+                "--dev-job-id",
+                job,
+                "--dev-vo",
+                "othervo",
+                "--",
+                "/bin/true",
+            ],
+        );
+        c.env("BEARER_TOKEN_FILE", &path);
+        c
+    };
+    let good = atlas.token(
+        "alice-sub",
+        now,
+        serde_json::json!({"wlcg.groups": ["/atlas/production", "/atlas"]}),
+    );
+    let out = with_token("good.jwt", &good, "tok-1")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let started = next_event(&mut seen, &agent, "job.started").await;
+    let Some(Body::JobStarted(js)) = &started.body else {
+        unreachable!()
+    };
+    let job = js.job.clone().unwrap();
+    assert_eq!(
+        job.vo, "atlas",
+        "the token's VO, not the starter's --dev-vo"
+    );
+    let id = job.identity.unwrap();
+    assert_eq!(
+        (id.token_subject.as_str(), id.token_issuer.as_str()),
+        ("alice-sub", "https://atlas-auth.example/")
+    );
+    assert_eq!(id.token_groups, ["/atlas/production", "/atlas"]);
+    assert_eq!(
+        job.payload
+            .unwrap()
+            .environment
+            .get("WNODES_VO")
+            .map(String::as_str),
+        Some("atlas")
+    );
+    next_event(&mut seen, &agent, "job.finished").await;
+
+    let expired = atlas.token("alice-sub", now - 7200, serde_json::json!({}));
+    let rogue = TestIssuer::new("https://rogue.example/").token("x", now, serde_json::json!({}));
+    let forged =
+        TestIssuer::new("https://atlas-auth.example/").token("x", now, serde_json::json!({}));
+    for (name, token, why) in [
+        ("expired.jwt", expired, "the token expired at"),
+        ("rogue.jwt", rogue, "is not a trusted issuer of this site"),
+        ("forged.jwt", forged, "signature does not verify"),
+    ] {
+        let out = with_token(name, &token, name).output().await.unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(77), "{name}: {stderr}");
+        assert!(
+            stderr.contains("the bearer token is refused"),
+            "{name}: {stderr}"
+        );
+        assert!(stderr.contains(why), "{name}: {stderr}");
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), seen.recv())
+            .await
+            .is_err(),
+        "a refused token published something"
+    );
 }

@@ -167,7 +167,40 @@ pub async fn start_request(args: &JobStarterArgs) -> Result<proto::StartRequest,
         image_hint: args.image.clone(),
         claimed_job_id: claimed_job_id(lrms),
         dev,
+        bearer_token: bearer_token().await?,
     })
+}
+
+/// The job's WLCG bearer token, found as WLCG's bearer token discovery says: `BEARER_TOKEN`,
+/// the file `BEARER_TOKEN_FILE` names, `$XDG_RUNTIME_DIR/bt_u<uid>`, `/tmp/bt_u<uid>`; empty
+/// when there is none.
+///
+/// # Errors
+/// `BEARER_TOKEN_FILE` names a file that cannot be read.
+pub async fn bearer_token() -> Result<String, String> {
+    if let Ok(t) = std::env::var("BEARER_TOKEN")
+        && !t.trim().is_empty()
+    {
+        return Ok(t.trim().to_owned());
+    }
+    if let Some(f) = std::env::var_os("BEARER_TOKEN_FILE").filter(|f| !f.is_empty()) {
+        return tokio::fs::read_to_string(&f)
+            .await
+            .map(|t| t.trim().to_owned())
+            .map_err(|e| format!("BEARER_TOKEN_FILE={}: {e}", f.to_string_lossy()));
+    }
+    let uid = nix::unistd::getuid().as_raw();
+    let mut places = Vec::new();
+    if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        places.push(PathBuf::from(dir).join(format!("bt_u{uid}")));
+    }
+    places.push(PathBuf::from(format!("/tmp/bt_u{uid}")));
+    for p in places {
+        if let Ok(t) = tokio::fs::read_to_string(&p).await {
+            return Ok(t.trim().to_owned());
+        }
+    }
+    Ok(String::new())
 }
 
 fn say(line: std::fmt::Arguments<'_>) {

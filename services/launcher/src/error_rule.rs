@@ -155,6 +155,11 @@ wnodes_testkit::error_rule! {
             maximum: 8,
         },
         PolicyError::UnknownImage { .. } => PolicyError::UnknownImage { hint: "el7".into() },
+        PolicyError::ImageOfAnotherVo { .. } => PolicyError::ImageOfAnotherVo {
+            hint: "cms-el9".into(),
+            owner: "cms".into(),
+            vo: "atlas".into(),
+        },
         PolicyError::NoPayload => PolicyError::NoPayload,
         PolicyError::ScriptRefUnsupported => PolicyError::ScriptRefUnsupported,
         PolicyError::NoRun => PolicyError::NoRun,

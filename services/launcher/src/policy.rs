@@ -144,6 +144,14 @@ pub enum PolicyError {
     },
     #[error("image '{hint}' requested by the job is not configured for any VO")]
     UnknownImage { hint: String },
+    #[error(
+        "image '{hint}' requested by the job belongs to VO '{owner}', not to the job's VO '{vo}'"
+    )]
+    ImageOfAnotherVo {
+        hint: String,
+        owner: String,
+        vo: String,
+    },
     #[error("the job has no payload")]
     NoPayload,
     #[error(
@@ -289,10 +297,16 @@ impl PolicyConfig {
             .vo_images
             .get(&job.vo)
             .ok_or_else(|| PolicyError::NoImage { vo: job.vo.clone() })?;
+        // A job runs its own VO's image: a hint may name it, never another VO's.
         let image = if job.image_hint.is_empty() || job.image_hint == *vo_image {
             vo_image.clone()
-        } else if self.vo_images.values().any(|i| *i == job.image_hint) {
-            job.image_hint.clone()
+        } else if let Some((owner, _)) = self.vo_images.iter().find(|(_, i)| **i == job.image_hint)
+        {
+            return Err(PolicyError::ImageOfAnotherVo {
+                hint: job.image_hint.clone(),
+                owner: owner.clone(),
+                vo: job.vo.clone(),
+            });
         } else {
             return Err(PolicyError::UnknownImage {
                 hint: job.image_hint.clone(),
@@ -632,6 +646,29 @@ mod tests {
             p.apply(&j).unwrap_err(),
             PolicyError::UnknownImage { .. }
         ));
+    }
+
+    #[test]
+    fn a_job_may_name_its_own_vo_s_image_but_never_another_vo_s() {
+        let mut p = policy();
+        p.vo_images.insert("cms".into(), "cms-el9".into());
+        let mut j = job("atlas", ResourceRequest::default());
+        j.image_hint = "el9".into();
+        assert_eq!(p.apply(&j).unwrap().image, "el9");
+        j.image_hint = "cms-el9".into();
+        let e = p.apply(&j).unwrap_err();
+        assert_eq!(
+            e,
+            PolicyError::ImageOfAnotherVo {
+                hint: "cms-el9".into(),
+                owner: "cms".into(),
+                vo: "atlas".into()
+            }
+        );
+        assert_eq!(
+            e.to_string(),
+            "image 'cms-el9' requested by the job belongs to VO 'cms', not to the job's VO 'atlas'"
+        );
     }
 
     #[test]

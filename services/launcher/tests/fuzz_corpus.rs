@@ -77,12 +77,13 @@ fn the_seeded_requests_are_judged_as_the_policy_says() {
         )
         .unwrap()
     };
-    for ok in ["defaults-ok", "maxima-ok", "other-image-subsecond-ok"] {
+    for ok in ["defaults-ok", "maxima-ok", "own-image-subsecond-ok"] {
         assert!(exercise_policy(&read(ok)), "{ok}");
     }
     for refused in [
         "negative-walltime",
         "unknown-image",
+        "other-vo-image",
         "vo-without-image",
         "too-many-cores",
         "script-ref",
