@@ -213,6 +213,9 @@ ensure_apt lvm2
 # the private dbus-daemon its export manager talks on; nfs-kernel-server for `exportfs` (its
 # tests keep the export table in a private mount namespace; no nfsd runs on these hosts).
 ensure_apt nfs-ganesha nfs-ganesha-vfs dbus-daemon dbus-bin nfs-kernel-server
+# openssl and voms-clients: the host agent's X.509 proxy test makes its PKI with openssl and its
+# proxies with Debian's voms-proxy-fake (services/agent/tests/proxy.rs).
+ensure_apt openssl voms-clients
 command -v qemu-system-x86_64 >/dev/null || die "qemu-system-x86_64 not on PATH after install"
 command -v qemu-img >/dev/null || die "qemu-img not on PATH after install"
 log "done: $(qemu-system-x86_64 --version | head -n1)"

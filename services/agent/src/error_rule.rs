@@ -4,6 +4,7 @@
 use wnodes_testkit::error_rule::io_source;
 
 use crate::{
+    proxy::ProxyError,
     slurm::SlurmError,
     token::{IssuerConfigError, TokenError},
 };
@@ -65,5 +66,43 @@ wnodes_testkit::error_rule! {
         IssuerConfigError::Duplicate(_) => {
             IssuerConfigError::Duplicate("https://atlas-auth.cern.ch/".into())
         }
+    }
+    ProxyError {
+        ProxyError::Unreadable(_) => ProxyError::Unreadable("no CERTIFICATE block".into()),
+        ProxyError::NotValidNow { .. } => ProxyError::NotValidNow {
+            subject: "/C=IT/O=T/CN=Alice/CN=123".into(),
+            not_after: "Dec  2 18:00:00 2026 +00:00".into(),
+        },
+        ProxyError::BadSignature { .. } => ProxyError::BadSignature {
+            subject: "/C=IT/O=T/CN=Alice/CN=123".into(),
+            issuer: "/C=IT/O=T/CN=Alice".into(),
+        },
+        ProxyError::ProxyName { .. } => ProxyError::ProxyName {
+            subject: "/C=IT/O=T/CN=Bob/CN=123".into(),
+            issuer: "/C=IT/O=T/CN=Alice".into(),
+        },
+        ProxyError::UntrustedCa { .. } => ProxyError::UntrustedCa {
+            subject: "/C=IT/O=T/CN=Mallory".into(),
+            issuer: "/C=IT/O=T/CN=Mallory".into(),
+            ca_dir: "/etc/grid-security/certificates".into(),
+        },
+        ProxyError::NoVoms => ProxyError::NoVoms,
+        ProxyError::AcMalformed(_) => ProxyError::AcMalformed("no FQAN".into()),
+        ProxyError::UntrustedVoms { .. } => ProxyError::UntrustedVoms {
+            vo: "atlas".into(),
+            subject: "/C=IT/O=T/CN=voms.example.org".into(),
+            issuer: "/C=IT/O=T/CN=voms.example.org".into(),
+            why: "the LSC names another server".into(),
+        },
+        ProxyError::AcSignature => ProxyError::AcSignature,
+        ProxyError::AcNotValidNow { .. } => ProxyError::AcNotValidNow {
+            not_before: 1,
+            not_after: 2,
+        },
+        ProxyError::AcHolder(_) => ProxyError::AcHolder("01:02".into()),
+        ProxyError::Fqan { .. } => ProxyError::Fqan {
+            fqan: "/cms".into(),
+            vo: "atlas".into(),
+        },
     }
 }

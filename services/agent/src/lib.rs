@@ -11,6 +11,8 @@
 //!   killed, even by SIGKILL) or the agent stopping cancels the run.
 //! - [`slurm`]: `scontrol pidinfo` and `squeue`, and parsers of what they print.
 //! - [`token`]: WLCG bearer tokens verified offline against the configured issuers' keys.
+//! - [`proxy`]: X.509 proxies verified offline against a CA directory, and their VOMS attribute
+//!   certificates against `vomsdir` LSC files.
 //! - [`runs`]: the runs whose starter is connected, on disk: an agent that restarts cancels
 //!   them (their starters lost the connection).
 //! - [`metrics`]: the Prometheus metrics (`wnodes_agent_*`).
@@ -21,6 +23,7 @@
 #[cfg(test)]
 mod error_rule;
 pub mod metrics;
+pub mod proxy;
 pub mod runs;
 pub mod session;
 pub mod slurm;
@@ -60,7 +63,7 @@ pub struct Config {
 }
 
 /// `[agent.identity]`.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct IdentityConfig {
     /// Refuse a job starter that brings no verified credential (default off: the VO is then the
@@ -69,6 +72,32 @@ pub struct IdentityConfig {
     /// Trusted token issuers (`[[agent.identity.token_issuers]]`: `issuer`, `vo`, `jwks`,
     /// `audiences`).
     pub token_issuers: Vec<token::TokenIssuer>,
+    /// Trusted CAs for X.509 proxies and VOMS servers (default `/etc/grid-security/certificates`).
+    pub ca_dir: std::path::PathBuf,
+    /// VOMS LSC files, `<vomsdir>/<vo>/<host>.lsc` (default `/etc/grid-security/vomsdir`).
+    pub vomsdir: std::path::PathBuf,
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        let x509 = proxy::X509Config::default();
+        Self {
+            require: false,
+            token_issuers: Vec::new(),
+            ca_dir: x509.ca_dir,
+            vomsdir: x509.vomsdir,
+        }
+    }
+}
+
+impl IdentityConfig {
+    /// The X.509 settings.
+    pub fn x509(&self) -> proxy::X509Config {
+        proxy::X509Config {
+            ca_dir: self.ca_dir.clone(),
+            vomsdir: self.vomsdir.clone(),
+        }
+    }
 }
 
 impl Default for Config {

@@ -283,38 +283,75 @@ impl Agent {
         Ok(job)
     }
 
-    /// The job's grid identity and VO: from a verified bearer token when the starter sent
-    /// one (refused with the reason when it does not verify), else none and `lrms_vo`
-    /// (refused when `[agent.identity] require` is on).
+    /// The job's grid identity and VO: from a verified X.509 proxy and/or bearer token when the
+    /// starter sent them (refused with the reason when one does not verify, or when they name
+    /// different VOs), else none and `lrms_vo` (refused when `[agent.identity] require` is on).
     fn credential(
         &self,
         req: &proto::StartRequest,
         lrms_vo: String,
     ) -> Result<(proto::GridIdentity, String), Refusal> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        let proxy = if req.x509_proxy.is_empty() {
+            None
+        } else {
+            Some(
+                crate::proxy::verify(&req.x509_proxy, &self.config.identity.x509(), now).map_err(
+                    |e| {
+                        Refusal::not_permitted(
+                            "credential",
+                            format!("the X.509 proxy is refused: {}", ErrorChain(&e)),
+                        )
+                    },
+                )?,
+            )
+        };
         if req.bearer_token.trim().is_empty() {
+            if let Some(p) = proxy {
+                return Ok((
+                    proto::GridIdentity {
+                        x509_dn: p.dn,
+                        voms_fqans: p.fqans,
+                        ..Default::default()
+                    },
+                    p.vo,
+                ));
+            }
             if self.config.identity.require {
                 return Err(Refusal::not_permitted(
                     "no_credential",
-                    "this site requires a grid credential (a WLCG bearer token) and the job starter found none".into(),
+                    "this site requires a grid credential (an X.509 proxy or a WLCG bearer token) and the job starter found none".into(),
                 ));
             }
             return Ok((proto::GridIdentity::default(), lrms_vo));
         }
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
         let t = self.issuers.verify(&req.bearer_token, now).map_err(|e| {
             Refusal::not_permitted(
                 "credential",
                 format!("the bearer token is refused: {}", ErrorChain(&e)),
             )
         })?;
+        if let Some(p) = &proxy
+            && p.vo != t.vo
+        {
+            return Err(Refusal::not_permitted(
+                "credential",
+                format!(
+                    "the X.509 proxy is VO '{}''s and the bearer token VO '{}''s",
+                    p.vo, t.vo
+                ),
+            ));
+        }
+        let (x509_dn, voms_fqans) = proxy.map(|p| (p.dn, p.fqans)).unwrap_or_default();
         Ok((
             proto::GridIdentity {
+                x509_dn,
+                voms_fqans,
                 token_subject: t.subject,
                 token_issuer: t.issuer,
                 token_groups: t.groups,
-                ..Default::default()
             },
             t.vo,
         ))

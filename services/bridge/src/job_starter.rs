@@ -168,7 +168,49 @@ pub async fn start_request(args: &JobStarterArgs) -> Result<proto::StartRequest,
         claimed_job_id: claimed_job_id(lrms),
         dev,
         bearer_token: bearer_token().await?,
+        x509_proxy: x509_proxy().await?,
     })
+}
+
+/// The certificates of the job's X.509 proxy (`X509_USER_PROXY`, else `/tmp/x509up_u<uid>`),
+/// as PEM: only its `CERTIFICATE` blocks, never its private key; empty when there is none.
+///
+/// # Errors
+/// `X509_USER_PROXY` names a file that cannot be read.
+pub async fn x509_proxy() -> Result<Vec<u8>, String> {
+    let (path, named) = match std::env::var_os("X509_USER_PROXY").filter(|p| !p.is_empty()) {
+        Some(p) => (PathBuf::from(p), true),
+        None => (
+            PathBuf::from(format!("/tmp/x509up_u{}", nix::unistd::getuid().as_raw())),
+            false,
+        ),
+    };
+    let text = match tokio::fs::read_to_string(&path).await {
+        Ok(t) => t,
+        Err(e) if named => return Err(format!("X509_USER_PROXY={}: {e}", path.display())),
+        Err(_) => return Ok(Vec::new()),
+    };
+    Ok(certificate_blocks(&text).into_bytes())
+}
+
+/// The `CERTIFICATE` blocks of PEM text, in order: a proxy file's private key never leaves the
+/// job's host.
+pub fn certificate_blocks(text: &str) -> String {
+    let mut out = String::new();
+    let mut inside = false;
+    for line in text.lines() {
+        if line.trim() == "-----BEGIN CERTIFICATE-----" {
+            inside = true;
+        }
+        if inside {
+            out.push_str(line.trim_end());
+            out.push('\n');
+        }
+        if line.trim() == "-----END CERTIFICATE-----" {
+            inside = false;
+        }
+    }
+    out
 }
 
 /// The job's WLCG bearer token, found as WLCG's bearer token discovery says: `BEARER_TOKEN`,
@@ -377,6 +419,20 @@ mod tests {
             JobStarterArgs::try_parse_from(["x", "--socket", "/s", "--", "echo", "hi"]).unwrap();
         assert_eq!(a.command, ["echo", "hi"]);
         assert_eq!(a.socket, PathBuf::from("/s"));
+    }
+
+    #[test]
+    fn only_a_proxy_s_certificates_are_sent_never_its_key() {
+        let proxy = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n\
+                     -----BEGIN RSA PRIVATE KEY-----\nSECRET\n-----END RSA PRIVATE KEY-----\n\
+                     -----BEGIN CERTIFICATE-----\nBBBB\n-----END CERTIFICATE-----\n";
+        let sent = certificate_blocks(proxy);
+        assert!(
+            !sent.contains("SECRET") && !sent.contains("PRIVATE"),
+            "{sent}"
+        );
+        assert_eq!(sent.matches("BEGIN CERTIFICATE").count(), 2);
+        assert!(sent.find("AAAA") < sent.find("BBBB"));
     }
 
     #[tokio::test]
