@@ -181,6 +181,7 @@ impl Stack {
             .job_started(proto::JobStartedRequest {
                 job: Some(job),
                 started_at: None,
+                ..Default::default()
             })
             .await
             .context("Bridge.JobStarted")?;

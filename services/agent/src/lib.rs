@@ -10,9 +10,8 @@
 //!   back to the starter; `JobFinished`. A cancel request, the connection closing (the starter
 //!   killed, even by SIGKILL) or the agent stopping cancels the run.
 //! - [`slurm`]: `scontrol pidinfo` and `squeue`, and parsers of what they print.
-//! - [`token`]: WLCG bearer tokens verified offline against the configured issuers' keys.
-//! - [`proxy`]: X.509 proxies verified offline against a CA directory, and their VOMS attribute
-//!   certificates against `vomsdir` LSC files.
+//! - grid credentials (an X.509 proxy with its VOMS AC, a WLCG bearer token) are verified by
+//!   `wnodes-identity` (`[agent.identity]`), shared with the bridge's gRPC ingest.
 //! - [`runs`]: the runs whose starter is connected, on disk: an agent that restarts cancels
 //!   them (their starters lost the connection).
 //! - [`metrics`]: the Prometheus metrics (`wnodes_agent_*`).
@@ -23,11 +22,11 @@
 #[cfg(test)]
 mod error_rule;
 pub mod metrics;
-pub mod proxy;
 pub mod runs;
 pub mod session;
 pub mod slurm;
-pub mod token;
+
+pub use wnodes_identity::{IdentityConfig, proxy, token};
 
 use std::{os::unix::fs::PermissionsExt, path::PathBuf, sync::Arc};
 
@@ -60,44 +59,6 @@ pub struct Config {
     pub slurm: slurm::SlurmConfig,
     /// `[agent.identity]`: grid credentials verified offline.
     pub identity: IdentityConfig,
-}
-
-/// `[agent.identity]`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct IdentityConfig {
-    /// Refuse a job starter that brings no verified credential (default off: the VO is then the
-    /// LRMS's, e.g. the Slurm account).
-    pub require: bool,
-    /// Trusted token issuers (`[[agent.identity.token_issuers]]`: `issuer`, `vo`, `jwks`,
-    /// `audiences`).
-    pub token_issuers: Vec<token::TokenIssuer>,
-    /// Trusted CAs for X.509 proxies and VOMS servers (default `/etc/grid-security/certificates`).
-    pub ca_dir: std::path::PathBuf,
-    /// VOMS LSC files, `<vomsdir>/<vo>/<host>.lsc` (default `/etc/grid-security/vomsdir`).
-    pub vomsdir: std::path::PathBuf,
-}
-
-impl Default for IdentityConfig {
-    fn default() -> Self {
-        let x509 = proxy::X509Config::default();
-        Self {
-            require: false,
-            token_issuers: Vec::new(),
-            ca_dir: x509.ca_dir,
-            vomsdir: x509.vomsdir,
-        }
-    }
-}
-
-impl IdentityConfig {
-    /// The X.509 settings.
-    pub fn x509(&self) -> proxy::X509Config {
-        proxy::X509Config {
-            ca_dir: self.ca_dir.clone(),
-            vomsdir: self.vomsdir.clone(),
-        }
-    }
 }
 
 impl Default for Config {
@@ -160,7 +121,7 @@ impl wnodes_runtime::Service for HostAgent {
         let metrics = metrics::Metrics::register(&mut ctx.registry.lock());
         let runs = runs::Runs::open(&ctx.state_dir.join("runs"))
             .map_err(|e| StartError::failed("create the live runs' directory", e))?;
-        let issuers = token::Issuers::load(&config.identity.token_issuers)
+        let verifier = wnodes_identity::Verifier::new(&config.identity)
             .map_err(|e| StartError::config("agent", wnodes_bus::ErrorChain(&e).to_string()))?;
         let listener = bind(&config)?;
         let agent = Arc::new(session::Agent::new(
@@ -171,7 +132,7 @@ impl wnodes_runtime::Service for HostAgent {
             ctx.source(),
             runs.clone(),
             metrics,
-            issuers,
+            verifier,
             ctx.shutdown.clone(),
         ));
         cancel_left_over(&agent, &runs).await;

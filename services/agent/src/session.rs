@@ -76,8 +76,8 @@ pub struct Agent {
     pub slurm: Slurm,
     pub runs: Runs,
     pub metrics: Metrics,
-    /// Trusted token issuers.
-    pub issuers: crate::token::Issuers,
+    /// Grid credentials' verification.
+    pub verifier: wnodes_identity::Verifier,
     /// Run keys with a connected starter.
     live: parking_lot::Mutex<HashSet<String>>,
     pub shutdown: CancellationToken,
@@ -117,7 +117,7 @@ impl Agent {
         source: String,
         runs: Runs,
         metrics: Metrics,
-        issuers: crate::token::Issuers,
+        verifier: wnodes_identity::Verifier,
         shutdown: CancellationToken,
     ) -> Self {
         let slurm = Slurm::new(config.slurm.clone());
@@ -130,7 +130,7 @@ impl Agent {
             slurm,
             runs,
             metrics,
-            issuers,
+            verifier,
             live: parking_lot::Mutex::new(HashSet::new()),
             shutdown,
         }
@@ -291,70 +291,20 @@ impl Agent {
         req: &proto::StartRequest,
         lrms_vo: String,
     ) -> Result<(proto::GridIdentity, String), Refusal> {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
-        let proxy = if req.x509_proxy.is_empty() {
-            None
-        } else {
-            Some(
-                crate::proxy::verify(&req.x509_proxy, &self.config.identity.x509(), now).map_err(
-                    |e| {
-                        Refusal::not_permitted(
-                            "credential",
-                            format!("the X.509 proxy is refused: {}", ErrorChain(&e)),
-                        )
-                    },
-                )?,
+        self.verifier
+            .verify(
+                &req.bearer_token,
+                &req.x509_proxy,
+                lrms_vo,
+                wnodes_identity::unix_now(),
             )
-        };
-        if req.bearer_token.trim().is_empty() {
-            if let Some(p) = proxy {
-                return Ok((
-                    proto::GridIdentity {
-                        x509_dn: p.dn,
-                        voms_fqans: p.fqans,
-                        ..Default::default()
-                    },
-                    p.vo,
-                ));
-            }
-            if self.config.identity.require {
-                return Err(Refusal::not_permitted(
-                    "no_credential",
-                    "this site requires a grid credential (an X.509 proxy or a WLCG bearer token) and the job starter found none".into(),
-                ));
-            }
-            return Ok((proto::GridIdentity::default(), lrms_vo));
-        }
-        let t = self.issuers.verify(&req.bearer_token, now).map_err(|e| {
-            Refusal::not_permitted(
-                "credential",
-                format!("the bearer token is refused: {}", ErrorChain(&e)),
-            )
-        })?;
-        if let Some(p) = &proxy
-            && p.vo != t.vo
-        {
-            return Err(Refusal::not_permitted(
-                "credential",
-                format!(
-                    "the X.509 proxy is VO '{}''s and the bearer token VO '{}''s",
-                    p.vo, t.vo
-                ),
-            ));
-        }
-        let (x509_dn, voms_fqans) = proxy.map(|p| (p.dn, p.fqans)).unwrap_or_default();
-        Ok((
-            proto::GridIdentity {
-                x509_dn,
-                voms_fqans,
-                token_subject: t.subject,
-                token_issuer: t.issuer,
-                token_groups: t.groups,
-            },
-            t.vo,
-        ))
+            .map_err(|e| {
+                let kind = match e {
+                    wnodes_identity::CredentialError::Missing => "no_credential",
+                    _ => "credential",
+                };
+                Refusal::not_permitted(kind, ErrorChain(&e).to_string())
+            })
     }
 
     /// Runs one connection to its end.

@@ -536,7 +536,7 @@ async fn a_vm_stopped_without_an_exit_code_ends_the_job_with_255() {
 /// and nothing is published for them.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_verified_token_names_the_vo_and_bad_tokens_are_refused_with_their_reason() {
-    use wnodes_agent::token::testing::TestIssuer;
+    use wnodes_identity::token::testing::TestIssuer;
     let nats = NatsServer::start().await.unwrap();
     let mut seen = fake_launcher(&nats, Answer::Stop(0, "ok\n")).await;
     let dir = tempfile::tempdir().unwrap();

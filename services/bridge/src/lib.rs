@@ -79,6 +79,23 @@ pub struct Config {
     pub sources: Vec<Source>,
     /// Slurm's pending jobs, polled into `job.queued` (`[bridge.slurm_queue]`, off by default).
     pub slurm_queue: slurm_queue::SlurmQueueConfig,
+    /// Grid credentials of `JobStarted` calls, verified offline (`[bridge.identity]`).
+    pub identity: wnodes_identity::IdentityConfig,
+    /// With client certificates (`client_ca`): what each may do (`[[bridge.clients]]`); required
+    /// then, and a certificate no rule names may do nothing.
+    pub clients: Vec<ClientRule>,
+}
+
+/// What one compute element's client certificate may do.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientRule {
+    /// The certificate's subject in OpenSSL slash form (`/C=IT/O=…/CN=ce01.example.org`).
+    pub subject: String,
+    /// The hypervisor hosts its calls may name (`"*"`: any).
+    pub hosts: Vec<String>,
+    /// `job_started`, `job_finished`, `job_cancelled`, `wait_job`.
+    pub operations: Vec<String>,
 }
 
 /// One followed LRMS file.
@@ -125,6 +142,8 @@ impl Default for Config {
             image_hints: wnodes_lrms::ImageHints::default(),
             sources: Vec::new(),
             slurm_queue: slurm_queue::SlurmQueueConfig::default(),
+            identity: wnodes_identity::IdentityConfig::default(),
+            clients: Vec::new(),
         }
     }
 }
@@ -186,6 +205,28 @@ impl wnodes_runtime::Service for Bridge {
                 format!("sources: path {:?} must be absolute", s.path),
             ));
         }
+        if config.client_ca.is_some() && config.clients.is_empty() {
+            return Err(wnodes_runtime::ConfigError::section(
+                Self::NAME,
+                "clients: with client_ca, each client certificate's subject, hosts and operations \
+                 must be listed ([[bridge.clients]]); none are",
+            ));
+        }
+        const OPS: [&str; 4] = ["job_started", "job_finished", "job_cancelled", "wait_job"];
+        if let Some((c, op)) = config.clients.iter().find_map(|c| {
+            c.operations
+                .iter()
+                .find(|o| !OPS.contains(&o.as_str()))
+                .map(|o| (c, o))
+        }) {
+            return Err(wnodes_runtime::ConfigError::section(
+                Self::NAME,
+                format!(
+                    "clients: {:?}: operation {op:?} is none of {OPS:?}",
+                    c.subject
+                ),
+            ));
+        }
         server::tls_config(config)
             .map(drop)
             .map_err(|e| wnodes_runtime::ConfigError::section(Self::NAME, e))
@@ -203,8 +244,14 @@ impl wnodes_runtime::Service for Bridge {
         let addr = listener
             .local_addr()
             .map_err(|e| StartError::failed("read the gRPC listener's address", e))?;
-        let service =
-            server::BridgeService::new(ctx.bus.clone(), ctx.source(), ctx.shutdown.clone());
+        let verifier = wnodes_identity::Verifier::new(&ctx.config.identity)
+            .map_err(|e| StartError::config(Self::NAME, wnodes_bus::ErrorChain(&e).to_string()))?;
+        let mut service =
+            server::BridgeService::new(ctx.bus.clone(), ctx.source(), ctx.shutdown.clone())
+                .with_identity(verifier);
+        if ctx.config.client_ca.is_some() {
+            service = service.with_clients(ctx.config.clients.clone());
+        }
         tracing::info!(%addr, tls = tls.is_some(), "Bridge gRPC service listening.");
         let shutdown = ctx.shutdown.clone();
         let mut parts = wnodes_runtime::Parts::tasks_only().task("grpc", async move {

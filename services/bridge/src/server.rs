@@ -112,15 +112,89 @@ pub struct BridgeService {
     bus: Bus,
     source: String,
     shutdown: CancellationToken,
+    verifier: std::sync::Arc<wnodes_identity::Verifier>,
+    /// With mTLS: what each client certificate may do (`None`: no client certificates).
+    clients: Option<std::sync::Arc<Vec<crate::ClientRule>>>,
+}
+
+/// An RPC, for the client rules (`[[bridge.clients]] operations`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    JobStarted,
+    JobFinished,
+    JobCancelled,
+    WaitJob,
+}
+
+impl Operation {
+    /// Its name in `operations`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Operation::JobStarted => "job_started",
+            Operation::JobFinished => "job_finished",
+            Operation::JobCancelled => "job_cancelled",
+            Operation::WaitJob => "wait_job",
+        }
+    }
 }
 
 impl BridgeService {
-    /// `source` is `"bridge@<host>"`; `shutdown` ends pending `WaitJob` calls.
+    /// `source` is `"bridge@<host>"`; `shutdown` ends pending `WaitJob` calls. No credential
+    /// is required and no client rule applies until [`Self::with_identity`] and
+    /// [`Self::with_clients`].
     pub fn new(bus: Bus, source: String, shutdown: CancellationToken) -> Self {
         Self {
             bus,
             source,
             shutdown,
+            verifier: std::sync::Arc::new(wnodes_identity::Verifier::default()),
+            clients: None,
+        }
+    }
+
+    /// Verifies `JobStarted`'s credentials with `verifier` (`[bridge.identity]`).
+    #[must_use]
+    pub fn with_identity(mut self, verifier: wnodes_identity::Verifier) -> Self {
+        self.verifier = std::sync::Arc::new(verifier);
+        self
+    }
+
+    /// Authorises each call by its client certificate's subject (`[[bridge.clients]]`).
+    #[must_use]
+    pub fn with_clients(mut self, clients: Vec<crate::ClientRule>) -> Self {
+        self.clients = Some(std::sync::Arc::new(clients));
+        self
+    }
+
+    /// Whether the caller's certificate may do `op` for `host`.
+    fn authorize<T>(&self, request: &Request<T>, op: Operation, host: &str) -> Result<(), Status> {
+        let Some(rules) = &self.clients else {
+            return Ok(());
+        };
+        let subject = request
+            .peer_certs()
+            .and_then(|certs| {
+                certs.first().and_then(|der| {
+                    use x509_parser::prelude::FromDer;
+                    x509_parser::certificate::X509Certificate::from_der(der.as_ref())
+                        .ok()
+                        .map(|(_, c)| wnodes_identity::proxy::slash_dn(c.subject()))
+                })
+            })
+            .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
+        let allowed = rules.iter().any(|r| {
+            r.subject == subject
+                && r.operations.iter().any(|o| o == op.name())
+                && r.hosts.iter().any(|h| h == "*" || h == host)
+        });
+        if allowed {
+            Ok(())
+        } else {
+            tracing::warn!(%subject, operation = op.name(), %host, "A client was refused.");
+            Err(Status::permission_denied(format!(
+                "client {subject} may not call {} for host {host:?} ([[bridge.clients]])",
+                op.name()
+            )))
         }
     }
 
@@ -208,11 +282,30 @@ impl bridge_server::Bridge for BridgeService {
         request: Request<proto::JobStartedRequest>,
     ) -> Result<Response<proto::JobAck>, Status> {
         let span = rpc_span!("bridge.job_started", "JobStarted", request.metadata());
+        let host = request
+            .get_ref()
+            .job
+            .as_ref()
+            .map(|j| j.host.clone())
+            .unwrap_or_default();
+        self.authorize(&request, Operation::JobStarted, &host)?;
         let req = request.into_inner();
         validate::job(req.job.as_ref()).map_err(invalid)?;
-        let Some(job) = req.job else {
+        let Some(mut job) = req.job else {
             return Err(Status::invalid_argument("job: is required"));
         };
+        // Who the job is comes from its verified credentials, never from the caller's fields.
+        let (identity, vo) = self
+            .verifier
+            .verify(
+                &req.bearer_token,
+                &req.x509_proxy,
+                job.vo.clone(),
+                wnodes_identity::unix_now(),
+            )
+            .map_err(|e| Status::permission_denied(ErrorChain(&e).to_string()))?;
+        job.identity = (identity != proto::GridIdentity::default()).then_some(identity);
+        job.vo = vo;
         let event = job_started_event(job, req.started_at, &self.source);
         // Without a caller's trace, the run's own: its root span, ended at once (the bridge
         // does not follow the run).
@@ -226,6 +319,7 @@ impl bridge_server::Bridge for BridgeService {
         request: Request<proto::JobFinishedRequest>,
     ) -> Result<Response<proto::JobAck>, Status> {
         let span = rpc_span!("bridge.job_finished", "JobFinished", request.metadata());
+        self.authorize(&request, Operation::JobFinished, &request.get_ref().host)?;
         let req = request.into_inner();
         let run = run_on_host(req.run, &req.host)?;
         let event =
@@ -238,6 +332,7 @@ impl bridge_server::Bridge for BridgeService {
         request: Request<proto::JobCancelledRequest>,
     ) -> Result<Response<proto::JobAck>, Status> {
         let span = rpc_span!("bridge.job_cancelled", "JobCancelled", request.metadata());
+        self.authorize(&request, Operation::JobCancelled, &request.get_ref().host)?;
         let req = request.into_inner();
         let run = run_on_host(req.run, &req.host)?;
         let event =
@@ -250,6 +345,7 @@ impl bridge_server::Bridge for BridgeService {
         request: Request<proto::WaitJobRequest>,
     ) -> Result<Response<proto::JobOutcome>, Status> {
         let (span, traced) = rpc_span!("bridge.wait_job", "WaitJob", request.metadata());
+        self.authorize(&request, Operation::WaitJob, &request.get_ref().host)?;
         let req = request.into_inner();
         let key = run_key(&run_on_host(req.run, &req.host)?);
         if !traced {

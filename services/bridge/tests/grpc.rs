@@ -123,6 +123,7 @@ async fn job_started_publishes_the_event_under_the_callers_trace() {
     let mut req = Request::new(proto::JobStartedRequest {
         job: Some(job("4242")),
         started_at: None,
+        ..Default::default()
     });
     req.metadata_mut().insert(
         "traceparent",
@@ -139,6 +140,7 @@ async fn job_started_publishes_the_event_under_the_callers_trace() {
         .job_started(proto::JobStartedRequest {
             job: Some(job("4243")),
             started_at: None,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -152,6 +154,7 @@ async fn job_started_publishes_the_event_under_the_callers_trace() {
         .job_started(proto::JobStartedRequest {
             job: Some(job("4242")),
             started_at: None,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -210,6 +213,7 @@ async fn invalid_input_is_rejected_naming_the_field() {
             .job_started(proto::JobStartedRequest {
                 job: Some(j.clone()),
                 started_at: None,
+                ..Default::default()
             })
             .await
             .unwrap_err();
@@ -296,6 +300,7 @@ async fn a_call_that_fails_inside_the_bridge_tells_the_caller_a_request_id_not_t
         .job_started(proto::JobStartedRequest {
             job: Some(job("77")),
             started_at: None,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -330,6 +335,7 @@ async fn a_call_that_fails_inside_the_bridge_tells_the_caller_a_request_id_not_t
         .job_started(proto::JobStartedRequest {
             job: Some(job("")),
             started_at: None,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -486,6 +492,7 @@ async fn tls_with_client_certificates_admits_only_clients_the_ca_signed() {
         .job_started(proto::JobStartedRequest {
             job: Some(job("5")),
             started_at: None,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -499,6 +506,7 @@ async fn tls_with_client_certificates_admits_only_clients_the_ca_signed() {
             .job_started(proto::JobStartedRequest {
                 job: Some(job("6")),
                 started_at: None,
+                ..Default::default()
             })
             .await
             .is_err(),
@@ -512,4 +520,189 @@ async fn tls_with_client_certificates_admits_only_clients_the_ca_signed() {
     };
     let err = server::tls_config(&half).unwrap_err().to_string();
     assert!(err.contains("bridge.tls_key"), "{err}");
+}
+
+/// With client certificates, each client may do only what its `[[bridge.clients]]` rule says:
+/// the operations listed, for the hosts listed. A call outside its rule is refused naming the
+/// client, the operation and the host, and publishes nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_certificate_may_call_only_its_operations_for_its_hosts() {
+    use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+    wnodes_bus::connect::install_crypto_provider();
+    let nats = NatsServer::start().await.unwrap();
+    let bus = connect(&nats).await;
+    let pki = wnodes_testkit::TestPki::generate().unwrap();
+    let client_pem = std::fs::read(pki.client_cert()).unwrap();
+    let subject = {
+        use x509_parser::prelude::FromDer;
+        let der = wnodes_identity::proxy::pem_certificates(&client_pem).unwrap();
+        let (_, c) = x509_parser::certificate::X509Certificate::from_der(&der[0]).unwrap();
+        wnodes_identity::proxy::slash_dn(c.subject())
+    };
+    let cfg = wnodes_bridge::Config {
+        grpc_addr: "127.0.0.1:0".parse().unwrap(),
+        tls_cert: Some(pki.server_cert().to_owned()),
+        tls_key: Some(pki.server_key().to_owned()),
+        client_ca: Some(pki.ca_pem().to_owned()),
+        clients: vec![wnodes_bridge::ClientRule {
+            subject: subject.clone(),
+            hosts: vec![HOST.into()],
+            operations: vec!["job_started".into(), "wait_job".into()],
+        }],
+        ..Default::default()
+    };
+    // Client certificates without rules: a configuration error naming the key.
+    let no_rules = wnodes_bridge::Config {
+        clients: Vec::new(),
+        ..cfg.clone()
+    };
+    let e = <wnodes_bridge::Bridge as wnodes_runtime::Service>::validate(&no_rules).unwrap_err();
+    let e = wnodes_bus::ErrorChain(&e).to_string();
+    assert!(e.contains("clients"), "{e}");
+    let tls = server::tls_config(&cfg).unwrap();
+    let listener = server::bind(cfg.grpc_addr).await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let stop = CancellationToken::new();
+    let _guard = stop.clone().drop_guard();
+    let service = BridgeService::new(bus.clone(), "bridge@test".into(), stop.clone())
+        .with_clients(cfg.clients.clone());
+    tokio::spawn(server::serve(listener, service, tls, stop.clone()));
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(std::fs::read(pki.ca_pem()).unwrap()))
+        .domain_name("localhost")
+        .identity(Identity::from_pem(
+            client_pem,
+            std::fs::read(pki.client_key()).unwrap(),
+        ));
+    let channel = Channel::from_shared(format!("https://localhost:{port}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = proto::bridge_client::BridgeClient::new(channel);
+    let ok = client
+        .job_started(proto::JobStartedRequest {
+            job: Some(job("7")),
+            ..Default::default()
+        })
+        .await;
+    assert!(ok.is_ok(), "{ok:?}");
+    // Another host.
+    let mut other = job("8");
+    other.host = "hv9.example.org".into();
+    let e = client
+        .job_started(proto::JobStartedRequest {
+            job: Some(other),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    assert!(
+        e.message().contains(&subject) && e.message().contains("hv9.example.org"),
+        "{e:?}"
+    );
+    // An operation the rule does not list.
+    let e = client
+        .job_cancelled(proto::JobCancelledRequest {
+            run: Some(run("7")),
+            host: HOST.into(),
+            reason: "test".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("job_cancelled"), "{e:?}");
+    // Only the allowed call reached the bus.
+    let subject_filter = format!("wnodes.evt.{}.job.>", subject::encode_host(HOST).unwrap());
+    let got = messages(&bus, subject_filter, 1).await;
+    let ev = proto::Event::decode(got[0].payload.clone()).unwrap();
+    assert_eq!(ev.id, "job.started:INFN-T1/slurm/7/1");
+    let none = stored_messages(&bus, "wnodes.evt.hv9_example_org.job.>")
+        .await
+        .unwrap()
+        .next(Duration::from_millis(500))
+        .await
+        .unwrap();
+    assert!(none.is_none(), "a refused call was published");
+}
+
+/// `JobStarted` through gRPC follows the agent's rules: who the job is comes from its verified
+/// credentials, never from the caller's fields; a token that does not verify is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn job_started_takes_the_identity_from_verified_credentials_only() {
+    use wnodes_identity::token::testing::TestIssuer;
+    let nats = NatsServer::start().await.unwrap();
+    let bus = connect(&nats).await;
+    let dir = tempfile::tempdir().unwrap();
+    let atlas = TestIssuer::new("https://atlas-auth.example/");
+    std::fs::write(dir.path().join("atlas.jwks"), atlas.jwks()).unwrap();
+    let verifier = wnodes_identity::Verifier::new(&wnodes_identity::IdentityConfig {
+        token_issuers: vec![wnodes_identity::token::TokenIssuer {
+            issuer: atlas.issuer.clone(),
+            vo: "atlas".into(),
+            jwks: dir.path().join("atlas.jwks"),
+            audiences: vec![wnodes_identity::token::ANY_AUDIENCE.into()],
+        }],
+        ..Default::default()
+    })
+    .unwrap();
+    let listener = server::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    let _guard = stop.clone().drop_guard();
+    let service =
+        BridgeService::new(bus.clone(), "bridge@test".into(), stop.clone()).with_identity(verifier);
+    tokio::spawn(server::serve(listener, service, None, stop.clone()));
+    let mut client = proto::bridge_client::BridgeClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let now = wnodes_identity::unix_now();
+    // A caller claiming an identity, with a token of another VO's user: the token wins.
+    let mut claimed = job("11");
+    claimed.vo = "cms".into();
+    claimed.identity = Some(proto::GridIdentity {
+        x509_dn: "/CN=Someone Else".into(),
+        ..Default::default()
+    });
+    client
+        .job_started(proto::JobStartedRequest {
+            job: Some(claimed),
+            bearer_token: atlas.token("alice", now, serde_json::json!({})),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let filter = format!(
+        "wnodes.evt.{}.job.started",
+        subject::encode_host(HOST).unwrap()
+    );
+    let got = messages(&bus, filter, 1).await;
+    let ev = proto::Event::decode(got[0].payload.clone()).unwrap();
+    let Some(Body::JobStarted(js)) = ev.body else {
+        panic!("{ev:?}")
+    };
+    let j = js.job.unwrap();
+    assert_eq!(j.vo, "atlas");
+    let id = j.identity.unwrap();
+    assert_eq!(
+        (id.x509_dn.as_str(), id.token_subject.as_str()),
+        ("", "alice")
+    );
+    // A forged token: refused with the reason, nothing published.
+    let forged =
+        TestIssuer::new("https://atlas-auth.example/").token("x", now, serde_json::json!({}));
+    let e = client
+        .job_started(proto::JobStartedRequest {
+            job: Some(job("12")),
+            bearer_token: forged,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("signature"), "{e:?}");
 }

@@ -60,6 +60,7 @@ fn job_started(job_id: &str) -> proto::JobStartedRequest {
             ..Default::default()
         }),
         started_at: None,
+        ..Default::default()
     }
 }
 

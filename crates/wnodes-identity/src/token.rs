@@ -340,7 +340,7 @@ impl Issuers {
 }
 
 /// Test helpers: an issuer's key pair and tokens it signs (`ring`, ES256). Only in tests (and
-/// with the `test-tokens` feature, which this crate's own integration tests turn on).
+/// with the `test-tokens` feature, which the agent's and the bridge's tests turn on).
 #[cfg(any(test, feature = "test-tokens"))]
 #[allow(clippy::expect_used)] // test code: a failure is the report
 pub mod testing {
