@@ -554,13 +554,7 @@ async fn a_verified_token_names_the_vo_and_bad_tokens_are_refused_with_their_rea
         )
     })
     .await;
-    let now = i64::try_from(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs(),
-    )
-    .unwrap();
+    let now = wnodes_identity::unix_now();
     // The starter reads its token from BEARER_TOKEN_FILE, a file of the job's user.
     let with_token = |name: &str, token: &str, job: &str| {
         let path = dir.path().join(name);

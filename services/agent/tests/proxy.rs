@@ -135,9 +135,10 @@ fn proxy(dir: &Path, out: &str, user: &str, voms: &str) -> Vec<u8> {
     std::fs::read(dir.join(out)).unwrap()
 }
 
-fn proxies_are_verified_and_bad_ones_refused_with_their_reason() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
+/// The test PKI in `d`: a CA (also in `d/certs`), the user Alice and the VOMS server
+/// `voms.example.org`, both issued by the CA, and the LSC naming that server for VO atlas.
+/// Returns the leaf certificates' extensions.
+fn pki(d: &Path) -> &'static str {
     std::fs::create_dir_all(d.join("certs")).unwrap();
     std::fs::create_dir_all(d.join("vomsdir/atlas")).unwrap();
     let leaf =
@@ -169,17 +170,18 @@ fn proxies_are_verified_and_bad_ones_refused_with_their_reason() {
         "/C=IT/O=WNoDeS Test/CN=voms.example.org\n/C=IT/O=WNoDeS Test/CN=WNoDeS Test CA\n",
     )
     .unwrap();
+    leaf
+}
+
+fn proxies_are_verified_and_bad_ones_refused_with_their_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let leaf = pki(d);
     let cfg = X509Config {
         ca_dir: d.join("certs"),
         vomsdir: d.join("vomsdir"),
     };
-    let now = i64::try_from(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs(),
-    )
-    .unwrap();
+    let now = wnodes_identity::unix_now();
 
     // A valid proxy: the user's DN, the VO and the FQANs, primary first.
     let good = proxy(d, "good.pem", "user", "voms");
@@ -241,37 +243,7 @@ async fn a_job_starter_s_proxy_names_the_job_s_vo_dn_and_fqans() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     std::fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    std::fs::create_dir_all(d.join("certs")).unwrap();
-    std::fs::create_dir_all(d.join("vomsdir/atlas")).unwrap();
-    let leaf =
-        "basicConstraints=critical,CA:false\nkeyUsage=critical,digitalSignature,keyEncipherment\n";
-    cert(
-        d,
-        "ca",
-        "/C=IT/O=WNoDeS Test/CN=WNoDeS Test CA",
-        None,
-        "basicConstraints=critical,CA:true\n",
-    );
-    std::fs::copy(d.join("ca.pem"), d.join("certs/ca.pem")).unwrap();
-    cert(
-        d,
-        "user",
-        "/C=IT/O=WNoDeS Test/CN=Alice Tester",
-        Some("ca"),
-        leaf,
-    );
-    cert(
-        d,
-        "voms",
-        "/C=IT/O=WNoDeS Test/CN=voms.example.org",
-        Some("ca"),
-        leaf,
-    );
-    std::fs::write(
-        d.join("vomsdir/atlas/voms.example.org.lsc"),
-        "/C=IT/O=WNoDeS Test/CN=voms.example.org\n/C=IT/O=WNoDeS Test/CN=WNoDeS Test CA\n",
-    )
-    .unwrap();
+    let leaf = pki(d);
     proxy(d, "good.pem", "user", "voms");
     cert(d, "selfie", "/C=IT/O=WNoDeS Test/CN=Mallory", None, leaf);
     proxy(d, "selfie-proxy.pem", "selfie", "voms");
