@@ -89,8 +89,6 @@ const NEEDS: &[Precondition] = &{
 /// A stack as the Slurm jobs need it: in the host's network namespace, where slurmd runs
 /// them, so with qemu user-mode networking.
 async fn slurm_stack(work: &std::path::Path) -> Stack {
-    // The job's user reaches its job directory and the agent's socket under `work`.
-    std::fs::set_permissions(work, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     Stack::start(slurm_options(work)).await.unwrap()
 }
 
@@ -98,6 +96,8 @@ async fn slurm_stack(work: &std::path::Path) -> Stack {
 /// networking), with its host agent, the Slurm node's name as its host, the cluster's jobcomp
 /// spool followed and its pending jobs polled.
 fn slurm_options(work: &std::path::Path) -> StackOptions {
+    // The job's user reaches its job directory and the agent's socket under `work`.
+    std::fs::set_permissions(work, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let mut opts = StackOptions::new(work.join("stack"));
     opts.network = NetworkChoice::User;
     opts.host_agent = true;
@@ -399,11 +399,6 @@ exit 0
 async fn vm_a_slurm_job_is_one_trace_with_slurm_s_events_and_the_seven_services() {
     let collector = wnodes_testkit::OtlpCollector::start().await.unwrap();
     let work = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(
-        work.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
     let mut opts = slurm_options(work.path());
     opts.otlp_endpoint = Some(collector.endpoint());
     let mut stack = Stack::start(opts).await.unwrap();
@@ -582,11 +577,6 @@ async fn vm_a_job_starter_killed_with_sigkill_takes_its_vm_with_it() {
 async fn vm_an_unprivileged_job_starter_gets_the_whole_output_up_to_the_cap() {
     const LIMIT: u64 = 256 << 10;
     let work = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(
-        work.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
     let mut opts = slurm_options(work.path());
     opts.output_limit_bytes = Some(LIMIT);
     let stack = Stack::start(opts).await.unwrap();

@@ -139,34 +139,29 @@ impl wnodes_runtime::Service for HostAgent {
         tracing::info!(socket = %config.socket.display(), lrms = ?config.lrms, dev_identity = config.allow_dev_identity, "Host agent listening.");
         let shutdown = ctx.shutdown.clone();
         let socket = config.socket.clone();
-        let sessions = tokio_util::task::TaskTracker::new();
-        let tracker = sessions.clone();
-        Ok(Parts::tasks_only()
-            .task("agent-socket", async move {
-                loop {
-                    tokio::select! {
-                        () = shutdown.cancelled() => break,
-                        accepted = listener.accept() => match accepted {
-                            Ok((stream, _)) => {
-                                tracker.spawn(agent.clone().session(stream));
-                            }
-                            Err(e) => {
-                                tracing::warn!(error = %e, "Accepting a job starter failed.");
-                                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                            }
+        let tracker = tokio_util::task::TaskTracker::new();
+        Ok(Parts::tasks_only().task("agent-socket", async move {
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    accepted = listener.accept() => match accepted {
+                        Ok((stream, _)) => {
+                            tracker.spawn(agent.clone().session(stream));
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "Accepting a job starter failed.");
+                            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                         }
                     }
                 }
-                drop(listener);
-                let _ = std::fs::remove_file(&socket);
-                // Each session cancels its run on shutdown and waits for its VM's end.
-                tracker.close();
-                tracker.wait().await;
-                Ok(())
-            })
-            .on_stop(async move {
-                sessions.close();
-            }))
+            }
+            drop(listener);
+            let _ = std::fs::remove_file(&socket);
+            // Each session cancels its run on shutdown and waits for its VM's end.
+            tracker.close();
+            tracker.wait().await;
+            Ok(())
+        }))
     }
 }
 

@@ -10,10 +10,7 @@
 
 use std::{io::Write, path::PathBuf};
 
-use tokio::{
-    net::UnixStream,
-    signal::unix::{SignalKind, signal},
-};
+use tokio::net::UnixStream;
 use wnodes_bus::proto::{self, agent_message::Kind as Reply, starter_message::Kind as Ask};
 
 use crate::{
@@ -255,12 +252,9 @@ fn exit_u8(code: i32) -> u8 {
 
 /// Runs the job starter; returns the process exit code.
 pub async fn run(args: JobStarterArgs) -> u8 {
-    let (mut term, mut int) = match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(t), Ok(i)) => (t, i),
-        (Err(e), _) | (_, Err(e)) => {
+    let (mut term, mut int) = match crate::submit::cancel_signals() {
+        Ok(s) => s,
+        Err(e) => {
             say(format_args!("cannot install signal handlers: {e}"));
             return wnodes_runtime::exit::SOFTWARE;
         }

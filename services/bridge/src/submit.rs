@@ -449,16 +449,26 @@ async fn report(key: &str, ending: &Ending, cancelled_by: Option<u8>) -> u8 {
     }
 }
 
+/// SIGTERM and SIGINT, which cancel a job instead of killing its starter (`submit` and
+/// `job-starter`).
+///
+/// # Errors
+/// The handlers cannot be installed.
+pub fn cancel_signals()
+-> std::io::Result<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)> {
+    Ok((
+        signal(SignalKind::terminate())?,
+        signal(SignalKind::interrupt())?,
+    ))
+}
+
 /// Runs the job starter; returns the process exit code.
 pub async fn run(args: SubmitArgs, common: &CommonConfig) -> u8 {
     // Signal handlers first: a signal from now on cancels the job instead of killing us (one
     // that arrives while starting is handled once the job has started).
-    let (mut term, mut int) = match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(t), Ok(i)) => (t, i),
-        (Err(e), _) | (_, Err(e)) => {
+    let (mut term, mut int) = match crate::submit::cancel_signals() {
+        Ok(s) => s,
+        Err(e) => {
             say(format_args!("cannot install signal handlers: {e}"));
             return wnodes_runtime::exit::SOFTWARE;
         }
