@@ -18,6 +18,9 @@
 //! | [`lsf`] | LSF `lsb.events` and `lsb.acct` |
 //! | [`slurm`] | Slurm jobcomp (kafka/elasticsearch JSON, script environment) and `sacct -P` |
 //! | [`slurm_cli`] | what Slurm's clients print: `scontrol pidinfo`, `squeue -O` with `\|` after each field |
+//! | [`htcondor_cli`] | what HTCondor's clients print about a running job: the starter's slot, `condor_status -json`, `condor_q -json` |
+//! | [`pbs_cli`] | what `qstat -f` prints about a job: OpenPBS JSON (`-F json`) and the one-line text form (`-1`) |
+//! | [`lsf_cli`] | a process's LSF job from its cgroup, `bjobs -o ... -json`, the starts in `bhist -l` |
 //! | [`time`] | local times in a zone (`$TZ` semantics, via jiff), durations |
 //! | [`convert`] | normalised events → `wnodes.v1.Event` with deterministic ids |
 //! | [`follow`] | [`Follower`]: a file followed as it grows and across rotation, with a resume [`Cursor`] |
@@ -38,9 +41,12 @@ pub mod follow;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod htcondor;
+pub mod htcondor_cli;
 pub mod lsf;
+pub mod lsf_cli;
 pub mod parse;
 pub mod pbs;
+pub mod pbs_cli;
 pub mod publish;
 pub mod replay;
 pub mod slurm;
