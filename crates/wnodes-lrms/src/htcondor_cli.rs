@@ -156,7 +156,8 @@ pub fn parse_job_json(out: &str) -> Result<CondorJob, String> {
     let need = |k: &str| int(&ad, k)?.ok_or_else(|| format!("no {k}"));
     let cluster = need("ClusterId")?;
     let proc_ = need("ProcId")?;
-    let nonneg_u32 = |k: &str, v: i64| u32::try_from(v).map_err(|_| format!("{k} {v} is out of range"));
+    let nonneg_u32 =
+        |k: &str, v: i64| u32::try_from(v).map_err(|_| format!("{k} {v} is out of range"));
     let starts = nonneg_u32("NumJobStarts", int(&ad, "NumJobStarts")?.unwrap_or(0))?;
     let cpus = nonneg_u32("RequestCpus", int(&ad, "RequestCpus")?.unwrap_or(1))?;
     let mem_mib = u64::try_from(int(&ad, "RequestMemory")?.unwrap_or(0))
@@ -191,7 +192,8 @@ pub fn parse_job_json(out: &str) -> Result<CondorJob, String> {
 mod tests {
     use super::*;
 
-    const SLOT: &str = include_str!("../tests/data/htcondor/condor_status_startd_json_CONSTRUCTED.json");
+    const SLOT: &str =
+        include_str!("../tests/data/htcondor/condor_status_startd_json_CONSTRUCTED.json");
     const JOB: &str = include_str!("../tests/data/htcondor/condor_q_json_CONSTRUCTED.json");
 
     fn args(s: &str) -> Vec<String> {
@@ -201,7 +203,8 @@ mod tests {
     #[test]
     fn the_slot_comes_from_the_starter_s_arguments() {
         assert_eq!(
-            slot_of_starter(&args("condor_starter -f -a slot1_3 <10.0.0.5:9618?sock=x>")).as_deref(),
+            slot_of_starter(&args("condor_starter -f -a slot1_3 <10.0.0.5:9618?sock=x>"))
+                .as_deref(),
             Some("slot1_3")
         );
         assert_eq!(
@@ -262,6 +265,9 @@ mod tests {
         let bad = JOB.replace("\"NumJobStarts\": 2", "\"NumJobStarts\": -1");
         assert!(parse_job_json(&bad).unwrap_err().contains("NumJobStarts"));
         let real = JOB.replace("\"RequestMemory\": 8000", "\"RequestMemory\": 8000.0");
-        assert_eq!(parse_job_json(&real).unwrap().request_memory_bytes, 8000 << 20);
+        assert_eq!(
+            parse_job_json(&real).unwrap().request_memory_bytes,
+            8000 << 20
+        );
     }
 }

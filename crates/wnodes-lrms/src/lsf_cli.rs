@@ -125,9 +125,7 @@ pub fn parse_bjobs_json(out: &str) -> Result<LsfJob, String> {
             .filter(|s| !s.is_empty() && s != "-")
     };
     let need = |k: &str| get(k).ok_or_else(|| format!("no {k}"));
-    let id: u64 = need("JOBID")?
-        .parse()
-        .map_err(|e| format!("JOBID: {e}"))?;
+    let id: u64 = need("JOBID")?.parse().map_err(|e| format!("JOBID: {e}"))?;
     let idx: u64 = match get("JOBINDEX") {
         Some(i) => i.parse().map_err(|e| format!("JOBINDEX {i:?}: {e}"))?,
         None => 0,
@@ -191,7 +189,7 @@ fn mem(s: &str) -> Result<u64, String> {
         other => return Err(format!("MEMLIMIT {s:?}: unknown unit {other:?}")),
     };
     let bytes = n * f64::from(1u32 << (shift - 10)) * 1024.0;
-    if !bytes.is_finite() || bytes < 0.0 || bytes > 1e18 {
+    if !bytes.is_finite() || !(0.0..=1e18).contains(&bytes) {
         return Err(format!("MEMLIMIT {s:?}: out of range"));
     }
     #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
@@ -253,8 +251,12 @@ mod tests {
         assert_eq!(j.slots, 4);
         assert_eq!(j.run_limit, Some(2880 * 60));
         assert_eq!(j.mem_limit, Some(8 << 30));
-        let not_found = r#"{"COMMAND":"bjobs","JOBS":1,"RECORDS":[{"ERROR":"Job <9> is not found"}]}"#;
-        assert_eq!(parse_bjobs_json(not_found).unwrap_err(), "Job <9> is not found");
+        let not_found =
+            r#"{"COMMAND":"bjobs","JOBS":1,"RECORDS":[{"ERROR":"Job <9> is not found"}]}"#;
+        assert_eq!(
+            parse_bjobs_json(not_found).unwrap_err(),
+            "Job <9> is not found"
+        );
         let none = r#"{"COMMAND":"bjobs","JOBS":0,"RECORDS":[]}"#;
         assert!(parse_bjobs_json(none).unwrap_err().contains("0 records"));
         let array = BJOBS.replace(r#""JOBINDEX":"0""#, r#""JOBINDEX":"7""#);
@@ -286,7 +288,10 @@ mod tests {
         // Not under LSF's cgroup, a user's own look-alike, two jobs at once, junk.
         assert_eq!(job_of_cgroup("0::/user.slice/job.1.0.1\n", "lsf"), None);
         assert_eq!(
-            job_of_cgroup("3:memory:/lsf/c/job.1.0.1\n4:cpuset:/lsf/c/job.2.0.1\n", "lsf"),
+            job_of_cgroup(
+                "3:memory:/lsf/c/job.1.0.1\n4:cpuset:/lsf/c/job.2.0.1\n",
+                "lsf"
+            ),
             None
         );
         assert_eq!(job_of_cgroup("0::/lsf/c/job.x.0\n", "lsf"), None);

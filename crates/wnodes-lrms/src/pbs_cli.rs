@@ -128,10 +128,16 @@ fn job_from(id: &str, a: &Attrs) -> Result<PbsJob, String> {
             .to_owned(),
     };
     let session_id = get("session_id")
-        .map(|s| s.parse::<i32>().map_err(|e| format!("session_id {s:?}: {e}")))
+        .map(|s| {
+            s.parse::<i32>()
+                .map_err(|e| format!("session_id {s:?}: {e}"))
+        })
         .transpose()?;
     let run_count = get("run_count")
-        .map(|s| s.parse::<u32>().map_err(|e| format!("run_count {s:?}: {e}")))
+        .map(|s| {
+            s.parse::<u32>()
+                .map_err(|e| format!("run_count {s:?}: {e}"))
+        })
         .transpose()?;
     let walltime = get("Resource_List.walltime")
         .map(parse_walltime)
@@ -298,7 +304,11 @@ mod tests {
         let e = parse_qstat_text(&forged).unwrap_err();
         assert!(e.contains("euser appears twice"), "{e}");
         let two = format!("{TEXT}\n{TEXT}");
-        assert!(parse_qstat_text(&two).unwrap_err().contains("more than one"));
+        assert!(
+            parse_qstat_text(&two)
+                .unwrap_err()
+                .contains("more than one")
+        );
         assert!(parse_qstat_text("").unwrap_err().contains("Job Id"));
     }
 

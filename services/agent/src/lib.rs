@@ -9,7 +9,17 @@
 //!   allocation); `JobStarted` (the root of the job's trace); progress and the payload's output
 //!   back to the starter; `JobFinished`. A cancel request, the connection closing (the starter
 //!   killed, even by SIGKILL) or the agent stopping cancels the run.
-//! - [`slurm`]: `scontrol pidinfo` and `squeue`, and parsers of what they print.
+//! - [`lrms`]: what every batch system's check shares: the verified job, the errors, the
+//!   clients run without a shell, and what `/proc` says about the starter's process.
+//! - [`slurm`]: `scontrol pidinfo` and `squeue` (tested against a real Slurm).
+//! - [`pbs`]: `PBS_JOBID`, `qstat -f`, and the job's session holding the starter's process.
+//! - [`lsf`]: the LSF job cgroup holding the starter's process, `bjobs -o -json`, `bhist -l`.
+//! - [`htcondor`]: the root `condor_starter` above the starter's process, its slot's ad
+//!   (`condor_status`) and its job's ad (`condor_q`).
+//!
+//!   PBS, LSF and HTCondor are checked with their clients' documented output; none of them
+//!   runs on the project's machines, so their tests use stand-in clients printing that output
+//!   (`services/agent/tests/lrms.rs`), with real processes, sessions and cgroups.
 //! - grid credentials (an X.509 proxy with its VOMS AC, a WLCG bearer token) are verified by
 //!   `wnodes-identity` (`[agent.identity]`), shared with the bridge's gRPC ingest.
 //! - [`runs`]: the runs whose starter is connected, on disk: an agent that restarts cancels
@@ -21,7 +31,11 @@
 
 #[cfg(test)]
 mod error_rule;
+pub mod htcondor;
+pub mod lrms;
+pub mod lsf;
 pub mod metrics;
+pub mod pbs;
 pub mod runs;
 pub mod session;
 pub mod slurm;
@@ -49,14 +63,20 @@ pub struct Config {
     pub socket_mode: u32,
     /// The group owning the socket (a gid), for a mode that leaves others out.
     pub socket_group: Option<u32>,
-    /// The batch systems whose jobs this agent takes (default `["slurm"]`, the only one built:
-    /// HTCondor, PBS and LSF are planned).
+    /// The batch systems whose jobs this agent takes (default `["slurm"]`; `pbs`, `lsf` and
+    /// `htcondor` too, each checked as its section says).
     pub lrms: Vec<LrmsKind>,
     /// Development only: accept a job starter's own job id, attempt, VO and queue
     /// (`--dev-job-id` ...). uid and gid still come from the socket. Default off.
     pub allow_dev_identity: bool,
     /// `[agent.slurm]`.
     pub slurm: slurm::SlurmConfig,
+    /// `[agent.pbs]`.
+    pub pbs: pbs::PbsConfig,
+    /// `[agent.lsf]`.
+    pub lsf: lsf::LsfConfig,
+    /// `[agent.htcondor]`.
+    pub htcondor: htcondor::HtcondorConfig,
     /// `[agent.identity]`: grid credentials verified offline.
     pub identity: IdentityConfig,
 }
@@ -70,6 +90,9 @@ impl Default for Config {
             lrms: vec![LrmsKind::Slurm],
             allow_dev_identity: false,
             slurm: slurm::SlurmConfig::default(),
+            pbs: pbs::PbsConfig::default(),
+            lsf: lsf::LsfConfig::default(),
+            htcondor: htcondor::HtcondorConfig::default(),
             identity: IdentityConfig::default(),
         }
     }
@@ -102,12 +125,26 @@ impl wnodes_runtime::Service for HostAgent {
                 ),
             ));
         }
-        if let Some(l) = config.lrms.iter().find(|l| **l != LrmsKind::Slurm) {
+        if config.lrms.is_empty() {
             return Err(ConfigError::section(
                 "agent",
+                "lrms: empty (name at least one of slurm, pbs, lsf, htcondor)",
+            ));
+        }
+        if let Some(n) = [
+            ("agent.pbs", config.pbs.node_name.as_deref()),
+            ("agent.lsf", config.lsf.node_name.as_deref()),
+            ("agent.htcondor", config.htcondor.node_name.as_deref()),
+        ]
+        .into_iter()
+        .find(|(_, n)| {
+            n.is_some_and(|n| !wnodes_lrms::htcondor_cli::is_condor_name(n) || n.contains('@'))
+        }) {
+            return Err(ConfigError::section(
+                n.0,
                 format!(
-                    "lrms: {} is not built yet (only slurm; the others are planned)",
-                    l.name()
+                    "node_name: {:?} is not a host name",
+                    n.1.unwrap_or_default()
                 ),
             ));
         }

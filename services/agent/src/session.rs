@@ -1,7 +1,7 @@
 //! One job starter's connection: who it is, its run, and the run's end.
 //!
 //! The peer's uid, gid and pid come from the socket (`SO_PEERCRED`); the job, from the LRMS
-//! ([`crate::slurm`]) — or, only with `allow_dev_identity`, from the request's development
+//! ([`crate::slurm`], [`crate::pbs`], [`crate::lsf`], [`crate::htcondor`]) — or, only with `allow_dev_identity`, from the request's development
 //! identity. Then `JobStarted` is published (the root span of the job's trace), progress lines
 //! and, once the VM has stopped, the payload's output go back to the starter, and `JobFinished`
 //! closes the run. A `CancelRequest`, the starter's connection closing, or the agent stopping
@@ -26,9 +26,13 @@ use wnodes_runtime::exit;
 
 use crate::{
     Config,
+    htcondor::Htcondor,
+    lrms::LrmsError,
+    lsf::Lsf,
     metrics::Metrics,
+    pbs::Pbs,
     runs::{LiveRun, Runs},
-    slurm::{Slurm, SlurmError},
+    slurm::Slurm,
 };
 
 /// The payload's output goes back in chunks of this size.
@@ -74,6 +78,9 @@ pub struct Agent {
     pub host: String,
     pub source: String,
     pub slurm: Slurm,
+    pub pbs: Pbs,
+    pub lsf: Lsf,
+    pub htcondor: Htcondor,
     pub runs: Runs,
     pub metrics: Metrics,
     /// Grid credentials' verification.
@@ -121,6 +128,9 @@ impl Agent {
         shutdown: CancellationToken,
     ) -> Self {
         let slurm = Slurm::new(config.slurm.clone());
+        let pbs = Pbs::new(config.pbs.clone());
+        let lsf = Lsf::new(config.lsf.clone());
+        let htcondor = Htcondor::new(config.htcondor.clone());
         Self {
             bus,
             config,
@@ -128,6 +138,9 @@ impl Agent {
             host,
             source,
             slurm,
+            pbs,
+            lsf,
+            htcondor,
             runs,
             metrics,
             verifier,
@@ -187,75 +200,50 @@ impl Agent {
                     "the socket gave no process id for the job starter".into(),
                 ));
             };
-            // Only Slurm is built (`lrms` accepts nothing else).
-            let id = self.slurm.job_of_pid(pid).await.map_err(slurm_refusal)?;
-            if !req.claimed_job_id.is_empty() && req.claimed_job_id != id {
-                return Err(Refusal::not_permitted(
-                    "claimed_job",
-                    format!(
-                        "the job starter's environment names Slurm job {:?}, but its process {pid} belongs to job {id}",
-                        req.claimed_job_id
-                    ),
-                ));
+            let claimed = req.claimed_job_id.as_str();
+            let verified = match lrms {
+                proto::Lrms::Slurm => self.slurm.identify(pid, peer.uid, claimed).await,
+                proto::Lrms::Pbs => self.pbs.identify(pid, peer.uid, claimed, &self.host).await,
+                proto::Lrms::Lsf => self.lsf.identify(pid, peer.uid, claimed, &self.host).await,
+                proto::Lrms::Htcondor => {
+                    self.htcondor
+                        .identify(pid, peer.uid, claimed, &self.host)
+                        .await
+                }
+                proto::Lrms::Unspecified => Err(LrmsError::refused(
+                    "lrms",
+                    "the job starter named no batch system",
+                )),
             }
-            let job = self.slurm.job(&id).await.map_err(slurm_refusal)?;
-            if job.uid != peer.uid {
-                return Err(Refusal::not_permitted(
-                    "uid",
-                    format!(
-                        "Slurm job {id} belongs to uid {}, but the job starter runs as uid {}",
-                        job.uid, peer.uid
-                    ),
-                ));
-            }
-            if job.state != "RUNNING" {
-                return Err(Refusal::not_permitted(
-                    "state",
-                    format!("Slurm job {id} is {}, not RUNNING", job.state),
-                ));
-            }
-            // The payload sees the job as Slurm describes it (these override what the starter
-            // sent).
+            .map_err(lrms_refusal)?;
+            // The payload sees the job as the LRMS describes it (these override what the
+            // starter sent).
             if let Some(p) = payload.as_mut() {
-                for (k, v) in [
-                    ("SLURM_JOB_ID", id.clone()),
-                    ("SLURM_JOB_USER", job.user.clone()),
-                    ("SLURM_JOB_UID", job.uid.to_string()),
-                    ("SLURM_JOB_PARTITION", job.partition.clone()),
-                    ("SLURM_JOB_ACCOUNT", job.account.clone()),
-                    ("SLURM_RESTART_COUNT", job.restarts.to_string()),
-                    ("SLURM_CPUS_ON_NODE", job.cpus.to_string()),
-                ] {
-                    p.environment.insert(k.to_owned(), v);
+                for (k, v) in &verified.env {
+                    p.environment.insert(k.clone(), v.clone());
                 }
             }
             let run = proto::JobRunRef {
                 site: self.site.clone(),
-                lrms: proto::Lrms::Slurm as i32,
-                job_id: id,
-                run_attempt: job.restarts.saturating_add(1),
+                lrms: lrms as i32,
+                job_id: verified.job_id,
+                run_attempt: verified.attempt,
             };
             let owner = proto::JobOwner {
-                user: job.user.clone(),
-                uid: job.uid,
-                gid: job.gid,
+                user: verified.user,
+                uid: verified.uid,
+                gid: verified.gid,
             };
             let resources = proto::ResourceRequest {
-                cores: job.cpus,
-                memory_bytes: job.memory_bytes,
+                cores: verified.cpus,
+                memory_bytes: verified.memory_bytes,
                 scratch_bytes: 0,
-                walltime: job.time_limit.map(|s| prost_types::Duration {
+                walltime: verified.walltime.map(|s| prost_types::Duration {
                     seconds: i64::try_from(s).unwrap_or(i64::MAX),
                     nanos: 0,
                 }),
             };
-            (
-                run,
-                owner,
-                self.slurm.vo(&job),
-                job.partition.clone(),
-                resources,
-            )
+            (run, owner, verified.vo, verified.queue, resources)
         };
         // A grid credential, verified, names the VO (the LRMS's VO is the fallback).
         let (identity, vo) = self.credential(req, vo)?;
@@ -758,12 +746,14 @@ impl RunCtx<'_> {
     }
 }
 
-/// A refusal for what Slurm said.
-fn slurm_refusal(e: SlurmError) -> Refusal {
+/// A refusal for what the LRMS (or the kernel) said.
+fn lrms_refusal(e: LrmsError) -> Refusal {
     let reason = ErrorChain(&e).to_string();
     match e {
-        SlurmError::NotInJob { .. } => Refusal::not_permitted("not_in_job", reason),
-        _ => Refusal {
+        LrmsError::Refused { kind, .. } => Refusal::not_permitted(kind, reason),
+        // The process went away while it was being looked at: it is no job's now.
+        LrmsError::Proc { .. } => Refusal::not_permitted("not_in_job", reason),
+        LrmsError::Client(_) => Refusal {
             reason,
             exit_code: exit::UNAVAILABLE,
             kind: "lrms_unavailable",

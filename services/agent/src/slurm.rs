@@ -10,10 +10,12 @@
 //!
 //! Both are run without a shell, with `SLURM_CONF` as the agent's environment has it.
 
-use std::{path::PathBuf, time::Duration};
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 pub use wnodes_lrms::slurm_cli::{SlurmJob, parse_pidinfo, parse_squeue, squeue_format};
+
+use crate::lrms::{Client, ClientError, LrmsError, VerifiedJob};
 
 /// `[agent.slurm]`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,91 +42,53 @@ impl Default for SlurmConfig {
     }
 }
 
-/// Why Slurm could not vouch for a process.
-#[derive(Debug, thiserror::Error)]
-pub enum SlurmError {
-    #[error("process {pid} is not part of a Slurm job on this host (scontrol pidinfo: {said})")]
-    NotInJob { pid: i32, said: String },
-    #[error("cannot run {command}")]
-    Spawn {
-        command: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{command} did not answer within {secs} s")]
-    Timeout { command: String, secs: u64 },
-    #[error("{command} failed: {said}")]
-    Failed { command: String, said: String },
-    #[error("cannot read {command}'s answer {said:?}: {what}")]
-    Parse {
-        command: String,
-        said: String,
-        what: String,
-    },
-}
-
 /// Runs Slurm's clients.
 #[derive(Debug, Clone)]
 pub struct Slurm {
     config: SlurmConfig,
+    client: Client,
 }
 
 impl Slurm {
     pub fn new(config: SlurmConfig) -> Self {
-        Self { config }
-    }
-
-    async fn run(&self, program: &PathBuf, args: &[&str]) -> Result<(bool, String), SlurmError> {
-        let command = format!("{} {}", program.display(), args.join(" "));
-        let mut c = tokio::process::Command::new(program);
-        c.args(args)
-            .stdin(std::process::Stdio::null())
-            .kill_on_drop(true);
-        let secs = self.config.timeout_secs;
-        let out = tokio::time::timeout(Duration::from_secs(secs), c.output())
-            .await
-            .map_err(|_| SlurmError::Timeout {
-                command: command.clone(),
-                secs,
-            })?
-            .map_err(|source| SlurmError::Spawn {
-                command: command.clone(),
-                source,
-            })?;
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok((out.status.success(), text))
+        let client = Client {
+            timeout_secs: config.timeout_secs,
+        };
+        Self { config, client }
     }
 
     /// The job the process `pid` of this host belongs to.
     ///
     /// # Errors
-    /// Not in a job ([`SlurmError::NotInJob`]), or scontrol failing otherwise.
-    pub async fn job_of_pid(&self, pid: i32) -> Result<String, SlurmError> {
+    /// Not in a job (refused), or scontrol failing otherwise.
+    pub async fn job_of_pid(&self, pid: i32) -> Result<String, LrmsError> {
         let pid_s = pid.to_string();
         let (ok, out) = self
+            .client
             .run(&self.config.scontrol, &["pidinfo", &pid_s])
             .await?;
         match parse_pidinfo(&out) {
             Some(id) if ok => Ok(id),
             _ if out.contains("Failed to locate job") || out.contains("not found") => {
-                Err(SlurmError::NotInJob {
-                    pid,
-                    said: out.trim().to_owned(),
-                })
+                Err(LrmsError::refused(
+                    "not_in_job",
+                    format!(
+                        "process {pid} is not part of a Slurm job on this host (scontrol pidinfo: {})",
+                        out.trim()
+                    ),
+                ))
             }
-            _ if ok => Err(SlurmError::Parse {
+            _ if ok => Err(ClientError::Parse {
                 command: "scontrol pidinfo".into(),
                 said: out.trim().to_owned(),
                 what: "no \"Slurm JobId=\" line".into(),
-            }),
-            _ => Err(SlurmError::Failed {
+            }
+            .into()),
+            _ => Err(ClientError::Failed {
                 command: "scontrol pidinfo".into(),
                 said: out.trim().to_owned(),
-            }),
+            }
+            .into()),
         }
     }
 
@@ -132,32 +96,33 @@ impl Slurm {
     ///
     /// # Errors
     /// squeue failing, or an answer that is not one job's line.
-    pub async fn job(&self, id: &str) -> Result<SlurmJob, SlurmError> {
+    pub async fn job(&self, id: &str) -> Result<SlurmJob, ClientError> {
         let format = squeue_format();
         let (ok, out) = self
+            .client
             .run(&self.config.squeue, &["-h", "-j", id, "-O", &format])
             .await?;
         if !ok {
-            return Err(SlurmError::Failed {
+            return Err(ClientError::Failed {
                 command: "squeue".into(),
                 said: out.trim().to_owned(),
             });
         }
         let lines: Vec<&str> = out.lines().filter(|l| !l.trim().is_empty()).collect();
         let [line] = lines.as_slice() else {
-            return Err(SlurmError::Parse {
+            return Err(ClientError::Parse {
                 command: "squeue".into(),
                 said: out.trim().to_owned(),
                 what: format!("{} lines where one job's was expected", lines.len()),
             });
         };
-        let job = parse_squeue(line).map_err(|what| SlurmError::Parse {
+        let job = parse_squeue(line).map_err(|what| ClientError::Parse {
             command: "squeue".into(),
             said: (*line).to_owned(),
             what,
         })?;
         if job.job_id != id {
-            return Err(SlurmError::Parse {
+            return Err(ClientError::Parse {
                 command: "squeue".into(),
                 said: (*line).to_owned(),
                 what: format!("job {} where {id} was asked for", job.job_id),
@@ -173,5 +138,66 @@ impl Slurm {
         } else {
             job.account.clone()
         }
+    }
+
+    /// The job whose process `pid` (running as `uid`) connected; `claimed` is the job id the
+    /// starter's environment names (`SLURM_JOB_ID`; compared, never trusted).
+    ///
+    /// # Errors
+    /// Refused: the process is in no job, in another job than claimed, the job is another
+    /// user's or not running. Or Slurm could not be asked.
+    pub async fn identify(
+        &self,
+        pid: i32,
+        uid: u32,
+        claimed: &str,
+    ) -> Result<VerifiedJob, LrmsError> {
+        let id = self.job_of_pid(pid).await?;
+        if !claimed.is_empty() && claimed != id {
+            return Err(LrmsError::refused(
+                "claimed_job",
+                format!(
+                    "the job starter's environment names Slurm job {claimed:?}, but its process {pid} belongs to job {id}"
+                ),
+            ));
+        }
+        let job = self.job(&id).await?;
+        if job.uid != uid {
+            return Err(LrmsError::refused(
+                "uid",
+                format!(
+                    "Slurm job {id} belongs to uid {}, but the job starter runs as uid {uid}",
+                    job.uid
+                ),
+            ));
+        }
+        if job.state != "RUNNING" {
+            return Err(LrmsError::refused(
+                "state",
+                format!("Slurm job {id} is {}, not RUNNING", job.state),
+            ));
+        }
+        let env = vec![
+            ("SLURM_JOB_ID".to_owned(), id.clone()),
+            ("SLURM_JOB_USER".to_owned(), job.user.clone()),
+            ("SLURM_JOB_UID".to_owned(), job.uid.to_string()),
+            ("SLURM_JOB_PARTITION".to_owned(), job.partition.clone()),
+            ("SLURM_JOB_ACCOUNT".to_owned(), job.account.clone()),
+            ("SLURM_RESTART_COUNT".to_owned(), job.restarts.to_string()),
+            ("SLURM_CPUS_ON_NODE".to_owned(), job.cpus.to_string()),
+        ];
+        Ok(VerifiedJob {
+            vo: self.vo(&job),
+            job_id: id,
+            attempt: job.restarts.saturating_add(1),
+            uid: job.uid,
+            gid: job.gid,
+            user: job.user,
+            queue: job.partition,
+            cpus: job.cpus,
+            memory_bytes: job.memory_bytes,
+            walltime: job.time_limit,
+            env,
+        })
     }
 }
