@@ -67,6 +67,19 @@ impl Held {
         prefix: &[&str],
         env: &[(&str, &str)],
     ) -> Self {
+        Self::spawn_with(dir, name, socket, prefix, env, None).await
+    }
+
+    /// [`Held::spawn`] through `wrapper` (one of `starters/`, the LRMS's hook) instead of
+    /// `wnodes-bridge job-starter` itself.
+    async fn spawn_with(
+        dir: &Path,
+        name: &str,
+        socket: &Path,
+        prefix: &[&str],
+        env: &[(&str, &str)],
+        wrapper: Option<&str>,
+    ) -> Self {
         // Writable by a starter's parent that is not root (a look-alike condor_starter).
         let held = dir.join("held");
         std::fs::create_dir_all(&held).unwrap();
@@ -79,20 +92,36 @@ impl Held {
         } else {
             format!("setpriv --reuid={OTHER_UID} --regid={OTHER_UID} --clear-groups")
         };
+        let command = match wrapper {
+            Some(w) => format!(
+                "{}/../../starters/{w} /bin/true",
+                env!("CARGO_MANIFEST_DIR")
+            ),
+            None => format!(
+                "{} job-starter --socket {} -- /bin/true",
+                bridge_bin().display(),
+                socket.display()
+            ),
+        };
         let inner = format!(
-            "echo $$ > {pid}; while [ ! -e {go} ]; do sleep 0.05; done; \
-             exec {drop} {bridge} job-starter --socket {socket} -- /bin/true",
+            "echo $$ > {pid}; while [ ! -e {go} ]; do sleep 0.05; done; exec {drop} {command}",
             pid = pid_file.display(),
             go = go.display(),
-            bridge = bridge_bin().display(),
-            socket = socket.display(),
         );
         let mut argv: Vec<String> = prefix.iter().map(|s| (*s).to_owned()).collect();
         argv.extend(["/bin/sh".into(), "-c".into(), inner]);
         let mut c = tokio::process::Command::new(&argv[0]);
         c.args(&argv[1..])
             .env_clear()
-            .env("PATH", "/usr/bin:/bin:/usr/sbin:/sbin")
+            .env(
+                "PATH",
+                format!(
+                    "{}:/usr/bin:/bin:/usr/sbin:/sbin",
+                    bridge_bin().parent().unwrap().display()
+                ),
+            )
+            .env("WNODES_AGENT__SOCKET", socket)
+            .env("WNODES_JOB_STARTER_CONF", "/nonexistent")
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -193,12 +222,13 @@ async fn pbs_jobs_are_the_jobs_whose_session_holds_the_starter() {
     };
 
     // The job's own starter, leading the job's session: the job as qstat describes it.
-    let s = Held::spawn(
+    let s = Held::spawn_with(
         d,
         "ok",
         &agent.socket,
         &["setsid"],
         &[("PBS_JOBID", "1042.pbs01")],
+        Some("wnodes-pbs-job-starter"),
     )
     .await;
     write_job("1042.pbs01", "nobody", "R", s.pid);
@@ -376,7 +406,15 @@ async fn lsf_jobs_are_the_jobs_whose_cgroup_holds_the_starter() {
 
     // The job's own starter, in the job's cgroup.
     write_job("5821", "nobody");
-    let s = Held::spawn(d, "ok", &agent.socket, &[], &[("LSB_JOBID", "5821")]).await;
+    let s = Held::spawn_with(
+        d,
+        "ok",
+        &agent.socket,
+        &[],
+        &[("LSB_JOBID", "5821")],
+        Some("wnodes-lsf-job-starter"),
+    )
+    .await;
     enter(s.pid, 5821);
     let (code, stderr) = s.go().await;
     assert_eq!(code, Some(0), "{stderr}");
@@ -462,12 +500,13 @@ async fn htcondor_jobs_are_the_jobs_of_the_root_starter_above_the_starter() {
     // A job starter below slot1_3's root condor_starter: the slot's job.
     slot_ad("slot1_3", 0);
     job_ad("slot1_3", 0, "nobody");
-    let s = Held::spawn(
+    let s = Held::spawn_with(
         d,
         "ok",
         &agent.socket,
         &[starter_s, "-f", "-a", "slot1_3"],
         &[("_CONDOR_JOB_AD", "/nonexistent")],
+        Some("wnodes-htcondor-job-wrapper"),
     )
     .await;
     let (code, stderr) = s.go().await;
