@@ -497,7 +497,15 @@ async fn htcondor_jobs_are_the_jobs_of_the_root_starter_above_the_starter() {
     };
     let starter_s = starter.to_str().unwrap();
 
-    // A job starter below slot1_3's root condor_starter: the slot's job.
+    // A job starter below slot1_3's root condor_starter: the slot's job, whatever the job's own
+    // (user-writable) job ad says.
+    std::fs::create_dir_all(d.join("held")).unwrap();
+    let forged_ad = d.join("held/.job.ad");
+    std::fs::write(
+        &forged_ad,
+        "ClusterId = 4711\nProcId = 1\nOwner = \"root\"\nNumJobStarts = 9\n",
+    )
+    .unwrap();
     slot_ad("slot1_3", 0);
     job_ad("slot1_3", 0, "nobody");
     let s = Held::spawn_with(
@@ -505,7 +513,7 @@ async fn htcondor_jobs_are_the_jobs_of_the_root_starter_above_the_starter() {
         "ok",
         &agent.socket,
         &[starter_s, "-f", "-a", "slot1_3"],
-        &[("_CONDOR_JOB_AD", "/nonexistent")],
+        &[("_CONDOR_JOB_AD", forged_ad.to_str().unwrap())],
         Some("wnodes-htcondor-job-wrapper"),
     )
     .await;
