@@ -149,6 +149,7 @@ impl Fixture {
             network,
             storage,
             sandbox: self.confinement.sandbox,
+            tuning: None,
         }
     }
 }
