@@ -260,13 +260,19 @@ mod tests {
         let host = [4, 5];
         let a = vm("atlas", &allocate(&host, &[], "atlas", 1, true));
         assert_eq!(a.cores, vec![4]);
-        let b = vm("cms", &allocate(&host, &[a.clone()], "cms", 1, true));
+        let b = vm(
+            "cms",
+            &allocate(&host, std::slice::from_ref(&a), "cms", 1, true),
+        );
         assert_eq!(b.cores, vec![5]);
         // Both taken: a second atlas VM joins atlas's core.
         let c = allocate(&host, &[a.clone(), b.clone()], "atlas", 1, true);
         assert_eq!(c, vec![4]);
         // atlas's VM stopped (it is no longer in the live list): its core is free again.
-        assert_eq!(allocate(&host, &[b.clone()], "cms", 1, true), vec![4]);
+        assert_eq!(
+            allocate(&host, std::slice::from_ref(&b), "cms", 1, true),
+            vec![4]
+        );
         // The stored column is what a restarted launcher rebuilds from.
         let stored = to_column(&b.cores);
         let rebuilt = vm("cms", &from_column(&stored).unwrap());

@@ -219,7 +219,9 @@ impl LauncherState {
         let mut host_cores = Vec::new();
         if tuning.pin_vcpus {
             host_cores = row.host_cores.clone();
-            if host_cores.is_empty() {
+            if self.host_cores.is_empty() {
+                tracing::warn!(vm_id = %row.vm_id, "No host cores to pin to ([launcher.tuning] host_cores, or this process's CPUs unreadable); the VM runs unpinned.");
+            } else if host_cores.is_empty() {
                 let mut conn = self.store.pool().acquire().await?;
                 let live = vm_table::live_core_uses(&mut conn, &row.vm_id).await?;
                 let vcpus = usize::try_from(row.spec.cores.max(1)).unwrap_or(1);

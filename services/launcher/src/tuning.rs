@@ -240,10 +240,10 @@ impl TuningConfig {
                 reason: e.to_string(),
             })?;
         }
-        for (vo, _) in &self.vos {
+        for vo in self.vos.keys() {
             check_name(vo, "vos")?;
         }
-        for (queue, _) in &self.queues {
+        for queue in self.queues.keys() {
             check_name(queue, "queues")?;
         }
         let vos = std::iter::once(None).chain(self.vos.keys().map(Some));
