@@ -65,18 +65,16 @@ impl LauncherState {
             return Ok(());
         }
         // Host state first: a qemu started before a crash is adopted, not started twice.
-        let adopted = vm.read_running()?.is_some()
-            || vm.read_pid_file().is_some_and(|pid| vm.qemu_alive(pid));
-        let running = match vm.read_running()? {
+        let (running, adopted) = match vm.read_running()? {
             Some(r) => {
                 tracing::info!(vm_id = %row.vm_id, pid = r.pid, "Adopting a qemu started before a restart.");
-                r
+                (r, true)
             }
             // Crashed between qemu's start and running.json: qemu's own pid file tells.
             None if vm.read_pid_file().is_some_and(|pid| vm.qemu_alive(pid)) => {
                 let r = adopt::from_pid_file(&vm, &row, self.cgroups.as_ref())?;
                 tracing::info!(vm_id = %row.vm_id, pid = r.pid, "Adopting a qemu found through its pid file.");
-                r
+                (r, true)
             }
             None => {
                 let (Some(image), Some(scratch), Some(network), Some(storage)) =
@@ -148,7 +146,7 @@ impl LauncherState {
                     self.observe_phase("launch", launch_started.elapsed().as_secs_f64());
                 }
                 match launched {
-                    Ok(r) => r,
+                    Ok(r) => (r, false),
                     Err(e) => {
                         tracing::warn!(vm_id = %row.vm_id, error = %ErrorChain(&e), "qemu did not start.");
                         let ev = fail(ErrorChain(&e).to_string(), "launch");
@@ -166,7 +164,8 @@ impl LauncherState {
             }
         };
         if adopted && !row.host_cores.is_empty() {
-            // The launcher may have died between qemu's start and its pinning.
+            // The launcher may have died between qemu's start and its pinning (pinning twice
+            // is harmless).
             if let Err(e) = crate::cores::pin_vcpus(&vm.qmp_socket(), &row.host_cores).await {
                 tracing::warn!(vm_id = %row.vm_id, error = %ErrorChain(&e), "Cannot pin an adopted qemu's vCPUs; it runs unpinned.");
             }
