@@ -181,6 +181,7 @@ impl Bare {
             storage: Some(&t.storage),
             // The bare baseline is plain qemu as root, as a hand-written script would run it.
             sandbox: false,
+            tuning: None,
         })?;
         // What only the launcher needs: the QMP socket, the pid file.
         let mut args = Vec::with_capacity(full.len());

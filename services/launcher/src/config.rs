@@ -7,7 +7,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::{confine::ConfinementConfig, policy::PolicyConfig};
+use crate::{confine::ConfinementConfig, policy::PolicyConfig, tuning::TuningConfig};
 
 /// Which accelerator qemu uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -105,6 +105,9 @@ pub struct LauncherConfig {
     /// host, in bytes; a VM that writes more is stopped (`stop_reason` `output-limit`) and
     /// what is kept ends with a truncation marker. 0: no limit.
     pub output_limit_bytes: u64,
+    /// Performance tunings per VO and queue: vCPU pinning, huge pages, KSM, the disks' cache,
+    /// AIO and I/O thread (`docs/tuning.md`). Empty: qemu's defaults.
+    pub tuning: TuningConfig,
 }
 
 impl Default for LauncherConfig {
@@ -125,6 +128,7 @@ impl Default for LauncherConfig {
             scratch_volume_groups: Vec::new(),
             confinement: ConfinementConfig::default(),
             output_limit_bytes: 64 << 20,
+            tuning: TuningConfig::default(),
         }
     }
 }

@@ -9,10 +9,12 @@ use wnodes_testkit::error_rule::{SOURCE_TEXT, io_source};
 
 use crate::{
     confine::ConfineError,
+    cores::PinError,
     policy::{PolicyConfigError, PolicyError},
     qemu::QemuError,
     qmp::QmpError,
     state::LauncherError,
+    tuning::TuningConfigError,
     usage::UsageError,
     vm_dir::StateError,
     vm_table::VmTableError,
@@ -33,6 +35,14 @@ fn join_error() -> VmTableError {
     VmTableError::Sql {
         op: "insert",
         source: sqlx::Error::Protocol(SOURCE_TEXT.into()),
+    }
+}
+
+fn pin_error() -> PinError {
+    PinError::Affinity {
+        tid: 4242,
+        cores: vec![2, 3],
+        source: nix::Error::EPERM,
     }
 }
 
@@ -93,6 +103,7 @@ wnodes_testkit::error_rule! {
         QemuError::NoPid(_) => QemuError::NoPid("/var/lib/wnodes/vms/vm-0123456789ab/qemu.pid".into()),
         QemuError::State(_) => QemuError::State(state_error()),
         QemuError::Confine(_) => QemuError::Confine(ConfineError::Exhausted { first: 3_000_000_000, last: 3_000_000_009 }),
+        QemuError::Pin(_) => QemuError::Pin(pin_error()),
         QemuError::Io { .. } => QemuError::Io {
             op: "create",
             path: "/var/lib/wnodes/vms/vm-0123456789ab/qemu/qemu.log".into(),
@@ -124,6 +135,17 @@ wnodes_testkit::error_rule! {
             mode: 0o700,
             owner: 0,
             group: 0,
+        },
+    }
+    PinError {
+        PinError::Qmp(_) => PinError::Qmp(QmpError::Closed { path: "qmp.sock".into() }),
+        PinError::NoThreads(_) => PinError::NoThreads("[{\"cpu-index\":0}]".into()),
+        PinError::Affinity { .. } => pin_error(),
+    }
+    TuningConfigError {
+        TuningConfigError { .. } => TuningConfigError {
+            key: "queues.short".into(),
+            reason: "disk_aio = \"native\" needs O_DIRECT: disk_cache = \"none\" or \"directsync\"".into(),
         },
     }
     QmpError {

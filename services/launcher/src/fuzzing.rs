@@ -196,6 +196,7 @@ pub fn exercise_launch(data: &[u8]) -> bool {
         network: Some(&network),
         storage: Some(&storage),
         sandbox: true,
+        tuning: None,
     };
     let Ok(args) = build_args(&inputs) else {
         return false;

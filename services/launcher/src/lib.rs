@@ -10,7 +10,9 @@
 //! | [`vm_dir`] | the VM's state directory: `job.json`, `running.json`, serial files, liveness |
 //! | [`confine`] | each VM's qemu confined: a uid of its own (allocation, file ownership, giving back), the `setpriv` wrapper, `-sandbox` |
 //! | [`qemu`] | the qemu command line, the payload script, starting qemu detached through the wrapper |
-//! | [`qmp`] | a minimal QMP client (powerdown / quit) over the VM's unix socket |
+//! | [`qmp`] | a minimal QMP client (powerdown / quit / queries) over the VM's unix socket |
+//! | [`tuning`] | `[launcher.tuning]`: per-VO and per-queue profiles (pinning, huge pages, KSM, disk cache, AIO, I/O thread) resolved into a VM's [`Tuning`](tuning::Tuning) |
+//! | [`cores`] | vCPU pinning: the core allocator (VO grouping, rebuilt from the VM table) and `sched_setaffinity` on the vCPU threads QMP names |
 //! | [`usage`] | CPU and peak memory: per-VM cgroup (v2, else v1 `cpuacct`+`memory`) when usable, else `/proc` samples in `usage.json` |
 //! | [`watch`] | waits for a VM's qemu to exit (also after a launcher restart) and collects the result |
 //! | [`fuzzing`] | what the fuzz targets check: event values through the VM id, path and qemu-argument validators; a job's request through the site policy |
@@ -61,6 +63,7 @@ mod adopt;
 mod cgroups;
 pub mod config;
 pub mod confine;
+pub mod cores;
 mod deadline;
 #[cfg(test)]
 mod error_rule;
@@ -75,6 +78,7 @@ pub mod qmp;
 mod start;
 pub mod state;
 mod stop;
+pub mod tuning;
 pub mod usage;
 pub mod vm_dir;
 pub mod vm_table;
@@ -98,6 +102,10 @@ impl Service for Launcher {
     fn validate(config: &LauncherConfig) -> Result<(), ConfigError> {
         config
             .policy
+            .validate()
+            .map_err(|e| ConfigError::section(Self::NAME, e))?;
+        config
+            .tuning
             .validate()
             .map_err(|e| ConfigError::section(Self::NAME, e))?;
         config

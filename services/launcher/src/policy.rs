@@ -400,6 +400,7 @@ impl PolicyConfig {
             owner: job.owner.clone(),
             payload: Some(payload),
             vo: job.vo.clone(),
+            queue: job.queue.clone(),
             // Chosen by the handler, within its transaction.
             vm_user: None,
         })

@@ -15,8 +15,9 @@ use crate::{
     adopt,
     qemu::{self, LaunchInputs},
     state::{LauncherError, LauncherState},
+    tuning::VmTuning,
     vm_dir::VmDir,
-    vm_table::{VmRow, VmState},
+    vm_table::{self, VmRow, VmState},
 };
 
 impl LauncherState {
@@ -64,16 +65,16 @@ impl LauncherState {
             return Ok(());
         }
         // Host state first: a qemu started before a crash is adopted, not started twice.
-        let running = match vm.read_running()? {
+        let (running, adopted) = match vm.read_running()? {
             Some(r) => {
                 tracing::info!(vm_id = %row.vm_id, pid = r.pid, "Adopting a qemu started before a restart.");
-                r
+                (r, true)
             }
             // Crashed between qemu's start and running.json: qemu's own pid file tells.
             None if vm.read_pid_file().is_some_and(|pid| vm.qemu_alive(pid)) => {
                 let r = adopt::from_pid_file(&vm, &row, self.cgroups.as_ref())?;
                 tracing::info!(vm_id = %row.vm_id, pid = r.pid, "Adopting a qemu found through its pid file.");
-                r
+                (r, true)
             }
             None => {
                 let (Some(image), Some(scratch), Some(network), Some(storage)) =
@@ -119,6 +120,7 @@ impl LauncherState {
                         return Ok(());
                     }
                 };
+                let tuning = self.vm_tuning(&row).await?;
                 let inputs = LaunchInputs {
                     accel: self.accel,
                     vm: &vm,
@@ -129,6 +131,7 @@ impl LauncherState {
                     network: Some(network),
                     storage: Some(storage),
                     sandbox: self.config.confinement.sandbox,
+                    tuning: Some(&tuning),
                 };
                 let launch_started = std::time::Instant::now();
                 let launched = qemu::launch(
@@ -143,7 +146,7 @@ impl LauncherState {
                     self.observe_phase("launch", launch_started.elapsed().as_secs_f64());
                 }
                 match launched {
-                    Ok(r) => r,
+                    Ok(r) => (r, false),
                     Err(e) => {
                         tracing::warn!(vm_id = %row.vm_id, error = %ErrorChain(&e), "qemu did not start.");
                         let ev = fail(ErrorChain(&e).to_string(), "launch");
@@ -160,6 +163,13 @@ impl LauncherState {
                 }
             }
         };
+        if adopted && !row.host_cores.is_empty() {
+            // The launcher may have died between qemu's start and its pinning (pinning twice
+            // is harmless).
+            if let Err(e) = crate::cores::pin_vcpus(&vm.qmp_socket(), &row.host_cores).await {
+                tracing::warn!(vm_id = %row.vm_id, error = %ErrorChain(&e), "Cannot pin an adopted qemu's vCPUs; it runs unpinned.");
+            }
+        }
         // Counted before vm.running goes out, so whoever sees the event sees the count.
         let start_ms = i64::try_from(running.started_at_ms)
             .unwrap_or(i64::MAX)
@@ -194,5 +204,41 @@ impl LauncherState {
             self.spawn_stop(row.vm_id.clone());
         }
         Ok(())
+    }
+}
+
+impl LauncherState {
+    /// The VM's tuning: its profile (`[launcher.tuning]`, by VO and queue) and, when it pins
+    /// its vCPUs, its host cores: the row's own when it has some (a launch retried after a
+    /// restart), else allocated next to the live VMs' and stored in the row before qemu
+    /// starts, so that a restarted launcher never hands them out twice.
+    async fn vm_tuning(&self, row: &VmRow) -> Result<VmTuning, LauncherError> {
+        let config = &self.config.tuning;
+        let tuning = config.resolve(&row.spec.vo, &row.spec.queue);
+        let mut host_cores = Vec::new();
+        if tuning.pin_vcpus {
+            host_cores = row.host_cores.clone();
+            if self.host_cores.is_empty() {
+                tracing::warn!(vm_id = %row.vm_id, "No host cores to pin to ([launcher.tuning] host_cores, or this process's CPUs unreadable); the VM runs unpinned.");
+            } else if host_cores.is_empty() {
+                let mut conn = self.store.pool().acquire().await?;
+                let live = vm_table::live_core_uses(&mut conn, &row.vm_id).await?;
+                let vcpus = usize::try_from(row.spec.cores.max(1)).unwrap_or(1);
+                host_cores = crate::cores::allocate(
+                    &self.host_cores,
+                    &live,
+                    &row.spec.vo,
+                    vcpus,
+                    config.vo_grouping,
+                );
+                vm_table::set_host_cores(&mut conn, &row.vm_id, &host_cores).await?;
+            }
+            tracing::info!(vm_id = %row.vm_id, vo = %row.spec.vo, cores = ?host_cores, "Host cores for the VM's vCPUs.");
+        }
+        Ok(VmTuning {
+            tuning,
+            host_cores,
+            hugepages_path: config.hugepages_path.clone(),
+        })
     }
 }

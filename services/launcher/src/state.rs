@@ -47,6 +47,9 @@ pub struct LauncherState {
     /// The host's usable cgroups (`None`: usage from `/proc` samples).
     pub cgroups: Option<CgroupHost>,
     pub watch: WatchOptions,
+    /// The host cores pinned vCPUs are placed on (`[launcher.tuning] host_cores`, else the
+    /// launcher's own CPUs).
+    pub host_cores: Vec<u32>,
     pub shutdown: CancellationToken,
     pub(crate) starter: mpsc::UnboundedSender<String>,
     pub(crate) watching: Mutex<HashSet<String>>,
@@ -114,6 +117,14 @@ impl LauncherState {
                 output_limit_bytes: ctx.config.output_limit_bytes,
                 ..WatchOptions::default()
             },
+            // Checked by `Service::validate`; an unreadable list falls back to our CPUs.
+            host_cores: ctx
+                .config
+                .tuning
+                .host_cores()
+                .ok()
+                .flatten()
+                .unwrap_or_else(crate::cores::own_cpus),
             shutdown,
             starter: tx,
             watching: Mutex::new(HashSet::new()),

@@ -44,8 +44,16 @@ pub const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS launcher_vms (
     pid           INTEGER,
     cancel_reason TEXT,
     pending       BLOB,               -- wnodes.v1.Event not yet acknowledged by JetStream
-    trace         TEXT    NOT NULL DEFAULT '{}'
+    trace         TEXT    NOT NULL DEFAULT '{}',
+    host_cores    TEXT                -- pinned host cores (2,3: vCPU 0 on 2, vCPU 1 on 3); NULL: none
 )";
+
+/// Columns added after the table's first release, added to an older table by [`init`]:
+/// (name, statement).
+const ADDED_COLUMNS: [(&str, &str); 1] = [(
+    "host_cores",
+    "ALTER TABLE launcher_vms ADD COLUMN host_cores TEXT",
+)];
 
 /// A store problem.
 #[derive(Debug, thiserror::Error)]
@@ -147,6 +155,8 @@ pub struct VmRow {
     pub cancel_reason: Option<String>,
     pub pending: Option<Event>,
     pub trace: BTreeMap<String, String>,
+    /// The host cores its vCPUs are pinned to (vCPU i → element i); empty: not pinned.
+    pub host_cores: Vec<u32>,
 }
 
 impl VmRow {
@@ -174,6 +184,7 @@ impl VmRow {
             cancel_reason: None,
             pending: None,
             trace,
+            host_cores: Vec::new(),
         }
     }
 
@@ -223,12 +234,25 @@ pub fn decide(row: Option<&VmRow>, resource: Resource, failure: Option<&str>) ->
     }
 }
 
-/// Creates the table.
+/// Creates the table, or adds the columns an older launcher's table lacks.
 pub async fn init(pool: &SqlitePool) -> Result<(), VmTableError> {
     sqlx::query(SCHEMA)
         .execute(pool)
         .await
         .map_err(sql("create table"))?;
+    let columns: Vec<String> =
+        sqlx::query_scalar("SELECT name FROM pragma_table_info('launcher_vms')")
+            .fetch_all(pool)
+            .await
+            .map_err(sql("read the table's columns"))?;
+    for (name, add) in ADDED_COLUMNS {
+        if !columns.iter().any(|c| c == name) {
+            sqlx::query(add)
+                .execute(pool)
+                .await
+                .map_err(sql("add a column"))?;
+        }
+    }
     Ok(())
 }
 
@@ -286,6 +310,13 @@ fn from_row(r: &SqliteRow) -> Result<VmRow, VmTableError> {
     let trace: String = r.try_get("trace").map_err(sql("read column"))?;
     let trace = serde_json::from_str(&trace).map_err(|e| corrupt("trace", e.to_string()))?;
     let pid: Option<i64> = r.try_get("pid").map_err(sql("read column"))?;
+    let cores: Option<String> = r.try_get("host_cores").map_err(sql("read column"))?;
+    let host_cores = match cores {
+        None => Vec::new(),
+        Some(text) => {
+            crate::cores::from_column(&text).ok_or_else(|| corrupt("host_cores", text))?
+        }
+    };
     Ok(VmRow {
         run_key: r.try_get("run_key").map_err(sql("read column"))?,
         host: r.try_get("host").map_err(sql("read column"))?,
@@ -301,6 +332,7 @@ fn from_row(r: &SqliteRow) -> Result<VmRow, VmTableError> {
         cancel_reason: r.try_get("cancel_reason").map_err(sql("read column"))?,
         pending: decode(r, &vm_id, "pending")?,
         trace,
+        host_cores,
         vm_id,
     })
 }
@@ -348,6 +380,54 @@ pub async fn live_vm_uids(
         uids.extend(spec.and_then(|s| s.vm_user).map(|u| u.uid));
     }
     Ok(uids)
+}
+
+/// Records the host cores `vm_id`'s vCPUs are pinned to, before its qemu starts.
+pub async fn set_host_cores(
+    conn: &mut SqliteConnection,
+    vm_id: &str,
+    cores: &[u32],
+) -> Result<(), VmTableError> {
+    sqlx::query("UPDATE launcher_vms SET host_cores = ? WHERE vm_id = ?")
+        .bind(crate::cores::to_column(cores))
+        .bind(vm_id)
+        .execute(conn)
+        .await
+        .map_err(sql("store host cores"))?;
+    Ok(())
+}
+
+/// The pinned cores of every VM that holds some (launching or running), but `except`: what
+/// the core allocator starts from, also after a restart.
+pub async fn live_core_uses(
+    conn: &mut SqliteConnection,
+    except: &str,
+) -> Result<Vec<crate::cores::CoreUse>, VmTableError> {
+    let rows = sqlx::query(
+        "SELECT vm_id, spec, host_cores FROM launcher_vms
+         WHERE state IN ('launching', 'running') AND host_cores IS NOT NULL AND vm_id != ?
+         ORDER BY vm_id",
+    )
+    .bind(except)
+    .fetch_all(conn)
+    .await
+    .map_err(sql("list pinned cores"))?;
+    let mut uses = Vec::new();
+    for r in &rows {
+        let vm_id: String = r.try_get("vm_id").map_err(sql("read column"))?;
+        let spec: Option<VmSpec> = decode(r, &vm_id, "spec")?;
+        let text: String = r.try_get("host_cores").map_err(sql("read column"))?;
+        let cores = crate::cores::from_column(&text).ok_or_else(|| VmTableError::Corrupt {
+            vm_id: vm_id.clone(),
+            column: "host_cores",
+            detail: text.clone(),
+        })?;
+        uses.push(crate::cores::CoreUse {
+            vo: spec.map(|s| s.vo).unwrap_or_default(),
+            cores,
+        });
+    }
+    Ok(uses)
 }
 
 /// Rows with an event waiting to be published.
@@ -570,5 +650,95 @@ mod tests {
                 .pending
                 .is_none()
         );
+    }
+
+    #[tokio::test]
+    async fn pinned_cores_are_rebuilt_from_live_rows_and_old_tables_get_the_column() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = wnodes_bus::KeyStore::open(&dir.path().join("k.db"))
+            .await
+            .unwrap();
+        // A table as an older launcher made it (no host_cores column), with a row.
+        let old_schema = SCHEMA.replace(
+            ",\n    host_cores    TEXT                -- pinned host cores (2,3: vCPU 0 on 2, vCPU 1 on 3); NULL: none",
+            "",
+        );
+        assert!(!old_schema.contains("host_cores"), "{old_schema}");
+        sqlx::query(sqlx::AssertSqlSafe(old_schema))
+            .execute(store.pool())
+            .await
+            .unwrap();
+        let mut conn = store.pool().acquire().await.unwrap();
+        let old = row(VmState::Running);
+        sqlx::query("INSERT INTO launcher_vms (vm_id, run_key, host, run, spec, state, requested_at) VALUES (?, ?, ?, ?, ?, ?, ?)")
+            .bind(&old.vm_id).bind(&old.run_key).bind(&old.host).bind(old.run.encode_to_vec()).bind(old.spec.encode_to_vec()).bind("running").bind(0_i64)
+            .execute(&mut *conn).await.unwrap();
+        drop(conn);
+        init(store.pool()).await.unwrap();
+        init(store.pool()).await.unwrap();
+        let mut conn = store.pool().acquire().await.unwrap();
+        assert!(
+            load(&mut conn, &old.vm_id)
+                .await
+                .unwrap()
+                .unwrap()
+                .host_cores
+                .is_empty()
+        );
+
+        let with = |job: &str, vo: &str, state: VmState| {
+            let run = JobRunRef {
+                job_id: job.into(),
+                ..Default::default()
+            };
+            let spec = VmSpec {
+                vm_id: crate::policy::vm_id(&run),
+                vo: vo.into(),
+                ..Default::default()
+            };
+            VmRow::new(&run, "hv1", spec, state, BTreeMap::new())
+        };
+        let a = with("a", "atlas", VmState::Running);
+        let b = with("b", "cms", VmState::Launching);
+        let c = with("c", "cms", VmState::Stopped);
+        for (r, cores) in [(&a, vec![0, 1]), (&b, vec![2]), (&c, vec![3])] {
+            insert(&mut conn, r).await.unwrap();
+            set_host_cores(&mut conn, &r.vm_id, &cores).await.unwrap();
+        }
+        assert_eq!(
+            load(&mut conn, &a.vm_id).await.unwrap().unwrap().host_cores,
+            vec![0, 1]
+        );
+        let mut live = live_core_uses(&mut conn, "").await.unwrap();
+        live.sort_by(|x, y| x.vo.cmp(&y.vo));
+        assert_eq!(
+            live,
+            vec![
+                crate::cores::CoreUse {
+                    vo: "atlas".into(),
+                    cores: vec![0, 1]
+                },
+                crate::cores::CoreUse {
+                    vo: "cms".into(),
+                    cores: vec![2]
+                },
+            ],
+            "the stopped VM's core is free"
+        );
+        assert_eq!(live_core_uses(&mut conn, &b.vm_id).await.unwrap().len(), 1);
+        // The launching VM finishes: its cores are free for the next allocation.
+        assert!(
+            transition(
+                &mut conn,
+                &b.vm_id,
+                VmState::Launching,
+                VmState::Failed,
+                None,
+                None
+            )
+            .await
+            .unwrap()
+        );
+        assert_eq!(live_core_uses(&mut conn, "").await.unwrap().len(), 1);
     }
 }

@@ -662,6 +662,153 @@ async fn vm_nats_scratch_on_a_block_device_and_the_device_rule() {
     assert_eq!(launcher.stop().await, 0);
 }
 
+/// Two CPUs to pin to, and `taskset`.
+const PIN_NEEDS: &[host::Precondition] = &[
+    host::Precondition::Qemu,
+    host::Precondition::TestGuest,
+    host::Precondition::Root,
+    host::Precondition::Setpriv,
+    host::Precondition::Other("taskset and CPUs 0 and 1", || {
+        let cpus = wnodes_launcher::cores::own_cpus();
+        if !std::path::Path::new("/usr/bin/taskset").exists() {
+            Err("/usr/bin/taskset (util-linux)".into())
+        } else if !(cpus.contains(&0) && cpus.contains(&1)) {
+            Err(format!("CPUs 0 and 1 (this process may use {cpus:?})"))
+        } else {
+            Ok(())
+        }
+    }),
+];
+
+/// `taskset -p` of each vCPU thread of the VM's qemu (from QMP `query-cpus-fast`), as masks.
+async fn vcpu_masks(env: &Env, vm_id: &str) -> Vec<u64> {
+    let vm = wnodes_launcher::vm_dir::VmDir::new(&env.dir.path().join("vms"), vm_id).unwrap();
+    let mut q = wnodes_launcher::qmp::Qmp::connect(&vm.qmp_socket())
+        .await
+        .unwrap();
+    let cpus = q.execute("query-cpus-fast").await.unwrap();
+    cpus.as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            let tid = c["thread-id"].as_i64().unwrap().to_string();
+            let out = std::process::Command::new("/usr/bin/taskset")
+                .args(["-p", &tid])
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            let mask = text.trim().rsplit_once(": ").unwrap().1.to_owned();
+            u64::from_str_radix(&mask, 16).unwrap_or_else(|_| panic!("taskset: {text}"))
+        })
+        .collect()
+}
+
+/// The launcher with `[launcher.tuning]`: VMs pinned by VO over cores 0-1, a queue's own
+/// profile on qemu's command line, and the cores rebuilt from the VM table by a restarted
+/// launcher (a VM of cms lands next to cms's VM, not on atlas's core).
+async fn vm_nats_pinned_vms_are_grouped_by_vo_across_a_restart() {
+    use wnodes_launcher::tuning::{TuningConfig, TuningProfile};
+    let _lock = vm_lock();
+    let env = env().await;
+    let config = |env: &Env| {
+        let mut cfg = deps(env, Duration::from_secs(120));
+        cfg.service
+            .policy
+            .vo_images
+            .insert("cms".into(), "wnodes-test".into());
+        cfg.service.tuning = TuningConfig {
+            host_cores: Some("0-1".into()),
+            vo_grouping: true,
+            default: TuningProfile {
+                pin_vcpus: Some(true),
+                ..Default::default()
+            },
+            queues: [(
+                "hpc".to_string(),
+                TuningProfile {
+                    mem_merge: Some(false),
+                    ..Default::default()
+                },
+            )]
+            .into(),
+            ..Default::default()
+        };
+        cfg
+    };
+    let launcher = start(config(&env)).await;
+    let start_vm = |r: JobRunRef, vo: &'static str, queue: &'static str| {
+        let env = &env;
+        async move {
+            let mut started = wnodes_testkit::events::job_started(&r, HOST, vo, "sleep 600");
+            started.job.as_mut().unwrap().queue = queue.into();
+            env.bus
+                .publish(&ev(&r, Body::JobStarted(started)))
+                .await
+                .unwrap();
+            let vm_id = vm_id_of(&wait_event(&env.bus, "vm.requested", &r).await);
+            publish_ready(env, &r, &vm_id).await;
+            wait_event(&env.bus, "vm.running", &r).await;
+            let row = row_state(&env.store, &vm_id).await.unwrap();
+            (vm_id, row)
+        }
+    };
+    let (a, row_a) = start_vm(run("pin-a"), "atlas", "short").await;
+    assert_eq!(row_a.host_cores, vec![0]);
+    assert_eq!(vcpu_masks(&env, &a).await, vec![0b01]);
+    let (b, row_b) = start_vm(run("pin-b"), "cms", "hpc").await;
+    assert_eq!(row_b.host_cores, vec![1]);
+    assert_eq!(vcpu_masks(&env, &b).await, vec![0b10]);
+    // The queue's profile: KSM off for cms's VM from queue hpc only.
+    let cmdline = |vm_id: &str| {
+        let vm = wnodes_launcher::vm_dir::VmDir::new(&env.dir.path().join("vms"), vm_id).unwrap();
+        let pid = vm.read_running().unwrap().unwrap().pid;
+        String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).unwrap())
+            .replace('\0', " ")
+    };
+    assert!(
+        cmdline(&b).contains(" -M pc,mem-merge=off "),
+        "{}",
+        cmdline(&b)
+    );
+    assert!(cmdline(&a).contains(" -M pc "), "{}", cmdline(&a));
+
+    // A restarted launcher knows the cores only from the table: both are taken, and cms's
+    // next VM shares cms's core (a forgetful or ungrouped allocator would pick core 0).
+    assert_eq!(launcher.stop().await, 0);
+    let launcher = start(config(&env)).await;
+    let (c, row_c) = start_vm(run("pin-c"), "cms", "short").await;
+    assert_eq!(row_c.host_cores, vec![1]);
+    assert_eq!(vcpu_masks(&env, &c).await, vec![0b10]);
+
+    for (name, vm_id) in [("pin-a", &a), ("pin-b", &b), ("pin-c", &c)] {
+        let r = run(name);
+        env.bus
+            .publish(&ev(
+                &r,
+                Body::JobCancelled(JobCancelled {
+                    run: Some(r.clone()),
+                    reason: "test over".into(),
+                    cancelled_at: None,
+                }),
+            ))
+            .await
+            .unwrap();
+        wait_event(&env.bus, "vm.stopped", &r).await;
+        let row = row_state(&env.store, vm_id).await.unwrap();
+        assert_eq!(row.state, VmState::Stopped);
+    }
+    // Nothing holds a core any more: the next allocation starts from an empty host.
+    let mut conn = env.store.pool().acquire().await.unwrap();
+    assert!(
+        vm_table::live_core_uses(&mut conn, "")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    drop(conn);
+    assert_eq!(launcher.stop().await, 0);
+}
+
 fn main() -> std::process::ExitCode {
     host::main(vec![
         host_test!(multi_thread vm_nats_a_payload_past_the_guests_memory_ends_by_the_guests_oom_killer needs [Qemu, TestGuest, Root, Setpriv]),
@@ -670,5 +817,6 @@ fn main() -> std::process::ExitCode {
         host_test!(multi_thread vm_nats_launcher_restart_reattaches_to_a_running_vm needs [Qemu, TestGuest, Root, Setpriv, Cgroups]),
         host_test!(multi_thread vm_nats_cancel_stops_a_running_vm needs [Qemu, TestGuest, Root, Setpriv]),
         host_test!(multi_thread vm_nats_scratch_on_a_block_device_and_the_device_rule needs [Qemu, TestGuest, Root, Setpriv, LoopDevices]),
+        host_test!(multi_thread vm_nats_pinned_vms_are_grouped_by_vo_across_a_restart needs PIN_NEEDS),
     ])
 }

@@ -25,7 +25,10 @@ use wnodes_proto::v1::{
     HostUser, ImageReady, JobPayload, NetworkMode, NetworkReady, ScratchReady, StorageReady,
     VmSpec, job_payload,
 };
-use wnodes_testkit::{host, host_test};
+use wnodes_testkit::{
+    host::{self, Precondition},
+    host_test,
+};
 
 struct Fixture {
     _lock: nix::fcntl::Flock<std::fs::File>,
@@ -149,6 +152,7 @@ impl Fixture {
             network,
             storage,
             sandbox: self.confinement.sandbox,
+            tuning: None,
         }
     }
 }
@@ -676,6 +680,538 @@ async fn vm_cgroup_cpu_time_after_the_last_watch_is_counted() {
     }
 }
 
+// ---- Tunings ([launcher.tuning], docs/tuning.md), checked in the running qemu. ----
+
+/// What the tuning tests need beyond a VM: the host facts each one looks at.
+const PIN_NEEDS: &[Precondition] = &[
+    Precondition::Qemu,
+    Precondition::TestGuest,
+    Precondition::Root,
+    Precondition::Setpriv,
+    Precondition::Other("taskset and two CPUs", pin_host),
+];
+const HUGEPAGE_NEEDS: &[Precondition] = &[
+    Precondition::Qemu,
+    Precondition::TestGuest,
+    Precondition::Root,
+    Precondition::Setpriv,
+    Precondition::Other(
+        "2 MiB huge pages (/proc/sys/vm/nr_hugepages)",
+        hugepage_host,
+    ),
+];
+const KSM_NEEDS: &[Precondition] = &[
+    Precondition::Qemu,
+    Precondition::TestGuest,
+    Precondition::Root,
+    Precondition::Setpriv,
+    Precondition::Other("KSM (/sys/kernel/mm/ksm)", ksm_host),
+];
+
+fn pin_host() -> Result<(), String> {
+    if !Path::new(TASKSET).exists() {
+        return Err(format!("{TASKSET} (util-linux)"));
+    }
+    let cpus = wnodes_launcher::cores::own_cpus();
+    if cpus.len() < 2 {
+        return Err(format!(
+            "two CPUs to pin to (this process may use {cpus:?})"
+        ));
+    }
+    Ok(())
+}
+
+fn hugepage_host() -> Result<(), String> {
+    for p in [NR_HUGEPAGES, "/sys/kernel/mm/hugepages/hugepages-2048kB"] {
+        if !Path::new(p).exists() {
+            return Err(format!("{p} (a kernel with hugetlbfs and 2 MiB pages)"));
+        }
+    }
+    Ok(())
+}
+
+fn ksm_host() -> Result<(), String> {
+    if Path::new(KSM).join("run").exists() && Path::new("/proc/self/ksm_stat").exists() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{KSM}/run and /proc/<pid>/ksm_stat (a kernel with KSM, 6.1 or later)"
+        ))
+    }
+}
+
+const TASKSET: &str = "/usr/bin/taskset";
+const NR_HUGEPAGES: &str = "/proc/sys/vm/nr_hugepages";
+const KSM: &str = "/sys/kernel/mm/ksm";
+
+/// Kernel settings a test changed, written back when it ends (also when it fails).
+struct Restore(Vec<(String, String)>);
+
+impl Restore {
+    fn new() -> Self {
+        Self(Vec::new())
+    }
+
+    /// Writes `value` to `path`, remembering what was there.
+    fn set(&mut self, path: &str, value: &str) {
+        let old = std::fs::read_to_string(path).unwrap();
+        std::fs::write(path, value).unwrap_or_else(|e| panic!("writing {value} to {path}: {e}"));
+        if !self.0.iter().any(|(p, _)| p == path) {
+            self.0.push((path.to_owned(), old.trim().to_owned()));
+        }
+    }
+}
+
+impl Drop for Restore {
+    fn drop(&mut self) {
+        for (path, old) in self.0.iter().rev() {
+            if let Err(e) = std::fs::write(path, old) {
+                eprintln!("could not restore {path} to {old}: {e}");
+            }
+        }
+    }
+}
+
+/// A second VM in the fixture's VM directory, with its own id and host user.
+fn another_vm(f: &Fixture, id: &str, uid: u32) -> (VmDir, VmSpec) {
+    let vm = VmDir::new(f.vm.dir().parent().unwrap(), id).unwrap();
+    let spec = VmSpec {
+        vm_id: id.into(),
+        vm_user: Some(HostUser { uid, gid: uid }),
+        ..f.spec.clone()
+    };
+    (vm, spec)
+}
+
+/// One QMP command on a running VM.
+async fn qmp_query(
+    vm: &VmDir,
+    command: &str,
+    args: Option<serde_json::Value>,
+) -> serde_json::Value {
+    let mut q = qmp::Qmp::connect(&vm.qmp_socket()).await.unwrap();
+    q.execute_with(command, args).await.unwrap()
+}
+
+/// Quits a VM's qemu through QMP and waits until it is gone.
+async fn quit(vm: &VmDir, pid: u32) {
+    if let Ok(mut q) = qmp::Qmp::connect(&vm.qmp_socket()).await {
+        let _ = q.execute("quit").await;
+    }
+    wait_gone(vm, pid).await;
+}
+
+/// `taskset -p TID`'s mask ("pid 42's current affinity mask: 2"), as a number.
+fn taskset_mask(tid: i64) -> u64 {
+    let out = std::process::Command::new(TASKSET)
+        .args(["-p", &tid.to_string()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "taskset -p {tid}: {text}");
+    let mask = text
+        .trim()
+        .rsplit_once(": ")
+        .unwrap_or_else(|| panic!("taskset said {text:?}"))
+        .1;
+    u64::from_str_radix(mask, 16).unwrap_or_else(|_| panic!("taskset said {text:?}"))
+}
+
+/// `HugePages_Free` in `/proc/meminfo`.
+fn hugepages_free() -> u64 {
+    let text = std::fs::read_to_string("/proc/meminfo").unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("HugePages_Free:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no HugePages_Free in {text}"))
+}
+
+/// Waits (bounded) until `HugePages_Free` is back at `free`: the pages of a qemu that exited
+/// are freed as its process goes.
+async fn given_back(free: u64) {
+    wnodes_testkit::wait::wait_until(Duration::from_secs(20), "the huge pages back", || async {
+        (hugepages_free() == free).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: HugePages_Free {}", hugepages_free()));
+}
+
+fn read_number(path: &str) -> u64 {
+    let text = std::fs::read_to_string(path).unwrap();
+    text.trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("{path}: {text:?}"))
+}
+
+/// A line `name value` of `/proc/<pid>/ksm_stat`.
+fn ksm_stat(pid: u32, name: &str) -> String {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/ksm_stat")).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name))
+        .map(|v| v.trim_start_matches(':').trim().to_owned())
+        .unwrap_or_else(|| panic!("no {name} in {text}"))
+}
+
+async fn vm_vcpus_are_pinned_from_outside_qemu() {
+    use wnodes_launcher::{
+        cores::{self, CoreUse},
+        tuning::{Tuning, VmTuning},
+    };
+    let mut f = fixture("sleep 600");
+    f.spec.cores = 2;
+    let host = cores::own_cpus();
+    let (first, second) = (host[0], host[1]);
+    // The allocator's choice with another VO's VM on the first core: the second core for
+    // vCPU 0, then the first (what the launcher stores in launcher_vms.host_cores).
+    let live = [CoreUse {
+        vo: "cms".into(),
+        cores: vec![first],
+    }];
+    let host_cores = cores::allocate(&host[..2], &live, "atlas", 2, true);
+    assert_eq!(host_cores, vec![second, first]);
+    let tuning = VmTuning {
+        tuning: Tuning {
+            pin_vcpus: true,
+            ..Tuning::default()
+        },
+        host_cores: host_cores.clone(),
+        hugepages_path: None,
+    };
+    let scratch = ScratchReady::default();
+    let storage = StorageReady::default();
+    let mut inputs = f.inputs(Some(&scratch), None, Some(&storage));
+    inputs.tuning = Some(&tuning);
+    let running = f.launch(&inputs).await.expect("qemu starts and is pinned");
+    // Under -sandbox ...,resourcecontrol=deny: qemu could not have done this itself.
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", running.pid)).unwrap();
+    assert!(
+        String::from_utf8_lossy(&cmdline).contains("resourcecontrol=deny"),
+        "qemu runs sandboxed"
+    );
+    let cpus = qmp_query(&f.vm, "query-cpus-fast", None).await;
+    eprintln!("query-cpus-fast: {cpus}");
+    let threads = cpus.as_array().unwrap();
+    assert_eq!(threads.len(), 2);
+    let tids: Vec<i64> = threads
+        .iter()
+        .map(|c| c["thread-id"].as_i64().unwrap())
+        .collect();
+    assert_ne!(tids[0], tids[1], "a thread per vCPU (multi-threaded TCG)");
+    for c in threads {
+        let index = c["cpu-index"].as_u64().unwrap() as usize;
+        let tid = c["thread-id"].as_i64().unwrap();
+        let mask = taskset_mask(tid);
+        eprintln!("vCPU {index}: thread {tid}, taskset mask {mask:x}");
+        assert_eq!(mask, 1 << host_cores[index], "vCPU {index} (thread {tid})");
+        let comm =
+            std::fs::read_to_string(format!("/proc/{}/task/{tid}/comm", running.pid)).unwrap();
+        assert_eq!(
+            comm.trim(),
+            format!("CPU {index}/TCG"),
+            "debug-threads names it"
+        );
+    }
+    // Only the vCPU threads: qemu's main thread keeps the CPUs it started with.
+    let all: u64 = host.iter().map(|c| 1_u64 << c).sum();
+    assert_eq!(taskset_mask(i64::from(running.pid)), all);
+    quit(&f.vm, running.pid).await;
+}
+
+async fn vm_guest_ram_is_on_huge_pages() {
+    use wnodes_launcher::tuning::{Tuning, VmTuning};
+    let mut f = fixture("echo on huge pages; exit 0");
+    f.spec.memory_bytes = 128 << 20;
+    let pages = 64; // 128 MiB in 2 MiB pages
+    let mut restore = Restore::new();
+    let before = read_number(NR_HUGEPAGES);
+    restore.set(NR_HUGEPAGES, &(before + pages + 8).to_string());
+    let free = hugepages_free();
+    assert!(
+        free >= pages,
+        "the kernel reserved only {free} free huge pages"
+    );
+    let mut tuning = VmTuning {
+        tuning: Tuning {
+            hugepages: true,
+            ..Tuning::default()
+        },
+        ..VmTuning::default()
+    };
+    let scratch = ScratchReady::default();
+    let storage = StorageReady::default();
+    // An anonymous memfd on the kernel's own hugetlbfs.
+    let mut inputs = f.inputs(Some(&scratch), None, Some(&storage));
+    inputs.tuning = Some(&tuning);
+    let running = f.launch(&inputs).await.expect("qemu starts on huge pages");
+    let during = hugepages_free();
+    eprintln!("HugePages_Free: {free} before, {during} with the VM");
+    assert!(free - during >= pages, "{free} -> {during}");
+    let smaps = std::fs::read_to_string(format!("/proc/{}/smaps", running.pid)).unwrap();
+    let ram = smaps
+        .split("\n")
+        .skip_while(|l| !l.contains("memfd:memory-backend-memfd"))
+        .take_while(|l| !l.starts_with("VmFlags"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(ram.contains("KernelPageSize:     2048 kB"), "{ram}");
+    // The guest runs on them to the end.
+    let exit = watch_to_end(&f.vm).await;
+    assert_eq!(exit.exit_code, 0, "console:\n{}", console(&f.vm));
+    assert_eq!(exit.output_tail, "on huge pages\n");
+    given_back(free).await;
+
+    // A file on a hugetlbfs mount the VM's user owns.
+    let mount = f.vm.dir().with_file_name("hugepages");
+    std::fs::create_dir_all(&mount).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "hugetlbfs", "-o"])
+        .arg(format!("uid={VM_UID},gid={VM_UID},mode=0700,pagesize=2M"))
+        .arg("wnodes-test")
+        .arg(&mount)
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mount -t hugetlbfs");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(mount.clone());
+    tuning.hugepages_path = Some(mount.clone());
+    let mut inputs = f.inputs(Some(&scratch), None, Some(&storage));
+    inputs.tuning = Some(&tuning);
+    std::fs::remove_file(f.vm.running_json()).unwrap();
+    let running = f.launch(&inputs).await.expect("qemu starts on the mount");
+    let during = hugepages_free();
+    eprintln!(
+        "HugePages_Free on {}: {free} before, {during} with the VM",
+        mount.display()
+    );
+    assert!(free - during >= pages, "{free} -> {during}");
+    quit(&f.vm, running.pid).await;
+    given_back(free).await;
+    drop(restore);
+    assert_eq!(read_number(NR_HUGEPAGES), before, "nr_hugepages restored");
+}
+
+async fn vm_identical_guests_share_pages_through_ksm() {
+    use wnodes_launcher::tuning::{Tuning, VmTuning};
+    let mut f = fixture("sleep 600");
+    f.spec.memory_bytes = 128 << 20;
+    let mut restore = Restore::new();
+    restore.set(&format!("{KSM}/pages_to_scan"), "5000");
+    restore.set(&format!("{KSM}/sleep_millisecs"), "10");
+    restore.set(&format!("{KSM}/run"), "1");
+    let merge = |on: bool| VmTuning {
+        tuning: Tuning {
+            mem_merge: Some(on),
+            ..Tuning::default()
+        },
+        ..VmTuning::default()
+    };
+    let (on, off) = (merge(true), merge(false));
+    let scratch = ScratchReady::default();
+    let storage = StorageReady::default();
+    let mut inputs = f.inputs(Some(&scratch), None, Some(&storage));
+    inputs.tuning = Some(&on);
+    let a = f.launch(&inputs).await.expect("VM a starts");
+    let (vm_b, spec_b) = another_vm(&f, "vm-00000000a0b2", VM_UID + 1);
+    let (vm_c, spec_c) = another_vm(&f, "vm-00000000a0b3", VM_UID + 2);
+    let b = qemu::launch(
+        Path::new("qemu-system-x86_64"),
+        &LaunchInputs {
+            vm: &vm_b,
+            spec: &spec_b,
+            ..inputs
+        },
+        None,
+        0,
+        &f.confinement,
+    )
+    .await
+    .expect("VM b starts");
+    // The control: the same guest with mem-merge=off.
+    let c = qemu::launch(
+        Path::new("qemu-system-x86_64"),
+        &LaunchInputs {
+            vm: &vm_c,
+            spec: &spec_c,
+            tuning: Some(&off),
+            ..inputs
+        },
+        None,
+        0,
+        &f.confinement,
+    )
+    .await
+    .expect("VM c starts");
+    assert_eq!(ksm_stat(a.pid, "ksm_mergeable"), "yes");
+    assert_eq!(ksm_stat(b.pid, "ksm_mergeable"), "yes");
+    assert_eq!(ksm_stat(c.pid, "ksm_mergeable"), "no", "mem-merge=off");
+    let sharing = format!("{KSM}/pages_sharing");
+    let started = std::time::Instant::now();
+    let (pid_a, pid_b) = (a.pid, b.pid);
+    let merged = wnodes_testkit::wait::wait_until(
+        Duration::from_secs(90),
+        "KSM merging the two guests' pages",
+        move || {
+            let sharing = sharing.clone();
+            async move {
+                let a_pages: u64 = ksm_stat(pid_a, "ksm_merging_pages").parse().unwrap();
+                let b_pages: u64 = ksm_stat(pid_b, "ksm_merging_pages").parse().unwrap();
+                let total = read_number(&sharing);
+                (total > 0 && a_pages > 0 && b_pages > 0).then_some((total, a_pages, b_pages))
+            }
+        },
+    )
+    .await
+    .unwrap();
+    eprintln!(
+        "after {:?}: pages_sharing {}, VM a {} merged pages, VM b {}",
+        started.elapsed(),
+        merged.0,
+        merged.1,
+        merged.2
+    );
+    assert_eq!(ksm_stat(c.pid, "ksm_merging_pages"), "0", "mem-merge=off");
+    for (vm, r) in [(&f.vm, &a), (&vm_b, &b), (&vm_c, &c)] {
+        quit(vm, r.pid).await;
+    }
+}
+
+async fn vm_disk_cache_aio_and_iothread_are_what_qmp_reports() {
+    use wnodes_launcher::tuning::{DiskAio, DiskCache, Tuning, VmTuning};
+    // The guest mounts the scratch disk and writes to it: I/O on both disks.
+    let f = fixture("echo data > /scratch/f && sync && echo wrote; sleep 600");
+    let disk = f.vm.dir().with_file_name("scratch.img");
+    std::fs::create_dir_all(disk.parent().unwrap()).unwrap();
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(32 << 20)
+        .unwrap();
+    let mkfs = std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(&disk)
+        .status()
+        .unwrap();
+    assert!(mkfs.success());
+    let scratch = ScratchReady {
+        path: disk.display().to_string(),
+        format: "raw".into(),
+        ..Default::default()
+    };
+    let storage = StorageReady::default();
+    let image = f.image.path.clone();
+    for (cache, aio, iothread) in [
+        (DiskCache::None, DiskAio::Native, true),
+        (DiskCache::Writethrough, DiskAio::IoUring, false),
+    ] {
+        let tuning = VmTuning {
+            tuning: Tuning {
+                disk_cache: Some(cache),
+                disk_aio: Some(aio),
+                iothread,
+                ..Tuning::default()
+            },
+            ..VmTuning::default()
+        };
+        let mut inputs = f.inputs(Some(&scratch), None, Some(&storage));
+        inputs.tuning = Some(&tuning);
+        let _ = std::fs::remove_file(f.vm.running_json());
+        let running = f.launch(&inputs).await.expect("qemu starts");
+        // The guest has read both disks.
+        let output = f.vm.output_log();
+        let vm = VmDir::new(f.vm.dir().parent().unwrap(), f.vm.vm_id()).unwrap();
+        let pid = running.pid;
+        let wrote = wnodes_testkit::wait::wait_until(
+            Duration::from_secs(120),
+            "the payload's write",
+            || {
+                let output = output.clone();
+                let alive = vm.qemu_alive(pid);
+                async move {
+                    let text = std::fs::read_to_string(output).unwrap_or_default();
+                    if text.contains("wrote") {
+                        Some(true)
+                    } else if alive {
+                        None
+                    } else {
+                        Some(false)
+                    }
+                }
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}; console:\n{}", console(&f.vm)));
+        assert!(wrote, "the guest stopped; console:\n{}", console(&f.vm));
+        let blocks = qmp_query(&f.vm, "query-block", None).await;
+        eprintln!("{cache:?}/{aio:?}: query-block: {blocks}");
+        // The scratch disk (no -snapshot overlay): its cache flags as the mode sets them.
+        let scratch_dev = blocks
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["inserted"]["file"].as_str() == Some(scratch.path.as_str()))
+            .unwrap_or_else(|| panic!("no {} in {blocks}", scratch.path));
+        let c = &scratch_dev["inserted"]["cache"];
+        let (writeback, direct, no_flush) = cache.qmp_flags();
+        assert_eq!(c["writeback"], writeback, "{c}");
+        assert_eq!(c["direct"], direct, "{c}");
+        assert_eq!(c["no-flush"], no_flush, "{c}");
+        // The image under -snapshot's overlay: its own node has the mode's O_DIRECT.
+        let nodes = qmp_query(
+            &f.vm,
+            "query-named-block-nodes",
+            Some(serde_json::json!({ "flat": true })),
+        )
+        .await;
+        let base = nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["drv"] == "raw" && n["file"].as_str() == Some(image.as_str()))
+            .unwrap_or_else(|| panic!("no raw node for {image} in {nodes}"));
+        assert_eq!(base["cache"]["direct"], direct, "{base}");
+        // QMP does not report the AIO mode (qemu 10): what qemu opened for it does.
+        let maps = std::fs::read_to_string(format!("/proc/{}/maps", running.pid)).unwrap();
+        let linux_aio = maps.contains("/[aio]");
+        let io_uring = std::fs::read_dir(format!("/proc/{}/fd", running.pid))
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.unwrap().path()).ok())
+            .any(|l| l.to_string_lossy().contains("[io_uring]"));
+        eprintln!("{aio:?}: Linux AIO ring mapped: {linux_aio}; io_uring fd: {io_uring}");
+        assert_eq!(linux_aio, aio == DiskAio::Native);
+        assert_eq!(io_uring, aio == DiskAio::IoUring);
+        // The I/O thread, and the disks in it.
+        let threads = qmp_query(&f.vm, "query-iothreads", None).await;
+        let ids: Vec<&str> = threads
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|t| t["id"].as_str())
+            .collect();
+        if iothread {
+            assert_eq!(ids, ["io0"], "{threads}");
+            for dev in ["vda", "vdb"] {
+                let it = qmp_query(
+                    &f.vm,
+                    "qom-get",
+                    Some(serde_json::json!({ "path": format!("/machine/peripheral/{dev}"), "property": "iothread" })),
+                )
+                .await;
+                assert!(
+                    it.as_str().is_some_and(|p| p.ends_with("io0")),
+                    "{dev}: {it}"
+                );
+            }
+        } else {
+            assert!(ids.is_empty(), "{threads}");
+        }
+        quit(&f.vm, running.pid).await;
+    }
+}
+
 fn main() -> std::process::ExitCode {
     host::main(vec![
         host_test!(current_thread vm_payload_exit_code_output_and_usage_are_read_back needs [Qemu, TestGuest, Root, Setpriv]),
@@ -692,5 +1228,9 @@ fn main() -> std::process::ExitCode {
         host_test!(current_thread vm_user_mode_storage_is_mounted_from_the_host needs [Qemu, TestGuest, Root, Setpriv, Socat, SftpServer]),
         host_test!(current_thread vm_cgroup_the_qemu_daemon_inherits_the_foreground_group needs [Qemu, TestGuest, Root, Setpriv, Cgroups]),
         host_test!(current_thread vm_cgroup_cpu_time_after_the_last_watch_is_counted needs [Qemu, TestGuest, Root, Setpriv, Cgroups]),
+        host_test!(current_thread vm_vcpus_are_pinned_from_outside_qemu needs PIN_NEEDS),
+        host_test!(current_thread vm_guest_ram_is_on_huge_pages needs HUGEPAGE_NEEDS),
+        host_test!(current_thread vm_identical_guests_share_pages_through_ksm needs KSM_NEEDS),
+        host_test!(current_thread vm_disk_cache_aio_and_iothread_are_what_qmp_reports needs [Qemu, TestGuest, Root, Setpriv]),
     ])
 }

@@ -52,6 +52,8 @@ pub enum QemuError {
     State(#[from] crate::vm_dir::StateError),
     #[error(transparent)]
     Confine(#[from] crate::confine::ConfineError),
+    #[error("qemu started but its vCPUs could not be pinned")]
+    Pin(#[source] crate::cores::PinError),
     #[error("cannot {op} {path}")]
     Io {
         op: &'static str,
@@ -127,6 +129,7 @@ mod tests {
             network: Some(&net),
             storage: Some(&storage),
             sandbox: true,
+            tuning: None,
         })
         .unwrap();
         let d = "/state/vms/vm-0123456789ab";
@@ -182,6 +185,7 @@ mod tests {
             network: Some(&net),
             storage: Some(&storage),
             sandbox: false,
+            tuning: None,
         })
         .unwrap();
         assert!(!args.iter().any(|a| a == "-sandbox" || a == "-daemonize"));
@@ -221,6 +225,7 @@ mod tests {
             network: Some(&net),
             storage: Some(storage),
             sandbox: true,
+            tuning: None,
         };
         let args = build_args(&inputs(&storage)).unwrap();
         let append = &args[args.iter().position(|a| a == "-append").unwrap() + 1];
@@ -250,6 +255,7 @@ mod tests {
                 network: net,
                 storage: None,
                 sandbox: true,
+                tuning: None,
             })
         };
         image.path = "/img/a,file=/etc/shadow".into();
@@ -270,6 +276,197 @@ mod tests {
         net.address = String::new();
         net.mac = "52:54:00:00:00:01,x=y".into();
         assert!(inputs(&image, Some(&net)).is_err());
+    }
+
+    /// The arguments for the fixture with a scratch disk, a user-mode network and `tuning`.
+    fn tuned(tuning: Option<&crate::tuning::VmTuning>) -> Result<Vec<String>, QemuError> {
+        let (vm, mut spec, image) = fixture(Path::new("/s"));
+        spec.memory_bytes = 255 * 1024 * 1024;
+        let scratch = ScratchReady {
+            path: "/scratch/vm.img".into(),
+            ..Default::default()
+        };
+        let net = NetworkReady {
+            mode: NetworkMode::User as i32,
+            mac: "52:54:00:00:00:01".into(),
+            ..Default::default()
+        };
+        build_args(&LaunchInputs {
+            accel: Accel::Tcg,
+            vm: &vm,
+            spec: &spec,
+            image: &image,
+            scratch: Some(&scratch),
+            network: Some(&net),
+            storage: None,
+            sandbox: true,
+            tuning,
+        })
+    }
+
+    fn has(args: &[String], pair: [&str; 2]) -> bool {
+        args.windows(2).any(|w| w == pair)
+    }
+
+    #[test]
+    fn no_tuning_leaves_the_command_line_as_it_was() {
+        use crate::tuning::VmTuning;
+        let plain = tuned(None).unwrap();
+        assert_eq!(tuned(Some(&VmTuning::default())).unwrap(), plain);
+        assert!(has(&plain, ["-M", "pc"]));
+        assert!(has(&plain, ["-m", "255M"]));
+        assert!(has(&plain, ["-name", "wnodes-vm-0123456789ab"]));
+        assert!(has(
+            &plain,
+            [
+                "-drive",
+                "file=/img/rootfs.ext4,format=raw,if=virtio,readonly=on"
+            ]
+        ));
+        assert!(has(
+            &plain,
+            [
+                "-drive",
+                "file=/scratch/vm.img,format=raw,if=virtio,snapshot=off"
+            ]
+        ));
+        assert!(
+            !plain
+                .iter()
+                .any(|a| a == "-object" || a.starts_with("virtio-blk") || a.contains("cache="))
+        );
+    }
+
+    #[test]
+    fn each_knob_is_on_the_command_line() {
+        use crate::tuning::{DiskAio, DiskCache, Tuning, VmTuning};
+        let with = |tuning: Tuning| VmTuning {
+            tuning,
+            host_cores: vec![1, 0],
+            hugepages_path: None,
+        };
+        // Huge pages: a preallocated memfd backend, the size rounded up to whole 2 MiB pages.
+        let args = tuned(Some(&with(Tuning {
+            hugepages: true,
+            ..Tuning::default()
+        })))
+        .unwrap();
+        assert!(has(&args, ["-M", "pc,memory-backend=mem0"]), "{args:?}");
+        assert!(has(&args, ["-m", "256M"]), "{args:?}");
+        assert!(has(
+            &args,
+            [
+                "-object",
+                "memory-backend-memfd,id=mem0,size=256M,hugetlb=on,hugetlbsize=2M,share=off,prealloc=on"
+            ]
+        ));
+        // ... or a file on a hugetlbfs mount.
+        let mut on_mount = with(Tuning {
+            hugepages: true,
+            mem_merge: Some(false),
+            ..Tuning::default()
+        });
+        on_mount.hugepages_path = Some("/dev/hugepages".into());
+        let args = tuned(Some(&on_mount)).unwrap();
+        assert!(
+            has(&args, ["-M", "pc,memory-backend=mem0,mem-merge=off"]),
+            "{args:?}"
+        );
+        assert!(has(
+            &args,
+            [
+                "-object",
+                "memory-backend-file,id=mem0,size=256M,mem-path=/dev/hugepages,share=off,prealloc=on"
+            ]
+        ));
+        on_mount.hugepages_path = Some("/dev/hugepages,mem-path=/etc".into());
+        assert!(tuned(Some(&on_mount)).is_err());
+        // KSM.
+        let args = tuned(Some(&with(Tuning {
+            mem_merge: Some(true),
+            ..Tuning::default()
+        })))
+        .unwrap();
+        assert!(has(&args, ["-M", "pc,mem-merge=on"]), "{args:?}");
+        assert!(!args.iter().any(|a| a.starts_with("memory-backend")));
+        // Pinned vCPUs: named threads (the pinning itself is done from outside qemu).
+        let args = tuned(Some(&with(Tuning {
+            pin_vcpus: true,
+            ..Tuning::default()
+        })))
+        .unwrap();
+        assert!(has(
+            &args,
+            ["-name", "wnodes-vm-0123456789ab,debug-threads=on"]
+        ));
+        // Disk cache and AIO on both disks, in their if=virtio drives.
+        let args = tuned(Some(&with(Tuning {
+            disk_cache: Some(DiskCache::None),
+            disk_aio: Some(DiskAio::Native),
+            ..Tuning::default()
+        })))
+        .unwrap();
+        assert!(has(
+            &args,
+            [
+                "-drive",
+                "file=/img/rootfs.ext4,format=raw,if=virtio,readonly=on,cache=none,aio=native"
+            ]
+        ));
+        assert!(has(
+            &args,
+            [
+                "-drive",
+                "file=/scratch/vm.img,format=raw,if=virtio,snapshot=off,cache=none,aio=native"
+            ]
+        ));
+        // Native AIO without O_DIRECT is refused here too, not only in the config.
+        let err = tuned(Some(&with(Tuning {
+            disk_cache: Some(DiskCache::Writeback),
+            disk_aio: Some(DiskAio::Native),
+            ..Tuning::default()
+        })))
+        .unwrap_err();
+        assert!(err.to_string().contains("exclude each other"), "{err}");
+    }
+
+    #[test]
+    fn an_iothread_makes_each_disk_a_device_in_the_same_order() {
+        use crate::tuning::{DiskAio, DiskCache, Tuning, VmTuning};
+        let t = VmTuning {
+            tuning: Tuning {
+                iothread: true,
+                disk_cache: Some(DiskCache::Writethrough),
+                disk_aio: Some(DiskAio::IoUring),
+                ..Tuning::default()
+            },
+            ..VmTuning::default()
+        };
+        let args = tuned(Some(&t)).unwrap();
+        assert!(has(&args, ["-object", "iothread,id=io0"]));
+        let to = args.iter().position(|a| a == "-fw_cfg").unwrap();
+        let tail: Vec<&str> = args[..to]
+            .iter()
+            .map(String::as_str)
+            .skip_while(|a| *a != "-append")
+            .skip(2)
+            .collect();
+        assert_eq!(
+            tail,
+            [
+                "-drive",
+                "file=/img/rootfs.ext4,format=raw,if=none,id=vda,readonly=on,cache=writethrough,aio=io_uring",
+                "-device",
+                "virtio-blk-pci,drive=vda,id=vda,iothread=io0",
+                "-drive",
+                "file=/scratch/vm.img,format=raw,if=none,id=vdb,snapshot=off,cache=writethrough,aio=io_uring",
+                "-device",
+                "virtio-blk-pci,drive=vdb,id=vdb,iothread=io0",
+            ]
+        );
+        // The guest still finds its root on the first disk.
+        let append = &args[args.iter().position(|a| a == "-append").unwrap() + 1];
+        assert!(append.contains("root=/dev/vda") && append.contains("wnodes.scratch=/dev/vdb"));
     }
 
     #[test]

@@ -308,6 +308,22 @@ pub async fn launch(
     };
     let spawned =
         spawn_detached(binary, vm, payload, &args, cgroups, Some(limits), wrapper).await?;
+    if let Some(t) = inputs
+        .tuning
+        .filter(|t| t.tuning.pin_vcpus && !t.host_cores.is_empty())
+    {
+        // From outside qemu: its sandbox denies it changing its own threads' affinity.
+        match crate::cores::pin_vcpus(&vm.qmp_socket(), &t.host_cores).await {
+            Ok(plan) => {
+                tracing::info!(vm_id = vm.vm_id(), pid = spawned.pid, threads = ?plan, "vCPUs pinned.");
+            }
+            Err(e) => {
+                // A VM that asked for pinned cores does not run unpinned.
+                kill(spawned.pid);
+                return Err(QemuError::Pin(e));
+            }
+        }
+    }
     // The VM runs from the moment qemu has initialised and detached (what `vm.running`
     // reports): the usage record's wall time is measured from here, and qemu's start-up CPU
     // time still counts in its CPU seconds.
