@@ -14,6 +14,7 @@
 //! | [`mac`] | guest MAC derivation |
 //! | [`lease`] | the leases: one row per VM in the preparers' resource table, tombstones after release |
 //! | [`service`] | the handler |
+//! | [`sriov`] | SR-IOV: the VFs of the configured physical functions (sysfs), a VM's VF settings and their reset |
 //! | [`reconcile`] | start-up reconciliation: taps and filters no prepared lease holds are removed |
 //!
 //! [`Network`] is the service as the runtime runs it.
@@ -40,6 +41,7 @@ pub mod netlink;
 pub mod nft;
 pub mod reconcile;
 pub mod service;
+pub mod sriov;
 
 pub use config::{NetworkConfig, NetworkConfigError};
 pub use service::NetworkHandler;
