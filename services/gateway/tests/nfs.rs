@@ -158,6 +158,8 @@ async fn run_guests() {
         mode: Mode::Tap,
         bridge: "wnbr0".into(),
         pool: Some("10.231.1.0/24".parse::<Ipv4Net>().unwrap()),
+        sriov: Default::default(),
+        sriov_network: None,
         source: "network@hv1.test".into(),
     };
     let nstore = tb.store("network.db").await;

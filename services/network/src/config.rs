@@ -68,6 +68,9 @@ pub struct NetworkConfig {
     /// for a hypervisor network kept in its own namespace (and for tests). Unset: the service's
     /// own namespace.
     pub netns: Option<String>,
+    /// `[network.sriov]`: VMs that ask for SR-IOV get a VF of these physical functions
+    /// (`docs/sriov-and-vlans.md`). Off while `physical_functions` is empty.
+    pub sriov: crate::sriov::SriovConfig,
 }
 
 impl Default for NetworkConfig {
@@ -77,6 +80,7 @@ impl Default for NetworkConfig {
             bridge: "wnbr0".into(),
             pool: None,
             netns: None,
+            sriov: crate::sriov::SriovConfig::default(),
         }
     }
 }
@@ -92,6 +96,8 @@ pub enum NetworkConfigError {
     Bridge(String),
     #[error("netns")]
     Netns(#[source] crate::host::HostError),
+    #[error("sriov.{0}")]
+    Sriov(String),
 }
 
 impl NetworkConfig {
@@ -114,7 +120,42 @@ impl NetworkConfig {
             return Err(NetworkConfigError::Bridge(self.bridge.clone()));
         }
         crate::host::Host::new(self.netns.clone()).map_err(NetworkConfigError::Netns)?;
+        self.sriov_network()?;
         Ok(())
+    }
+
+    /// `[network.sriov]`'s pool and gateway, checked (`None` while SR-IOV is off).
+    pub fn sriov_network(&self) -> Result<Option<(Ipv4Net, Ipv4Addr)>, NetworkConfigError> {
+        let s = &self.sriov;
+        s.check().map_err(NetworkConfigError::Sriov)?;
+        if s.physical_functions.is_empty() {
+            return Ok(None);
+        }
+        let pool: Ipv4Net = s
+            .pool
+            .as_deref()
+            .ok_or_else(|| {
+                NetworkConfigError::Sriov(
+                    "pool is required with physical_functions (e.g. pool = \"10.231.2.0/24\")"
+                        .into(),
+                )
+            })?
+            .parse()
+            .map_err(|e: CidrError| NetworkConfigError::Sriov(format!("pool: {e}")))?;
+        let gateway: Ipv4Addr = s
+            .gateway
+            .as_deref()
+            .ok_or_else(|| {
+                NetworkConfigError::Sriov("gateway is required with physical_functions".into())
+            })?
+            .parse()
+            .map_err(|e| NetworkConfigError::Sriov(format!("gateway: {e}")))?;
+        if !pool.contains(gateway) {
+            return Err(NetworkConfigError::Sriov(format!(
+                "gateway {gateway} is not inside pool {pool}"
+            )));
+        }
+        Ok(Some((pool, gateway)))
     }
 }
 

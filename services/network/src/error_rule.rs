@@ -8,11 +8,19 @@ use wnodes_testkit::error_rule::io_source;
 use crate::{
     config::{CidrError, Ipv4Net, NetworkConfigError},
     host::HostError,
-    lease::Exhausted,
+    lease::{Exhausted, NoVf},
     netlink::NetlinkError,
     reconcile::ReconcileError,
     service::PrepareError,
+    sriov::SriovError,
 };
+
+fn sriov_error() -> SriovError {
+    SriovError::Read {
+        path: "/sys/class/net/ens1f0/device/sriov_numvfs".into(),
+        source: io_source(),
+    }
+}
 
 fn net(addr: [u8; 4], prefix: u8) -> Ipv4Net {
     Ipv4Net {
@@ -43,6 +51,28 @@ wnodes_testkit::error_rule! {
         NetworkConfigError::PoolRequired => NetworkConfigError::PoolRequired,
         NetworkConfigError::Bridge(_) => NetworkConfigError::Bridge("br;x".into()),
         NetworkConfigError::Netns(_) => NetworkConfigError::Netns(host_error()),
+        NetworkConfigError::Sriov(_) => NetworkConfigError::Sriov(
+            "gateway 10.231.3.1 is not inside pool 10.231.2.0/24".into(),
+        ),
+    }
+    SriovError {
+        SriovError::NotSriov { .. } => SriovError::NotSriov {
+            pf: "eth0".into(),
+            path: "/sys/class/net/eth0/device/sriov_totalvfs".into(),
+        },
+        SriovError::Read { .. } => sriov_error(),
+        SriovError::NotANumber { .. } => SriovError::NotANumber {
+            path: "/sys/class/net/eth0/device/sriov_numvfs".into(),
+            said: "many".into(),
+        },
+        SriovError::BadLink { .. } => SriovError::BadLink {
+            path: "/sys/class/net/eth0/device/virtfn0".into(),
+            target: "../not-pci".into(),
+        },
+    }
+    NoVf {
+        NoVf::AllHeld { .. } => NoVf::AllHeld { pfs: "ens1f0, ens1f1".into(), held: 14 },
+        NoVf::Exhausted(_) => NoVf::Exhausted(Exhausted { pool: net([10, 231, 2, 0], 30), in_use: 2 }),
     }
     ReconcileError {
         ReconcileError::Table(_) => ReconcileError::Table(wnodes_preparer::TableError::Table {
@@ -80,6 +110,7 @@ wnodes_testkit::error_rule! {
             name: "wn;rm".into(),
         },
         HostError::Netlink(_) => HostError::Netlink(netlink_error()),
+        HostError::Sriov(_) => HostError::Sriov(sriov_error()),
     }
     CidrError {
         CidrError { .. } => CidrError { value: "10.0.0.0/33".into(), why: "prefix above 32" },
@@ -107,6 +138,14 @@ wnodes_testkit::error_rule! {
         }),
         PrepareError::Tap { .. } => PrepareError::Tap {
             tap: "wn-0123456789ab".into(),
+            source: host_error(),
+        },
+        PrepareError::SriovOff => PrepareError::SriovOff,
+        PrepareError::Vfs(_) => PrepareError::Vfs(sriov_error()),
+        PrepareError::NoVf(_) => PrepareError::NoVf(NoVf::AllHeld { pfs: "ens1f0".into(), held: 7 }),
+        PrepareError::SetVf { .. } => PrepareError::SetVf {
+            pf: "ens1f0".into(),
+            index: 3,
             source: host_error(),
         },
     }

@@ -41,6 +41,8 @@ pub enum HostError {
     InvalidName { kind: &'static str, name: String },
     #[error(transparent)]
     Netlink(#[from] NetlinkError),
+    #[error(transparent)]
+    Sriov(#[from] crate::sriov::SriovError),
 }
 
 /// Interface names we accept on a command line: 1–15 of `[A-Za-z0-9_.-]`, not starting with `-`.
@@ -193,6 +195,21 @@ impl Host {
     pub async fn link(&self, ifname: &str) -> Result<Option<Link>, HostError> {
         check_ifname(ifname)?;
         Ok(self.netlink.link(ifname).await?)
+    }
+
+    /// Sets VF `index` of the physical function `pf` (MAC, VLAN, spoof checking, trust).
+    pub async fn set_vf(
+        &self,
+        pf: &str,
+        index: u32,
+        settings: &crate::sriov::VfSettings,
+    ) -> Result<(), HostError> {
+        Ok(self.netlink.set_vf(pf, index, settings).await?)
+    }
+
+    /// The settings of every VF of `pf`, by index.
+    pub async fn vfs(&self, pf: &str) -> Result<Vec<(u32, crate::sriov::VfSettings)>, HostError> {
+        Ok(self.netlink.vfs(pf).await?)
     }
 
     /// The taps this service made (tun devices named like [`valid_tap_name`]).

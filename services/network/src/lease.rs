@@ -13,6 +13,7 @@ use wnodes_preparer::{Kind, Row, State, Table, TableError};
 use crate::{
     config::{Ipv4Net, Mode},
     mac::Mac,
+    sriov::{self, PhysFn, Vf},
 };
 
 /// What a lease holds (the row's JSON detail).
@@ -23,6 +24,16 @@ pub struct Lease {
     pub address: Option<String>,
     pub mac: Option<String>,
     pub tap: Option<String>,
+    /// SR-IOV: the VF the VM holds (its PF, index and PCI address).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vf: Option<Vf>,
+    /// SR-IOV: the VF's VLAN (0: untagged).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub vlan: u16,
+}
+
+fn is_zero(v: &u16) -> bool {
+    *v == 0
 }
 
 impl Lease {
@@ -33,6 +44,8 @@ impl Lease {
             address: None,
             mac: None,
             tap: None,
+            vf: None,
+            vlan: 0,
         }
     }
 }
@@ -90,6 +103,8 @@ pub async fn init(pool: &SqlitePool) -> Result<(), TableError> {
                         address,
                         mac,
                         tap,
+                        vf: None,
+                        vlan: 0,
                     },
                     created_at: at,
                     updated_at: at,
@@ -143,6 +158,77 @@ pub async fn allocate_tap(
         address: Some(address.to_string()),
         mac: Some(mac),
         tap: Some(tap.to_owned()),
+        vf: None,
+        vlan: 0,
+    };
+    TABLE.prepare(conn, vm_id, run_key, &lease).await?;
+    Ok(Ok(lease))
+}
+
+/// No free VF, or no free address for one.
+#[derive(Debug, thiserror::Error)]
+pub enum NoVf {
+    #[error("every VF of {pfs} is held by a VM ({held} held)")]
+    AllHeld { pfs: String, held: usize },
+    #[error(transparent)]
+    Exhausted(#[from] Exhausted),
+}
+
+/// Leases a VF of `pfs`, an address of `pool` (never `gateway`) and a MAC for `vm_id`
+/// (SR-IOV), and records the row as prepared: the first VF no other prepared lease holds.
+pub async fn allocate_vf(
+    conn: &mut SqliteConnection,
+    vm_id: &str,
+    run_key: &str,
+    pfs: &[PhysFn],
+    pool: Ipv4Net,
+    gateway: Ipv4Addr,
+    vlan: u16,
+) -> Result<Result<Lease, NoVf>, TableError> {
+    let others: Vec<Lease> = TABLE
+        .prepared(&mut *conn)
+        .await?
+        .into_iter()
+        .filter(|r| r.vm_id != vm_id)
+        .map(|r| r.detail)
+        .collect();
+    let held: HashSet<String> = others
+        .iter()
+        .filter_map(|l| l.vf.as_ref().map(|v| v.pci.clone()))
+        .collect();
+    let Some(vf) = sriov::pick(pfs, &held).cloned() else {
+        return Ok(Err(NoVf::AllHeld {
+            pfs: pfs
+                .iter()
+                .map(|p| p.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            held: held.len(),
+        }));
+    };
+    let used: HashSet<Ipv4Addr> = others
+        .iter()
+        .filter_map(|l| l.address.as_deref()?.parse().ok())
+        .collect();
+    let Some(address) = pool.hosts().find(|a| *a != gateway && !used.contains(a)) else {
+        return Ok(Err(Exhausted {
+            pool,
+            in_use: used.len(),
+        }
+        .into()));
+    };
+    let macs: HashSet<&str> = others.iter().filter_map(|l| l.mac.as_deref()).collect();
+    let mac = (0u32..)
+        .map(|i| Mac::for_vm(vm_id, i).to_string())
+        .find(|m| !macs.contains(m.as_str()))
+        .unwrap_or_default();
+    let lease = Lease {
+        mode: Mode::Tap,
+        address: Some(address.to_string()),
+        mac: Some(mac),
+        tap: None,
+        vf: Some(vf),
+        vlan,
     };
     TABLE.prepare(conn, vm_id, run_key, &lease).await?;
     Ok(Ok(lease))
@@ -217,6 +303,8 @@ mod tests {
                 address: Some("10.231.1.2".into()),
                 mac: Some("52:54:00:00:00:01".into()),
                 tap: Some("wn-000000000001".into()),
+                vf: None,
+                vlan: 0,
             }
         );
         assert!(

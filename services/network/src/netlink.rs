@@ -20,8 +20,8 @@ use rtnetlink::{
         AddressFamily,
         address::AddressAttribute,
         link::{
-            InfoKind, LinkAttribute, LinkExtentMask, LinkFlags, LinkInfo, LinkMessage,
-            LinkVfInfo, VfInfo, VfInfoMac, VfInfoSpoofCheck, VfInfoTrust, VfInfoVlan,
+            InfoKind, LinkAttribute, LinkExtentMask, LinkFlags, LinkInfo, LinkMessage, LinkVfInfo,
+            VfInfo, VfInfoMac, VfInfoSpoofCheck, VfInfoTrust, VfInfoVlan,
         },
     },
 };
@@ -376,8 +376,8 @@ pub fn vf_settings(m: &LinkMessage) -> Vec<(u32, VfSettings)> {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
-    use rtnetlink::packet_route::link::LinkHeader;
     use rtnetlink::packet_core::Emitable;
+    use rtnetlink::packet_route::link::LinkHeader;
 
     use super::*;
 

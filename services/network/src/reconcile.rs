@@ -12,7 +12,29 @@ use crate::{
     lease::{self, Lease},
     nft,
     service::NetworkHandler,
+    sriov::{self, Vf, VfSettings},
 };
+
+impl NetworkHandler {
+    /// The VFs of the configured PFs that are set to a MAC (a VM's, or one left behind), keyed
+    /// by PCI address. A PF whose VFs cannot be listed is an error: reconcile must not guess.
+    async fn set_vfs(&self) -> Result<Vec<(String, HostItem)>, HostError> {
+        let pfs = sriov::discover(&self.sriov.sysfs, &self.sriov.physical_functions)?;
+        let mut out = Vec::new();
+        for pf in &pfs {
+            let settings = self.host.vfs(&pf.name).await?;
+            for vf in &pf.vfs {
+                let set = settings
+                    .iter()
+                    .any(|(i, s)| *i == vf.index && *s != VfSettings::RESET);
+                if set {
+                    out.push((vf.pci.clone(), HostItem::Vf(vf.clone())));
+                }
+            }
+        }
+        Ok(out)
+    }
+}
 
 /// Why start-up reconciliation failed.
 pub type ReconcileError = wnodes_preparer::ReconcileError<HostError>;
@@ -24,6 +46,8 @@ pub enum HostItem {
     Tap(String),
     /// The nft chain (or `taps` map element) of a tap.
     Chain(String),
+    /// An SR-IOV VF set to a MAC (not reset).
+    Vf(Vf),
 }
 
 impl fmt::Display for HostItem {
@@ -31,6 +55,7 @@ impl fmt::Display for HostItem {
         match self {
             Self::Tap(t) => write!(f, "tap {t}"),
             Self::Chain(c) => write!(f, "nft chain {c}"),
+            Self::Vf(v) => write!(f, "VF {} of {} ({})", v.index, v.pf, v.pci),
         }
     }
 }
@@ -39,13 +64,15 @@ impl NetworkHandler {
     /// Removes taps and nft chains that no prepared lease accounts for; (re)installs the base
     /// table. Returns what was removed (`tap wn-…`, `nft chain wn-…`).
     pub async fn reconcile(&self, store: &KeyStore) -> Result<Vec<String>, ReconcileError> {
-        if self.mode != Mode::Tap {
+        if self.mode != Mode::Tap && self.sriov_network.is_none() {
             return Ok(Vec::new());
         }
-        self.host
-            .nft_apply(&nft::base_script())
-            .await
-            .map_err(ReconcileError::Host)?;
+        if self.mode == Mode::Tap {
+            self.host
+                .nft_apply(&nft::base_script())
+                .await
+                .map_err(ReconcileError::Host)?;
+        }
         let done = wnodes_preparer::reconcile(&lease::TABLE, store.pool(), self).await?;
         Ok(done.removed.iter().map(ToString::to_string).collect())
     }
@@ -59,13 +86,20 @@ impl HostResources<Lease> for NetworkHandler {
 
     /// Taps first, then the chains and map elements of the `bridge wnodes` table.
     async fn present(&self) -> Result<Vec<(String, HostItem)>, HostError> {
-        let mut found: Vec<(String, HostItem)> = self
-            .host
-            .list_taps()
-            .await?
-            .into_iter()
-            .map(|t| (t.clone(), HostItem::Tap(t)))
-            .collect();
+        let mut found: Vec<(String, HostItem)> = Vec::new();
+        if self.sriov_network.is_some() {
+            found.extend(self.set_vfs().await?);
+        }
+        if self.mode != Mode::Tap {
+            return Ok(found);
+        }
+        found.extend(
+            self.host
+                .list_taps()
+                .await?
+                .into_iter()
+                .map(|t| (t.clone(), HostItem::Tap(t))),
+        );
         if let Some(table) = self.host.nft_table().await? {
             let (chains, elements) = nft::vm_chains_and_elements(&table);
             let mut names: Vec<String> = chains.into_iter().chain(elements).collect();
@@ -83,13 +117,19 @@ impl HostResources<Lease> for NetworkHandler {
     }
 
     fn held(&self, row: &Row<Lease>) -> Vec<String> {
-        row.detail.tap.iter().cloned().collect()
+        row.detail
+            .tap
+            .iter()
+            .cloned()
+            .chain(row.detail.vf.iter().map(|v| v.pci.clone()))
+            .collect()
     }
 
     async fn remove(&self, item: &HostItem) -> Result<(), HostError> {
         match item {
             HostItem::Tap(tap) => self.host.delete_link(tap).await.map(drop),
             HostItem::Chain(name) => self.host.nft_apply(&nft::remove_script(name)).await,
+            HostItem::Vf(vf) => self.host.set_vf(&vf.pf, vf.index, &VfSettings::RESET).await,
         }
     }
 }

@@ -12,6 +12,7 @@ use crate::{
     lease::{self, Lease, LeaseRow},
     mac::Mac,
     nft,
+    sriov::{SriovConfig, SriovError, VfSettings},
 };
 
 /// Address a user-mode guest gets from qemu's slirp.
@@ -35,6 +36,9 @@ pub struct NetworkHandler {
     pub mode: Mode,
     pub bridge: String,
     pub pool: Option<Ipv4Net>,
+    /// `[network.sriov]`, and its pool and gateway when it has physical functions.
+    pub sriov: SriovConfig,
+    pub sriov_network: Option<(Ipv4Net, Ipv4Addr)>,
     /// `"network@<host>"`.
     pub source: String,
 }
@@ -70,6 +74,21 @@ pub(crate) enum PrepareError {
         #[source]
         source: HostError,
     },
+    #[error(
+        "SR-IOV networking is not configured on this host ([network.sriov] physical_functions is empty)"
+    )]
+    SriovOff,
+    #[error("cannot list the VFs")]
+    Vfs(#[source] SriovError),
+    #[error(transparent)]
+    NoVf(#[from] lease::NoVf),
+    #[error("cannot set VF {index} of {pf}")]
+    SetVf {
+        pf: String,
+        index: u32,
+        #[source]
+        source: HostError,
+    },
 }
 
 fn store_err(e: TableError) -> HandlerError {
@@ -87,6 +106,8 @@ impl NetworkHandler {
             mode,
             bridge: cfg.bridge.clone(),
             pool,
+            sriov: cfg.sriov.clone(),
+            sriov_network: cfg.sriov_network()?,
             source,
         })
     }
@@ -144,6 +165,9 @@ impl NetworkHandler {
         // The spec may ask for user-mode networking; SR-IOV is not available on this host.
         let requested = proto::NetworkMode::try_from(spec.network_mode)
             .unwrap_or(proto::NetworkMode::Unspecified);
+        if requested == proto::NetworkMode::Sriov {
+            return self.on_requested_vf(ctx, ev, spec, &run_key).await;
+        }
         let plan = match (requested, self.mode) {
             (proto::NetworkMode::Sriov, _) => Err(PrepareError::Unsupported("SR-IOV")),
             // No silent fallback: a tap asked for is a tap or a failure.
@@ -279,6 +303,107 @@ impl NetworkHandler {
         }))
     }
 
+    /// `vm.requested` asking for SR-IOV: a VF of the configured PFs, set to the VM's MAC and
+    /// its VO's (or queue's) VLAN with spoof checking on, or `network.failed` with the reason.
+    async fn on_requested_vf(
+        &self,
+        ctx: &mut HandlerCtx,
+        ev: &proto::Event,
+        spec: &proto::VmSpec,
+        run_key: &str,
+    ) -> Result<(), HandlerError> {
+        let vm_id = spec.vm_id.as_str();
+        let conn = ctx.tx().await?;
+        let existing = lease::get(conn, vm_id).await.map_err(store_err)?;
+        if existing.as_ref().is_some_and(|l| l.is_released()) {
+            tracing::info!(vm_id, "vm.requested after the release: releasing at once.");
+            ctx.publish(self.events().released(ev, vm_id, "already released".into()));
+            return Ok(());
+        }
+        match self.prepare_vf(ctx, spec, run_key, existing).await? {
+            Ok(ready) => {
+                tracing::info!(vm_id, pci = %ready.pci_address, mac = %ready.mac, vlan = ready.vlan, address = %ready.address, "Network ready (SR-IOV VF).");
+                ctx.publish(self.events().ready(ev, ready));
+            }
+            Err(e) => {
+                let reason = ErrorChain(&e).to_string();
+                tracing::warn!(vm_id, error = %reason, "Cannot prepare the network.");
+                ctx.publish(self.events().failed(ev, vm_id, reason));
+            }
+        }
+        Ok(())
+    }
+
+    async fn prepare_vf(
+        &self,
+        ctx: &mut HandlerCtx,
+        spec: &proto::VmSpec,
+        run_key: &str,
+        existing: Option<LeaseRow>,
+    ) -> Result<Result<proto::NetworkReady, PrepareError>, HandlerError> {
+        let vm_id = spec.vm_id.as_str();
+        let Some((pool, gateway)) = self.sriov_network else {
+            return Ok(Err(PrepareError::SriovOff));
+        };
+        let lease: Lease = match existing {
+            Some(l) if l.detail.vf.is_some() && l.detail.address.is_some() => l.detail,
+            _ => {
+                let pfs =
+                    match crate::sriov::discover(&self.sriov.sysfs, &self.sriov.physical_functions)
+                    {
+                        Ok(p) => p,
+                        Err(e) => return Ok(Err(PrepareError::Vfs(e))),
+                    };
+                let vlan = self.sriov.vlan_for(&spec.vo, &spec.queue);
+                match lease::allocate_vf(ctx.tx().await?, vm_id, run_key, &pfs, pool, gateway, vlan)
+                    .await
+                    .map_err(store_err)?
+                {
+                    Ok(l) => l,
+                    Err(e) => return Ok(Err(e.into())),
+                }
+            }
+        };
+        let (Some(vf), Some(mac), Some(address)) = (
+            lease.vf.clone(),
+            lease.mac.as_deref().and_then(|m| m.parse::<Mac>().ok()),
+            lease.address.clone(),
+        ) else {
+            return Err(HandlerError::reject(format!(
+                "lease of {vm_id} in the store is corrupt: {lease:?}"
+            )));
+        };
+        let settings = VfSettings::for_vm(mac, lease.vlan, self.sriov.trust);
+        if let Err(source) = self.host.set_vf(&vf.pf, vf.index, &settings).await {
+            // Undo what may have been set; the lease goes with it (same transaction).
+            if let Err(e) = self.host.set_vf(&vf.pf, vf.index, &VfSettings::RESET).await {
+                tracing::warn!(vm_id, pf = %vf.pf, vf = vf.index, error = %ErrorChain(&e), "Cannot reset a half-set VF.");
+            }
+            lease::forget(ctx.tx().await?, vm_id)
+                .await
+                .map_err(store_err)?;
+            return Ok(Err(PrepareError::SetVf {
+                pf: vf.pf,
+                index: vf.index,
+                source,
+            }));
+        }
+        Ok(Ok(proto::NetworkReady {
+            vm_id: vm_id.to_owned(),
+            mode: proto::NetworkMode::Sriov as i32,
+            mac: mac.to_string(),
+            address: format!("{address}/{}", pool.prefix),
+            gateway: gateway.to_string(),
+            vlan: u32::from(lease.vlan),
+            pci_address: vf.pci,
+            // The PF's spoof checking holds the VF to its MAC; nothing on this host filters
+            // its IPv4 address.
+            address_filtered: false,
+            note: "SR-IOV VF: spoof checking on the PF holds the VM to its MAC; its IPv4 address is not filtered on this host".into(),
+            ..Default::default()
+        }))
+    }
+
     async fn on_stopped(
         &self,
         ctx: &mut HandlerCtx,
@@ -293,6 +418,13 @@ impl NetworkHandler {
                 if let Some(tap) = l.detail.tap.as_deref().filter(|t| valid_tap_name(t)) {
                     self.remove_tap(tap).await.map_err(HandlerError::retry)?;
                     parts.push(format!("tap {tap}, nft chain {tap}"));
+                }
+                if let Some(vf) = &l.detail.vf {
+                    self.host
+                        .set_vf(&vf.pf, vf.index, &VfSettings::RESET)
+                        .await
+                        .map_err(HandlerError::retry)?;
+                    parts.push(format!("VF {} of {} ({}), reset", vf.index, vf.pf, vf.pci));
                 }
                 if let Some(a) = &l.detail.address {
                     parts.push(format!("lease {a}"));
@@ -345,6 +477,7 @@ mod tests {
             bridge: bridge.into(),
             pool: pool.map(str::to_owned),
             netns: None,
+            sriov: SriovConfig::default(),
         };
         let err = NetworkHandler::new(&cfg(ModeSetting::Tap, None, "wnbr0"), "n@h".into())
             .unwrap_err()

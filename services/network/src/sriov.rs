@@ -75,9 +75,11 @@ impl SriovConfig {
         if let Some(pf) = self
             .physical_functions
             .iter()
-            .find(|p| !is_ifname(p))
+            .find(|p| !crate::host::valid_ifname(p))
         {
-            return Err(format!("physical_functions: {pf:?} is not an interface name"));
+            return Err(format!(
+                "physical_functions: {pf:?} is not an interface name"
+            ));
         }
         let bad = |v: &u16| *v > MAX_VLAN;
         if bad(&self.default_vlan) {
@@ -86,22 +88,16 @@ impl SriovConfig {
                 self.default_vlan
             ));
         }
-        for (what, map) in [("vo_vlans", &self.vo_vlans), ("queue_vlans", &self.queue_vlans)] {
+        for (what, map) in [
+            ("vo_vlans", &self.vo_vlans),
+            ("queue_vlans", &self.queue_vlans),
+        ] {
             if let Some((k, v)) = map.iter().find(|(_, v)| bad(v)) {
                 return Err(format!("{what}.{k}: {v} is not a VLAN id (1-{MAX_VLAN})"));
             }
         }
         Ok(())
     }
-}
-
-/// A Linux interface name: 1-15 bytes of letters, digits, `-_.`.
-pub fn is_ifname(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 15
-        && s
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 /// A PCI address as sysfs names it: `dddd:bb:dd.f`.
@@ -290,12 +286,26 @@ mod tests {
     #[test]
     fn vfs_are_found_in_sysfs_in_index_order() {
         let d = tempfile::tempdir().unwrap();
-        fake_sysfs(d.path(), "eth0", 7, &["0000:00:12.0", "0000:00:12.2", "0000:00:12.4"]);
+        fake_sysfs(
+            d.path(),
+            "eth0",
+            7,
+            &["0000:00:12.0", "0000:00:12.2", "0000:00:12.4"],
+        );
         let pfs = discover(d.path(), &["eth0".into()]).unwrap();
-        let [pf] = pfs.as_slice() else { panic!("{pfs:?}") };
+        let [pf] = pfs.as_slice() else {
+            panic!("{pfs:?}")
+        };
         assert_eq!((pf.total_vfs, pf.num_vfs), (7, 3));
         let got: Vec<(u32, &str)> = pf.vfs.iter().map(|v| (v.index, v.pci.as_str())).collect();
-        assert_eq!(got, [(0, "0000:00:12.0"), (1, "0000:00:12.2"), (2, "0000:00:12.4")]);
+        assert_eq!(
+            got,
+            [
+                (0, "0000:00:12.0"),
+                (1, "0000:00:12.2"),
+                (2, "0000:00:12.4")
+            ]
+        );
 
         let mut held = HashSet::new();
         assert_eq!(pick(&pfs, &held).unwrap().index, 0);
@@ -350,15 +360,27 @@ mod tests {
     fn pci_addresses_and_settings() {
         assert!(is_pci_address("0000:00:12.2"));
         assert!(is_pci_address("0000:af:00.7"));
-        for bad in ["0000:00:12", "00:12.2", "0000:00:12.2,x", "gggg:00:12.2", "0000-00:12.2"] {
+        for bad in [
+            "0000:00:12",
+            "00:12.2",
+            "0000:00:12.2,x",
+            "gggg:00:12.2",
+            "0000-00:12.2",
+        ] {
             assert!(!is_pci_address(bad), "{bad}");
         }
         let mac: Mac = "52:54:00:12:34:56".parse().unwrap();
         let s = VfSettings::for_vm(mac, 100, false);
         assert_eq!(s.mac, [0x52, 0x54, 0, 0x12, 0x34, 0x56]);
         assert!(s.spoof_check && !s.trust);
-        assert_eq!(VfSettings::RESET.mac, [0; 6]);
-        assert_eq!(VfSettings::RESET.vlan, 0);
-        assert!(VfSettings::RESET.spoof_check);
+        assert_eq!(
+            VfSettings::RESET,
+            VfSettings {
+                mac: [0; 6],
+                vlan: 0,
+                spoof_check: true,
+                trust: false
+            }
+        );
     }
 }

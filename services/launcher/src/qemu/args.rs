@@ -80,6 +80,24 @@ fn check_tap(tap: &str) -> Result<&str, QemuError> {
     }
 }
 
+/// A PCI address as sysfs names it: `dddd:bb:dd.f` (hex digits).
+fn check_pci(addr: &str) -> Result<&str, QemuError> {
+    let b = addr.as_bytes();
+    let ok = b.len() == 12
+        && b[4] == b':'
+        && b[7] == b':'
+        && b[10] == b'.'
+        && addr
+            .char_indices()
+            .filter(|(i, _)| ![4, 7, 10].contains(i))
+            .all(|(_, c)| c.is_ascii_hexdigit());
+    if ok {
+        Ok(addr)
+    } else {
+        Err(bad("VF PCI address", addr, "expected dddd:bb:dd.f"))
+    }
+}
+
 fn check_cidr(addr: &str) -> Result<&str, QemuError> {
     let ok = addr.split_once('/').is_some_and(|(ip, prefix)| {
         ip.parse::<Ipv4Addr>().is_ok() && prefix.parse::<u8>().is_ok_and(|p| p <= 32)
@@ -286,7 +304,16 @@ pub fn build_args(inputs: &LaunchInputs<'_>) -> Result<Vec<String>, QemuError> {
         let p = option_path("serial file", &log)?;
         push(&["-serial", &format!("file:{p}")]);
     }
-    if let Some(n) = inputs.network {
+    if let Some(n) = inputs
+        .network
+        .filter(|n| n.mode == NetworkMode::Sriov as i32)
+    {
+        // The VF itself, passed through; its MAC and VLAN are set on the PF by the network
+        // service, and the guest's driver reads the MAC from the VF.
+        check_mac(&n.mac)?;
+        let pci = check_pci(&n.pci_address)?;
+        push(&["-device", &format!("vfio-pci,host={pci}")]);
+    } else if let Some(n) = inputs.network {
         let mac = check_mac(&n.mac)?;
         if user_net {
             push(&["-netdev", "user,id=n0"]);

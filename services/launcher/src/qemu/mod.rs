@@ -160,6 +160,62 @@ mod tests {
     }
 
     #[test]
+    fn an_sriov_vf_is_passed_through_with_vfio_pci_and_no_netdev() {
+        let (vm, spec, image) = fixture(Path::new("/s"));
+        let mut net = NetworkReady {
+            mode: NetworkMode::Sriov as i32,
+            mac: "52:54:00:12:34:56".into(),
+            address: "10.231.2.5/24".into(),
+            gateway: "10.231.2.1".into(),
+            vlan: 100,
+            pci_address: "0000:00:12.2".into(),
+            ..Default::default()
+        };
+        fn args_for(
+            vm: &VmDir,
+            spec: &VmSpec,
+            image: &ImageReady,
+            net: &NetworkReady,
+        ) -> Result<Vec<String>, QemuError> {
+            build_args(&LaunchInputs {
+                accel: Accel::Kvm,
+                vm,
+                spec,
+                image,
+                scratch: None,
+                network: Some(net),
+                storage: None,
+                sandbox: true,
+                tuning: None,
+            })
+        }
+        let args = args_for(&vm, &spec, &image, &net).unwrap();
+        let dev: Vec<&String> = args
+            .iter()
+            .zip(args.iter().skip(1))
+            .filter(|(a, _)| *a == "-device")
+            .map(|(_, v)| v)
+            .collect();
+        assert_eq!(dev, ["vfio-pci,host=0000:00:12.2"]);
+        assert!(!args.iter().any(|a| a == "-netdev"), "{args:?}");
+        let append = &args[args.iter().position(|a| a == "-append").unwrap() + 1];
+        assert!(
+            append.contains("wnodes.ip=10.231.2.5/24 wnodes.gw=10.231.2.1"),
+            "{append}"
+        );
+        for bad in [
+            "",
+            "0000:00:12.2,x-igd-opregion=on",
+            "00:12.2",
+            "0000:00:12.g",
+        ] {
+            net.pci_address = bad.into();
+            let e = args_for(&vm, &spec, &image, &net).unwrap_err();
+            assert!(e.to_string().contains("VF PCI address"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn user_mode_networking_points_sshfs_at_the_host() {
         let (vm, mut spec, image) = fixture(Path::new("/s"));
         spec.owner = None;
