@@ -1,6 +1,7 @@
 //! WNoDeS network service: gives each VM its network on this hypervisor.
 //!
-//! In tap mode a VM gets an address from the configured pool, a MAC derived from its id and a
+//! A VM that asks for SR-IOV gets a VF of `[network.sriov] physical_functions` instead
+//! ([`sriov`]). In tap mode a VM gets an address from the configured pool, a MAC derived from its id and a
 //! tap `wn-<12hex>` in the bridge, behind an nftables filter that drops every frame the VM sends
 //! with another MAC or IPv4 address. In user mode (no CAP_NET_ADMIN) it gets qemu's user-mode
 //! network and a `NetworkReady` that says no filtering applies.
@@ -25,6 +26,12 @@
 //! bridge = "wnbr0"          # must exist with an IPv4 address: the VMs' gateway
 //! pool = "10.231.1.0/24"    # required in tap mode; must lie inside the bridge's subnet
 //! # netns = "wnodes-hv"     # run ip/nft inside this network namespace
+//!
+//! [network.sriov]           # VMs asking for SR-IOV get a VF (docs/sriov-and-vlans.md)
+//! # physical_functions = ["ens1f0"]
+//! # pool = "10.231.2.0/24"
+//! # gateway = "10.231.2.1"
+//! # vo_vlans = { atlas = 100 }
 //! ```
 //!
 //! Deployment notes: taps are created without an owner, so qemu needs CAP_NET_ADMIN (or root) to
