@@ -16,6 +16,7 @@
 //! | [`lease`] | the leases: one row per VM in the preparers' resource table, tombstones after release |
 //! | [`service`] | the handler |
 //! | [`sriov`] | SR-IOV: the VFs of the configured physical functions (sysfs), a VM's VF settings and their reset |
+//! | [`vlan`] | 802.1Q for tap VMs as rtnetlink messages: VLAN links `<trunk>.<vid>`, bridge VLAN filtering, a port's PVID (not wired into the handler yet) |
 //! | [`reconcile`] | start-up reconciliation: taps and filters no prepared lease holds are removed |
 //!
 //! [`Network`] is the service as the runtime runs it.
@@ -49,6 +50,7 @@ pub mod nft;
 pub mod reconcile;
 pub mod service;
 pub mod sriov;
+pub mod vlan;
 
 pub use config::{NetworkConfig, NetworkConfigError};
 pub use service::NetworkHandler;

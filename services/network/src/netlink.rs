@@ -288,6 +288,91 @@ impl Netlink {
         Ok(vf_settings(&m))
     }
 
+    /// Creates the VLAN link `<trunk>.<vid>` on `trunk` (`ip link add link <trunk> name
+    /// <trunk>.<vid> type vlan id <vid>`) and sets it up; returns its name. An existing link of
+    /// that name is left as it is.
+    pub async fn add_vlan_link(&self, trunk: &str, vid: u16) -> Result<String, NetlinkError> {
+        let name = crate::vlan::vlan_link_name(trunk, vid).ok_or_else(|| NetlinkError::NoLink {
+            op: "make a VLAN link on",
+            name: format!("{trunk} (VLAN {vid})"),
+        })?;
+        if self.link(&name).await?.is_some() {
+            return Ok(name);
+        }
+        let t = self
+            .link(trunk)
+            .await?
+            .ok_or_else(|| NetlinkError::NoLink {
+                op: "make a VLAN link on",
+                name: trunk.to_owned(),
+            })?;
+        let handle = self.handle().await?;
+        handle
+            .link()
+            .add(crate::vlan::vlan_link_message(t.index, &name, vid))
+            .execute()
+            .await
+            .map_err(|source| NetlinkError::Request {
+                op: "make the VLAN link",
+                name: name.clone(),
+                source,
+            })?;
+        handle
+            .link()
+            .set(LinkUnspec::new_with_name(&name).up().build())
+            .execute()
+            .await
+            .map_err(|source| NetlinkError::Request {
+                op: "set up",
+                name: name.clone(),
+                source,
+            })?;
+        Ok(name)
+    }
+
+    /// Turns VLAN filtering of `bridge` on or off.
+    pub async fn set_vlan_filtering(&self, bridge: &str, on: bool) -> Result<(), NetlinkError> {
+        let b = self
+            .link(bridge)
+            .await?
+            .ok_or_else(|| NetlinkError::NoLink {
+                op: "set VLAN filtering on",
+                name: bridge.to_owned(),
+            })?;
+        let handle = self.handle().await?;
+        handle
+            .link()
+            .change(crate::vlan::vlan_filtering_message(b.index, on))
+            .execute()
+            .await
+            .map_err(|source| NetlinkError::Request {
+                op: "set VLAN filtering on",
+                name: bridge.to_owned(),
+                source,
+            })
+    }
+
+    /// Makes bridge port `port` an untagged member of VLAN `vid` with `vid` as its PVID.
+    pub async fn set_port_vlan(&self, port: &str, vid: u16) -> Result<(), NetlinkError> {
+        let p = self.link(port).await?.ok_or_else(|| NetlinkError::NoLink {
+            op: "set the VLAN of",
+            name: port.to_owned(),
+        })?;
+        let handle = self.handle().await?;
+        handle
+            .link()
+            // RTM_SETLINK with family AF_BRIDGE reaches the bridge's VLAN table (as `bridge
+            // vlan add` sends it); RTM_NEWLINK would not.
+            .set(crate::vlan::port_vlan_message(p.index, vid))
+            .execute()
+            .await
+            .map_err(|source| NetlinkError::Request {
+                op: "set the VLAN of",
+                name: port.to_owned(),
+                source,
+            })
+    }
+
     /// Deletes `link`.
     pub async fn delete(&self, link: &Link) -> Result<(), NetlinkError> {
         let handle = self.handle().await?;
