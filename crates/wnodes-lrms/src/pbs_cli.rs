@@ -114,6 +114,9 @@ pub fn parse_qstat_text(out: &str) -> Result<PbsJob, String> {
         }
     }
     let id = id.ok_or("no \"Job Id:\" line")?;
+    if id.is_empty() || id.contains(char::is_whitespace) {
+        return Err(format!("{id:?} is no job id"));
+    }
     job_from(&id, &attrs)
 }
 
@@ -310,6 +313,8 @@ mod tests {
                 .contains("more than one")
         );
         assert!(parse_qstat_text("").unwrap_err().contains("Job Id"));
+        let empty = TEXT.replace("Job Id: 77.torque.example.org", "Job Id:");
+        assert!(parse_qstat_text(&empty).unwrap_err().contains("no job id"));
     }
 
     #[test]
