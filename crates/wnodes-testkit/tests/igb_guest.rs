@@ -3,7 +3,7 @@
 //! through rtnetlink (MAC and VLAN set with iproute2), 802.1Q devices, a VLAN-filtering bridge,
 //! and the script's stdout, stderr and exit status back on the host.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // a failure is a test failure (harness = false: not #[test] code)
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failure is a test failure
 
 use std::time::Duration;
 
