@@ -2,7 +2,8 @@
 # The project's test command (README "Quick start", .ci/run): installs what the tests need when
 # missing (nats-server, kubectl and the Kubernetes schemas into .tools/, qemu/sshfs/nftables
 # through apt, the test guest and the igb guest's disk into .cache/; the static guest probe into
-# target/guest-probe), then checks formatting, lints, the Kubernetes manifests (scripts/check-k8s.sh), the systemd units (scripts/check-systemd.sh), the alert rules
+# target/guest-probe), then checks formatting, lints, the Kubernetes manifests
+# (scripts/check-k8s.sh), the systemd units (scripts/check-systemd.sh), the alert rules
 # (scripts/check-monitoring.sh), the dashboard's expressions against a real Prometheus scraping
 # `wnodes-dev up` during three jobs (scripts/check-dashboard.sh: root, qemu), starts one private
 # PostgreSQL cluster for the run (scripts/pg-cluster.sh; its URL in TESTKIT_POSTGRES_URL, each
