@@ -181,7 +181,7 @@ fn executable(path: &Path, from: &str) -> Result<(), String> {
         .map_err(|e| format!("{} ({e}; install it: {from})", path.display()))
 }
 
-fn on_path(program: &str, from: &str) -> Result<(), String> {
+pub(crate) fn on_path(program: &str, from: &str) -> Result<(), String> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     if std::env::split_paths(&path).any(|d| executable(&d.join(program), from).is_ok()) {
         Ok(())

@@ -6,6 +6,7 @@
 //! | [`events`] | Builders for runs ([`events::run`], [`events::RunRefExt`]) and events ([`events::Events`], payload builders), typed payloads ([`events::Payload`]) and [`events::RunEvents`]: the questions a test asks of a run's events (has, count, position, the one `VmStopped`, releases by kind, ...). |
 //! | [`error_rule`] | [`error_rule!`]: the test that every variant of a crate's error types keeps its `source()` out of its message (`docs/errors-and-logging.md`). |
 //! | [`files`] | [`files::append`]: a record appended to a followed log, as an LRMS writes it. |
+//! | [`guest_run`] | The project's code in a TCG guest with an `igb` SR-IOV NIC and the `8021q`/`bridge` modules: [`guest_run::run_in_igb_guest`] runs a script there with the static `wnodes-guest-probe` and returns its stdout, stderr and exit status ([`guest_run::GuestOutput`]); [`guest_run::IgbGuest`] for other files; [`guest_run::IGB_GUEST_NEEDS`]. |
 //! | [`host`] | Host tests: [`host::Precondition`]s (root, qemu, `/dev/fuse`, `sftp-server`, the test guest, ...) and a libtest-mimic harness ([`host::main`], [`host_test!`]) that lists a test whose precondition is missing as ignored (nextest: SKIPPED), or with `WNODES_HOST_TESTS=required` fails it naming what is missing. |
 //! | [`http`] | A loopback HTTP server with a counted, delayed download, a 404 and a 503 ([`http::serve`]); a plain `GET` of a service's `/readyz` or `/metrics` ([`http::get`]). |
 //! | [`nats`] | [`NatsServer`]: a private `nats-server` (JetStream on, own temp store, port chosen by the server itself and read back from its ports file), with [`NatsServer::kill`] / [`NatsServer::restart`] for crash tests; authorization on unless started with [`NatsServer::start_open`]. |
@@ -28,6 +29,7 @@ pub mod bus;
 pub mod error_rule;
 pub mod events;
 pub mod files;
+pub mod guest_run;
 pub mod host;
 pub mod http;
 pub mod nats;

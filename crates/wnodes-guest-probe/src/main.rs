@@ -1,0 +1,53 @@
+//! `wnodes-guest-probe`: run inside the SR-IOV test guest (`guest/README.md`, "The igb guest")
+//! by tests, it prints what the guest's kernel says as one JSON document on stdout. Built
+//! statically (`scripts/build-guest-probe.sh`: `-C target-feature=+crt-static` on the gnu
+//! target), so the guest needs no libraries for it.
+//!
+//! | Module | Subcommands |
+//! |---|---|
+//! | [`sysfs`] | `sysfs-vfs <pf>`: the PF's `sriov_totalvfs`, `sriov_numvfs` and each VF's PCI address, driver and netdevs, from `/sys/class/net/<pf>/device`. |
+//! | [`links`] | `netlink-links`: every link (index, name, MAC, MTU, kind, parent, VF count) through `rtnetlink`; `vf-info <pf>`: the PF's VFs (MAC, VLAN, QoS, spoof check, trust, link state) through `rtnetlink` with the VF ext filter (`RTEXT_FILTER_VF`). |
+//!
+//! Exit status: 0 with the JSON on stdout; 1 when the kernel refused or the PF is not there
+//! (the reason on stderr); 2 on a usage error.
+
+mod links;
+mod sysfs;
+
+use std::{path::Path, process::ExitCode};
+
+const USAGE: &str = "usage: wnodes-guest-probe sysfs-vfs <pf> | netlink-links | vf-info <pf>";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let result = match args.as_slice() {
+        ["sysfs-vfs", pf] => sysfs::sriov(Path::new(sysfs::SYS_CLASS_NET), pf),
+        ["netlink-links"] => netlink(links::links()),
+        ["vf-info", pf] => netlink(links::vf_info(pf)),
+        _ => {
+            eprintln!("{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(json) => {
+            println!("{json}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("wnodes-guest-probe: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs one netlink query on a current-thread runtime.
+fn netlink(
+    query: impl std::future::Future<Output = anyhow::Result<serde_json::Value>>,
+) -> anyhow::Result<serde_json::Value> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()?
+        .block_on(query)
+}
