@@ -6,17 +6,20 @@
 //! | Module | Subcommands |
 //! |---|---|
 //! | [`sysfs`] | `sysfs-vfs <pf>`: the PF's `sriov_totalvfs`, `sriov_numvfs` and each VF's PCI address, driver and netdevs, from `/sys/class/net/<pf>/device`. |
+//! | [`network`] | `network prepare <vm_id> <vo> <queue>`, `network release <vm_id>`, `network reconcile`: the network service's SR-IOV code (`wnodes-network`) against the guest's PF, its leases in a SQLite store kept across calls. |
 //! | [`links`] | `netlink-links`: every link (index, name, MAC, MTU, kind, parent, VF count) through `rtnetlink`; `vf-info <pf>`: the PF's VFs (MAC, VLAN, QoS, spoof check, trust, link state) through `rtnetlink` with the VF ext filter (`RTEXT_FILTER_VF`). |
 //!
 //! Exit status: 0 with the JSON on stdout; 1 when the kernel refused or the PF is not there
 //! (the reason on stderr); 2 on a usage error.
 
 mod links;
+mod network;
 mod sysfs;
 
 use std::{path::Path, process::ExitCode};
 
-const USAGE: &str = "usage: wnodes-guest-probe sysfs-vfs <pf> | netlink-links | vf-info <pf>";
+const USAGE: &str = "usage: wnodes-guest-probe sysfs-vfs <pf> | netlink-links | vf-info <pf> \
+    | network prepare <vm_id> <vo> <queue> | network release <vm_id> | network reconcile";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -25,6 +28,9 @@ fn main() -> ExitCode {
         ["sysfs-vfs", pf] => sysfs::sriov(Path::new(sysfs::SYS_CLASS_NET), pf),
         ["netlink-links"] => netlink(links::links()),
         ["vf-info", pf] => netlink(links::vf_info(pf)),
+        ["network", "prepare", vm, vo, queue] => netlink(network::prepare(vm, vo, queue)),
+        ["network", "release", vm] => netlink(network::release(vm)),
+        ["network", "reconcile"] => netlink(network::reconcile()),
         _ => {
             eprintln!("{USAGE}");
             return ExitCode::from(2);
@@ -47,7 +53,7 @@ fn netlink(
     query: impl std::future::Future<Output = anyhow::Result<serde_json::Value>>,
 ) -> anyhow::Result<serde_json::Value> {
     tokio::runtime::Builder::new_current_thread()
-        .enable_io()
+        .enable_all()
         .build()?
         .block_on(query)
 }

@@ -45,7 +45,7 @@ pub struct NetworkHandler {
 
 /// Why a VM's network could not be prepared (published as `network.failed`).
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum PrepareError {
+pub enum PrepareError {
     #[error("VM id {0:?} is not of the form vm-<12 hex digits>")]
     BadVmId(String),
     #[error("bridge {0:?} does not exist")]
@@ -320,7 +320,10 @@ impl NetworkHandler {
             ctx.publish(self.events().released(ev, vm_id, "already released".into()));
             return Ok(());
         }
-        match self.prepare_vf(ctx, spec, run_key, existing).await? {
+        match self
+            .prepare_vf(ctx.tx().await?, spec, run_key, existing)
+            .await?
+        {
             Ok(ready) => {
                 tracing::info!(vm_id, pci = %ready.pci_address, mac = %ready.mac, vlan = ready.vlan, address = %ready.address, "Network ready (SR-IOV VF).");
                 ctx.publish(self.events().ready(ev, ready));
@@ -334,9 +337,16 @@ impl NetworkHandler {
         Ok(())
     }
 
-    async fn prepare_vf(
+    /// A VF for the VM of `spec` (its lease, `existing` or made in `conn`'s transaction) set
+    /// on its PF; `Ok(Err(_))` when it cannot be had (published as `network.failed`: the lease
+    /// is forgotten in `conn` and the VF reset). The handler's SR-IOV path, public for the
+    /// in-guest tests (`crates/wnodes-guest-probe`).
+    ///
+    /// # Errors
+    /// The lease table (retry), or a corrupt lease (reject).
+    pub async fn prepare_vf(
         &self,
-        ctx: &mut HandlerCtx,
+        conn: &mut sqlx::SqliteConnection,
         spec: &proto::VmSpec,
         run_key: &str,
         existing: Option<LeaseRow>,
@@ -355,7 +365,7 @@ impl NetworkHandler {
                         Err(e) => return Ok(Err(PrepareError::Vfs(e))),
                     };
                 let vlan = self.sriov.vlan_for(&spec.vo, &spec.queue);
-                match lease::allocate_vf(ctx.tx().await?, vm_id, run_key, &pfs, pool, gateway, vlan)
+                match lease::allocate_vf(&mut *conn, vm_id, run_key, &pfs, pool, gateway, vlan)
                     .await
                     .map_err(store_err)?
                 {
@@ -379,9 +389,7 @@ impl NetworkHandler {
             if let Err(e) = self.host.set_vf(&vf.pf, vf.index, &VfSettings::RESET).await {
                 tracing::warn!(vm_id, pf = %vf.pf, vf = vf.index, error = %ErrorChain(&e), "Cannot reset a half-set VF.");
             }
-            lease::forget(ctx.tx().await?, vm_id)
-                .await
-                .map_err(store_err)?;
+            lease::forget(conn, vm_id).await.map_err(store_err)?;
             return Ok(Err(PrepareError::SetVf {
                 pf: vf.pf,
                 index: vf.index,
@@ -404,6 +412,24 @@ impl NetworkHandler {
         }))
     }
 
+    /// Resets the lease's VF, if it holds one (MAC zero, VLAN 0, spoof checking on, trust
+    /// off); what was reset, for the release's detail.
+    ///
+    /// # Errors
+    /// The PF refused.
+    pub async fn reset_vf(&self, lease: &Lease) -> Result<Option<String>, HostError> {
+        let Some(vf) = &lease.vf else {
+            return Ok(None);
+        };
+        self.host
+            .set_vf(&vf.pf, vf.index, &VfSettings::RESET)
+            .await?;
+        Ok(Some(format!(
+            "VF {} of {} ({}), reset",
+            vf.index, vf.pf, vf.pci
+        )))
+    }
+
     async fn on_stopped(
         &self,
         ctx: &mut HandlerCtx,
@@ -419,12 +445,12 @@ impl NetworkHandler {
                     self.remove_tap(tap).await.map_err(HandlerError::retry)?;
                     parts.push(format!("tap {tap}, nft chain {tap}"));
                 }
-                if let Some(vf) = &l.detail.vf {
-                    self.host
-                        .set_vf(&vf.pf, vf.index, &VfSettings::RESET)
-                        .await
-                        .map_err(HandlerError::retry)?;
-                    parts.push(format!("VF {} of {} ({}), reset", vf.index, vf.pf, vf.pci));
+                if let Some(done) = self
+                    .reset_vf(&l.detail)
+                    .await
+                    .map_err(HandlerError::retry)?
+                {
+                    parts.push(done);
                 }
                 if let Some(a) = &l.detail.address {
                     parts.push(format!("lease {a}"));
