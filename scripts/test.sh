@@ -83,7 +83,8 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 begin build
 echo "== cargo build (the service binaries the system tests start)" >&2
 cargo build --workspace --bins --locked
-# ~1 min cold on 2 cores (its own target directory: other RUSTFLAGS), 0.3 s when up to date
+# A few minutes cold on 2 cores (wnodes-network and its dependencies, statically, in its own
+# target directory: other RUSTFLAGS), 0.3 s when up to date
 echo "== the static wnodes-guest-probe (the igb guest's tests)" >&2
 scripts/build-guest-probe.sh >/dev/null
 
