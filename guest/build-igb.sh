@@ -25,8 +25,9 @@ SELF="$HERE/build-igb.sh"
 FORCE=0
 [ "${1:-}" = "--force" ] && FORCE=1
 # The modules the igb guest adds (their dependencies are resolved from each .ko's modinfo):
-# the 82576 PF and VF drivers, 802.1Q VLAN devices, and the bridge (vlan_filtering).
-WANTED="igb:CONFIG_IGB igbvf:CONFIG_IGBVF 8021q:CONFIG_VLAN_8021Q bridge:CONFIG_BRIDGE"
+# the 82576 PF and VF drivers, 802.1Q VLAN devices, the bridge (vlan_filtering), and veth (the
+# network-namespace "VMs" of the VLAN tests).
+WANTED="igb:CONFIG_IGB igbvf:CONFIG_IGBVF 8021q:CONFIG_VLAN_8021Q bridge:CONFIG_BRIDGE veth:CONFIG_VETH"
 
 log() { printf '[guest/build-igb] %s\n' "$*" >&2; }
 die() { printf '[guest/build-igb] ERROR: %s\n' "$*" >&2; exit 1; }

@@ -100,3 +100,27 @@ pub async fn reconcile() -> anyhow::Result<serde_json::Value> {
     let removed = h.reconcile(&store).await?;
     Ok(json!({ "reset": removed }))
 }
+
+/// `vlan-filtering <bridge> on|off`: `Netlink::set_vlan_filtering`.
+pub async fn vlan_filtering(bridge: &str, on: bool) -> anyhow::Result<serde_json::Value> {
+    wnodes_network::netlink::Netlink::new(None)
+        .set_vlan_filtering(bridge, on)
+        .await?;
+    Ok(json!({ "bridge": bridge, "vlan_filtering": on }))
+}
+
+/// `port-vlan <port> <vid>`: `Netlink::set_port_vlan` (untagged member, PVID).
+pub async fn port_vlan(port: &str, vid: u16) -> anyhow::Result<serde_json::Value> {
+    wnodes_network::netlink::Netlink::new(None)
+        .set_port_vlan(port, vid)
+        .await?;
+    Ok(json!({ "port": port, "vlan": vid }))
+}
+
+/// `vlan-link <trunk> <vid>`: `Netlink::add_vlan_link` (`<trunk>.<vid>`, up).
+pub async fn vlan_link(trunk: &str, vid: u16) -> anyhow::Result<serde_json::Value> {
+    let name = wnodes_network::netlink::Netlink::new(None)
+        .add_vlan_link(trunk, vid)
+        .await?;
+    Ok(json!({ "link": name }))
+}
