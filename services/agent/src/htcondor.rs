@@ -204,16 +204,8 @@ impl Htcondor {
                 ),
             ));
         }
-        let (job_uid, job_gid) = lrms::account(&job.owner)?;
-        if job_uid != uid {
-            return Err(LrmsError::refused(
-                "uid",
-                format!(
-                    "HTCondor job {job_id} belongs to {} (uid {job_uid}), but the job starter runs as uid {uid}",
-                    job.owner
-                ),
-            ));
-        }
+        let (job_uid, job_gid) =
+            lrms::check_owner(&format!("HTCondor job {job_id}"), &job.owner, uid)?;
         let env = vec![
             (
                 "WNODES_CONDOR_GLOBAL_JOB_ID".to_owned(),

@@ -168,6 +168,44 @@ pub fn account(user: &str) -> Result<(u32, u32), LrmsError> {
     }
 }
 
+/// Refused unless one of `hosts` (the LRMS's names for the hosts `job` runs on, e.g. "PBS job
+/// 42") is `node`.
+///
+/// # Errors
+/// The job runs elsewhere.
+pub fn check_runs_here(job: &str, hosts: &[String], node: &str) -> Result<(), LrmsError> {
+    if hosts.iter().any(|h| same_host(h, node)) {
+        Ok(())
+    } else {
+        Err(LrmsError::refused(
+            "host",
+            format!(
+                "{job} runs on {}, not on this host ({node})",
+                hosts.join(", ")
+            ),
+        ))
+    }
+}
+
+/// The uid and gid of `user`, the account `job` runs as; refused unless the uid is `uid`
+/// (the job starter's).
+///
+/// # Errors
+/// No such account, or another uid.
+pub fn check_owner(job: &str, user: &str, uid: u32) -> Result<(u32, u32), LrmsError> {
+    let (job_uid, job_gid) = account(user)?;
+    if job_uid == uid {
+        Ok((job_uid, job_gid))
+    } else {
+        Err(LrmsError::refused(
+            "uid",
+            format!(
+                "{job} belongs to {user} (uid {job_uid}), but the job starter runs as uid {uid}"
+            ),
+        ))
+    }
+}
+
 /// A job id a job starter's environment claims, checked before it goes on a command line:
 /// letters, digits, `.`, `-`, `_`, `[`, `]`, `@`.
 ///

@@ -130,25 +130,8 @@ impl Lsf {
             ));
         }
         let node = self.config.node_name.as_deref().unwrap_or(host);
-        if !job.exec_hosts.iter().any(|h| lrms::same_host(h, node)) {
-            return Err(LrmsError::refused(
-                "host",
-                format!(
-                    "LSF job {jid} runs on {}, not on this host ({node})",
-                    job.exec_hosts.join(" ")
-                ),
-            ));
-        }
-        let (job_uid, job_gid) = lrms::account(&job.user)?;
-        if job_uid != uid {
-            return Err(LrmsError::refused(
-                "uid",
-                format!(
-                    "LSF job {jid} belongs to {} (uid {job_uid}), but the job starter runs as uid {uid}",
-                    job.user
-                ),
-            ));
-        }
+        lrms::check_runs_here(&format!("LSF job {jid}"), &job.exec_hosts, node)?;
+        let (job_uid, job_gid) = lrms::check_owner(&format!("LSF job {jid}"), &job.user, uid)?;
         let files = self.config.bhist_event_files.to_string();
         let hist = self
             .client

@@ -139,15 +139,7 @@ impl Pbs {
             ));
         }
         let node = self.config.node_name.as_deref().unwrap_or(host);
-        if !job.exec_hosts.iter().any(|h| lrms::same_host(h, node)) {
-            return Err(LrmsError::refused(
-                "host",
-                format!(
-                    "PBS job {jid} runs on {}, not on this host ({node})",
-                    job.exec_hosts.join("+")
-                ),
-            ));
-        }
+        lrms::check_runs_here(&format!("PBS job {jid}"), &job.exec_hosts, node)?;
         let session = proc_facts::session(pid)?;
         if job.session_id != Some(session) {
             return Err(LrmsError::refused(
@@ -159,16 +151,7 @@ impl Pbs {
                 ),
             ));
         }
-        let (job_uid, job_gid) = lrms::account(&job.user)?;
-        if job_uid != uid {
-            return Err(LrmsError::refused(
-                "uid",
-                format!(
-                    "PBS job {jid} runs as {} (uid {job_uid}), but the job starter runs as uid {uid}",
-                    job.user
-                ),
-            ));
-        }
+        let (job_uid, job_gid) = lrms::check_owner(&format!("PBS job {jid}"), &job.user, uid)?;
         let env = vec![
             ("PBS_JOBID".to_owned(), jid.clone()),
             ("PBS_QUEUE".to_owned(), job.queue.clone()),

@@ -268,7 +268,7 @@ async fn pbs_jobs_are_the_jobs_whose_session_holds_the_starter() {
     )
     .await;
     write_job("1043.pbs01", "root", "R", s.pid);
-    assert_refused(s.go().await, "PBS job 1043.pbs01 runs as root (uid 0)");
+    assert_refused(s.go().await, "PBS job 1043.pbs01 belongs to root (uid 0)");
     // A job that is not running; one PBS does not know; a job id that is no id; none.
     let s = Held::spawn(
         d,

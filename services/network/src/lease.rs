@@ -120,6 +120,40 @@ pub async fn get(conn: &mut SqliteConnection, vm_id: &str) -> Result<Option<Leas
     TABLE.get(conn, vm_id).await
 }
 
+/// The leases the other prepared VMs hold.
+async fn others(conn: &mut SqliteConnection, vm_id: &str) -> Result<Vec<Lease>, TableError> {
+    Ok(TABLE
+        .prepared(&mut *conn)
+        .await?
+        .into_iter()
+        .filter(|r| r.vm_id != vm_id)
+        .map(|r| r.detail)
+        .collect())
+}
+
+/// The first host address of `pool` that is not `exclude` and that no lease of `others` holds.
+fn free_address(others: &[Lease], pool: Ipv4Net, exclude: Ipv4Addr) -> Result<Ipv4Addr, Exhausted> {
+    let used: HashSet<Ipv4Addr> = others
+        .iter()
+        .filter_map(|l| l.address.as_deref()?.parse().ok())
+        .collect();
+    pool.hosts()
+        .find(|a| *a != exclude && !used.contains(a))
+        .ok_or(Exhausted {
+            pool,
+            in_use: used.len(),
+        })
+}
+
+/// [`Mac::for_vm`] of `vm_id`, skipping the candidates `others` hold.
+fn free_mac(others: &[Lease], vm_id: &str) -> String {
+    let macs: HashSet<&str> = others.iter().filter_map(|l| l.mac.as_deref()).collect();
+    (0u32..)
+        .map(|i| Mac::for_vm(vm_id, i).to_string())
+        .find(|m| !macs.contains(m.as_str()))
+        .unwrap_or_default()
+}
+
 /// Leases an address and a MAC for `vm_id` (tap mode) and records the row as prepared.
 /// Addresses: the first host address of `pool` that is not `exclude` (the bridge's) and not
 /// held by another prepared lease. MAC: [`Mac::for_vm`], skipping candidates held by others.
@@ -131,28 +165,12 @@ pub async fn allocate_tap(
     pool: Ipv4Net,
     exclude: Ipv4Addr,
 ) -> Result<Result<Lease, Exhausted>, TableError> {
-    let others: Vec<Lease> = TABLE
-        .prepared(&mut *conn)
-        .await?
-        .into_iter()
-        .filter(|r| r.vm_id != vm_id)
-        .map(|r| r.detail)
-        .collect();
-    let used: HashSet<Ipv4Addr> = others
-        .iter()
-        .filter_map(|l| l.address.as_deref()?.parse().ok())
-        .collect();
-    let macs: HashSet<&str> = others.iter().filter_map(|l| l.mac.as_deref()).collect();
-    let Some(address) = pool.hosts().find(|a| *a != exclude && !used.contains(a)) else {
-        return Ok(Err(Exhausted {
-            pool,
-            in_use: used.len(),
-        }));
+    let others = others(conn, vm_id).await?;
+    let address = match free_address(&others, pool, exclude) {
+        Ok(a) => a,
+        Err(e) => return Ok(Err(e)),
     };
-    let mac = (0u32..)
-        .map(|i| Mac::for_vm(vm_id, i).to_string())
-        .find(|m| !macs.contains(m.as_str()))
-        .unwrap_or_default();
+    let mac = free_mac(&others, vm_id);
     let lease = Lease {
         mode: Mode::Tap,
         address: Some(address.to_string()),
@@ -185,13 +203,7 @@ pub async fn allocate_vf(
     gateway: Ipv4Addr,
     vlan: u16,
 ) -> Result<Result<Lease, NoVf>, TableError> {
-    let others: Vec<Lease> = TABLE
-        .prepared(&mut *conn)
-        .await?
-        .into_iter()
-        .filter(|r| r.vm_id != vm_id)
-        .map(|r| r.detail)
-        .collect();
+    let others = others(conn, vm_id).await?;
     let held: HashSet<String> = others
         .iter()
         .filter_map(|l| l.vf.as_ref().map(|v| v.pci.clone()))
@@ -206,22 +218,11 @@ pub async fn allocate_vf(
             held: held.len(),
         }));
     };
-    let used: HashSet<Ipv4Addr> = others
-        .iter()
-        .filter_map(|l| l.address.as_deref()?.parse().ok())
-        .collect();
-    let Some(address) = pool.hosts().find(|a| *a != gateway && !used.contains(a)) else {
-        return Ok(Err(Exhausted {
-            pool,
-            in_use: used.len(),
-        }
-        .into()));
+    let address = match free_address(&others, pool, gateway) {
+        Ok(a) => a,
+        Err(e) => return Ok(Err(e.into())),
     };
-    let macs: HashSet<&str> = others.iter().filter_map(|l| l.mac.as_deref()).collect();
-    let mac = (0u32..)
-        .map(|i| Mac::for_vm(vm_id, i).to_string())
-        .find(|m| !macs.contains(m.as_str()))
-        .unwrap_or_default();
+    let mac = free_mac(&others, vm_id);
     let lease = Lease {
         mode: Mode::Tap,
         address: Some(address.to_string()),
