@@ -289,6 +289,28 @@ async fn vm_is_stopped_through_qmp() {
     assert_eq!(exit.stop_reason, watch::STOP_QEMU_EXITED);
 }
 
+/// What the scratch service would hand over: a raw ext4 file of `mib` MiB next to the VM's
+/// directory.
+fn ext4_scratch(f: &Fixture, mib: u64) -> ScratchReady {
+    let disk = f.vm.dir().with_file_name("scratch.img");
+    std::fs::create_dir_all(disk.parent().unwrap()).unwrap();
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(mib << 20)
+        .unwrap();
+    let mkfs = std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(&disk)
+        .status()
+        .unwrap();
+    assert!(mkfs.success());
+    ScratchReady {
+        path: disk.display().to_string(),
+        format: "raw".into(),
+        ..Default::default()
+    }
+}
+
 async fn vm_walltime_is_enforced() {
     let mut f = fixture("sleep 600");
     f.spec.walltime = Some(prost_types::Duration {
@@ -317,24 +339,7 @@ async fn vm_scratch_disk_and_owner_uid_reach_the_guest() {
         uid: 1000,
         gid: 1001,
     });
-    // What the scratch service would hand over: a raw ext4 file.
-    let disk = f.vm.dir().with_file_name("scratch.img");
-    std::fs::create_dir_all(disk.parent().unwrap()).unwrap();
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(64 << 20)
-        .unwrap();
-    let mkfs = std::process::Command::new("mkfs.ext4")
-        .args(["-q", "-F"])
-        .arg(&disk)
-        .status()
-        .unwrap();
-    assert!(mkfs.success());
-    let scratch = ScratchReady {
-        path: disk.display().to_string(),
-        format: "raw".into(),
-        ..Default::default()
-    };
+    let scratch = ext4_scratch(&f, 64);
     let storage = StorageReady::default();
     let inputs = f.inputs(Some(&scratch), None, Some(&storage));
     f.launch(&inputs).await.unwrap();
@@ -1084,23 +1089,7 @@ async fn vm_disk_cache_aio_and_iothread_are_what_qmp_reports() {
     use wnodes_launcher::tuning::{DiskAio, DiskCache, Tuning, VmTuning};
     // The guest mounts the scratch disk and writes to it: I/O on both disks.
     let f = fixture("echo data > /scratch/f && sync && echo wrote; sleep 600");
-    let disk = f.vm.dir().with_file_name("scratch.img");
-    std::fs::create_dir_all(disk.parent().unwrap()).unwrap();
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(32 << 20)
-        .unwrap();
-    let mkfs = std::process::Command::new("mkfs.ext4")
-        .args(["-q", "-F"])
-        .arg(&disk)
-        .status()
-        .unwrap();
-    assert!(mkfs.success());
-    let scratch = ScratchReady {
-        path: disk.display().to_string(),
-        format: "raw".into(),
-        ..Default::default()
-    };
+    let scratch = ext4_scratch(&f, 32);
     let storage = StorageReady::default();
     let image = f.image.path.clone();
     for (cache, aio, iothread) in [
