@@ -10,7 +10,7 @@
 # Outputs:
 #   lab.ext4       ext4 image (label wnodes-lab): modules/<name>.ko + modules/order (insmod order,
 #                  dependencies first), lib/ (the loader and every library ldd reports),
-#                  libexec/{ip,bridge} (iproute2, from the build host), bin/{ip,bridge} (wrappers
+#                  libexec/{ip,bridge,nft} (iproute2, nftables, from the build host), bin/{ip,bridge,nft} (wrappers
 #                  that run them through lib/'s loader)
 #   manifest.json  {"disk", "kernel_version", "modules", "sha256"}
 #
@@ -26,8 +26,10 @@ FORCE=0
 [ "${1:-}" = "--force" ] && FORCE=1
 # The modules the igb guest adds (their dependencies are resolved from each .ko's modinfo):
 # the 82576 PF and VF drivers, 802.1Q VLAN devices, the bridge (vlan_filtering), and veth (the
-# network-namespace "VMs" of the VLAN tests).
-WANTED="igb:CONFIG_IGB igbvf:CONFIG_IGBVF 8021q:CONFIG_VLAN_8021Q bridge:CONFIG_BRIDGE veth:CONFIG_VETH"
+# network-namespace "VMs" of the VLAN tests), tun and nf_tables (the network service's tap path:
+# `ip tuntap add`, and its per-VM filter through `nft`, whose `meta iifname` in the bridge family
+# is nft_meta_bridge's).
+WANTED="igb:CONFIG_IGB igbvf:CONFIG_IGBVF 8021q:CONFIG_VLAN_8021Q bridge:CONFIG_BRIDGE veth:CONFIG_VETH tun:CONFIG_TUN nf_tables:CONFIG_NF_TABLES nft_meta_bridge:CONFIG_NFT_BRIDGE_META"
 
 log() { printf '[guest/build-igb] %s\n' "$*" >&2; }
 die() { printf '[guest/build-igb] ERROR: %s\n' "$*" >&2; exit 1; }
@@ -38,9 +40,10 @@ GUEST="$("$HERE/build.sh" | tail -n1)"
 KVER="${KPKG#linux-image-}"
 KDEB="$GUEST/debs/${KPKG}_${KPKG_VER//:/%3a}_amd64.deb"
 [ -s "$KDEB" ] || die "kernel package $KDEB missing (guest/build.sh keeps it)"
-IPR="$(command -v ip || true)"; BRG="$(command -v bridge || true)"
+IPR="$(command -v ip || true)"; BRG="$(command -v bridge || true)"; NFT="$(command -v nft || true)"
 [ -n "$IPR" ] && [ -n "$BRG" ] || die "iproute2's ip and bridge not found on the host (apt-get install iproute2)"
-IPR="$(readlink -f "$IPR")"; BRG="$(readlink -f "$BRG")"
+[ -n "$NFT" ] || die "nft not found on the host (apt-get install nftables)"
+IPR="$(readlink -f "$IPR")"; BRG="$(readlink -f "$BRG")"; NFT="$(readlink -f "$NFT")"
 for t in mkfs.ext4 python3 ldd sha256sum; do
     command -v "$t" >/dev/null || die "$t not found (run scripts/install-vm-deps.sh)"
 done
@@ -48,8 +51,8 @@ done
 mkdir -p "$CACHE"
 exec 9>"$CACHE/.lock"
 flock 9
-LIBS_ID="$(ldd "$IPR" "$BRG" | awk '/=>/ && $3 ~ /^\// {print $3} /^\t\// {print $1}' | sort -u | xargs sha256sum | sha256sum | cut -c1-16)"
-STAMP="script=$(sha256sum "$SELF" | cut -c1-64) kernel=$KPKG/$KPKG_VER iproute2=$(cat "$IPR" "$BRG" | sha256sum | cut -c1-16)/$LIBS_ID"
+LIBS_ID="$(ldd "$IPR" "$BRG" "$NFT" | awk '/=>/ && $3 ~ /^\// {print $3} /^\t\// {print $1}' | sort -u | xargs sha256sum | sha256sum | cut -c1-16)"
+STAMP="script=$(sha256sum "$SELF" | cut -c1-64) kernel=$KPKG/$KPKG_VER iproute2=$(cat "$IPR" "$BRG" "$NFT" | sha256sum | cut -c1-16)/$LIBS_ID"
 if [ "$FORCE" = 0 ] && [ -s "$CACHE/lab.ext4" ] && [ -s "$CACHE/manifest.json" ] \
     && [ "$(cat "$CACHE/stamp" 2>/dev/null)" = "$STAMP" ]; then
     log "up to date ($KPKG $KPKG_VER)"
@@ -126,16 +129,16 @@ PY
 
 # iproute2: the binaries keep the name `ip` (iproute2 reads a longer argv[0] as `ip <rest>`:
 # `ipr` is `ip r`), their libraries and the loader go to lib/, and bin/ wraps them
-cp "$IPR" "$LAB/libexec/ip"; cp "$BRG" "$LAB/libexec/bridge"
-for lib in $(ldd "$IPR" "$BRG" | awk '/=>/ && $3 ~ /^\// {print $3} /^\t\// {print $1}' | sort -u); do
+cp "$IPR" "$LAB/libexec/ip"; cp "$BRG" "$LAB/libexec/bridge"; cp "$NFT" "$LAB/libexec/nft"
+for lib in $(ldd "$IPR" "$BRG" "$NFT" | awk '/=>/ && $3 ~ /^\// {print $3} /^\t\// {print $1}' | sort -u); do
     cp "$(readlink -f "$lib")" "$LAB/lib/$(basename "$lib")"
 done
 LOADER="$(ldd "$IPR" | awk '/^\t\// {print $1}' | xargs basename)"
 [ -s "$LAB/lib/$LOADER" ] || die "the dynamic loader was not copied"
-for b in ip bridge; do
+for b in ip bridge nft; do
     cat >"$LAB/bin/$b" <<W
 #!/bin/sh
-# iproute2's $b from the build host, run through the loader it was linked for
+# $b (iproute2, nftables) from the build host, run through the loader it was linked for
 d=\${0%/bin/*}
 exec "\$d/lib/$LOADER" --library-path "\$d/lib" "\$d/libexec/$b" "\$@"
 W

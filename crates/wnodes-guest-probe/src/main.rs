@@ -6,7 +6,7 @@
 //! | Module | Subcommands |
 //! |---|---|
 //! | [`sysfs`] | `sysfs-vfs <pf>`: the PF's `sriov_totalvfs`, `sriov_numvfs` and each VF's PCI address, driver and netdevs, from `/sys/class/net/<pf>/device`. |
-//! | [`network`] | `network prepare <vm_id> <vo> <queue>`, `network release <vm_id>`, `network reconcile`: the network service's SR-IOV code (`wnodes-network`) against the guest's PF, its leases in a SQLite store kept across calls; `network vlan-filtering|port-vlan|vlan-link`: its VLAN requests (`wnodes_network::vlan`). |
+//! | [`network`] | `network prepare <vm_id> <vo> <queue>`, `network release <vm_id>`, `network reconcile`: the network service's SR-IOV code (`wnodes-network`) against the guest's PF, its leases in a SQLite store kept across calls; `network tap prepare|release|reconcile` and `network join-vlan <port> <vo> <queue>`: its tap path with VLANs (`NetworkHandler::prepare_tap`, `release_host`, `join_vlan`). |
 //! | [`links`] | `netlink-links`: every link (index, name, MAC, MTU, kind, parent, VF count) through `rtnetlink`; `vf-info <pf>`: the PF's VFs (MAC, VLAN, QoS, spoof check, trust, link state) through `rtnetlink` with the VF ext filter (`RTEXT_FILTER_VF`). |
 //!
 //! Exit status: 0 with the JSON on stdout; 1 when the kernel refused or the PF is not there
@@ -20,8 +20,8 @@ use std::{path::Path, process::ExitCode};
 
 const USAGE: &str = "usage: wnodes-guest-probe sysfs-vfs <pf> | netlink-links | vf-info <pf> \
     | network prepare <vm_id> <vo> <queue> | network release <vm_id> | network reconcile \
-    | network vlan-filtering <bridge> on|off | network port-vlan <port> <vid> \
-    | network vlan-link <trunk> <vid>";
+    | network tap prepare <vm_id> <vo> <queue> | network tap release <vm_id> \
+    | network tap reconcile | network join-vlan <port> <vo> <queue>";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -33,17 +33,12 @@ fn main() -> ExitCode {
         ["network", "prepare", vm, vo, queue] => netlink(network::prepare(vm, vo, queue)),
         ["network", "release", vm] => netlink(network::release(vm)),
         ["network", "reconcile"] => netlink(network::reconcile()),
-        ["network", "vlan-filtering", bridge, on @ ("on" | "off")] => {
-            netlink(network::vlan_filtering(bridge, *on == "on"))
+        ["network", "tap", "prepare", vm, vo, queue] => {
+            netlink(network::tap_prepare(vm, vo, queue))
         }
-        ["network", "port-vlan", port, vid] => match vid.parse() {
-            Ok(v) => netlink(network::port_vlan(port, v)),
-            Err(e) => Err(anyhow::anyhow!("VLAN id {vid:?}: {e}")),
-        },
-        ["network", "vlan-link", trunk, vid] => match vid.parse() {
-            Ok(v) => netlink(network::vlan_link(trunk, v)),
-            Err(e) => Err(anyhow::anyhow!("VLAN id {vid:?}: {e}")),
-        },
+        ["network", "tap", "release", vm] => netlink(network::tap_release(vm)),
+        ["network", "tap", "reconcile"] => netlink(network::tap_reconcile()),
+        ["network", "join-vlan", port, vo, queue] => netlink(network::join_vlan(port, vo, queue)),
         _ => {
             eprintln!("{USAGE}");
             return ExitCode::from(2);

@@ -217,6 +217,7 @@ async fn tap_escape() {
         pool: Some("10.231.2.0/24".parse::<Ipv4Net>().unwrap()),
         sriov: Default::default(),
         sriov_network: None,
+        vlans: Default::default(),
         source: "network@hv1.test".into(),
     };
     let nstore = tb.store("network.db").await;

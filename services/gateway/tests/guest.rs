@@ -62,6 +62,7 @@ async fn run_guest() {
         pool: Some("10.231.1.0/24".parse::<Ipv4Net>().unwrap()),
         sriov: Default::default(),
         sriov_network: None,
+        vlans: Default::default(),
         source: "network@hv1.test".into(),
     };
     let nstore = tb.store("network.db").await;

@@ -71,6 +71,9 @@ pub struct NetworkConfig {
     /// `[network.sriov]`: VMs that ask for SR-IOV get a VF of these physical functions
     /// (`docs/sriov-and-vlans.md`). Off while `physical_functions` is empty.
     pub sriov: crate::sriov::SriovConfig,
+    /// `[network.vlan]`: VMs of a configured VO or queue on their own VLAN, with a tap or a VF
+    /// (`docs/sriov-and-vlans.md`). Off while no VLAN is configured.
+    pub vlan: crate::vlan::VlanConfig,
 }
 
 impl Default for NetworkConfig {
@@ -81,6 +84,7 @@ impl Default for NetworkConfig {
             pool: None,
             netns: None,
             sriov: crate::sriov::SriovConfig::default(),
+            vlan: crate::vlan::VlanConfig::default(),
         }
     }
 }
@@ -98,6 +102,8 @@ pub enum NetworkConfigError {
     Netns(#[source] crate::host::HostError),
     #[error("sriov.{0}")]
     Sriov(String),
+    #[error("vlan.{0}")]
+    Vlan(String),
 }
 
 impl NetworkConfig {
@@ -121,6 +127,9 @@ impl NetworkConfig {
         }
         crate::host::Host::new(self.netns.clone()).map_err(NetworkConfigError::Netns)?;
         self.sriov_network()?;
+        self.vlan
+            .check(&self.bridge, self.mode.resolve() == Mode::Tap)
+            .map_err(NetworkConfigError::Vlan)?;
         Ok(())
     }
 

@@ -54,6 +54,9 @@ wnodes_testkit::error_rule! {
         NetworkConfigError::Sriov(_) => NetworkConfigError::Sriov(
             "gateway 10.231.3.1 is not inside pool 10.231.2.0/24".into(),
         ),
+        NetworkConfigError::Vlan(_) => NetworkConfigError::Vlan(
+            "networks.100.pool: 10.231.101.0/24 is not inside 10.231.100.1/24".into(),
+        ),
     }
     SriovError {
         SriovError::NotSriov { .. } => SriovError::NotSriov {
@@ -146,6 +149,11 @@ wnodes_testkit::error_rule! {
         PrepareError::SetVf { .. } => PrepareError::SetVf {
             pf: "ens1f0".into(),
             index: 3,
+            source: host_error(),
+        },
+        PrepareError::NoVlanNetwork(_) => PrepareError::NoVlanNetwork(100),
+        PrepareError::Vlan { .. } => PrepareError::Vlan {
+            vid: 100,
             source: host_error(),
         },
     }

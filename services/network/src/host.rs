@@ -154,6 +154,11 @@ impl Host {
         ))
     }
 
+    /// The rtnetlink connection, for the VLAN steps ([`crate::tap_vlan`]).
+    pub fn netlink(&self) -> &Netlink {
+        &self.netlink
+    }
+
     /// Runs a command that must succeed; returns its stdout.
     async fn run(
         &self,

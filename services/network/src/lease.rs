@@ -27,7 +27,7 @@ pub struct Lease {
     /// SR-IOV: the VF the VM holds (its PF, index and PCI address).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vf: Option<Vf>,
-    /// SR-IOV: the VF's VLAN (0: untagged).
+    /// The VLAN of the VM's VF or tap (0: untagged).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub vlan: u16,
 }
@@ -154,7 +154,20 @@ fn free_mac(others: &[Lease], vm_id: &str) -> String {
         .unwrap_or_default()
 }
 
-/// Leases an address and a MAC for `vm_id` (tap mode) and records the row as prepared.
+/// True when a prepared tap lease of another VM than `vm_id` is on VLAN `vid`.
+pub async fn tap_vlan_in_use(
+    conn: &mut SqliteConnection,
+    vm_id: &str,
+    vid: u16,
+) -> Result<bool, TableError> {
+    Ok(others(conn, vm_id)
+        .await?
+        .iter()
+        .any(|l| l.tap.is_some() && l.vlan == vid))
+}
+
+/// Leases an address and a MAC for `vm_id` (tap mode, on VLAN `vlan`, 0: none) and records the
+/// row as prepared.
 /// Addresses: the first host address of `pool` that is not `exclude` (the bridge's) and not
 /// held by another prepared lease. MAC: [`Mac::for_vm`], skipping candidates held by others.
 pub async fn allocate_tap(
@@ -164,6 +177,7 @@ pub async fn allocate_tap(
     tap: &str,
     pool: Ipv4Net,
     exclude: Ipv4Addr,
+    vlan: u16,
 ) -> Result<Result<Lease, Exhausted>, TableError> {
     let others = others(conn, vm_id).await?;
     let address = match free_address(&others, pool, exclude) {
@@ -177,7 +191,7 @@ pub async fn allocate_tap(
         mac: Some(mac),
         tap: Some(tap.to_owned()),
         vf: None,
-        vlan: 0,
+        vlan,
     };
     TABLE.prepare(conn, vm_id, run_key, &lease).await?;
     Ok(Ok(lease))
@@ -325,6 +339,7 @@ mod tests {
             "wn-000000000004",
             net(),
             "10.231.1.1".parse().unwrap(),
+            0,
         )
         .await
         .unwrap()
@@ -352,14 +367,14 @@ mod tests {
         // A /29 has six host addresses, one of them the bridge's.
         for i in 0..5 {
             let vm = format!("vm-00000000000{i}");
-            let l = allocate_tap(&mut conn, &vm, "k", "wn-x", net(), bridge)
+            let l = allocate_tap(&mut conn, &vm, "k", "wn-x", net(), bridge, 0)
                 .await
                 .unwrap()
                 .unwrap();
             got.push(l.address.unwrap());
         }
         assert_eq!(got.len(), 5);
-        let full = allocate_tap(&mut conn, "vm-00000000000a", "k", "wn-x", net(), bridge)
+        let full = allocate_tap(&mut conn, "vm-00000000000a", "k", "wn-x", net(), bridge, 0)
             .await
             .unwrap()
             .unwrap_err();
@@ -371,7 +386,7 @@ mod tests {
                 .unwrap(),
             Released::Now(_)
         ));
-        let again = allocate_tap(&mut conn, "vm-00000000000a", "k", "wn-x", net(), bridge)
+        let again = allocate_tap(&mut conn, "vm-00000000000a", "k", "wn-x", net(), bridge, 0)
             .await
             .unwrap()
             .unwrap();

@@ -16,7 +16,8 @@
 //! | [`lease`] | the leases: one row per VM in the preparers' resource table, tombstones after release |
 //! | [`service`] | the handler |
 //! | [`sriov`] | SR-IOV: the VFs of the configured physical functions (sysfs), a VM's VF settings and their reset |
-//! | [`vlan`] | 802.1Q for tap VMs as rtnetlink messages: VLAN links `<trunk>.<vid>`, bridge VLAN filtering, a port's PVID (not wired into the handler yet) |
+//! | [`vlan`] | `[network.vlan]` (which VLAN a VM of a VO or queue is on, each VLAN's network) and 802.1Q as rtnetlink messages: VLAN links `<trunk>.<vid>`, bridges, bridge VLAN filtering, a port's VLANs |
+//! | [`tap_vlan`] | how a tap VM joins its VLAN: the method (filtering or a bridge per VLAN), each VLAN's host side made on its first VM and removed after its last |
 //! | [`reconcile`] | start-up reconciliation: taps and filters no prepared lease holds are removed |
 //!
 //! [`Network`] is the service as the runtime runs it.
@@ -32,7 +33,13 @@
 //! # physical_functions = ["ens1f0"]
 //! # pool = "10.231.2.0/24"
 //! # gateway = "10.231.2.1"
+//!
+//! [network.vlan]            # VMs of a VO or queue on their own VLAN, tap or VF
 //! # vo_vlans = { atlas = 100 }
+//! # method = "auto"         # "filtering" | "bridges" | "auto"
+//! # trunk = "bond0"
+//! # [network.vlan.networks.100]
+//! # address = "10.231.100.1/24"   # this host on VLAN 100: its VMs' gateway
 //! ```
 //!
 //! Deployment notes: taps are created without an owner, so qemu needs CAP_NET_ADMIN (or root) to
@@ -50,6 +57,7 @@ pub mod nft;
 pub mod reconcile;
 pub mod service;
 pub mod sriov;
+pub mod tap_vlan;
 pub mod vlan;
 
 pub use config::{NetworkConfig, NetworkConfigError};

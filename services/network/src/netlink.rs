@@ -31,6 +31,10 @@ use crate::{config::Ipv4Net, sriov::VfSettings};
 
 /// `ENODEV`, as netlink reports it (negative).
 const ENODEV: i32 = -19;
+/// `ENOENT`, as netlink reports it (negative).
+const ENOENT: i32 = -2;
+/// `EOPNOTSUPP`, as netlink reports it (negative): what a kernel without a feature answers.
+pub const EOPNOTSUPP: i32 = -95;
 
 /// What a netlink operation was doing when it failed.
 #[derive(Debug, thiserror::Error)]
@@ -371,6 +375,152 @@ impl Netlink {
                 name: port.to_owned(),
                 source,
             })
+    }
+
+    /// Creates bridge `name` if there is no link of that name, and sets it up.
+    pub async fn add_bridge(&self, name: &str) -> Result<(), NetlinkError> {
+        let handle = self.handle().await?;
+        if self.link(name).await?.is_none() {
+            handle
+                .link()
+                .add(crate::vlan::bridge_message(name))
+                .execute()
+                .await
+                .map_err(|source| NetlinkError::Request {
+                    op: "make the bridge",
+                    name: name.to_owned(),
+                    source,
+                })?;
+        }
+        self.set_up(name).await
+    }
+
+    /// Sets `name` up.
+    pub async fn set_up(&self, name: &str) -> Result<(), NetlinkError> {
+        let handle = self.handle().await?;
+        handle
+            .link()
+            .set(LinkUnspec::new_with_name(name).up().build())
+            .execute()
+            .await
+            .map_err(|source| NetlinkError::Request {
+                op: "set up",
+                name: name.to_owned(),
+                source,
+            })
+    }
+
+    /// Gives `name` the address `net` unless it has it already.
+    pub async fn add_ipv4(&self, name: &str, net: Ipv4Net) -> Result<(), NetlinkError> {
+        let link = self.link(name).await?.ok_or_else(|| NetlinkError::NoLink {
+            op: "add an address to",
+            name: name.to_owned(),
+        })?;
+        if self.ipv4_addresses(&link).await?.contains(&net) {
+            return Ok(());
+        }
+        let handle = self.handle().await?;
+        handle
+            .address()
+            .add(link.index, IpAddr::V4(net.addr), net.prefix)
+            .execute()
+            .await
+            .map_err(|source| NetlinkError::Request {
+                op: "add its address to",
+                name: name.to_owned(),
+                source,
+            })
+    }
+
+    /// Makes bridge port `port` a tagged member of VLAN `vid` (`bridge vlan add dev <port> vid
+    /// <vid>`); with `bridge_itself`, `port` is the bridge and the member is the host's own
+    /// interface on it (`… self`).
+    pub async fn add_tagged_vlan(
+        &self,
+        port: &str,
+        vid: u16,
+        bridge_itself: bool,
+    ) -> Result<(), NetlinkError> {
+        let p = self.link(port).await?.ok_or_else(|| NetlinkError::NoLink {
+            op: "add a VLAN to",
+            name: port.to_owned(),
+        })?;
+        let handle = self.handle().await?;
+        handle
+            .link()
+            .set(crate::vlan::tagged_member_message(
+                p.index,
+                vid,
+                bridge_itself,
+            ))
+            .execute()
+            .await
+            .map_err(|source| NetlinkError::Request {
+                op: "add a tagged VLAN to",
+                name: port.to_owned(),
+                source,
+            })
+    }
+
+    /// Takes `port` (or, with `bridge_itself`, the bridge `port` itself) out of VLAN `vid`
+    /// (`bridge vlan del dev <port> vid <vid>`); not a member already, or a kernel without
+    /// VLAN filtering, is success.
+    pub async fn del_vlan(
+        &self,
+        port: &str,
+        vid: u16,
+        bridge_itself: bool,
+    ) -> Result<(), NetlinkError> {
+        let Some(p) = self.link(port).await? else {
+            return Ok(());
+        };
+        let handle = self.handle().await?;
+        let mut req = handle.link().del(p.index);
+        *req.message_mut() = crate::vlan::port_vlan_del_message(p.index, vid, bridge_itself);
+        match req.execute().await {
+            Ok(()) => Ok(()),
+            // Not a member, or a bridge that has no VLANs at all: nothing to take off.
+            Err(rtnetlink::Error::NetlinkError(e))
+                if e.raw_code() == ENOENT || e.raw_code() == EOPNOTSUPP =>
+            {
+                Ok(())
+            }
+            Err(source) => Err(NetlinkError::Request {
+                op: "take a VLAN off",
+                name: port.to_owned(),
+                source,
+            }),
+        }
+    }
+
+    /// The VLAN filtering settings of bridge `bridge` as the kernel reports them: whether it
+    /// filters, and its default PVID (the VLAN a new port joins untagged); `None` for what it
+    /// does not report.
+    pub async fn bridge_vlan_settings(
+        &self,
+        bridge: &str,
+    ) -> Result<(Option<bool>, Option<u16>), NetlinkError> {
+        let handle = self.handle().await?;
+        let mut links = handle.link().get().match_name(bridge.to_owned()).execute();
+        let no_link = || NetlinkError::NoLink {
+            op: "read the VLAN settings of",
+            name: bridge.to_owned(),
+        };
+        let m = match links.try_next().await {
+            Ok(Some(m)) => m,
+            Ok(None) => return Err(no_link()),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == ENODEV => {
+                return Err(no_link());
+            }
+            Err(source) => {
+                return Err(NetlinkError::Request {
+                    op: "read the VLAN settings of",
+                    name: bridge.to_owned(),
+                    source,
+                });
+            }
+        };
+        Ok(crate::vlan::bridge_vlan_settings(&m))
     }
 
     /// Deletes `link`.

@@ -1,5 +1,6 @@
-//! Start-up reconciliation: the taps and their nft chains are the [`HostResources`] of the
-//! lease table; [`NetworkHandler::reconcile`] removes what no prepared lease holds.
+//! Start-up reconciliation: the taps and their nft chains, the VFs set to a MAC and the VLANs'
+//! host sides are the [`HostResources`] of the lease table; [`NetworkHandler::reconcile`]
+//! removes (or resets) what no prepared lease holds.
 
 use std::fmt;
 
@@ -13,6 +14,7 @@ use crate::{
     nft,
     service::NetworkHandler,
     sriov::{self, Vf, VfSettings},
+    tap_vlan,
 };
 
 impl NetworkHandler {
@@ -48,6 +50,8 @@ pub enum HostItem {
     Chain(String),
     /// An SR-IOV VF set to a MAC (not reset).
     Vf(Vf),
+    /// A VLAN's host side ([`crate::tap_vlan`]): its bridge or VLAN link.
+    Vlan(u16),
 }
 
 impl fmt::Display for HostItem {
@@ -56,6 +60,7 @@ impl fmt::Display for HostItem {
             Self::Tap(t) => write!(f, "tap {t}"),
             Self::Chain(c) => write!(f, "nft chain {c}"),
             Self::Vf(v) => write!(f, "VF {} of {} ({})", v.index, v.pf, v.pci),
+            Self::Vlan(v) => write!(f, "VLAN {v}'s host side"),
         }
     }
 }
@@ -113,6 +118,13 @@ impl HostResources<Lease> for NetworkHandler {
                 found.push((name.clone(), HostItem::Chain(name)));
             }
         }
+        // After the taps: a VLAN's bridge goes once its ports have.
+        found.extend(
+            self.vlan_sides()
+                .await?
+                .into_iter()
+                .map(|v| (tap_vlan::held_key(v), HostItem::Vlan(v))),
+        );
         Ok(found)
     }
 
@@ -122,6 +134,10 @@ impl HostResources<Lease> for NetworkHandler {
             .iter()
             .cloned()
             .chain(row.detail.vf.iter().map(|v| v.pci.clone()))
+            .chain(
+                (row.detail.tap.is_some() && row.detail.vlan != 0)
+                    .then(|| tap_vlan::held_key(row.detail.vlan)),
+            )
             .collect()
     }
 
@@ -130,6 +146,7 @@ impl HostResources<Lease> for NetworkHandler {
             HostItem::Tap(tap) => self.host.delete_link(tap).await.map(drop),
             HostItem::Chain(name) => self.host.nft_apply(&nft::remove_script(name)).await,
             HostItem::Vf(vf) => self.host.set_vf(&vf.pf, vf.index, &VfSettings::RESET).await,
+            HostItem::Vlan(v) => self.remove_vlan_side(*v).await.map(drop),
         }
     }
 }

@@ -13,6 +13,7 @@ use crate::{
     mac::Mac,
     nft,
     sriov::{SriovConfig, SriovError, VfSettings},
+    tap_vlan::Vlans,
 };
 
 /// Address a user-mode guest gets from qemu's slirp.
@@ -39,6 +40,8 @@ pub struct NetworkHandler {
     /// `[network.sriov]`, and its pool and gateway when it has physical functions.
     pub sriov: SriovConfig,
     pub sriov_network: Option<(Ipv4Net, Ipv4Addr)>,
+    /// `[network.vlan]`: which VLAN a VM is on, each VLAN's network, how taps join it.
+    pub vlans: Vlans,
     /// `"network@<host>"`.
     pub source: String,
 }
@@ -89,6 +92,25 @@ pub enum PrepareError {
         #[source]
         source: HostError,
     },
+    #[error("VLAN {0} has no network here ([network.vlan.networks.{0}])")]
+    NoVlanNetwork(u16),
+    #[error("cannot set up VLAN {vid} on this host")]
+    Vlan {
+        vid: u16,
+        #[source]
+        source: HostError,
+    },
+}
+
+/// The network a tap VM's address comes from: the bridge's, or its VLAN's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TapNetwork {
+    /// The addresses VMs get.
+    pub pool: Ipv4Net,
+    /// The host's address on that network (the VMs' gateway), with its prefix.
+    pub gateway: Ipv4Net,
+    /// 0: `[network] bridge`, untagged.
+    pub vlan: u16,
 }
 
 fn store_err(e: TableError) -> HandlerError {
@@ -108,6 +130,7 @@ impl NetworkHandler {
             pool,
             sriov: cfg.sriov.clone(),
             sriov_network: cfg.sriov_network()?,
+            vlans: Vlans::new(cfg.vlan.clone()).map_err(NetworkConfigError::Vlan)?,
             source,
         })
     }
@@ -136,15 +159,47 @@ impl NetworkHandler {
         Ok((pool, bridge))
     }
 
-    /// Makes the tap and its filter (idempotent: checked against host state).
+    /// The network of a tap VM on VLAN `vlan` (0: the bridge's, checked against the pool:
+    /// slow host work, done before the transaction).
+    ///
+    /// # Errors
+    /// The bridge is missing or its network does not hold the pool; the VLAN has no network.
+    pub async fn tap_network(&self, vlan: u16) -> Result<TapNetwork, PrepareError> {
+        if vlan == 0 {
+            let (pool, gateway) = self.bridge_address().await?;
+            return Ok(TapNetwork {
+                pool,
+                gateway,
+                vlan,
+            });
+        }
+        let net = self
+            .vlans
+            .networks
+            .get(&vlan)
+            .ok_or(PrepareError::NoVlanNetwork(vlan))?;
+        Ok(TapNetwork {
+            pool: net.pool,
+            gateway: net.address,
+            vlan,
+        })
+    }
+
+    /// Makes the tap as a port of `bridge`, on VLAN `vlan` (0: none), and its filter
+    /// (idempotent: checked against host state).
     async fn make_tap(
         &self,
         tap: &str,
+        bridge: &str,
+        vlan: u16,
         mac: Mac,
         ip: Ipv4Addr,
         owner: Option<&proto::HostUser>,
     ) -> Result<(), HostError> {
-        self.host.create_tap(tap, &self.bridge, owner).await?;
+        self.host.create_tap(tap, bridge, owner).await?;
+        if vlan != 0 {
+            self.vlan_port(tap, vlan).await?;
+        }
         self.host.nft_apply(&nft::vm_script(tap, mac, ip)).await
     }
 
@@ -173,9 +228,12 @@ impl NetworkHandler {
             // No silent fallback: a tap asked for is a tap or a failure.
             (proto::NetworkMode::VirtioTap, Mode::User) => Err(PrepareError::TapUnavailable),
             (proto::NetworkMode::User, _) | (_, Mode::User) => Ok(None),
-            (_, Mode::Tap) => self.bridge_address().await.map(Some),
+            (_, Mode::Tap) => self
+                .tap_network(self.vlans.config.vlan_for(&spec.vo, &spec.queue))
+                .await
+                .map(Some),
         };
-        let bridge = match plan {
+        let network = match plan {
             Ok(b) => b,
             Err(e) => {
                 // A late request after the release is still only released.
@@ -201,10 +259,10 @@ impl NetworkHandler {
             ctx.publish(self.events().released(ev, vm_id, "already released".into()));
             return Ok(());
         }
-        let ready = match bridge {
-            Some((pool, bridge)) => {
+        let ready = match network {
+            Some(network) => {
                 match self
-                    .prepare_tap(ctx, spec, &run_key, existing, pool, bridge)
+                    .prepare_tap(ctx.tx().await?, spec, &run_key, existing, network)
                     .await?
                 {
                     Ok(r) => r,
@@ -238,33 +296,58 @@ impl NetworkHandler {
         Ok(())
     }
 
-    async fn prepare_tap(
+    /// A tap for the VM of `spec` (its lease, `existing` or made in `conn`'s transaction) on
+    /// `network` (a lease's own VLAN over it), with its VLAN's host side and its filter;
+    /// `Ok(Err(_))` when it cannot be had (published as `network.failed`: the lease is
+    /// forgotten in `conn` and what was made undone). The handler's tap path, public for the
+    /// in-guest tests (`crates/wnodes-guest-probe`).
+    ///
+    /// # Errors
+    /// The lease table (retry), or a corrupt lease (reject).
+    pub async fn prepare_tap(
         &self,
-        ctx: &mut HandlerCtx,
+        conn: &mut sqlx::SqliteConnection,
         spec: &proto::VmSpec,
         run_key: &str,
         existing: Option<LeaseRow>,
-        pool: Ipv4Net,
-        bridge: Ipv4Net,
+        network: TapNetwork,
     ) -> Result<Result<proto::NetworkReady, PrepareError>, HandlerError> {
         let vm_id = spec.vm_id.as_str();
         let Some(tap) = tap_name(vm_id) else {
             return Ok(Err(PrepareError::BadVmId(vm_id.to_owned())));
         };
-        let conn = ctx.tx().await?;
-        let lease: Lease = match existing {
+        let (lease, network) = match existing {
             Some(l)
                 if l.detail.mode == Mode::Tap
+                    && l.detail.vf.is_none()
                     && l.detail.address.is_some()
                     && l.detail.mac.is_some() =>
             {
-                l.detail
+                // A redelivery: the lease says which network (the configuration may have
+                // changed since).
+                let network = if l.detail.vlan == network.vlan {
+                    network
+                } else {
+                    match self.tap_network(l.detail.vlan).await {
+                        Ok(n) => n,
+                        Err(e) => return Ok(Err(e)),
+                    }
+                };
+                (l.detail, network)
             }
-            _ => match lease::allocate_tap(conn, vm_id, run_key, &tap, pool, bridge.addr)
-                .await
-                .map_err(store_err)?
+            _ => match lease::allocate_tap(
+                &mut *conn,
+                vm_id,
+                run_key,
+                &tap,
+                network.pool,
+                network.gateway.addr,
+                network.vlan,
+            )
+            .await
+            .map_err(store_err)?
             {
-                Ok(l) => l,
+                Ok(l) => (l, network),
                 Err(e) => return Ok(Err(e.into())),
             },
         };
@@ -280,27 +363,105 @@ impl NetworkHandler {
                 "lease of {vm_id} in the store is corrupt: {lease:?}"
             )));
         };
-        if let Err(source) = self.make_tap(&tap, mac, ip, spec.vm_user.as_ref()).await {
-            // Undo what was made; the lease goes with it (same transaction).
-            if let Err(e) = self.remove_tap(&tap).await {
-                tracing::warn!(vm_id, %tap, error = %ErrorChain(&e), "Cannot undo a half-made tap.");
-            }
-            lease::forget(ctx.tx().await?, vm_id)
+        let vlan = network.vlan;
+        let bridge = if vlan == 0 {
+            Ok(self.bridge.clone())
+        } else {
+            self.vlan_side(vlan)
                 .await
-                .map_err(store_err)?;
-            return Ok(Err(PrepareError::Tap { tap, source }));
-        }
+                .map_err(|source| PrepareError::Vlan { vid: vlan, source })
+        };
+        let made = match bridge {
+            Ok(bridge) => self
+                .make_tap(&tap, &bridge, vlan, mac, ip, spec.vm_user.as_ref())
+                .await
+                .map(|()| bridge)
+                .map_err(|source| PrepareError::Tap {
+                    tap: tap.clone(),
+                    source,
+                }),
+            Err(e) => Err(e),
+        };
+        let bridge = match made {
+            Ok(b) => b,
+            Err(e) => {
+                // Undo what was made; the lease goes with it (same transaction).
+                if let Err(e) = self.remove_tap(&tap).await {
+                    tracing::warn!(vm_id, %tap, error = %ErrorChain(&e), "Cannot undo a half-made tap.");
+                }
+                lease::forget(&mut *conn, vm_id).await.map_err(store_err)?;
+                if let Err(e) = self.release_vlan_if_unused(conn, vm_id, vlan).await {
+                    tracing::warn!(vm_id, vlan, error = %e, "Cannot undo a VLAN's half-made host side.");
+                }
+                return Ok(Err(e));
+            }
+        };
         Ok(Ok(proto::NetworkReady {
             vm_id: vm_id.to_owned(),
             mode: proto::NetworkMode::VirtioTap as i32,
             tap,
             mac: mac.to_string(),
-            address: format!("{ip}/{}", bridge.prefix),
-            gateway: bridge.addr.to_string(),
-            bridge: self.bridge.clone(),
+            address: format!("{ip}/{}", network.gateway.prefix),
+            gateway: network.gateway.addr.to_string(),
+            bridge,
             address_filtered: true,
+            vlan: u32::from(vlan),
             ..Default::default()
         }))
+    }
+
+    /// Removes VLAN `vid`'s host side when no other prepared tap lease than `vm_id`'s is on it
+    /// (`conn`'s transaction holds the store's write lock: no VM joins meanwhile); what was
+    /// removed.
+    ///
+    /// # Errors
+    /// The lease table (retry), or the kernel refused (retry).
+    pub async fn release_vlan_if_unused(
+        &self,
+        conn: &mut sqlx::SqliteConnection,
+        vm_id: &str,
+        vid: u16,
+    ) -> Result<Vec<String>, HandlerError> {
+        if vid == 0
+            || lease::tap_vlan_in_use(conn, vm_id, vid)
+                .await
+                .map_err(store_err)?
+        {
+            return Ok(Vec::new());
+        }
+        self.remove_vlan_side(vid)
+            .await
+            .map_err(HandlerError::retry)
+    }
+
+    /// Releases what `lease` holds on the host: its tap and filter, its VF (reset), its VLAN's
+    /// host side when no other VM is on it; what was released, for the release's detail.
+    ///
+    /// # Errors
+    /// The lease table or the kernel (retry: the release is redone on redelivery).
+    pub async fn release_host(
+        &self,
+        conn: &mut sqlx::SqliteConnection,
+        vm_id: &str,
+        lease: &Lease,
+    ) -> Result<String, HandlerError> {
+        let mut parts = Vec::new();
+        if let Some(tap) = lease.tap.as_deref().filter(|t| valid_tap_name(t)) {
+            self.remove_tap(tap).await.map_err(HandlerError::retry)?;
+            parts.push(format!("tap {tap}, nft chain {tap}"));
+            parts.extend(self.release_vlan_if_unused(conn, vm_id, lease.vlan).await?);
+        }
+        if let Some(done) = self.reset_vf(lease).await.map_err(HandlerError::retry)? {
+            parts.push(done);
+        }
+        if let Some(a) = &lease.address {
+            parts.push(format!("lease {a}"));
+        }
+        Ok(if parts.is_empty() {
+            "user-mode networking: nothing held on the host".to_owned()
+        } else {
+            parts.join(", ")
+        })
     }
 
     /// `vm.requested` asking for SR-IOV: a VF of the configured PFs, set to the VM's MAC and
@@ -364,7 +525,7 @@ impl NetworkHandler {
                         Ok(p) => p,
                         Err(e) => return Ok(Err(PrepareError::Vfs(e))),
                     };
-                let vlan = self.sriov.vlan_for(&spec.vo, &spec.queue);
+                let vlan = self.vlans.config.vlan_for(&spec.vo, &spec.queue);
                 match lease::allocate_vf(&mut *conn, vm_id, run_key, &pfs, pool, gateway, vlan)
                     .await
                     .map_err(store_err)?
@@ -440,26 +601,7 @@ impl NetworkHandler {
         let existing = lease::get(conn, vm_id).await.map_err(store_err)?;
         let detail = match &existing {
             Some(l) if l.is_prepared() => {
-                let mut parts = Vec::new();
-                if let Some(tap) = l.detail.tap.as_deref().filter(|t| valid_tap_name(t)) {
-                    self.remove_tap(tap).await.map_err(HandlerError::retry)?;
-                    parts.push(format!("tap {tap}, nft chain {tap}"));
-                }
-                if let Some(done) = self
-                    .reset_vf(&l.detail)
-                    .await
-                    .map_err(HandlerError::retry)?
-                {
-                    parts.push(done);
-                }
-                if let Some(a) = &l.detail.address {
-                    parts.push(format!("lease {a}"));
-                }
-                if parts.is_empty() {
-                    "user-mode networking: nothing held on the host".to_owned()
-                } else {
-                    parts.join(", ")
-                }
+                self.release_host(ctx.tx().await?, vm_id, &l.detail).await?
             }
             Some(_) => "already released".to_owned(),
             None => "nothing was prepared".to_owned(),
@@ -504,6 +646,7 @@ mod tests {
             pool: pool.map(str::to_owned),
             netns: None,
             sriov: SriovConfig::default(),
+            vlan: crate::vlan::VlanConfig::default(),
         };
         let err = NetworkHandler::new(&cfg(ModeSetting::Tap, None, "wnbr0"), "n@h".into())
             .unwrap_err()

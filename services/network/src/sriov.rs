@@ -9,7 +9,7 @@
 //! have bound it to `vfio-pci` (a site's provisioning: `driverctl` or `sriov_drivers_autoprobe`).
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::HashSet,
     path::{Path, PathBuf},
 };
 
@@ -29,12 +29,6 @@ pub struct SriovConfig {
     pub pool: Option<String>,
     /// That network's gateway (excluded from the pool).
     pub gateway: Option<String>,
-    /// The VLAN of a VO's VMs (`{ atlas = 100 }`); others get `default_vlan`.
-    pub vo_vlans: BTreeMap<String, u16>,
-    /// The VLAN of a queue's VMs (over the VO's).
-    pub queue_vlans: BTreeMap<String, u16>,
-    /// 0: untagged.
-    pub default_vlan: u16,
     /// Trust on the VF (lets the guest change its MAC and use promiscuous modes); off.
     pub trust: bool,
 }
@@ -46,28 +40,13 @@ impl Default for SriovConfig {
             sysfs: "/sys".into(),
             pool: None,
             gateway: None,
-            vo_vlans: BTreeMap::new(),
-            queue_vlans: BTreeMap::new(),
-            default_vlan: 0,
             trust: false,
         }
     }
 }
 
-/// The highest 802.1Q VLAN id.
-pub const MAX_VLAN: u16 = 4094;
-
 impl SriovConfig {
-    /// The VLAN of a VM of `vo` in `queue`: the queue's, else the VO's, else the default.
-    pub fn vlan_for(&self, vo: &str, queue: &str) -> u16 {
-        self.queue_vlans
-            .get(queue)
-            .or_else(|| self.vo_vlans.get(vo))
-            .copied()
-            .unwrap_or(self.default_vlan)
-    }
-
-    /// Every VLAN id in range, every PF a plain interface name.
+    /// Every PF a plain interface name.
     ///
     /// # Errors
     /// The first offending key, named.
@@ -80,21 +59,6 @@ impl SriovConfig {
             return Err(format!(
                 "physical_functions: {pf:?} is not an interface name"
             ));
-        }
-        let bad = |v: &u16| *v > MAX_VLAN;
-        if bad(&self.default_vlan) {
-            return Err(format!(
-                "default_vlan: {} is not a VLAN id (0-{MAX_VLAN})",
-                self.default_vlan
-            ));
-        }
-        for (what, map) in [
-            ("vo_vlans", &self.vo_vlans),
-            ("queue_vlans", &self.queue_vlans),
-        ] {
-            if let Some((k, v)) = map.iter().find(|(_, v)| bad(v)) {
-                return Err(format!("{what}.{k}: {v} is not a VLAN id (1-{MAX_VLAN})"));
-            }
         }
         Ok(())
     }
@@ -333,22 +297,7 @@ mod tests {
     }
 
     #[test]
-    fn vlans_come_from_the_queue_then_the_vo_then_the_default() {
-        let cfg = SriovConfig {
-            vo_vlans: [("atlas".to_owned(), 100)].into(),
-            queue_vlans: [("hpc".to_owned(), 300)].into(),
-            default_vlan: 10,
-            ..Default::default()
-        };
-        assert_eq!(cfg.vlan_for("atlas", "grid"), 100);
-        assert_eq!(cfg.vlan_for("atlas", "hpc"), 300);
-        assert_eq!(cfg.vlan_for("cms", "grid"), 10);
-        assert!(cfg.check().is_ok());
-        let bad = SriovConfig {
-            vo_vlans: [("atlas".to_owned(), 4095)].into(),
-            ..Default::default()
-        };
-        assert!(bad.check().unwrap_err().contains("vo_vlans.atlas: 4095"));
+    fn physical_functions_must_be_interface_names() {
         let bad = SriovConfig {
             physical_functions: vec!["eth0; rm".into()],
             ..Default::default()

@@ -14,6 +14,8 @@ use wnodes_network::{
     host::Host,
     service,
     sriov::SriovConfig,
+    tap_vlan::Vlans,
+    vlan::{Method, MethodSetting, VlanConfig, VlanNetworkConfig},
 };
 use wnodes_testkit::{host, host_test, service::*};
 
@@ -34,8 +36,57 @@ fn handler(ns: &Netns, bridge: &str, pool: &str) -> NetworkHandler {
         pool: Some(pool.parse::<Ipv4Net>().unwrap()),
         sriov: SriovConfig::default(),
         sriov_network: None,
+        vlans: Vlans::default(),
         source: "network@hv1.test".into(),
     }
+}
+
+/// VOs on VLANs: atlas on 100, cms on 200, each VLAN's network here (no trunk: the host has no
+/// 8021q).
+fn vlan_config(method: MethodSetting) -> VlanConfig {
+    VlanConfig {
+        vo_vlans: [("atlas".to_owned(), 100), ("cms".to_owned(), 200)].into(),
+        method,
+        networks: [("100", "10.231.100.1/24"), ("200", "10.231.200.1/24")]
+            .into_iter()
+            .map(|(k, a)| {
+                (
+                    k.to_owned(),
+                    VlanNetworkConfig {
+                        address: a.into(),
+                        pool: None,
+                    },
+                )
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+fn vo_spec(vm_id: &str, vo: &str) -> proto::VmSpec {
+    proto::VmSpec {
+        vm_id: vm_id.into(),
+        vo: vo.into(),
+        ..Default::default()
+    }
+}
+
+/// The IPv4 addresses of `name`, as `a.b.c.d/n`.
+fn addresses(ns: &Netns, name: &str) -> Vec<String> {
+    let out = Command::new("ip")
+        .args(["-n", &ns.0, "-j", "-4", "addr", "show", "dev", name])
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    v.as_array()
+        .and_then(|a| a.first())
+        .and_then(|l| l["addr_info"].as_array())
+        .map(|a| {
+            a.iter()
+                .map(|i| format!("{}/{}", i["local"].as_str().unwrap(), i["prefixlen"]))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 async fn start(tb: &TestBus, h: NetworkHandler) {
@@ -444,6 +495,7 @@ async fn user_mode_needs_nothing_on_the_host_and_says_so() {
         pool: None,
         sriov: SriovConfig::default(),
         sriov_network: None,
+        vlans: Vlans::default(),
         source: "network@hv1.test".into(),
     };
     start(&tb, h).await;
@@ -545,9 +597,13 @@ async fn sriov_without_a_settable_vf_fails_with_the_kernels_reason_and_holds_not
         sysfs: sys.path().to_owned(),
         pool: Some("10.231.2.0/24".into()),
         gateway: Some("10.231.2.1".into()),
-        vo_vlans: [("atlas".to_owned(), 100)].into(),
         ..Default::default()
     };
+    h.vlans = Vlans::new(VlanConfig {
+        vo_vlans: [("atlas".to_owned(), 100)].into(),
+        ..Default::default()
+    })
+    .unwrap();
     h.sriov_network = Some((
         "10.231.2.0/24".parse().unwrap(),
         "10.231.2.1".parse().unwrap(),
@@ -588,6 +644,144 @@ async fn sriov_without_a_settable_vf_fails_with_the_kernels_reason_and_holds_not
     );
 }
 
+/// Tap VMs of a VO on its VLAN, on a host whose bridge cannot filter VLANs (this kernel:
+/// `auto` finds that out and takes a bridge per VLAN): VLAN 100's bridge `wnvl100` is made
+/// with the host's address on VLAN 100 when its first VM comes and removed after its last;
+/// each VM gets an address of its VLAN's network and that address as its gateway, its tap in
+/// the VLAN's bridge behind its filter; a VM of no VLAN stays on `wnbr0`. A restarted
+/// service's reconcile removes a VLAN bridge no lease is on and keeps the held one.
+async fn tap_vms_of_a_vo_get_its_vlans_bridge_made_on_the_first_and_removed_after_the_last() {
+    let ns = hypervisor();
+    let tb = TestBus::start().await;
+    let mut h = handler(&ns, "wnbr0", "10.231.1.0/24");
+    h.vlans = Vlans::new(vlan_config(MethodSetting::Auto)).unwrap();
+    start(&tb, h.clone()).await;
+
+    let (a1, a2, c1, f1) = (
+        "vm-a1a1a1a1a1a1",
+        "vm-a2a2a2a2a2a2",
+        "vm-c1c1c1c1c1c1",
+        "vm-f1f1f1f1f1f1",
+    );
+    for (i, (vm, vo)) in [(a1, "atlas"), (a2, "atlas"), (c1, "cms"), (f1, "lhcb")]
+        .iter()
+        .enumerate()
+    {
+        tb.publish(&ev(&run(&format!("v{i}")), vm_requested(vo_spec(vm, vo))))
+            .await;
+    }
+    let r1 = tb.wait_payload::<proto::NetworkReady>(a1).await;
+    let r2 = tb.wait_payload::<proto::NetworkReady>(a2).await;
+    let rc = tb.wait_payload::<proto::NetworkReady>(c1).await;
+    let rf = tb.wait_payload::<proto::NetworkReady>(f1).await;
+    assert_eq!((r1.vlan, r1.bridge.as_str()), (100, "wnvl100"));
+    assert_eq!(r1.gateway, "10.231.100.1");
+    assert_eq!(r1.address, "10.231.100.2/24", "the host's .1 is skipped");
+    assert_eq!(r2.address, "10.231.100.3/24");
+    assert_eq!(
+        (rc.vlan, rc.bridge.as_str(), rc.gateway.as_str()),
+        (200, "wnvl200", "10.231.200.1")
+    );
+    assert_eq!(rc.address, "10.231.200.2/24");
+    assert_eq!(
+        (rf.vlan, rf.bridge.as_str(), rf.gateway.as_str()),
+        (0, "wnbr0", "10.231.1.1")
+    );
+    assert!(r1.address_filtered && rc.address_filtered);
+    // On the host: each VLAN's bridge, with the host's address on it; each tap in its bridge,
+    // behind its filter; the main bridge does not filter (the kernel could not).
+    for (bridge, addr) in [
+        ("wnvl100", "10.231.100.1/24"),
+        ("wnvl200", "10.231.200.1/24"),
+    ] {
+        let l = link(&ns, bridge).unwrap_or_else(|| panic!("{bridge} exists"));
+        assert_eq!(l["linkinfo"]["info_kind"], "bridge");
+        assert!(
+            l["flags"].as_array().unwrap().iter().any(|f| f == "UP"),
+            "{l}"
+        );
+        assert_eq!(addresses(&ns, bridge), vec![addr.to_owned()]);
+    }
+    for r in [&r1, &r2, &rc, &rf] {
+        let l = link(&ns, &r.tap).unwrap();
+        assert_eq!(l["master"], r.bridge.as_str(), "{l}");
+        let ip = r.address.split('/').next().unwrap();
+        assert!(
+            chain_rules(&ns, &r.tap).iter().any(|x| x.contains(ip)),
+            "{} filtered",
+            r.tap
+        );
+    }
+    assert_eq!(
+        h.vlans.method(),
+        Some(Method::Bridges),
+        "auto: this kernel's bridges cannot filter VLANs"
+    );
+    // The first atlas VM goes: its VLAN's bridge stays for the second.
+    tb.publish(&ev(&run("v0"), vm_stopped(a1))).await;
+    let d = tb.wait_released(a1, proto::ResourceKind::Network).await;
+    assert!(!d.contains("bridge wnvl100"), "{d}");
+    assert!(link(&ns, "wnvl100").is_some());
+    assert!(link(&ns, &r1.tap).is_none());
+    // The last goes: the bridge goes with it; VLAN 200's stays.
+    tb.publish(&ev(&run("v1"), vm_failed(a2, "launch", "test")))
+        .await;
+    let d = tb.wait_released(a2, proto::ResourceKind::Network).await;
+    assert!(d.contains("bridge wnvl100"), "{d}");
+    assert!(link(&ns, "wnvl100").is_none());
+    assert!(link(&ns, "wnvl200").is_some());
+
+    // A stray VLAN bridge (say the service was killed after making it): a restarted service
+    // removes it and keeps the one cms's VM is on.
+    ns.ip(&["link", "add", "wnvl300", "type", "bridge"]);
+    let store = tb.store("network.db").await;
+    let removed = h.reconcile(&store).await.unwrap();
+    assert_eq!(
+        removed,
+        vec!["VLAN 300's host side".to_owned()],
+        "{removed:?}"
+    );
+    assert!(link(&ns, "wnvl300").is_none());
+    assert!(link(&ns, "wnvl200").is_some());
+    assert!(h.reconcile(&store).await.unwrap().is_empty());
+}
+
+/// `method = "filtering"` on a kernel whose bridges cannot filter VLANs: the VM fails with the
+/// kernel's reason, and nothing is held (no tap, no lease: the next VM gets the same address).
+async fn vlan_filtering_where_the_kernel_has_none_fails_with_its_reason_and_holds_nothing() {
+    let ns = hypervisor();
+    let tb = TestBus::start().await;
+    let mut h = handler(&ns, "wnbr0", "10.231.1.0/24");
+    h.vlans = Vlans::new(vlan_config(MethodSetting::Filtering)).unwrap();
+    start(&tb, h).await;
+    for (i, vm) in ["vm-f0f0f0f0f001", "vm-f0f0f0f0f002"].iter().enumerate() {
+        tb.publish(&ev(
+            &run(&format!("f{i}")),
+            vm_requested(vo_spec(vm, "atlas")),
+        ))
+        .await;
+        let reason = tb.wait_payload::<proto::NetworkFailed>(vm).await.reason;
+        assert!(
+            reason.contains("cannot set up VLAN 100 on this host")
+                && reason.contains("Operation not supported"),
+            "{reason}"
+        );
+        assert!(link(&ns, &format!("wn-{}", &vm[3..])).is_none());
+    }
+    // The untagged VM still gets the first address of the bridge's pool.
+    tb.publish(&ev(
+        &run("f9"),
+        vm_requested(vo_spec("vm-f0f0f0f0f009", "lhcb")),
+    ))
+    .await;
+    assert_eq!(
+        tb.wait_payload::<proto::NetworkReady>("vm-f0f0f0f0f009")
+            .await
+            .address,
+        "10.231.1.2/24"
+    );
+}
+
 fn main() -> ExitCode {
     host::main(vec![
         host_test!(multi_thread tap_with_filter_then_release_and_tombstone needs [Root, Nft]),
@@ -601,6 +795,14 @@ fn main() -> ExitCode {
         host_test!(multi_thread the_specs_network_mode_is_honoured needs [Root, Nft]),
         host_test!(
             multi_thread sriov_without_a_settable_vf_fails_with_the_kernels_reason_and_holds_nothing
+            needs [Root, Nft]
+        ),
+        host_test!(
+            multi_thread tap_vms_of_a_vo_get_its_vlans_bridge_made_on_the_first_and_removed_after_the_last
+            needs [Root, Nft]
+        ),
+        host_test!(
+            multi_thread vlan_filtering_where_the_kernel_has_none_fails_with_its_reason_and_holds_nothing
             needs [Root, Nft]
         ),
     ])
