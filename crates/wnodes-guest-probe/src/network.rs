@@ -113,7 +113,8 @@ pub async fn reconcile() -> anyhow::Result<serde_json::Value> {
 
 /// The tap path's configuration: bridge `br0` (the script gives it 10.231.1.1/24), pool
 /// 10.231.1.0/24; VO `atlas` on VLAN 100, `cms` on 200, queue `hpc` on 300, each VLAN's
-/// network 10.231.<vid mod 256>.0/24 with this host at `.1` and VMs from `.0/25`; `method` from `$WNODES_PROBE_VLAN_METHOD` (`auto`, `filtering`, `bridges`), the trunk
+/// network 10.231.<vid mod 256>.0/24 with this host at `.1` and VMs from `.0/25` (with
+/// `WNODES_PROBE_VLAN_HOST=b`, a second hypervisor on the same trunk: `.2`, `.128/25`); `method` from `$WNODES_PROBE_VLAN_METHOD` (`auto`, `filtering`, `bridges`), the trunk
 /// from `$WNODES_PROBE_TRUNK` (none when unset).
 fn tap_handler() -> anyhow::Result<NetworkHandler> {
     let method = match std::env::var("WNODES_PROBE_VLAN_METHOD").as_deref() {
@@ -122,6 +123,12 @@ fn tap_handler() -> anyhow::Result<NetworkHandler> {
         Ok("auto") | Err(_) => MethodSetting::Auto,
         Ok(other) => anyhow::bail!("WNODES_PROBE_VLAN_METHOD={other:?}"),
     };
+    // A second hypervisor on the same trunk has its own address and pool on each VLAN.
+    let (host, half) = if std::env::var("WNODES_PROBE_VLAN_HOST").as_deref() == Ok("b") {
+        (2, 128)
+    } else {
+        (1, 0)
+    };
     let networks = [100u16, 200, 300]
         .into_iter()
         .map(|vid| {
@@ -129,8 +136,8 @@ fn tap_handler() -> anyhow::Result<NetworkHandler> {
             (
                 vid.to_string(),
                 VlanNetworkConfig {
-                    address: format!("10.231.{net}.1/24"),
-                    pool: Some(format!("10.231.{net}.0/25")),
+                    address: format!("10.231.{net}.{host}/24"),
+                    pool: Some(format!("10.231.{net}.{half}/25")),
                 },
             )
         })

@@ -17,17 +17,18 @@ use std::{collections::HashMap, process::ExitCode, time::Duration};
 use serde_json::Value;
 use wnodes_testkit::{guest_run, host, host_test, vm::vm_lock};
 
-/// Two hypervisor namespaces, each with bridge `br0` (10.231.1.1/24) and a trunk veth `t<ns>`
-/// whose other end `s<ns>` is in the namespace `site` (the site's switch and router, set up
-/// with iproute2 as a site would): `hf` with `method = "auto"` (this kernel: filtering), `hb`
-/// with `method = "bridges"`. The service's configuration is the probe's: atlas on VLAN 100,
+/// Hypervisor namespaces, each with bridge `br0` (10.231.1.1/24): `hf` with `method = "auto"`
+/// (this kernel: filtering), its trunk veth `thf` to `shf` in the namespace `site` (the site's
+/// router on VLAN 100, set up with iproute2 as a site would); `hb` and `hc` with `method =
+/// "bridges"`, joined by the trunk veth `thb`–`thc` (`hc` the second host on the trunk: its
+/// own address and pool on each VLAN). The service's configuration is the probe's: atlas on VLAN 100,
 /// cms on 200, queue hpc on 300, VLAN networks 10.231.<vid mod 256>.0/24 with the host at .1.
 ///
-/// Each part: three tap VMs prepared (atlas, atlas in queue hpc, a VO on no VLAN); namespace
-/// "VMs" joined to VLANs, one of them on VLAN 200 with an address of VLAN 100's network (only
-/// the VLAN separates it); pings to each other, to the host's address on VLAN 100 and to the
-/// site's across the trunk (the site has VLAN 100 only); then releases and a reconcile with a
-/// stray VLAN host side.
+/// Each part: three tap VMs prepared (atlas, atlas in queue hpc or cms, a VO on no VLAN);
+/// namespace "VMs" joined to VLANs, one of them on VLAN 200 with an address of VLAN 100's
+/// network (only the VLAN separates it); pings to each other (across the trunk for the
+/// bridges), to the host's address on VLAN 100 and, for filtering, to the site's across the
+/// trunk; then releases and a reconcile with a stray VLAN host side.
 ///
 /// Output: `json <name> <document>` lines, `<a>-><b> yes|no` lines, `rx <link> <packets>`.
 const SCRIPT: &str = r#"set -e
@@ -35,7 +36,8 @@ P=wnodes-guest-probe
 j() { echo "json $1 $(cat)"; }
 svc() { # svc NS METHOD ARGS...: the network service's code in hypervisor namespace NS
     ns=$1; m=$2; shift 2
-    ( export WNODES_PROBE_STORE=/tmp/$ns.db WNODES_PROBE_TRUNK=t$ns WNODES_PROBE_VLAN_METHOD=$m
+    ( export WNODES_PROBE_STORE=/tmp/$ns.db WNODES_PROBE_TRUNK=t$ns WNODES_PROBE_VLAN_METHOD=$m \
+          WNODES_PROBE_VLAN_HOST=${VLAN_HOST:-a}
       ip netns exec "$ns" "$P" network "$@" 2>&1 )
 }
 reach() { if ip netns exec "$1" ping -c 1 -W 2 "$3" >/dev/null 2>&1; then echo "$1->$2 yes"; else echo "$1->$2 no"; fi; }
@@ -47,15 +49,17 @@ vm() { # vm NAME NS METHOD ADDR VO QUEUE: a namespace "VM" whose veth the servic
     ip -n "$1" link set eth0 up
     ip -n "$1" link set lo up
 }
-hv() { # hv NS: a hypervisor namespace
+hv() { # hv NS: a hypervisor namespace with its bridge br0
     ip netns add "$1"
     ip -n "$1" link add br0 type bridge
     ip -n "$1" addr add 10.231.1.1/24 dev br0
     ip -n "$1" link set br0 up
     ip -n "$1" link set lo up
-    ip link add "t$1" netns "$1" type veth peer name "s$1" netns site
-    ip -n "$1" link set "t$1" up
-    ip -n site link set "s$1" up
+}
+trunk() { # trunk NS1 NS2 NAME1 NAME2: a trunk veth between two namespaces
+    ip link add "$3" netns "$1" type veth peer name "$4" netns "$2"
+    ip -n "$1" link set "$3" up
+    ip -n "$2" link set "$4" up
 }
 site_vlan() { # site_vlan PORT VID ADDR: the site's own address on VLAN VID behind PORT
     ip -n site link add link "$1" name "$1.$2" type vlan id "$2"
@@ -72,6 +76,7 @@ ip -n site link set lo up
 
 echo "== filtering"
 hv hf
+trunk hf site thf shf
 svc hf auto tap prepare vm-fa0000000001 atlas grid | j tap-fa1
 svc hf auto tap prepare vm-fa0000000002 atlas hpc | j tap-fa2
 svc hf auto tap prepare vm-fa0000000003 lhcb grid | j tap-fa3
@@ -94,21 +99,26 @@ svc hf auto tap release vm-fa0000000002 | j rel-fa2
 ip -n hf link add link br0 name br0.400 type vlan id 400
 svc hf auto tap reconcile | j rec-hf
 show hf 2
-ip -n site link del shf.100
 
 echo "== bridges"
 hv hb
+hv hc
+trunk hb hc thb thc
 svc hb bridges tap prepare vm-ba0000000001 atlas grid | j tap-ba1
 svc hb bridges tap prepare vm-ba0000000002 cms grid | j tap-ba2
 svc hb bridges tap prepare vm-ba0000000003 lhcb grid | j tap-ba3
 show hb 1
 vm bd hb bridges 10.231.100.111 atlas grid
-vm be hb bridges 10.231.100.112 cms grid
-site_vlan shb 100 10.231.100.250
+VLAN_HOST=b
+vm cd hc bridges 10.231.100.121 atlas grid
+vm ce hc bridges 10.231.100.122 cms grid
+VLAN_HOST=a
 reach bd host 10.231.100.1
-reach bd site 10.231.100.250
-reach be site 10.231.100.250
-echo "rx shb.100 $(ip netns exec site cat /sys/class/net/shb.100/statistics/rx_packets)"
+reach bd cd 10.231.100.121
+reach bd ce 10.231.100.122
+reach cd hc 10.231.100.2
+echo "rx thc.100 $(ip netns exec hc cat /sys/class/net/thc.100/statistics/rx_packets)"
+ip -n hc -d -j link show | j links-hc-1
 svc hb bridges tap release vm-ba0000000001 | j rel-ba1
 ip -n hb link add wnvl400 type bridge
 svc hb bridges tap reconcile | j rec-hb
@@ -317,9 +327,20 @@ async fn vm_tap_vms_join_their_vlans_with_filtering_or_a_bridge_per_vlan_in_the_
             "{t}"
         );
     }
-    assert!(has("bd->host yes"), "{report}");
-    assert!(has("bd->site yes") && has("be->site no"), "{report}");
-    assert!(rx("shb.100") > 0, "tagged 100 on the trunk\n{report}");
+    // Two hypervisors on one trunk: VLAN 100's VMs reach each other across it (frames arrive
+    // on `thc.100`: tagged), VLAN 200's VM on the other host with an address of VLAN 100's
+    // network is not reached; each host is its VMs' gateway.
+    for l in ["bd->host yes", "bd->cd yes", "bd->ce no", "cd->hc yes"] {
+        assert!(has(l), "{l}\n{report}");
+    }
+    assert!(rx("thc.100") > 0, "tagged 100 on the trunk\n{report}");
+    let hc = doc("links-hc-1");
+    for (uplink, bridge, id) in [("thc.100", "wnvl100", 100), ("thc.200", "wnvl200", 200)] {
+        let l = link(hc, uplink).unwrap_or_else(|| panic!("{uplink}: {hc}"));
+        assert_eq!(l["master"], bridge, "{l}");
+        assert_eq!(l["linkinfo"]["info_data"]["id"], id, "{l}");
+    }
+    assert_eq!(doc("join-cd")["bridge"], "wnvl100");
     let rel = doc("rel-ba1")["released"].as_str().unwrap().to_owned();
     assert!(
         rel.contains("VLAN link thb.100") && rel.contains("bridge wnvl100"),
