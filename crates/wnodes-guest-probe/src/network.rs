@@ -105,10 +105,14 @@ pub async fn release(vm_id: &str) -> anyhow::Result<serde_json::Value> {
 
 /// `reconcile`.
 pub async fn reconcile() -> anyhow::Result<serde_json::Value> {
-    let h = handler()?;
+    reconcile_with(handler()?, "reset").await
+}
+
+/// Start-up reconciliation with `h` on the store; what it removed, under `key`.
+async fn reconcile_with(h: NetworkHandler, key: &str) -> anyhow::Result<serde_json::Value> {
     let store = store().await?;
     let removed = h.reconcile(&store).await?;
-    Ok(json!({ "reset": removed }))
+    Ok(json!({ key: removed }))
 }
 
 /// The tap path's configuration: bridge `br0` (the script gives it 10.231.1.1/24), pool
@@ -224,10 +228,7 @@ pub async fn tap_release(vm_id: &str) -> anyhow::Result<serde_json::Value> {
 
 /// `tap reconcile`: start-up reconciliation of the tap path; prints what it removed.
 pub async fn tap_reconcile() -> anyhow::Result<serde_json::Value> {
-    let h = tap_handler()?;
-    let store = store().await?;
-    let removed = h.reconcile(&store).await?;
-    Ok(json!({ "removed": removed }))
+    reconcile_with(tap_handler()?, "removed").await
 }
 
 /// `join-vlan <port> <vo> <queue>`: puts link `port` (a veth whose peer is a "VM"'s
