@@ -52,7 +52,7 @@ mkdir -p "$CACHE"
 exec 9>"$CACHE/.lock"
 flock 9
 LIBS_ID="$(ldd "$IPR" "$BRG" "$NFT" | awk '/=>/ && $3 ~ /^\// {print $3} /^\t\// {print $1}' | sort -u | xargs sha256sum | sha256sum | cut -c1-16)"
-STAMP="script=$(sha256sum "$SELF" | cut -c1-64) kernel=$KPKG/$KPKG_VER iproute2=$(cat "$IPR" "$BRG" "$NFT" | sha256sum | cut -c1-16)/$LIBS_ID"
+STAMP="script=$(cat "$SELF" "$HERE/modules.py" | sha256sum | cut -c1-64) kernel=$KPKG/$KPKG_VER iproute2=$(cat "$IPR" "$BRG" "$NFT" | sha256sum | cut -c1-16)/$LIBS_ID"
 if [ "$FORCE" = 0 ] && [ -s "$CACHE/lab.ext4" ] && [ -s "$CACHE/manifest.json" ] \
     && [ "$(cat "$CACHE/stamp" 2>/dev/null)" = "$STAMP" ]; then
     log "up to date ($KPKG $KPKG_VER)"
@@ -72,60 +72,10 @@ KCONFIG="$WORK/kpkg/boot/config-$KVER"
 LAB="$WORK/lab"
 mkdir -p "$LAB/modules" "$LAB/lib" "$LAB/libexec" "$LAB/bin"
 
-# modules in dependency order (depends= and softdep pre: from each .ko, as guest/build.sh)
-python3 - "$MODDIR" "$KCONFIG" "$LAB/modules" "$WANTED" <<'PY'
-import os, re, shutil, sys
-moddir, kconfig, out, wanted = sys.argv[1:5]
-config = {}
-for line in open(kconfig):
-    m = re.match(r"(CONFIG_\w+)=(.*)", line)
-    if m:
-        config[m.group(1)] = m.group(2)
-builtin = {os.path.basename(l.strip())[:-3].replace("-", "_")
-           for l in open(os.path.join(moddir, "modules.builtin"))}
-path = {}
-for root, _, files in os.walk(os.path.join(moddir, "kernel")):
-    for f in files:
-        if f.endswith(".ko"):
-            path[f[:-3].replace("-", "_")] = os.path.join(root, f)
-def info(name):
-    d = open(path[name], "rb").read()
-    dep = re.search(rb"(?:^|\x00)depends=([^\x00]*)\x00", d)
-    soft = re.search(rb"(?:^|\x00)softdep=([^\x00]*)\x00", d)
-    deps = [x.replace("-", "_") for x in (dep.group(1).decode().split(",") if dep else []) if x]
-    pre = []
-    if soft:
-        mode = None
-        for tok in soft.group(1).decode().split():
-            if tok.endswith(":"):
-                mode = tok[:-1]
-            elif mode == "pre" and tok.replace("-", "_") in path:
-                pre.append(tok.replace("-", "_"))
-    return pre + deps
-order = []
-def visit(n, stack=()):
-    if n in order or n in builtin:
-        return
-    if n not in path:
-        sys.exit(f"module {n} not found in the kernel package")
-    if n in stack:
-        sys.exit(f"dependency cycle at {n}")
-    for d in info(n):
-        visit(d, stack + (n,))
-    order.append(n)
-for item in wanted.split():
-    name, cfg = item.split(":")
-    val = config.get(cfg)
-    if val == "y":
-        continue
-    if val != "m":
-        sys.exit(f"{cfg} is neither built in nor a module ({val!r})")
-    visit(name)
-for n in order:
-    shutil.copy(path[n], os.path.join(out, n + ".ko"))
-open(os.path.join(out, "order"), "w").write("".join(n + "\n" for n in order))
-print(f"[guest/build-igb]   modules: {' '.join(order)}", file=sys.stderr)
-PY
+# modules in dependency order (guest/modules.py, as guest/build.sh), into modules/order
+python3 "$HERE/modules.py" "$MODDIR" "$KCONFIG" "$LAB/modules" "[guest/build-igb]" \
+    "lab=$(echo $WANTED | tr ' ' ',')"
+mv "$LAB/modules/lab.order" "$LAB/modules/order"
 
 # iproute2: the binaries keep the name `ip` (iproute2 reads a longer argv[0] as `ip <rest>`:
 # `ipr` is `ip r`), their libraries and the loader go to lib/, and bin/ wraps them

@@ -66,7 +66,7 @@ fi
     || { rm -f "$CACHE/resolved"; die "cannot resolve versions of the kernel / busybox-static packages"; }
 KVER="${KPKG#linux-image-}"
 SSHFS_LIBS="$(ldd "$SSHFS" | awk '/=>/ {print $3} /^\t\// {print $1}' | sort -u | xargs sha256sum | sha256sum | cut -c1-16)"
-STAMP="script=$(sha256sum "$SELF" | cut -c1-64) kernel=$KPKG/$KPKG_VER busybox=$BB_VER sshfs=$(sha256sum "$SSHFS" | cut -c1-16)/$SSHFS_LIBS"
+STAMP="script=$(cat "$SELF" "$HERE/modules.py" | sha256sum | cut -c1-64) kernel=$KPKG/$KPKG_VER busybox=$BB_VER sshfs=$(sha256sum "$SSHFS" | cut -c1-16)/$SSHFS_LIBS"
 
 OUTS=(vmlinux initrd.img rootfs.ext4 manifest.json)
 all_present() { local f; for f in "${OUTS[@]}"; do [ -s "$CACHE/$f" ] || return 1; done; }
@@ -140,71 +140,11 @@ log "initrd"
 IR="$WORK/initrd"
 mkdir -p "$IR/bin" "$IR/lib/modules" "$IR/proc" "$IR/sys" "$IR/dev" "$IR/newroot" "$IR/run"
 cp "$BB" "$IR/bin/busybox"
-python3 - "$MODDIR" "$KCONFIG" "$IR/lib/modules" <<'PY'
-import os, re, shutil, sys
-moddir, kconfig, out = sys.argv[1:4]
-config = {}
-for line in open(kconfig):
-    m = re.match(r"(CONFIG_\w+)=(.*)", line)
-    if m:
-        config[m.group(1)] = m.group(2)
-builtin = set()
-for line in open(os.path.join(moddir, "modules.builtin")):
-    builtin.add(os.path.basename(line.strip())[:-3].replace("-", "_"))
-path = {}
-for root, _, files in os.walk(os.path.join(moddir, "kernel")):
-    for f in files:
-        if f.endswith(".ko"):
-            path[f[:-3].replace("-", "_")] = os.path.join(root, f)
-def info(name):
-    d = open(path[name], "rb").read()
-    dep = re.search(rb"(?:^|\x00)depends=([^\x00]*)\x00", d)
-    soft = re.search(rb"(?:^|\x00)softdep=([^\x00]*)\x00", d)
-    deps = [x for x in (dep.group(1).decode().split(",") if dep else []) if x]
-    pre = []
-    if soft:  # "pre: a b post: c" -> the pre: ones that are module names we have
-        mode = None
-        for tok in soft.group(1).decode().split():
-            if tok.endswith(":"):
-                mode = tok[:-1]
-            elif mode == "pre" and tok.replace("-", "_") in path:
-                pre.append(tok.replace("-", "_"))
-    return pre + deps
-# wanted modules per group; an entry whose CONFIG_ is =y is built in (nothing to load)
-groups = [
-    ("base", [("virtio_pci", "CONFIG_VIRTIO_PCI"), ("virtio_blk", "CONFIG_VIRTIO_BLK"),
-              ("crc32c_generic", "CONFIG_CRYPTO_CRC32C"), ("ext4", "CONFIG_EXT4_FS"),
-              ("qemu_fw_cfg", "CONFIG_FW_CFG_SYSFS")]),
-    ("net", [("virtio_net", "CONFIG_VIRTIO_NET")]),
-    ("fuse", [("fuse", "CONFIG_FUSE_FS")]),
-    ("nfs", [("nfsv4", "CONFIG_NFS_V4")]),
-]
-loaded = set()
-for group, wanted in groups:
-    order = []
-    def visit(n, stack=()):
-        if n in loaded or n in order or n in builtin:
-            return
-        if n not in path:
-            sys.exit(f"module {n} not found in the kernel package")
-        if n in stack:
-            sys.exit(f"dependency cycle at {n}")
-        for d in info(n):
-            visit(d, stack + (n,))
-        order.append(n)
-    for name, cfg in wanted:
-        val = config.get(cfg)
-        if val == "y":
-            continue
-        if val != "m":
-            sys.exit(f"{cfg} is neither built in nor a module ({val!r})")
-        visit(name)
-    for n in order:
-        shutil.copy(path[n], os.path.join(out, n + ".ko"))
-    loaded.update(order)
-    open(os.path.join(out, group + ".order"), "w").write("".join(n + "\n" for n in order))
-    print(f"[guest/build]   modules {group}: {' '.join(order) or '(built in)'}", file=sys.stderr)
-PY
+python3 "$HERE/modules.py" "$MODDIR" "$KCONFIG" "$IR/lib/modules" "[guest/build]" \
+    base=virtio_pci:CONFIG_VIRTIO_PCI,virtio_blk:CONFIG_VIRTIO_BLK,crc32c_generic:CONFIG_CRYPTO_CRC32C,ext4:CONFIG_EXT4_FS,qemu_fw_cfg:CONFIG_FW_CFG_SYSFS \
+    net=virtio_net:CONFIG_VIRTIO_NET \
+    fuse=fuse:CONFIG_FUSE_FS \
+    nfs=nfsv4:CONFIG_NFS_V4
 cat >"$IR/init" <<'EOF'
 #!/bin/busybox sh
 # WNoDeS test guest initrd: load modules, mount /dev/vda (ext4) on /newroot, switch_root to /sbin/wnodes-init.
