@@ -28,8 +28,8 @@ FORCE=0
 # the 82576 PF and VF drivers, 802.1Q VLAN devices, the bridge (vlan_filtering), and veth (the
 # network-namespace "VMs" of the VLAN tests), tun and nf_tables (the network service's tap path:
 # `ip tuntap add`, and its per-VM filter through `nft`, whose `meta iifname` in the bridge family
-# is nft_meta_bridge's).
-WANTED="igb:CONFIG_IGB igbvf:CONFIG_IGBVF 8021q:CONFIG_VLAN_8021Q bridge:CONFIG_BRIDGE veth:CONFIG_VETH tun:CONFIG_TUN nf_tables:CONFIG_NF_TABLES nft_meta_bridge:CONFIG_NFT_BRIDGE_META"
+# is nft_meta_bridge's; the VLANs' layer-3 separation uses fib).
+WANTED="igb:CONFIG_IGB igbvf:CONFIG_IGBVF 8021q:CONFIG_VLAN_8021Q bridge:CONFIG_BRIDGE veth:CONFIG_VETH tun:CONFIG_TUN nf_tables:CONFIG_NF_TABLES nft_meta_bridge:CONFIG_NFT_BRIDGE_META nft_fib_inet:CONFIG_NFT_FIB_INET"
 
 log() { printf '[guest/build-igb] %s\n' "$*" >&2; }
 die() { printf '[guest/build-igb] ERROR: %s\n' "$*" >&2; exit 1; }

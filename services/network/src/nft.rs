@@ -20,6 +20,9 @@
 //! }
 //! ```
 //!
+//! With VLANs for tap VMs, a table `inet wnodes` ([`vlan_separation_script`]) also keeps the
+//! VLANs apart at layer 3 on the host.
+//!
 //! The prerouting hook sees frames both bridged to other ports and delivered to the host (the
 //! gateway, the storage listener), so a VM cannot reach either with another VM's addresses.
 //! Scripts are built only from values that were validated ([`crate::host::valid_tap_name`], a
@@ -84,6 +87,32 @@ pub fn remove_script(tap: &str) -> String {
     )
 }
 
+/// Name of the table that keeps VLANs apart at layer 3 on the host (family `inet`).
+pub const VLAN_TABLE: &str = "wnodes";
+
+/// Keeps the VLANs apart at layer 3 on this host (`docs/sriov-and-vlans.md`): a packet that
+/// arrives on the host's interface on one VLAN (`<vlan_bridge_prefix>*`, `<bridge>.*`) is
+/// taken in only if it is for an address of that interface (Linux would otherwise take a
+/// VM's packet for the host's address on another VLAN: the weak host model), and nothing is
+/// routed from one VLAN's interface to another's. Created or rewritten in one transaction.
+pub fn vlan_separation_script(vlan_bridge_prefix: &str, bridge: &str) -> String {
+    let ifs = format!("{{ \"{vlan_bridge_prefix}*\", \"{bridge}.*\" }}");
+    format!(
+        "add table inet {VLAN_TABLE}\n\
+         add chain inet {VLAN_TABLE} input {{ type filter hook input priority -10; policy accept; }}\n\
+         add chain inet {VLAN_TABLE} forward {{ type filter hook forward priority -10; policy accept; }}\n\
+         flush chain inet {VLAN_TABLE} input\n\
+         flush chain inet {VLAN_TABLE} forward\n\
+         add rule inet {VLAN_TABLE} input iifname {ifs} fib daddr . iif type != {{ local, broadcast, multicast }} drop\n\
+         add rule inet {VLAN_TABLE} forward iifname {ifs} oifname {ifs} drop\n"
+    )
+}
+
+/// Removes the layer-3 separation table, whether or not it exists.
+pub fn vlan_separation_remove_script() -> String {
+    format!("add table inet {VLAN_TABLE}\ndelete table inet {VLAN_TABLE}\n")
+}
+
 /// From `nft -j list table bridge wnodes`: the per-VM chains and the taps in the map.
 pub fn vm_chains_and_elements(table: &serde_json::Value) -> (Vec<String>, Vec<String>) {
     let mut chains = Vec::new();
@@ -121,6 +150,18 @@ pub fn vm_chains_and_elements(table: &serde_json::Value) -> (Vec<String>, Vec<St
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vlan_separation_covers_both_kinds_of_vlan_interface() {
+        let s = vlan_separation_script("wnvl", "wnbr0");
+        assert!(s.contains(
+            "input iifname { \"wnvl*\", \"wnbr0.*\" } fib daddr . iif type != { local, broadcast, multicast } drop"
+        ));
+        assert!(s.contains(
+            "forward iifname { \"wnvl*\", \"wnbr0.*\" } oifname { \"wnvl*\", \"wnbr0.*\" } drop"
+        ));
+        assert!(vlan_separation_remove_script().ends_with("delete table inet wnodes\n"));
+    }
 
     #[test]
     fn vm_script_names_the_tap_mac_and_ip() {

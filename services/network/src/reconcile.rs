@@ -77,6 +77,16 @@ impl NetworkHandler {
                 .nft_apply(&nft::base_script())
                 .await
                 .map_err(ReconcileError::Host)?;
+            // With VLANs for tap VMs, the host keeps them apart at layer 3 too.
+            let l3 = if self.vlans.config.vlans().next().is_some() {
+                nft::vlan_separation_script(&self.vlans.config.bridge_prefix, &self.bridge)
+            } else {
+                nft::vlan_separation_remove_script()
+            };
+            self.host
+                .nft_apply(&l3)
+                .await
+                .map_err(ReconcileError::Host)?;
         }
         let done = wnodes_preparer::reconcile(&lease::TABLE, store.pool(), self).await?;
         Ok(done.removed.iter().map(ToString::to_string).collect())

@@ -717,6 +717,47 @@ async fn tap_vms_of_a_vo_get_its_vlans_bridge_made_on_the_first_and_removed_afte
         Some(Method::Bridges),
         "auto: this kernel's bridges cannot filter VLANs"
     );
+    // Layer 3 on the host: "VMs" (namespaces whose veth the service put on VLAN 100 and 200
+    // with the tap path's own code) reach the host's address on their own VLAN, not its
+    // address on the other VLAN, and nothing is routed between the VLANs, even with IPv4
+    // forwarding on.
+    ns.exec(&["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]);
+    // A TCP connect to port 9: refused means the packet arrived (the kernel's RST came back).
+    let reaches = |from: &Netns, to: &str| match probe(from, to).as_str() {
+        "refused" => true,
+        "timeout" => false,
+        other => panic!("{to}: {other}"),
+    };
+    let mut vms = Vec::new();
+    for (vid, addr, gw) in [
+        (100, "10.231.100.50/24", "10.231.100.1"),
+        (200, "10.231.200.50/24", "10.231.200.1"),
+    ] {
+        let vm = Netns::new(&format!("v{vid}"));
+        let port = format!("wnt-v{vid}");
+        ns.ip(&[
+            "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &vm.0,
+        ]);
+        assert_eq!(h.join_vlan(&port, vid).await.unwrap(), format!("wnvl{vid}"));
+        vm.ip(&["addr", "add", addr, "dev", "eth0"]);
+        vm.ip(&["link", "set", "eth0", "up"]);
+        vm.ip(&["route", "add", "default", "via", gw]);
+        vms.push(vm);
+    }
+    let (v100, v200) = (&vms[0], &vms[1]);
+    assert!(reaches(v100, "10.231.100.1"), "the host on its own VLAN");
+    assert!(reaches(v200, "10.231.200.1"), "the host on its own VLAN");
+    assert!(
+        !reaches(v200, "10.231.100.1"),
+        "the host's address on another VLAN"
+    );
+    assert!(
+        !reaches(v100, "10.231.200.1"),
+        "the host's address on another VLAN"
+    );
+    assert!(!reaches(v200, "10.231.100.50"), "routed to another VLAN");
+    drop(vms);
+
     // The first atlas VM goes: its VLAN's bridge stays for the second.
     tb.publish(&ev(&run("v0"), vm_stopped(a1))).await;
     let d = tb.wait_released(a1, proto::ResourceKind::Network).await;
@@ -799,7 +840,7 @@ fn main() -> ExitCode {
         ),
         host_test!(
             multi_thread tap_vms_of_a_vo_get_its_vlans_bridge_made_on_the_first_and_removed_after_the_last
-            needs [Root, Nft]
+            needs [Root, Nft, Python3]
         ),
         host_test!(
             multi_thread vlan_filtering_where_the_kernel_has_none_fails_with_its_reason_and_holds_nothing
