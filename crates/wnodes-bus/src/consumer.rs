@@ -379,9 +379,6 @@ async fn apply<H: Handler>(
 ) {
     let durable = shared.spec.durable.as_str();
     let res = match verdict {
-        Verdict::Ack => msg.ack().await,
-        Verdict::Nak(d) => msg.ack_with(AckKind::Nak(Some(d))).await,
-        Verdict::Nothing => Ok(()),
         Verdict::DeadLetter(reason, error) => {
             match dlq::write(
                 &shared.bus,
@@ -405,10 +402,24 @@ async fn apply<H: Handler>(
                 }
             }
         }
+        verdict => ack_or_nak(&msg, &verdict).await,
     };
     if let Err(e) = res {
-        tracing::warn!(error = %ErrorChain(&*e), "Cannot send the ack; the message will be redelivered.");
+        warn_unsent(&*e);
     }
+}
+
+/// Sends an ack or a nak: a publish that waits for no answer. Nothing for the other verdicts.
+async fn ack_or_nak(msg: &jetstream::Message, verdict: &Verdict) -> Result<(), async_nats::Error> {
+    match verdict {
+        Verdict::Ack => msg.ack().await,
+        Verdict::Nak(d) => msg.ack_with(AckKind::Nak(Some(*d))).await,
+        Verdict::Nothing | Verdict::DeadLetter(..) => Ok(()),
+    }
+}
+
+fn warn_unsent(e: &(dyn std::error::Error + Send + Sync + 'static)) {
+    tracing::warn!(error = %ErrorChain(e), "Cannot send the ack; the message will be redelivered.");
 }
 
 struct KeyGuard<'a> {
@@ -607,7 +618,7 @@ async fn process_batch<H: Handler>(
     let count = msgs.len();
     let durable = shared.spec.durable.as_str();
     let tuning = &shared.spec.tuning;
-    let mut settled: Vec<((Verdict, &'static str), Delivered)> = Vec::new();
+    let mut settled: Vec<((Verdict, &'static str), Delivered)> = Vec::with_capacity(count);
     let mut metas = Vec::with_capacity(msgs.len());
     let mut items = Vec::with_capacity(msgs.len());
     for msg in msgs {
@@ -747,15 +758,29 @@ async fn process_batch<H: Handler>(
             }
         }
     }
-    let acks = settled
-        .into_iter()
-        .map(|((verdict, outcome), d)| async move {
-            apply(shared, d.msg, d.stream_seq, d.delivered, verdict)
-                .instrument(d.span)
-                .await;
-            outcome
-        });
-    for outcome in futures::future::join_all(acks).await {
+    // An ack or a nak is a publish that waits for no answer: each is sent in turn, with no
+    // future of its own, its span entered only to log a failure (and dropped after it, so the
+    // span still covers the ack). A dead letter waits for its store: those go together, each
+    // in its message's span.
+    let mut dead = Vec::new();
+    for ((verdict, outcome), d) in settled {
+        if let Verdict::DeadLetter(..) = verdict {
+            dead.push(async move {
+                apply(shared, d.msg, d.stream_seq, d.delivered, verdict)
+                    .instrument(d.span)
+                    .await;
+                outcome
+            });
+            continue;
+        }
+        if let Err(e) = ack_or_nak(&d.msg, &verdict).await {
+            d.span.in_scope(|| warn_unsent(&*e));
+        }
+        shared
+            .metrics
+            .handled(outcome, started.elapsed().as_secs_f64());
+    }
+    for outcome in futures::future::join_all(dead).await {
         shared
             .metrics
             .handled(outcome, started.elapsed().as_secs_f64());
