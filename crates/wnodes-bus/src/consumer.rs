@@ -645,58 +645,59 @@ async fn process_batch<H: Handler>(
             }
         }
     }
-    // Already handled: republish their events and ack.
-    let keys: Vec<&str> = items.iter().map(|i| i.key.as_str()).collect();
-    let handled = if keys.is_empty() {
-        Ok(Default::default())
-    } else {
-        shared.store.lookup_many(durable, &keys).await
-    };
-    let end = match handled {
-        Err(e) => BatchEnd::NakAll(
-            None,
-            format!("idempotency store lookup failed: {}", ErrorChain(&e)),
-        ),
-        Ok(done) => {
-            let mut i = 0;
-            while i < items.len() {
-                let Some(outbox) = done.get(&items[i].key) else {
-                    i += 1;
-                    continue;
-                };
-                let (item, meta) = (items.remove(i), metas.remove(i));
-                let mut verdict = (Verdict::Ack, "duplicate");
-                for ev in outbox {
-                    if let Err(e) = shared.bus.publish(ev).await {
-                        meta.d.span.in_scope(|| tracing::warn!(error = %ErrorChain(&e), "Republishing a handled event failed."));
-                        verdict = (Verdict::Nak(tuning.backoff(item.attempt)), "retry");
-                        break;
+    // Already handled: republish their events and ack. Where a lookup costs a round trip
+    // (PostgreSQL), only redeliveries are looked up first: a first delivery whose key was
+    // handled before (the same event published again) fails the batch's key insert, and the
+    // batch then looks up every key and runs again without the handled ones.
+    let mut all_checked = shared.store.knows_new_keys() || items.iter().all(|i| i.attempt > 1);
+    let first = skip_handled(shared, &mut items, &mut metas, &mut settled, |i| {
+        all_checked || i.attempt > 1
+    })
+    .await;
+    let end = match first {
+        Err(e) => BatchEnd::NakAll(None, e),
+        Ok(()) => loop {
+            if items.is_empty() {
+                break BatchEnd::Committed;
+            }
+            failpoint::crash_at("before-handler");
+            let span = tracing::info_span!(
+                "handle_batch",
+                otel.name = shared.handler.name(),
+                otel.kind = "consumer",
+                messaging.system = "nats",
+                messaging.operation.type = "process",
+                messaging.consumer.group.name = durable,
+                messaging.batch.message_count = items.len(),
+            );
+            for m in &metas {
+                span.follows_from(&m.d.span);
+            }
+            shared.metrics.batch(items.len());
+            let ran = run_batch(shared, &mut items, abort.clone())
+                .instrument(span)
+                .await;
+            match ran {
+                Some(end) => break end,
+                None if !all_checked => {
+                    // Rolled back: look up the keys not looked up yet, then run again.
+                    all_checked = true;
+                    for item in &mut items {
+                        item.failed = None;
+                        item.outbox.clear();
+                    }
+                    if let Err(e) =
+                        skip_handled(shared, &mut items, &mut metas, &mut settled, |_| true).await
+                    {
+                        break BatchEnd::NakAll(None, e);
                     }
                 }
-                settled.push((verdict, meta.d));
-            }
-            if items.is_empty() {
-                BatchEnd::Committed
-            } else {
-                failpoint::crash_at("before-handler");
-                let span = tracing::info_span!(
-                    "handle_batch",
-                    otel.name = shared.handler.name(),
-                    otel.kind = "consumer",
-                    messaging.system = "nats",
-                    messaging.operation.type = "process",
-                    messaging.consumer.group.name = durable,
-                    messaging.batch.message_count = items.len(),
-                );
-                for m in &metas {
-                    span.follows_from(&m.d.span);
+                // Another consumer of the same store committed one of the keys meanwhile.
+                None => {
+                    break BatchEnd::HandleAlone("a key of the batch was handled elsewhere".into());
                 }
-                shared.metrics.batch(items.len());
-                run_batch(shared, &mut items, abort.clone())
-                    .instrument(span)
-                    .await
             }
-        }
+        },
     };
     match end {
         BatchEnd::Committed => {
@@ -788,13 +789,59 @@ async fn process_batch<H: Handler>(
     shared.in_hand.fetch_sub(count, Ordering::Relaxed);
 }
 
+/// Looks up the keys of the items `which` selects, and takes those already handled out of the
+/// batch: their events are republished, and each is settled as a duplicate (acked), or retried
+/// when republishing failed. `Err` when the store could not be read.
+async fn skip_handled<'a, H: Handler>(
+    shared: &'a Shared<H>,
+    items: &mut Vec<BatchItem>,
+    metas: &mut Vec<InBatch<'a>>,
+    settled: &mut Vec<((Verdict, &'static str), Delivered)>,
+    which: impl Fn(&BatchItem) -> bool,
+) -> Result<(), String> {
+    let keys: Vec<&str> = items
+        .iter()
+        .filter(|i| which(i))
+        .map(|i| i.key.as_str())
+        .collect();
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let done = shared
+        .store
+        .lookup_many(&shared.spec.durable, &keys)
+        .await
+        .map_err(|e| format!("idempotency store lookup failed: {}", ErrorChain(&e)))?;
+    let mut i = 0;
+    while i < items.len() {
+        let Some(outbox) = done.get(&items[i].key) else {
+            i += 1;
+            continue;
+        };
+        let (item, meta) = (items.remove(i), metas.remove(i));
+        let mut verdict = (Verdict::Ack, "duplicate");
+        for ev in outbox {
+            if let Err(e) = shared.bus.publish(ev).await {
+                meta.d.span.in_scope(|| tracing::warn!(error = %ErrorChain(&e), "Republishing a handled event failed."));
+                verdict = (
+                    Verdict::Nak(shared.spec.tuning.backoff(item.attempt)),
+                    "retry",
+                );
+                break;
+            }
+        }
+        settled.push((verdict, meta.d));
+    }
+    Ok(())
+}
+
 /// Runs the handler on the batch and commits its effects with the keys of every message it
-/// did not fail.
+/// did not fail. `None` when a key of the batch was already in the store (rolled back).
 async fn run_batch<H: Handler>(
     shared: &Shared<H>,
     items: &mut [BatchItem],
     abort: CancellationToken,
-) -> BatchEnd {
+) -> Option<BatchEnd> {
     let tuning = &shared.spec.tuning;
     let mut ctx = BatchCtx {
         tx: None,
@@ -803,10 +850,10 @@ async fn run_batch<H: Handler>(
     let Some(outcome) =
         run_attempt(shared.handler.handle_batch(&mut ctx, items), tuning, &abort).await
     else {
-        return BatchEnd::NakAll(Some(Duration::ZERO), "shutdown".into());
+        return Some(BatchEnd::NakAll(Some(Duration::ZERO), "shutdown".into()));
     };
     if let Err(failure) = outcome {
-        return BatchEnd::HandleAlone(failure.into_message());
+        return Some(BatchEnd::HandleAlone(failure.into_message()));
     }
     let ok: Vec<(&str, &[Event])> = items
         .iter()
@@ -814,13 +861,13 @@ async fn run_batch<H: Handler>(
         .map(|i| (i.key.as_str(), i.outbox.as_slice()))
         .collect();
     if ok.is_empty() {
-        return BatchEnd::Committed; // the transaction (if any) rolls back: nothing to keep
+        return Some(BatchEnd::Committed); // the transaction (if any) rolls back: nothing to keep
     }
     let mut tx = match ctx.tx.take() {
         Some(tx) => tx,
         None => match shared.store.begin().await {
             Ok(tx) => tx,
-            Err(e) => return BatchEnd::NakAll(None, ErrorChain(&e).to_string()),
+            Err(e) => return Some(BatchEnd::NakAll(None, ErrorChain(&e).to_string())),
         },
     };
     match shared
@@ -829,12 +876,16 @@ async fn run_batch<H: Handler>(
         .await
     {
         Ok(true) => match tx.commit().await {
-            Ok(()) => BatchEnd::Committed,
-            Err(e) => BatchEnd::NakAll(None, format!("commit failed: {}", ErrorChain(&e))),
+            Ok(()) => Some(BatchEnd::Committed),
+            Err(e) => Some(BatchEnd::NakAll(
+                None,
+                format!("commit failed: {}", ErrorChain(&e)),
+            )),
         },
-        // Another consumer of the same store committed one of the keys meanwhile.
-        Ok(false) => BatchEnd::HandleAlone("a key of the batch was handled elsewhere".into()),
-        Err(e) => BatchEnd::NakAll(None, ErrorChain(&e).to_string()),
+        // A key handled before: by another consumer of the same store meanwhile, or a first
+        // delivery not looked up.
+        Ok(false) => None,
+        Err(e) => Some(BatchEnd::NakAll(None, ErrorChain(&e).to_string())),
     }
 }
 
