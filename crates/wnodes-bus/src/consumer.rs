@@ -379,6 +379,9 @@ async fn apply<H: Handler>(
 ) {
     let durable = shared.spec.durable.as_str();
     let res = match verdict {
+        Verdict::Ack => msg.ack().await,
+        Verdict::Nak(d) => msg.ack_with(AckKind::Nak(Some(d))).await,
+        Verdict::Nothing => Ok(()),
         Verdict::DeadLetter(reason, error) => {
             match dlq::write(
                 &shared.bus,
@@ -402,24 +405,10 @@ async fn apply<H: Handler>(
                 }
             }
         }
-        verdict => ack_or_nak(&msg, &verdict).await,
     };
     if let Err(e) = res {
-        warn_unsent(&*e);
+        tracing::warn!(error = %ErrorChain(&*e), "Cannot send the ack; the message will be redelivered.");
     }
-}
-
-/// Sends an ack or a nak: a publish that waits for no answer. Nothing for the other verdicts.
-async fn ack_or_nak(msg: &jetstream::Message, verdict: &Verdict) -> Result<(), async_nats::Error> {
-    match verdict {
-        Verdict::Ack => msg.ack().await,
-        Verdict::Nak(d) => msg.ack_with(AckKind::Nak(Some(*d))).await,
-        Verdict::Nothing | Verdict::DeadLetter(..) => Ok(()),
-    }
-}
-
-fn warn_unsent(e: &(dyn std::error::Error + Send + Sync + 'static)) {
-    tracing::warn!(error = %ErrorChain(e), "Cannot send the ack; the message will be redelivered.");
 }
 
 struct KeyGuard<'a> {
@@ -618,7 +607,7 @@ async fn process_batch<H: Handler>(
     let count = msgs.len();
     let durable = shared.spec.durable.as_str();
     let tuning = &shared.spec.tuning;
-    let mut settled: Vec<((Verdict, &'static str), Delivered)> = Vec::with_capacity(count);
+    let mut settled: Vec<((Verdict, &'static str), Delivered)> = Vec::new();
     let mut metas = Vec::with_capacity(msgs.len());
     let mut items = Vec::with_capacity(msgs.len());
     for msg in msgs {
@@ -645,59 +634,58 @@ async fn process_batch<H: Handler>(
             }
         }
     }
-    // Already handled: republish their events and ack. Where a lookup costs a round trip
-    // (PostgreSQL), only redeliveries are looked up first: a first delivery whose key was
-    // handled before (the same event published again) fails the batch's key insert, and the
-    // batch then looks up every key and runs again without the handled ones.
-    let mut all_checked = shared.store.knows_new_keys() || items.iter().all(|i| i.attempt > 1);
-    let first = skip_handled(shared, &mut items, &mut metas, &mut settled, |i| {
-        all_checked || i.attempt > 1
-    })
-    .await;
-    let end = match first {
-        Err(e) => BatchEnd::NakAll(None, e),
-        Ok(()) => loop {
+    // Already handled: republish their events and ack.
+    let keys: Vec<&str> = items.iter().map(|i| i.key.as_str()).collect();
+    let handled = if keys.is_empty() {
+        Ok(Default::default())
+    } else {
+        shared.store.lookup_many(durable, &keys).await
+    };
+    let end = match handled {
+        Err(e) => BatchEnd::NakAll(
+            None,
+            format!("idempotency store lookup failed: {}", ErrorChain(&e)),
+        ),
+        Ok(done) => {
+            let mut i = 0;
+            while i < items.len() {
+                let Some(outbox) = done.get(&items[i].key) else {
+                    i += 1;
+                    continue;
+                };
+                let (item, meta) = (items.remove(i), metas.remove(i));
+                let mut verdict = (Verdict::Ack, "duplicate");
+                for ev in outbox {
+                    if let Err(e) = shared.bus.publish(ev).await {
+                        meta.d.span.in_scope(|| tracing::warn!(error = %ErrorChain(&e), "Republishing a handled event failed."));
+                        verdict = (Verdict::Nak(tuning.backoff(item.attempt)), "retry");
+                        break;
+                    }
+                }
+                settled.push((verdict, meta.d));
+            }
             if items.is_empty() {
-                break BatchEnd::Committed;
-            }
-            failpoint::crash_at("before-handler");
-            let span = tracing::info_span!(
-                "handle_batch",
-                otel.name = shared.handler.name(),
-                otel.kind = "consumer",
-                messaging.system = "nats",
-                messaging.operation.type = "process",
-                messaging.consumer.group.name = durable,
-                messaging.batch.message_count = items.len(),
-            );
-            for m in &metas {
-                span.follows_from(&m.d.span);
-            }
-            shared.metrics.batch(items.len());
-            let ran = run_batch(shared, &mut items, abort.clone())
-                .instrument(span)
-                .await;
-            match ran {
-                Some(end) => break end,
-                None if !all_checked => {
-                    // Rolled back: look up the keys not looked up yet, then run again.
-                    all_checked = true;
-                    for item in &mut items {
-                        item.failed = None;
-                        item.outbox.clear();
-                    }
-                    if let Err(e) =
-                        skip_handled(shared, &mut items, &mut metas, &mut settled, |_| true).await
-                    {
-                        break BatchEnd::NakAll(None, e);
-                    }
+                BatchEnd::Committed
+            } else {
+                failpoint::crash_at("before-handler");
+                let span = tracing::info_span!(
+                    "handle_batch",
+                    otel.name = shared.handler.name(),
+                    otel.kind = "consumer",
+                    messaging.system = "nats",
+                    messaging.operation.type = "process",
+                    messaging.consumer.group.name = durable,
+                    messaging.batch.message_count = items.len(),
+                );
+                for m in &metas {
+                    span.follows_from(&m.d.span);
                 }
-                // Another consumer of the same store committed one of the keys meanwhile.
-                None => {
-                    break BatchEnd::HandleAlone("a key of the batch was handled elsewhere".into());
-                }
+                shared.metrics.batch(items.len());
+                run_batch(shared, &mut items, abort.clone())
+                    .instrument(span)
+                    .await
             }
-        },
+        }
     };
     match end {
         BatchEnd::Committed => {
@@ -759,29 +747,15 @@ async fn process_batch<H: Handler>(
             }
         }
     }
-    // An ack or a nak is a publish that waits for no answer: each is sent in turn, with no
-    // future of its own, its span entered only to log a failure (and dropped after it, so the
-    // span still covers the ack). A dead letter waits for its store: those go together, each
-    // in its message's span.
-    let mut dead = Vec::new();
-    for ((verdict, outcome), d) in settled {
-        if let Verdict::DeadLetter(..) = verdict {
-            dead.push(async move {
-                apply(shared, d.msg, d.stream_seq, d.delivered, verdict)
-                    .instrument(d.span)
-                    .await;
-                outcome
-            });
-            continue;
-        }
-        if let Err(e) = ack_or_nak(&d.msg, &verdict).await {
-            d.span.in_scope(|| warn_unsent(&*e));
-        }
-        shared
-            .metrics
-            .handled(outcome, started.elapsed().as_secs_f64());
-    }
-    for outcome in futures::future::join_all(dead).await {
+    let acks = settled
+        .into_iter()
+        .map(|((verdict, outcome), d)| async move {
+            apply(shared, d.msg, d.stream_seq, d.delivered, verdict)
+                .instrument(d.span)
+                .await;
+            outcome
+        });
+    for outcome in futures::future::join_all(acks).await {
         shared
             .metrics
             .handled(outcome, started.elapsed().as_secs_f64());
@@ -789,59 +763,13 @@ async fn process_batch<H: Handler>(
     shared.in_hand.fetch_sub(count, Ordering::Relaxed);
 }
 
-/// Looks up the keys of the items `which` selects, and takes those already handled out of the
-/// batch: their events are republished, and each is settled as a duplicate (acked), or retried
-/// when republishing failed. `Err` when the store could not be read.
-async fn skip_handled<'a, H: Handler>(
-    shared: &'a Shared<H>,
-    items: &mut Vec<BatchItem>,
-    metas: &mut Vec<InBatch<'a>>,
-    settled: &mut Vec<((Verdict, &'static str), Delivered)>,
-    which: impl Fn(&BatchItem) -> bool,
-) -> Result<(), String> {
-    let keys: Vec<&str> = items
-        .iter()
-        .filter(|i| which(i))
-        .map(|i| i.key.as_str())
-        .collect();
-    if keys.is_empty() {
-        return Ok(());
-    }
-    let done = shared
-        .store
-        .lookup_many(&shared.spec.durable, &keys)
-        .await
-        .map_err(|e| format!("idempotency store lookup failed: {}", ErrorChain(&e)))?;
-    let mut i = 0;
-    while i < items.len() {
-        let Some(outbox) = done.get(&items[i].key) else {
-            i += 1;
-            continue;
-        };
-        let (item, meta) = (items.remove(i), metas.remove(i));
-        let mut verdict = (Verdict::Ack, "duplicate");
-        for ev in outbox {
-            if let Err(e) = shared.bus.publish(ev).await {
-                meta.d.span.in_scope(|| tracing::warn!(error = %ErrorChain(&e), "Republishing a handled event failed."));
-                verdict = (
-                    Verdict::Nak(shared.spec.tuning.backoff(item.attempt)),
-                    "retry",
-                );
-                break;
-            }
-        }
-        settled.push((verdict, meta.d));
-    }
-    Ok(())
-}
-
 /// Runs the handler on the batch and commits its effects with the keys of every message it
-/// did not fail. `None` when a key of the batch was already in the store (rolled back).
+/// did not fail.
 async fn run_batch<H: Handler>(
     shared: &Shared<H>,
     items: &mut [BatchItem],
     abort: CancellationToken,
-) -> Option<BatchEnd> {
+) -> BatchEnd {
     let tuning = &shared.spec.tuning;
     let mut ctx = BatchCtx {
         tx: None,
@@ -850,10 +778,10 @@ async fn run_batch<H: Handler>(
     let Some(outcome) =
         run_attempt(shared.handler.handle_batch(&mut ctx, items), tuning, &abort).await
     else {
-        return Some(BatchEnd::NakAll(Some(Duration::ZERO), "shutdown".into()));
+        return BatchEnd::NakAll(Some(Duration::ZERO), "shutdown".into());
     };
     if let Err(failure) = outcome {
-        return Some(BatchEnd::HandleAlone(failure.into_message()));
+        return BatchEnd::HandleAlone(failure.into_message());
     }
     let ok: Vec<(&str, &[Event])> = items
         .iter()
@@ -861,13 +789,13 @@ async fn run_batch<H: Handler>(
         .map(|i| (i.key.as_str(), i.outbox.as_slice()))
         .collect();
     if ok.is_empty() {
-        return Some(BatchEnd::Committed); // the transaction (if any) rolls back: nothing to keep
+        return BatchEnd::Committed; // the transaction (if any) rolls back: nothing to keep
     }
     let mut tx = match ctx.tx.take() {
         Some(tx) => tx,
         None => match shared.store.begin().await {
             Ok(tx) => tx,
-            Err(e) => return Some(BatchEnd::NakAll(None, ErrorChain(&e).to_string())),
+            Err(e) => return BatchEnd::NakAll(None, ErrorChain(&e).to_string()),
         },
     };
     match shared
@@ -876,16 +804,12 @@ async fn run_batch<H: Handler>(
         .await
     {
         Ok(true) => match tx.commit().await {
-            Ok(()) => Some(BatchEnd::Committed),
-            Err(e) => Some(BatchEnd::NakAll(
-                None,
-                format!("commit failed: {}", ErrorChain(&e)),
-            )),
+            Ok(()) => BatchEnd::Committed,
+            Err(e) => BatchEnd::NakAll(None, format!("commit failed: {}", ErrorChain(&e))),
         },
-        // A key handled before: by another consumer of the same store meanwhile, or a first
-        // delivery not looked up.
-        Ok(false) => None,
-        Err(e) => Some(BatchEnd::NakAll(None, ErrorChain(&e).to_string())),
+        // Another consumer of the same store committed one of the keys meanwhile.
+        Ok(false) => BatchEnd::HandleAlone("a key of the batch was handled elsewhere".into()),
+        Err(e) => BatchEnd::NakAll(None, ErrorChain(&e).to_string()),
     }
 }
 

@@ -74,15 +74,6 @@ impl Store {
         }
     }
 
-    /// Whether [`Store::lookup_many`] answers for a new key without reading the database
-    /// (SQLite: its in-memory set of key hashes). Only then does a batch look up its first
-    /// deliveries before handling them; on PostgreSQL a first delivery's key handled before
-    /// fails the batch's key insert instead (the consumer then looks the batch up and runs it
-    /// again without it).
-    pub fn knows_new_keys(&self) -> bool {
-        matches!(self, Self::Sqlite(_))
-    }
-
     /// [`Store::lookup`] of many keys at once: the outbox of each key already handled.
     pub async fn lookup_many(
         &self,
