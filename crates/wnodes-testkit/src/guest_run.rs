@@ -129,6 +129,27 @@ pub async fn run_in_igb_guest(script: &str, timeout: Duration) -> anyhow::Result
         .await
 }
 
+/// [`run_in_igb_guest`] for a test whose script must succeed: prints what the guest printed
+/// and panics (a test failure) unless the guest ran and the script exited 0; returns the
+/// output and its [`GuestOutput::report`] for the test's own assertions.
+///
+/// # Panics
+/// The guest did not run, or the script's exit status is not 0.
+#[allow(clippy::panic)] // a failure is a test failure
+pub async fn run_in_igb_guest_ok(script: &str, timeout: Duration) -> (GuestOutput, String) {
+    let out = match run_in_igb_guest(script, timeout).await {
+        Ok(o) => o,
+        Err(e) => panic!("the igb guest did not run: {e:#}"),
+    };
+    let report = out.report();
+    eprintln!(
+        "igb guest: {:.1?}; what it printed:\n{}",
+        out.elapsed, out.stdout
+    );
+    assert!(out.exit_code == 0, "the script failed\n{report}");
+    (out, report)
+}
+
 /// One run of the igb guest: the script, the files it gets, memory and a time limit.
 #[derive(Debug, Clone)]
 pub struct IgbGuest {

@@ -58,15 +58,7 @@ fn vfs(doc: &Value, report: &str) -> Vec<(u64, String, u64, bool)> {
 
 async fn vm_vfs_are_set_released_and_reconciled_by_the_network_service_in_an_igb_guest() {
     let _vm = vm_lock();
-    let out = guest_run::run_in_igb_guest(SCRIPT, Duration::from_secs(240))
-        .await
-        .unwrap();
-    let report = out.report();
-    eprintln!(
-        "igb guest: {:.1?}; what it printed:\n{}",
-        out.elapsed, out.stdout
-    );
-    assert_eq!(out.exit_code, 0, "{report}");
+    let (out, report) = guest_run::run_in_igb_guest_ok(SCRIPT, Duration::from_secs(240)).await;
     let docs: Vec<Value> = out
         .stdout
         .lines()

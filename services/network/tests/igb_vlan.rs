@@ -176,15 +176,7 @@ fn port_vlans(doc: &Value, name: &str) -> Vec<(u64, Vec<String>)> {
 
 async fn vm_tap_vms_join_their_vlans_with_filtering_or_a_bridge_per_vlan_in_the_igb_guest() {
     let _vm = vm_lock();
-    let out = guest_run::run_in_igb_guest(SCRIPT, Duration::from_secs(300))
-        .await
-        .unwrap();
-    let report = out.report();
-    eprintln!(
-        "igb guest: {:.1?}; what it printed:\n{}",
-        out.elapsed, out.stdout
-    );
-    assert_eq!(out.exit_code, 0, "{report}");
+    let (out, report) = guest_run::run_in_igb_guest_ok(SCRIPT, Duration::from_secs(300)).await;
     let lines: Vec<&str> = out.stdout.lines().collect();
     let has = |l: &str| lines.contains(&l);
     let docs = documents(&out.stdout);
