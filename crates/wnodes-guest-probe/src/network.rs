@@ -237,7 +237,11 @@ pub async fn tap_reconcile() -> anyhow::Result<serde_json::Value> {
 pub async fn join_vlan(port: &str, vo: &str, queue: &str) -> anyhow::Result<serde_json::Value> {
     let h = tap_handler()?;
     let vlan = h.vlans.config.vlan_for(vo, queue);
-    let bridge = h.join_vlan(port, vlan).await?;
+    let network = h
+        .tap_network(vlan)
+        .await
+        .map_err(|e| anyhow::anyhow!(wnodes_bus::ErrorChain(&e).to_string()))?;
+    let bridge = h.join_vlan(port, network).await?;
     Ok(json!({
         "port": port,
         "vlan": vlan,

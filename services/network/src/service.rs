@@ -367,7 +367,7 @@ impl NetworkHandler {
         let bridge = if vlan == 0 {
             Ok(self.bridge.clone())
         } else {
-            self.vlan_side(vlan)
+            self.vlan_side(vlan, network.gateway)
                 .await
                 .map_err(|source| PrepareError::Vlan { vid: vlan, source })
         };

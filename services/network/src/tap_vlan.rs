@@ -16,9 +16,10 @@ use std::{collections::BTreeMap, sync::Arc};
 use tokio::sync::OnceCell;
 
 use crate::{
+    config::Ipv4Net,
     host::HostError,
     netlink::{EOPNOTSUPP, NetlinkError},
-    service::NetworkHandler,
+    service::{NetworkHandler, TapNetwork},
     vlan::{self, Method, MethodSetting, VlanConfig, VlanNetwork},
 };
 
@@ -92,20 +93,13 @@ impl NetworkHandler {
             .copied()
     }
 
-    /// Makes VLAN `vid`'s host side if it is missing (idempotent) and returns the bridge its
-    /// VMs' ports join.
+    /// Makes VLAN `vid`'s host side if it is missing (idempotent), with `address` (the
+    /// VLAN's network's, [`NetworkHandler::tap_network`]) as the host's, and returns the
+    /// bridge its VMs' ports join.
     ///
     /// # Errors
-    /// No network configured for `vid`, a name too long, or the kernel refused a step.
-    pub async fn vlan_side(&self, vid: u16) -> Result<String, HostError> {
-        let net = self
-            .vlans
-            .networks
-            .get(&vid)
-            .ok_or_else(|| HostError::Parse {
-                cmd: "[network.vlan.networks]".into(),
-                why: format!("VLAN {vid} has no network"),
-            })?;
+    /// A name too long, or the kernel refused a step.
+    pub async fn vlan_side(&self, vid: u16, address: Ipv4Net) -> Result<String, HostError> {
         let nl = self.host.netlink();
         let trunk = self.vlans.config.trunk.as_deref();
         match self.vlan_method().await? {
@@ -114,7 +108,7 @@ impl NetworkHandler {
                 nl.set_vlan_filtering(bridge, true).await?;
                 nl.add_tagged_vlan(bridge, vid, true).await?;
                 let own = nl.add_vlan_link(bridge, vid).await?;
-                nl.add_ipv4(&own, net.address).await?;
+                nl.add_ipv4(&own, address).await?;
                 if let Some(t) = trunk {
                     nl.attach_to_bridge(t, bridge).await?;
                     nl.add_tagged_vlan(t, vid, false).await?;
@@ -124,7 +118,7 @@ impl NetworkHandler {
             Method::Bridges => {
                 let bridge = self.vlan_bridge_name(vid)?;
                 nl.add_bridge(&bridge).await?;
-                nl.add_ipv4(&bridge, net.address).await?;
+                nl.add_ipv4(&bridge, address).await?;
                 if let Some(t) = trunk {
                     let uplink = nl.add_vlan_link(t, vid).await?;
                     nl.attach_to_bridge(&uplink, &bridge).await?;
@@ -164,14 +158,15 @@ impl NetworkHandler {
         Ok(())
     }
 
-    /// Puts link `port` on VLAN `vid` as the tap path puts a VM's tap on it (the VLAN's host
-    /// side made if missing, the port attached to its bridge and set up, its VLAN set); returns
-    /// the bridge. The in-guest tests join veth ports (network-namespace "VMs") with it.
+    /// Puts link `port` on the VLAN of `network` as the tap path puts a VM's tap on it (the
+    /// VLAN's host side made if missing, the port attached to its bridge and set up, its VLAN
+    /// set); returns the bridge. The tests join veth ports (network-namespace "VMs") with it.
     ///
     /// # Errors
     /// As [`Self::vlan_side`] and [`Self::vlan_port`].
-    pub async fn join_vlan(&self, port: &str, vid: u16) -> Result<String, HostError> {
-        let bridge = self.vlan_side(vid).await?;
+    pub async fn join_vlan(&self, port: &str, network: TapNetwork) -> Result<String, HostError> {
+        let vid = network.vlan;
+        let bridge = self.vlan_side(vid, network.gateway).await?;
         self.host.netlink().attach_to_bridge(port, &bridge).await?;
         self.vlan_port(port, vid).await?;
         Ok(bridge)

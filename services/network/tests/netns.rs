@@ -738,7 +738,11 @@ async fn tap_vms_of_a_vo_get_its_vlans_bridge_made_on_the_first_and_removed_afte
         ns.ip(&[
             "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &vm.0,
         ]);
-        assert_eq!(h.join_vlan(&port, vid).await.unwrap(), format!("wnvl{vid}"));
+        let network = h.tap_network(vid).await.unwrap();
+        assert_eq!(
+            h.join_vlan(&port, network).await.unwrap(),
+            format!("wnvl{vid}")
+        );
         vm.ip(&["addr", "add", addr, "dev", "eth0"]);
         vm.ip(&["link", "set", "eth0", "up"]);
         vm.ip(&["route", "add", "default", "via", gw]);
