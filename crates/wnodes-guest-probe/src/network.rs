@@ -59,24 +59,43 @@ async fn store() -> anyhow::Result<wnodes_bus::KeyStore> {
     Ok(store)
 }
 
+/// The spec of a VM of `vo` in `queue` asking for `mode`.
+fn spec(vm_id: &str, vo: &str, queue: &str, mode: proto::NetworkMode) -> proto::VmSpec {
+    proto::VmSpec {
+        vm_id: vm_id.into(),
+        vo: vo.into(),
+        queue: queue.into(),
+        network_mode: mode as i32,
+        ..Default::default()
+    }
+}
+
+/// The run key the probe's leases are recorded under.
+fn run_key(vm_id: &str) -> String {
+    format!("GUEST/slurm/{vm_id}/1")
+}
+
+/// A preparation's `network.ready`, or why there is none (the handler's error, or the reason
+/// it would publish in `network.failed`).
+fn ready(
+    prepared: Result<Result<proto::NetworkReady, service::PrepareError>, wnodes_bus::HandlerError>,
+) -> anyhow::Result<proto::NetworkReady> {
+    prepared
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?
+        .map_err(|e| anyhow::anyhow!(wnodes_bus::ErrorChain(&e).to_string()))
+}
+
 /// `prepare <vm_id> <vo> <queue>`.
 pub async fn prepare(vm_id: &str, vo: &str, queue: &str) -> anyhow::Result<serde_json::Value> {
     let h = handler()?;
     let store = store().await?;
     let mut tx = store.pool().begin().await?;
     let existing = lease::get(&mut tx, vm_id).await?;
-    let spec = proto::VmSpec {
-        vm_id: vm_id.into(),
-        vo: vo.into(),
-        queue: queue.into(),
-        network_mode: proto::NetworkMode::Sriov as i32,
-        ..Default::default()
-    };
-    let ready = h
-        .prepare_vf(&mut tx, &spec, &format!("GUEST/slurm/{vm_id}/1"), existing)
-        .await
-        .map_err(|e| anyhow::anyhow!("{e:?}"))?
-        .map_err(|e| anyhow::anyhow!(wnodes_bus::ErrorChain(&e).to_string()))?;
+    let spec = spec(vm_id, vo, queue, proto::NetworkMode::Sriov);
+    let ready = ready(
+        h.prepare_vf(&mut tx, &spec, &run_key(vm_id), existing)
+            .await,
+    )?;
     tx.commit().await?;
     Ok(json!({
         "vm_id": ready.vm_id,
@@ -176,24 +195,11 @@ pub async fn tap_prepare(vm_id: &str, vo: &str, queue: &str) -> anyhow::Result<s
         .map_err(|e| anyhow::anyhow!(wnodes_bus::ErrorChain(&e).to_string()))?;
     let mut tx = store.pool().begin().await?;
     let existing = lease::get(&mut tx, vm_id).await?;
-    let spec = proto::VmSpec {
-        vm_id: vm_id.into(),
-        vo: vo.into(),
-        queue: queue.into(),
-        network_mode: proto::NetworkMode::VirtioTap as i32,
-        ..Default::default()
-    };
-    let ready = h
-        .prepare_tap(
-            &mut tx,
-            &spec,
-            &format!("GUEST/slurm/{vm_id}/1"),
-            existing,
-            network,
-        )
-        .await
-        .map_err(|e| anyhow::anyhow!("{e:?}"))?
-        .map_err(|e| anyhow::anyhow!(wnodes_bus::ErrorChain(&e).to_string()))?;
+    let spec = spec(vm_id, vo, queue, proto::NetworkMode::VirtioTap);
+    let ready = ready(
+        h.prepare_tap(&mut tx, &spec, &run_key(vm_id), existing, network)
+            .await,
+    )?;
     tx.commit().await?;
     Ok(json!({
         "vm_id": ready.vm_id,

@@ -58,6 +58,8 @@ pub mod reconcile;
 pub mod service;
 pub mod sriov;
 pub mod tap_vlan;
+#[cfg(test)]
+mod test_bytes;
 pub mod vlan;
 
 pub use config::{NetworkConfig, NetworkConfigError};

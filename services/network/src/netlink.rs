@@ -627,13 +627,7 @@ mod tests {
         0c 00 04 00 01 00 00 00 01 00 00 00 0c 00 09 00
         01 00 00 00 00 00 00 00";
 
-    fn hex(s: &str) -> Vec<u8> {
-        let s: String = s.chars().filter(char::is_ascii_hexdigit).collect();
-        (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-            .collect()
-    }
+    use crate::test_bytes::hex;
 
     #[test]
     fn a_vf_is_set_with_the_bytes_iproute2_sends() {

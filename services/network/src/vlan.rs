@@ -381,14 +381,7 @@ mod tests {
 
     use super::*;
 
-    /// `hex`'s bytes (whitespace ignored).
-    fn hex(s: &str) -> Vec<u8> {
-        let s: String = s.chars().filter(char::is_ascii_hexdigit).collect();
-        (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-            .collect()
-    }
+    use crate::test_bytes::hex;
 
     fn body(m: &LinkMessage) -> Vec<u8> {
         let mut buf = vec![0u8; m.buffer_len()];
