@@ -1,11 +1,18 @@
 //! Batched handling ([`Handler::BATCHED`]) against a real nats-server and a real SQLite store:
 //! a verdict per message inside a batch, one transaction for the batch's effects and keys, and
-//! a batch that fails as a whole handled message by message.
+//! a batch that fails as a whole handled message by message, and two batches in hand taking
+//! turns at the store.
 
 // Test helpers outside #[test] functions panic on failure too: that is the point of a test.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
@@ -23,11 +30,32 @@ const WAIT: Duration = Duration::from_secs(30);
 
 /// What the test handler does with a `vm.requested`, by its image name: `ok` (an effect),
 /// `reject` (dead-lettered), `retry-once` (fails its first attempt), `poison` (fails the
-/// whole batch after the others' effects were written; rejected when alone).
+/// whole batch after the others' effects were written; rejected when alone), `slow` (an
+/// effect, its batch held 30 ms).
 #[derive(Clone, Default)]
 struct Scripted {
     /// Each batch handed over: its messages' (key, image).
     batches: Arc<Mutex<Vec<Batch>>>,
+    /// Batches in `handle_batch` now, and the most there ever were at once.
+    active: Arc<AtomicUsize>,
+    most_active: Arc<AtomicUsize>,
+}
+
+/// Counts a batch in `handle_batch` until dropped.
+struct Active(Arc<AtomicUsize>);
+
+impl Active {
+    fn enter(h: &Scripted) -> Self {
+        let now = h.active.fetch_add(1, Ordering::SeqCst) + 1;
+        h.most_active.fetch_max(now, Ordering::SeqCst);
+        Self(h.active.clone())
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 type Batch = Vec<(String, String)>;
@@ -77,6 +105,7 @@ impl Handler for Scripted {
         batch: &mut BatchCtx,
         items: &mut [BatchItem],
     ) -> Result<(), HandlerError> {
+        let _active = Active::enter(self);
         self.batches.lock().push(
             items
                 .iter()
@@ -91,7 +120,10 @@ impl Handler for Scripted {
                     item.fail(HandlerError::retry("told to retry once"));
                 }
                 "poison" => poisoned = true,
-                _ => {
+                image => {
+                    if image == "slow" {
+                        tokio::time::sleep(Duration::from_millis(30)).await;
+                    }
                     let key = item.key().to_owned();
                     let mut db = batch.db().await?;
                     effect(&mut db, &key, "batch")
@@ -120,19 +152,27 @@ impl Running {
 }
 
 fn spec() -> ConsumerSpec {
+    spec_with(ConsumerTuning::default().max_in_flight)
+}
+
+fn spec_with(max_in_flight: usize) -> ConsumerSpec {
     ConsumerSpec {
         durable: roles::ACCOUNTING.durable("").unwrap().unwrap(),
         filter_subjects: roles::ACCOUNTING.filters("").unwrap(),
         tuning: ConsumerTuning {
             backoff_base: Duration::from_millis(50),
             backoff_max: Duration::from_millis(200),
+            max_in_flight,
             ..Default::default()
         },
     }
 }
 
 async fn start(bus: &Bus, store: &KeyStore, handler: Scripted) -> Running {
-    let spec = spec();
+    start_with(bus, store, handler, spec()).await
+}
+
+async fn start_with(bus: &Bus, store: &KeyStore, handler: Scripted, spec: ConsumerSpec) -> Running {
     wnodes_site::streams::provision_durable(
         bus.jetstream(),
         spec.expected(),
@@ -266,4 +306,38 @@ async fn verdicts_are_per_message_and_a_failed_batch_is_handled_alone() {
     assert_eq!(effects(&store).await.len(), 31);
     assert_eq!(bus.metrics().handled_count(&durable, "duplicate"), 20);
     svc.stop().await;
+}
+
+/// Two batches are in hand at once but take turns at the store: while one is in its
+/// transaction the next is collected and waits; never two in `handle_batch` together.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_batches_in_hand_take_turns_at_the_store() {
+    let nats = NatsServer::start().await.unwrap();
+    let bus = connect(&nats.admin(), "test@local").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = KeyStore::open(&dir.path().join("keys.db")).await.unwrap();
+    sqlx::query("CREATE TABLE effects (key TEXT PRIMARY KEY, via TEXT NOT NULL)")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    let events: Vec<proto::Event> = (0..24)
+        .map(|i| requested(&format!("3{i:02}"), "slow"))
+        .collect();
+    bus.publish_pipelined(&events, 64).await.unwrap();
+    let handler = Scripted::default();
+    let svc = start_with(&bus, &store, handler.clone(), spec_with(4)).await;
+    wait_caught_up(&bus).await;
+    svc.stop().await;
+    let rows = effects(&store).await;
+    assert_eq!(rows.len(), 24, "every message once: {rows:?}");
+    let sizes: Vec<usize> = handler.batches.lock().iter().map(Vec::len).collect();
+    assert!(
+        sizes.iter().all(|n| *n <= 4) && sizes.len() >= 6,
+        "batches of at most max_in_flight (4): {sizes:?}"
+    );
+    assert_eq!(
+        handler.most_active.load(Ordering::SeqCst),
+        1,
+        "two batches were in handle_batch at once (batches {sizes:?})"
+    );
 }

@@ -123,7 +123,9 @@ pub struct ConsumerTuning {
     /// Longest retry delay.
     #[serde(with = "humantime_serde")]
     pub backoff_max: Duration,
-    /// Messages handled concurrently by one consumer.
+    /// Messages handled concurrently by one consumer; for a batched handler, the largest
+    /// batch (two batches are in hand at once: one in its transaction, the other collected
+    /// or publishing and acking).
     pub max_in_flight: usize,
     /// How long shutdown waits for in-flight handlers before nacking them.
     #[serde(with = "humantime_serde")]

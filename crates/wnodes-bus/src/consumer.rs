@@ -76,6 +76,9 @@ struct Shared<H> {
     metrics: ConsumerMetrics,
     /// Messages in the batches in flight (a batched handler's).
     in_hand: AtomicUsize,
+    /// A batched handler's turn at its store: one batch at a time looks its keys up, runs
+    /// the handler and commits, while the batch before it publishes its events and acks.
+    db_turn: tokio::sync::Mutex<()>,
 }
 
 impl<H> Shared<H> {
@@ -84,7 +87,9 @@ impl<H> Shared<H> {
     }
 }
 
-/// Batches a batched handler has in flight at once.
+/// Batches a batched handler has in flight at once, each of up to `max_in_flight` messages:
+/// they take turns at the store ([`Shared::db_turn`]), so one publishes and acks while the
+/// other looks up, handles and commits.
 const BATCHES_IN_FLIGHT: usize = 2;
 
 /// How long a batch waits for more messages once its first is in hand, while the batches
@@ -152,15 +157,25 @@ impl<H: Handler> Consumer<H> {
             in_progress: Mutex::new(HashSet::new()),
             metrics: bus.metrics().consumer(&durable_name),
             in_hand: AtomicUsize::new(0),
+            db_turn: tokio::sync::Mutex::new(()),
         };
         let durable = shared.spec.durable.as_str();
         let abort_handlers = CancellationToken::new();
         let mut in_flight = FuturesUnordered::new();
         let mut messages = None;
-        // Handlers in flight; batches in flight for a batched handler (two: one fills while
-        // the other commits).
+        // Handlers in flight; batches in flight for a batched handler (two: one has the
+        // store while the other is collected, or publishes and acks).
         let slots = if H::BATCHED {
             BATCHES_IN_FLIGHT
+        } else {
+            tuning.max_in_flight
+        };
+        // Messages in hand. A batched handler's consumer holds up to two batches of
+        // max_in_flight: while one has its turn at the store (lookup, handler, commit), the
+        // other is collected, then waits for its turn; once the first has committed, its
+        // events are published and its messages acked while the second has the store.
+        let hand_limit = if H::BATCHED {
+            tuning.max_in_flight * BATCHES_IN_FLIGHT
         } else {
             tuning.max_in_flight
         };
@@ -213,11 +228,11 @@ impl<H: Handler> Consumer<H> {
                 biased;
                 _ = shutdown.cancelled() => break,
                 Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
-                next = stream.next(), if in_flight.len() < slots && shared.in_hand() < tuning.max_in_flight => match next {
+                next = stream.next(), if in_flight.len() < slots && shared.in_hand() < hand_limit => match next {
                     Some(Ok(msg)) if H::BATCHED => {
                         // Every message already at hand makes the batch, up to max_in_flight
-                        // messages in hand in all batches.
-                        let room = tuning.max_in_flight.saturating_sub(shared.in_hand());
+                        // messages, and up to hand_limit in hand in all batches.
+                        let room = tuning.max_in_flight.min(hand_limit.saturating_sub(shared.in_hand()));
                         let mut batch = vec![msg];
                         let mut broken = false;
                         // Collect while the batches in flight go on, up to BATCH_LINGER.
@@ -634,6 +649,7 @@ async fn process_batch<H: Handler>(
             }
         }
     }
+    let turn = shared.db_turn.lock().await;
     // Already handled: republish their events and ack.
     let keys: Vec<&str> = items.iter().map(|i| i.key.as_str()).collect();
     let handled = if keys.is_empty() {
@@ -687,6 +703,7 @@ async fn process_batch<H: Handler>(
             }
         }
     };
+    drop(turn);
     match end {
         BatchEnd::Committed => {
             if items.iter().any(|i| !i.is_failed()) {
