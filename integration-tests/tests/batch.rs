@@ -152,17 +152,17 @@ impl Running {
 }
 
 fn spec() -> ConsumerSpec {
-    spec_with(ConsumerTuning::default().max_in_flight)
+    spec_with(ConsumerTuning::default().max_batch)
 }
 
-fn spec_with(max_in_flight: usize) -> ConsumerSpec {
+fn spec_with(max_batch: usize) -> ConsumerSpec {
     ConsumerSpec {
         durable: roles::ACCOUNTING.durable("").unwrap().unwrap(),
         filter_subjects: roles::ACCOUNTING.filters("").unwrap(),
         tuning: ConsumerTuning {
             backoff_base: Duration::from_millis(50),
             backoff_max: Duration::from_millis(200),
-            max_in_flight,
+            max_batch,
             ..Default::default()
         },
     }
@@ -333,7 +333,7 @@ async fn two_batches_in_hand_take_turns_at_the_store() {
     let sizes: Vec<usize> = handler.batches.lock().iter().map(Vec::len).collect();
     assert!(
         sizes.iter().all(|n| *n <= 4) && sizes.len() >= 6,
-        "batches of at most max_in_flight (4): {sizes:?}"
+        "batches of at most max_batch (4): {sizes:?}"
     );
     assert_eq!(
         handler.most_active.load(Ordering::SeqCst),

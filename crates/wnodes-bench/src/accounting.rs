@@ -217,7 +217,7 @@ async fn accounting_round(
     site.provision_streams(&nats.url()).await?;
     admin.publish_pipelined(evs, window).await?;
     let tuning = ConsumerTuning {
-        max_in_flight: window,
+        max_batch: window,
         ..Default::default()
     };
     let cfg = nats.identity_tuned(&roles::ACCOUNTING, "", &tuning).await?;

@@ -69,8 +69,9 @@ enum Cmd {
         /// Job runs (records); two events each.
         #[arg(long, default_value_t = 10_000)]
         n: usize,
-        /// In-flight window (the consumer's max_in_flight and the publisher's).
-        #[arg(long, default_value_t = 256)]
+        /// In-flight window: the accounting consumer's batch (`[consumer] max_batch`, whose
+        /// default this is), the raw consumer's pull and the publisher's.
+        #[arg(long, default_value_t = wnodes_bus::ConsumerTuning::default().max_batch)]
         window: usize,
         #[arg(long, default_value_t = 3)]
         rounds: usize,

@@ -123,10 +123,13 @@ pub struct ConsumerTuning {
     /// Longest retry delay.
     #[serde(with = "humantime_serde")]
     pub backoff_max: Duration,
-    /// Messages handled concurrently by one consumer; for a batched handler, the largest
-    /// batch (two batches are in hand at once: one in its transaction, the other collected
-    /// or publishing and acking).
+    /// Messages handled concurrently by one consumer (a handler that takes batches uses
+    /// `max_batch` instead).
     pub max_in_flight: usize,
+    /// Messages in one batch of a handler that takes batches (accounting's): two batches are
+    /// in hand at once, one in its transaction while the other is collected, or publishes
+    /// and acks. Larger batches ingest faster (`docs/benchmarks.md`, `accounting`).
+    pub max_batch: usize,
     /// How long shutdown waits for in-flight handlers before nacking them.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
@@ -144,6 +147,7 @@ impl Default for ConsumerTuning {
             backoff_base: Duration::from_millis(500),
             backoff_max: Duration::from_secs(30),
             max_in_flight: 64,
+            max_batch: 256,
             shutdown_grace: Duration::from_secs(10),
             key_retention: Duration::from_secs(30 * 24 * 3600),
         }
@@ -165,6 +169,9 @@ impl ConsumerTuning {
         }
         if self.max_in_flight == 0 {
             return Err(BusError::Config("max_in_flight must be at least 1".into()));
+        }
+        if self.max_batch == 0 {
+            return Err(BusError::Config("max_batch must be at least 1".into()));
         }
         Ok(())
     }

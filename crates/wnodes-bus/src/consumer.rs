@@ -87,7 +87,7 @@ impl<H> Shared<H> {
     }
 }
 
-/// Batches a batched handler has in flight at once, each of up to `max_in_flight` messages:
+/// Batches a batched handler has in flight at once, each of up to `max_batch` messages:
 /// they take turns at the store ([`Shared::db_turn`]), so one publishes and acks while the
 /// other looks up, handles and commits.
 const BATCHES_IN_FLIGHT: usize = 2;
@@ -171,11 +171,11 @@ impl<H: Handler> Consumer<H> {
             tuning.max_in_flight
         };
         // Messages in hand. A batched handler's consumer holds up to two batches of
-        // max_in_flight: while one has its turn at the store (lookup, handler, commit), the
+        // max_batch: while one has its turn at the store (lookup, handler, commit), the
         // other is collected, then waits for its turn; once the first has committed, its
         // events are published and its messages acked while the second has the store.
         let hand_limit = if H::BATCHED {
-            tuning.max_in_flight * BATCHES_IN_FLIGHT
+            tuning.max_batch * BATCHES_IN_FLIGHT
         } else {
             tuning.max_in_flight
         };
@@ -184,7 +184,7 @@ impl<H: Handler> Consumer<H> {
         // finds a full one at hand (async-nats sends the next pull when half the last one was
         // taken).
         let pull_batch = if H::BATCHED {
-            (tuning.max_in_flight * 2).clamp(2, 1024)
+            (tuning.max_batch * 2).clamp(2, 1024)
         } else {
             tuning.max_in_flight.clamp(2, 256)
         };
@@ -230,9 +230,9 @@ impl<H: Handler> Consumer<H> {
                 Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
                 next = stream.next(), if in_flight.len() < slots && shared.in_hand() < hand_limit => match next {
                     Some(Ok(msg)) if H::BATCHED => {
-                        // Every message already at hand makes the batch, up to max_in_flight
+                        // Every message already at hand makes the batch, up to max_batch
                         // messages, and up to hand_limit in hand in all batches.
-                        let room = tuning.max_in_flight.min(hand_limit.saturating_sub(shared.in_hand()));
+                        let room = tuning.max_batch.min(hand_limit.saturating_sub(shared.in_hand()));
                         let mut batch = vec![msg];
                         let mut broken = false;
                         // Collect while the batches in flight go on, up to BATCH_LINGER.

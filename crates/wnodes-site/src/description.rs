@@ -14,7 +14,7 @@
 //! events_max_age = "7days"
 //! dlq_max_age = "30days"
 //!
-//! [consumer]           # the services' `[consumer]` (ack_wait, max_attempts, max_in_flight)
+//! [consumer]           # the services' `[consumer]` (ack_wait, max_attempts, max_in_flight, max_batch)
 //! ```
 
 use std::{path::Path, time::Duration};
@@ -45,7 +45,7 @@ pub struct SiteDescription {
     #[serde(default)]
     pub streams: StreamSettings,
     /// The services' consumer tuning (their `[consumer]`): the durables are made with its
-    /// `ack_wait`, `max_attempts` and `max_in_flight`.
+    /// `ack_wait`, `max_attempts`, `max_in_flight` and `max_batch`.
     #[serde(default)]
     pub consumer: ConsumerTuning,
 }

@@ -785,14 +785,14 @@ fn mixed_events(runs: usize) -> Vec<proto::Event> {
 async fn ingest_all(
     db: &StoreUrl,
     evs: &[proto::Event],
-    max_in_flight: usize,
+    max_batch: usize,
 ) -> (Vec<records::UsageRecord>, (u64, u64)) {
     let _ = tracing_subscriber::fmt().with_env_filter("warn").try_init();
     let nats = NatsServer::start().await.unwrap();
     let bus = connect(&nats).await;
     bus.publish_pipelined(evs, 64).await.unwrap();
     let tuning = ConsumerTuning {
-        max_in_flight,
+        max_batch,
         ..tuning()
     };
     let svc = start_tuned(&bus, db, Metrics::default(), tuning).await;
@@ -823,10 +823,7 @@ async fn batches_write_what_one_message_at_a_time_writes(pg: Option<String>) {
     };
     let many_db = store_url(pg, &many_dir);
     let (alone, (batches, in_batches)) = ingest_all(&one_db, &evs, 1).await;
-    assert_eq!(
-        batches, in_batches,
-        "max_in_flight = 1: batches of one message"
-    );
+    assert_eq!(batches, in_batches, "max_batch = 1: batches of one message");
     let (batched, (batches, in_batches)) = ingest_all(&many_db, &evs, 256).await;
     assert!(
         in_batches >= 2 * batches,
