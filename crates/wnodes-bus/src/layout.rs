@@ -101,9 +101,9 @@ pub fn durable_consumer(
 }
 
 /// Unacknowledged messages the server lets one consumer have: room for the handlers in
-/// flight (or a batched handler's two batches) and the next pull.
+/// flight (or a batched handler's two batches) and the next pulls already delivered.
 pub fn max_ack_pending(t: &ConsumerTuning) -> i64 {
-    (t.max_in_flight * 4).max(t.max_batch * 2).max(256) as i64
+    (t.max_in_flight.max(t.max_batch) * 4).max(256) as i64
 }
 
 /// One setting that is not what was expected.
