@@ -305,11 +305,15 @@ impl AccountingHandler {
         let mut records = Vec::new();
         let mut staged: Vec<(usize, proto::UsageRecorded)> = Vec::new();
         let mut in_batch = HashSet::new();
+        // Logged once for the batch at info (a line per record at 10,000 records/s would be
+        // the log's bulk, and more events than a span keeps); per record at debug.
+        let (mut already, mut recorded_runs) = (0usize, Vec::new());
         let now = time::now_ms();
         for (i, key) in stopped {
             let item = &mut items[i];
             if in_batch.contains(&key) {
-                tracing::info!(run = %key, "Usage of this run already recorded; ignoring.");
+                tracing::debug!(run = %key, "Usage of this run already recorded; ignoring.");
+                already += 1;
                 continue;
             }
             let job = jobs.get(&key);
@@ -349,10 +353,12 @@ impl AccountingHandler {
             let item = &mut items[i];
             let key = &recorded.record_id;
             if !inserted.contains(key) {
-                tracing::info!(run = %key, "Usage of this run already recorded; ignoring.");
+                tracing::debug!(run = %key, "Usage of this run already recorded; ignoring.");
+                already += 1;
                 continue;
             }
-            tracing::info!(run = %key, cpu_seconds = recorded.usage.as_ref().map(|u| u.cpu_seconds), "Usage recorded.");
+            tracing::debug!(run = %key, cpu_seconds = recorded.usage.as_ref().map(|u| u.cpu_seconds), "Usage recorded.");
+            recorded_runs.push(key.clone());
             self.metrics.records.inc();
             let (run, host) = (item.event().run.clone(), item.event().host.clone());
             item.publish(proto::Event::build(
@@ -361,6 +367,17 @@ impl AccountingHandler {
                 &self.source,
                 Body::UsageRecorded(recorded),
             ));
+        }
+        match recorded_runs.as_slice() {
+            [] if already == 0 => {}
+            [] => tracing::info!(already, "Usage of these runs already recorded; ignoring."),
+            [run] => tracing::info!(%run, already, "Usage recorded."),
+            runs => tracing::info!(
+                records = runs.len(),
+                already,
+                first = runs.first().map(String::as_str),
+                "Usage recorded."
+            ),
         }
         Ok(())
     }

@@ -5,7 +5,7 @@
 // Helpers outside `#[test]` functions are test code too: a panic is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use tokio_util::sync::CancellationToken;
 use wnodes_accounting::{
@@ -851,4 +851,67 @@ async fn batches_write_what_one_message_at_a_time_writes(pg: Option<String>) {
             "{r:?}"
         );
     }
+}
+
+/// What the "Usage recorded." lines at info said: (the `records` or one `run` of each line).
+#[derive(Clone, Default)]
+struct RecordedLines(Arc<parking_lot::Mutex<Vec<u64>>>);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for RecordedLines {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        #[derive(Default)]
+        struct Fields {
+            message: String,
+            records: Option<u64>,
+            run: bool,
+        }
+        impl tracing::field::Visit for Fields {
+            fn record_debug(&mut self, f: &tracing::field::Field, v: &dyn std::fmt::Debug) {
+                match f.name() {
+                    "message" => self.message = format!("{v:?}"),
+                    "run" => self.run = true,
+                    _ => {}
+                }
+            }
+            fn record_u64(&mut self, f: &tracing::field::Field, v: u64) {
+                if f.name() == "records" {
+                    self.records = Some(v);
+                }
+            }
+        }
+        if *event.metadata().level() != tracing::Level::INFO {
+            return;
+        }
+        let mut fields = Fields::default();
+        event.record(&mut fields);
+        if fields.message == "Usage recorded." {
+            self.0
+                .lock()
+                .push(fields.records.unwrap_or(u64::from(fields.run)));
+        }
+    }
+}
+
+/// A batch logs its records in one line at info (a line per record would be most of the log at
+/// ingest rates, and more events than a span keeps), and the lines count every record.
+#[tokio::test]
+async fn a_batch_logs_its_records_in_one_line() {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    let lines = RecordedLines::default();
+    // This test's runtime has one thread: the consumer's tasks log through this subscriber.
+    let _default =
+        tracing::subscriber::set_default(tracing_subscriber::registry().with(lines.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let (recs, (batches, _)) = ingest_all(&store_url(None, &dir), &mixed_events(40), 256).await;
+    let lines = lines.0.lock().clone();
+    assert_eq!(
+        lines.iter().sum::<u64>(),
+        recs.len() as u64,
+        "the lines count every record once: {lines:?}"
+    );
+    assert!(
+        lines.len() < recs.len() && lines.len() as u64 <= batches,
+        "at most a line per batch ({batches} batches, {} records): {lines:?}",
+        recs.len()
+    );
 }
