@@ -211,8 +211,8 @@ async fn wait_caught_up(bus: &Bus) {
         .unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn verdicts_are_per_message_and_a_failed_batch_is_handled_alone() {
+/// A nats-server, the admin's bus, and a key store with the test handler's `effects` table.
+async fn setup() -> (NatsServer, Bus, tempfile::TempDir, KeyStore) {
     let nats = NatsServer::start().await.unwrap();
     let bus = connect(&nats.admin(), "test@local").await.unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -221,6 +221,12 @@ async fn verdicts_are_per_message_and_a_failed_batch_is_handled_alone() {
         .execute(store.pool())
         .await
         .unwrap();
+    (nats, bus, dir, store)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn verdicts_are_per_message_and_a_failed_batch_is_handled_alone() {
+    let (_nats, bus, _dir, store) = setup().await;
     let durable = spec().durable;
 
     // 1. Twenty sound messages, one to reject and one that fails once, all at hand together.
@@ -312,14 +318,7 @@ async fn verdicts_are_per_message_and_a_failed_batch_is_handled_alone() {
 /// transaction the next is collected and waits; never two in `handle_batch` together.
 #[tokio::test(flavor = "multi_thread")]
 async fn two_batches_in_hand_take_turns_at_the_store() {
-    let nats = NatsServer::start().await.unwrap();
-    let bus = connect(&nats.admin(), "test@local").await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let store = KeyStore::open(&dir.path().join("keys.db")).await.unwrap();
-    sqlx::query("CREATE TABLE effects (key TEXT PRIMARY KEY, via TEXT NOT NULL)")
-        .execute(store.pool())
-        .await
-        .unwrap();
+    let (_nats, bus, _dir, store) = setup().await;
     let events: Vec<proto::Event> = (0..24)
         .map(|i| requested(&format!("3{i:02}"), "slow"))
         .collect();
