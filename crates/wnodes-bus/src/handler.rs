@@ -213,8 +213,9 @@ impl BatchCtx {
 ///
 /// A handler may also take messages in batches ([`Handler::BATCHED`],
 /// [`Handler::handle_batch`]): the consumer hands it every message it has at hand (up to
-/// `[consumer] max_batch`; two batches in hand take turns at the store), and the effects of the whole batch commit in one transaction with all its
-/// keys, one commit (and one `fsync`) for the lot. Set-based statements make that the fast path
+/// `[consumer] max_batch`; two batches in hand take turns at the store), and the effects of
+/// the whole batch commit in one transaction with all its keys, one commit (and one `fsync`)
+/// for the lot. Set-based statements make that the fast path
 /// of a store-bound consumer (accounting). [`Handler::handle`] stays the path of record: when a
 /// batch fails as a whole, it rolls back and every message of it is handled alone.
 pub trait Handler: Send + Sync + 'static {
