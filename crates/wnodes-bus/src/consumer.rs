@@ -649,7 +649,12 @@ async fn process_batch<H: Handler>(
             }
         }
     }
-    let turn = shared.db_turn.lock().await;
+    // The store's turn, unless every message was settled by its precheck.
+    let turn = if items.is_empty() {
+        None
+    } else {
+        Some(shared.db_turn.lock().await)
+    };
     // Already handled: republish their events and ack.
     let keys: Vec<&str> = items.iter().map(|i| i.key.as_str()).collect();
     let handled = if keys.is_empty() {

@@ -307,7 +307,7 @@ impl AccountingHandler {
         let mut in_batch = HashSet::new();
         // Logged once for the batch at info (a line per record at 10,000 records/s would be
         // the log's bulk, and more events than a span keeps); per record at debug.
-        let (mut already, mut recorded_runs) = (0usize, Vec::new());
+        let (mut already, mut written, mut first) = (0usize, 0usize, None);
         let now = time::now_ms();
         for (i, key) in stopped {
             let item = &mut items[i];
@@ -358,7 +358,8 @@ impl AccountingHandler {
                 continue;
             }
             tracing::debug!(run = %key, cpu_seconds = recorded.usage.as_ref().map(|u| u.cpu_seconds), "Usage recorded.");
-            recorded_runs.push(key.clone());
+            written += 1;
+            first.get_or_insert_with(|| key.clone());
             self.metrics.records.inc();
             let (run, host) = (item.event().run.clone(), item.event().host.clone());
             item.publish(proto::Event::build(
@@ -368,16 +369,13 @@ impl AccountingHandler {
                 Body::UsageRecorded(recorded),
             ));
         }
-        match recorded_runs.as_slice() {
-            [] if already == 0 => {}
-            [] => tracing::info!(already, "Usage of these runs already recorded; ignoring."),
-            [run] => tracing::info!(%run, already, "Usage recorded."),
-            runs => tracing::info!(
-                records = runs.len(),
-                already,
-                first = runs.first().map(String::as_str),
-                "Usage recorded."
-            ),
+        match (written, first) {
+            (_, None) if already == 0 => {}
+            (_, None) => tracing::info!(already, "Usage of these runs already recorded; ignoring."),
+            (1, Some(run)) => tracing::info!(%run, already, "Usage recorded."),
+            (records, Some(first)) => {
+                tracing::info!(records, already, %first, "Usage recorded.");
+            }
         }
         Ok(())
     }
